@@ -1,0 +1,89 @@
+"""Shared plumbing: base directory, device and dtype choice, DDP init/teardown, rank-0 printing,
+and the one way scripts turn a bad input into a clear message instead of a traceback."""
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class NanocodeError(Exception):
+    """A problem the user can fix (bad flag, missing file, corrupt shard). Scripts print it and exit 1."""
+
+
+def get_base_dir() -> Path:
+    """$NANOCODE_BASE_DIR, default ~/.cache/nanocode; created if missing."""
+    base = Path(os.environ.get("NANOCODE_BASE_DIR") or Path.home() / ".cache" / "nanocode")
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size) from torchrun's environment."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type: str = ""):
+    """Pick the device, seed, and join the process group under torchrun (NCCL on CUDA, gloo on CPU).
+    Returns (is_ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "cpu", "mps"):
+        raise NanocodeError(f"unknown device type {device_type!r}: use cuda, cpu or mps")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise NanocodeError("device cuda asked for, but no CUDA GPU is visible")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise NanocodeError("device mps asked for, but MPS is not available")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    is_ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if is_ddp and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    return is_ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs, fp32 on CPU (exact and reproducible there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def run_main(main):
+    """Run a script's main(): a NanocodeError prints one line and exits 1; Ctrl-C exits 130."""
+    try:
+        main()
+    except NanocodeError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        compute_cleanup()
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        compute_cleanup()
+        sys.exit(130)
