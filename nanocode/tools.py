@@ -1,0 +1,234 @@
+"""The agent's tools: bash, read_file, write_file, edit_file, grep.
+
+One entry point, `run_tool(name, arguments, workdir) -> str`. It never raises: every failure comes back
+as text starting with "error: ", because the text is fed to the model as the tool's output and the
+model should see what went wrong and try again. Outputs are deterministic (no timings, sorted walks)
+so that a recorded trajectory replays to the same outputs.
+
+File tools stay inside `workdir`: a path is joined to the workdir, symlinks are resolved, and the result
+must still lie inside the (resolved) workdir. `bash` runs with the workdir as its current directory but
+is otherwise not sandboxed: that is what the approval prompt in the CLI is for.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+BASH_TIMEOUT = 30.0     # seconds before the command's whole process group is killed
+MAX_OUTPUT = 8000       # characters of tool output kept (the rest is cut, with a note)
+READ_LIMIT = 2000       # default number of lines read_file shows
+GREP_MAX_MATCHES = 100  # matching lines grep reports at most
+GREP_LINE_CHARS = 200   # each reported line is cut to this many characters
+SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
+
+
+def _schema(name, description, properties, required):
+    return {"name": name, "description": description,
+            "parameters": {"type": "object", "properties": properties, "required": required,
+                           "additionalProperties": False}}
+
+
+TOOL_SCHEMAS = [
+    _schema("bash", "Run a shell command in the working directory; returns stdout and stderr together.",
+            {"command": {"type": "string", "description": "the command line, run with bash -c"}}, ["command"]),
+    _schema("read_file", "Read a text file with line numbers.",
+            {"path": {"type": "string", "description": "file path, relative to the working directory"},
+             "offset": {"type": "integer", "description": "first line to show (1-based, default 1)"},
+             "limit": {"type": "integer", "description": f"number of lines to show (default {READ_LIMIT})"}},
+            ["path"]),
+    _schema("write_file", "Create or overwrite a file with the given content.",
+            {"path": {"type": "string"}, "content": {"type": "string"}}, ["path", "content"]),
+    _schema("edit_file", "Replace old_string by new_string in a file; old_string must occur exactly once.",
+            {"path": {"type": "string"}, "old_string": {"type": "string"}, "new_string": {"type": "string"}},
+            ["path", "old_string", "new_string"]),
+    _schema("grep", "Search files for a Python regular expression; prints path:line:text.",
+            {"pattern": {"type": "string"},
+             "path": {"type": "string", "description": "file or directory to search (default: the working directory)"}},
+            ["pattern"]),
+]
+TOOLS = {s["name"]: s for s in TOOL_SCHEMAS}
+_JSON_TYPES = {"string": str, "integer": int}
+
+
+def validate_tool_call(obj) -> str | None:
+    """None if `obj` is {"name": <a real tool>, "arguments": {...}} with the right keys and types, else the problem."""
+    if not isinstance(obj, dict):
+        return f"a tool call must be a JSON object, got {type(obj).__name__}"
+    extra = set(obj) - {"name", "arguments"}
+    if extra:
+        return f"unknown key(s) in tool call: {', '.join(sorted(extra))} (expected name and arguments)"
+    name = obj.get("name")
+    if not isinstance(name, str):
+        return "tool call has no string 'name'"
+    if name not in TOOLS:
+        return f"unknown tool {name!r}: available tools are {', '.join(TOOLS)}"
+    args = obj.get("arguments")
+    if not isinstance(args, dict):
+        return f"tool call to {name} needs an 'arguments' object"
+    params = TOOLS[name]["parameters"]
+    for key in params["required"]:
+        if key not in args:
+            return f"{name} is missing required argument {key!r}"
+    for key, value in args.items():
+        if key not in params["properties"]:
+            return f"{name} got unknown argument {key!r} (allowed: {', '.join(params['properties'])})"
+        want = params["properties"][key]["type"]
+        if not isinstance(value, _JSON_TYPES[want]) or isinstance(value, bool):
+            return f"{name} argument {key!r} must be of type {want}, got {type(value).__name__}"
+    return None
+
+
+def truncate(text: str, limit: int = MAX_OUTPUT) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[output truncated: showing {limit} of {len(text)} characters]"
+
+
+def resolve_path(workdir: Path, path: str) -> Path:
+    """The absolute path `path` names, which must lie inside `workdir` once symlinks are resolved."""
+    root = Path(workdir).resolve()
+    if "\0" in path:
+        raise ValueError("path contains a NUL byte")
+    p = Path(path).expanduser()
+    p = (p if p.is_absolute() else root / p).resolve()
+    if p != root and root not in p.parents:
+        raise ValueError(f"path {path!r} is outside the working directory")
+    return p
+
+
+def _rel(p: Path, root: Path) -> str:
+    return str(p.relative_to(root)) if p != root else "."
+
+
+def bash(command: str, workdir: Path, timeout: float = BASH_TIMEOUT) -> str:
+    # A new session makes the command the leader of its own process group, so a timeout kills its children too.
+    proc = subprocess.Popen(["bash", "-c", command], cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        note = f"\n[exit code {proc.returncode}]" if proc.returncode else ""
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, _ = proc.communicate()
+        note = f"\nerror: command timed out after {timeout:g} s (killed)"
+    text = out.decode("utf-8", errors="replace")
+    return truncate(text) + note if text or note else "(no output)"
+
+
+def read_file(path: str, workdir: Path, offset: int = 1, limit: int = READ_LIMIT) -> str:
+    p = resolve_path(workdir, path)
+    if not p.is_file():
+        return f"error: no such file: {path}"
+    if offset < 1 or limit < 1:
+        return "error: offset and limit must be at least 1"
+    lines = p.read_bytes().decode("utf-8", errors="replace").splitlines()
+    if not lines:
+        return "(empty file)"
+    if offset > len(lines):
+        return f"error: offset {offset} is past the end of {path} ({len(lines)} lines)"
+    shown = lines[offset - 1:offset - 1 + limit]
+    text = "\n".join(f"{i:6d}\t{line}" for i, line in enumerate(shown, start=offset))
+    end = offset - 1 + len(shown)
+    if end < len(lines):
+        text += f"\n[showing lines {offset}-{end} of {len(lines)}; use offset to read more]"
+    return truncate(text)
+
+
+def write_file(path: str, content: str, workdir: Path) -> str:
+    p = resolve_path(workdir, path)
+    if p.is_dir():
+        return f"error: {path} is a directory"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(content, encoding="utf-8")
+    return f"wrote {len(content.encode('utf-8'))} bytes to {path}"
+
+
+def edit_file(path: str, old_string: str, new_string: str, workdir: Path) -> str:
+    p = resolve_path(workdir, path)
+    if not p.is_file():
+        return f"error: no such file: {path}"
+    if not old_string:
+        return "error: old_string is empty"
+    text = p.read_text(encoding="utf-8", errors="replace")
+    count = text.count(old_string)
+    if count != 1:
+        where = "does not occur" if count == 0 else f"occurs {count} times"
+        return f"error: old_string {where} in {path}; it must occur exactly once (include more surrounding lines)"
+    p.write_text(text.replace(old_string, new_string, 1), encoding="utf-8")
+    return f"edited {path}"
+
+
+def grep(pattern: str, workdir: Path, path: str = ".") -> str:
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        return f"error: invalid regex {pattern!r}: {e}"
+    root = Path(workdir).resolve()
+    start = resolve_path(root, path)
+    if not start.exists():
+        return f"error: no such file or directory: {path}"
+    files = [start] if start.is_file() else _walk(start)
+    matches, total = [], 0
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError:
+            continue
+        if b"\0" in data[:8192]:  # binary
+            continue
+        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+            if regex.search(line):
+                total += 1
+                if len(matches) < GREP_MAX_MATCHES:
+                    matches.append(f"{_rel(f, root)}:{n}:{line[:GREP_LINE_CHARS]}")
+    if not matches:
+        return "no matches"
+    text = "\n".join(matches)
+    if total > len(matches):
+        text += f"\n[showing {len(matches)} of {total} matching lines]"
+    return truncate(text)
+
+
+def _walk(top: Path):
+    """Files under `top` in sorted order, skipping VCS/cache directories and symlinks that leave the workdir."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if not p.is_symlink() or top in p.resolve().parents:
+                yield p
+
+
+def run_tool(name: str, arguments: dict, workdir: Path, timeout: float = BASH_TIMEOUT) -> str:
+    """Run one tool call and return its output text; failures come back as "error: ..." (never raised)."""
+    err = validate_tool_call({"name": name, "arguments": arguments})
+    if err:
+        return f"error: {err}"
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        return f"error: working directory {workdir} does not exist"
+    try:
+        if name == "bash":
+            return bash(arguments["command"], workdir, timeout)
+        if name == "read_file":
+            return read_file(workdir=workdir, **arguments)
+        if name == "write_file":
+            return write_file(workdir=workdir, **arguments)
+        if name == "edit_file":
+            return edit_file(workdir=workdir, **arguments)
+        return grep(workdir=workdir, **arguments)
+    except ValueError as e:
+        return f"error: {e}"
+    except Exception as e:  # noqa: BLE001 -- the model gets the failure as text, the session goes on
+        return f"error: {type(e).__name__}: {e}"
+
+
+def tools_prompt() -> str:
+    """A compact description of the tools, for a system prompt."""
+    return "Tools (call as JSON {\"name\": ..., \"arguments\": {...}}):\n" + "\n".join(
+        json.dumps(s, separators=(",", ":")) for s in TOOL_SCHEMAS)
