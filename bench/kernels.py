@@ -1,0 +1,254 @@
+"""Kernel microbenchmarks: every Triton kernel beside PyTorch eager and torch.compile of its reference.
+
+    python -m bench.kernels                 # all cases, model shapes, bf16, needs a CUDA GPU
+    python -m bench.kernels --cases rope    # only cases whose name contains "rope"
+    python -m bench.kernels --save          # also write bench/results/<gpu>/kernels.{json,md}
+    python -m bench.kernels --device cpu --tiny   # smoke test of this script's logic (Triton
+                                                  # interpreter, tiny shapes; timings meaningless)
+
+First it measures this device's own ceilings: memory bandwidth from a large device-to-device copy
+(counting read + write) and bf16 matmul FLOP/s from a large square matmul. Then, for each case,
+it times the forward and the forward+backward (median of triton.testing.do_bench, grad mode on,
+as in training) of three implementations in the same run: the Triton kernel, the PyTorch
+reference in eager mode, and torch.compile of the reference. The rate column divides the floor
+stated in the kernel's docstring (bytes for memory-bound kernels, FLOPs for matmul kernels) by the
+median time; "% ceil" compares that rate with the measured ceiling.
+
+Cases are a flat list: each kernel file contributes a function building its cases (see
+CASE_BUILDERS at the bottom of the cases sections).
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# Model shapes (GPTConfig.from_depth): width 64 * depth, head dim 128, n_kv_head = n_head,
+# T = 2048 and 65,536 tokens per GPU, i.e. B = 32. MLP hidden = 4 * width.
+SEQ_LEN, TOKENS_PER_GPU, HEAD_DIM = 2048, 65536, 128
+DEPTHS = (12, 20)
+IMPLS = ("triton", "eager", "compile")
+
+
+@dataclass
+class Case:
+    """One benchmark case.
+
+    make_inputs() -> list of positional args; tensors that need gradients have requires_grad=True.
+    triton(*args) / reference(*args) return a tensor or a tuple of tensors.
+    floor: {"fwd": work, "fwd+bwd": work}, the minimum work of the kernel docstring: bytes when
+    unit == "GB/s", FLOPs when unit == "TFLOP/s". A forward-only case has just "fwd".
+    """
+    name: str
+    shape: str
+    make_inputs: Callable[[], list]
+    triton: Callable
+    reference: Callable
+    unit: str
+    floor: dict
+
+
+def model_shape(depth):
+    C = 64 * depth
+    return dict(B=TOKENS_PER_GPU // SEQ_LEN, T=SEQ_LEN, C=C, H=C // HEAD_DIM, D=HEAD_DIM, hidden=4 * C)
+
+
+# ---- kernels I cases: fused RoPE + QK-norm, ReLU² MLP ----
+
+def rope_qknorm_cases(device, dtype, tiny):
+    from kernels.rope_qknorm import rope_qknorm_floor, rope_qknorm_reference, rope_qknorm_triton
+    eps = 1e-6
+    shapes = [("tiny", dict(B=2, T=16, H=2, D=16))] if tiny else [(f"d{d}", model_shape(d)) for d in DEPTHS]
+    cases = []
+    for tag, s in shapes:
+        B, T, H, D = s["B"], s["T"], s["H"], s["D"]
+
+        def make_inputs(B=B, T=T, H=H, D=D):
+            q = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
+            k = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
+            ang = torch.rand(T, D // 2, device=device)
+            return [q, k, ang.cos().to(dtype), ang.sin().to(dtype), eps]
+        floor = rope_qknorm_floor(B, T, H, H, D, torch.finfo(dtype).bits // 8)
+        cases.append(Case(f"rope_qknorm {tag}", f"q,k ({B},{T},{H},{D}) {str(dtype)[6:]}", make_inputs,
+                          rope_qknorm_triton, rope_qknorm_reference, "GB/s", floor))
+    return cases
+
+
+def relu2_mlp_cases(device, dtype, tiny):
+    from kernels.relu2_mlp import relu2_mlp_floor, relu2_mlp_reference, relu2_mlp_triton
+    shapes = [("tiny", dict(B=2, T=16, C=32, hidden=64))] if tiny else [(f"d{d}", model_shape(d)) for d in DEPTHS]
+    cases = []
+    for tag, s in shapes:
+        M, C, Hd = s["B"] * s["T"], s["C"], s["hidden"]
+
+        def make_inputs(M=M, C=C, Hd=Hd):
+            x = torch.randn(M, C, device=device, dtype=dtype, requires_grad=True)
+            w_fc = (torch.randn(Hd, C, device=device) / C ** 0.5).to(dtype).requires_grad_()
+            w_proj = (torch.randn(C, Hd, device=device) / Hd ** 0.5).to(dtype).requires_grad_()
+            return [x, w_fc, w_proj]
+        floor = relu2_mlp_floor(M, C, Hd)
+        cases.append(Case(f"relu2_mlp {tag}", f"x ({M},{C}) hidden {Hd} {str(dtype)[6:]}", make_inputs,
+                          relu2_mlp_triton, relu2_mlp_reference, "TFLOP/s", floor))
+    return cases
+
+
+# ---- kernels II cases ----
+# softcap CE, fused linear + softcap CE, Newton-Schulz: builders with the signature
+# f(device, dtype, tiny) -> list[Case], appended to CASE_BUILDERS below.
+
+
+# ---- end of cases ----
+
+CASE_BUILDERS = [rope_qknorm_cases, relu2_mlp_cases]
+# (kernels II: CASE_BUILDERS += [...] here)
+
+
+def build_cases(device, dtype, tiny=False, only=None):
+    cases = [c for build in CASE_BUILDERS for c in build(device, dtype, tiny)]
+    return [c for c in cases if not only or any(o in c.name for o in only)]
+
+
+def make_step(fn, args, pass_):
+    """A zero-argument callable running one forward, or one forward+backward (autograd.grad with a
+    fixed random output gradient, so nothing accumulates into .grad between repetitions)."""
+    if pass_ == "fwd":
+        return lambda: fn(*args)
+    leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+    outs = fn(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+
+    def step():
+        outs = fn(*args)
+        torch.autograd.grad(outs if isinstance(outs, tuple) else (outs,), leaves, grads)
+    return step
+
+
+def timeit(step, device):
+    """Median milliseconds: do_bench on CUDA; a few plain wall-clock runs in the CPU smoke mode."""
+    if device == "cuda":
+        from triton.testing import do_bench
+        return do_bench(step, warmup=25, rep=100, return_mode="median")
+    step()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_ceilings(device, tiny):
+    """This device's bandwidth (GB/s, read + write of a large copy) and bf16 matmul rate (TFLOP/s)."""
+    n = 2 ** 16 if tiny else 2 ** 29  # bf16 elements: 1 GiB per buffer on the GPU
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = timeit(lambda: dst.copy_(src), device)
+    gbps = 2 * n * src.element_size() / ms / 1e6
+    del src, dst
+    m = 256 if tiny else 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    ms = timeit(lambda: a @ b, device)
+    tflops = 2 * m ** 3 / ms / 1e9
+    return {"GB/s": gbps, "TFLOP/s": tflops}
+
+
+def run_case(case, device):
+    """Time every (pass, impl) of one case; returns rows of the results table."""
+    impls = {"triton": case.triton, "eager": case.reference}
+    try:
+        impls["compile"] = torch.compile(case.reference)
+    except Exception as e:  # noqa: BLE001 (reported, not hidden)
+        print(f"  {case.name}: torch.compile failed: {e}")
+    args = case.make_inputs()
+    rows = []
+    for pass_ in case.floor:
+        times = {}
+        for impl, fn in impls.items():
+            try:
+                times[impl] = timeit(make_step(fn, args, pass_), device)
+            except Exception as e:  # noqa: BLE001 (one failing impl should not hide the others)
+                print(f"  {case.name} {pass_} {impl} failed: {type(e).__name__}: {e}")
+        for impl, ms in times.items():
+            rate = case.floor[pass_] / ms / (1e6 if case.unit == "GB/s" else 1e9)
+            rows.append(dict(case=case.name, shape=case.shape, pass_=pass_, impl=impl, ms=ms,
+                             rate=rate, unit=case.unit,
+                             vs_eager=times["eager"] / ms if "eager" in times else None,
+                             vs_compile=times["compile"] / ms if "compile" in times else None))
+    del args
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows, ceilings):
+    head = ["case", "shape", "pass", "impl", "ms", "rate", "% ceil", "vs eager", "vs compile"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+    for r in rows:
+        pct = 100 * r["rate"] / ceilings[r["unit"]]
+        lines.append("| " + " | ".join([r["case"], r["shape"], r["pass_"], r["impl"], f"{r['ms']:.3f}",
+                                         f"{r['rate']:.1f} {r['unit']}", f"{pct:.0f}%",
+                                         fmt(r["vs_eager"], "{:.2f}x"), fmt(r["vs_compile"], "{:.2f}x")]) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=str, default="", help="comma-separated substrings of case names")
+    parser.add_argument("--save", action="store_true", help="write bench/results/<gpu>/kernels.{json,md}")
+    parser.add_argument("--device", type=str, default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (logic smoke test)")
+    args = parser.parse_args()
+
+    from nanocode.common import NanocodeError
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise NanocodeError("bench/kernels.py needs a CUDA GPU (none is visible); "
+                            "`--device cpu --tiny` only smoke-tests the script")
+    if args.device == "cpu":
+        # Must be set before the kernels are imported (build_cases imports them): Triton on the CPU.
+        os.environ["TRITON_INTERPRET"] = "1"
+    if os.environ.get("NANOCODE_KERNELS") == "torch":
+        raise NanocodeError("NANOCODE_KERNELS=torch is set: unset it to benchmark the Triton kernels")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32  # the interpreter has no bf16 tl.dot
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    cases = build_cases(args.device, dtype, args.tiny, [s for s in args.cases.split(",") if s])
+    if not cases:
+        raise NanocodeError(f"no case matches --cases {args.cases!r}")
+
+    ceilings = measure_ceilings(args.device, args.tiny)
+    print(f"device: {device_name}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    print(f"ceilings: copy {ceilings['GB/s']:.0f} GB/s (read + write), bf16 matmul {ceilings['TFLOP/s']:.0f} TFLOP/s")
+    rows = []
+    for case in cases:
+        print(f"running {case.name} ({case.shape}) ...", flush=True)
+        rows += run_case(case, args.device)
+    table = format_table(rows, ceilings)
+    print(table)
+
+    if args.save:
+        slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+        out = Path(__file__).resolve().parent / "results" / slug
+        out.mkdir(parents=True, exist_ok=True)
+        meta = dict(device=device_name, torch=torch.__version__, triton=__import__("triton").__version__,
+                    tiny=args.tiny, ceilings=ceilings, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        (out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows), indent=2) + "\n")
+        (out / "kernels.md").write_text(
+            f"# Kernel benchmarks on {device_name}\n\n{meta['date']}, torch {meta['torch']}, triton {meta['triton']}. "
+            f"Ceilings measured in the same run: copy {ceilings['GB/s']:.0f} GB/s, bf16 matmul "
+            f"{ceilings['TFLOP/s']:.0f} TFLOP/s. Median ms of triton.testing.do_bench; rate = docstring floor / time.\n\n"
+            f"{table}\n")
+        print(f"saved {out}/kernels.json and kernels.md")
+
+
+if __name__ == "__main__":
+    from nanocode.common import run_main
+    run_main(main)
