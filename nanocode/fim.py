@@ -1,0 +1,53 @@
+"""Fill-in-the-middle (FIM): teach a left-to-right model to fill a hole in a file.
+
+A document is cut at two random character positions into prefix, middle and suffix, and rearranged
+so that the middle comes last (DESIGN.md):
+
+    PSM: <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|> middle
+    SPM: <|fim_prefix|> <|fim_suffix|> suffix <|fim_middle|> prefix middle
+
+The cut happens on characters (a Python str indexes code points), so it never splits a UTF-8
+sequence; tokenization happens afterwards, piece by piece. We return the pieces (special-token ids
+and plain strings) instead of a string with the special-token text in it, so a document that happens
+to contain the text "<|fim_middle|>" can never be confused with the real token.
+
+Randomness comes from the `random.Random` the caller passes in; the dataloader seeds one per
+(seed, epoch, document), so the same document gets the same cut no matter where a run resumes.
+"""
+import random
+
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = 9, 10, 11  # ids fixed by DESIGN.md
+
+
+def apply_fim(text: str, rng: random.Random, fim_rate: float = 0.5, spm_rate: float = 0.5):
+    """Return the pieces of one training document: a list of str (ordinary text) and int (special ids).
+    With probability 1 - fim_rate the document is left alone: [text]."""
+    if rng.random() >= fim_rate:
+        return [text]
+    i, j = sorted((rng.randint(0, len(text)), rng.randint(0, len(text))))
+    prefix, middle, suffix = text[:i], text[i:j], text[j:]
+    if rng.random() < spm_rate:
+        return [FIM_PREFIX, FIM_SUFFIX, suffix, FIM_MIDDLE, prefix, middle]
+    return [FIM_PREFIX, prefix, FIM_SUFFIX, suffix, FIM_MIDDLE, middle]
+
+
+def fim_mode(pieces) -> str:
+    """'none', 'psm' or 'spm' for a list of pieces (or of token ids) made by apply_fim."""
+    if not pieces or pieces[0] != FIM_PREFIX:
+        return "none"
+    return "spm" if pieces[1] == FIM_SUFFIX else "psm"
+
+
+def undo_fim(ids, decode) -> str:
+    """Give back the original document from the token ids of one (possibly FIM'd) document, without
+    its BOS. `decode` turns ordinary token ids into text. Used by tests and for inspecting data."""
+    ids = list(ids)
+    mode = fim_mode(ids)
+    if mode == "none":
+        return decode(ids)
+    if mode == "psm":  # P prefix S suffix M middle
+        s, m = ids.index(FIM_SUFFIX), ids.index(FIM_MIDDLE)
+        prefix, suffix, middle = decode(ids[1:s]), decode(ids[s + 1:m]), decode(ids[m + 1:])
+        return prefix + middle + suffix
+    m = ids.index(FIM_MIDDLE)  # SPM: P S suffix M prefix+middle
+    return decode(ids[m + 1:]) + decode(ids[2:m])
