@@ -1,32 +1,383 @@
 """Softcapped cross-entropy, and fused linear + softcapped cross-entropy without the logits.
 
-(The Triton kernels arrive with the kernels II issue; until then the references serve.)
+The loss of row i, with logits x (N, V), softcap c and target t_i:
+
+    z = c * tanh(x / c)                     every z lies in [-c, c]
+    loss_i = logsumexp(z_i) - z_i[t_i]      0 where t_i == ignore_index
+    dloss_i/dx_ij = (softmax(z_i)_j - [j == t_i]) * (1 - tanh(x_ij / c)^2)
+
+softcap_cross_entropy (logits given). One program per row:
+    forward:  one pass over the row in BLOCK_V blocks keeping a running max and sum-exp per lane
+              (fp32), then lse = log-sum-exp and loss = lse - z[t]. Only loss and lse (N floats
+              each) are written.
+    backward: one pass over the row again, recomputing z from x and writing
+              dlogits = dloss_i * (exp(z - lse) - onehot) * (1 - tanh^2) straight into a new tensor.
+    Reductions are plain PyTorch over the per-row losses: "sum", and "mean" = sum / number of
+    non-ignored rows (at least 1, so all rows ignored gives 0 and zero gradients, never NaN).
+    A target outside [0, V) that is not ignore_index gives a NaN loss (checking it on the host
+    would cost a device sync every step).
+Floor (memory-bound; ~30 FLOPs per element), e bytes per logit:
+    forward:          N*V*e        (read the logits once)
+    forward+backward: 3*N*V*e      (forward read, backward read + write of dlogits)
+    The forward cannot produce the gradient itself, because the output gradient (dloss) is
+    unknown then, so 3*N*V*e is the floor of a forward/backward split (2*N*V*e would need dloss
+    in advance). Worked number, N = 65,536 tokens, V = 32,768, bf16: N*V*e = 4.29 GB, forward
+    4.29 GB, forward+backward 12.9 GB, i.e. ~4.3 ms at 3 TB/s.
+
+linear_softcap_cross_entropy (x (N, C), weight (V, C); logits = x @ weight.T never exist in full).
+    Rows are processed in chunks of R rows (R*V*e ~ CHUNK_BYTES = 256 MiB): per chunk, a cuBLAS
+    matmul makes the chunk's logits, the forward kernel above gives loss and lse, the backward
+    kernel overwrites the chunk's logits in place with dlogits, and two more matmuls give
+    dx_chunk = dlogits @ weight and dW += dlogits.T @ x_chunk (dW accumulated in fp32 across
+    chunks). For "mean" and "sum" all of this happens in the forward (the output gradient is a
+    scalar, applied in the backward to dx and dW: no second pass over the logits); for "none"
+    the forward keeps only lse, and the backward recomputes each chunk's logits (one more matmul)
+    with the per-row output gradient. Extra memory: one chunk of logits, dW in fp32 (V*C*4), dx.
+Floor (compute-bound): forward+backward 6*N*V*C FLOPs (logits, dx, dW), plus this design's
+    3 passes over the logits (3*N*V*e bytes) in the CE kernels. Worked numbers at N = 65,536,
+    V = 32,768, bf16: C = 768: 9.90 TFLOP (~12.4 ms at 800 TFLOP/s) + 12.9 GB (~4.3 ms at
+    3 TB/s); C = 1280: 16.5 TFLOP (~20.6 ms) + 12.9 GB. The eager path (matmul, then float
+    softcap and cross-entropy) does the same FLOPs and moves several fp32 copies of the logits.
 """
+import os
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from kernels.common import check, check_same
+from kernels.common import check, check_same, use_triton
+
+POISON_OUTPUTS = False  # tests set this: outputs start as NaN, so an element never written shows
+CHUNK_BYTES = 256 << 20  # linear_softcap_cross_entropy: bytes of one chunk of logits
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def softcap_cross_entropy_reference(logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
     z = softcap * torch.tanh(logits.float() / softcap)
-    return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction=reduction)
+    if reduction != "mean":
+        return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction=reduction)
+    # F.cross_entropy's mean over zero non-ignored rows is NaN; ours is 0 (and so are its gradients).
+    count = (targets != ignore_index).sum().clamp(min=1)
+    return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="sum") / count
 
 
 def linear_softcap_cross_entropy_reference(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
     return softcap_cross_entropy_reference(x @ weight.T, targets, softcap, ignore_index, reduction)
 
 
+def softcap_cross_entropy_floor(N, V, elem_bytes):
+    """Minimum bytes moved (see the module docstring), for the benchmark's GB/s column."""
+    return {"fwd": N * V * elem_bytes, "fwd+bwd": 3 * N * V * elem_bytes}
+
+
+def linear_softcap_cross_entropy_floor(N, V, C):
+    """Minimum FLOPs of forward+backward (see the module docstring), for the TFLOP/s column."""
+    return {"fwd+bwd": 6 * N * V * C}
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. One program per row of logits; the row is walked in BLOCK_V blocks.
+
+@triton.jit
+def _softcap_tanh(x, softcap):
+    """tanh(x / c) in fp32 from one exp: 1 - 2 / (e^(2u) + 1) is exact at both tails (e^(2u) = inf
+    gives 1, e^(2u) = 0 gives -1), and its absolute error near 0 is ~1e-7, all that matters here."""
+    e = tl.exp(2.0 * x / softcap)
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def _ce_fwd_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, V, softcap, ignore_index,
+                   BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    if target == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        return
+    # Per-lane running max m and sum s of exp(z - m). z >= -softcap, so -softcap is a finite
+    # start (lanes that only ever see masked columns stay at m = -softcap, s = 0: no inf - inf).
+    m = tl.zeros([BLOCK_V], tl.float32) - softcap
+    s = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+        z = tl.where(cols < V, softcap * _softcap_tanh(x, softcap), float("-inf"))
+        m_new = tl.maximum(m, z)
+        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+    in_range = (target >= 0) & (target < V)
+    x_t = tl.load(base + tl.where(in_range, target, 0)).to(tl.float32)
+    loss = lse - softcap * _softcap_tanh(x_t, softcap)
+    tl.store(loss_ptr + row, tl.where(in_range, loss, float("nan")))
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _ce_bwd_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, dloss_ptr, dloss_stride, dlogits_ptr,
+                   stride_drow, V, softcap, ignore_index, BLOCK_V: tl.constexpr):
+    """dlogits may be logits itself (in place): each block is read before it is written."""
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    scale = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
+    scale = tl.where(target == ignore_index, 0.0, scale)  # ignored rows: zeros (their lse is 0)
+    base = logits_ptr + row * stride_row
+    dbase = dlogits_ptr + row * stride_drow
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+        t = _softcap_tanh(x, softcap)
+        p = tl.exp(softcap * t - lse)
+        d = (tl.where(cols == target, p - 1.0, p)) * (1.0 - t * t) * scale
+        tl.store(dbase + cols, d.to(dlogits_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _block_v(V):
+    return min(4096, triton.next_power_of_2(V))
+
+
+def _launch_ce_fwd(logits, targets, loss, lse, softcap, ignore_index):
+    """loss, lse: (N,) fp32 outputs."""
+    N, V = logits.shape
+    if N > 0:
+        _ce_fwd_kernel[(N,)](logits, logits.stride(0), targets, loss, lse, V, softcap, ignore_index,
+                             BLOCK_V=_block_v(V), num_warps=8)
+
+
+def _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index):
+    """dloss: (N,) output gradient per row (stride 0 for a broadcast scalar); dlogits may be logits."""
+    N, V = logits.shape
+    if N > 0:
+        _ce_bwd_kernel[(N,)](logits, logits.stride(0), targets, lse, dloss, dloss.stride(0), dlogits,
+                             dlogits.stride(0), V, softcap, ignore_index, BLOCK_V=_block_v(V), num_warps=8)
+
+
+def _new(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# softcap_cross_entropy: custom ops (opaque to torch.compile, shapes from register_fake) wired
+# into autograd by a torch.autograd.Function; the reduction is ordinary differentiable PyTorch.
+
+@torch.library.custom_op("nanocode::softcap_ce_fwd", mutates_args=())
+def _softcap_ce_fwd(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
+                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    N = logits.shape[0]
+    loss = _new((N,), torch.float32, logits.device)
+    lse = _new((N,), torch.float32, logits.device)
+    _launch_ce_fwd(logits, targets, loss, lse, softcap, ignore_index)
+    return loss, lse
+
+
+@_softcap_ce_fwd.register_fake
+def _(logits, targets, softcap, ignore_index):
+    N = logits.shape[0]
+    return logits.new_empty((N,), dtype=torch.float32), logits.new_empty((N,), dtype=torch.float32)
+
+
+@torch.library.custom_op("nanocode::softcap_ce_bwd", mutates_args=())
+def _softcap_ce_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dloss: torch.Tensor,
+                    softcap: float, ignore_index: int) -> torch.Tensor:
+    dlogits = _new(logits.shape, logits.dtype, logits.device)
+    _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index)
+    return dlogits
+
+
+@_softcap_ce_bwd.register_fake
+def _(logits, targets, lse, dloss, softcap, ignore_index):
+    return torch.empty_like(logits)
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-row losses (N,) fp32, differentiable in logits."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, softcap, ignore_index):
+        loss, lse = _softcap_ce_fwd(logits, targets, softcap, ignore_index)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.softcap, ctx.ignore_index = softcap, ignore_index
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        logits, targets, lse = ctx.saved_tensors
+        return _softcap_ce_bwd(logits, targets, lse, dloss, ctx.softcap, ctx.ignore_index), None, None, None
+
+
+def _reduce(loss, targets, ignore_index, reduction):
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (targets != ignore_index).sum().clamp(min=1)
+
+
+def _check_common(fn, targets, N, softcap, reduction):
+    check(targets.shape == (N,), fn, f"targets must be (N,) = ({N},), got {tuple(targets.shape)}")
+    check(targets.dtype in (torch.int64, torch.int32), fn, f"targets must be int64 or int32, got {targets.dtype}")
+    check(softcap > 0, fn, f"softcap must be > 0, got {softcap}")
+    check(reduction in ("mean", "sum", "none"), fn, f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _check_dtype(fn, name, t):
+    check(t.dtype in (torch.float32, torch.float16, torch.bfloat16), fn,
+          f"the Triton kernel takes float32, float16 or bfloat16 {name}, got {t.dtype}")
+
+
+def _check_ce(logits, targets, softcap, reduction):
+    fn = "softcap_cross_entropy"
+    check(logits.ndim == 2, fn, f"logits must be (N, V), got {tuple(logits.shape)}")
+    check(logits.dtype.is_floating_point, fn, f"logits must be floating point, got {logits.dtype}")
+    _check_common(fn, targets, logits.shape[0], softcap, reduction)
+    check(targets.device == logits.device, fn, f"targets are on {targets.device} but logits on {logits.device}")
+
+
+def softcap_cross_entropy_triton(logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+    """The Triton path, whatever the device (the benchmark and tests call it directly)."""
+    _check_ce(logits, targets, softcap, reduction)
+    _check_dtype("softcap_cross_entropy", "logits", logits)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    loss = SoftcapCrossEntropy.apply(logits, targets.contiguous(), float(softcap), int(ignore_index))
+    return _reduce(loss, targets, ignore_index, reduction)
+
+
 def softcap_cross_entropy(logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
-    check(logits.ndim == 2, "softcap_cross_entropy", f"logits must be (N, V), got {tuple(logits.shape)}")
-    check(targets.shape == logits.shape[:1], "softcap_cross_entropy", f"targets must be (N,), got {tuple(targets.shape)}")
+    if use_triton(logits, targets):
+        return softcap_cross_entropy_triton(logits, targets, softcap, ignore_index, reduction)
+    _check_ce(logits, targets, softcap, reduction)
     return softcap_cross_entropy_reference(logits, targets, softcap, ignore_index, reduction)
 
 
-def linear_softcap_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+# ---------------------------------------------------------------------------------------------
+# linear_softcap_cross_entropy: the chunk loop (module docstring), as custom ops + autograd.Function.
+
+def _chunk_rows(V, elem_bytes):
+    rows = max(1, CHUNK_BYTES // (V * elem_bytes))
+    return rows - rows % 128 if rows >= 256 else rows  # whole 128-row matmul tiles when large
+
+
+def _mm_f32(a, b):
+    """a @ b with an fp32 result: on CUDA cuBLAS writes its fp32 accumulator out directly."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss=None, dloss=None):
+    """Walk the rows of x in chunks. With loss given: fill loss and lse (forward). With dloss given
+    ((N,), per-row output gradient): also return dx (x's dtype) and dW (fp32). Both: forward
+    that also makes the gradients; dloss alone: backward that reuses lse."""
+    N, V = x.shape[0], weight.shape[0]
+    rows = _chunk_rows(V, x.element_size())
+    dx = _new(x.shape, x.dtype, x.device) if dloss is not None else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if dloss is not None else None
+    for s in range(0, N, rows):
+        e = min(s + rows, N)
+        logits = x[s:e] @ weight.T
+        if loss is not None:
+            _launch_ce_fwd(logits, targets[s:e], loss[s:e], lse[s:e], softcap, ignore_index)
+        if dloss is not None:
+            _launch_ce_bwd(logits, targets[s:e], lse[s:e], dloss[s:e], logits, softcap, ignore_index)
+            torch.mm(logits, weight, out=dx[s:e])
+            dw += _mm_f32(logits.T, x[s:e])
+    return dx, dw
+
+
+@torch.library.custom_op("nanocode::linear_softcap_ce_fwd", mutates_args=())
+def _linear_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
+                   ignore_index: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> per-row loss (N,) fp32, lse (N,) fp32, and with_grad: dx (N, C) and dW (V, C) fp32 of the
+    sum of the losses (else two empty tensors)."""
+    N = x.shape[0]
+    loss = _new((N,), torch.float32, x.device)
+    lse = _new((N,), torch.float32, x.device)
+    ones = torch.ones(1, dtype=torch.float32, device=x.device).expand(N) if with_grad else None
+    dx, dw = _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss=loss, dloss=ones)
+    if not with_grad:
+        dx, dw = x.new_empty(0), x.new_empty(0, dtype=torch.float32)
+    return loss, lse, dx, dw
+
+
+@_linear_ce_fwd.register_fake
+def _(x, weight, targets, softcap, ignore_index, with_grad):
+    N = x.shape[0]
+    dx = x.new_empty(x.shape) if with_grad else x.new_empty(0)
+    dw = weight.new_empty(weight.shape, dtype=torch.float32) if with_grad else x.new_empty(0, dtype=torch.float32)
+    return x.new_empty((N,), dtype=torch.float32), x.new_empty((N,), dtype=torch.float32), dx, dw
+
+
+@torch.library.custom_op("nanocode::linear_softcap_ce_bwd", mutates_args=())
+def _linear_ce_bwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                   dloss: torch.Tensor, softcap: float, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dw = _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, dloss=dloss)
+    return dx, dw.to(weight.dtype)
+
+
+@_linear_ce_bwd.register_fake
+def _(x, weight, targets, lse, dloss, softcap, ignore_index):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+class LinearSoftcapCrossEntropy(torch.autograd.Function):
+    """Reduced loss ("mean", "sum": 0-d; "none": (N,)) fp32, differentiable in x and weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, ignore_index, reduction, with_grad):
+        pre = with_grad and reduction != "none"  # gradients made now, scaled in backward
+        loss, lse, dx, dw = _linear_ce_fwd(x, weight, targets, softcap, ignore_index, pre)
+        ctx.reduction, ctx.softcap, ctx.ignore_index, ctx.w_dtype = reduction, softcap, ignore_index, weight.dtype
+        if pre:
+            ctx.save_for_backward(dx, dw, targets)
+        elif with_grad:
+            ctx.save_for_backward(x, weight, targets, lse)
+        ctx.with_grad = with_grad
+        return _reduce(loss, targets, ignore_index, reduction)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        check(ctx.with_grad, "linear_softcap_cross_entropy", "backward called but the forward ran without grad")
+        if ctx.reduction == "none":
+            x, weight, targets, lse = ctx.saved_tensors
+            dx, dw = _linear_ce_bwd(x, weight, targets, lse, dloss, ctx.softcap, ctx.ignore_index)
+        else:
+            dx, dw, targets = ctx.saved_tensors
+            scale = dloss.float()
+            if ctx.reduction == "mean":
+                scale = scale / (targets != ctx.ignore_index).sum().clamp(min=1)
+            dx, dw = dx * scale, (dw * scale).to(ctx.w_dtype)
+        return dx, dw, None, None, None, None, None
+
+
+def _check_linear(x, weight, targets, softcap, reduction):
     fn = "linear_softcap_cross_entropy"
     check(x.ndim == 2 and weight.ndim == 2, fn, f"x must be (N, C) and weight (V, C), got {tuple(x.shape)}, {tuple(weight.shape)}")
     check(x.shape[1] == weight.shape[1], fn, f"x has {x.shape[1]} features, weight {weight.shape[1]}")
-    check(targets.shape == x.shape[:1], fn, f"targets must be (N,), got {tuple(targets.shape)}")
+    check(x.dtype.is_floating_point, fn, f"x must be floating point, got {x.dtype}")
     check_same(fn, ("x", x), ("weight", weight))
+    _check_common(fn, targets, x.shape[0], softcap, reduction)
+    check(targets.device == x.device, fn, f"targets are on {targets.device} but x on {x.device}")
+
+
+def linear_softcap_cross_entropy_triton(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+    """The Triton path, whatever the device (the benchmark and tests call it directly)."""
+    _check_linear(x, weight, targets, softcap, reduction)
+    _check_dtype("linear_softcap_cross_entropy", "x and weight", x)
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return LinearSoftcapCrossEntropy.apply(x.contiguous(), weight.contiguous(), targets.contiguous(),
+                                           float(softcap), int(ignore_index), reduction, with_grad)
+
+
+def linear_softcap_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+    if use_triton(x, weight, targets):
+        return linear_softcap_cross_entropy_triton(x, weight, targets, softcap, ignore_index, reduction)
+    _check_linear(x, weight, targets, softcap, reduction)
     return linear_softcap_cross_entropy_reference(x, weight, targets, softcap, ignore_index, reduction)
