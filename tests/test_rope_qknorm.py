@@ -1,0 +1,139 @@
+"""Fused RoPE + QK-norm: the Triton kernel (the interpreter on CPU) against the float64 reference.
+
+Fresh random inputs every run. Tolerances follow from the dtype: the kernel computes in fp32 from
+exactly representable inputs, then rounds once to the output dtype, so every element must lie
+within a few units of rounding (u) of the float64 reference, scaled by the tensor's magnitude.
+Outputs are poisoned with NaN before the kernel runs, so an element never written fails.
+"""
+import importlib
+
+import pytest
+import torch
+
+import kernels
+from kernels.reference import rope_qknorm_reference
+
+rq = importlib.import_module("kernels.rope_qknorm")  # the module (kernels.rope_qknorm is the function)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16 is fine here: no tl.dot
+# unit roundoff of the output, fp32 loosened for fp32 sums over the head dim
+U = {torch.float32: 2.0 ** -17, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+EPS = 1e-6
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the conftest turns on TRITON_INTERPRET
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    monkeypatch.setenv("NANOCODE_KERNELS", "triton")
+    monkeypatch.setattr(rq, "POISON_OUTPUTS", True)
+
+
+def make_qk(B, T, Hq, Hk, D, dtype, layout):
+    """q and k as the model could hand them over: separate contiguous tensors, slices of one
+    fused qkv projection (strided rows), or (B, H, T, D) tensors transposed to (B, T, H, D)."""
+    if layout == "contiguous":
+        q, k = torch.randn(B, T, Hq, D, dtype=dtype, device=DEVICE), torch.randn(B, T, Hk, D, dtype=dtype, device=DEVICE)
+    elif layout == "fused":
+        qkv = torch.randn(B, T, (Hq + 2 * Hk) * D, dtype=dtype, device=DEVICE)
+        q = qkv[..., :Hq * D].view(B, T, Hq, D)
+        k = qkv[..., Hq * D:(Hq + Hk) * D].view(B, T, Hk, D)
+    else:
+        q = torch.randn(B, Hq, T, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+        k = torch.randn(B, Hk, T, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+    angles = torch.rand(T, D // 2, dtype=torch.float64, device=DEVICE) * 6.3
+    return q.requires_grad_(), k.requires_grad_(), angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def assert_close(actual, expected, dtype):
+    u = U[dtype]
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.double(), expected, rtol=4 * u, atol=4 * u * scale)
+
+
+@pytest.mark.parametrize("shape,layout", [
+    ((1, 7, 3, 1, 12), "contiguous"),  # batch 1, GQA with one kv head, D/2 not a power of 2
+    ((2, 19, 4, 2, 128), "fused"),     # the model's head dim, q/k sliced from a fused projection
+    ((3, 5, 2, 2, 2), "transposed"),   # the smallest head dim, transposed layout
+    ((2, 9, 5, 5, 40), "fused"),       # rows not a multiple of the row block
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_backward(triton_path, shape, layout, dtype):
+    q, k, cos, sin = make_qk(*shape, dtype, layout)
+    q_out, k_out = kernels.rope_qknorm(q, k, cos, sin, EPS)
+    assert q_out.shape == q.shape and k_out.shape == k.shape and q_out.dtype == dtype
+
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    q_ref, k_ref = rope_qknorm_reference(q64, k64, cos.double(), sin.double(), EPS)
+    assert_close(q_out, q_ref, dtype)
+    assert_close(k_out, k_ref, dtype)
+
+    # output gradients that are themselves strided views
+    dq_out = torch.randn(q.shape[::-1], dtype=dtype, device=DEVICE).permute(3, 2, 1, 0)
+    dk_out = torch.randn(k.shape[::-1], dtype=dtype, device=DEVICE).permute(3, 2, 1, 0)
+    dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (dq_out, dk_out))
+    dq_ref, dk_ref = torch.autograd.grad((q_ref, k_ref), (q64, k64), (dq_out.double(), dk_out.double()))
+    assert_close(dq, dq_ref, dtype)
+    assert_close(dk, dk_ref, dtype)
+
+
+def test_only_q_used(triton_path):
+    """A loss that ignores k_out still gives k a (zero) gradient, and q's is right."""
+    q, k, cos, sin = make_qk(2, 6, 2, 1, 16, torch.float32, "contiguous")
+    q_out, _ = kernels.rope_qknorm(q, k, cos, sin, EPS)
+    dq, dk = torch.autograd.grad(q_out.sum(), (q, k))  # sum's gradient is an expanded (stride 0) tensor
+    q64 = q.detach().double().requires_grad_()
+    dq_ref, = torch.autograd.grad(rope_qknorm_reference(q64, k.double(), cos.double(), sin.double(), EPS)[0].sum(), q64)
+    assert_close(dq, dq_ref, torch.float32)
+    assert torch.equal(dk, torch.zeros_like(dk))
+
+
+def test_torch_compile_fullgraph(triton_path):
+    """torch.compile traces through the custom ops without a graph break (fullgraph=True would
+    raise), and the compiled function gives the eager results."""
+    q, k, cos, sin = make_qk(2, 5, 2, 1, 8, torch.float32, "fused")
+
+    def f(q, k):
+        q_out, k_out = kernels.rope_qknorm(q, k, cos, sin, EPS)
+        return (q_out[:, :, :1] * k_out).sum()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    g_compiled = torch.autograd.grad(compiled(q, k), (q, k))
+    g_eager = torch.autograd.grad(f(q, k), (q, k))
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_dispatch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(rq, "rope_qknorm_triton", lambda *a: calls.append(1) or rope_qknorm_reference(*a))
+    q, k, cos, sin = make_qk(1, 3, 1, 1, 4, torch.float32, "contiguous")
+    monkeypatch.setenv("NANOCODE_KERNELS", "torch")
+    kernels.rope_qknorm(q, k, cos, sin, EPS)
+    assert calls == []
+    monkeypatch.setenv("NANOCODE_KERNELS", "triton")  # TRITON_INTERPRET=1 (conftest) or CUDA
+    kernels.rope_qknorm(q, k, cos, sin, EPS)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_input_errors(monkeypatch, path):
+    monkeypatch.setenv("NANOCODE_KERNELS", path)
+    q, k, cos, sin = make_qk(2, 4, 2, 1, 8, torch.float32, "contiguous")
+    q, k = q.detach(), k.detach()
+    cases = [
+        ((q[0], k, cos, sin), "must be \\(B, T, H, D\\)"),
+        ((q, k[..., :6], cos, sin), "head dims differ"),
+        ((q[..., :7], k[..., :7], cos[:, :3], sin[:, :3]), "head dim must be even"),
+        ((q, k[:, :3], cos, sin), "batch/time differ"),
+        ((q, k, cos[:3], sin[:3]), "cos/sin must be"),
+        ((q, k.half(), cos, sin), "no dtype mixing"),
+        ((q, k, cos.double(), sin), "no dtype mixing"),
+        ((q, k.to("meta"), cos, sin), "is on meta"),
+        ((q.long(), k.long(), cos.long(), sin.long()), "floating-point"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            kernels.rope_qknorm(*args, EPS)
+    if path == "triton":
+        with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+            kernels.rope_qknorm(q.double(), k.double(), cos.double(), sin.double(), EPS)
