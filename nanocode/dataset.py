@@ -148,11 +148,11 @@ class ShardWriter:
             self.val.append((text, lang))
             self.val_size += len(text)
             return
-        self.train.append((text, lang))
-        self.train_size += len(text)
-        if self.train_size >= self.shard_chars:
+        if self.train_size >= self.shard_chars:  # flush only when more comes, so close() always has some left
             self._flush(self.train)
             self.train, self.train_size = [], 0
+        self.train.append((text, lang))
+        self.train_size += len(text)
 
     def _flush(self, docs):
         path = self.out_dir / f"shard_{self.num_written:05d}.parquet"
@@ -164,10 +164,10 @@ class ShardWriter:
 
     def close(self) -> int:
         """Write what is left; returns the number of shards. Needs at least one train and one val document."""
+        if not self.val and self.train:  # small corpus: move one document over
+            self.val.append(self.train.pop())
         if self.train:
             self._flush(self.train)
-        if not self.val and self.train:  # tiny corpus: move one document over
-            self.val.append(self.train[-1])
         if self.num_written == 0 or not self.val:
             raise NanocodeError(f"too few documents to write a corpus to {self.out_dir} (need at least 2)")
         self._flush(self.val)
@@ -326,8 +326,12 @@ def check_hub(base_url: str, timeout: float = 10.0):
 def plan_downloads(languages: list[str], num_files: int, fineweb_ratio: float = 0.0, base_url: str = HUB):
     """[(url, file name, text column, is_code)]: num_files code files spread over languages by weight,
     plus round(num_files * fineweb_ratio / (1 - fineweb_ratio)) FineWeb-Edu files."""
-    weights = [LANGUAGE_WEIGHTS[lang] for lang in languages]
-    counts = [max(1, round(num_files * w / sum(weights))) for w in weights]
+    if num_files < len(languages):
+        raise NanocodeError(f"-n {num_files} is too few for {len(languages)} languages: need at least one file each")
+    counts = [1] * len(languages)
+    for _ in range(num_files - len(languages)):  # the rest in proportion to the weights (D'Hondt)
+        i = max(range(len(languages)), key=lambda i: LANGUAGE_WEIGHTS[languages[i]] / (counts[i] + 1))
+        counts[i] += 1
     plan = []
     for lang, count in zip(languages, counts):
         config = urllib.parse.quote(f"{HUB_LANGUAGE[lang]}-mit")
