@@ -102,7 +102,8 @@ def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta,
 
 
 def _launch_sym_matmul(P, out, alpha=1.0, add=None, beta=0.0):
-    """out = alpha · P @ Pᵀ + beta · add, for P (batch, M, K); out and add (batch, M, M) contiguous."""
+    """out = alpha · P @ Pᵀ + beta · add, for P (batch, M, K); out and add (batch, M, M) contiguous,
+    add symmetric (only its upper tiles are read; the lower ones are written as their mirror)."""
     batch, M, K = P.shape
     if _INTERPRET:
         block_m, block_k, warps, stages = 32, 32, 4, 1
