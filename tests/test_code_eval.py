@@ -1,0 +1,215 @@
+"""HumanEval / MBPP scoring: the canonical solutions pass, empty completions fail, bad samples files give
+clear errors, pass@k matches its definition, and the base/chat generation paths produce runnable code."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nanocode.code_tasks import (chat_completion, extract_code, load_humaneval, load_mbpp, pass_at_k, program,
+                                 truncate_at_stop, HUMANEVAL_STOP)
+from nanocode.common import NanocodeError
+from scripts.code_eval import generate, parse_ks, read_samples, score, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+MBPP_FIXTURE = ROOT / "tests" / "fixtures" / "mbpp_sample.jsonl"
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return load_humaneval()
+
+
+def write_samples(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run_script(*args):
+    """python -m scripts.code_eval ... in a subprocess; returns (returncode, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "scripts.code_eval", *map(str, args)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_humaneval_loads(humaneval):
+    assert len(humaneval) == 164
+    assert len({p["task_id"] for p in humaneval}) == 164
+    assert all(p["test"].rstrip().endswith(")") and "check(" in p["test"] for p in humaneval)
+
+
+def test_canonical_solutions_score_one(humaneval, tmp_path):
+    """The whole script on all 164 canonical solutions: pass@1 = 1.0, printed last, files written."""
+    samples = write_samples(tmp_path / "canon.jsonl",
+                            [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in humaneval])
+    t0 = time.time()
+    rc, out, err = run_script("--samples", samples, "--out", tmp_path / "res")
+    print(f"164 canonical solutions scored in {time.time() - t0:.1f}s (whole script)")
+    assert rc == 0, err
+    assert out.strip().splitlines()[-1] == "pass@1: 1.0000"
+    rows = [json.loads(line) for line in open(tmp_path / "res_samples.jsonl")]
+    assert len(rows) == 164 and all(r["passed"] and r["result"] == "passed" for r in rows)
+    assert [r["task_id"] for r in rows] == [p["task_id"] for p in humaneval]
+    problems = [json.loads(line) for line in open(tmp_path / "res_problems.jsonl")]
+    assert all(p["n"] == 1 and p["correct"] == 1 and p["pass@1"] == 1.0 for p in problems)
+    report = json.loads((Path(os.environ["NANOCODE_BASE_DIR"]) / "report" / "code_eval_samples.json").read_text())
+    assert report["humaneval"]["pass@1"] == 1.0
+
+
+def test_empty_completions_score_zero(humaneval):
+    by_task = {p["task_id"]: [""] for p in humaneval}
+    records = score(humaneval, by_task, workers=2, timeout=5.0)
+    _, means = summarize(humaneval, records, [1])
+    assert means[1] == 0.0
+    assert all(r["result"].startswith("failed") for r in records)
+
+
+def test_mbpp_fixture_through_script(tmp_path):
+    problems = load_mbpp(MBPP_FIXTURE)
+    assert [p["task_id"] for p in problems] == ["Mbpp/2", "Mbpp/3", "Mbpp/4", "Mbpp/17", "Mbpp/18"]
+    # two samples per problem: the reference code (passes) and a wrong one (fails) -> pass@1 = 0.5, pass@2 = 1
+    recs = [{"task_id": p["task_id"], "completion": c} for p in problems
+            for c in (p["canonical_solution"], "def nothing():\n    return None\n")]
+    samples = write_samples(tmp_path / "mbpp.jsonl", recs)
+    rc, out, err = run_script("--samples", samples, "-a", "mbpp", "--mbpp-file", MBPP_FIXTURE, "-k", "1,2",
+                              "--out", tmp_path / "mbpp_res")
+    assert rc == 0, err
+    assert out.strip().splitlines()[-2:] == ["pass@2: 1.0000", "pass@1: 0.5000"]
+
+
+def test_unknown_task_id_is_a_clear_error(humaneval, tmp_path):
+    recs = [{"task_id": p["task_id"], "completion": ""} for p in humaneval[:3]] + [{"task_id": "HumanEval/999", "completion": ""}]
+    samples = write_samples(tmp_path / "bad.jsonl", recs)
+    rc, out, err = run_script("--samples", samples, "--max-problems", 3)
+    assert rc == 1
+    assert err.strip() == f"error: {samples}:4: unknown task_id 'HumanEval/999' (not one of this task's problems)"
+
+
+def test_missing_task_ids_are_a_clear_error(humaneval, tmp_path):
+    all_ids = {p["task_id"] for p in humaneval}
+    samples = write_samples(tmp_path / "some.jsonl", [{"task_id": "HumanEval/0", "completion": ""}])
+    with pytest.raises(NanocodeError, match=r"no samples for 163 of the 164 problems \(missing task_id: HumanEval/1, "):
+        read_samples(samples, humaneval, all_ids)
+    assert list(read_samples(samples, humaneval[:1], all_ids)) == ["HumanEval/0"]  # --max-problems 1 is fine
+    no_id = write_samples(tmp_path / "noid.jsonl", [{"completion": "pass"}])
+    with pytest.raises(NanocodeError, match=r"noid.jsonl:1: record has no task_id"):
+        read_samples(no_id, humaneval[:1], all_ids)
+    no_completion = write_samples(tmp_path / "nocomp.jsonl", [{"task_id": "HumanEval/0"}])
+    with pytest.raises(NanocodeError, match=r"record for HumanEval/0 has no string 'completion'"):
+        read_samples(no_completion, humaneval[:1], all_ids)
+    (tmp_path / "junk.jsonl").write_text("{not json\n")
+    with pytest.raises(NanocodeError, match=r"junk.jsonl:1: not valid JSON"):
+        read_samples(tmp_path / "junk.jsonl", humaneval[:1], all_ids)
+    with pytest.raises(NanocodeError, match="samples file not found"):
+        read_samples(tmp_path / "nope.jsonl", humaneval[:1], all_ids)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 20])
+def test_pass_at_k_matches_definition(n):
+    """pass@k = P(at least one of k samples drawn without replacement from n passes) = 1 - C(n-c,k)/C(n,k)."""
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+    assert pass_at_k(n, 0, 1) == 0.0 and pass_at_k(n, n, 1) == 1.0
+    with pytest.raises(ValueError, match="needs at least"):
+        pass_at_k(n, 0, n + 1)
+
+
+def test_summary_skips_k_beyond_samples(humaneval):
+    recs = [{"task_id": "HumanEval/0", "passed": p} for p in (True, False, False)]
+    rows, means = summarize(humaneval[:1], recs, parse_ks("10,2"))
+    assert means == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 10: None}
+    assert rows == [{"task_id": "HumanEval/0", "n": 3, "correct": 1, "pass@1": pytest.approx(1 / 3), "pass@2": pytest.approx(2 / 3)}]
+    with pytest.raises(NanocodeError, match="-k must be"):
+        parse_ks("1,ten")
+
+
+def test_stop_sequences_and_code_extraction(humaneval):
+    body = "    return 1\n"
+    assert truncate_at_stop(body + "\ndef other():\n    pass\n", HUMANEVAL_STOP) == body
+    assert truncate_at_stop(body + "\nprint(f())", HUMANEVAL_STOP) == body
+    assert truncate_at_stop(body, HUMANEVAL_STOP) == body
+    assert extract_code("Sure:\n```python\nx = 1\n```\nand ```python\ny = 2\n```") == "x = 1\n"
+    assert extract_code("```\nx = 1\n```") == "x = 1\n"
+    assert extract_code("```python\nx = 1\n") == "x = 1\n"  # unclosed block runs to the end
+    assert extract_code("x = 1") == "x = 1"
+    p = humaneval[0]
+    full = "```python\nfrom typing import List\n\ndef has_close_elements(numbers, threshold):\n" + p["canonical_solution"] + "```"
+    only_body = "```python\n" + p["canonical_solution"] + "```"
+    for reply in (full, only_body):
+        records = score([p], {p["task_id"]: [chat_completion(p, reply)]}, workers=1, timeout=5.0)
+        assert records[0]["passed"], records[0]["result"]
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer: 12 special tokens, then one token per byte."""
+    SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                "<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>",
+                "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    bos_id, vocab_size = 0, 12 + 256
+
+    def special_id(self, name):
+        return self.SPECIALS.index(name)
+
+    def encode(self, text):
+        return [12 + b for b in text.encode("utf-8")]
+
+    def decode(self, ids):
+        return bytes(i - 12 for i in ids if i >= 12).decode("utf-8", errors="replace")
+
+    def render_for_completion(self, conv):
+        return [0, 1] + self.encode(conv["messages"][0]["content"]) + [2, 3]
+
+
+def test_chat_generation_path(humaneval):
+    """A scripted chat model answers with the canonical function inside prose and a code fence:
+    the engine samples it, the code is extracted, and it passes."""
+    from nanocode.engine import Engine, ScriptedModel
+    tok, problems = ByteTokenizer(), humaneval[:3]
+    replies = [f"Here you go:\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone." for p in problems]
+    model = ScriptedModel([tok.encode(r) for r in replies], tok.vocab_size, 3, 4, sequence_len=4096)
+    by_task = generate(Engine(model, tok), tok, problems, "humaneval", chat=True, num_samples=2, max_tokens=2000,
+                       temperature=0.0, top_k=None, seed=0)
+    assert all(len(v) == 2 for v in by_task.values())
+    records = score(problems, by_task, workers=2, timeout=5.0)
+    assert [r["passed"] for r in records] == [True] * 6, [r["result"] for r in records]
+
+
+class FakeBaseEngine:
+    """Continues every prompt with a fixed text (per problem), the way a base model would run on."""
+    max_len = 4096
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts, self.prompts = tok, list(texts), []
+
+    def generate_batch(self, ids, num_samples=1, **kwargs):
+        self.prompts.append(ids)
+        return [self.tok.encode(self.texts[len(self.prompts) - 1])] * num_samples
+
+
+def test_base_generation_path(humaneval):
+    """<|bos|> + prompt goes in; the completion is cut at the first stop sequence, so the rambling after
+    the function does not break it."""
+    tok, problems = ByteTokenizer(), humaneval[:3]
+    engine = FakeBaseEngine(tok, [p["canonical_solution"] + "\n\ndef unrelated(:\n" for p in problems])
+    by_task = generate(engine, tok, problems, "humaneval", chat=False, num_samples=1, max_tokens=64,
+                       temperature=0.0, top_k=None, seed=0)
+    assert engine.prompts[0] == [0] + tok.encode(problems[0]["prompt"])
+    assert by_task["HumanEval/0"] == [problems[0]["canonical_solution"] + "\n"]
+    assert all(r["passed"] for r in score(problems, by_task, workers=2, timeout=5.0))
+
+
+def test_slow_score_164x10(humaneval):
+    """Throughput: 164 problems x 10 samples (the canonical solution, every 3rd sample broken). Prints its time."""
+    by_task = {p["task_id"]: [p["canonical_solution"] if i % 3 else "    return None\n" for i in range(10)] for p in humaneval}
+    t0 = time.time()
+    records = score(humaneval, by_task, workers=os.cpu_count(), timeout=10.0)
+    elapsed = time.time() - t0
+    _, means = summarize(humaneval, records, [1, 10])
+    print(f"scored 164 x 10 = {len(records)} samples in {elapsed:.1f}s on {os.cpu_count()} cores: "
+          f"pass@1 {means[1]:.4f} pass@10 {means[10]:.4f}")
+    assert means[1] == pytest.approx(0.6) and means[10] == 1.0
