@@ -187,25 +187,27 @@ class Engine:
                 return [self.bos] + notice + ids[i:]
         return [self.bos] + notice + ids[len(ids) - max(1, self.max_len // 2 - 1 - len(notice)):]
 
-    def _tool_output(self, raw: str, approve, workdir, calls_left: int):
-        """(tool_call part, output text) for the text the model wrote between <|tool_start|> and <|tool_end|>."""
+    @staticmethod
+    def _parse_call(raw: str):
+        """(tool_call part or None, error) for the text the model wrote between <|tool_start|> and <|tool_end|>."""
         try:
             call = json.loads(raw)
         except json.JSONDecodeError as e:
-            return {"type": "text", "text": raw}, f"error: the tool call is not valid JSON ({e})"
+            return None, f"error: the tool call is not valid JSON ({e})"
         err = validate_tool_call(call)
         if err:
-            part = {"type": "text", "text": raw}
-            return part, f"error: {err}"
-        name, args = call["name"], call["arguments"]
-        part = {"type": "tool_call", "name": name, "arguments": args}
+            return None, f"error: {err}"
+        return {"type": "tool_call", "name": call["name"], "arguments": call["arguments"]}, None
+
+    @staticmethod
+    def _run_call(name, args, approve, workdir, calls_left: int) -> str:
         if calls_left <= 0:
-            return part, "error: tool-call limit reached for this reply; answer without tools"
+            return "error: tool-call limit reached for this reply; answer without tools"
         if workdir is None:
-            return part, "error: tools are disabled here"
+            return "error: tools are disabled here"
         if approve is None or not approve(name, args):
-            return part, DENIED
-        return part, run_tool(name, args, workdir)
+            return DENIED
+        return run_tool(name, args, workdir)
 
     def chat(self, conversation, approve=None, workdir=None, max_tokens=1024, temperature=0.6, top_k=50,
              top_p=None, seed=42, max_tool_calls=8):
@@ -255,11 +257,14 @@ class Engine:
                 if t != self.tool_end:
                     call_ids.append(t)
                     continue
-                part, output = self._tool_output(tok.decode(call_ids), approve, workdir, calls_left)
-                call_ids = None
-                if part["type"] == "tool_call":
-                    calls_left -= 1
+                raw, call_ids = tok.decode(call_ids), None
+                part, output = self._parse_call(raw)
+                if part is None:  # malformed: keep the raw text, feed back the error
+                    part = {"type": "text", "text": raw}
+                else:
                     yield {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
+                    output = self._run_call(part["name"], part["arguments"], approve, workdir, calls_left)
+                    calls_left -= 1
                 parts.extend([part, {"type": "tool_output", "text": output}])
                 yield {"type": "tool_output", "text": output}
                 ids.extend([self.output_start] + tok.encode(output) + [self.output_end])

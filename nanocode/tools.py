@@ -110,14 +110,22 @@ def bash(command: str, workdir: Path, timeout: float = BASH_TIMEOUT) -> str:
         out, _ = proc.communicate(timeout=timeout)
         note = f"\n[exit code {proc.returncode}]" if proc.returncode else ""
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(proc)
         out, _ = proc.communicate()
         note = f"\nerror: command timed out after {timeout:g} s (killed)"
+    except BaseException:  # Ctrl-C in the CLI: the command runs in its own session, so kill it ourselves
+        _kill_group(proc)
+        proc.wait()
+        raise
     text = out.decode("utf-8", errors="replace")
     return truncate(text) + note if text or note else "(no output)"
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def read_file(path: str, workdir: Path, offset: int = 1, limit: int = READ_LIMIT) -> str:

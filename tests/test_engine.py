@@ -1,7 +1,11 @@
 """Engine: KV-cache generation equals plain generation, batched equals one by one, sampling filters,
 and the agent's tool loop (real output injected, denial, malformed calls, call cap, context overflow),
 with a scripted fake model and with a tiny real checkpoint."""
+import importlib.util
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +60,36 @@ class ByteTokenizer:
                     ids += [7] + self.encode(p["text"]) + [8]
             ids.append(4)
         return ids + [3]
+
+
+HAVE_TOKENIZER = importlib.util.find_spec("nanocode.tokenizer") is not None
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_tokenizer():
+    """A tiny trained nanocode Tokenizer, saved where get_tokenizer() (and so the scripts) find it."""
+    from nanocode.common import get_base_dir
+    from nanocode.tokenizer import Tokenizer, get_tokenizer
+    if not (get_base_dir() / "tokenizer").exists():
+        texts = [REPO.joinpath(p).read_text() for p in ("nanocode/engine.py", "nanocode/tools.py")]
+        Tokenizer.train(texts, vocab_size=512).save(get_base_dir() / "tokenizer")
+    return get_tokenizer()
+
+
+def script_argv(module: str, *args: str) -> list[str]:
+    """Command line running `python -m module args` with the real tokenizer when nanocode.tokenizer exists,
+    else with ByteTokenizer put in its place (so the scripts can be tested before the tokenizer lands)."""
+    if HAVE_TOKENIZER:
+        real_tokenizer()
+        return [sys.executable, "-m", module, *args]
+    launch = ("import sys, types, runpy; from tests.test_engine import ByteTokenizer; "
+              "m = types.ModuleType('nanocode.tokenizer'); m.get_tokenizer = ByteTokenizer; "
+              f"sys.modules['nanocode.tokenizer'] = m; runpy.run_module({module!r}, run_name='__main__')")
+    return [sys.executable, "-c", launch, *args]
+
+
+def script_env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +314,17 @@ def test_chat_with_real_checkpoint(tok, real, tmp_path):
     again = chat(Engine(real, tok), "hello", workdir=tmp_path, approve=lambda n, a: True, max_tokens=30,
                  temperature=0.0)
     assert again[-1]["message"] == done["message"]  # greedy is deterministic
+
+
+@pytest.mark.skipif(not HAVE_TOKENIZER, reason="nanocode.tokenizer not written yet")
+def test_tool_loop_with_real_tokenizer(tmp_path):
+    tok = real_tokenizer()
+    (tmp_path / "a.py").write_text("print('hi')\n")
+    call = '{"name": "read_file", "arguments": {"path": "a.py"}}'
+    model = scripted(tok, f"Reading.<|tool_start|>{call}<|tool_end|>It prints hi.")
+    events = chat(Engine(model, tok), "what does a.py do?", workdir=tmp_path, approve=lambda n, a: True)
+    assert events[-1]["message"]["content"] == [
+        {"type": "text", "text": "Reading."},
+        {"type": "tool_call", "name": "read_file", "arguments": {"path": "a.py"}},
+        {"type": "tool_output", "text": "     1\tprint('hi')"},
+        {"type": "text", "text": "It prints hi."}]

@@ -1,0 +1,155 @@
+"""The CLI, driven through a pseudo-terminal with a scripted fake model: approve (y), refuse (n),
+always (a), Ctrl-C stops a reply but not the session; and the one-shot mode without a terminal."""
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+
+from tests.test_engine import REPO, script_argv, script_env
+
+CALL = '<|tool_start|>{{"name": "bash", "arguments": {{"command": "{}"}}}}<|tool_end|>'
+WRITE = '<|tool_start|>{"name": "write_file", "arguments": {"path": "denied.txt", "content": "x"}}<|tool_end|>'
+
+
+class Terminal:
+    """A child process on a pseudo-terminal (stdin is a tty, Ctrl-C sends SIGINT), read with expect()."""
+
+    def __init__(self, argv, cwd, env):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child
+            os.chdir(cwd)
+            os.execvpe(argv[0], argv, env)
+        self.out, self.pos = "", 0
+
+    def expect(self, text, timeout=120.0):
+        """Wait for `text` after the last match; returns what came before it. (The timeout only guards
+        against a hang; nothing is asserted about time.)"""
+        deadline = time.monotonic() + timeout
+        while (i := self.out.find(text, self.pos)) < 0:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {text!r} on the terminal; it shows:\n{self.out[self.pos:][-3000:]}")
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                data = b""
+            if not data:
+                raise AssertionError(f"the CLI exited before printing {text!r}; it showed:\n{self.out[-3000:]}")
+            self.out += data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+        before, self.pos = self.out[self.pos:i], i + len(text)
+        return before
+
+    def send(self, text):
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            try:
+                if select.select([self.fd], [], [], 0.1)[0]:
+                    self.out += os.read(self.fd, 4096).decode("utf-8", errors="replace")
+            except OSError:
+                pass
+        self.kill()
+        raise AssertionError(f"the CLI did not exit; it showed:\n{self.out[-3000:]}")
+
+    def kill(self):
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(self.fd)
+
+
+def write_script(path, turns, delay=0.0):
+    path.write_text(json.dumps({"turns": turns, "delay": delay}))
+    return str(path)
+
+
+def test_repl_approval_flow_and_ctrl_c(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    turns = [
+        "Checking." + CALL.format("echo made > made.txt; echo ran-1") + "Made it.",       # y
+        "Writing." + WRITE + "Refused, fine.",                                            # n
+        "Twice." + CALL.format("echo ran-2") + CALL.format("echo ran-3") + "Both done.",  # always
+        "tick " * 1000,                                                                   # Ctrl-C
+        "Still here.",
+    ]
+    script = write_script(tmp_path / "script.json", turns, delay=0.01)
+    term = Terminal(script_argv("scripts.code_cli", "--fake-script", script, "--workdir", str(work)), REPO, script_env())
+    try:
+        term.expect("> ")
+        term.send("make a file\n")
+        term.expect("[tool] bash: echo made > made.txt; echo ran-1")
+        term.expect("allow? [y]es / [n]o / [a]lways: ")
+        assert not (work / "made.txt").exists()
+        term.send("y\n")
+        term.expect("  | ran-1")
+        term.expect("Made it.")
+        assert (work / "made.txt").read_text() == "made\n"
+
+        term.expect("> ")
+        term.send("write another\n")
+        term.expect("[tool] write_file:")
+        term.expect("allow? ")
+        term.send("n\n")
+        term.expect("  | denied by the user")
+        term.expect("Refused, fine.")
+        assert not (work / "denied.txt").exists()
+
+        term.expect("> ")
+        term.send("run two\n")
+        term.expect("allow? ")
+        term.send("a\n")
+        term.expect("  | ran-2")
+        between = term.expect("  | ran-3")
+        assert "allow?" not in between, "'always' should approve later calls without asking"
+        term.expect("Both done.")
+
+        term.expect("> ")
+        term.send("count forever\n")
+        term.expect("tick tick tick")
+        term.send("\x03")  # Ctrl-C: SIGINT to the foreground process
+        before = term.expect("[interrupted]")
+        assert before.count("tick") < 1000
+        term.expect("> ")
+        term.send("still there?\n")
+        term.expect("Still here.")
+        term.expect("> ")
+        term.send("\x04")  # Ctrl-D leaves
+        assert term.wait() == 0
+    finally:
+        term.kill()
+
+
+def test_one_shot_without_terminal_refuses_unless_yes(tmp_path):
+    script = write_script(tmp_path / "script.json", ["Try." + CALL.format("echo ran > f.txt") + "Ok."])
+    argv = script_argv("scripts.code_cli", "--fake-script", script, "--workdir", str(tmp_path), "-p", "go")
+    out = subprocess.run(argv, cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused: no terminal to ask on (pass --yes" in out.stdout
+    assert "  | denied by the user" in out.stdout and out.stdout.rstrip().endswith("Ok.")
+    assert not (tmp_path / "f.txt").exists()
+
+    out = subprocess.run(argv + ["--yes"], cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "f.txt").read_text() == "ran\n"
+
+
+def test_bad_workdir_is_a_clear_error(tmp_path):
+    argv = script_argv("scripts.code_cli", "--workdir", str(tmp_path / "missing"), "-p", "hi")
+    out = subprocess.run(argv, cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip() == f"error: --workdir {tmp_path / 'missing'} is not a directory"
+
