@@ -103,11 +103,103 @@ def relu2_mlp_cases(device, dtype, tiny):
 # softcap CE, fused linear + softcap CE, Newton-Schulz: builders with the signature
 # f(device, dtype, tiny) -> list[Case], appended to CASE_BUILDERS below.
 
+VOCAB = 32768
+
+
+def softcap_ce_cases(device, dtype, tiny):
+    """Cross-entropy of the softcapped logits of one GPU's batch (65,536 tokens, V = 32768), "mean"."""
+    from kernels.softcap_ce import softcap_cross_entropy_floor, softcap_cross_entropy_reference, softcap_cross_entropy_triton
+    N, V = (64, 300) if tiny else (TOKENS_PER_GPU, VOCAB)
+
+    def make_inputs():
+        logits = torch.randn(N, V, device=device, dtype=dtype).mul_(10).requires_grad_()  # well beyond the cap
+        return [logits, torch.randint(0, V, (N,), device=device)]
+    floor = softcap_cross_entropy_floor(N, V, torch.finfo(dtype).bits // 8)
+    return [Case("softcap_ce", f"logits ({N},{V}) {str(dtype)[6:]}", make_inputs,
+                 softcap_cross_entropy_triton, softcap_cross_entropy_reference, "GB/s", floor)]
+
+
+def linear_softcap_ce_cases(device, dtype, tiny):
+    """The model's loss head: x (65,536 tokens, C) @ weight (V, C)ᵀ, softcap, CE, "mean". Only
+    fwd+bwd: with grad mode on, the Triton forward already computes the gradients (the backward
+    scales them), so a forward-only time would compare different work."""
+    from kernels.softcap_ce import (linear_softcap_cross_entropy_floor, linear_softcap_cross_entropy_reference,
+                                    linear_softcap_cross_entropy_triton)
+    shapes = [("tiny", 64, 300, 32)] if tiny else [(f"d{d}", TOKENS_PER_GPU, VOCAB, 64 * d) for d in DEPTHS]
+    cases = []
+    for tag, N, V, C in shapes:
+        def make_inputs(N=N, V=V, C=C):
+            x = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
+            w = (torch.randn(V, C, device=device) * (4 / C ** 0.5)).to(dtype).requires_grad_()
+            return [x, w, torch.randint(0, V, (N,), device=device)]
+        cases.append(Case(f"linear_softcap_ce {tag}", f"x ({N},{C}) w ({V},{C}) {str(dtype)[6:]}", make_inputs,
+                          linear_softcap_cross_entropy_triton, linear_softcap_cross_entropy_reference, "TFLOP/s",
+                          linear_softcap_cross_entropy_floor(N, V, C)))
+    return cases
+
+
+def newton_schulz_cases(device, dtype, tiny):
+    """One Muon step's matrices, stacked by shape as Muon stacks them: per layer c_q, c_k, c_v,
+    attn c_proj (C x C), c_fc (4C x C), mlp c_proj (C x 4C); fp32 momentum in, `dtype` math."""
+    from kernels.newton_schulz import newton_schulz_floor, newton_schulz_reference, newton_schulz_triton
+    shapes = [("tiny", 2, 32)] if tiny else [(f"d{d}", d, 64 * d) for d in DEPTHS]
+    cases = []
+    for tag, L, C in shapes:
+        stacks = [(4 * L, C, C), (L, 4 * C, C), (L, C, 4 * C)]
+
+        def make_inputs(stacks=stacks):
+            return [torch.randn(*s, device=device) for s in stacks]
+
+        def triton_fn(*Gs):
+            return tuple(newton_schulz_triton(G, 5, dtype) for G in Gs)
+
+        def reference_fn(*Gs):
+            return tuple(newton_schulz_reference(G, 5, dtype) for G in Gs)
+        floor = {"fwd": sum(newton_schulz_floor(*s)["fwd"] for s in stacks)}
+        cases.append(Case(f"newton_schulz {tag}", " + ".join(f"({b},{m},{n})" for b, m, n in stacks) + f" {str(dtype)[6:]}",
+                          make_inputs, triton_fn, reference_fn, "TFLOP/s", floor))
+    return cases
+
+
+def ce_peak_memory(device, dtype, tiny=False):
+    """Peak memory of one forward+backward of each CE case, above what its inputs hold, for the
+    Triton path, eager and torch.compile (torch.cuda.max_memory_allocated). Returns rows
+    {case, shape, impl, peak_mib, vs_eager}; empty on the CPU (no allocator statistics)."""
+    if device != "cuda":
+        return []
+    rows = []
+    for case in softcap_ce_cases(device, dtype, tiny) + linear_softcap_ce_cases(device, dtype, tiny):
+        args = case.make_inputs()
+        peaks = {}
+        for impl, fn in (("triton", case.triton), ("eager", case.reference), ("compile", torch.compile(case.reference))):
+            step = make_step(fn, args, "fwd+bwd")
+            step()  # compile and warm up outside the measurement
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peaks[impl] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            del step
+        rows += [dict(case=case.name, shape=case.shape, impl=impl, peak_mib=mib, vs_eager=mib / peaks["eager"])
+                 for impl, mib in peaks.items()]
+        del args
+        torch.cuda.empty_cache()
+    return rows
+
+
+def format_memory_table(rows):
+    lines = ["| case | shape | impl | peak MiB (fwd+bwd, above inputs) | vs eager |", "|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['shape']} | {r['impl']} | {r['peak_mib']:.0f} | {100 * r['vs_eager']:.1f}% |"
+              for r in rows]
+    return "\n".join(lines)
+
 
 # ---- end of cases ----
 
 CASE_BUILDERS = [rope_qknorm_cases, relu2_mlp_cases]
-# (kernels II: CASE_BUILDERS += [...] here)
+CASE_BUILDERS += [softcap_ce_cases, linear_softcap_ce_cases, newton_schulz_cases]
 
 
 def build_cases(device, dtype, tiny=False, only=None):
