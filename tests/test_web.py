@@ -1,0 +1,164 @@
+"""The HTTP server with a scripted fake model, started with uvicorn on a free local port: the official
+openai client in both modes, tool calls run server-side only with --allow-tools, 4xx errors with a
+message for bad requests, and the web UI in headless Chromium (message sent, streamed reply rendered,
+screenshot saved)."""
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.test_engine import REPO, script_argv, script_env
+
+CALL = '<|tool_start|>{"name": "bash", "arguments": {"command": "cat hello.txt"}}<|tool_end|>'
+TOOL_TURN = "Let me look." + CALL + "It says hi."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(tmp_path, turns, *flags, sequence_len=4096):
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"turns": turns, "sequence_len": sequence_len}))
+    port, log = free_port(), tmp_path / "server.log"
+    argv = script_argv("scripts.code_web", "--fake-script", str(script), "--port", str(port), *flags)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=REPO, env=script_env(), stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120  # only guards against a hang
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server did not come up:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    d = tmp_path / "work"
+    d.mkdir()
+    (d / "hello.txt").write_text("hi there\n")
+    return d
+
+
+def test_openai_client_both_modes_with_tools(tmp_path, workdir):
+    with server(tmp_path, [TOOL_TURN, TOOL_TURN], "--allow-tools", str(workdir)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["nanocode-fake"]
+
+        resp = client.chat.completions.create(model="nanocode", messages=[{"role": "user", "content": "hello.txt?"}])
+        choice = resp.choices[0]
+        assert choice.message.role == "assistant" and choice.finish_reason == "stop"
+        assert choice.message.content == "Let me look.It says hi."
+        parts = choice.message.model_extra["parts"]
+        assert parts[1] == {"type": "tool_call", "name": "bash", "arguments": {"command": "cat hello.txt"}}
+        assert parts[2] == {"type": "tool_output", "text": "hi there\n"}
+        assert resp.usage.completion_tokens > 0 and resp.usage.prompt_tokens > 0
+
+        stream = client.chat.completions.create(model="nanocode", stream=True, messages=[
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": "again?"}])
+        texts, tool_events, finish = [], [], None
+        for chunk in stream:
+            delta = chunk.choices[0].delta
+            if delta.content:
+                texts.append(delta.content)
+            if (delta.model_extra or {}).get("nanocode"):
+                tool_events.append(delta.model_extra["nanocode"])
+            finish = chunk.choices[0].finish_reason or finish
+        assert "".join(texts) == "Let me look.It says hi." and len(texts) > 2  # streamed in pieces
+        assert [e["type"] for e in tool_events] == ["tool_call", "tool_output"]
+        assert tool_events[1]["text"] == "hi there\n"
+        assert finish == "stop"
+
+        # the raw stream is server-sent events ending in [DONE]
+        raw = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                              "stream": True}, timeout=60).text
+        events = [line for line in raw.split("\n\n") if line]
+        assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_tools_off_without_allow_tools_and_bad_requests(tmp_path, workdir):
+    turn = "Try." + CALL.replace("cat hello.txt", "echo ran > ran.txt") + "Done."
+    with server(tmp_path, [turn], sequence_len=256) as url:
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "go"}]}, timeout=60)
+        assert r.status_code == 200
+        parts = r.json()["choices"][0]["message"]["parts"]
+        assert parts[2] == {"type": "tool_output", "text": "error: tools are disabled here"}
+        assert not list(REPO.glob("ran.txt")) and not (workdir / "ran.txt").exists()
+        assert httpx.get(url + "/health").json()["tools"] is None
+
+        user = [{"role": "user", "content": "hi"}]
+        bad = [
+            (b"{not json", 400, "not valid JSON"),
+            (b"[1, 2]", 400, "must be a JSON object"),
+            ({"model": "x"}, 400, "'messages' is required"),
+            ({"messages": []}, 400, "'messages' is required"),
+            ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role must be system, user or assistant, got 'tool'"),
+            ({"messages": user + [{"role": "assistant", "content": "hey"}]}, 400, "must end with a user message"),
+            ({"messages": [{"role": "user", "content": 5}]}, 400, "content must be a string or a list"),
+            ({"messages": user, "temperature": 5}, 400, "'temperature' must be a number in [0.0, 2.0]"),
+            ({"messages": user, "temperature": "hot"}, 400, "'temperature' must be a number"),
+            ({"messages": user, "max_tokens": 10**6}, 400, "'max_tokens' must be an integer in [1, 1024]"),
+            ({"messages": user, "n": 2}, 400, "'n' must be 1"),
+            ({"messages": user, "stream": "yes"}, 400, "'stream' must be true or false"),
+            ({"messages": [{"role": "user", "content": "word " * 300}]}, 400, "too many tokens"),
+            (b"x" * 1_100_000, 413, "exceeds the limit"),
+        ]
+        for body, status, message in bad:
+            kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+            r = httpx.post(url + "/v1/chat/completions", headers={"content-type": "application/json"}, timeout=60, **kw)
+            assert r.status_code == status, (body, r.text)
+            assert message in r.json()["error"]["message"], (body, r.text)
+        r = httpx.get(url + "/v1/nope")
+        assert r.status_code == 404 and "GET /v1/nope" in r.json()["error"]["message"]
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="temperature"):
+            client.chat.completions.create(model="nanocode", messages=user, temperature=3)
+        assert httpx.get(url + "/health").json()["free"] == 1  # no replica leaked by the bad requests
+
+
+def find_chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (Debian: apt-get install -y chromium)")
+def test_web_ui_in_headless_chromium(tmp_path, workdir):
+    chromium = find_chromium()
+    with server(tmp_path, [TOOL_TURN, TOOL_TURN], "--allow-tools", str(workdir)) as url:
+        page = url + "/?q=what%20is%20in%20hello.txt%3F"  # the UI sends ?q= on load
+        common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--window-size=1000,700"]
+        dom = subprocess.run(common + ["--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
+        assert 'data-state="done"' in dom, dom[-3000:]
+        assert "what is in hello.txt?" in dom  # the user's message
+        assert "Let me look." in dom and "It says hi." in dom  # the streamed reply
+        assert "tool call: bash" in dom and "hi there" in dom  # the tool call and its output
+        shot = tmp_path / "ui.png"
+        subprocess.run(common + [f"--screenshot={shot}", page], capture_output=True, timeout=180)
+        assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        print(f"screenshot: {shot}")
