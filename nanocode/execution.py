@@ -156,8 +156,11 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, max_o
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         argv = [sys.executable, "-I", "-c", _CHILD, scratch, str(int(timeout) + 1), str(memory_mb << 20),
                 str(fsize_mb << 20), str(nproc)] + ([] if guard else ["--no-guard"])
-        proc = subprocess.Popen(argv, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+        try:
+            proc = subprocess.Popen(argv, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+        except OSError as e:  # out of processes or file descriptors: this sample fails, the evaluation goes on
+            return Result(False, f"failed: could not start the sandbox ({e})", "", "", time.monotonic() - t0)
         out, reason = _collect(proc, t0 + timeout, max_output)
         leftover = kill_session(proc.pid)  # the program's own children, if any got spawned
         rc = proc.wait()

@@ -12,6 +12,7 @@ results format) and <out>_problems.jsonl (per problem: n, correct, pass@k). The 
 """
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -155,7 +156,8 @@ def main():
     t_gen = time.time() - t0
 
     t0 = time.time()
-    records = score(mine, {t: by_task[t] for t in (p["task_id"] for p in mine)}, args.workers, args.timeout)
+    workers = args.workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    records = score(mine, {p["task_id"]: by_task[p["task_id"]] for p in mine}, workers, args.timeout)
     t_exec = time.time() - t0
     if is_ddp:
         gathered = [None] * world_size
@@ -172,10 +174,11 @@ def main():
                 f.writelines(json.dumps(x) + "\n" for x in items)
         log_stage(f"code_eval_{source}", **{args.task: {
             **{f"pass@{k}": v for k, v in means.items() if v is not None},
-            "num_problems": len(problems), "samples_per_problem": sorted({r["n"] for r in rows}), "temperature": args.temperature,
+            "num_problems": len(problems), "samples_per_problem": sorted({r["n"] for r in rows}), "temperature": None if args.samples else args.temperature,
             "generate_seconds": round(t_gen, 1), "execute_seconds": round(t_exec, 1)}})
-        print(f"{args.task} ({source}): {len(problems)} problems, {len(records)} samples; "
-              f"generated in {t_gen:.1f}s, executed in {t_exec:.1f}s on rank 0 ({world_size} ranks)")
+        got = f"read from {args.samples}" if args.samples else f"generated in {t_gen:.1f}s"
+        print(f"{args.task} ({source}): {len(problems)} problems, {len(records)} samples {got}, "
+              f"executed in {t_exec:.1f}s ({world_size} ranks x {workers} workers)")
         print(f"wrote {out}_samples.jsonl and {out}_problems.jsonl")
         for k in reversed(ks):  # pass@1 last
             v = means[k]

@@ -267,3 +267,15 @@ def test_bpb_max_tokens_and_balanced_selection():
     tok.token_bytes = torch.tensor([0] * 12 + [1] * 256)
     sums = bpb_per_language(UniformModel(tok.vocab_size), tok, docs, 2, 8, max_tokens=25, device=torch.device("cpu"))
     assert sums["python"][1] == 30  # documents are added until 25 tokens are reached: 3 x (1 + 10)
+
+
+def test_mbpp_offline_is_a_clear_error(monkeypatch):
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(NanocodeError, match=r"cannot reach huggingface.co to download MBPP .*--mbpp-file"):
+        load_mbpp()
+    with pytest.raises(NanocodeError, match="MBPP file not found"):
+        load_mbpp("/nonexistent/mbpp.jsonl")
