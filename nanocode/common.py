@@ -1,5 +1,6 @@
 """Shared plumbing: base directory, device and dtype choice, DDP init/teardown, rank-0 printing,
 and the one way scripts turn a bad input into a clear message instead of a traceback."""
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -87,3 +88,26 @@ def run_main(main):
         print("interrupted", file=sys.stderr, flush=True)
         compute_cleanup()
         sys.exit(130)
+
+
+# NVTX ranges for nsys: off by default (zero cost), on with base_train --profile.
+_nvtx_enabled = False
+
+
+def set_nvtx(enabled: bool):
+    global _nvtx_enabled
+    _nvtx_enabled = enabled
+
+
+def nvtx_range(name: str):
+    """A context manager marking `name` on the nsys timeline; a no-op unless enabled, and
+    when neither the `nvtx` package nor CUDA is present."""
+    if not _nvtx_enabled:
+        return contextlib.nullcontext()
+    try:
+        import nvtx
+        return nvtx.annotate(name)
+    except ImportError:
+        if torch.cuda.is_available():
+            return torch.cuda.nvtx.range(name)
+        return contextlib.nullcontext()

@@ -1,0 +1,73 @@
+"""Muon for the 2-D block matrices (AdamW, from PyTorch, trains the rest), and the gradient
+all-reduce that data parallelism needs.
+
+Muon: Nesterov momentum, then the update is orthogonalized by Newton-Schulz (kernels.newton_schulz),
+so every direction of the matrix moves by about the same amount; the step is scaled by
+sqrt(max(1, rows/cols)). Same-shape matrices are stacked and orthogonalized in one batched call.
+Under DDP each rank orthogonalizes only its share of each stack and the results are all-gathered,
+so the Newton-Schulz work is split across ranks instead of repeated on each.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+import kernels
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, rank=0, world_size=1):
+        params = list(params)
+        for p in params:
+            if p.ndim != 2:
+                raise ValueError(f"Muon trains 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
+        # One group per shape (in order of first appearance), so each group is one batched Newton-Schulz call.
+        shapes = list(dict.fromkeys(tuple(p.shape) for p in params))
+        groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            grads = torch.stack([p.grad for p in params])
+            state = self.state[params[0]]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grads)
+            buf = state["momentum_buffer"]
+            buf.lerp_(grads, 1 - group["momentum"])
+            update = grads.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
+            update = self._orthogonalize(update, group["ns_steps"])
+            rows, cols = params[0].shape
+            lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
+            for p, u in zip(params, update):
+                p.add_(u.to(p.dtype), alpha=-lr)
+
+    def _orthogonalize(self, update, steps):
+        ns_dtype = torch.bfloat16 if update.is_cuda else torch.float32
+        n, world = update.size(0), self.world_size
+        if world == 1:
+            return kernels.newton_schulz(update, steps=steps, dtype=ns_dtype)
+        # Rank r orthogonalizes matrices [r*per, (r+1)*per) of the stack (zero-padded to world*per);
+        # every rank then holds all results after the all-gather.
+        per = math.ceil(n / world)
+        padded = torch.zeros((per * world, *update.shape[1:]), dtype=update.dtype, device=update.device)
+        padded[:n] = update
+        mine = kernels.newton_schulz(padded[self.rank * per:(self.rank + 1) * per], steps=steps, dtype=ns_dtype)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine.contiguous())
+        return torch.cat(gathered)[:n]
+
+
+def all_reduce_gradients(model, world_size):
+    """Average gradients across ranks (gloo has no AVG, so SUM then divide). Issued asynchronously,
+    all at once, then waited on."""
+    if world_size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
+    for w in works:
+        w.wait()
+    for g in grads:
+        g.div_(world_size)

@@ -1,0 +1,188 @@
+"""The GPT, Muon and checkpoints (issue: foundation). CPU, fp32, PyTorch references."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanocode.checkpoint import load_checkpoint, save_checkpoint
+from nanocode.common import NanocodeError
+from nanocode.gpt import GPT, GPTConfig, build_model
+from nanocode.optim import Muon
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def expected_params(depth, vocab, n_kv_head=None):
+    cfg = GPTConfig.from_depth(depth, vocab, 64, n_kv_head)
+    C, L, hd = cfg.n_embd, cfg.n_layer, cfg.n_embd // cfg.n_head
+    kv = cfg.n_kv_head * hd
+    per_layer = C * C + 2 * C * kv + C * C + 4 * C * C + 4 * C * C  # q, k+v, attn proj, mlp fc, mlp proj
+    return 2 * vocab * C + L * per_layer
+
+
+@pytest.mark.parametrize("depth,n_kv_head", [(1, None), (2, None), (3, None), (4, 1), (12, None), (20, 5)])
+def test_param_count_matches_formula(depth, n_kv_head):
+    vocab = 1000
+    cfg = GPTConfig.from_depth(depth, vocab, 64, n_kv_head)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert cfg.n_embd == 64 * depth
+    assert model.num_params() == expected_params(depth, vocab, n_kv_head)
+    if depth in (12, 20):
+        assert cfg.n_embd // cfg.n_head == 128
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="depth"):
+        GPTConfig.from_depth(0, 100)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPTConfig.from_depth(4, 100, 64, n_kv_head=3)
+
+
+def tiny_model(depth=2, vocab=97, T=32, n_kv_head=None, seed=0):
+    torch.manual_seed(seed)
+    return build_model(GPTConfig.from_depth(depth, vocab, T, n_kv_head), "cpu")
+
+
+def test_forward_shapes_and_softcap():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, 97) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 15.0
+    loss = model(idx, idx)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    per_tok = model(idx, idx, loss_reduction="none")
+    assert per_tok.shape == (3 * 17,)
+    torch.testing.assert_close(per_tok.mean(), loss)
+    # ignored targets (-1) do not count
+    tgt = idx.clone()
+    tgt[:, :5] = -1
+    per_tok = model(idx, tgt, loss_reduction="none")
+    assert (per_tok.view(3, 17)[:, :5] == 0).all()
+
+
+def test_causality():
+    """Changing a later token never changes earlier logits."""
+    model = tiny_model(depth=3)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_proj.weight.normal_(0, 0.1)  # zero-init would hide leaks
+        model.transformer.h[0].mlp.c_proj.weight.normal_(0, 0.1)
+    idx = torch.randint(0, 97, (1, 20))
+    a = model(idx)
+    idx2 = idx.clone()
+    idx2[0, 12] = (idx2[0, 12] + 1) % 97
+    b = model(idx2)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_overfits_one_batch():
+    model = tiny_model(depth=2, vocab=61, T=32)
+    adamw, muon = model.setup_optimizers(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.02)
+    torch.manual_seed(1)
+    x = torch.randint(0, 61, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    first = None
+    for _ in range(150):
+        loss = model(x, y)
+        loss.backward()
+        adamw.step(); muon.step()
+        model.zero_grad(set_to_none=True)
+        first = first if first is not None else loss.item()
+    assert first > 3.5  # ~ln(61) at init
+    assert loss.item() < 0.2, f"did not overfit: {first:.3f} -> {loss.item():.3f}"
+
+
+def test_muon_update_is_orthogonal():
+    """One Muon step from zero momentum moves a matrix by lr * NS(grad): its singular values ~ 1."""
+    for shape in [(64, 48), (48, 64), (96, 96)]:
+        p = torch.nn.Parameter(torch.zeros(shape))
+        p.grad = torch.randn(shape)
+        opt = Muon([p], lr=1.0, momentum=0.0, nesterov=False)
+        opt.step()
+        scale = max(1.0, shape[0] / shape[1]) ** 0.5
+        s = torch.linalg.svdvals(-p.detach() / scale)
+        # The quintic coefficients put singular values in roughly [0.68, 1.13] after 5 steps, except the
+        # few tiniest of the gradient (a random square matrix has one near 0), which grow but lag behind.
+        assert s.max() < 1.2 and torch.quantile(s, 0.05) > 0.6, (shape, s.min().item(), s.max().item())
+        assert (s - 1).abs().mean() < 0.2
+
+
+def test_muon_rejects_non_matrix():
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_checkpoint_roundtrip_and_corruption(tmp_path):
+    model = tiny_model()
+    sd = model.state_dict()
+    save_checkpoint(tmp_path, 5, sd, {"x": torch.arange(3)}, {"model_config": model.config.to_dict()})
+    ms, os_, meta = load_checkpoint(tmp_path, load_optim=True)
+    assert meta["step"] == 5 and torch.equal(os_["x"], torch.arange(3))
+    for k in sd:
+        assert torch.equal(ms[k], sd[k])
+    assert not list(tmp_path.glob(".*tmp*")), "temp files left behind"
+    # truncate the model file: one clear error naming it
+    f = tmp_path / "model_000005.pt"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(NanocodeError, match="model_000005.pt"):
+        load_checkpoint(tmp_path)
+    # same size but garbage bytes
+    f.write_bytes(b"\0" * len(data))
+    with pytest.raises(NanocodeError, match="corrupt.*model_000005.pt"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "meta_000005.json").write_text("{not json")
+    with pytest.raises(NanocodeError, match="meta_000005.json"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(NanocodeError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nothing")
+
+
+DDP_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+from nanocode.gpt import GPTConfig, build_model
+from nanocode.optim import all_reduce_gradients
+torch.manual_seed(0)
+world = int(os.environ.get("WORLD_SIZE", 1)); rank = int(os.environ.get("RANK", 0))
+if world > 1:
+    dist.init_process_group("gloo")
+model = build_model(GPTConfig.from_depth(2, 53, 16), "cpu")
+opts = model.setup_optimizers(rank=rank, world_size=world)
+g = torch.Generator().manual_seed(123)
+data = torch.randint(0, 53, (6, 4, 17), generator=g)  # 6 steps x (2 micro-batches of 2 rows)
+for step in range(3):
+    batch = data[2 * step: 2 * step + 2]              # two micro-batches per step
+    micro = [batch[rank]] if world > 1 else list(batch)
+    for mb in micro:
+        loss = model(mb[:, :-1], mb[:, 1:])
+        (loss / len(micro)).backward()
+    all_reduce_gradients(model, world)
+    for o in opts:
+        o.step()
+    model.zero_grad(set_to_none=True)
+if rank == 0:
+    torch.save(model.state_dict(), sys.argv[1])
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_processes_equal_grad_accumulation(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, str(script), str(one)], env=env, check=True, cwd=REPO, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(script), str(two)], env=env, check=True, cwd=REPO, timeout=300,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    a, b = torch.load(one), torch.load(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.equal(a[k], build_model(GPTConfig.from_depth(2, 53, 16), "cpu").state_dict()[k])
+               for k in a if "c_proj" in k), "parameters did not move"
