@@ -150,7 +150,7 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, max_o
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="nanocode-exec-"))
     t0 = time.monotonic()
     try:
-        with open(os.path.join(scratch, "program.py"), "w", encoding="utf-8") as f:
+        with open(os.path.join(scratch, "program.py"), "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(program)
         env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

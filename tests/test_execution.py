@@ -172,3 +172,11 @@ def test_evaluator_keeps_going(precious):
     assert [r.passed for r in results] == [False, True] * len(bad)
     assert results[0].status == "timed out"
     assert_intact(precious)
+
+
+def test_odd_characters_do_not_break_the_evaluator():
+    """Model output can hold lone surrogates (from JSON), NUL bytes or any Unicode: each is just a sample."""
+    assert run_program('print("h\u00e9llo \u4e16")').stdout == "h\u00e9llo \u4e16\n"
+    assert not run_program("x = 1\x00").passed
+    r = run_program('x = "\ud800"\nprint(len(x))')
+    assert r.passed and r.stdout == "1\n"
