@@ -140,6 +140,8 @@ def create_app(engines, args):
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
+    from nanocode.engine import message_text
+
     app = FastAPI(title="nanocode")
     free = queue.Queue()
     for e in engines:
@@ -215,7 +217,7 @@ def create_app(engines, args):
                     return error(500, ev["message"])
                 if ev["type"] == "done":
                     parts = ev["message"]["content"]
-                    text = "".join(p["text"] for p in parts if p["type"] == "text")
+                    text = message_text(ev["message"])
                     usage = dict(ev["usage"], total_tokens=sum(ev["usage"].values()))
                     return {**head, "object": "chat.completion", "usage": usage, "choices": [{
                         "index": 0, "finish_reason": ev["finish_reason"],
