@@ -1,0 +1,259 @@
+"""Conversation data for SFT and DPO: JSONL loading with validation, the task mixture, and the sources.
+
+A conversation (one JSON object per line):
+    {"messages": [{"role": "system"|"user"|"assistant", "content": str | [part, ...]}, ...]}
+    part: {"type": "text", "text": str}
+        | {"type": "tool_call", "name": str, "arguments": {...}}
+        | {"type": "tool_output", "text": str}
+An optional system message comes first; then user and assistant alternate, starting with the user.
+Tool calls and tool outputs appear only inside assistant messages (the agent calls, the harness answers
+inside the same turn). Extra keys on the conversation (e.g. the synthetic "files") are kept and ignored.
+
+A preference pair (DPO, one JSON object per line), documented in scripts/code_dpo.py:
+    {"prompt": {"messages": [... ending with a user message]}, "chosen": <assistant message>, "rejected": <assistant message>}
+
+Sources: "synth" (always available: $NANOCODE_BASE_DIR/sft/synth_<split>.jsonl from scripts/gen_synth.py),
+a path to any .jsonl file of conversations, and three hub datasets downloaded on first use when online:
+"code_alpaca" (CodeAlpaca-20k), "code_feedback" (Code-Feedback) and "gsm8k" (GSM8K).
+The mixture repeats or subsamples each source by its weight and shuffles with a fixed seed."""
+import json
+import random
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from nanocode.common import NanocodeError, get_base_dir
+
+ROLES = ("system", "user", "assistant")
+PART_TYPES = ("text", "tool_call", "tool_output")
+
+
+# -----------------------------------------------------------------------------
+# validation
+
+def _check_parts(content, where: str, role: str):
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise NanocodeError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+    for j, part in enumerate(content):
+        w = f"{where} part {j}"
+        if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
+            raise NanocodeError(f"{w}: expected an object with type one of {PART_TYPES}, got {str(part)[:80]!r}")
+        kind = part["type"]
+        if kind != "text" and role != "assistant":
+            raise NanocodeError(f"{w}: a {kind} part may only appear in an assistant message, not in a {role} message")
+        if kind in ("text", "tool_output") and not isinstance(part.get("text"), str):
+            raise NanocodeError(f"{w}: a {kind} part needs a string 'text'")
+        if kind == "tool_call":
+            if not isinstance(part.get("name"), str) or not isinstance(part.get("arguments"), dict):
+                raise NanocodeError(f"{w}: a tool_call part needs a string 'name' and an object 'arguments'")
+
+
+def validate_message(msg, where: str, role: str | None = None):
+    if not isinstance(msg, dict) or msg.get("role") not in ROLES or "content" not in msg:
+        raise NanocodeError(f"{where}: expected {{'role': one of {ROLES}, 'content': ...}}, got {str(msg)[:80]!r}")
+    if role is not None and msg["role"] != role:
+        raise NanocodeError(f"{where}: expected a {role} message, got {msg['role']}")
+    _check_parts(msg["content"], where, msg["role"])
+
+
+def validate_conversation(conv, where: str = "conversation", last_role: str | None = "assistant"):
+    """Raise NanocodeError naming `where` and the message if `conv` is not a well-formed conversation.
+    last_role: the role the conversation must end with ("assistant" for SFT, "user" for a DPO prompt, None: any)."""
+    if not isinstance(conv, dict) or not isinstance(conv.get("messages"), list):
+        raise NanocodeError(f"{where}: expected an object with a 'messages' list")
+    msgs = conv["messages"]
+    if not msgs:
+        raise NanocodeError(f"{where}: 'messages' is empty")
+    start = 1 if isinstance(msgs[0], dict) and msgs[0].get("role") == "system" else 0
+    if start == len(msgs):
+        raise NanocodeError(f"{where}: only a system message, no user message")
+    for i, msg in enumerate(msgs):
+        expected = "system" if i < start else ("user" if (i - start) % 2 == 0 else "assistant")
+        validate_message(msg, f"{where} message {i}", expected)
+    if last_role is not None and msgs[-1]["role"] != last_role:
+        raise NanocodeError(f"{where}: must end with a {last_role} message, ends with {msgs[-1]['role']}")
+    return conv
+
+
+def validate_preference(pair, where: str = "pair"):
+    if not isinstance(pair, dict) or not all(k in pair for k in ("prompt", "chosen", "rejected")):
+        raise NanocodeError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
+    validate_conversation(pair["prompt"], f"{where} prompt", last_role="user")
+    validate_message(pair["chosen"], f"{where} chosen", "assistant")
+    validate_message(pair["rejected"], f"{where} rejected", "assistant")
+    return pair
+
+
+def load_jsonl(path, kind: str = "conversation") -> list[dict]:
+    """Read a JSONL file of conversations (kind="conversation") or preference pairs (kind="preference").
+    Any bad line raises NanocodeError with the file and line number. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanocodeError(f"no such JSONL file: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NanocodeError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if kind == "conversation":
+                validate_conversation(obj, where)
+            elif kind == "preference":
+                validate_preference(obj, where)
+            else:
+                raise ValueError(f"kind must be 'conversation' or 'preference', got {kind!r}")
+            out.append(obj)
+    if not out:
+        raise NanocodeError(f"{path} holds no records")
+    return out
+
+
+def write_jsonl(path, records):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# the mixture
+
+def parse_mix(spec: str) -> list[tuple[str, float]]:
+    """"synth=1,gsm8k=0.5,/path/extra.jsonl=2" -> [("synth", 1.0), ("gsm8k", 0.5), ("/path/extra.jsonl", 2.0)]."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, w = item.rpartition("=") if "=" in item else (item, "", "1")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise NanocodeError(f"bad weight {w!r} for source {name!r} in --mix {spec!r} (want name=weight)") from None
+        if weight < 0:
+            raise NanocodeError(f"weight for source {name!r} must be >= 0, got {weight}")
+        out.append((name, weight))
+    if not out:
+        raise NanocodeError(f"--mix {spec!r} names no source")
+    return out
+
+
+def mixture(sources: list[tuple[str, list, float]], seed: int = 0) -> list:
+    """Weight w means each example of the source is used floor(w) times plus a random share w - floor(w)
+    (so 2.0 = two epochs of it, 0.25 = a quarter of it). Deterministic for a seed, then shuffled."""
+    rng = random.Random(seed)
+    out = []
+    for name, items, weight in sources:
+        whole, frac = int(weight), weight - int(weight)
+        out.extend(items * whole)
+        out.extend(rng.sample(items, round(frac * len(items))))
+    rng.shuffle(out)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# sources
+
+HF = "https://huggingface.co/datasets"
+HUB_FILES = {
+    "code_alpaca": f"{HF}/sahil2801/CodeAlpaca-20k/resolve/main/code_alpaca_20k.json",
+    "code_feedback": f"{HF}/m-a-p/Code-Feedback/resolve/main/Code-Feedback.jsonl",
+    "gsm8k_train": f"{HF}/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet",
+    "gsm8k_test": f"{HF}/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet",
+}
+HELD_OUT = 500  # sources with one split keep their last 500 examples for "val"
+
+
+def download(key: str) -> Path:
+    """Fetch a hub file once into $BASE/sft/hub/. Offline -> one clear error with the way around it."""
+    url = HUB_FILES[key]
+    dest = get_base_dir() / "sft" / "hub" / url.rsplit("/", 1)[1]
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        raise NanocodeError(f"could not download {url} ({e}); the Hugging Face hub is unreachable (offline?). "
+                            f"Put the file at {dest} by hand, or leave this source out of --mix (synth works offline)") from None
+    tmp.replace(dest)
+    return dest
+
+
+def _chat(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def _split(items: list, split: str) -> list:
+    return items[:-HELD_OUT] if split == "train" else items[-HELD_OUT:]
+
+
+def load_code_alpaca(split: str) -> list[dict]:
+    rows = json.loads(download("code_alpaca").read_text())
+    convs = [_chat(r["instruction"] + ("\n\n" + r["input"] if r.get("input") else ""), r["output"]) for r in rows]
+    return _split(convs, split)
+
+
+def load_code_feedback(split: str) -> list[dict]:
+    convs = []
+    for line in download("code_feedback").read_text().splitlines():
+        msgs = [{"role": m["role"], "content": m["content"]} for m in json.loads(line)["messages"]]
+        conv = {"messages": msgs}
+        try:  # hub data is messy: keep only the conversations our template can render
+            validate_conversation(conv)
+        except NanocodeError:
+            continue
+        convs.append(conv)
+    return _split(convs, split)
+
+
+def load_gsm8k(split: str) -> list[dict]:
+    """The answer's calculator annotations <<a*b=c>> are dropped; "#### 42" becomes a last sentence."""
+    import pyarrow.parquet as pq
+    table = pq.read_table(download("gsm8k_train" if split == "train" else "gsm8k_test")).to_pylist()
+    convs = []
+    for r in table:
+        steps, _, final = r["answer"].partition("####")
+        steps = re.sub(r"<<[^>]*>>", "", steps).strip()
+        convs.append(_chat(r["question"], f"{steps}\nThe answer is {final.strip()}."))
+    return convs
+
+
+def load_source(name: str, split: str = "train") -> list[dict]:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if name == "synth":
+        path = get_base_dir() / "sft" / f"synth_{split}.jsonl"
+        if not path.exists():
+            raise NanocodeError(f"{path} not found: run `python -m scripts.gen_synth` first")
+        return load_jsonl(path)
+    if name == "code_alpaca":
+        return load_code_alpaca(split)
+    if name == "code_feedback":
+        return load_code_feedback(split)
+    if name == "gsm8k":
+        return load_gsm8k(split)
+    if name.endswith(".jsonl"):
+        return load_jsonl(name)
+    raise NanocodeError(f"unknown source {name!r}: use synth, code_alpaca, code_feedback, gsm8k or a path to a .jsonl file")
+
+
+def load_mixture(spec: str, split: str = "train", seed: int = 0) -> list[dict]:
+    """The SFT task mixture for a --mix spec. Validation data uses each source once (weights ignored)
+    so the held-out numbers do not depend on the training mix."""
+    parsed = parse_mix(spec)
+    if split == "val":
+        parsed = [(n, 1.0) for n, w in parsed if w > 0 and not n.endswith(".jsonl")]
+    return mixture([(n, load_source(n, split), w) for n, w in parsed], seed)
