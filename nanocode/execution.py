@@ -117,6 +117,12 @@ def _session_members(sid: int) -> list[int]:
     return pids
 
 
+def _exited(pid: int) -> bool:
+    """Has the child exited? Asked without reaping it: until proc.wait(), its pid (= the session id we
+    kill by) cannot be reused by an unrelated process."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
 def kill_session(sid: int, rounds: int = 100) -> list[int]:
     """SIGKILL every process in session `sid` until none is left (a forking process may add new ones
     between the scan and the kill, hence the rounds). Returns the pids still alive after all rounds."""
@@ -171,8 +177,11 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, max_o
     if leftover:
         reason = reason or f"failed: could not kill processes {leftover}"
     if reason is None and rc < 0:
-        sig = signal.Signals(-rc)
-        reason = "timed out" if sig == signal.SIGXCPU else f"failed: killed by {sig.name}"
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-rc}"
+        reason = "timed out" if -rc == signal.SIGXCPU else f"failed: killed by {name}"
     if reason is None and rc != 0:
         last = [line for line in stderr.splitlines() if line.strip()]
         reason = "failed: " + (last[-1].strip()[:300] if last else f"exit code {rc}")
@@ -205,7 +214,7 @@ def _collect(proc, deadline: float, max_output: int):
                 buf += chunk[: max_output - len(buf)]
             if reason:
                 break
-            if not exited and proc.poll() is not None:
+            if not exited and _exited(proc.pid):
                 exited = True
                 kill_session(proc.pid)  # the pipes reach EOF once no leftover child holds them
     finally:
