@@ -1,5 +1,6 @@
 """HumanEval / MBPP scoring: the canonical solutions pass, empty completions fail, bad samples files give
 clear errors, pass@k matches its definition, and the base/chat generation paths produce runnable code."""
+import importlib.util
 import json
 import math
 import os
@@ -279,3 +280,69 @@ def test_mbpp_offline_is_a_clear_error(monkeypatch):
         load_mbpp()
     with pytest.raises(NanocodeError, match="MBPP file not found"):
         load_mbpp("/nonexistent/mbpp.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the scripts on a tiny real checkpoint (random weights): they run end to end and report sane numbers
+
+HAVE_TOKENIZER = importlib.util.find_spec("nanocode.tokenizer") is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A base dir with a tiny tokenizer, a random depth-1 base checkpoint, and a 2-shard corpus."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from nanocode.checkpoint import checkpoint_dir, save_checkpoint
+    from nanocode.gpt import GPTConfig, build_model
+    from nanocode.tokenizer import Tokenizer
+    base = tmp_path_factory.mktemp("code_eval_base")
+    texts = [(ROOT / p).read_text() for p in ("nanocode/execution.py", "nanocode/code_tasks.py")]
+    tok = Tokenizer.train(texts, vocab_size=512)
+    tok.save(base / "tokenizer")
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64), "cpu")
+    old = os.environ["NANOCODE_BASE_DIR"]
+    os.environ["NANOCODE_BASE_DIR"] = str(base)
+    try:
+        save_checkpoint(checkpoint_dir("base", "d1"), 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
+    finally:
+        os.environ["NANOCODE_BASE_DIR"] = old
+    (base / "data" / "code").mkdir(parents=True)
+    docs = {"python": texts, "c": ["int main(void) {\n    return 0;\n}\n" * 20], "rust": ["fn main() {\n    println!(\"hi\");\n}\n" * 20]}
+    rows = [(t, lang) for lang, ts in docs.items() for t in ts]
+    for i in range(2):  # shard 0: train, shard 1 (the last): validation
+        pq.write_table(pa.table({"text": [r[0] for r in rows], "lang": [r[1] for r in rows]}),
+                       base / "data" / "code" / f"shard_{i:05d}.parquet")
+    return base
+
+
+def run_in(base, module, *args):
+    env = dict(os.environ, NANOCODE_BASE_DIR=str(base), NANOCODE_KERNELS="torch")
+    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.mark.skipif(not HAVE_TOKENIZER, reason="nanocode.tokenizer not available")
+def test_code_eval_with_tiny_checkpoint(tiny_base):
+    out = run_in(tiny_base, "scripts.code_eval", "-i", "base", "--max-problems", 2, "-n", 2, "-t", 0.8,
+                 "--max-tokens", 8, "--device-type", "cpu")
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("pass@1: ") and 0.0 <= float(last.split()[1]) <= 1.0
+    rows = [json.loads(line) for line in open(tiny_base / "eval" / "code_eval_base_humaneval_samples.jsonl")]
+    assert [r["task_id"] for r in rows] == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2
+    assert all(set(r) == {"task_id", "completion", "passed", "result"} for r in rows)
+    report = json.loads((tiny_base / "report" / "code_eval_base.json").read_text())
+    assert report["humaneval"]["num_problems"] == 2
+
+
+@pytest.mark.skipif(not HAVE_TOKENIZER, reason="nanocode.tokenizer not available")
+def test_base_eval_with_tiny_checkpoint(tiny_base):
+    out = run_in(tiny_base, "scripts.base_eval", "--max-docs", 20, "--sample-tokens", 4, "--device-type", "cpu")
+    report = json.loads((tiny_base / "report" / "base_eval.json").read_text())
+    assert set(report["bpb_per_lang"]) == {"c", "python", "rust"}
+    assert 0 < report["bpb"] < 20 and all(0 < v < 20 for v in report["bpb_per_lang"].values())
+    assert out.strip().splitlines()[-1] == f"bpb: {report['bpb']:.4f}"
+    assert "fill in the middle" in out and len(report["samples"]) == 8
