@@ -225,10 +225,11 @@ def make_step(fn, args, pass_):
 
 def timeit(step, device):
     """Median milliseconds: do_bench on CUDA; a few plain wall-clock runs in the CPU smoke mode."""
+    step()  # compile / autotune first: do_bench sizes its repetitions on its first calls
     if device == "cuda":
         from triton.testing import do_bench
+        torch.cuda.synchronize()
         return do_bench(step, warmup=25, rep=100, return_mode="median")
-    step()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -257,7 +258,7 @@ def run_case(case, device):
     """Time every (pass, impl) of one case; returns rows of the results table."""
     impls = {"triton": case.triton, "eager": case.reference}
     try:
-        impls["compile"] = torch.compile(case.reference)
+        impls["compile"] = torch.compile(case.reference, dynamic=False)  # static shapes, as in training
     except Exception as e:  # noqa: BLE001 (reported, not hidden)
         print(f"  {case.name}: torch.compile failed: {e}")
     args = case.make_inputs()

@@ -61,29 +61,31 @@ else:
 
 
 @triton.jit
-def _load_rows(ptr, r, T, H, sb, st, sh, sd, cols, HALF: tl.constexpr, mask):
+def _row_offsets(r, T, H, sb, st, sh):
+    """Offsets of rows r = (b*T + t)*H + h of a (B, T, H, D) tensor with strides sb, st, sh (the
+    index math in int32, which any real row count fits; the offsets in int64), and t."""
     h = r % H
     t = (r // H) % T
     b = r // (H * T)
-    base = (b * sb + t * st + h * sh)[:, None] + cols[None, :] * sd
-    x1 = tl.load(ptr + base, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + base + HALF * sd, mask=mask, other=0.0).to(tl.float32)
-    return x1, x2
+    return b.to(tl.int64) * sb + t.to(tl.int64) * st + h.to(tl.int64) * sh, t
 
 
 @triton.jit
-def _store_rows(ptr, r, T, H, sb, st, sh, sd, cols, HALF: tl.constexpr, mask, y1, y2):
-    h = r % H
-    t = (r // H) % T
-    b = r // (H * T)
-    base = (b * sb + t * st + h * sh)[:, None] + cols[None, :] * sd
-    tl.store(ptr + base, y1.to(ptr.dtype.element_ty), mask=mask)
-    tl.store(ptr + base + HALF * sd, y2.to(ptr.dtype.element_ty), mask=mask)
+def _load_halves(ptr, off, cols, sd, HALF: tl.constexpr, mask):
+    p = ptr + off[:, None] + cols[None, :] * sd
+    return tl.load(p, mask=mask, other=0.0).to(tl.float32), tl.load(p + HALF * sd, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_cos_sin(cos_ptr, sin_ptr, r, T, H, sct, scd, sst, ssd, cols, mask):
-    t = ((r // H) % T)[:, None]
+def _store_halves(ptr, off, cols, sd, HALF: tl.constexpr, mask, y1, y2):
+    p = ptr + off[:, None] + cols[None, :] * sd
+    tl.store(p, y1.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(p + HALF * sd, y2.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_cos_sin(cos_ptr, sin_ptr, t, sct, scd, sst, ssd, cols, mask):
+    t = t.to(tl.int64)[:, None]
     c = tl.load(cos_ptr + t * sct + cols[None, :] * scd, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + t * sst + cols[None, :] * ssd, mask=mask, other=0.0).to(tl.float32)
     return c, s
@@ -97,15 +99,17 @@ def _rope_qknorm_fwd_kernel(
     sxb, sxt, sxh, sxd, sob, sot, soh, sod, sct, scd, sst, ssd,
     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (r < N)[:, None] & (cols < HALF)[None, :]
-    x1, x2 = _load_rows(x_ptr, r, T, H, sxb, sxt, sxh, sxd, cols, HALF, mask)
-    c, s = _load_cos_sin(cos_ptr, sin_ptr, r, T, H, sct, scd, sst, ssd, cols, mask)
+    x_off, t = _row_offsets(r, T, H, sxb, sxt, sxh)
+    o_off, _ = _row_offsets(r, T, H, sob, sot, soh)
+    x1, x2 = _load_halves(x_ptr, x_off, cols, sxd, HALF, mask)
+    c, s = _load_cos_sin(cos_ptr, sin_ptr, t, sct, scd, sst, ssd, cols, mask)
     y1 = x1 * c + x2 * s
     y2 = x2 * c - x1 * s
     rstd = tl.rsqrt((tl.sum(y1 * y1, axis=1) + tl.sum(y2 * y2, axis=1)) / (2 * HALF) + eps)
-    _store_rows(out_ptr, r, T, H, sob, sot, soh, sod, cols, HALF, mask, y1 * rstd[:, None], y2 * rstd[:, None])
+    _store_halves(out_ptr, o_off, cols, sod, HALF, mask, y1 * rstd[:, None], y2 * rstd[:, None])
 
 
 @triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "HALF"])
@@ -116,12 +120,15 @@ def _rope_qknorm_bwd_kernel(
     sxb, sxt, sxh, sxd, sgb, sgt, sgh, sgd, sdb, sdt, sdh, sdd, sct, scd, sst, ssd,
     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (r < N)[:, None] & (cols < HALF)[None, :]
-    x1, x2 = _load_rows(x_ptr, r, T, H, sxb, sxt, sxh, sxd, cols, HALF, mask)
-    g1, g2 = _load_rows(dout_ptr, r, T, H, sgb, sgt, sgh, sgd, cols, HALF, mask)
-    c, s = _load_cos_sin(cos_ptr, sin_ptr, r, T, H, sct, scd, sst, ssd, cols, mask)
+    x_off, t = _row_offsets(r, T, H, sxb, sxt, sxh)
+    g_off, _ = _row_offsets(r, T, H, sgb, sgt, sgh)
+    d_off, _ = _row_offsets(r, T, H, sdb, sdt, sdh)
+    x1, x2 = _load_halves(x_ptr, x_off, cols, sxd, HALF, mask)
+    g1, g2 = _load_halves(dout_ptr, g_off, cols, sgd, HALF, mask)
+    c, s = _load_cos_sin(cos_ptr, sin_ptr, t, sct, scd, sst, ssd, cols, mask)
     # recompute the forward: rotated y, its rstd, the normalized output o
     y1 = x1 * c + x2 * s
     y2 = x2 * c - x1 * s
@@ -132,7 +139,7 @@ def _rope_qknorm_bwd_kernel(
     dot = (tl.sum(g1 * o1, axis=1) + tl.sum(g2 * o2, axis=1)) / (2 * HALF)
     dy1 = rstd[:, None] * (g1 - o1 * dot[:, None])
     dy2 = rstd[:, None] * (g2 - o2 * dot[:, None])
-    _store_rows(dx_ptr, r, T, H, sdb, sdt, sdh, sdd, cols, HALF, mask, dy1 * c - dy2 * s, dy1 * s + dy2 * c)
+    _store_halves(dx_ptr, d_off, cols, sdd, HALF, mask, dy1 * c - dy2 * s, dy1 * s + dy2 * c)
 
 
 # ---------------------------------------------------------------------------------------------
