@@ -80,7 +80,7 @@ class DataLoader:
     def __next__(self):
         if self._thread is None:
             self._start()
-        item = self._queue.get()
+        item = self._packer.queue.get()
         if isinstance(item, BaseException):
             self.close()
             raise item
@@ -98,7 +98,7 @@ class DataLoader:
                 "tokens_packed": s["tokens_packed"], "tokens_cropped": s["tokens_cropped"],
                 "config": {"B": self.B, "T": self.T, "split": self.split, "name": self.name, "rank": self.rank,
                            "world_size": self.world_size, "seed": self.seed, "fim_rate": self.fim_rate,
-                           "max_doc_chars": self.max_doc_chars}}
+                           "max_doc_chars": self.max_doc_chars, "vocab_size": getattr(self.tokenizer, "vocab_size", None)}}
 
     def load_state_dict(self, sd: dict):
         """Continue exactly where the loader that saved `sd` was (same data, tokenizer and config)."""
@@ -119,42 +119,51 @@ class DataLoader:
             self._finalizer()
             self._thread = None
 
+    def _start(self):
+        self._packer = _Packer(self)
+        self._thread = threading.Thread(target=self._packer.run, args=(dict(self._state),), daemon=True)
+        self._thread.start()
+        # Stop the thread when this loader is collected, and at interpreter exit (killing the thread inside the
+        # tokenizer or the parquet reader would abort the process). The thread holds no reference to the loader.
+        self._finalizer = weakref.finalize(self, _Packer.shutdown, self._packer, self._thread)
+
+
+class _Packer:
+    """The background thread's side: a copy of the loader's settings, the queue of finished batches, a stop flag."""
+
+    def __init__(self, loader: DataLoader):
+        for k in ("tokenizer", "B", "T", "split", "name", "rank", "world_size", "seed", "fim_rate", "buffer_size",
+                  "max_doc_chars", "tokenizer_threads", "tokenizer_batch", "bos"):
+            setattr(self, k, getattr(loader, k))
+        self.pin_memory = loader.device.type == "cuda"
+        self.queue, self.stop = queue.Queue(maxsize=loader.prefetch), threading.Event()
+
     @staticmethod
-    def _shutdown(stop, thread, q):
-        stop.set()
+    def shutdown(packer, thread):
+        packer.stop.set()
         while thread.is_alive():  # unblock a put() on a full queue
             try:
-                q.get(timeout=0.05)
+                packer.queue.get(timeout=0.05)
             except queue.Empty:
                 pass
 
-    def _start(self):
-        self._queue = queue.Queue(maxsize=self.prefetch)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(dict(self._state),), daemon=True)
-        self._thread.start()
-        # stop the thread at interpreter exit too: killing it inside the tokenizer or parquet reader aborts the process
-        self._finalizer = weakref.finalize(self, DataLoader._shutdown, self._stop, self._thread, self._queue)
-
-    # ---- producer side (the background thread)
-
-    def _run(self, state):
+    def run(self, state):
         try:
             with ThreadPoolExecutor(self.tokenizer_threads) as pool:
-                self._produce(state, pool)
+                self.produce(state, pool)
         except BaseException as e:  # hand errors (a corrupt shard, ...) to the consumer
-            self._put(e)
+            self.put(e)
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
+    def put(self, item) -> bool:
+        while not self.stop.is_set():
             try:
-                self._queue.put(item, timeout=0.1)
+                self.queue.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 pass
         return False
 
-    def _documents(self, epoch, shard, row, pool):
+    def documents(self, epoch, shard, row, pool):
         """Endless stream of ((epoch, shard, next_row), [token arrays of the document's chunks])."""
         while True:
             pending, any_rows = [], False
@@ -162,15 +171,15 @@ class DataLoader:
                 any_rows = True
                 pending.append((s, r, text))
                 if len(pending) == self.tokenizer_batch:
-                    yield from self._tokenize(epoch, pending, pool)
+                    yield from self.tokenize(epoch, pending, pool)
                     pending = []
-            yield from self._tokenize(epoch, pending, pool)
+            yield from self.tokenize(epoch, pending, pool)
             if not any_rows and shard == 0 and row == self.rank:
                 raise NanocodeError(f"rank {self.rank} of {self.world_size} gets no documents from the {self.split} split "
                                     f"of corpus {self.name!r}: it has fewer documents than ranks")
             epoch, shard, row = epoch + 1, 0, self.rank
 
-    def _encode(self, texts, pool):
+    def encode(self, texts, pool):
         """Ordinary-token ids of each text. tiktoken releases the GIL while it encodes, so a few threads each
         encoding a share of the texts run in parallel (one task per thread, not per text: less overhead)."""
         encoding = getattr(self.tokenizer, "encoding", None)
@@ -185,8 +194,8 @@ class DataLoader:
             encoded[i::n] = shares[i]
         return encoded
 
-    def _tokenize(self, epoch, docs, pool):
-        """Chunk, FIM and tokenize a batch of documents; one encode_ordinary_batch call for all their text."""
+    def tokenize(self, epoch, docs, pool):
+        """Chunk, FIM and tokenize a batch of documents, encoding all their text pieces in one go."""
         specs, texts = [], []  # specs: per document, per chunk, the pieces with text replaced by its index in texts
         for s, r, text in docs:
             chunks = []
@@ -203,7 +212,7 @@ class DataLoader:
                         spec.append(-1 - p)  # special ids are stored as negative numbers
                 chunks.append(spec)
             specs.append(chunks)
-        encoded = self._encode(texts, pool)
+        encoded = self.encode(texts, pool)
         for (s, r, _), chunks in zip(docs, specs):
             arrays = []
             for spec in chunks:
@@ -216,14 +225,14 @@ class DataLoader:
                 arrays.append(np.array(ids, dtype=np.int32))
             yield (epoch, s, r + self.world_size), arrays
 
-    def _produce(self, state, pool):
+    def produce(self, state, pool):
         B, T = self.B, self.T
-        docs = self._documents(state["epoch"], state["shard"], state["row"], pool)
+        docs = self.documents(state["epoch"], state["shard"], state["row"], pool)
         cursor = (state["epoch"], state["shard"], state["row"])
         buffer = list(state["buffer"])  # token arrays, kept sorted by length
         lengths = [len(d) for d in buffer]
         packed, cropped = state["tokens_packed"], state["tokens_cropped"]
-        while not self._stop.is_set():
+        while not self.stop.is_set():
             rows = np.empty((B, T + 1), dtype=np.int32)
             for b in range(B):
                 pos = 0
@@ -248,10 +257,10 @@ class DataLoader:
                     pos += len(doc)
             packed += B * (T + 1)
             rows = torch.from_numpy(rows)
-            host = torch.empty((2, B, T), dtype=torch.int64, pin_memory=self.device.type == "cuda")
+            host = torch.empty((2, B, T), dtype=torch.int64, pin_memory=self.pin_memory)
             host[0] = rows[:, :-1]
             host[1] = rows[:, 1:]
             new_state = {"epoch": cursor[0], "shard": cursor[1], "row": cursor[2], "buffer": tuple(buffer),
                          "tokens_packed": packed, "tokens_cropped": cropped}
-            if not self._put((host, new_state)):
+            if not self.put((host, new_state)):
                 return

@@ -1,5 +1,6 @@
 """The packing loader: BOS-aligned rows, nothing lost but the counted crops, disjoint ranks, exact resume, FIM only
 on train, errors from the background thread."""
+import gc
 import io
 import re
 
@@ -212,9 +213,21 @@ def test_fim_on_train_only_and_undoable(tok, docs):
 
 def test_errors_reach_the_caller(tok, tmp_path):
     (tmp_path / "data" / "code" / "shard_00001.parquet").write_bytes(b"garbage" * 100)
-    loader = DataLoader(tok, B=2, T=64, buffer_size=60)  # needs more than shard 0 to fill its buffer
+    loader = DataLoader(tok, B=2, T=64, buffer_size=4, tokenizer_batch=8)
     with pytest.raises(NanocodeError, match="shard_00001.parquet"):
-        next(loader)
+        for _ in range(1000):  # the error surfaces when the loader reaches shard 1
+            next(loader)
     few = DataLoader(tok, B=2, T=64, split="val", rank=15, world_size=16)  # the val shard has 10 documents
     with pytest.raises(NanocodeError, match="no documents"):
         next(few)
+
+
+def test_a_dropped_loader_stops_its_thread(tok):
+    loader = DataLoader(tok, B=2, T=64, prefetch=1)
+    next(loader)
+    thread = loader._thread
+    assert thread.is_alive()
+    del loader  # e.g. the validation loader made for one evaluation
+    gc.collect()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
