@@ -81,12 +81,12 @@ def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta,
     rn = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = p_ptr + rm[:, None] * stride_pm + rk[None, :] * stride_pk  # rows rm of P, (BLOCK_M, BLOCK_K)
-    b_ptrs = p_ptr + rn[None, :] * stride_pm + rk[:, None] * stride_pk  # rows rn of P, transposed
+    b_ptrs = p_ptr + rn[:, None] * stride_pm + rk[None, :] * stride_pk  # rows rn of P
     acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k < K), other=0.0)
-        b = tl.load(b_ptrs, mask=(rn[None, :] < M) & (rk[:, None] + k < K), other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        b = tl.load(b_ptrs, mask=(rn[:, None] < M) & (rk[None, :] + k < K), other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_pk
         b_ptrs += BLOCK_K * stride_pk
     acc = acc * alpha
@@ -98,7 +98,8 @@ def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta,
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out, mask=mask)
     if pid_m != pid_n:  # the mirrored tile: out[rn, rm] = out[rm, rn]ᵀ
-        tl.store(out_ptr + rn[None, :] * stride_om + rm[:, None] * stride_on, out, mask=mask)
+        tl.store(out_ptr + rn[:, None] * stride_om + rm[None, :] * stride_on, tl.trans(out),
+                 mask=(rn[:, None] < M) & (rm[None, :] < M))
 
 
 def _launch_sym_matmul(P, out, alpha=1.0, add=None, beta=0.0):
