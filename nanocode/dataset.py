@@ -288,8 +288,12 @@ def download(url: str, dest: Path, retries: int = 5, backoff: float = 2.0, timeo
         headers = {"User-Agent": "nanocode", **({"Range": f"bytes={have}-"} if have else {})}
         try:
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
-                if have and r.status == 206:  # the server resumes where we stopped
-                    total, mode = int(r.headers["Content-Range"].rsplit("/", 1)[1]), "ab"
+                if r.status == 206:  # the server resumes where we stopped
+                    content_range = r.headers.get("Content-Range", "")
+                    if not content_range.startswith(f"bytes {have}-"):
+                        part.unlink(missing_ok=True)
+                        raise OSError(f"asked for bytes {have}- but got range {content_range!r}")
+                    total, mode = int(content_range.rsplit("/", 1)[1]), "ab"
                 else:  # fresh download (or the server ignored the range)
                     total, mode = int(r.headers.get("Content-Length", -1)), "wb"
                 with open(part, mode) as f:
