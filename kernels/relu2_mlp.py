@@ -19,7 +19,7 @@ for L2 reuse, masks on every edge so any M, N, K works, fp32 accumulation), auto
 
 Floor (compute-bound): FLOPs = 4*M*C*H forward (two matmuls), 12*M*C*H forward+backward (six).
 Bytes moved by this implementation, e bytes per element: forward (2MC + 2CH + 2MH) * e,
-backward about (3MC + 4CH + 5MH) * e; at ~600 FLOP per byte that is well above an H100's
+backward (4MC + 4CH + 5MH) * e; at ~600 FLOP per byte that is well above an H100's
 ridge point (~300), so FLOP/s is the honest measure.
 Worked number, depth 12 (M = 65,536 tokens, C = 768, H = 3072): 4MCH = 0.618 TFLOP forward,
 1.855 TFLOP forward+backward (~2.5 ms at 750 TFLOP/s). Depth 20 (C = 1280, H = 5120):

@@ -10,7 +10,8 @@ token: D numbers) is loaded once, rotated and normalized in registers, and store
               dy = rstd * (dout - out * mean(dout * out)),
               dx = [dy1*cos - dy2*sin, dy1*sin + dy2*cos]            (the rotation transposed)
 
-Nothing but the inputs is saved for the backward. Inputs may be strided views (q and k sliced
+Nothing but the inputs is saved for the backward (saving the outputs and rstd instead would
+move the same bytes, but recomputing from the exact inputs keeps bf16 gradients sharper). Inputs may be strided views (q and k sliced
 from a fused projection, transposed layouts): the kernels index with the tensors' own strides,
 so no copy is made. Outputs and gradients are new contiguous tensors.
 
@@ -19,8 +20,8 @@ N = B*T*(Hq+Hk)*D elements of q and k together, and cos/sin (T, D/2) each read o
     forward:          bytes = 2*N*e (read x, write out)           + T*D*e
     forward+backward: bytes = 5*N*e (+ read x, dout, write dx)    + 2*T*D*e
 Worked number, depth 12 (B=32, T=2048, Hq=Hk=6, D=128, bf16): N = 100.7M elements,
-forward 403 MB, forward+backward 1.007 GB, i.e. ~0.34 ms at 3 TB/s. Depth 20 (10 + 10 heads):
-671 MB and 1.678 GB.
+forward 403 MB, forward+backward 1.008 GB, i.e. ~0.34 ms at 3 TB/s. Depth 20 (10 + 10 heads):
+672 MB and 1.679 GB.
 """
 import os
 
