@@ -121,8 +121,8 @@ def test_build_local_filters_dedups_and_is_deterministic(tmp_path, monkeypatch, 
 class FlakyServer(http.server.ThreadingHTTPServer):
     """Serves files from a dict; the first GET of each file in `fail_once` stops after half of its bytes."""
 
-    def __init__(self, files, fail_once=()):
-        self.files, self.fail_once, self.requests = files, set(fail_once), []
+    def __init__(self, files, fail_once=(), ranges=True):
+        self.files, self.fail_once, self.ranges, self.requests = files, set(fail_once), ranges, []
         super().__init__(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -143,7 +143,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if data is None:
             self.send_error(404)
             return
-        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") and self.server.ranges else 0
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -162,8 +162,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def server():
     servers = []
 
-    def start(files, fail_once=()):
-        servers.append(FlakyServer(files, fail_once))
+    def start(files, fail_once=(), ranges=True):
+        servers.append(FlakyServer(files, fail_once, ranges))
         return servers[-1]
     yield start
     for s in servers:
@@ -179,6 +179,13 @@ def test_download_resumes_after_a_failure_mid_file(tmp_path, server):
     assert not (tmp_path / "f.bin.part").exists()
     assert srv.requests == [("/f.bin", None), ("/f.bin", f"bytes={len(blob) // 2}-")]  # the retry asked for the rest only
     assert dataset.download(f"{srv.base_url}/f.bin", dest) == dest and len(srv.requests) == 2  # already there: no request
+
+
+def test_download_restarts_when_the_server_ignores_ranges(tmp_path, server):
+    blob = bytes(range(256)) * 1000
+    srv = server({"/f.bin": blob}, fail_once={"/f.bin"}, ranges=False)
+    assert dataset.download(f"{srv.base_url}/f.bin", tmp_path / "f.bin", backoff=0).read_bytes() == blob
+    assert len(srv.requests) == 2
 
 
 def test_download_gives_up_with_a_clear_error(tmp_path, server):
