@@ -29,7 +29,10 @@ U = {torch.float32: 128 * 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16:
 def triton_path(monkeypatch):
     monkeypatch.setenv("NANOCODE_KERNELS", "triton")
     monkeypatch.setattr(mlp, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 bounds assume IEEE fp32 matmuls
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 bounds assume IEEE fp32 matmuls
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def make_inputs(lead, C, H, dtype, strided):
