@@ -1,7 +1,237 @@
-use pyo3::prelude::*;
+//! rustbpe: a byte-level BPE trainer (GPT-4 style splitting) for Python, with the same interface as
+//! the PyPI `rustbpe` package. Train here, then hand `get_mergeable_ranks()` to tiktoken for fast
+//! inference.
+//!
+//! Where the time goes, and what this crate does about it:
+//! - splitting text into chunks: a hand-written scanner for the GPT-4 pattern (split.rs) instead of
+//!   a backtracking regex, run on all cores with the GIL released;
+//! - counting chunks: one hash table per thread with the chunk bytes in an arena (train.rs);
+//! - merging: incremental pair counts with a lazily refreshed heap, words edited in place (train.rs).
 
-/// Placeholder until the tokenizer issue lands: the crate compiles and imports.
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use rustc_hash::FxHashMap;
+
+mod encode;
+mod split;
+mod train;
+
+pub use split::{Splitter, DEFAULT_PATTERN, GPT4_PATTERN};
+pub use train::{train_merges, ChunkCounts, Pair};
+
+/// Number of worker threads: every core this process may use.
+fn num_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Split every document of `docs` and count its chunks into `counters` (one per thread).
+/// Threads take documents one at a time from a shared index, so one long document cannot leave
+/// the others idle for the whole buffer.
+fn count_chunks(splitter: &Splitter, docs: &[&str], counters: &mut [ChunkCounts]) -> Result<(), String> {
+    let next_doc = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = counters
+            .iter_mut()
+            .map(|counter| {
+                let next_doc = &next_doc;
+                scope.spawn(move || -> Result<(), String> {
+                    loop {
+                        let i = next_doc.fetch_add(1, Ordering::Relaxed);
+                        let Some(doc) = docs.get(i) else { return Ok(()) };
+                        splitter.for_each(doc, |chunk| counter.add(chunk.as_bytes(), 1))?;
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().expect("counting thread panicked"))
+    })
+}
+
+/// A byte-level BPE tokenizer: 256 byte tokens, then one token per merge.
+#[pyclass(module = "rustbpe")]
+pub struct Tokenizer {
+    /// merges[i] is the pair merged into token 256 + i.
+    merges: Vec<Pair>,
+    /// pair -> the token it merges into (its rank, for encoding).
+    ranks: FxHashMap<Pair, u32>,
+    pattern: String,
+    splitter: Splitter,
+}
+
+impl Tokenizer {
+    /// The bytes of every token, indexed by id.
+    fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let mut table: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        for &(a, b) in &self.merges {
+            let merged = [table[a as usize].as_slice(), table[b as usize].as_slice()].concat();
+            table.push(merged);
+        }
+        table
+    }
+
+    fn encode_str(&self, text: &str) -> Result<Vec<u32>, String> {
+        let mut out = Vec::with_capacity(text.len() / 3);
+        self.splitter.for_each(text, |chunk| encode::encode_chunk(&self.ranks, chunk.as_bytes(), &mut out))?;
+        Ok(out)
+    }
+}
+
+#[pymethods]
+impl Tokenizer {
+    #[new]
+    fn new() -> Self {
+        Tokenizer {
+            merges: Vec::new(),
+            ranks: FxHashMap::default(),
+            pattern: DEFAULT_PATTERN.to_string(),
+            splitter: Splitter::new(DEFAULT_PATTERN).expect("the default pattern compiles"),
+        }
+    }
+
+    /// Train on an iterator of str: `vocab_size` = 256 + number of merges. Documents are pulled
+    /// `buffer_size` at a time under the GIL, then split and counted on all cores without it.
+    /// `pattern` defaults to GPT-4's split pattern with `\p{N}{1,2}`.
+    #[pyo3(signature = (iterator, vocab_size, buffer_size=8192, pattern=None))]
+    fn train_from_iterator(
+        &mut self,
+        py: Python<'_>,
+        iterator: &Bound<'_, PyAny>,
+        vocab_size: i64,
+        buffer_size: usize,
+        pattern: Option<String>,
+    ) -> PyResult<()> {
+        if !(256..=u32::MAX as i64).contains(&vocab_size) {
+            return Err(PyValueError::new_err(format!("vocab_size must be at least 256 (the byte tokens), got {vocab_size}")));
+        }
+        if buffer_size == 0 {
+            return Err(PyValueError::new_err("buffer_size must be at least 1"));
+        }
+        let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
+        let splitter = Splitter::new(&pattern).map_err(PyValueError::new_err)?;
+        let mut iter = iterator.try_iter().map_err(|_| {
+            PyTypeError::new_err(format!("train_from_iterator needs an iterable of str, got {}", type_name(iterator)))
+        })?;
+
+        log("training starts".to_string());
+        let mut counters: Vec<ChunkCounts> = (0..num_threads()).map(|_| ChunkCounts::default()).collect();
+        // The buffer holds the Python str objects themselves: their UTF-8 bytes are read in place
+        // (str is immutable and the buffer keeps each one alive), so no document is ever copied.
+        let mut buffer: Vec<Bound<'_, PyString>> = Vec::with_capacity(buffer_size);
+        let mut seen = 0usize;
+        let mut exhausted = false;
+        while !exhausted {
+            buffer.clear();
+            while buffer.len() < buffer_size {
+                let Some(item) = iter.next() else {
+                    exhausted = true;
+                    break;
+                };
+                let item = item?;
+                let Ok(text) = item.cast_into::<PyString>() else {
+                    return Err(PyTypeError::new_err(format!("train_from_iterator needs str items, but item {seen} is not a str")));
+                };
+                buffer.push(text);
+                seen += 1;
+            }
+            let docs: Vec<&str> = buffer
+                .iter()
+                .map(|t| t.to_str().map_err(|e| PyValueError::new_err(format!("a document is not valid text: {e}"))))
+                .collect::<PyResult<_>>()?;
+            py.detach(|| count_chunks(&splitter, &docs, &mut counters)).map_err(PyValueError::new_err)?;
+        }
+        drop(buffer);
+        log(format!("{seen} documents split and counted"));
+
+        let merges = py.detach(|| {
+            let mut counters = counters.into_iter();
+            let mut chunks = counters.next().unwrap_or_default();
+            for other in counters {
+                chunks.absorb(other);
+            }
+            log(format!("{seen} documents, {} distinct chunks", chunks.len()));
+            train_merges(chunks, (vocab_size - 256) as u32)
+        });
+        self.ranks = merges.iter().enumerate().map(|(i, &pair)| (pair, 256 + i as u32)).collect();
+        self.merges = merges;
+        self.pattern = pattern;
+        self.splitter = splitter;
+        Ok(())
+    }
+
+    /// The split pattern (the default one until training sets another).
+    fn get_pattern(&self) -> String {
+        self.pattern.clone()
+    }
+
+    /// [(token bytes, rank)] for ranks 0..vocab_size-1: the 256 single bytes, then the merges in order.
+    fn get_mergeable_ranks<'py>(&self, py: Python<'py>) -> Vec<(Bound<'py, PyBytes>, u32)> {
+        self.token_bytes().iter().enumerate().map(|(i, b)| (PyBytes::new(py, b), i as u32)).collect()
+    }
+
+    /// Token ids of `text`: split with the pattern, then merge by rank (identical to tiktoken).
+    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
+        py.detach(|| self.encode_str(text)).map_err(PyValueError::new_err)
+    }
+
+    /// Encode many texts on all cores.
+    fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
+        py.detach(|| {
+            let chunk = texts.len().div_ceil(num_threads()).max(1);
+            std::thread::scope(|scope| {
+                let parts: Vec<_> = texts
+                    .chunks(chunk)
+                    .map(|part| scope.spawn(move || part.iter().map(|t| self.encode_str(t)).collect::<Result<Vec<_>, _>>()))
+                    .collect();
+                let mut out: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
+                for part in parts {
+                    out.extend(part.join().expect("encoding thread panicked")?);
+                }
+                Ok::<_, String>(out)
+            })
+        })
+        .map_err(PyValueError::new_err)
+    }
+
+    /// Text of token ids; byte sequences that are not valid UTF-8 become U+FFFD.
+    fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
+        let table = self.token_bytes();
+        let mut bytes = Vec::new();
+        for id in ids {
+            let Some(b) = table.get(id as usize) else {
+                return Err(PyValueError::new_err(format!("token id {id} is out of range (vocab_size {})", table.len())));
+            };
+            bytes.extend_from_slice(b);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// 256 + number of merges.
+    #[getter]
+    fn vocab_size(&self) -> u32 {
+        256 + self.merges.len() as u32
+    }
+}
+
+/// Progress lines on stderr when RUSTBPE_LOG is set (seconds since the first line).
+pub fn log(msg: String) {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    if std::env::var_os("RUSTBPE_LOG").is_some() {
+        let t = START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64();
+        eprintln!("rustbpe [{t:7.2}s] {msg}");
+    }
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map_or_else(|_| "?".to_string(), |n| n.to_string())
+}
+
 #[pymodule]
-fn rustbpe(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Tokenizer>()?;
+    m.add("DEFAULT_PATTERN", DEFAULT_PATTERN)?;
+    m.add("GPT4_PATTERN", GPT4_PATTERN)?;
     Ok(())
 }

@@ -1,0 +1,292 @@
+//! BPE training in two phases.
+//!
+//! 1. Counting: every document is split into chunks and each distinct chunk is counted once
+//!    (`ChunkCounts`). Memory grows with the number of distinct chunks, not with the corpus.
+//! 2. Merging (`train_merges`): repeatedly merge the most frequent adjacent pair (ties: the
+//!    smallest pair) inside the distinct chunks, each weighted by its count. Counts are updated
+//!    incrementally: a merge only touches the chunks listed for that pair, and the neighbours of
+//!    every merged occurrence. A max-heap holds (count, pair); entries go stale when a count drops
+//!    and are refreshed lazily when popped, which is exact because counts of existing pairs only
+//!    ever decrease (new occurrences only appear in pairs containing the token just created).
+
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+
+pub type Pair = (u32, u32);
+
+/// Distinct chunks and their counts. The chunk bytes live in one arena; the hash table stores
+/// (offset, length, count), 24 bytes per distinct chunk, instead of one heap allocation each.
+#[derive(Default)]
+pub struct ChunkCounts {
+    bytes: Vec<u8>,
+    table: HashTable<(usize, u32, u64)>,
+}
+
+impl ChunkCounts {
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    #[inline]
+    pub fn add(&mut self, chunk: &[u8], count: u64) {
+        let hash = FxBuildHasher.hash_one(chunk);
+        let bytes = &self.bytes;
+        let found = self.table.find_mut(hash, |&(start, len, _)| &bytes[start..start + len as usize] == chunk);
+        if let Some(entry) = found {
+            entry.2 += count;
+            return;
+        }
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(chunk);
+        let bytes = &self.bytes;
+        self.table.insert_unique(hash, (start, chunk.len() as u32, count), |&(s, l, _)| {
+            FxBuildHasher.hash_one(&bytes[s..s + l as usize])
+        });
+    }
+
+    /// Fold `other` into `self`, freeing `other`.
+    pub fn absorb(&mut self, other: ChunkCounts) {
+        for (start, len, count) in other.table.into_iter() {
+            self.add(&other.bytes[start..start + len as usize], count);
+        }
+    }
+
+    /// (chunk bytes, count) for every distinct chunk, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], u64)> {
+        self.table.iter().map(|&(start, len, count)| (&self.bytes[start..start + len as usize], count))
+    }
+}
+
+/// What the merge loop keeps per pair: its total count over all chunks, and the chunks it may
+/// occur in (a superset: entries are never removed, and a chunk may appear more than once).
+#[derive(Default)]
+struct PairStat {
+    count: i64,
+    words: Vec<u32>,
+}
+
+/// All distinct chunks of length >= 2 as token ids, concatenated; word `w` is
+/// `ids[start[w] .. start[w] + len[w]]` and shrinks in place as merges apply.
+struct Words {
+    ids: Vec<u32>,
+    start: Vec<usize>,
+    len: Vec<u32>,
+    count: Vec<i64>,
+}
+
+#[inline(always)]
+fn key(a: u32, b: u32) -> u64 {
+    ((a as u64) << 32) | b as u64
+}
+
+/// Train `num_merges` merges on the counted chunks. Returns the merged pairs in order: merge i
+/// creates token 256 + i. Stops early when no pair occurs any more.
+pub fn train_merges(chunks: ChunkCounts, num_merges: u32) -> Vec<Pair> {
+    // Chunks of one byte hold no pair and can never take part in a merge: drop them.
+    let mut words = Words { ids: Vec::new(), start: Vec::new(), len: Vec::new(), count: Vec::new() };
+    for (chunk, count) in chunks.iter().filter(|(c, _)| c.len() >= 2) {
+        words.start.push(words.ids.len());
+        words.len.push(chunk.len() as u32);
+        words.count.push(count as i64);
+        words.ids.extend(chunk.iter().map(|&b| b as u32));
+    }
+    drop(chunks);
+
+    // Initial pair counts, and for every pair the words it occurs in (each word listed once).
+    let mut stats: FxHashMap<u64, PairStat> = FxHashMap::default();
+    for w in 0..words.len.len() {
+        let ids = &words.ids[words.start[w]..words.start[w] + words.len[w] as usize];
+        for p in ids.windows(2) {
+            let stat = stats.entry(key(p[0], p[1])).or_default();
+            stat.count += words.count[w];
+            if stat.words.last() != Some(&(w as u32)) {
+                stat.words.push(w as u32);
+            }
+        }
+    }
+
+    crate::log(format!("{} words of 2+ bytes, {} distinct pairs", words.len.len(), stats.len()));
+    // Max-heap on count, ties to the smallest pair: (count, Reverse(pair key)).
+    let mut heap: BinaryHeap<(i64, Reverse<u64>)> = stats.iter().map(|(&k, s)| (s.count, Reverse(k))).collect();
+
+    let mut merges = Vec::with_capacity(num_merges as usize);
+    let mut new_pairs: Vec<u64> = Vec::new();
+    while merges.len() < num_merges as usize {
+        let Some((count, Reverse(k))) = heap.pop() else { break };
+        let current = stats.get(&k).map_or(0, |s| s.count);
+        if count != current {
+            if current > 0 {
+                heap.push((current, Reverse(k)));
+            }
+            continue;
+        }
+        if count <= 0 {
+            break;
+        }
+        let (a, b) = ((k >> 32) as u32, k as u32);
+        let new_id = 256 + merges.len() as u32;
+        merges.push((a, b));
+
+        // Apply the merge to every word that may hold the pair, left to right, non-overlapping,
+        // and update the counts of the pairs around each merged occurrence.
+        let pair_words = std::mem::take(&mut stats.get_mut(&k).unwrap().words);
+        new_pairs.clear();
+        for &w in &pair_words {
+            let cnt = words.count[w as usize];
+            let start = words.start[w as usize];
+            let n = words.len[w as usize] as usize;
+            let ids = &mut words.ids[start..start + n];
+            let mut update = |a: u32, b: u32, delta: i64| {
+                let stat = match stats.entry(key(a, b)) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => {
+                        new_pairs.push(key(a, b));
+                        e.insert(PairStat::default())
+                    }
+                };
+                stat.count += delta;
+                if delta > 0 && stat.words.last() != Some(&w) {
+                    stat.words.push(w);
+                }
+            };
+            let (mut read, mut write) = (0, 0);
+            while read < n {
+                if read + 1 < n && ids[read] == a && ids[read + 1] == b {
+                    if write > 0 {
+                        let x = ids[write - 1];
+                        update(x, a, -cnt);
+                        update(x, new_id, cnt);
+                    }
+                    if read + 2 < n {
+                        let y = ids[read + 2];
+                        update(b, y, -cnt);
+                        update(new_id, y, cnt);
+                    }
+                    ids[write] = new_id;
+                    read += 2;
+                } else {
+                    ids[write] = ids[read];
+                    read += 1;
+                }
+                write += 1;
+            }
+            words.len[w as usize] = write as u32;
+        }
+        // Every occurrence of (a, b) is gone now: drop the pair (its count was not kept up to date).
+        stats.remove(&k);
+        // Only pairs holding new_id are new; every other pair's count went down or stayed.
+        for &p in &new_pairs {
+            let c = stats[&p].count;
+            if c > 0 {
+                heap.push((c, Reverse(p)));
+            }
+        }
+    }
+    crate::log(format!("{} merges done", merges.len()));
+    merges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(texts: &[(&str, u64)]) -> ChunkCounts {
+        let mut c = ChunkCounts::default();
+        for &(t, n) in texts {
+            c.add(t.as_bytes(), n);
+        }
+        c
+    }
+
+    /// The textbook algorithm: recount every pair after every merge.
+    fn slow_merges(texts: &[(&str, u64)], num_merges: u32) -> Vec<Pair> {
+        let mut words: Vec<(Vec<u32>, i64)> = texts.iter().map(|&(t, n)| (t.bytes().map(u32::from).collect(), n as i64)).collect();
+        let mut merges = Vec::new();
+        for i in 0..num_merges {
+            let mut pc: std::collections::BTreeMap<Pair, i64> = Default::default();
+            for (ids, n) in &words {
+                for p in ids.windows(2) {
+                    *pc.entry((p[0], p[1])).or_default() += n;
+                }
+            }
+            // Max count, ties to the smallest pair (BTreeMap iterates smallest first; keep the first max).
+            let Some((&best, _)) = pc.iter().fold(None, |acc: Option<(&Pair, &i64)>, kv| match acc {
+                Some(a) if a.1 >= kv.1 => Some(a),
+                _ => Some(kv),
+            }) else { break };
+            merges.push(best);
+            for (ids, _) in words.iter_mut() {
+                let mut out = Vec::new();
+                let mut j = 0;
+                while j < ids.len() {
+                    if j + 1 < ids.len() && (ids[j], ids[j + 1]) == best {
+                        out.push(256 + i);
+                        j += 2;
+                    } else {
+                        out.push(ids[j]);
+                        j += 1;
+                    }
+                }
+                *ids = out;
+            }
+        }
+        merges
+    }
+
+    #[test]
+    fn chunk_counts_dedupe() {
+        let c = counts(&[("ab", 1), ("cd", 2), ("ab", 3)]);
+        assert_eq!(c.len(), 2);
+        let mut all: Vec<_> = c.iter().map(|(b, n)| (b.to_vec(), n)).collect();
+        all.sort();
+        assert_eq!(all, vec![(b"ab".to_vec(), 4), (b"cd".to_vec(), 2)]);
+    }
+
+    #[test]
+    fn tie_break_is_smallest_pair() {
+        // "hello" and " hello" twice-ish: (e,l) (h,e) (l,l) (l,o) all tie at 2; (e,l) is smallest.
+        let m = train_merges(counts(&[("hello", 1), (" world", 1), (" hello", 1)]), 4);
+        assert_eq!(m, vec![(101, 108), (104, 256), (108, 111), (257, 258)]);
+    }
+
+    #[test]
+    fn repeated_tokens_merge_left_to_right() {
+        let data = [("aaaaa", 3), ("aaa", 2), ("abab", 5), ("ba", 1)];
+        assert_eq!(train_merges(counts(&data), 10), slow_merges(&data, 10));
+    }
+
+    #[test]
+    fn matches_slow_reference_on_pseudo_random_words() {
+        let mut state = 12345u64;
+        let mut texts = Vec::new();
+        for _ in 0..300 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let len = 1 + (state >> 60) as usize;
+            let word: String = (0..len).map(|i| b"abcab "[((state >> (4 * i)) % 6) as usize] as char).collect();
+            texts.push((word, 1 + (state >> 40) % 7));
+        }
+        let data: Vec<(&str, u64)> = texts.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+        let mut c = ChunkCounts::default();
+        for &(t, n) in &data {
+            c.add(t.as_bytes(), n);
+        }
+        assert_eq!(train_merges(c, 60), slow_merges(&data, 60));
+    }
+
+    #[test]
+    fn stops_when_nothing_left_to_merge() {
+        let m = train_merges(counts(&[("ab", 1)]), 100);
+        assert_eq!(m, vec![(97, 98)]);
+    }
+
+    #[test]
+    fn counts_beyond_32_bits() {
+        let m = train_merges(counts(&[("ab", 5_000_000_000), ("cd", 4_000_000_000), ("cd", 2_000_000_000)]), 2);
+        assert_eq!(m, vec![(99, 100), (97, 98)]);
+    }
+}
