@@ -5,7 +5,7 @@
     python -m nanocode.report --gpu-hour-cost 2.5      # price of one GPU-hour for the cost column
 
 Wall times come from runs/speedrun.sh's done-markers ($NANOCODE_BASE_DIR/speedrun/<stage>.done, one
-JSON object each: seconds, nproc, device). A stage that never logged anything is shown as missing.
+JSON object each: seconds, gpus, device). A stage that never logged anything is shown as missing.
 """
 import argparse
 import datetime
@@ -66,7 +66,7 @@ def load_stages(base: Path) -> dict:
 
 
 def load_timings(base: Path) -> dict:
-    """speedrun stage -> {"seconds", "nproc", "device", ...} from the done-markers."""
+    """speedrun stage -> {"seconds", "gpus", "device", ...} from the done-markers."""
     out = {}
     for p in sorted((base / "speedrun").glob("*.done")):
         d = read_json(p)
@@ -201,7 +201,7 @@ def scalar_rows(d, prefix=""):
     """Flatten a stage's JSON to (key, value) rows of scalars; long lists (curves, samples) are skipped."""
     rows = []
     for k, v in d.items():
-        if k in ("curves", "samples"):
+        if k in ("curves", "samples", "transcript"):
             continue
         if isinstance(v, dict):
             rows += scalar_rows(v, f"{prefix}{k}.")
@@ -351,18 +351,18 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     lines += ["## Wall time and cost", ""]
     if timings:
         total_s = sum(t["seconds"] for t in timings.values())
-        gpu_h = sum(t["seconds"] * t.get("nproc", 1) / 3600 for t in timings.values() if t.get("device") == "cuda")
-        lines += ["| stage | wall time | processes | device | GPU-hours |", "|---|---|---|---|---|"]
+        gpu_hours = {name: t["seconds"] * t.get("gpus", 0) / 3600 for name, t in timings.items()}
+        lines += ["| stage | wall time | device | GPUs | GPU-hours |", "|---|---|---|---|---|"]
         for name, t in timings.items():
-            gh = t["seconds"] * t.get("nproc", 1) / 3600 if t.get("device") == "cuda" else None
-            lines.append(f"| {name} | {fmt_seconds(t['seconds'])} | {t.get('nproc', 1)} | {t.get('device', '?')} | "
-                         f"{fmt(gh, 3) if gh is not None else '-'} |")
-        lines.append(f"| **total** | **{fmt_seconds(total_s)}** | | | {fmt(gpu_h, 3) if gpu_h else '-'} |")
+            lines.append(f"| {name} | {fmt_seconds(t['seconds'])} | {t.get('device', '?')} | {t.get('gpus', 0)} | "
+                         f"{fmt(gpu_hours[name], 3) if gpu_hours[name] else '-'} |")
+        total_gh = sum(gpu_hours.values())
+        lines.append(f"| **total** | **{fmt_seconds(total_s)}** | | | {fmt(total_gh, 3) if total_gh else '-'} |")
         lines.append("")
-        if gpu_h:
-            lines.append(f"Estimated cost: {gpu_h:.2f} GPU-hours x ${gpu_hour_cost:.2f}/GPU-hour = "
-                         f"**${gpu_h * gpu_hour_cost:.2f}** (every stage is charged for all the GPUs of the run's "
-                         f"node while it runs, idle ones included).")
+        if total_gh:
+            lines.append(f"Estimated cost: {total_gh:.2f} GPU-hours x ${gpu_hour_cost:.2f}/GPU-hour = "
+                         f"**${total_gh * gpu_hour_cost:.2f}** (a stage is charged for every GPU of the run "
+                         f"while it runs, idle ones included).")
         else:
             lines.append("CPU run: no GPU cost.")
     else:
@@ -389,6 +389,8 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
         rows = scalar_rows(d)
         lines += [f"### {stem}", "", "| key | value |", "|---|---|"]
         lines += [f"| {k} | {str(v).replace('|', '/').replace(chr(10), ' ')} |" for k, v in rows] + [""]
+        if isinstance(d.get("transcript"), str):
+            lines += ["~~~~", d["transcript"].rstrip().replace("~~~~", "~ ~ ~ ~"), "~~~~", ""]
 
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

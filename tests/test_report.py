@@ -12,9 +12,9 @@ def base(tmp_path, monkeypatch):
     return tmp_path
 
 
-def done_marker(base, stage, seconds, nproc=1, device="cpu"):
+def done_marker(base, stage, seconds, gpus=0, device="cpu"):
     (base / "speedrun").mkdir(exist_ok=True)
-    (base / "speedrun" / f"{stage}.done").write_text(json.dumps({"seconds": seconds, "nproc": nproc, "device": device}))
+    (base / "speedrun" / f"{stage}.done").write_text(json.dumps({"seconds": seconds, "gpus": gpus, "device": device}))
 
 
 def log_pipeline(base):
@@ -29,6 +29,7 @@ def log_pipeline(base):
               curves={"loss": [[1, 0.69], [2, 0.6]], "val": [[0, {"reward_accuracy": 0.5, "margin": 0.0}],
                                                             [2, {"reward_accuracy": 0.7, "margin": 0.3}]]})
     log_stage("code_eval_dpo", humaneval={"pass@1": 0.0125, "num_problems": 8})
+    log_stage("agent_demo", prompt="run main.py", transcript="assistant: ```bash\nls\n```\nmain.py")
 
 
 def test_log_stage_merges(base):
@@ -52,19 +53,19 @@ def test_full_report_has_every_stage_numbers_and_plots(base):
         assert f"]({png})" in text
         assert (base / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     # stages that logged nothing are listed as missing; optional evals are left out
-    assert "| Data | missing |" in text and "| Agent demo | missing |" in text
+    assert "| Data | missing |" in text and "| Agent demo | done |" in text and "~~~~\nassistant: ```bash" in text
     assert "Code eval (base)" not in text
 
 
 def test_empty_base_dir_reports_everything_missing(base):
     text = build_report(base).read_text()
-    assert text.count("| missing |") == 9
+    assert text.count("| missing |") == 9  # the 11 stages but the optional evals
     assert "pass@k: missing" in text and "No stage timings" in text
 
 
 def test_gpu_cost(base):
-    done_marker(base, "base_train", 3600, nproc=8, device="cuda")
-    done_marker(base, "dataset", 1800, nproc=1, device="cpu")  # CPU stages cost nothing
+    done_marker(base, "base_train", 3600, gpus=8, device="cuda")
+    done_marker(base, "dataset", 1800)  # CPU stages cost nothing
     text = build_report(base, gpu_hour_cost=2.5).read_text()
     assert "8 GPU-hours x $2.50/GPU-hour = **$20.00**" in text.replace("8.00 GPU", "8 GPU")
 

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The whole pipeline, from nothing to a report card:
+#   data -> tokenizer -> pretraining (FIM) -> base eval -> synthetic SFT/DPO data -> SFT -> DPO
+#   -> HumanEval -> one agent demo -> $NANOCODE_BASE_DIR/report/report.md
+#
+#   bash runs/speedrun.sh                        # GPUs: torchrun on all of them, depth 20; CPU: a tiny run
+#   DEPTH=12 bash runs/speedrun.sh               # a smaller model
+#   DATA_FILES=0 bash runs/speedrun.sh           # offline corpus (code installed on this machine) on GPUs too
+#   NANOCODE_BASE_DIR=/tmp/nc bash runs/speedrun.sh   # artifacts elsewhere (default ~/.cache/nanocode)
+#
+# On GPUs: torchrun --nproc_per_node=<GPUs>, depth 20, pretraining data downloaded from the hub
+# (DATA_FILES parquet files). On a CPU: depth 4, vocab 4096, sequences of 256 tokens, the offline
+# corpus, a few hundred steps per stage, HumanEval on a few problems: every stage runs, none of it is
+# meant to produce a useful model (about 25 minutes on 2 cores).
+#
+# Idempotent: each finished stage writes $NANOCODE_BASE_DIR/speedrun/<stage>.done (its wall time, as
+# JSON) and a rerun skips it; delete the marker to redo a stage. A failed stage stops the run and names
+# its log ($NANOCODE_BASE_DIR/speedrun/logs/<stage>.log; every stage's output is tee'd there).
+#
+# Overrides (environment): DEPTH, DATA_FILES (hub parquet files; 0 = offline), DATA_MB (offline corpus
+# size), VOCAB_SIZE, SEQ_LEN, NUM_ITERATIONS (pretraining steps; default from the tokens:params ratio),
+# NPROC (processes/GPUs; 0 = CPU), GPU_HOUR_COST (dollars, for the report), SKIP_SETUP=1 (use the
+# current environment instead of runs/setup_env.sh), PYTHON (interpreter), TORCHRUN.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${SKIP_SETUP:-0}" != 1 ]; then
+    SETUP_START=$(date +%s)
+    source runs/setup_env.sh
+    SETUP_SECONDS=$(( $(date +%s) - SETUP_START ))
+fi
+PYTHON=${PYTHON:-python}
+TORCHRUN=${TORCHRUN:-torchrun}
+export NANOCODE_BASE_DIR=${NANOCODE_BASE_DIR:-$HOME/.cache/nanocode}
+BASE=$NANOCODE_BASE_DIR
+RUN_DIR=$BASE/speedrun
+LOGS=$RUN_DIR/logs
+mkdir -p "$LOGS"
+
+# ---- configuration: GPUs or CPU
+NPROC=${NPROC:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
+if [ "$NPROC" -gt 0 ]; then
+    DEVICE=cuda
+    LAUNCH=("$TORCHRUN" --standalone --nproc_per_node="$NPROC")
+    DEPTH=${DEPTH:-20}
+    DATA_FILES=${DATA_FILES:-40}
+    DATA_MB=${DATA_MB:-500}
+    VOCAB_SIZE=${VOCAB_SIZE:-32768}
+    SEQ_LEN=${SEQ_LEN:-2048}
+    TRAIN_ARGS=(--device-batch-size 32 --total-batch-size 524288)
+    [ -n "${NUM_ITERATIONS:-}" ] && TRAIN_ARGS+=(--num-iterations "$NUM_ITERATIONS")
+    BASE_EVAL_ARGS=()
+    SYNTH_ARGS=()
+    SFT_ARGS=()
+    DPO_ARGS=()
+    CODE_EVAL_ARGS=(-a humaneval)
+    EVAL_SOURCES=(base sft dpo)
+    DEMO_TOKENS=512
+else
+    DEVICE=cpu
+    LAUNCH=("$PYTHON")
+    DEPTH=${DEPTH:-4}
+    DATA_FILES=${DATA_FILES:-0}
+    DATA_MB=${DATA_MB:-40}
+    VOCAB_SIZE=${VOCAB_SIZE:-4096}
+    SEQ_LEN=${SEQ_LEN:-256}
+    TRAIN_ARGS=(--device-batch-size 8 --total-batch-size 4096 --num-iterations "${NUM_ITERATIONS:-300}"
+                --eval-every 100 --eval-tokens 32768 --sample-every -1)
+    BASE_EVAL_ARGS=(--max-docs 64 --max-tokens 32768 --sample-tokens 32)
+    SYNTH_ARGS=(--num-train 400 --num-val 40 --max-docs 4000)
+    SFT_ARGS=(--batch-size 8 --steps 60 --eval-every -1 --eval-convs 16 --eval-prompts 8 --gen-tokens 64)
+    DPO_ARGS=(--batch-size 4 --steps 30 --eval-every -1)
+    CODE_EVAL_ARGS=(-a humaneval --max-problems 16 --max-tokens 128)
+    EVAL_SOURCES=(dpo)
+    DEMO_TOKENS=128
+fi
+echo "speedrun: $DEVICE x $([ "$DEVICE" = cuda ] && echo "$NPROC GPUs" || echo "$(nproc) cores"), depth $DEPTH, " \
+     "vocab $VOCAB_SIZE, seq len $SEQ_LEN, data $([ "$DATA_FILES" -gt 0 ] && echo "$DATA_FILES hub files" || echo "offline ${DATA_MB}MB")," \
+     "artifacts in $BASE"
+
+# ---- stage runner: skip when done, tee to the log, stop with the log's name on failure, record wall time
+stage() {
+    local name=$1; shift
+    if [ -f "$RUN_DIR/$name.done" ]; then
+        echo "== $name: already done, skipping (delete $RUN_DIR/$name.done to rerun it)"
+        return 0
+    fi
+    echo "== $name: $*"
+    local start; start=$(date +%s)
+    if ! "$@" 2>&1 | tee "$LOGS/$name.log"; then
+        echo "speedrun: stage '$name' failed; its log is $LOGS/$name.log" >&2
+        exit 1
+    fi
+    local gpus=0; [ "$DEVICE" = cuda ] && gpus=$NPROC
+    printf '{"seconds": %d, "gpus": %d, "device": "%s", "finished": "%s"}\n' \
+        $(( $(date +%s) - start )) "$gpus" "$DEVICE" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$RUN_DIR/$name.done"
+}
+
+if [ -n "${SETUP_SECONDS:-}" ] && [ ! -f "$RUN_DIR/setup.done" ]; then
+    printf '{"seconds": %d, "gpus": 0, "device": "%s"}\n' "$SETUP_SECONDS" "$DEVICE" > "$RUN_DIR/setup.done"
+fi
+
+# ---- the pipeline (a stage made of several commands returns at its first failure: `set -e` does
+# not apply inside a function that runs as an `if` condition, as stage() runs it)
+data_stage() {
+    if [ "$DATA_FILES" -gt 0 ]; then
+        "$PYTHON" -m nanocode.dataset -n "$DATA_FILES" || return 1
+    else
+        "$PYTHON" -m nanocode.dataset --local --max-mb "$DATA_MB" || return 1
+    fi
+    "$PYTHON" - <<'EOF'
+import pyarrow.parquet as pq
+from nanocode.dataset import list_shards
+from nanocode.report import log_stage
+shards = list_shards()
+rows = [pq.ParquetFile(s).metadata.num_rows for s in shards]
+log_stage("dataset", shards=len(shards), train_docs=sum(rows[:-1]), val_docs=rows[-1],
+          parquet_mb=round(sum(s.stat().st_size for s in shards) / 2 ** 20, 1))
+EOF
+}
+stage dataset data_stage
+
+tokenizer_stage() {
+    "$PYTHON" -m scripts.tok_train --vocab-size "$VOCAB_SIZE" || return 1
+    "$PYTHON" -m scripts.tok_eval
+}
+stage tokenizer tokenizer_stage
+
+stage base_train "${LAUNCH[@]}" -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ_LEN" --fim-rate 0.5 \
+    "${TRAIN_ARGS[@]}"
+stage base_eval "${LAUNCH[@]}" -m scripts.base_eval "${BASE_EVAL_ARGS[@]}"
+stage synth "$PYTHON" -m scripts.gen_synth "${SYNTH_ARGS[@]}"
+stage sft "${LAUNCH[@]}" -m scripts.code_sft "${SFT_ARGS[@]}"
+stage dpo "${LAUNCH[@]}" -m scripts.code_dpo "${DPO_ARGS[@]}"
+for source in "${EVAL_SOURCES[@]}"; do
+    stage "code_eval_$source" "${LAUNCH[@]}" -m scripts.code_eval -i "$source" "${CODE_EVAL_ARGS[@]}"
+done
+
+agent_demo() {
+    # A scratch project for the agent to work in; every tool call auto-approved (--yes).
+    local work=$RUN_DIR/agent_workdir
+    rm -rf "$work" && mkdir -p "$work"
+    printf 'def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n' > "$work/main.py"
+    local prompt="Run main.py with python and tell me what it prints."
+    "$PYTHON" -m scripts.code_cli -i dpo -p "$prompt" --yes --workdir "$work" --max-tokens "$DEMO_TOKENS" \
+        | tee "$RUN_DIR/agent_demo.txt" || return 1
+    PROMPT=$prompt "$PYTHON" - "$RUN_DIR/agent_demo.txt" <<'EOF'
+import os, sys
+from nanocode.report import log_stage
+log_stage("agent_demo", prompt=os.environ["PROMPT"], transcript=open(sys.argv[1]).read()[-4000:])
+EOF
+}
+stage agent_demo agent_demo
+
+"$PYTHON" -m nanocode.report --gpu-hour-cost "${GPU_HOUR_COST:-3.0}" 2>&1 | tee "$LOGS/report.log"
+echo "speedrun: done; the report card is $BASE/report/report.md"
