@@ -228,9 +228,20 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map_or_else(|_| "?".to_string(), |n| n.to_string())
 }
 
+/// The chunks `text` is cut into before merging (default pattern: GPT-4's with `\p{N}{1,2}`).
+/// Not in the PyPI package: it exists so tests can compare the split with Python's `regex`.
+#[pyfunction]
+#[pyo3(signature = (text, pattern=None))]
+fn split_text(text: &str, pattern: Option<&str>) -> PyResult<Vec<String>> {
+    let splitter = Splitter::new(pattern.unwrap_or(DEFAULT_PATTERN)).map_err(PyValueError::new_err)?;
+    let chunks = splitter.split(text).map_err(PyValueError::new_err)?;
+    Ok(chunks.into_iter().map(str::to_string).collect())
+}
+
 #[pymodule]
 fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
+    m.add_function(wrap_pyfunction!(split_text, m)?)?;
     m.add("DEFAULT_PATTERN", DEFAULT_PATTERN)?;
     m.add("GPT4_PATTERN", GPT4_PATTERN)?;
     Ok(())
