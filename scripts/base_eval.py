@@ -12,6 +12,7 @@ the tokenizer, so models with different vocabularies compare.
 """
 import argparse
 import math
+import sys
 from collections import defaultdict
 
 import torch
@@ -148,7 +149,7 @@ def main():
         raise NanocodeError(f"no validation text to evaluate in corpus {args.data!r}")
     overall = bpb(total_nats, total_bytes)
     per_lang = {lang: bpb(s[0], s[1]) for lang, s in sorted(sums.items())}
-    print0(f"{args.source} model ({meta.get('step', '?')} steps), {len(docs) * world_size} documents at most, context {seq_len}")
+    print0(f"{args.source} model, step {meta.get('step', '?')}: {len(docs)} validation documents per rank x {world_size} ranks, context {seq_len}")
     print0(f"{'language':<12} {'tokens':>10} {'bytes':>12} {'bytes/tok':>9} {'bpb':>7}")
     for lang, (nats, nbytes, ntok) in sorted(sums.items()):
         print0(f"{lang:<12} {ntok:>10,} {nbytes:>12,} {nbytes / max(ntok, 1):>9.2f} {bpb(nats, nbytes):>7.4f}")
@@ -158,6 +159,7 @@ def main():
     if rank == 0 and args.sample_tokens > 0:
         from nanocode.engine import Engine
         engine = Engine(model, tokenizer)
+        on, off = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")  # the model's part in bold
 
         def complete(ids):
             ids = ids[-(seq_len - args.sample_tokens):] if len(ids) >= seq_len - args.sample_tokens else ids
@@ -166,11 +168,11 @@ def main():
         for prompt in CODE_PROMPTS:
             out = complete([tokenizer.bos_id] + tokenizer.encode(prompt))
             samples.append({"prompt": prompt, "completion": out})
-            print(f"\n--- completion ---\n{prompt}\033[1m{out}\033[0m")
+            print(f"\n--- completion ---\n{prompt}{on}{out}{off}")
         for prefix, suffix in FIM_EXAMPLES:
             out = complete(encode_fim(tokenizer, prefix, suffix))
             samples.append({"prefix": prefix, "suffix": suffix, "middle": out})
-            print(f"\n--- fill in the middle ---\n{prefix}\033[1m{out}\033[0m{suffix}")
+            print(f"\n--- fill in the middle ---\n{prefix}{on}{out}{off}{suffix}")
     if rank == 0:
         log_stage("base_eval", bpb=overall, bpb_per_lang=per_lang, samples=samples,
                   source=args.source, step=meta.get("step"))

@@ -346,3 +346,19 @@ def test_base_eval_with_tiny_checkpoint(tiny_base):
     assert 0 < report["bpb"] < 20 and all(0 < v < 20 for v in report["bpb_per_lang"].values())
     assert out.strip().splitlines()[-1] == f"bpb: {report['bpb']:.4f}"
     assert "fill in the middle" in out and len(report["samples"]) == 8
+
+
+def test_bpb_per_language_agrees_with_loss_eval():
+    """Summed over languages, the per-language numbers equal nanocode.loss_eval.evaluate_bpb on the same batches."""
+    from nanocode.gpt import GPTConfig, build_model
+    from nanocode.loss_eval import evaluate_bpb
+    from scripts.base_eval import bpb, bpb_per_language, token_batches
+    tok = ByteTokenizer()
+    tok.token_bytes = torch.tensor([0] * 12 + [1] * 256)
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64), "cpu")
+    model.eval()
+    sums = bpb_per_language(model, tok, DOCS, 2, 16, 10**9, torch.device("cpu"))
+    ours = bpb(sum(s[0] for s in sums.values()), sum(s[1] for s in sums.values()))
+    batches = [(x, y) for x, y, _ in token_batches(DOCS, tok, 2, 16, 10**9, [])]
+    assert ours == pytest.approx(evaluate_bpb(model, batches, tok.token_bytes), rel=1e-6)
