@@ -1,0 +1,131 @@
+"""The distributed paths with 2 gloo processes on the CPU (torch.distributed.run --standalone), each
+against the same computation in one process:
+- Muon's sharded Newton-Schulz (each rank orthogonalizes its share of a stack, then all-gather);
+- evaluate_bpb's all-reduce (2 ranks on half the batches each == 1 rank on all of them);
+- code_eval's problem sharding and gather (2 ranks == 1 rank, same per-sample results, same order).
+DDP gradients (2 processes == 1 process with 2x accumulation) are in test_model.py; disjoint
+dataloader shards in test_dataloader.py.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def torchrun(script_or_args, tmp_path, nproc=2):
+    """Run a script (str: its source) or a module (list: args) under 2 gloo processes; returns stdout."""
+    if isinstance(script_or_args, str):
+        path = tmp_path / "script.py"
+        path.write_text(script_or_args)
+        args = [str(path), str(tmp_path)]
+    else:
+        args = script_or_args
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        *args], env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
+    assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+MUON_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+from nanocode.optim import Muon
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+
+def make():
+    # 3 matrices of one shape (odd: the stack is zero-padded to 4 for 2 ranks), 1 tall, 2 wide
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 24)] * 3 + [(40, 8)] + [(8, 40)] * 2
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    return params, grads
+
+def train(world_size):
+    params, grads = make()
+    opt = Muon(params, lr=0.05, rank=rank if world_size > 1 else 0, world_size=world_size)
+    for step_grads in grads:                       # 3 steps: momentum state matters too
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach() for p in params]
+
+sharded, single = train(world), train(1)
+start = make()[0]
+for a, b, p0 in zip(sharded, single, start):
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(a, p0.detach()), "parameter did not move"
+# both ranks hold the full result
+out = [None] * world
+dist.all_gather_object(out, [t.sum().item() for t in sharded])
+assert out[0] == out[1]
+if rank == 0:
+    print("MUON_OK", len(sharded))
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_newton_schulz_equals_single_process(tmp_path):
+    assert "MUON_OK 6" in torchrun(MUON_SCRIPT, tmp_path)
+
+
+BPB_SCRIPT = r"""
+import json, sys, torch, torch.distributed as dist
+from nanocode.gpt import GPTConfig, build_model
+from nanocode.loss_eval import evaluate_bpb
+torch.manual_seed(0)
+V = 61
+model = build_model(GPTConfig.from_depth(2, V, 16), "cpu")
+torch.nn.init.normal_(model.lm_head.weight, std=0.1)          # a model with a non-uniform prediction
+g = torch.Generator().manual_seed(1)
+token_bytes = torch.randint(1, 5, (V,), generator=g)
+token_bytes[:3] = 0                                             # special tokens count no bytes
+batches = []
+for i in range(4):
+    x = torch.randint(0, V, (3, 16), generator=g)
+    y = torch.randint(0, V, (3, 16), generator=g)
+    y[0, :5] = -1                                               # ignored targets
+    batches.append((x, y))
+single = evaluate_bpb(model, batches, token_bytes)              # before the process group exists
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+sharded = evaluate_bpb(model, batches[rank::world], token_bytes)
+mine_only = None
+if rank == 0:
+    dist.destroy_process_group()
+    mine_only = evaluate_bpb(model, batches[0::2], token_bytes)
+    print("BPB", json.dumps([single, sharded, mine_only]))
+else:
+    dist.destroy_process_group()
+"""
+
+
+def test_sharded_bpb_equals_single_process(tmp_path):
+    line = next(l for l in torchrun(BPB_SCRIPT, tmp_path).splitlines() if l.startswith("BPB "))
+    single, sharded, rank0_alone = json.loads(line[4:])
+    assert sharded == pytest.approx(single, rel=1e-9)
+    assert rank0_alone != pytest.approx(single, rel=1e-6)  # the all-reduce mattered: half the data differs
+
+
+def test_code_eval_sharding_equals_single_process(tmp_path):
+    """Score the same samples (every 3rd problem's canonical solution, an empty body for the others) with
+    1 and 2 processes: identical per-sample results, in the problems' order, and the same pass@1."""
+    from nanocode.code_tasks import load_humaneval
+    problems = load_humaneval()[:7]
+    records = [{"task_id": p["task_id"], "completion": p["canonical_solution"] if i % 3 == 0 else "    pass\n"}
+               for i, p in enumerate(problems)]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in records))
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"res{nproc}"
+        stdout = torchrun(["-m", "scripts.code_eval", "--samples", str(samples), "--max-problems", "7",
+                           "--workers", "1", "--out", str(out)], tmp_path, nproc=nproc)
+        assert stdout.strip().splitlines()[-1] == "pass@1: 0.4286"  # 3 of 7
+        outs[nproc] = [(r["task_id"], r["passed"]) for r in map(json.loads, open(f"{out}_samples.jsonl"))]
+    assert outs[1] == outs[2] == [(p["task_id"], i % 3 == 0) for i, p in enumerate(problems)]
