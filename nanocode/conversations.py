@@ -23,6 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import torch
+
 from nanocode.common import NanocodeError, get_base_dir
 
 ROLES = ("system", "user", "assistant")
@@ -124,6 +126,22 @@ def write_jsonl(path, records):
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def pad_batch(rows, pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (B, T) and targets (B, T) from rendered rows [(ids, mask), ...]: the target is the next
+    token where its mask is 1 (an assistant token) and -1 (ignored by the loss) elsewhere. One
+    conversation per row, padded at the end with pad_id (targets -1), so with causal attention no
+    conversation ever sees another and padding changes nothing before it."""
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+        n = len(ids) - 1
+        x[i, :n] = ids_t[:-1]
+        y[i, :n] = torch.where(mask_t[1:], ids_t[1:], -1)
+    return x.to(device), y.to(device)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""Direct preference optimization of the SFT checkpoint on preference pairs.
+
+    python -m scripts.code_dpo --model-tag d12                 # sft d12 -> dpo d12, synthetic pairs
+    python -m scripts.code_dpo --train my_pairs.jsonl --val my_val.jsonl --loss ipo --beta 0.1
+
+Preference pairs (JSONL, one object per line; extra keys are ignored):
+    {"prompt":   {"messages": [..., {"role": "user", "content": ...}]},   # a conversation ending with a user turn
+     "chosen":   {"role": "assistant", "content": str | [parts]},       # the better next assistant message
+     "rejected": {"role": "assistant", "content": str | [parts]}}       # the worse one
+Parts are those of any conversation (text, tool_call, tool_output; see nanocode/conversations.py).
+Default files: $NANOCODE_BASE_DIR/sft/dpo_{train,val}.jsonl from scripts/gen_synth.py, whose rejected
+sides carry one flaw each: a malformed tool call, an edit whose old_string is not unique, a claim no tool
+output backs, or SOUL.md's style broken.
+
+The log-probability of a side is the sum over its assistant tokens (the mask of render_conversation, past
+the prompt; tool outputs are not the model's and do not count). The reference model is the SFT
+checkpoint itself, frozen: its log-probs for every pair are computed once, before the first update, so no
+second model is kept in memory. Losses, with h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)):
+    sigmoid (DPO, Rafailov et al. 2023):  -log sigmoid(beta * h)
+    ipo     (Azar et al. 2023):           (h' - 1 / (2 beta))^2, h' the same with per-token average log-probs
+Rewards are beta * (log pi - log ref) of each side; reward accuracy = share of pairs whose chosen reward
+is strictly higher (so at step 0, where policy = reference and every reward is 0, it is 0).
+"""
+import argparse
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nanocode.checkpoint import checkpoint_dir, load_model, save_checkpoint
+from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from nanocode.conversations import load_jsonl, pad_batch
+from nanocode.optim import all_reduce_gradients
+from nanocode.report import log_stage
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="DPO on preference pairs against the frozen SFT checkpoint")
+    p.add_argument("--model-tag", type=str, default=None, help="sft checkpoint tag (default: the latest)")
+    p.add_argument("--model-step", type=int, default=None)
+    p.add_argument("--train", type=str, default="", help="pairs JSONL (default $BASE/sft/dpo_train.jsonl)")
+    p.add_argument("--val", type=str, default="", help="held-out pairs JSONL (default $BASE/sft/dpo_val.jsonl)")
+    p.add_argument("--loss", type=str, default="sigmoid", choices=["sigmoid", "ipo"])
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--max-seq-len", type=int, default=0, help="tokens per side (default: the model's sequence_len)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step, all ranks")
+    p.add_argument("--num-epochs", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=-1, help="optimizer steps (-1: from --num-epochs)")
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--init-lr-frac", type=float, default=0.02, help="learning rates start at this fraction of the above")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evals (-1: start and end only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-type", type=str, default="")
+    return p.parse_args(argv)
+
+
+def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str = "sigmoid", nc=None, nr=None):
+    """Per-pair losses and the two rewards. pc/pr: policy log-probs of chosen/rejected (summed over
+    their tokens), rc/rr: the reference's; nc/nr: token counts (needed by ipo)."""
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * ((pc - rc) - (pr - rr)))
+    elif loss_type == "ipo":
+        losses = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss_type!r}: use sigmoid or ipo")
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def render_side(tokenizer, prompt: dict, message: dict, max_len: int):
+    """(ids, mask) of prompt + message, the mask kept only on the message's own assistant tokens."""
+    prompt_ids = list(tokenizer.render_for_completion(prompt))
+    ids, mask = tokenizer.render_conversation({"messages": prompt["messages"] + [message]}, max_tokens=max_len + 1)
+    ids, mask = list(ids)[:max_len + 1], list(mask)[:max_len + 1]
+    n = len(prompt_ids)
+    if ids[:n] != prompt_ids[:len(ids)]:
+        raise NanocodeError("render_for_completion(prompt) is not a prefix of render_conversation(prompt + reply)")
+    return ids, [0] * min(n, len(mask)) + mask[n:]
+
+
+def render_pairs(tokenizer, pairs, max_len: int):
+    """[(chosen row, rejected row)] for pairs where both sides keep at least one token after the cut and
+    still differ (two long sides cut to the same prefix carry no preference)."""
+    out = []
+    for p in pairs:
+        c, r = render_side(tokenizer, p["prompt"], p["chosen"], max_len), render_side(tokenizer, p["prompt"], p["rejected"], max_len)
+        if sum(c[1][1:]) and sum(r[1][1:]) and c != r:
+            out.append((c, r))
+    return out
+
+
+def side_logps(model, rows, pad_id: int, device, amp):
+    """Summed log-prob of each row's masked tokens, and the token counts."""
+    x, y = pad_batch(rows, pad_id, device)
+    with amp:
+        nll = model(x, y, loss_reduction="none").float().view(x.shape)
+    return -nll.sum(1), (y != -1).sum(1).float()
+
+
+def pair_logps(model, pairs, pad_id, device, amp):
+    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+    logp, n = side_logps(model, rows, pad_id, device, amp)
+    k = len(pairs)
+    return logp[:k], logp[k:], n[:k], n[k:]
+
+
+@torch.no_grad()
+def reference_logps(model, pairs, batch_size, pad_id, device, amp):
+    out = [pair_logps(model, pairs[i:i + batch_size], pad_id, device, amp)[:2] for i in range(0, len(pairs), batch_size)]
+    return torch.cat([c for c, _ in out]), torch.cat([r for _, r in out])
+
+
+@torch.no_grad()
+def evaluate(model, pairs, ref_c, ref_r, args, pad_id, device, amp) -> dict:
+    losses, cr, rr_, pref = [], [], [], []
+    for i in range(0, len(pairs), args.batch_size):
+        pc, pr, nc, nr = pair_logps(model, pairs[i:i + args.batch_size], pad_id, device, amp)
+        l, c, r = dpo_loss(pc, pr, ref_c[i:i + len(pc)], ref_r[i:i + len(pc)], args.beta, args.loss, nc, nr)
+        losses.append(l), cr.append(c), rr_.append(r), pref.append(pc / nc > pr / nr)
+    losses, cr, rr_, pref = torch.cat(losses), torch.cat(cr), torch.cat(rr_), torch.cat(pref)
+    return {"loss": losses.mean().item(), "reward_accuracy": (cr > rr_).float().mean().item(),
+            "ties": (cr == rr_).float().mean().item(), "margin": (cr - rr_).mean().item(),
+            "chosen_reward": cr.mean().item(), "rejected_reward": rr_.mean().item(),
+            "logp_accuracy": pref.float().mean().item(), "pairs": len(pairs)}
+
+
+def fmt(m: dict) -> str:
+    return (f"loss {m['loss']:.4f} | reward accuracy {m['reward_accuracy']:.3f} (ties {m['ties']:.2f}) | "
+            f"margin {m['margin']:+.4f} | chosen {m['chosen_reward']:+.4f} rejected {m['rejected_reward']:+.4f} | "
+            f"policy prefers chosen per token {m['logp_accuracy']:.3f}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    torch.manual_seed(args.seed)
+    amp = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    if args.beta <= 0:
+        raise NanocodeError(f"--beta must be > 0, got {args.beta}")
+
+    model, tokenizer, sft_meta = load_model("sft", device, tag=args.model_tag, step=args.model_step)
+    config = model.config
+    T = args.max_seq_len or config.sequence_len
+    tag = args.model_tag or f"d{config.n_layer}"
+    pad_id = tokenizer.bos_id
+    sft_dir = get_base_dir() / "sft"
+    train = render_pairs(tokenizer, load_jsonl(args.train or sft_dir / "dpo_train.jsonl", kind="preference"), T)
+    val = render_pairs(tokenizer, load_jsonl(args.val or sft_dir / "dpo_val.jsonl", kind="preference"), T)
+    if not train or not val:
+        raise NanocodeError(f"no usable pairs ({len(train)} train, {len(val)} val) after cutting to {T} tokens")
+    if args.batch_size % world_size:
+        raise NanocodeError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
+    steps_per_epoch = max(1, len(train) // args.batch_size)
+    num_steps = args.steps if args.steps > 0 else max(1, round(args.num_epochs * steps_per_epoch))
+    print0(f"model: sft {tag}, {model.num_params():,} parameters | {len(train)} train pairs, {len(val)} held-out | "
+           f"{args.loss} loss, beta {args.beta} | {num_steps} steps of {args.batch_size} pairs")
+
+    # the reference: the SFT model's log-probs, once, before any update
+    model.eval()
+    t0 = time.time()
+    ref_train = reference_logps(model, train, args.batch_size, pad_id, device, amp)
+    ref_val = reference_logps(model, val, args.batch_size, pad_id, device, amp)
+    print0(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
+
+    optimizers = model.setup_optimizers(args.matrix_lr, args.embedding_lr, args.unembedding_lr, 0.0,
+                                        rank=rank, world_size=world_size)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["lr"] * args.init_lr_frac
+
+    g = torch.Generator().manual_seed(args.seed)
+    order, pos = torch.randperm(len(train), generator=g).tolist(), 0
+    curves = {"loss": [], "reward_accuracy": [], "margin": [], "val": []}
+    before = None
+    for step in range(num_steps + 1):
+        last = step == num_steps
+        if rank == 0 and (step == 0 or last or (args.eval_every > 0 and step % args.eval_every == 0)):
+            model.eval()
+            m = evaluate(model, val, *ref_val, args, pad_id, device, amp)
+            model.train()
+            before = before or m
+            curves["val"].append((step, m))
+            print0(f"step {step:05d} | held-out {fmt(m)}")
+        if is_ddp:
+            torch.distributed.barrier()
+        if last:
+            break
+        if pos + args.batch_size > len(order):
+            order, pos = torch.randperm(len(train), generator=g).tolist(), 0
+        idx = order[pos:pos + args.batch_size][rank::world_size]
+        pos += args.batch_size
+        t0 = time.time()
+        model.train()
+        pc, pr, nc, nr = pair_logps(model, [train[i] for i in idx], pad_id, device, amp)
+        losses, cr, rr = dpo_loss(pc, pr, ref_train[0][idx], ref_train[1][idx], args.beta, args.loss, nc, nr)
+        loss = losses.mean()
+        loss.backward()
+        all_reduce_gradients(model, world_size)
+        lrm = 1.0 - step / num_steps
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        acc, margin = (cr > rr).float().mean().item(), (cr - rr).mean().item()
+        curves["loss"].append((step + 1, loss.item()))
+        curves["reward_accuracy"].append((step + 1, acc))
+        curves["margin"].append((step + 1, margin))
+        tokens = (nc.sum() + nr.sum()).item() * world_size
+        print0(f"step {step + 1:05d}/{num_steps:05d} | loss {loss.item():.4f} | reward acc {acc:.2f} | margin {margin:+.4f} | "
+               f"lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tokens / dt:,.0f} (assistant tokens)")
+
+    if rank == 0:
+        out_dir = checkpoint_dir("dpo", tag)
+        meta = {"model_config": sft_meta["model_config"], "sft_step": sft_meta.get("step"), "dpo_args": vars(args),
+                "val_before": before, "val": m}
+        save_checkpoint(out_dir, num_steps, model.state_dict(), None, meta)
+        log_stage("dpo", model_tag=tag, steps=num_steps, loss_type=args.loss, beta=args.beta, train_pairs=len(train),
+                  val_pairs=len(val), val_before=before, val_after=m,
+                  preference_accuracy_before=before["reward_accuracy"], preference_accuracy=m["reward_accuracy"],
+                  curves=curves, device=str(device))
+        print0(f"saved {out_dir}; held-out preference (reward) accuracy {before['reward_accuracy']:.3f} -> "
+               f"{m['reward_accuracy']:.3f}, margin {before['margin']:+.4f} -> {m['margin']:+.4f}, per-token "
+               f"log-prob preference {before['logp_accuracy']:.3f} -> {m['logp_accuracy']:.3f}")
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)
