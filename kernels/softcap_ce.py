@@ -129,7 +129,7 @@ def _ce_bwd_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, dloss_ptr, dlos
     target = tl.load(targets_ptr + row).to(tl.int64)
     lse = tl.load(lse_ptr + row)
     scale = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
-    scale = tl.where(target == ignore_index, 0.0, scale)  # ignored rows: zeros (their lse is 0)
+    ignored = target == ignore_index  # zeros (their lse is 0: p may overflow, so a select, not * 0)
     base = logits_ptr + row * stride_row
     dbase = dlogits_ptr + row * stride_drow
     for start in range(0, V, BLOCK_V):
@@ -137,7 +137,8 @@ def _ce_bwd_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, dloss_ptr, dlos
         x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
         t = _softcap_tanh(x, softcap)
         p = tl.exp(softcap * t - lse)
-        d = (tl.where(cols == target, p - 1.0, p)) * (1.0 - t * t) * scale
+        d = tl.where(cols == target, p - 1.0, p) * (1.0 - t * t) * scale
+        d = tl.where(ignored, 0.0, d)
         tl.store(dbase + cols, d.to(dlogits_ptr.dtype.element_ty), mask=cols < V)
 
 
