@@ -500,10 +500,10 @@ def _edit_request(rng, f, text, lines):
     if kind == "default":
         arg, val = facts["defaults"][0]
         newval = (not val) if isinstance(val, bool) else (val * 2 if val else 1)
-        hit = next((i for i in range(lines["start"], lines["end"] + 1) if re.search(rf"\b{arg}\s*=\s*{val!r}", lines_all[i - 1])), None)
+        hit = next((i for i in range(lines["start"], lines["end"] + 1) if re.search(rf"\b{arg}\s*=\s*{val!r}(?![\w.])", lines_all[i - 1])), None)
         if hit is not None:
             old = unique_context(text, hit)
-            new = re.sub(rf"\b({arg}\s*=\s*){val!r}", rf"\g<1>{newval!r}", old, count=1)
+            new = re.sub(rf"\b({arg}\s*=\s*){val!r}(?![\w.])", rf"\g<1>{newval!r}", old, count=1)
             return (pick(rng, f"Change the default of `{arg}` in `{name}` from {val!r} to {newval!r}.",
                          f"In {name}, make {arg} default to {newval!r} instead of {val!r}."),
                     old, new, f"`{arg}` now defaults to `{newval!r}` in `{name}`")
