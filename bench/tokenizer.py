@@ -1,0 +1,167 @@
+"""Tokenizer training throughput: our rustbpe vs the PyPI `rustbpe` package vs HuggingFace `tokenizers`.
+
+All three train on the same corpus (Python source found on this machine: the standard library, then
+the virtualenv's site-packages, in sorted path order, up to --mb megabytes), with the same split
+pattern, at the same vocab size. Each runs in its own subprocess so that its peak RSS (ru_maxrss) is
+its own: the corpus is first read into a list of str (the same for all three: reported as "corpus
+loaded"), then the clock runs over train_from_iterator alone. Our merges are checked to be identical
+to PyPI rustbpe's, token by token.
+
+The PyPI package is installed apart so it does not shadow ours:
+    .venv/bin/pip install --target .bench_deps/pypi_rustbpe rustbpe
+Run:  python -m bench.tokenizer [--mb 100] [--vocab-size 32768]
+"""
+import argparse
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# nanocode.tokenizer.SPLIT_PATTERN, copied so that the workers do not import nanocode (and torch with
+# it, which would add ~700 MB to every RSS measured); main() checks that the two are the same.
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+TRAINERS = {"ours": "nanocode rustbpe", "pypi": "PyPI rustbpe", "hf": "HF tokenizers"}
+
+
+def source_files(mb: float) -> list[str]:
+    """Paths of .py files (stdlib first, then site-packages), sorted, until their size reaches `mb` MB."""
+    roots = [sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]]
+    out, total, cap = [], 0, mb * 1e6
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, name)
+                out.append(path)
+                total += os.path.getsize(path)
+                if total >= cap:
+                    return out
+    return out
+
+
+def read_corpus(paths: list[str]) -> list[str]:
+    docs = []
+    for path in paths:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text:
+            docs.append(text)
+    return docs
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def train(trainer: str, docs: list[str], vocab_size: int, pypi_dir: str) -> list[bytes]:
+    """Train one trainer; returns the token bytes in id order (for the rustbpes)."""
+    if trainer == "hf":
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+        tok = Tokenizer(models.BPE(byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        hf_trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, min_frequency=0,
+                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+        tok.train_from_iterator(docs, hf_trainer)
+        return []
+    if trainer == "pypi":
+        sys.path.insert(0, pypi_dir)
+    import rustbpe
+    origin = Path(rustbpe.__file__).resolve()
+    if (trainer == "pypi") != (Path(pypi_dir).resolve() in origin.parents):
+        raise SystemExit(f"error: {trainer} run imported rustbpe from {origin}; install the PyPI package with "
+                         f"`.venv/bin/pip install --target {pypi_dir} rustbpe`")
+    tok = rustbpe.Tokenizer()
+    tok.train_from_iterator(iter(docs), vocab_size, pattern=SPLIT_PATTERN)
+    return [bytes(b) for b, _ in tok.get_mergeable_ranks()]
+
+
+def worker(args):
+    docs = read_corpus(source_files(args.mb))
+    rss_loaded = max_rss_mb()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    tokens = train(args.worker, docs, args.vocab_size, args.pypi_dir)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    if args.tokens_out:
+        Path(args.tokens_out).write_bytes(pickle.dumps(tokens))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "mb": sum(len(d.encode()) for d in docs) / 1e6,
+                      "docs": len(docs), "rss_loaded_mb": rss_loaded, "peak_rss_mb": max_rss_mb()}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=100, help="corpus size in MB of source code")
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--trainers", default="ours,pypi,hf", help="comma-separated subset of ours,pypi,hf")
+    parser.add_argument("--pypi-dir", default=str(REPO / ".bench_deps" / "pypi_rustbpe"),
+                        help="directory the PyPI rustbpe was pip-installed into with --target")
+    parser.add_argument("--worker", choices=list(TRAINERS), help=argparse.SUPPRESS)
+    parser.add_argument("--tokens-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    trainers = args.trainers.split(",")
+    if unknown := set(trainers) - set(TRAINERS):
+        raise SystemExit(f"error: unknown trainers {sorted(unknown)}; choose from {list(TRAINERS)}")
+    if "pypi" in trainers and not (Path(args.pypi_dir) / "rustbpe").is_dir():
+        raise SystemExit(f"error: PyPI rustbpe not found in {args.pypi_dir}; install it with "
+                         f"`.venv/bin/pip install --target {args.pypi_dir} rustbpe` (or leave pypi out of --trainers)")
+    results, tokens = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in trainers:
+            out = Path(tmp) / f"{name}.pkl"
+            load_before = os.getloadavg()[0]
+            cmd = [sys.executable, "-m", "bench.tokenizer", "--worker", name, "--mb", str(args.mb),
+                   "--vocab-size", str(args.vocab_size), "--pypi-dir", args.pypi_dir, "--tokens-out", str(out)]
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"error: the {name} run failed:\n{proc.stderr[-3000:]}")
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[name]["load"] = (load_before, os.getloadavg()[0])
+            tokens[name] = pickle.loads(out.read_bytes())
+
+    # Imported only now: a child's ru_maxrss starts from its parent's RSS at fork time (Linux keeps
+    # it across exec), so the parent must stay small while the workers run.
+    from nanocode.tokenizer import SPLIT_PATTERN as nanocode_pattern
+    assert SPLIT_PATTERN == nanocode_pattern, "bench/tokenizer.py's SPLIT_PATTERN is out of date"
+
+    first = next(iter(results.values()))
+    print(f"corpus: {first['mb']:.1f} MB of Python source ({first['docs']} files), vocab {args.vocab_size}, "
+          f"{os.cpu_count()} cores, corpus loaded in each process: {first['rss_loaded_mb']:.0f} MB RSS")
+    print(f"{'trainer':<18} {'seconds':>8} {'MB/s':>7} {'CPU s':>7} {'peak RSS MB':>12} {'over corpus MB':>15} {'load avg':>11}")
+    for name, r in results.items():
+        print(f"{TRAINERS[name]:<18} {r['seconds']:>8.2f} {r['mb'] / r['seconds']:>7.1f} {r['cpu_seconds']:>7.2f} "
+              f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['rss_loaded_mb']:>15.0f} {r['load'][0]:>5.1f}/{r['load'][1]:<5.1f}")
+    if "ours" in results:
+        ours = results["ours"]
+        for name in ("pypi", "hf"):
+            if name in results:
+                r = results[name]
+                print(f"vs {TRAINERS[name]}: {r['seconds'] / ours['seconds']:.2f}x throughput, "
+                      f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS "
+                      f"({(ours['peak_rss_mb'] - ours['rss_loaded_mb']) / max(r['peak_rss_mb'] - r['rss_loaded_mb'], 1):.2f}x over the corpus)")
+    if "ours" in tokens and "pypi" in tokens:
+        a, b = tokens["ours"], tokens["pypi"]
+        same = a == b
+        where = "" if same else f" (first difference at token {next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))})"
+        print(f"merges identical to PyPI rustbpe: {'yes' if same else 'NO'} ({len(a) - 256} vs {len(b) - 256} merges){where}")
+        if not same:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
