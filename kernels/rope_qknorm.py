@@ -58,7 +58,9 @@ def rope_qknorm_floor(B, T, Hq, Hk, D, elem_bytes):
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _CONFIGS = [triton.Config({"BLOCK_R": 16}, num_warps=4)]  # the interpreter: one config, no tuning
 else:
-    _CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (4, 8, 16, 32) for w in (2, 4, 8)]
+    # rows per program x warps: from 512 to 4096 elements per tile at D = 128, 4 to 16 per thread
+    _CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w)
+                for r, w in [(8, 2), (16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]]
 
 
 @triton.jit
