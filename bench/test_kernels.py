@@ -26,7 +26,7 @@ def test_kernel(benchmark, case, pass_, impl):
         pytest.skip(f"{case.name} has no {pass_} pass")
     if os.environ.get("NANOCODE_KERNELS") == "torch":
         pytest.skip("NANOCODE_KERNELS=torch: the Triton column would be the reference")
-    fn = case.triton if impl == "triton" else case.reference if impl == "eager" else torch.compile(case.reference, dynamic=False)
+    fn = {"triton": case.triton, "eager": case.reference}.get(impl) or torch.compile(case.reference, dynamic=False)
     step = make_step(fn, case.make_inputs(), pass_)
     step()  # compile / autotune outside the timing
     torch.cuda.synchronize()

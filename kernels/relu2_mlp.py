@@ -177,6 +177,8 @@ class Relu2MLP(torch.autograd.Function):
 def relu2_mlp_triton(x, w_fc, w_proj):
     """The Triton path, whatever the device (the benchmark and tests call it directly)."""
     _check_inputs(x, w_fc, w_proj)
+    check(x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1", "relu2_mlp",
+          f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {x.device}")
     check(x.dtype in (torch.float32, torch.float16, torch.bfloat16), "relu2_mlp",
           f"the Triton kernel takes float32, float16 or bfloat16, got {x.dtype}")
     y = Relu2MLP.apply(x.reshape(-1, x.shape[-1]), w_fc, w_proj)

@@ -10,10 +10,10 @@ token: D numbers) is loaded once, rotated and normalized in registers, and store
               dy = rstd * (dout - out * mean(dout * out)),
               dx = [dy1*cos - dy2*sin, dy1*sin + dy2*cos]            (the rotation transposed)
 
-Nothing but the inputs is saved for the backward (saving the outputs and rstd instead would
-move the same bytes, but recomputing from the exact inputs keeps bf16 gradients sharper). Inputs may be strided views (q and k sliced
-from a fused projection, transposed layouts): the kernels index with the tensors' own strides,
-so no copy is made. Outputs and gradients are new contiguous tensors.
+Nothing but the inputs is saved for the backward (saving the outputs and rstd instead would move
+the same bytes, but recomputing from the exact inputs keeps bf16 gradients sharper). Inputs may
+be strided views (q and k sliced from a fused projection, transposed layouts): the kernels index
+with the tensors' own strides, so no copy is made. Outputs and gradients are new contiguous tensors.
 
 Floor (memory-bound; the arithmetic is ~10 FLOPs per element), with e bytes per element and
 N = B*T*(Hq+Hk)*D elements of q and k together, and cos/sin (T, D/2) each read once per pass:
@@ -224,6 +224,8 @@ class RopeQKNorm(torch.autograd.Function):
 def rope_qknorm_triton(q, k, cos, sin, eps=1e-6):
     """The Triton path, whatever the device (the benchmark and tests call it directly)."""
     _check_inputs(q, k, cos, sin)
+    check(q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1", "rope_qknorm",
+          f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {q.device}")
     check(q.dtype in (torch.float32, torch.float16, torch.bfloat16), "rope_qknorm",
           f"the Triton kernel takes float32, float16 or bfloat16, got {q.dtype}")
     return RopeQKNorm.apply(q, k, cos, sin, float(eps))

@@ -135,3 +135,6 @@ def test_input_errors(monkeypatch, path):
     if path == "triton":
         with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
             kernels.relu2_mlp(x.double(), w_fc.double(), w_proj.double())
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            mlp.relu2_mlp_triton(x.cpu(), w_fc.cpu(), w_proj.cpu())

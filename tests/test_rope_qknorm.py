@@ -32,7 +32,8 @@ def make_qk(B, T, Hq, Hk, D, dtype, layout):
     """q and k as the model could hand them over: separate contiguous tensors, slices of one
     fused qkv projection (strided rows), or (B, H, T, D) tensors transposed to (B, T, H, D)."""
     if layout == "contiguous":
-        q, k = torch.randn(B, T, Hq, D, dtype=dtype, device=DEVICE), torch.randn(B, T, Hk, D, dtype=dtype, device=DEVICE)
+        q = torch.randn(B, T, Hq, D, dtype=dtype, device=DEVICE)
+        k = torch.randn(B, T, Hk, D, dtype=dtype, device=DEVICE)
     elif layout == "fused":
         qkv = torch.randn(B, T, (Hq + 2 * Hk) * D, dtype=dtype, device=DEVICE)
         q = qkv[..., :Hq * D].view(B, T, Hq, D)
@@ -137,3 +138,6 @@ def test_input_errors(monkeypatch, path):
     if path == "triton":
         with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
             kernels.rope_qknorm(q.double(), k.double(), cos.double(), sin.double(), EPS)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            rq.rope_qknorm_triton(q.cpu(), k.cpu(), cos.cpu(), sin.cpu(), EPS)
