@@ -22,6 +22,13 @@ EPS = 1e-6
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the conftest turns on TRITON_INTERPRET
 
 
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    """Fresh random inputs every run; the seed is printed (pytest shows it for a failing test),
+    so a failure can be replayed with torch.manual_seed."""
+    print(f"seed {torch.seed()}")
+
+
 @pytest.fixture
 def triton_path(monkeypatch):
     monkeypatch.setenv("NANOCODE_KERNELS", "triton")
