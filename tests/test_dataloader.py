@@ -129,15 +129,16 @@ def test_best_fit_packing_matches_reference(tok, docs, buffer_size):
     loader.close()
 
 
-def test_bigger_buffer_crops_less(tok):
+def test_bigger_buffer_crops_less(tok, docs):
+    T = 2 * max(len(tok.encode(d)) + 1 for d in docs)  # every document fits in a row: crops only fill row ends
     cropped = []
-    for buffer_size in (1, 64):
-        loader = DataLoader(tok, B=8, T=256, fim_rate=0.0, max_doc_chars=0, buffer_size=buffer_size)
-        for _ in range(5):
+    for buffer_size in (1, 64):  # buffer 1: first come, first packed
+        loader = DataLoader(tok, B=4, T=T, fim_rate=0.0, max_doc_chars=0, buffer_size=buffer_size)
+        for _ in range(8):
             next(loader)
         cropped.append(loader.state_dict()["tokens_cropped"])
         loader.close()
-    assert cropped[1] < 0.5 * cropped[0]
+    assert cropped[0] > 0 and cropped[1] < 0.8 * cropped[0]
 
 
 def test_two_ranks_see_disjoint_documents(tok):
