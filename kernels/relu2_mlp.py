@@ -64,7 +64,7 @@ else:
 RELU2, RELU2_GRAD = 1, 2  # the two epilogues
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "EPILOGUE"])
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, h_ptr,
