@@ -64,8 +64,17 @@ def newton_schulz_floor(batch, rows, cols, steps=5):
 
 # ---------------------------------------------------------------------------------------------
 # The symmetric product out = alpha · P Pᵀ (+ beta · add), P (batch, M, K), out (batch, M, M).
-# Grid (tiles, tiles, batch); programs below the diagonal return at once.
+# Grid (tiles, tiles, batch); programs below the diagonal return at once. Autotuned on the GPU
+# (Muon has a few fixed shapes, so this runs once per shape); one small config in the interpreter.
 
+if _INTERPRET:
+    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+else:
+    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                for bm, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 8, 4), (64, 64, 4, 4), (64, 32, 4, 3)]]
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "K", "HAS_ADD"])
 @triton.jit
 def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta,
                        stride_pb, stride_pm, stride_pk, stride_ob, stride_om, stride_on,
@@ -106,19 +115,15 @@ def _launch_sym_matmul(P, out, alpha=1.0, add=None, beta=0.0):
     """out = alpha · P @ Pᵀ + beta · add, for P (batch, M, K); out and add (batch, M, M) contiguous,
     add symmetric (only its upper tiles are read; the lower ones are written as their mirror)."""
     batch, M, K = P.shape
-    if _INTERPRET:
-        block_m, block_k, warps, stages = 32, 32, 4, 1
-    elif P.dtype == torch.float32:
-        block_m, block_k, warps, stages = 64, 32, 4, 3
-    else:
-        block_m, block_k, warps, stages = 128, 64, 8, 3
-    tiles = triton.cdiv(M, block_m)
-    if batch == 0 or tiles == 0:
+    if batch == 0 or M == 0:
         return out
-    _sym_matmul_kernel[(tiles, tiles, batch)](
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"])
+        return (tiles, tiles, batch)
+    _sym_matmul_kernel[grid](
         P, out, add if add is not None else out, M, K, alpha, beta, *P.stride(), *out.stride(),
-        HAS_ADD=add is not None, PRECISION="ieee" if P.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        HAS_ADD=add is not None, PRECISION="ieee" if P.dtype == torch.float32 else "tf32")
     return out
 
 
