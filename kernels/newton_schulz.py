@@ -4,7 +4,7 @@ For each matrix of a batch (b, m, n), transposed first when tall so that m <= n,
 Frobenius norm (+1e-7), then `steps` times:
 
     A = X Xᵀ                 (m, m), symmetric
-    B = b·A + c·A·A          (m, m), symmetric too (A·A = A·Aᵀ commutes with A)
+    B = b·A + c·A·A          (m, m), symmetric too (A is, so A·A = A·Aᵀ is)
     X = a·X + B·X            (m, n)
 
 with (a, b, c) = (3.4445, -4.7750, 2.0315). In exact arithmetic each singular value σ of X goes
