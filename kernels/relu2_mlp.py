@@ -153,7 +153,7 @@ def _matmul_relu2_grad(dy: torch.Tensor, w_proj: torch.Tensor, h: torch.Tensor) 
 
 @_matmul_relu2_grad.register_fake
 def _(dy, w_proj, h):
-    return h.new_empty(h.shape)
+    return dy.new_empty(h.shape)
 
 
 class Relu2MLP(torch.autograd.Function):

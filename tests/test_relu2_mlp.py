@@ -112,6 +112,16 @@ def test_torch_compile_fullgraph(triton_path):
         torch.testing.assert_close(a, b)
 
 
+def test_custom_ops_opcheck():
+    """The registrations torch.compile relies on: schema and fake (meta) implementations agree
+    with the real kernels (shapes, dtypes, strides). The aot check is the fullgraph test above."""
+    x, w_fc, w_proj = (t.detach() for t in make_inputs((7,), 8, 16, torch.float32, True))
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.nanocode.matmul_relu2, (x, w_fc), test_utils=checks)
+    h = torch.relu(x @ w_fc.T).square()
+    torch.library.opcheck(torch.ops.nanocode.matmul_relu2_grad, (torch.randn_like(x), w_proj, h), test_utils=checks)
+
+
 def test_dispatch(monkeypatch):
     calls = []
     monkeypatch.setattr(mlp, "relu2_mlp_triton", lambda *a: calls.append(1) or relu2_mlp_reference(*a))

@@ -111,6 +111,16 @@ def test_torch_compile_fullgraph(triton_path):
         torch.testing.assert_close(a, b)
 
 
+def test_custom_ops_opcheck():
+    """The registrations torch.compile relies on: schema and fake (meta) implementations agree
+    with the real kernels (shapes, dtypes, strides). The aot check is the fullgraph test above."""
+    q, k, cos, sin = (t.detach() for t in make_qk(2, 5, 3, 1, 8, torch.float32, "fused"))
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.nanocode.rope_qknorm_fwd, (q, k, cos, sin, EPS), test_utils=checks)
+    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
+    torch.library.opcheck(torch.ops.nanocode.rope_qknorm_bwd, (q, k, cos, sin, dq_out, dk_out, EPS), test_utils=checks)
+
+
 def test_dispatch(monkeypatch):
     calls = []
     monkeypatch.setattr(rq, "rope_qknorm_triton", lambda *a: calls.append(1) or rope_qknorm_reference(*a))
