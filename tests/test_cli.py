@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from tests.test_engine import REPO, script_argv, script_env
+from tests.test_engine import REPO, any_tokenizer, save_tiny_checkpoint, script_argv, script_env
 
 CALL = '<|tool_start|>{{"name": "bash", "arguments": {{"command": "{}"}}}}<|tool_end|>'
 WRITE = '<|tool_start|>{"name": "write_file", "arguments": {"path": "denied.txt", "content": "x"}}<|tool_end|>'
@@ -153,3 +153,14 @@ def test_bad_workdir_is_a_clear_error(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip() == f"error: --workdir {tmp_path / 'missing'} is not a directory"
 
+
+
+def test_one_shot_with_tiny_real_checkpoint(tmp_path):
+    save_tiny_checkpoint("tiny-cli", any_tokenizer().vocab_size)
+    argv = script_argv("scripts.code_cli", "-i", "sft", "--tag", "tiny-cli", "--device-type", "cpu", "-t", "0",
+                       "--max-tokens", "24", "--workdir", str(tmp_path), "-p", "write hello world")
+    runs = [subprocess.run(argv, cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=180) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert runs[0].stdout.strip() and runs[0].stdout == runs[1].stdout  # greedy: the same reply twice

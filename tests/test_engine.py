@@ -92,6 +92,17 @@ def script_env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 
+def any_tokenizer():
+    """The real tokenizer when nanocode.tokenizer exists, else the stand-in (what script_argv's scripts use)."""
+    return real_tokenizer() if HAVE_TOKENIZER else ByteTokenizer()
+
+
+def save_tiny_checkpoint(tag: str, vocab_size: int, phase: str = "sft"):
+    """A tiny random GPT saved where load_model(phase, tag=tag) finds it."""
+    model = tiny_model(vocab_size, sequence_len=256)
+    save_checkpoint(checkpoint_dir(phase, tag), 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
+
+
 @pytest.fixture(scope="module")
 def tok():
     return ByteTokenizer()

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.test_engine import REPO, script_argv, script_env
+from tests.test_engine import REPO, any_tokenizer, save_tiny_checkpoint, script_argv, script_env
 
 CALL = '<|tool_start|>{"name": "bash", "arguments": {"command": "cat hello.txt"}}<|tool_end|>'
 TOOL_TURN = "Let me look." + CALL + "It says hi."
@@ -27,10 +27,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(tmp_path, turns, *flags, sequence_len=4096):
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps({"turns": turns, "sequence_len": sequence_len}))
+    """The server on a free port: with a scripted fake model given `turns`, or with `flags` alone if None."""
+    if turns is not None:
+        script = tmp_path / "script.json"
+        script.write_text(json.dumps({"turns": turns, "sequence_len": sequence_len}))
+        flags = ("--fake-script", str(script), *flags)
     port, log = free_port(), tmp_path / "server.log"
-    argv = script_argv("scripts.code_web", "--fake-script", str(script), "--port", str(port), *flags)
+    argv = script_argv("scripts.code_web", "--port", str(port), *flags)
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, cwd=REPO, env=script_env(), stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -140,6 +143,35 @@ def test_tools_off_without_allow_tools_and_bad_requests(tmp_path, workdir):
         with pytest.raises(openai.BadRequestError, match="temperature"):
             client.chat.completions.create(model="nanocode", messages=user, temperature=3)
         assert httpx.get(url + "/health").json()["free"] == 1  # no replica leaked by the bad requests
+
+
+def test_client_disconnect_frees_the_replica(tmp_path):
+    # the first reply would take 2000+ tokens x 0.05 s = 100+ s, well past the 60 s guard below
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"turns": ["tick " * 2000, "Fresh reply."], "delay": 0.05}))
+    with server(tmp_path, None, "--fake-script", str(script), "--max-tokens", "10000") as url:
+        body = {"messages": [{"role": "user", "content": "count"}], "stream": True, "max_tokens": 10000}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if '"content": "' in line)
+            assert [next(lines) for _ in range(3)]  # three streamed pieces of the reply, then hang up
+        deadline = time.monotonic() + 60  # (guards a hang only)
+        while httpx.get(url + "/health").json()["free"] != 1:
+            assert time.monotonic() < deadline, "the replica was not released after the client hung up"
+            time.sleep(0.1)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+        assert r.json()["choices"][0]["message"]["content"] == "Fresh reply."
+
+
+def test_tiny_real_checkpoint_same_reply_streamed_or_not(tmp_path):
+    save_tiny_checkpoint("tiny-web", any_tokenizer().vocab_size)
+    with server(tmp_path, None, "-i", "sft", "--tag", "tiny-web", "--device-type", "cpu") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        kw = dict(model="nanocode", messages=[{"role": "user", "content": "hello"}], max_tokens=16, temperature=0)
+        full = client.chat.completions.create(**kw)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw))
+        assert full.usage.completion_tokens <= 16
+        assert streamed == full.choices[0].message.content  # greedy: both modes give the same text
+        assert [m.id for m in client.models.list()] == ["nanocode-sft"]
 
 
 def find_chromium():
