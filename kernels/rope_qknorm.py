@@ -6,19 +6,21 @@ token: D numbers) is loaded once, rotated and normalized in registers, and store
 
     forward:  y = [x1*cos + x2*sin, -x1*sin + x2*cos]      (half-split RoPE, x = [x1, x2])
               out = y * rstd,  rstd = 1 / sqrt(mean(y^2) + eps)      (statistics in fp32)
-    backward: recompute y and rstd from x (cheaper than storing them: x is read anyway), then
-              dy = rstd * (dout - out * mean(dout * out)),
+    backward: dy = rstd * (dout - out * mean(dout * out))           (RMSNorm, in terms of out)
               dx = [dy1*cos - dy2*sin, dy1*sin + dy2*cos]            (the rotation transposed)
 
-Nothing but the inputs is saved for the backward (saving the outputs and rstd instead would move
-the same bytes, but recomputing from the exact inputs keeps bf16 gradients sharper). Inputs may
-be strided views (q and k sliced from a fused projection, transposed layouts): the kernels index
-with the tensors' own strides, so no copy is made. Outputs and gradients are new contiguous tensors.
+Saved for the backward: the outputs, which attention keeps alive anyway, and one fp32 rstd per
+row (4 bytes per D numbers), so the inputs q and k can be freed after the forward: at depth 20
+that is 335 MB per layer. (Saving the inputs and recomputing y and rstd moves the same bytes and
+is a touch more precise in bf16, but holds twice the activations.) Inputs may be strided views
+(q and k sliced from a fused projection, transposed layouts): the kernels index with the
+tensors' own strides, so no copy is made. Outputs and gradients are new contiguous tensors.
 
 Floor (memory-bound; the arithmetic is ~10 FLOPs per element), with e bytes per element and
 N = B*T*(Hq+Hk)*D elements of q and k together, and cos/sin (T, D/2) each read once per pass:
     forward:          bytes = 2*N*e (read x, write out)           + T*D*e
-    forward+backward: bytes = 5*N*e (+ read x, dout, write dx)    + 2*T*D*e
+    forward+backward: bytes = 5*N*e (+ read out, dout, write dx)  + 2*T*D*e
+(rstd adds 3 * 4 bytes per row, 1.2% at D = 128 in bf16, left out of the floor as optional)
 Worked number, depth 12 (B=32, T=2048, Hq=Hk=6, D=128, bf16): N = 100.7M elements,
 forward 403 MB, forward+backward 1.008 GB, i.e. ~0.34 ms at 3 TB/s. Depth 20 (10 + 10 heads):
 672 MB and 1.679 GB.
@@ -97,7 +99,7 @@ def _load_cos_sin(cos_ptr, sin_ptr, t, sct, scd, sst, ssd, cols, mask):
 @triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "HALF"])
 @triton.jit
 def _rope_qknorm_fwd_kernel(
-    x_ptr, cos_ptr, sin_ptr, out_ptr,
+    x_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
     N, N_BUCKET, T, H, eps,  # N rows; N_BUCKET (next power of 2 of N) is only the autotune key
     sxb, sxt, sxh, sxd, sob, sot, soh, sod, sct, scd, sst, ssd,
     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -113,35 +115,31 @@ def _rope_qknorm_fwd_kernel(
     y2 = x2 * c - x1 * s
     rstd = tl.rsqrt((tl.sum(y1 * y1, axis=1) + tl.sum(y2 * y2, axis=1)) / (2 * HALF) + eps)
     _store_halves(out_ptr, o_off, cols, sod, HALF, mask, y1 * rstd[:, None], y2 * rstd[:, None])
+    tl.store(rstd_ptr + r, rstd, mask=r < N)
 
 
 @triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "HALF"])
 @triton.jit
 def _rope_qknorm_bwd_kernel(
-    x_ptr, dout_ptr, cos_ptr, sin_ptr, dx_ptr,
-    N, N_BUCKET, T, H, eps,
-    sxb, sxt, sxh, sxd, sgb, sgt, sgh, sgd, sdb, sdt, sdh, sdd, sct, scd, sst, ssd,
+    out_ptr, rstd_ptr, dout_ptr, cos_ptr, sin_ptr, dx_ptr,
+    N, N_BUCKET, T, H,
+    sob, sot, soh, sod, sgb, sgt, sgh, sgd, sdb, sdt, sdh, sdd, sct, scd, sst, ssd,
     HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     mask = (r < N)[:, None] & (cols < HALF)[None, :]
-    x_off, t = _row_offsets(r, T, H, sxb, sxt, sxh)
+    o_off, t = _row_offsets(r, T, H, sob, sot, soh)
     g_off, _ = _row_offsets(r, T, H, sgb, sgt, sgh)
     d_off, _ = _row_offsets(r, T, H, sdb, sdt, sdh)
-    x1, x2 = _load_halves(x_ptr, x_off, cols, sxd, HALF, mask)
+    o1, o2 = _load_halves(out_ptr, o_off, cols, sod, HALF, mask)
     g1, g2 = _load_halves(dout_ptr, g_off, cols, sgd, HALF, mask)
+    rstd = tl.load(rstd_ptr + r, mask=r < N, other=0.0)[:, None]
     c, s = _load_cos_sin(cos_ptr, sin_ptr, t, sct, scd, sst, ssd, cols, mask)
-    # recompute the forward: rotated y, its rstd, the normalized output o
-    y1 = x1 * c + x2 * s
-    y2 = x2 * c - x1 * s
-    rstd = tl.rsqrt((tl.sum(y1 * y1, axis=1) + tl.sum(y2 * y2, axis=1)) / (2 * HALF) + eps)
-    o1 = y1 * rstd[:, None]
-    o2 = y2 * rstd[:, None]
-    # RMSNorm backward, then the rotation transposed
-    dot = (tl.sum(g1 * o1, axis=1) + tl.sum(g2 * o2, axis=1)) / (2 * HALF)
-    dy1 = rstd[:, None] * (g1 - o1 * dot[:, None])
-    dy2 = rstd[:, None] * (g2 - o2 * dot[:, None])
+    # RMSNorm backward in terms of its output o = y * rstd, then the rotation transposed
+    dot = ((tl.sum(g1 * o1, axis=1) + tl.sum(g2 * o2, axis=1)) / (2 * HALF))[:, None]
+    dy1 = rstd * (g1 - o1 * dot)
+    dy2 = rstd * (g2 - o2 * dot)
     _store_halves(dx_ptr, d_off, cols, sdd, HALF, mask, dy1 * c - dy2 * s, dy1 * s + dy2 * c)
 
 
@@ -149,10 +147,10 @@ def _rope_qknorm_bwd_kernel(
 # Launchers, registered as torch.library custom ops so torch.compile sees opaque, shape-known
 # calls (register_fake) and never traces into Triton: no graph break.
 
-def _new(x):
+def _new(shape, dtype, device):
     if POISON_OUTPUTS:
-        return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _grid(N):
@@ -160,64 +158,67 @@ def _grid(N):
 
 
 def _fwd_one(x, cos, sin, eps):
-    out = _new(x)
     B, T, H, D = x.shape
+    out, rstd = _new(x.shape, x.dtype, x.device), _new((B, T, H), torch.float32, x.device)
     N = B * T * H
     if N > 0:
         _rope_qknorm_fwd_kernel[_grid(N)](
-            x, cos, sin, out, N, triton.next_power_of_2(N), T, H, eps,
+            x, cos, sin, out, rstd, N, triton.next_power_of_2(N), T, H, eps,
             *x.stride(), *out.stride(), *cos.stride(), *sin.stride(),
             HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2))
-    return out
+    return out, rstd
 
 
-def _bwd_one(x, dout, cos, sin, eps):
-    dx = _new(x)
-    B, T, H, D = x.shape
+def _bwd_one(out, rstd, dout, cos, sin):
+    B, T, H, D = out.shape
+    dx = _new(out.shape, out.dtype, out.device)
     N = B * T * H
     if N > 0:
         _rope_qknorm_bwd_kernel[_grid(N)](
-            x, dout, cos, sin, dx, N, triton.next_power_of_2(N), T, H, eps,
-            *x.stride(), *dout.stride(), *dx.stride(), *cos.stride(), *sin.stride(),
+            out, rstd, dout, cos, sin, dx, N, triton.next_power_of_2(N), T, H,
+            *out.stride(), *dout.stride(), *dx.stride(), *cos.stride(), *sin.stride(),
             HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2))
     return dx
 
 
 @torch.library.custom_op("nanocode::rope_qknorm_fwd", mutates_args=())
 def _rope_qknorm_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_one(q, cos, sin, eps), _fwd_one(k, cos, sin, eps)
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> q_out, k_out, and the fp32 rstd of every row of each, (B, T, Hq) and (B, T, Hk)."""
+    return *_fwd_one(q, cos, sin, eps), *_fwd_one(k, cos, sin, eps)
 
 
 @_rope_qknorm_fwd.register_fake
 def _(q, k, cos, sin, eps):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32),
+            k.new_empty(k.shape), k.new_empty(k.shape[:3], dtype=torch.float32))
 
 
 @torch.library.custom_op("nanocode::rope_qknorm_bwd", mutates_args=())
-def _rope_qknorm_bwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     dq_out: torch.Tensor, dk_out: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _bwd_one(q, dq_out, cos, sin, eps), _bwd_one(k, dk_out, cos, sin, eps)
+def _rope_qknorm_bwd(q_out: torch.Tensor, q_rstd: torch.Tensor, k_out: torch.Tensor, k_rstd: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, dq_out: torch.Tensor,
+                     dk_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bwd_one(q_out, q_rstd, dq_out, cos, sin), _bwd_one(k_out, k_rstd, dk_out, cos, sin)
 
 
 @_rope_qknorm_bwd.register_fake
-def _(q, k, cos, sin, dq_out, dk_out, eps):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+def _(q_out, q_rstd, k_out, k_rstd, cos, sin, dq_out, dk_out):
+    return q_out.new_empty(q_out.shape), k_out.new_empty(k_out.shape)
 
 
 class RopeQKNorm(torch.autograd.Function):
-    """Differentiable in q and k (cos and sin are fixed tables: no gradient)."""
+    """Differentiable in q and k (cos and sin are fixed tables: no gradient). Saves the outputs
+    and the per-row rstd, not the inputs."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, eps):
-        ctx.save_for_backward(q, k, cos, sin)
-        ctx.eps = eps
-        return _rope_qknorm_fwd(q, k, cos, sin, eps)
+        q_out, q_rstd, k_out, k_rstd = _rope_qknorm_fwd(q, k, cos, sin, eps)
+        ctx.save_for_backward(q_out, q_rstd, k_out, k_rstd, cos, sin)
+        return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
-        q, k, cos, sin = ctx.saved_tensors
-        dq, dk = _rope_qknorm_bwd(q, k, cos, sin, dq_out, dk_out, ctx.eps)
+        dq, dk = _rope_qknorm_bwd(*ctx.saved_tensors, dq_out, dk_out)
         return dq, dk, None, None, None
 
 

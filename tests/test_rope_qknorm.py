@@ -95,6 +95,16 @@ def test_only_q_used(triton_path):
     assert torch.equal(dk, torch.zeros_like(dk))
 
 
+def test_saves_outputs_not_inputs(triton_path):
+    """The backward keeps q_out, k_out (attention holds them anyway) and the rstds, so the
+    inputs q, k are free to go after the forward."""
+    q, k, cos, sin = make_qk(2, 3, 2, 1, 8, torch.float32, "fused")
+    q_out, k_out = kernels.rope_qknorm(q, k, cos, sin, EPS)
+    saved = {t.data_ptr() for t in q_out.grad_fn.saved_tensors}
+    assert q_out.data_ptr() in saved and k_out.data_ptr() in saved
+    assert q.data_ptr() not in saved and k.data_ptr() not in saved
+
+
 def test_torch_compile_fullgraph(triton_path):
     """torch.compile traces through the custom ops without a graph break (fullgraph=True would
     raise), and the compiled function gives the eager results."""
@@ -117,8 +127,9 @@ def test_custom_ops_opcheck():
     q, k, cos, sin = (t.detach() for t in make_qk(2, 5, 3, 1, 8, torch.float32, "fused"))
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.nanocode.rope_qknorm_fwd, (q, k, cos, sin, EPS), test_utils=checks)
-    dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
-    torch.library.opcheck(torch.ops.nanocode.rope_qknorm_bwd, (q, k, cos, sin, dq_out, dk_out, EPS), test_utils=checks)
+    q_out, q_rstd, k_out, k_rstd = torch.ops.nanocode.rope_qknorm_fwd(q, k, cos, sin, EPS)
+    args = (q_out, q_rstd, k_out, k_rstd, cos, sin, torch.randn_like(q), torch.randn_like(k))
+    torch.library.opcheck(torch.ops.nanocode.rope_qknorm_bwd, args, test_utils=checks)
 
 
 def test_dispatch(monkeypatch):
