@@ -199,6 +199,8 @@ def _check_inputs(x, w_fc, w_proj):
 
 
 def relu2_mlp(x, w_fc, w_proj):
+    """relu(x @ w_fc.T)² @ w_proj.T. The Triton path on CUDA tensors (and on the CPU under
+    TRITON_INTERPRET=1), the reference otherwise or with NANOCODE_KERNELS=torch."""
     if use_triton(x, w_fc, w_proj):
         return relu2_mlp_triton(x, w_fc, w_proj)
     _check_inputs(x, w_fc, w_proj)

@@ -12,7 +12,7 @@ token: D numbers) is loaded once, rotated and normalized in registers, and store
 Saved for the backward: the outputs, which attention keeps alive anyway, and one fp32 rstd per
 row (4 bytes per D numbers), so the inputs q and k can be freed after the forward: at depth 20
 that is 335 MB per layer. (Saving the inputs and recomputing y and rstd moves the same bytes and
-is a touch more precise in bf16, but holds twice the activations.) Inputs may be strided views
+is a touch more precise in bf16, but keeps q and k alive beside the outputs.) Inputs may be strided views
 (q and k sliced from a fused projection, transposed layouts): the kernels index with the
 tensors' own strides, so no copy is made. Outputs and gradients are new contiguous tensors.
 
@@ -20,7 +20,8 @@ Floor (memory-bound; the arithmetic is ~10 FLOPs per element), with e bytes per 
 N = B*T*(Hq+Hk)*D elements of q and k together, and cos/sin (T, D/2) each read once per pass:
     forward:          bytes = 2*N*e (read x, write out)           + T*D*e
     forward+backward: bytes = 5*N*e (+ read out, dout, write dx)  + 2*T*D*e
-(rstd adds 3 * 4 bytes per row, 1.2% at D = 128 in bf16, left out of the floor as optional)
+(rstd adds 2 * 4 bytes per row, written forward and read backward: 0.6% of the forward+backward
+at D = 128 in bf16, left out of the floor since saving the inputs instead would not need it)
 Worked number, depth 12 (B=32, T=2048, Hq=Hk=6, D=128, bf16): N = 100.7M elements,
 forward 403 MB, forward+backward 1.008 GB, i.e. ~0.34 ms at 3 TB/s. Depth 20 (10 + 10 heads):
 672 MB and 1.679 GB.
@@ -246,6 +247,8 @@ def _check_inputs(q, k, cos, sin):
 
 
 def rope_qknorm(q, k, cos, sin, eps=1e-6):
+    """rms_norm(rope(x)) per head for x = q, k. The Triton kernels on CUDA tensors (and on the CPU
+    under TRITON_INTERPRET=1), the reference otherwise or with NANOCODE_KERNELS=torch."""
     if use_triton(q, k, cos, sin):
         return rope_qknorm_triton(q, k, cos, sin, eps)
     _check_inputs(q, k, cos, sin)
