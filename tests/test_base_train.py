@@ -1,0 +1,97 @@
+"""scripts/base_train.py end to end on a tiny corpus: exact resume and clear errors for bad flags."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import scripts.base_train as base_train
+from nanocode.checkpoint import checkpoint_dir, load_checkpoint
+from nanocode.dataset import ShardWriter, data_dir
+from nanocode.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "128",
+        "--eval-tokens", "128", "--sample-every", "-1", "--device-type", "cpu", "--compile", "0"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A base dir holding a small corpus of real code (the stdlib's) and a tokenizer trained on it."""
+    base = tmp_path_factory.mktemp("base")
+    old = os.environ["NANOCODE_BASE_DIR"]
+    os.environ["NANOCODE_BASE_DIR"] = str(base)
+    try:
+        stdlib = Path(os.__file__).parent
+        texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:60]]
+        writer = ShardWriter(data_dir("code"), shard_chars=200_000, val_fraction=0.1, seed=0)
+        for t in texts:
+            writer.add(t, "python")
+        writer.close()
+        Tokenizer.train(texts, vocab_size=400).save(base / "tokenizer")
+    finally:
+        os.environ["NANOCODE_BASE_DIR"] = old
+    return base
+
+
+def test_resume_is_bit_identical(base_dir, tmp_path, monkeypatch):
+    """A run killed after its step-3 checkpoint and resumed ends with exactly the parameters of a run
+    that was never interrupted (CPU, fp32)."""
+    monkeypatch.setenv("NANOCODE_BASE_DIR", str(base_dir))
+    args = TINY + ["--num-iterations", "6", "--eval-every", "-1", "--save-every", "3"]
+    base_train.main(args + ["--model-tag", "straight"])
+
+    real_lrm = base_train.lr_multiplier
+
+    def crash_at_step_4(step, *a):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return real_lrm(step, *a)
+    monkeypatch.setattr(base_train, "lr_multiplier", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        base_train.main(args + ["--model-tag", "resumed"])
+    monkeypatch.setattr(base_train, "lr_multiplier", real_lrm)
+    base_train.main(args + ["--model-tag", "resumed", "--resume"])
+
+    a, _, meta_a = load_checkpoint(checkpoint_dir("base", "straight"))
+    b, _, meta_b = load_checkpoint(checkpoint_dir("base", "resumed"))
+    assert meta_a["step"] == meta_b["step"] == 6
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert meta_a["curves"]["loss"] == meta_b["curves"]["loss"]
+
+
+def test_loss_falls(base_dir, monkeypatch):
+    monkeypatch.setenv("NANOCODE_BASE_DIR", str(base_dir))
+    base_train.main(TINY + ["--num-iterations", "30", "--eval-every", "-1", "--model-tag", "falls"])
+    _, _, meta = load_checkpoint(checkpoint_dir("base", "falls"))
+    losses = [l for _, l in meta["curves"]["loss"]]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+
+
+def run(args, base):
+    env = dict(os.environ, NANOCODE_BASE_DIR=str(base), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "scripts.base_train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--depth", "0"], "--depth must be >= 1"),
+    (["--total-batch-size", "100"], "not divisible"),
+    (["--device-type", "tpu"], "unknown device type 'tpu'"),
+    (["--resume", "--model-tag", "never-trained"], "no checkpoint to resume from"),
+])
+def test_bad_flags_give_one_clear_message(base_dir, flags, message):
+    r = run(TINY + ["--num-iterations", "1"] + flags, base_dir)
+    assert r.returncode == 1
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_missing_tokenizer_and_data(tmp_path, base_dir):
+    r = run(TINY, tmp_path)  # empty base dir: no tokenizer
+    assert r.returncode == 1 and "tokenizer" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (tmp_path / "tokenizer").symlink_to(base_dir / "tokenizer")  # tokenizer but no data
+    r = run(TINY, tmp_path)
+    assert r.returncode == 1 and "nanocode.dataset" in r.stderr and "Traceback" not in r.stderr, r.stderr
