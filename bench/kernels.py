@@ -326,6 +326,10 @@ def main():
         rows += run_case(case, args.device)
     table = format_table(rows, ceilings)
     print(table)
+    memory = ce_peak_memory(args.device, dtype, args.tiny) if any("ce" in c.name for c in cases) else []
+    if memory:
+        table += "\n\nPeak memory of the cross-entropy variants:\n\n" + format_memory_table(memory)
+        print(format_memory_table(memory))
 
     if args.save:
         slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
@@ -333,7 +337,7 @@ def main():
         out.mkdir(parents=True, exist_ok=True)
         meta = dict(device=device_name, torch=torch.__version__, triton=__import__("triton").__version__,
                     tiny=args.tiny, ceilings=ceilings, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-        (out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows), indent=2) + "\n")
+        (out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows, memory=memory), indent=2) + "\n")
         (out / "kernels.md").write_text(
             f"# Kernel benchmarks on {device_name}\n\n{meta['date']}, torch {meta['torch']}, triton {meta['triton']}. "
             f"Ceilings measured in the same run: copy {ceilings['GB/s']:.0f} GB/s, bf16 matmul "
