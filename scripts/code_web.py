@@ -120,9 +120,11 @@ def parse_request(body: bytes, args, engine) -> dict:
         number("max_tokens", args.max_tokens, 1, args.max_tokens, int)
     settings = dict(max_tokens=max_tokens,
                     temperature=number("temperature", args.temperature, 0.0, 2.0),
-                    top_p=number("top_p", None, 1e-9, 1.0),
+                    top_p=number("top_p", None, 0.0, 1.0),
                     top_k=number("top_k", args.top_k, 1, 1 << 30, int),
                     seed=number("seed", 42, 0, 2**63 - 1, int))
+    if settings["top_p"] == 0:
+        raise RequestError(400, "'top_p' must be in (0, 1], got 0")
     if req.get("n", 1) != 1:
         raise RequestError(400, f"'n' must be 1 (one choice per request), got {req.get('n')!r}")
     stream = req.get("stream", False)

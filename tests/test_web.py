@@ -127,6 +127,8 @@ def test_tools_off_without_allow_tools_and_bad_requests(tmp_path, workdir):
             ({"messages": user, "temperature": "hot"}, 400, "'temperature' must be a number"),
             ({"messages": user, "max_tokens": 10**6}, 400, "'max_tokens' must be an integer in [1, 1024]"),
             ({"messages": user, "n": 2}, 400, "'n' must be 1"),
+            ({"messages": user, "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
+            ({"messages": user, "top_k": 0}, 400, "'top_k' must be an integer"),
             ({"messages": user, "stream": "yes"}, 400, "'stream' must be true or false"),
             ({"messages": [{"role": "user", "content": "word " * 300}]}, 400, "too many tokens"),
             (b"x" * 1_100_000, 413, "exceeds the limit"),
