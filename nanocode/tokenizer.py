@@ -61,7 +61,9 @@ class Tokenizer:
         if not isinstance(vocab_size, int) or vocab_size < 256 + N_SPECIAL:
             raise ValueError(f"vocab_size must be an integer >= {256 + N_SPECIAL} (256 bytes + {N_SPECIAL} special tokens), got {vocab_size!r}")
         bpe = rustbpe.Tokenizer()
-        bpe.train_from_iterator(iter(texts), vocab_size - N_SPECIAL, pattern=pattern)
+        # Smaller buffers than rustbpe's default (8192 documents) so that pulling documents from a
+        # slow Python source overlaps with the counting from the start, even on small corpora.
+        bpe.train_from_iterator(iter(texts), vocab_size - N_SPECIAL, buffer_size=1024, pattern=pattern)
         return cls([bytes(b) for b, _ in bpe.get_mergeable_ranks()], bpe.get_pattern())
 
     def save(self, directory) -> Path:

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBytes, PyIterator, PyString};
 use rustc_hash::FxHashMap;
 
 mod encode;
@@ -48,6 +48,21 @@ fn count_chunks(splitter: &Splitter, docs: &[&str], counters: &mut [ChunkCounts]
             .collect();
         workers.into_iter().try_for_each(|w| w.join().expect("counting thread panicked"))
     })
+}
+
+/// Pull up to `size` str objects from `iter` into `buffer`; Ok(true) when the iterator is exhausted.
+fn fill_buffer(iter: &Bound<'_, PyIterator>, buffer: &mut Vec<Py<PyString>>, size: usize, seen: &mut usize) -> PyResult<bool> {
+    let mut iter = iter.clone();
+    while buffer.len() < size {
+        let Some(item) = iter.next() else { return Ok(true) };
+        let item = item?;
+        if !item.is_instance_of::<PyString>() {
+            return Err(PyTypeError::new_err(format!("train_from_iterator needs str items, but item {seen} is {}", type_name(&item))));
+        }
+        buffer.push(item.cast_into::<PyString>()?.unbind());
+        *seen += 1;
+    }
+    Ok(false)
 }
 
 /// A byte-level BPE tokenizer: 256 byte tokens, then one token per merge.
@@ -111,38 +126,44 @@ impl Tokenizer {
         }
         let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
         let splitter = Splitter::new(&pattern).map_err(PyValueError::new_err)?;
-        let mut iter = iterator.try_iter().map_err(|_| {
-            PyTypeError::new_err(format!("train_from_iterator needs an iterable of str, got {}", type_name(iterator)))
-        })?;
+        let iter: Py<PyIterator> = iterator
+            .try_iter()
+            .map_err(|_| PyTypeError::new_err(format!("train_from_iterator needs an iterable of str, got {}", type_name(iterator))))?
+            .unbind();
 
         log("training starts".to_string());
         let mut counters: Vec<ChunkCounts> = (0..num_threads()).map(|_| ChunkCounts::default()).collect();
-        // The buffer holds the Python str objects themselves: their UTF-8 bytes are read in place
-        // (str is immutable and the buffer keeps each one alive), so no document is ever copied.
-        let mut buffer: Vec<Bound<'_, PyString>> = Vec::with_capacity(buffer_size);
+        // Double buffering: while the worker threads count one buffer without the GIL, this thread
+        // takes the GIL back to pull the next buffer from the Python iterator, so a slow Python
+        // source (parquet reading, say) overlaps with the counting instead of adding to it.
+        // The buffers hold the str objects themselves; their UTF-8 bytes are read in place (a str
+        // is immutable and the buffer keeps it alive), so no document is ever copied.
+        let mut current: Vec<Py<PyString>> = Vec::with_capacity(buffer_size);
+        let mut next: Vec<Py<PyString>> = Vec::with_capacity(buffer_size);
         let mut seen = 0usize;
-        let mut exhausted = false;
-        while !exhausted {
-            buffer.clear();
-            while buffer.len() < buffer_size {
-                let Some(item) = iter.next() else {
-                    exhausted = true;
-                    break;
-                };
-                let item = item?;
-                let Ok(text) = item.cast_into::<PyString>() else {
-                    return Err(PyTypeError::new_err(format!("train_from_iterator needs str items, but item {seen} is not a str")));
-                };
-                buffer.push(text);
-                seen += 1;
-            }
-            let docs: Vec<&str> = buffer
+        let mut exhausted = fill_buffer(iter.bind(py), &mut current, buffer_size, &mut seen)?;
+        while !current.is_empty() {
+            let docs: Vec<&str> = current
                 .iter()
-                .map(|t| t.to_str().map_err(|e| PyValueError::new_err(format!("a document is not valid text: {e}"))))
+                .map(|t| t.bind(py).to_str().map_err(|e| PyValueError::new_err(format!("a document is not valid text: {e}"))))
                 .collect::<PyResult<_>>()?;
-            py.detach(|| count_chunks(&splitter, &docs, &mut counters)).map_err(PyValueError::new_err)?;
+            let (counted, fetched) = py.detach(|| {
+                std::thread::scope(|scope| {
+                    let counting = scope.spawn(|| count_chunks(&splitter, &docs, &mut counters));
+                    let fetched = if exhausted {
+                        Ok(true)
+                    } else {
+                        Python::attach(|py| fill_buffer(iter.bind(py), &mut next, buffer_size, &mut seen))
+                    };
+                    (counting.join().expect("counting thread panicked"), fetched)
+                })
+            });
+            counted.map_err(PyValueError::new_err)?;
+            exhausted = fetched?;
+            drop(docs);
+            std::mem::swap(&mut current, &mut next);
+            next.clear();
         }
-        drop(buffer);
         log(format!("{seen} documents split and counted"));
 
         let merges = py.detach(|| {
