@@ -7,6 +7,8 @@
 //!   a backtracking regex, run on all cores with the GIL released;
 //! - counting chunks: one hash table per thread with the chunk bytes in an arena (train.rs);
 //! - merging: incremental pair counts with a lazily refreshed heap, words edited in place (train.rs).
+//!
+//! Set RUSTBPE_LOG=1 to see the phases and their times on stderr.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -22,9 +24,11 @@ mod train;
 pub use split::{Splitter, DEFAULT_PATTERN, GPT4_PATTERN};
 pub use train::{train_merges, ChunkCounts, Pair};
 
-/// Number of worker threads: every core this process may use.
+/// Number of worker threads: the cores this process may use, at most 8. Each counting thread keeps
+/// its own table of distinct chunks (merged at the end), so memory grows with the thread count; past
+/// 8 threads pulling documents out of Python is the bottleneck anyway.
 fn num_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
 }
 
 /// Split every document of `docs` and count its chunks into `counters` (one per thread).
