@@ -170,3 +170,21 @@ def test_render_for_completion(tok):
 def test_render_bad_conversations(tok, conv, match):
     with pytest.raises(ValueError, match=match):
         tok.render_conversation(conv)
+
+
+def test_tok_train_script(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import scripts.tok_train as tok_train
+    from tests.data_fixtures.helpers import make_docs, write_corpus
+    monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["tok_train", "--vocab-size", "300", "--doc-cap", "500"])
+    with pytest.raises(NanocodeError, match="nanocode.dataset --local"):
+        tok_train.main()
+    write_corpus(tmp_path / "data" / "code", make_docs(40), per_shard=10)
+    tok_train.main()
+    assert "MB/s" in capsys.readouterr().out
+    tok = get_tokenizer()
+    assert 268 < tok.vocab_size <= 300
+    report = json.loads((tmp_path / "report" / "tokenizer.json").read_text())
+    assert report["vocab_size"] == tok.vocab_size and report["train_docs"] == 30 and report["train_mb_per_s"] > 0
