@@ -176,11 +176,9 @@ def key_numbers(stem, d):
     if stem == "dataset":
         return ", ".join(f"{k} {fmt(d[k])}" for k in ("train_docs", "val_docs", "shards", "mb") if k in d) or None
     if stem == "tokenizer":
-        parts = [f"vocab {fmt(get(d, 'vocab_size'))}"]
-        for k in ("bytes_per_token", "compression", "train_seconds"):
-            if get(d, k) is not None:
-                parts.append(f"{k.replace('_', ' ')} {fmt(d[k])}")
-        return ", ".join(parts)
+        comp = {lang: get(m, "ours") for lang, m in (get(d, "compression") or {}).items()}
+        comp = ", ".join(f"{lang} {fmt(v, 3)}" for lang, v in comp.items() if isinstance(v, (int, float)))
+        return f"vocab {fmt(get(d, 'vocab_size'))}" + (f"; bytes/token: {comp}" if comp else "")
     if stem == "base_train":
         return (f"d{fmt(get(d, 'depth'))}, {fmt(get(d, 'num_params'))} params, {fmt(get(d, 'tokens'))} tokens, "
                 f"val bpb {fmt(get(d, 'final_val_bpb'))}, loss {fmt(get(d, 'final_loss'))}")
@@ -346,6 +344,17 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
             numbers = (key_numbers(stem, d) if d is not None else None) or "-"
         lines.append(f"| {title} | {status} | {numbers} | {fmt_seconds(get(t, 'seconds'))} |")
     lines.append("")
+
+    # tokenizer compression beside the reference tokenizers scripts.tok_eval found
+    comp = get(stages, "tokenizer", "compression")
+    if isinstance(comp, dict) and comp:
+        names = list(dict.fromkeys(k for m in comp.values() if isinstance(m, dict) for k in m if k != "bytes"))
+        lines += ["## Tokenizer compression (bytes per token, higher is better)", "",
+                  "| sample | bytes | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for lang, m in comp.items():
+            if isinstance(m, dict):
+                lines.append(f"| {lang} | {fmt(m.get('bytes'))} | " + " | ".join(fmt(m.get(n), 3) for n in names) + " |")
+        lines.append("")
 
     # time and cost
     lines += ["## Wall time and cost", ""]

@@ -53,7 +53,7 @@ if [ "$NPROC" -gt 0 ]; then
     SYNTH_ARGS=()
     SFT_ARGS=()
     DPO_ARGS=()
-    CODE_EVAL_ARGS=(-a humaneval)
+    CODE_EVAL_ARGS=(-a humaneval -k 1)
     EVAL_SOURCES=(base sft dpo)
     DEMO_TOKENS=512
 else
@@ -64,13 +64,13 @@ else
     DATA_MB=${DATA_MB:-40}
     VOCAB_SIZE=${VOCAB_SIZE:-4096}
     SEQ_LEN=${SEQ_LEN:-256}
-    TRAIN_ARGS=(--device-batch-size 8 --total-batch-size 4096 --num-iterations "${NUM_ITERATIONS:-300}"
+    TRAIN_ARGS=(--device-batch-size 8 --total-batch-size 2048 --num-iterations "${NUM_ITERATIONS:-500}"
                 --eval-every 100 --eval-tokens 32768 --sample-every -1)
     BASE_EVAL_ARGS=(--max-docs 64 --max-tokens 32768 --sample-tokens 32)
-    SYNTH_ARGS=(--num-train 400 --num-val 40 --max-docs 4000)
+    SYNTH_ARGS=(--num-train 300 --num-val 40 --max-docs 4000)
     SFT_ARGS=(--batch-size 8 --steps 60 --eval-every -1 --eval-convs 16 --eval-prompts 8 --gen-tokens 64)
     DPO_ARGS=(--batch-size 4 --steps 30 --eval-every -1)
-    CODE_EVAL_ARGS=(-a humaneval --max-problems 16 --max-tokens 128)
+    CODE_EVAL_ARGS=(-a humaneval -k 1 --max-problems 32 --max-tokens 128)
     EVAL_SOURCES=(dpo)
     DEMO_TOKENS=128
 fi

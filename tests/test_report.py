@@ -19,7 +19,8 @@ def done_marker(base, stage, seconds, gpus=0, device="cpu"):
 
 def log_pipeline(base):
     """Numbers shaped like the real stages' log_stage calls."""
-    log_stage("tokenizer", vocab_size=4096, bytes_per_token=3.7)
+    log_stage("tokenizer", vocab_size=4096, train_seconds=1.2)
+    log_stage("tokenizer", compression={"python": {"bytes": 300000, "ours": 3.317, "gpt2": 2.5}, "c": {"bytes": 1000, "ours": 2.3}})
     log_stage("base_train", depth=2, num_params=1_234_567, tokens=2_000_000, final_val_bpb=1.73, final_loss=2.91,
               curves={"loss": [[1, 9.0], [2, 7.5], [3, 6.0]], "val_bpb": [[0, 3.1], [3, 1.73]]})
     log_stage("base_eval", bpb=1.75, bpb_per_lang={"python": 1.6, "c": 1.9})
@@ -45,7 +46,7 @@ def test_full_report_has_every_stage_numbers_and_plots(base):
     path = build_report(base)
     text = path.read_text()
     assert path == base / "report" / "report.md"
-    for needle in ("## System", "## Git", "commit", "torch", "vocab 4,096", "1.73", "humaneval pass@1 0.0125",
+    for needle in ("## System", "## Git", "commit", "torch", "vocab 4,096; bytes/token: python 3.32, c 2.3", "| python | 300,000 | 3.32 | 2.5 |", "| c | 1,000 | 2.3 | n/a |", "1.73", "humaneval pass@1 0.0125",
                    "2 -> 1.2", "0.5 -> 0.7", "CPU run: no GPU cost", "10.7min"):
         assert needle in text, needle
     for png in ("base_train_curves.png", "sft_curves.png", "dpo_curves.png", "base_eval_bpb.png",

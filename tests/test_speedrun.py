@@ -83,5 +83,5 @@ def test_gpu_launch_uses_torchrun(run):
     assert p.returncode == 0, p.stderr
     train = next(c for c in calls if "scripts.base_train" in c)
     assert train.startswith("torchrun --standalone --nproc_per_node=8 -m scripts.base_train --depth 20")
-    assert [c.split()[-1] for c in calls if "scripts.code_eval" in c] == ["humaneval"] * 3  # base, sft, dpo
+    assert [c.split(" -i ")[1].split()[0] for c in calls if "scripts.code_eval" in c] == ["base", "sft", "dpo"]
     assert json.loads((base / "speedrun" / "base_train.done").read_text())["gpus"] == 8
