@@ -23,12 +23,13 @@ import os
 import platform
 import re
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 from nanocode.common import NanocodeError, nvtx_range, run_main
-from nanocode.gpt import GPTConfig, build_model
+from nanocode.gpt import GPT, GPTConfig, build_model
 
 # Nominal dense bf16 tensor-core peaks (FLOP/s, SXM parts), matched against the device name.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
@@ -168,8 +169,11 @@ def main(argv=None):
         measured = nominal = None
     B, T = args.device_batch_size, args.seq_len
     config = GPTConfig.from_depth(args.depth, args.vocab_size, T)
+    with torch.device("meta"):
+        flops_per_token = GPT(config).estimate_flops()
     print(f"device: {device_name}, torch {torch.__version__}; depth {args.depth} (width {config.n_embd}, "
-          f"{config.n_head} heads), {B} x {T} = {B * T:,} tokens per step, vocab {args.vocab_size}")
+          f"{config.n_head} heads), {B} x {T} = {B * T:,} tokens per step, vocab {args.vocab_size}, "
+          f"{flops_per_token:.3e} FLOPs/token")
     print(f"peak bf16: nominal {fmt(nominal, '{:.0f} TFLOP/s')}, measured {fmt(measured, '{:.0f} TFLOP/s')}"
           + ("" if device.type == "cuda" else " (CPU: MFU not computed; default dispatch = references)"))
 
@@ -184,6 +188,10 @@ def main(argv=None):
             except torch.OutOfMemoryError:
                 r = dict(variant=name, error="out of memory")
                 print(f"  {name}: out of memory at batch {B} x {T}")
+            except Exception as e:  # noqa: BLE001 (one failing variant should not hide the others)
+                r = dict(variant=name, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                print(f"  {name} failed: {r['error']}")
+                traceback.print_exc()
             rows.append(r)
     finally:
         if saved_env is None:
@@ -200,14 +208,14 @@ def main(argv=None):
         import triton
         meta = dict(device=device_name, torch=torch.__version__, triton=triton.__version__, depth=args.depth,
                     device_batch_size=B, seq_len=T, vocab_size=args.vocab_size, warmup=args.warmup, steps=args.steps,
-                    nominal_tflops=nominal, measured_tflops=measured,
+                    flops_per_token=flops_per_token, nominal_tflops=nominal, measured_tflops=measured,
                     date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         (out / f"mfu_d{args.depth}.json").write_text(json.dumps(dict(meta, rows=rows), indent=2) + "\n")
         (out / f"mfu_d{args.depth}.md").write_text(
             f"# Training-step MFU, depth {args.depth}, on {device_name}\n\n"
             f"{meta['date']}, torch {meta['torch']}, triton {meta['triton']}. One step = forward + backward + "
             f"Muon/AdamW on {B} x {T} tokens (bf16 autocast), mean over {args.steps} steps after {args.warmup} "
-            f"warmup steps. FLOPs/token {rows[0].get('flops_per_token', 0):.3e} (GPT.estimate_flops). Measured peak: "
+            f"warmup steps. FLOPs/token {flops_per_token:.3e} (GPT.estimate_flops). Measured peak: "
             f"8192^3 bf16 matmul in the same process.\n\n{table}\n")
         print(f"saved {out}/mfu_d{args.depth}.json and .md")
 

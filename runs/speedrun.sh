@@ -13,8 +13,8 @@
 # corpus, a few hundred steps per stage, HumanEval on a few problems: every stage runs, none of it is
 # meant to produce a useful model (about 25 minutes on 2 cores).
 #
-# Idempotent: each finished stage writes $NANOCODE_BASE_DIR/speedrun/<stage>.done (its wall time, as
-# JSON) and a rerun skips it; delete the marker to redo a stage. A failed stage stops the run and names
+# Idempotent: each finished stage writes $NANOCODE_BASE_DIR/speedrun/<stage>.done (its wall and CPU
+# time, as JSON) and a rerun skips it; delete the marker to redo a stage. A failed stage stops the run and names
 # its log ($NANOCODE_BASE_DIR/speedrun/logs/<stage>.log; every stage's output is tee'd there).
 #
 # Overrides (environment): DEPTH, DATA_FILES (hub parquet files; 0 = offline), DATA_MB (offline corpus
@@ -86,14 +86,23 @@ stage() {
         return 0
     fi
     echo "== $name: $*"
-    local start; start=$(date +%s)
+    local start cpu0; start=$(date +%s); children_cpu_seconds; cpu0=$CPU_SECONDS
     if ! "$@" 2>&1 | tee "$LOGS/$name.log"; then
         echo "speedrun: stage '$name' failed; its log is $LOGS/$name.log" >&2
         exit 1
     fi
     local gpus=0; [ "$DEVICE" = cuda ] && gpus=$NPROC
-    printf '{"seconds": %d, "gpus": %d, "device": "%s", "finished": "%s"}\n' \
-        $(( $(date +%s) - start )) "$gpus" "$DEVICE" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$RUN_DIR/$name.done"
+    children_cpu_seconds
+    printf '{"seconds": %d, "cpu_seconds": %.1f, "gpus": %d, "device": "%s", "finished": "%s"}\n' \
+        $(( $(date +%s) - start )) "$(awk "BEGIN { print $CPU_SECONDS - $cpu0 }")" "$gpus" "$DEVICE" \
+        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$RUN_DIR/$name.done"
+}
+
+# User + system CPU seconds of this shell's finished children (bash's `times`, second line: "1m2.5s 0m3.1s").
+# The per-stage difference is the stage's CPU time, which on a loaded machine says more than wall time.
+children_cpu_seconds() {  # sets CPU_SECONDS; no pipe or $(): `times` must run in this very shell
+    times > "$RUN_DIR/.times"
+    CPU_SECONDS=$(tail -1 "$RUN_DIR/.times" | awk '{ split($1, u, /[ms]/); split($2, s, /[ms]/); print u[1] * 60 + u[2] + s[1] * 60 + s[2] }')
 }
 
 if [ -n "${SETUP_SECONDS:-}" ] && [ ! -f "$RUN_DIR/setup.done" ]; then
