@@ -361,12 +361,18 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     if timings:
         total_s = sum(t["seconds"] for t in timings.values())
         gpu_hours = {name: t["seconds"] * t.get("gpus", 0) / 3600 for name, t in timings.items()}
-        lines += ["| stage | wall time | device | GPUs | GPU-hours |", "|---|---|---|---|---|"]
+        cpu = {name: t.get("cpu_seconds") for name, t in timings.items()}
+        lines += ["| stage | wall time | CPU time | device | GPUs | GPU-hours |", "|---|---|---|---|---|---|"]
         for name, t in timings.items():
-            lines.append(f"| {name} | {fmt_seconds(t['seconds'])} | {t.get('device', '?')} | {t.get('gpus', 0)} | "
-                         f"{fmt(gpu_hours[name], 3) if gpu_hours[name] else '-'} |")
+            lines.append(f"| {name} | {fmt_seconds(t['seconds'])} | {fmt_seconds(cpu[name])} | {t.get('device', '?')} | "
+                         f"{t.get('gpus', 0)} | {fmt(gpu_hours[name], 3) if gpu_hours[name] else '-'} |")
         total_gh = sum(gpu_hours.values())
-        lines.append(f"| **total** | **{fmt_seconds(total_s)}** | | | {fmt(total_gh, 3) if total_gh else '-'} |")
+        total_cpu = sum(v for v in cpu.values() if isinstance(v, (int, float)))
+        lines.append(f"| **total** | **{fmt_seconds(total_s)}** | {fmt_seconds(total_cpu) if total_cpu else 'n/a'} | | | "
+                     f"{fmt(total_gh, 3) if total_gh else '-'} |")
+        lines.append("")
+        lines.append("CPU time is user + system time of the stage's processes (all cores): on a machine shared "
+                     "with other work it tells the stage's cost better than wall time does.")
         lines.append("")
         if total_gh:
             lines.append(f"Estimated cost: {total_gh:.2f} GPU-hours x ${gpu_hour_cost:.2f}/GPU-hour = "

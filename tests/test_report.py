@@ -12,9 +12,10 @@ def base(tmp_path, monkeypatch):
     return tmp_path
 
 
-def done_marker(base, stage, seconds, gpus=0, device="cpu"):
+def done_marker(base, stage, seconds, gpus=0, device="cpu", cpu_seconds=None):
     (base / "speedrun").mkdir(exist_ok=True)
-    (base / "speedrun" / f"{stage}.done").write_text(json.dumps({"seconds": seconds, "gpus": gpus, "device": device}))
+    (base / "speedrun" / f"{stage}.done").write_text(json.dumps({"seconds": seconds, "gpus": gpus, "device": device,
+                                                                  "cpu_seconds": cpu_seconds}))
 
 
 def log_pipeline(base):
@@ -42,12 +43,12 @@ def test_log_stage_merges(base):
 def test_full_report_has_every_stage_numbers_and_plots(base):
     log_pipeline(base)
     for stage, s in [("tokenizer", 10), ("base_train", 600), ("dpo", 30)]:
-        done_marker(base, stage, s)
+        done_marker(base, stage, s, cpu_seconds=s / 2)
     path = build_report(base)
     text = path.read_text()
     assert path == base / "report" / "report.md"
     for needle in ("## System", "## Git", "commit", "torch", "vocab 4,096; bytes/token: python 3.32, c 2.3", "| python | 300,000 | 3.32 | 2.5 |", "| c | 1,000 | 2.3 | n/a |", "1.73", "humaneval pass@1 0.0125",
-                   "2 -> 1.2", "0.5 -> 0.7", "CPU run: no GPU cost", "10.7min"):
+                   "2 -> 1.2", "0.5 -> 0.7", "CPU run: no GPU cost", "| **total** | **10.7min** | 5.3min |"):
         assert needle in text, needle
     for png in ("base_train_curves.png", "sft_curves.png", "dpo_curves.png", "base_eval_bpb.png",
                 "code_eval_pass_at_k.png"):
