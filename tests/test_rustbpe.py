@@ -140,7 +140,7 @@ def test_bad_input_gives_python_errors():
         tok.train_from_iterator(42, 300)
     with pytest.raises(ValueError, match="pattern"):
         tok.train_from_iterator(["abc"], 300, pattern="(unclosed")
-    with pytest.raises(ValueError, match="not valid text"):
+    with pytest.raises(ValueError, match="item 1 is not valid text"):
         tok.train_from_iterator(["ok", "lone surrogate \ud800"], 300)
     with pytest.raises(ValueError, match="buffer_size"):
         tok.train_from_iterator(["abc"], 300, buffer_size=0)

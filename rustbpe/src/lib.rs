@@ -54,19 +54,39 @@ fn count_chunks(splitter: &Splitter, docs: &[&str], counters: &mut [ChunkCounts]
     })
 }
 
-/// Pull up to `size` str objects from `iter` into `buffer`; Ok(true) when the iterator is exhausted.
-fn fill_buffer(iter: &Bound<'_, PyIterator>, buffer: &mut Vec<Py<PyString>>, size: usize, seen: &mut usize) -> PyResult<bool> {
+/// Pull up to `size` documents from `iter` into `buffer`; Ok(true) when the iterator is exhausted.
+///
+/// No document is copied when it can be avoided: an ASCII str is kept as is and its bytes are read
+/// in place (a str is immutable, and the buffer keeps it alive). Any other str is encoded to a
+/// temporary bytes object, because asking CPython for its UTF-8 would attach a cached copy to the
+/// str for as long as it lives (for the whole of a corpus list the caller keeps).
+fn fill_buffer(iter: &Bound<'_, PyIterator>, buffer: &mut Vec<Py<PyAny>>, size: usize, seen: &mut usize) -> PyResult<bool> {
     let mut iter = iter.clone();
     while buffer.len() < size {
         let Some(item) = iter.next() else { return Ok(true) };
         let item = item?;
-        if !item.is_instance_of::<PyString>() {
+        let Ok(text) = item.cast::<PyString>() else {
             return Err(PyTypeError::new_err(format!("train_from_iterator needs str items, but item {seen} is {}", type_name(&item))));
+        };
+        if !text.call_method0("isascii")?.is_truthy()? {
+            let utf8 = text.encode_utf8().map_err(|e| PyValueError::new_err(format!("item {seen} is not valid text: {e}")))?;
+            buffer.push(utf8.into_any().unbind());
+        } else {
+            buffer.push(item.unbind());
         }
-        buffer.push(item.cast_into::<PyString>()?.unbind());
         *seen += 1;
     }
     Ok(false)
+}
+
+/// The text of a buffered document: an ASCII str or the UTF-8 bytes of another one.
+fn doc_text<'a>(py: Python<'a>, doc: &'a Py<PyAny>) -> PyResult<&'a str> {
+    let doc = doc.bind(py);
+    if let Ok(text) = doc.cast::<PyString>() {
+        return text.to_str();
+    }
+    let bytes = doc.cast::<PyBytes>()?.as_bytes();
+    std::str::from_utf8(bytes).map_err(|e| PyValueError::new_err(format!("a document is not valid UTF-8: {e}")))
 }
 
 /// A byte-level BPE tokenizer: 256 byte tokens, then one token per merge.
@@ -140,17 +160,12 @@ impl Tokenizer {
         // Double buffering: while the worker threads count one buffer without the GIL, this thread
         // takes the GIL back to pull the next buffer from the Python iterator, so a slow Python
         // source (parquet reading, say) overlaps with the counting instead of adding to it.
-        // The buffers hold the str objects themselves; their UTF-8 bytes are read in place (a str
-        // is immutable and the buffer keeps it alive), so no document is ever copied.
-        let mut current: Vec<Py<PyString>> = Vec::with_capacity(buffer_size);
-        let mut next: Vec<Py<PyString>> = Vec::with_capacity(buffer_size);
+        let mut current: Vec<Py<PyAny>> = Vec::with_capacity(buffer_size);
+        let mut next: Vec<Py<PyAny>> = Vec::with_capacity(buffer_size);
         let mut seen = 0usize;
         let mut exhausted = fill_buffer(iter.bind(py), &mut current, buffer_size, &mut seen)?;
         while !current.is_empty() {
-            let docs: Vec<&str> = current
-                .iter()
-                .map(|t| t.bind(py).to_str().map_err(|e| PyValueError::new_err(format!("a document is not valid text: {e}"))))
-                .collect::<PyResult<_>>()?;
+            let docs: Vec<&str> = current.iter().map(|doc| doc_text(py, doc)).collect::<PyResult<_>>()?;
             let (counted, fetched) = py.detach(|| {
                 std::thread::scope(|scope| {
                     let counting = scope.spawn(|| count_chunks(&splitter, &docs, &mut counters));
