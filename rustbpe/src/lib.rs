@@ -12,29 +12,27 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
-use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyIterator, PyString};
-use rustc_hash::FxHashMap;
-
 mod encode;
+#[cfg(feature = "python")]
+mod python;
 mod split;
 mod train;
 
+pub use encode::encode_chunk;
 pub use split::{Splitter, DEFAULT_PATTERN, GPT4_PATTERN};
 pub use train::{train_merges, ChunkCounts, Pair};
 
 /// Number of worker threads: the cores this process may use, at most 8. Each counting thread keeps
 /// its own table of distinct chunks (merged at the end), so memory grows with the thread count; past
 /// 8 threads pulling documents out of Python is the bottleneck anyway.
-fn num_threads() -> usize {
+pub fn num_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
 }
 
 /// Split every document of `docs` and count its chunks into `counters` (one per thread).
 /// Threads take documents one at a time from a shared index, so one long document cannot leave
 /// the others idle for the whole buffer.
-fn count_chunks(splitter: &Splitter, docs: &[&str], counters: &mut [ChunkCounts]) -> Result<(), String> {
+pub fn count_chunks(splitter: &Splitter, docs: &[&str], counters: &mut [ChunkCounts]) -> Result<(), String> {
     let next_doc = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         let workers: Vec<_> = counters
@@ -53,208 +51,6 @@ fn count_chunks(splitter: &Splitter, docs: &[&str], counters: &mut [ChunkCounts]
         workers.into_iter().try_for_each(|w| w.join().expect("counting thread panicked"))
     })
 }
-
-/// Pull up to `size` documents from `iter` into `buffer`; Ok(true) when the iterator is exhausted.
-///
-/// No document is copied when it can be avoided: an ASCII str is kept as is and its bytes are read
-/// in place (a str is immutable, and the buffer keeps it alive). Any other str is encoded to a
-/// temporary bytes object, because asking CPython for its UTF-8 would attach a cached copy to the
-/// str for as long as it lives (for the whole of a corpus list the caller keeps).
-fn fill_buffer(iter: &Bound<'_, PyIterator>, buffer: &mut Vec<Py<PyAny>>, size: usize, seen: &mut usize) -> PyResult<bool> {
-    let mut iter = iter.clone();
-    while buffer.len() < size {
-        let Some(item) = iter.next() else { return Ok(true) };
-        let item = item?;
-        let Ok(text) = item.cast::<PyString>() else {
-            return Err(PyTypeError::new_err(format!("train_from_iterator needs str items, but item {seen} is {}", type_name(&item))));
-        };
-        if !text.call_method0("isascii")?.is_truthy()? {
-            let utf8 = text.encode_utf8().map_err(|e| PyValueError::new_err(format!("item {seen} is not valid text: {e}")))?;
-            buffer.push(utf8.into_any().unbind());
-        } else {
-            buffer.push(item.unbind());
-        }
-        *seen += 1;
-    }
-    Ok(false)
-}
-
-/// The text of a buffered document: an ASCII str or the UTF-8 bytes of another one.
-fn doc_text<'a>(py: Python<'a>, doc: &'a Py<PyAny>) -> PyResult<&'a str> {
-    let doc = doc.bind(py);
-    if let Ok(text) = doc.cast::<PyString>() {
-        return text.to_str();
-    }
-    let bytes = doc.cast::<PyBytes>()?.as_bytes();
-    std::str::from_utf8(bytes).map_err(|e| PyValueError::new_err(format!("a document is not valid UTF-8: {e}")))
-}
-
-/// A byte-level BPE tokenizer: 256 byte tokens, then one token per merge.
-#[pyclass(module = "rustbpe")]
-pub struct Tokenizer {
-    /// merges[i] is the pair merged into token 256 + i.
-    merges: Vec<Pair>,
-    /// pair -> the token it merges into (its rank, for encoding).
-    ranks: FxHashMap<Pair, u32>,
-    pattern: String,
-    splitter: Splitter,
-}
-
-impl Tokenizer {
-    /// The bytes of every token, indexed by id.
-    fn token_bytes(&self) -> Vec<Vec<u8>> {
-        let mut table: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-        for &(a, b) in &self.merges {
-            let merged = [table[a as usize].as_slice(), table[b as usize].as_slice()].concat();
-            table.push(merged);
-        }
-        table
-    }
-
-    fn encode_str(&self, text: &str) -> Result<Vec<u32>, String> {
-        let mut out = Vec::with_capacity(text.len() / 3);
-        self.splitter.for_each(text, |chunk| encode::encode_chunk(&self.ranks, chunk.as_bytes(), &mut out))?;
-        Ok(out)
-    }
-}
-
-#[pymethods]
-impl Tokenizer {
-    #[new]
-    fn new() -> Self {
-        Tokenizer {
-            merges: Vec::new(),
-            ranks: FxHashMap::default(),
-            pattern: DEFAULT_PATTERN.to_string(),
-            splitter: Splitter::new(DEFAULT_PATTERN).expect("the default pattern compiles"),
-        }
-    }
-
-    /// Train on an iterator of str: `vocab_size` = 256 + number of merges. Documents are pulled
-    /// `buffer_size` at a time under the GIL, then split and counted on all cores without it.
-    /// `pattern` defaults to GPT-4's split pattern with `\p{N}{1,2}`.
-    #[pyo3(signature = (iterator, vocab_size, buffer_size=8192, pattern=None))]
-    fn train_from_iterator(
-        &mut self,
-        py: Python<'_>,
-        iterator: &Bound<'_, PyAny>,
-        vocab_size: i64,
-        buffer_size: usize,
-        pattern: Option<String>,
-    ) -> PyResult<()> {
-        if !(256..=u32::MAX as i64).contains(&vocab_size) {
-            return Err(PyValueError::new_err(format!("vocab_size must be at least 256 (the byte tokens), got {vocab_size}")));
-        }
-        if buffer_size == 0 {
-            return Err(PyValueError::new_err("buffer_size must be at least 1"));
-        }
-        let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
-        let splitter = Splitter::new(&pattern).map_err(PyValueError::new_err)?;
-        let iter: Py<PyIterator> = iterator
-            .try_iter()
-            .map_err(|_| PyTypeError::new_err(format!("train_from_iterator needs an iterable of str, got {}", type_name(iterator))))?
-            .unbind();
-
-        log("training starts".to_string());
-        let mut counters: Vec<ChunkCounts> = (0..num_threads()).map(|_| ChunkCounts::default()).collect();
-        // Double buffering: while the worker threads count one buffer without the GIL, this thread
-        // takes the GIL back to pull the next buffer from the Python iterator, so a slow Python
-        // source (parquet reading, say) overlaps with the counting instead of adding to it.
-        let mut current: Vec<Py<PyAny>> = Vec::with_capacity(buffer_size);
-        let mut next: Vec<Py<PyAny>> = Vec::with_capacity(buffer_size);
-        let mut seen = 0usize;
-        let mut exhausted = fill_buffer(iter.bind(py), &mut current, buffer_size, &mut seen)?;
-        while !current.is_empty() {
-            let docs: Vec<&str> = current.iter().map(|doc| doc_text(py, doc)).collect::<PyResult<_>>()?;
-            let (counted, fetched) = py.detach(|| {
-                std::thread::scope(|scope| {
-                    let counting = scope.spawn(|| count_chunks(&splitter, &docs, &mut counters));
-                    let fetched = if exhausted {
-                        Ok(true)
-                    } else {
-                        Python::attach(|py| fill_buffer(iter.bind(py), &mut next, buffer_size, &mut seen))
-                    };
-                    (counting.join().expect("counting thread panicked"), fetched)
-                })
-            });
-            counted.map_err(PyValueError::new_err)?;
-            exhausted = fetched?;
-            drop(docs);
-            std::mem::swap(&mut current, &mut next);
-            next.clear();
-        }
-        log(format!("{seen} documents split and counted"));
-
-        let merges = py.detach(|| {
-            let mut counters = counters.into_iter();
-            let mut chunks = counters.next().unwrap_or_default();
-            for other in counters {
-                chunks.absorb(other);
-            }
-            log(format!("{seen} documents, {} distinct chunks", chunks.len()));
-            train_merges(chunks, (vocab_size - 256) as u32)
-        });
-        self.ranks = merges.iter().enumerate().map(|(i, &pair)| (pair, 256 + i as u32)).collect();
-        self.merges = merges;
-        self.pattern = pattern;
-        self.splitter = splitter;
-        Ok(())
-    }
-
-    /// The split pattern (the default one until training sets another).
-    fn get_pattern(&self) -> String {
-        self.pattern.clone()
-    }
-
-    /// [(token bytes, rank)] for ranks 0..vocab_size-1: the 256 single bytes, then the merges in order.
-    fn get_mergeable_ranks<'py>(&self, py: Python<'py>) -> Vec<(Bound<'py, PyBytes>, u32)> {
-        self.token_bytes().iter().enumerate().map(|(i, b)| (PyBytes::new(py, b), i as u32)).collect()
-    }
-
-    /// Token ids of `text`: split with the pattern, then merge by rank (identical to tiktoken).
-    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
-        py.detach(|| self.encode_str(text)).map_err(PyValueError::new_err)
-    }
-
-    /// Encode many texts on all cores.
-    fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
-        py.detach(|| {
-            let chunk = texts.len().div_ceil(num_threads()).max(1);
-            std::thread::scope(|scope| {
-                let parts: Vec<_> = texts
-                    .chunks(chunk)
-                    .map(|part| scope.spawn(move || part.iter().map(|t| self.encode_str(t)).collect::<Result<Vec<_>, _>>()))
-                    .collect();
-                let mut out: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
-                for part in parts {
-                    out.extend(part.join().expect("encoding thread panicked")?);
-                }
-                Ok::<_, String>(out)
-            })
-        })
-        .map_err(PyValueError::new_err)
-    }
-
-    /// Text of token ids; byte sequences that are not valid UTF-8 become U+FFFD.
-    fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
-        let table = self.token_bytes();
-        let mut bytes = Vec::new();
-        for id in ids {
-            let Some(b) = table.get(id as usize) else {
-                return Err(PyValueError::new_err(format!("token id {id} is out of range (vocab_size {})", table.len())));
-            };
-            bytes.extend_from_slice(b);
-        }
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    /// 256 + number of merges.
-    #[getter]
-    fn vocab_size(&self) -> u32 {
-        256 + self.merges.len() as u32
-    }
-}
-
 /// Progress lines on stderr when RUSTBPE_LOG is set (seconds since the first line).
 pub fn log(msg: String) {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -262,27 +58,4 @@ pub fn log(msg: String) {
         let t = START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64();
         eprintln!("rustbpe [{t:7.2}s] {msg}");
     }
-}
-
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type().name().map_or_else(|_| "?".to_string(), |n| n.to_string())
-}
-
-/// The chunks `text` is cut into before merging (default pattern: GPT-4's with `\p{N}{1,2}`).
-/// Not in the PyPI package: it exists so tests can compare the split with Python's `regex`.
-#[pyfunction]
-#[pyo3(signature = (text, pattern=None))]
-fn split_text(text: &str, pattern: Option<&str>) -> PyResult<Vec<String>> {
-    let splitter = Splitter::new(pattern.unwrap_or(DEFAULT_PATTERN)).map_err(PyValueError::new_err)?;
-    let chunks = splitter.split(text).map_err(PyValueError::new_err)?;
-    Ok(chunks.into_iter().map(str::to_string).collect())
-}
-
-#[pymodule]
-fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Tokenizer>()?;
-    m.add_function(wrap_pyfunction!(split_text, m)?)?;
-    m.add("DEFAULT_PATTERN", DEFAULT_PATTERN)?;
-    m.add("GPT4_PATTERN", GPT4_PATTERN)?;
-    Ok(())
 }
