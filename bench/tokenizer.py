@@ -9,7 +9,11 @@ to PyPI rustbpe's, token by token.
 
 The PyPI package is installed apart so it does not shadow ours:
     .venv/bin/pip install --target .bench_deps/pypi_rustbpe rustbpe
-Run:  python -m bench.tokenizer [--mb 100] [--vocab-size 32768]
+Run:  python -m bench.tokenizer [--mb 100] [--vocab-size 32768] [--repeat 3]
+
+Columns: wall seconds of train_from_iterator, MB/s (UTF-8 bytes), CPU seconds of the process (all
+threads), peak RSS, peak RSS above the RSS with the corpus loaded, and the 1-minute load average
+before/after the run (the machine is shared: a load above the core count slows every trainer).
 """
 import argparse
 import json
@@ -106,6 +110,8 @@ def main():
     parser.add_argument("--mb", type=float, default=100, help="corpus size in MB of source code")
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--trainers", default="ours,pypi,hf", help="comma-separated subset of ours,pypi,hf")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per trainer; the median time is reported "
+                        "(other processes sharing the cores make single runs noisy)")
     parser.add_argument("--pypi-dir", default=str(REPO / ".bench_deps" / "pypi_rustbpe"),
                         help="directory the PyPI rustbpe was pip-installed into with --target")
     parser.add_argument("--worker", choices=list(TRAINERS), help=argparse.SUPPRESS)
@@ -124,14 +130,18 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name in trainers:
             out = Path(tmp) / f"{name}.pkl"
-            load_before = os.getloadavg()[0]
-            cmd = [sys.executable, "-m", "bench.tokenizer", "--worker", name, "--mb", str(args.mb),
-                   "--vocab-size", str(args.vocab_size), "--pypi-dir", args.pypi_dir, "--tokens-out", str(out)]
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"error: the {name} run failed:\n{proc.stderr[-3000:]}")
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[name]["load"] = (load_before, os.getloadavg()[0])
+            runs = []
+            for _ in range(args.repeat):
+                load_before = os.getloadavg()[0]
+                cmd = [sys.executable, "-m", "bench.tokenizer", "--worker", name, "--mb", str(args.mb),
+                       "--vocab-size", str(args.vocab_size), "--pypi-dir", args.pypi_dir, "--tokens-out", str(out)]
+                proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"error: the {name} run failed:\n{proc.stderr[-3000:]}")
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                runs[-1]["load"] = (load_before, os.getloadavg()[0])
+            runs.sort(key=lambda r: r["seconds"])
+            results[name] = dict(runs[len(runs) // 2], all_seconds=[r["seconds"] for r in runs])
             tokens[name] = pickle.loads(out.read_bytes())
 
     # Imported only now: a child's ru_maxrss starts from its parent's RSS at fork time (Linux keeps
@@ -142,10 +152,13 @@ def main():
     first = next(iter(results.values()))
     print(f"corpus: {first['mb']:.1f} MB of Python source ({first['docs']} files), vocab {args.vocab_size}, "
           f"{os.cpu_count()} cores, corpus loaded in each process: {first['rss_loaded_mb']:.0f} MB RSS")
+    if args.repeat > 1:
+        print(f"median of {args.repeat} runs each (the runs' seconds in brackets)")
     print(f"{'trainer':<18} {'seconds':>8} {'MB/s':>7} {'CPU s':>7} {'peak RSS MB':>12} {'over corpus MB':>15} {'load avg':>11}")
     for name, r in results.items():
+        runs = "" if args.repeat == 1 else "  [" + " ".join(f"{t:.2f}" for t in r["all_seconds"]) + "]"
         print(f"{TRAINERS[name]:<18} {r['seconds']:>8.2f} {r['mb'] / r['seconds']:>7.1f} {r['cpu_seconds']:>7.2f} "
-              f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['rss_loaded_mb']:>15.0f} {r['load'][0]:>5.1f}/{r['load'][1]:<5.1f}")
+              f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['rss_loaded_mb']:>15.0f} {r['load'][0]:>5.1f}/{r['load'][1]:<5.1f}{runs}")
     if "ours" in results:
         ours = results["ours"]
         for name in ("pypi", "hf"):
