@@ -177,6 +177,7 @@ def main(argv=None):
     T = args.max_seq_len or config.sequence_len
     if T > model.rotary_len:
         raise NanocodeError(f"--max-seq-len {T} exceeds the model's rotary table ({model.rotary_len})")
+    config.sequence_len = T  # the context of the fine-tuned model (the engine's limit too); saved in its config
     tag = args.model_tag or f"d{config.n_layer}"
     pad_id = tokenizer.bos_id  # never a target: pad targets are -1
 
@@ -259,7 +260,7 @@ def main(argv=None):
 
     if rank == 0:
         out_dir = checkpoint_dir("sft", tag)
-        meta = {"model_config": base_meta["model_config"], "base_step": base_meta.get("step"), "sft_args": vars(args),
+        meta = {"model_config": config.to_dict(), "base_step": base_meta.get("step"), "sft_args": vars(args),
                 "val_loss": val_loss, "validity": v, "validity_before": validity_before}
         save_checkpoint(out_dir, num_steps, model.state_dict(), None, meta)
         log_stage("sft", model_tag=tag, steps=num_steps, batch_size=args.batch_size, mix=args.mix,
