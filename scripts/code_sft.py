@@ -188,6 +188,9 @@ def main(argv=None):
     prompts = tool_call_prompts(tokenizer, val_convs, args.eval_prompts, T - 8, args.seed)
     if not train_rows:
         raise NanocodeError(f"no training conversations with assistant tokens in --mix {args.mix!r}")
+    if not val_rows:
+        raise NanocodeError(f"no held-out conversations for --mix {args.mix!r}: .jsonl files are training-only; "
+                            f"include synth or a hub source")
     if args.batch_size % world_size:
         raise NanocodeError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
     per_rank = args.batch_size // world_size
