@@ -82,13 +82,15 @@ def render_side(tokenizer, prompt: dict, message: dict, max_len: int):
 
 def render_pairs(tokenizer, pairs, max_len: int):
     """[(chosen row, rejected row)] for pairs where both sides keep at least one token after the cut and
-    still differ (two long sides cut to the same prefix carry no preference)."""
-    out = []
+    still differ (two long sides cut to the same prefix carry no preference), and each pair's "kind"
+    (the synthetic flaw, or "-")."""
+    out, kinds = [], []
     for p in pairs:
         c, r = render_side(tokenizer, p["prompt"], p["chosen"], max_len), render_side(tokenizer, p["prompt"], p["rejected"], max_len)
         if sum(c[1][1:]) and sum(r[1][1:]) and c != r:
             out.append((c, r))
-    return out
+            kinds.append(str(p.get("kind", "-")))
+    return out, kinds
 
 
 def side_logps(model, rows, pad_id: int, device, amp):
@@ -113,17 +115,19 @@ def reference_logps(model, pairs, batch_size, pad_id, device, amp):
 
 
 @torch.no_grad()
-def evaluate(model, pairs, ref_c, ref_r, args, pad_id, device, amp) -> dict:
+def evaluate(model, pairs, kinds, ref_c, ref_r, args, pad_id, device, amp) -> dict:
     losses, cr, rr_, pref = [], [], [], []
     for i in range(0, len(pairs), args.batch_size):
         pc, pr, nc, nr = pair_logps(model, pairs[i:i + args.batch_size], pad_id, device, amp)
         l, c, r = dpo_loss(pc, pr, ref_c[i:i + len(pc)], ref_r[i:i + len(pc)], args.beta, args.loss, nc, nr)
         losses.append(l), cr.append(c), rr_.append(r), pref.append(pc / nc > pr / nr)
     losses, cr, rr_, pref = torch.cat(losses), torch.cat(cr), torch.cat(rr_), torch.cat(pref)
+    right = (cr > rr_).tolist()
+    by_kind = {k: sum(r for r, kk in zip(right, kinds) if kk == k) / kinds.count(k) for k in sorted(set(kinds))}
     return {"loss": losses.mean().item(), "reward_accuracy": (cr > rr_).float().mean().item(),
             "ties": (cr == rr_).float().mean().item(), "margin": (cr - rr_).mean().item(),
             "chosen_reward": cr.mean().item(), "rejected_reward": rr_.mean().item(),
-            "logp_accuracy": pref.float().mean().item(), "pairs": len(pairs)}
+            "logp_accuracy": pref.float().mean().item(), "pairs": len(pairs), "reward_accuracy_by_kind": by_kind}
 
 
 def fmt(m: dict) -> str:
@@ -146,8 +150,8 @@ def main(argv=None):
     tag = args.model_tag or f"d{config.n_layer}"
     pad_id = tokenizer.bos_id
     sft_dir = get_base_dir() / "sft"
-    train = render_pairs(tokenizer, load_jsonl(args.train or sft_dir / "dpo_train.jsonl", kind="preference"), T)
-    val = render_pairs(tokenizer, load_jsonl(args.val or sft_dir / "dpo_val.jsonl", kind="preference"), T)
+    train, _ = render_pairs(tokenizer, load_jsonl(args.train or sft_dir / "dpo_train.jsonl", kind="preference"), T)
+    val, val_kinds = render_pairs(tokenizer, load_jsonl(args.val or sft_dir / "dpo_val.jsonl", kind="preference"), T)
     if not train or not val:
         raise NanocodeError(f"no usable pairs ({len(train)} train, {len(val)} val) after cutting to {T} tokens")
     if args.batch_size % world_size:
@@ -178,7 +182,7 @@ def main(argv=None):
         last = step == num_steps
         if rank == 0 and (step == 0 or last or (args.eval_every > 0 and step % args.eval_every == 0)):
             model.eval()
-            m = evaluate(model, val, *ref_val, args, pad_id, device, amp)
+            m = evaluate(model, val, val_kinds, *ref_val, args, pad_id, device, amp)
             model.train()
             before = before or m
             curves["val"].append((step, m))
@@ -227,6 +231,8 @@ def main(argv=None):
         print0(f"saved {out_dir}; held-out preference (reward) accuracy {before['reward_accuracy']:.3f} -> "
                f"{m['reward_accuracy']:.3f}, margin {before['margin']:+.4f} -> {m['margin']:+.4f}, per-token "
                f"log-prob preference {before['logp_accuracy']:.3f} -> {m['logp_accuracy']:.3f}")
+        print0("held-out reward accuracy by kind: " + ", ".join(
+            f"{k} {v:.3f} ({val_kinds.count(k)})" for k, v in m["reward_accuracy_by_kind"].items()))
     compute_cleanup()
 
 

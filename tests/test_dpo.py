@@ -95,3 +95,4 @@ def test_dpo_short_run_end_to_end(base_dir, tokenizer, model, pairs):
     report = json.loads((base_dir / "report" / "dpo.json").read_text())
     assert report["val_before"]["reward_accuracy"] == 0.0 and report["val_before"]["ties"] == 1.0  # policy == reference
     assert len(report["curves"]["loss"]) == 2 and report["val_pairs"] == len(pairs) - 6
+    assert set(report["val_after"]["reward_accuracy_by_kind"]) <= set(synth.PAIR_KINDS)
