@@ -176,7 +176,7 @@ class Tokenizer:
         final assistant message, if there is one, as in an eval sample that holds its answer)
         followed by <|assistant_start|>."""
         messages = list(_checked(conversation))
-        if messages and messages[-1]["role"] == "assistant":
+        if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
         ids, _ = self.render_conversation({"messages": messages})
         return ids + [self.special_id("<|assistant_start|>")]
