@@ -23,6 +23,7 @@ serves one request at a time; other requests wait for a free replica.
 import argparse
 import asyncio
 import json
+import os
 import queue
 import threading
 import time
@@ -98,8 +99,8 @@ def parse_request(body: bytes, args, engine) -> dict:
     for i, m in enumerate(msgs):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("system", "user", "assistant"):
-            raise RequestError(400, f"messages[{i}]: role must be system, user or assistant, got {role!r}"
-                               + (" (tools run on the server, so there are no tool messages)" if role == "tool" else ""))
+            hint = " (tools run on the server, so there are no tool messages)" if role == "tool" else ""
+            raise RequestError(400, f"messages[{i}]: role must be system, user or assistant, got {role!r}{hint}")
     conv = {"messages": [{"role": m["role"], "content": m.get("content")} for m in msgs]}
     try:
         validate_conversation(conv, "messages", last_role="user")
@@ -110,7 +111,7 @@ def parse_request(body: bytes, args, engine) -> dict:
         value = req.get(key, default)
         if value is None:
             return default
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+        ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
         if not ok or not lo <= value <= hi:
             raise RequestError(400, f"'{key}' must be {'an integer' if kind is int else 'a number'} in [{lo}, {hi}], "
                                     f"got {value!r}")
@@ -253,8 +254,8 @@ def create_app(engines, args):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "replicas": len(engines), "free": free.qsize(),
-                "tools": str(workdir) if workdir else None}
+        return {"status": "ok", "model": model_name, "pid": os.getpid(), "replicas": len(engines),
+                "free": free.qsize(), "tools": str(workdir) if workdir else None}
 
     @app.get("/")
     async def ui():

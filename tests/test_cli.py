@@ -84,7 +84,8 @@ def test_repl_approval_flow_and_ctrl_c(tmp_path):
         "Still here.",
     ]
     script = write_script(tmp_path / "script.json", turns, delay=0.01)
-    term = Terminal(script_argv("scripts.code_cli", "--fake-script", script, "--workdir", str(work)), REPO, script_env())
+    argv = script_argv("scripts.code_cli", "--fake-script", script, "--workdir", str(work))
+    term = Terminal(argv, REPO, script_env())
     try:
         term.expect("> ")
         term.send("make a file\n")

@@ -107,8 +107,9 @@ def test_validate_tool_call():
     assert "unknown tool 'rm'" in validate_tool_call({"name": "rm", "arguments": {}})
     assert "missing required argument 'command'" in validate_tool_call({"name": "bash", "arguments": {}})
     assert "unknown argument 'cwd'" in validate_tool_call({"name": "bash", "arguments": {"command": "ls", "cwd": "/"}})
-    assert "must be of type integer" in validate_tool_call({"name": "read_file", "arguments": {"path": "a", "offset": "2"}})
-    assert "must be of type integer" in validate_tool_call({"name": "read_file", "arguments": {"path": "a", "offset": True}})
+    for offset in ("2", True, 2.0):
+        err = validate_tool_call({"name": "read_file", "arguments": {"path": "a", "offset": offset}})
+        assert "argument 'offset' must be of type integer" in err
     assert "must be a JSON object" in validate_tool_call(["bash"])
     assert "needs an 'arguments' object" in validate_tool_call({"name": "bash"})
     assert "unknown key" in validate_tool_call({"name": "bash", "arguments": {"command": "ls"}, "id": 1})

@@ -2,8 +2,10 @@
 openai client in both modes, tool calls run server-side only with --allow-tools, 4xx errors with a
 message for bad requests, and the web UI in headless Chromium (message sent, streamed reply rendered,
 screenshot saved)."""
+import base64
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -25,6 +27,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(flags, log):
+    """Start code_web on a free port and wait for /health; try another port if this one was taken
+    meanwhile (other test runs share the machine). Returns (process, url)."""
+    for _ in range(3):
+        port = free_port()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(script_argv("scripts.code_web", "--port", str(port), *flags), cwd=REPO,
+                                    env=script_env(), stdout=f, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120  # only guards against a hang
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).json().get("pid") == proc.pid:
+                    return proc, url
+            except (httpx.TransportError, ValueError):
+                pass
+            time.sleep(0.2)
+        stop(proc)
+        if "address already in use" not in log.read_text():
+            break
+    raise AssertionError(f"the server did not come up:\n{log.read_text()}")
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def server(tmp_path, turns, *flags, sequence_len=4096):
     """The server on a free port: with a scripted fake model given `turns`, or with `flags` alone if None."""
@@ -32,32 +66,11 @@ def server(tmp_path, turns, *flags, sequence_len=4096):
         script = tmp_path / "script.json"
         script.write_text(json.dumps({"turns": turns, "sequence_len": sequence_len}))
         flags = ("--fake-script", str(script), *flags)
-    port, log = free_port(), tmp_path / "server.log"
-    argv = script_argv("scripts.code_web", "--port", str(port), *flags)
-    with open(log, "w") as f:
-        proc = subprocess.Popen(argv, cwd=REPO, env=script_env(), stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(flags, tmp_path / "server.log")
     try:
-        deadline = time.monotonic() + 120  # only guards against a hang
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server did not come up:\n{log.read_text()}")
-            time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.fixture
@@ -120,7 +133,8 @@ def test_tools_off_without_allow_tools_and_bad_requests(tmp_path, workdir):
             (b"[1, 2]", 400, "must be a JSON object"),
             ({"model": "x"}, 400, "'messages' is required"),
             ({"messages": []}, 400, "'messages' is required"),
-            ({"messages": [{"role": "tool", "content": "x"}]}, 400, "role must be system, user or assistant, got 'tool'"),
+            ({"messages": [{"role": "tool", "content": "x"}]}, 400,
+             "role must be system, user or assistant, got 'tool' (tools run on the server"),
             ({"messages": user + [{"role": "assistant", "content": "hey"}]}, 400, "must end with a user message"),
             ({"messages": [{"role": "user", "content": 5}]}, 400, "content must be a string or a list"),
             ({"messages": user, "temperature": 5}, 400, "'temperature' must be a number in [0.0, 2.0]"),
@@ -180,19 +194,105 @@ def find_chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON
+    messages separated by NUL bytes, we write to its fd 3 and read its fd 4), so no websocket library
+    is needed and we can wait for the page itself to say it is done (virtual-time flags cannot see
+    the end of a streamed response)."""
+
+    def __init__(self, chromium, profile):
+        to_browser, self._w = os.pipe()
+        self._r, from_browser = os.pipe()
+        flags = f"--headless --no-sandbox --disable-gpu --disable-dev-shm-usage --window-size=1000,700 " \
+                f"--user-data-dir={profile} --remote-debugging-pipe"
+        command = f'exec "{chromium}" {flags} about:blank 3<&{to_browser} 4>&{from_browser}'
+        self.proc = subprocess.Popen(["bash", "-c", command], pass_fds=(to_browser, from_browser),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser)
+        os.close(from_browser)
+        self._buf, self._id = b"", 0
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def call(self, method, session=None, **params):
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        while True:  # skip events until our answer
+            while b"\0" not in self._buf:
+                chunk = os.read(self._r, 1 << 16)
+                if not chunk:
+                    raise AssertionError("chromium closed the DevTools pipe")
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise AssertionError(f"DevTools {method}: {reply['error']}")
+                return reply["result"]
+
+    def page(self, method, **params):
+        return self.call(method, session=self.session, **params)
+
+    def js(self, expression):
+        return self.page("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def close(self):
+        try:
+            self.call("Browser.close")
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._w)
+        os.close(self._r)
+
+
 @pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (Debian: apt-get install -y chromium)")
 def test_web_ui_in_headless_chromium(tmp_path, workdir):
-    chromium = find_chromium()
-    with server(tmp_path, [TOOL_TURN, TOOL_TURN], "--allow-tools", str(workdir)) as url:
-        page = url + "/?q=what%20is%20in%20hello.txt%3F"  # the UI sends ?q= on load
-        common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--window-size=1000,700"]
-        dom = subprocess.run(common + ["--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
-        assert 'data-state="done"' in dom, dom[-3000:]
-        assert "what is in hello.txt?" in dom  # the user's message
-        assert "Let me look." in dom and "It says hi." in dom  # the streamed reply
-        assert "tool call: bash" in dom and "hi there" in dom  # the tool call and its output
-        shot = tmp_path / "ui.png"
-        subprocess.run(common + [f"--screenshot={shot}", page], capture_output=True, timeout=180)
-        assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        print(f"screenshot: {shot}")
+    with server(tmp_path, [TOOL_TURN, "Still hi."], "--allow-tools", str(workdir)) as url:
+        browser = Browser(find_chromium(), tmp_path / "profile")
+        try:
+            browser.page("Page.navigate", url=url + "/")
+            deadline = time.monotonic() + 120  # guards a hang only
+            while True:
+                try:  # evaluating while the navigation swaps documents may fail: try again
+                    if browser.js("document.readyState === 'complete' && document.body.dataset.state") == "ready":
+                        break
+                except AssertionError:
+                    pass
+                assert time.monotonic() < deadline, "the page did not load"
+                time.sleep(0.1)
+            # type a message and press Send, as a user would
+            browser.js("document.getElementById('input').value = 'what is in hello.txt?';"
+                       "document.getElementById('send').click()")
+            seen_streaming = False
+            while (state := browser.js("document.body.dataset.state")) != "done":
+                assert state in ("streaming", "ready"), browser.js("document.getElementById('log').innerText")
+                seen_streaming |= state == "streaming"
+                assert time.monotonic() < deadline, "the reply did not finish"
+                time.sleep(0.05)
+            log = browser.js("document.getElementById('log').innerText")
+            assert "what is in hello.txt?" in log  # the user's message
+            assert "Let me look." in log and "It says hi." in log  # the streamed reply
+            assert "tool call: bash" in log and "cat hello.txt" in log and "hi there" in log  # the call and its output
+            assert browser.js("document.querySelectorAll('.msg.assistant .output').length") == 1
+            # a second turn sends the first reply back with its tool parts, which the server must accept
+            browser.js("document.getElementById('input').value = 'and now?';document.getElementById('send').click()")
+            while browser.js("document.body.dataset.state") != "done":
+                assert browser.js("document.body.dataset.state") == "streaming", browser.js("document.body.innerText")
+                assert time.monotonic() < deadline, "the second reply did not finish"
+                time.sleep(0.05)
+            assert browser.js("document.querySelectorAll('.msg.assistant').length") == 2
+            assert browser.js("document.querySelectorAll('.error').length") == 0
+            shot = tmp_path / "ui.png"
+            shot.write_bytes(base64.b64decode(browser.page("Page.captureScreenshot", format="png")["data"]))
+            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            print(f"screenshot: {shot} (streaming state seen: {seen_streaming})")
+        finally:
+            browser.close()
