@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nanocode.common import NanocodeError, nvtx_range, run_main
+from nanocode.common import NanocodeError, autocast, nvtx_range, run_main
 from nanocode.gpt import GPT, GPTConfig, build_model
 
 # Nominal dense bf16 tensor-core peaks (FLOP/s, SXM parts), matched against the device name.
@@ -85,7 +85,7 @@ def build_train_step(depth, seq_len, batch_size, vocab_size, device, use_compile
     model = build_model(GPTConfig.from_depth(depth, vocab_size, seq_len), device)
     optimizers = model.setup_optimizers()
     train_model = torch.compile(model, dynamic=False) if use_compile else model
-    amp = torch.amp.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = autocast(device)
     g = torch.Generator(device=device).manual_seed(0)
     data = torch.randint(0, vocab_size, (4, batch_size, seq_len + 1), device=device, generator=g)
 

@@ -71,9 +71,12 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs, fp32 on CPU (exact and reproducible there)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def autocast(device: torch.device):
+    """The mixed-precision context: bf16 autocast on GPUs; none on CPU, which runs fp32 (exact and
+    reproducible there). Reusable: `amp = autocast(device)`, then `with amp:` as often as needed."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def run_main(main):

@@ -21,7 +21,6 @@ import http.client
 import os
 import random
 import site
-import sys
 import sysconfig
 import time
 import urllib.error

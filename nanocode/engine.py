@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from nanocode.common import autocast_dtype
+from nanocode.common import autocast
 from nanocode.tools import run_tool, validate_tool_call
 
 DENIED = "denied by the user"
@@ -126,8 +126,7 @@ class Engine:
     def _forward(self, cache: KVCache, ids) -> torch.Tensor:
         """Feed `ids` (B, T) through the model at the cache's position; logits of the last position (B, V)."""
         x = torch.as_tensor(ids, dtype=torch.long, device=self.device)
-        dev = self.device.type
-        with torch.autocast(dev, dtype=autocast_dtype(self.device), enabled=dev == "cuda"):
+        with autocast(self.device):
             return self.model(x, kv_cache=cache)[:, -1, :].float()
 
     def _generators(self, seed: int, n: int):

@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from nanocode.common import NanocodeError, autocast_dtype, compute_cleanup, compute_init, print0, run_main
+from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="bits per byte on the validation shard, per language, and samples")
@@ -99,7 +99,7 @@ def bpb_per_language(model, tokenizer, docs, batch_size: int, seq_len: int, max_
     langs, sums = [], defaultdict(lambda: [0.0, 0, 0])
     for x, y, lab in token_batches(docs, tokenizer, batch_size, seq_len, max_tokens, langs):
         x, y, lab = x.to(device), y.to(device), lab.to(device).view(-1)
-        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
+        with autocast(device):
             loss = model(x, y, loss_reduction="none").view(-1).double()
         nbytes = token_bytes[y.view(-1)]
         counted = nbytes > 0

@@ -9,14 +9,12 @@ Everything follows from --depth: width 64*depth, heads of 128, learning rates sc
 the number of steps from a tokens:parameters ratio (20, Chinchilla). Explicit flags override.
 """
 import argparse
-import contextlib
-import math
 import time
 
 import torch
 
 from nanocode.checkpoint import checkpoint_dir, list_steps, load_checkpoint, save_checkpoint
-from nanocode.common import (NanocodeError, autocast_dtype, compute_cleanup, compute_init, nvtx_range,
+from nanocode.common import (NanocodeError, autocast, compute_cleanup, compute_init, nvtx_range,
                              print0, run_main, set_nvtx)
 from nanocode.dataloader import DataLoader
 from nanocode.gpt import GPTConfig, build_model
@@ -111,7 +109,7 @@ def main(argv=None):
     is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     set_nvtx(args.profile)
     torch.manual_seed(args.seed)
-    amp = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = autocast(device)
     tokenizer = get_tokenizer()
     token_bytes = tokenizer.token_bytes.to(device)
 

@@ -22,14 +22,13 @@ Rewards are beta * (log pi - log ref) of each side; reward accuracy = share of p
 is strictly higher (so at step 0, where policy = reference and every reward is 0, it is 0).
 """
 import argparse
-import contextlib
 import time
 
 import torch
 import torch.nn.functional as F
 
 from nanocode.checkpoint import checkpoint_dir, load_model, save_checkpoint
-from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, get_base_dir, print0, run_main
 from nanocode.conversations import load_jsonl, pad_batch
 from nanocode.optim import all_reduce_gradients
 from nanocode.report import log_stage
@@ -140,7 +139,7 @@ def main(argv=None):
     args = get_args(argv)
     is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     torch.manual_seed(args.seed)
-    amp = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = autocast(device)
     if args.beta <= 0:
         raise NanocodeError(f"--beta must be > 0, got {args.beta}")
 

@@ -19,7 +19,6 @@ Every --eval-every steps, on held-out conversations (a different slice of the co
   (nanocode.tools.validate_tool_call). Reported as valid / generated calls, and valid / prompts.
 """
 import argparse
-import contextlib
 import json
 import random
 import time
@@ -27,7 +26,7 @@ import time
 import torch
 
 from nanocode.checkpoint import checkpoint_dir, load_model, save_checkpoint
-from nanocode.common import NanocodeError, compute_cleanup, compute_init, print0, run_main
+from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.conversations import load_mixture, pad_batch
 from nanocode.optim import all_reduce_gradients
 from nanocode.report import log_stage
@@ -170,7 +169,7 @@ def main(argv=None):
     args = get_args(argv)
     is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     torch.manual_seed(args.seed)
-    amp = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    amp = autocast(device)
 
     model, tokenizer, base_meta = load_model("base", device, tag=args.model_tag, step=args.model_step)
     config = model.config
