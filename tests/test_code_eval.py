@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanocode.code_tasks import (chat_completion, extract_code, load_humaneval, load_mbpp, pass_at_k, program,
+from nanocode.code_tasks import (chat_completion, extract_code, load_humaneval, load_mbpp, pass_at_k,
                                  truncate_at_stop, HUMANEVAL_STOP)
 from nanocode.common import NanocodeError
 from scripts.code_eval import generate, parse_ks, read_samples, score, summarize

@@ -4,7 +4,6 @@ import http.server
 import io
 import socket
 import threading
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -2,7 +2,6 @@
 and a short run goes end to end."""
 import json
 import math
-import random
 import sysconfig
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """SFT: the loss mask is exactly the assistant's tokens, padded rows never see each other, and a short
 run on a tiny random model goes end to end (checkpoint, report, validity numbers)."""
 import json
-import random
 import sysconfig
 from pathlib import Path
 

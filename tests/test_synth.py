@@ -11,7 +11,7 @@ from nanocode import synth
 from nanocode.common import NanocodeError
 from nanocode.conversations import (load_jsonl, mixture, parse_mix, validate_conversation, validate_preference,
                                     write_jsonl)
-from nanocode.tools import run_tool, validate_tool_call
+from nanocode.tools import validate_tool_call
 
 
 @pytest.fixture(scope="module")
