@@ -182,6 +182,8 @@ def key_numbers(stem, d):
     if stem == "base_train":
         return (f"d{fmt(get(d, 'depth'))}, {fmt(get(d, 'num_params'))} params, {fmt(get(d, 'tokens'))} tokens, "
                 f"val bpb {fmt(get(d, 'final_val_bpb'))}, loss {fmt(get(d, 'final_loss'))}")
+    if stem == "synth":
+        return ", ".join(f"{k.replace('_', ' ')} {fmt(d[k])}" for k in d if isinstance(d[k], int)) or None
     if stem == "base_eval":
         return f"val bpb {fmt(get(d, 'bpb'))}"
     if stem == "sft":
@@ -233,6 +235,15 @@ def series(curves):
     return out
 
 
+def ema(ys, beta=0.9):
+    """Debiased exponential moving average, as base_train prints its loss."""
+    out, avg = [], 0.0
+    for i, y in enumerate(ys):
+        avg = beta * avg + (1 - beta) * y
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
 def plot_curves(title, curves, path):
     """One panel per curve (loss, val bpb, ...); returns the path, or None when there is nothing to plot."""
     s = {k: v for k, v in series(curves).items() if v[0]}
@@ -246,7 +257,12 @@ def plot_curves(title, curves, path):
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     for ax, (name, (xs, ys)) in zip(axes.flat, s.items()):
-        ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3)
+        if len(xs) >= 50:  # a noisy per-step series: faint raw values under a smoothed line
+            ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
+            ax.plot(xs, ema(ys), color="C0", label="EMA 0.9")
+            ax.legend(fontsize=7)
+        else:
+            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -321,7 +337,8 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     out_dir = base / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = load_stages(base)
-    timings = load_timings(base)
+    order = {stem: i for i, (stem, _) in enumerate(STAGES)}
+    timings = dict(sorted(load_timings(base).items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
     sysinfo, gitinfo = system_info(), git_info()
     lines = ["# nanocode report card", "",
              f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} from `{base}`.", ""]

@@ -74,7 +74,7 @@ else
     EVAL_SOURCES=(dpo)
     DEMO_TOKENS=128
 fi
-echo "speedrun: $DEVICE x $([ "$DEVICE" = cuda ] && echo "$NPROC GPUs" || echo "$(nproc) cores"), depth $DEPTH, " \
+echo "speedrun: $DEVICE x $([ "$DEVICE" = cuda ] && echo "$NPROC GPUs" || echo "$(nproc) cores"), depth $DEPTH," \
      "vocab $VOCAB_SIZE, seq len $SEQ_LEN, data $([ "$DATA_FILES" -gt 0 ] && echo "$DATA_FILES hub files" || echo "offline ${DATA_MB}MB")," \
      "artifacts in $BASE"
 
@@ -138,7 +138,17 @@ stage tokenizer tokenizer_stage
 stage base_train "${LAUNCH[@]}" -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ_LEN" --fim-rate 0.5 \
     "${TRAIN_ARGS[@]}"
 stage base_eval "${LAUNCH[@]}" -m scripts.base_eval "${BASE_EVAL_ARGS[@]}"
-stage synth "$PYTHON" -m scripts.gen_synth "${SYNTH_ARGS[@]}"
+synth_stage() {
+    "$PYTHON" -m scripts.gen_synth "${SYNTH_ARGS[@]}" || return 1
+    "$PYTHON" - <<'EOF'
+from nanocode.common import get_base_dir
+from nanocode.report import log_stage
+count = lambda name: sum(1 for _ in open(get_base_dir() / "sft" / name))
+log_stage("synth", train_conversations=count("synth_train.jsonl"), val_conversations=count("synth_val.jsonl"),
+          train_pairs=count("dpo_train.jsonl"), val_pairs=count("dpo_val.jsonl"))
+EOF
+}
+stage synth synth_stage
 stage sft "${LAUNCH[@]}" -m scripts.code_sft "${SFT_ARGS[@]}"
 stage dpo "${LAUNCH[@]}" -m scripts.code_dpo "${DPO_ARGS[@]}"
 for source in "${EVAL_SOURCES[@]}"; do

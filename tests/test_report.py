@@ -23,7 +23,7 @@ def log_pipeline(base):
     log_stage("tokenizer", vocab_size=4096, train_seconds=1.2)
     log_stage("tokenizer", compression={"python": {"bytes": 300000, "ours": 3.317, "gpt2": 2.5}, "c": {"bytes": 1000, "ours": 2.3}})
     log_stage("base_train", depth=2, num_params=1_234_567, tokens=2_000_000, final_val_bpb=1.73, final_loss=2.91,
-              curves={"loss": [[1, 9.0], [2, 7.5], [3, 6.0]], "val_bpb": [[0, 3.1], [3, 1.73]]})
+              curves={"loss": [[i, 9.0 - i / 30] for i in range(1, 91)], "val_bpb": [[0, 3.1], [3, 1.73]]})
     log_stage("base_eval", bpb=1.75, bpb_per_lang={"python": 1.6, "c": 1.9})
     log_stage("sft", val_loss_before=2.0, val_loss=1.2, tool_call_validity_before=0.1, tool_call_validity=0.8,
               curves={"loss": [[1, 2.0], [2, 1.5]], "val_loss": [[0, 2.0], [2, 1.2]]})
@@ -42,7 +42,7 @@ def test_log_stage_merges(base):
 
 def test_full_report_has_every_stage_numbers_and_plots(base):
     log_pipeline(base)
-    for stage, s in [("tokenizer", 10), ("base_train", 600), ("dpo", 30)]:
+    for stage, s in [("dpo", 30), ("tokenizer", 10), ("base_train", 600)]:
         done_marker(base, stage, s, cpu_seconds=s / 2)
     path = build_report(base)
     text = path.read_text()
@@ -57,6 +57,8 @@ def test_full_report_has_every_stage_numbers_and_plots(base):
     # stages that logged nothing are listed as missing; optional evals are left out
     assert "| Data | missing |" in text and "| Agent demo | done |" in text and "~~~~\nassistant: ```bash" in text
     assert "Code eval (base)" not in text
+    # the timing table follows the pipeline's order
+    assert text.index("| tokenizer | 10s") < text.index("| base_train | 10.0min") < text.index("| dpo | 30s")
 
 
 def test_empty_base_dir_reports_everything_missing(base):
