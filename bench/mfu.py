@@ -28,11 +28,9 @@ from pathlib import Path
 
 import torch
 
-from nanocode.common import NanocodeError, autocast, nvtx_range, run_main
+from nanocode.common import NanocodeError, autocast, nvtx_range, peak_bf16_flops, run_main
 from nanocode.gpt import GPT, GPTConfig, build_model
 
-# Nominal dense bf16 tensor-core peaks (FLOP/s, SXM parts), matched against the device name.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 VARIANTS = {  # name -> (NANOCODE_KERNELS value, torch.compile?)
     "triton": ("", True),
     "compile": ("torch", True),
@@ -163,7 +161,7 @@ def main(argv=None):
         device_name = torch.cuda.get_device_name(device)
         from bench.kernels import measure_ceilings
         measured = measure_ceilings("cuda", tiny=False)["TFLOP/s"]
-        nominal = next((v / 1e12 for k, v in PEAK_FLOPS.items() if k in device_name), None)
+        nominal = (peak_bf16_flops(device_name) or 0) / 1e12 or None
     else:
         device_name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
         measured = nominal = None

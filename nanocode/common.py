@@ -79,6 +79,15 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+# Nominal dense bf16 FLOP/s by GPU name, for MFU (bench/mfu.py also reports against the measured peak).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The nominal bf16 peak of a GPU given its name (e.g. "NVIDIA H100 80GB HBM3"); None if unknown."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+
+
 def run_main(main):
     """Run a script's main(): a NanocodeError prints one line and exits 1; Ctrl-C exits 130."""
     try:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from nanocode.checkpoint import checkpoint_dir, list_steps, load_checkpoint, save_checkpoint
-from nanocode.common import (NanocodeError, autocast, compute_cleanup, compute_init, nvtx_range,
+from nanocode.common import (NanocodeError, autocast, compute_cleanup, compute_init, nvtx_range, peak_bf16_flops,
                              print0, run_main, set_nvtx)
 from nanocode.dataloader import DataLoader
 from nanocode.gpt import GPTConfig, build_model
@@ -23,8 +23,6 @@ from nanocode.optim import all_reduce_gradients
 from nanocode.report import log_stage
 from nanocode.tokenizer import get_tokenizer
 
-# Nominal dense bf16 peaks (FLOP/s) for MFU; bench/mfu.py also reports against the measured peak.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
 def get_args(argv=None):
@@ -161,7 +159,7 @@ def main(argv=None):
            f"{grad_accum_steps} accumulation steps; {num_iterations:,} steps = "
            f"{num_iterations * args.total_batch_size:,} tokens ({num_iterations * args.total_batch_size / num_params:.1f} per parameter)")
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu_name), None)
+    peak_flops = peak_bf16_flops(gpu_name)
 
     def run_eval():
         eval_steps = max(1, args.eval_tokens // tokens_per_fwd)
