@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 
 from nanocode.common import autocast
-from nanocode.tools import run_tool, validate_tool_call
+from nanocode.tools import parse_tool_call, run_tool
 
 DENIED = "denied by the user"
 CONTEXT_NOTICE = "[earlier conversation was dropped to fit the context window]"
@@ -189,11 +189,7 @@ class Engine:
     @staticmethod
     def _parse_call(raw: str):
         """(tool_call part or None, error) for the text the model wrote between <|tool_start|> and <|tool_end|>."""
-        try:
-            call = json.loads(raw)
-        except json.JSONDecodeError as e:
-            return None, f"error: the tool call is not valid JSON ({e})"
-        err = validate_tool_call(call)
+        call, err = parse_tool_call(raw)
         if err:
             return None, f"error: {err}"
         return {"type": "tool_call", "name": call["name"], "arguments": call["arguments"]}, None

@@ -80,6 +80,17 @@ def validate_tool_call(obj) -> str | None:
     return None
 
 
+
+def parse_tool_call(text: str):
+    """(call, None) for the text a model wrote between <|tool_start|> and <|tool_end|> when it is a valid
+    call of a real tool, else (None, the problem)."""
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"the tool call is not valid JSON ({e})"
+    err = validate_tool_call(call)
+    return (call, None) if err is None else (None, err)
+
 def truncate(text: str, limit: int = MAX_OUTPUT) -> str:
     if len(text) <= limit:
         return text

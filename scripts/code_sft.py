@@ -16,10 +16,9 @@ Every --eval-every steps, on held-out conversations (a different slice of the co
 - tool-call validity: at every position where a held-out assistant made a tool call, the model continues
   greedily from the conversation up to that point; a generated call (the text between <|tool_start|> and
   <|tool_end|>) is valid if it parses as JSON and names a real tool with the right arguments
-  (nanocode.tools.validate_tool_call). Reported as valid / generated calls, and valid / prompts.
+  (nanocode.tools.parse_tool_call). Reported as valid / generated calls, and valid / prompts.
 """
 import argparse
-import json
 import random
 import time
 
@@ -30,7 +29,7 @@ from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_in
 from nanocode.conversations import load_mixture, pad_batch
 from nanocode.optim import all_reduce_gradients
 from nanocode.report import log_stage
-from nanocode.tools import validate_tool_call
+from nanocode.tools import parse_tool_call
 
 
 def get_args(argv=None):
@@ -128,16 +127,6 @@ def first_tool_call(engine, ids, max_tokens: int) -> str | None:
     return None if call is None else engine.tokenizer.decode(call)
 
 
-def parse_call(text: str):
-    """(call object or None, error or None) for the text between <|tool_start|> and <|tool_end|>."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, f"not JSON: {e.msg}"
-    err = validate_tool_call(obj)
-    return (obj, None) if err is None else (None, err)
-
-
 @torch.no_grad()
 def tool_call_validity(model, tokenizer, prompts, max_tokens: int) -> dict:
     from nanocode.engine import Engine
@@ -148,7 +137,7 @@ def tool_call_validity(model, tokenizer, prompts, max_tokens: int) -> dict:
         if text is None:
             continue
         calls += 1
-        obj, _ = parse_call(text)
+        obj, _ = parse_tool_call(text)
         if obj is not None:
             valid += 1
             same_tool += obj["name"] == ref["name"]

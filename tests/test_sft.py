@@ -118,8 +118,8 @@ def test_sft_short_run_end_to_end(base_dir, tokenizer, funcs):
 
 
 def test_validity_counts_real_tool_calls():
-    from scripts.code_sft import parse_call
+    from nanocode.tools import parse_tool_call as parse_call
     assert parse_call('{"name": "read_file", "arguments": {"path": "a.py"}}')[0] is not None
-    assert "not JSON" in parse_call('{"name": "read_file", "arguments": {"path": "a.py"}')[1]
+    assert "not valid JSON" in parse_call('{"name": "read_file", "arguments": {"path": "a.py"}')[1]
     assert "unknown tool" in parse_call('{"name": "cat", "arguments": {"path": "a.py"}}')[1]
     assert "missing required" in parse_call('{"name": "edit_file", "arguments": {"path": "a.py"}}')[1]
