@@ -54,6 +54,12 @@ def get_args(argv=None):
     for v in args.variants:
         if v not in VARIANTS:
             raise NanocodeError(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
+    return check_step_args(args)
+
+
+def check_step_args(args):
+    """The size flags must be >= 1; the device defaults to cuda when one is visible. Shared with
+    bench/profile_steps.py, which takes the same flags."""
     for name in ("depth", "seq_len", "device_batch_size", "steps"):
         if getattr(args, name) < 1:
             raise NanocodeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -16,8 +16,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.mfu import build_train_step
-from nanocode.common import NanocodeError, get_base_dir, run_main, set_nvtx
+from bench.mfu import build_train_step, check_step_args
+from nanocode.common import get_base_dir, run_main, set_nvtx
 
 
 def get_args(argv=None):
@@ -33,13 +33,7 @@ def get_args(argv=None):
     p.add_argument("--out", default="", help="output dir (default: $NANOCODE_BASE_DIR/profile)")
     p.add_argument("--rows", type=int, default=25, help="rows of the per-op table")
     args = p.parse_args(argv)
-    for name in ("depth", "seq_len", "device_batch_size", "steps"):
-        if getattr(args, name) < 1:
-            raise NanocodeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise NanocodeError("--device cuda asked for, but no CUDA GPU is visible")
-    return args
+    return check_step_args(args)
 
 
 def main(argv=None):
