@@ -1,8 +1,11 @@
 """Test-wide setup: an isolated base dir, the Triton interpreter on CPU-only machines, and the
 PyTorch references as the default kernels (kernel tests opt in to Triton with NANOCODE_KERNELS)."""
 import os
+import sysconfig
 import tempfile
+from pathlib import Path
 
+import pytest
 import torch
 
 # Must be set before any @triton.jit function is created (i.e. before kernels are imported).
@@ -10,3 +13,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("NANOCODE_KERNELS", "torch")
 os.environ["NANOCODE_BASE_DIR"] = tempfile.mkdtemp(prefix="nanocode-test-")
+
+
+@pytest.fixture(scope="session")
+def stdlib_functions():
+    """stdlib_functions(n_files, limit): functions of the first n_files stdlib modules, found by
+    synth.corpus_functions (the synthetic-data generator's own path), standing in for the corpus."""
+    from nanocode import synth
+
+    def get(n_files, limit):
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        docs = [{"text": p.read_text(errors="replace"), "lang": "python"} for p in sorted(stdlib.glob("*.py"))[:n_files]]
+        return synth.corpus_functions(docs, limit=limit)
+    return get
+
+
+@pytest.fixture
+def fresh_seed():
+    """Fresh random inputs every run; the seed is printed (pytest shows it for a failing test),
+    so a failure can be replayed with torch.manual_seed."""
+    print(f"seed {torch.seed()}")

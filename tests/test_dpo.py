@@ -2,8 +2,6 @@
 and a short run goes end to end."""
 import json
 import math
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,10 +36,8 @@ def base_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def funcs():
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs = [{"text": p.read_text(errors="replace"), "lang": "python"} for p in sorted(stdlib.glob("*.py"))[:30]]
-    return synth.corpus_functions(docs, limit=200)
+def funcs(stdlib_functions):
+    return stdlib_functions(30, 200)
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 U = {torch.float32: 128 * 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    """Fresh random inputs every run; the seed is printed (pytest shows it for a failing test),
-    so a failure can be replayed with torch.manual_seed."""
-    print(f"seed {torch.seed()}")
+pytestmark = pytest.mark.usefixtures("fresh_seed")
 
 
 @pytest.fixture

@@ -22,11 +22,7 @@ EPS = 1e-6
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the conftest turns on TRITON_INTERPRET
 
 
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    """Fresh random inputs every run; the seed is printed (pytest shows it for a failing test),
-    so a failure can be replayed with torch.manual_seed."""
-    print(f"seed {torch.seed()}")
+pytestmark = pytest.mark.usefixtures("fresh_seed")
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """SFT: the loss mask is exactly the assistant's tokens, padded rows never see each other, and a short
 run on a tiny random model goes end to end (checkpoint, report, validity numbers)."""
 import json
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -55,10 +53,8 @@ def base_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def funcs():
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs = [{"text": p.read_text(errors="replace"), "lang": "python"} for p in sorted(stdlib.glob("*.py"))[:30]]
-    return synth.corpus_functions(docs, limit=200)
+def funcs(stdlib_functions):
+    return stdlib_functions(30, 200)
 
 
 @pytest.fixture(scope="module")

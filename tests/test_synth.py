@@ -2,8 +2,6 @@
 the generator is deterministic and covers every task, and conversation JSONL errors name the line."""
 import json
 import random
-import sysconfig
-from pathlib import Path
 
 import pytest
 
@@ -15,11 +13,9 @@ from nanocode.tools import validate_tool_call
 
 
 @pytest.fixture(scope="module")
-def funcs():
+def funcs(stdlib_functions):
     """Functions from a few stdlib modules stand in for the corpus (same code path: corpus_functions)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs = [{"text": p.read_text(errors="replace"), "lang": "python"} for p in sorted(stdlib.glob("*.py"))[:40]]
-    out = synth.corpus_functions(docs, limit=300)
+    out = stdlib_functions(40, 300)
     assert len(out) > 50
     return out
 
