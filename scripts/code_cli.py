@@ -11,6 +11,7 @@ starts a new conversation.
 """
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -128,6 +129,8 @@ def main():
     if args.max_tokens < 1:
         raise NanocodeError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     engine = load_engine(args)
+    # Ctrl-C stops a reply even when we were started with SIGINT ignored (a shell's background job, nohup)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     approve = Approver(args.yes, sys.stdin.isatty())
     messages = [{"role": "system", "content": args.system}] if args.system else []
 

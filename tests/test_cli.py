@@ -20,6 +20,8 @@ class Terminal:
     def __init__(self, argv, cwd, env):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child
+            # Started with SIGINT ignored, as a shell's background job would be: the CLI must re-arm Ctrl-C.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             os.chdir(cwd)
             os.execvpe(argv[0], argv, env)
         self.out, self.pos = "", 0
