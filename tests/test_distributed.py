@@ -3,8 +3,8 @@ against the same computation in one process:
 - Muon's sharded Newton-Schulz (each rank orthogonalizes its share of a stack, then all-gather);
 - evaluate_bpb's all-reduce (2 ranks on half the batches each == 1 rank on all of them);
 - code_eval's problem sharding and gather (2 ranks == 1 rank, same per-sample results, same order).
-DDP gradients (2 processes == 1 process with 2x accumulation) are in test_model.py; disjoint
-dataloader shards in test_dataloader.py.
+- DDP gradients: 2 processes == 1 process with 2x gradient accumulation.
+Disjoint dataloader shards are in test_dataloader.py.
 """
 import json
 import os
@@ -25,11 +25,54 @@ def torchrun(script_or_args, tmp_path, nproc=2):
         args = [str(path), str(tmp_path)]
     else:
         args = script_or_args
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        *args], env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
+    # Pinned to the loopback interface: no dependence on how this machine's hostname resolves.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
+                        f"--nproc_per_node={nproc}", *args], env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
     assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout
+
+
+DDP_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+from nanocode.gpt import GPTConfig, build_model
+from nanocode.optim import all_reduce_gradients
+torch.manual_seed(0)
+world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+if world > 1:
+    dist.init_process_group("gloo")
+model = build_model(GPTConfig.from_depth(2, 53, 16), "cpu")
+opts = model.setup_optimizers(rank=rank, world_size=world)
+g = torch.Generator().manual_seed(123)
+data = torch.randint(0, 53, (6, 4, 17), generator=g)  # 6 steps x (2 micro-batches of 2 rows)
+for step in range(3):
+    batch = data[2 * step: 2 * step + 2]              # two micro-batches per step
+    micro = [batch[rank]] if world > 1 else list(batch)
+    for mb in micro:
+        loss = model(mb[:, :-1], mb[:, 1:])
+        (loss / len(micro)).backward()
+    all_reduce_gradients(model, world)
+    for o in opts:
+        o.step()
+    model.zero_grad(set_to_none=True)
+if rank == 0:
+    torch.save(model.state_dict(), os.path.join(sys.argv[1], f"world{world}.pt"))
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_processes_equal_grad_accumulation(tmp_path):
+    """DDP: 2 processes on one micro-batch each == 1 process accumulating both (gradient all-reduce)."""
+    import torch
+    from nanocode.gpt import GPTConfig, build_model
+    torchrun(DDP_SCRIPT, tmp_path, nproc=1)
+    torchrun(DDP_SCRIPT, tmp_path, nproc=2)
+    a, b = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    start = build_model(GPTConfig.from_depth(2, 53, 16), "cpu").state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a if "c_proj" in k), "parameters did not move"
 
 
 MUON_SCRIPT = r"""
