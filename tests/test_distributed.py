@@ -4,7 +4,9 @@ against the same computation in one process:
 - evaluate_bpb's all-reduce (2 ranks on half the batches each == 1 rank on all of them);
 - code_eval's problem sharding and gather (2 ranks == 1 rank, same per-sample results, same order).
 - DDP gradients: 2 processes == 1 process with 2x gradient accumulation.
-Disjoint dataloader shards are in test_dataloader.py.
+The scripts join and leave through compute_init/run_main, as the real scripts do (run_main's early exit
+keeps torch's gloo teardown from aborting a finished process). Disjoint dataloader shards are in
+test_dataloader.py.
 """
 import json
 import os
@@ -34,31 +36,32 @@ def torchrun(script_or_args, tmp_path, nproc=2):
 
 
 DDP_SCRIPT = r"""
-import os, sys, torch, torch.distributed as dist
+import os, sys, torch
+from nanocode.common import compute_init, run_main
 from nanocode.gpt import GPTConfig, build_model
 from nanocode.optim import all_reduce_gradients
-torch.manual_seed(0)
-world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-if world > 1:
-    dist.init_process_group("gloo")
-model = build_model(GPTConfig.from_depth(2, 53, 16), "cpu")
-opts = model.setup_optimizers(rank=rank, world_size=world)
-g = torch.Generator().manual_seed(123)
-data = torch.randint(0, 53, (6, 4, 17), generator=g)  # 6 steps x (2 micro-batches of 2 rows)
-for step in range(3):
-    batch = data[2 * step: 2 * step + 2]              # two micro-batches per step
-    micro = [batch[rank]] if world > 1 else list(batch)
-    for mb in micro:
-        loss = model(mb[:, :-1], mb[:, 1:])
-        (loss / len(micro)).backward()
-    all_reduce_gradients(model, world)
-    for o in opts:
-        o.step()
-    model.zero_grad(set_to_none=True)
-if rank == 0:
-    torch.save(model.state_dict(), os.path.join(sys.argv[1], f"world{world}.pt"))
-if world > 1:
-    dist.destroy_process_group()
+
+def main():
+    _, rank, _, world, _ = compute_init("cpu")
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(2, 53, 16), "cpu")
+    opts = model.setup_optimizers(rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(123)
+    data = torch.randint(0, 53, (6, 4, 17), generator=g)  # 6 steps x (2 micro-batches of 2 rows)
+    for step in range(3):
+        batch = data[2 * step: 2 * step + 2]              # two micro-batches per step
+        micro = [batch[rank]] if world > 1 else list(batch)
+        for mb in micro:
+            loss = model(mb[:, :-1], mb[:, 1:])
+            (loss / len(micro)).backward()
+        all_reduce_gradients(model, world)
+        for o in opts:
+            o.step()
+        model.zero_grad(set_to_none=True)
+    if rank == 0:
+        torch.save(model.state_dict(), os.path.join(sys.argv[1], f"world{world}.pt"))
+
+run_main(main)
 """
 
 
@@ -76,10 +79,10 @@ def test_two_gloo_processes_equal_grad_accumulation(tmp_path):
 
 
 MUON_SCRIPT = r"""
-import os, sys, torch, torch.distributed as dist
+import torch, torch.distributed as dist
+from nanocode.common import compute_init, run_main
 from nanocode.optim import Muon
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
+_, rank, _, world, _ = compute_init("cpu")
 
 def make():
     # 3 matrices of one shape (odd: the stack is zero-padded to 4 for 2 ranks), 1 tall, 2 wide
@@ -98,18 +101,20 @@ def train(world_size):
         opt.step()
     return [p.detach() for p in params]
 
-sharded, single = train(world), train(1)
-start = make()[0]
-for a, b, p0 in zip(sharded, single, start):
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(a, p0.detach()), "parameter did not move"
-# both ranks hold the full result
-out = [None] * world
-dist.all_gather_object(out, [t.sum().item() for t in sharded])
-assert out[0] == out[1]
-if rank == 0:
-    print("MUON_OK", len(sharded))
-dist.destroy_process_group()
+def main():
+    sharded, single = train(world), train(1)
+    start = make()[0]
+    for a, b, p0 in zip(sharded, single, start):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(a, p0.detach()), "parameter did not move"
+    # both ranks hold the full result
+    out = [None] * world
+    dist.all_gather_object(out, [t.sum().item() for t in sharded])
+    assert out[0] == out[1]
+    if rank == 0:
+        print("MUON_OK", len(sharded))
+
+run_main(main)
 """
 
 
@@ -119,6 +124,7 @@ def test_sharded_newton_schulz_equals_single_process(tmp_path):
 
 BPB_SCRIPT = r"""
 import json, sys, torch, torch.distributed as dist
+from nanocode.common import compute_init, run_main
 from nanocode.gpt import GPTConfig, build_model
 from nanocode.loss_eval import evaluate_bpb
 torch.manual_seed(0)
@@ -134,17 +140,17 @@ for i in range(4):
     y = torch.randint(0, V, (3, 16), generator=g)
     y[0, :5] = -1                                               # ignored targets
     batches.append((x, y))
-single = evaluate_bpb(model, batches, token_bytes)              # before the process group exists
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-sharded = evaluate_bpb(model, batches[rank::world], token_bytes)
-mine_only = None
-if rank == 0:
+
+def main():
+    single = evaluate_bpb(model, batches, token_bytes)          # before the process group exists
+    _, rank, _, world, _ = compute_init("cpu")
+    sharded = evaluate_bpb(model, batches[rank::world], token_bytes)
     dist.destroy_process_group()
-    mine_only = evaluate_bpb(model, batches[0::2], token_bytes)
-    print("BPB", json.dumps([single, sharded, mine_only]))
-else:
-    dist.destroy_process_group()
+    if rank == 0:
+        mine_only = evaluate_bpb(model, batches[0::2], token_bytes)
+        print("BPB", json.dumps([single, sharded, mine_only]))
+
+run_main(main)
 """
 
 
