@@ -171,7 +171,7 @@ def test_evaluator_keeps_going(precious):
            "import os; os.kill(os.getppid(), 9)", "input()", "print('x' * (1 << 22))"]
     good = [f"assert {i} + {i} == {2 * i}" for i in range(len(bad))]
     programs = [p for pair in zip(bad, good) for p in pair]
-    results = run_many(programs, workers=2, timeout=1.5)
+    results = run_many(programs, workers=2, timeout=3.0)  # generous: the good ones must pass on a busy machine
     assert [r.passed for r in results] == [False, True] * len(bad)
     assert results[0].status == "timed out"
     assert_intact(precious)
