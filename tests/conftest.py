@@ -28,6 +28,15 @@ def stdlib_functions():
     return get
 
 
+@pytest.fixture(scope="module")
+def module_base_dir(tmp_path_factory, request):
+    """A NANOCODE_BASE_DIR of the test module's own, set for as long as the module's tests run."""
+    with pytest.MonkeyPatch.context() as mp:
+        d = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+        mp.setenv("NANOCODE_BASE_DIR", str(d))
+        yield d
+
+
 @pytest.fixture
 def fresh_seed():
     """Fresh random inputs every run; the seed is printed (pytest shows it for a failing test),

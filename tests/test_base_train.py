@@ -18,28 +18,21 @@ TINY = ["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2", "--to
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
+def base_dir(module_base_dir):
     """A base dir holding a small corpus of real code (the stdlib's) and a tokenizer trained on it."""
-    base = tmp_path_factory.mktemp("base")
-    old = os.environ["NANOCODE_BASE_DIR"]
-    os.environ["NANOCODE_BASE_DIR"] = str(base)
-    try:
-        stdlib = Path(os.__file__).parent
-        texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:60]]
-        writer = ShardWriter(data_dir("code"), shard_chars=200_000, val_fraction=0.1, seed=0)
-        for t in texts:
-            writer.add(t, "python")
-        writer.close()
-        Tokenizer.train(texts, vocab_size=400).save(base / "tokenizer")
-    finally:
-        os.environ["NANOCODE_BASE_DIR"] = old
-    return base
+    stdlib = Path(os.__file__).parent
+    texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:60]]
+    writer = ShardWriter(data_dir("code"), shard_chars=200_000, val_fraction=0.1, seed=0)
+    for t in texts:
+        writer.add(t, "python")
+    writer.close()
+    Tokenizer.train(texts, vocab_size=400).save(module_base_dir / "tokenizer")
+    return module_base_dir
 
 
 def test_resume_is_bit_identical(base_dir, tmp_path, monkeypatch):
     """A run killed after its step-3 checkpoint and resumed ends with exactly the parameters of a run
     that was never interrupted (CPU, fp32)."""
-    monkeypatch.setenv("NANOCODE_BASE_DIR", str(base_dir))
     args = TINY + ["--num-iterations", "6", "--eval-every", "-1", "--save-every", "3"]
     base_train.main(args + ["--model-tag", "straight"])
 
@@ -63,8 +56,7 @@ def test_resume_is_bit_identical(base_dir, tmp_path, monkeypatch):
     assert meta_a["curves"]["loss"] == meta_b["curves"]["loss"]
 
 
-def test_loss_falls(base_dir, monkeypatch):
-    monkeypatch.setenv("NANOCODE_BASE_DIR", str(base_dir))
+def test_loss_falls(base_dir):
     base_train.main(TINY + ["--num-iterations", "30", "--eval-every", "-1", "--model-tag", "falls"])
     _, _, meta = load_checkpoint(checkpoint_dir("base", "falls"))
     losses = [l for _, l in meta["curves"]["loss"]]

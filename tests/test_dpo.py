@@ -28,14 +28,6 @@ def test_dpo_loss_matches_hand_computation():
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        d = tmp_path_factory.mktemp("dpo_base")
-        mp.setenv("NANOCODE_BASE_DIR", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def funcs(stdlib_functions):
     return stdlib_functions(30, 200)
 
@@ -47,10 +39,10 @@ def pairs(funcs):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(base_dir, funcs, pairs):
+def tokenizer(module_base_dir, funcs, pairs):
     tokenizer_mod = pytest.importorskip("nanocode.tokenizer")
     tok = tokenizer_mod.Tokenizer.train([f["src"] for f in funcs] + [json.dumps(p) for p in pairs], vocab_size=600)
-    tok.save(base_dir / "tokenizer")
+    tok.save(module_base_dir / "tokenizer")
     return tok
 
 
@@ -79,15 +71,15 @@ def test_side_logp_counts_only_the_reply(tokenizer, model, pairs):
     assert abs(logp.item() - manual) < 1e-3 * max(1.0, abs(manual))
 
 
-def test_dpo_short_run_end_to_end(base_dir, tokenizer, model, pairs):
+def test_dpo_short_run_end_to_end(module_base_dir, tokenizer, model, pairs):
     from nanocode.checkpoint import checkpoint_dir, list_steps, save_checkpoint
     from scripts import code_dpo
     save_checkpoint(checkpoint_dir("sft", "d2"), 5, model.state_dict(), None, {"model_config": model.config.to_dict()})
-    write_jsonl(base_dir / "sft" / "dpo_train.jsonl", pairs[:6])
-    write_jsonl(base_dir / "sft" / "dpo_val.jsonl", pairs[6:])
+    write_jsonl(module_base_dir / "sft" / "dpo_train.jsonl", pairs[:6])
+    write_jsonl(module_base_dir / "sft" / "dpo_val.jsonl", pairs[6:])
     code_dpo.main(["--model-tag", "d2", "--steps", "2", "--batch-size", "2", "--device-type", "cpu"])
     assert list_steps(checkpoint_dir("dpo", "d2")) == [2]
-    report = json.loads((base_dir / "report" / "dpo.json").read_text())
+    report = json.loads((module_base_dir / "report" / "dpo.json").read_text())
     assert report["val_before"]["reward_accuracy"] == 0.0 and report["val_before"]["ties"] == 1.0  # policy == reference
     assert len(report["curves"]["loss"]) == 2 and report["val_pairs"] == len(pairs) - 6
     assert set(report["val_after"]["reward_accuracy_by_kind"]) <= set(synth.PAIR_KINDS)

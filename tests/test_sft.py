@@ -45,24 +45,16 @@ def expected_segments(conv):
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        d = tmp_path_factory.mktemp("sft_base")
-        mp.setenv("NANOCODE_BASE_DIR", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def funcs(stdlib_functions):
     return stdlib_functions(30, 200)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(base_dir, funcs):
+def tokenizer(module_base_dir, funcs):
     texts = [f["src"] for f in funcs] + [json.dumps(CONV)] * 5
     tokenizer_mod = pytest.importorskip("nanocode.tokenizer")
     tok = tokenizer_mod.Tokenizer.train(texts, vocab_size=600)
-    tok.save(base_dir / "tokenizer")
+    tok.save(module_base_dir / "tokenizer")
     return tok
 
 
@@ -94,7 +86,7 @@ def test_padding_never_lets_rows_see_each_other(tokenizer):
     torch.testing.assert_close(both[0, :len(short[0]) - 1], alone[0], rtol=1e-4, atol=1e-4)
 
 
-def test_sft_short_run_end_to_end(base_dir, tokenizer, funcs):
+def test_sft_short_run_end_to_end(module_base_dir, tokenizer, funcs):
     from nanocode.checkpoint import checkpoint_dir, list_steps, save_checkpoint
     from nanocode.gpt import GPTConfig, build_model
     from scripts import code_sft
@@ -102,12 +94,12 @@ def test_sft_short_run_end_to_end(base_dir, tokenizer, funcs):
     model = build_model(config, "cpu")
     save_checkpoint(checkpoint_dir("base", "d2"), 0, model.state_dict(), None, {"model_config": config.to_dict()})
     kinds = ["explain", "write_run", "test_fix"]
-    write_jsonl(base_dir / "sft" / "synth_train.jsonl", synth.generate_trajectories(6, 0, funcs, kinds))
-    write_jsonl(base_dir / "sft" / "synth_val.jsonl", synth.generate_trajectories(3, 1, funcs, kinds))
+    write_jsonl(module_base_dir / "sft" / "synth_train.jsonl", synth.generate_trajectories(6, 0, funcs, kinds))
+    write_jsonl(module_base_dir / "sft" / "synth_val.jsonl", synth.generate_trajectories(3, 1, funcs, kinds))
     code_sft.main(["--model-tag", "d2", "--steps", "3", "--batch-size", "2", "--eval-prompts", "2", "--gen-tokens", "4",
                    "--eval-every", "2", "--device-type", "cpu"])
     assert list_steps(checkpoint_dir("sft", "d2")) == [3]
-    report = json.loads((base_dir / "report" / "sft.json").read_text())
+    report = json.loads((module_base_dir / "report" / "sft.json").read_text())
     assert report["steps"] == 3 and len(report["curves"]["loss"]) == 3
     assert report["validity_after"]["prompts"] == 2
     assert 0.0 <= report["tool_call_validity"] <= 1.0
