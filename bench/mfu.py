@@ -133,7 +133,7 @@ def time_variant(name, args, device):
     tokens = args.device_batch_size * args.seq_len * args.steps
     return dict(variant=name, kernels="torch" if kernels_env else "triton", compile=use_compile,
                 ms_per_step=1e3 * elapsed / args.steps, tok_per_s=tokens / elapsed, warmup_s=warmup_s,
-                loss=loss.item(), num_params=model.num_params(), flops_per_token=model.estimate_flops(),
+                loss=loss.item(), num_params=model.num_params(),
                 peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
 
 
@@ -141,7 +141,7 @@ def fmt(v, f, missing="n/a"):
     return missing if v is None else f.format(v)
 
 
-def format_table(rows, nominal, measured):
+def format_table(rows, flops_per_token, nominal, measured):
     head = ["variant", "kernels", "compiled", "ms/step", "tok/s", f"MFU (nominal {fmt(nominal, '{:.0f}')} TF)",
             f"MFU (measured {fmt(measured, '{:.0f}')} TF)", "peak mem GiB", "vs compile"]
     ref = next((r["tok_per_s"] for r in rows if r["variant"] == "compile" and "error" not in r), None)
@@ -150,7 +150,7 @@ def format_table(rows, nominal, measured):
         if "error" in r:
             lines.append(f"| {r['variant']} | " + " | ".join(["-"] * (len(head) - 2)) + f" | {r['error']} |")
             continue
-        flops = r["flops_per_token"] * r["tok_per_s"]
+        flops = flops_per_token * r["tok_per_s"]
         lines.append("| " + " | ".join([
             r["variant"], r["kernels"], "yes" if r["compile"] else "no", f"{r['ms_per_step']:.1f}",
             f"{r['tok_per_s']:,.0f}", fmt(nominal and 100 * flops / (nominal * 1e12), "{:.1f}%"),
@@ -167,13 +167,14 @@ def main(argv=None):
         device_name = torch.cuda.get_device_name(device)
         from bench.kernels import measure_ceilings
         measured = measure_ceilings("cuda", tiny=False)["TFLOP/s"]
-        nominal = (peak_bf16_flops(device_name) or 0) / 1e12 or None
+        peak = peak_bf16_flops(device_name)
+        nominal = peak / 1e12 if peak else None
     else:
         device_name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
         measured = nominal = None
     B, T = args.device_batch_size, args.seq_len
     config = GPTConfig.from_depth(args.depth, args.vocab_size, T)
-    with torch.device("meta"):
+    with torch.device("meta"):  # the same for every variant: counted once, without allocating the model
         flops_per_token = GPT(config).estimate_flops()
     print(f"device: {device_name}, torch {torch.__version__}; depth {args.depth} (width {config.n_embd}, "
           f"{config.n_head} heads), {B} x {T} = {B * T:,} tokens per step, vocab {args.vocab_size}, "
@@ -202,7 +203,7 @@ def main(argv=None):
             os.environ.pop("NANOCODE_KERNELS", None)
         else:
             os.environ["NANOCODE_KERNELS"] = saved_env
-    table = format_table(rows, nominal, measured)
+    table = format_table(rows, flops_per_token, nominal, measured)
     print(table)
 
     if args.save:

@@ -40,7 +40,9 @@ def get_dist_info():
     return False, 0, 0, 1
 
 
-_joined_gloo = False  # set by compute_init; run_main exits such a process early (see there)
+# Set by compute_init; run_main exits such a process early (see there). A flag, not dist.is_initialized():
+# a script's main() has usually destroyed its group already by the time run_main looks.
+_joined_gloo = False
 
 
 def compute_init(device_type: str = ""):

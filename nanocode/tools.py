@@ -80,7 +80,6 @@ def validate_tool_call(obj) -> str | None:
     return None
 
 
-
 def parse_tool_call(text: str):
     """(call, None) for the text a model wrote between <|tool_start|> and <|tool_end|> when it is a valid
     call of a real tool, else (None, the problem)."""
@@ -90,6 +89,7 @@ def parse_tool_call(text: str):
         return None, f"the tool call is not valid JSON ({e})"
     err = validate_tool_call(call)
     return (call, None) if err is None else (None, err)
+
 
 def truncate(text: str, limit: int = MAX_OUTPUT) -> str:
     if len(text) <= limit:

@@ -24,7 +24,6 @@ from nanocode.report import log_stage
 from nanocode.tokenizer import get_tokenizer
 
 
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="pretrain the base model")
     p.add_argument("--depth", type=int, default=12, help="layers; width = 64 * depth")

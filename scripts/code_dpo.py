@@ -121,9 +121,9 @@ def evaluate(model, pairs, kinds, ref_c, ref_r, args, pad_id, device, amp) -> di
         l, c, r = dpo_loss(pc, pr, ref_c[i:i + len(pc)], ref_r[i:i + len(pc)], args.beta, args.loss, nc, nr)
         losses.append(l), cr.append(c), rr_.append(r), pref.append(pc / nc > pr / nr)
     losses, cr, rr_, pref = torch.cat(losses), torch.cat(cr), torch.cat(rr_), torch.cat(pref)
-    right = (cr > rr_).tolist()
-    by_kind = {k: sum(r for r, kk in zip(right, kinds) if kk == k) / kinds.count(k) for k in sorted(set(kinds))}
-    return {"loss": losses.mean().item(), "reward_accuracy": (cr > rr_).float().mean().item(),
+    right = cr > rr_  # the chosen side's reward is strictly higher
+    by_kind = {k: sum(r for r, kk in zip(right.tolist(), kinds) if kk == k) / kinds.count(k) for k in sorted(set(kinds))}
+    return {"loss": losses.mean().item(), "reward_accuracy": right.float().mean().item(),
             "ties": (cr == rr_).float().mean().item(), "margin": (cr - rr_).mean().item(),
             "chosen_reward": cr.mean().item(), "rejected_reward": rr_.mean().item(),
             "logp_accuracy": pref.float().mean().item(), "pairs": len(pairs), "reward_accuracy_by_kind": by_kind}

@@ -10,20 +10,20 @@ from bench import mfu, profile_steps
 from nanocode.common import NanocodeError
 
 
-def row(variant, tok_per_s, flops_per_token=1e9):
+def row(variant, tok_per_s):
     return dict(variant=variant, kernels="torch", compile=True, ms_per_step=10.0, tok_per_s=tok_per_s,
-                flops_per_token=flops_per_token, peak_mem_gib=12.5)
+                peak_mem_gib=12.5)
 
 
 def test_mfu_table_arithmetic():
     rows = [row("triton", 4e5), row("compile", 2e5), dict(variant="eager", error="out of memory")]
-    table = mfu.format_table(rows, nominal=1000.0, measured=800.0).splitlines()
+    table = mfu.format_table(rows, 1e9, nominal=1000.0, measured=800.0).splitlines()
     triton, compile_, eager = table[2:]
     # 1e9 FLOPs/token x 4e5 tok/s = 400 TFLOP/s: 40% of 1000, 50% of 800, 2x the compile variant
     assert "| 40.0% | 50.0% | 12.5 | 2.00x |" in triton
     assert "| 20.0% | 25.0% | 12.5 | 1.00x |" in compile_
     assert "out of memory" in eager
-    cpu = mfu.format_table([row("eager", 1e3) | {"peak_mem_gib": None}], None, None)
+    cpu = mfu.format_table([row("eager", 1e3) | {"peak_mem_gib": None}], 1e9, None, None)
     assert "| n/a | n/a | n/a | - |" in cpu  # no peaks on a CPU, no compile variant to compare with
 
 
