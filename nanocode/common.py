@@ -140,3 +140,34 @@ def nvtx_range(name: str):
         if torch.cuda.is_available():
             return torch.cuda.nvtx.range(name)
         return contextlib.nullcontext()
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A progress bar with rate and ETA (tqdm, on stderr) for long loops; rank 0 only, so 8 ranks do
+    not print 8 bars. Use as an iterable wrapper or, with `total`, call .update(n) yourself."""
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
+                disable=int(os.environ.get("RANK", 0)) != 0)
+
+
+class DummyWandb:
+    """What init_wandb returns when logging is off: log() and finish() do nothing."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def init_wandb(run: str, project: str, config: dict, master: bool = True):
+    """Weights & Biases logging for a training script's `--run NAME`. "dummy" (every script's default)
+    and non-master ranks get DummyWandb, and wandb is imported only when really asked for."""
+    if run == "dummy" or not master:
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError:
+        raise NanocodeError(f"--run {run} asks for wandb logging, but wandb is not installed "
+                            "(pip install wandb, or leave --run at its default 'dummy')") from None
+    return wandb.init(project=project, name=run, config=config)
