@@ -13,14 +13,13 @@ A preference pair (DPO, one JSON object per line), documented in scripts/code_dp
     {"prompt": {"messages": [... ending with a user message]}, "chosen": <assistant message>, "rejected": <assistant message>}
 
 Sources: "synth" (always available: $NANOCODE_BASE_DIR/sft/synth_<split>.jsonl from scripts/gen_synth.py),
-a path to any .jsonl file of conversations, and three hub datasets downloaded on first use when online:
-"code_alpaca" (CodeAlpaca-20k), "code_feedback" (Code-Feedback) and "gsm8k" (GSM8K).
+a path to any .jsonl file of conversations, and hub datasets downloaded on first use when online (via
+nanocode.hub.hub_file): the code-instruct sets of nanocode/instruct.py, converted to tool use
+("code_alpaca", "evol_codealpaca", "magicoder", "self_oss_instruct", "code_feedback"), and "gsm8k".
 The mixture repeats or subsamples each source by its weight and shuffles with a fixed seed."""
 import json
 import random
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -180,34 +179,8 @@ def mixture(sources: list[tuple[str, list, float]], seed: int = 0) -> list:
 # -----------------------------------------------------------------------------
 # sources
 
-HF = "https://huggingface.co/datasets"
-HUB_FILES = {
-    "code_alpaca": f"{HF}/sahil2801/CodeAlpaca-20k/resolve/main/code_alpaca_20k.json",
-    "code_feedback": f"{HF}/m-a-p/Code-Feedback/resolve/main/Code-Feedback.jsonl",
-    "gsm8k_train": f"{HF}/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet",
-    "gsm8k_test": f"{HF}/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet",
-}
 HELD_OUT = 500  # sources with one split keep their last 500 examples for "val"
-
-
-def download(key: str) -> Path:
-    """Fetch a hub file once into $BASE/sft/hub/. Offline -> one clear error with the way around it."""
-    url = HUB_FILES[key]
-    dest = get_base_dir() / "sft" / "hub" / url.rsplit("/", 1)[1]
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-    except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise NanocodeError(f"could not download {url} ({e}); the Hugging Face hub is unreachable (offline?). "
-                            f"Put the file at {dest} by hand, or leave this source out of --mix (synth works offline)") from None
-    tmp.replace(dest)
-    return dest
+INSTRUCT_ROWS = 20000  # dataset rows converted per instruct source (each one runs code; cached afterwards)
 
 
 def _chat(user: str, assistant: str) -> dict:
@@ -218,35 +191,38 @@ def _split(items: list, split: str) -> list:
     return items[:-HELD_OUT] if split == "train" else items[-HELD_OUT:]
 
 
-def load_code_alpaca(split: str) -> list[dict]:
-    rows = json.loads(download("code_alpaca").read_text())
-    convs = [_chat(r["instruction"] + ("\n\n" + r["input"] if r.get("input") else ""), r["output"]) for r in rows]
-    return _split(convs, split)
-
-
-def load_code_feedback(split: str) -> list[dict]:
-    convs = []
-    for line in download("code_feedback").read_text().splitlines():
-        msgs = [{"role": m["role"], "content": m["content"]} for m in json.loads(line)["messages"]]
-        conv = {"messages": msgs}
-        try:  # hub data is messy: keep only the conversations our template can render
-            validate_conversation(conv)
-        except NanocodeError:
-            continue
-        convs.append(conv)
-    return _split(convs, split)
+def load_instruct(name: str, split: str) -> list[dict]:
+    """A public code-instruct dataset converted to tool use (nanocode.instruct), converted once and
+    cached as $BASE/sft/instruct_<name>.jsonl; the drop counts are printed when converting."""
+    from nanocode import instruct
+    path = get_base_dir() / "sft" / f"instruct_{name}.jsonl"
+    if not path.exists():
+        _, _, schema = instruct.SOURCES[name]
+        rows = instruct.read_rows(instruct.fetch(name))[:INSTRUCT_ROWS]
+        convs, stats = instruct.convert(rows, schema)
+        print(f"{name}: {len(rows)} rows -> {len(convs)} conversations; {dict(stats)}")
+        if not convs:
+            raise NanocodeError(f"{name}: none of {len(rows)} rows converted ({dict(stats)})")
+        write_jsonl(path, convs)
+    return _split(load_jsonl(path), split)
 
 
 def load_gsm8k(split: str) -> list[dict]:
     """The answer's calculator annotations <<a*b=c>> are dropped; "#### 42" becomes a last sentence."""
     import pyarrow.parquet as pq
-    table = pq.read_table(download("gsm8k_train" if split == "train" else "gsm8k_test")).to_pylist()
+
+    from nanocode.hub import hub_file
+    path = hub_file("openai/gsm8k", f"main/{'train' if split == 'train' else 'test'}-00000-of-00001.parquet",
+                    hint="leave gsm8k out of --mix (synth works offline)")
     convs = []
-    for r in table:
+    for r in pq.read_table(path).to_pylist():
         steps, _, final = r["answer"].partition("####")
         steps = re.sub(r"<<[^>]*>>", "", steps).strip()
         convs.append(_chat(r["question"], f"{steps}\nThe answer is {final.strip()}."))
     return convs
+
+
+INSTRUCT_SOURCES = ("code_alpaca", "evol_codealpaca", "magicoder", "self_oss_instruct", "code_feedback")
 
 
 def load_source(name: str, split: str = "train") -> list[dict]:
@@ -257,15 +233,13 @@ def load_source(name: str, split: str = "train") -> list[dict]:
         if not path.exists():
             raise NanocodeError(f"{path} not found: run `python -m scripts.gen_synth` first")
         return load_jsonl(path)
-    if name == "code_alpaca":
-        return load_code_alpaca(split)
-    if name == "code_feedback":
-        return load_code_feedback(split)
+    if name in INSTRUCT_SOURCES:
+        return load_instruct(name, split)
     if name == "gsm8k":
         return load_gsm8k(split)
     if name.endswith(".jsonl"):
         return load_jsonl(name)
-    raise NanocodeError(f"unknown source {name!r}: use synth, code_alpaca, code_feedback, gsm8k or a path to a .jsonl file")
+    raise NanocodeError(f"unknown source {name!r}: use synth, {', '.join(INSTRUCT_SOURCES)}, gsm8k or a path to a .jsonl file")
 
 
 def load_mixture(spec: str, split: str = "train", seed: int = 0) -> list[dict]:

@@ -1,50 +1,67 @@
-"""Generate the synthetic SFT trajectories and DPO preference pairs from the local code corpus.
+"""Generate the synthetic SFT trajectories, DPO preference pairs and held-out validity prompts from the
+local code corpus.
 
-    python -m scripts.gen_synth                      # 3000 train + 200 val trajectories, pairs for all
-    python -m scripts.gen_synth --num-train 500 --num-val 50
+    python -m scripts.gen_synth                      # 20000 train + 500 val trajectories, pairs, 300 prompts
+    python -m scripts.gen_synth --num-train 2000 --num-val 100 --workers 2
 
 Writes to $NANOCODE_BASE_DIR/sft/: synth_train.jsonl, synth_val.jsonl (conversations, see
-nanocode/synth.py for the record format) and dpo_train.jsonl, dpo_val.jsonl (preference pairs).
-Train trajectories use functions from the corpus's train split, val ones from its val split, so the
-held-out prompts are about code the model was not fine-tuned on. Every tool output comes from really
-running the tool in a scratch directory; the work is spread over processes (each record depends only
-on the seed and its index, so the result does not depend on --workers).
+nanocode/synth.py for the record format), dpo_train.jsonl, dpo_val.jsonl (preference pairs) and
+validity_prompts.jsonl ({"messages": [...ending with a user turn], "kind", "seen", "template"}: the
+prompts scripts/code_sft.py measures tool-call validity on, including kinds and phrasings that
+training never sees). Train trajectories use functions from the corpus's train split, val ones and
+the prompts from its val split, so held-out prompts are about code the model was not fine-tuned on.
+Every tool output comes from really running the tool in a scratch directory. Records are deduplicated
+(identical conversations count once) and generated until there are as many distinct ones as asked.
+Each record depends only on the seed and its index, so the result does not depend on --workers.
+At the end a diversity table: records per kind, distinct tool-call sequences, turns, calls, shares.
 """
 import argparse
+import json
 import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 
 from nanocode import synth
-from nanocode.common import NanocodeError, get_base_dir, print0, run_main
+from nanocode.common import NanocodeError, get_base_dir, print0, progress, run_main
 from nanocode.conversations import validate_conversation, validate_preference, write_jsonl
+from nanocode.engine import DENIED
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="generate synthetic tool-use trajectories and DPO pairs")
-    p.add_argument("--num-train", type=int, default=3000, help="train trajectories")
-    p.add_argument("--num-val", type=int, default=200, help="held-out trajectories")
-    p.add_argument("--pairs", type=int, default=-1, help="train preference pairs (-1: one per train trajectory)")
+    p = argparse.ArgumentParser(description="generate synthetic tool-use trajectories, DPO pairs and validity prompts")
+    p.add_argument("--num-train", type=int, default=20000, help="distinct train trajectories")
+    p.add_argument("--num-val", type=int, default=500, help="distinct held-out trajectories")
+    p.add_argument("--num-prompts", type=int, default=300, help="held-out validity prompts (seen and unseen kinds)")
+    p.add_argument("--pairs", type=int, default=-1, help="train preference pairs from the first N trajectories (-1: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-docs", type=int, default=20000, help="corpus documents scanned per split for functions")
+    p.add_argument("--max-docs", type=int, default=20000, help="corpus documents scanned per split")
     p.add_argument("--data-name", type=str, default="code", help="corpus name (nanocode.dataset)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     return p.parse_args(argv)
 
 
-_FUNCS = None
+_CORPUS = None
 
 
-def _init(funcs):
-    global _FUNCS
-    _FUNCS = funcs
+def _init(corpus):
+    global _CORPUS
+    _CORPUS = corpus
+    # Scratch sessions run `python3 ...` through bash: the interpreter running this script comes first
+    # on PATH, so that no version-manager shim (pyenv: ~50 ms a call) sits between.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
 def _traj(job):
     i, seed = job
-    return synth.trajectory(i, seed, _FUNCS)
+    return synth.trajectory(i, seed, _CORPUS)
+
+
+def _prompt(job):
+    i, seed = job
+    return synth.validity_prompt(i, seed, _CORPUS)
 
 
 def _pair(job):
@@ -52,36 +69,110 @@ def _pair(job):
     return synth.pair(i, record, seed)
 
 
-def build(split: str, n: int, n_pairs: int, seed: int, args):
+def load_corpus(split: str, args) -> synth.Corpus:
     from nanocode.dataset import iter_documents
-    docs = islice(iter_documents(split, name=args.data_name), args.max_docs)
+    docs = list(islice(iter_documents(split, name=args.data_name), args.max_docs))
     funcs = synth.corpus_functions(docs, limit=3000)
     if len(funcs) < 20:
         raise NanocodeError(f"only {len(funcs)} usable Python functions in the {split} split of corpus {args.data_name!r} "
                             f"(scanned {args.max_docs} documents): need at least 20; build a Python corpus with "
                             f"`python -m nanocode.dataset --local`")
+    return synth.Corpus(funcs, synth.corpus_files(docs))
+
+
+def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
+    """n distinct results of fn((i, seed)) for i = 0, 1, 2, ...: duplicates are skipped, more are made."""
+    out, seen, start = [], set(), 0
+    bar = progress(total=n, desc=desc, unit="rec")
+    while len(out) < n:
+        todo = max(64, int((n - len(out)) * 1.1))
+        for r in pool.map(fn, [(i, seed) for i in range(start, start + todo)], chunksize=16):
+            key = json.dumps(r["messages"], sort_keys=True)
+            if key not in seen and len(out) < n:
+                seen.add(key)
+                out.append(r)
+                bar.update(1)
+        start += todo
+        if start > 20 * n + 1000:
+            raise NanocodeError(f"{desc}: only {len(out)} distinct records after {start} tries (asked for {n})")
+    bar.close()
+    return out
+
+
+def build(split: str, n: int, n_pairs: int, n_prompts: int, seed: int, args):
+    corpus = load_corpus(split, args)
     t0 = time.time()
-    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(funcs,)) as pool:
-        records = list(pool.map(_traj, [(i, seed) for i in range(n)], chunksize=8))
-        pairs = [p for p in pool.map(_pair, [(i, r, seed) for i, r in enumerate(records[:n_pairs])], chunksize=8) if p]
+    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(corpus,)) as pool:
+        records = distinct(pool, _traj, n, seed, f"{split} trajectories")
+        prompts = distinct(pool, _prompt, n_prompts, seed + 7, "validity prompts") if n_prompts else []
+        jobs = [(i, r, seed) for i, r in enumerate(records[:n_pairs])]
+        pairs = [p for p in progress(pool.map(_pair, jobs, chunksize=16), total=len(jobs), desc=f"{split} pairs") if p]
     for r in records:
         validate_conversation(r, f"synthetic {split} trajectory ({r['kind']})")
+    for p in prompts:
+        validate_conversation(p, f"validity prompt ({p['kind']})", last_role="user")
     for p in pairs:
         validate_preference(p, f"synthetic {split} pair ({p['kind']})")
-    print0(f"{split}: {len(funcs)} corpus functions -> {len(records)} trajectories {dict(Counter(r['kind'] for r in records))}, "
-           f"{len(pairs)} pairs {dict(Counter(p['kind'] for p in pairs))} in {time.time() - t0:.0f}s")
-    return records, pairs
+    seconds = time.time() - t0
+    print0(f"{split}: {len(corpus)} corpus functions, {len(corpus.others)} other files -> {len(records)} trajectories, "
+           f"{len(pairs)} pairs {dict(Counter(p['kind'] for p in pairs))}, {len(prompts)} prompts in {seconds:.0f}s "
+           f"({len(records) / max(seconds, 1e-9):.1f} trajectories/s with {args.workers} workers)")
+    return records, pairs, prompts
+
+
+def diversity(records, tokenizer=None) -> dict:
+    """Counts that say how varied the data is (the table gen_synth prints)."""
+    turns = [sum(m["role"] == "user" for m in r["messages"]) for r in records]
+    calls = [sum(p["type"] == "tool_call" for m in r["messages"] if m["role"] == "assistant" and isinstance(m["content"], list)
+                 for p in m["content"]) for r in records]
+    denied = [any(p["type"] == "tool_output" and p["text"] == DENIED for m in r["messages"]
+                  if isinstance(m["content"], list) for p in m["content"]) for r in records]
+    n = max(len(records), 1)
+    out = {"records": len(records), "kinds": dict(sorted(Counter(r["kind"] for r in records).items(), key=lambda kv: -kv[1])),
+           "shapes": len({synth.call_shape(r) for r in records}),
+           "turns_mean": sum(turns) / n, "turns_max": max(turns, default=0),
+           "calls_mean": sum(calls) / n, "calls_max": max(calls, default=0),
+           "multi_turn": sum(t > 1 for t in turns) / n, "no_tool": sum(c == 0 for c in calls) / n,
+           "denial": sum(denied) / n}
+    if tokenizer is not None:
+        toks = [len(tokenizer.render_conversation(r)[0]) for r in records]
+        out.update(tokens=sum(toks), tokens_mean=sum(toks) / n, tokens_max=max(toks, default=0),
+                   tokens_p90=sorted(toks)[int(0.9 * (len(toks) - 1))] if toks else 0)
+    return out
+
+
+def print_table(d: dict):
+    print0(f"{'kind':<20}{'records':>9}{'share':>8}")
+    for k, c in d["kinds"].items():
+        print0(f"{k:<20}{c:>9}{c / d['records']:>8.1%}")
+    print0(f"distinct tool-call sequences: {d['shapes']} | turns/conversation: mean {d['turns_mean']:.2f}, max {d['turns_max']}"
+           f" | calls/conversation: mean {d['calls_mean']:.2f}, max {d['calls_max']}")
+    print0(f"multi-turn {d['multi_turn']:.1%} | without tools {d['no_tool']:.1%} | with a denial {d['denial']:.1%}")
+    if "tokens" in d:
+        print0(f"tokens: {d['tokens']:,} in all, mean {d['tokens_mean']:.0f}, p90 {d['tokens_p90']}, max {d['tokens_max']}")
 
 
 def main(argv=None):
     args = get_args(argv)
     out = get_base_dir() / "sft"
     n_pairs = args.num_train if args.pairs < 0 else args.pairs
-    train, train_pairs = build("train", args.num_train, n_pairs, args.seed, args)
-    val, val_pairs = build("val", args.num_val, args.num_val, args.seed + 1, args)
-    for name, recs in [("synth_train", train), ("synth_val", val), ("dpo_train", train_pairs), ("dpo_val", val_pairs)]:
+    t0 = time.time()
+    train, train_pairs, _ = build("train", args.num_train, n_pairs, 0, args.seed, args)
+    val, val_pairs, prompts = build("val", args.num_val, args.num_val, args.num_prompts, args.seed + 1, args)
+    wall = time.time() - t0
+    for name, recs in [("synth_train", train), ("synth_val", val), ("dpo_train", train_pairs), ("dpo_val", val_pairs),
+                       ("validity_prompts", prompts)]:
         path = write_jsonl(out / f"{name}.jsonl", recs)
         print0(f"wrote {len(recs)} records to {path}")
+    try:
+        from nanocode.tokenizer import get_tokenizer
+        tokenizer = get_tokenizer()
+    except Exception:  # noqa: BLE001 -- no tokenizer trained yet: the table leaves out the token counts
+        tokenizer = None
+    print0(f"diversity of the {len(train)} train trajectories (generated in {wall:.0f}s, all splits):")
+    print_table(diversity(train, tokenizer))
+    print0(f"validity prompts: {dict(Counter((p['kind'], p['seen']) for p in prompts).most_common(8))} ... "
+           f"{sum(p['seen'] for p in prompts)} seen, {sum(not p['seen'] for p in prompts)} unseen")
 
 
 if __name__ == "__main__":

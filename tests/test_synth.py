@@ -2,6 +2,7 @@
 the generator is deterministic and covers every task, and conversation JSONL errors name the line."""
 import json
 import random
+from collections import Counter
 
 import pytest
 
@@ -22,23 +23,35 @@ def funcs(stdlib_functions):
 
 @pytest.fixture(scope="module")
 def records(funcs):
-    # two of every task, built directly so each kind is covered regardless of the sampling weights
-    return [synth.make_trajectory(kind, random.Random(i), funcs) for kind in synth.TASKS for i in range(2)]
+    # two of every kind, built directly so each is covered regardless of the sampling weights
+    return [synth.make_trajectory(kind, random.Random(i), funcs) for kind in synth.KINDS for i in range(2)]
 
 
-def test_every_tool_output_is_what_the_tool_prints(records):
+@pytest.fixture(scope="module")
+def replayed(records):
+    return [synth.replay(r) for r in records]
+
+
+def assistant_parts(r):
+    return [p for m in r["messages"] if m["role"] == "assistant" for p in m["content"]]
+
+
+def first_turn(r):
+    return next(m for m in r["messages"] if m["role"] == "assistant")["content"]
+
+
+def test_every_tool_output_is_what_the_tool_prints(records, replayed):
     n_outputs = 0
-    for r in records:
+    for r, (mismatches, _) in zip(records, replayed):
         validate_conversation(r, r["kind"])
-        mismatches, _ = synth.replay(r)
         assert mismatches == [], (r["kind"], mismatches[:1])
-        n_outputs += sum(p["type"] == "tool_output" for p in r["messages"][-1]["content"])
+        n_outputs += sum(p["type"] == "tool_output" for p in assistant_parts(r))
     assert n_outputs >= 2 * len(records)
 
 
 def test_each_output_follows_its_call_and_every_call_is_valid(records):
     for r in records:
-        parts = r["messages"][-1]["content"]
+        parts = assistant_parts(r)
         for i, p in enumerate(parts):
             if p["type"] == "tool_call":
                 assert parts[i + 1]["type"] == "tool_output"
@@ -47,10 +60,9 @@ def test_each_output_follows_its_call_and_every_call_is_valid(records):
                 assert parts[i - 1]["type"] == "tool_call"
 
 
-def test_replay_reproduces_the_final_files(records):
+def test_replay_reproduces_the_final_files(records, replayed):
     changed = 0
-    for r in records:
-        _, final = synth.replay(r)
+    for r, (_, final) in zip(records, replayed):
         assert final == r["final_files"], r["kind"]
         changed += final != r["files"]
     assert changed >= len(records) // 3  # edits and writes really change files
@@ -58,7 +70,7 @@ def test_replay_reproduces_the_final_files(records):
 
 def test_replay_detects_a_forged_output(records):
     r = json.loads(json.dumps(next(r for r in records if r["kind"] == "test_fix")))
-    out = next(p for p in r["messages"][-1]["content"] if p["type"] == "tool_output")
+    out = next(p for p in first_turn(r) if p["type"] == "tool_output")
     out["text"] = "3 passed, 0 failed"
     mismatches, _ = synth.replay(r)
     assert len(mismatches) == 1
@@ -67,8 +79,9 @@ def test_replay_detects_a_forged_output(records):
 def test_recovery_trajectories_really_hit_the_errors(records):
     first_output = {}
     for r in records:
-        outs = [p["text"] for p in r["messages"][-1]["content"] if p["type"] == "tool_output"]
-        first_output.setdefault(r["kind"], outs[0] if r["kind"] != "edit_not_unique" else outs[1])
+        outs = [p["text"] for p in first_turn(r) if p["type"] == "tool_output"]
+        if outs:
+            first_output.setdefault(r["kind"], outs[0] if r["kind"] != "edit_not_unique" else outs[1])
     assert first_output["missing_file"].startswith("error: no such file")
     assert "does not occur" in first_output["edit_not_found"]
     assert "occurs 2 times" in first_output["edit_not_unique"]
@@ -78,7 +91,7 @@ def test_recovery_trajectories_really_hit_the_errors(records):
 
 def test_test_fix_ends_green(records):
     for r in (r for r in records if r["kind"] in ("test_fix", "edit_not_found")):
-        last = [p["text"] for p in r["messages"][-1]["content"] if p["type"] == "tool_output"][-1]
+        last = [p["text"] for p in first_turn(r) if p["type"] == "tool_output"][-1]
         assert "0 failed" in last and "[exit code" not in last
 
 
@@ -92,14 +105,17 @@ def test_deterministic_for_a_seed(funcs):
 
 def test_assistant_text_skips_flattery(records):
     for r in records:
-        text = " ".join(p["text"] for p in r["messages"][-1]["content"] if p["type"] == "text").lower()
+        text = " ".join(p["text"] for p in assistant_parts(r) if p["type"] == "text").lower()
         for phrase in ("great question", "happy to help", "absolutely", "hope this helps"):
             assert phrase not in text
 
 
 def test_pairs_are_real_and_flawed(records):
     kinds = set()
-    for i, r in enumerate(records):
+    # the original kinds cover every flaw; the multi-turn ones check that a pair starts from the files
+    # as the earlier turns left them
+    multi = [r for r in records if sum(m["role"] == "user" for m in r["messages"]) > 1][:4]
+    for i, r in enumerate(records[:18] + multi):
         for kind in synth.PAIR_KINDS:
             pair = synth.make_pair(r, random.Random(i), kind)
             if pair is None:
@@ -167,11 +183,139 @@ def test_mixture_weights_and_determinism():
 
 
 def test_offline_hub_source_gives_a_clear_error(monkeypatch):
-    import urllib.request
-    from nanocode import conversations
+    from nanocode import conversations, hub
 
     def offline(*a, **k):
-        raise urllib.error.URLError("Name or service not known")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(NanocodeError, match="Hugging Face hub is unreachable"):
+        raise ConnectionError("cannot reach huggingface.co:443 (Name or service not known)")
+    monkeypatch.setattr(hub, "_check_reachable", offline)
+    with pytest.raises(NanocodeError, match=r"could not download sahil2801/CodeAlpaca-20k/code_alpaca_20k.json .*offline"):
         conversations.load_source("code_alpaca", "train")
+
+
+# ---- the registry, the new kinds, denials, follow-ups
+
+def test_registry_weights_are_what_gets_drawn():
+    """trajectory() (what gen_synth's workers call) draws its kind first with draw_kind; over many draws
+    each seen kind's share matches its registry weight within 4 standard errors, and unseen kinds never come."""
+    rng = random.Random(0)
+    n = 40000
+    counts = Counter(synth.draw_kind(rng) for _ in range(n))
+    total = sum(synth.KINDS[k][1] for k in synth.TASKS)
+    assert set(counts) == set(synth.TASKS) and not set(counts) & set(synth.UNSEEN)
+    for k in synth.TASKS:
+        p = synth.KINDS[k][1] / total
+        assert abs(counts[k] / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (k, counts[k] / n, p)
+
+
+def test_trajectory_kind_is_the_first_draw(funcs):
+    for i in range(6):
+        want = synth.draw_kind(random.Random(5 * 1_000_003 + i))
+        assert synth.trajectory(i, 5, funcs)["kind"] == want
+
+
+def test_new_kinds_really_do_what_they_say(records):
+    by = {}
+    for r in records:
+        by.setdefault(r["kind"], []).append(r)
+    calls = lambda r: [p for p in assistant_parts(r) if p["type"] == "tool_call"]
+    cmds = " ".join(p["arguments"].get("command", "") for r in records for p in calls(r))
+    for word in ("ls", "wc -l", "git status", "pytest", "sed -n", "head -n", "tail -n"):
+        assert word in cmds, word
+    assert all(not calls(r) for r in by["no_tool"])
+    assert all(len({p["arguments"]["path"] for p in calls(r) if p["name"] == "edit_file"}) >= 2 for r in by["rename_multi"])
+    assert all(any(p["name"] == "bash" and "main.py" in p["arguments"]["command"] or p["name"] == "bash" for p in calls(r))
+               for r in by["run_report"])
+    outs = [p["text"] for r in by["long_output"] for p in assistant_parts(r) if p["type"] == "tool_output"]
+    assert any("[output truncated" in o for o in outs)
+    assert all("edit_file" not in synth.call_shape(r) and "write_file" not in synth.call_shape(r) for r in by["qa_read"])
+
+
+def test_run_report_states_what_the_program_printed(funcs):
+    """The demo's kind of task: the answer quotes the run's real output."""
+    for i in range(12):
+        r = synth.make_trajectory("run_report", random.Random(i), funcs)
+        parts = first_turn(r)
+        run = [j for j, p in enumerate(parts) if p["type"] == "tool_call" and p["name"] == "bash" and ".py" in p["arguments"]["command"]][-1]
+        out = parts[run + 1]["text"]
+        answer = " ".join(p["text"] for p in parts[run + 2:] if p["type"] == "text")
+        if "[exit code" not in out:
+            assert all(line in answer for line in out.strip().split("\n")[:4]), (out, answer)
+
+
+def test_denial_is_never_run_and_only_the_reaction_is_learned(funcs):
+    from nanocode.engine import DENIED
+    from tests.data_fixtures.helpers import make_tokenizer
+
+    recs = [synth.make_trajectory("denial", random.Random(i), funcs) for i in range(8)]
+    tok = make_tokenizer([json.dumps(r) for r in recs])
+    out_start, out_end = tok.special_id("<|output_start|>"), tok.special_id("<|output_end|>")
+    checked = 0
+    for r in recs:
+        mismatches, final = synth.replay(r)
+        assert mismatches == []
+        parts = assistant_parts(r)
+        j = next(j for j, p in enumerate(parts) if p["type"] == "tool_output" and p["text"] == DENIED)
+        call = parts[j - 1]
+        if call["name"] in ("edit_file", "write_file") or call["arguments"].get("command", "").startswith("rm "):
+            assert final == r["files"] or call["name"] == "bash" and "python" in str(parts)  # the denied change never happened
+        ids, mask = tok.render_conversation(r)
+        k = 0
+        while k < len(ids):  # each denial: its output is masked, the text right after it is learned
+            if ids[k] == out_start:
+                e = ids.index(out_end, k)
+                if tok.decode(ids[k + 1:e]) == DENIED:
+                    assert not any(mask[k:e + 1])
+                    nxt = e + 1
+                    while nxt < len(ids) and ids[nxt] == tok.special_id("<|tool_start|>"):
+                        break
+                    reaction = [m for m in mask[e + 1:e + 6]]
+                    assert reaction and all(reaction), "the assistant's reaction after a denial must be trained on"
+                    checked += 1
+                k = e
+            k += 1
+    assert checked >= len(recs)
+
+
+def test_follow_up_turns_replay_in_one_directory(funcs):
+    multi = [r for r in synth.generate_trajectories(60, seed=9, funcs=funcs) if sum(m["role"] == "user" for m in r["messages"]) > 1]
+    assert len(multi) >= 8
+    for r in multi[:10]:
+        validate_conversation(r)
+        mismatches, final = synth.replay(r)
+        assert mismatches == [] and final == r["final_files"], r["kind"]
+
+
+def test_validity_prompts_mark_unseen_kinds_and_phrasings(funcs):
+    prompts = [synth.validity_prompt(i, 3, funcs) for i in range(60)]
+    for p in prompts:
+        validate_conversation(p, last_role="user")
+        assert p["seen"] == (p["kind"] in synth.TASKS and p["template"] == "seen")
+    assert {p["kind"] for p in prompts if not p["seen"]} & set(synth.UNSEEN)
+    assert any(p["template"] == "unseen" for p in prompts) and sum(p["seen"] for p in prompts) >= 20
+
+
+@pytest.mark.slow
+def test_gen_synth_end_to_end(module_base_dir, capsys):
+    """The script on a tiny corpus: files written, records distinct and valid, the table printed."""
+    import sysconfig
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from scripts import gen_synth
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
+    data = module_base_dir / "data" / "code"
+    data.mkdir(parents=True)
+    for k, chunk in enumerate((stdlib[:30], stdlib[30:])):
+        texts = [p.read_text(errors="replace") for p in chunk]
+        pq.write_table(pa.table({"text": texts, "lang": ["python"] * len(texts)}), data / f"shard_{k:05d}.parquet")
+    gen_synth.main(["--num-train", "24", "--num-val", "4", "--num-prompts", "8", "--workers", "1", "--pairs", "4"])
+    sft = module_base_dir / "sft"
+    train = load_jsonl(sft / "synth_train.jsonl")
+    assert len(train) == 24 and len({json.dumps(r["messages"]) for r in train}) == 24
+    assert all(r["kind"] in synth.TASKS for r in train)
+    prompts = [json.loads(l) for l in open(sft / "validity_prompts.jsonl")]
+    assert len(prompts) == 8 and all(set(p) >= {"messages", "kind", "seen"} for p in prompts)
+    out = capsys.readouterr().out
+    assert "distinct tool-call sequences" in out and "with a denial" in out

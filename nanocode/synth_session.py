@@ -1,0 +1,167 @@
+"""Where synthetic trajectories run: a scratch directory in which every tool call really executes.
+
+A Session holds the files of one trajectory in a temp dir and the conversation built so far. The
+generator acts like the agent: `call` runs a tool through `nanocode.tools.run_tool` and records the
+call and its real output; `deny` records a call the user refused (the output is the engine's DENIED
+text, the tool never runs); `user` starts a new turn (multi-turn sessions). Nothing a tool "printed"
+is ever written by hand, and `replay` re-runs a record to prove it.
+
+A record: {"messages": [...], "kind": str, "files": {path: text} before, "final_files": {path: text}
+after, and "setup": a shell command run before the first turn (e.g. `git init`), when there is one}.
+"""
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from nanocode.engine import DENIED
+from nanocode.tools import run_tool as _run_tool
+
+# Python prints absolute paths in tracebacks, and each scratch dir has a random name; outputs show
+# this fixed name instead, as if every session ran in it, so that a replay prints the same text.
+WORKDIR = "/home/user/project"
+
+
+def run_tool(name: str, arguments: dict, root: Path) -> str:
+    out = _run_tool(name, arguments, root)
+    return out.replace(str(root.resolve()), WORKDIR).replace(str(root), WORKDIR)
+
+
+def write_tree(root: Path, files: dict):
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+
+
+def read_tree(root: Path) -> dict:
+    """Every text file under root (no __pycache__ or .git), by relative path, sorted."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts and ".git" not in p.relative_to(root).parts:
+            out[str(p.relative_to(root))] = p.read_text(encoding="utf-8", errors="replace")
+    return out
+
+
+def run_setup(root: Path, setup: str | None):
+    if setup:
+        subprocess.run(["bash", "-c", setup], cwd=root, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class Session:
+    """A scratch copy of the files where the assistant's tool calls really run. Collects the
+    conversation: user turns, and per assistant turn its text, tool calls and the tools' real outputs."""
+
+    def __init__(self, files: dict, setup: str | None = None):
+        self.files, self.setup = dict(files), setup
+        self.dir = Path(tempfile.mkdtemp(prefix="nanocode-synth-"))
+        write_tree(self.dir, files)
+        run_setup(self.dir, setup)
+        self.messages, self.parts = [], []
+
+    def say(self, text: str):
+        if not text:
+            return
+        if self.parts and self.parts[-1]["type"] == "text":
+            self.parts[-1]["text"] += "\n\n" + text
+        else:
+            self.parts.append({"type": "text", "text": text})
+
+    def call(self, name: str, **arguments) -> str:
+        out = run_tool(name, arguments, self.dir)
+        self.parts.append({"type": "tool_call", "name": name, "arguments": arguments})
+        self.parts.append({"type": "tool_output", "text": out})
+        return out
+
+    def deny(self, name: str, **arguments) -> str:
+        """A call the user refused at the approval prompt: recorded, never run."""
+        self.parts.append({"type": "tool_call", "name": name, "arguments": arguments})
+        self.parts.append({"type": "tool_output", "text": DENIED})
+        return DENIED
+
+    def read(self, path: str) -> str:
+        """The current text of a file (for the generator's own decisions; not a tool call)."""
+        return (self.dir / path).read_text(encoding="utf-8")
+
+    def user(self, text: str):
+        """Close the assistant turn in progress (if any) and start a new user turn."""
+        self.end_turn()
+        self.messages.append({"role": "user", "content": text})
+
+    def end_turn(self):
+        if self.parts:
+            self.messages.append({"role": "assistant", "content": self.parts})
+            self.parts = []
+
+    def record(self, user: str | None = None) -> dict:
+        """The finished conversation; `user` is the first user message when `user()` was never called."""
+        self.end_turn()
+        msgs = ([{"role": "user", "content": user}] if user is not None else []) + self.messages
+        rec = {"messages": msgs, "files": self.files, "final_files": read_tree(self.dir)}
+        if self.setup:
+            rec["setup"] = self.setup
+        return rec
+
+    def close(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _run_parts(parts: list, root: Path) -> list:
+    root = Path(root)
+    out = []
+    for i, part in enumerate(parts):
+        if part["type"] == "tool_call":
+            denied = i + 1 < len(parts) and parts[i + 1]["type"] == "tool_output" and parts[i + 1]["text"] == DENIED
+            out.append(part)
+            out.append({"type": "tool_output", "text": DENIED if denied else run_tool(part["name"], part["arguments"], root)})
+        elif part["type"] == "text":
+            out.append(part)
+    return out
+
+
+def execute(files: dict, parts: list, setup: str | None = None) -> tuple[list, dict]:
+    """Run the tool calls of `parts` in order in a fresh scratch copy of `files`; return the parts with
+    every tool output replaced by what the tool really printed (a denied call stays denied), and the
+    files at the end."""
+    turns, final = execute_turns(files, [parts], setup)
+    return turns[0], final
+
+
+def execute_turns(files: dict, turns: list, setup: str | None = None) -> tuple[list, dict]:
+    """execute() for several assistant turns in one scratch directory, in order."""
+    with Session(files, setup) as s:
+        return [_run_parts(parts, s.dir) for parts in turns], read_tree(s.dir)
+
+
+def assistant_turns(record: dict) -> list:
+    return [m["content"] for m in record["messages"] if m["role"] == "assistant" and isinstance(m["content"], list)]
+
+
+def replay(record: dict) -> tuple[list, dict]:
+    """Re-run a record (or a pair's side, given as {"files", "messages"}): returns (mismatches, final
+    files) where mismatches lists (output index, recorded output, replayed output)."""
+    turns = assistant_turns(record)
+    replayed, final = execute_turns(record["files"], turns, record.get("setup"))
+    recorded = [p["text"] for parts in turns for p in parts if p["type"] == "tool_output"]
+    got = [p["text"] for parts in replayed for p in parts if p["type"] == "tool_output"]
+    mismatches = [(i, a, b) for i, (a, b) in enumerate(zip(recorded, got)) if a != b]
+    if len(recorded) != len(got):
+        mismatches.append((-1, f"{len(recorded)} outputs", f"{len(got)} outputs"))
+    return mismatches, final
+
+
+def call_shape(record: dict) -> str:
+    """The tool-call sequence of a record: tool names per turn ("-" a turn with no call, "!" a denied
+    call, "|" between turns), e.g. "grep read_file edit_file bash|read_file"."""
+    turns = []
+    for parts in assistant_turns(record) or [[]]:
+        names = [p["name"] + ("!" if parts[i + 1]["text"] == DENIED else "")
+                 for i, p in enumerate(parts) if p["type"] == "tool_call"]
+        turns.append(" ".join(names) or "-")
+    return "|".join(turns)
