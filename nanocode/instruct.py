@@ -38,6 +38,7 @@ SOURCES = {
 }
 MIN_SIMILARITY = 0.3   # below this the "new" code is a rewrite, not an edit of the old one
 MAX_CODE_LINES = 120   # longer programs make rows longer than SFT keeps
+MAX_CONTEXT = 6        # lines of context an edit's old_string may add on each side to be unique
 RUN_TIMEOUT = 5.0      # seconds; dataset programs that run longer (or wait for input) are dropped
 CODE_BLOCK = re.compile(r"```([\w+-]*)[^\n]*\n(.*?)```", re.S)
 
@@ -94,17 +95,22 @@ def prose(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
-def unique_old_string(text: str, start: int, end: int) -> str | None:
-    """The shortest run of whole lines containing lines [start, end) (0-based) that occurs once in text."""
+def unique_old_string(text: str, start: int, end: int, max_extra: int = MAX_CONTEXT) -> str | None:
+    """The shortest run of whole lines containing lines [start, end) (0-based) that occurs once in text,
+    with at most max_extra lines of context on each side; None if there is none (the edit is not unique)."""
     lines = text.split("\n")
-    lo, hi = start, max(end, start + 1)
-    while True:
+    for extra in range(max_extra + 1):
+        lo, hi = max(0, start - extra), min(len(lines), max(end, start + 1) + extra)
         s = "\n".join(lines[lo:hi])
-        if s and text.count(s) == 1:
+        if s and _occurs_once(text, s):
             return s
-        if lo == 0 and hi >= len(lines):
-            return None
-        lo, hi = max(0, lo - 1), min(len(lines), hi + 1)
+    return None
+
+
+def _occurs_once(text: str, s: str) -> bool:
+    """Exactly one occurrence, overlapping ones counted (str.count does not see "a\na" twice in "a\na\na")."""
+    i = text.find(s)
+    return i >= 0 and text.find(s, i + 1) == -1
 
 
 def hunks(old: str, new: str) -> list[tuple[int, int, list[str]]]:

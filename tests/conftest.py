@@ -18,13 +18,16 @@ os.environ["NANOCODE_BASE_DIR"] = tempfile.mkdtemp(prefix="nanocode-test-")
 @pytest.fixture(scope="session")
 def stdlib_functions():
     """stdlib_functions(n_files, limit): functions of the first n_files stdlib modules, found by
-    synth.corpus_functions (the synthetic-data generator's own path), standing in for the corpus."""
+    synth.corpus_functions (the synthetic-data generator's own path), standing in for the corpus, with
+    the Python install's small C headers as its non-Python files (synth.corpus_files)."""
     from nanocode import synth
 
     def get(n_files, limit):
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         docs = [{"text": p.read_text(errors="replace"), "lang": "python"} for p in sorted(stdlib.glob("*.py"))[:n_files]]
-        return synth.corpus_functions(docs, limit=limit)
+        headers = sorted(Path(sysconfig.get_paths()["include"]).rglob("*.h"))[:200]
+        others = [{"text": p.read_text(errors="replace"), "lang": "c"} for p in headers]
+        return synth.Corpus(synth.corpus_functions(docs, limit=limit), synth.corpus_files(others, limit=40))
     return get
 
 
