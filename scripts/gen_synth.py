@@ -18,7 +18,6 @@ At the end a diversity table: records per kind, distinct tool-call sequences, tu
 import argparse
 import json
 import os
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -49,9 +48,6 @@ _CORPUS = None
 def _init(corpus):
     global _CORPUS
     _CORPUS = corpus
-    # Scratch sessions run `python3 ...` through bash: the interpreter running this script comes first
-    # on PATH, so that no version-manager shim (pyenv: ~50 ms a call) sits between.
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
 def _traj(job):
