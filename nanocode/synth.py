@@ -737,7 +737,7 @@ def t_explore(rng, funcs):
                 "What does this codebase contain?", "Look around and tell me how this project is laid out.")
     with Session(files) as s:
         cmd = pick(rng, "ls", "ls -R", "find . -type f | sort", "find . -name '*.py' | sort")
-        out = s.call("bash", command=cmd)
+        s.call("bash", command=cmd)
         if rng.random() < 0.5:
             s.call("read_file", path="README.md")
         if rng.random() < 0.5:
@@ -872,20 +872,23 @@ GIT_SETUP = ("git init -q && git add -A && git -c user.email=dev@example.com -c 
 def t_git_status(rng, funcs):
     files, mods = _project(rng, funcs, tests=False)
     path, text, f, lines = mods[0]
-    untracked = pick(rng, "notes.txt", "scratch.py", "TODO.md")
+    untracked_name = pick(rng, "notes.txt", "scratch.py", "TODO.md")
     extra = {"notes.txt": "check the edge cases\n", "scratch.py": "print('trying things')\n", "TODO.md": "- write docs\n"}
-    setup = GIT_SETUP + f" && printf '%s\\n' '# local change' >> {path} && printf '%s' '{extra[untracked]}' > {untracked}"
+    setup = GIT_SETUP + f" && printf '%s\\n' '# local change' >> {path} && printf '%s' '{extra[untracked_name]}' > {untracked_name}"
     user = pick(rng, "What have I changed since the last commit?", "What's the git status?", "Did I leave anything uncommitted?",
                 "Which files did I modify?")
     with Session(files, setup) as s:
         out = s.call("bash", command=pick(rng, "git status --short", "git status --short", "git status"))
+        modified = re.findall(r"^ M (\S+)$|^\s+modified:\s+(\S+)$", out, re.M)
+        untracked = re.findall(r"^\?\? (\S+)$", out, re.M) or re.findall(r"^\t(\S+)$", out.split("Untracked files:")[-1], re.M)
+        assert [a or b for a, b in modified] == [path] and untracked == [untracked_name], out
         if rng.random() < 0.6:
             diff = s.call("bash", command=f"git diff {path}")
             added = [l[1:] for l in diff.split("\n") if l.startswith("+") and not l.startswith("+++")]
             detail = f" The change in `{path}` adds {len(added)} line(s): `{added[0]}`." if added else ""
         else:
             detail = ""
-        s.say(f"One modified file, `{path}`, and one untracked file, `{untracked}`.{detail}")
+        s.say(f"One modified file, `{path}`, and one untracked file, `{untracked_name}`.{detail}")
         return finish(s, rng, user, followups=False)
 
 

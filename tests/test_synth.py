@@ -7,9 +7,7 @@ from collections import Counter
 import pytest
 
 from nanocode import synth
-from nanocode.common import NanocodeError
-from nanocode.conversations import (load_jsonl, mixture, parse_mix, validate_conversation, validate_preference,
-                                    write_jsonl)
+from nanocode.conversations import load_jsonl, validate_conversation, validate_preference
 from nanocode.tools import validate_tool_call
 
 
@@ -140,56 +138,6 @@ def test_unique_context_grows_until_unique():
     text = "a = 1\nreturn x\nb = 2\nreturn x\n"
     assert synth.unique_context(text, 4) == "b = 2\nreturn x"
     assert synth.unique_context(text, 1) == "a = 1"
-
-
-# ---- conversations.py
-
-def test_malformed_jsonl_line_is_named(tmp_path):
-    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    path = tmp_path / "data.jsonl"
-    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n{not json\n")
-    with pytest.raises(NanocodeError, match=r"data.jsonl line 3: not valid JSON"):
-        load_jsonl(path)
-    bad_role = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}
-    path.write_text(json.dumps(good) + "\n" + json.dumps(bad_role) + "\n")
-    with pytest.raises(NanocodeError, match=r"line 2 message 1"):
-        load_jsonl(path)
-    tool_in_user = {"messages": [{"role": "user", "content": [{"type": "tool_output", "text": "x"}]},
-                                 {"role": "assistant", "content": "y"}]}
-    path.write_text(json.dumps(tool_in_user) + "\n")
-    with pytest.raises(NanocodeError, match=r"line 1 message 0 part 0: a tool_output part may only appear"):
-        load_jsonl(path)
-    pair = {"prompt": good, "chosen": {"role": "assistant", "content": "a"}, "rejected": {"role": "assistant", "content": "b"}}
-    path.write_text(json.dumps(pair) + "\n")
-    with pytest.raises(NanocodeError, match=r"line 1 prompt: must end with a user message"):
-        load_jsonl(path, kind="preference")
-
-
-def test_jsonl_round_trip(tmp_path, records):
-    path = write_jsonl(tmp_path / "x.jsonl", records)
-    assert load_jsonl(path) == records
-
-
-def test_mixture_weights_and_determinism():
-    a, b = list(range(100)), list(range(100, 110))
-    mix = mixture([("a", a, 0.5), ("b", b, 2.0)], seed=1)
-    assert len(mix) == 50 + 20
-    assert sorted(x for x in mix if x >= 100) == sorted(b * 2)
-    assert mix == mixture([("a", a, 0.5), ("b", b, 2.0)], seed=1)
-    assert mix != mixture([("a", a, 0.5), ("b", b, 2.0)], seed=2)
-    assert parse_mix("synth=1, gsm8k=0.5") == [("synth", 1.0), ("gsm8k", 0.5)]
-    with pytest.raises(NanocodeError, match="bad weight"):
-        parse_mix("synth=lots")
-
-
-def test_offline_hub_source_gives_a_clear_error(monkeypatch):
-    from nanocode import conversations, hub
-
-    def offline(*a, **k):
-        raise ConnectionError("cannot reach huggingface.co:443 (Name or service not known)")
-    monkeypatch.setattr(hub, "_check_reachable", offline)
-    with pytest.raises(NanocodeError, match=r"could not download sahil2801/CodeAlpaca-20k/code_alpaca_20k.json .*offline"):
-        conversations.load_source("code_alpaca", "train")
 
 
 # ---- the registry, the new kinds, denials, follow-ups
