@@ -625,7 +625,7 @@ def _say_output(out: str) -> str:
     """How the assistant reports what a command printed: a one-liner inline, more as a block."""
     lines = out.rstrip("\n").split("\n")
     if len(lines) == 1 and len(lines[0]) <= 60:
-        return f"`{lines[0]}`"
+        return f"`{lines[0]}`."
     return "\n" + _show_output(out)
 
 
