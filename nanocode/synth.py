@@ -1237,7 +1237,9 @@ EXPRS = [lambda r: f"{r.randint(2, 99)} * {r.randint(2, 99)}", lambda r: f"{r.ra
          lambda r: f"list(range({r.randint(0, 3)}, {r.randint(4, 9)}))", lambda r: f"'{pick(r, 'a,b,c', 'x-y', '1 2 3')}'.split('{pick(r, ',', '-', ' ')}')",
          lambda r: f"{r.randint(1, 9)} ** {r.randint(2, 6)}", lambda r: f"max({[r.randint(0, 50) for _ in range(4)]})",
          lambda r: f"'{pick(r, 'Hello', 'World')}'.lower()", lambda r: f"sum(range({r.randint(2, 50)}))",
-         lambda r: "bool(" + pick(r, "[]", "0", "''", "[0]", "'0'", "None") + ")", lambda r: f"round({r.uniform(0, 10):.4f}, {r.randint(0, 2)})"]
+         lambda r: "bool(" + pick(r, "[]", "0", "''", "[0]", "'0'", "None") + ")",
+         lambda r: f"{r.randint(2, 999)} + {r.randint(2, 999)}", lambda r: f"abs({r.randint(-99, -1)})",
+         lambda r: f"'{pick(r, 'ab', 'xyz', '-')}' * {r.randint(2, 5)}", lambda r: f"divmod({r.randint(10, 500)}, {r.randint(2, 12)})", lambda r: f"round({r.uniform(0, 10):.4f}, {r.randint(0, 2)})"]
 CONCEPTS = [
     ("What's the difference between a list and a tuple in Python?",
      "A list is mutable (you can append, remove, reassign items); a tuple is immutable. Tuples can be dict keys and "
@@ -1281,19 +1283,27 @@ SNIPPETS = [("reverse a list", "xs = [1, 2, 3]\nxs.reverse()        # in place\n
             ("get command-line arguments", "import sys\n\nargs = sys.argv[1:]\n")]
 
 
+ASK_PREFIXES = ["", "Quick question: ", "No need to run anything. ", "Just tell me: "]
+
+
 def t_no_tool(rng, funcs):
-    k = rng.randrange(3)
+    # mostly computed expressions: the only endless source of distinct no-tool answers (the concepts and
+    # snippets are a fixed bank, so deduplication keeps only a few dozen of them)
+    k = 0 if rng.random() < 0.7 else rng.randrange(1, 3)
     if k == 0:
         expr = rng.choice(EXPRS)(rng)
         value = eval(expr, {"__builtins__": {"sorted": sorted, "len": len, "list": list, "range": range, "max": max,
-                                              "sum": sum, "bool": bool, "round": round, "None": None}})
+                                              "sum": sum, "bool": bool, "round": round, "abs": abs, "divmod": divmod,
+                                              "None": None}})
         user = pick(rng, f"What does `{expr}` evaluate to in Python?", f"Quick one: what is {expr}?", f"What's `{expr}`?")
         answer = pick(rng, f"`{value!r}`.", f"`{expr}` is `{value!r}`.", f"It evaluates to `{value!r}`.")
     elif k == 1:
         user, answer = rng.choice(CONCEPTS)
+        user = pick(rng, *ASK_PREFIXES) + user
     else:
         what, code = rng.choice(SNIPPETS)
-        user = pick(rng, f"How do I {what} in Python? Just show me, no need to run anything.", f"Show me how to {what}.")
+        user = pick(rng, f"How do I {what} in Python? Just show me, no need to run anything.", f"Show me how to {what}.",
+                    f"What's the Python idiom to {what}? No need to run it.")
         answer = f"```python\n{code}```"
     with Session({}) as s:
         s.say(answer)
@@ -1381,7 +1391,7 @@ KINDS = {
     "long_output":       (t_long_output,       1, True),
     "qa_read":           (t_qa_read,           2, True),
     "denial":            (t_denial,            3, True),
-    "no_tool":           (t_no_tool,           7, True),
+    "no_tool":           (t_no_tool,          10, True),
     "usage_search":      (t_usage_search,      1, False),
     "config_edit":       (t_config_edit,       1, False),
 }
