@@ -11,7 +11,7 @@ from nanocode import synth
 from nanocode.conversations import write_jsonl
 from scripts.code_dpo import dpo_loss
 
-NO_NLL = []  # the flag that turns the NLL term on the chosen side off (the loop above has none)
+NO_NLL = ["--nll-weight", "0"]  # the loop above has no NLL term on the chosen side
 
 
 def test_dpo_loss_matches_hand_computation():
