@@ -93,8 +93,8 @@ def train(model, optimizers, args, *, phase: str, tag: str, num_steps: int, batc
           rank: int = 0, world_size: int = 1, device=None, step_metrics=None):
     """Run steps [start, num_steps) (start = 0, or the resumed step); returns
     {"curves": {name: [(step, value)]}, "evals": [(step, metrics)], "train_time_s": seconds}.
-    step_metrics(step) -> dict, optional: numbers the script measured while making the step's batches
-    (RL: rewards, sampling time), logged with the step."""
+    step_metrics(step) -> dict, optional, called after the step: numbers the script measured while making
+    the step's batches (RL: rewards, sampling time), logged with the step."""
     import torch.distributed as dist
     is_ddp = world_size > 1
     curves, evals, start = {}, [], 0
@@ -134,7 +134,6 @@ def train(model, optimizers, args, *, phase: str, tag: str, num_steps: int, batc
         if last:
             break
         t0 = time.time()
-        extra = step_metrics(step) if step_metrics else {}
         micro = batches(step)
         sums = {}
         for mb in micro:
@@ -157,11 +156,12 @@ def train(model, optimizers, args, *, phase: str, tag: str, num_steps: int, batc
         train_time += dt
         tokens = sums.pop("tokens", None)
         logged = {k: v / len(micro) for k, v in sums.items()}
-        logged.update(extra)
+        logged.update(step_metrics(step) if step_metrics else {})
+        logged["step_s"] = dt
         for k, v in logged.items():
             curves.setdefault(k, []).append((step + 1, v))
         wandb.log({f"train/{k}": v for k, v in logged.items()} | {"lrm": lrm}, step=step + 1)
-        line = f"step {step + 1:05d}/{num_steps:05d} | {fmt_metrics(logged)} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms"
+        line = f"step {step + 1:05d}/{num_steps:05d} | {fmt_metrics({k: v for k, v in logged.items() if k != 'step_s'})} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms"
         if tokens is not None:
             line += f" | tok/s {tokens * world_size / dt:,.0f}"
         if rank == 0:
