@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline, from nothing to a report card:
-#   data -> tokenizer -> pretraining (FIM) -> base eval -> synthetic SFT/DPO data -> SFT -> DPO
+#   data -> tokenizer -> pretraining (FIM) -> base eval -> synthetic SFT/DPO data -> SFT -> DPO -> RL
 #   -> HumanEval -> one agent demo -> $NANOCODE_BASE_DIR/report/report.md
 #
 #   bash runs/speedrun.sh                        # GPUs: torchrun on all of them, depth 20; CPU: a tiny run
@@ -53,6 +53,7 @@ if [ "$NPROC" -gt 0 ]; then
     SYNTH_ARGS=()
     SFT_ARGS=()
     DPO_ARGS=()
+    RL_ARGS=(--source dpo --tasks programs,corpus --steps 200 --tasks-per-step 16 --group-size 8 --max-new-tokens 512)
     CODE_EVAL_ARGS=(-a humaneval -k 1)
     EVAL_SOURCES=(base sft dpo)
     DEMO_TOKENS=512
@@ -70,6 +71,8 @@ else
     SYNTH_ARGS=(--num-train 300 --num-val 40 --max-docs 4000)
     SFT_ARGS=(--batch-size 8 --steps 60 --eval-every -1 --eval-convs 16 --eval-prompts 8 --gen-tokens 64)
     DPO_ARGS=(--batch-size 4 --steps 30 --eval-every -1)
+    RL_ARGS=(--source dpo --tasks programs --steps 8 --tasks-per-step 2 --group-size 4 --max-new-tokens 160
+             --eval-every -1 --eval-tasks 8 --eval-samples 2)
     CODE_EVAL_ARGS=(-a humaneval -k 1 --max-problems 32 --max-tokens 128)
     EVAL_SOURCES=(dpo)
     DEMO_TOKENS=128
@@ -151,6 +154,7 @@ EOF
 stage synth synth_stage
 stage sft "${LAUNCH[@]}" -m scripts.code_sft "${SFT_ARGS[@]}"
 stage dpo "${LAUNCH[@]}" -m scripts.code_dpo "${DPO_ARGS[@]}"
+stage rl "${LAUNCH[@]}" -m scripts.code_rl "${RL_ARGS[@]}"
 for source in "${EVAL_SOURCES[@]}"; do
     stage "code_eval_$source" "${LAUNCH[@]}" -m scripts.code_eval -i "$source" "${CODE_EVAL_ARGS[@]}"
 done
