@@ -165,3 +165,44 @@ def test_sft_losses_equal_the_reference_loop(module_base_dir, tokenizer, funcs):
     rows = code_sft.render_rows(tokenizer, load_mixture("synth=1", "train", 7), 256)
     want = reference_sft_losses(ref_model, rows, 5, 2, 7, tokenizer.bos_id)
     assert len(rows) == 5 and got == want
+
+
+def test_user_jsonl_with_an_unknown_tool_is_an_error_naming_file_and_line(tmp_path):
+    from nanocode.common import NanocodeError
+    from scripts.code_sft import check_tool_calls, load_data
+    bad = json.loads(json.dumps(CONV))
+    bad["messages"][2]["content"][1]["name"] = "cat"
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(CONV) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(NanocodeError, match=r"mine.jsonl line 3: unknown tool 'cat'"):
+        check_tool_calls(path)
+    bad["messages"][2]["content"][1] = {"type": "tool_call", "name": "read_file", "arguments": {"file": "a.py"}}
+    path.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(NanocodeError, match=r"mine.jsonl line 1: read_file is missing required argument 'path'"):
+        load_data(str(path), "", 0)
+    good, val = tmp_path / "good.jsonl", tmp_path / "good_val.jsonl"
+    good.write_text(json.dumps(CONV) + "\n")
+    val.write_text(json.dumps(CONV) + "\n" + json.dumps(CONV) + "\n")
+    train, held_out = load_data(str(good), str(val), 0)
+    assert len(train) == 1 and len(held_out) == 2  # the user's own held-out split
+
+
+def test_validity_counts_no_call_invalid_and_cut_off_apart(tokenizer):
+    """Four prompts, a scripted model answering each: a valid call, a malformed one, text and no call,
+    and a call too long for a budget of 8 tokens. Seen and unseen kinds are reported apart."""
+    from nanocode.engine import ScriptedModel, encode_with_specials
+    from nanocode.finetune import tool_call_validity
+    call = '{"name": "read_file", "arguments": {"path": "main.py"}}'
+    turns = [f"<|tool_start|>{call}<|tool_end|>", '<|tool_start|>{"name": "read_file", <|tool_end|>',
+             "No tool needed.", "<|tool_start|>" + '{"name": "bash", "arguments": {"command": "' + "x" * 200 + '"}}']
+    model = ScriptedModel([encode_with_specials(tokenizer, t) for t in turns], tokenizer.vocab_size,
+                          tokenizer.special_id("<|assistant_start|>"), tokenizer.special_id("<|assistant_end|>"))
+    prompt = list(tokenizer.render_for_completion({"messages": CONV["messages"][:2]}))
+    ref = CONV["messages"][2]["content"][1]
+    prompts = [{"ids": prompt, "ref": ref, "ref_tokens": 30, "kind": k, "seen": s}
+               for k, s in (("a", True), ("a", True), ("b", False), ("b", False))]
+    v = tool_call_validity(model, tokenizer, prompts, max_tokens=0)  # budget: ref_tokens + 32 = 62 < the long call
+    assert (v["valid"], v["invalid"], v["no_call"], v["cut_off"]) == (1, 1, 1, 1)
+    assert v["validity"] == 0.25 and v["validity_of_calls"] == 0.5 and v["same_tool"] == 1
+    assert v["seen"]["validity"] == 0.5 and v["unseen"] == dict(v["unseen"], prompts=2, no_call=1, cut_off=1, validity=0.0)
+    assert v["by_kind"] == {"a": 0.5, "b": 0.0}
