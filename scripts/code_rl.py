@@ -6,8 +6,8 @@ nanochat's chat_rl), with the agent's own tool loop.
     torchrun --nproc_per_node=8 -m scripts.code_rl --tasks mbpp
 
 Each step: --tasks-per-step tasks (a seeded draw that depends only on --seed and the step), G samples
-per task from the current policy (Engine.chat_batch: temperature > 0, tool calls run in a scratch dir;
-bash runs only `python3 FILE.py` of a written file, in the sandbox), each scored by the task's verifier
+per task from the current policy (Engine.chat_batch: temperature > 0, tool calls run in a scratch dir,
+bash in nanocode.sandbox), each scored by the task's verifier
 (nanocode.rl_tasks): reward = 1 if the written code passes, else 0, plus --valid-call-bonus if the reply
 made a valid tool call and --malformed-penalty (subtracted) if it made a malformed one. Advantage =
 reward - the mean of its group (divided by the group's std with --std-adv). Loss, token level over every
@@ -23,11 +23,9 @@ task's position in the step, not on the rank, so N processes make the same updat
 """
 import argparse
 import copy
-import re
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -106,25 +104,10 @@ def rollout_row(r: dict, max_len: int):
 # sampling with tools
 
 def sandboxed_tools(timeout: float):
-    """The tool runner during RL: the usual tools in the row's scratch dir, except that bash runs only
-    `python3 FILE.py` of a file written there, and in the sandbox (the policy's code is untrusted)."""
-    from nanocode.execution import run_program
-    from nanocode.tools import resolve_path, run_tool
-
-    def run(name, arguments, workdir):
-        if name != "bash":
-            return run_tool(name, arguments, workdir)
-        m = re.fullmatch(r"\s*python3?\s+(\S+\.py)\s*", arguments.get("command", ""))
-        try:
-            path = resolve_path(Path(workdir), m.group(1)) if m else None
-        except Exception:
-            path = None
-        if path is None or not path.is_file():
-            return "error: here bash runs only `python3 FILE.py` for a file you wrote"
-        r = run_program(path.read_text(errors="replace"), timeout=timeout)
-        out = r.stdout + r.stderr
-        return (out or "(no output)") + ("" if r.passed else f"\n[{r.status}]")
-    return run
+    """The tool runner during RL: the agent's tools in the row's scratch dir; bash runs in nanocode.sandbox
+    (the policy's code is untrusted), with the verifier's timeout so a hanging program costs little."""
+    from nanocode.tools import run_tool
+    return lambda name, arguments, workdir: run_tool(name, arguments, workdir, timeout=timeout)
 
 
 def sample_and_score(engine, tasks, first_index, args, seed, G):
