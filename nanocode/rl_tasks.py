@@ -208,7 +208,30 @@ def load_tasks(spec: str, split: str = "train", seed: int = 0) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# verification
+# sampling and verification
+
+def sample(engine, tasks: list[dict], G: int, seed: int, max_tokens: int, temperature: float, top_k: int | None,
+           timeout: float, per_call: int = 0) -> list[dict]:
+    """G replies per task from the engine's tool loop (Engine.chat_batch), each in its own scratch dir with
+    every call approved: the agent's tools, bash in nanocode.sandbox with `timeout`. Row i of the whole
+    list samples with seed + i. per_call: tasks per chat_batch call (0: all at once)."""
+    import shutil
+    import tempfile
+    from nanocode.tools import run_tool
+    runner = lambda name, arguments, workdir: run_tool(name, arguments, workdir, timeout=timeout)
+    per_call = per_call or len(tasks)
+    results = []
+    for c in range(0, len(tasks), per_call):
+        convs = [{"messages": [{"role": "user", "content": t["prompt"]}]} for t in tasks[c:c + per_call] for _ in range(G)]
+        dirs = [tempfile.mkdtemp(prefix="nanocode-rl-") for _ in convs]
+        try:
+            results += engine.chat_batch(convs, approve=lambda name, a: True, workdirs=dirs, max_tokens=max_tokens,
+                                         temperature=temperature, top_k=top_k, seed=seed + c * G, tool_runner=runner)
+        finally:
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
+    return results
+
 
 def written_code(message: dict) -> str | None:
     """The content of the last .py file the assistant message wrote with write_file (None if none)."""

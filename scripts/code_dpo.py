@@ -24,7 +24,9 @@ is strictly higher (so at step 0, where policy = reference and every reward is 0
 Plus, by default, the chosen side's per-token NLL times --nll-weight (RPO, Pang et al. 2024, weight 1):
 DPO alone can lower the chosen side's likelihood as long as the rejected one falls faster, and a small
 model then unlearns the exact tool-call format; the NLL term holds it. Tool-call validity (as after SFT,
-on the SFT held-out conversations) is measured before and after. The loop is nanocode/finetune.py.
+on the SFT held-out conversations) is measured before and after. With --self-pairs, tasks that have a
+verifier add pairs of the model's own replies: a passing one chosen, a failing one rejected.
+The loop is nanocode/finetune.py.
 """
 import argparse
 import time
@@ -52,6 +54,10 @@ def get_args(argv=None):
     p.add_argument("--num-epochs", type=float, default=1.0)
     p.add_argument("--nll-weight", type=float, default=1.0, help="weight of the chosen side's per-token NLL (0: plain DPO)")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out tool-call positions for the validity rate (0: skip)")
+    p.add_argument("--self-pairs", type=str, default="", help="task sources with verifiers (nanocode.rl_tasks: programs, "
+                   "corpus, mbpp, *.jsonl): add pairs of the SFT model's own passing (chosen) and failing (rejected) replies")
+    p.add_argument("--self-samples", type=int, default=4, help="replies sampled per task for --self-pairs")
+    p.add_argument("--self-max-tokens", type=int, default=256)
     finetune.add_args(p, init_lr_frac=0.02, eval_every=50)
     return p.parse_args(argv)
 
@@ -135,6 +141,28 @@ def fmt(m: dict) -> str:
             f"policy prefers chosen per token {m['logp_accuracy']:.3f}")
 
 
+def self_pairs(model, tokenizer, spec: str, G: int, max_tokens: int, seed: int):
+    """Preference pairs from the model's own replies: G samples per task of `spec`, scored by the task's
+    verifier; a task with a passing and a failing reply gives one pair (the first of each), so the rejected
+    side is a mistake this model really makes. Returns (pairs, tasks sampled)."""
+    from nanocode import rl_tasks
+    from nanocode.conversations import validate_preference
+    from nanocode.engine import Engine
+    tasks = rl_tasks.load_tasks(spec, "train", seed)
+    results = rl_tasks.sample(Engine(model, tokenizer), tasks, G, seed, max_tokens, temperature=1.0, top_k=50, timeout=5.0)
+    verdicts = rl_tasks.verify_many([t for t in tasks for _ in range(G)], [rl_tasks.written_code(r["message"]) for r in results])
+    pairs = []
+    for j, task in enumerate(tasks):
+        rows = list(zip(results[j * G:(j + 1) * G], verdicts[j * G:(j + 1) * G]))
+        good = [r["message"] for r, (ok, _) in rows if ok]
+        bad = [r["message"] for r, (ok, _) in rows if not ok]
+        if good and bad:
+            pair = {"prompt": {"messages": [{"role": "user", "content": task["prompt"]}]}, "chosen": good[0],
+                    "rejected": bad[0], "kind": "own_failure"}
+            pairs.append(validate_preference(pair, f"self pair of task {task['id']}"))
+    return pairs, len(tasks)
+
+
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     """The pair order of an epoch: the (epoch+1)-th torch.randperm of a generator seeded `seed`."""
     g = torch.Generator().manual_seed(seed)
@@ -157,7 +185,12 @@ def main(argv=None):
     tag = args.model_tag or f"d{config.n_layer}"
     pad_id = tokenizer.bos_id
     sft_dir = get_base_dir() / "sft"
-    train, _ = render_pairs(tokenizer, load_jsonl(args.train or sft_dir / "dpo_train.jsonl", kind="preference"), T)
+    train_pairs = load_jsonl(args.train or sft_dir / "dpo_train.jsonl", kind="preference")
+    own = []
+    if args.self_pairs:
+        own, n_tasks = self_pairs(model, tokenizer, args.self_pairs, args.self_samples, args.self_max_tokens, args.seed)
+        print0(f"self pairs: {len(own)} of {n_tasks} tasks had a passing and a failing reply among {args.self_samples} samples")
+    train, _ = render_pairs(tokenizer, train_pairs + own, T)
     val, val_kinds = render_pairs(tokenizer, load_jsonl(args.val or sft_dir / "dpo_val.jsonl", kind="preference"), T)
     if not train or not val:
         raise NanocodeError(f"no usable pairs ({len(train)} train, {len(val)} val) after cutting to {T} tokens")
@@ -220,7 +253,7 @@ def main(argv=None):
         validity = {"tool_call_validity_before": before["validity"]["validity"], "tool_call_validity": m["validity"]["validity"],
                     "validity_before": before["validity"], "validity_after": m["validity"]} if prompts else {}
         log_stage("dpo", model_tag=tag, steps=num_steps, loss_type=args.loss, beta=args.beta, nll_weight=args.nll_weight,
-                  train_pairs=len(train), val_pairs=len(val), val_before=before, val_after=m,
+                  train_pairs=len(train), self_pairs=len(own), val_pairs=len(val), val_before=before, val_after=m,
                   preference_accuracy_before=before["reward_accuracy"], preference_accuracy=m["reward_accuracy"],
                   curves=curves, device=str(device), **validity)
         print0(f"saved dpo/{tag}; held-out preference (reward) accuracy {before['reward_accuracy']:.3f} -> "

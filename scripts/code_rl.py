@@ -23,8 +23,6 @@ task's position in the step, not on the rank, so N processes make the same updat
 """
 import argparse
 import copy
-import shutil
-import tempfile
 import time
 
 import torch
@@ -101,32 +99,14 @@ def rollout_row(r: dict, max_len: int):
 
 
 # -----------------------------------------------------------------------------
-# sampling with tools
-
-def sandboxed_tools(timeout: float):
-    """The tool runner during RL: the agent's tools in the row's scratch dir; bash runs in nanocode.sandbox
-    (the policy's code is untrusted), with the verifier's timeout so a hanging program costs little."""
-    from nanocode.tools import run_tool
-    return lambda name, arguments, workdir: run_tool(name, arguments, workdir, timeout=timeout)
-
+# sampling and scoring
 
 def sample_and_score(engine, tasks, first_index, args, seed, G):
-    """G samples for each task (chat_batch, seeds by the task's global position `first_index + j`), their
-    training rows and scores. Returns (rows, rewards (n, G), stats dict of sums)."""
-    runner = sandboxed_tools(args.verify_timeout)
-    per_call = args.sample_tasks or len(tasks)
-    results, t0 = [], time.time()
-    for c in range(0, len(tasks), per_call):
-        chunk = tasks[c:c + per_call]
-        convs = [{"messages": [{"role": "user", "content": t["prompt"]}]} for t in chunk for _ in range(G)]
-        dirs = [tempfile.mkdtemp(prefix="nanocode-rl-") for _ in convs]
-        try:
-            results += engine.chat_batch(convs, approve=lambda name, a: True, workdirs=dirs, max_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_k=args.top_k,
-                                         seed=seed + (first_index + c) * G, tool_runner=runner)
-        finally:
-            for d in dirs:
-                shutil.rmtree(d, ignore_errors=True)
+    """G samples for each task (seeds by the task's global position `first_index + j`, so not by rank), their
+    training rows and rewards. Returns (rows, rewards (n, G), stats: sums over the samples, and times)."""
+    t0 = time.time()
+    results = rl_tasks.sample(engine, tasks, G, seed + first_index * G, args.max_new_tokens, args.temperature,
+                              args.top_k, args.verify_timeout, args.sample_tasks)
     t_sample = time.time() - t0
     t0 = time.time()
     flat_tasks = [t for t in tasks for _ in range(G)]

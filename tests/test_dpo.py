@@ -143,3 +143,24 @@ def test_dpo_losses_equal_the_reference_loop(module_base_dir, tokenizer, model, 
     want = reference_dpo_losses(ref_model, train, 5, 2, 3, 0.1, tokenizer.bos_id, init_lr_frac=0.5)
     assert len(train) == 5 and got == want
     assert len(set(got)) > 1  # the policy moved
+
+
+def test_self_pairs_reject_the_models_own_failures(module_base_dir, tokenizer, model, monkeypatch):
+    """With a verifier (here: the reply's text has an even sum of character codes, true for about half of
+    a random model's replies), a task whose samples both pass and fail gives a pair of the model's own
+    replies: chosen passes, rejected fails."""
+    from nanocode import rl_tasks
+    from scripts.code_dpo import self_pairs
+    from tests.test_rl import install_fixed_answer_reward
+    monkeypatch.setattr(rl_tasks, "written_code", rl_tasks.written_code)
+    monkeypatch.setattr(rl_tasks, "verify_many", rl_tasks.verify_many)
+    install_fixed_answer_reward()
+    even = lambda text: sum(map(ord, text)) % 2 == 0
+    rl_tasks.verify_many = lambda tasks, codes, **kw: [(even(c), "") for c in codes]
+    tasks = [{"id": f"t{i}", "prompt": f"say {i}", "check": {"type": "stdout", "expected": "q"}} for i in range(6)]
+    path = rl_tasks.write_tasks(module_base_dir / "self_tasks.jsonl", tasks)
+    pairs, n = self_pairs(model, tokenizer, str(path), 6, 24, 0)
+    assert n == 6 and pairs
+    text = lambda m: "".join(p["text"] for p in m["content"] if p["type"] == "text")
+    assert all(even(text(p["chosen"])) and not even(text(p["rejected"])) for p in pairs)
+    assert all(p["kind"] == "own_failure" for p in pairs)
