@@ -140,6 +140,7 @@ run_main(lambda: code_rl.main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow  # two torchrun launches: about 50 s on 2 busy cores
 def test_two_gloo_processes_equal_one(module_base_dir, rl_setup, tmp_path):
     """The same 2 steps of 4 tasks with 1 and 2 processes: the same parameters after (each rank samples
     its own 2 tasks, with the seeds their positions give)."""

@@ -190,7 +190,8 @@ def test_user_jsonl_with_an_unknown_tool_is_an_error_naming_file_and_line(tmp_pa
 def test_validity_counts_no_call_invalid_and_cut_off_apart(tokenizer):
     """Four prompts, a scripted model answering each: a valid call, a malformed one, text and no call,
     and a call too long for a budget of 8 tokens. Seen and unseen kinds are reported apart."""
-    from nanocode.engine import ScriptedModel, encode_with_specials
+    from nanocode.engine import encode_with_specials
+    from tests.scripted_model import ScriptedModel
     from nanocode.finetune import tool_call_validity
     call = '{"name": "read_file", "arguments": {"path": "main.py"}}'
     turns = [f"<|tool_start|>{call}<|tool_end|>", '<|tool_start|>{"name": "read_file", <|tool_end|>',
