@@ -44,6 +44,7 @@ def get_args(argv=None):
     p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for pass@1")
     p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out task (pass@1 = mean pass rate)")
     p.add_argument("--eval-seed", type=int, default=1, help="seed of the held-out samples (vary it to measure noise)")
+    p.add_argument("--eval-only", action="store_true", help="only measure held-out pass@1 of the --source checkpoint")
     p.add_argument("--group-size", "-G", type=int, default=8, help="samples per task")
     p.add_argument("--tasks-per-step", type=int, default=8, help="tasks per optimizer step, all ranks")
     p.add_argument("--sample-tasks", type=int, default=0, help="tasks per chat_batch call (0: all of this rank's)")
@@ -230,6 +231,11 @@ def main(argv=None):
                f"{len(val_tasks)} tasks) | mean reward {m['reward']:.4f} | valid call {m['valid_call']:.3f}")
         return m if rank == 0 else None
 
+    if args.eval_only:
+        model.eval()
+        evaluate(0)
+        compute_cleanup()
+        return
     result = finetune.train(model, finetune.setup_optimizers(model, args, rank, world_size), args, phase="rl", tag=tag,
                             num_steps=num_steps, batches=batches, loss_fn=loss_fn, evaluate=evaluate, rank=rank,
                             world_size=world_size, device=device, step_metrics=step_metrics,
