@@ -23,6 +23,7 @@ task's position in the step, not on the rank, so N processes make the same updat
 """
 import argparse
 import copy
+import random
 import time
 
 import torch
@@ -179,7 +180,6 @@ def main(argv=None):
            f"{args.max_new_tokens} new tokens at temperature {args.temperature}")
 
     def step_tasks(step):
-        import random
         rng = random.Random(args.seed * 1_000_003 + step)
         return [train_tasks[i % len(train_tasks)] for i in rng.sample(range(max(K, len(train_tasks))), K)]
 
