@@ -68,3 +68,31 @@ def test_speedrun_stops_when_torch_sees_no_gpu_that_the_driver_lists(tmp_path):
     p = subprocess.run(["bash", str(REPO / "runs" / "speedrun.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1, (p.stdout, p.stderr)
     assert "nvidia-smi lists 2 GPU(s) but torch sees none" in p.stderr and "NPROC=0" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke(tmp_path):
+    """bash bench/gpu_check.sh --cpu-smoke: every step of the GPU check on tiny shapes, each PASS,
+    one summary table, results written where --out says."""
+    env = dict(os.environ, NANOCODE_BASE_DIR=str(tmp_path / "base"), OMP_NUM_THREADS="1")
+    p = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path / "out")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert p.stdout.count("## gpu_check summary") == 1
+    table = p.stdout.split("## gpu_check summary", 1)[1]
+    for step in ("kernel_tests", "inductor_ab", "bench_kernels", "bench_mfu", "resume", "generation"):
+        assert f"| {step} | PASS |" in table, table
+    assert "FAIL" not in table
+    assert (tmp_path / "out" / "gpu_check.md").exists() and (tmp_path / "out" / "gpu_check.json").exists()
+    assert not (REPO / "bench" / "results" / "cpu-smoke").exists()  # the smoke run writes nothing into the repo
+
+
+def test_gpu_check_without_a_gpu_says_so(tmp_path):
+    """On a machine without CUDA, the GPU run stops with one line naming --cpu-smoke."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    env = dict(os.environ, NANOCODE_BASE_DIR=str(tmp_path))
+    p = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--out", str(tmp_path / "out")], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "no CUDA GPU is visible" in p.stderr and "--cpu-smoke" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
