@@ -98,7 +98,7 @@ def test_crash_between_files_keeps_the_previous_step(tmp_path, monkeypatch, cras
 
 
 DDP_CRASH = r"""
-import os, sys, torch
+import os, sys, time, torch
 from nanocode.checkpoint import save_checkpoint
 from nanocode.common import compute_init, run_main
 
@@ -107,8 +107,12 @@ def main():
     d = sys.argv[1]
     model_state = {"w": torch.full((4,), 1.0)} if rank == 0 else None
     save_checkpoint(d, 1, model_state, {"rank": torch.tensor(rank)}, {"model_config": {}}, rank=rank)
-    if rank == 1:
-        os._exit(7)  # dies before writing its step-2 file; rank 0 writes its own files and the model
+    if rank == 1:  # dies before writing its step-2 file, once rank 0 has written its own and the model
+        for _ in range(600):
+            if os.path.exists(os.path.join(d, "model_000002.pt")):
+                break
+            time.sleep(0.1)
+        os._exit(7)
     save_checkpoint(d, 2, model_state, {"rank": torch.tensor(rank)}, {"model_config": {}}, rank=rank)
 
 run_main(main)
