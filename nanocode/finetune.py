@@ -107,14 +107,7 @@ def train(model, optimizers, args, *, phase: str, tag: str, num_steps: int, batc
     def checkpoint(step, resumable):
         full = dict(meta(), num_steps=num_steps, curves=curves, evals=evals, args=vars(args))
         optim = {"optimizers": [o.state_dict() for o in optimizers]} if resumable else None
-        if rank != 0 and optim is not None:
-            save_checkpoint(ckpt_dir, step, None, optim, full, rank=rank)
-        if is_ddp:
-            dist.barrier()  # every rank's file is on disk before rank 0 writes the metadata that lists them
-        if rank == 0:
-            save_checkpoint(ckpt_dir, step, model.state_dict(), optim, full, rank=0)
-        if is_ddp:
-            dist.barrier()
+        save_checkpoint(ckpt_dir, step, model.state_dict() if rank == 0 else None, optim, full, rank=rank)
 
     bar = progress(total=num_steps, desc=phase, unit="step")
     bar.update(start)
