@@ -274,3 +274,17 @@ def test_no_held_out_tasks_trains_and_says_so(module_base_dir, rl_setup, tmp_pat
     assert "held-out pass@1 is not measured" in capsys.readouterr().out
     report = json.loads((module_base_dir / "report" / "rl.json").read_text())
     assert report["steps"] == 1 and report["val_tasks"] == 0
+
+
+def test_kl_term_is_zero_against_itself_and_positive_otherwise():
+    """The k3 estimate exp(d) - d - 1 (d = log ref - log pi) on the sampled tokens: 0 when the reference is
+    the policy, > 0 when it differs."""
+    import copy
+    model = tiny_model()
+    rows = [rollout_row({"prompt_ids": [0, 5, 6], "ids": [7, 8, 20, 21, 9, 1], "mask": [1, 1, 0, 0, 1, 1]}, 32)]
+    plain, _ = pg_loss(model, rows, [0.7], 4.0, 0, "cpu", nullcontext())
+    same, _ = pg_loss(model, rows, [0.7], 4.0, 0, "cpu", nullcontext(), ref_model=copy.deepcopy(model), kl_coef=0.5)
+    torch.testing.assert_close(plain, same)
+    other = tiny_model(seed=1)
+    kl, _ = pg_loss(model, rows, [0.0], 4.0, 0, "cpu", nullcontext(), ref_model=other, kl_coef=1.0)
+    assert kl.item() > 0
