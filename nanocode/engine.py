@@ -187,25 +187,26 @@ class Engine:
         return [self.bos] + notice + ids[len(ids) - max(1, self.max_len // 2 - 1 - len(notice)):]
 
     @staticmethod
-    def _parse_call(raw: str):
+    def _parse_call(raw: str, tools=None):
         """(tool_call part or None, error) for the text the model wrote between <|tool_start|> and <|tool_end|>."""
-        call, err = parse_tool_call(raw)
+        call, err = parse_tool_call(raw, tools)
         if err:
             return None, f"error: {err}"
         return {"type": "tool_call", "name": call["name"], "arguments": call["arguments"]}, None
 
     @staticmethod
-    def _run_call(name, args, approve, workdir, calls_left: int) -> str:
+    def _run_call(name, args, approve, workdir, calls_left: int, **tool_kwargs) -> str:
         if calls_left <= 0:
             return "error: tool-call limit reached for this reply; answer without tools"
         if workdir is None:
             return "error: tools are disabled here"
         if approve is None or not approve(name, args):
             return DENIED
-        return run_tool(name, args, workdir)
+        return run_tool(name, args, workdir, **tool_kwargs)
 
     def chat(self, conversation, approve=None, workdir=None, max_tokens=1024, temperature=0.6, top_k=50,
-             top_p=None, seed=42, max_tool_calls=8):
+             top_p=None, seed=42, max_tool_calls=8, tools=None, forced_call=None, sandbox="workspace-write",
+             network=False):
         """Generate the next assistant message of `conversation` ({"messages": [...]}, last one from the
         user), running tool calls along the way. Yields events (dicts):
             {"type": "text", "text": delta}                      assistant text as it streams
@@ -215,7 +216,9 @@ class Engine:
             {"type": "done", "finish_reason": "stop"|"length", "message": {"role": "assistant", "content": parts},
              "usage": {"prompt_tokens", "completion_tokens"}}
         approve(name, arguments) -> bool is asked before every call (None denies all); workdir None
-        disables tools. max_tokens counts sampled tokens (forced tool outputs are free)."""
+        disables tools. max_tokens counts sampled tokens (forced tool outputs are free).
+        tools: {name: schema} the model may call (default: ours); forced_call: the name of a tool the reply
+        starts by calling (the call's opening is prefilled); sandbox, network: how tools run (tools.run_tool)."""
         check_sampling(temperature, top_k, top_p, max_tokens)
         tok = self.tokenizer
         ids = list(tok.render_for_completion(conversation))
@@ -223,6 +226,9 @@ class Engine:
         gen = self._generators(seed, 1)
         cache, fed = None, 0
         parts, text_ids, text_sent, call_ids = [], [], "", None
+        if forced_call is not None:  # '{"name": "bash", "arguments": ' and the model goes on from there
+            call_ids = tok.encode(json.dumps({"name": forced_call, "arguments": {}})[:-3])
+            ids += [self.tool_start] + call_ids
         calls_left, finish, sampled = max_tool_calls, "length", 0
 
         def flush_text():
@@ -253,12 +259,13 @@ class Engine:
                     call_ids.append(t)
                     continue
                 raw, call_ids = tok.decode(call_ids), None
-                part, output = self._parse_call(raw)
+                part, output = self._parse_call(raw, tools)
                 if part is None:  # malformed: keep the raw text, feed back the error
                     part = {"type": "text", "text": raw}
                 else:
                     yield {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
-                    output = self._run_call(part["name"], part["arguments"], approve, workdir, calls_left)
+                    output = self._run_call(part["name"], part["arguments"], approve, workdir, calls_left,
+                                            sandbox=sandbox, network=network)
                     calls_left -= 1
                 parts.extend([part, {"type": "tool_output", "text": output}])
                 yield {"type": "tool_output", "text": output}
