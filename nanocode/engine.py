@@ -205,20 +205,22 @@ class Engine:
         return run_tool(name, args, workdir, **tool_kwargs)
 
     def chat(self, conversation, approve=None, workdir=None, max_tokens=1024, temperature=0.6, top_k=50,
-             top_p=None, seed=42, max_tool_calls=8, tools=None, forced_call=None, sandbox="workspace-write",
-             network=False):
+             top_p=None, seed=42, max_tool_calls=8, tools=None, forced_call=None, stop_at_tool_call=False,
+             sandbox="workspace-write", network=False):
         """Generate the next assistant message of `conversation` ({"messages": [...]}, last one from the
         user), running tool calls along the way. Yields events (dicts):
             {"type": "text", "text": delta}                      assistant text as it streams
             {"type": "tool_call", "name", "arguments"}           a valid call, before approval
             {"type": "tool_output", "text"}                      what was fed back (output, error, denial)
             {"type": "notice", "text"}                           e.g. old turns dropped from the context
-            {"type": "done", "finish_reason": "stop"|"length", "message": {"role": "assistant", "content": parts},
+            {"type": "done", "finish_reason": "stop"|"length"|"tool_calls", "message": {"role": "assistant", "content": parts},
              "usage": {"prompt_tokens", "completion_tokens"}}
         approve(name, arguments) -> bool is asked before every call (None denies all); workdir None
         disables tools. max_tokens counts sampled tokens (forced tool outputs are free).
         tools: {name: schema} the model may call (default: ours); forced_call: the name of a tool the reply
-        starts by calling (the call's opening is prefilled); sandbox, network: how tools run (tools.run_tool)."""
+        starts by calling (the call's opening is prefilled); stop_at_tool_call: a valid call ends the reply
+        unrun (finish_reason "tool_calls": the caller runs it, as OpenAI API clients do); sandbox, network:
+        how tools run (tools.run_tool)."""
         check_sampling(temperature, top_k, top_p, max_tokens)
         tok = self.tokenizer
         ids = list(tok.render_for_completion(conversation))
@@ -226,9 +228,11 @@ class Engine:
         gen = self._generators(seed, 1)
         cache, fed = None, 0
         parts, text_ids, text_sent, call_ids = [], [], "", None
-        if forced_call is not None:  # '{"name": "bash", "arguments": ' and the model goes on from there
-            call_ids = tok.encode(json.dumps({"name": forced_call, "arguments": {}})[:-3])
-            ids += [self.tool_start] + call_ids
+        # A forced call's opening '<|tool_start|>{"name": "bash", "arguments":' is taken as if sampled, one
+        # token per step, so the same code below parses the call. (It ends before the space: the tokenizer
+        # splits there, so the model sees the tokens it would have written itself.)
+        forced = [] if forced_call is None else \
+            [self.tool_start] + tok.encode(json.dumps({"name": forced_call, "arguments": {}})[:-4])
         calls_left, finish, sampled = max_tool_calls, "length", 0
 
         def flush_text():
@@ -240,7 +244,7 @@ class Engine:
             text_ids, text_sent = [], ""
             return delta
 
-        for _ in range(max_tokens):
+        for _ in range(max_tokens + len(forced)):  # forced tokens are free, like tool outputs
             if len(ids) > self.max_len:
                 ids, cache = self._fit_context(ids), None
                 yield {"type": "notice", "text": CONTEXT_NOTICE}
@@ -248,8 +252,11 @@ class Engine:
                 cache, fed = KVCache(1, self.model.config.n_layer, self.max_len), 0
             logits = self._forward(cache, [ids[fed:]])
             fed = len(ids)
-            t = sample_next(logits, gen, temperature, top_k, top_p).item()
-            sampled += 1
+            if forced:
+                t = forced.pop(0)
+            else:
+                t = sample_next(logits, gen, temperature, top_k, top_p).item()
+                sampled += 1
             if t in self.stop_ids:
                 finish = "stop"
                 break
@@ -264,6 +271,10 @@ class Engine:
                     part = {"type": "text", "text": raw}
                 else:
                     yield {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
+                    if stop_at_tool_call:
+                        parts.append(part)
+                        finish = "tool_calls"
+                        break
                     output = self._run_call(part["name"], part["arguments"], approve, workdir, calls_left,
                                             sandbox=sandbox, network=network)
                     calls_left -= 1
