@@ -13,12 +13,14 @@ Ctrl-C stops the current reply (and a running tool), not the session; Ctrl-D or 
 starts a new conversation.
 """
 import argparse
+import functools
 import json
 import signal
 import sys
 from pathlib import Path
 
 from nanocode.common import NanocodeError, autodetect_device_type, run_main
+from nanocode.tools import run_tool
 
 parser = argparse.ArgumentParser(description="coding agent in the terminal")
 parser.add_argument("-p", "--prompt", default=None, help="one-shot prompt (no REPL)")
@@ -43,8 +45,9 @@ SHOW_LINES = 20  # lines of each tool output echoed to the terminal (the model s
 
 
 def load_engine(args):
-    from nanocode.engine import Engine, ScriptedModel
+    from nanocode.engine import Engine
     if args.fake_script:
+        from tests.scripted_model import ScriptedModel  # a test double: the tests run the scripts with it
         from nanocode.tokenizer import get_tokenizer
         tokenizer = get_tokenizer()
         return Engine(ScriptedModel.from_file(args.fake_script, tokenizer), tokenizer)
@@ -108,7 +111,8 @@ def reply(engine, conversation, approve, args):
     parts = []
     events = engine.chat(conversation, approve=approve, workdir=Path(args.workdir), max_tokens=args.max_tokens,
                          temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                         max_tool_calls=args.max_tool_calls, sandbox=args.sandbox, network=args.network)
+                         max_tool_calls=args.max_tool_calls,
+                         tool_runner=functools.partial(run_tool, sandbox=args.sandbox, network=args.network))
     try:
         for ev in events:
             if ev["type"] == "text":

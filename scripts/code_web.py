@@ -32,6 +32,7 @@ one request at a time; up to --max-queue more wait, beyond that 429.
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -49,6 +50,7 @@ from pathlib import Path
 
 from nanocode.common import NanocodeError, autodetect_device_type, run_main
 from nanocode.tokenizer import in_progress
+from nanocode.tools import run_tool
 
 parser = argparse.ArgumentParser(description="OpenAI-compatible server and web UI for the coding agent")
 parser.add_argument("-i", "--source", default="sft", choices=["sft", "dpo", "base"], help="which checkpoint phase")
@@ -90,8 +92,9 @@ class RequestError(Exception):
 def load_engines(args) -> tuple[list, str]:
     """One Engine per GPU (or one on CPU/MPS), and the system_fingerprint naming the checkpoint."""
     import torch
-    from nanocode.engine import Engine, ScriptedModel
+    from nanocode.engine import Engine
     if args.fake_script:
+        from tests.scripted_model import ScriptedModel  # a test double: the tests run the scripts with it
         from nanocode.tokenizer import get_tokenizer
         tokenizer = get_tokenizer()
         return [Engine(ScriptedModel.from_file(args.fake_script, tokenizer), tokenizer)], "fp_fake"
@@ -446,8 +449,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         if req["tools"] is not None:  # client-side tools: the reply ends at a call, the client runs it
             kwargs.update(tools=req["tools"], forced_call=req["forced"], stop_at_tool_call=True)
         elif workspaces is not None:  # our tools, run here in the conversation's own directory, sandboxed
-            kwargs.update(approve=lambda name, arguments: True, workdir=req["workdir"], sandbox=args.sandbox,
-                          network=args.network)
+            kwargs.update(approve=lambda name, arguments: True, workdir=req["workdir"],
+                          tool_runner=functools.partial(run_tool, sandbox=args.sandbox, network=args.network))
         stop, emitted = StopText(req["stop"]), []
         async for ev in events(conv, kwargs):
             kind = ev["type"]

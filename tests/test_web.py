@@ -227,7 +227,8 @@ def test_client_side_tools_with_the_openai_sdk(tmp_path):
     goes in as a role "tool" message, tool_choice none / named, other functions, stop, trimming, the key."""
     ran = tmp_path / "ran.txt"
     call_ls = '<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>'
-    turns = ["Let me look." + CALL.replace("cat hello.txt", f"touch {ran}") + "It says hi.",  # round trip
+    turns = ["Let me look." + CALL.replace("cat hello.txt", f"touch {ran}") + "Never reached.",  # round trip,
+             "It says hi.",                                                                     # after the result
              "Checking." + CALL + "Never reached.",                                          # streamed call
              "Let me look." + CALL + "It says hi.",                                          # tool_choice none
              call_ls,                                                                        # forced bash
