@@ -23,7 +23,8 @@ field) to keep working in the same directory. Serving tools on a non-loopback ad
 
 Also: "seed" (random per request when absent), "stop", "max_tokens" / "max_completion_tokens", "top_k",
 "usage" and "system_fingerprint" in every reply; a conversation longer than the context is trimmed by
-the engine (oldest turns first). "n" must be 1. Beyond the protocol, a reply's message carries "parts"
+the engine (oldest turns first). "n" > 1 samples the choices as one batch (seeds seed, seed + 1, ...;
+not with server-side tools, whose choices would share a directory). Beyond the protocol, a reply's message carries "parts"
 (text, tool_call and tool_output: nanocode's conversation format), and server-side tool activity streams
 as chunks whose delta is {"nanocode": {"type": "tool_call"|"tool_output"|"notice", ...}}; messages sent
 back may use such parts as their content (the UI does). One model replica per GPU (one on CPU) serves
@@ -77,6 +78,7 @@ parser.add_argument("--max-tokens", type=int, default=1024, help="default and up
 parser.add_argument("--max-tool-calls", type=int, default=8, help="server-side tool calls per reply")
 parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger requests get 413")
 parser.add_argument("--max-messages", type=int, default=500, help="more messages in a request get 400")
+parser.add_argument("--max-n", type=int, default=8, help="choices per request at most ('n', sampled as one batch)")
 parser.add_argument("--fake-script", default=None, help=argparse.SUPPRESS)  # tests: a ScriptedModel JSON file
 
 UI_PATH = Path(__file__).with_name("ui.html")
@@ -272,9 +274,7 @@ def parse_request(body: bytes, args) -> dict:
         settings["seed"] = secrets.randbelow(2**63)
     if settings["top_p"] == 0:
         raise RequestError(400, "'top_p' must be in (0, 1], got 0")
-    n = req.get("n")
-    if n is not None and (n != 1 or isinstance(n, bool)):  # until the engine can sample several replies at once
-        raise RequestError(400, f"'n' must be 1 (this server samples one choice per request), got {n!r}")
+    n = number("n", 1, 1, args.max_n, int)
     stream = req.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, f"'stream' must be true or false, got {stream!r}")
@@ -289,11 +289,15 @@ def parse_request(body: bytes, args) -> dict:
     if cid is not None and not isinstance(cid, str):
         raise RequestError(400, "'conversation_id' must be a string (as a previous reply gave it)")
     return dict(conversation=conv, stream=stream, settings=settings, tools=tools, forced=forced, stop=stop,
-                conversation_id=cid)
+                conversation_id=cid, n=n)
 
 
 def usage_of(u):
     return dict(u, total_tokens=u["prompt_tokens"] + u["completion_tokens"])
+
+
+class Abandoned(Exception):
+    """Raised in the engine's thread when the client has gone: ends the generation."""
 
 
 class StopText:
@@ -407,105 +411,120 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
                 raise RequestError(413, f"request body exceeds the limit of {args.max_body_bytes} bytes")
         return body
 
-    async def events(conversation, chat_kwargs):
-        """Run engine.chat on a free replica in a thread; yield its events here as they come.
-        If the client goes away (this generator is closed), the worker stops at its next event (or
-        before starting, if it was still waiting for a replica)."""
+    async def events(conversation, n, chat_kwargs):
+        """Run the engine on a free replica in a thread (chat for one choice, chat_batch for n); yield its
+        (choice, event) pairs here as they come. If the client goes away (this generator is closed), the
+        worker stops at its next event (or before starting, if it was still waiting for a replica)."""
         loop = asyncio.get_running_loop()
         out, cancel = asyncio.Queue(), threading.Event()
 
         def put(item):
             loop.call_soon_threadsafe(out.put_nowait, item)
 
+        def on_event(row, ev):
+            if cancel.is_set():
+                raise Abandoned
+            put((row, ev))
+
         def work():
             engine = free.get()
             try:
                 if cancel.is_set():
                     return
-                gen = engine.chat(conversation, **chat_kwargs)
-                for ev in gen:
-                    if cancel.is_set():
-                        break
-                    put(ev)
-                gen.close()
+                if n == 1:
+                    for ev in engine.chat(conversation, **chat_kwargs):
+                        on_event(0, ev)
+                else:
+                    engine.chat_batch([conversation] * n, on_event=on_event, **chat_kwargs)
+            except Abandoned:
+                pass
             except Exception as e:  # noqa: BLE001 -- reported to the client, the server goes on
-                put({"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
+                put((0, {"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"}))
             finally:
                 free.put(engine)
                 put(None)
 
         threading.Thread(target=work, daemon=True).start()
         try:
-            while (ev := await out.get()) is not None:
-                yield ev
+            while (item := await out.get()) is not None:
+                yield item
         finally:
             cancel.set()
 
     async def reply(req):
-        """The reply as a stream of ("text", str) | ("tool_call", call) | ("nanocode", event) | ("done", finish,
-        usage) | ("error", message), with stop strings applied and client-side tool calls given ids."""
-        conv = req["conversation"]
+        """The reply's choices as a stream of (choice, item) with item ("text", str) | ("tool_call", call) |
+        ("nanocode", event) | ("done", finish, usage) | ("error", message): stop strings applied, client-side
+        tool calls given ids. Choices of n > 1 sample with seeds seed, seed + 1, ..."""
+        conv, n = req["conversation"], req["n"]
         kwargs = dict(req["settings"], max_tool_calls=args.max_tool_calls)
         if req["tools"] is not None:  # client-side tools: the reply ends at a call, the client runs it
             kwargs.update(tools=req["tools"], forced_call=req["forced"], stop_at_tool_call=True)
-        elif workspaces is not None:  # our tools, run here in the conversation's own directory, sandboxed
+        elif req.get("workdir") is not None:  # our tools, run here in the conversation's own directory, sandboxed
             kwargs.update(approve=lambda name, arguments: True, workdir=req["workdir"],
                           tool_runner=functools.partial(run_tool, sandbox=args.sandbox, network=args.network))
-        stop, emitted = StopText(req["stop"]), []
-        async for ev in events(conv, kwargs):
-            kind = ev["type"]
+        stops, emitted, done = [StopText(req["stop"]) for _ in range(n)], [[] for _ in range(n)], set()
+        async for row, ev in events(conv, n, kwargs):
+            kind, stop = ev["type"], stops[row]
+            if row in done:  # cut by a stop string; the batch goes on with the other choices
+                continue
             if kind == "text":
-                emitted.append(ev["text"])
+                emitted[row].append(ev["text"])
                 text = stop.feed(ev["text"])
                 if text:
-                    yield ("text", text)
+                    yield row, ("text", text)
                 if stop.hit:  # usage counted by re-encoding: the engine stopped before it could count
-                    completion = len(tokenizer.encode("".join(emitted)))
-                    prompt = len(tokenizer.render_for_completion(conv))
-                    yield ("done", "stop", {"prompt_tokens": prompt, "completion_tokens": completion})
-                    return
+                    done.add(row)
+                    usage = {"prompt_tokens": len(tokenizer.render_for_completion(conv)),
+                             "completion_tokens": len(tokenizer.encode("".join(emitted[row])))}
+                    yield row, ("done", "stop", usage)
+                    if len(done) == n:
+                        return
                 continue
             if stop.held:
-                yield ("text", stop.flush())
+                yield row, ("text", stop.flush())
             if kind == "tool_call" and req["tools"] is not None:
-                yield ("tool_call", {"id": "call_" + secrets.token_hex(12), "type": "function",
-                                     "function": {"name": ev["name"], "arguments": json.dumps(ev["arguments"])}})
+                yield row, ("tool_call", {"id": "call_" + secrets.token_hex(12), "type": "function",
+                                          "function": {"name": ev["name"], "arguments": json.dumps(ev["arguments"])}})
             elif kind == "done":
-                yield ("done", ev["finish_reason"], ev["usage"])
+                done.add(row)
+                yield row, ("done", ev["finish_reason"], ev["usage"])
             elif kind == "error":
-                yield ("error", ev["message"])
+                yield row, ("error", ev["message"])
+                return
             else:  # a server-side tool_call / tool_output, or a notice (old turns dropped from the context)
-                yield ("nanocode", ev)
+                yield row, ("nanocode", ev)
 
     async def complete(req, head):
         """The whole reply as one chat.completion object."""
-        texts, parts, calls = [], [], []
-        gen = reply(req)
-        async for item in gen:
+        n = req["n"]
+        texts, parts, calls = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        choices, usage = [None] * n, {"prompt_tokens": 0, "completion_tokens": 0}
+        async for row, item in reply(req):
             if item[0] == "text":
-                texts.append(item[1])
-                if parts and parts[-1]["type"] == "text":
-                    parts[-1] = {"type": "text", "text": parts[-1]["text"] + item[1]}
+                texts[row].append(item[1])
+                if parts[row] and parts[row][-1]["type"] == "text":
+                    parts[row][-1] = {"type": "text", "text": parts[row][-1]["text"] + item[1]}
                 else:
-                    parts.append({"type": "text", "text": item[1]})
+                    parts[row].append({"type": "text", "text": item[1]})
             elif item[0] == "tool_call":
-                calls.append(item[1])
+                calls[row].append(item[1])
                 fn = item[1]["function"]
-                parts.append({"type": "tool_call", "name": fn["name"], "arguments": json.loads(fn["arguments"])})
+                parts[row].append({"type": "tool_call", "name": fn["name"], "arguments": json.loads(fn["arguments"])})
             elif item[0] == "nanocode" and item[1]["type"] in ("tool_call", "tool_output"):
-                parts.append(dict(item[1]))
+                parts[row].append(dict(item[1]))
             elif item[0] == "error":
-                await gen.aclose()
                 return error(500, item[1])
             elif item[0] == "done":
-                await gen.aclose()
-                message = {"role": "assistant", "content": "".join(texts) if texts or not calls else None,
-                           "parts": parts}
-                if calls:
-                    message["tool_calls"] = calls
-                return {**head, "object": "chat.completion", "usage": usage_of(item[2]), "choices": [{
-                    "index": 0, "finish_reason": item[1], "logprobs": None, "message": message}]}
-        return error(500, "generation ended without a reply")
+                message = {"role": "assistant", "content": "".join(texts[row]) if texts[row] or not calls[row] else None,
+                           "parts": parts[row]}
+                if calls[row]:
+                    message["tool_calls"] = calls[row]
+                choices[row] = {"index": row, "finish_reason": item[1], "logprobs": None, "message": message}
+                usage = {"prompt_tokens": item[2]["prompt_tokens"],  # the prompt once, as OpenAI counts it
+                         "completion_tokens": usage["completion_tokens"] + item[2]["completion_tokens"]}
+        if any(c is None for c in choices):
+            return error(500, "generation ended without a reply")
+        return {**head, "object": "chat.completion", "usage": usage_of(usage), "choices": choices}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -517,6 +536,9 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             if counts["admitted"] >= len(engines) + args.max_queue:
                 raise RequestError(429, f"server busy: {args.max_queue} requests already waiting; retry later")
             if workspaces is not None and req["tools"] is None:
+                if req["n"] > 1:
+                    raise RequestError(400, "'n' > 1 with server-side tools: the choices would share one working "
+                                            "directory; ask for one choice, or send 'tools' (client-side tools)")
                 req["conversation_id"], req["workdir"] = await asyncio.to_thread(workspaces.get, req["conversation_id"])
         except RequestError as e:
             return error(e.status, str(e))
@@ -540,30 +562,35 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             finally:
                 release()
 
-        def chunk(delta, finish_reason=None, **extra):
+        def chunk(delta, finish_reason=None, index=0, **extra):
             obj = {**head, "object": "chat.completion.chunk",
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+                   "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+                   **extra}
             return f"data: {json.dumps(obj)}\n\n"
 
         async def sse():
-            yield chunk({"role": "assistant", "content": ""})
-            n_calls = 0
-            async for item in reply(req):
+            for row in range(req["n"]):
+                yield chunk({"role": "assistant", "content": ""}, index=row)
+            n_calls, usage = [0] * req["n"], {"prompt_tokens": 0, "completion_tokens": 0}
+            async for row, item in reply(req):
                 if item[0] == "text":
-                    yield chunk({"content": item[1]})
+                    yield chunk({"content": item[1]}, index=row)
                 elif item[0] == "tool_call":  # as OpenAI streams one: id and name first, then the arguments
-                    call = item[1]
-                    yield chunk({"tool_calls": [{"index": n_calls, "id": call["id"], "type": "function",
-                                                 "function": {"name": call["function"]["name"], "arguments": ""}}]})
-                    yield chunk({"tool_calls": [{"index": n_calls,
-                                                 "function": {"arguments": call["function"]["arguments"]}}]})
-                    n_calls += 1
+                    call, k = item[1], n_calls[row]
+                    yield chunk({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                                 "function": {"name": call["function"]["name"], "arguments": ""}}]},
+                                index=row)
+                    yield chunk({"tool_calls": [{"index": k, "function": {"arguments": call["function"]["arguments"]}}]},
+                                index=row)
+                    n_calls[row] += 1
                 elif item[0] == "done":
-                    yield chunk({}, item[1], usage=usage_of(item[2]))
+                    usage = {"prompt_tokens": item[2]["prompt_tokens"],
+                             "completion_tokens": usage["completion_tokens"] + item[2]["completion_tokens"]}
+                    yield chunk({}, item[1], index=row, usage=usage_of(usage))
                 elif item[0] == "error":
                     yield f"data: {json.dumps({'error': {'message': item[1], 'type': 'server_error'}})}\n\n"
                 else:  # server-side tool_call, tool_output, notice
-                    yield chunk({"nanocode": item[1]})
+                    yield chunk({"nanocode": item[1]}, index=row)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},

@@ -157,7 +157,7 @@ def test_tools_off_without_allow_tools_and_bad_requests(tmp_path, workdir):
             ({"messages": user, "temperature": 5}, 400, "'temperature' must be a number in [0.0, 2.0]"),
             ({"messages": user, "temperature": "hot"}, 400, "'temperature' must be a number"),
             ({"messages": user, "max_tokens": 10**6}, 400, "'max_tokens' must be an integer in [1, 1024]"),
-            ({"messages": user, "n": 2}, 400, "'n' must be 1"),
+            ({"messages": user, "n": 100}, 400, "'n' must be an integer in [1, 8]"),
             ({"messages": user, "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
             ({"messages": user, "top_k": 0}, 400, "'top_k' must be an integer"),
             ({"messages": user, "stream": "yes"}, 400, "'stream' must be true or false"),
@@ -220,6 +220,17 @@ def test_tiny_real_checkpoint_same_reply_streamed_or_not(tmp_path):
                                                 **dict(kw, max_tokens=4))
         assert forced.choices[0].finish_reason == "length"
         assert forced.choices[0].message.content.startswith('{"name": "bash", "arguments":')
+
+        several = client.chat.completions.create(n=3, seed=11, **hot)  # one batch; choice i samples with seed 11 + i
+        texts = [c.message.content for c in several.choices]
+        assert [c.index for c in several.choices] == [0, 1, 2] and len(set(texts)) == 3
+        assert texts[1] == client.chat.completions.create(seed=12, **hot).choices[0].message.content
+        assert 3 <= several.usage.completion_tokens <= 3 * 24  # summed over the choices
+        streamed = ["", ""]
+        for c in client.chat.completions.create(n=2, seed=11, stream=True, **hot):
+            for choice in c.choices:
+                streamed[choice.index] += choice.delta.content or ""
+        assert streamed == texts[:2]
 
 
 def test_client_side_tools_with_the_openai_sdk(tmp_path):
@@ -318,8 +329,8 @@ def test_request_conversion_and_rendering():
     conv = parse_request(json.dumps({"messages": msgs}).encode(), args)["conversation"]["messages"]
     assert [m["role"] for m in conv] == ["system", "user", "assistant", "user"]
     assert conv[2]["content"][-1] == {"type": "text", "text": "Rain."}
-    with pytest.raises(RequestError, match="'n' must be 1"):
-        parse_request(json.dumps({"messages": msgs, "n": 3}).encode(), args)
+    with pytest.raises(RequestError, match="'n' must be an integer"):
+        parse_request(json.dumps({"messages": msgs, "n": 0}).encode(), args)
     seeds = {parse_request(json.dumps({"messages": msgs}).encode(), args)["settings"]["seed"] for _ in range(3)}
     assert len(seeds) == 3  # a fresh seed per request ...
     assert parse_request(json.dumps({"messages": msgs, "seed": 5}).encode(), args)["settings"]["seed"] == 5  # ... unless given
@@ -357,6 +368,9 @@ def test_server_side_tools_per_conversation(tmp_path, workdir):
         r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
                                                               "conversation_id": "conv-guessed"}, timeout=60)
         assert r.status_code == 400 and "unknown conversation_id" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "n": 2},
+                       timeout=60)
+        assert r.status_code == 400 and "would share one working directory" in r.json()["error"]["message"]
 
 
 def test_tools_on_a_public_address_need_an_api_key(tmp_path, workdir):
