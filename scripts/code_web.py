@@ -154,11 +154,7 @@ def to_conversation(msgs: list) -> list[dict]:
             continue
         close_calls(i)
         if role in ("system", "developer", "user"):
-            content = m.get("content")
-            out.append({"role": "user" if role == "user" else "system",
-                        "content": content if isinstance(content, list) and role == "user" and
-                        any(isinstance(p, dict) and p.get("type") != "text" for p in content)
-                        else _text(content, where)})
+            out.append({"role": "user" if role == "user" else "system", "content": _text(m.get("content"), where)})
         elif role == "assistant":
             content = m.get("content")
             if content is None or content == "":
@@ -173,10 +169,11 @@ def to_conversation(msgs: list) -> list[dict]:
                 fn = tc.get("function") if isinstance(tc, dict) else None
                 try:
                     name, arguments = fn["name"], json.loads(fn["arguments"])
-                    assert isinstance(name, str) and isinstance(arguments, dict) and isinstance(tc["id"], str)
-                except (TypeError, KeyError, ValueError, AssertionError):
+                except (TypeError, KeyError, ValueError):
+                    name = arguments = None
+                if not (isinstance(name, str) and isinstance(arguments, dict) and isinstance(tc.get("id"), str)):
                     raise RequestError(400, f"{where}.tool_calls[{j}]: expected {{id, type: 'function', function: "
-                                            "{name, arguments: a JSON object as a string}}") from None
+                                            "{name, arguments: a JSON object as a string}}")
                 open_calls[tc["id"]] = [{"type": "tool_call", "name": name, "arguments": arguments}, None]
             if out and out[-1]["role"] == "assistant" and in_progress(out[-1]):
                 out[-1]["content"] += parts  # the answer after a tool's output: the same turn goes on
@@ -185,8 +182,7 @@ def to_conversation(msgs: list) -> list[dict]:
             if not parts and not open_calls:
                 raise RequestError(400, f"{where}: an assistant message needs content or tool_calls")
         else:
-            hint = " or tool" if role is None else ""
-            raise RequestError(400, f"{where}: role must be system, user, assistant{hint} or tool, got {role!r}")
+            raise RequestError(400, f"{where}: role must be system, user, assistant or tool, got {role!r}")
     close_calls(len(msgs))
     return out
 
@@ -282,9 +278,8 @@ def parse_request(body: bytes, args) -> dict:
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise RequestError(400, f"'stop' must be a string or a list of at most 4 non-empty strings, got {req['stop']!r}")
-    for key in ("parallel_tool_calls",):
-        if not isinstance(req.get(key, True), bool):
-            raise RequestError(400, f"'{key}' must be true or false")
+    if not isinstance(req.get("parallel_tool_calls", True), bool):  # accepted; a reply holds one call at most
+        raise RequestError(400, "'parallel_tool_calls' must be true or false")
     cid = req.get("conversation_id")
     if cid is not None and not isinstance(cid, str):
         raise RequestError(400, "'conversation_id' must be a string (as a previous reply gave it)")
