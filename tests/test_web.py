@@ -239,7 +239,7 @@ def test_client_side_tools_with_the_openai_sdk(tmp_path):
     ran = tmp_path / "ran.txt"
     call_ls = '<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>'
     turns = ["Let me look." + CALL.replace("cat hello.txt", f"touch {ran}") + "Never reached.",  # round trip,
-             "It says hi.",                                                                     # after the result
+             "It says hi.", "It says hi, again.",                                               # after the result
              "Checking." + CALL + "Never reached.",                                          # streamed call
              "Let me look." + CALL + "It says hi.",                                          # tool_choice none
              call_ls,                                                                        # forced bash
@@ -258,10 +258,14 @@ def test_client_side_tools_with_the_openai_sdk(tmp_path):
         assert json.loads(call.function.arguments) == {"command": f"touch {ran}"}
         assert not ran.exists()  # the server ran nothing
         assert r.system_fingerprint == "fp_fake" and r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
-        follow = ask + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        follow = ask + [r.choices[0].message,  # sent back as the SDK returned it, as in the README
                         {"role": "tool", "tool_call_id": call.id, "content": "hi there"}]
         r = client.chat.completions.create(model="nanocode", messages=follow, tools=[BASH, WEATHER])
         assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "It says hi."
+        r = client.chat.completions.create(model="nanocode", tools=[BASH, WEATHER], messages=[  # content null
+            *ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "hi there"}])
+        assert r.choices[0].message.content == "It says hi, again."
         assert not r.choices[0].message.tool_calls
 
         with client.beta.chat.completions.stream(model="nanocode", messages=ask, tools=[BASH]) as stream:
