@@ -86,23 +86,25 @@ class RowCache:
         if self.end > self.max_len:
             raise ValueError(f"KV cache overflow: {self.end} positions > {self.max_len}")
         self.pos = torch.tensor([self.lengths[r] for r in rows])
-        query = self.pos[:, None] + torch.arange(T)                                   # (B, T)
-        self.mask = (torch.arange(self.end)[None, None, :] <= query[:, :, None])[:, None]  # (B, 1, T, end)
+        self.slots = self.pos[:, None] + torch.arange(T)                                        # (B, T)
+        self.mask = (torch.arange(self.end)[None, None, :] <= self.slots[:, :, None])[:, None]  # (B, 1, T, end)
+        self.row_ids = torch.tensor(rows)[:, None]
+        self.all_rows = rows == list(range(len(self.lengths)))
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         B, T, Hk, D = k.shape
         if self.k[layer_idx] is None:
             self.k[layer_idx] = k.new_zeros(len(self.lengths), self.max_len, Hk, D)
             self.v[layer_idx] = v.new_zeros(len(self.lengths), self.max_len, Hk, D)
-        if self.pos.device != k.device:
-            self.pos, self.mask = self.pos.to(k.device), self.mask.to(k.device)
+        if self.mask.device != k.device:  # once per forward
+            self.pos, self.slots, self.mask, self.row_ids = (t.to(k.device) for t in
+                                                             (self.pos, self.slots, self.mask, self.row_ids))
         kc, vc = self.k[layer_idx], self.v[layer_idx]
-        rows = torch.tensor(self.rows, device=k.device)
-        slots = self.pos[:, None] + torch.arange(T, device=k.device)
-        kc[rows[:, None], slots] = k
-        vc[rows[:, None], slots] = v
-        if self.rows == list(range(len(self.lengths))):  # every row, in order: a view, no copy
+        kc[self.row_ids, self.slots] = k
+        vc[self.row_ids, self.slots] = v
+        if self.all_rows:  # every row, in order: a view, no copy
             return kc[:, :self.end], vc[:, :self.end]
+        rows = self.row_ids[:, 0]
         return kc[rows, :self.end], vc[rows, :self.end]
 
     def advance(self, T: int):
