@@ -141,3 +141,21 @@ def test_script_rescores_transcripts(suite, tmp_path):
     samples.write_text("oops\n")
     p = subprocess.run(env_args + ["--samples", str(samples)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and "ref.jsonl:1: not valid JSON" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_report_shows_success_per_kind_for_each_checkpoint(tmp_path, monkeypatch):
+    from nanocode.report import build_report, log_stage
+    monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path))
+
+    def rec(kind, passed, finish="stop"):
+        return {"kind": kind, "passed": passed, "finish_reason": finish, "tool_calls": 1, "call_attempts": 2,
+                "usage": {"completion_tokens": 10}}
+    sft = summarize([rec("fix", False), rec("fix", True), rec("answer", False, "length")])
+    dpo = summarize([rec("fix", True), rec("fix", True), rec("answer", True)])
+    assert sft["per_kind"] == {"answer": 0.0, "fix": 0.5} and sft["valid_call_rate"] == 0.5 and sft["cut_offs"] == 1
+    log_stage("agent_eval_sft", **sft)
+    log_stage("agent_eval_dpo", **dpo)
+    text = build_report().read_text()
+    assert "## Agent eval: task success per kind" in text and "| kind | sft | dpo |" in text
+    assert "| fix | 0.5 | 1 |" in text and "| answer | 0.0 | 1 |" in text and "| overall | 0.333 | 1 |" in text
+    assert "| Agent eval (SFT) | done | success 0.333 on 3 tasks" in text
