@@ -213,6 +213,23 @@ def test_chat_generation_reads_tool_calls(humaneval):
     assert [r["passed"] for r in records] == [True, True], [r["result"] for r in records]
 
 
+@pytest.mark.parametrize("agentic", [False, True])
+def test_agentic_mode_lets_the_model_run_its_code(humaneval, agentic):
+    """By default only the file tools are approved; --agentic lets bash run the written code (in the sandbox)."""
+    from nanocode.engine import DENIED, Engine, encode_with_specials
+    from scripts.code_eval import chat_replies
+    from tests.scripted_model import ScriptedModel
+    tok, p = ByteTokenizer(), humaneval[0]
+    calls = [{"name": "write_file", "arguments": {"path": "s.py", "content": "print(6 * 7)\n"}},
+             {"name": "bash", "arguments": {"command": "python s.py"}}]
+    text = "".join(f"<|tool_start|>{json.dumps(c)}<|tool_end|>" for c in calls) + "ok"
+    model = ScriptedModel([encode_with_specials(tok, text)], tok.vocab_size, 3, 4, sequence_len=4096)
+    parts = chat_replies(Engine(model, tok), p, 1, 500, 0.0, None, 0, agentic)[0]
+    outputs = [x["text"] for x in parts if x["type"] == "tool_output"]
+    assert outputs[0] == "wrote 13 bytes to s.py"
+    assert outputs[1] == ("42\n" if agentic else DENIED)
+
+
 def test_tool_call_extraction_order(humaneval):
     """write_file/edit_file calls first, then a fenced block, then the raw text; malformed calls skipped."""
     w = '<|tool_start|>{"name": "write_file", "arguments": {"path": "a.py", "content": "x = 1\\n"}}<|tool_end|>'
