@@ -6,6 +6,7 @@
     completions = engine.generate_batch(prompt_ids, num_samples=4)             # lists of ids, stop token cut
     for event in engine.chat(conversation, approve=ask_user, workdir=path):    # the agent
         ...   # {"type": "text"|"tool_call"|"tool_output"|"notice"|"done", ...}
+    results = engine.chat_batch(conversations, approve=..., workdirs=dirs)     # many agents at once (eval, RL)
 
 Generation prefills the prompt once (batch 1), copies its keys/values to every sample's row, then
 feeds one token per step. Row i samples with its own torch.Generator seeded `seed + i`, so a batch of
@@ -16,9 +17,17 @@ The tool loop: when the model closes a call with <|tool_end|>, the JSON between 
 and <|output_start|> output <|output_end|> is force-fed to the model, which then continues the same
 assistant turn. Any failure (bad JSON, unknown tool, denial, tool error) becomes the output text.
 When the context would overflow, the oldest turns are dropped and a notice is put in their place.
+
+chat_batch runs that loop for many conversations at once, and chat is its batch of one. Every row
+keeps its own length in one RowCache (GPT takes per-row rotary positions and an attention mask from
+it): rows with one new token decode in one batched forward, a row taking in a tool's output (or its
+prompt) gets a forward of its own, and tool calls run in threads, so a row waiting on a command
+stalls no other. Row i samples with seed + i, so a batch gives the replies one-by-one runs give.
+Reply is the per-reply token state machine (text deltas, call parsing, message parts), alone.
 """
 import itertools
 import re
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
 import torch
@@ -231,14 +240,16 @@ class Engine:
                 return [self.bos] + notice + ids[i:]
         return [self.bos] + notice + ids[len(ids) - max(1, self.max_len // 2 - 1 - len(notice)):]
 
-    def _run_call(self, part, approve, workdir, calls_left: int, tool_runner) -> str:
+    @staticmethod
+    def _refusal(part, approve, workdir, calls_left: int) -> str | None:
+        """Why a valid call is not run (the text fed back instead), or None to run it."""
         if calls_left <= 0:
             return "error: tool-call limit reached for this reply; answer without tools"
         if workdir is None:
             return "error: tools are disabled here"
         if approve is None or not approve(part["name"], part["arguments"]):
             return DENIED
-        return tool_runner(part["name"], part["arguments"], workdir)
+        return None
 
     def chat(self, conversation, approve=None, workdir=None, max_tokens=1024, temperature=0.6, top_k=50,
              top_p=None, seed=42, max_tool_calls=8, tool_runner=None):
@@ -297,50 +308,84 @@ class Engine:
                                         calls_left=max_tool_calls, reply=Reply(tok, self.tool_start, self.tool_end),
                                         gen=self._generators(seed + i, 1)[0]))
         cache = RowCache(n, self.model.config.n_layer, self.max_len)
-        live = list(range(n))
-        while live:
-            for i in live:
-                if len(rows[i].ids) > self.max_len:
-                    rows[i].ids = self._fit_context(rows[i].ids)
-                    cache.lengths[i] = 0
-                    yield i, {"type": "notice", "text": CONTEXT_NOTICE}
-            logits = self._forward_rows(cache, {i: rows[i].ids[cache.lengths[i]:] for i in live})
-            tokens = sample_next(torch.stack([logits[i] for i in live]), [rows[i].gen for i in live],
-                                 temperature, top_k, top_p).tolist()
-            still = []
-            for i, t in zip(live, tokens):
-                row = rows[i]
-                row.sampled += 1
-                row.out.append(t)
-                row.mask.append(1)
-                if t in self.stop_ids:
-                    row.finish = "stop"
-                else:
+
+        def take_output(i, text):  # the tool's output (or error, or denial) goes into row i
+            row = rows[i]
+            yield i, row.reply.tool_output(text)
+            forced = [self.output_start] + tok.encode(text) + [self.output_end]
+            row.ids.extend(forced)
+            row.out.extend(forced)
+            row.mask.extend([0] * len(forced))
+            if row.sampled < max_tokens:
+                live.append(i)
+            else:
+                yield from finish(i)
+
+        def finish(i):
+            row = rows[i]
+            for event in row.reply.finish():
+                yield i, event
+            message = {"role": "assistant", "content": row.reply.parts}
+            usage = {"prompt_tokens": len(row.prompt_ids), "completion_tokens": row.sampled}
+            yield i, {"type": "done", "finish_reason": row.finish, "message": message, "usage": usage}
+            results[i] = {"message": message, "finish_reason": row.finish, "usage": usage,
+                          "prompt_ids": row.prompt_ids, "ids": row.out, "mask": row.mask}
+
+        # Tools of a batch run in threads, so a slow command stalls only its own row; a row's tokens do
+        # not depend on when its output arrives, only on the output. A batch of one runs them inline.
+        pool = ThreadPoolExecutor(max_workers=min(n, 8)) if n > 1 else None
+        live, running = list(range(n)), {}  # running: row -> Future of its tool's output
+        try:
+            while live or running:
+                if running:
+                    if not live:
+                        wait(list(running.values()), return_when=FIRST_COMPLETED)
+                    for i in sorted(i for i, f in running.items() if f.done()):
+                        yield from take_output(i, running.pop(i).result())
+                    if not live:
+                        continue
+                live.sort()
+                for i in live:
+                    if len(rows[i].ids) > self.max_len:
+                        rows[i].ids = self._fit_context(rows[i].ids)
+                        cache.lengths[i] = 0
+                        yield i, {"type": "notice", "text": CONTEXT_NOTICE}
+                logits = self._forward_rows(cache, {i: rows[i].ids[cache.lengths[i]:] for i in live})
+                tokens = sample_next(torch.stack([logits[i] for i in live]), [rows[i].gen for i in live],
+                                     temperature, top_k, top_p).tolist()
+                stepped, live = live, []
+                for i, t in zip(stepped, tokens):
+                    row = rows[i]
+                    row.sampled += 1
+                    row.out.append(t)
+                    row.mask.append(1)
+                    if t in self.stop_ids:
+                        row.finish = "stop"
+                        yield from finish(i)
+                        continue
                     row.ids.append(t)
                     for event in row.reply.feed(t):
                         yield i, event
-                    if row.reply.closed is not None:
-                        part, error = row.reply.closed
-                        if part is not None:
-                            yield i, {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
-                            error = self._run_call(part, approves[i], workdirs[i], row.calls_left, tool_runner)
-                            row.calls_left -= 1
-                        yield i, row.reply.tool_output(error)
-                        forced = [self.output_start] + tok.encode(error) + [self.output_end]
-                        row.ids.extend(forced)
-                        row.out.extend(forced)
-                        row.mask.extend([0] * len(forced))
-                    if row.sampled < max_tokens:
-                        still.append(i)
+                    if row.reply.closed is None:
+                        if row.sampled < max_tokens:
+                            live.append(i)
+                        else:
+                            yield from finish(i)
                         continue
-                for event in row.reply.finish():
-                    yield i, event
-                message = {"role": "assistant", "content": row.reply.parts}
-                usage = {"prompt_tokens": len(row.prompt_ids), "completion_tokens": row.sampled}
-                yield i, {"type": "done", "finish_reason": row.finish, "message": message, "usage": usage}
-                results[i] = {"message": message, "finish_reason": row.finish, "usage": usage,
-                              "prompt_ids": row.prompt_ids, "ids": row.out, "mask": row.mask}
-            live = still
+                    part, text = row.reply.closed
+                    if part is not None:  # a valid call (a malformed one is answered with its error)
+                        yield i, {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
+                        text = self._refusal(part, approves[i], workdirs[i], row.calls_left)
+                        row.calls_left -= 1
+                        if text is None and pool is not None:
+                            running[i] = pool.submit(tool_runner, part["name"], part["arguments"], workdirs[i])
+                            continue
+                        if text is None:
+                            text = tool_runner(part["name"], part["arguments"], workdirs[i])
+                    yield from take_output(i, text)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     @torch.inference_mode()
     def _forward_rows(self, cache, feeds: dict) -> dict:

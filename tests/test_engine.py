@@ -470,3 +470,25 @@ def test_reply_state_machine(tok):
         {"type": "text", "text": "hé"}, {"type": "tool_call", "name": "grep", "arguments": {"pattern": "x"}},
         {"type": "tool_output", "text": "a.py:1:x"}, {"type": "text", "text": "{bad"},
         {"type": "tool_output", "text": err}, {"type": "text", "text": "ok"}, {"type": "text", "text": '{"na'}]
+
+
+def test_a_slow_tool_stalls_only_its_own_row(tok, tmp_path):
+    """Row 0's command waits until row 1 has finished its reply: the other rows sample on while a tool runs."""
+    import threading
+    call = '<|tool_start|>{"name": "bash", "arguments": {"command": "slow"}}<|tool_end|>'
+    scripts = {"slow": encode_with_specials(tok, call + "after"), "fast": encode_with_specials(tok, "quick answer")}
+    model = ScriptedModel([], tok.vocab_size, 3, 4, pick=lambda ids: scripts["slow" if "slow" in tok.decode(ids) else "fast"])
+    row1_done = threading.Event()
+
+    def runner(name, args, workdir):
+        return "row 1 was done first\n" if row1_done.wait(timeout=60) else "row 1 was not done\n"
+
+    def on_event(i, e):
+        if i == 1 and e["type"] == "done":
+            row1_done.set()
+    convs = [{"messages": [{"role": "user", "content": text}]} for text in ("slow", "fast")]
+    results = Engine(model, tok).chat_batch(convs, approve=lambda n, a: True, workdirs=[tmp_path] * 2,
+                                            tool_runner=runner, on_event=on_event)
+    assert results[0]["message"]["content"][-2:] == [{"type": "tool_output", "text": "row 1 was done first\n"},
+                                                     {"type": "text", "text": "after"}]
+    assert results[1]["message"]["content"] == [{"type": "text", "text": "quick answer"}]
