@@ -19,7 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from nanocode.agent_tasks import load_suite, make_suite, read_transcripts, replay, run_tasks, summarize, task_record
-from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, run_main
 from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="agentic coding tasks, verified")
