@@ -182,11 +182,24 @@ def test_greedy_with_cache_equals_without(tok, real):
     assert got == reference
 
 
-def test_sampling_with_cache_equals_without(tok, real):
+def uncached_sampling(model, ids, max_tokens, temperature, top_k, top_p, seed):
+    """The plain way: the whole sequence through the model for every token, the engine's sampler."""
+    ids, out, gen = list(ids), [], [torch.Generator().manual_seed(seed)]
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[:, -1, :].float()
+        t = sample_next(logits, gen, temperature, top_k, top_p).item()
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(20, None), (None, 0.9), (None, None)])
+def test_sampling_with_cache_equals_without(tok, real, top_k, top_p):
     ids = prompt(tok, "x = ")
-    reference = cut_at_stop(list(real.generate(ids, max_tokens=30, temperature=0.9, top_k=20, seed=3)))
-    got = Engine(real, tok).generate_batch(ids, max_tokens=30, temperature=0.9, top_k=20, seed=3)[0]
-    assert got == reference
+    reference = cut_at_stop(uncached_sampling(real, ids, 30, 0.9, top_k, top_p, seed=3))
+    got = Engine(real, tok).generate_batch(ids, max_tokens=30, temperature=0.9, top_k=top_k, top_p=top_p, seed=3)[0]
+    assert got == reference and len(got) > 3
 
 
 def test_batched_equals_one_by_one(tok, real):
@@ -492,3 +505,13 @@ def test_a_slow_tool_stalls_only_its_own_row(tok, tmp_path):
     assert results[0]["message"]["content"][-2:] == [{"type": "tool_output", "text": "row 1 was done first\n"},
                                                      {"type": "text", "text": "after"}]
     assert results[1]["message"]["content"] == [{"type": "text", "text": "quick answer"}]
+
+
+def test_sample_next_draws_the_right_distribution():
+    """The per-row exponential draw samples softmax(logits / T), with and without top-k (fixed seeds)."""
+    logits = torch.log(torch.tensor([[0.6, 0.25, 0.1, 0.05]])).repeat(4, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    for top_k, want in ((None, [0.6, 0.25, 0.1, 0.05]), (2, [0.6 / 0.85, 0.25 / 0.85, 0.0, 0.0])):
+        draws = torch.cat([sample_next(logits, gens, 1.0, top_k, None) for _ in range(1500)])
+        freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+        assert torch.allclose(freq, torch.tensor(want), atol=0.02), (top_k, freq)
