@@ -159,3 +159,21 @@ def test_report_shows_success_per_kind_for_each_checkpoint(tmp_path, monkeypatch
     assert "## Agent eval: task success per kind" in text and "| kind | sft | dpo |" in text
     assert "| fix | 0.5 | 1 |" in text and "| answer | 0.0 | 1 |" in text and "| overall | 0.333 | 1 |" in text
     assert "| Agent eval (SFT) | done | success 0.333 on 3 tasks" in text
+
+
+@pytest.mark.slow  # two torchrun launches: ~35 s on 2 shared cores
+def test_torchrun_sharding_equals_one_process(suite, tmp_path):
+    """Tasks sharded over 2 gloo ranks and gathered: the same per-task results, in suite order."""
+    from tests.test_distributed import torchrun
+    tasks = suite[:7]
+    samples = tmp_path / "mixed.jsonl"
+    samples.write_text("".join(json.dumps({"task": t["id"], "message": reference_message(t) if i % 2 == 0 else
+                                           {"role": "assistant", "content": "I did it."}}) + "\n"
+                               for i, t in enumerate(tasks)))
+    got = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"res{nproc}"
+        torchrun(["-m", "scripts.agent_eval", "--samples", str(samples), "--num-tasks", "7", "--out", str(out)],
+                 tmp_path, nproc=nproc)
+        got[nproc] = [(r["task"], r["passed"]) for r in map(json.loads, open(f"{out}_transcripts.jsonl"))]
+    assert got[1] == got[2] == [(t["id"], i % 2 == 0) for i, t in enumerate(tasks)]
