@@ -82,8 +82,8 @@ class RowCache:
     row's own slots and returns the fed rows' keys up to the longest, and `mask` lets each query see its
     row's cached keys and, causally, the new ones (slots past a row's length hold stale values)."""
 
-    def __init__(self, batch_size: int, num_layers: int, max_len: int):
-        self.max_len = max_len
+    def __init__(self, batch_size: int, num_layers: int, max_len: int, device="cpu"):
+        self.max_len, self.device = max_len, device
         self.lengths = [0] * batch_size
         self.k = [None] * num_layers
         self.v = [None] * num_layers
@@ -94,10 +94,11 @@ class RowCache:
         self.end = max(self.lengths[r] for r in rows) + T
         if self.end > self.max_len:
             raise ValueError(f"KV cache overflow: {self.end} positions > {self.max_len}")
-        self.pos = torch.tensor([self.lengths[r] for r in rows])
-        self.slots = self.pos[:, None] + torch.arange(T)                                        # (B, T)
-        self.mask = (torch.arange(self.end)[None, None, :] <= self.slots[:, :, None])[:, None]  # (B, 1, T, end)
-        self.row_ids = torch.tensor(rows)[:, None]
+        dev = self.device
+        self.pos = torch.tensor([self.lengths[r] for r in rows], device=dev)
+        self.slots = self.pos[:, None] + torch.arange(T, device=dev)                                        # (B, T)
+        self.mask = (torch.arange(self.end, device=dev)[None, None, :] <= self.slots[:, :, None])[:, None]  # (B, 1, T, end)
+        self.row_ids = torch.tensor(rows, device=dev)[:, None]
         self.all_rows = rows == list(range(len(self.lengths)))
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
@@ -105,9 +106,6 @@ class RowCache:
         if self.k[layer_idx] is None:
             self.k[layer_idx] = k.new_zeros(len(self.lengths), self.max_len, Hk, D)
             self.v[layer_idx] = v.new_zeros(len(self.lengths), self.max_len, Hk, D)
-        if self.mask.device != k.device:  # once per forward
-            self.pos, self.slots, self.mask, self.row_ids = (t.to(k.device) for t in
-                                                             (self.pos, self.slots, self.mask, self.row_ids))
         kc, vc = self.k[layer_idx], self.v[layer_idx]
         kc[self.row_ids, self.slots] = k
         vc[self.row_ids, self.slots] = v
@@ -313,7 +311,7 @@ class Engine:
             rows.append(SimpleNamespace(ids=ids, prompt_ids=list(ids), out=[], mask=[], sampled=0, finish="length",
                                         calls_left=max_tool_calls, reply=Reply(tok, self.tool_start, self.tool_end),
                                         gen=self._generators(seed + i, 1)[0]))
-        cache = RowCache(n, self.model.config.n_layer, self.max_len)
+        cache = RowCache(n, self.model.config.n_layer, self.max_len, self.device)
 
         def take_output(i, text):  # the tool's output (or error, or denial) goes into row i
             row = rows[i]
