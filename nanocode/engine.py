@@ -417,7 +417,7 @@ class Reply:
 
     def __init__(self, tokenizer, tool_start: int, tool_end: int):
         self.tok, self.tool_start, self.tool_end = tokenizer, tool_start, tool_end
-        self.parts, self.text_ids, self.text_sent, self.call_ids, self.closed = [], [], "", None, None
+        self.parts, self.text, self.held, self.call_ids, self.closed = [], "", [], None, None
         self._raw = None
 
     def feed(self, t: int) -> list[dict]:
@@ -434,12 +434,14 @@ class Reply:
         if t == self.tool_start:
             self.call_ids = []
             return self._flush()
-        self.text_ids.append(t)
-        text = self.tok.decode(self.text_ids)
-        if text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+        # decode only the tokens not yet shown (byte-level BPE: pieces that end on a character boundary
+        # concatenate), holding back a partial UTF-8 character (a few tokens at most)
+        self.held.append(t)
+        piece = self.tok.decode(self.held)
+        if piece.endswith("\ufffd") and len(self.held) < 4:
             return []
-        delta, self.text_sent = text[len(self.text_sent):], text
-        return [{"type": "text", "text": delta}] if delta else []
+        self.text, self.held = self.text + piece, []
+        return [{"type": "text", "text": piece}] if piece else []
 
     def tool_output(self, text: str) -> dict:
         part = self.closed[0] or {"type": "text", "text": self._raw}  # a malformed call stays as its raw text
@@ -449,16 +451,16 @@ class Reply:
 
     def finish(self) -> list[dict]:
         if self.call_ids is not None:  # ran out of tokens inside a call: keep what was written, as text
-            self.text_ids, self.call_ids = self.call_ids, None
+            self.held, self.call_ids = self.held + self.call_ids, None
         return self._flush()
 
     def _flush(self) -> list[dict]:
-        text = self.tok.decode(self.text_ids)
+        rest = self.tok.decode(self.held) if self.held else ""
+        text = self.text + rest
         if text:
             self.parts.append({"type": "text", "text": text})
-        delta = text[len(self.text_sent):]
-        self.text_ids, self.text_sent = [], ""
-        return [{"type": "text", "text": delta}] if delta else []
+        self.text, self.held = "", []
+        return [{"type": "text", "text": rest}] if rest else []
 
 
 def message_text(message) -> str:
