@@ -6,45 +6,58 @@ The loss of row i, with logits x (N, V), softcap c and target t_i:
     loss_i = logsumexp(z_i) - z_i[t_i]      0 where t_i == ignore_index
     dloss_i/dx_ij = (softmax(z_i)_j - [j == t_i]) * (1 - tanh(x_ij / c)^2)
 
-softcap_cross_entropy (logits given). One program per row:
-    forward:  one pass over the row in BLOCK_V blocks keeping a running max and sum-exp per lane
-              (fp32), then lse = log-sum-exp and loss = lse - z[t]. Only loss and lse (N floats
-              each) are written.
-    backward: one pass over the row again, recomputing z from x and writing
-              dlogits = dloss_i * (exp(z - lse) - onehot) * (1 - tanh^2) straight into a new tensor.
+softcap_cross_entropy (logits given). One program per row, walking it in BLOCK_V blocks with a
+software-pipelined loop (tl.range(num_stages=...): loads of the next blocks are in flight while
+one is reduced). Per element, with r = 1 / (e^(2x/c) + 1): tanh(x/c) = 1 - 2r, z = c - 2c·r,
+1 - tanh² = 4r(1 - r), exp(z - c) = 2^(-2c·log2(e)·r).
+    forward:  lse per row. For c <= FIXED_MAX_SOFTCAP (40) the max is fixed: every z <= c, and
+              exp(z - c) >= exp(-2c) >= exp(-80) is a normal fp32 number, so lse = c + log(sum
+              exp(z - c)) needs no running max and no rescaling. For larger caps a running max
+              per block (an online log-sum-exp). Writes loss and lse (N floats each).
+    backward: one pass over the row again, dlogits = dloss_i * (exp(z - lse) - onehot) * 4r(1 - r).
     Reductions are plain PyTorch over the per-row losses: "sum", and "mean" = sum / number of
     non-ignored rows (at least 1, so all rows ignored gives 0 and zero gradients, never NaN).
     A target outside [0, V) that is not ignore_index gives a NaN loss (checking it on the host
     would cost a device sync every step).
-Floor (memory-bound; ~30 FLOPs per element), e bytes per logit:
-    forward:          N*V*e        (read the logits once)
-    forward+backward: 3*N*V*e      (forward read, backward read + write of dlogits)
-    The forward cannot produce the gradient itself, because the output gradient (dloss) is
-    unknown then, so 3*N*V*e is the floor of a forward/backward split (2*N*V*e would need dloss
-    in advance). Worked number, N = 65,536 tokens, V = 32,768, bf16: N*V*e = 4.29 GB, forward
-    4.29 GB, forward+backward 12.9 GB, i.e. ~4.3 ms at 3 TB/s.
-    Second limit: each pass does 3 special-function ops per element (exp for tanh, a reciprocal,
-    exp for softmax). An H100 issues 16 of them per SM per clock, ~3.8e12/s, so a pass over
-    N*V = 2^31 elements needs >= ~1.7 ms of them: the forward (1.4 ms of bytes) is bound by
-    that, not by bandwidth; the backward (2.9 ms of bytes) is not.
+Floor, e bytes per logit: forward N*V*e (read once); forward+backward 3*N*V*e (forward read,
+    backward read + write). The forward cannot write the gradient here, because dloss is unknown
+    then (a per-row gradient written in the forward would need one more read + write to scale).
+Special functions: 3 per element per pass (ex2, rcp, ex2; Triton lowers exp2 to ex2.approx.f32
+    and fp32 division to div.full.f32, one MUFU op each), ~8 FMA-pipe ops beside them. MUFU
+    issues 16 ops/clk/SM (CUDA guide, cc 9.0): 132 SMs x 16 x ~1.8 GHz = ~3.8e12/s on H100 SXM
+    and on H200 (same GH100 chip and clocks). Worked numbers at N = 65,536, V = 32,768 (2^31
+    elements), bf16 (4.29 GB of logits):
+                  SFU (3 ops/elem/pass)   H100 bytes (3.35 TB/s)   H200 bytes (4.8 TB/s)
+    forward       1.7 ms                  1.28 ms                  0.89 ms     -> SFU-bound on both
+    backward      1.7 ms                  2.56 ms                  1.79 ms     -> bandwidth-bound
+    fwd+bwd       ~4.3 ms on H100, ~3.5 ms on H200 (each pass at its own bound).
+    So the forward's floor on both GPUs is the SFU, not the bytes; the benchmark's GB/s column
+    counts bytes only, so the forward cannot show 100% of copy bandwidth.
 
 linear_softcap_cross_entropy (x (N, C), weight (V, C); logits = x @ weight.T never exist in full).
-    Rows are processed in chunks of R rows (R*V*e ~ CHUNK_BYTES = 256 MiB): per chunk, a cuBLAS
-    matmul makes the chunk's logits, the forward kernel above gives loss and lse, the backward
-    kernel overwrites the chunk's logits in place with dlogits, and two more matmuls give
-    dx_chunk = dlogits @ weight and dW += dlogits.T @ x_chunk (dW accumulated in fp32 across
-    chunks). For "mean" and "sum" all of this happens in the forward (the output gradient is a
-    scalar, applied in the backward to dx and dW: no second pass over the logits); for "none"
-    the forward keeps only lse, and the backward recomputes each chunk's logits (one more matmul)
-    with the per-row output gradient. Extra memory: one chunk of logits, dW in fp32 (V*C*4) and
-    one fp32 temporary of its size, dx: at N = 65,536, V = 32,768, C = 768, bf16, that is
-    256 MiB + 3 * 96 MiB ~ 0.55 GiB, where eager holds the bf16 logits (4 GiB) and several fp32
-    copies of them (8 GiB each).
-Floor (compute-bound): forward+backward 6*N*V*C FLOPs (logits, dx, dW), plus this design's
-    3 passes over the logits (3*N*V*e bytes) in the CE kernels. Worked numbers at N = 65,536,
-    V = 32,768, bf16: C = 768: 9.90 TFLOP (~12.4 ms at 800 TFLOP/s) + 12.9 GB (~4.3 ms at
-    3 TB/s); C = 1280: 16.5 TFLOP (~20.6 ms) + 12.9 GB. The eager path (matmul, then float
-    softcap and cross-entropy) does the same FLOPs and moves several fp32 copies of the logits.
+    Rows are processed in equal chunks of R rows, R*V*e <= CHUNK_BYTES (512 MiB), fewer where
+    free memory is short (_chunk_rows): per chunk, a cuBLAS matmul makes the chunk's logits, one
+    CE kernel computes loss and lse and overwrites the logits in place with the gradient of the
+    summed loss (two walks over each row, the second straight after the first, so it is served
+    from L2: ~500 rows of 64 KB in flight on 132 SMs, 33 MB < 50 MB of L2), and two matmuls give
+    dx_chunk = dlogits @ weight and dW += dlogits.T @ x_chunk, accumulated in place in fp32
+    (addmm with out_dtype: cuBLAS adds its fp32 accumulator to dW, no (V, C) temporary). For
+    "mean" and "sum" all of this happens in the forward (the output gradient is a scalar, applied
+    in the backward to dx and dW: no second pass over the logits); for "none" the forward keeps
+    only lse, and the backward recomputes each chunk's logits (one more matmul) and runs the
+    separate backward kernel with the per-row output gradient. Extra memory: one chunk of
+    logits, dW in fp32 (V*C*4), dx: at N = 65,536, V = 32,768, C = 768, bf16, that is
+    512 MiB + 96 MiB + 96 MiB ~ 0.7 GiB, where eager holds the bf16 logits (4 GiB) and several
+    fp32 copies of them (8 GiB each).
+    CE kernel per chunk: one HBM read + one write of the logits (2*R*V*e; the split kernels
+    moved 3*R*V*e) and 6 special-function ops per element (3 per walk): over all chunks at the
+    worked shape 3.4 ms of SFU vs 2.56 ms (H100) / 1.79 ms (H200) of bytes, so this kernel is
+    SFU-bound; it still replaces ~4.3 / 3.5 ms of split kernels.
+Floor (compute-bound): forward+backward 6*N*V*C FLOPs (logits, dx, dW), plus the CE kernel
+    above. Worked numbers at N = 65,536, V = 32,768, bf16: C = 768: 9.90 TFLOP (~12.4 ms at
+    800 TFLOP/s) + ~3.4 ms; C = 1280: 16.5 TFLOP (~20.6 ms) + ~3.4 ms. The eager path (matmul,
+    then float softcap and cross-entropy) does the same FLOPs and moves several fp32 copies of
+    the logits.
 """
 import os
 
