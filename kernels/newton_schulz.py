@@ -91,9 +91,10 @@ def newton_schulz_floor(batch, rows, cols, steps=5):
 GPU_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                for bm, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 8, 4), (64, 64, 4, 4), (64, 32, 4, 3)]]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+_CONFIGS = INTERPRETER_CONFIGS if _INTERPRET else GPU_CONFIGS
 
 
-@triton.autotune(configs=INTERPRETER_CONFIGS if _INTERPRET else GPU_CONFIGS, key=["M", "K", "HAS_ADD"])
+@triton.autotune(configs=_CONFIGS, key=["M", "K", "HAS_ADD"])
 @triton.jit
 def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta,
                        stride_pb, stride_pm, stride_pk, stride_ob, stride_om, stride_on,
