@@ -194,18 +194,19 @@ def _ce_fwd_grad_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, 
     tuning runs must not see each other's output)."""
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
+    dbase = dlogits_ptr + row * stride_drow
     target = tl.load(targets_ptr + row).to(tl.int64)
-    if target == ignore_index:
-        lse = softcap  # any finite value >= max z: with scale 0 the row's gradient is zeros
-        scale = 0.0
+    if target == ignore_index:  # loss 0, gradient zeros (written, never read)
         tl.store(loss_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
-    else:
-        lse = _row_lse(base, V, softcap, FIXED_MAX, BLOCK_V, NUM_STAGES)
-        scale = 1.0
-        tl.store(loss_ptr + row, _row_loss(base, target, lse, V, softcap))
-        tl.store(lse_ptr + row, lse)
-    _row_grad(base, dlogits_ptr + row * stride_drow, V, target, lse, scale, softcap, BLOCK_V, NUM_STAGES)
+        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+            cols = start + tl.arange(0, BLOCK_V)
+            tl.store(dbase + cols, tl.zeros([BLOCK_V], dtype=dbase.dtype.element_ty), mask=cols < V)
+        return
+    lse = _row_lse(base, V, softcap, FIXED_MAX, BLOCK_V, NUM_STAGES)
+    tl.store(loss_ptr + row, _row_loss(base, target, lse, V, softcap))
+    tl.store(lse_ptr + row, lse)
+    _row_grad(base, dbase, V, target, lse, 1.0, softcap, BLOCK_V, NUM_STAGES)
 
 
 @triton.autotune(configs=_CONFIGS, key=["V"], restore_value=["logits_ptr"])
