@@ -132,8 +132,8 @@ def test_symmetric_product_writes_every_element(M, K, with_add):
     out = torch.full((2, M, M), float("nan"), device=DEVICE)
     add = torch.randn(2, M, M, device=DEVICE) if with_add else None
     add = add + add.mT if with_add else None  # symmetric, as A is (only its upper tiles are read)
-    ns_mod._launch_sym_matmul(P, out, alpha=0.7, add=add, beta=-1.3)
-    want = 0.7 * P.double() @ P.double().mT + (-1.3 * add.double() if with_add else 0)
+    ns_mod._launch_sym_matmul(P, out, alpha=0.7, add=add, beta=-1.3, diag=2.5)
+    want = 0.7 * P.double() @ P.double().mT + (-1.3 * add.double() + 2.5 * torch.eye(M, dtype=torch.float64, device=DEVICE) if with_add else 0)
     assert not out.isnan().any()
     assert (out.double() - want).abs().max().item() < 1e-4
 
