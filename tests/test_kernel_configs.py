@@ -42,7 +42,7 @@ def ids(configs):
 
 
 @pytest.mark.parametrize("cfg", ce.GPU_CONFIGS, ids=ids(ce.GPU_CONFIGS))
-def test_softcap_ce_config(monkeypatch, cfg):
+def test_every_config_softcap_ce(monkeypatch, cfg):
     """V = BLOCK_V + 5: one full block and a 5-column tail, for the split kernels and the fused
     linear path's one-launch kernel; both log-sum-exp paths (softcap 15: fixed max; 50: running)."""
     force(monkeypatch, cfg, ce._ce_fwd_kernel, ce._ce_bwd_kernel, ce._ce_fwd_grad_kernel)
@@ -66,7 +66,7 @@ def test_softcap_ce_config(monkeypatch, cfg):
 
 
 @pytest.mark.parametrize("cfg", rq.GPU_CONFIGS, ids=ids(rq.GPU_CONFIGS))
-def test_rope_qknorm_config(monkeypatch, cfg):
+def test_every_config_rope_qknorm(monkeypatch, cfg):
     """B*T = BLOCK_T + 3 tokens (a ragged last block), D = 12 (D/2 = 6 in a block of 8), GQA."""
     force(monkeypatch, cfg, rq._rope_qknorm_fwd_kernel, rq._rope_qknorm_bwd_kernel)
     B, T, Hq, Hk, D = 1, cfg.kwargs["BLOCK_T"] + 3, 3, 1, 12
@@ -86,12 +86,20 @@ def test_rope_qknorm_config(monkeypatch, cfg):
         close(g, r, 1e-4, what)
 
 
+@pytest.fixture
+def ieee_fp32():
+    """IEEE fp32 matmuls (the bounds assume them), through the API compute_init uses (mixing the
+    precision APIs raises in recent torch)."""
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(prec)
+
+
 @pytest.mark.parametrize("cfg", mlp.GPU_CONFIGS, ids=ids(mlp.GPU_CONFIGS))
-def test_relu2_mlp_config(monkeypatch, cfg):
+def test_every_config_relu2_mlp(monkeypatch, ieee_fp32, cfg):
     """M = BLOCK_M + 5 tokens, H = BLOCK_N + 3, C = BLOCK_K + 7: a ragged tile on every axis
     (rows and columns past the edge wrap around), GROUP_M larger than the row tiles."""
-    if torch.cuda.is_available():
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # IEEE fp32 matmuls
     force(monkeypatch, cfg, mlp._matmul_kernel)
     M, H, C = cfg.kwargs["BLOCK_M"] + 5, cfg.kwargs["BLOCK_N"] + 3, cfg.kwargs["BLOCK_K"] + 7
     x = torch.randn(M, C, device=DEVICE, requires_grad=True)
@@ -107,7 +115,7 @@ def test_relu2_mlp_config(monkeypatch, cfg):
 
 
 @pytest.mark.parametrize("cfg", ns.GPU_CONFIGS, ids=ids(ns.GPU_CONFIGS))
-def test_newton_schulz_config(monkeypatch, cfg):
+def test_every_config_newton_schulz(monkeypatch, cfg):
     """The short side m = BLOCK_M + 5 (a ragged Gram tile, and a ragged K tile in A·A), the long
     side m + 2 (ragged K in the Gram product); wide (X Xᵀ) and tall (Xᵀ X through strides)."""
     force(monkeypatch, cfg, ns._sym_matmul_kernel)
