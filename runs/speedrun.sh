@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline, from nothing to a report card:
-#   data -> tokenizer -> pretraining (FIM) -> base eval -> synthetic SFT/DPO data -> SFT -> DPO
-#   -> HumanEval -> one agent demo -> $NANOCODE_BASE_DIR/report/report.md
+#   data -> tokenizer -> pretraining (FIM) -> base eval -> synthetic SFT/DPO data -> SFT -> DPO -> RL
+#   -> HumanEval -> agent eval (verified coding tasks) -> one agent demo -> $NANOCODE_BASE_DIR/report/report.md
 #
 #   bash runs/speedrun.sh                        # GPUs: torchrun on all of them, depth 20; CPU: a tiny run
 #   DEPTH=12 bash runs/speedrun.sh               # a smaller model
@@ -38,7 +38,18 @@ LOGS=$RUN_DIR/logs
 mkdir -p "$LOGS"
 
 # ---- configuration: GPUs or CPU
-NPROC=${NPROC:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
+if [ -z "${NPROC:-}" ]; then
+    NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+    # GPUs the driver sees but torch does not (a CPU-only wheel, or a CUDA wheel newer than the driver):
+    # stop, rather than silently running the tiny CPU configuration on a GPU machine.
+    NVIDIA_GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
+    if [ "$NPROC" -eq 0 ] && [ "${NVIDIA_GPUS:-0}" -gt 0 ]; then
+        echo "speedrun: nvidia-smi lists $NVIDIA_GPUS GPU(s) but torch sees none" \
+             "(torch $("$PYTHON" -c "import torch; print(torch.__version__, 'CUDA', torch.version.cuda)")):" \
+             "install a torch wheel built for this driver's CUDA, or set NPROC=0 to run on the CPU anyway" >&2
+        exit 1
+    fi
+fi
 if [ "$NPROC" -gt 0 ]; then
     DEVICE=cuda
     LAUNCH=("$TORCHRUN" --standalone --nproc_per_node="$NPROC")
@@ -53,8 +64,10 @@ if [ "$NPROC" -gt 0 ]; then
     SYNTH_ARGS=()
     SFT_ARGS=()
     DPO_ARGS=()
+    RL_ARGS=(--source dpo --tasks programs,corpus --steps 200 --tasks-per-step 16 --group-size 8 --max-new-tokens 512)
     CODE_EVAL_ARGS=(-a humaneval -k 1)
     EVAL_SOURCES=(base sft dpo)
+    AGENT_EVAL_ARGS=(--batch-size 28)  # the shipped suite, all 28 tasks
     DEMO_TOKENS=512
 else
     DEVICE=cpu
@@ -74,8 +87,11 @@ else
     SYNTH_ARGS=(--num-train 1000 --num-val 60 --num-prompts 60 --max-docs 4000 --workers 2)
     SFT_ARGS=(--batch-size 8 --steps 200 --max-seq-len 384 --eval-every -1 --eval-convs 16 --eval-prompts 16 --gen-tokens 160)
     DPO_ARGS=(--batch-size 4 --steps 30 --eval-every -1)
+    RL_ARGS=(--source dpo --tasks programs --steps 8 --tasks-per-step 2 --group-size 4 --max-new-tokens 160
+             --eval-every -1 --eval-tasks 8 --eval-samples 2)
     CODE_EVAL_ARGS=(-a humaneval -k 1 --max-problems 32 --max-tokens 128)
     EVAL_SOURCES=(dpo)
+    AGENT_EVAL_ARGS=(--num-tasks 7 --batch-size 7 --max-tokens 96)  # one task per kind; the context is 256
     DEMO_TOKENS=128
 fi
 echo "speedrun: $DEVICE x $([ "$DEVICE" = cuda ] && echo "$NPROC GPUs" || echo "$(nproc) cores"), depth $DEPTH," \
@@ -155,8 +171,12 @@ EOF
 stage synth synth_stage
 stage sft "${LAUNCH[@]}" -m scripts.code_sft "${SFT_ARGS[@]}"
 stage dpo "${LAUNCH[@]}" -m scripts.code_dpo "${DPO_ARGS[@]}"
+stage rl "${LAUNCH[@]}" -m scripts.code_rl "${RL_ARGS[@]}"
 for source in "${EVAL_SOURCES[@]}"; do
     stage "code_eval_$source" "${LAUNCH[@]}" -m scripts.code_eval -i "$source" "${CODE_EVAL_ARGS[@]}"
+done
+for source in sft dpo rl; do  # the agent on verifiable coding tasks, after each post-training stage
+    stage "agent_eval_$source" "${LAUNCH[@]}" -m scripts.agent_eval -i "$source" "${AGENT_EVAL_ARGS[@]}"
 done
 
 agent_demo() {
