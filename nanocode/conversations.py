@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from nanocode import instruct
 from nanocode.common import NanocodeError, get_base_dir
 
 ROLES = ("system", "user", "assistant")
@@ -194,7 +195,6 @@ def _split(items: list, split: str) -> list:
 def load_instruct(name: str, split: str) -> list[dict]:
     """A public code-instruct dataset converted to tool use (nanocode.instruct), converted once and
     cached as $BASE/sft/instruct_<name>.jsonl; the drop counts are printed when converting."""
-    from nanocode import instruct
     path = get_base_dir() / "sft" / f"instruct_{name}.jsonl"
     if not path.exists():
         _, _, schema = instruct.SOURCES[name]
@@ -223,6 +223,24 @@ def load_gsm8k(split: str) -> list[dict]:
 
 
 INSTRUCT_SOURCES = ("code_alpaca", "evol_codealpaca", "magicoder", "self_oss_instruct", "code_feedback")
+# "repo/file" of each hub source (scripts/code_sft.py reads the names); use cached_sources() to ask
+# which are here without downloading
+HUB_FILES = {"gsm8k": "openai/gsm8k/main/train-00000-of-00001.parquet",
+             **{n: f"{repo}/{filename}" for n, (repo, filename, _) in instruct.SOURCES.items()}}
+
+
+def cached_sources() -> list[str]:
+    """The instruct sources usable without a download: converted already, or their hub file cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from nanocode.hub import hub_cache_dir
+    out = []
+    for name in INSTRUCT_SOURCES:
+        repo, filename, _ = instruct.SOURCES[name]
+        hit = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir(), repo_type="dataset")
+        if (get_base_dir() / "sft" / f"instruct_{name}.jsonl").exists() or isinstance(hit, str):
+            out.append(name)
+    return out
 
 
 def load_source(name: str, split: str = "train") -> list[dict]:

@@ -37,7 +37,9 @@ def funcs(stdlib_functions):
 
 @pytest.fixture(scope="module")
 def pairs(funcs):
-    recs = synth.generate_trajectories(8, 0, funcs, ["explain", "write_run", "test_fix", "edit"])
+    with pytest.MonkeyPatch.context() as mp:  # single-turn records: every pair's prompt fits the 512-token rows
+        mp.setattr(synth, "FOLLOWUP_RATE", 0.0)
+        recs = synth.generate_trajectories(8, 0, funcs, ["explain", "write_run", "test_fix", "edit"])
     return synth.generate_pairs(recs, 0)
 
 

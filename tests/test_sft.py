@@ -94,8 +94,10 @@ def test_sft_short_run_end_to_end(module_base_dir, tokenizer, funcs):
     model = build_model(config, "cpu")
     save_checkpoint(checkpoint_dir("base", "d2"), 0, model.state_dict(), None, {"model_config": config.to_dict()})
     kinds = ["explain", "write_run", "test_fix"]
-    write_jsonl(module_base_dir / "sft" / "synth_train.jsonl", synth.generate_trajectories(6, 0, funcs, kinds))
-    write_jsonl(module_base_dir / "sft" / "synth_val.jsonl", synth.generate_trajectories(3, 1, funcs, kinds))
+    with pytest.MonkeyPatch.context() as mp:  # single-turn records: each held-out call fits the rows
+        mp.setattr(synth, "FOLLOWUP_RATE", 0.0)
+        write_jsonl(module_base_dir / "sft" / "synth_train.jsonl", synth.generate_trajectories(6, 0, funcs, kinds))
+        write_jsonl(module_base_dir / "sft" / "synth_val.jsonl", synth.generate_trajectories(3, 1, funcs, kinds))
     code_sft.main(["--model-tag", "d2", "--steps", "3", "--batch-size", "2", "--eval-prompts", "2", "--gen-tokens", "4",
                    "--eval-every", "2", "--device-type", "cpu"])
     assert list_steps(checkpoint_dir("sft", "d2")) == [3]
