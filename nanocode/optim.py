@@ -3,7 +3,11 @@ all-reduce that data parallelism needs.
 
 Muon: Nesterov momentum, then the update is orthogonalized by Newton-Schulz (kernels.newton_schulz),
 so every direction of the matrix moves by about the same amount; the step is scaled by
-sqrt(max(1, rows/cols)). Same-shape matrices are stacked and orthogonalized in one batched call.
+sqrt(max(1, rows/cols)). Weight decay is cautious (Chen et al. 2025, "Cautious Weight Decay"): a
+weight decays only where the update already pulls it toward zero (update and weight of the same
+sign), so decay never pushes a weight against what its gradient asks for; it is decoupled and
+scaled by the (scheduled) learning rate, so it decays with the LR schedule.
+Same-shape matrices are stacked and orthogonalized in one batched call.
 Under DDP each rank orthogonalizes only its share of each stack and the results are all-gathered,
 so the Newton-Schulz work is split across ranks instead of repeated on each.
 """
@@ -16,7 +20,8 @@ import kernels
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, rank=0, world_size=1):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, rank=0,
+                 world_size=1):
         params = list(params)
         for p in params:
             if p.ndim != 2:
@@ -24,7 +29,8 @@ class Muon(torch.optim.Optimizer):
         # One group per shape (in order of first appearance), so each group is one batched Newton-Schulz call.
         shapes = list(dict.fromkeys(tuple(p.shape) for p in params))
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
-        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                 weight_decay=weight_decay))
         self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
@@ -41,8 +47,12 @@ class Muon(torch.optim.Optimizer):
             update = self._orthogonalize(update, group["ns_steps"])
             rows, cols = params[0].shape
             lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
+            wd = group["weight_decay"]
             for p, u in zip(params, update):
-                p.add_(u.to(p.dtype), alpha=-lr)
+                u = u.to(p.dtype)
+                if wd:
+                    u = u + wd * p * (u * p >= 0)  # p -= lr * u: decay only where u has p's sign
+                p.add_(u, alpha=-lr)
 
     def _orthogonalize(self, update, steps):
         ns_dtype = torch.bfloat16 if update.is_cuda else torch.float32
