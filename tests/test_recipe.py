@@ -40,10 +40,9 @@ def test_training_plan_d20():
     assert wd == pytest.approx(0.100187, rel=1e-4)
 
 
-def test_training_plan_batch_override_still_scales_lr():
+def test_training_plan_given_batch_keeps_lr_and_wd():
     tokens, batch, lr_scale, wd = training_plan(435_162_240, 110_101_632, 12, total_batch_size=2 ** 17)
-    assert batch == 2 ** 17 and lr_scale == pytest.approx(0.5)
-    assert wd == pytest.approx(0.28 * 0.5 * 110_101_632 / 435_162_240)
+    assert (tokens, batch, lr_scale, wd) == (5_221_946_880, 2 ** 17, 1.0, 0.28)
 
 
 def test_lr_schedule():
