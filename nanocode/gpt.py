@@ -114,10 +114,20 @@ def _warn_slow_windows():
                       "training is slower than full attention (pip install flash-attn, or --window-pattern L)")
 
 
-def attention(q, k, v, pos, window=None):
+def attention(q, k, v, pos, window=None, mask=None):
     """Causal attention of q (B, Tq, H, D) over k, v (B, Tk, Hk, D), where q's first position is
     key position `pos` (Tk = pos + Tq): the queries see every cached key and causally the new ones,
-    or with `window` only the keys at most `window` positions back (query i sees keys [i - window, i])."""
+    or with `window` only the keys at most `window` positions back (query i sees keys [i - window, i]).
+    `mask` (B, 1, Tq, Tk), True = visible, replaces the causal rule for rows at different positions
+    (then `pos` is a (B,) tensor of each row's first query position)."""
+    if mask is not None:
+        if window is not None:
+            qpos = pos.to(mask.device)[:, None] + torch.arange(q.size(1), device=mask.device)  # (B, Tq)
+            mask = mask & (torch.arange(k.size(1), device=mask.device) >= qpos[:, :, None] - window)[:, None]
+        gqa = q.size(2) != k.size(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, enable_gqa=gqa)
+        return y.transpose(1, 2)
     if _flash_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         # FA aligns the causal mask (and the window) bottom-right, as needed here
         kw = {} if window is None else {"window_size": (window, 0)}
@@ -173,13 +183,18 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # (B, T, Hk), 1 at init
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
         with nvtx_range("rope_qknorm"):
-            q, k = kernels.rope_qknorm(q, k, cos.to(q.dtype), sin.to(q.dtype), NORM_EPS)
-        pos = 0
+            if cos.dim() == 3:  # per-row positions (B, T, D/2): the kernel takes one (T', D/2) table, so T' = B*T
+                q, k = kernels.rope_qknorm(q.view(1, B * T, -1, self.head_dim), k.view(1, B * T, -1, self.head_dim),
+                                           cos.flatten(0, 1).to(q.dtype), sin.flatten(0, 1).to(q.dtype), NORM_EPS)
+                q, k = q.view(B, T, self.n_head, self.head_dim), k.view(B, T, self.n_kv_head, self.head_dim)
+            else:
+                q, k = kernels.rope_qknorm(q, k, cos.to(q.dtype), sin.to(q.dtype), NORM_EPS)
+        pos, mask = 0, None
         if kv_cache is not None:
-            pos = kv_cache.pos
+            pos, mask = kv_cache.pos, getattr(kv_cache, "mask", None)
             k, v = kv_cache.update(self.layer_idx, k, v)
         with nvtx_range("attention"):
-            y = attention(q, k, v.to(q.dtype), pos, self.window)
+            y = attention(q, k, v.to(q.dtype), pos, self.window, mask)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -313,9 +328,14 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape
         pos = kv_cache.pos if kv_cache is not None else 0
-        if pos + T > self.rotary_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table ({self.rotary_len})")
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        if torch.is_tensor(pos):  # one position per row (B,): the engine's batched tool loop
+            pos = pos[:, None] + torch.arange(T, device=pos.device)
+            end = int(pos.max()) + 1
+        else:
+            end = pos + T
+        if end > self.rotary_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the rotary table ({self.rotary_len})")
+        cos, sin = (self.cos[pos], self.sin[pos]) if torch.is_tensor(pos) else (self.cos[pos:end], self.sin[pos:end])
         x = x0 = norm(self.transformer.wte(idx))
         for i, block in enumerate(self.transformer.h):
             if self.config.lambdas:

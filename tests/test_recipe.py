@@ -190,3 +190,25 @@ def test_optimizer_groups_cover_every_parameter_once():
     assert all(g["weight_decay"] == 0.1 for g in muon.param_groups)
     x0_group = next(g for g in adamw.param_groups if g["params"][0] is model.x0_lambdas)
     assert x0_group["betas"][0] == 0.96
+
+
+def test_row_cache_decode_matches_full_forward_with_windows():
+    """The batched tool loop's cache: rows at different positions decode together, each through its
+    own window, and equal their own full forwards."""
+    from nanocode.engine import RowCache
+    model = windowed_model("S")
+    seqs = torch.randint(0, 53, (2, 30))
+    lengths = [5, 17]  # each row's prompt
+    with torch.no_grad():
+        full = [model(seqs[r:r + 1])[0] for r in range(2)]
+        cache = RowCache(2, model.config.n_layer, model.config.sequence_len)
+        for r, n in enumerate(lengths):
+            cache.select([r], n)
+            out = model(seqs[r:r + 1, :n], kv_cache=cache)
+            torch.testing.assert_close(out[0], full[r][:n], atol=1e-5, rtol=1e-5)
+        for i in range(12):
+            cache.select([0, 1], 1)
+            idx = torch.stack([seqs[r, lengths[r] + i] for r in range(2)])[:, None]
+            out = model(idx, kv_cache=cache)
+            for r in range(2):
+                torch.testing.assert_close(out[r, 0], full[r][lengths[r] + i], atol=1e-5, rtol=1e-5)
