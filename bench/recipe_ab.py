@@ -48,7 +48,7 @@ def train(depth, name, args):
     tag = f"recipe_ab_d{depth}_{name.replace(' ', '').replace('-', '_no_')}"
     flags = ["--depth", str(depth), "--max-seq-len", str(args.seq_len), "--device-batch-size",
              str(args.batch // args.seq_len), "--total-batch-size", str(args.batch), "--num-iterations", str(args.steps),
-             "--eval-every", str(max(1, args.steps // 4)), "--eval-tokens", str(args.eval_tokens), "--sample-every", "-1",
+             "--eval-every", str(max(1, args.steps // 2)), "--eval-tokens", str(args.eval_tokens), "--sample-every", "-1",
              "--device-type", "cpu", "--compile", "0", "--seed", str(args.seed), "--model-tag", tag] + ROWS[name]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     log = Path(args.log_dir) / f"{tag}.log"
@@ -94,9 +94,10 @@ def write(results, args, wall):
     fig, axes = plt.subplots(2, len(args.depths), figsize=(5 * len(args.depths), 7), squeeze=False)
     for col, depth in enumerate(args.depths):
         for i, r in enumerate(x for x in results if x["depth"] == depth):
-            axes[0, col].plot(range(1, len(r["loss_ema"]) + 1), r["loss_ema"], color=f"C{i}", label=r["row"])
+            style = "--" if r["row"].startswith("new -") else "-"  # leave-one-out rows dashed
+            axes[0, col].plot(range(1, len(r["loss_ema"]) + 1), r["loss_ema"], style, color=f"C{i}", label=r["row"])
             steps, bpb = zip(*r["val_curve"])
-            axes[1, col].plot(steps, bpb, marker="o", color=f"C{i}", label=r["row"])
+            axes[1, col].plot(steps, bpb, style, marker="o", color=f"C{i}", label=r["row"])
         axes[0, col].set_title(f"depth {depth}: train loss (EMA 0.9, nats/token)")
         axes[1, col].set_title(f"depth {depth}: val bpb")
         for ax in axes[:, col]:
