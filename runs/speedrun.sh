@@ -42,12 +42,15 @@ NPROC=${NPROC:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
 if [ "$NPROC" -gt 0 ]; then
     DEVICE=cuda
     LAUNCH=("$TORCHRUN" --standalone --nproc_per_node="$NPROC")
-    DEPTH=${DEPTH:-20}
     DATA_FILES=${DATA_FILES:-40}
+    # The offline corpus (DATA_FILES=0, at most DATA_MB of this machine's code, ~130M tokens at 500 MB) feeds
+    # depth 8 at the tokens:params ratio 12 in ~4 epochs; depth 20 would read it ~40 times (base_train
+    # prints the epochs and warns): a depth-20 run on it is an overfitting demo, not a pretraining run.
+    DEPTH=${DEPTH:-$([ "$DATA_FILES" -gt 0 ] && echo 20 || echo 8)}
     DATA_MB=${DATA_MB:-500}
     VOCAB_SIZE=${VOCAB_SIZE:-32768}
     SEQ_LEN=${SEQ_LEN:-2048}
-    TRAIN_ARGS=(--device-batch-size 32 --total-batch-size 524288)
+    TRAIN_ARGS=(--device-batch-size 32)  # the batch from the horizon (depth 20: 2**20 tokens), LRs scaled to it
     [ -n "${NUM_ITERATIONS:-}" ] && TRAIN_ARGS+=(--num-iterations "$NUM_ITERATIONS")
     BASE_EVAL_ARGS=()
     SYNTH_ARGS=()

@@ -204,6 +204,10 @@ def main(argv=None):
     ref_params = d12.num_params() if args.recipe == "oct2025" else d12.num_scaling_params()
     planned_tokens, total_batch_size, lr_scale, weight_decay = training_plan(
         scaling_params, ref_params, args.target_param_data_ratio, args.total_batch_size, args.weight_decay)
+    if args.total_batch_size == -1 and total_batch_size < B * T * world_size and total_batch_size >= T * world_size:
+        B = total_batch_size // (T * world_size)  # a small model's batch from the horizon: fewer rows per pass
+        print0(f"batch from the horizon ({total_batch_size:,} tokens) is less than one pass of --device-batch-size "
+               f"rows on every process: {B} rows per pass instead")
     tokens_per_fwd = B * T * world_size
     if total_batch_size % tokens_per_fwd:
         raise NanocodeError(f"total batch size {total_batch_size} (--total-batch-size) is not divisible by device "

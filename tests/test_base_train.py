@@ -123,3 +123,16 @@ def test_wandb_asked_for_but_missing_is_one_clear_error(base_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY, "--num-iterations", "1", "--run", "x"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "wandb" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_batch_from_the_horizon(base_dir, capsys):
+    """No --total-batch-size: the batch comes from the horizon (here depth 1, vocab 400: D / D12 = 8.8e-4,
+    2**19 * 8.8e-4**0.383 = 35k -> 2**15), LRs scaled by sqrt(2**15 / 2**19) = 1/4; a pass of more rows
+    than that batch holds shrinks to fit."""
+    args = list(TINY)
+    del args[args.index("--total-batch-size"):args.index("--total-batch-size") + 2]
+    args[args.index("--device-batch-size") + 1] = "2048"  # 65,536 tokens a pass > 32,768
+    base_train.main(args + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "auto-batch"])
+    out = capsys.readouterr().out
+    assert "1024 rows per pass instead" in out and "batch: 32,768 tokens/step (from the horizon)" in out, out
+    assert "learning rates x 0.2500" in out, out
