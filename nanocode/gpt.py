@@ -106,12 +106,14 @@ _warned_slow_windows = False
 
 
 def _warn_slow_windows():
+    """Once per process: SDPA has no sliding-window kernel, so a banded mask costs more, not less."""
     global _warned_slow_windows
     if not _warned_slow_windows:
         _warned_slow_windows = True
         warnings.warn("sliding-window attention without FlashAttention: PyTorch SDPA with a banded mask computes "
-                      "every query-key pair and cannot use its flash kernel, so windowed layers are no cheaper and "
-                      "training is slower than full attention (pip install flash-attn, or --window-pattern L)")
+                      "every query-key pair and loses the fused causal kernel, so windowed layers are slower than "
+                      "full ones, not faster (CPU, fwd+bwd: 1.16x at T=256, 1.9x at T=2048). On CUDA install "
+                      "flash-attn; or train with --window-pattern L", stacklevel=3)
 
 
 def attention(q, k, v, pos, window=None, mask=None):
@@ -142,8 +144,7 @@ def attention(q, k, v, pos, window=None, mask=None):
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.size(1) != k.size(1)
     if window is not None and Tq > 1:
-        if q.is_cuda:
-            _warn_slow_windows()
+        _warn_slow_windows()
         qpos = torch.arange(pos, pos + Tq, device=q.device)[:, None]
         kpos = torch.arange(Tk, device=q.device)[None, :]
         mask = (kpos <= qpos) & (kpos >= qpos - window)
