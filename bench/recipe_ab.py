@@ -44,8 +44,21 @@ def ema(ys, beta=0.9):
     return out
 
 
+def tag_of(depth, name):
+    return f"recipe_ab_d{depth}_{name.replace(' ', '').replace('-', '_no_')}"
+
+
+def row_result(depth, name, seconds=None):
+    """One row from its run's last checkpoint (meta: curves, val bpb, training time)."""
+    meta = load_meta(checkpoint_dir("base", tag_of(depth, name)))
+    losses = [l for _, l in meta["curves"]["loss"]]
+    return dict(depth=depth, row=name, flags=ROWS[name], val_bpb=meta["val_bpb"], val_curve=meta["curves"]["val_bpb"],
+                loss_ema=ema(losses), final_loss_ema=ema(losses)[-1], train_seconds=round(meta["total_time"]),
+                seconds=seconds, steps=meta["step"])
+
+
 def train(depth, name, args):
-    tag = f"recipe_ab_d{depth}_{name.replace(' ', '').replace('-', '_no_')}"
+    tag = tag_of(depth, name)
     flags = ["--depth", str(depth), "--max-seq-len", str(args.seq_len), "--device-batch-size",
              str(args.batch // args.seq_len), "--total-batch-size", str(args.batch), "--num-iterations", str(args.steps),
              "--eval-every", str(max(1, args.steps // 2)), "--eval-tokens", str(args.eval_tokens), "--sample-every", "-1",
@@ -58,12 +71,9 @@ def train(depth, name, args):
                            stderr=subprocess.STDOUT)
     if r.returncode:
         raise RuntimeError(f"{name} at depth {depth} failed; see {log}")
-    meta = load_meta(checkpoint_dir("base", tag))
-    losses = [l for _, l in meta["curves"]["loss"]]
-    print(f"depth {depth} {name:20s} val bpb {meta['val_bpb']:.4f} ({time.time() - t0:.0f}s)", flush=True)
-    return dict(depth=depth, row=name, flags=ROWS[name], val_bpb=meta["val_bpb"], val_curve=meta["curves"]["val_bpb"],
-                loss_ema=ema(losses), final_loss_ema=ema(losses)[-1], seconds=round(time.time() - t0),
-                num_params=meta.get("num_params"))
+    result = row_result(depth, name, round(time.time() - t0))
+    print(f"depth {depth} {name:20s} val bpb {result['val_bpb']:.4f} ({result['seconds']}s)", flush=True)
+    return result
 
 
 def write(results, args, wall):
@@ -76,16 +86,22 @@ def write(results, args, wall):
     lines = [f"# Old vs new pretraining recipe (CPU, {os.cpu_count()} cores shared)", "",
              f"{args.steps} steps x {args.batch:,} tokens = {args.steps * args.batch:,} tokens per row, seq len "
              f"{args.seq_len}, seed {args.seed}, val bpb on the first {args.eval_tokens:,} tokens of the val split. "
-             f"`python -m bench.recipe_ab {' '.join(sys.argv[1:])}`; {wall / 60:.0f} min wall, load average "
-             f"{os.getloadavg()[0]:.1f} at the end.", "",
-             "| depth | recipe | val bpb | vs oct2025 | train loss (EMA, nats) | wall s |", "|---|---|---|---|---|---|"]
+             f"`python -m bench.recipe_ab {' '.join(a for a in sys.argv[1:] if a != '--collect')}`"
+             + ("" if args.collect else f"; {wall / 60:.0f} min wall, load average {os.getloadavg()[0]:.1f} at the end")
+             + ". Train s: training time of the run (evaluation excluded), on a machine shared with other jobs.", "",
+             "| depth | recipe | val bpb | vs oct2025 | train loss (EMA, nats) | train s | wall s |",
+             "|---|---|---|---|---|---|---|"]
     for depth in args.depths:
         rows = [r for r in results if r["depth"] == depth]
         base = next((r["val_bpb"] for r in rows if r["row"] == "oct2025"), None)
         for r in rows:
             delta = f"{r['val_bpb'] - base:+.4f}" if base is not None and r["row"] != "oct2025" else ""
             lines.append(f"| {depth} | {r['row']} | {r['val_bpb']:.4f} | {delta} | {r['final_loss_ema']:.3f} | "
-                         f"{r['seconds']} |")
+                         f"{r['train_seconds']} | {r['seconds'] or ''} |")
+    missing = [f"depth {d} {n}" for d in args.depths for n in args.rows
+               if not any(r["depth"] == d and r["row"] == n for r in results)]
+    if missing:
+        lines += ["", f"Not run (out of time on this machine): {', '.join(missing)}."]
     (out / "recipe_ab.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -122,6 +138,8 @@ def main():
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "cpu"))
     p.add_argument("--log-dir", default="/tmp", help="each run's base_train output")
+    p.add_argument("--collect", action="store_true", help="no training: the table and plot from the rows' "
+                   "checkpoints (those that finished) of an earlier run with the same flags")
     args = p.parse_args()
     if args.batch % args.seq_len:
         raise SystemExit(f"--batch {args.batch} must be a multiple of --seq-len {args.seq_len}")
@@ -129,8 +147,16 @@ def main():
     order = [(d, n) for n in ("oct2025", "new") if n in args.rows for d in args.depths]
     order += [(d, n) for n in args.rows if n not in ("oct2025", "new") for d in args.depths]
     t0 = time.time()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda job: train(*job, args), order))
+    if args.collect:
+        results = []
+        for depth, name in order:
+            try:
+                results.append(row_result(depth, name))
+            except Exception as e:  # a row that never finished has no complete checkpoint
+                print(f"depth {depth} {name}: no result ({e})")
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(lambda job: train(*job, args), order))
     results.sort(key=lambda r: (r["depth"], list(ROWS).index(r["row"])))
     write(results, args, time.time() - t0)
 
