@@ -262,9 +262,10 @@ def main(argv=None):
         print0(f"data: ~{unique / 1e6:,.1f}M unique train tokens in corpus {args.data_name!r}; this run reads "
                f"{train_tokens / 1e6:,.1f}M = {epochs:.2f} epochs")
         if epochs > MAX_EPOCHS:
-            print0(f"WARNING: {epochs:.1f} epochs of the same data: past ~{MAX_EPOCHS} epochs a model mostly memorizes "
-                   f"(Muennighoff et al. 2023: repeated tokens lose their value fast); val bpb will stop following "
-                   f"train loss. Use more data (nanocode.dataset), a smaller --depth or --target-param-data-ratio.")
+            print0(f"WARNING: {epochs:.1f} epochs of the same data: past ~{MAX_EPOCHS} epochs repeated tokens are worth "
+                   f"much less than new ones (Muennighoff et al. 2023), the model memorizes and val bpb stops "
+                   f"following train loss. Use more data (nanocode.dataset), a smaller --depth or "
+                   f"--target-param-data-ratio.")
     wandb_run = init_wandb(args.run, "nanocode-base", dict(vars(args), total_batch_size=total_batch_size,
                            num_iterations=num_iterations, lr_scale=lr_scale, weight_decay=weight_decay,
                            num_params=num_params, scaling_params=scaling_params), master=rank == 0)
