@@ -116,6 +116,12 @@ def _warn_slow_windows():
                       "flash-attn; or train with --window-pattern L", stacklevel=3)
 
 
+def windows_are_slow(config, device) -> bool:
+    """True when this config has sliding windows that will run on SDPA's banded mask (no FlashAttention)."""
+    has_windows = any(w is not None and w < config.sequence_len for w in config.window_sizes())
+    return has_windows and not (_flash_attn is not None and torch.device(device).type == "cuda")
+
+
 def attention(q, k, v, pos, window=None, mask=None):
     """Causal attention of q (B, Tq, H, D) over k, v (B, Tk, Hk, D), where q's first position is
     key position `pos` (Tk = pos + Tq): the queries see every cached key and causally the new ones,
@@ -144,7 +150,8 @@ def attention(q, k, v, pos, window=None, mask=None):
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.size(1) != k.size(1)
     if window is not None and Tq > 1:
-        _warn_slow_windows()
+        if not torch.compiler.is_compiling():  # base_train warns before compiling (windows_are_slow)
+            _warn_slow_windows()
         qpos = torch.arange(pos, pos + Tq, device=q.device)[:, None]
         kpos = torch.arange(Tk, device=q.device)[None, :]
         mask = (kpos <= qpos) & (kpos >= qpos - window)

@@ -33,7 +33,7 @@ from nanocode.common import (NanocodeError, autocast, compute_cleanup, compute_i
                              peak_bf16_flops, print0, run_main, set_nvtx)
 from nanocode.dataloader import DataLoader
 from nanocode.dataset import split_shards
-from nanocode.gpt import GPT, GPTConfig, build_model
+from nanocode.gpt import GPT, GPTConfig, build_model, windows_are_slow
 from nanocode.loss_eval import evaluate_bpb
 from nanocode.optim import all_reduce_gradients
 from nanocode.report import log_stage
@@ -266,6 +266,10 @@ def main(argv=None):
                    f"much less than new ones (Muennighoff et al. 2023), the model memorizes and val bpb stops "
                    f"following train loss. Use more data (nanocode.dataset), a smaller --depth or "
                    f"--target-param-data-ratio.")
+    if windows_are_slow(config, device):
+        print0(f"WARNING: sliding windows ({args.window_pattern}) without FlashAttention run as a banded mask on "
+               f"PyTorch SDPA: slower than full attention, not faster (pip install flash-attn on CUDA, or "
+               f"--window-pattern L)")
     wandb_run = init_wandb(args.run, "nanocode-base", dict(vars(args), total_batch_size=total_batch_size,
                            num_iterations=num_iterations, lr_scale=lr_scale, weight_decay=weight_decay,
                            num_params=num_params, scaling_params=scaling_params), master=rank == 0)

@@ -212,3 +212,10 @@ def test_row_cache_decode_matches_full_forward_with_windows():
             out = model(idx, kv_cache=cache)
             for r in range(2):
                 torch.testing.assert_close(out[r, 0], full[r][lengths[r] + i], atol=1e-5, rtol=1e-5)
+
+
+def test_windows_are_slow_without_flash_attention():
+    from nanocode.gpt import windows_are_slow
+    assert windows_are_slow(GPTConfig(sequence_len=256, n_layer=4), "cpu")
+    assert not windows_are_slow(GPTConfig(sequence_len=256, n_layer=4, window_pattern="L"), "cpu")
+    assert not windows_are_slow(GPTConfig(sequence_len=256, n_layer=1), "cpu")  # the last layer is always full
