@@ -89,15 +89,15 @@ def write(results, args, wall):
              f"`python -m bench.recipe_ab {' '.join(a for a in sys.argv[1:] if a != '--collect')}`"
              + ("" if args.collect else f"; {wall / 60:.0f} min wall, load average {os.getloadavg()[0]:.1f} at the end")
              + ". Train s: training time of the run (evaluation excluded), on a machine shared with other jobs.", "",
-             "| depth | recipe | val bpb | vs oct2025 | train loss (EMA, nats) | train s | wall s |",
-             "|---|---|---|---|---|---|---|"]
+             "| depth | recipe | val bpb | vs oct2025 | train loss (EMA, nats) | train s |",
+             "|---|---|---|---|---|---|"]
     for depth in args.depths:
         rows = [r for r in results if r["depth"] == depth]
         base = next((r["val_bpb"] for r in rows if r["row"] == "oct2025"), None)
         for r in rows:
             delta = f"{r['val_bpb'] - base:+.4f}" if base is not None and r["row"] != "oct2025" else ""
             lines.append(f"| {depth} | {r['row']} | {r['val_bpb']:.4f} | {delta} | {r['final_loss_ema']:.3f} | "
-                         f"{r['train_seconds']} | {r['seconds'] or ''} |")
+                         f"{r['train_seconds']} |")
     missing = [f"depth {d} {n}" for d in args.depths for n in args.rows
                if not any(r["depth"] == d and r["row"] == n for r in results)]
     if missing:
