@@ -1,6 +1,5 @@
 """HumanEval / MBPP scoring: the canonical solutions pass, empty completions fail, bad samples files give
 clear errors, pass@k matches its definition, and the base/chat generation paths produce runnable code."""
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from nanocode.code_tasks import (chat_completion, extract_code, load_humaneval, 
                                  truncate_at_stop, HUMANEVAL_STOP)
 from nanocode.common import NanocodeError
 from scripts.code_eval import generate, parse_ks, read_samples, score, summarize
+from tests.helpers import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 MBPP_FIXTURE = ROOT / "tests" / "fixtures" / "mbpp_sample.jsonl"
@@ -147,26 +147,6 @@ def test_stop_sequences_and_code_extraction(humaneval):
         assert records[0]["passed"], records[0]["result"]
 
 
-class ByteTokenizer:
-    """A stand-in tokenizer: 12 special tokens, then one token per byte."""
-    SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-                "<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>",
-                "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
-    bos_id, vocab_size = 0, 12 + 256
-
-    def special_id(self, name):
-        return self.SPECIALS.index(name)
-
-    def encode(self, text):
-        return [12 + b for b in text.encode("utf-8")]
-
-    def decode(self, ids):
-        return bytes(i - 12 for i in ids if i >= 12).decode("utf-8", errors="replace")
-
-    def render_for_completion(self, conv):
-        return [0, 1] + self.encode(conv["messages"][0]["content"]) + [2, 3]
-
-
 def test_chat_generation_path(humaneval):
     """A scripted chat model answers with the canonical function inside prose and a code fence:
     the engine samples it, the code is extracted, and it passes."""
@@ -286,9 +266,6 @@ def test_mbpp_offline_is_a_clear_error(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # the scripts on a tiny real checkpoint (random weights): they run end to end and report sane numbers
 
-HAVE_TOKENIZER = importlib.util.find_spec("nanocode.tokenizer") is not None
-
-
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A base dir with a tiny tokenizer, a random depth-1 base checkpoint, and a 2-shard corpus."""
@@ -326,7 +303,6 @@ def run_in(base, module, *args):
     return p.stdout
 
 
-@pytest.mark.skipif(not HAVE_TOKENIZER, reason="nanocode.tokenizer not available")
 def test_code_eval_with_tiny_checkpoint(tiny_base):
     out = run_in(tiny_base, "scripts.code_eval", "-i", "base", "--max-problems", 2, "-n", 2, "-t", 0.8,
                  "--max-tokens", 8, "--device-type", "cpu")
@@ -339,7 +315,6 @@ def test_code_eval_with_tiny_checkpoint(tiny_base):
     assert report["humaneval"]["num_problems"] == 2
 
 
-@pytest.mark.skipif(not HAVE_TOKENIZER, reason="nanocode.tokenizer not available")
 def test_base_eval_with_tiny_checkpoint(tiny_base):
     out = run_in(tiny_base, "scripts.base_eval", "--max-docs", 20, "--sample-tokens", 4, "--device-type", "cpu")
     report = json.loads((tiny_base / "report" / "base_eval.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 
 from nanocode import dataset
 from nanocode.common import NanocodeError
-from tests.data_fixtures.helpers import make_docs, write_corpus
+from tests.helpers import make_docs, write_corpus
 
 GOOD = "def add(a, b):\n    '''Add two numbers.'''\n    return a + b\n\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
 

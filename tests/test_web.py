@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.test_engine import REPO, any_tokenizer, save_tiny_checkpoint, script_argv, script_env
+from tests.helpers import REPO, real_tokenizer, save_tiny_checkpoint, script_argv, script_env
 
 CALL = '<|tool_start|>{"name": "bash", "arguments": {"command": "cat hello.txt"}}<|tool_end|>'
 TOOL_TURN = "Let me look." + CALL + "It says hi."
@@ -179,7 +179,7 @@ def test_client_disconnect_frees_the_replica(tmp_path):
 
 
 def test_tiny_real_checkpoint_same_reply_streamed_or_not(tmp_path):
-    save_tiny_checkpoint("tiny-web", any_tokenizer().vocab_size)
+    save_tiny_checkpoint("tiny-web", real_tokenizer().vocab_size)
     with server(tmp_path, None, "-i", "sft", "--tag", "tiny-web", "--device-type", "cpu") as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         kw = dict(model="nanocode", messages=[{"role": "user", "content": "hello"}], max_tokens=16, temperature=0)

@@ -1,0 +1,141 @@
+"""Helpers shared by the tests (import them from here; tests never import other test modules):
+a byte-level stand-in tokenizer, tiny trained tokenizers, tiny random models and checkpoints, synthetic
+corpora, and the command line and environment that run a script in a subprocess."""
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from nanocode.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ByteTokenizer:
+    """The Tokenizer interface without training: the special tokens (ids 0-11, the library's own list),
+    then one token per byte, so ids are predictable (`"a"` is 12 + 97) and nothing needs a corpus."""
+    vocab_size = len(SPECIAL_TOKENS) + 256
+    bos_id = 0
+
+    def special_id(self, name):
+        return SPECIAL_TOKENS.index(name)
+
+    def encode(self, text):
+        return [len(SPECIAL_TOKENS) + b for b in text.encode("utf-8")]
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        """Bytes decoded as UTF-8 (invalid sequences replaced, as tiktoken does); specials as their text."""
+        out, buf = [], bytearray()
+        for i in ids:
+            if i < len(SPECIAL_TOKENS):
+                out.append(buf.decode("utf-8", errors="replace") + SPECIAL_TOKENS[i])
+                buf = bytearray()
+            else:
+                buf.append(i - len(SPECIAL_TOKENS))
+        return "".join(out) + buf.decode("utf-8", errors="replace")
+
+    def render_for_completion(self, conversation):
+        """The chat layout of nanocode.tokenizer (a system message folded into the first user turn; tool
+        calls and outputs inside the assistant turn), ending with <|assistant_start|> for the reply."""
+        sid = self.special_id
+        msgs = list(conversation["messages"])
+        if msgs and msgs[0]["role"] == "system":
+            msgs = [{"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}] + msgs[2:]
+        ids = [self.bos_id]
+        for m in msgs:
+            content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            if m["role"] == "user":
+                ids += [sid("<|user_start|>")] + self.encode(content[0]["text"]) + [sid("<|user_end|>")]
+                continue
+            ids.append(sid("<|assistant_start|>"))
+            for p in content:
+                if p["type"] == "text":
+                    ids += self.encode(p["text"])
+                elif p["type"] == "tool_call":
+                    call = json.dumps({"name": p["name"], "arguments": p["arguments"]})
+                    ids += [sid("<|tool_start|>")] + self.encode(call) + [sid("<|tool_end|>")]
+                else:
+                    ids += [sid("<|output_start|>")] + self.encode(p["text"]) + [sid("<|output_end|>")]
+            ids.append(sid("<|assistant_end|>"))
+        return ids + [sid("<|assistant_start|>")]
+
+
+def trained_tokenizer(texts, vocab_size=300):
+    """The real tokenizer (rustbpe), trained in well under a second on a few texts."""
+    return Tokenizer.train(list(texts), vocab_size=vocab_size)
+
+
+def real_tokenizer():
+    """A tiny trained tokenizer saved where get_tokenizer() (and so every script) finds it: the base dir."""
+    from nanocode.common import get_base_dir
+    from nanocode.tokenizer import get_tokenizer
+    if not (get_base_dir() / "tokenizer").exists():
+        texts = [REPO.joinpath(p).read_text() for p in ("nanocode/engine.py", "nanocode/tools.py")]
+        trained_tokenizer(texts, vocab_size=512).save(get_base_dir() / "tokenizer")
+    return get_tokenizer()
+
+
+def script_argv(module: str, *args: str) -> list[str]:
+    """`python -m module args`, with real_tokenizer() saved first (the scripts load it from the base dir)."""
+    real_tokenizer()
+    return [sys.executable, "-m", module, *args]
+
+
+def script_env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+
+
+def tiny_model(vocab_size, sequence_len=96, seed=0):
+    """A random 2-layer GPT with weights large enough that attention matters (the default init starts
+    every block as the identity, which would make e.g. cached and uncached generation trivially equal)."""
+    from nanocode.gpt import GPTConfig, build_model
+    torch.manual_seed(seed)
+    model = build_model(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4,
+                                  n_kv_head=2, n_embd=64), "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5 if p.dim() == 2 and p.size(0) == vocab_size else 0.2)
+    return model.eval()
+
+
+def save_tiny_checkpoint(tag: str, vocab_size: int, phase: str = "sft"):
+    """A tiny random GPT saved where load_model(phase, tag=tag) finds it."""
+    from nanocode.checkpoint import checkpoint_dir, save_checkpoint
+    model = tiny_model(vocab_size, sequence_len=256)
+    save_checkpoint(checkpoint_dir(phase, tag), 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
+
+
+WORDS = ["def", "return", "self", "import", "for", "in", "if", "else", "x", "y", "value", "print", "(", ")", ":", "=",
+         "+", "[", "]", "λ", "é", "数据", "🙂"]
+
+
+def make_docs(n, seed=0, min_lines=2, max_lines=60):
+    """n distinct pseudo-code documents of varied length, with some non-ASCII characters."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        lines = [f"# doc {i}"]
+        for _ in range(rng.randint(min_lines, max_lines)):
+            lines.append("    " * rng.randint(0, 2) + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))))
+        docs.append("\n".join(lines) + "\n")
+    return docs
+
+
+def write_corpus(directory, docs, per_shard):
+    """Write docs into shard_00000.parquet ... with per_shard documents each; the last shard is val."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(0, len(docs), per_shard):
+        chunk = docs[k:k + per_shard]
+        path = directory / f"shard_{k // per_shard:05d}.parquet"
+        pq.write_table(pa.table({"text": chunk, "lang": ["python"] * len(chunk)}), path)
+        paths.append(path)
+    return paths
