@@ -1,11 +1,16 @@
 """Helpers shared by the tests (import them from here; tests never import other test modules):
 a byte-level stand-in tokenizer, tiny trained tokenizers, tiny random models and checkpoints, synthetic
-corpora, and the command line and environment that run a script in a subprocess."""
+corpora, a local stand-in for the Hugging Face hub, and the command line and environment that run a script in a subprocess."""
+import hashlib
+import http.server
 import json
 import os
 import random
+import socket
 import sys
+import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -139,3 +144,72 @@ def write_corpus(directory, docs, per_shard):
         pq.write_table(pa.table({"text": chunk, "lang": ["python"] * len(chunk)}), path)
         paths.append(path)
     return paths
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """A local stand-in for the Hugging Face hub's file endpoint, enough for huggingface_hub's downloads:
+    HEAD and GET of /<type>s/<repo>/resolve/<revision>/<file>, with Range requests. `files` maps
+    "<repo>/<file>" to bytes; the first GET of each path in `fail_once` sends half of the file and
+    hangs up (a dropped connection); `ranges=False` ignores Range headers, as some servers do.
+    Point the code at it with HF_ENDPOINT=hub.url; `requests` records (method, "<repo>/<file>", Range)."""
+
+    def __init__(self, files: dict, fail_once=(), ranges=True):
+        self.files, self.fail_once, self.ranges, self.requests = files, set(fail_once), ranges, []
+        super().__init__(("127.0.0.1", 0), _FakeHubHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _lookup(self, method):
+        parts = self.path.split("?")[0].split("/")  # "", "datasets", owner, name, "resolve", revision, file...
+        if len(parts) < 7 or parts[4] != "resolve":
+            key = None
+        else:
+            key = f"{parts[2]}/{parts[3]}/{unquote('/'.join(parts[6:]))}"
+        self.server.requests.append((method, key, self.headers.get("Range"), self.path))
+        data = self.server.files.get(key)
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None, None
+        return key, data
+
+    def _headers(self, data, status=200, start=0):
+        self.send_response(status)
+        digest = hashlib.sha1(data).hexdigest()
+        self.send_header("X-Repo-Commit", hashlib.sha1(b"commit").hexdigest())
+        self.send_header("ETag", f'"{digest}"')
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+
+    def do_HEAD(self):
+        key, data = self._lookup("HEAD")
+        if data is not None:
+            self._headers(data)
+
+    def do_GET(self):
+        key, data = self._lookup("GET")
+        if data is None:
+            return
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].split("-")[0]) if rng and self.server.ranges else 0
+        self._headers(data, 206 if start else 200, start)
+        if key in self.server.fail_once:  # promise everything, send half, hang up
+            self.server.fail_once.discard(key)
+            self.wfile.write(data[start:start + (len(data) - start) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(data[start:])
