@@ -250,7 +250,7 @@ def plot_curves(title, curves, path):
     if not s:
         return None
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed (servers, CI), and no GUI backend probing
     import matplotlib.pyplot as plt
     n = len(s)
     cols = min(n, 3)

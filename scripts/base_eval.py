@@ -8,7 +8,10 @@ greedy completions and fill-in-the-middle infillings printed for a look.
 Bits per byte: the validation documents (each <|bos|> + its tokens) are concatenated into one stream,
 cut into rows of the model's context, and every target token's loss (nats) and UTF-8 byte count are
 summed per language of the document it belongs to; bpb = nats / (ln 2 * bytes). It does not depend on
-the tokenizer, so models with different vocabularies compare.
+the tokenizer, so models with different vocabularies compare. Concatenated rather than one document
+per row: no padding to compute on. As in training, a document can attend to the end of the one before
+it in the same row (attention is not masked per document); unlike training, a row may start inside a
+document, so a few tokens per row see less context than they would in training.
 """
 import argparse
 import math
