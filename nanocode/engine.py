@@ -18,9 +18,7 @@ assistant turn. Any failure (bad JSON, unknown tool, denial, tool error) becomes
 When the context would overflow, the oldest turns are dropped and a notice is put in their place.
 """
 import itertools
-import json
 import re
-import time
 from types import SimpleNamespace
 
 import torch
@@ -65,6 +63,51 @@ class KVCache:
         self.k = [None if t is None else t.expand(batch_size, -1, -1, -1).contiguous() for t in self.k]
         self.v = [None if t is None else t.expand(batch_size, -1, -1, -1).contiguous() for t in self.v]
         self.batch_size = batch_size
+
+
+class RowCache:
+    """KV cache for B rows that each sit at their own length: the batched tool loop, where one row takes
+    in a tool's output while the others sample. Before each forward, select(rows, T) names the rows fed
+    (any subset, in order) and T, the tokens each gets; the model then reads `pos` (their positions, a
+    tensor: GPT takes per-row rotary positions from it), update() writes the new keys/values at each
+    row's own slots and returns the fed rows' keys up to the longest, and `mask` lets each query see its
+    row's cached keys and, causally, the new ones (slots past a row's length hold stale values)."""
+
+    def __init__(self, batch_size: int, num_layers: int, max_len: int):
+        self.max_len = max_len
+        self.lengths = [0] * batch_size
+        self.k = [None] * num_layers
+        self.v = [None] * num_layers
+        self.rows, self.pos, self.mask, self.end = None, None, None, 0
+
+    def select(self, rows: list[int], T: int):
+        self.rows = rows
+        self.end = max(self.lengths[r] for r in rows) + T
+        if self.end > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.end} positions > {self.max_len}")
+        self.pos = torch.tensor([self.lengths[r] for r in rows])
+        query = self.pos[:, None] + torch.arange(T)                                   # (B, T)
+        self.mask = (torch.arange(self.end)[None, None, :] <= query[:, :, None])[:, None]  # (B, 1, T, end)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        B, T, Hk, D = k.shape
+        if self.k[layer_idx] is None:
+            self.k[layer_idx] = k.new_zeros(len(self.lengths), self.max_len, Hk, D)
+            self.v[layer_idx] = v.new_zeros(len(self.lengths), self.max_len, Hk, D)
+        if self.pos.device != k.device:
+            self.pos, self.mask = self.pos.to(k.device), self.mask.to(k.device)
+        kc, vc = self.k[layer_idx], self.v[layer_idx]
+        rows = torch.tensor(self.rows, device=k.device)
+        slots = self.pos[:, None] + torch.arange(T, device=k.device)
+        kc[rows[:, None], slots] = k
+        vc[rows[:, None], slots] = v
+        if self.rows == list(range(len(self.lengths))):  # every row, in order: a view, no copy
+            return kc[:, :self.end], vc[:, :self.end]
+        return kc[rows, :self.end], vc[rows, :self.end]
+
+    def advance(self, T: int):
+        for r in self.rows:
+            self.lengths[r] += T
 
 
 def sample_next(logits: torch.Tensor, generators, temperature: float, top_k: int | None, top_p: float | None):
@@ -186,26 +229,17 @@ class Engine:
                 return [self.bos] + notice + ids[i:]
         return [self.bos] + notice + ids[len(ids) - max(1, self.max_len // 2 - 1 - len(notice)):]
 
-    @staticmethod
-    def _parse_call(raw: str):
-        """(tool_call part or None, error) for the text the model wrote between <|tool_start|> and <|tool_end|>."""
-        call, err = parse_tool_call(raw)
-        if err:
-            return None, f"error: {err}"
-        return {"type": "tool_call", "name": call["name"], "arguments": call["arguments"]}, None
-
-    @staticmethod
-    def _run_call(name, args, approve, workdir, calls_left: int) -> str:
+    def _run_call(self, part, approve, workdir, calls_left: int, tool_runner) -> str:
         if calls_left <= 0:
             return "error: tool-call limit reached for this reply; answer without tools"
         if workdir is None:
             return "error: tools are disabled here"
-        if approve is None or not approve(name, args):
+        if approve is None or not approve(part["name"], part["arguments"]):
             return DENIED
-        return run_tool(name, args, workdir)
+        return tool_runner(part["name"], part["arguments"], workdir)
 
     def chat(self, conversation, approve=None, workdir=None, max_tokens=1024, temperature=0.6, top_k=50,
-             top_p=None, seed=42, max_tool_calls=8):
+             top_p=None, seed=42, max_tool_calls=8, tool_runner=None):
         """Generate the next assistant message of `conversation` ({"messages": [...]}, last one from the
         user), running tool calls along the way. Yields events (dicts):
             {"type": "text", "text": delta}                      assistant text as it streams
@@ -215,73 +249,165 @@ class Engine:
             {"type": "done", "finish_reason": "stop"|"length", "message": {"role": "assistant", "content": parts},
              "usage": {"prompt_tokens", "completion_tokens"}}
         approve(name, arguments) -> bool is asked before every call (None denies all); workdir None
-        disables tools. max_tokens counts sampled tokens (forced tool outputs are free)."""
+        disables tools. max_tokens counts sampled tokens (forced tool outputs are free).
+        This is chat_batch for a batch of one, streamed."""
+        for _, event in self._chat_rows([conversation], [approve], [workdir], max_tokens, temperature, top_k,
+                                        top_p, seed, max_tool_calls, tool_runner, results=[None]):
+            yield event
+
+    def chat_batch(self, conversations, approve=None, workdirs=None, max_tokens=1024, temperature=0.6, top_k=50,
+                   top_p=None, seed=42, max_tool_calls=8, tool_runner=None, on_event=None):
+        """chat() for many conversations decoded together; rows finish independently, and when one row
+        closes a tool call, its call runs and the output is fed into that row while the others go on
+        sampling. Row i samples with seed + i, so row i equals chat(conversations[i], seed=seed + i).
+        approve: None, one callable for every row, or a list (one per row); workdirs: None or a list
+        (a None entry disables tools for that row); tool_runner(name, arguments, workdir) -> str
+        (default nanocode.tools.run_tool); on_event(row, event) gets chat()'s events as they happen.
+        Returns one dict per conversation: {"message", "finish_reason", "usage"} as in chat()'s "done"
+        event, plus "prompt_ids" (the rendered prompt), "ids" (every token after the prompt: sampled,
+        the stop token included, and forced tool outputs) and "mask" (1 where sampled, 0 where forced),
+        the sequence RL trains on."""
+        n = len(conversations)
+        approves = list(approve) if isinstance(approve, (list, tuple)) else [approve] * n
+        workdirs = [None] * n if workdirs is None else list(workdirs)
+        if len(approves) != n or len(workdirs) != n:
+            raise ValueError(f"{n} conversations need {n} approve callables and workdirs, got "
+                             f"{len(approves)} and {len(workdirs)}")
+        results = [None] * n
+        for i, event in self._chat_rows(conversations, approves, workdirs, max_tokens, temperature, top_k, top_p,
+                                        seed, max_tool_calls, tool_runner, results):
+            if on_event is not None:
+                on_event(i, event)
+        return results
+
+    def _chat_rows(self, conversations, approves, workdirs, max_tokens, temperature, top_k, top_p, seed,
+                   max_tool_calls, tool_runner, results):
+        """The batched tool loop: yields (row, event); fills `results` as rows finish. Each step feeds every
+        live row what it has not fed yet (one sampled token, or a token and a tool's output, or a whole
+        re-fitted context), samples one token per row, and hands each token to that row's Reply."""
         check_sampling(temperature, top_k, top_p, max_tokens)
-        tok = self.tokenizer
-        ids = list(tok.render_for_completion(conversation))
-        prompt_tokens = len(ids)
-        gen = self._generators(seed, 1)
-        cache, fed = None, 0
-        parts, text_ids, text_sent, call_ids = [], [], "", None
-        calls_left, finish, sampled = max_tool_calls, "length", 0
-
-        def flush_text():
-            nonlocal text_ids, text_sent
-            text = tok.decode(text_ids)
-            if text:
-                parts.append({"type": "text", "text": text})
-            delta = text[len(text_sent):]
-            text_ids, text_sent = [], ""
-            return delta
-
-        for _ in range(max_tokens):
-            if len(ids) > self.max_len:
-                ids, cache = self._fit_context(ids), None
-                yield {"type": "notice", "text": CONTEXT_NOTICE}
-            if cache is None:
-                cache, fed = KVCache(1, self.model.config.n_layer, self.max_len), 0
-            logits = self._forward(cache, [ids[fed:]])
-            fed = len(ids)
-            t = sample_next(logits, gen, temperature, top_k, top_p).item()
-            sampled += 1
-            if t in self.stop_ids:
-                finish = "stop"
-                break
-            ids.append(t)
-            if call_ids is not None:  # inside a tool call: collect until <|tool_end|>
-                if t != self.tool_end:
-                    call_ids.append(t)
-                    continue
-                raw, call_ids = tok.decode(call_ids), None
-                part, output = self._parse_call(raw)
-                if part is None:  # malformed: keep the raw text, feed back the error
-                    part = {"type": "text", "text": raw}
+        tool_runner = run_tool if tool_runner is None else tool_runner
+        tok, n = self.tokenizer, len(conversations)
+        rows = []
+        for i, conv in enumerate(conversations):
+            ids = list(tok.render_for_completion(conv))
+            rows.append(SimpleNamespace(ids=ids, prompt_ids=list(ids), out=[], mask=[], sampled=0, finish="length",
+                                        calls_left=max_tool_calls, reply=Reply(tok, self.tool_start, self.tool_end),
+                                        gen=self._generators(seed + i, 1)[0]))
+        cache = RowCache(n, self.model.config.n_layer, self.max_len)
+        live = list(range(n))
+        while live:
+            for i in live:
+                if len(rows[i].ids) > self.max_len:
+                    rows[i].ids = self._fit_context(rows[i].ids)
+                    cache.lengths[i] = 0
+                    yield i, {"type": "notice", "text": CONTEXT_NOTICE}
+            logits = self._forward_rows(cache, {i: rows[i].ids[cache.lengths[i]:] for i in live})
+            tokens = sample_next(torch.stack([logits[i] for i in live]), [rows[i].gen for i in live],
+                                 temperature, top_k, top_p).tolist()
+            still = []
+            for i, t in zip(live, tokens):
+                row = rows[i]
+                row.sampled += 1
+                row.out.append(t)
+                row.mask.append(1)
+                if t in self.stop_ids:
+                    row.finish = "stop"
                 else:
-                    yield {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
-                    output = self._run_call(part["name"], part["arguments"], approve, workdir, calls_left)
-                    calls_left -= 1
-                parts.extend([part, {"type": "tool_output", "text": output}])
-                yield {"type": "tool_output", "text": output}
-                ids.extend([self.output_start] + tok.encode(output) + [self.output_end])
-            elif t == self.tool_start:
-                delta = flush_text()
-                if delta:
-                    yield {"type": "text", "text": delta}
-                call_ids = []
-            else:
-                text_ids.append(t)
-                text = tok.decode(text_ids)
-                if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-                    delta, text_sent = text[len(text_sent):], text
-                    if delta:
-                        yield {"type": "text", "text": delta}
-        if call_ids is not None:  # ran out of tokens inside a call: keep what was written, as text
-            text_ids = call_ids
-        delta = flush_text()
-        if delta:
-            yield {"type": "text", "text": delta}
-        yield {"type": "done", "finish_reason": finish, "message": {"role": "assistant", "content": parts},
-               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sampled}}
+                    row.ids.append(t)
+                    for event in row.reply.feed(t):
+                        yield i, event
+                    if row.reply.closed is not None:
+                        part, error = row.reply.closed
+                        if part is not None:
+                            yield i, {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
+                            error = self._run_call(part, approves[i], workdirs[i], row.calls_left, tool_runner)
+                            row.calls_left -= 1
+                        yield i, row.reply.tool_output(error)
+                        forced = [self.output_start] + tok.encode(error) + [self.output_end]
+                        row.ids.extend(forced)
+                        row.out.extend(forced)
+                        row.mask.extend([0] * len(forced))
+                    if row.sampled < max_tokens:
+                        still.append(i)
+                        continue
+                for event in row.reply.finish():
+                    yield i, event
+                message = {"role": "assistant", "content": row.reply.parts}
+                usage = {"prompt_tokens": len(row.prompt_ids), "completion_tokens": row.sampled}
+                yield i, {"type": "done", "finish_reason": row.finish, "message": message, "usage": usage}
+                results[i] = {"message": message, "finish_reason": row.finish, "usage": usage,
+                              "prompt_ids": row.prompt_ids, "ids": row.out, "mask": row.mask}
+            live = still
+
+    @torch.inference_mode()
+    def _forward_rows(self, cache, feeds: dict) -> dict:
+        """Feed each row its new tokens ({row: ids}) at its own position; {row: logits of its last token}.
+        Rows with one new token go through one batched forward; longer feeds (a prompt, a tool's output)
+        one forward each."""
+        logits = {}
+        singles = [i for i, ids in feeds.items() if len(ids) == 1]
+        groups = ([singles] if singles else []) + [[i] for i, ids in feeds.items() if len(ids) > 1]
+        for group in groups:
+            cache.select(group, len(feeds[group[0]]))
+            x = torch.tensor([feeds[i] for i in group], dtype=torch.long, device=self.device)
+            with autocast(self.device):
+                out = self.model(x, kv_cache=cache)[:, -1, :].float()
+            logits.update(zip(group, out))
+        return logits
+
+
+class Reply:
+    """One assistant reply as its sampled tokens arrive: text streamed as deltas (a partial UTF-8
+    character held back), tool calls collected between <|tool_start|> and <|tool_end|>, and the
+    message parts. No model and no tools here: feed(token) returns the events that token completes;
+    after <|tool_end|>, `closed` holds (call part, None) or (None, error) for a malformed call, and the
+    caller answers it with tool_output(text), which records the parts and returns the event."""
+
+    def __init__(self, tokenizer, tool_start: int, tool_end: int):
+        self.tok, self.tool_start, self.tool_end = tokenizer, tool_start, tool_end
+        self.parts, self.text_ids, self.text_sent, self.call_ids, self.closed = [], [], "", None, None
+        self._raw = None
+
+    def feed(self, t: int) -> list[dict]:
+        self.closed = None
+        if self.call_ids is not None:  # inside a tool call: collect until <|tool_end|>
+            if t != self.tool_end:
+                self.call_ids.append(t)
+                return []
+            self._raw, self.call_ids = self.tok.decode(self.call_ids), None
+            call, err = parse_tool_call(self._raw)
+            self.closed = (None, f"error: {err}") if err else (
+                {"type": "tool_call", "name": call["name"], "arguments": call["arguments"]}, None)
+            return []
+        if t == self.tool_start:
+            self.call_ids = []
+            return self._flush()
+        self.text_ids.append(t)
+        text = self.tok.decode(self.text_ids)
+        if text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+            return []
+        delta, self.text_sent = text[len(self.text_sent):], text
+        return [{"type": "text", "text": delta}] if delta else []
+
+    def tool_output(self, text: str) -> dict:
+        part = self.closed[0] or {"type": "text", "text": self._raw}  # a malformed call stays as its raw text
+        self.parts.extend([part, {"type": "tool_output", "text": text}])
+        self.closed = None
+        return {"type": "tool_output", "text": text}
+
+    def finish(self) -> list[dict]:
+        if self.call_ids is not None:  # ran out of tokens inside a call: keep what was written, as text
+            self.text_ids, self.call_ids = self.call_ids, None
+        return self._flush()
+
+    def _flush(self) -> list[dict]:
+        text = self.tok.decode(self.text_ids)
+        if text:
+            self.parts.append({"type": "text", "text": text})
+        delta = text[len(self.text_sent):]
+        self.text_ids, self.text_sent = [], ""
+        return [{"type": "text", "text": delta}] if delta else []
 
 
 def message_text(message) -> str:
@@ -290,43 +416,3 @@ def message_text(message) -> str:
     if isinstance(content, str):
         return content
     return "".join(p["text"] for p in content if p["type"] == "text")
-
-
-class ScriptedModel(torch.nn.Module):
-    """A stand-in for GPT in tests and demos (scripts' --fake-script): it ignores what it reads and puts
-    all probability on the next token of a script. `turns` are token lists, one per assistant reply; a
-    prefill that ends in <|assistant_start|> starts the next turn; past a turn's end it emits <|assistant_end|>.
-    `delay` seconds are slept per forward, so a test can interrupt a generation half way."""
-
-    def __init__(self, turns, vocab_size: int, assistant_start: int, assistant_end: int, sequence_len=4096, delay=0.0):
-        super().__init__()
-        self.turns, self.delay = [list(t) for t in turns], delay
-        self.assistant_start, self.assistant_end = assistant_start, assistant_end
-        self.config = SimpleNamespace(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1)
-        self.register_buffer("dummy", torch.zeros(1))
-        self.turn, self.i = -1, 0
-
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        B, T = idx.shape
-        if self.delay:
-            time.sleep(self.delay)
-        if idx[0, -1].item() == self.assistant_start:
-            self.turn, self.i = self.turn + 1, 0
-        script = self.turns[self.turn] if 0 <= self.turn < len(self.turns) else []
-        nxt = script[self.i] if self.i < len(script) else self.assistant_end
-        self.i += 1
-        if kv_cache is not None:
-            kv_cache.advance(T)
-        logits = torch.full((B, T, self.config.vocab_size), -30.0, device=idx.device)
-        logits[:, :, nxt] = 30.0
-        return logits
-
-    @classmethod
-    def from_file(cls, path, tokenizer):
-        """A JSON script: {"turns": ["text with <|tool_start|>...<|tool_end|> written out", ...],
-        "delay": seconds per token (optional), "sequence_len": int (optional)}."""
-        with open(path) as f:
-            spec = json.load(f)
-        turns = [encode_with_specials(tokenizer, t) for t in spec["turns"]]
-        return cls(turns, tokenizer.vocab_size, tokenizer.special_id("<|assistant_start|>"),
-                   tokenizer.special_id("<|assistant_end|>"), spec.get("sequence_len", 4096), spec.get("delay", 0.0))

@@ -15,20 +15,22 @@ session when the wall time is up or the output floods, and afterwards scans /pro
 process still in the child's session, so nothing is left behind (fork bombs included: os.fork is
 disabled in the child, and whatever gets spawned anyway dies with the session).
 
-This is a guard against accidents (infinite loops, runaway memory, stray deletions by a buggy
-sample), not a security boundary: code written to escape (ctypes is blocked, but a determined
-program has other ways) needs a container or VM. Run evaluations of untrusted models in one.
+All of that is a guard against accidents (infinite loops, runaway memory, stray deletions by a buggy
+sample), not a security boundary: a determined program has ways around Python-level guards. The
+boundary is nanocode.sandbox: by default (sandbox=True) the child runs inside its namespaces (no
+network, only the scratch dir writable, nothing of the user's files visible, its own pid namespace and
+a pids cgroup), and where that is unavailable the guard alone runs, with a loud warning.
 """
 import os
-import selectors
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from nanocode.sandbox import collect, reap, spawn
 
 
 @dataclass
@@ -116,58 +118,17 @@ exit_now(0)
 '''
 
 
-def _session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes whose session id is `sid`, read from /proc."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != b"Z":
-            pids.append(int(entry))
-    return pids
-
-
-def _exited(pid: int) -> bool:
-    """Has the child exited? Asked without reaping it: until proc.wait(), its pid (= the session id we
-    kill by) cannot be reused by an unrelated process."""
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-
-
-def kill_session(sid: int, rounds: int = 100) -> list[int]:
-    """SIGKILL every process in session `sid` until none is left (a forking process may add new ones
-    between the scan and the kill, hence the rounds). Returns the pids still alive after all rounds."""
-    for _ in range(rounds):
-        try:
-            os.killpg(sid, signal.SIGKILL)  # the session leader's group: most of them in one call
-        except (ProcessLookupError, PermissionError):
-            pass
-        pids = _session_members(sid)
-        if not pids:
-            return []
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.001)
-    return _session_members(sid)
-
-
 def _tail(data: bytes, tail: int) -> str:
     return data.decode("utf-8", errors="replace")[-tail:]
 
 
 def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, max_output: int = 1 << 20,
-                fsize_mb: int = 16, nproc: int = 64, tail: int = 2000, guard: bool = True) -> Result:
-    """Run `program` (Python source) in a sandboxed child. Passed means it ran to the end and exited 0.
+                fsize_mb: int = 16, nproc: int = 64, tail: int = 2000, guard: bool = True,
+                sandbox: bool = True, network: bool = False) -> Result:
+    """Run `program` (Python source) in a guarded child. Passed means it ran to the end and exited 0.
     timeout: wall seconds (the CPU limit is the same, rounded up); memory_mb: address space;
     max_output: bytes kept per stream (more than this and the child is killed);
+    sandbox: inside nanocode.sandbox's namespaces (no network unless `network`), where available;
     guard=False keeps os.fork & co. enabled: only for testing the outer containment."""
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="nanocode-exec-"))
     t0 = time.monotonic()
@@ -178,14 +139,15 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, max_o
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         argv = [sys.executable, "-I", "-c", _CHILD, scratch, str(int(timeout) + 1), str(memory_mb << 20),
                 str(fsize_mb << 20), str(nproc)] + ([] if guard else ["--no-guard"])
+        mode = "workspace-write" if sandbox else "off"
         try:
-            proc = subprocess.Popen(argv, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+            proc, cgroup = spawn(argv, scratch, env, mode=mode, network=network, nproc=nproc)
         except OSError as e:  # out of processes or file descriptors: this sample fails, the evaluation goes on
             return Result(False, f"failed: could not start the sandbox ({e})", "", "", time.monotonic() - t0)
-        out, reason = _collect(proc, t0 + timeout, max_output)
-        leftover = kill_session(proc.pid)  # the program's own children, if any got spawned
-        rc = proc.wait()
+        try:
+            out, reason = collect(proc, t0 + timeout, max_output)
+        finally:
+            rc, leftover = reap(proc, cgroup)  # the program's own children, if any got spawned
         runtime = time.monotonic() - t0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -204,46 +166,9 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, max_o
     return Result(passed=reason is None, status=reason or "passed", stdout=stdout, stderr=stderr, runtime=runtime)
 
 
-def _collect(proc, deadline: float, max_output: int):
-    """Read both pipes until EOF, the deadline, or a flood. Returns ([stdout, stderr] bytes, reason or None).
-    When the main process has exited, its session is killed so that a leftover grandchild holding the
-    pipes open cannot make us wait for the deadline."""
-    out = [bytearray(), bytearray()]
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, 0)
-    sel.register(proc.stderr, selectors.EVENT_READ, 1)
-    reason, exited = None, False
-    try:
-        while sel.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                reason = "timed out"
-                break
-            for key, _ in sel.select(timeout=min(remaining, 0.1)):
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    continue
-                buf = out[key.data]
-                if len(buf) + len(chunk) > max_output:
-                    reason = f"failed: output limit exceeded ({max_output} bytes)"
-                buf += chunk[: max_output - len(buf)]
-            if reason:
-                break
-            if not exited and _exited(proc.pid):
-                exited = True
-                kill_session(proc.pid)  # the pipes reach EOF once no leftover child holds them
-    finally:
-        if reason:
-            kill_session(proc.pid)
-        sel.close()
-        proc.stdout.close()
-        proc.stderr.close()
-    return out, reason
-
-
 def run_many(programs: list[str], workers: int | None = None, **kwargs) -> list[Result]:
-    """Run programs in parallel (a thread pool; each thread waits on one child process). Results in input order."""
+    """Run programs in parallel (a thread pool; each thread waits on one child process). Results in input
+    order. kwargs go to run_program (sandbox=True by default)."""
     workers = workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda p: run_program(p, **kwargs), programs))

@@ -67,10 +67,16 @@ def compute_dtype(x):
     return x.dtype
 
 
-def attention(q, k, v, pos):
+def attention(q, k, v, mask=None):
     """Causal attention of q (B, Tq, H, D) over k, v (B, Tk, Hk, D), where q's first position is
-    key position `pos` (Tk = pos + Tq): the queries see every cached key and causally the new ones."""
+    key position Tk - Tq: the queries see every cached key and causally the new ones. `mask`
+    (B, 1, Tq, Tk), True = visible, replaces that rule for rows at different positions."""
     Tq, Tk = q.size(1), k.size(1)
+    if mask is not None:
+        gqa = q.size(2) != k.size(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, enable_gqa=gqa)
+        return y.transpose(1, 2)
     if _flash_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         out = _flash_attn(q, k, v, causal=True)  # FA aligns the causal mask bottom-right, as needed here
         return out[0] if isinstance(out, tuple) else out
@@ -104,13 +110,18 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         with nvtx_range("rope_qknorm"):
-            q, k = kernels.rope_qknorm(q, k, cos.to(q.dtype), sin.to(q.dtype), NORM_EPS)
-        pos = 0
+            if cos.dim() == 3:  # per-row positions (B, T, D/2): the kernel takes one (T', D/2) table, so T' = B*T
+                q, k = kernels.rope_qknorm(q.view(1, B * T, -1, self.head_dim), k.view(1, B * T, -1, self.head_dim),
+                                           cos.flatten(0, 1).to(q.dtype), sin.flatten(0, 1).to(q.dtype), NORM_EPS)
+                q, k = q.view(B, T, self.n_head, self.head_dim), k.view(B, T, self.n_kv_head, self.head_dim)
+            else:
+                q, k = kernels.rope_qknorm(q, k, cos.to(q.dtype), sin.to(q.dtype), NORM_EPS)
+        mask = None
         if kv_cache is not None:
-            pos = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)
+            mask = getattr(kv_cache, "mask", None)
         with nvtx_range("attention"):
-            y = attention(q, k, v.to(q.dtype), pos)
+            y = attention(q, k, v.to(q.dtype), mask)
         return self.c_proj(y.reshape(B, T, C))
 
 
@@ -213,9 +224,14 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape
         pos = kv_cache.pos if kv_cache is not None else 0
-        if pos + T > self.rotary_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table ({self.rotary_len})")
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        if torch.is_tensor(pos):  # one position per row (B,): the engine's batched tool loop
+            pos = pos[:, None] + torch.arange(T, device=pos.device)
+            end = int(pos.max()) + 1
+        else:
+            end = pos + T
+        if end > self.rotary_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the rotary table ({self.rotary_len})")
+        cos, sin = (self.cos[pos], self.sin[pos]) if torch.is_tensor(pos) else (self.cos[pos:end], self.sin[pos:end])
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)

@@ -6,15 +6,18 @@ model should see what went wrong and try again. Outputs are deterministic (no ti
 so that a recorded trajectory replays to the same outputs.
 
 File tools stay inside `workdir`: a path is joined to the workdir, symlinks are resolved, and the result
-must still lie inside the (resolved) workdir. `bash` runs with the workdir as its current directory but
-is otherwise not sandboxed: that is what the approval prompt in the CLI is for.
+must still lie inside the (resolved) workdir (no command runs meanwhile that could swap a symlink: bash
+calls are one at a time and leave no process behind). `bash` runs in nanocode.sandbox, per `sandbox`:
+"workspace-write" (default: only the workdir and a private /tmp writable, no network unless
+network=True, nothing of the user's files outside the workdir visible), "read-only" (the file tools
+refuse to write, too), or "off" (a plain subprocess in the workdir: the approval prompt is all there is).
 """
 import json
 import os
 import re
-import signal
-import subprocess
 from pathlib import Path
+
+from nanocode import sandbox as sb
 
 BASH_TIMEOUT = 30.0     # seconds before the command's whole process group is killed
 MAX_OUTPUT = 8000       # characters of tool output kept (the rest is cut, with a note)
@@ -113,30 +116,14 @@ def _rel(p: Path, root: Path) -> str:
     return str(p.relative_to(root)) if p != root else "."
 
 
-def bash(command: str, workdir: Path, timeout: float = BASH_TIMEOUT) -> str:
-    # A new session makes the command the leader of its own process group, so a timeout kills its children too.
-    proc = subprocess.Popen(["bash", "-c", command], cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        note = f"\n[exit code {proc.returncode}]" if proc.returncode else ""
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        out, _ = proc.communicate()
+def bash(command: str, workdir: Path, timeout: float = BASH_TIMEOUT, sandbox: str = "workspace-write",
+         network: bool = False) -> str:
+    r = sb.run_command(command, workdir, timeout, mode=sandbox, network=network, max_output=4 * MAX_OUTPUT)
+    if r.timed_out:
         note = f"\nerror: command timed out after {timeout:g} s (killed)"
-    except BaseException:  # Ctrl-C in the CLI: the command runs in its own session, so kill it ourselves
-        _kill_group(proc)
-        proc.wait()
-        raise
-    text = out.decode("utf-8", errors="replace")
-    return truncate(text) + note if text or note else "(no output)"
-
-
-def _kill_group(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    else:
+        note = f"\n[exit code {r.returncode}]" if r.returncode else ""
+    return truncate(r.output) + note if r.output or note else "(no output)"
 
 
 def read_file(path: str, workdir: Path, offset: int = 1, limit: int = READ_LIMIT) -> str:
@@ -223,17 +210,23 @@ def _walk(top: Path):
                 yield p
 
 
-def run_tool(name: str, arguments: dict, workdir: Path, timeout: float = BASH_TIMEOUT) -> str:
-    """Run one tool call and return its output text; failures come back as "error: ..." (never raised)."""
+def run_tool(name: str, arguments: dict, workdir: Path, timeout: float = BASH_TIMEOUT,
+             sandbox: str = "workspace-write", network: bool = False) -> str:
+    """Run one tool call and return its output text; failures come back as "error: ..." (never raised).
+    sandbox: "workspace-write" | "read-only" | "off" (see the module docstring); network: for bash."""
     err = validate_tool_call({"name": name, "arguments": arguments})
     if err:
         return f"error: {err}"
+    if sandbox not in sb.MODES:
+        return f"error: unknown sandbox mode {sandbox!r}"
     workdir = Path(workdir)
     if not workdir.is_dir():
         return f"error: working directory {workdir} does not exist"
+    if sandbox == "read-only" and name in ("write_file", "edit_file"):
+        return f"error: {name} is not allowed: the sandbox is read-only"
     try:
         if name == "bash":
-            return bash(arguments["command"], workdir, timeout)
+            return bash(arguments["command"], workdir, timeout, sandbox, network)
         if name == "read_file":
             return read_file(workdir=workdir, **arguments)
         if name == "write_file":

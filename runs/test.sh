@@ -5,10 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source runs/setup_env.sh
 
-# Headless Chromium drives the web UI test; install it when we can (root + apt), else that test skips.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-        || echo "warning: could not install chromium; the web UI test will be skipped"
+# Headless Chromium drives the web UI test, bubblewrap is the sandbox (nanocode/sandbox.py); install them
+# when we can (root + apt), else the UI test skips and the sandbox tests exercise only the fallback.
+missing=""
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v bwrap >/dev/null 2>&1 || missing="$missing bubblewrap"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
+        || echo "warning: could not install$missing; the tests that need them will be skipped"
 fi
 
 echo "== cargo test (rustbpe)"

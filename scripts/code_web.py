@@ -61,8 +61,9 @@ class RequestError(Exception):
 def load_engines(args) -> list:
     """One Engine per GPU (or one on CPU/MPS)."""
     import torch
-    from nanocode.engine import Engine, ScriptedModel
+    from nanocode.engine import Engine
     if args.fake_script:
+        from tests.scripted_model import ScriptedModel  # a test double: the tests run the scripts with it
         from nanocode.tokenizer import get_tokenizer
         tokenizer = get_tokenizer()
         return [Engine(ScriptedModel.from_file(args.fake_script, tokenizer), tokenizer)]

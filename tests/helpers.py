@@ -146,6 +146,23 @@ def write_corpus(directory, docs, per_shard):
     return paths
 
 
+def alive(token: str) -> list[int]:
+    """Pids of live processes whose command line contains `token`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    zombie = f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+            except OSError:
+                continue
+            if token.encode() in cmdline and not zombie:
+                pids.append(int(entry))
+    return pids
+
+
 class FakeHub(http.server.ThreadingHTTPServer):
     """A local stand-in for the Hugging Face hub's file endpoint, enough for huggingface_hub's downloads:
     HEAD and GET of /<type>s/<repo>/resolve/<revision>/<file>, with Range requests. `files` maps

@@ -150,7 +150,8 @@ def test_stop_sequences_and_code_extraction(humaneval):
 def test_chat_generation_path(humaneval):
     """A scripted chat model answers with the canonical function inside prose and a code fence:
     the engine samples it, the code is extracted, and it passes."""
-    from nanocode.engine import Engine, ScriptedModel
+    from nanocode.engine import Engine
+    from tests.scripted_model import ScriptedModel
     tok, problems = ByteTokenizer(), humaneval[:3]
     replies = [f"Here you go:\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone." for p in problems]
     model = ScriptedModel([tok.encode(r) for r in replies], tok.vocab_size, 3, 4, sequence_len=4096)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from nanocode.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from nanocode.engine import DENIED, Engine, KVCache, ScriptedModel, encode_with_specials, sample_next
+from nanocode.engine import DENIED, Engine, KVCache, encode_with_specials, sample_next
 from nanocode.gpt import GPT, GPTConfig
 from tests.helpers import ByteTokenizer, real_tokenizer, tiny_model
+from tests.scripted_model import ScriptedModel
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +234,133 @@ def test_tool_loop_with_real_tokenizer(tmp_path):
         {"type": "tool_call", "name": "read_file", "arguments": {"path": "a.py"}},
         {"type": "tool_output", "text": "     1\tprint('hi')"},
         {"type": "text", "text": "It prints hi."}]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the batched tool loop
+
+class Steered(torch.nn.Module):
+    """A real model whose rows are made to write given tokens at given sampled steps (tool calls at
+    chosen moments); every other step samples from the real model (without tool or stop tokens
+    before step `free_after`). plan(prompt ids) -> {step: token}."""
+
+    def __init__(self, model, plan, free_after=120):
+        super().__init__()
+        self.model, self.plan, self.config, self.free_after = model, plan, model.config, free_after
+
+    def forward(self, idx, kv_cache=None, **kw):
+        logits = self.model(idx, kv_cache=kv_cache, **kw)
+        states = kv_cache.__dict__.setdefault("steered", {})
+        for b, r in enumerate(kv_cache.rows):
+            if r not in states:  # the prompt's prefill
+                states[r] = {"plan": self.plan(idx[b].tolist()), "step": 0}
+            forced = states[r]["plan"].get(states[r]["step"])
+            logits[b, -1, [5, 6, 7, 8]] = -30.0  # no calls but the planned ones
+            if states[r]["step"] < self.free_after:
+                logits[b, -1, [0, 4]] = -30.0  # and no stop before the plan is done
+            if forced is not None:
+                logits[b, -1] = -30.0
+                logits[b, -1, forced] = 30.0
+            states[r]["step"] += 1
+        return logits
+
+
+def call_tokens(tok, command):
+    return encode_with_specials(tok, f'<|tool_start|>{{"name": "bash", "arguments": {{"command": "{command}"}}}}<|tool_end|>')
+
+
+def steered_engine(tok, real):
+    """Rows 0..3 (prompt 'task k') call tools at different steps; row 2 never does."""
+    starts = {0: [2], 1: [5, 80], 2: [], 3: [0]}
+
+    def plan(prompt_ids):
+        k = int(tok.decode(prompt_ids).split("task ")[1][0])
+        steps = {}
+        for s in starts[k]:
+            steps.update({s + j: t for j, t in enumerate(call_tokens(tok, f"echo {'x' * (3 + 5 * k)}"))})
+        return steps
+    return Engine(Steered(real, plan), tok)
+
+
+def fake_runner(name, args, workdir):
+    return f"ran {args.get('command', '')!r}\n"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_chat_batch_equals_one_by_one_with_tool_calls(tok, real, tmp_path, temperature):
+    engine = steered_engine(tok, real)
+    convs = [{"messages": [{"role": "user", "content": f"task {k}" + " pad" * k}]} for k in range(4)]
+    kw = dict(approve=lambda n, a: True, max_tokens=150, temperature=temperature, top_k=50, seed=5,
+              tool_runner=fake_runner)
+    events = {i: [] for i in range(4)}
+    batch = engine.chat_batch(convs, workdirs=[tmp_path] * 4, on_event=lambda i, e: events[i].append(e), **kw)
+    for i, conv in enumerate(convs):
+        single = engine.chat_batch([conv], workdirs=[tmp_path], **dict(kw, seed=5 + i))[0]
+        assert batch[i]["ids"] == single["ids"] and batch[i]["mask"] == single["mask"], f"row {i}"
+        assert batch[i]["message"] == single["message"] and batch[i]["usage"] == single["usage"]
+        streamed = list(engine.chat(conv, workdir=tmp_path, **dict(kw, seed=5 + i)))
+        assert streamed == events[i]
+        assert streamed[-1]["message"] == batch[i]["message"]
+    # the forced tool outputs went into rows 0, 1, 3 at different steps; row 2 never called
+    first_forced = [r["mask"].index(0) if 0 in r["mask"] else None for r in batch]
+    assert first_forced[2] is None and len({first_forced[0], first_forced[1], first_forced[3]}) == 3
+    assert sum(p["type"] == "tool_call" for p in batch[1]["message"]["content"]) == 2
+    for r in batch:  # ids: sampled (mask 1) and forced (mask 0); the forced spans are exactly the outputs
+        forced = [t for t, m in zip(r["ids"], r["mask"]) if m == 0]
+        outputs = [p["text"] for p in r["message"]["content"] if p["type"] == "tool_output"]
+        assert forced == [t for o in outputs for t in [7] + tok.encode(o) + [8]]
+        assert r["usage"]["completion_tokens"] == sum(r["mask"])
+
+
+def test_chat_batch_greedy_equals_uncached_generation(tok, real):
+    """Rows of different prompt lengths, each at its own positions, decode what the plain uncached
+    model decodes (so the per-row rotary positions and masks are right, not just self-consistent)."""
+    convs = [{"messages": [{"role": "user", "content": text}]} for text in ["a", "def add(a, b):", "x = 1\ny ="]]
+    results = Engine(real, tok).chat_batch(convs, max_tokens=30, temperature=0.0)
+    for conv, r in zip(convs, results):
+        reference = list(real.generate(tok.render_for_completion(conv), max_tokens=30))
+        cut = r["ids"][:-1] if r["finish_reason"] == "stop" else r["ids"]
+        assert cut == reference[:len(cut)] and (r["finish_reason"] == "length" or r["ids"][-1] == reference[len(cut)])
+
+
+def test_chat_batch_rows_overflow_and_finish_independently(tok, tmp_path):
+    call = '<|tool_start|>{"name": "bash", "arguments": {"command": "printf %0150d 0"}}<|tool_end|>'
+    scripts = {"long": encode_with_specials(tok, call + "done"), "short": encode_with_specials(tok, "hi")}
+    model = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=128,
+                          pick=lambda ids: scripts["long" if "second" in tok.decode(ids) else "short"])
+    history = [{"role": "user", "content": "first question " * 5}, {"role": "assistant", "content": "answer " * 5},
+               {"role": "user", "content": "second"}]
+    convs = [{"messages": history}, {"messages": [{"role": "user", "content": "hello"}]}]
+    events = []
+    results = Engine(model, tok).chat_batch(convs, workdirs=[tmp_path, None], approve=[lambda n, a: True, None],
+                                            on_event=lambda i, e: events.append((i, e["type"])))
+    assert (0, "notice") in events and (1, "notice") not in events
+    assert results[0]["message"]["content"][-1] == {"type": "text", "text": "done"}
+    assert results[1]["message"]["content"] == [{"type": "text", "text": "hi"}]
+    assert [r["finish_reason"] for r in results] == ["stop", "stop"]
+    assert events.index((1, "done")) < events.index((0, "done"))  # the short row finished first
+    with pytest.raises(ValueError, match="2 conversations need 2"):
+        Engine(model, tok).chat_batch(convs, workdirs=[tmp_path])
+
+
+def test_reply_state_machine(tok):
+    """Reply alone: text deltas, a call closed and answered, a malformed call kept as text."""
+    from nanocode.engine import Reply
+    reply = Reply(tok, 5, 6)
+    events = [e for t in encode_with_specials(tok, 'hé<|tool_start|>{"name": "grep", "arguments": {"pattern": "x"}}<|tool_end|>')
+              for e in reply.feed(t)]
+    assert [e["text"] for e in events] == ["h", "é"]
+    assert reply.closed == ({"type": "tool_call", "name": "grep", "arguments": {"pattern": "x"}}, None)
+    assert reply.tool_output("a.py:1:x") == {"type": "tool_output", "text": "a.py:1:x"} and reply.closed is None
+    for t in encode_with_specials(tok, "<|tool_start|>{bad<|tool_end|>"):
+        reply.feed(t)
+    part, err = reply.closed
+    assert part is None and err.startswith("error: the tool call is not valid JSON")
+    reply.tool_output(err)
+    for t in encode_with_specials(tok, "ok<|tool_start|>{\"na"):
+        reply.feed(t)
+    assert reply.finish() == [{"type": "text", "text": '{"na'}]  # cut inside a call: kept as text
+    assert reply.parts == [
+        {"type": "text", "text": "hé"}, {"type": "tool_call", "name": "grep", "arguments": {"pattern": "x"}},
+        {"type": "tool_output", "text": "a.py:1:x"}, {"type": "text", "text": "{bad"},
+        {"type": "tool_output", "text": err}, {"type": "text", "text": "ok"}, {"type": "text", "text": '{"na'}]

@@ -4,12 +4,13 @@ import os
 
 import pytest
 
-from nanocode.execution import _session_members, run_many, run_program
+from nanocode.execution import run_many, run_program
+from tests.helpers import alive
 
 
-def pid_of(result) -> int:
-    """The programs below print their pid (= their session id) first."""
-    return int(result.stdout.split()[0])
+def leftovers(result) -> list[int]:
+    """The programs below print their scratch dir first: it is in the command line of their processes."""
+    return alive(result.stdout.split()[0])
 
 
 @pytest.fixture
@@ -47,21 +48,24 @@ def test_failures_are_reported(src, status):
     assert r.status == status
 
 
-def test_infinite_loop_times_out():
-    r = run_program("print(__import__('os').getpid(), flush=True)\nwhile True:\n    pass", timeout=1.0)
+@pytest.mark.parametrize("sandbox", [True, False])
+def test_infinite_loop_times_out(sandbox):
+    r = run_program("print(__import__('os').getcwd(), flush=True)\nwhile True:\n    pass", timeout=1.0, sandbox=sandbox)
     assert not r.passed and r.status == "timed out"
-    assert _session_members(pid_of(r)) == []
+    assert leftovers(r) == []
 
 
-def test_fork_bomb_is_contained():
-    bomb = "import os\nprint(os.getpid(), flush=True)\nwhile True:\n    os.fork()\n"
-    r = run_program(bomb, timeout=2.0)
+@pytest.mark.parametrize("sandbox", [True, False])
+def test_fork_bomb_is_contained(sandbox):
+    bomb = "import os\nprint(os.getcwd(), flush=True)\nwhile True:\n    os.fork()\n"
+    r = run_program(bomb, timeout=2.0, sandbox=sandbox)
     assert not r.passed and "NoneType" in r.status  # os.fork is disabled in the child
-    assert _session_members(pid_of(r)) == []
+    assert leftovers(r) == []
 
 
+@pytest.mark.parametrize("sandbox", [True, False])
 @pytest.mark.parametrize("main_exits", [False, True])
-def test_spawned_processes_die_with_the_session(main_exits):
+def test_spawned_processes_die_with_the_session(main_exits, sandbox):
     """Even with the guard off (os.fork enabled) a bounded tree of sleeping children is killed, whether
     the main process hangs (timeout) or exits leaving them behind (no waiting for the deadline)."""
     src = ("import os, time\n"
@@ -70,11 +74,11 @@ def test_spawned_processes_die_with_the_session(main_exits):
            "        os.fork()\n"
            "        time.sleep(60)\n"
            "        os._exit(0)\n"
-           "print(os.getpid(), flush=True)\n"
+           "print(os.getcwd(), flush=True)\n"
            + ("" if main_exits else "time.sleep(60)\n"))
-    r = run_program(src, timeout=5.0 if main_exits else 1.0, guard=False)
+    r = run_program(src, timeout=5.0 if main_exits else 1.0, guard=False, sandbox=sandbox)
     assert r.status == ("passed" if main_exits else "timed out")
-    assert _session_members(pid_of(r)) == []
+    assert leftovers(r) == []
 
 
 def test_memory_hog_fails():

@@ -1,0 +1,64 @@
+"""ScriptedModel: a stand-in for GPT in tests (and the scripts' test-only --fake-script flag).
+
+It ignores what it reads and puts all probability on the next token of a script. A feed that ends in
+<|assistant_start|> starts a turn in that cache row: its script is pick(the tokens fed) when `pick` is
+given (a batch of different conversations), else the next of `turns` in order (a multi-turn chat).
+Each later forward of the row emits the script's next token (the engine feeds a row exactly once per
+sampled token, whatever it feeds with it); past the script's end it emits <|assistant_end|>. `delay`
+seconds are slept per forward, so a test can interrupt a generation half way.
+"""
+import json
+import time
+from types import SimpleNamespace
+
+import torch
+
+from nanocode.engine import encode_with_specials
+
+
+class ScriptedModel(torch.nn.Module):
+    def __init__(self, turns, vocab_size: int, assistant_start: int, assistant_end: int, sequence_len=4096,
+                 delay=0.0, pick=None):
+        super().__init__()
+        self.turns, self.delay, self.pick = [list(t) for t in turns], delay, pick
+        self.assistant_start, self.assistant_end = assistant_start, assistant_end
+        self.config = SimpleNamespace(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1)
+        self.register_buffer("dummy", torch.zeros(1))
+        self.turn = -1
+
+    def _next_script(self, tokens):
+        if self.pick is not None:
+            return list(self.pick(tokens))
+        self.turn += 1
+        return self.turns[self.turn] if self.turn < len(self.turns) else []
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.shape
+        if self.delay:
+            time.sleep(self.delay)
+        states = {} if kv_cache is None else kv_cache.__dict__.setdefault("scripted_rows", {})
+        rows = getattr(kv_cache, "rows", None) or list(range(B))  # RowCache names its rows; KVCache: all
+        for r in rows:  # after KVCache.expand, every row continues row 0's turn
+            if r not in states and 0 in states:
+                states[r] = dict(states[0])
+        logits = torch.full((B, T, self.config.vocab_size), -30.0, device=idx.device)
+        for b, r in enumerate(rows):
+            if idx[b, -1].item() == self.assistant_start:
+                states[r] = {"script": self._next_script(idx[b].tolist()), "i": 0}
+            state = states.setdefault(r, {"script": [], "i": 0})
+            script, i = state["script"], state["i"]
+            logits[b, :, script[i] if i < len(script) else self.assistant_end] = 30.0
+            state["i"] += 1
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return logits
+
+    @classmethod
+    def from_file(cls, path, tokenizer):
+        """A JSON script: {"turns": ["text with <|tool_start|>...<|tool_end|> written out", ...],
+        "delay": seconds per token (optional), "sequence_len": int (optional)}."""
+        with open(path) as f:
+            spec = json.load(f)
+        turns = [encode_with_specials(tokenizer, t) for t in spec["turns"]]
+        return cls(turns, tokenizer.vocab_size, tokenizer.special_id("<|assistant_start|>"),
+                   tokenizer.special_id("<|assistant_end|>"), spec.get("sequence_len", 4096), spec.get("delay", 0.0))
