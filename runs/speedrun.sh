@@ -11,7 +11,8 @@
 # On GPUs: torchrun --nproc_per_node=<GPUs>, depth 20, pretraining data downloaded from the hub
 # (DATA_FILES parquet files). On a CPU: depth 4, vocab 4096, sequences of 256 tokens, the offline
 # corpus, a few hundred steps per stage, HumanEval on a few problems: every stage runs, none of it is
-# meant to produce a useful model (about 25 minutes on 2 cores).
+# meant to produce a useful model (9 minutes on 2 idle cores, 26 on 2 cores shared with other jobs:
+# see the README).
 #
 # Idempotent: each finished stage writes $NANOCODE_BASE_DIR/speedrun/<stage>.done (its wall and CPU
 # time, as JSON) and a rerun skips it; delete the marker to redo a stage. A failed stage stops the run and names

@@ -258,7 +258,7 @@ def test_mbpp_offline_is_a_clear_error(monkeypatch):
     def unreachable(*args, **kwargs):
         raise OSError("Name or service not known")
     monkeypatch.setattr(socket, "create_connection", unreachable)
-    with pytest.raises(NanocodeError, match=r"cannot reach huggingface.co to download MBPP .*--mbpp-file"):
+    with pytest.raises(NanocodeError, match=r"could not download google-research-datasets/mbpp/.*cannot reach huggingface.co.*--mbpp-file"):
         load_mbpp()
     with pytest.raises(NanocodeError, match="MBPP file not found"):
         load_mbpp("/nonexistent/mbpp.jsonl")
