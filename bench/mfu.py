@@ -163,7 +163,7 @@ def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.set_float32_matmul_precision("high")  # as compute_init does (the one API that mixes safely)
         device_name = torch.cuda.get_device_name(device)
         from bench.kernels import measure_ceilings
         measured = measure_ceilings("cuda", tiny=False)["TFLOP/s"]

@@ -1,5 +1,8 @@
 """Checkpoints: written atomically (temp file, fsync, rename), metadata JSON written last so its
 presence marks a complete checkpoint, and any truncated or corrupt file gives one clear error.
+Loading maps the model weights to the device and everything else (optimizer, data loader, RNG
+state) to the CPU: the loader's state is numpy-backed and torch.set_rng_state takes CPU tensors;
+optimizer.load_state_dict moves its state to each parameter's device itself.
 
 Layout: $NANOCODE_BASE_DIR/checkpoints/<phase>/<tag>/
     model_<step>.pt          model state dict (rank 0)
@@ -12,6 +15,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from nanocode.common import NanocodeError, get_base_dir
 
@@ -43,17 +47,20 @@ def _atomic_write(path: Path, write_fn) -> int:
 
 
 def save_checkpoint(ckpt_dir, step: int, model_state: dict | None, optim_state: dict | None, meta: dict, rank: int = 0):
-    """Every rank saves its optimizer/loader state; rank 0 saves the model and, last, the metadata.
-    (Under DDP call a barrier between the per-rank files and rank 0's metadata.)"""
+    """Every rank saves its optimizer/loader state, rank 0 the model; then (under DDP, after a barrier,
+    so every rank's file is complete) rank 0 writes the metadata. A crash anywhere before that leaves
+    the previous step as the latest complete one. Under DDP every rank must call this."""
     ckpt_dir = Path(ckpt_dir)
     sizes = {}
     if optim_state is not None:
         p = ckpt_dir / f"optim_{step:06d}_rank{rank}.pt"
         sizes[p.name] = _atomic_write(p, lambda f: torch.save(optim_state, f))
+    if rank == 0 and model_state is not None:
+        p = ckpt_dir / f"model_{step:06d}.pt"
+        sizes[p.name] = _atomic_write(p, lambda f: torch.save(model_state, f))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
     if rank == 0:
-        if model_state is not None:
-            p = ckpt_dir / f"model_{step:06d}.pt"
-            sizes[p.name] = _atomic_write(p, lambda f: torch.save(model_state, f))
         write_meta(ckpt_dir, step, meta, sizes)
     return sizes
 
@@ -76,14 +83,16 @@ def list_steps(ckpt_dir) -> list[int]:
     return sorted(steps)
 
 
-def _load_pt(path: Path, expected_size: int | None, device):
+def _load_pt(path: Path, expected_size: int | None, map_location):
     if not path.exists():
         raise NanocodeError(f"checkpoint file missing: {path}")
     size = path.stat().st_size
     if expected_size is not None and size != expected_size:
         raise NanocodeError(f"checkpoint file is truncated or corrupt: {path} ({size} bytes, expected {expected_size})")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        # weights_only: tensors and plain containers only, no pickled code runs (a checkpoint from
+        # elsewhere is data, not a program). Every file written here is of that kind.
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise NanocodeError(f"checkpoint file is corrupt: {path} ({type(e).__name__}: {e})") from None
 
@@ -104,7 +113,8 @@ def load_meta(ckpt_dir, step: int | None = None) -> dict:
 
 
 def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", rank: int = 0, load_optim: bool = False):
-    """Returns (model_state, optim_state or None, meta) for `step` (default: the latest complete one)."""
+    """Returns (model_state on `device`, optim_state on the CPU or None, meta) for `step` (default: the
+    latest complete one)."""
     ckpt_dir = Path(ckpt_dir)
     meta = load_meta(ckpt_dir, step)
     step = meta["step"]
@@ -114,7 +124,7 @@ def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", rank: int =
     optim_state = None
     if load_optim:
         name = f"optim_{step:06d}_rank{rank}.pt"
-        optim_state = _load_pt(ckpt_dir / name, files.get(name), device)
+        optim_state = _load_pt(ckpt_dir / name, files.get(name), "cpu")
     return model_state, optim_state, meta
 
 

@@ -1,6 +1,7 @@
 """Shared plumbing: base directory, device and dtype choice, DDP init/teardown, rank-0 printing,
 and the one way scripts turn a bad input into a clear message instead of a traceback."""
 import contextlib
+import datetime
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,8 @@ def get_dist_info():
     return False, 0, 0, 1
 
 
+DIST_TIMEOUT_MIN = 60  # process-group timeout (see compute_init)
+
 # Set by compute_init; run_main exits such a process early (see there). A flag, not dist.is_initialized():
 # a script's main() has usually destroyed its group already by the time run_main looks.
 _joined_gloo = False
@@ -57,7 +60,11 @@ def compute_init(device_type: str = ""):
         raise NanocodeError("device mps asked for, but MPS is not available")
     torch.manual_seed(42)
     if device_type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        # TF32 for fp32 matmuls. Through the legacy call on purpose: setting the newer per-backend
+        # torch.backends.cuda.matmul.fp32_precision makes every later read of allow_tf32 or
+        # get_float32_matmul_precision() raise "mix of the legacy and new APIs" (torch 2.11 and 2.15),
+        # and Inductor reads those when it compiles on CUDA. This call keeps both views consistent.
+        torch.set_float32_matmul_precision("high")
     is_ddp, rank, local_rank, world_size = get_dist_info()
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -68,7 +75,11 @@ def compute_init(device_type: str = ""):
         global _joined_gloo
         backend = "nccl" if device_type == "cuda" else "gloo"
         _joined_gloo = backend == "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        # A long timeout for every collective: the first step compiles the model and autotunes the
+        # Triton kernels on each rank separately (minutes on 8 ranks sharing the CPUs), and the ranks
+        # that finish first wait in the gradient all-reduce; the 10-minute default would kill the run.
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None,
+                                timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MIN))
         dist.barrier()
     return is_ddp, rank, local_rank, world_size, device
 
@@ -150,9 +161,11 @@ def set_nvtx(enabled: bool):
 
 
 def nvtx_range(name: str):
-    """A context manager marking `name` on the nsys timeline; a no-op unless enabled, and
-    when neither the `nvtx` package nor CUDA is present."""
-    if not _nvtx_enabled:
+    """A context manager marking `name` on the nsys timeline; a no-op unless enabled, when neither
+    the `nvtx` package nor CUDA is present, and inside torch.compile: Dynamo cannot trace NVTX calls
+    and would break the graph at every range (the compiled kernels keep their own names on the
+    timeline; --compile 0 --profile gives the per-op ranges)."""
+    if not _nvtx_enabled or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     try:
         import nvtx

@@ -18,6 +18,7 @@ assistant turn. Any failure (bad JSON, unknown tool, denial, tool error) becomes
 When the context would overflow, the oldest turns are dropped and a notice is put in their place.
 """
 import itertools
+import json
 import re
 from types import SimpleNamespace
 
@@ -239,30 +240,35 @@ class Engine:
         return tool_runner(part["name"], part["arguments"], workdir)
 
     def chat(self, conversation, approve=None, workdir=None, max_tokens=1024, temperature=0.6, top_k=50,
-             top_p=None, seed=42, max_tool_calls=8, tool_runner=None):
+             top_p=None, seed=42, max_tool_calls=8, tool_runner=None, **call_options):
         """Generate the next assistant message of `conversation` ({"messages": [...]}, last one from the
         user), running tool calls along the way. Yields events (dicts):
             {"type": "text", "text": delta}                      assistant text as it streams
             {"type": "tool_call", "name", "arguments"}           a valid call, before approval
             {"type": "tool_output", "text"}                      what was fed back (output, error, denial)
             {"type": "notice", "text"}                           e.g. old turns dropped from the context
-            {"type": "done", "finish_reason": "stop"|"length", "message": {"role": "assistant", "content": parts},
-             "usage": {"prompt_tokens", "completion_tokens"}}
+            {"type": "done", "finish_reason": "stop"|"length"|"tool_calls", "message": {"role": "assistant",
+             "content": parts}, "usage": {"prompt_tokens", "completion_tokens"}}
         approve(name, arguments) -> bool is asked before every call (None denies all); workdir None
         disables tools. max_tokens counts sampled tokens (forced tool outputs are free).
+        call_options (for the OpenAI server's client-side tools): tools={name: schema} the model may call
+        (default: ours); forced_call=name: the reply starts with a call of that tool (its opening is
+        prefilled, free like tool outputs); stop_at_tool_call=True: a valid call ends the reply unrun, with
+        finish_reason "tool_calls" (the caller runs it).
         This is chat_batch for a batch of one, streamed."""
         for _, event in self._chat_rows([conversation], [approve], [workdir], max_tokens, temperature, top_k,
-                                        top_p, seed, max_tool_calls, tool_runner, results=[None]):
+                                        top_p, seed, max_tool_calls, tool_runner, results=[None], **call_options):
             yield event
 
     def chat_batch(self, conversations, approve=None, workdirs=None, max_tokens=1024, temperature=0.6, top_k=50,
-                   top_p=None, seed=42, max_tool_calls=8, tool_runner=None, on_event=None):
+                   top_p=None, seed=42, max_tool_calls=8, tool_runner=None, on_event=None, **call_options):
         """chat() for many conversations decoded together; rows finish independently, and when one row
         closes a tool call, its call runs and the output is fed into that row while the others go on
         sampling. Row i samples with seed + i, so row i equals chat(conversations[i], seed=seed + i).
         approve: None, one callable for every row, or a list (one per row); workdirs: None or a list
         (a None entry disables tools for that row); tool_runner(name, arguments, workdir) -> str
-        (default nanocode.tools.run_tool); on_event(row, event) gets chat()'s events as they happen.
+        (default nanocode.tools.run_tool); on_event(row, event) gets chat()'s events as they happen;
+        call_options as in chat().
         Returns one dict per conversation: {"message", "finish_reason", "usage"} as in chat()'s "done"
         event, plus "prompt_ids" (the rendered prompt), "ids" (every token after the prompt: sampled,
         the stop token included, and forced tool outputs) and "mask" (1 where sampled, 0 where forced),
@@ -275,24 +281,30 @@ class Engine:
                              f"{len(approves)} and {len(workdirs)}")
         results = [None] * n
         for i, event in self._chat_rows(conversations, approves, workdirs, max_tokens, temperature, top_k, top_p,
-                                        seed, max_tool_calls, tool_runner, results):
+                                        seed, max_tool_calls, tool_runner, results, **call_options):
             if on_event is not None:
                 on_event(i, event)
         return results
 
     def _chat_rows(self, conversations, approves, workdirs, max_tokens, temperature, top_k, top_p, seed,
-                   max_tool_calls, tool_runner, results):
+                   max_tool_calls, tool_runner, results, tools=None, forced_call=None, stop_at_tool_call=False):
         """The batched tool loop: yields (row, event); fills `results` as rows finish. Each step feeds every
         live row what it has not fed yet (one sampled token, or a token and a tool's output, or a whole
         re-fitted context), samples one token per row, and hands each token to that row's Reply."""
         check_sampling(temperature, top_k, top_p, max_tokens)
         tool_runner = run_tool if tool_runner is None else tool_runner
         tok, n = self.tokenizer, len(conversations)
+        # A forced call's opening '<|tool_start|>{"name": "bash", "arguments":' is taken as if sampled, one
+        # token per step, so Reply parses the call as usual. (It ends before the space: the tokenizer splits
+        # there, so the model sees the tokens it would have written itself.)
+        prefill = [] if forced_call is None else \
+            [self.tool_start] + tok.encode(json.dumps({"name": forced_call, "arguments": {}})[:-4])
         rows = []
         for i, conv in enumerate(conversations):
             ids = list(tok.render_for_completion(conv))
             rows.append(SimpleNamespace(ids=ids, prompt_ids=list(ids), out=[], mask=[], sampled=0, finish="length",
-                                        calls_left=max_tool_calls, reply=Reply(tok, self.tool_start, self.tool_end),
+                                        calls_left=max_tool_calls, prefill=list(prefill),
+                                        reply=Reply(tok, self.tool_start, self.tool_end, tools),
                                         gen=self._generators(seed + i, 1)[0]))
         cache = RowCache(n, self.model.config.n_layer, self.max_len)
         live = list(range(n))
@@ -308,9 +320,13 @@ class Engine:
             still = []
             for i, t in zip(live, tokens):
                 row = rows[i]
-                row.sampled += 1
+                sampled = not row.prefill
+                if sampled:
+                    row.sampled += 1
+                else:
+                    t = row.prefill.pop(0)
                 row.out.append(t)
-                row.mask.append(1)
+                row.mask.append(int(sampled))
                 if t in self.stop_ids:
                     row.finish = "stop"
                 else:
@@ -321,14 +337,19 @@ class Engine:
                         part, error = row.reply.closed
                         if part is not None:
                             yield i, {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
-                            error = self._run_call(part, approves[i], workdirs[i], row.calls_left, tool_runner)
-                            row.calls_left -= 1
-                        yield i, row.reply.tool_output(error)
-                        forced = [self.output_start] + tok.encode(error) + [self.output_end]
-                        row.ids.extend(forced)
-                        row.out.extend(forced)
-                        row.mask.extend([0] * len(forced))
-                    if row.sampled < max_tokens:
+                        if part is not None and stop_at_tool_call:  # the reply ends here; the caller runs it
+                            row.reply.stop_at_call()
+                            row.finish = "tool_calls"
+                        else:
+                            if part is not None:
+                                error = self._run_call(part, approves[i], workdirs[i], row.calls_left, tool_runner)
+                                row.calls_left -= 1
+                            yield i, row.reply.tool_output(error)
+                            forced = [self.output_start] + tok.encode(error) + [self.output_end]
+                            row.ids.extend(forced)
+                            row.out.extend(forced)
+                            row.mask.extend([0] * len(forced))
+                    if row.sampled < max_tokens and row.finish != "tool_calls":
                         still.append(i)
                         continue
                 for event in row.reply.finish():
@@ -364,8 +385,8 @@ class Reply:
     after <|tool_end|>, `closed` holds (call part, None) or (None, error) for a malformed call, and the
     caller answers it with tool_output(text), which records the parts and returns the event."""
 
-    def __init__(self, tokenizer, tool_start: int, tool_end: int):
-        self.tok, self.tool_start, self.tool_end = tokenizer, tool_start, tool_end
+    def __init__(self, tokenizer, tool_start: int, tool_end: int, tools=None):
+        self.tok, self.tool_start, self.tool_end, self.tools = tokenizer, tool_start, tool_end, tools
         self.parts, self.text_ids, self.text_sent, self.call_ids, self.closed = [], [], "", None, None
         self._raw = None
 
@@ -376,7 +397,7 @@ class Reply:
                 self.call_ids.append(t)
                 return []
             self._raw, self.call_ids = self.tok.decode(self.call_ids), None
-            call, err = parse_tool_call(self._raw)
+            call, err = parse_tool_call(self._raw, self.tools)
             self.closed = (None, f"error: {err}") if err else (
                 {"type": "tool_call", "name": call["name"], "arguments": call["arguments"]}, None)
             return []
@@ -395,6 +416,11 @@ class Reply:
         self.parts.extend([part, {"type": "tool_output", "text": text}])
         self.closed = None
         return {"type": "tool_output", "text": text}
+
+    def stop_at_call(self):
+        """The reply ends with the valid call just closed, unanswered (the caller will run it)."""
+        self.parts.append(self.closed[0])
+        self.closed = None
 
     def finish(self) -> list[dict]:
         if self.call_ids is not None:  # ran out of tokens inside a call: keep what was written, as text

@@ -3,7 +3,8 @@
 Two users: the evaluator (model-written programs, nanocode/execution.py) and the agent's `bash` tool
 (nanocode/tools.py). Inside the sandbox a command gets
   - new user, pid, ipc, uts, cgroup and network namespaces: no network (only its own loopback) unless
-    network=True, it sees only its own processes (its own /proc), it cannot create further user namespaces;
+    network=True, it sees only its own processes (its own /proc, read-only: no sysctl writes), it cannot
+    create further user namespaces, and it has no capabilities (even when nanocode runs as root);
   - a root filesystem built from scratch: the system directories (/usr and the /bin, /lib symlinks),
     a short list of harmless /etc files and the Python install nanocode runs on, all read-only; a private
     /tmp (a small tmpfs); the work dir, writable in "workspace-write" mode, read-only in "read-only" mode.
@@ -56,8 +57,10 @@ _counter = itertools.count()
 
 def _bwrap_argv(workdir: str, mode: str, network: bool) -> list[str]:
     """The bwrap command line (up to and including "--") for a command run in `workdir`."""
+    # --cap-drop ALL: bwrap started by root would otherwise leave the command every capability in its
+    # user namespace (where, mapped to root, they reach root-owned files).
     argv = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-            "--hostname", "sandbox"]
+            "--cap-drop", "ALL", "--hostname", "sandbox"]
     if network:
         argv.append("--share-net")
     for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -80,6 +83,7 @@ def _bwrap_argv(workdir: str, mode: str, network: bool) -> list[str]:
         argv += ["--ro-bind", binds[dest], dest]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_MB << 20), "--tmpfs", "/tmp",
              "--bind" if mode == "workspace-write" else "--ro-bind", workdir, workdir,
+             "--remount-ro", "/proc",  # a command mapped to root could write the host's sysctls (/proc/sys) ...
              "--remount-ro", "/", "--chdir", workdir, "--"]
     return argv
 

@@ -175,12 +175,23 @@ class Tokenizer:
     def render_for_completion(self, conversation: dict) -> list[int]:
         """The ids to prime the model for the assistant's next reply: the conversation (without a
         final assistant message, if there is one, as in an eval sample that holds its answer)
-        followed by <|assistant_start|>."""
+        followed by <|assistant_start|>. A final assistant message that ends in a tool_output part is a
+        turn in progress instead (the model always writes after a tool's output): it is kept, without
+        its <|assistant_end|>, and the model goes on from there (the server's OpenAI tool messages)."""
         messages = list(_checked(conversation))
         if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            if in_progress(messages[-1]):
+                return self.render_conversation({"messages": messages})[0][:-1]
             messages = messages[:-1]
         ids, _ = self.render_conversation({"messages": messages})
         return ids + [self.special_id("<|assistant_start|>")]
+
+
+def in_progress(message) -> bool:
+    """Is this an assistant message whose last part is a tool's output (so the turn goes on)?"""
+    content = message.get("content")
+    return (message.get("role") == "assistant" and isinstance(content, list) and bool(content)
+            and isinstance(content[-1], dict) and content[-1].get("type") == "tool_output")
 
 
 def _checked(conversation) -> list:

@@ -55,8 +55,11 @@ TOOLS = {s["name"]: s for s in TOOL_SCHEMAS}
 _JSON_TYPES = {"string": str, "integer": int}
 
 
-def validate_tool_call(obj) -> str | None:
-    """None if `obj` is {"name": <a real tool>, "arguments": {...}} with the right keys and types, else the problem."""
+def validate_tool_call(obj, tools: dict | None = None) -> str | None:
+    """None if `obj` is {"name": <a tool>, "arguments": {...}} with the right keys and types, else the problem.
+    tools: {name: schema} that may be called (default: ours); arguments of tools that are not ours are
+    only checked to be an object (their caller, e.g. an API client, owns them)."""
+    tools = TOOLS if tools is None else tools
     if not isinstance(obj, dict):
         return f"a tool call must be a JSON object, got {type(obj).__name__}"
     extra = set(obj) - {"name", "arguments"}
@@ -65,11 +68,13 @@ def validate_tool_call(obj) -> str | None:
     name = obj.get("name")
     if not isinstance(name, str):
         return "tool call has no string 'name'"
-    if name not in TOOLS:
-        return f"unknown tool {name!r}: available tools are {', '.join(TOOLS)}"
+    if name not in tools:
+        return f"unknown tool {name!r}: available tools are {', '.join(tools) or 'none'}"
     args = obj.get("arguments")
     if not isinstance(args, dict):
         return f"tool call to {name} needs an 'arguments' object"
+    if name not in TOOLS:
+        return None
     params = TOOLS[name]["parameters"]
     for key in params["required"]:
         if key not in args:
@@ -83,14 +88,14 @@ def validate_tool_call(obj) -> str | None:
     return None
 
 
-def parse_tool_call(text: str):
+def parse_tool_call(text: str, tools: dict | None = None):
     """(call, None) for the text a model wrote between <|tool_start|> and <|tool_end|> when it is a valid
-    call of a real tool, else (None, the problem)."""
+    call of one of `tools` (default: ours), else (None, the problem)."""
     try:
         call = json.loads(text)
     except json.JSONDecodeError as e:
         return None, f"the tool call is not valid JSON ({e})"
-    err = validate_tool_call(call)
+    err = validate_tool_call(call, tools)
     return (call, None) if err is None else (None, err)
 
 
@@ -240,7 +245,7 @@ def run_tool(name: str, arguments: dict, workdir: Path, timeout: float = BASH_TI
         return f"error: {type(e).__name__}: {e}"
 
 
-def tools_prompt() -> str:
-    """A compact description of the tools, for a system prompt."""
+def tools_prompt(schemas=TOOL_SCHEMAS) -> str:
+    """A compact description of tools ({name, description, parameters} each), for a system prompt."""
     return "Tools (call as JSON {\"name\": ..., \"arguments\": {...}}):\n" + "\n".join(
-        json.dumps(s, separators=(",", ":")) for s in TOOL_SCHEMAS)
+        json.dumps(s, separators=(",", ":")) for s in schemas)

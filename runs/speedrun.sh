@@ -39,7 +39,18 @@ LOGS=$RUN_DIR/logs
 mkdir -p "$LOGS"
 
 # ---- configuration: GPUs or CPU
-NPROC=${NPROC:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
+if [ -z "${NPROC:-}" ]; then
+    NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+    # GPUs the driver sees but torch does not (a CPU-only wheel, or a CUDA wheel newer than the driver):
+    # stop, rather than silently running the tiny CPU configuration on a GPU machine.
+    NVIDIA_GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
+    if [ "$NPROC" -eq 0 ] && [ "${NVIDIA_GPUS:-0}" -gt 0 ]; then
+        echo "speedrun: nvidia-smi lists $NVIDIA_GPUS GPU(s) but torch sees none" \
+             "(torch $("$PYTHON" -c "import torch; print(torch.__version__, 'CUDA', torch.version.cuda)")):" \
+             "install a torch wheel built for this driver's CUDA, or set NPROC=0 to run on the CPU anyway" >&2
+        exit 1
+    fi
+fi
 if [ "$NPROC" -gt 0 ]; then
     DEVICE=cuda
     LAUNCH=("$TORCHRUN" --standalone --nproc_per_node="$NPROC")

@@ -176,11 +176,8 @@ def main(argv=None):
         meta = {"model_config": config.to_dict(), "train_args": vars(args), "num_iterations": num_iterations,
                 "total_time": total_time, "smooth_loss": smooth_loss, "curves": curves,
                 "val_bpb": curves["val_bpb"][-1][1] if curves["val_bpb"] else None}
-        save_checkpoint(ckpt_dir, step, None, train_state, meta, rank=rank)  # every rank: its own loader/rng
-        if is_ddp:
-            torch.distributed.barrier()
-        if rank == 0:
-            save_checkpoint(ckpt_dir, step, model.state_dict(), None, meta, rank=0)
+        # every rank: its optimizer, loader and RNG state; rank 0 also the model, and the meta last
+        save_checkpoint(ckpt_dir, step, model.state_dict() if rank == 0 else None, train_state, meta, rank=rank)
         print0(f"saved checkpoint step {step} to {ckpt_dir}")
 
     # ---- loop

@@ -3,19 +3,24 @@
     python -m scripts.code_cli                       # interactive REPL (sft checkpoint)
     python -m scripts.code_cli -p "list the files"   # one shot
     python -m scripts.code_cli -i dpo --yes          # approve every tool call without asking
+    python -m scripts.code_cli --sandbox read-only   # the agent may look but not change anything
 
 Each tool call is shown and waits for y (run it), n (refuse: the model is told "denied by the user") or
 a (always: run this and every later call). Without a terminal on stdin, calls are refused unless --yes.
+bash runs in nanocode.sandbox: by default only --workdir (and a private /tmp) is writable, the network
+is off and nothing else of your files is visible; --sandbox read-only | workspace-write | off, --network.
 Ctrl-C stops the current reply (and a running tool), not the session; Ctrl-D or /exit leaves; /clear
 starts a new conversation.
 """
 import argparse
+import functools
 import json
 import signal
 import sys
 from pathlib import Path
 
 from nanocode.common import NanocodeError, autodetect_device_type, run_main
+from nanocode.tools import run_tool
 
 parser = argparse.ArgumentParser(description="coding agent in the terminal")
 parser.add_argument("-p", "--prompt", default=None, help="one-shot prompt (no REPL)")
@@ -28,6 +33,9 @@ parser.add_argument("--max-tokens", type=int, default=1024, help="sampled tokens
 parser.add_argument("--max-tool-calls", type=int, default=8, help="tool calls per reply")
 parser.add_argument("--workdir", default=".", help="directory the tools work in")
 parser.add_argument("--yes", action="store_true", help="approve every tool call")
+parser.add_argument("--sandbox", default="workspace-write", choices=["read-only", "workspace-write", "off"],
+                    help="how tool calls run: nothing writable / only --workdir writable (default) / no sandbox")
+parser.add_argument("--network", action="store_true", help="let commands use the network (off by default)")
 parser.add_argument("--system", default=None, help="system prompt")
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
 parser.add_argument("--seed", type=int, default=42)
@@ -48,11 +56,21 @@ def load_engine(args):
     return Engine(model, tokenizer)
 
 
+def sandbox_label(mode: str, network: bool) -> str:
+    """How a tool call will run, in words (for the approval prompt)."""
+    from nanocode import sandbox
+    if mode == "off":
+        return "NO sandbox"
+    if not sandbox.isolated(mode):
+        return f"NO sandbox (unavailable: {sandbox.available()[1]})"
+    return f"sandbox {mode}, network {'on' if network else 'off'}"
+
+
 class Approver:
     """approve(name, arguments) -> bool for the engine: asks y / n / always on the terminal."""
 
-    def __init__(self, yes: bool, interactive: bool):
-        self.always, self.interactive = yes, interactive
+    def __init__(self, yes: bool, interactive: bool, label: str = ""):
+        self.always, self.interactive, self.label = yes, interactive, label
 
     def __call__(self, name, arguments) -> bool:
         if self.always:
@@ -62,7 +80,7 @@ class Approver:
             return False
         while True:
             try:
-                answer = input("allow? [y]es / [n]o / [a]lways: ").strip().lower()
+                answer = input(f"allow ({self.label})? [y]es / [n]o / [a]lways: ").strip().lower()
             except EOFError:
                 return False
             if answer in ("y", "yes"):
@@ -93,7 +111,8 @@ def reply(engine, conversation, approve, args):
     parts = []
     events = engine.chat(conversation, approve=approve, workdir=Path(args.workdir), max_tokens=args.max_tokens,
                          temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                         max_tool_calls=args.max_tool_calls)
+                         max_tool_calls=args.max_tool_calls,
+                         tool_runner=functools.partial(run_tool, sandbox=args.sandbox, network=args.network))
     try:
         for ev in events:
             if ev["type"] == "text":
@@ -132,14 +151,15 @@ def main():
     engine = load_engine(args)
     # Ctrl-C stops a reply even when we were started with SIGINT ignored (a shell's background job, nohup)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    approve = Approver(args.yes, sys.stdin.isatty())
+    label = sandbox_label(args.sandbox, args.network)
+    approve = Approver(args.yes, sys.stdin.isatty(), label)
     messages = [{"role": "system", "content": args.system}] if args.system else []
 
     if args.prompt is not None:
         reply(engine, {"messages": messages + [{"role": "user", "content": args.prompt}]}, approve, args)
         return
-    print(f"nanocode agent: tools work in {Path(args.workdir).resolve()}. Ctrl-C stops a reply, Ctrl-D or /exit quits, "
-          "/clear forgets.", flush=True)
+    print(f"nanocode agent: tools work in {Path(args.workdir).resolve()} ({label}). Ctrl-C stops a reply, "
+          "Ctrl-D or /exit quits, /clear forgets.", flush=True)
     while True:
         try:
             text = input("> ").strip()

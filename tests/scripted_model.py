@@ -1,8 +1,10 @@
 """ScriptedModel: a stand-in for GPT in tests (and the scripts' test-only --fake-script flag).
 
 It ignores what it reads and puts all probability on the next token of a script. A feed that ends in
-<|assistant_start|> starts a turn in that cache row: its script is pick(the tokens fed) when `pick` is
-given (a batch of different conversations), else the next of `turns` in order (a multi-turn chat).
+<|assistant_start|> starts a turn in that cache row, and so does a row's first feed that ends in
+`resume` (<|output_end|> from from_file: a prompt that goes on with an assistant turn after a tool's
+output). Its script is pick(the tokens fed) when `pick` is given (a batch of different conversations),
+else the next of `turns` in order (a multi-turn chat).
 Each later forward of the row emits the script's next token (the engine feeds a row exactly once per
 sampled token, whatever it feeds with it); past the script's end it emits <|assistant_end|>. `delay`
 seconds are slept per forward, so a test can interrupt a generation half way.
@@ -18,9 +20,9 @@ from nanocode.engine import encode_with_specials
 
 class ScriptedModel(torch.nn.Module):
     def __init__(self, turns, vocab_size: int, assistant_start: int, assistant_end: int, sequence_len=4096,
-                 delay=0.0, pick=None):
+                 delay=0.0, pick=None, resume=None):
         super().__init__()
-        self.turns, self.delay, self.pick = [list(t) for t in turns], delay, pick
+        self.turns, self.delay, self.pick, self.resume = [list(t) for t in turns], delay, pick, resume
         self.assistant_start, self.assistant_end = assistant_start, assistant_end
         self.config = SimpleNamespace(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1)
         self.register_buffer("dummy", torch.zeros(1))
@@ -43,7 +45,8 @@ class ScriptedModel(torch.nn.Module):
                 states[r] = dict(states[0])
         logits = torch.full((B, T, self.config.vocab_size), -30.0, device=idx.device)
         for b, r in enumerate(rows):
-            if idx[b, -1].item() == self.assistant_start:
+            last = idx[b, -1].item()
+            if last == self.assistant_start or (r not in states and last == self.resume):
                 states[r] = {"script": self._next_script(idx[b].tolist()), "i": 0}
             state = states.setdefault(r, {"script": [], "i": 0})
             script, i = state["script"], state["i"]
@@ -61,4 +64,5 @@ class ScriptedModel(torch.nn.Module):
             spec = json.load(f)
         turns = [encode_with_specials(tokenizer, t) for t in spec["turns"]]
         return cls(turns, tokenizer.vocab_size, tokenizer.special_id("<|assistant_start|>"),
-                   tokenizer.special_id("<|assistant_end|>"), spec.get("sequence_len", 4096), spec.get("delay", 0.0))
+                   tokenizer.special_id("<|assistant_end|>"), spec.get("sequence_len", 4096), spec.get("delay", 0.0),
+                   resume=tokenizer.special_id("<|output_end|>"))

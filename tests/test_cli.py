@@ -8,10 +8,12 @@ import signal
 import subprocess
 import time
 
+from nanocode import sandbox
 from tests.helpers import REPO, real_tokenizer, save_tiny_checkpoint, script_argv, script_env
 
 CALL = '<|tool_start|>{{"name": "bash", "arguments": {{"command": "{}"}}}}<|tool_end|>'
 WRITE = '<|tool_start|>{"name": "write_file", "arguments": {"path": "denied.txt", "content": "x"}}<|tool_end|>'
+LABEL = "sandbox workspace-write, network off" if sandbox.available()[0] else "NO sandbox (unavailable: "
 
 
 class Terminal:
@@ -92,7 +94,7 @@ def test_repl_approval_flow_and_ctrl_c(tmp_path):
         term.expect("> ")
         term.send("make a file\n")
         term.expect("[tool] bash: echo made > made.txt; echo ran-1")
-        term.expect("allow? [y]es / [n]o / [a]lways: ")
+        term.expect(f"allow ({LABEL})? [y]es / [n]o / [a]lways: ")
         assert not (work / "made.txt").exists()
         term.send("y\n")
         term.expect("  | ran-1")
@@ -102,7 +104,7 @@ def test_repl_approval_flow_and_ctrl_c(tmp_path):
         term.expect("> ")
         term.send("write another\n")
         term.expect("[tool] write_file:")
-        term.expect("allow? ")
+        term.expect("allow (")
         term.send("n\n")
         term.expect("  | denied by the user")
         term.expect("Refused, fine.")
@@ -110,11 +112,11 @@ def test_repl_approval_flow_and_ctrl_c(tmp_path):
 
         term.expect("> ")
         term.send("run two\n")
-        term.expect("allow? ")
+        term.expect("allow (")
         term.send("a\n")
         term.expect("  | ran-2")
         between = term.expect("  | ran-3")
-        assert "allow?" not in between, "'always' should approve later calls without asking"
+        assert "allow (" not in between, "'always' should approve later calls without asking"
         term.expect("Both done.")
 
         term.expect("> ")
@@ -147,6 +149,25 @@ def test_one_shot_without_terminal_refuses_unless_yes(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "f.txt").read_text() == "ran\n"
+
+
+def test_sandbox_modes(tmp_path):
+    """--sandbox read-only: the same approved calls change nothing; the default mode writes in the workdir only."""
+    script = write_script(tmp_path / "script.json", ["Try." + CALL.format(f"echo ran > f.txt; echo x > {tmp_path}/out.txt")
+                                                     + WRITE + "Ok."])
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = script_argv("scripts.code_cli", "--fake-script", script, "--workdir", str(work), "-p", "go", "--yes")
+    out = subprocess.run(argv + ["--sandbox", "read-only"], cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in work.iterdir()) == [] and not (tmp_path / "out.txt").exists()
+    assert "error: write_file is not allowed: the sandbox is read-only" in out.stdout
+    out = subprocess.run(argv, cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["denied.txt", "f.txt"]
+    assert (tmp_path / "out.txt").exists() != sandbox.available()[0]  # outside the workdir: only without a sandbox
 
 
 def test_bad_workdir_is_a_clear_error(tmp_path):

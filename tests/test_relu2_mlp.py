@@ -32,10 +32,10 @@ pytestmark = pytest.mark.usefixtures("fresh_seed")
 def triton_path(monkeypatch):
     monkeypatch.setenv("NANOCODE_KERNELS", "triton")
     monkeypatch.setattr(mlp, "POISON_OUTPUTS", True)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 bounds assume IEEE fp32 matmuls
+    prec = torch.get_float32_matmul_precision()  # the API compute_init uses (mixing APIs raises)
+    torch.set_float32_matmul_precision("highest")  # the fp32 bounds assume IEEE fp32 matmuls
     yield
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.set_float32_matmul_precision(prec)
 
 
 def make_inputs(lead, C, H, dtype, strided):

@@ -128,6 +128,17 @@ def test_outside_processes_are_invisible_and_unkillable(wd):
 
 
 @needs_sandbox
+def test_no_capabilities_and_no_sysctl_writes(wd):
+    """Mapped to root when nanocode runs as root, the command still holds no capabilities, and the host's
+    sysctls (global, under /proc/sys) cannot be written: this one is written with its own value."""
+    r = run("grep -E 'CapEff|CapBnd|NoNewPrivs' /proc/self/status; v=$(cat /proc/sys/kernel/printk_ratelimit); "
+            "echo $v > /proc/sys/kernel/printk_ratelimit && echo WROTE; mount -t tmpfs x /tmp && echo MOUNTED", wd)
+    assert "CapEff:\t0000000000000000" in r.output and "CapBnd:\t0000000000000000" in r.output  # none to regain
+    assert "NoNewPrivs:\t1" in r.output  # nor through a setuid program
+    assert "WROTE" not in r.output and "MOUNTED" not in r.output
+
+
+@needs_sandbox
 def test_fork_bomb_is_contained(wd):
     token = uuid.uuid4().hex
     r = run(f": {token}; bomb() {{ bomb | bomb & }}; bomb; sleep 2", wd, timeout=5, nproc=32)

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
@@ -19,6 +20,10 @@ from tests.helpers import REPO, real_tokenizer, save_tiny_checkpoint, script_arg
 
 CALL = '<|tool_start|>{"name": "bash", "arguments": {"command": "cat hello.txt"}}<|tool_end|>'
 TOOL_TURN = "Let me look." + CALL + "It says hi."
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+BASH = {"type": "function", "function": {"name": "bash", "description": "run a command",
+                                         "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}}
 
 
 def free_port() -> int:
@@ -133,18 +138,29 @@ def test_tools_off_without_allow_tools_and_bad_requests(tmp_path, workdir):
             (b"[1, 2]", 400, "must be a JSON object"),
             ({"model": "x"}, 400, "'messages' is required"),
             ({"messages": []}, 400, "'messages' is required"),
-            ({"messages": [{"role": "tool", "content": "x"}]}, 400,
-             "role must be system, user or assistant, got 'tool' (tools run on the server"),
-            ({"messages": user + [{"role": "assistant", "content": "hey"}]}, 400, "must end with a user message"),
+            ({"messages": [{"role": "tool", "content": "x"}]}, 400, "a role 'tool' message must answer a tool call"),
+            ({"messages": [{"role": "robot", "content": "x"}]}, 400, "role must be system, user, assistant or tool"),
+            ({"messages": user + [{"role": "assistant", "content": "hey"}]}, 400,
+             "must end with a user message or with a tool result"),
+            ({"messages": user + [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": "{}"}}]}]}, 400,
+             "tool call(s) c1 have no role 'tool' message"),
+            ({"messages": user + [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": "not json"}}]}]}, 400,
+             "arguments: a JSON object as a string"),
+            ({"messages": user, "tools": [{"type": "function"}]}, 400, "tools[0]: expected"),
+            ({"messages": user, "tool_choice": "required", "tools": [WEATHER]}, 400, "'required' is not supported"),
+            ({"messages": user, "tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": [WEATHER]},
+             400, "tool_choice names 'nope', which is not in 'tools'"),
+            ({"messages": user, "stop": ["a", "b", "c", "d", "e"]}, 400, "'stop' must be a string or a list"),
             ({"messages": [{"role": "user", "content": 5}]}, 400, "content must be a string or a list"),
             ({"messages": user, "temperature": 5}, 400, "'temperature' must be a number in [0.0, 2.0]"),
             ({"messages": user, "temperature": "hot"}, 400, "'temperature' must be a number"),
             ({"messages": user, "max_tokens": 10**6}, 400, "'max_tokens' must be an integer in [1, 1024]"),
-            ({"messages": user, "n": 2}, 400, "'n' must be 1"),
+            ({"messages": user, "n": 100}, 400, "'n' must be an integer in [1, 8]"),
             ({"messages": user, "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
             ({"messages": user, "top_k": 0}, 400, "'top_k' must be an integer"),
             ({"messages": user, "stream": "yes"}, 400, "'stream' must be true or false"),
-            ({"messages": [{"role": "user", "content": "word " * 300}]}, 400, "too many tokens"),
             (b"x" * 1_100_000, 413, "exceeds the limit"),
         ]
         for body, status, message in bad:
@@ -165,11 +181,14 @@ def test_client_disconnect_frees_the_replica(tmp_path):
     # the first reply would take 2000+ tokens x 0.05 s = 100+ s, well past the 60 s guard below
     script = tmp_path / "script.json"
     script.write_text(json.dumps({"turns": ["tick " * 2000, "Fresh reply."], "delay": 0.05}))
-    with server(tmp_path, None, "--fake-script", str(script), "--max-tokens", "10000") as url:
+    with server(tmp_path, None, "--fake-script", str(script), "--max-tokens", "10000", "--max-queue", "0") as url:
         body = {"messages": [{"role": "user", "content": "count"}], "stream": True, "max_tokens": 10000}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
             lines = (line for line in r.iter_lines() if '"content": "' in line)
             assert [next(lines) for _ in range(3)]  # three streamed pieces of the reply, then hang up
+            busy = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)  # no room left in the queue
+            assert busy.status_code == 429 and "busy" in busy.json()["error"]["message"]
+            assert httpx.get(url + "/health").json()["queued"] == 0
         deadline = time.monotonic() + 60  # (guards a hang only)
         while httpx.get(url + "/health").json()["free"] != 1:
             assert time.monotonic() < deadline, "the replica was not released after the client hung up"
@@ -188,6 +207,225 @@ def test_tiny_real_checkpoint_same_reply_streamed_or_not(tmp_path):
         assert full.usage.completion_tokens <= 16
         assert streamed == full.choices[0].message.content  # greedy: both modes give the same text
         assert [m.id for m in client.models.list()] == ["nanocode-sft"]
+        assert full.system_fingerprint.startswith("fp_") and full.system_fingerprint != "fp_fake"
+
+        hot = dict(kw, temperature=1.0, max_tokens=24)
+        unseeded = [client.chat.completions.create(**hot).choices[0].message.content for _ in range(2)]
+        assert unseeded[0] != unseeded[1]  # a fresh seed per request
+        seeded = [client.chat.completions.create(seed=7, **hot).choices[0].message.content for _ in range(2)]
+        assert seeded[0] == seeded[1]
+
+        # a forced call is prefilled: a random model does not close the JSON, so the reply shows the opening
+        forced = client.chat.completions.create(tools=[BASH], tool_choice={"type": "function", "function": {"name": "bash"}},
+                                                **dict(kw, max_tokens=4))
+        assert forced.choices[0].finish_reason == "length"
+        assert forced.choices[0].message.content.startswith('{"name": "bash", "arguments":')
+
+        several = client.chat.completions.create(n=3, seed=11, **hot)  # one batch; choice i samples with seed 11 + i
+        texts = [c.message.content for c in several.choices]
+        assert [c.index for c in several.choices] == [0, 1, 2] and len(set(texts)) == 3
+        assert texts[1] == client.chat.completions.create(seed=12, **hot).choices[0].message.content
+        assert 3 <= several.usage.completion_tokens <= 3 * 24  # summed over the choices
+        streamed = ["", ""]
+        for c in client.chat.completions.create(n=2, seed=11, stream=True, **hot):
+            for choice in c.choices:
+                streamed[choice.index] += choice.delta.content or ""
+        assert streamed == texts[:2]
+
+
+def test_client_side_tools_with_the_openai_sdk(tmp_path):
+    """The protocol's own tool calling: calls come back unrun as tool_calls (streamed too), the tool's result
+    goes in as a role "tool" message, tool_choice none / named, other functions, stop, trimming, the key."""
+    ran = tmp_path / "ran.txt"
+    call_ls = '<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>'
+    turns = ["Let me look." + CALL.replace("cat hello.txt", f"touch {ran}") + "Never reached.",  # round trip,
+             "It says hi.", "It says hi, again.",                                               # after the result
+             "Checking." + CALL + "Never reached.",                                          # streamed call
+             "Let me look." + CALL + "It says hi.",                                          # tool_choice none
+             call_ls,                                                                        # forced bash
+             '<|tool_start|>{"name": "get_weather", "arguments": {"city": "Paris"}}<|tool_end|>',
+             "Hello world. Bye.", "Hello world. Bye.",                                       # stop, both modes
+             "Long answer."]                                                                 # over the context
+    with server(tmp_path, turns, "--api-key", "sekret", "--cors-origin", "http://app.example",
+                sequence_len=256) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+        ask = [{"role": "user", "content": "what does hello.txt say?"}]
+        r = client.chat.completions.create(model="nanocode", messages=ask, tools=[BASH, WEATHER])
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look."
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name == "bash"
+        assert json.loads(call.function.arguments) == {"command": f"touch {ran}"}
+        assert not ran.exists()  # the server ran nothing
+        assert r.system_fingerprint == "fp_fake" and r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+        follow = ask + [r.choices[0].message,  # sent back as the SDK returned it, as in the README
+                        {"role": "tool", "tool_call_id": call.id, "content": "hi there"}]
+        r = client.chat.completions.create(model="nanocode", messages=follow, tools=[BASH, WEATHER])
+        assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "It says hi."
+        r = client.chat.completions.create(model="nanocode", tools=[BASH, WEATHER], messages=[  # content null
+            *ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "hi there"}])
+        assert r.choices[0].message.content == "It says hi, again."
+        assert not r.choices[0].message.tool_calls
+
+        with client.beta.chat.completions.stream(model="nanocode", messages=ask, tools=[BASH]) as stream:
+            final = stream.get_final_completion()
+        choice = final.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
+        assert choice.message.tool_calls[0].function.name == "bash"
+        assert json.loads(choice.message.tool_calls[0].function.arguments) == {"command": "cat hello.txt"}
+
+        r = client.chat.completions.create(model="nanocode", messages=ask, tools=[BASH], tool_choice="none")
+        assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+        assert r.choices[0].message.content == "Let me look.It says hi."
+
+        r = client.chat.completions.create(model="nanocode", messages=ask, tools=[BASH, WEATHER],
+                                           tool_choice={"type": "function", "function": {"name": "bash"}})
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert r.choices[0].message.content is None
+        assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"command": "ls"}
+
+        r = client.chat.completions.create(model="nanocode", messages=ask, tools=[WEATHER], parallel_tool_calls=False)
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+        r = client.chat.completions.create(model="nanocode", messages=ask, stop=["world"])
+        assert r.choices[0].message.content == "Hello " and r.choices[0].finish_reason == "stop"
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="nanocode", messages=ask, stop="world", stream=True))
+        assert text == "Hello "
+
+        long = [{"role": "user", "content": "word " * 300}]  # more than the 256-token context: trimmed, answered
+        r = client.chat.completions.create(model="nanocode", messages=long)
+        assert r.choices[0].message.content == "Long answer."
+
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": ask}, headers=headers, timeout=60)
+            assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert httpx.get(url + "/health").status_code == 200  # health needs no key
+        pre = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+        r = httpx.options(url + "/v1/chat/completions", headers=pre)
+        assert r.headers.get("access-control-allow-origin") == "http://app.example"
+        r = httpx.options(url + "/v1/chat/completions", headers=dict(pre, Origin="http://evil.example"))
+        assert r.headers.get("access-control-allow-origin") is None
+
+
+def test_request_conversion_and_rendering():
+    """OpenAI messages become one assistant turn (call, output, answer), rendered so the model continues it."""
+    from scripts.code_web import RequestError, parse_request, parser
+    args = parser.parse_args([])
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "rain"}]}]
+    req = parse_request(json.dumps({"messages": msgs, "tools": [WEATHER]}).encode(), args)
+    conv = req["conversation"]["messages"]
+    assert conv[0]["role"] == "system" and "get_weather" in conv[0]["content"] and conv[0]["content"].endswith("be brief")
+    assert conv[2] == {"role": "assistant", "content": [
+        {"type": "text", "text": "Checking."}, {"type": "tool_call", "name": "get_weather", "arguments": {"city": "Oslo"}},
+        {"type": "tool_output", "text": "rain"}]}
+    tok = real_tokenizer()
+    ids = tok.render_for_completion(req["conversation"])
+    assert ids[-1] == tok.special_id("<|output_end|>")  # the turn goes on after the tool's output
+    msgs += [{"role": "assistant", "content": "Rain."}, {"role": "user", "content": "thanks"}]
+    conv = parse_request(json.dumps({"messages": msgs}).encode(), args)["conversation"]["messages"]
+    assert [m["role"] for m in conv] == ["system", "user", "assistant", "user"]
+    assert conv[2]["content"][-1] == {"type": "text", "text": "Rain."}
+    with pytest.raises(RequestError, match="'n' must be an integer"):
+        parse_request(json.dumps({"messages": msgs, "n": 0}).encode(), args)
+    seeds = {parse_request(json.dumps({"messages": msgs}).encode(), args)["settings"]["seed"] for _ in range(3)}
+    assert len(seeds) == 3  # a fresh seed per request ...
+    assert parse_request(json.dumps({"messages": msgs, "seed": 5}).encode(), args)["settings"]["seed"] == 5  # ... unless given
+
+
+def test_server_side_tools_per_conversation(tmp_path, workdir):
+    """--allow-tools: each conversation works in its own copy of the directory (two at once here), found again
+    by its conversation_id; the directory itself is untouched."""
+    make = '<|tool_start|>{"name": "bash", "arguments": {"command": "mktemp -p . XXXXXX.new >/dev/null; ls"}}<|tool_end|>'
+    with server(tmp_path, [make + "Made."] * 4, "--allow-tools", str(workdir)) as url:
+        def converse(results, key):
+            ask = [{"role": "user", "content": "make a file"}]
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": ask}, timeout=120).json()
+            cid = r["conversation_id"]
+            first = r["choices"][0]["message"]["parts"][1]["text"].split()
+            ask += [r["choices"][0]["message"] | {"content": r["choices"][0]["message"]["parts"]},
+                    {"role": "user", "content": "another"}]
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": ask, "conversation_id": cid}, timeout=120)
+            results[key] = (cid, first, r.json()["choices"][0]["message"]["parts"][1]["text"].split())
+
+        results = {}
+        threads = [threading.Thread(target=converse, args=(results, k)) for k in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        (cid_a, first_a, second_a), (cid_b, first_b, second_b) = results["a"], results["b"]
+        assert cid_a != cid_b
+        for first, second in ((first_a, second_a), (first_b, second_b)):
+            assert "hello.txt" in first and len(first) == 2  # the copy, plus this conversation's one new file
+            assert set(first) < set(second) and len(second) == 3  # the same dir on the second turn
+        new_a, new_b = set(second_a) - {"hello.txt"}, set(second_b) - {"hello.txt"}
+        assert not new_a & new_b  # neither sees the other's files
+        assert sorted(p.name for p in workdir.iterdir()) == ["hello.txt"]
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                              "conversation_id": "conv-guessed"}, timeout=60)
+        assert r.status_code == 400 and "unknown conversation_id" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "n": 2},
+                       timeout=60)
+        assert r.status_code == 400 and "would share one working directory" in r.json()["error"]["message"]
+
+
+def test_tools_on_a_public_address_need_an_api_key(tmp_path, workdir):
+    argv = script_argv("scripts.code_web", "--host", "0.0.0.0", "--port", str(free_port()), "--allow-tools", str(workdir))
+    out = subprocess.run(argv, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().startswith("error: refusing to serve tools on 0.0.0.0") and "--api-key" in out.stderr
+
+
+def test_load_32_clients(tmp_path):
+    """One replica, 32 concurrent clients: half stream (four of those hang up after the first piece), all
+    others get whole, well-formed replies; afterwards no replica is leaked and nothing is queued."""
+    turns = [f"reply {k}: " + "word " * 8 for k in range(40)]
+    with server(tmp_path, None, "--fake-script", str(write_turns(tmp_path, turns, delay=0.002)),
+                "--max-queue", "32") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        ask = [{"role": "user", "content": "hi"}]
+        outcomes = [None] * 32
+
+        def one(k):
+            if k % 2 == 0:
+                r = client.chat.completions.create(model="nanocode", messages=ask)
+                outcomes[k] = (r.choices[0].message.content, r.choices[0].finish_reason)
+            elif k % 8 == 1:  # hang up mid-stream
+                with httpx.stream("POST", url + "/v1/chat/completions", json={"messages": ask, "stream": True},
+                                  timeout=120) as resp:
+                    next(line for line in resp.iter_lines() if '"content": "r' in line or '"content": "w' in line)
+                outcomes[k] = ("disconnected", None)
+            else:
+                chunks = list(client.chat.completions.create(model="nanocode", messages=ask, stream=True))
+                outcomes[k] = ("".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason)
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert all(o is not None for o in outcomes), outcomes
+        for k, (text, finish) in enumerate(outcomes):
+            if text != "disconnected":
+                assert text in turns and finish == "stop", (k, text, finish)
+        deadline = time.monotonic() + 60  # (guards a hang only)
+        while (h := httpx.get(url + "/health").json())["free"] != 1 or h["queued"] != 0:
+            assert time.monotonic() < deadline, h
+            time.sleep(0.1)
+
+
+def write_turns(tmp_path, turns, delay=0.0, name="script.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"turns": turns, "delay": delay}))
+    return path
 
 
 def find_chromium():
