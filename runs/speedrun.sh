@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline, from nothing to a report card:
 #   data -> tokenizer -> pretraining (FIM) -> base eval -> synthetic SFT/DPO data -> SFT -> DPO
-#   -> HumanEval -> one agent demo -> $NANOCODE_BASE_DIR/report/report.md
+#   -> HumanEval -> agent eval (verified coding tasks) -> one agent demo -> $NANOCODE_BASE_DIR/report/report.md
 #
 #   bash runs/speedrun.sh                        # GPUs: torchrun on all of them, depth 20; CPU: a tiny run
 #   DEPTH=12 bash runs/speedrun.sh               # a smaller model
@@ -67,6 +67,7 @@ if [ "$NPROC" -gt 0 ]; then
     DPO_ARGS=()
     CODE_EVAL_ARGS=(-a humaneval -k 1)
     EVAL_SOURCES=(base sft dpo)
+    AGENT_EVAL_ARGS=(--batch-size 28)  # the shipped suite, all 28 tasks
     DEMO_TOKENS=512
 else
     DEVICE=cpu
@@ -84,6 +85,7 @@ else
     DPO_ARGS=(--batch-size 4 --steps 30 --eval-every -1)
     CODE_EVAL_ARGS=(-a humaneval -k 1 --max-problems 32 --max-tokens 128)
     EVAL_SOURCES=(dpo)
+    AGENT_EVAL_ARGS=(--num-tasks 7 --batch-size 7 --max-tokens 96)  # one task per kind; the context is 256
     DEMO_TOKENS=128
 fi
 echo "speedrun: $DEVICE x $([ "$DEVICE" = cuda ] && echo "$NPROC GPUs" || echo "$(nproc) cores"), depth $DEPTH," \
@@ -165,6 +167,9 @@ stage sft "${LAUNCH[@]}" -m scripts.code_sft "${SFT_ARGS[@]}"
 stage dpo "${LAUNCH[@]}" -m scripts.code_dpo "${DPO_ARGS[@]}"
 for source in "${EVAL_SOURCES[@]}"; do
     stage "code_eval_$source" "${LAUNCH[@]}" -m scripts.code_eval -i "$source" "${CODE_EVAL_ARGS[@]}"
+done
+for source in sft dpo; do  # the agent on verifiable coding tasks, after each post-training stage
+    stage "agent_eval_$source" "${LAUNCH[@]}" -m scripts.agent_eval -i "$source" "${AGENT_EVAL_ARGS[@]}"
 done
 
 agent_demo() {

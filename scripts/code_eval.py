@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from nanocode.code_tasks import (TASKS, chat_completion, chat_conversation, load_task, pass_at_k, program,
-                                 stop_sequences, truncate_at_stop)
+from nanocode.code_tasks import (TASKS, chat_completion, chat_conversation, has_tool_calls, load_task, pass_at_k,
+                                 program, stop_sequences, truncate_at_stop)
 from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, print0, run_main
 from nanocode.execution import run_many
 from nanocode.report import log_stage
@@ -36,7 +36,10 @@ parser.add_argument("--max-tokens", type=int, default=384, help="tokens generate
 parser.add_argument("--workers", type=int, default=0, help="parallel sandboxed processes per rank (0: all cores)")
 parser.add_argument("--timeout", type=float, default=5.0, help="seconds per sample")
 parser.add_argument("--no-sandbox", action="store_true", help="run samples under the Python guard only, not in nanocode.sandbox")
-parser.add_argument("--samples", default=None, help="JSONL of {task_id, completion}: score these, load no model")
+parser.add_argument("--samples", default=None, help="JSONL of {task_id, completion}: score these, load no model "
+                    "(a completion with <|tool_start|>...<|tool_end|> calls is read like a chat reply)")
+parser.add_argument("--agentic", action="store_true", help="chat models: let the model run its code (bash, in the "
+                    "sandbox) before answering; by default only the file tools are allowed")
 parser.add_argument("--mbpp-file", default=None, help="local JSONL of MBPP's sanitized split (default: download)")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -62,7 +65,7 @@ def read_samples(path, problems: list[dict], all_ids: set[str]) -> dict[str, lis
     path = Path(path)
     if not path.is_file():
         raise NanocodeError(f"samples file not found: {path}")
-    by_task = {}
+    by_task, problems_by_id = {}, {p["task_id"]: p for p in problems}
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -75,9 +78,13 @@ def read_samples(path, problems: list[dict], all_ids: set[str]) -> dict[str, lis
                 raise NanocodeError(f"{path}:{i}: record has no task_id")
             if rec["task_id"] not in all_ids:
                 raise NanocodeError(f"{path}:{i}: unknown task_id {rec['task_id']!r} (not one of this task's problems)")
+            if rec["task_id"] not in problems_by_id:  # outside --max-problems
+                continue
             if not isinstance(rec.get("completion"), str):
                 raise NanocodeError(f"{path}:{i}: record for {rec['task_id']} has no string 'completion'")
-            by_task.setdefault(rec["task_id"], []).append(rec["completion"])
+            c = rec["completion"]
+            by_task.setdefault(rec["task_id"], []).append(chat_completion(problems_by_id[rec["task_id"]], c)
+                                                          if has_tool_calls(c) else c)
     missing = [p["task_id"] for p in problems if p["task_id"] not in by_task]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -87,25 +94,50 @@ def read_samples(path, problems: list[dict], all_ids: set[str]) -> dict[str, lis
 
 
 def generate(engine, tokenizer, problems: list[dict], task: str, chat: bool, num_samples: int, max_tokens: int,
-             temperature: float, top_k: int | None, seed: int) -> dict[str, list[str]]:
+             temperature: float, top_k: int | None, seed: int, agentic: bool = False) -> dict[str, list[str]]:
     """Sample completions for each problem. Base model: <|bos|> + prompt, cut at the stop sequences.
-    Chat model: the instruction as a user turn; code taken from the reply's ```python block."""
+    Chat model: the instruction as a user turn, answered through the tool loop in a scratch dir (the
+    file tools allowed; bash too when agentic, in the sandbox); the code is taken from the reply's
+    write_file/edit_file calls, else its ```python block, else its text."""
     seq_len = engine.max_len
     keep = seq_len - min(max_tokens, seq_len // 2)  # longest prompt that leaves room to answer
     by_task, cropped = {}, 0
     for idx, p in enumerate(problems):
-        ids = tokenizer.render_for_completion(chat_conversation(p)) if chat else [tokenizer.bos_id] + tokenizer.encode(p["prompt"])
-        if len(ids) > keep:
-            ids, cropped = [ids[0]] + ids[len(ids) - keep + 1:], cropped + 1
-        outs = engine.generate_batch(ids, num_samples=num_samples, max_tokens=max_tokens, temperature=temperature,
-                                     top_k=top_k if temperature > 0 else None, seed=seed + 10_007 * idx)
-        texts = [tokenizer.decode(o) for o in outs]
-        by_task[p["task_id"]] = [chat_completion(p, t) if chat else truncate_at_stop(t, stop_sequences(task)) for t in texts]
+        if chat:
+            by_task[p["task_id"]] = [chat_completion(p, parts) for parts in
+                                     chat_replies(engine, p, num_samples, max_tokens, temperature, top_k,
+                                                  seed + 10_007 * idx, agentic)]
+        else:
+            ids = [tokenizer.bos_id] + tokenizer.encode(p["prompt"])
+            if len(ids) > keep:
+                ids, cropped = [ids[0]] + ids[len(ids) - keep + 1:], cropped + 1
+            outs = engine.generate_batch(ids, num_samples=num_samples, max_tokens=max_tokens, temperature=temperature,
+                                         top_k=top_k if temperature > 0 else None, seed=seed + 10_007 * idx)
+            by_task[p["task_id"]] = [truncate_at_stop(tokenizer.decode(o), stop_sequences(task)) for o in outs]
         if (idx + 1) % 10 == 0 or idx + 1 == len(problems):
             print0(f"generated {idx + 1}/{len(problems)} problems (rank 0)")
     if cropped:
         print(f"note: {cropped} prompts were longer than the model's context allows and were cut from the left")
     return by_task
+
+
+def chat_replies(engine, problem, num_samples, max_tokens, temperature, top_k, seed, agentic) -> list[list]:
+    """num_samples replies (content parts) to the problem's instruction, decoded together; each in its own
+    scratch dir, removed afterwards."""
+    import shutil
+    import tempfile
+    from functools import partial
+    from nanocode.tools import run_tool
+    dirs = [tempfile.mkdtemp(prefix="code-eval-") for _ in range(num_samples)]
+    try:
+        results = engine.chat_batch([chat_conversation(problem)] * num_samples, workdirs=dirs,
+                                    approve=lambda name, args: agentic or name != "bash", max_tokens=max_tokens,
+                                    temperature=temperature, top_k=top_k if temperature > 0 else None, seed=seed,
+                                    tool_runner=partial(run_tool, timeout=10.0, sandbox="workspace-write"))
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    return [r["message"]["content"] for r in results]
 
 
 def score(problems: list[dict], by_task: dict[str, list[str]], workers: int, timeout: float,
@@ -153,8 +185,10 @@ def main():
             print0(f"warning: greedy decoding (-t 0) makes all {args.num_samples} samples of a problem identical")
         model, tokenizer, meta = load_model(args.source, device, tag=args.tag, step=args.step)
         engine = Engine(model, tokenizer)
+        if args.agentic and args.source == "base":
+            raise NanocodeError("--agentic needs a chat model (-i sft or dpo): a base model does not call tools")
         by_task = generate(engine, tokenizer, mine, args.task, args.source != "base", args.num_samples,
-                           args.max_tokens, args.temperature, args.top_k, args.seed)
+                           args.max_tokens, args.temperature, args.top_k, args.seed, args.agentic)
     t_gen = time.time() - t0
 
     t0 = time.time()

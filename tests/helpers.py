@@ -7,6 +7,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -96,6 +97,22 @@ def script_argv(module: str, *args: str) -> list[str]:
 
 def script_env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+
+
+def torchrun(script_or_args, tmp_path, nproc=2):
+    """Run a script (str: its source) or a module (list: args) under 2 gloo processes; returns stdout."""
+    if isinstance(script_or_args, str):
+        path = tmp_path / "script.py"
+        path.write_text(script_or_args)
+        args = [str(path), str(tmp_path)]
+    else:
+        args = script_or_args
+    # Pinned to the loopback interface: no dependence on how this machine's hostname resolves.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
+                        f"--nproc_per_node={nproc}", *args], env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
+    assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
 
 
 def tiny_model(vocab_size, sequence_len=96, seed=0):

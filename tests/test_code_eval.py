@@ -147,6 +147,15 @@ def test_stop_sequences_and_code_extraction(humaneval):
         assert records[0]["passed"], records[0]["result"]
 
 
+def reply_for(tok, problems, replies):
+    """ScriptedModel's pick: the reply of the problem whose instruction is in the prompt (every sample of it)."""
+    def pick(prompt_ids):
+        text = tok.decode(prompt_ids)
+        reply = next(r for p, r in zip(problems, replies) if p["instruction"] in text)
+        return tok.encode(reply) if isinstance(reply, str) else reply
+    return pick
+
+
 def test_chat_generation_path(humaneval):
     """A scripted chat model answers with the canonical function inside prose and a code fence:
     the engine samples it, the code is extracted, and it passes."""
@@ -154,12 +163,82 @@ def test_chat_generation_path(humaneval):
     from tests.scripted_model import ScriptedModel
     tok, problems = ByteTokenizer(), humaneval[:3]
     replies = [f"Here you go:\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone." for p in problems]
-    model = ScriptedModel([tok.encode(r) for r in replies], tok.vocab_size, 3, 4, sequence_len=4096)
+    model = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=4096, pick=reply_for(tok, problems, replies))
     by_task = generate(Engine(model, tok), tok, problems, "humaneval", chat=True, num_samples=2, max_tokens=2000,
                        temperature=0.0, top_k=None, seed=0)
     assert all(len(v) == 2 for v in by_task.values())
     records = score(problems, by_task, workers=2, timeout=5.0)
     assert [r["passed"] for r in records] == [True] * 6, [r["result"] for r in records]
+
+
+def test_chat_generation_reads_tool_calls(humaneval):
+    """A chat model that writes its answer with write_file (as the SFT data teaches) or fixes it with
+    edit_file is scored on the code of those calls, not on the call's JSON."""
+    from nanocode.engine import Engine, encode_with_specials
+    from tests.scripted_model import ScriptedModel
+    tok, problems = ByteTokenizer(), humaneval[:2]
+
+    def call(name, **arguments):
+        return "<|tool_start|>" + json.dumps({"name": name, "arguments": arguments}) + "<|tool_end|>"
+    p0, p1 = problems
+    replies = [call("write_file", path="sol.py", content=p0["prompt"] + p0["canonical_solution"]) + "Written.",
+               call("write_file", path="sol.py", content=p1["prompt"] + "    return None  # TODO\n")
+               + call("edit_file", path="sol.py", old_string="    return None  # TODO\n", new_string=p1["canonical_solution"])
+               + "Fixed."]
+    model = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=8192,
+                          pick=reply_for(tok, problems, [encode_with_specials(tok, r) for r in replies]))
+    by_task = generate(Engine(model, tok), tok, problems, "humaneval", chat=True, num_samples=1, max_tokens=3000,
+                       temperature=0.0, top_k=None, seed=0)
+    records = score(problems, by_task, workers=2, timeout=5.0)
+    assert [r["passed"] for r in records] == [True, True], [r["result"] for r in records]
+
+
+@pytest.mark.parametrize("agentic", [False, True])
+def test_agentic_mode_lets_the_model_run_its_code(humaneval, agentic):
+    """By default only the file tools are approved; --agentic lets bash run the written code (in the sandbox)."""
+    from nanocode.engine import DENIED, Engine, encode_with_specials
+    from scripts.code_eval import chat_replies
+    from tests.scripted_model import ScriptedModel
+    tok, p = ByteTokenizer(), humaneval[0]
+    calls = [{"name": "write_file", "arguments": {"path": "s.py", "content": "print(6 * 7)\n"}},
+             {"name": "bash", "arguments": {"command": "python s.py"}}]
+    text = "".join(f"<|tool_start|>{json.dumps(c)}<|tool_end|>" for c in calls) + "ok"
+    model = ScriptedModel([encode_with_specials(tok, text)], tok.vocab_size, 3, 4, sequence_len=4096)
+    parts = chat_replies(Engine(model, tok), p, 1, 500, 0.0, None, 0, agentic)[0]
+    outputs = [x["text"] for x in parts if x["type"] == "tool_output"]
+    assert outputs[0] == "wrote 13 bytes to s.py"
+    assert outputs[1] == ("42\n" if agentic else DENIED)
+
+
+def test_tool_call_extraction_order(humaneval):
+    """write_file/edit_file calls first, then a fenced block, then the raw text; malformed calls skipped."""
+    w = '<|tool_start|>{"name": "write_file", "arguments": {"path": "a.py", "content": "x = 1\\n"}}<|tool_end|>'
+    e = '<|tool_start|>{"name": "edit_file", "arguments": {"path": "a.py", "old_string": "1", "new_string": "2"}}<|tool_end|>'
+    assert extract_code(w + "```python\ny = 0\n```") == "x = 1\n"
+    assert extract_code(w + e) == "x = 2\n"
+    assert extract_code("<|tool_start|>{bad json<|tool_end|>```python\ny = 0\n```") == "y = 0\n"
+    assert extract_code('<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>z = 3') \
+        == '<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>z = 3'
+    parts = [{"type": "text", "text": "```python\ny = 0\n```"},
+             {"type": "tool_call", "name": "write_file", "arguments": {"path": "b.py", "content": "q = 1\n"}},
+             {"type": "tool_output", "text": "wrote 6 bytes"}]
+    assert extract_code(parts) == "q = 1\n" and extract_code(parts[:1]) == "y = 0\n"
+
+
+def test_canonical_solutions_as_write_file_calls_score_one(humaneval, tmp_path):
+    """All 164 canonical solutions, each written by a write_file call inside a chat reply, through
+    --samples' reading path: pass@1 = 1.0 (the same extraction as for our own chat model)."""
+    records = []
+    for p in humaneval:
+        call = json.dumps({"name": "write_file", "arguments": {"path": "solution.py",
+                                                               "content": p["prompt"] + p["canonical_solution"]}})
+        records.append({"task_id": p["task_id"],
+                        "completion": f"I'll write it.<|tool_start|>{call}<|tool_end|><|output_start|>wrote it"
+                                      f"<|output_end|>Done."})
+    by_task = read_samples(write_samples(tmp_path / "calls.jsonl", records), humaneval,
+                           {p["task_id"] for p in humaneval})
+    rows, means = summarize(humaneval, score(humaneval, by_task, workers=2, timeout=10.0), [1])
+    assert means[1] == 1.0, [r["task_id"] for r in rows if r["pass@1"] < 1]
 
 
 class FakeBaseEngine:

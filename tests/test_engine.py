@@ -77,11 +77,24 @@ def test_greedy_with_cache_equals_without(tok, real):
     assert got == reference
 
 
-def test_sampling_with_cache_equals_without(tok, real):
+def uncached_sampling(model, ids, max_tokens, temperature, top_k, top_p, seed):
+    """The plain way: the whole sequence through the model for every token, the engine's sampler."""
+    ids, out, gen = list(ids), [], [torch.Generator().manual_seed(seed)]
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[:, -1, :].float()
+        t = sample_next(logits, gen, temperature, top_k, top_p).item()
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(20, None), (None, 0.9), (None, None)])
+def test_sampling_with_cache_equals_without(tok, real, top_k, top_p):
     ids = prompt(tok, "x = ")
-    reference = cut_at_stop(list(real.generate(ids, max_tokens=30, temperature=0.9, top_k=20, seed=3)))
-    got = Engine(real, tok).generate_batch(ids, max_tokens=30, temperature=0.9, top_k=20, seed=3)[0]
-    assert got == reference
+    reference = cut_at_stop(uncached_sampling(real, ids, 30, 0.9, top_k, top_p, seed=3))
+    got = Engine(real, tok).generate_batch(ids, max_tokens=30, temperature=0.9, top_k=top_k, top_p=top_p, seed=3)[0]
+    assert got == reference and len(got) > 3
 
 
 def test_batched_equals_one_by_one(tok, real):
@@ -364,3 +377,35 @@ def test_reply_state_machine(tok):
         {"type": "text", "text": "hé"}, {"type": "tool_call", "name": "grep", "arguments": {"pattern": "x"}},
         {"type": "tool_output", "text": "a.py:1:x"}, {"type": "text", "text": "{bad"},
         {"type": "tool_output", "text": err}, {"type": "text", "text": "ok"}, {"type": "text", "text": '{"na'}]
+
+
+def test_a_slow_tool_stalls_only_its_own_row(tok, tmp_path):
+    """Row 0's command waits until row 1 has finished its reply: the other rows sample on while a tool runs."""
+    import threading
+    call = '<|tool_start|>{"name": "bash", "arguments": {"command": "slow"}}<|tool_end|>'
+    scripts = {"slow": encode_with_specials(tok, call + "after"), "fast": encode_with_specials(tok, "quick answer")}
+    model = ScriptedModel([], tok.vocab_size, 3, 4, pick=lambda ids: scripts["slow" if "slow" in tok.decode(ids) else "fast"])
+    row1_done = threading.Event()
+
+    def runner(name, args, workdir):
+        return "row 1 was done first\n" if row1_done.wait(timeout=60) else "row 1 was not done\n"
+
+    def on_event(i, e):
+        if i == 1 and e["type"] == "done":
+            row1_done.set()
+    convs = [{"messages": [{"role": "user", "content": text}]} for text in ("slow", "fast")]
+    results = Engine(model, tok).chat_batch(convs, approve=lambda n, a: True, workdirs=[tmp_path] * 2,
+                                            tool_runner=runner, on_event=on_event)
+    assert results[0]["message"]["content"][-2:] == [{"type": "tool_output", "text": "row 1 was done first\n"},
+                                                     {"type": "text", "text": "after"}]
+    assert results[1]["message"]["content"] == [{"type": "text", "text": "quick answer"}]
+
+
+def test_sample_next_draws_the_right_distribution():
+    """The per-row exponential draw samples softmax(logits / T), with and without top-k (fixed seeds)."""
+    logits = torch.log(torch.tensor([[0.6, 0.25, 0.1, 0.05]])).repeat(4, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    for top_k, want in ((None, [0.6, 0.25, 0.1, 0.05]), (2, [0.6 / 0.85, 0.25 / 0.85, 0.0, 0.0])):
+        draws = torch.cat([sample_next(logits, gens, 1.0, top_k, None) for _ in range(1500)])
+        freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+        assert torch.allclose(freq, torch.tensor(want), atol=0.02), (top_k, freq)

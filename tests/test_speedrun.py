@@ -46,7 +46,8 @@ def test_cpu_pipeline_stages_in_order(run):
     modules = [c.split(" -m ")[1].split()[0] for c in calls if " -m " in c]
     assert modules == ["nanocode.dataset", "scripts.tok_train", "scripts.tok_eval", "scripts.base_train",
                        "scripts.base_eval", "scripts.gen_synth", "scripts.code_sft", "scripts.code_dpo",
-                       "scripts.code_eval", "scripts.code_cli", "nanocode.report"]
+                       "scripts.code_eval", "scripts.agent_eval", "scripts.agent_eval", "scripts.code_cli",
+                       "nanocode.report"]
     train = next(c for c in calls if "scripts.base_train" in c)
     assert train.startswith("python ") and "--depth 4" in train and "--fim-rate 0.5" in train
     assert "--local" in calls[0]
