@@ -21,11 +21,12 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from nanocode.checkpoint import PHASES
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="bits per byte on the validation shard, per language, and samples")
-parser.add_argument("-i", "--source", default="base", choices=["base", "sft", "dpo"], help="which checkpoint")
+parser.add_argument("-i", "--source", default="base", choices=PHASES, help="which checkpoint")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 parser.add_argument("--max-docs", type=int, default=1000, help="validation documents per rank, balanced across languages")

@@ -8,12 +8,12 @@ Load it back with nanocode.export.load_exported(dir): no pickle is read on that 
 import argparse
 import time
 
-from nanocode.checkpoint import load_model
+from nanocode.checkpoint import PHASES, load_model
 from nanocode.common import get_base_dir, run_main
 from nanocode.export import export_model, load_exported
 
 parser = argparse.ArgumentParser(description="export a checkpoint as model.safetensors + config.json + tokenizer")
-parser.add_argument("-i", "--source", default="sft", choices=["base", "sft", "dpo"], help="checkpoint phase")
+parser.add_argument("-i", "--source", default="sft", choices=PHASES, help="checkpoint phase")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the most recent)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("-o", "--out", default=None, help="output directory (default: $NANOCODE_BASE_DIR/export/<phase>[_<tag>]_<step>)")
