@@ -1,7 +1,9 @@
-"""Kernel microbenchmarks: every Triton kernel beside PyTorch eager and torch.compile of its reference.
+"""Kernel microbenchmarks: every Triton kernel beside Liger-Kernel's matching op, PyTorch eager and
+torch.compile of its reference.
 
     python -m bench.kernels                 # all cases, model shapes, bf16, needs a CUDA GPU
     python -m bench.kernels --cases rope    # only cases whose name contains "rope"
+    python -m bench.kernels --cases d12     # the depth-12 cases (what bench/gpu_check.sh runs)
     python -m bench.kernels --save          # also write bench/results/<gpu>/kernels.{json,md}
     python -m bench.kernels --device cpu --tiny   # smoke test of this script's logic (Triton
                                                   # interpreter, tiny shapes; timings meaningless)
@@ -9,10 +11,17 @@
 First it measures this device's own ceilings: memory bandwidth from a large device-to-device copy
 (counting read + write) and bf16 matmul FLOP/s from a large square matmul. Then, for each case,
 it times the forward and the forward+backward (median of triton.testing.do_bench, grad mode on,
-as in training) of three implementations in the same run: the Triton kernel, the PyTorch
-reference in eager mode, and torch.compile of the reference. The rate column divides the floor
-stated in the kernel's docstring (bytes for memory-bound kernels, FLOPs for matmul kernels) by the
-median time; "% ceil" compares that rate with the measured ceiling.
+as in training) of up to four implementations in the same run, on the same inputs: ours (the
+Triton kernel), Liger-Kernel's op where one exists (softcapped CE, fused linear + softcapped CE,
+and its RoPE followed by its RMSNorm as the unfused peer of ours; only when `liger-kernel` is
+installed and on CUDA, else skipped with a note), the PyTorch reference in eager mode, and
+torch.compile of the reference. The rate column divides the floor stated in the kernel's
+docstring (bytes for memory-bound kernels, FLOPs for matmul kernels) by our median time; "% ceil"
+compares that rate with the measured ceiling. For the CE cases a second table gives the peak
+memory of one forward+backward of each implementation.
+Liger's cross-entropy writes its gradient over the input logits in the forward (so it moves
+2*N*V*e bytes where a split forward/backward moves 3*N*V*e); its timings reuse those overwritten
+logits, which changes the values but not the work.
 
 Cases are a flat list: each kernel file contributes a function building its cases (see
 CASE_BUILDERS at the bottom of the cases sections).
@@ -34,7 +43,7 @@ import torch
 # T = 2048 and 65,536 tokens per GPU, i.e. B = 32. MLP hidden = 4 * width.
 SEQ_LEN, TOKENS_PER_GPU, HEAD_DIM = 2048, 65536, 128
 DEPTHS = (12, 20)
-IMPLS = ("triton", "eager", "compile")
+IMPLS = ("ours", "liger", "eager", "compile")
 
 
 @dataclass
@@ -45,6 +54,7 @@ class Case:
     triton(*args) / reference(*args) return a tensor or a tuple of tensors.
     floor: {"fwd": work, "fwd+bwd": work}, the minimum work of the kernel docstring: bytes when
     unit == "GB/s", FLOPs when unit == "TFLOP/s". A forward-only case has just "fwd".
+    liger: Liger-Kernel's op on the same args, or None (no matching op, or Liger unavailable).
     """
     name: str
     shape: str
@@ -53,6 +63,22 @@ class Case:
     reference: Callable
     unit: str
     floor: dict
+    liger: Callable | None = None
+
+
+def liger_functional(device):
+    """liger_kernel.transformers.functional, or (None, why not)."""
+    if device != "cuda":
+        return None, "Liger-Kernel skipped: its Triton kernels need CUDA"
+    try:
+        import liger_kernel.transformers.functional as lf
+    except ImportError:
+        return None, "Liger-Kernel not installed (pip install liger-kernel, the `bench` extra): its column is empty"
+    return lf, None
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 def model_shape(depth):
@@ -77,8 +103,24 @@ def rope_qknorm_cases(device, dtype, tiny):
             return [q, k, ang.cos().to(dtype), ang.sin().to(dtype), eps]
         floor = rope_qknorm_floor(B, T, H, H, D, torch.finfo(dtype).bits // 8)
         cases.append(Case(f"rope_qknorm {tag}", f"q,k ({B},{T},{H},{D}) {str(dtype)[6:]}", make_inputs,
-                          rope_qknorm_triton, rope_qknorm_reference, "GB/s", floor))
+                          rope_qknorm_triton, rope_qknorm_reference, "GB/s", floor, liger_rope_rmsnorm(device)))
     return cases
+
+
+def liger_rope_rmsnorm(device):
+    """Liger's RoPE, then its RMSNorm on q and k: the unfused peer of rope_qknorm. Liger takes
+    (B, H, T, D) and HF's rotate-half tables (cos, sin repeated over D), where ours rotates the
+    other way: sin enters negated."""
+    lf, _ = liger_functional(device)
+    if lf is None:
+        return None
+
+    def fn(q, k, cos, sin, eps):
+        cos_f, sin_f = torch.cat([cos, cos], -1)[None], torch.cat([-sin, -sin], -1)[None]
+        q, k = lf.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos_f, sin_f)
+        ones = torch.ones(q.shape[-1], device=q.device, dtype=q.dtype)
+        return lf.liger_rms_norm(q, ones, eps), lf.liger_rms_norm(k, ones, eps)
+    return fn
 
 
 def relu2_mlp_cases(device, dtype, tiny):
@@ -99,7 +141,7 @@ def relu2_mlp_cases(device, dtype, tiny):
     return cases
 
 
-# ---- kernels II cases ----
+# ---- softcap CE, fused linear + softcap CE, Newton-Schulz cases ----
 # softcap CE, fused linear + softcap CE, Newton-Schulz: builders with the signature
 # f(device, dtype, tiny) -> list[Case], appended to CASE_BUILDERS below.
 
@@ -115,8 +157,11 @@ def softcap_ce_cases(device, dtype, tiny):
         logits = torch.randn(N, V, device=device, dtype=dtype).mul_(10).requires_grad_()  # well beyond the cap
         return [logits, torch.randint(0, V, (N,), device=device)]
     floor = softcap_cross_entropy_floor(N, V, torch.finfo(dtype).bits // 8)
-    return [Case("softcap_ce", f"logits ({N},{V}) {str(dtype)[6:]}", make_inputs,
-                 softcap_cross_entropy_triton, softcap_cross_entropy_reference, "GB/s", floor)]
+    lf, _ = liger_functional(device)
+    liger = (lambda logits, t: first(lf.liger_cross_entropy(logits, t, ignore_index=-1, softcap=15.0))) if lf else None
+    # one case for both depths: the shape is one GPU's batch x the vocabulary, whatever the depth
+    return [Case("softcap_ce tiny" if tiny else "softcap_ce d12/d20", f"logits ({N},{V}) {str(dtype)[6:]}", make_inputs,
+                 softcap_cross_entropy_triton, softcap_cross_entropy_reference, "GB/s", floor, liger)]
 
 
 def linear_softcap_ce_cases(device, dtype, tiny):
@@ -132,9 +177,11 @@ def linear_softcap_ce_cases(device, dtype, tiny):
             x = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
             w = (torch.randn(V, C, device=device) * (4 / C ** 0.5)).to(dtype).requires_grad_()
             return [x, w, torch.randint(0, V, (N,), device=device)]
+        lf, _ = liger_functional(device)
+        liger = (lambda x, w, t: first(lf.liger_fused_linear_cross_entropy(x, w, t, ignore_index=-1, softcap=15.0))) if lf else None
         cases.append(Case(f"linear_softcap_ce {tag}", f"x ({N},{C}) w ({V},{C}) {str(dtype)[6:]}", make_inputs,
                           linear_softcap_cross_entropy_triton, linear_softcap_cross_entropy_reference, "TFLOP/s",
-                          linear_softcap_cross_entropy_floor(N, V, C)))
+                          linear_softcap_cross_entropy_floor(N, V, C), liger))
     return cases
 
 
@@ -162,8 +209,8 @@ def newton_schulz_cases(device, dtype, tiny):
 
 
 def ce_peak_memory(device, dtype, tiny=False):
-    """Peak memory of one forward+backward of each CE case, above what its inputs hold, for the
-    Triton path, eager and torch.compile (torch.cuda.max_memory_allocated). Returns rows
+    """Peak memory of one forward+backward of each CE case, above what its inputs hold, for ours,
+    Liger (when available), eager and torch.compile (torch.cuda.max_memory_allocated). Returns rows
     {case, shape, impl, peak_mib, vs_eager}; empty on the CPU (no allocator statistics)."""
     if device != "cuda":
         return []
@@ -171,7 +218,8 @@ def ce_peak_memory(device, dtype, tiny=False):
     for case in softcap_ce_cases(device, dtype, tiny) + linear_softcap_ce_cases(device, dtype, tiny):
         args = case.make_inputs()
         peaks = {}
-        for impl, fn in (("triton", case.triton), ("eager", case.reference), ("compile", torch.compile(case.reference))):
+        impls = [("ours", case.triton)] + ([("liger", case.liger)] if case.liger else [])
+        for impl, fn in impls + [("eager", case.reference), ("compile", torch.compile(case.reference))]:
             step = make_step(fn, args, "fwd+bwd")
             step()  # compile and warm up outside the measurement
             torch.cuda.synchronize()
@@ -255,8 +303,12 @@ def measure_ceilings(device, tiny):
 
 
 def run_case(case, device):
-    """Time every (pass, impl) of one case; returns rows of the results table."""
-    impls = {"triton": case.triton, "eager": case.reference}
+    """Time every (pass, impl) of one case; returns rows {case, shape, pass_, impl, ms, rate, unit}
+    (rate: the docstring floor over this impl's time, so the impls compare on the same work)."""
+    impls = {"ours": case.triton}
+    if case.liger is not None:
+        impls["liger"] = case.liger
+    impls["eager"] = case.reference
     try:
         impls["compile"] = torch.compile(case.reference, dynamic=False)  # static shapes, as in training
     except Exception as e:  # noqa: BLE001 (reported, not hidden)
@@ -264,18 +316,14 @@ def run_case(case, device):
     args = case.make_inputs()
     rows = []
     for pass_ in case.floor:
-        times = {}
         for impl, fn in impls.items():
             try:
-                times[impl] = timeit(make_step(fn, args, pass_), device)
+                ms = timeit(make_step(fn, args, pass_), device)
             except Exception as e:  # noqa: BLE001 (one failing impl should not hide the others)
                 print(f"  {case.name} {pass_} {impl} failed: {type(e).__name__}: {e}")
-        for impl, ms in times.items():
+                continue
             rate = case.floor[pass_] / ms / (1e6 if case.unit == "GB/s" else 1e9)
-            rows.append(dict(case=case.name, shape=case.shape, pass_=pass_, impl=impl, ms=ms,
-                             rate=rate, unit=case.unit,
-                             vs_eager=times["eager"] / ms if "eager" in times else None,
-                             vs_compile=times["compile"] / ms if "compile" in times else None))
+            rows.append(dict(case=case.name, shape=case.shape, pass_=pass_, impl=impl, ms=ms, rate=rate, unit=case.unit))
     del args
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -283,14 +331,24 @@ def run_case(case, device):
 
 
 def format_table(rows, ceilings):
-    head = ["case", "shape", "pass", "impl", "ms", "rate", "% ceil", "vs eager", "vs compile"]
+    """One line per (case, pass): each impl's ms, our rate and % of the measured ceiling, and our
+    speedup over each other impl ("-" where an impl did not run)."""
+    head = ["case", "shape", "pass", *(f"{i} ms" for i in IMPLS), "ours rate", "% ceil",
+            *(f"vs {i}" for i in IMPLS[1:])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
+    groups = {}
     for r in rows:
-        pct = 100 * r["rate"] / ceilings[r["unit"]]
-        lines.append("| " + " | ".join([r["case"], r["shape"], r["pass_"], r["impl"], f"{r['ms']:.3f}",
-                                         f"{r['rate']:.1f} {r['unit']}", f"{pct:.0f}%",
-                                         fmt(r["vs_eager"], "{:.2f}x"), fmt(r["vs_compile"], "{:.2f}x")]) + " |")
+        groups.setdefault((r["case"], r["shape"], r["pass_"]), {})[r["impl"]] = r
+    for (case, shape, pass_), by in groups.items():
+        ms = {i: by[i]["ms"] if i in by else None for i in IMPLS}
+        ours = by.get("ours")
+        cells = [case, shape, pass_, *("-" if ms[i] is None else f"{ms[i]:.3f}" for i in IMPLS)]
+        if ours is None:
+            cells += ["-", "-"]
+        else:
+            cells += [f"{ours['rate']:.1f} {ours['unit']}", f"{100 * ours['rate'] / ceilings[ours['unit']]:.0f}%"]
+        cells += ["-" if ours is None or ms[i] is None else f"{ms[i] / ours['ms']:.2f}x" for i in IMPLS[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -319,12 +377,17 @@ def main():
 
     ceilings = measure_ceilings(args.device, args.tiny)
     print(f"device: {device_name}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    _, liger_note = liger_functional(args.device)
+    if liger_note:
+        print(liger_note)
     print(f"ceilings: copy {ceilings['GB/s']:.0f} GB/s (read + write), bf16 matmul {ceilings['TFLOP/s']:.0f} TFLOP/s")
     rows = []
     for case in cases:
         print(f"running {case.name} ({case.shape}) ...", flush=True)
         rows += run_case(case, args.device)
     table = format_table(rows, ceilings)
+    if liger_note:
+        table += f"\n\n{liger_note}."
     print(table)
     memory = ce_peak_memory(args.device, dtype, args.tiny) if any("ce" in c.name for c in cases) else []
     if memory:

@@ -1,34 +1,40 @@
-"""pytest-benchmark entry points for the cases of bench/kernels.py (same cases, same inputs).
+"""pytest-benchmark entry points for the cases of bench/kernels.py (CUDA only; same cases, inputs
+and steps):
 
-    pytest bench/test_kernels.py --benchmark-columns=median,iqr,rounds   # needs a CUDA GPU
+    pytest bench/test_kernels.py --benchmark-columns=median,iqr,rounds
 
 bench/ is not in the default testpaths: these run only when asked for, and skip without CUDA.
-The table with GB/s, TFLOP/s and % of the device's ceilings comes from `python -m bench.kernels`.
+`python -m bench.kernels` is the one that prints rates against measured ceilings and saves
+results; this file lets pytest-benchmark compare runs over time (--benchmark-autosave,
+--benchmark-compare). The peak-memory test records each CE variant's memory next to eager's;
+the target for the fused linear CE is <= 10% of eager.
 """
 import os
 
 import pytest
 import torch
 
-from bench.kernels import IMPLS, build_cases, make_step
+pytest.importorskip("pytest_benchmark")
+if not torch.cuda.is_available():
+    pytest.skip("kernel benchmarks need a CUDA GPU", allow_module_level=True)
 
-HAS_CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="kernel benchmarks need a CUDA GPU")
-CASES = build_cases("cuda", torch.bfloat16) if HAS_CUDA else []
-PASSES = ("fwd", "fwd+bwd")
+from bench.kernels import IMPLS, build_cases, ce_peak_memory, format_memory_table, make_step  # noqa: E402
+
+DTYPE = torch.bfloat16
+CASES = build_cases("cuda", DTYPE)
+PARAMS = [(c, p, impl) for c in CASES for p in c.floor for impl in IMPLS]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("case", CASES, ids=[c.name.replace(" ", "-") for c in CASES])
+@pytest.mark.parametrize("case, pass_, impl", PARAMS, ids=[f"{c.name}-{p}-{i}".replace(" ", "-") for c, p, i in PARAMS])
 def test_kernel(benchmark, case, pass_, impl):
-    if pass_ not in case.floor:
-        pytest.skip(f"{case.name} has no {pass_} pass")
-    if os.environ.get("NANOCODE_KERNELS") == "torch":
-        pytest.skip("NANOCODE_KERNELS=torch: the Triton column would be the reference")
-    fn = {"triton": case.triton, "eager": case.reference}.get(impl) or torch.compile(case.reference, dynamic=False)
-    step = make_step(fn, case.make_inputs(), pass_)
-    step()  # compile / autotune outside the timing
+    if impl == "ours" and os.environ.get("NANOCODE_KERNELS") == "torch":
+        pytest.skip("NANOCODE_KERNELS=torch: our column would be the reference")
+    if impl == "liger" and case.liger is None:
+        pytest.skip("no Liger-Kernel op for this case, or liger-kernel not installed")
+    fn = {"ours": case.triton, "liger": case.liger, "eager": case.reference}.get(impl) or torch.compile(case.reference, dynamic=False)
+    args = case.make_inputs()
+    step = make_step(fn, args, pass_)
+    step()  # compile / autotune outside the timed rounds
     torch.cuda.synchronize()
 
     def run():
@@ -36,3 +42,15 @@ def test_kernel(benchmark, case, pass_, impl):
         torch.cuda.synchronize()
     benchmark.extra_info.update(case=case.name, shape=case.shape, unit=case.unit, floor=case.floor[pass_])
     benchmark.pedantic(run, warmup_rounds=3, rounds=20)
+    del args, step
+    torch.cuda.empty_cache()
+
+
+def test_ce_peak_memory(record_property):
+    rows = ce_peak_memory("cuda", DTYPE)
+    print("\n" + format_memory_table(rows))
+    for r in rows:
+        record_property(f"{r['case']}|{r['impl']}|peak_mib", round(r["peak_mib"], 1))
+    for r in rows:
+        if r["case"].startswith("linear") and r["impl"] == "ours":
+            assert r["vs_eager"] <= 0.10, f"{r['case']}: peak {r['peak_mib']:.0f} MiB is {100 * r['vs_eager']:.1f}% of eager"

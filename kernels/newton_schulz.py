@@ -1,24 +1,35 @@
-"""Newton-Schulz quintic orthogonalization for Muon.
+"""Newton-Schulz orthogonalization for Muon, with per-step polynomial coefficients.
 
-For each matrix of a batch (b, m, n), transposed first when tall so that m <= n, normalized by its
-Frobenius norm (+1e-7), then `steps` times:
+For each matrix X of a batch (..., m, n), normalized by its Frobenius norm (x 1.02, + 1e-6), then
+for each step i with coefficients (a, b, c) = coeffs[i] (the last triple repeats if steps > len):
 
-    A = X Xᵀ                 (m, m), symmetric
-    B = b·A + c·A·A          (m, m), symmetric too (A is, so A·A = A·Aᵀ is)
-    X = a·X + B·X            (m, n)
+    wide (m <= n):  A = X Xᵀ (m, m)    X <- a·X + (b·A + c·A·A)·X
+    tall (m > n):   A = Xᵀ X (n, n)    X <- a·X + X·(b·A + c·A·A)
 
-with (a, b, c) = (3.4445, -4.7750, 2.0315). In exact arithmetic each singular value σ of X goes
-through p(σ) = aσ + bσ³ + cσ⁵ on its own; five steps take every σ in [0.01, 1] into
-[0.68, 1.14] (and [0.0015, 1] into [0.68, 1.21]): roughly orthogonal, which is all Muon needs.
-After the Frobenius normalization every σ is <= 1; a σ below ~0.0015 stays below 0.68.
+Both are the same map on the singular values: each σ goes through p_i(σ) = aσ + bσ³ + cσ⁵ on its
+own, and the Gram matrix is always the smaller one (no transposes, no copies of X).
 
-Symmetry: both products A = X Xᵀ and A·A are "P Pᵀ" products, so one Triton kernel computes only
-the tiles above (and on) the diagonal, pid_m <= pid_n, and writes each off-diagonal tile twice,
-as itself and mirrored; b·A is fused into its epilogue. Half of the tiles, so half of those FLOPs.
-B·X is a general product: cuBLAS baddbmm with a·X fused as its beta term.
+Coefficients:
+    POLAR_EXPRESS (the default): Amsel, Persson, Musco, Gower 2025 ("The Polar Express",
+        arXiv 2505.16932), 5 steps computed for safety factor 2e-2 and cushion 2, as nanochat's
+        and modded-nanogpt's Muon use them: a different, minimax-optimal polynomial per step, so 5
+        steps take every normalized σ in [0.001, 1] into [0.859, 1.141] (the classic quintic
+        takes [0.01, 1] only into [0.68, 1.13], and σ = 0.001 to 0.47). The 1.02 of the normalization is the paper's safety
+        margin against bf16 rounding pushing a σ above 1.
+    CLASSIC_QUINTIC: (3.4445, -4.7750, 2.0315) every step (Keller Jordan's Muon, nanochat of
+        October 2025), kept for A/B runs.
 
-Floor (compute-bound), per matrix and step, with m <= n:
-    full products:        2m²n (X Xᵀ) + 2m³ (A·A) + 2m²n (B·X) = 4m²n + 2m³ FLOPs (the reference)
+Symmetry: A = X Xᵀ (or Xᵀ X) and A·A are both "P Pᵀ" products (A is symmetric), so one Triton
+kernel computes only the tiles above (and on) the diagonal, pid_m <= pid_n, and writes each
+off-diagonal tile twice, as itself and mirrored; b·A + a·I is fused into its epilogue (in fp32,
+rounded once), so the update is one plain product X <- (a·I + B)·X. Xᵀ X is the same kernel on the
+strided view Xᵀ (it indexes through strides). Half of the tiles, so half of those FLOPs. The
+update is cuBLAS bmm into a second buffer (the two X buffers alternate): no a·X term, so no copy
+of X into the output and no read of it in the epilogue, which baddbmm(X, B, X) does (3·m·n·e
+bytes per matrix and step; at depth 12, 5 steps, bf16: ~2.5 GB, ~0.75 ms at 3.35 TB/s).
+
+Floor (compute-bound), per matrix and step, with m <= n the short side:
+    full products:        2m²n (Gram) + 2m³ (A·A) + 2m²n (B·X) = 4m²n + 2m³ FLOPs (the reference)
     with symmetry:         m²n        +  m³        + 2m²n        = 3m²n +  m³ FLOPs (this kernel)
 The benchmark's floor is the symmetric count, times steps and batch. Worked numbers, 5 steps,
 Muon's stacks for depth 12 (C = 768: 4·12 = 48 matrices C x C; 12 of 4C x C and 12 of C x 4C,
@@ -34,25 +45,36 @@ import triton.language as tl
 
 from kernels.common import check, use_triton
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Per-step (a, b, c); see the module docstring.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+CLASSIC_QUINTIC = ((3.4445, -4.7750, 2.0315),)
 POISON_OUTPUTS = False  # tests set this: outputs start as NaN, so an element never written shows
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def newton_schulz_reference(G, steps=5, dtype=torch.bfloat16):
-    """A = X Xᵀ; X <- a X + (b A + c A A) X, on the last two dims, batched over the rest."""
-    a, b, c = NS_COEFFS
-    X = G.to(dtype)
+def step_coeffs(coeffs, steps):
+    """The (a, b, c) of each of `steps` steps: coeffs in order, the last one repeated."""
+    return [tuple(coeffs[min(i, len(coeffs) - 1)]) for i in range(steps)]
+
+
+def _normalize(X):
+    return X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+
+
+def newton_schulz_reference(G, steps=5, dtype=torch.bfloat16, coeffs=POLAR_EXPRESS):
+    """The iteration of the module docstring in plain PyTorch, batched over leading dims."""
+    X = _normalize(G.to(dtype))
     tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        A = X @ X.mT
+    for a, b, c in step_coeffs(coeffs, steps):
+        A = X.mT @ X if tall else X @ X.mT
         B = b * A + c * A @ A
-        X = a * X + B @ X
-    if tall:
-        X = X.mT
+        X = a * X + (X @ B if tall else B @ X)
     return X
 
 
@@ -63,20 +85,20 @@ def newton_schulz_floor(batch, rows, cols, steps=5):
 
 
 # ---------------------------------------------------------------------------------------------
-# The symmetric product out = alpha · P Pᵀ (+ beta · add), P (batch, M, K), out (batch, M, M).
-# Grid (tiles, tiles, batch); programs below the diagonal return at once. Autotuned on the GPU
-# (Muon has a few fixed shapes, so this runs once per shape); one small config in the interpreter.
+# The symmetric product out = alpha · P Pᵀ (+ beta · add + diag · I), P (batch, M, K), out (batch, M, M).
+# Grid (tiles, tiles, batch); programs below the diagonal return at once.
 
-if _INTERPRET:
-    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                for bm, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 8, 4), (64, 64, 4, 4), (64, 32, 4, 3)]]
+# GPU_CONFIGS: tuned on the GPU (Muon has a few fixed shapes, so tuning runs once per shape); the
+# interpreter runs the one small config (tests force each GPU config in turn).
+GPU_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+               for bm, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 8, 4), (64, 64, 4, 4), (64, 32, 4, 3)]]
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+_CONFIGS = INTERPRETER_CONFIGS if _INTERPRET else GPU_CONFIGS
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "K", "HAS_ADD"])
 @triton.jit
-def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta,
+def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta, diag,
                        stride_pb, stride_pm, stride_pk, stride_ob, stride_om, stride_on,
                        HAS_ADD: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -103,7 +125,7 @@ def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta,
     mask = (rm[:, None] < M) & (rn[None, :] < M)
     if HAS_ADD:  # add is (batch, M, M) with out's strides
         add = tl.load(add_ptr + batch * stride_ob + rm[:, None] * stride_om + rn[None, :] * stride_on, mask=mask)
-        acc += beta * add.to(tl.float32)
+        acc += beta * add.to(tl.float32) + tl.where(rm[:, None] == rn[None, :], diag, 0.0)
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out, mask=mask)
     if pid_m != pid_n:  # the mirrored tile: out[rn, rm] = out[rm, rn]ᵀ
@@ -111,9 +133,10 @@ def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta,
                  mask=(rn[:, None] < M) & (rm[None, :] < M))
 
 
-def _launch_sym_matmul(P, out, alpha=1.0, add=None, beta=0.0):
-    """out = alpha · P @ Pᵀ + beta · add, for P (batch, M, K); out and add (batch, M, M) contiguous,
-    add symmetric (only its upper tiles are read; the lower ones are written as their mirror)."""
+def _launch_sym_matmul(P, out, alpha=1.0, add=None, beta=0.0, diag=0.0):
+    """out = alpha · P @ Pᵀ + beta · add + diag · I (the last two only with add), for P (batch, M, K);
+    out and add (batch, M, M) contiguous, add symmetric (only its upper tiles are read; the lower
+    ones are written as their mirror)."""
     batch, M, K = P.shape
     if batch == 0 or M == 0:
         return out
@@ -122,7 +145,7 @@ def _launch_sym_matmul(P, out, alpha=1.0, add=None, beta=0.0):
         tiles = triton.cdiv(M, meta["BLOCK_M"])
         return (tiles, tiles, batch)
     _sym_matmul_kernel[grid](
-        P, out, add if add is not None else out, M, K, alpha, beta, *P.stride(), *out.stride(),
+        P, out, add if add is not None else out, M, K, alpha, beta, diag, *P.stride(), *out.stride(),
         HAS_ADD=add is not None, PRECISION="ieee" if P.dtype == torch.float32 else "tf32")
     return out
 
@@ -134,49 +157,55 @@ def _new(shape, dtype, device):
 
 
 @torch.library.custom_op("nanocode::newton_schulz", mutates_args=())
-def _newton_schulz(G: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
-    a, b, c = NS_COEFFS
-    X = G.to(dtype)
-    tall = G.size(-2) > G.size(-1)
-    if tall:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    shape = X.shape
-    X = X.reshape(-1, *shape[-2:]).contiguous()  # (batch, m, n), m <= n
-    batch, m, _ = X.shape
+def _newton_schulz(G: torch.Tensor, steps: int, dtype: torch.dtype, coeffs: list[float]) -> torch.Tensor:
+    """coeffs: the per-step (a, b, c), flattened (3 * steps floats)."""
+    shape = G.shape
+    X = _normalize(G.to(dtype)).reshape(-1, *shape[-2:]).contiguous()  # (batch, rows, cols)
+    tall = X.shape[1] > X.shape[2]
+    batch, m = X.shape[0], min(X.shape[1:])
     A = _new((batch, m, m), dtype, G.device)
     B = _new((batch, m, m), dtype, G.device)
-    for _ in range(steps):
-        _launch_sym_matmul(X, A)                        # A = X Xᵀ
-        _launch_sym_matmul(A, B, alpha=c, add=A, beta=b)  # B = c·A Aᵀ + b·A
-        X = torch.baddbmm(X, B, X, beta=a)              # X = a·X + B·X
-    X = X.reshape(shape)
-    return (X.mT if tall else X).contiguous()
+    Y = torch.empty_like(X)  # the other X buffer (fully written by bmm, so never poisoned)
+    for i in range(steps):
+        a, b, c = coeffs[3 * i:3 * i + 3]
+        _launch_sym_matmul(X.mT if tall else X, A)                # A = XᵀX or XXᵀ (the small Gram matrix)
+        _launch_sym_matmul(A, B, alpha=c, add=A, beta=b, diag=a)  # B = c·A Aᵀ + b·A + a·I
+        if tall:
+            torch.bmm(X, B, out=Y)                                # Y = X·(a·I + b·A + c·A·A)
+        else:
+            torch.bmm(B, X, out=Y)                                # Y = (a·I + b·A + c·A·A)·X
+        X, Y = Y, X
+    return X.reshape(shape)
 
 
 @_newton_schulz.register_fake
-def _(G, steps, dtype):
+def _(G, steps, dtype, coeffs):
     return G.new_empty(G.shape, dtype=dtype)
 
 
-def _check_inputs(G, steps, dtype):
+def _check_inputs(G, steps, dtype, coeffs):
     fn = "newton_schulz"
     check(G.ndim >= 2, fn, f"G must have at least 2 dims, got {tuple(G.shape)}")
     check(G.dtype.is_floating_point, fn, f"G must be floating point, got {G.dtype}")
     check(isinstance(steps, int) and steps >= 0, fn, f"steps must be an int >= 0, got {steps!r}")
     check(isinstance(dtype, torch.dtype) and dtype.is_floating_point, fn, f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check(len(coeffs) > 0 and all(len(t) == 3 for t in coeffs), fn,
+          f"coeffs must be a non-empty sequence of (a, b, c) triples, got {coeffs!r}")
 
 
-def newton_schulz_triton(G, steps=5, dtype=torch.bfloat16):
+def newton_schulz_triton(G, steps=5, dtype=torch.bfloat16, coeffs=POLAR_EXPRESS):
     """The Triton path, whatever the device (the benchmark and tests call it directly)."""
-    _check_inputs(G, steps, dtype)
+    _check_inputs(G, steps, dtype, coeffs)
     check(dtype in (torch.float32, torch.float16, torch.bfloat16), "newton_schulz",
           f"the Triton kernel computes in float32, float16 or bfloat16, got dtype={dtype}")
-    return _newton_schulz(G, steps, dtype)
+    flat = [float(v) for t in step_coeffs(coeffs, steps) for v in t]
+    return _newton_schulz(G, steps, dtype, flat)
 
 
-def newton_schulz(G, steps=5, dtype=torch.bfloat16):
+def newton_schulz(G, steps=5, dtype=torch.bfloat16, coeffs=POLAR_EXPRESS):
+    """Orthogonalize G (..., m, n) by `steps` Newton-Schulz steps in `dtype` with the per-step
+    coefficients `coeffs` (POLAR_EXPRESS or CLASSIC_QUINTIC, or any sequence of (a, b, c))."""
     if use_triton(G):
-        return newton_schulz_triton(G, steps, dtype)
-    _check_inputs(G, steps, dtype)
-    return newton_schulz_reference(G, steps, dtype)
+        return newton_schulz_triton(G, steps, dtype, coeffs)
+    _check_inputs(G, steps, dtype, coeffs)
+    return newton_schulz_reference(G, steps, dtype, coeffs)

@@ -18,6 +18,23 @@ The four plain matmuls use torch.mm (cuBLAS): with no elementwise work to fuse, 
 would at best match it. The fused matmul is a classic tiled Triton GEMM (grouped tile order
 for L2 reuse, masks on every edge so any M, N, K works, fp32 accumulation), autotuned for H100.
 
+What the fused epilogue saves, per forward+backward, e bytes per element (M tokens, H hidden):
+eager writes z and reads it for relu, writes relu(z) and reads it for the square, and its
+backward reads z (or relu(z)) again for the derivative and writes/reads the product dh*2relu(z):
+~6*M*H*e more bytes than this design, which writes h once and reads it three times (proj input,
+dw_proj, derivative). At depth 12 (M = 65,536, H = 3072, bf16) that is ~2.4 GB, ~0.7 ms at
+3.35 TB/s, against ~2.5 ms of matmul: about a fifth of the MLP's time, plus the M*H*e bytes of
+z and relu(z) eager keeps alive for the backward (0.8 GB per layer).
+What a persistent, TMA-fed GEMM (as modded-nanogpt's Triton 3.6 kernels do on Hopper) would add:
+one program per SM looping over output tiles (no launch tail; the epilogue of one tile overlaps
+the loads of the next), TMA descriptors instead of per-thread address math and masks (the copy
+engine fetches tiles, freeing registers and issue slots for wgmma), and warp specialization
+(producer warps load, consumer warps multiply): the usual route for a Triton GEMM on Hopper
+to reach cuBLAS-class throughput (unmeasured here). The fused GEMM is 2 of the MLP's 6
+matmuls, so even a 20% faster fused GEMM would speed the whole MLP by under 7%. It is not implemented: TMA and persistent
+kernels cannot run under the Triton interpreter, so on this project's CPU CI it would be
+untested code; it belongs behind a capability check once a GPU run can test and time it.
+
 Floor (compute-bound): FLOPs = 4*M*C*H forward (two matmuls), 12*M*C*H forward+backward (six).
 Bytes moved by this implementation, e bytes per element: forward (2MC + 2CH + 2MH) * e,
 backward (4MC + 4CH + 5MH) * e; at ~600 FLOP per byte that is well above an H100's
@@ -50,16 +67,17 @@ def relu2_mlp_floor(M, C, H):
 # The Triton matmul: c = epilogue(a @ b), a (M, K), b (K, N), all through strides (so b can be
 # a transposed weight without a copy).
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]  # one, no tuning
-else:  # H100: wgmma-sized tiles, 3-5 stage cp.async pipelines (all fit in 228 KB of shared memory in bf16)
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in [
-            (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-            (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 5, 4),
-        ]
+# GPU_CONFIGS, H100: wgmma-sized tiles, 3-5 stage cp.async pipelines (all fit in 228 KB of shared
+# memory in bf16). The interpreter runs the one small config (tests force each GPU config in turn).
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+    for bm, bn, bk, s, w in [
+        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 5, 4),
     ]
+]
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+_CONFIGS = INTERPRETER_CONFIGS if os.environ.get("TRITON_INTERPRET", "0") == "1" else GPU_CONFIGS
 
 RELU2, RELU2_GRAD = 1, 2  # the two epilogues
 

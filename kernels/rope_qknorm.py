@@ -2,7 +2,11 @@
 
 Unfused, PyTorch reads and writes q and k several times (the two halves, the rotation, the
 concatenation, the norm's statistics, the normalization). Fused, each row (one head of one
-token: D numbers) is loaded once, rotated and normalized in registers, and stored once:
+token: D numbers) is loaded once, rotated and normalized in registers, and stored once. One
+launch does q and k: a program takes a block of tokens, loads their cos/sin once, and walks all
+Hq + Hk heads (so cos/sin are read once per token, not once per head and tensor; at d12 that is
+12x fewer cos/sin loads, 2 * D/2 * e bytes per token instead of per row, and one launch instead
+of two per direction):
 
     forward:  y = [x1*cos + x2*sin, -x1*sin + x2*cos]      (half-split RoPE, x = [x1, x2])
               out = y * rstd,  rstd = 1 / sqrt(mean(y^2) + eps)      (statistics in fp32)
@@ -55,25 +59,23 @@ def rope_qknorm_floor(B, T, Hq, Hk, D, elem_bytes):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels. One program handles BLOCK_R rows; a row is one head of one token, found from
-# its flat index r = (b*T + t)*H + h through the tensor's strides. x1/x2 are the two halves.
+# Triton kernels. One launch for q and k: a program handles BLOCK_T tokens, loads their cos/sin
+# rows once, then walks the Hq heads of q and the Hk heads of k, one (BLOCK_T, D) tile per head.
+# A token's rows are found from its flat index r = b*T + t through the tensors' own strides.
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _CONFIGS = [triton.Config({"BLOCK_R": 16}, num_warps=4)]  # the interpreter: one config, no tuning
-else:
-    # rows per program x warps: from 512 to 4096 elements per tile at D = 128, 4 to 16 per thread
-    _CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w)
-                for r, w in [(8, 2), (16, 2), (16, 4), (32, 4), (32, 8), (64, 8)]]
+# GPU_CONFIGS: tokens per program x warps, from 256 to 4096 elements per tile at D = 128 (4 to 16
+# per thread). The interpreter runs the one small config (tests force each GPU config in turn).
+GPU_CONFIGS = [triton.Config({"BLOCK_T": t}, num_warps=w)
+               for t, w in [(2, 1), (4, 2), (8, 2), (8, 4), (16, 4), (32, 8)]]
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_T": 4}, num_warps=4)]
+_CONFIGS = INTERPRETER_CONFIGS if os.environ.get("TRITON_INTERPRET", "0") == "1" else GPU_CONFIGS
 
 
 @triton.jit
-def _row_offsets(r, T, H, sb, st, sh):
-    """Offsets of rows r = (b*T + t)*H + h of a (B, T, H, D) tensor with strides sb, st, sh (the
-    index math in int32, which any real row count fits; the offsets in int64), and t."""
-    h = r % H
-    t = (r // H) % T
-    b = r // (H * T)
-    return b.to(tl.int64) * sb + t.to(tl.int64) * st + h.to(tl.int64) * sh, t
+def _token_offsets(r, T, sb, st):
+    """Offsets of tokens r = b*T + t of a (B, T, H, D) tensor with strides sb, st (the index math
+    in int32, which any real token count fits; the offsets in int64)."""
+    return (r // T).to(tl.int64) * sb + (r % T).to(tl.int64) * st
 
 
 @triton.jit
@@ -90,58 +92,76 @@ def _store_halves(ptr, off, cols, sd, HALF: tl.constexpr, mask, y1, y2):
 
 
 @triton.jit
-def _load_cos_sin(cos_ptr, sin_ptr, t, sct, scd, sst, ssd, cols, mask):
-    t = t.to(tl.int64)[:, None]
+def _fwd_heads(x_ptr, out_ptr, rstd_ptr, r, NT, x_tok, o_tok, H, sxh, sxd, soh, sod, c, s, cols, mask, eps,
+               HALF: tl.constexpr):
+    for h in range(H):
+        x1, x2 = _load_halves(x_ptr, x_tok + h * sxh, cols, sxd, HALF, mask)
+        y1 = x1 * c + x2 * s
+        y2 = x2 * c - x1 * s
+        rstd = tl.rsqrt((tl.sum(y1 * y1, axis=1) + tl.sum(y2 * y2, axis=1)) / (2 * HALF) + eps)
+        _store_halves(out_ptr, o_tok + h * soh, cols, sod, HALF, mask, y1 * rstd[:, None], y2 * rstd[:, None])
+        tl.store(rstd_ptr + r.to(tl.int64) * H + h, rstd, mask=r < NT)  # rstd is (B, T, H) contiguous
+
+
+@triton.jit
+def _bwd_heads(out_ptr, rstd_ptr, dout_ptr, dx_ptr, r, NT, o_tok, g_tok, d_tok, H, soh, sod, sgh, sgd, sdh, sdd,
+               c, s, cols, mask, HALF: tl.constexpr):
+    for h in range(H):
+        o1, o2 = _load_halves(out_ptr, o_tok + h * soh, cols, sod, HALF, mask)
+        g1, g2 = _load_halves(dout_ptr, g_tok + h * sgh, cols, sgd, HALF, mask)
+        rstd = tl.load(rstd_ptr + r.to(tl.int64) * H + h, mask=r < NT, other=0.0)[:, None]
+        # RMSNorm backward in terms of its output o = y * rstd, then the rotation transposed
+        dot = ((tl.sum(g1 * o1, axis=1) + tl.sum(g2 * o2, axis=1)) / (2 * HALF))[:, None]
+        dy1 = rstd * (g1 - o1 * dot)
+        dy2 = rstd * (g2 - o2 * dot)
+        _store_halves(dx_ptr, d_tok + h * sdh, cols, sdd, HALF, mask, dy1 * c - dy2 * s, dy1 * s + dy2 * c)
+
+
+@triton.jit
+def _load_cos_sin(cos_ptr, sin_ptr, r, T, sct, scd, sst, ssd, cols, mask):
+    t = (r % T).to(tl.int64)[:, None]
     c = tl.load(cos_ptr + t * sct + cols[None, :] * scd, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + t * sst + cols[None, :] * ssd, mask=mask, other=0.0).to(tl.float32)
     return c, s
 
 
-@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "HALF"])
+@triton.autotune(configs=_CONFIGS, key=["NT_BUCKET", "HQ", "HK", "HALF"])
 @triton.jit
 def _rope_qknorm_fwd_kernel(
-    x_ptr, cos_ptr, sin_ptr, out_ptr, rstd_ptr,
-    N, N_BUCKET, T, H, eps,  # N rows; N_BUCKET (next power of 2 of N) is only the autotune key
-    sxb, sxt, sxh, sxd, sob, sot, soh, sod, sct, scd, sst, ssd,
-    HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, qr_ptr, kr_ptr,
+    NT, NT_BUCKET, T, HQ, HK, eps,  # NT = B*T tokens; NT_BUCKET (next power of 2 of NT) is only the autotune key
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, sob, sot, soh, sod, spb, spt, sph, spd, sct, scd, sst, ssd,
+    HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
-    mask = (r < N)[:, None] & (cols < HALF)[None, :]
-    x_off, t = _row_offsets(r, T, H, sxb, sxt, sxh)
-    o_off, _ = _row_offsets(r, T, H, sob, sot, soh)
-    x1, x2 = _load_halves(x_ptr, x_off, cols, sxd, HALF, mask)
-    c, s = _load_cos_sin(cos_ptr, sin_ptr, t, sct, scd, sst, ssd, cols, mask)
-    y1 = x1 * c + x2 * s
-    y2 = x2 * c - x1 * s
-    rstd = tl.rsqrt((tl.sum(y1 * y1, axis=1) + tl.sum(y2 * y2, axis=1)) / (2 * HALF) + eps)
-    _store_halves(out_ptr, o_off, cols, sod, HALF, mask, y1 * rstd[:, None], y2 * rstd[:, None])
-    tl.store(rstd_ptr + r, rstd, mask=r < N)
+    mask = (r < NT)[:, None] & (cols < HALF)[None, :]
+    c, s = _load_cos_sin(cos_ptr, sin_ptr, r, T, sct, scd, sst, ssd, cols, mask)  # once for all heads
+    _fwd_heads(q_ptr, qo_ptr, qr_ptr, r, NT, _token_offsets(r, T, sqb, sqt), _token_offsets(r, T, sob, sot),
+               HQ, sqh, sqd, soh, sod, c, s, cols, mask, eps, HALF)
+    _fwd_heads(k_ptr, ko_ptr, kr_ptr, r, NT, _token_offsets(r, T, skb, skt), _token_offsets(r, T, spb, spt),
+               HK, skh, skd, sph, spd, c, s, cols, mask, eps, HALF)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "HALF"])
+@triton.autotune(configs=_CONFIGS, key=["NT_BUCKET", "HQ", "HK", "HALF"])
 @triton.jit
 def _rope_qknorm_bwd_kernel(
-    out_ptr, rstd_ptr, dout_ptr, cos_ptr, sin_ptr, dx_ptr,
-    N, N_BUCKET, T, H,
-    sob, sot, soh, sod, sgb, sgt, sgh, sgd, sdb, sdt, sdh, sdd, sct, scd, sst, ssd,
-    HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    qo_ptr, ko_ptr, qr_ptr, kr_ptr, dqo_ptr, dko_ptr, cos_ptr, sin_ptr, dq_ptr, dk_ptr,
+    NT, NT_BUCKET, T, HQ, HK,
+    s1b, s1t, s1h, s1d, s2b, s2t, s2h, s2d,  # q_out, k_out
+    s3b, s3t, s3h, s3d, s4b, s4t, s4h, s4d,  # dq_out, dk_out
+    s5b, s5t, s5h, s5d, s6b, s6t, s6h, s6d,  # dq, dk
+    sct, scd, sst, ssd,
+    HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
-    mask = (r < N)[:, None] & (cols < HALF)[None, :]
-    o_off, t = _row_offsets(r, T, H, sob, sot, soh)
-    g_off, _ = _row_offsets(r, T, H, sgb, sgt, sgh)
-    d_off, _ = _row_offsets(r, T, H, sdb, sdt, sdh)
-    o1, o2 = _load_halves(out_ptr, o_off, cols, sod, HALF, mask)
-    g1, g2 = _load_halves(dout_ptr, g_off, cols, sgd, HALF, mask)
-    rstd = tl.load(rstd_ptr + r, mask=r < N, other=0.0)[:, None]
-    c, s = _load_cos_sin(cos_ptr, sin_ptr, t, sct, scd, sst, ssd, cols, mask)
-    # RMSNorm backward in terms of its output o = y * rstd, then the rotation transposed
-    dot = ((tl.sum(g1 * o1, axis=1) + tl.sum(g2 * o2, axis=1)) / (2 * HALF))[:, None]
-    dy1 = rstd * (g1 - o1 * dot)
-    dy2 = rstd * (g2 - o2 * dot)
-    _store_halves(dx_ptr, d_off, cols, sdd, HALF, mask, dy1 * c - dy2 * s, dy1 * s + dy2 * c)
+    mask = (r < NT)[:, None] & (cols < HALF)[None, :]
+    c, s = _load_cos_sin(cos_ptr, sin_ptr, r, T, sct, scd, sst, ssd, cols, mask)
+    _bwd_heads(qo_ptr, qr_ptr, dqo_ptr, dq_ptr, r, NT, _token_offsets(r, T, s1b, s1t), _token_offsets(r, T, s3b, s3t),
+               _token_offsets(r, T, s5b, s5t), HQ, s1h, s1d, s3h, s3d, s5h, s5d, c, s, cols, mask, HALF)
+    _bwd_heads(ko_ptr, kr_ptr, dko_ptr, dk_ptr, r, NT, _token_offsets(r, T, s2b, s2t), _token_offsets(r, T, s4b, s4t),
+               _token_offsets(r, T, s6b, s6t), HK, s2h, s2d, s4h, s4d, s6h, s6d, c, s, cols, mask, HALF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,39 +174,25 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _grid(N):
-    return lambda meta: (triton.cdiv(N, meta["BLOCK_R"]),)
-
-
-def _fwd_one(x, cos, sin, eps):
-    B, T, H, D = x.shape
-    out, rstd = _new(x.shape, x.dtype, x.device), _new((B, T, H), torch.float32, x.device)
-    N = B * T * H
-    if N > 0:
-        _rope_qknorm_fwd_kernel[_grid(N)](
-            x, cos, sin, out, rstd, N, triton.next_power_of_2(N), T, H, eps,
-            *x.stride(), *out.stride(), *cos.stride(), *sin.stride(),
-            HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2))
-    return out, rstd
-
-
-def _bwd_one(out, rstd, dout, cos, sin):
-    B, T, H, D = out.shape
-    dx = _new(out.shape, out.dtype, out.device)
-    N = B * T * H
-    if N > 0:
-        _rope_qknorm_bwd_kernel[_grid(N)](
-            out, rstd, dout, cos, sin, dx, N, triton.next_power_of_2(N), T, H,
-            *out.stride(), *dout.stride(), *dx.stride(), *cos.stride(), *sin.stride(),
-            HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2))
-    return dx
+def _grid(NT):
+    return lambda meta: (triton.cdiv(NT, meta["BLOCK_T"]),)
 
 
 @torch.library.custom_op("nanocode::rope_qknorm_fwd", mutates_args=())
 def _rope_qknorm_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> q_out, k_out, and the fp32 rstd of every row of each, (B, T, Hq) and (B, T, Hk)."""
-    return *_fwd_one(q, cos, sin, eps), *_fwd_one(k, cos, sin, eps)
+    """-> q_out, q_rstd, k_out, k_rstd: the fp32 rstd of every row, (B, T, Hq) and (B, T, Hk)."""
+    B, T, Hq, D = q.shape
+    Hk = k.shape[2]
+    q_out, k_out = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device)
+    q_rstd, k_rstd = _new((B, T, Hq), torch.float32, q.device), _new((B, T, Hk), torch.float32, q.device)
+    NT = B * T
+    if NT > 0:
+        _rope_qknorm_fwd_kernel[_grid(NT)](
+            q, k, cos, sin, q_out, k_out, q_rstd, k_rstd, NT, triton.next_power_of_2(NT), T, Hq, Hk, eps,
+            *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(), *cos.stride(), *sin.stride(),
+            HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2))
+    return q_out, q_rstd, k_out, k_rstd
 
 
 @_rope_qknorm_fwd.register_fake
@@ -199,7 +205,16 @@ def _(q, k, cos, sin, eps):
 def _rope_qknorm_bwd(q_out: torch.Tensor, q_rstd: torch.Tensor, k_out: torch.Tensor, k_rstd: torch.Tensor,
                      cos: torch.Tensor, sin: torch.Tensor, dq_out: torch.Tensor,
                      dk_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _bwd_one(q_out, q_rstd, dq_out, cos, sin), _bwd_one(k_out, k_rstd, dk_out, cos, sin)
+    B, T, Hq, D = q_out.shape
+    Hk = k_out.shape[2]
+    dq, dk = _new(q_out.shape, q_out.dtype, q_out.device), _new(k_out.shape, k_out.dtype, k_out.device)
+    NT = B * T
+    if NT > 0:
+        _rope_qknorm_bwd_kernel[_grid(NT)](
+            q_out, k_out, q_rstd, k_rstd, dq_out, dk_out, cos, sin, dq, dk, NT, triton.next_power_of_2(NT), T, Hq, Hk,
+            *q_out.stride(), *k_out.stride(), *dq_out.stride(), *dk_out.stride(), *dq.stride(), *dk.stride(),
+            *cos.stride(), *sin.stride(), HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2))
+    return dq, dk
 
 
 @_rope_qknorm_bwd.register_fake

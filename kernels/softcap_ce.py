@@ -6,46 +6,61 @@ The loss of row i, with logits x (N, V), softcap c and target t_i:
     loss_i = logsumexp(z_i) - z_i[t_i]      0 where t_i == ignore_index
     dloss_i/dx_ij = (softmax(z_i)_j - [j == t_i]) * (1 - tanh(x_ij / c)^2)
 
-softcap_cross_entropy (logits given). One program per row:
-    forward:  one pass over the row in BLOCK_V blocks keeping a running max and sum-exp per lane
-              (fp32), then lse = log-sum-exp and loss = lse - z[t]. Only loss and lse (N floats
-              each) are written.
-    backward: one pass over the row again, recomputing z from x and writing
-              dlogits = dloss_i * (exp(z - lse) - onehot) * (1 - tanh^2) straight into a new tensor.
+softcap_cross_entropy (logits given). One program per row, walking it in BLOCK_V blocks with a
+software-pipelined loop (tl.range(num_stages=...): loads of the next blocks are in flight while
+one is reduced). Per element, with r = 1 / (e^(2x/c) + 1): tanh(x/c) = 1 - 2r, z = c - 2c·r,
+1 - tanh² = 4r(1 - r), exp(z - c) = 2^(-2c·log2(e)·r).
+    forward:  lse per row. For c <= FIXED_MAX_SOFTCAP (40) the max is fixed: every z <= c, and
+              exp(z - c) >= exp(-2c) >= exp(-80) is a normal fp32 number, so lse = c + log(sum
+              exp(z - c)) needs no running max and no rescaling. For larger caps a running max
+              per block (an online log-sum-exp). Writes loss and lse (N floats each).
+    backward: one pass over the row again, dlogits = dloss_i * (exp(z - lse) - onehot) * 4r(1 - r).
     Reductions are plain PyTorch over the per-row losses: "sum", and "mean" = sum / number of
     non-ignored rows (at least 1, so all rows ignored gives 0 and zero gradients, never NaN).
     A target outside [0, V) that is not ignore_index gives a NaN loss (checking it on the host
     would cost a device sync every step).
-Floor (memory-bound; ~30 FLOPs per element), e bytes per logit:
-    forward:          N*V*e        (read the logits once)
-    forward+backward: 3*N*V*e      (forward read, backward read + write of dlogits)
-    The forward cannot produce the gradient itself, because the output gradient (dloss) is
-    unknown then, so 3*N*V*e is the floor of a forward/backward split (2*N*V*e would need dloss
-    in advance). Worked number, N = 65,536 tokens, V = 32,768, bf16: N*V*e = 4.29 GB, forward
-    4.29 GB, forward+backward 12.9 GB, i.e. ~4.3 ms at 3 TB/s.
-    Second limit: each pass does 3 special-function ops per element (exp for tanh, a reciprocal,
-    exp for softmax). An H100 issues 16 of them per SM per clock, ~3.8e12/s, so a pass over
-    N*V = 2^31 elements needs >= ~1.7 ms of them: the forward (1.4 ms of bytes) is bound by
-    that, not by bandwidth; the backward (2.9 ms of bytes) is not.
+Floor, e bytes per logit: forward N*V*e (read once); forward+backward 3*N*V*e (forward read,
+    backward read + write). The forward cannot write the gradient here, because dloss is unknown
+    then (a per-row gradient written in the forward would need one more read + write to scale).
+Special functions: 3 per element per pass (ex2, rcp, ex2; Triton lowers exp2 to ex2.approx.f32
+    and fp32 division to div.full.f32, one MUFU op each), ~8 FMA-pipe ops beside them. MUFU
+    issues 16 ops/clk/SM (CUDA guide, cc 9.0): 132 SMs x 16 x ~1.8 GHz = ~3.8e12/s on H100 SXM
+    and on H200 (same GH100 chip and clocks). Worked numbers at N = 65,536, V = 32,768 (2^31
+    elements), bf16 (4.29 GB of logits):
+                  SFU (3 ops/elem/pass)   H100 bytes (3.35 TB/s)   H200 bytes (4.8 TB/s)
+    forward       1.7 ms                  1.28 ms                  0.89 ms     -> SFU-bound on both
+    backward      1.7 ms                  2.56 ms                  1.79 ms     -> bandwidth-bound
+    fwd+bwd       ~4.3 ms on H100, ~3.5 ms on H200 (each pass at its own bound).
+    So the forward's floor on both GPUs is the SFU, not the bytes; the benchmark's GB/s column
+    counts bytes only, so the forward cannot show 100% of copy bandwidth.
 
 linear_softcap_cross_entropy (x (N, C), weight (V, C); logits = x @ weight.T never exist in full).
-    Rows are processed in chunks of R rows (R*V*e ~ CHUNK_BYTES = 256 MiB): per chunk, a cuBLAS
-    matmul makes the chunk's logits, the forward kernel above gives loss and lse, the backward
-    kernel overwrites the chunk's logits in place with dlogits, and two more matmuls give
-    dx_chunk = dlogits @ weight and dW += dlogits.T @ x_chunk (dW accumulated in fp32 across
-    chunks). For "mean" and "sum" all of this happens in the forward (the output gradient is a
-    scalar, applied in the backward to dx and dW: no second pass over the logits); for "none"
-    the forward keeps only lse, and the backward recomputes each chunk's logits (one more matmul)
-    with the per-row output gradient. Extra memory: one chunk of logits, dW in fp32 (V*C*4) and
-    one fp32 temporary of its size, dx: at N = 65,536, V = 32,768, C = 768, bf16, that is
-    256 MiB + 3 * 96 MiB ~ 0.55 GiB, where eager holds the bf16 logits (4 GiB) and several fp32
-    copies of them (8 GiB each).
-Floor (compute-bound): forward+backward 6*N*V*C FLOPs (logits, dx, dW), plus this design's
-    3 passes over the logits (3*N*V*e bytes) in the CE kernels. Worked numbers at N = 65,536,
-    V = 32,768, bf16: C = 768: 9.90 TFLOP (~12.4 ms at 800 TFLOP/s) + 12.9 GB (~4.3 ms at
-    3 TB/s); C = 1280: 16.5 TFLOP (~20.6 ms) + 12.9 GB. The eager path (matmul, then float
-    softcap and cross-entropy) does the same FLOPs and moves several fp32 copies of the logits.
+    Rows are processed in equal chunks of R rows, R*V*e <= CHUNK_BYTES (512 MiB), fewer where
+    free memory is short (_chunk_rows): per chunk, a cuBLAS matmul makes the chunk's logits, one
+    CE kernel computes loss and lse and overwrites the logits in place with the gradient of the
+    summed loss (two walks over each row, the second straight after the first, so it is served
+    from L2: ~500 rows of 64 KB in flight on 132 SMs, 33 MB < 50 MB of L2), and two matmuls give
+    dx_chunk = dlogits @ weight and dW += dlogits.T @ x_chunk, accumulated in place in fp32
+    (addmm with out_dtype: cuBLAS adds its fp32 accumulator to dW, no (V, C) temporary). For
+    "mean" and "sum" all of this happens in the forward (the output gradient is a scalar, applied
+    in the backward to dx and dW: no second pass over the logits); for "none" the forward keeps
+    only lse, and the backward recomputes each chunk's logits (one more matmul) and runs the
+    separate backward kernel with the per-row output gradient. Extra memory: one chunk of
+    logits, dW in fp32 (V*C*4), dx: at N = 65,536, V = 32,768, C = 768, bf16, that is
+    512 MiB + 96 MiB + 96 MiB ~ 0.7 GiB, where eager holds the bf16 logits (4 GiB) and several
+    fp32 copies of them (8 GiB each).
+    CE kernel per chunk: one HBM read + one write of the logits (2*R*V*e; the split kernels
+    moved 3*R*V*e) and 6 special-function ops per element (3 per walk): over all chunks at the
+    worked shape 3.4 ms of SFU vs 2.56 ms (H100) / 1.79 ms (H200) of bytes, so this kernel is
+    SFU-bound; it still replaces ~4.3 / 3.5 ms of split kernels.
+Floor (compute-bound): forward+backward 6*N*V*C FLOPs (logits, dx, dW), plus the CE kernel
+    above. Worked numbers at N = 65,536, V = 32,768, bf16: C = 768: 9.90 TFLOP (~12.4 ms at
+    800 TFLOP/s) + ~3.4 ms; C = 1280: 16.5 TFLOP (~20.6 ms) + ~3.4 ms. The eager path (matmul,
+    then float softcap and cross-entropy) does the same FLOPs and moves several fp32 copies of
+    the logits.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -54,7 +69,7 @@ import triton.language as tl
 from kernels.common import check, check_same, use_triton
 
 POISON_OUTPUTS = False  # tests set this: outputs start as NaN, so an element never written shows
-CHUNK_BYTES = 256 << 20  # linear_softcap_cross_entropy: bytes of one chunk of logits
+CHUNK_BYTES = 512 << 20  # linear_softcap_cross_entropy: most bytes of one chunk of logits
 
 
 def softcap_cross_entropy_reference(logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
@@ -81,19 +96,82 @@ def linear_softcap_cross_entropy_floor(N, V, C):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels. One program per row of logits; the row is walked in BLOCK_V blocks.
+# Triton kernels. One program per row of logits; the row is walked in BLOCK_V blocks by a
+# software-pipelined tl.range loop (a plain range pipelines only loads that feed tl.dot).
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+FIXED_MAX_SOFTCAP = 40.0  # up to here exp(z - softcap) >= exp(-80) is a normal fp32 number
+
+# GPU_CONFIGS: autotuned once per (V, dtype, path); more warps per row suit Hopper's long rows.
+# The interpreter runs the one small config (tests force each GPU config in turn).
+GPU_CONFIGS = [triton.Config({"BLOCK_V": bv, "NUM_STAGES": st}, num_warps=w)
+               for bv, w, st in [(1024, 4, 4), (2048, 8, 4), (4096, 8, 3), (4096, 16, 3), (8192, 16, 2), (8192, 32, 2)]]
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_V": 1024, "NUM_STAGES": 2}, num_warps=4)]
+_CONFIGS = INTERPRETER_CONFIGS if os.environ.get("TRITON_INTERPRET", "0") == "1" else GPU_CONFIGS
+
 
 @triton.jit
-def _softcap_tanh(x, softcap):
-    """tanh(x / c) in fp32 from one exp: 1 - 2 / (e^(2u) + 1) is exact at both tails (e^(2u) = inf
-    gives 1, e^(2u) = 0 gives -1), and its absolute error near 0 is ~1e-7, all that matters here."""
-    e = tl.exp(x * (2.0 / softcap))  # one scalar division, not one per element
-    return 1.0 - 2.0 / (e + 1.0)
+def _softcap_r(x, softcap):
+    """r = 1 / (e^(2x/c) + 1), from which tanh(x/c) = 1 - 2r, z = c - 2c·r, 1 - tanh² = 4r(1 - r):
+    one ex2 and one reciprocal per element, exact at both tails (e = inf gives r = 0, z = c;
+    e = 0 gives r = 1, z = -c); 4r(1 - r) keeps full relative precision where tanh -> ±1."""
+    e = tl.exp2(x * (2.0 * _LOG2E / softcap))  # one scalar division, not one per element
+    return 1.0 / (e + 1.0)
 
 
+@triton.jit
+def _row_lse(base, V, softcap, FIXED_MAX: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """log-sum-exp of z over one row, per-lane fp32 sums (3 special-function ops per element)."""
+    s = tl.zeros([BLOCK_V], tl.float32)
+    if FIXED_MAX:
+        # Every z <= c, so c is a valid max: s = sum exp(z - c) = sum 2^(-2c·log2(e)·r), no running
+        # max, no rescaling; exp(z - c) >= exp(-2c) stays a normal fp32 number (FIXED_MAX_SOFTCAP).
+        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+            cols = start + tl.arange(0, BLOCK_V)
+            r = _softcap_r(tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32), softcap)
+            s += tl.where(cols < V, tl.exp2(r * (-2.0 * _LOG2E * softcap)), 0.0)
+        lse = softcap + tl.log(tl.sum(s, axis=0))
+    else:
+        # Online log-sum-exp for large caps: the running max m of the row so far (one number per
+        # block, so still one exp per element). z >= -c, so -c is a finite start (no inf - inf).
+        m = -softcap
+        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+            cols = start + tl.arange(0, BLOCK_V)
+            r = _softcap_r(tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32), softcap)
+            z = tl.where(cols < V, softcap - 2.0 * softcap * r, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp2((m - m_new) * _LOG2E) + tl.exp2((z - m_new) * _LOG2E)
+            m = m_new
+        lse = m + tl.log(tl.sum(s, axis=0))
+    return lse
+
+
+@triton.jit
+def _row_loss(base, target, lse, V, softcap):
+    """lse - z[target]; NaN for a target outside [0, V) (not checked on the host: no sync)."""
+    in_range = (target >= 0) & (target < V)
+    r_t = _softcap_r(tl.load(base + tl.where(in_range, target, 0)).to(tl.float32), softcap)
+    return tl.where(in_range, lse - (softcap - 2.0 * softcap * r_t), float("nan"))
+
+
+@triton.jit
+def _row_grad(base, dbase, V, target, lse, scale, softcap, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """dlogits = scale * (softmax(z) - onehot) * (1 - tanh²), written block by block; each block is
+    read before it is written, so dbase may be base (in place). 3 special-function ops per element:
+    p = exp(z - lse) = 2^(log2(e)·(c - lse) - 2c·log2(e)·r)."""
+    offset = (softcap - lse) * _LOG2E
+    for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+        cols = start + tl.arange(0, BLOCK_V)
+        r = _softcap_r(tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32), softcap)
+        p = tl.exp2(offset + r * (-2.0 * _LOG2E * softcap))
+        d = tl.where(cols == target, p - 1.0, p) * (4.0 * scale * r * (1.0 - r))
+        tl.store(dbase + cols, d.to(dbase.dtype.element_ty), mask=cols < V)
+
+
+@triton.autotune(configs=_CONFIGS, key=["V", "FIXED_MAX"])
 @triton.jit
 def _ce_fwd_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, V, softcap, ignore_index,
-                   BLOCK_V: tl.constexpr):
+                   FIXED_MAX: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -101,49 +179,48 @@ def _ce_fwd_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, V, so
         tl.store(loss_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
         return
-    # Online log-sum-exp: the running max m of the row so far (one number per block, so one exp
-    # per element; the kernel is close to exp-throughput-bound as it is) and per-lane sums s of
-    # exp(z - m). z >= -softcap, so -softcap is a finite start (no inf - inf).
-    m = -softcap
-    s = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-        z = tl.where(cols < V, softcap * _softcap_tanh(x, softcap), float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
-        m = m_new
-    lse = m + tl.log(tl.sum(s, axis=0))
-    in_range = (target >= 0) & (target < V)
-    x_t = tl.load(base + tl.where(in_range, target, 0)).to(tl.float32)
-    loss = lse - softcap * _softcap_tanh(x_t, softcap)
-    tl.store(loss_ptr + row, tl.where(in_range, loss, float("nan")))
+    lse = _row_lse(base, V, softcap, FIXED_MAX, BLOCK_V, NUM_STAGES)
+    tl.store(loss_ptr + row, _row_loss(base, target, lse, V, softcap))
     tl.store(lse_ptr + row, lse)
 
 
+@triton.autotune(configs=_CONFIGS, key=["V", "FIXED_MAX"], restore_value=["logits_ptr"])
 @triton.jit
-def _ce_bwd_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, dloss_ptr, dloss_stride, dlogits_ptr,
-                   stride_drow, V, softcap, ignore_index, BLOCK_V: tl.constexpr):
-    """dlogits may be logits itself (in place): each block is read before it is written."""
+def _ce_fwd_grad_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, dlogits_ptr, stride_drow,
+                        V, softcap, ignore_index,
+                        FIXED_MAX: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Loss, lse and the gradient of the row's loss in one launch: the second walk over the row
+    follows the first at once, so it reads the row from L2, not HBM (restore_value: in-place
+    tuning runs must not see each other's output)."""
     row = tl.program_id(0).to(tl.int64)
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    lse = tl.load(lse_ptr + row)
-    scale = tl.load(dloss_ptr + row * dloss_stride).to(tl.float32)
-    ignored = target == ignore_index  # zeros (their lse is 0: p may overflow, so a select, not * 0)
     base = logits_ptr + row * stride_row
     dbase = dlogits_ptr + row * stride_drow
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
-        t = _softcap_tanh(x, softcap)
-        p = tl.exp(softcap * t - lse)
-        d = tl.where(cols == target, p - 1.0, p) * (1.0 - t * t) * scale
-        d = tl.where(ignored, 0.0, d)
-        tl.store(dbase + cols, d.to(dlogits_ptr.dtype.element_ty), mask=cols < V)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    if target == ignore_index:  # loss 0, gradient zeros (written, never read)
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+            cols = start + tl.arange(0, BLOCK_V)
+            tl.store(dbase + cols, tl.zeros([BLOCK_V], dtype=dbase.dtype.element_ty), mask=cols < V)
+        return
+    lse = _row_lse(base, V, softcap, FIXED_MAX, BLOCK_V, NUM_STAGES)
+    tl.store(loss_ptr + row, _row_loss(base, target, lse, V, softcap))
+    tl.store(lse_ptr + row, lse)
+    _row_grad(base, dbase, V, target, lse, 1.0, softcap, BLOCK_V, NUM_STAGES)
 
 
-def _block_v(V):
-    return min(4096, triton.next_power_of_2(V))
+@triton.autotune(configs=_CONFIGS, key=["V"], restore_value=["logits_ptr"])
+@triton.jit
+def _ce_bwd_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, dloss_ptr, dloss_stride, dlogits_ptr,
+                   stride_drow, V, softcap, ignore_index, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """dlogits may be logits itself (in place)."""
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    ignored = target == ignore_index  # zeros: scale 0, and lse = c keeps every p <= 1 (no inf * 0)
+    lse = tl.where(ignored, softcap, tl.load(lse_ptr + row))
+    scale = tl.where(ignored, 0.0, tl.load(dloss_ptr + row * dloss_stride).to(tl.float32))
+    _row_grad(logits_ptr + row * stride_row, dlogits_ptr + row * stride_drow, V, target, lse, scale, softcap,
+              BLOCK_V, NUM_STAGES)
 
 
 def _launch_ce_fwd(logits, targets, loss, lse, softcap, ignore_index):
@@ -151,7 +228,15 @@ def _launch_ce_fwd(logits, targets, loss, lse, softcap, ignore_index):
     N, V = logits.shape
     if N > 0:
         _ce_fwd_kernel[(N,)](logits, logits.stride(0), targets, loss, lse, V, softcap, ignore_index,
-                             BLOCK_V=_block_v(V), num_warps=8)
+                             FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP)
+
+
+def _launch_ce_fwd_grad(logits, targets, loss, lse, dlogits, softcap, ignore_index):
+    """loss, lse: (N,) fp32 outputs; dlogits (may be logits): the gradient of loss.sum()."""
+    N, V = logits.shape
+    if N > 0:
+        _ce_fwd_grad_kernel[(N,)](logits, logits.stride(0), targets, loss, lse, dlogits, dlogits.stride(0),
+                                  V, softcap, ignore_index, FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP)
 
 
 def _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index):
@@ -159,7 +244,7 @@ def _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index):
     N, V = logits.shape
     if N > 0:
         _ce_bwd_kernel[(N,)](logits, logits.stride(0), targets, lse, dloss, dloss.stride(0), dlogits,
-                             dlogits.stride(0), V, softcap, ignore_index, BLOCK_V=_block_v(V), num_warps=8)
+                             dlogits.stride(0), V, softcap, ignore_index)
 
 
 def _new(shape, dtype, device):
@@ -265,35 +350,70 @@ def softcap_cross_entropy(logits, targets, softcap=15.0, ignore_index=-1, reduct
 # ---------------------------------------------------------------------------------------------
 # linear_softcap_cross_entropy: the chunk loop (module docstring), as custom ops + autograd.Function.
 
-def _chunk_rows(V, elem_bytes):
-    rows = max(1, CHUNK_BYTES // (V * elem_bytes))
-    return rows - rows % 128 if rows >= 256 else rows  # whole 128-row matmul tiles when large
+def _free_bytes(device):
+    """Memory this process could still allocate on a CUDA device: the driver's free memory plus
+    what PyTorch's caching allocator holds unused. None on the CPU (no budget but CHUNK_BYTES)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def _mm_f32(a, b):
-    """a @ b with an fp32 result: on CUDA cuBLAS writes its fp32 accumulator out directly."""
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+def _chunk_rows(N, V, C, elem_bytes, free_bytes):
+    """Rows per chunk. The chunk's logits get CHUNK_BYTES, or less where free memory is short: at
+    most a quarter of what is left after dW (V*C fp32) and dx (N*C); the N rows are then split
+    into equal chunks (no small remainder chunk), whole 128-row matmul tiles when large. Above
+    ~1k rows the three matmuls per chunk run at full rate, so a larger budget buys little."""
+    budget = CHUNK_BYTES
+    if free_bytes is not None:
+        budget = min(budget, (free_bytes - V * C * 4 - N * C * elem_bytes) // 4)
+    rows = max(1, min(N, budget // (V * elem_bytes)))
+    rows = -(-N // -(-N // rows))  # N split into ceil(N / rows) equal chunks
+    return -(-rows // 128) * 128 if rows >= 256 else rows
 
 
-def _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss=None, dloss=None):
-    """Walk the rows of x in chunks. With loss given: fill loss and lse (forward). With dloss given
-    ((N,), per-row output gradient): also return dx (x's dtype) and dW (fp32). Both: forward
-    that also makes the gradients; dloss alone: backward that reuses lse."""
-    N, V = x.shape[0], weight.shape[0]
-    rows = _chunk_rows(V, x.element_size())
-    dx = _new(x.shape, x.dtype, x.device) if dloss is not None else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if dloss is not None else None
+_ADDMM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=float32, out=) works here (checked at first use)
+
+
+def _accumulate_dw(dw, dlogits, x):
+    """dw += dlogitsᵀ @ x in fp32 without a (V, C) temporary: on CUDA cuBLAS adds its fp32
+    accumulator to dw in place (addmm with out_dtype, torch >= 2.8, fp16/bf16 inputs); the CPU
+    (interpreter tests) and older torch cast the inputs to fp32 instead (a chunk-sized temporary)."""
+    global _ADDMM_OUT_DTYPE
+    if dlogits.dtype == torch.float32:
+        dw.addmm_(dlogits.T, x)
+        return
+    if dlogits.is_cuda and _ADDMM_OUT_DTYPE:
+        try:
+            torch.addmm(dw, dlogits.T, x, out_dtype=torch.float32, out=dw)
+            return
+        except (RuntimeError, TypeError):  # no out_dtype overload on this torch build
+            _ADDMM_OUT_DTYPE = False
+    dw.addmm_(dlogits.T.float(), x.float())
+
+
+def _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss=None, grad=False, dloss=None):
+    """Walk the rows of x in chunks. With loss given: fill loss and lse (forward); with grad too,
+    also return dx (x's dtype) and dW (fp32) of loss.sum(), from one CE kernel per chunk that
+    writes the gradient over the chunk's logits in the pass that computes the loss. With dloss
+    ((N,), per-row output gradient) instead: the backward, reusing lse; returns dx and dW."""
+    N, C, V = x.shape[0], x.shape[1], weight.shape[0]
+    grad = grad or dloss is not None
+    rows = _chunk_rows(N, V, C, x.element_size(), _free_bytes(x.device))
+    dx = _new(x.shape, x.dtype, x.device) if grad else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grad else None
     for s in range(0, N, rows):
         e = min(s + rows, N)
         logits = x[s:e] @ weight.T
-        if loss is not None:
+        if loss is not None and grad:
+            _launch_ce_fwd_grad(logits, targets[s:e], loss[s:e], lse[s:e], logits, softcap, ignore_index)
+        elif loss is not None:
             _launch_ce_fwd(logits, targets[s:e], loss[s:e], lse[s:e], softcap, ignore_index)
-        if dloss is not None:
+        else:
             _launch_ce_bwd(logits, targets[s:e], lse[s:e], dloss[s:e], logits, softcap, ignore_index)
+        if grad:
             torch.mm(logits, weight, out=dx[s:e])
-            dw += _mm_f32(logits.T, x[s:e])
+            _accumulate_dw(dw, logits, x[s:e])
     return dx, dw
 
 
@@ -305,8 +425,7 @@ def _linear_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     N = x.shape[0]
     loss = _new((N,), torch.float32, x.device)
     lse = _new((N,), torch.float32, x.device)
-    ones = torch.ones(1, dtype=torch.float32, device=x.device).expand(N) if with_grad else None
-    dx, dw = _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss=loss, dloss=ones)
+    dx, dw = _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss=loss, grad=with_grad)
     if not with_grad:
         dx, dw = x.new_empty(0), x.new_empty(0, dtype=torch.float32)
     return loss, lse, dx, dw

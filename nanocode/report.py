@@ -16,6 +16,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+from nanocode.checkpoint import PHASES
 from nanocode.common import get_base_dir
 
 
@@ -41,14 +42,16 @@ STAGES = [
     ("synth", "Synthetic SFT/DPO data"),
     ("sft", "SFT"),
     ("dpo", "DPO"),
+    ("rl", "RL"),
     ("code_eval_base", "Code eval (base)"),
     ("code_eval_sft", "Code eval (SFT)"),
     ("code_eval_dpo", "Code eval (DPO)"),
     ("agent_eval_sft", "Agent eval (SFT)"),
     ("agent_eval_dpo", "Agent eval (DPO)"),
+    ("agent_eval_rl", "Agent eval (RL)"),
     ("agent_demo", "Agent demo"),
 ]
-OPTIONAL = {"code_eval_base", "code_eval_sft", "agent_eval_sft", "agent_eval_dpo"}  # not shown as missing
+OPTIONAL = {"code_eval_base", "code_eval_sft", "agent_eval_sft", "agent_eval_dpo", "agent_eval_rl"}  # not shown as missing
 
 
 # ---- reading
@@ -193,6 +196,9 @@ def key_numbers(stem, d):
                 f"{before_after(d, 'tool_call_validity_before', 'tool_call_validity')}")
     if stem == "dpo":
         return f"held-out preference accuracy {before_after(d, 'preference_accuracy_before', 'preference_accuracy')}"
+    if stem == "rl":
+        return (f"held-out pass@1 {before_after(d, 'pass_at_1_before', 'pass_at_1')}, held-out mean reward "
+                f"{before_after(d, 'val_reward_before', 'val_reward')}, {fmt(get(d, 'completions_per_s'), 3)} completions/s")
     if stem.startswith("code_eval"):
         return pass_at_k(d)
     if stem.startswith("agent_eval"):
@@ -256,7 +262,7 @@ def plot_curves(title, curves, path):
     if not s:
         return None
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed (servers, CI), and no GUI backend probing
     import matplotlib.pyplot as plt
     n = len(s)
     cols = min(n, 3)
@@ -296,8 +302,7 @@ def plot_pass_at_k(evals, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sources = sorted({s for v in bars.values() for s in v}, key=lambda s: ["base", "sft", "dpo"].index(s)
-                     if s in ("base", "sft", "dpo") else 9)
+    sources = sorted({s for v in bars.values() for s in v}, key=lambda s: PHASES.index(s) if s in PHASES else 9)
     groups = sorted(bars)
     width = 0.8 / len(sources)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.8 * len(groups)), 3.2))
@@ -425,7 +430,7 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     # plots
     lines += ["## Plots", ""]
     plots = []
-    for stem, title in (("base_train", "pretraining"), ("sft", "SFT"), ("dpo", "DPO")):
+    for stem, title in (("base_train", "pretraining"), ("sft", "SFT"), ("dpo", "DPO"), ("rl", "RL")):
         p = plot_curves(title, get(stages, stem, "curves"), out_dir / f"{stem}_curves.png")
         plots.append((f"{title} curves", p))
     plots.append(("bpb per language", plot_bpb_per_lang(get(stages, "base_eval", "bpb_per_lang"),

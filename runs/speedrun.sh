@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline, from nothing to a report card:
-#   data -> tokenizer -> pretraining (FIM) -> base eval -> synthetic SFT/DPO data -> SFT -> DPO
+#   data -> tokenizer -> pretraining (FIM) -> base eval -> synthetic SFT/DPO data -> SFT -> DPO -> RL
 #   -> HumanEval -> agent eval (verified coding tasks) -> one agent demo -> $NANOCODE_BASE_DIR/report/report.md
 #
 #   bash runs/speedrun.sh                        # GPUs: torchrun on all of them, depth 20; CPU: a tiny run
@@ -11,7 +11,8 @@
 # On GPUs: torchrun --nproc_per_node=<GPUs>, depth 20, pretraining data downloaded from the hub
 # (DATA_FILES parquet files). On a CPU: depth 4, vocab 4096, sequences of 256 tokens, the offline
 # corpus, a few hundred steps per stage, HumanEval on a few problems: every stage runs, none of it is
-# meant to produce a useful model (about 25 minutes on 2 cores).
+# meant to produce a useful model (9 minutes on 2 idle cores, 26 on 2 cores shared with other jobs:
+# see the README).
 #
 # Idempotent: each finished stage writes $NANOCODE_BASE_DIR/speedrun/<stage>.done (its wall and CPU
 # time, as JSON) and a rerun skips it; delete the marker to redo a stage. A failed stage stops the run and names
@@ -67,6 +68,7 @@ if [ "$NPROC" -gt 0 ]; then
     SYNTH_ARGS=()
     SFT_ARGS=()
     DPO_ARGS=()
+    RL_ARGS=(--source dpo --tasks programs,corpus --steps 200 --tasks-per-step 16 --group-size 8 --max-new-tokens 512)
     CODE_EVAL_ARGS=(-a humaneval -k 1)
     EVAL_SOURCES=(base sft dpo)
     AGENT_EVAL_ARGS=(--batch-size 28)  # the shipped suite, all 28 tasks
@@ -85,6 +87,8 @@ else
     SYNTH_ARGS=(--num-train 300 --num-val 40 --max-docs 4000)
     SFT_ARGS=(--batch-size 8 --steps 60 --eval-every -1 --eval-convs 16 --eval-prompts 8 --gen-tokens 64)
     DPO_ARGS=(--batch-size 4 --steps 30 --eval-every -1)
+    RL_ARGS=(--source dpo --tasks programs --steps 8 --tasks-per-step 2 --group-size 4 --max-new-tokens 160
+             --eval-every -1 --eval-tasks 8 --eval-samples 2)
     CODE_EVAL_ARGS=(-a humaneval -k 1 --max-problems 32 --max-tokens 128)
     EVAL_SOURCES=(dpo)
     AGENT_EVAL_ARGS=(--num-tasks 7 --batch-size 7 --max-tokens 96)  # one task per kind; the context is 256
@@ -167,10 +171,11 @@ EOF
 stage synth synth_stage
 stage sft "${LAUNCH[@]}" -m scripts.code_sft "${SFT_ARGS[@]}"
 stage dpo "${LAUNCH[@]}" -m scripts.code_dpo "${DPO_ARGS[@]}"
+stage rl "${LAUNCH[@]}" -m scripts.code_rl "${RL_ARGS[@]}"
 for source in "${EVAL_SOURCES[@]}"; do
     stage "code_eval_$source" "${LAUNCH[@]}" -m scripts.code_eval -i "$source" "${CODE_EVAL_ARGS[@]}"
 done
-for source in sft dpo; do  # the agent on verifiable coding tasks, after each post-training stage
+for source in sft dpo rl; do  # the agent on verifiable coding tasks, after each post-training stage
     stage "agent_eval_$source" "${LAUNCH[@]}" -m scripts.agent_eval -i "$source" "${AGENT_EVAL_ARGS[@]}"
 done
 

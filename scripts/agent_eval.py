@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from nanocode.checkpoint import PHASES
 from nanocode.agent_tasks import load_suite, make_suite, read_transcripts, replay, run_tasks, summarize, task_record
 from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, run_main
 from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="agentic coding tasks, verified")
-parser.add_argument("-i", "--source", default="sft", choices=["sft", "dpo", "rl"], help="which checkpoint to run")
+parser.add_argument("-i", "--source", default="sft", choices=PHASES, help="which checkpoint to run")
 parser.add_argument("--suite", default=None, help="JSONL suite file (default: the shipped nanocode/data/agent_suite.jsonl)")
 parser.add_argument("--seed", type=int, default=None, help="generate a suite from this seed instead of reading one")
 parser.add_argument("--num-tasks", type=int, default=None, help="tasks to generate (with --seed), or the first N of the suite")

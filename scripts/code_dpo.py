@@ -20,6 +20,13 @@ second model is kept in memory. Losses, with h = (log pi(c) - log ref(c)) - (log
     ipo     (Azar et al. 2023):           (h' - 1 / (2 beta))^2, h' the same with per-token average log-probs
 Rewards are beta * (log pi - log ref) of each side; reward accuracy = share of pairs whose chosen reward
 is strictly higher (so at step 0, where policy = reference and every reward is 0, it is 0).
+
+Plus, by default, the chosen side's per-token NLL times --nll-weight (RPO, Pang et al. 2024, weight 1):
+DPO alone can lower the chosen side's likelihood as long as the rejected one falls faster, and a small
+model then unlearns the exact tool-call format; the NLL term holds it. Tool-call validity (as after SFT,
+on the SFT held-out conversations) is measured before and after. With --self-pairs, tasks that have a
+verifier add pairs of the model's own replies: a passing one chosen, a failing one rejected.
+The loop is nanocode/finetune.py.
 """
 import argparse
 import time
@@ -27,10 +34,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanocode.checkpoint import checkpoint_dir, load_model, save_checkpoint
+from nanocode import finetune
+from nanocode.checkpoint import load_model
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, get_base_dir, print0, run_main
-from nanocode.conversations import load_jsonl, pad_batch
-from nanocode.optim import all_reduce_gradients
+from nanocode.conversations import load_jsonl, load_source, pad_batch
 from nanocode.report import log_stage
 
 
@@ -45,14 +52,13 @@ def get_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=0, help="tokens per side (default: the model's sequence_len)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step, all ranks")
     p.add_argument("--num-epochs", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=-1, help="optimizer steps (-1: from --num-epochs)")
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--init-lr-frac", type=float, default=0.02, help="learning rates start at this fraction of the above")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evals (-1: start and end only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device-type", type=str, default="")
+    p.add_argument("--nll-weight", type=float, default=1.0, help="weight of the chosen side's per-token NLL (0: plain DPO)")
+    p.add_argument("--eval-prompts", type=int, default=64, help="held-out tool-call positions for the validity rate (0: skip)")
+    p.add_argument("--self-pairs", type=str, default="", help="task sources with verifiers (nanocode.rl_tasks: programs, "
+                   "corpus, mbpp, *.jsonl): add pairs of the SFT model's own passing (chosen) and failing (rejected) replies")
+    p.add_argument("--self-samples", type=int, default=4, help="replies sampled per task for --self-pairs")
+    p.add_argument("--self-max-tokens", type=int, default=256)
+    finetune.add_args(p, init_lr_frac=0.02, eval_every=50)
     return p.parse_args(argv)
 
 
@@ -114,7 +120,7 @@ def reference_logps(model, pairs, batch_size, pad_id, device, amp):
 
 
 @torch.no_grad()
-def evaluate(model, pairs, kinds, ref_c, ref_r, args, pad_id, device, amp) -> dict:
+def evaluate_pairs(model, pairs, kinds, ref_c, ref_r, args, pad_id, device, amp) -> dict:
     losses, cr, rr_, pref = [], [], [], []
     for i in range(0, len(pairs), args.batch_size):
         pc, pr, nc, nr = pair_logps(model, pairs[i:i + args.batch_size], pad_id, device, amp)
@@ -135,6 +141,36 @@ def fmt(m: dict) -> str:
             f"policy prefers chosen per token {m['logp_accuracy']:.3f}")
 
 
+def self_pairs(model, tokenizer, spec: str, G: int, max_tokens: int, seed: int):
+    """Preference pairs from the model's own replies: G samples per task of `spec`, scored by the task's
+    verifier; a task with a passing and a failing reply gives one pair (the first of each), so the rejected
+    side is a mistake this model really makes. Returns (pairs, tasks sampled)."""
+    from nanocode import rl_tasks
+    from nanocode.conversations import validate_preference
+    from nanocode.engine import Engine
+    tasks = rl_tasks.load_tasks(spec, "train", seed)
+    results = rl_tasks.sample(Engine(model, tokenizer), tasks, G, seed, max_tokens, temperature=1.0, top_k=50, timeout=5.0)
+    verdicts = rl_tasks.verify_many([t for t in tasks for _ in range(G)], [rl_tasks.written_code(r["message"]) for r in results])
+    pairs = []
+    for j, task in enumerate(tasks):
+        rows = list(zip(results[j * G:(j + 1) * G], verdicts[j * G:(j + 1) * G]))
+        good = [r["message"] for r, (ok, _) in rows if ok]
+        bad = [r["message"] for r, (ok, _) in rows if not ok]
+        if good and bad:
+            pair = {"prompt": {"messages": [{"role": "user", "content": task["prompt"]}]}, "chosen": good[0],
+                    "rejected": bad[0], "kind": "own_failure"}
+            pairs.append(validate_preference(pair, f"self pair of task {task['id']}"))
+    return pairs, len(tasks)
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """The pair order of an epoch: the (epoch+1)-th torch.randperm of a generator seeded `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epoch + 1):
+        order = torch.randperm(n, generator=g).tolist()
+    return order
+
+
 def main(argv=None):
     args = get_args(argv)
     is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
@@ -149,16 +185,25 @@ def main(argv=None):
     tag = args.model_tag or f"d{config.n_layer}"
     pad_id = tokenizer.bos_id
     sft_dir = get_base_dir() / "sft"
-    train, _ = render_pairs(tokenizer, load_jsonl(args.train or sft_dir / "dpo_train.jsonl", kind="preference"), T)
+    train_pairs = load_jsonl(args.train or sft_dir / "dpo_train.jsonl", kind="preference")
+    own = []
+    if args.self_pairs:
+        own, n_tasks = self_pairs(model, tokenizer, args.self_pairs, args.self_samples, args.self_max_tokens, args.seed)
+        print0(f"self pairs: {len(own)} of {n_tasks} tasks had a passing and a failing reply among {args.self_samples} samples")
+    train, _ = render_pairs(tokenizer, train_pairs + own, T)
     val, val_kinds = render_pairs(tokenizer, load_jsonl(args.val or sft_dir / "dpo_val.jsonl", kind="preference"), T)
     if not train or not val:
         raise NanocodeError(f"no usable pairs ({len(train)} train, {len(val)} val) after cutting to {T} tokens")
     if args.batch_size % world_size:
         raise NanocodeError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
+    # validity prompts: the SFT held-out conversations, so the numbers compare with SFT's own
+    convs = load_source("synth", "val") if args.eval_prompts and (sft_dir / "synth_val.jsonl").exists() else []
+    prompts = finetune.tool_call_prompts(tokenizer, convs, args.eval_prompts, T - 8, args.seed)
     steps_per_epoch = max(1, len(train) // args.batch_size)
     num_steps = args.steps if args.steps > 0 else max(1, round(args.num_epochs * steps_per_epoch))
     print0(f"model: sft {tag}, {model.num_params():,} parameters | {len(train)} train pairs, {len(val)} held-out | "
-           f"{args.loss} loss, beta {args.beta} | {num_steps} steps of {args.batch_size} pairs")
+           f"{args.loss} loss, beta {args.beta}, NLL weight {args.nll_weight} | {num_steps} steps of {args.batch_size} pairs "
+           f"| {len(prompts)} tool-call validity prompts")
 
     # the reference: the SFT model's log-probs, once, before any update
     model.eval()
@@ -167,69 +212,55 @@ def main(argv=None):
     ref_val = reference_logps(model, val, args.batch_size, pad_id, device, amp)
     print0(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
 
-    optimizers = model.setup_optimizers(args.matrix_lr, args.embedding_lr, args.unembedding_lr, 0.0,
-                                        rank=rank, world_size=world_size)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = group["lr"] * args.init_lr_frac
+    def batches(step):
+        epoch, k = divmod(step, steps_per_epoch)
+        idx = epoch_order(len(train), epoch, args.seed)[k * args.batch_size:(k + 1) * args.batch_size][rank::world_size]
+        return finetune.split(idx, args.grad_accum)
 
-    g = torch.Generator().manual_seed(args.seed)
-    order, pos = torch.randperm(len(train), generator=g).tolist(), 0
-    curves = {"loss": [], "reward_accuracy": [], "margin": [], "val": []}
-    before = None
-    for step in range(num_steps + 1):
-        last = step == num_steps
-        if rank == 0 and (step == 0 or last or (args.eval_every > 0 and step % args.eval_every == 0)):
-            model.eval()
-            m = evaluate(model, val, val_kinds, *ref_val, args, pad_id, device, amp)
-            model.train()
-            before = before or m
-            curves["val"].append((step, m))
-            print0(f"step {step:05d} | held-out {fmt(m)}")
-        if is_ddp:
-            torch.distributed.barrier()
-        if last:
-            break
-        if pos + args.batch_size > len(order):
-            order, pos = torch.randperm(len(train), generator=g).tolist(), 0
-        idx = order[pos:pos + args.batch_size][rank::world_size]
-        pos += args.batch_size
-        t0 = time.time()
-        model.train()
+    def loss_fn(idx):
         pc, pr, nc, nr = pair_logps(model, [train[i] for i in idx], pad_id, device, amp)
         losses, cr, rr = dpo_loss(pc, pr, ref_train[0][idx], ref_train[1][idx], args.beta, args.loss, nc, nr)
         loss = losses.mean()
-        loss.backward()
-        all_reduce_gradients(model, world_size)
-        lrm = 1.0 - step / num_steps
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        acc, margin = (cr > rr).float().mean().item(), (cr - rr).mean().item()
-        curves["loss"].append((step + 1, loss.item()))
-        curves["reward_accuracy"].append((step + 1, acc))
-        curves["margin"].append((step + 1, margin))
-        tokens = (nc.sum() + nr.sum()).item() * world_size
-        print0(f"step {step + 1:05d}/{num_steps:05d} | loss {loss.item():.4f} | reward acc {acc:.2f} | margin {margin:+.4f} | "
-               f"lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tokens / dt:,.0f} (assistant tokens)")
+        nll = (-pc / nc).mean()
+        if args.nll_weight:
+            loss = loss + args.nll_weight * nll
+        return loss, {"loss": loss.item(), "dpo_loss": losses.mean().item(), "chosen_nll": nll.item(),
+                      "reward_acc": (cr > rr).float().mean().item(), "margin": (cr - rr).mean().item(),
+                      "tokens": (nc.sum() + nr.sum()).item()}
 
+    def evaluate(step):
+        if rank != 0:
+            return None
+        m = evaluate_pairs(model, val, val_kinds, *ref_val, args, pad_id, device, amp)
+        print0(f"step {step:05d} | held-out {fmt(m)}")
+        if prompts and (step == 0 or step == num_steps):
+            with amp:
+                m["validity"] = finetune.tool_call_validity(model, tokenizer, prompts)
+            print0(f"step {step:05d} | {finetune.fmt_validity(m['validity'])}")
+        return m
+
+    result = finetune.train(model, finetune.setup_optimizers(model, args, rank, world_size), args, phase="dpo", tag=tag,
+                            num_steps=num_steps, batches=batches, loss_fn=loss_fn, evaluate=evaluate, rank=rank,
+                            world_size=world_size, device=device,
+                            meta=lambda: {"model_config": sft_meta["model_config"], "sft_step": sft_meta.get("step"),
+                                          "dpo_args": vars(args)})
     if rank == 0:
-        out_dir = checkpoint_dir("dpo", tag)
-        meta = {"model_config": sft_meta["model_config"], "sft_step": sft_meta.get("step"), "dpo_args": vars(args),
-                "val_before": before, "val": m}
-        save_checkpoint(out_dir, num_steps, model.state_dict(), None, meta)
-        log_stage("dpo", model_tag=tag, steps=num_steps, loss_type=args.loss, beta=args.beta, train_pairs=len(train),
-                  val_pairs=len(val), val_before=before, val_after=m,
+        before, m = result["evals"][0][1], result["evals"][-1][1]
+        c = result["curves"]
+        curves = {"loss": c["loss"], "reward_accuracy": c["reward_acc"], "margin": c["margin"],
+                  "chosen_nll": c["chosen_nll"], "val": [(s, {k: v for k, v in e.items() if k != "validity"})
+                                                         for s, e in result["evals"]]}
+        validity = {"tool_call_validity_before": before["validity"]["validity"], "tool_call_validity": m["validity"]["validity"],
+                    "validity_before": before["validity"], "validity_after": m["validity"]} if prompts else {}
+        log_stage("dpo", model_tag=tag, steps=num_steps, loss_type=args.loss, beta=args.beta, nll_weight=args.nll_weight,
+                  train_pairs=len(train), self_pairs=len(own), val_pairs=len(val), val_before=before, val_after=m,
                   preference_accuracy_before=before["reward_accuracy"], preference_accuracy=m["reward_accuracy"],
-                  curves=curves, device=str(device))
-        print0(f"saved {out_dir}; held-out preference (reward) accuracy {before['reward_accuracy']:.3f} -> "
+                  curves=curves, device=str(device), **validity)
+        print0(f"saved dpo/{tag}; held-out preference (reward) accuracy {before['reward_accuracy']:.3f} -> "
                f"{m['reward_accuracy']:.3f}, margin {before['margin']:+.4f} -> {m['margin']:+.4f}, per-token "
                f"log-prob preference {before['logp_accuracy']:.3f} -> {m['logp_accuracy']:.3f}")
+        if prompts:
+            print0(f"tool-call validity {before['validity']['validity']:.3f} -> {m['validity']['validity']:.3f} (valid per prompt)")
         print0("held-out reward accuracy by kind: " + ", ".join(
             f"{k} {v:.3f} ({val_kinds.count(k)})" for k, v in m["reward_accuracy_by_kind"].items()))
     compute_cleanup()

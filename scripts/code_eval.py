@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from nanocode.checkpoint import PHASES
 from nanocode.code_tasks import (TASKS, chat_completion, chat_conversation, has_tool_calls, load_task, pass_at_k,
                                  program, stop_sequences, truncate_at_stop)
 from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, print0, run_main
@@ -25,7 +26,7 @@ from nanocode.execution import run_many
 from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="HumanEval / MBPP pass@k in a sandbox")
-parser.add_argument("-i", "--source", default="base", choices=["base", "sft", "dpo"], help="which checkpoint to sample")
+parser.add_argument("-i", "--source", default="base", choices=PHASES, help="which checkpoint to sample")
 parser.add_argument("-a", "--task", default="humaneval", choices=TASKS)
 parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem")
 parser.add_argument("-k", "--ks", default="1,10", help="comma-separated k for pass@k (k > n is skipped)")

@@ -1,5 +1,6 @@
 """DPO: the loss matches a hand computation, a side's log-prob counts only the reply's assistant tokens,
 and a short run goes end to end."""
+import contextlib
 import json
 import math
 
@@ -9,6 +10,8 @@ import torch
 from nanocode import synth
 from nanocode.conversations import write_jsonl
 from scripts.code_dpo import dpo_loss
+
+NO_NLL = ["--nll-weight", "0"]  # the loop above has no NLL term on the chosen side
 
 
 def test_dpo_loss_matches_hand_computation():
@@ -83,3 +86,81 @@ def test_dpo_short_run_end_to_end(module_base_dir, tokenizer, model, pairs):
     assert report["val_before"]["reward_accuracy"] == 0.0 and report["val_before"]["ties"] == 1.0  # policy == reference
     assert len(report["curves"]["loss"]) == 2 and report["val_pairs"] == len(pairs) - 6
     assert set(report["val_after"]["reward_accuracy_by_kind"]) <= set(synth.PAIR_KINDS)
+
+
+def reference_dpo_losses(model, pairs, steps, batch_size, seed, beta, pad_id, matrix_lr=0.02, embedding_lr=0.2,
+                         unembedding_lr=0.004, init_lr_frac=0.02):
+    """DPO's training loop as it was written out in scripts/code_dpo.py before SFT, DPO and RL shared
+    nanocode/finetune.py (one process, sigmoid loss, no NLL term): reference log-probs from the start
+    model, a fresh torch.randperm order per epoch, learning rates at init_lr_frac decaying linearly to 0."""
+    from scripts.code_dpo import pair_logps
+    model.eval()
+    with torch.no_grad():
+        ref_c, ref_r = [], []
+        for i in range(0, len(pairs), batch_size):
+            c, r, _, _ = pair_logps(model, pairs[i:i + batch_size], pad_id, "cpu", torch.no_grad())
+            ref_c.append(c), ref_r.append(r)
+        ref_c, ref_r = torch.cat(ref_c), torch.cat(ref_r)
+    opts = model.setup_optimizers(matrix_lr, embedding_lr, unembedding_lr, 0.0)
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["lr"] * init_lr_frac
+    g = torch.Generator().manual_seed(seed)
+    order, pos, losses = torch.randperm(len(pairs), generator=g).tolist(), 0, []
+    for step in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(pairs), generator=g).tolist(), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        model.train()
+        pc, pr, _, _ = pair_logps(model, [pairs[i] for i in idx], pad_id, "cpu", contextlib.nullcontext())
+        loss = (-torch.nn.functional.logsigmoid(beta * ((pc - ref_c[idx]) - (pr - ref_r[idx])))).mean()
+        loss.backward()
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * (1.0 - step / steps)
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_dpo_losses_equal_the_reference_loop(module_base_dir, tokenizer, model, pairs):
+    """The script's loss curve on a fixed seed equals the plain loop above, step for step, across an epoch
+    boundary (5 pairs, batches of 2), with a learning rate high enough that the policy moves."""
+    from nanocode.checkpoint import checkpoint_dir, load_model, save_checkpoint
+    from nanocode.conversations import load_jsonl
+    from scripts import code_dpo
+    save_checkpoint(checkpoint_dir("sft", "ref2"), 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
+    write_jsonl(module_base_dir / "ref_train.jsonl", pairs[:5])
+    write_jsonl(module_base_dir / "ref_val.jsonl", pairs[5:7])
+    code_dpo.main(["--model-tag", "ref2", "--train", str(module_base_dir / "ref_train.jsonl"), "--val",
+                   str(module_base_dir / "ref_val.jsonl"), "--steps", "5", "--batch-size", "2", "--seed", "3",
+                   "--init-lr-frac", "0.5", "--eval-every", "-1", "--device-type", "cpu"] + NO_NLL)
+    got = [l for _, l in json.loads((module_base_dir / "report" / "dpo.json").read_text())["curves"]["loss"]]
+    ref_model, _, _ = load_model("sft", "cpu", tag="ref2")
+    train, _ = code_dpo.render_pairs(tokenizer, load_jsonl(module_base_dir / "ref_train.jsonl", kind="preference"), 512)
+    want = reference_dpo_losses(ref_model, train, 5, 2, 3, 0.1, tokenizer.bos_id, init_lr_frac=0.5)
+    assert len(train) == 5 and got == want
+    assert len(set(got)) > 1  # the policy moved
+
+
+def test_self_pairs_reject_the_models_own_failures(module_base_dir, tokenizer, model, monkeypatch):
+    """With a verifier (here: the reply's text has an even sum of character codes, true for about half of
+    a random model's replies), a task whose samples both pass and fail gives a pair of the model's own
+    replies: chosen passes, rejected fails."""
+    from nanocode import rl_tasks
+    from scripts.code_dpo import self_pairs
+    from tests.helpers import install_fixed_answer_reward
+    monkeypatch.setattr(rl_tasks, "written_code", rl_tasks.written_code)
+    monkeypatch.setattr(rl_tasks, "verify_many", rl_tasks.verify_many)
+    install_fixed_answer_reward()
+    even = lambda text: sum(map(ord, text)) % 2 == 0
+    rl_tasks.verify_many = lambda tasks, codes, **kw: [(even(c), "") for c in codes]
+    tasks = [{"id": f"t{i}", "prompt": f"say {i}", "check": {"type": "stdout", "expected": "q"}} for i in range(6)]
+    path = rl_tasks.write_tasks(module_base_dir / "self_tasks.jsonl", tasks)
+    pairs, n = self_pairs(model, tokenizer, str(path), 6, 24, 0)
+    assert n == 6 and pairs
+    text = lambda m: "".join(p["text"] for p in m["content"] if p["type"] == "text")
+    assert all(even(text(p["chosen"])) and not even(text(p["rejected"])) for p in pairs)
+    assert all(p["kind"] == "own_failure" for p in pairs)

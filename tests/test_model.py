@@ -1,4 +1,4 @@
-"""The GPT, Muon and checkpoints (issue: foundation). CPU, fp32, PyTorch references."""
+"""The GPT, Muon and checkpoints. CPU, fp32, PyTorch references."""
 
 import pytest
 import torch

@@ -1,13 +1,14 @@
 """Newton-Schulz for Muon: the Triton path (the interpreter on CPU) against the float64 reference
-iteration on wide, tall, square and batched inputs, the singular values it must produce, the
-symmetric-product kernel on its own (every element written), dispatch and input errors."""
+iteration on wide, tall, square and batched inputs, with the Polar-Express (default) and the classic
+quintic coefficients; the singular values each must produce, the symmetric-product kernel on its
+own (every element written), dispatch and input errors."""
 import importlib
 
 import numpy as np
 import pytest
 import torch
 
-from kernels.newton_schulz import NS_COEFFS, newton_schulz_reference, newton_schulz_triton
+from kernels.newton_schulz import CLASSIC_QUINTIC, POLAR_EXPRESS, newton_schulz_reference, newton_schulz_triton, step_coeffs
 
 ns_mod = importlib.import_module("kernels.newton_schulz")  # `kernels.newton_schulz` is the function
 CUDA = torch.cuda.is_available()
@@ -16,6 +17,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 # bf16 runs round every product to 11 / 8 bits, five steps in a row.
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 8e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+COEFFS = {"polar_express": POLAR_EXPRESS, "classic": CLASSIC_QUINTIC}
 
 
 @pytest.fixture(autouse=True)
@@ -24,10 +26,9 @@ def triton_path(monkeypatch):
     monkeypatch.setattr(ns_mod, "POISON_OUTPUTS", True)
 
 
-def quintic(s, steps):
+def scalar_map(s, steps, coeffs):
     """The scalar map each singular value goes through (exact for the iteration in exact math)."""
-    a, b, c = NS_COEFFS
-    for _ in range(steps):
+    for a, b, c in step_coeffs(coeffs, steps):
         s = a * s + b * s ** 3 + c * s ** 5
     return s
 
@@ -46,12 +47,13 @@ def well_conditioned(*shape, lo=0.5):
     return (U * s[..., None, :]) @ V.mT * (10 * torch.rand(()).item() + 0.1)
 
 
+@pytest.mark.parametrize("coeffs", COEFFS)
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (33, 33), (3, 20, 36), (2, 2, 36, 20)],
                          ids=["wide", "tall", "square", "batched", "batched-4d-tall"])
-def test_matches_reference_fp32(shape):
+def test_matches_reference_fp32(shape, coeffs):
     G = torch.randn(*shape, device=DEVICE)
-    X = newton_schulz_triton(G, steps=5, dtype=torch.float32)
-    ref = newton_schulz_reference(G.double(), steps=5, dtype=torch.float64)
+    X = newton_schulz_triton(G, steps=5, dtype=torch.float32, coeffs=COEFFS[coeffs])
+    ref = newton_schulz_reference(G.double(), steps=5, dtype=torch.float64, coeffs=COEFFS[coeffs])
     assert X.shape == G.shape and X.dtype == torch.float32
     assert (X.double() - ref).abs().max().item() < TOL[torch.float32]
 
@@ -65,35 +67,52 @@ def test_low_precision(dtype):
     assert (X.double() - ref).abs().max().item() < TOL[dtype]
 
 
+@pytest.mark.parametrize("coeffs", COEFFS)
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24), (2, 33, 33)])
-def test_singular_values_follow_the_quintic(shape):
-    """Each singular value σ of the normalized input goes to p⁵(σ), p(σ) = aσ + bσ³ + cσ⁵: the
-    sorted output singular values equal the sorted images of the input's."""
+def test_singular_values_follow_the_polynomials(shape, coeffs):
+    """Each singular value σ of the normalized input goes through p_i(σ) = aσ + bσ³ + cσ⁵ with each
+    step's (a, b, c): the sorted output singular values equal the sorted images of the input's
+    (7 steps: the last triple repeats)."""
     G = torch.randn(*shape, device=DEVICE)
-    for steps in (1, 5):
-        X = newton_schulz_triton(G, steps=steps, dtype=torch.float32)
+    for steps in (1, 5, 7):
+        X = newton_schulz_triton(G, steps=steps, dtype=torch.float32, coeffs=COEFFS[coeffs])
         s_in = singular_values(G)
-        s_in = s_in / s_in.square().sum(-1, keepdim=True).sqrt()  # the Frobenius normalization
-        want = quintic(s_in, steps).sort(-1).values
+        s_in = s_in / (s_in.square().sum(-1, keepdim=True).sqrt() * 1.02)  # the Frobenius normalization
+        want = scalar_map(s_in, steps, COEFFS[coeffs]).sort(-1).values
         got = singular_values(X).sort(-1).values
         assert (got - want).abs().max().item() < 1e-4, f"steps={steps}"
 
 
-# The band: normalized singular values in [0.01, 1] land in [0.6818, 1.1344] after five steps
-# (the scalar map, evaluated on a fine grid below). A well-conditioned input (σ in [0.5, 1], so
-# normalized σ >= 0.5 / sqrt(k) >= 0.01 for k <= 2500) must land there, up to rounding.
+# The bands: after five steps, normalized singular values in [0.01, 1] land in [0.6818, 1.1344]
+# with the classic quintic, and in [0.8588, 1.1412] with Polar Express, which also takes σ = 0.001
+# there (the scalar maps, evaluated on a fine grid below). A well-conditioned input (σ in [0.5, 1],
+# so normalized σ >= 0.5 / (1.02 sqrt(k)) >= 0.01 for k <= 2400) must land there, up to rounding.
+BANDS = {"classic": (0.6818, 1.1344), "polar_express": (0.8588, 1.1412)}
+
+
 def test_band_of_the_coefficients():
-    grid = np.linspace(0.01, 1, 200_001)
-    img = quintic(grid, 5)
+    img = scalar_map(np.linspace(0.01, 1, 200_001), 5, CLASSIC_QUINTIC)
     assert 0.680 < img.min() < 0.683 and 1.133 < img.max() < 1.136
+    img = scalar_map(np.linspace(0.001, 1, 200_001), 5, POLAR_EXPRESS)
+    assert 0.8585 < img.min() < 0.859 and 1.141 < img.max() < 1.1415
+    assert scalar_map(0.001, 5, CLASSIC_QUINTIC) < 0.5  # where the classic one falls short
 
 
+@pytest.mark.parametrize("coeffs", COEFFS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_singular_values_in_band(dtype):
+def test_singular_values_in_band(dtype, coeffs):
     G = well_conditioned(2, 36, 52).float().to(DEVICE)
-    s = singular_values(newton_schulz_triton(G, steps=5, dtype=dtype))
+    s = singular_values(newton_schulz_triton(G, steps=5, dtype=dtype, coeffs=COEFFS[coeffs]))
     slack = 1e-4 if dtype == torch.float32 else TOL[dtype]
-    assert s.min() > 0.6818 - slack and s.max() < 1.1344 + slack, (s.min().item(), s.max().item())
+    lo, hi = BANDS[coeffs]
+    assert s.min() > lo - slack and s.max() < hi + slack, (s.min().item(), s.max().item())
+
+
+def test_polar_express_is_the_default():
+    G = torch.randn(20, 30, device=DEVICE)
+    want = newton_schulz_triton(G, dtype=torch.float32, coeffs=POLAR_EXPRESS)
+    assert torch.equal(newton_schulz_triton(G, dtype=torch.float32), want)
+    assert not torch.allclose(newton_schulz_triton(G, dtype=torch.float32, coeffs=CLASSIC_QUINTIC), want)
 
 
 def test_zero_matrix_and_zero_steps():
@@ -102,7 +121,7 @@ def test_zero_matrix_and_zero_steps():
     assert torch.equal(newton_schulz_triton(G, dtype=torch.float32), G)
     G = torch.randn(20, 30, device=DEVICE)
     X = newton_schulz_triton(G, steps=0, dtype=torch.float32)
-    assert torch.allclose(X, G / (G.norm() + 1e-7))
+    assert torch.allclose(X, G / (G.norm() * 1.02 + 1e-6))
 
 
 @pytest.mark.parametrize("M, K", [(45, 30), (32, 64), (7, 5)])
@@ -113,8 +132,8 @@ def test_symmetric_product_writes_every_element(M, K, with_add):
     out = torch.full((2, M, M), float("nan"), device=DEVICE)
     add = torch.randn(2, M, M, device=DEVICE) if with_add else None
     add = add + add.mT if with_add else None  # symmetric, as A is (only its upper tiles are read)
-    ns_mod._launch_sym_matmul(P, out, alpha=0.7, add=add, beta=-1.3)
-    want = 0.7 * P.double() @ P.double().mT + (-1.3 * add.double() if with_add else 0)
+    ns_mod._launch_sym_matmul(P, out, alpha=0.7, add=add, beta=-1.3, diag=2.5)
+    want = 0.7 * P.double() @ P.double().mT + (-1.3 * add.double() + 2.5 * torch.eye(M, dtype=torch.float64, device=DEVICE) if with_add else 0)
     assert not out.isnan().any()
     assert (out.double() - want).abs().max().item() < 1e-4
 
@@ -150,6 +169,10 @@ def test_bad_inputs():
         newton_schulz_triton(torch.randn(3, 3), dtype=torch.float64)
     with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
         newton_schulz_triton(torch.randn(3, 3), dtype=torch.int32)
+    with pytest.raises(ValueError, match="coeffs must be a non-empty sequence"):
+        newton_schulz_triton(torch.randn(3, 3), coeffs=[(1.0, 2.0)])
+    with pytest.raises(ValueError, match="coeffs must be a non-empty sequence"):
+        newton_schulz_triton(torch.randn(3, 3), coeffs=[])
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -63,7 +63,7 @@ def test_full_report_has_every_stage_numbers_and_plots(base):
 
 def test_empty_base_dir_reports_everything_missing(base):
     text = build_report(base).read_text()
-    assert text.count("| missing |") == 9  # the 11 stages but the optional evals
+    assert text.count("| missing |") == 10  # the 12 stages but the optional evals
     assert "pass@k: missing" in text and "No stage timings" in text
 
 

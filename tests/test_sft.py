@@ -22,7 +22,7 @@ CONV = {"messages": [
 
 
 def expected_segments(conv):
-    """The rendered text per the DESIGN.md template, as (text, is_assistant_token) segments."""
+    """The rendered text per the docs/DESIGN.md template, as (text, is_assistant_token) segments."""
     msgs = conv["messages"]
     system = msgs[0]["content"] + "\n\n" if msgs[0]["role"] == "system" else ""
     segs = [("<|bos|>", False)]
@@ -111,3 +111,99 @@ def test_validity_counts_real_tool_calls():
     assert "not valid JSON" in parse_call('{"name": "read_file", "arguments": {"path": "a.py"}')[1]
     assert "unknown tool" in parse_call('{"name": "cat", "arguments": {"path": "a.py"}}')[1]
     assert "missing required" in parse_call('{"name": "edit_file", "arguments": {"path": "a.py"}}')[1]
+
+
+def reference_sft_losses(model, rows, steps, batch_size, seed, pad_id, matrix_lr=0.02, embedding_lr=0.2,
+                         unembedding_lr=0.004, init_lr_frac=0.1):
+    """SFT's training loop as it was written out in scripts/code_sft.py before SFT, DPO and RL shared
+    nanocode/finetune.py (one process): a shuffled pass over the rows per epoch (random.Random(seed),
+    in-place shuffles), loss on the masked tokens, learning rates at init_lr_frac decaying linearly to 0."""
+    import random
+    opts = model.setup_optimizers(matrix_lr, embedding_lr, unembedding_lr, 0.0)
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["lr"] * init_lr_frac
+    order, pos, rng, losses = list(range(len(rows))), len(rows), random.Random(seed), []
+    model.train()
+    for step in range(steps):
+        if pos + batch_size > len(order):
+            rng.shuffle(order)
+            pos = 0
+        x, y = pad_batch([rows[i] for i in order[pos:pos + batch_size]], pad_id)
+        pos += batch_size
+        loss = model(x, y)
+        loss.backward()
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * (1.0 - step / steps)
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_sft_losses_equal_the_reference_loop(module_base_dir, tokenizer, funcs):
+    """The script's loss curve on a fixed seed equals the plain loop above, step for step (exactly: CPU fp32,
+    same operations in the same order), across an epoch boundary (5 rows, batches of 2: 2 steps per epoch)."""
+    from nanocode.checkpoint import checkpoint_dir, load_model, save_checkpoint
+    from nanocode.conversations import load_mixture
+    from nanocode.gpt import GPTConfig, build_model
+    from scripts import code_sft
+    torch.manual_seed(0)
+    config = GPTConfig.from_depth(1, tokenizer.vocab_size, 256)
+    model = build_model(config, "cpu")
+    for p in model.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    save_checkpoint(checkpoint_dir("base", "ref1"), 0, model.state_dict(), None, {"model_config": config.to_dict()})
+    kinds = ["explain", "write_run", "test_fix"]
+    write_jsonl(module_base_dir / "sft" / "synth_train.jsonl", synth.generate_trajectories(5, 3, funcs, kinds))
+    write_jsonl(module_base_dir / "sft" / "synth_val.jsonl", synth.generate_trajectories(2, 4, funcs, kinds))
+    code_sft.main(["--model-tag", "ref1", "--mix", "synth=1", "--steps", "5", "--batch-size", "2", "--seed", "7",
+                   "--eval-prompts", "1", "--gen-tokens", "2", "--eval-every", "-1", "--device-type", "cpu"])
+    got = [l for _, l in json.loads((module_base_dir / "report" / "sft.json").read_text())["curves"]["loss"]]
+    ref_model, _, _ = load_model("base", "cpu", tag="ref1")
+    rows = code_sft.render_rows(tokenizer, load_mixture("synth=1", "train", 7), 256)
+    want = reference_sft_losses(ref_model, rows, 5, 2, 7, tokenizer.bos_id)
+    assert len(rows) == 5 and got == want
+
+
+def test_user_jsonl_with_an_unknown_tool_is_an_error_naming_file_and_line(tmp_path):
+    from nanocode.common import NanocodeError
+    from scripts.code_sft import check_tool_calls, load_data
+    bad = json.loads(json.dumps(CONV))
+    bad["messages"][2]["content"][1]["name"] = "cat"
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(CONV) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(NanocodeError, match=r"mine.jsonl line 3: unknown tool 'cat'"):
+        check_tool_calls(path)
+    bad["messages"][2]["content"][1] = {"type": "tool_call", "name": "read_file", "arguments": {"file": "a.py"}}
+    path.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(NanocodeError, match=r"mine.jsonl line 1: read_file is missing required argument 'path'"):
+        load_data(str(path), "", 0)
+    good, val = tmp_path / "good.jsonl", tmp_path / "good_val.jsonl"
+    good.write_text(json.dumps(CONV) + "\n")
+    val.write_text(json.dumps(CONV) + "\n" + json.dumps(CONV) + "\n")
+    train, held_out = load_data(str(good), str(val), 0)
+    assert len(train) == 1 and len(held_out) == 2  # the user's own held-out split
+
+
+def test_validity_counts_no_call_invalid_and_cut_off_apart(tokenizer):
+    """Four prompts, a scripted model answering each: a valid call, a malformed one, text and no call,
+    and a call too long for a budget of 8 tokens. Seen and unseen kinds are reported apart."""
+    from nanocode.engine import encode_with_specials
+    from tests.scripted_model import ScriptedModel
+    from nanocode.finetune import tool_call_validity
+    call = '{"name": "read_file", "arguments": {"path": "main.py"}}'
+    turns = [f"<|tool_start|>{call}<|tool_end|>", '<|tool_start|>{"name": "read_file", <|tool_end|>',
+             "No tool needed.", "<|tool_start|>" + '{"name": "bash", "arguments": {"command": "' + "x" * 200 + '"}}']
+    model = ScriptedModel([encode_with_specials(tokenizer, t) for t in turns], tokenizer.vocab_size,
+                          tokenizer.special_id("<|assistant_start|>"), tokenizer.special_id("<|assistant_end|>"))
+    prompt = list(tokenizer.render_for_completion({"messages": CONV["messages"][:2]}))
+    ref = CONV["messages"][2]["content"][1]
+    prompts = [{"ids": prompt, "ref": ref, "ref_tokens": 30, "kind": k, "seen": s}
+               for k, s in (("a", True), ("a", True), ("b", False), ("b", False))]
+    v = tool_call_validity(model, tokenizer, prompts, max_tokens=0)  # budget: ref_tokens + 32 = 62 < the long call
+    assert (v["valid"], v["invalid"], v["no_call"], v["cut_off"]) == (1, 1, 1, 1)
+    assert v["validity"] == 0.25 and v["validity_of_calls"] == 0.5 and v["same_tool"] == 1
+    assert v["seen"]["validity"] == 0.5 and v["unseen"] == dict(v["unseen"], prompts=2, no_call=1, cut_off=1, validity=0.0)
+    assert v["by_kind"] == {"a": 0.5, "b": 0.0}

@@ -3,6 +3,7 @@ CPU) against float64 references, on fresh random inputs with V and N not multipl
 sizes, logits far beyond the cap, ignored targets, every reduction, fp32 and fp16 (bf16 on CUDA)."""
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,11 +27,15 @@ def triton_path(monkeypatch):
     monkeypatch.setattr(ce_mod, "POISON_OUTPUTS", True)
 
 
-def close(got, want, dtype, what):
+def close(got, want, dtype, what, floor=1e-3):
+    """floor: the smallest scale of the error. With the fixed max, lse = c + log(sum exp(z - c))
+    rounds to a few ulp of c whatever the loss (floor c for losses), and p = exp(z - lse) gets an
+    absolute error of a few ulp of 2c (~1e-6 at c = 15) whatever its size (floor for gradients: the
+    largest upstream gradient a row's probabilities are multiplied by)."""
     got, want = got.double(), want.double()
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     err = (got - want).abs().max().item()
-    scale = max(want.abs().max().item(), 1e-3)
+    scale = max(want.abs().max().item(), floor)
     assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
 
 
@@ -49,12 +54,14 @@ def ce_check(N, V, dtype, reduction, scale=40.0, softcap=15.0, ignore_index=-1):
     ref_in = logits.detach().double().requires_grad_()
     ref = softcap_cross_entropy_reference(ref_in, targets, softcap, ignore_index, reduction)
     assert loss.dtype == torch.float32 and loss.shape == ref.shape
-    close(loss, ref, torch.float32, "loss")  # same logits, fp32 math: fp32 accuracy whatever the dtype
+    close(loss, ref, torch.float32, "loss", floor=softcap)  # same logits, fp32 math: fp32 accuracy whatever the dtype
     dout = torch.rand_like(loss) + 0.5
     (grad,) = torch.autograd.grad(loss, logits, dout)
     (ref_grad,) = torch.autograd.grad(ref, ref_in, dout.double())
     assert grad.dtype == dtype
-    close(grad, ref_grad, dtype, "dlogits")
+    valid = max(int((targets != ignore_index).sum()), 1)
+    row_grad = dout.max().item() / (valid if reduction == "mean" else 1)
+    close(grad, ref_grad, dtype, "dlogits", floor=row_grad)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -76,6 +83,38 @@ def test_softcap_ce_other_softcap_and_ignore_index():
     ce_check(7, 300, torch.float32, "sum", scale=3.0, softcap=2.5, ignore_index=-100)
     ce_check(7, 300, torch.float32, "none", scale=100.0, softcap=30.0, ignore_index=5)
     ce_check(7, 300, torch.float32, "mean", scale=300.0, softcap=100.0)  # exp(softcap) overflows fp32
+
+
+@pytest.mark.parametrize("fixed_max", [True, False], ids=["fixed-max", "running-max"])
+def test_both_lse_paths(monkeypatch, fixed_max):
+    """softcap <= FIXED_MAX_SOFTCAP uses c as the max; above it the running max. Force each path at
+    the same softcap, for the split kernels and the fused forward+gradient kernel."""
+    monkeypatch.setattr(ce_mod, "FIXED_MAX_SOFTCAP", 1e9 if fixed_max else 0.0)
+    ce_check(9, 1100, torch.float32, "none")
+    test_linear_ce_matches_reference(monkeypatch, torch.float32, "mean")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_fixed_max_at_its_limit():
+    """softcap 40, every logit far below it (z = -c everywhere): the fixed-max sum is V * exp(-80),
+    still a normal fp32 number, so loss = log(V) exactly and the gradient is uniform."""
+    for scale in (40.0, 1e4):
+        ce_check(5, 300, torch.float32, "sum", scale=scale, softcap=40.0)
+    logits = torch.full((3, 300), -1e4, device=DEVICE)
+    loss = softcap_cross_entropy_triton(logits, torch.tensor([0, 7, 299], device=DEVICE), softcap=40.0, reduction="none")
+    assert torch.allclose(loss, torch.full_like(loss, float(np.log(300))), rtol=0, atol=1e-5)
+
+
+def test_chunk_rows():
+    """Equal chunks (no small last one), whole 128-row tiles when large, and less than
+    CHUNK_BYTES where free memory is short."""
+    rows = ce_mod._chunk_rows(N=65536, V=32768, C=768, elem_bytes=2, free_bytes=None)
+    assert rows * 32768 * 2 <= ce_mod.CHUNK_BYTES + 128 * 32768 * 2 and rows % 128 == 0 and 65536 % rows == 0
+    assert ce_mod._chunk_rows(N=29, V=301, C=40, elem_bytes=4, free_bytes=None) == 29
+    assert ce_mod._chunk_rows(N=1000, V=32768, C=768, elem_bytes=2, free_bytes=None) == 1024  # one chunk
+    short = 32768 * 768 * 4 + 65536 * 768 * 2 + 4 * (64 << 20)  # a quarter of the rest: 64 MiB of logits
+    rows = ce_mod._chunk_rows(N=65536, V=32768, C=768, elem_bytes=2, free_bytes=short)
+    assert 512 <= rows <= 1024 and rows * 32768 * 2 <= (64 << 20) + 128 * 32768 * 2
 
 
 def test_softcap_matters():

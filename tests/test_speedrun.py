@@ -45,15 +45,15 @@ def test_cpu_pipeline_stages_in_order(run):
     assert p.returncode == 0, p.stderr
     modules = [c.split(" -m ")[1].split()[0] for c in calls if " -m " in c]
     assert modules == ["nanocode.dataset", "scripts.tok_train", "scripts.tok_eval", "scripts.base_train",
-                       "scripts.base_eval", "scripts.gen_synth", "scripts.code_sft", "scripts.code_dpo",
-                       "scripts.code_eval", "scripts.agent_eval", "scripts.agent_eval", "scripts.code_cli",
+                       "scripts.base_eval", "scripts.gen_synth", "scripts.code_sft", "scripts.code_dpo", "scripts.code_rl",
+                       "scripts.code_eval", "scripts.agent_eval", "scripts.agent_eval", "scripts.agent_eval", "scripts.code_cli",
                        "nanocode.report"]
     train = next(c for c in calls if "scripts.base_train" in c)
     assert train.startswith("python ") and "--depth 4" in train and "--fim-rate 0.5" in train
     assert "--local" in calls[0]
     assert "--yes" in next(c for c in calls if "scripts.code_cli" in c)
     assert json.loads((base / "speedrun" / "base_train.done").read_text())["cpu_seconds"] > 0.05
-    for stage in ("dataset", "tokenizer", "base_train", "base_eval", "synth", "sft", "dpo", "code_eval_dpo",
+    for stage in ("dataset", "tokenizer", "base_train", "base_eval", "synth", "sft", "dpo", "rl", "code_eval_dpo",
                   "agent_demo"):
         marker = json.loads((base / "speedrun" / f"{stage}.done").read_text())
         assert marker["device"] == "cpu" and marker["gpus"] == 0 and marker["seconds"] >= 0
