@@ -306,7 +306,7 @@ class GPT(nn.Module):
         return 6 * self.num_scaling_params() + 12 * cfg.n_embd * sum(keys)
 
     def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
-                         adam_betas=(0.8, 0.95), rank=0, world_size=1, scalar_lr=0.5):
+                         adam_betas=(0.8, 0.95), rank=0, world_size=1, scalar_lr=0.5, ns_coeffs=None):
         """Muon for the blocks' 2-D matrices, with cautious weight decay; AdamW (no weight decay) for
         the rest, each kind with its own learning rate: the embedding and the value embeddings and
         the head scaled by 1/sqrt(width/768) so they carry across depths, the residual scalars at
@@ -326,7 +326,7 @@ class GPT(nn.Module):
         fused = self.lm_head.weight.is_cuda
         adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
         muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, rank=rank,
-                    world_size=world_size)
+                    world_size=world_size, **({} if ns_coeffs is None else {"ns_coeffs": ns_coeffs}))
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

@@ -18,10 +18,13 @@ import torch.distributed as dist
 
 import kernels
 
+# base_train --ns-coeffs: Polar Express (per-step coefficients, the default) or the classic quintic.
+NS_COEFFS = {"polar": kernels.POLAR_EXPRESS, "classic": kernels.CLASSIC_QUINTIC}
+
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, rank=0,
-                 world_size=1):
+                 world_size=1, ns_coeffs=kernels.POLAR_EXPRESS):
         params = list(params)
         for p in params:
             if p.ndim != 2:
@@ -31,7 +34,9 @@ class Muon(torch.optim.Optimizer):
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                  weight_decay=weight_decay))
-        self.rank, self.world_size = rank, world_size
+        # Newton-Schulz's per-step (a, b, c): not a param-group entry, so optimizer state files stay plain
+        # tensors and numbers, and the choice stays the script's (base_train --ns-coeffs).
+        self.rank, self.world_size, self.ns_coeffs = rank, world_size, tuple(map(tuple, ns_coeffs))
 
     @torch.no_grad()
     def step(self):
@@ -58,13 +63,14 @@ class Muon(torch.optim.Optimizer):
         ns_dtype = torch.bfloat16 if update.is_cuda else torch.float32
         n, world = update.size(0), self.world_size
         if world == 1:
-            return kernels.newton_schulz(update, steps=steps, dtype=ns_dtype)
+            return kernels.newton_schulz(update, steps=steps, dtype=ns_dtype, coeffs=self.ns_coeffs)
         # Rank r orthogonalizes matrices [r*per, (r+1)*per) of the stack (zero-padded to world*per);
         # every rank then holds all results after the all-gather.
         per = math.ceil(n / world)
         padded = torch.zeros((per * world, *update.shape[1:]), dtype=update.dtype, device=update.device)
         padded[:n] = update
-        mine = kernels.newton_schulz(padded[self.rank * per:(self.rank + 1) * per], steps=steps, dtype=ns_dtype)
+        mine = kernels.newton_schulz(padded[self.rank * per:(self.rank + 1) * per], steps=steps, dtype=ns_dtype,
+                                     coeffs=self.ns_coeffs)
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine.contiguous())
         return torch.cat(gathered)[:n]

@@ -18,7 +18,8 @@ Everything follows from --depth (nanochat's scaling recipe; explicit flags overr
 - schedule: 40 warmup steps, constant, then the last 65% linearly down to 5% of the peak; Muon's
   momentum 0.85 -> 0.95 over the first 300 steps and back down to 0.90 over the warmdown.
 The October 2025 recipe (ratio 20 over all parameters, batch 524,288, no warmup, warmdown 0.2 to 0,
-no weight decay, full attention, no value embeddings or lambdas, RoPE base 10,000, N(0, 1) embedding)
+no weight decay, full attention, no value embeddings or lambdas, RoPE base 10,000, N(0, 1) embedding,
+the classic Newton-Schulz quintic)
 is `--recipe oct2025`; bench/recipe_ab.py compares the two.
 """
 import argparse
@@ -35,7 +36,7 @@ from nanocode.dataloader import DataLoader
 from nanocode.dataset import split_shards
 from nanocode.gpt import GPT, GPTConfig, build_model, windows_are_slow
 from nanocode.loss_eval import evaluate_bpb
-from nanocode.optim import all_reduce_gradients
+from nanocode.optim import NS_COEFFS, all_reduce_gradients
 from nanocode.report import log_stage
 from nanocode.tokenizer import get_tokenizer
 
@@ -64,6 +65,8 @@ def get_args(argv=None):
     p.add_argument("--value-embeds", type=int, default=1, help="value embeddings on alternating layers")
     p.add_argument("--lambdas", type=int, default=1, help="per-layer residual and x0 scalars")
     p.add_argument("--rope-base", type=float, default=100_000.0)
+    p.add_argument("--ns-coeffs", type=str, default="polar", choices=list(NS_COEFFS),
+                   help="Muon's Newton-Schulz coefficients: Polar Express per step, or the classic quintic")
     p.add_argument("--recipe", type=str, default="", choices=["", "oct2025"],
                    help="oct2025: the October 2025 recipe (sets every flag above; later flags still override)")
     p.add_argument("--fim-rate", type=float, default=0.5)
@@ -97,7 +100,7 @@ def get_args(argv=None):
 
 OCT2025 = dict(total_batch_size=524288, target_param_data_ratio=20.0, weight_decay=0.0, warmup_steps=0,
                warmdown_ratio=0.2, final_lr_frac=0.0, window_pattern="L", value_embeds=0, lambdas=0,
-               rope_base=10000.0)
+               rope_base=10000.0, ns_coeffs="classic")
 B_REF = 2 ** 19  # tokens per step at depth 12, nanochat's measured optimum
 WD_REF = 0.28  # Muon weight decay at depth 12 (nanochat)
 MAX_EPOCHS = 4  # repeated data is worth about as much as new for up to ~4 epochs (Muennighoff et al. 2023)
@@ -218,7 +221,8 @@ def main(argv=None):
         num_iterations = max(1, round(planned_tokens / total_batch_size))
     optimizers = model.setup_optimizers(args.matrix_lr * lr_scale, args.embedding_lr * lr_scale,
                                         args.unembedding_lr * lr_scale, weight_decay, rank=rank,
-                                        world_size=world_size, scalar_lr=args.scalar_lr * lr_scale)
+                                        world_size=world_size, scalar_lr=args.scalar_lr * lr_scale,
+                                        ns_coeffs=NS_COEFFS[args.ns_coeffs])
     adamw, muon = optimizers
     use_compile = args.compile == 1 or (args.compile == -1 and device.type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
