@@ -5,8 +5,9 @@
 
 Prints tokens/s (batches handed to the caller, B*T tokens each, after a warmup that fills the prefetch queue and
 lets the best-fit buffer reach its steady state), the fraction of tokens lost to cropping while timing, and the
-tokens per CPU-second of the whole process (all its threads), which says what a core does even on a busy machine. Target: >= 1M tokens/s per process on 2 cores (one loader per GPU
-must keep an H100 fed), cropping <= 35% at T=2048. Needs a corpus (python -m nanocode.dataset --local) and a
+tokens per CPU-second of the whole process (all its threads), which says what a core does even on a busy
+machine. Aims: >= 1M tokens/s per process on 2 cores (each GPU's rank runs its own loader, which must
+stay ahead of the GPU's training steps), cropping <= 35% at T=2048. Needs a corpus (python -m nanocode.dataset --local) and a
 tokenizer (python -m scripts.tok_train).
 """
 import argparse

@@ -141,7 +141,7 @@ def relu2_mlp_cases(device, dtype, tiny):
     return cases
 
 
-# ---- kernels II cases ----
+# ---- softcap CE, fused linear + softcap CE, Newton-Schulz cases ----
 # softcap CE, fused linear + softcap CE, Newton-Schulz: builders with the signature
 # f(device, dtype, tiny) -> list[Case], appended to CASE_BUILDERS below.
 

@@ -1,4 +1,4 @@
-"""What every kernel file shares: the dispatch rule of DESIGN.md ("Kernels") and input checks."""
+"""What every kernel file shares: the dispatch rule of docs/DESIGN.md ("Kernels") and input checks."""
 import os
 
 import torch

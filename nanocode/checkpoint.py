@@ -20,6 +20,10 @@ import torch.distributed as dist
 from nanocode.common import NanocodeError, get_base_dir
 
 
+# The training phases, in pipeline order; each has its own checkpoints/<phase>/ directory.
+PHASES = ("base", "sft", "dpo", "rl")
+
+
 def checkpoint_dir(phase: str, tag: str) -> Path:
     return get_base_dir() / "checkpoints" / phase / tag
 
@@ -129,7 +133,7 @@ def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", rank: int =
 
 
 def load_model(phase: str, device, tag: str | None = None, step: int | None = None):
-    """Build a GPT from a saved checkpoint of `phase` (base|sft|dpo) and return (model, tokenizer, meta).
+    """Build a GPT from a saved checkpoint of `phase` (one of PHASES) and return (model, tokenizer, meta).
     With no tag, the most recently written tag of that phase is used."""
     from nanocode.gpt import GPT, GPTConfig
     from nanocode.tokenizer import get_tokenizer

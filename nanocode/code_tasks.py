@@ -14,16 +14,14 @@ MBPP completion is simply the whole solution code, as other harnesses produce it
 """
 import gzip
 import json
-import os
 import re
-import socket
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 
 from nanocode.common import NanocodeError, get_base_dir
+from nanocode.hub import hub_file
 
 TASKS = ("humaneval", "mbpp")
 # A base model has no end-of-answer token: cut the completion where a new top-level statement starts.
@@ -65,20 +63,10 @@ def download_mbpp() -> Path:
     out = get_base_dir() / "data" / "mbpp" / "sanitized_test.jsonl"
     if out.exists():
         return out
-    hint = "offline? give a local JSONL of the sanitized split instead (code_eval --mbpp-file)"
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
-    try:  # fail fast when the hub is unreachable, rather than after the client's retries
-        socket.create_connection((host, 443), timeout=10).close()
-    except OSError as e:
-        raise NanocodeError(f"cannot reach {host} to download MBPP ({e}); {hint}") from None
-    try:
-        from huggingface_hub import hf_hub_download
-        parquet = hf_hub_download(MBPP_REPO, MBPP_FILE, repo_type="dataset", local_dir=out.parent)
-    except Exception as e:
-        raise NanocodeError(f"could not download MBPP ({MBPP_REPO}/{MBPP_FILE}) from the Hugging Face hub "
-                            f"({type(e).__name__}: {e}); {hint}") from None
+    parquet = hub_file(MBPP_REPO, MBPP_FILE, hint="give a local JSONL of the sanitized split instead (code_eval --mbpp-file)")
     import pyarrow.parquet as pq
     rows = pq.read_table(parquet).to_pylist()
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(out)

@@ -106,8 +106,29 @@ def peak_bf16_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
+def normalize_argv(args: list[str]) -> list[str]:
+    """The command-line forms users bring from nanochat-style READMEs, made argparse's: `--vocab_size=32768`
+    becomes `--vocab-size=32768` (only the name before `=` changes, never a value: `--out=my_dir` stays),
+    and a leading bare `--` is dropped (`torchrun ... -m scripts.base_train -- --depth=12`, where the `--`
+    only told the launcher that its own flags ended; argparse would take every flag after it as a
+    positional and stop with "unrecognized arguments"). A `--` later on keeps its meaning."""
+    if args and args[0] == "--":
+        args = args[1:]
+    out = []
+    for i, a in enumerate(args):
+        if a == "--":  # what follows is positional, verbatim
+            return out + args[i:]
+        if a.startswith("--"):
+            name, eq, value = a.partition("=")
+            a = name.replace("_", "-") + eq + value
+        out.append(a)
+    return out
+
+
 def run_main(main):
-    """Run a script's main(): a NanocodeError prints one line and exits 1; Ctrl-C exits 130."""
+    """Run a script's main() on the normalized command line (normalize_argv): a NanocodeError prints one
+    line and exits 1; Ctrl-C exits 130."""
+    sys.argv[1:] = normalize_argv(sys.argv[1:])
     code = 0
     try:
         main()

@@ -66,6 +66,9 @@ class DataLoader:
         self.fim_rate = (0.5 if split == "train" else 0.0) if fim_rate is None else fim_rate
         if split == "val" and self.fim_rate > 0:
             raise ValueError("FIM is for training data only: use fim_rate=0 (or None) for the val split")
+        # buffer_size: best-fit packs tighter the more documents it can choose from (fewer crops), at the cost
+        # of memory and of documents waiting longer; prefetch: batches packed ahead so a slow shard read or
+        # a long document never stalls a training step.
         self.buffer_size, self.tokenizer_threads, self.tokenizer_batch, self.prefetch = buffer_size, tokenizer_threads, tokenizer_batch, prefetch
         self.max_doc_chars = 2 * T if max_doc_chars is None else max_doc_chars
         self.bos = tokenizer.bos_id
@@ -222,7 +225,7 @@ class _Packer:
                         ids += encoded[k]
                     else:
                         ids.append(-1 - k)
-                arrays.append(np.array(ids, dtype=np.int32))
+                arrays.append(np.array(ids, dtype=np.int32))  # int32: half of int64's memory in the buffer
             yield (epoch, s, r + self.world_size), arrays
 
     def produce(self, state, pool):
@@ -233,7 +236,7 @@ class _Packer:
         lengths = [len(d) for d in buffer]
         packed, cropped = state["tokens_packed"], state["tokens_cropped"]
         while not self.stop.is_set():
-            rows = np.empty((B, T + 1), dtype=np.int32)
+            rows = np.empty((B, T + 1), dtype=np.int32)  # T + 1: inputs are [:-1], targets the same shifted by one
             for b in range(B):
                 pos = 0
                 while pos < T + 1:
@@ -248,7 +251,7 @@ class _Packer:
                     if i >= 0:
                         doc = buffer.pop(i)
                         lengths.pop(i)
-                    else:  # nothing fits: crop the shortest document to fill the row
+                    else:  # nothing fits: crop the shortest document to fill the row (it loses the fewest tokens)
                         doc = buffer.pop(0)
                         lengths.pop(0)
                         cropped += len(doc) - space
@@ -257,6 +260,8 @@ class _Packer:
                     pos += len(doc)
             packed += B * (T + 1)
             rows = torch.from_numpy(rows)
+            # int64 (what embedding and cross-entropy index with) in pinned memory, so the copy to the GPU
+            # in __next__ can be asynchronous; inputs and targets in one tensor: one copy, not two.
             host = torch.empty((2, B, T), dtype=torch.int64, pin_memory=self.pin_memory)
             host[0] = rows[:, :-1]
             host[1] = rows[:, 1:]

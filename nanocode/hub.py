@@ -43,8 +43,10 @@ def hub_file(repo_id: str, filename: str, repo_type: str = "dataset", revision: 
     try:
         if not offline:
             _check_reachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        # endpoint passed explicitly: the client reads HF_ENDPOINT once, at import, and a test (or a
+        # caller) may set it later
         path = hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision,
-                               cache_dir=hub_cache_dir())
+                               cache_dir=hub_cache_dir(), endpoint=os.environ.get("HF_ENDPOINT") or None)
     except Exception as e:  # connection, HTTP, cache-miss-while-offline: all mean "not available here"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NanocodeError(f"could not download {what} from the Hugging Face hub ({reason}); "

@@ -3,7 +3,11 @@ all-reduce that data parallelism needs.
 
 Muon: Nesterov momentum, then the update is orthogonalized by Newton-Schulz (kernels.newton_schulz),
 so every direction of the matrix moves by about the same amount; the step is scaled by
-sqrt(max(1, rows/cols)). Same-shape matrices are stacked and orthogonalized in one batched call.
+sqrt(max(1, rows/cols)). Weight decay is cautious (Chen et al. 2025, "Cautious Weight Decay"): a
+weight decays only where the update already pulls it toward zero (update and weight of the same
+sign), so decay never pushes a weight against what its gradient asks for; it is decoupled and
+scaled by the (scheduled) learning rate, so it decays with the LR schedule.
+Same-shape matrices are stacked and orthogonalized in one batched call.
 Under DDP each rank orthogonalizes only its share of each stack and the results are all-gathered,
 so the Newton-Schulz work is split across ranks instead of repeated on each.
 """
@@ -14,9 +18,13 @@ import torch.distributed as dist
 
 import kernels
 
+# base_train --ns-coeffs: Polar Express (per-step coefficients, the default) or the classic quintic.
+NS_COEFFS = {"polar": kernels.POLAR_EXPRESS, "classic": kernels.CLASSIC_QUINTIC}
+
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, rank=0, world_size=1):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, rank=0,
+                 world_size=1, ns_coeffs=kernels.POLAR_EXPRESS):
         params = list(params)
         for p in params:
             if p.ndim != 2:
@@ -24,8 +32,11 @@ class Muon(torch.optim.Optimizer):
         # One group per shape (in order of first appearance), so each group is one batched Newton-Schulz call.
         shapes = list(dict.fromkeys(tuple(p.shape) for p in params))
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
-        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
-        self.rank, self.world_size = rank, world_size
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                 weight_decay=weight_decay))
+        # Newton-Schulz's per-step (a, b, c): not a param-group entry, so optimizer state files stay plain
+        # tensors and numbers, and the choice stays the script's (base_train --ns-coeffs).
+        self.rank, self.world_size, self.ns_coeffs = rank, world_size, tuple(map(tuple, ns_coeffs))
 
     @torch.no_grad()
     def step(self):
@@ -41,20 +52,25 @@ class Muon(torch.optim.Optimizer):
             update = self._orthogonalize(update, group["ns_steps"])
             rows, cols = params[0].shape
             lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
+            wd = group["weight_decay"]
             for p, u in zip(params, update):
-                p.add_(u.to(p.dtype), alpha=-lr)
+                u = u.to(p.dtype)
+                if wd:
+                    u = u + wd * p * (u * p >= 0)  # p -= lr * u: decay only where u has p's sign
+                p.add_(u, alpha=-lr)
 
     def _orthogonalize(self, update, steps):
         ns_dtype = torch.bfloat16 if update.is_cuda else torch.float32
         n, world = update.size(0), self.world_size
         if world == 1:
-            return kernels.newton_schulz(update, steps=steps, dtype=ns_dtype)
+            return kernels.newton_schulz(update, steps=steps, dtype=ns_dtype, coeffs=self.ns_coeffs)
         # Rank r orthogonalizes matrices [r*per, (r+1)*per) of the stack (zero-padded to world*per);
         # every rank then holds all results after the all-gather.
         per = math.ceil(n / world)
         padded = torch.zeros((per * world, *update.shape[1:]), dtype=update.dtype, device=update.device)
         padded[:n] = update
-        mine = kernels.newton_schulz(padded[self.rank * per:(self.rank + 1) * per], steps=steps, dtype=ns_dtype)
+        mine = kernels.newton_schulz(padded[self.rank * per:(self.rank + 1) * per], steps=steps, dtype=ns_dtype,
+                                     coeffs=self.ns_coeffs)
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine.contiguous())
         return torch.cat(gathered)[:n]

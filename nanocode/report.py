@@ -16,6 +16,7 @@ import platform
 import subprocess
 from pathlib import Path
 
+from nanocode.checkpoint import PHASES
 from nanocode.common import get_base_dir
 
 
@@ -261,7 +262,7 @@ def plot_curves(title, curves, path):
     if not s:
         return None
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed (servers, CI), and no GUI backend probing
     import matplotlib.pyplot as plt
     n = len(s)
     cols = min(n, 3)
@@ -301,8 +302,7 @@ def plot_pass_at_k(evals, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sources = sorted({s for v in bars.values() for s in v}, key=lambda s: ["base", "sft", "dpo"].index(s)
-                     if s in ("base", "sft", "dpo") else 9)
+    sources = sorted({s for v in bars.values() for s in v}, key=lambda s: PHASES.index(s) if s in PHASES else 9)
     groups = sorted(bars)
     width = 0.8 / len(sources)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.8 * len(groups)), 3.2))

@@ -108,7 +108,8 @@ class Tokenizer:
         return SPECIAL_TOKENS.index(name)
 
     def encode(self, text: str) -> list[int]:
-        """Ordinary tokens only: special-token text in `text` is encoded as plain text."""
+        """Ordinary tokens only: special-token text in `text` is encoded as plain text (so a file or a
+        user message containing "<|tool_start|>" can never make the model see a real tool call)."""
         if not isinstance(text, str):
             raise TypeError(f"encode needs a str, got {type(text).__name__}")
         return self.encoding.encode_ordinary(text)
@@ -224,8 +225,8 @@ def _messages(conversation: dict):
                 raise ValueError(f"message {n}: a system message may only come first")
             system = text
             continue
-        if system is not None:
-            text, system = system + "\n\n" + text, None
+        if system is not None:  # the token table has no system token (as in nanochat): the system
+            text, system = system + "\n\n" + text, None  # prompt opens the first user turn
         out.append((role, [{"type": "text", "text": text}]))
     if system is not None:
         raise ValueError("a system message must be followed by a user message")

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from nanocode.checkpoint import PHASES
 from nanocode.agent_tasks import load_suite, make_suite, read_transcripts, replay, run_tasks, summarize, task_record
-from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, run_main
+from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, progress, run_main
 from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="agentic coding tasks, verified")
-parser.add_argument("-i", "--source", default="sft", choices=["sft", "dpo", "rl"], help="which checkpoint to run")
+parser.add_argument("-i", "--source", default="sft", choices=PHASES, help="which checkpoint to run")
 parser.add_argument("--suite", default=None, help="JSONL suite file (default: the shipped nanocode/data/agent_suite.jsonl)")
 parser.add_argument("--seed", type=int, default=None, help="generate a suite from this seed instead of reading one")
 parser.add_argument("--num-tasks", type=int, default=None, help="tasks to generate (with --seed), or the first N of the suite")
@@ -62,15 +63,12 @@ def main():
         from nanocode.checkpoint import load_model
         from nanocode.engine import Engine
         model, tokenizer, _ = load_model(args.source, device, tag=args.tag, step=args.step)
-        done = [0]
-
-        def progress(record):
-            done[0] += 1
-            if rank == 0 and (done[0] % 8 == 0):
-                print(f"finished {done[0]} tasks (rank 0)", flush=True)
-        records = run_tasks(Engine(model, tokenizer), tasks[rank::world_size], args.batch_size, args.temperature,
+        mine = tasks[rank::world_size]
+        bar = progress(total=len(mine), desc="tasks", unit="task")  # rank 0's share, with rate and ETA
+        records = run_tasks(Engine(model, tokenizer), mine, args.batch_size, args.temperature,
                             args.top_k if args.temperature > 0 else None, max_tokens=args.max_tokens,
-                            max_tool_calls=args.max_tool_calls, on_done=progress)
+                            max_tool_calls=args.max_tool_calls, on_done=lambda record: bar.update(1))
+        bar.close()
     seconds = time.time() - t0
     if is_ddp:
         gathered = [None] * world_size

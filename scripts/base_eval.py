@@ -8,7 +8,10 @@ greedy completions and fill-in-the-middle infillings printed for a look.
 Bits per byte: the validation documents (each <|bos|> + its tokens) are concatenated into one stream,
 cut into rows of the model's context, and every target token's loss (nats) and UTF-8 byte count are
 summed per language of the document it belongs to; bpb = nats / (ln 2 * bytes). It does not depend on
-the tokenizer, so models with different vocabularies compare.
+the tokenizer, so models with different vocabularies compare. Concatenated rather than one document
+per row: no padding to compute on. As in training, a document can attend to the end of the one before
+it in the same row (attention is not masked per document); unlike training, a row may start inside a
+document, so a few tokens per row see less context than they would in training.
 """
 import argparse
 import math
@@ -18,11 +21,12 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from nanocode.checkpoint import PHASES
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="bits per byte on the validation shard, per language, and samples")
-parser.add_argument("-i", "--source", default="base", choices=["base", "sft", "dpo"], help="which checkpoint")
+parser.add_argument("-i", "--source", default="base", choices=PHASES, help="which checkpoint")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 parser.add_argument("--max-docs", type=int, default=1000, help="validation documents per rank, balanced across languages")

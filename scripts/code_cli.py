@@ -19,12 +19,13 @@ import signal
 import sys
 from pathlib import Path
 
+from nanocode.checkpoint import PHASES
 from nanocode.common import NanocodeError, autodetect_device_type, run_main
 from nanocode.tools import run_tool
 
 parser = argparse.ArgumentParser(description="coding agent in the terminal")
 parser.add_argument("-p", "--prompt", default=None, help="one-shot prompt (no REPL)")
-parser.add_argument("-i", "--source", default="sft", choices=["sft", "dpo", "base"], help="which checkpoint phase")
+parser.add_argument("-i", "--source", default="sft", choices=PHASES, help="which checkpoint phase")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the most recent)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("-t", "--temperature", type=float, default=0.6)

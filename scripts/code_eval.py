@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from nanocode.checkpoint import PHASES
 from nanocode.code_tasks import (TASKS, chat_completion, chat_conversation, has_tool_calls, load_task, pass_at_k,
                                  program, stop_sequences, truncate_at_stop)
-from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, print0, progress, run_main
 from nanocode.execution import run_many
 from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="HumanEval / MBPP pass@k in a sandbox")
-parser.add_argument("-i", "--source", default="base", choices=["base", "sft", "dpo"], help="which checkpoint to sample")
+parser.add_argument("-i", "--source", default="base", choices=PHASES, help="which checkpoint to sample")
 parser.add_argument("-a", "--task", default="humaneval", choices=TASKS)
 parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem")
 parser.add_argument("-k", "--ks", default="1,10", help="comma-separated k for pass@k (k > n is skipped)")
@@ -102,7 +103,7 @@ def generate(engine, tokenizer, problems: list[dict], task: str, chat: bool, num
     seq_len = engine.max_len
     keep = seq_len - min(max_tokens, seq_len // 2)  # longest prompt that leaves room to answer
     by_task, cropped = {}, 0
-    for idx, p in enumerate(problems):
+    for idx, p in enumerate(progress(problems, desc="problems", unit="problem")):  # rate and ETA on rank 0
         if chat:
             by_task[p["task_id"]] = [chat_completion(p, parts) for parts in
                                      chat_replies(engine, p, num_samples, max_tokens, temperature, top_k,
@@ -114,8 +115,6 @@ def generate(engine, tokenizer, problems: list[dict], task: str, chat: bool, num
             outs = engine.generate_batch(ids, num_samples=num_samples, max_tokens=max_tokens, temperature=temperature,
                                          top_k=top_k if temperature > 0 else None, seed=seed + 10_007 * idx)
             by_task[p["task_id"]] = [truncate_at_stop(tokenizer.decode(o), stop_sequences(task)) for o in outs]
-        if (idx + 1) % 10 == 0 or idx + 1 == len(problems):
-            print0(f"generated {idx + 1}/{len(problems)} problems (rank 0)")
     if cropped:
         print(f"note: {cropped} prompts were longer than the model's context allows and were cut from the left")
     return by_task

@@ -193,7 +193,7 @@ def main(argv=None):
                             meta=lambda: {"model_config": config.to_dict(), "base_step": base_meta.get("step"),
                                           "sft_args": vars(args), "mix": mix})
     if rank == 0:
-        (s0, first), (_, last) = result["evals"][0], result["evals"][-1]
+        (_, first), (_, last) = result["evals"][0], result["evals"][-1]
         curves = {"loss": result["curves"]["loss"], "val_loss": [(s, m["val_loss"]) for s, m in result["evals"]],
                   "validity": [(s, m["validity"]) for s, m in result["evals"]]}
         log_stage("sft", model_tag=tag, steps=num_steps, batch_size=args.batch_size, mix=mix,

@@ -49,12 +49,13 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
+from nanocode.checkpoint import PHASES
 from nanocode.common import NanocodeError, autodetect_device_type, run_main
 from nanocode.tokenizer import in_progress
 from nanocode.tools import run_tool
 
 parser = argparse.ArgumentParser(description="OpenAI-compatible server and web UI for the coding agent")
-parser.add_argument("-i", "--source", default="sft", choices=["sft", "dpo", "base"], help="which checkpoint phase")
+parser.add_argument("-i", "--source", default="sft", choices=PHASES, help="which checkpoint phase")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the most recent)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("--host", default="127.0.0.1")

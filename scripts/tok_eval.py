@@ -51,7 +51,9 @@ def sample(patterns: list[str], max_bytes: int) -> str:
 
 
 def offline_encoding(name: str):
-    """tiktoken's encoding `name` if its files are in tiktoken's cache, else None (never downloads)."""
+    """tiktoken's encoding `name` if its files are in tiktoken's cache, else None (never downloads:
+    tiktoken would otherwise fetch the ranks on a cache miss, which hangs for minutes on an offline
+    machine, and an evaluation should not need the network)."""
     def no_download(blobpath):
         raise FileNotFoundError(f"{blobpath} is not in tiktoken's local cache")
     real_read_file = tiktoken.load.read_file
@@ -69,6 +71,8 @@ def main():
     if args.kb < 1:
         raise NanocodeError("--kb must be positive")
     tokenizers = {"ours": get_tokenizer().encode}
+    # GPT-2's (50k, trained on web text) and GPT-4's cl100k (100k, code-aware): the two that published
+    # bytes-per-token numbers are usually quoted against; ours has a third of cl100k's vocab.
     for name in ("gpt2", "cl100k_base"):
         enc = offline_encoding(name)
         if enc is None:

@@ -5,6 +5,11 @@
 
 Documents come from the training split (nanocode.dataset), each cut to --doc-cap characters so one
 huge generated file cannot dominate the counts; training stops after --max-chars characters.
+
+Why 32768 tokens by default: embedding and head hold 2 * vocab * width parameters. At depth 12
+(width 768) that is 50M beside the blocks' 85M; nanochat's 65536 would make it 100M, more than the
+model itself, for small models that cannot use a large vocab's rare tokens well. A power of two also
+keeps the head's matmul tile-friendly.
 """
 import argparse
 import time

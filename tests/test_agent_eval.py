@@ -15,7 +15,7 @@ from nanocode.agent_tasks import (KINDS, load_suite, make_suite, read_transcript
 from nanocode.common import NanocodeError
 from nanocode.engine import Engine, encode_with_specials
 from tests.scripted_model import ScriptedModel
-from tests.test_engine import ByteTokenizer
+from tests.helpers import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,7 +164,7 @@ def test_report_shows_success_per_kind_for_each_checkpoint(tmp_path, monkeypatch
 @pytest.mark.slow  # two torchrun launches: ~35 s on 2 shared cores
 def test_torchrun_sharding_equals_one_process(suite, tmp_path):
     """Tasks sharded over 2 gloo ranks and gathered: the same per-task results, in suite order."""
-    from tests.test_distributed import torchrun
+    from tests.helpers import torchrun
     tasks = suite[:7]
     samples = tmp_path / "mixed.jsonl"
     samples.write_text("".join(json.dumps({"task": t["id"], "message": reference_message(t) if i % 2 == 0 else

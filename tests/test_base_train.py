@@ -72,6 +72,7 @@ def run(args, base):
 @pytest.mark.parametrize("flags,message", [
     (["--depth", "0"], "--depth must be >= 1"),
     (["--total-batch-size", "100"], "not divisible"),
+    (["--window-pattern", "SXL"], "--window-pattern must be made of S and L"),
     (["--device-type", "tpu"], "unknown device type 'tpu'"),
     (["--resume", "--model-tag", "never-trained"], "no checkpoint to resume from"),
 ])
@@ -87,3 +88,51 @@ def test_missing_tokenizer_and_data(tmp_path, base_dir):
     (tmp_path / "tokenizer").symlink_to(base_dir / "tokenizer")  # tokenizer but no data
     r = run(TINY, tmp_path)
     assert r.returncode == 1 and "nanocode.dataset" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_data_horizon_warns_past_a_few_epochs(base_dir, monkeypatch, capsys):
+    monkeypatch.setattr(base_train, "corpus_tokens", lambda tokenizer, name: 50.0)
+    base_train.main(TINY + ["--num-iterations", "2", "--eval-every", "-1", "--model-tag", "horizon"])
+    out = capsys.readouterr().out
+    assert "this run reads 0.0M = 5.12 epochs" in out and "WARNING: 5.1 epochs of the same data" in out, out
+
+
+def test_corpus_tokens_estimate(base_dir):
+    """The estimate (characters x a sample's tokens per character) is near the exact count."""
+    import pyarrow.parquet as pq
+    from nanocode.dataset import split_shards
+    from nanocode.tokenizer import get_tokenizer
+    tok = get_tokenizer()
+    texts = [t for p in split_shards("train", "code") for t in pq.read_table(p).column("text").to_pylist()]
+    exact = sum(len(ids) for ids in tok.encode_batch(texts))
+    assert 0.8 * exact < base_train.corpus_tokens(tok, "code") < 1.25 * exact
+
+
+def test_wandb_off_imports_nothing(base_dir):
+    code = ("import sys, scripts.base_train as b; b.main(sys.argv[1:]); "
+            "assert 'wandb' not in sys.modules, 'wandb was imported'")
+    env = dict(os.environ, NANOCODE_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code, *TINY, "--num-iterations", "1", "--eval-every", "-1",
+                        "--model-tag", "nowandb"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def test_wandb_asked_for_but_missing_is_one_clear_error(base_dir, tmp_path):
+    (tmp_path / "wandb.py").write_text("raise ImportError('no wandb here')\n")  # shadows any installed wandb
+    env = dict(os.environ, NANOCODE_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY, "--num-iterations", "1", "--run", "x"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "wandb" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_batch_from_the_horizon(base_dir, capsys):
+    """No --total-batch-size: the batch comes from the horizon (here depth 1, vocab 400: D / D12 = 8.8e-4,
+    2**19 * 8.8e-4**0.383 = 35k -> 2**15), LRs scaled by sqrt(2**15 / 2**19) = 1/4; a pass of more rows
+    than that batch holds shrinks to fit."""
+    args = list(TINY)
+    del args[args.index("--total-batch-size"):args.index("--total-batch-size") + 2]
+    args[args.index("--device-batch-size") + 1] = "2048"  # 65,536 tokens a pass > 32,768
+    base_train.main(args + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "auto-batch"])
+    out = capsys.readouterr().out
+    assert "1024 rows per pass instead" in out and "batch: 32,768 tokens/step (from the horizon)" in out, out
+    assert "learning rates x 0.2500" in out, out

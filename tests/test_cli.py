@@ -9,7 +9,7 @@ import subprocess
 import time
 
 from nanocode import sandbox
-from tests.test_engine import REPO, any_tokenizer, save_tiny_checkpoint, script_argv, script_env
+from tests.helpers import REPO, real_tokenizer, save_tiny_checkpoint, script_argv, script_env
 
 CALL = '<|tool_start|>{{"name": "bash", "arguments": {{"command": "{}"}}}}<|tool_end|>'
 WRITE = '<|tool_start|>{"name": "write_file", "arguments": {"path": "denied.txt", "content": "x"}}<|tool_end|>'
@@ -180,7 +180,7 @@ def test_bad_workdir_is_a_clear_error(tmp_path):
 
 
 def test_one_shot_with_tiny_real_checkpoint(tmp_path):
-    save_tiny_checkpoint("tiny-cli", any_tokenizer().vocab_size)
+    save_tiny_checkpoint("tiny-cli", real_tokenizer().vocab_size)
     argv = script_argv("scripts.code_cli", "-i", "sft", "--tag", "tiny-cli", "--device-type", "cpu", "-t", "0",
                        "--max-tokens", "24", "--workdir", str(tmp_path), "-p", "write hello world")
     runs = [subprocess.run(argv, cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True,

@@ -1,6 +1,5 @@
 """HumanEval / MBPP scoring: the canonical solutions pass, empty completions fail, bad samples files give
 clear errors, pass@k matches its definition, and the base/chat generation paths produce runnable code."""
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from nanocode.code_tasks import (chat_completion, extract_code, load_humaneval, 
                                  truncate_at_stop, HUMANEVAL_STOP)
 from nanocode.common import NanocodeError
 from scripts.code_eval import generate, parse_ks, read_samples, score, summarize
+from tests.helpers import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 MBPP_FIXTURE = ROOT / "tests" / "fixtures" / "mbpp_sample.jsonl"
@@ -145,26 +145,6 @@ def test_stop_sequences_and_code_extraction(humaneval):
     for reply in (full, only_body):
         records = score([p], {p["task_id"]: [chat_completion(p, reply)]}, workers=1, timeout=5.0)
         assert records[0]["passed"], records[0]["result"]
-
-
-class ByteTokenizer:
-    """A stand-in tokenizer: 12 special tokens, then one token per byte."""
-    SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-                "<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>",
-                "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
-    bos_id, vocab_size = 0, 12 + 256
-
-    def special_id(self, name):
-        return self.SPECIALS.index(name)
-
-    def encode(self, text):
-        return [12 + b for b in text.encode("utf-8")]
-
-    def decode(self, ids):
-        return bytes(i - 12 for i in ids if i >= 12).decode("utf-8", errors="replace")
-
-    def render_for_completion(self, conv):
-        return [0, 1] + self.encode(conv["messages"][0]["content"]) + [2, 3]
 
 
 def reply_for(tok, problems, replies):
@@ -357,7 +337,7 @@ def test_mbpp_offline_is_a_clear_error(monkeypatch):
     def unreachable(*args, **kwargs):
         raise OSError("Name or service not known")
     monkeypatch.setattr(socket, "create_connection", unreachable)
-    with pytest.raises(NanocodeError, match=r"cannot reach huggingface.co to download MBPP .*--mbpp-file"):
+    with pytest.raises(NanocodeError, match=r"could not download google-research-datasets/mbpp/.*cannot reach huggingface.co.*--mbpp-file"):
         load_mbpp()
     with pytest.raises(NanocodeError, match="MBPP file not found"):
         load_mbpp("/nonexistent/mbpp.jsonl")
@@ -365,9 +345,6 @@ def test_mbpp_offline_is_a_clear_error(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------
 # the scripts on a tiny real checkpoint (random weights): they run end to end and report sane numbers
-
-HAVE_TOKENIZER = importlib.util.find_spec("nanocode.tokenizer") is not None
-
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
@@ -406,7 +383,6 @@ def run_in(base, module, *args):
     return p.stdout
 
 
-@pytest.mark.skipif(not HAVE_TOKENIZER, reason="nanocode.tokenizer not available")
 def test_code_eval_with_tiny_checkpoint(tiny_base):
     out = run_in(tiny_base, "scripts.code_eval", "-i", "base", "--max-problems", 2, "-n", 2, "-t", 0.8,
                  "--max-tokens", 8, "--device-type", "cpu")
@@ -419,7 +395,6 @@ def test_code_eval_with_tiny_checkpoint(tiny_base):
     assert report["humaneval"]["num_problems"] == 2
 
 
-@pytest.mark.skipif(not HAVE_TOKENIZER, reason="nanocode.tokenizer not available")
 def test_base_eval_with_tiny_checkpoint(tiny_base):
     out = run_in(tiny_base, "scripts.base_eval", "--max-docs", 20, "--sample-tokens", 4, "--device-type", "cpu")
     report = json.loads((tiny_base / "report" / "base_eval.json").read_text())

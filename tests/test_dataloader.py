@@ -10,7 +10,7 @@ import torch
 from nanocode.common import NanocodeError
 from nanocode.dataloader import DataLoader, chunk_text
 from nanocode.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, undo_fim
-from tests.data_fixtures.helpers import make_docs, make_tokenizer, write_corpus
+from tests.helpers import make_docs, trained_tokenizer, write_corpus
 
 N_PER_SHARD, N_TRAIN_SHARDS = 40, 3
 
@@ -22,7 +22,7 @@ def docs():
 
 @pytest.fixture(scope="module")
 def tok(docs):
-    return make_tokenizer(docs[:30])
+    return trained_tokenizer(docs[:30])
 
 
 @pytest.fixture(autouse=True)

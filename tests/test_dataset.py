@@ -1,9 +1,7 @@
-"""The corpus: reading shards (and their errors), rank splits, filters, the offline build, and downloads
-against a local HTTP server that drops the connection mid-file."""
-import http.server
+"""The corpus: reading shards (and their errors), rank splits, filters, the offline build, and the online
+build against a local stand-in for the hub that drops the connection mid-file."""
 import io
 import socket
-import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +9,7 @@ import pytest
 
 from nanocode import dataset
 from nanocode.common import NanocodeError
-from tests.data_fixtures.helpers import make_docs, write_corpus
+from tests.helpers import FakeHub, make_docs, write_corpus
 
 GOOD = "def add(a, b):\n    '''Add two numbers.'''\n    return a + b\n\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
 
@@ -115,111 +113,52 @@ def test_build_local_filters_dedups_and_is_deterministic(tmp_path, monkeypatch, 
 
 
 # -----------------------------------------------------------------------------
-# Downloads against a local server
-
-class FlakyServer(http.server.ThreadingHTTPServer):
-    """Serves files from a dict; the first GET of each file in `fail_once` stops after half of its bytes."""
-
-    def __init__(self, files, fail_once=(), ranges=True):
-        self.files, self.fail_once, self.ranges, self.requests = files, set(fail_once), ranges, []
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server_address[1]}"
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self.send_response(200)
-        self.end_headers()
-
-    def do_GET(self):
-        path = self.path.split("?")[0]
-        self.server.requests.append((path, self.headers.get("Range")))
-        data = self.server.files.get(path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") and self.server.ranges else 0
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        if path in self.server.fail_once:  # promise everything, send half, hang up
-            self.server.fail_once.discard(path)
-            self.wfile.write(data[start:len(data) // 2])
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.wfile.write(data[start:])
-
-
-@pytest.fixture
-def server():
-    servers = []
-
-    def start(files, fail_once=(), ranges=True):
-        servers.append(FlakyServer(files, fail_once, ranges))
-        return servers[-1]
-    yield start
-    for s in servers:
-        s.shutdown()
-        s.server_close()
-
-
-def test_download_resumes_after_a_failure_mid_file(tmp_path, server):
-    blob = bytes(range(256)) * 4000  # ~1 MB
-    srv = server({"/f.bin": blob}, fail_once={"/f.bin"})
-    dest = dataset.download(f"{srv.base_url}/f.bin", tmp_path / "f.bin", backoff=0)
-    assert dest.read_bytes() == blob
-    assert not (tmp_path / "f.bin.part").exists()
-    assert srv.requests == [("/f.bin", None), ("/f.bin", f"bytes={len(blob) // 2}-")]  # the retry asked for the rest only
-    assert dataset.download(f"{srv.base_url}/f.bin", dest) == dest and len(srv.requests) == 2  # already there: no request
-
-
-def test_download_restarts_when_the_server_ignores_ranges(tmp_path, server):
-    blob = bytes(range(256)) * 1000
-    srv = server({"/f.bin": blob}, fail_once={"/f.bin"}, ranges=False)
-    assert dataset.download(f"{srv.base_url}/f.bin", tmp_path / "f.bin", backoff=0).read_bytes() == blob
-    assert len(srv.requests) == 2
-
-
-def test_download_gives_up_with_a_clear_error(tmp_path, server):
-    srv = server({"/f.bin": b"x" * 1000}, fail_once={"/f.bin"})
-    with pytest.raises(NanocodeError, match="HTTP 404"):
-        dataset.download(f"{srv.base_url}/missing.bin", tmp_path / "m.bin", backoff=0)
-    with pytest.raises(NanocodeError, match="after 1 tries"):  # one try only: the injected failure is final
-        dataset.download(f"{srv.base_url}/f.bin", tmp_path / "f.bin", retries=1, backoff=0)
-    assert (tmp_path / "f.bin.part").stat().st_size == 500 and not (tmp_path / "f.bin").exists()
-
+# Online build against a local stand-in for the hub (nanocode.hub's own tests: tests/test_hub.py)
 
 def test_unreachable_hub_gives_one_message(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path))
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     with pytest.raises(NanocodeError, match=r"cannot reach .*offline.*--local"):
-        dataset.build_online("code", ["python"], num_files=1, base_url=f"http://127.0.0.1:{port}")
+        dataset.build_online("code", ["python"], num_files=1)
 
 
-def test_build_online_from_a_local_hub(tmp_path, monkeypatch, server):
+def test_build_online_from_a_local_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path))
     docs = make_docs(40, seed=5, min_lines=8)
     assert all(dataset.quality_problem(d) is None for d in docs)
-    plan = dataset.plan_downloads(["python", "rust"], num_files=2, fineweb_ratio=0.5, base_url="")
-    assert [p[1] for p in plan] == ["python_0000.parquet", "rust_0000.parquet", "fineweb_00000.parquet", "fineweb_00001.parquet"]
+    plan = dataset.plan_downloads(["python", "rust"], num_files=2, fineweb_ratio=0.5)
+    assert [p[2] for p in plan] == ["Python-mit/partial-train/0000.parquet", "Rust-mit/partial-train/0000.parquet",
+                                    "shard_00000.parquet", "shard_00001.parquet"]
     files = {}
-    for k, (url, _, column, lang) in enumerate(plan):
+    for k, (repo, _, filename, column, lang) in enumerate(plan):
         buf = io.BytesIO()
         rows = docs[10 * k:10 * k + 10] + ["x = 1\n", docs[10 * k]]  # plus one too short and one duplicate
         pq.write_table(pa.table({column: rows}), buf)
-        files[url] = buf.getvalue()
-    srv = server(files, fail_once={plan[0][0]})
-    shards = dataset.build_online("code", ["python", "rust"], num_files=2, fineweb_ratio=0.5, shard_mb=0.005, base_url=srv.base_url)
+        files[f"{repo}/{filename}"] = buf.getvalue()
+    first = f"{plan[0][0]}/{plan[0][2]}"
+    hub = FakeHub(files, fail_once={first})  # the first file's connection drops halfway: resumed
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        shards = dataset.build_online("code", ["python", "rust"], num_files=2, fineweb_ratio=0.5, shard_mb=0.005)
+        assert len([r for r in hub.requests if r[0] == "GET" and r[1] == first]) == 2  # dropped, then fetched again
+    finally:
+        hub.close()
     got = sorted((d["text"], d["lang"]) for s in ("train", "val") for d in dataset.iter_documents(s))
     want = sorted((docs[i], ["python", "rust", "english", "english"][i // 10]) for i in range(40))
     assert got == want and len(shards) >= 2
-    assert list((tmp_path / "data" / "code" / "raw").glob("*.part")) == []
+    assert not list((tmp_path / "hub").rglob("*.incomplete"))
+
+
+def test_a_downloaded_file_that_is_not_parquet_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path))
+    (repo, _, filename, _, _), = dataset.plan_downloads(["go"], num_files=1)
+    hub = FakeHub({f"{repo}/{filename}": b"<html>rate limited</html>"})
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with pytest.raises(NanocodeError, match=r"0000.parquet is not a parquet file: delete "):
+            dataset.build_online("code", ["go"], num_files=1)
+    finally:
+        hub.close()

@@ -9,30 +9,10 @@ keeps torch's gloo teardown from aborting a finished process). Disjoint dataload
 test_dataloader.py.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def torchrun(script_or_args, tmp_path, nproc=2):
-    """Run a script (str: its source) or a module (list: args) under 2 gloo processes; returns stdout."""
-    if isinstance(script_or_args, str):
-        path = tmp_path / "script.py"
-        path.write_text(script_or_args)
-        args = [str(path), str(tmp_path)]
-    else:
-        args = script_or_args
-    # Pinned to the loopback interface: no dependence on how this machine's hostname resolves.
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-                        f"--nproc_per_node={nproc}", *args], env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
-    assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p.stdout
+from tests.helpers import torchrun
 
 
 DDP_SCRIPT = r"""

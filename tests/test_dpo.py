@@ -153,7 +153,7 @@ def test_self_pairs_reject_the_models_own_failures(module_base_dir, tokenizer, m
     replies: chosen passes, rejected fails."""
     from nanocode import rl_tasks
     from scripts.code_dpo import self_pairs
-    from tests.test_rl import install_fixed_answer_reward
+    from tests.helpers import install_fixed_answer_reward
     monkeypatch.setattr(rl_tasks, "written_code", rl_tasks.written_code)
     monkeypatch.setattr(rl_tasks, "verify_many", rl_tasks.verify_many)
     install_fixed_answer_reward()

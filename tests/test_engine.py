@@ -1,107 +1,14 @@
 """Engine: KV-cache generation equals plain generation, batched equals one by one, sampling filters,
 and the agent's tool loop (real output injected, denial, malformed calls, call cap, context overflow),
 with a scripted fake model and with a tiny real checkpoint."""
-import importlib.util
-import json
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from nanocode.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from nanocode.engine import DENIED, Engine, KVCache, encode_with_specials, sample_next
-from nanocode.gpt import GPT, GPTConfig, build_model
+from nanocode.gpt import GPT, GPTConfig
+from tests.helpers import ByteTokenizer, real_tokenizer, tiny_model
 from tests.scripted_model import ScriptedModel
-
-SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-            "<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>",
-            "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
-
-
-class ByteTokenizer:
-    """Stand-in with the Tokenizer interface the engine uses: 12 specials, then the 256 bytes."""
-    vocab_size = len(SPECIALS) + 256
-    bos_id = 0
-
-    def special_id(self, name):
-        return SPECIALS.index(name)
-
-    def encode(self, text):
-        return [len(SPECIALS) + b for b in text.encode("utf-8")]
-
-    def decode(self, ids):
-        out, buf = [], bytearray()
-        for i in ids:
-            if i < len(SPECIALS):
-                out.append(buf.decode("utf-8", errors="replace") + SPECIALS[i])
-                buf = bytearray()
-            else:
-                buf.append(i - len(SPECIALS))
-        return "".join(out) + buf.decode("utf-8", errors="replace")
-
-    def render_for_completion(self, conversation):
-        msgs = list(conversation["messages"])
-        if msgs and msgs[0]["role"] == "system":
-            msgs = [{"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}] + msgs[2:]
-        ids = [self.bos_id]
-        for m in msgs:
-            content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-            if m["role"] == "user":
-                ids += [1] + self.encode(content[0]["text"]) + [2]
-                continue
-            ids.append(3)
-            for p in content:
-                if p["type"] == "text":
-                    ids += self.encode(p["text"])
-                elif p["type"] == "tool_call":
-                    ids += [5] + self.encode(json.dumps({"name": p["name"], "arguments": p["arguments"]})) + [6]
-                else:
-                    ids += [7] + self.encode(p["text"]) + [8]
-            ids.append(4)
-        return ids + [3]
-
-
-HAVE_TOKENIZER = importlib.util.find_spec("nanocode.tokenizer") is not None
-REPO = Path(__file__).resolve().parents[1]
-
-
-def real_tokenizer():
-    """A tiny trained nanocode Tokenizer, saved where get_tokenizer() (and so the scripts) find it."""
-    from nanocode.common import get_base_dir
-    from nanocode.tokenizer import Tokenizer, get_tokenizer
-    if not (get_base_dir() / "tokenizer").exists():
-        texts = [REPO.joinpath(p).read_text() for p in ("nanocode/engine.py", "nanocode/tools.py")]
-        Tokenizer.train(texts, vocab_size=512).save(get_base_dir() / "tokenizer")
-    return get_tokenizer()
-
-
-def script_argv(module: str, *args: str) -> list[str]:
-    """Command line running `python -m module args` with the real tokenizer when nanocode.tokenizer exists,
-    else with ByteTokenizer put in its place (so the scripts can be tested before the tokenizer lands)."""
-    if HAVE_TOKENIZER:
-        real_tokenizer()
-        return [sys.executable, "-m", module, *args]
-    launch = ("import sys, types, runpy; from tests.test_engine import ByteTokenizer; "
-              "m = types.ModuleType('nanocode.tokenizer'); m.get_tokenizer = ByteTokenizer; "
-              f"sys.modules['nanocode.tokenizer'] = m; runpy.run_module({module!r}, run_name='__main__')")
-    return [sys.executable, "-c", launch, *args]
-
-
-def script_env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-
-
-def any_tokenizer():
-    """The real tokenizer when nanocode.tokenizer exists, else the stand-in (what script_argv's scripts use)."""
-    return real_tokenizer() if HAVE_TOKENIZER else ByteTokenizer()
-
-
-def save_tiny_checkpoint(tag: str, vocab_size: int, phase: str = "sft"):
-    """A tiny random GPT saved where load_model(phase, tag=tag) finds it."""
-    model = tiny_model(vocab_size, sequence_len=256)
-    save_checkpoint(checkpoint_dir(phase, tag), 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
 
 
 @pytest.fixture(scope="module")
@@ -120,18 +27,6 @@ def scripted(tok, *turns, **kw):
         return forward(idx, *a, **k)
     model.forward = recording_forward
     return model
-
-
-def tiny_model(vocab_size, sequence_len=96, seed=0):
-    """A random GPT with weights large enough that attention matters (the default init starts every
-    block as the identity, which would make cached and uncached generation trivially equal)."""
-    torch.manual_seed(seed)
-    model = build_model(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4,
-                                  n_kv_head=2, n_embd=64), "cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5 if p.dim() == 2 and p.size(0) == vocab_size else 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +236,6 @@ def test_chat_with_real_checkpoint(tok, real, tmp_path):
     assert again[-1]["message"] == done["message"]  # greedy is deterministic
 
 
-@pytest.mark.skipif(not HAVE_TOKENIZER, reason="nanocode.tokenizer not written yet")
 def test_tool_loop_with_real_tokenizer(tmp_path):
     tok = real_tokenizer()
     (tmp_path / "a.py").write_text("print('hi')\n")

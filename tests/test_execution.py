@@ -5,7 +5,7 @@ import os
 import pytest
 
 from nanocode.execution import run_many, run_program
-from tests.test_sandbox import alive
+from tests.helpers import alive
 
 
 def leftovers(result) -> list[int]:

@@ -5,14 +5,14 @@ import random
 import pytest
 
 from nanocode.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, apply_fim, fim_mode, undo_fim
-from tests.data_fixtures.helpers import make_docs, make_tokenizer
+from tests.helpers import make_docs, trained_tokenizer
 
 DOCS = make_docs(40, seed=1) + ["", "x", "λ🙂数据\n" * 7]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return make_tokenizer(make_docs(50, seed=2))
+    return trained_tokenizer(make_docs(50, seed=2))
 
 
 def encode_pieces(tok, pieces):

@@ -1,4 +1,4 @@
-"""The GPT, Muon and checkpoints (issue: foundation). CPU, fp32, PyTorch references."""
+"""The GPT, Muon and checkpoints. CPU, fp32, PyTorch references."""
 
 import pytest
 import torch
@@ -9,12 +9,16 @@ from nanocode.gpt import GPT, GPTConfig, build_model
 from nanocode.optim import Muon
 
 
-def expected_params(depth, vocab, n_kv_head=None):
+def expected_params(depth, vocab, n_kv_head=None, value_embeds=True, lambdas=True):
     cfg = GPTConfig.from_depth(depth, vocab, 64, n_kv_head)
     C, L, hd = cfg.n_embd, cfg.n_layer, cfg.n_embd // cfg.n_head
     kv = cfg.n_kv_head * hd
     per_layer = C * C + 2 * C * kv + C * C + 4 * C * C + 4 * C * C  # q, k+v, attn proj, mlp fc, mlp proj
-    return 2 * vocab * C + L * per_layer
+    ve_layers = (L + 1) // 2  # alternating, counted from the last layer
+    gate = min(C, 32) * cfg.n_kv_head  # each value embedding's gate: 32 channels -> one scalar per kv head
+    ve_params = ve_layers * (vocab * kv + gate) if value_embeds else 0
+    lambda_params = 2 * L if lambdas else 0  # resid and x0 scalars
+    return 2 * vocab * C + L * per_layer + ve_params + lambda_params
 
 
 @pytest.mark.parametrize("depth,n_kv_head", [(1, None), (2, None), (3, None), (4, 1), (12, None), (20, 5)])
@@ -25,6 +29,14 @@ def test_param_count_matches_formula(depth, n_kv_head):
         model = GPT(cfg)
     assert cfg.n_embd == 64 * depth
     assert model.num_params() == expected_params(depth, vocab, n_kv_head)
+    # the scaling count (tokens:params ratio): blocks' matrices (gates included) and the head only
+    C, L = cfg.n_embd, cfg.n_layer
+    embeddings = vocab * C + (L + 1) // 2 * vocab * cfg.n_kv_head * (C // cfg.n_head)
+    assert model.num_scaling_params() == model.num_params() - embeddings - 2 * L
+    with torch.device("meta"):  # the October 2025 architecture
+        old = GPT(GPTConfig.from_depth(depth, vocab, 64, n_kv_head, value_embeds=False, lambdas=False))
+    assert old.num_params() == expected_params(depth, vocab, n_kv_head, value_embeds=False, lambdas=False)
+    assert old.num_scaling_params() == old.num_params() - vocab * C
     if depth in (12, 20):
         assert cfg.n_embd // cfg.n_head == 128
 

@@ -12,6 +12,7 @@ import torch
 from nanocode import rl_tasks
 from nanocode.common import NanocodeError
 from scripts.code_rl import group_advantages, pg_loss, rollout_row
+from tests.helpers import ANSWER, install_fixed_answer_reward
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -64,29 +65,6 @@ def test_pg_loss_by_hand_and_only_sampled_tokens_carry_gradient():
 # -----------------------------------------------------------------------------
 # a tiny model learns a rewarded answer; 2 processes == 1; resume == uninterrupted
 
-ANSWER = "q"  # the rewarded answer: a reply whose text contains it passes
-
-
-def install_fixed_answer_reward():
-    """Replace the code verifier with "the reply's text contains ANSWER" (a reward that prefers one fixed
-    answer), and give the Engine a plain chat_batch (no tool calls) if it has none of its own."""
-    from nanocode import engine as engine_mod
-    rl_tasks.written_code = lambda message: "".join(p["text"] for p in message["content"] if p["type"] == "text")
-    rl_tasks.verify_many = lambda tasks, codes, **kw: [(ANSWER in c, "passed" if ANSWER in c else "failed") for c in codes]
-    if not hasattr(engine_mod.Engine, "chat_batch"):
-        def chat_batch(self, conversations, approve=None, workdirs=None, max_tokens=1024, temperature=0.6, top_k=50,
-                       top_p=None, seed=42, max_tool_calls=8, tool_runner=None, on_event=None):
-            out = []
-            for i, conv in enumerate(conversations):
-                prompt = list(self.tokenizer.render_for_completion(conv))
-                ids = self.generate_batch(prompt, 1, max_tokens, temperature, top_k, top_p, seed + i)[0]
-                stopped = len(ids) < max_tokens
-                out.append({"message": {"role": "assistant", "content": [{"type": "text", "text": self.tokenizer.decode(ids)}]},
-                            "finish_reason": "stop" if stopped else "length", "usage": {},
-                            "prompt_ids": prompt, "ids": ids + [self.assistant_end] * stopped, "mask": [1] * (len(ids) + stopped)})
-            return out
-        engine_mod.Engine.chat_batch = chat_batch
-
 
 @pytest.fixture(scope="module")
 def rl_setup(module_base_dir):
@@ -133,7 +111,7 @@ def test_mean_reward_rises_on_a_fixed_answer(module_base_dir, rl_setup, monkeypa
 TORCHRUN_SCRIPT = r"""
 import sys
 from nanocode.common import run_main
-from tests.test_rl import install_fixed_answer_reward
+from tests.helpers import install_fixed_answer_reward
 install_fixed_answer_reward()
 from scripts import code_rl
 run_main(lambda: code_rl.main(sys.argv[2:]))
@@ -145,7 +123,7 @@ def test_two_gloo_processes_equal_one(module_base_dir, rl_setup, tmp_path):
     """The same 2 steps of 4 tasks with 1 and 2 processes: the same parameters after (each rank samples
     its own 2 tasks, with the seeds their positions give)."""
     from nanocode.checkpoint import checkpoint_dir
-    from tests.test_distributed import torchrun
+    from tests.helpers import torchrun
     tok, path = rl_setup
     script = tmp_path / "rl_script.py"
     script.write_text(TORCHRUN_SCRIPT)

@@ -13,6 +13,7 @@ import pytest
 from nanocode import sandbox as sb
 from nanocode.execution import run_program
 from nanocode.tools import run_tool
+from tests.helpers import alive
 
 OK, WHY = sb.available()
 needs_sandbox = pytest.mark.skipif(not OK, reason=f"no sandbox on this machine: {WHY}")
@@ -20,23 +21,6 @@ needs_sandbox = pytest.mark.skipif(not OK, reason=f"no sandbox on this machine: 
 
 def run(cmd, wd, timeout=10.0, **kw):
     return sb.run_command(cmd, wd, timeout, **kw)
-
-
-def alive(token: str) -> list[int]:
-    """Pids of live processes whose command line contains `token`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    zombie = f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-            except OSError:
-                continue
-            if token.encode() in cmdline and not zombie:
-                pids.append(int(entry))
-    return pids
 
 
 @pytest.fixture

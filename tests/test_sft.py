@@ -22,7 +22,7 @@ CONV = {"messages": [
 
 
 def expected_segments(conv):
-    """The rendered text per the DESIGN.md template, as (text, is_assistant_token) segments."""
+    """The rendered text per the docs/DESIGN.md template, as (text, is_assistant_token) segments."""
     msgs = conv["messages"]
     system = msgs[0]["content"] + "\n\n" if msgs[0]["role"] == "system" else ""
     segs = [("<|bos|>", False)]

@@ -176,7 +176,7 @@ def test_tok_train_script(tmp_path, monkeypatch, capsys):
     import sys
 
     import scripts.tok_train as tok_train
-    from tests.data_fixtures.helpers import make_docs, write_corpus
+    from tests.helpers import make_docs, write_corpus
     monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["tok_train", "--vocab-size", "300", "--doc-cap", "500"])
     with pytest.raises(NanocodeError, match="nanocode.dataset --local"):

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.test_engine import REPO, any_tokenizer, save_tiny_checkpoint, script_argv, script_env
+from tests.helpers import REPO, real_tokenizer, save_tiny_checkpoint, script_argv, script_env
 
 CALL = '<|tool_start|>{"name": "bash", "arguments": {"command": "cat hello.txt"}}<|tool_end|>'
 TOOL_TURN = "Let me look." + CALL + "It says hi."
@@ -198,7 +198,7 @@ def test_client_disconnect_frees_the_replica(tmp_path):
 
 
 def test_tiny_real_checkpoint_same_reply_streamed_or_not(tmp_path):
-    save_tiny_checkpoint("tiny-web", any_tokenizer().vocab_size)
+    save_tiny_checkpoint("tiny-web", real_tokenizer().vocab_size)
     with server(tmp_path, None, "-i", "sft", "--tag", "tiny-web", "--device-type", "cpu") as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         kw = dict(model="nanocode", messages=[{"role": "user", "content": "hello"}], max_tokens=16, temperature=0)
@@ -326,7 +326,7 @@ def test_request_conversion_and_rendering():
     assert conv[2] == {"role": "assistant", "content": [
         {"type": "text", "text": "Checking."}, {"type": "tool_call", "name": "get_weather", "arguments": {"city": "Oslo"}},
         {"type": "tool_output", "text": "rain"}]}
-    tok = any_tokenizer()
+    tok = real_tokenizer()
     ids = tok.render_for_completion(req["conversation"])
     assert ids[-1] == tok.special_id("<|output_end|>")  # the turn goes on after the tool's output
     msgs += [{"role": "assistant", "content": "Rain."}, {"role": "user", "content": "thanks"}]

@@ -3,7 +3,8 @@
 //! 1. Counting: every document is split into chunks and each distinct chunk is counted once
 //!    (`ChunkCounts`). Memory grows with the number of distinct chunks, not with the corpus.
 //! 2. Merging (`train_merges`): repeatedly merge the most frequent adjacent pair (ties: the
-//!    smallest pair) inside the distinct chunks, each weighted by its count. Counts are updated
+//!    smallest pair, so the result does not depend on hash order or thread timing, and matches
+//!    the PyPI rustbpe merge for merge) inside the distinct chunks, each weighted by its count. Counts are updated
 //!    incrementally: a merge only touches the chunks listed for that pair, and the neighbours of
 //!    every merged occurrence. A max-heap holds (count, pair); entries go stale when a count drops
 //!    and are refreshed lazily when popped, which is exact because counts of existing pairs only

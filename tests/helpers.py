@@ -1,0 +1,274 @@
+"""Helpers shared by the tests (import them from here; tests never import other test modules):
+a byte-level stand-in tokenizer, tiny trained tokenizers, tiny random models and checkpoints, synthetic
+corpora, a local stand-in for the Hugging Face hub, and the command line and environment that run a script in a subprocess."""
+import hashlib
+import http.server
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from nanocode.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ByteTokenizer:
+    """The Tokenizer interface without training: the special tokens (ids 0-11, the library's own list),
+    then one token per byte, so ids are predictable (`"a"` is 12 + 97) and nothing needs a corpus."""
+    vocab_size = len(SPECIAL_TOKENS) + 256
+    bos_id = 0
+
+    def special_id(self, name):
+        return SPECIAL_TOKENS.index(name)
+
+    def encode(self, text):
+        return [len(SPECIAL_TOKENS) + b for b in text.encode("utf-8")]
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        """Bytes decoded as UTF-8 (invalid sequences replaced, as tiktoken does); specials as their text."""
+        out, buf = [], bytearray()
+        for i in ids:
+            if i < len(SPECIAL_TOKENS):
+                out.append(buf.decode("utf-8", errors="replace") + SPECIAL_TOKENS[i])
+                buf = bytearray()
+            else:
+                buf.append(i - len(SPECIAL_TOKENS))
+        return "".join(out) + buf.decode("utf-8", errors="replace")
+
+    def render_for_completion(self, conversation):
+        """The chat layout of nanocode.tokenizer (a system message folded into the first user turn; tool
+        calls and outputs inside the assistant turn), ending with <|assistant_start|> for the reply."""
+        sid = self.special_id
+        msgs = list(conversation["messages"])
+        if msgs and msgs[0]["role"] == "system":
+            msgs = [{"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}] + msgs[2:]
+        ids = [self.bos_id]
+        for m in msgs:
+            content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            if m["role"] == "user":
+                ids += [sid("<|user_start|>")] + self.encode(content[0]["text"]) + [sid("<|user_end|>")]
+                continue
+            ids.append(sid("<|assistant_start|>"))
+            for p in content:
+                if p["type"] == "text":
+                    ids += self.encode(p["text"])
+                elif p["type"] == "tool_call":
+                    call = json.dumps({"name": p["name"], "arguments": p["arguments"]})
+                    ids += [sid("<|tool_start|>")] + self.encode(call) + [sid("<|tool_end|>")]
+                else:
+                    ids += [sid("<|output_start|>")] + self.encode(p["text"]) + [sid("<|output_end|>")]
+            ids.append(sid("<|assistant_end|>"))
+        return ids + [sid("<|assistant_start|>")]
+
+
+def trained_tokenizer(texts, vocab_size=300):
+    """The real tokenizer (rustbpe), trained in well under a second on a few texts."""
+    return Tokenizer.train(list(texts), vocab_size=vocab_size)
+
+
+def real_tokenizer():
+    """A tiny trained tokenizer saved where get_tokenizer() (and so every script) finds it: the base dir."""
+    from nanocode.common import get_base_dir
+    from nanocode.tokenizer import get_tokenizer
+    if not (get_base_dir() / "tokenizer").exists():
+        texts = [REPO.joinpath(p).read_text() for p in ("nanocode/engine.py", "nanocode/tools.py")]
+        trained_tokenizer(texts, vocab_size=512).save(get_base_dir() / "tokenizer")
+    return get_tokenizer()
+
+
+def script_argv(module: str, *args: str) -> list[str]:
+    """`python -m module args`, with real_tokenizer() saved first (the scripts load it from the base dir)."""
+    real_tokenizer()
+    return [sys.executable, "-m", module, *args]
+
+
+def script_env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+
+
+def torchrun(script_or_args, tmp_path, nproc=2):
+    """Run a script (str: its source) or a module (list: args) under 2 gloo processes; returns stdout."""
+    if isinstance(script_or_args, str):
+        path = tmp_path / "script.py"
+        path.write_text(script_or_args)
+        args = [str(path), str(tmp_path)]
+    else:
+        args = script_or_args
+    # Pinned to the loopback interface: no dependence on how this machine's hostname resolves.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
+                        f"--nproc_per_node={nproc}", *args], env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
+    assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def tiny_model(vocab_size, sequence_len=96, seed=0):
+    """A random 2-layer GPT with weights large enough that attention matters (the default init starts
+    every block as the identity, which would make e.g. cached and uncached generation trivially equal)."""
+    from nanocode.gpt import GPTConfig, build_model
+    torch.manual_seed(seed)
+    model = build_model(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4,
+                                  n_kv_head=2, n_embd=64), "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5 if p.dim() == 2 and p.size(0) == vocab_size else 0.2)
+    return model.eval()
+
+
+def save_tiny_checkpoint(tag: str, vocab_size: int, phase: str = "sft"):
+    """A tiny random GPT saved where load_model(phase, tag=tag) finds it."""
+    from nanocode.checkpoint import checkpoint_dir, save_checkpoint
+    model = tiny_model(vocab_size, sequence_len=256)
+    save_checkpoint(checkpoint_dir(phase, tag), 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
+
+
+ANSWER = "q"  # the rewarded answer: a reply whose text contains it passes
+
+
+def install_fixed_answer_reward():
+    """Replace the code verifier with "the reply's text contains ANSWER" (a reward that prefers one fixed
+    answer), and give the Engine a plain chat_batch (no tool calls) if it has none of its own."""
+    from nanocode import engine as engine_mod
+    from nanocode import rl_tasks
+    rl_tasks.written_code = lambda message: "".join(p["text"] for p in message["content"] if p["type"] == "text")
+    rl_tasks.verify_many = lambda tasks, codes, **kw: [(ANSWER in c, "passed" if ANSWER in c else "failed") for c in codes]
+    if not hasattr(engine_mod.Engine, "chat_batch"):
+        def chat_batch(self, conversations, approve=None, workdirs=None, max_tokens=1024, temperature=0.6, top_k=50,
+                       top_p=None, seed=42, max_tool_calls=8, tool_runner=None, on_event=None):
+            out = []
+            for i, conv in enumerate(conversations):
+                prompt = list(self.tokenizer.render_for_completion(conv))
+                ids = self.generate_batch(prompt, 1, max_tokens, temperature, top_k, top_p, seed + i)[0]
+                stopped = len(ids) < max_tokens
+                out.append({"message": {"role": "assistant", "content": [{"type": "text", "text": self.tokenizer.decode(ids)}]},
+                            "finish_reason": "stop" if stopped else "length", "usage": {},
+                            "prompt_ids": prompt, "ids": ids + [self.assistant_end] * stopped, "mask": [1] * (len(ids) + stopped)})
+            return out
+        engine_mod.Engine.chat_batch = chat_batch
+
+
+WORDS = ["def", "return", "self", "import", "for", "in", "if", "else", "x", "y", "value", "print", "(", ")", ":", "=",
+         "+", "[", "]", "λ", "é", "数据", "🙂"]
+
+
+def make_docs(n, seed=0, min_lines=2, max_lines=60):
+    """n distinct pseudo-code documents of varied length, with some non-ASCII characters."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        lines = [f"# doc {i}"]
+        for _ in range(rng.randint(min_lines, max_lines)):
+            lines.append("    " * rng.randint(0, 2) + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))))
+        docs.append("\n".join(lines) + "\n")
+    return docs
+
+
+def write_corpus(directory, docs, per_shard):
+    """Write docs into shard_00000.parquet ... with per_shard documents each; the last shard is val."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(0, len(docs), per_shard):
+        chunk = docs[k:k + per_shard]
+        path = directory / f"shard_{k // per_shard:05d}.parquet"
+        pq.write_table(pa.table({"text": chunk, "lang": ["python"] * len(chunk)}), path)
+        paths.append(path)
+    return paths
+
+
+def alive(token: str) -> list[int]:
+    """Pids of live processes whose command line contains `token`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    zombie = f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+            except OSError:
+                continue
+            if token.encode() in cmdline and not zombie:
+                pids.append(int(entry))
+    return pids
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """A local stand-in for the Hugging Face hub's file endpoint, enough for huggingface_hub's downloads:
+    HEAD and GET of /<type>s/<repo>/resolve/<revision>/<file>, with Range requests. `files` maps
+    "<repo>/<file>" to bytes; the first GET of each path in `fail_once` sends half of the file and
+    hangs up (a dropped connection); `ranges=False` ignores Range headers, as some servers do.
+    Point the code at it with HF_ENDPOINT=hub.url; `requests` records (method, "<repo>/<file>", Range)."""
+
+    def __init__(self, files: dict, fail_once=(), ranges=True):
+        self.files, self.fail_once, self.ranges, self.requests = files, set(fail_once), ranges, []
+        super().__init__(("127.0.0.1", 0), _FakeHubHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _lookup(self, method):
+        parts = self.path.split("?")[0].split("/")  # "", "datasets", owner, name, "resolve", revision, file...
+        if len(parts) < 7 or parts[4] != "resolve":
+            key = None
+        else:
+            key = f"{parts[2]}/{parts[3]}/{unquote('/'.join(parts[6:]))}"
+        self.server.requests.append((method, key, self.headers.get("Range"), self.path))
+        data = self.server.files.get(key)
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None, None
+        return key, data
+
+    def _headers(self, data, status=200, start=0):
+        self.send_response(status)
+        digest = hashlib.sha1(data).hexdigest()
+        self.send_header("X-Repo-Commit", hashlib.sha1(b"commit").hexdigest())
+        self.send_header("ETag", f'"{digest}"')
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+
+    def do_HEAD(self):
+        key, data = self._lookup("HEAD")
+        if data is not None:
+            self._headers(data)
+
+    def do_GET(self):
+        key, data = self._lookup("GET")
+        if data is None:
+            return
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].split("-")[0]) if rng and self.server.ranges else 0
+        self._headers(data, 206 if start else 200, start)
+        if key in self.server.fail_once:  # promise everything, send half, hang up
+            self.server.fail_once.discard(key)
+            self.wfile.write(data[start:start + (len(data) - start) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(data[start:])
