@@ -90,7 +90,8 @@ def validate_preference(pair, where: str = "pair"):
 
 
 def load_jsonl(path, kind: str = "conversation") -> list[dict]:
-    """Read a JSONL file of conversations (kind="conversation") or preference pairs (kind="preference").
+    """Read a JSONL file of conversations (kind="conversation"), prompts (kind="prompt": ending with the
+    user's turn) or preference pairs (kind="preference").
     Any bad line raises NanocodeError with the file and line number. Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
@@ -107,10 +108,12 @@ def load_jsonl(path, kind: str = "conversation") -> list[dict]:
                 raise NanocodeError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if kind == "conversation":
                 validate_conversation(obj, where)
+            elif kind == "prompt":  # a conversation waiting for the assistant: its last message is the user's
+                validate_conversation(obj, where, last_role="user")
             elif kind == "preference":
                 validate_preference(obj, where)
             else:
-                raise ValueError(f"kind must be 'conversation' or 'preference', got {kind!r}")
+                raise ValueError(f"kind must be 'conversation', 'prompt' or 'preference', got {kind!r}")
             out.append(obj)
     if not out:
         raise NanocodeError(f"{path} holds no records")
@@ -223,12 +226,6 @@ def load_gsm8k(split: str) -> list[dict]:
 
 
 INSTRUCT_SOURCES = ("code_alpaca", "evol_codealpaca", "magicoder", "self_oss_instruct", "code_feedback")
-# "repo/file" of each hub source (scripts/code_sft.py reads the names); use cached_sources() to ask
-# which are here without downloading
-HUB_FILES = {"gsm8k": "openai/gsm8k/main/train-00000-of-00001.parquet",
-             **{n: f"{repo}/{filename}" for n, (repo, filename, _) in instruct.SOURCES.items()}}
-
-
 def cached_sources() -> list[str]:
     """The instruct sources usable without a download: converted already, or their hub file cached."""
     from huggingface_hub import try_to_load_from_cache

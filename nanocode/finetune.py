@@ -25,7 +25,7 @@ import time
 import torch
 
 from nanocode.checkpoint import checkpoint_dir, list_steps, load_checkpoint, save_checkpoint
-from nanocode.common import NanocodeError, init_wandb, print0, progress
+from nanocode.common import NanocodeError, get_base_dir, init_wandb, print0, progress
 from nanocode.optim import all_reduce_gradients
 
 
@@ -205,6 +205,30 @@ def tool_call_prompts(tokenizer, convs, limit: int, max_len: int, seed: int = 0)
     return out[:limit]
 
 
+def request_prompts(tokenizer, records, limit: int, max_len: int, ref_tokens: int) -> list[dict]:
+    """Validity prompts from bare user requests (gen_synth's validity_prompts.jsonl: {"messages", "kind",
+    "seen"}), which hold the kinds and phrasings training never sees. They have no reference call, so
+    each gets the budget of the longest reference call among the held-out conversations (ref_tokens)."""
+    out = []
+    for rec in records[:limit]:
+        ids = list(tokenizer.render_for_completion({"messages": rec["messages"]}))
+        if len(ids) + ref_tokens < max_len:
+            out.append({"ids": ids, "ref": None, "ref_tokens": ref_tokens, "kind": str(rec.get("kind", "-")),
+                        "seen": rec.get("seen", True) is not False})
+    return out
+
+
+def validity_file_prompts(tokenizer, prompts, limit: int, max_len: int) -> list[dict]:
+    """gen_synth's held-out requests ($BASE/sft/validity_prompts.jsonl, when present): kinds and phrasings
+    training never saw, reported apart from the seen ones; each gets the longest held-out call's budget."""
+    from nanocode.conversations import load_jsonl
+    path = get_base_dir() / "sft" / "validity_prompts.jsonl"
+    if not path.exists() or limit <= 0:
+        return []
+    longest = max((p["ref_tokens"] for p in prompts), default=64)
+    return request_prompts(tokenizer, load_jsonl(path, kind="prompt"), limit, max_len, longest)
+
+
 def first_tool_call(engine, ids, max_tokens: int):
     """Generate greedily from `ids` until the first tool call is closed. (outcome, call text):
     "call" (closed by <|tool_end|>), "no_call" (the message ended without one), "cut_off" (the token
@@ -249,7 +273,8 @@ def tool_call_validity(model, tokenizer, prompts, max_tokens: int = 0) -> dict:
         outcome, text = first_tool_call(engine, p["ids"], budget)
         obj = parse_tool_call(text)[0] if outcome == "call" else None
         status = "valid" if obj is not None else "invalid" if outcome in ("call", "unclosed") else outcome
-        rows.append((status, obj is not None and obj["name"] == p["ref"]["name"], p["kind"], p["seen"]))
+        same_tool = obj is not None and p["ref"] is not None and obj["name"] == p["ref"]["name"]
+        rows.append((status, same_tool, p["kind"], p["seen"]))
     out = _counts(rows)
     out["seen"] = _counts([r for r in rows if r[3]])
     out["unseen"] = _counts([r for r in rows if not r[3]])

@@ -199,6 +199,7 @@ def main(argv=None):
     # validity prompts: the SFT held-out conversations, so the numbers compare with SFT's own
     convs = load_source("synth", "val") if args.eval_prompts and (sft_dir / "synth_val.jsonl").exists() else []
     prompts = finetune.tool_call_prompts(tokenizer, convs, args.eval_prompts, T - 8, args.seed)
+    prompts += finetune.validity_file_prompts(tokenizer, prompts, args.eval_prompts, T - 8)
     steps_per_epoch = max(1, len(train) // args.batch_size)
     num_steps = args.steps if args.steps > 0 else max(1, round(args.num_epochs * steps_per_epoch))
     print0(f"model: sft {tag}, {model.num_params():,} parameters | {len(train)} train pairs, {len(val)} held-out | "

@@ -31,8 +31,8 @@ import torch
 
 from nanocode import finetune
 from nanocode.checkpoint import load_model
-from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, get_base_dir, print0, run_main
-from nanocode.conversations import HUB_FILES, load_jsonl, load_mixture, pad_batch, parse_mix
+from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
+from nanocode.conversations import cached_sources, load_jsonl, load_mixture, pad_batch, parse_mix
 from nanocode.report import log_stage
 from nanocode.tools import validate_tool_call
 
@@ -58,13 +58,10 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------
 # data
 
-INSTRUCT_SOURCES = ("code_alpaca", "code_feedback")  # hub instruct data conversations.load_source knows
-
-
 def default_mix() -> str:
-    """synth, plus each instruct source whose hub file is already downloaded (none are fetched unasked)."""
-    present = [n for n in INSTRUCT_SOURCES if (get_base_dir() / "sft" / "hub" / HUB_FILES[n].rsplit("/", 1)[1]).exists()]
-    return ",".join(["synth=1"] + [f"{n}=1" for n in present])
+    """synth, plus each instruct source already here (converted, or its hub file cached): none is fetched
+    unasked, so an offline run trains on what it has."""
+    return ",".join(["synth=1"] + [f"{n}=1" for n in cached_sources()])
 
 
 def check_tool_calls(path) -> list[dict]:
@@ -150,6 +147,7 @@ def main(argv=None):
     train_rows = render_rows(tokenizer, train_convs, T)
     val_rows = render_rows(tokenizer, val_convs[:args.eval_convs], T)
     prompts = finetune.tool_call_prompts(tokenizer, val_convs, args.eval_prompts, T - 8, args.seed)
+    prompts += finetune.validity_file_prompts(tokenizer, prompts, args.eval_prompts, T - 8)
     if not train_rows:
         raise NanocodeError(f"no training conversations with assistant tokens in --mix {mix!r}")
     if not val_rows:

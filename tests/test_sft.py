@@ -209,3 +209,26 @@ def test_validity_counts_no_call_invalid_and_cut_off_apart(tokenizer):
     assert v["validity"] == 0.25 and v["validity_of_calls"] == 0.5 and v["same_tool"] == 1
     assert v["seen"]["validity"] == 0.5 and v["unseen"] == dict(v["unseen"], prompts=2, no_call=1, cut_off=1, validity=0.0)
     assert v["by_kind"] == {"a": 0.5, "b": 0.0}
+
+
+def test_validity_prompts_file_adds_unseen_requests(tokenizer, module_base_dir):
+    """gen_synth's validity_prompts.jsonl (bare requests, kinds training never saw) joins the held-out
+    prompts with the longest reference call's budget, its seen flag kept; a malformed line names itself."""
+    from nanocode.common import NanocodeError
+    from nanocode.finetune import validity_file_prompts
+    path = module_base_dir / "sft" / "validity_prompts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recs = [{"messages": [{"role": "user", "content": "Find every call to parse_args."}], "kind": "usage_search", "seen": False},
+            {"messages": [{"role": "user", "content": "Run main.py."}], "kind": "run", "seen": True}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    held_out = [{"ids": [0], "ref": None, "ref_tokens": 40, "kind": "a", "seen": True},
+                {"ids": [0], "ref": None, "ref_tokens": 90, "kind": "a", "seen": True}]
+    got = validity_file_prompts(tokenizer, held_out, limit=8, max_len=4096)
+    assert [(p["kind"], p["seen"], p["ref_tokens"], p["ref"]) for p in got] == \
+        [("usage_search", False, 90, None), ("run", True, 90, None)]
+    assert got[0]["ids"] == list(tokenizer.render_for_completion({"messages": recs[0]["messages"]}))
+    assert validity_file_prompts(tokenizer, held_out, limit=0, max_len=4096) == []
+    path.write_text(json.dumps(recs[0]) + "\n" + json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(NanocodeError, match="line 2"):
+        validity_file_prompts(tokenizer, held_out, limit=8, max_len=4096)
+    path.unlink()
