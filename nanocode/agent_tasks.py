@@ -25,7 +25,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from nanocode.common import NanocodeError
+from nanocode.common import NanocodeError, read_jsonl
 
 KINDS = ["fix", "implement", "add_test", "rename", "answer", "report", "deny"]
 FIELDS = ("id", "kind", "files", "request", "verify", "budget", "solution")
@@ -201,18 +201,9 @@ def make_suite(seed: int = 0, n: int = 28) -> list[dict]:
 
 def load_suite(path=None) -> list[dict]:
     """The tasks of a JSONL suite file (default: the shipped one); every record checked for its fields."""
-    path = Path(path or SUITE_PATH)
-    if not path.is_file():
-        raise NanocodeError(f"agent suite file not found: {path}")
     tasks, seen = [], set()
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            task = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise NanocodeError(f"{path}:{i}: not valid JSON ({e})") from None
-        where = f"{path}:{i} (task {task.get('id', '?')!r})" if isinstance(task, dict) else f"{path}:{i}"
+    for where, task in read_jsonl(path or SUITE_PATH, "agent suite file"):
+        where = f"{where} (task {task.get('id', '?')!r})" if isinstance(task, dict) else where
         if not isinstance(task, dict):
             raise NanocodeError(f"{where}: a task must be a JSON object")
         missing = [f for f in FIELDS if f not in task]
@@ -335,26 +326,17 @@ def replay(task: dict, message: dict) -> tuple[bool, str]:
 def read_transcripts(path, tasks_by_id: dict) -> list[tuple[dict, dict]]:
     """(task, message) pairs from a JSONL of {"task": id, "message": {"role": "assistant", "content": parts}}
     (what agent_eval writes, or any system's transcripts in that format); a bad line is named."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanocodeError(f"transcripts file not found: {path}")
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise NanocodeError(f"{path}:{i}: not valid JSON ({e})") from None
+    for where, rec in read_jsonl(path, "transcripts file"):
         if not isinstance(rec, dict) or rec.get("task") not in tasks_by_id:
             got = rec.get("task") if isinstance(rec, dict) else rec
-            raise NanocodeError(f"{path}:{i}: 'task' must name a task of the suite, got {got!r}")
+            raise NanocodeError(f"{where}: 'task' must name a task of the suite, got {got!r}")
         msg = rec.get("message")
         content = msg.get("content") if isinstance(msg, dict) else None
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         if not isinstance(content, list) or not all(_part_ok(p) for p in content):
-            raise NanocodeError(f"{path}:{i}: 'message' must be {{'role': 'assistant', 'content': [parts]}} with "
+            raise NanocodeError(f"{where}: 'message' must be {{'role': 'assistant', 'content': [parts]}} with "
                                 "text / tool_call (name, arguments) / tool_output parts")
         out.append((tasks_by_id[rec["task"]], {"role": "assistant", "content": content}))
     return out

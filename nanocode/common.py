@@ -2,6 +2,7 @@
 and the one way scripts turn a bad input into a clear message instead of a traceback."""
 import contextlib
 import datetime
+import json
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,24 @@ import torch.distributed as dist
 
 class NanocodeError(Exception):
     """A problem the user can fix (bad flag, missing file, corrupt shard). Scripts print it and exit 1."""
+
+
+def read_jsonl(path, what: str = "JSONL file"):
+    """Yield (where, record) for each non-blank line of a JSONL file; `where` ("PATH line N") is for the
+    caller's own checks of the record. A missing file or a line that is not JSON -> NanocodeError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanocodeError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NanocodeError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield where, record
 
 
 def get_base_dir() -> Path:

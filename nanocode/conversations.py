@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from nanocode import instruct
-from nanocode.common import NanocodeError, get_base_dir
+from nanocode.common import NanocodeError, get_base_dir, read_jsonl
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "tool_call", "tool_output")
@@ -93,28 +93,17 @@ def load_jsonl(path, kind: str = "conversation") -> list[dict]:
     """Read a JSONL file of conversations (kind="conversation"), prompts (kind="prompt": ending with the
     user's turn) or preference pairs (kind="preference").
     Any bad line raises NanocodeError with the file and line number. Blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanocodeError(f"no such JSONL file: {path}")
+    if kind not in ("conversation", "prompt", "preference"):
+        raise ValueError(f"kind must be 'conversation', 'prompt' or 'preference', got {kind!r}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanocodeError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if kind == "conversation":
-                validate_conversation(obj, where)
-            elif kind == "prompt":  # a conversation waiting for the assistant: its last message is the user's
-                validate_conversation(obj, where, last_role="user")
-            elif kind == "preference":
-                validate_preference(obj, where)
-            else:
-                raise ValueError(f"kind must be 'conversation', 'prompt' or 'preference', got {kind!r}")
-            out.append(obj)
+    for where, obj in read_jsonl(path):
+        if kind == "conversation":
+            validate_conversation(obj, where)
+        elif kind == "prompt":  # a conversation waiting for the assistant: its last message is the user's
+            validate_conversation(obj, where, last_role="user")
+        else:
+            validate_preference(obj, where)
+        out.append(obj)
     if not out:
         raise NanocodeError(f"{path} holds no records")
     return out

@@ -24,7 +24,7 @@ import json
 import random
 from pathlib import Path
 
-from nanocode.common import NanocodeError, get_base_dir
+from nanocode.common import NanocodeError, get_base_dir, read_jsonl
 
 CHECK_TYPES = ("tests", "stdout")
 
@@ -45,18 +45,7 @@ def validate_task(t, where: str) -> dict:
 
 
 def load_task_file(path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise NanocodeError(f"no such task file: {path}")
-    tasks = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise NanocodeError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        tasks.append(validate_task(obj, f"{path} line {lineno}"))
+    tasks = [validate_task(obj, where) for where, obj in read_jsonl(path, "task file")]
     if not tasks:
         raise NanocodeError(f"{path} holds no tasks")
     return tasks

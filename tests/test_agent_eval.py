@@ -102,7 +102,7 @@ def test_bad_suite_verifier_and_transcripts_are_clear_errors(suite, tmp_path):
     rec = dict(suite[0])
     del rec["verify"]
     bad.write_text(json.dumps(suite[1]) + "\n" + json.dumps(rec) + "\n")
-    with pytest.raises(NanocodeError, match=rf"suite.jsonl:2 \(task '{rec['id']}'\): missing field\(s\) verify"):
+    with pytest.raises(NanocodeError, match=rf"suite.jsonl line 2 \(task '{rec['id']}'\): missing field\(s\) verify"):
         load_suite(bad)
     with pytest.raises(NanocodeError, match="agent suite file not found"):
         load_suite(tmp_path / "nope.jsonl")
@@ -116,13 +116,13 @@ def test_bad_suite_verifier_and_transcripts_are_clear_errors(suite, tmp_path):
     lines = [json.dumps({"task": suite[0]["id"], "message": reference_message(suite[0])}), "{not json"]
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(NanocodeError, match=r"t.jsonl:2: not valid JSON"):
+    with pytest.raises(NanocodeError, match=r"t.jsonl line 2: not valid JSON"):
         read_transcripts(path, by_id)
     path.write_text(json.dumps({"task": "no-such-task", "message": {"content": []}}) + "\n")
-    with pytest.raises(NanocodeError, match=r"t.jsonl:1: 'task' must name a task"):
+    with pytest.raises(NanocodeError, match=r"t.jsonl line 1: 'task' must name a task"):
         read_transcripts(path, by_id)
     path.write_text(json.dumps({"task": suite[0]["id"], "message": {"content": [{"type": "tool_call"}]}}) + "\n")
-    with pytest.raises(NanocodeError, match=r"t.jsonl:1: 'message' must be"):
+    with pytest.raises(NanocodeError, match=r"t.jsonl line 1: 'message' must be"):
         read_transcripts(path, by_id)
 
 
@@ -140,7 +140,7 @@ def test_script_rescores_transcripts(suite, tmp_path):
     assert [r["task"] for r in rows] == [t["id"] for t in tasks] and all(r["passed"] for r in rows)
     samples.write_text("oops\n")
     p = subprocess.run(env_args + ["--samples", str(samples)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1 and "ref.jsonl:1: not valid JSON" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 1 and "ref.jsonl line 1: not valid JSON" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_report_shows_success_per_kind_for_each_checkpoint(tmp_path, monkeypatch):

@@ -98,13 +98,13 @@ def test_missing_task_ids_are_a_clear_error(humaneval, tmp_path):
         read_samples(samples, humaneval, all_ids)
     assert list(read_samples(samples, humaneval[:1], all_ids)) == ["HumanEval/0"]  # --max-problems 1 is fine
     no_id = write_samples(tmp_path / "noid.jsonl", [{"completion": "pass"}])
-    with pytest.raises(NanocodeError, match=r"noid.jsonl:1: record has no task_id"):
+    with pytest.raises(NanocodeError, match=r"noid.jsonl line 1: record has no task_id"):
         read_samples(no_id, humaneval[:1], all_ids)
     no_completion = write_samples(tmp_path / "nocomp.jsonl", [{"task_id": "HumanEval/0"}])
     with pytest.raises(NanocodeError, match=r"record for HumanEval/0 has no string 'completion'"):
         read_samples(no_completion, humaneval[:1], all_ids)
     (tmp_path / "junk.jsonl").write_text("{not json\n")
-    with pytest.raises(NanocodeError, match=r"junk.jsonl:1: not valid JSON"):
+    with pytest.raises(NanocodeError, match=r"junk.jsonl line 1: not valid JSON"):
         read_samples(tmp_path / "junk.jsonl", humaneval[:1], all_ids)
     with pytest.raises(NanocodeError, match="samples file not found"):
         read_samples(tmp_path / "nope.jsonl", humaneval[:1], all_ids)
