@@ -88,7 +88,7 @@ def test_unknown_task_id_is_a_clear_error(humaneval, tmp_path):
     samples = write_samples(tmp_path / "bad.jsonl", recs)
     rc, out, err = run_script("--samples", samples, "--max-problems", 3)
     assert rc == 1
-    assert err.strip() == f"error: {samples}:4: unknown task_id 'HumanEval/999' (not one of this task's problems)"
+    assert err.strip() == f"error: {samples} line 4: unknown task_id 'HumanEval/999' (not one of this task's problems)"
 
 
 def test_missing_task_ids_are_a_clear_error(humaneval, tmp_path):
