@@ -26,6 +26,7 @@ from pathlib import Path
 
 from nanocode.checkpoint import checkpoint_dir, load_meta
 from nanocode.common import run_main
+from nanocode.report import ema
 
 ROWS = {  # name -> base_train flags on top of the shared ones
     "oct2025": ["--recipe", "oct2025"],
@@ -34,14 +35,6 @@ ROWS = {  # name -> base_train flags on top of the shared ones
     "new -sliding window": ["--window-pattern", "L"],
 }
 REPO = Path(__file__).resolve().parents[1]
-
-
-def ema(ys, beta=0.9):
-    out, avg = [], 0.0
-    for i, y in enumerate(ys):
-        avg = beta * avg + (1 - beta) * y
-        out.append(avg / (1 - beta ** (i + 1)))
-    return out
 
 
 def tag_of(depth, name):
