@@ -71,6 +71,9 @@ def _bwrap_argv(workdir: str, mode: str, network: bool) -> list[str]:
     for name in ETC + (ETC_NETWORK if network else ()):
         if os.path.exists(f"/etc/{name}"):
             argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    # The private /tmp first: the binds below may lie under /tmp (a clone and its venv in /tmp/...) and
+    # must be mounted on top of it, not hidden by it.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_MB << 20), "--tmpfs", "/tmp"]
     # The Python we run on (a venv and the install it points to may live anywhere, e.g. under ~/.pyenv):
     # its real location, and the venv path as it was spelled (python finds its venv by that path).
     binds = {}
@@ -81,8 +84,7 @@ def _bwrap_argv(workdir: str, mode: str, network: bool) -> list[str]:
             binds[os.path.abspath(p)] = real
     for dest in sorted(binds, key=len):
         argv += ["--ro-bind", binds[dest], dest]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_MB << 20), "--tmpfs", "/tmp",
-             "--bind" if mode == "workspace-write" else "--ro-bind", workdir, workdir,
+    argv += ["--bind" if mode == "workspace-write" else "--ro-bind", workdir, workdir,
              "--remount-ro", "/proc",  # a command mapped to root could write the host's sysctls (/proc/sys) ...
              "--remount-ro", "/", "--chdir", workdir, "--"]
     return argv

@@ -195,3 +195,19 @@ def test_bad_mode_and_root_workdir(wd):
     with pytest.raises(ValueError, match="unknown sandbox mode"):
         run("true", wd, mode="container")
     assert run_tool("bash", {"command": "true"}, wd, sandbox="container").startswith("error: unknown sandbox mode")
+
+
+@needs_sandbox
+def test_python_installed_under_tmp_is_visible(wd, monkeypatch):
+    """A clone and its venv may live under /tmp (CI's fresh clone can): the interpreter's directories are
+    bound on top of the private /tmp, not hidden by it, so `python` is found inside."""
+    venv = Path("/tmp") / f"nanocode-venv-{uuid.uuid4().hex[:8]}"
+    (venv / "bin").mkdir(parents=True)
+    try:
+        (venv / "bin" / "marker").write_text("venv here")
+        monkeypatch.setattr(sys, "prefix", str(venv))
+        r = run(f"cat {venv}/bin/marker && python3 -c 'print(6 * 7)'", wd)
+        assert r.returncode == 0 and "venv here" in r.output and "42" in r.output, r.output
+    finally:
+        import shutil
+        shutil.rmtree(venv)
