@@ -192,10 +192,10 @@ def test_run_report_states_what_the_program_printed(funcs):
 
 def test_denial_is_never_run_and_only_the_reaction_is_learned(funcs):
     from nanocode.engine import DENIED
-    from tests.data_fixtures.helpers import make_tokenizer
+    from tests.helpers import trained_tokenizer
 
     recs = [synth.make_trajectory("denial", random.Random(i), funcs) for i in range(8)]
-    tok = make_tokenizer([json.dumps(r) for r in recs])
+    tok = trained_tokenizer([json.dumps(r) for r in recs])
     out_start, out_end = tok.special_id("<|output_start|>"), tok.special_id("<|output_end|>")
     checked = 0
     for r in recs:
