@@ -1398,6 +1398,8 @@ KINDS = {
 FOLLOWUP_RATE = 0.33  # share of sessions (of the kinds that allow it) that get 1-2 follow-up turns
 TASKS = [k for k, (_, _, seen) in KINDS.items() if seen]  # the kinds training data is drawn from
 UNSEEN = [k for k, (_, _, seen) in KINDS.items() if not seen]
+# Validity prompts ask for a tool call, so they come from the kinds whose answer makes one.
+CALLING = [k for k in TASKS if k != "no_tool"]
 
 
 def make_trajectory(kind: str, rng, funcs: list) -> dict:
@@ -1433,7 +1435,7 @@ def validity_prompt(i: int, seed: int, funcs: list) -> dict:
     unseen kind, a sixth are seen kinds with an unseen phrasing, the rest as in training."""
     rng = random.Random(seed * 1_000_003 + i)
     r = rng.random()
-    kind = draw_kind(rng, UNSEEN if r < 1 / 3 else TASKS)
+    kind = draw_kind(rng, UNSEEN if r < 1 / 3 else CALLING)
     rec = make_trajectory(kind, rng, funcs)
     msgs = rec["messages"][:1]
     seen = r >= 1 / 3

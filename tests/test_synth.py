@@ -240,6 +240,7 @@ def test_validity_prompts_mark_unseen_kinds_and_phrasings(funcs):
         assert p["seen"] == (p["kind"] in synth.TASKS and p["template"] == "seen")
     assert {p["kind"] for p in prompts if not p["seen"]} & set(synth.UNSEEN)
     assert any(p["template"] == "unseen" for p in prompts) and sum(p["seen"] for p in prompts) >= 20
+    assert "no_tool" not in {p["kind"] for p in prompts}  # a validity prompt asks for a tool call
 
 
 @pytest.mark.slow
