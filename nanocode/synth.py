@@ -122,6 +122,8 @@ def corpus_functions(docs, limit: int = 2000, min_lines: int = 4, max_lines: int
                 continue
             if any(len(line) > 100 for line in src.splitlines()) or '"""' in src.split("\n", 1)[0]:
                 continue
+            if not src.startswith(f"def {node.name}("):  # e.g. "def f (x):": the kinds grep for "def NAME\("
+                continue
             try:
                 facts = describe_function(src)
             except (SyntaxError, ValueError, IndexError):

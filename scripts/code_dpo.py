@@ -14,8 +14,8 @@ output backs, or SOUL.md's style broken.
 
 The log-probability of a side is the sum over its assistant tokens (the mask of render_conversation, past
 the prompt; tool outputs are not the model's and do not count). The reference model is the SFT
-checkpoint itself, frozen: its log-probs for every pair are computed once, before the first update, so no
-second model is kept in memory. Losses, with h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)):
+checkpoint itself, frozen: its log-probs for every pair the run visits are computed once, before the first
+update, so no second model is kept in memory. Losses, with h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)):
     sigmoid (DPO, Rafailov et al. 2023):  -log sigmoid(beta * h)
     ipo     (Azar et al. 2023):           (h' - 1 / (2 beta))^2, h' the same with per-token average log-probs
 Rewards are beta * (log pi - log ref) of each side; reward accuracy = share of pairs whose chosen reward
@@ -206,17 +206,23 @@ def main(argv=None):
            f"{args.loss} loss, beta {args.beta}, NLL weight {args.nll_weight} | {num_steps} steps of {args.batch_size} pairs "
            f"| {len(prompts)} tool-call validity prompts")
 
-    # the reference: the SFT model's log-probs, once, before any update
-    model.eval()
-    t0 = time.time()
-    ref_train = reference_logps(model, train, args.batch_size, pad_id, device, amp)
-    ref_val = reference_logps(model, val, args.batch_size, pad_id, device, amp)
-    print0(f"reference log-probs of {len(train) + len(val)} pairs in {time.time() - t0:.1f}s")
-
     def batches(step):
         epoch, k = divmod(step, steps_per_epoch)
         idx = epoch_order(len(train), epoch, args.seed)[k * args.batch_size:(k + 1) * args.batch_size][rank::world_size]
         return finetune.split(idx, args.grad_accum)
+
+    # the reference: the SFT model's log-probs, once, before any update, of the train pairs this rank's
+    # steps use (a short run visits few of them) and of the held-out pairs
+    model.eval()
+    t0 = time.time()
+    used = sorted({i for s in range(num_steps) for mb in batches(s) for i in mb})
+    ref_train = [torch.zeros(len(train), device=device), torch.zeros(len(train), device=device)]
+    if used:
+        c, r = reference_logps(model, [train[i] for i in used], args.batch_size, pad_id, device, amp)
+        ref_train[0][used], ref_train[1][used] = c, r
+    ref_val = reference_logps(model, val, args.batch_size, pad_id, device, amp)
+    print0(f"reference log-probs of {len(used) + len(val)} pairs ({len(used)} train pairs the steps use, "
+           f"{len(val)} held-out) in {time.time() - t0:.1f}s")
 
     def loss_fn(idx):
         pc, pr, nc, nr = pair_logps(model, [train[i] for i in idx], pad_id, device, amp)

@@ -140,6 +140,14 @@ def test_unique_context_grows_until_unique():
     assert synth.unique_context(text, 1) == "a = 1"
 
 
+def test_corpus_functions_skip_defs_the_greps_would_miss():
+    """The grep-based kinds look a function up with `def NAME\\(`: a corpus function written `def f (x):`
+    would give "no matches" and crash the generator, so it is not taken."""
+    body = "    y = x + 1\n    y *= 2\n    y -= 3\n    return y\n"
+    docs = [{"lang": "python", "text": f"def spaced (x):\n{body}\n\ndef plain(x):\n{body}"}]
+    assert [f["facts"]["name"] for f in synth.corpus_functions(docs)] == ["plain"]
+
+
 # ---- the registry, the new kinds, denials, follow-ups
 
 def test_registry_weights_are_what_gets_drawn():
