@@ -3,30 +3,40 @@
 A task (one JSON object per line in a task file):
     {"id": str, "source": str, "prompt": str,                 # the user's message
      "check": {"type": "tests", "tests": str}                 # python asserts run after the written code
-            | {"type": "stdout", "expected": str}}            # what running the written code must print
-The model answers as the agent does: it writes the code with a write_file call (the last .py file it
-writes is the answer); running, reading or explaining along the way is up to it.
+            | {"type": "stdout", "expected": str,             # what running the written code must print
+               "argv": [str, ...]}                            #   (optional: its command-line arguments)
+            | {"type": "agent", "task": {...}}}               # a nanocode.agent_tasks task: its files, its verifier
+For tests and stdout checks the model answers as the agent does: it writes the code with a write_file call
+(the last .py file it writes is the answer); running, reading or explaining along the way is up to it. An
+agent check starts the reply in a scratch dir holding the task's files and runs the task's own verifier
+on that dir afterwards (nanocode.agent_tasks.verify).
 
 Sources:
-- "programs": the synthetic write-and-run conversations (scripts.gen_synth's synth_<split>.jsonl, the
-  ones whose assistant writes a .py file and runs it): the request, and the output its program prints.
-  The SFT model has seen the kind, not these exact numbers: a task set a small model can partly solve.
+- "programs": the small-program requests of nanocode.synth's write-and-run kind, drawn fresh (not read
+  from the SFT files) and split by a hash of the request, so a held-out request is never a train one:
+  the request, and what the reference program prints. The SFT data has the same kind (and, the request
+  space being small, many of the same requests): a task set a small model can partly solve.
 - "corpus": short functions from the local corpus, their behaviour pinned by tests made by running the
   original on varied inputs (only functions that return the same value twice and whose outputs vary
   are kept); the model sees the signature and docstring and writes the function.
+- "agent": nanocode.agent_tasks' generator (fix, implement, rename, ... in a scratch repository) on seeds
+  other than the shipped evaluation suite's, minus any task equal to one of the suite's.
 - "mbpp": MBPP's train split (its test split stays an evaluation); a local file in the hub's schema works.
-- a path to a task file (.jsonl) in the format above.
+- a path to a .jsonl file: tasks in the format above, or problems in HumanEval's schema (task_id, prompt,
+  test, entry_point), e.g. HumanEval-style training sets; HumanEval itself is refused (it stays code_eval's).
 Verification runs the code in nanocode.execution's sandbox; anything but a clean pass (an error, a crash
 of the verifier, a timeout, a fork) is reward 0 with the reason kept.
 """
 import ast
 import json
 import random
+import shlex
+import zlib
 from pathlib import Path
 
-from nanocode.common import NanocodeError, get_base_dir, read_jsonl
+from nanocode.common import NanocodeError, read_jsonl
 
-CHECK_TYPES = ("tests", "stdout")
+CHECK_TYPES = ("tests", "stdout", "agent")
 
 
 def validate_task(t, where: str) -> dict:
@@ -38,14 +48,30 @@ def validate_task(t, where: str) -> dict:
         return {"id": str(t.get("id", where)), "source": str(t.get("source", "file")), "prompt": t["prompt"], "check": None}
     if c.get("type") not in CHECK_TYPES:
         raise NanocodeError(f"{where}: check type must be one of {CHECK_TYPES}, got {c.get('type')!r}")
-    key = "tests" if c["type"] == "tests" else "expected"
-    if not isinstance(c.get(key), str):
-        raise NanocodeError(f"{where}: a {c['type']} check needs a string {key!r}")
+    key = {"tests": "tests", "stdout": "expected", "agent": "task"}[c["type"]]
+    if not isinstance(c.get(key), dict if key == "task" else str):
+        raise NanocodeError(f"{where}: a {c['type']} check needs {'an object' if key == 'task' else 'a string'} {key!r}")
+    if "argv" in c and not (isinstance(c["argv"], list) and all(isinstance(a, str) for a in c["argv"])):
+        raise NanocodeError(f"{where}: a check's 'argv' must be a list of strings")
     return {"id": str(t.get("id", where)), "source": str(t.get("source", "file")), "prompt": t["prompt"], "check": c}
 
 
+def humaneval_style_task(r: dict, where: str) -> dict:
+    """A problem in HumanEval's schema as a tests task: the model writes the function of `prompt` (its
+    signature and docstring), and `test` (which defines check(candidate)) calls it."""
+    if not all(isinstance(r.get(k), str) for k in ("task_id", "prompt", "test", "entry_point")):
+        raise NanocodeError(f"{where}: a HumanEval-style problem needs strings task_id, prompt, test, entry_point")
+    if r["task_id"].startswith("HumanEval/"):
+        raise NanocodeError(f"{where}: {r['task_id']} is HumanEval itself, which stays held out for code_eval")
+    return {"id": r["task_id"], "source": "humaneval_style",
+            "prompt": f"Write this function in solution.py:\n\n{r['prompt'].strip()}\n",
+            "check": {"type": "tests", "tests": f"{r['test']}\n\ncheck({r['entry_point']})"}}
+
+
 def load_task_file(path) -> list[dict]:
-    tasks = [validate_task(obj, where) for where, obj in read_jsonl(path, "task file")]
+    """Tasks of a .jsonl file: our task format, or problems in HumanEval's schema (told apart per line)."""
+    tasks = [humaneval_style_task(obj, where) if isinstance(obj, dict) and "entry_point" in obj else validate_task(obj, where)
+             for where, obj in read_jsonl(path, "task file")]
     if not tasks:
         raise NanocodeError(f"{path} holds no tasks")
     return tasks
@@ -61,23 +87,52 @@ def write_tasks(path, tasks):
 # -----------------------------------------------------------------------------
 # sources
 
-def program_tasks(convs: list[dict], workers: int = 2) -> list[dict]:
-    """Write-and-run conversations -> stdout tasks: the assistant's written .py file, run in the sandbox
-    (twice), gives the expected output; a program that fails, prints nothing, or prints something else
-    the second time (it lists its scratch dir, reads the clock) makes no task."""
+def in_split(text: str, split: str) -> bool:
+    """A stable train/val split by content: a quarter of all texts are val."""
+    return (zlib.crc32(text.encode()) % 4 == 0) == (split == "val")
+
+
+def program_tasks(split: str = "train", seed: int = 0, draws: int = 1000, workers: int = 2) -> list[dict]:
+    """stdout tasks from nanocode.synth's small-program requests (the write-and-run kind): `draws` requests
+    drawn with `seed`, the distinct ones of this split, each with what its reference program prints (run
+    in the sandbox twice, with the request's arguments; one that fails, prints nothing, or prints
+    something else the second time makes no task)."""
+    from nanocode import synth
     from nanocode.execution import run_many
-    cands = []
-    for i, conv in enumerate(convs):
-        msgs = conv["messages"]
-        user = next((m["content"] for m in msgs if m["role"] == "user"), None)
-        code = written_code({"content": msgs[-1]["content"]})
-        if isinstance(user, str) and code and conv.get("kind", "write_run") == "write_run":
-            cands.append((i, user, code))
-    results = run_many([c for _, _, c in cands] * 2, workers=workers, timeout=5.0)
-    return [{"id": f"programs/{i}", "source": "programs", "prompt": user,
-             "check": {"type": "stdout", "expected": r.stdout}}
-            for (i, user, _), r, again in zip(cands, results, results[len(cands):])
-            if r.passed and again.passed and r.stdout.strip() and r.stdout == again.stdout]
+    rng, cands = random.Random(seed), {}
+    for _ in range(draws):
+        request, _, code, argv = synth.program_request(rng)
+        if request not in cands and in_split(request, split):
+            cands[request] = (code, shlex.split(argv))
+    progs = [with_argv(code, argv) for code, argv in cands.values()]
+    results = run_many(progs * 2, workers=workers, timeout=5.0)
+    tasks = []
+    for (request, (_, argv)), r, again in zip(cands.items(), results, results[len(progs):]):
+        if r.passed and again.passed and r.stdout.strip() and r.stdout == again.stdout:
+            check = {"type": "stdout", "expected": r.stdout, **({"argv": argv} if argv else {})}
+            tasks.append({"id": f"programs/{zlib.crc32(request.encode()):08x}", "source": "programs",
+                          "prompt": request, "check": check})
+    return tasks
+
+
+def with_argv(code: str, argv: list[str]) -> str:
+    """The program as run with these command-line arguments."""
+    return code if not argv else f"import sys\nsys.argv = {['main.py'] + list(argv)!r}\n" + code
+
+
+def agent_rl_tasks(split: str = "train", seed: int = 0, n: int = 200) -> list[dict]:
+    """nanocode.agent_tasks' generator on seeds other than the shipped suite's (seed 0): n tasks per split
+    (train seed 1000 + seed, val 2000 + seed), minus any task whose request and files equal a suite task's."""
+    from nanocode import agent_tasks
+    suite = {(t["request"], json.dumps(t["files"], sort_keys=True)) for t in agent_tasks.load_suite()}
+    out = []
+    for t in agent_tasks.make_suite((2000 if split == "val" else 1000) + seed, n):
+        if (t["request"], json.dumps(t["files"], sort_keys=True)) not in suite:
+            t.setdefault("verify_files", {})
+            t.setdefault("deny", [])
+            out.append({"id": f"agent/{split}/{t['id']}", "source": "agent", "prompt": t["request"],
+                        "check": {"type": "agent", "task": t}})
+    return out
 
 
 # Argument pools for pinning a function's behaviour: a mix of the types small corpus functions take.
@@ -163,15 +218,13 @@ def mbpp_tasks(path=None) -> list[dict]:
 
 
 def load_tasks(spec: str, split: str = "train", seed: int = 0) -> list[dict]:
-    """Tasks of a --tasks spec: comma-separated sources (programs, corpus, mbpp, a .jsonl task file)."""
+    """Tasks of a --tasks spec: comma-separated sources (programs, corpus, agent, mbpp, a .jsonl task file)."""
     tasks = []
     for name in [s.strip() for s in spec.split(",") if s.strip()]:
         if name == "programs":
-            from nanocode.conversations import load_jsonl
-            path = get_base_dir() / "sft" / f"synth_{split}.jsonl"
-            if not path.exists():
-                raise NanocodeError(f"{path} not found: run `python -m scripts.gen_synth` first")
-            tasks += program_tasks(load_jsonl(path))
+            tasks += program_tasks(split, seed)
+        elif name == "agent":
+            tasks += agent_rl_tasks(split, seed)
         elif name == "corpus":
             from nanocode import synth
             from nanocode.dataset import list_shards
@@ -190,7 +243,7 @@ def load_tasks(spec: str, split: str = "train", seed: int = 0) -> list[dict]:
         elif name.endswith(".jsonl"):
             tasks += load_task_file(name)
         else:
-            raise NanocodeError(f"unknown task source {name!r}: use programs, corpus, mbpp or a .jsonl task file")
+            raise NanocodeError(f"unknown task source {name!r}: use programs, corpus, agent, mbpp or a .jsonl task file")
     if not tasks:
         raise NanocodeError(f"--tasks {spec!r} gave no {split} tasks")
     return tasks
@@ -202,24 +255,53 @@ def load_tasks(spec: str, split: str = "train", seed: int = 0) -> list[dict]:
 def sample(engine, tasks: list[dict], G: int, seed: int, max_tokens: int, temperature: float, top_k: int | None,
            timeout: float, per_call: int = 0) -> list[dict]:
     """G replies per task from the engine's tool loop (Engine.chat_batch), each in its own scratch dir with
-    every call approved: the agent's tools, bash in nanocode.sandbox with `timeout`. Row i of the whole
-    list samples with seed + i. per_call: tasks per chat_batch call (0: all at once)."""
+    every call approved: the agent's tools, bash in nanocode.sandbox with `timeout`. An agent task's reply
+    starts in a dir holding the task's files, under the task's denials, and is verified there before the
+    dir goes (result["verdict"]: (passed, verifier output)). Row i of the whole list samples with seed + i.
+    per_call: tasks per chat_batch call (0: all at once)."""
     import shutil
     import tempfile
+    from pathlib import Path
+    from nanocode import agent_tasks
+    from nanocode.engine import message_text
     from nanocode.tools import run_tool
     runner = lambda name, arguments, workdir: run_tool(name, arguments, workdir, timeout=timeout)
     per_call = per_call or len(tasks)
     results = []
     for c in range(0, len(tasks), per_call):
-        convs = [{"messages": [{"role": "user", "content": t["prompt"]}]} for t in tasks[c:c + per_call] for _ in range(G)]
-        dirs = [tempfile.mkdtemp(prefix="nanocode-rl-") for _ in convs]
+        rows = [t for t in tasks[c:c + per_call] for _ in range(G)]
+        agent = [agent_task(t) for t in rows]
+        convs = [{"messages": [{"role": "user", "content": t["prompt"]}]} for t in rows]
+        dirs = [agent_tasks.scratch(a) if a else Path(tempfile.mkdtemp(prefix="nanocode-rl-")) for a in agent]
+        approve = [(lambda name, arguments, deny=frozenset(a["deny"]) if a else frozenset(): name not in deny) for a in agent]
         try:
-            results += engine.chat_batch(convs, approve=lambda name, a: True, workdirs=dirs, max_tokens=max_tokens,
-                                         temperature=temperature, top_k=top_k, seed=seed + c * G, tool_runner=runner)
+            out = engine.chat_batch(convs, approve=approve, workdirs=dirs, max_tokens=max_tokens,
+                                    temperature=temperature, top_k=top_k, seed=seed + c * G, tool_runner=runner)
+            for r, a, d in zip(out, agent, dirs):
+                if a:
+                    try:
+                        r["verdict"] = agent_tasks.verify(a, d, message_text(r["message"]))
+                    except Exception as e:  # a verifier that cannot run: reward 0, counted, training goes on
+                        r["verdict"] = (False, f"verifier crashed: {type(e).__name__}: {e}")
+            results += out
         finally:
             for d in dirs:
                 shutil.rmtree(d, ignore_errors=True)
     return results
+
+
+def agent_task(task: dict) -> dict | None:
+    """The nanocode.agent_tasks task behind an agent check, else None."""
+    check = task.get("check")
+    return check["task"] if check is not None and check["type"] == "agent" else None
+
+
+def score(tasks: list[dict], results: list[dict], workers: int = 2, timeout: float = 5.0) -> list[tuple[bool, str]]:
+    """(passed, status) per (task, sampled reply): agent tasks by the verdict sample() left, the others by
+    running the code the reply wrote against the task's check (verify_many)."""
+    codes = [None if agent_task(t) else written_code(r["message"]) for t, r in zip(tasks, results)]
+    out = verify_many(tasks, codes, workers=workers, timeout=timeout)
+    return [r.get("verdict", (False, "not verified")) if agent_task(t) else v for t, r, v in zip(tasks, results, out)]
 
 
 def written_code(message: dict) -> str | None:
@@ -248,14 +330,14 @@ def verify_program(task: dict, code: str | None) -> str:
     check = task["check"]
     if check["type"] == "tests":
         return code + "\n\n" + check["tests"] + "\n"
-    return code
+    return with_argv(code, check.get("argv", []))
 
 
 def verify_many(tasks: list[dict], codes: list, workers: int = 2, timeout: float = 5.0) -> list[tuple[bool, str]]:
     """(passed, status) per (task, code): no code -> "no code written"; any failure in the sandbox or of
     the verifier itself -> False with its reason."""
     from nanocode.execution import run_many
-    todo = [i for i, c in enumerate(codes) if c is not None and tasks[i]["check"] is not None]
+    todo = [i for i, c in enumerate(codes) if c is not None and tasks[i]["check"] is not None and not agent_task(tasks[i])]
     out = [(False, "no verifier" if t["check"] is None else "no code written") for t in tasks]
     try:
         results = run_many([verify_program(tasks[i], codes[i]) for i in todo], workers=workers, timeout=timeout)

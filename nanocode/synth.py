@@ -202,7 +202,7 @@ def explain(rng, facts: dict, path: str, lines: dict) -> str:
 # -----------------------------------------------------------------------------
 # small program templates (write_run) and buggy-function templates (test_fix and friends)
 
-def _program(rng):
+def program_request(rng):
     """(user request, file name, source, argv string) for a small deterministic program."""
     k = rng.randrange(8)
     if k == 0:
@@ -487,7 +487,7 @@ def _show_output(out: str, max_lines: int = 6) -> str:
 
 
 def t_write_run(rng, funcs):
-    request, path, code, argv = _program(rng)
+    request, path, code, argv = program_request(rng)
     with Session({}) as s:
         s.say(pick(rng, f"I'll write `{path}` and run it.", f"Writing `{path}`, then running it.", ""))
         s.call("write_file", path=path, content=code)
@@ -664,7 +664,7 @@ def _small_script(rng) -> tuple[str, str]:
         return name, f"def greet(name):\n    return f\"Hello, {{name}}!\"\n\nprint(greet(\"{pick(rng, 'Ada', 'Linus', 'Grace', 'world')}\"))\n"
     if k == 6:  # a crash the user asks about
         return name, f"def ratio(a, b):\n    return a / b\n\nprint(ratio({a}, 0))\n"
-    _, path, code, argv = _program(rng)
+    _, path, code, argv = program_request(rng)
     return (name, code) if not argv else (name, f"def {op}(a, b):\n    return a {sym} b\n\n\nif __name__ == \"__main__\":\n    print({op}({a}, {b}))\n")
 
 
@@ -1218,7 +1218,7 @@ def t_denial(rng, funcs):
                   f"`{good.strip()}`.")
             return finish(s, rng, user)
     if k == 2:  # writing a file is denied: show the code instead
-        request, path, code, argv = _program(rng)
+        request, path, code, argv = program_request(rng)
         with Session({}) as s:
             s.deny("write_file", path=path, content=code)
             s.say(f"Not written, since you declined. Here's the code for `{path}` if you want to save it yourself:\n\n```python\n{code}```")
@@ -1409,16 +1409,17 @@ def make_trajectory(kind: str, rng, funcs: list) -> dict:
     return {"messages": record["messages"], "kind": kind, **{k: v for k, v in record.items() if k != "messages"}}
 
 
-def draw_kind(rng, kinds: list | None = None) -> str:
-    """A kind drawn with the registry's weights (from the seen kinds unless `kinds` names others)."""
+def draw_kind(rng, kinds: list | None = None, weights: dict | None = None) -> str:
+    """A kind drawn with the registry's weights, or those `weights` gives instead (from the seen kinds
+    unless `kinds` names others)."""
     kinds = kinds or TASKS
-    return rng.choices(kinds, [KINDS[k][1] for k in kinds])[0]
+    return rng.choices(kinds, [(weights or {}).get(k, KINDS[k][1]) for k in kinds])[0]
 
 
-def trajectory(i: int, seed: int, funcs: list, kinds: list | None = None) -> dict:
+def trajectory(i: int, seed: int, funcs: list, kinds: list | None = None, weights: dict | None = None) -> dict:
     """Trajectory number i of a seed: depends only on (seed, i), so any one can be regenerated alone."""
     rng = random.Random(seed * 1_000_003 + i)
-    return make_trajectory(draw_kind(rng, kinds), rng, funcs)
+    return make_trajectory(draw_kind(rng, kinds, weights), rng, funcs)
 
 
 def generate_trajectories(n: int, seed: int, funcs: list, kinds: list | None = None) -> list[dict]:

@@ -68,7 +68,7 @@ if [ "$NPROC" -gt 0 ]; then
     SYNTH_ARGS=()
     SFT_ARGS=()
     DPO_ARGS=()
-    RL_ARGS=(--source dpo --tasks programs,corpus --steps 200 --tasks-per-step 16 --group-size 8 --max-new-tokens 512)
+    RL_ARGS=(--source dpo --tasks programs,corpus,agent --steps 200 --tasks-per-step 16 --group-size 8 --max-new-tokens 512)
     CODE_EVAL_ARGS=(-a humaneval -k 1)
     EVAL_SOURCES=(base sft dpo)
     AGENT_EVAL_ARGS=(--batch-size 28)  # the shipped suite, all 28 tasks

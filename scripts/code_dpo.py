@@ -55,7 +55,7 @@ def get_args(argv=None):
     p.add_argument("--nll-weight", type=float, default=1.0, help="weight of the chosen side's per-token NLL (0: plain DPO)")
     p.add_argument("--eval-prompts", type=int, default=64, help="held-out tool-call positions for the validity rate (0: skip)")
     p.add_argument("--self-pairs", type=str, default="", help="task sources with verifiers (nanocode.rl_tasks: programs, "
-                   "corpus, mbpp, *.jsonl): add pairs of the SFT model's own passing (chosen) and failing (rejected) replies")
+                   "corpus, agent, mbpp, *.jsonl): add pairs of the SFT model's own passing (chosen) and failing (rejected) replies")
     p.add_argument("--self-samples", type=int, default=4, help="replies sampled per task for --self-pairs")
     p.add_argument("--self-max-tokens", type=int, default=256)
     finetune.add_args(p, init_lr_frac=0.02, eval_every=50)
@@ -150,7 +150,7 @@ def self_pairs(model, tokenizer, spec: str, G: int, max_tokens: int, seed: int):
     from nanocode.engine import Engine
     tasks = rl_tasks.load_tasks(spec, "train", seed)
     results = rl_tasks.sample(Engine(model, tokenizer), tasks, G, seed, max_tokens, temperature=1.0, top_k=50, timeout=5.0)
-    verdicts = rl_tasks.verify_many([t for t in tasks for _ in range(G)], [rl_tasks.written_code(r["message"]) for r in results])
+    verdicts = rl_tasks.score([t for t in tasks for _ in range(G)], results)
     pairs = []
     for j, task in enumerate(tasks):
         rows = list(zip(results[j * G:(j + 1) * G], verdicts[j * G:(j + 1) * G]))

@@ -40,7 +40,7 @@ def get_args(argv=None):
     p.add_argument("--source", type=str, default="sft", choices=["sft", "dpo", "rl"], help="checkpoint to start from")
     p.add_argument("--model-tag", type=str, default=None)
     p.add_argument("--model-step", type=int, default=None)
-    p.add_argument("--tasks", type=str, default="programs", help="train task sources: programs, corpus, mbpp, *.jsonl")
+    p.add_argument("--tasks", type=str, default="programs", help="train task sources: programs, corpus, agent, mbpp, *.jsonl")
     p.add_argument("--val-tasks", type=str, default="", help="held-out task sources (default: --tasks' val split)")
     p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for pass@1")
     p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out task (pass@1 = mean pass rate)")
@@ -112,8 +112,7 @@ def sample_and_score(engine, tasks, first_index, args, seed, G):
     t_sample = time.time() - t0
     t0 = time.time()
     flat_tasks = [t for t in tasks for _ in range(G)]
-    verdicts = rl_tasks.verify_many(flat_tasks, [rl_tasks.written_code(r["message"]) for r in results],
-                                    workers=args.workers, timeout=args.verify_timeout)
+    verdicts = rl_tasks.score(flat_tasks, results, workers=args.workers, timeout=args.verify_timeout)
     t_verify = time.time() - t0
     rewards, stats = [], {"passed": 0, "valid_call": 0, "malformed_call": 0, "no_code": 0, "no_verifier": 0,
                           "timed_out": 0, "cut_off": 0, "completions": len(results),

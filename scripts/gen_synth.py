@@ -39,20 +39,35 @@ def get_args(argv=None):
     p.add_argument("--max-docs", type=int, default=20000, help="corpus documents scanned per split")
     p.add_argument("--data-name", type=str, default="code", help="corpus name (nanocode.dataset)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    return p.parse_args(argv)
+    p.add_argument("--weights", type=str, default="", help="kind=weight,... instead of the registry's weights for the "
+                   "train and held-out trajectories (the validity prompts keep the registry's), e.g. run_report=20")
+    args = p.parse_args(argv)
+    args.kind_weights = {}
+    for item in [w for w in args.weights.split(",") if w.strip()]:
+        kind, _, w = item.partition("=")
+        kind = kind.strip()
+        if kind not in synth.TASKS:
+            raise NanocodeError(f"--weights: {kind!r} is not a kind training draws from (kinds: {', '.join(synth.TASKS)})")
+        try:
+            args.kind_weights[kind] = float(w)
+        except ValueError:
+            raise NanocodeError(f"--weights: {item!r} is not kind=number") from None
+        if args.kind_weights[kind] < 0:
+            raise NanocodeError(f"--weights: {item!r}: a weight must be >= 0")
+    return args
 
 
-_CORPUS = None
+_CORPUS, _WEIGHTS = None, None
 
 
-def _init(corpus):
-    global _CORPUS
-    _CORPUS = corpus
+def _init(corpus, weights):
+    global _CORPUS, _WEIGHTS
+    _CORPUS, _WEIGHTS = corpus, weights
 
 
 def _traj(job):
     i, seed = job
-    return synth.trajectory(i, seed, _CORPUS)
+    return synth.trajectory(i, seed, _CORPUS, weights=_WEIGHTS)
 
 
 def _prompt(job):
@@ -98,7 +113,7 @@ def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
 def build(split: str, n: int, n_pairs: int, n_prompts: int, seed: int, args):
     corpus = load_corpus(split, args)
     t0 = time.time()
-    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(corpus,)) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(corpus, args.kind_weights or None)) as pool:
         records = distinct(pool, _traj, n, seed, f"{split} trajectories")
         prompts = distinct(pool, _prompt, n_prompts, seed + 7, "validity prompts") if n_prompts else []
         jobs = [(i, r, seed) for i, r in enumerate(records[:n_pairs])]

@@ -3,6 +3,7 @@ gradient only through sampled tokens, a tiny model learning a rewarded answer, 2
 resume == uninterrupted, the task sources and their verifiers, and bad input."""
 import ast
 import json
+import random
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -187,14 +188,64 @@ def test_corpus_tasks_pin_the_original(stdlib_functions):
     assert all("def " in t["prompt"] and t["check"]["type"] == "tests" for t in tasks)
 
 
-def test_program_tasks_from_write_and_run_conversations(stdlib_functions):
+def test_program_tasks_are_split_by_request_and_pinned_by_the_reference():
+    """Fresh requests of the write-and-run kind: train and val never share a request; the reference program
+    (run with the request's arguments) passes its own task, another output fails."""
     from nanocode import synth
-    recs = synth.generate_trajectories(6, 0, stdlib_functions(20, 100), ["write_run"])
-    tasks = rl_tasks.program_tasks(recs)
-    assert tasks and all(t["check"]["type"] == "stdout" and t["check"]["expected"].strip() for t in tasks)
-    codes = [rl_tasks.written_code(recs[int(t["id"].split("/")[1])]["messages"][-1]) for t in tasks]
-    assert all(ok for ok, _ in rl_tasks.verify_many(tasks, codes))
-    assert rl_tasks.verify_many(tasks[:1], ["print('something else')"])[0] == (False, "wrong output")
+    train, val = rl_tasks.program_tasks("train", 0, draws=300), rl_tasks.program_tasks("val", 1, draws=300)
+    assert len(train) > 30 and len(val) > 5
+    assert not {t["prompt"] for t in train} & {t["prompt"] for t in val}
+    assert any("argv" in t["check"] for t in train) and all(t["check"]["expected"].strip() for t in train + val)
+    refs = {}
+    rng = random.Random(0)
+    for _ in range(300):
+        request, _, code, _ = synth.program_request(rng)
+        refs[request] = code
+    assert all(ok for ok, _ in rl_tasks.verify_many(train, [refs[t["prompt"]] for t in train]))
+    assert rl_tasks.verify_many(train[:1], ["print('something else')"])[0] == (False, "wrong output")
+
+
+def test_humaneval_style_file_and_humaneval_itself_refused(tmp_path):
+    row = {"task_id": "Style/0", "prompt": "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n",
+           "canonical_solution": "    return a + b\n", "entry_point": "add",
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+    path = tmp_path / "style.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    tasks = rl_tasks.load_tasks(str(path))
+    assert len(tasks) == 1 and "def add(a, b)" in tasks[0]["prompt"]
+    good, bad = row["prompt"] + row["canonical_solution"], row["prompt"] + "    return a - b\n"
+    assert [ok for ok, _ in rl_tasks.verify_many(tasks * 2, [good, bad])] == [True, False]
+    path.write_text(json.dumps(dict(row, task_id="HumanEval/0")) + "\n")
+    with pytest.raises(NanocodeError, match="stays held out"):
+        rl_tasks.load_tasks(str(path))
+    path.write_text(json.dumps({"task_id": "Style/1", "entry_point": "f"}) + "\n")
+    with pytest.raises(NanocodeError, match="line 1.*HumanEval-style problem needs"):
+        rl_tasks.load_tasks(str(path))
+
+
+def test_agent_tasks_are_disjoint_from_the_suite_and_scored_in_their_repo():
+    """The agent source: none of its tasks is a shipped-suite task, train and val differ; a scripted policy
+    that performs a task's reference solution passes (verified in the task's scratch repo), an idle one fails."""
+    from nanocode import agent_tasks
+    from nanocode.engine import Engine, encode_with_specials
+    from tests.helpers import ByteTokenizer
+    from tests.scripted_model import ScriptedModel
+    train, val = rl_tasks.agent_rl_tasks("train", 0, n=28), rl_tasks.agent_rl_tasks("val", 0, n=28)
+    suite = {(t["request"], json.dumps(t["files"], sort_keys=True)) for t in agent_tasks.load_suite()}
+    key = lambda t: (t["check"]["task"]["request"], json.dumps(t["check"]["task"]["files"], sort_keys=True))
+    assert train and val and not {key(t) for t in train} & suite and {key(t) for t in train} != {key(t) for t in val}
+    task = next(t for t in train if t["check"]["task"]["kind"] == "fix")
+    sol = task["check"]["task"]["solution"]
+    text = "".join(f"<|tool_start|>{json.dumps({'name': c['name'], 'arguments': c['arguments']})}<|tool_end|>"
+                   for c in sol["calls"]) + sol["answer"]
+    tok = ByteTokenizer()
+    script = encode_with_specials(tok, text)
+    model = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=4096, pick=lambda ids: script)
+    results = rl_tasks.sample(Engine(model, tok), [task], 2, 0, 2048, 1.0, None, 10.0)
+    assert [ok for ok, _ in rl_tasks.score([task] * 2, results)] == [True, True]
+    idle = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=4096, pick=lambda ids: [])
+    results = rl_tasks.sample(Engine(idle, tok), [task], 1, 0, 64, 1.0, None, 10.0)
+    assert not rl_tasks.score([task], results)[0][0]
 
 
 def test_bad_completions_score_zero_and_are_counted():
@@ -241,13 +292,11 @@ def test_bad_task_file_and_missing_checkpoint(tmp_path, monkeypatch):
         code_rl.main(["--tasks", str(bad), "--device-type", "cpu"])
 
 
-def test_no_held_out_tasks_trains_and_says_so(module_base_dir, rl_setup, tmp_path, capsys):
-    """A held-out source that yields no task (a small synthetic val split) is a warning, not a failed stage."""
-    from nanocode.conversations import write_jsonl
+def test_no_held_out_tasks_trains_and_says_so(module_base_dir, rl_setup, tmp_path, capsys, monkeypatch):
+    """A held-out source that yields no task is a warning, not a failed stage."""
     from scripts import code_rl
     tok, path = rl_setup
-    write_jsonl(module_base_dir / "sft" / "synth_val.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                                            {"role": "assistant", "content": "hello"}]}])
+    monkeypatch.setattr(rl_tasks, "program_tasks", lambda split, seed: [])
     code_rl.main(rl_args(path, "--val-tasks", "programs", "--steps", "1", "--eval-every", "-1"))
     assert "held-out pass@1 is not measured" in capsys.readouterr().out
     report = json.loads((module_base_dir / "report" / "rl.json").read_text())

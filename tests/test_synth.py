@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from nanocode import synth
+from nanocode.common import NanocodeError
 from nanocode.conversations import load_jsonl, validate_conversation, validate_preference
 from nanocode.tools import validate_tool_call
 
@@ -161,6 +162,20 @@ def test_registry_weights_are_what_gets_drawn():
     for k in synth.TASKS:
         p = synth.KINDS[k][1] / total
         assert abs(counts[k] / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (k, counts[k] / n, p)
+
+
+def test_weights_flag_reweights_the_draw_and_bad_weights_are_named():
+    from scripts import gen_synth
+    args = gen_synth.get_args(["--weights", "run_report=50,no_tool=0"])
+    assert args.kind_weights == {"run_report": 50.0, "no_tool": 0.0}
+    rng = random.Random(0)
+    counts = Counter(synth.draw_kind(rng, weights=args.kind_weights) for _ in range(4000))
+    total = sum(args.kind_weights.get(k, synth.KINDS[k][1]) for k in synth.TASKS)
+    assert counts["no_tool"] == 0 and abs(counts["run_report"] / 4000 - 50 / total) < 0.03
+    for bad, msg in [("usage_search=3", "not a kind training draws from"), ("run_report=x", "not kind=number"),
+                     ("run_report=-1", ">= 0")]:
+        with pytest.raises(NanocodeError, match=msg):
+            gen_synth.get_args(["--weights", bad])
 
 
 def test_trajectory_kind_is_the_first_draw(funcs):
