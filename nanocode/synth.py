@@ -36,7 +36,7 @@ import random
 import re
 from pathlib import Path
 
-from nanocode.synth_session import (Session, assistant_turns, call_shape, execute, execute_turns,  # noqa: F401
+from nanocode.synth_session import (Session, assistant_turns, call_shape, execute, execute_after, execute_turns,  # noqa: F401
                                     read_tree, replay, write_tree)
 
 PAIR_KINDS = ["malformed_call", "not_unique", "unbacked_claim", "style"]
@@ -1537,7 +1537,7 @@ def make_pair(record: dict, rng, kind: str | None = None) -> dict | None:
                 "unbacked_claim": lambda: _unbacked(rng, parts), "style": lambda: _style(rng, parts)}[k]()
         if plan is None:
             continue
-        rejected, _ = execute(files, plan)
+        rejected = execute_after(files, parts, plan)
         if rejected == parts:
             continue
         return {"prompt": {"messages": record["messages"][:-1]},

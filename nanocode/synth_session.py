@@ -133,6 +133,28 @@ def execute(files: dict, parts: list, setup: str | None = None) -> tuple[list, d
     return turns[0], final
 
 
+def execute_after(files: dict, done: list, plan: list) -> list:
+    """execute(files, plan)[0], where `done` holds parts already executed from `files` (real outputs). When
+    plan's valid tool calls are the first calls of `done`, in order, the same calls on the same files
+    print the same (replay checks it): they get done's outputs and nothing runs; a call that fails
+    validation runs nothing anyway. Otherwise the plan runs in a scratch copy."""
+    from nanocode.tools import validate_tool_call
+    done_calls = [(p, done[i + 1]) for i, p in enumerate(done) if p["type"] == "tool_call"]
+    out, k = [], 0
+    for part in plan:
+        if part["type"] == "text":
+            out.append(part)
+        elif part["type"] == "tool_call":
+            if k < len(done_calls) and done_calls[k][0] == part:
+                out += [part, done_calls[k][1]]
+                k += 1
+            elif err := validate_tool_call({"name": part["name"], "arguments": part["arguments"]}):
+                out += [part, {"type": "tool_output", "text": f"error: {err}"}]
+            else:
+                return execute(files, plan)[0]
+    return out
+
+
 def execute_turns(files: dict, turns: list, setup: str | None = None) -> tuple[list, dict]:
     """execute() for several assistant turns in one scratch directory, in order."""
     with Session(files, setup) as s:
