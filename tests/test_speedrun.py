@@ -51,7 +51,9 @@ def test_cpu_pipeline_stages_in_order(run):
     train = next(c for c in calls if "scripts.base_train" in c)
     assert train.startswith("python ") and "--depth 4" in train and "--fim-rate 0.5" in train
     assert "--local" in calls[0]
-    assert "--yes" in next(c for c in calls if "scripts.code_cli" in c)
+    demo = next(c for c in calls if "scripts.code_cli" in c)
+    assert "--yes" in demo and "-t 0" in demo  # the CPU demo decodes greedily
+    assert "--weights run_report=20" in next(c for c in calls if "scripts.gen_synth" in c)
     assert json.loads((base / "speedrun" / "base_train.done").read_text())["cpu_seconds"] > 0.05
     for stage in ("dataset", "tokenizer", "base_train", "base_eval", "synth", "sft", "dpo", "rl", "code_eval_dpo",
                   "agent_demo"):
