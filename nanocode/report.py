@@ -297,13 +297,30 @@ def plot_pass_at_k(evals, path):
                 for k, v in m.items():
                     if k.startswith("pass@") and isinstance(v, (int, float)):
                         bars.setdefault(f"{task} {k}", {})[source] = v
+    return plot_bars(bars, path, "pass@k", "code eval: pass@k")
+
+
+def plot_agent_success(agent, path):
+    """Grouped bars: agent-eval success overall and per kind, one bar per checkpoint (sft, dpo, rl)."""
+    bars = {}
+    for source, d in agent.items():
+        if isinstance(d.get("success"), (int, float)):
+            bars.setdefault("overall", {})[source] = d["success"]
+        for kind, v in (d.get("per_kind") or {}).items():
+            if isinstance(v, (int, float)):
+                bars.setdefault(kind, {})[source] = v
+    return plot_bars(bars, path, "task success", "agent eval: success per checkpoint")
+
+
+def plot_bars(bars, path, ylabel, title):
+    """bars {group: {source: value}} as grouped bars, sources in pipeline order; None when empty."""
     if not bars:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sources = sorted({s for v in bars.values() for s in v}, key=lambda s: PHASES.index(s) if s in PHASES else 9)
-    groups = sorted(bars)
+    groups = sorted(bars, key=lambda g: (g == "overall", g))
     width = 0.8 / len(sources)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.8 * len(groups)), 3.2))
     for i, s in enumerate(sources):
@@ -313,10 +330,10 @@ def plot_pass_at_k(evals, path):
         for x, y in zip(xs, ys):
             ax.text(x, y, f"{y:.3f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel("pass@k")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, max(0.05, max(max(v.values()) for v in bars.values()) * 1.25))
     ax.legend(fontsize=8)
-    ax.set_title("code eval: pass@k")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -437,6 +454,8 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
                                                          out_dir / "base_eval_bpb.png")))
     evals = {s: d for s, d in stages.items() if s.startswith("code_eval_")}
     plots.append(("pass@k", plot_pass_at_k(evals, out_dir / "code_eval_pass_at_k.png")))
+    if agent:
+        plots.append(("agent eval", plot_agent_success(agent, out_dir / "agent_eval_success.png")))
     for title, p in plots:
         lines.append(f"![{title}]({p.name})" if p else f"- {title}: missing (nothing logged)")
         lines.append("")

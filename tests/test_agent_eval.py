@@ -159,6 +159,7 @@ def test_report_shows_success_per_kind_for_each_checkpoint(tmp_path, monkeypatch
     assert "## Agent eval: task success per kind" in text and "| kind | sft | dpo |" in text
     assert "| fix | 0.5 | 1 |" in text and "| answer | 0.0 | 1 |" in text and "| overall | 0.333 | 1 |" in text
     assert "| Agent eval (SFT) | done | success 0.333 on 3 tasks" in text
+    assert "![agent eval](agent_eval_success.png)" in text and (tmp_path / "report" / "agent_eval_success.png").stat().st_size > 1000
 
 
 @pytest.mark.slow  # two torchrun launches: ~35 s on 2 shared cores
