@@ -5,7 +5,8 @@
 
 Rows per depth: `oct2025` (scripts/base_train.py --recipe oct2025: ratio 20 over all parameters, no
 warmup, warmdown 20% to 0, no weight decay, full attention, RoPE 10k, no value embeddings or lambdas),
-`new` (the defaults), and two leave-one-out rows: `new -value embeds` and `new -sliding window`.
+`new` (the defaults), and leave-one-out rows: `new -value embeds`, `new -sliding window` and `new -polar express`
+(Muon with the classic Newton-Schulz quintic instead of the Polar Express coefficients).
 Every row trains the same --steps x --batch tokens (the batch is given, so both recipes use their
 learning rates as given: no batch-size rule) and is evaluated on the same first --eval-tokens of the
 val split. Each row is one base_train process (--jobs of them at a time, one thread each).
@@ -33,6 +34,7 @@ ROWS = {  # name -> base_train flags on top of the shared ones
     "new": [],
     "new -value embeds": ["--value-embeds", "0"],
     "new -sliding window": ["--window-pattern", "L"],
+    "new -polar express": ["--ns-coeffs", "classic"],
 }
 REPO = Path(__file__).resolve().parents[1]
 

@@ -108,6 +108,16 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def gather_records(records: list, world_size: int, order: dict, key: str) -> list:
+    """Every rank's records on every rank (torch.distributed when world_size > 1), sorted by order[record[key]]
+    (stable: records with the same key keep their order, e.g. the samples of one problem)."""
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    return sorted(records, key=lambda r: order[r[key]])
+
+
 def autocast(device: torch.device):
     """The mixed-precision context: bf16 autocast on GPUs; none on CPU, which runs fp32 (exact and
     reproducible there). Reusable: `amp = autocast(device)`, then `with amp:` as often as needed."""

@@ -77,13 +77,6 @@ def load_task_file(path) -> list[dict]:
     return tasks
 
 
-def write_tasks(path, tasks):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(t) + "\n" for t in tasks))
-    return path
-
-
 # -----------------------------------------------------------------------------
 # sources
 
@@ -261,7 +254,6 @@ def sample(engine, tasks: list[dict], G: int, seed: int, max_tokens: int, temper
     per_call: tasks per chat_batch call (0: all at once)."""
     import shutil
     import tempfile
-    from pathlib import Path
     from nanocode import agent_tasks
     from nanocode.engine import message_text
     from nanocode.tools import run_tool

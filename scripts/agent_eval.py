@@ -16,11 +16,10 @@ import json
 import time
 from pathlib import Path
 
-import torch.distributed as dist
 
 from nanocode.checkpoint import PHASES
 from nanocode.agent_tasks import load_suite, make_suite, read_transcripts, replay, run_tasks, summarize, task_record
-from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, progress, run_main
+from nanocode.common import NanocodeError, compute_cleanup, compute_init, gather_records, get_base_dir, progress, run_main
 from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="agentic coding tasks, verified")
@@ -48,7 +47,7 @@ def main():
         tasks = make_suite(args.seed, args.num_tasks or 28)
     else:
         tasks = load_suite(args.suite)[:args.num_tasks]
-    is_ddp, rank, _, world_size, device = compute_init("cpu" if args.samples else args.device_type)
+    _, rank, _, world_size, device = compute_init("cpu" if args.samples else args.device_type)
     source = "samples" if args.samples else args.source
 
     t0 = time.time()
@@ -70,13 +69,8 @@ def main():
                             max_tool_calls=args.max_tool_calls, on_done=lambda record: bar.update(1))
         bar.close()
     seconds = time.time() - t0
-    if is_ddp:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+    records = gather_records(records, world_size, {t["id"]: i for i, t in enumerate(tasks)}, "task")
     if rank == 0:
-        order = {t["id"]: i for i, t in enumerate(tasks)}
-        records.sort(key=lambda r: order[r["task"]])
         stats = summarize(records)
         out = Path(args.out) if args.out else get_base_dir() / "eval" / f"agent_eval_{source}"
         out.parent.mkdir(parents=True, exist_ok=True)

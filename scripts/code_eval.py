@@ -16,12 +16,12 @@ import os
 import time
 from pathlib import Path
 
-import torch.distributed as dist
 
 from nanocode.checkpoint import PHASES
 from nanocode.code_tasks import (TASKS, chat_completion, chat_conversation, has_tool_calls, load_task, pass_at_k,
                                  program, stop_sequences, truncate_at_stop)
-from nanocode.common import NanocodeError, compute_cleanup, compute_init, get_base_dir, print0, progress, read_jsonl, run_main
+from nanocode.common import (NanocodeError, compute_cleanup, compute_init, gather_records, get_base_dir, print0, progress,
+                             read_jsonl, run_main)
 from nanocode.execution import run_many
 from nanocode.report import log_stage
 
@@ -158,7 +158,7 @@ def main():
         raise NanocodeError(f"-n must be >= 1, got {args.num_samples}")
     if args.max_problems is not None and args.max_problems < 1:
         raise NanocodeError(f"--max-problems must be >= 1, got {args.max_problems}")
-    is_ddp, rank, _, world_size, device = compute_init("cpu" if args.samples else args.device_type)
+    _, rank, _, world_size, device = compute_init("cpu" if args.samples else args.device_type)
     all_problems = load_task(args.task, args.mbpp_file)
     problems = all_problems[:args.max_problems]
     mine = problems[rank::world_size]  # this rank's shard of the problems
@@ -184,13 +184,8 @@ def main():
     workers = args.workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     records = score(mine, {p["task_id"]: by_task[p["task_id"]] for p in mine}, workers, args.timeout, not args.no_sandbox)
     t_exec = time.time() - t0
-    if is_ddp:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
+    records = gather_records(records, world_size, {p["task_id"]: i for i, p in enumerate(problems)}, "task_id")
     if rank == 0:
-        order = {p["task_id"]: i for i, p in enumerate(problems)}
-        records.sort(key=lambda r: order[r["task_id"]])  # stable: samples keep their order
         rows, means = summarize(problems, records, ks)
         out = Path(args.out) if args.out else get_base_dir() / "eval" / f"code_eval_{source}_{args.task}"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -160,7 +160,7 @@ def test_self_pairs_reject_the_models_own_failures(module_base_dir, tokenizer, m
     even = lambda text: sum(map(ord, text)) % 2 == 0
     rl_tasks.verify_many = lambda tasks, codes, **kw: [(even(c), "") for c in codes]
     tasks = [{"id": f"t{i}", "prompt": f"say {i}", "check": {"type": "stdout", "expected": "q"}} for i in range(6)]
-    path = rl_tasks.write_tasks(module_base_dir / "self_tasks.jsonl", tasks)
+    path = write_jsonl(module_base_dir / "self_tasks.jsonl", tasks)
     pairs, n = self_pairs(model, tokenizer, str(path), 6, 24, 0)
     assert n == 6 and pairs
     text = lambda m: "".join(p["text"] for p in m["content"] if p["type"] == "text")

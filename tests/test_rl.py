@@ -12,6 +12,7 @@ import torch
 
 from nanocode import rl_tasks
 from nanocode.common import NanocodeError
+from nanocode.conversations import write_jsonl
 from scripts.code_rl import group_advantages, pg_loss, rollout_row
 from tests.helpers import ANSWER, install_fixed_answer_reward
 
@@ -84,7 +85,7 @@ def rl_setup(module_base_dir):
     save_checkpoint(checkpoint_dir("sft", "t1"), 1, model.state_dict(), None, {"model_config": config.to_dict()})
     tasks = [{"id": f"t{i}", "prompt": f"Say something short {i}.", "check": {"type": "stdout", "expected": ANSWER}}
              for i in range(4)]
-    path = rl_tasks.write_tasks(module_base_dir / "tasks.jsonl", tasks)
+    path = write_jsonl(module_base_dir / "tasks.jsonl", tasks)
     return tok, path
 
 
