@@ -169,7 +169,8 @@ def main(argv=None):
     pad_id = tokenizer.bos_id
     train_tasks = rl_tasks.load_tasks(args.tasks, "train", args.seed)
     try:
-        val_tasks = rl_tasks.load_tasks(args.val_tasks or args.tasks, "val", args.seed + 1)[:args.eval_tasks]
+        # the held-out tasks do not depend on --seed: runs with different seeds are measured on the same tasks
+        val_tasks = rl_tasks.load_tasks(args.val_tasks or args.tasks, "val", 1)[:args.eval_tasks]
     except NanocodeError as e:
         if "gave no" not in str(e):
             raise
