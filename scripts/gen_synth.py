@@ -3,6 +3,7 @@ local code corpus.
 
     python -m scripts.gen_synth                      # 20000 train + 500 val trajectories, pairs, 300 prompts
     python -m scripts.gen_synth --num-train 2000 --num-val 100 --workers 2
+    python -m scripts.gen_synth --weights run_report=20,no_tool=5   # other kind weights than the registry's
 
 Writes to $NANOCODE_BASE_DIR/sft/: synth_train.jsonl, synth_val.jsonl (conversations, see
 nanocode/synth.py for the record format), dpo_train.jsonl, dpo_val.jsonl (preference pairs) and
@@ -13,6 +14,8 @@ the prompts from its val split, so held-out prompts are about code the model was
 Every tool output comes from really running the tool in a scratch directory. Records are deduplicated
 (identical conversations count once) and generated until there are as many distinct ones as asked.
 Each record depends only on the seed and its index, so the result does not depend on --workers.
+A preference pair's rejected side reuses the chosen side's outputs for the calls both make from the
+start (the same calls on the same files print the same; tests replay them); only what differs runs.
 At the end a diversity table: records per kind, distinct tool-call sequences, turns, calls, shares.
 """
 import argparse
