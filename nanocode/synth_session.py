@@ -7,7 +7,8 @@ text, the tool never runs); `user` starts a new turn (multi-turn sessions). Noth
 is ever written by hand, and `replay` re-runs a record to prove it.
 
 A record: {"messages": [...], "kind": str, "files": {path: text} before, "final_files": {path: text}
-after, and "setup": a shell command run before the first turn (e.g. `git init`), when there is one}.
+after, "last_turn_files": the files when the last user turn began (multi-turn records only), and
+"setup": a shell command run before the first turn (e.g. `git init`), when there is one}.
 """
 import shutil
 import subprocess
@@ -57,7 +58,7 @@ class Session:
         self.dir = Path(tempfile.mkdtemp(prefix="nanocode-synth-"))
         write_tree(self.dir, files)
         run_setup(self.dir, setup)
-        self.messages, self.parts = [], []
+        self.messages, self.parts, self.last_turn_files = [], [], None
 
     def say(self, text: str):
         if not text:
@@ -86,6 +87,8 @@ class Session:
     def user(self, text: str):
         """Close the assistant turn in progress (if any) and start a new user turn."""
         self.end_turn()
+        if self.messages:  # a follow-up: the files as the earlier turns left them (a pair's starting point)
+            self.last_turn_files = read_tree(self.dir)
         self.messages.append({"role": "user", "content": text})
 
     def end_turn(self):
@@ -100,6 +103,8 @@ class Session:
         rec = {"messages": msgs, "files": self.files, "final_files": read_tree(self.dir)}
         if self.setup:
             rec["setup"] = self.setup
+        if self.last_turn_files is not None:
+            rec["last_turn_files"] = self.last_turn_files
         return rec
 
     def close(self):

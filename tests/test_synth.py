@@ -114,6 +114,9 @@ def test_pairs_are_real_and_flawed(records):
     # the original kinds cover every flaw; the multi-turn ones check that a pair starts from the files
     # as the earlier turns left them
     multi = [r for r in records if sum(m["role"] == "user" for m in r["messages"]) > 1][:4]
+    assert multi
+    for r in multi:  # the session's record of the files before the last turn = re-running the earlier turns
+        assert r["last_turn_files"] == synth.execute_turns(r["files"], synth.assistant_turns(r)[:-1], r.get("setup"))[1]
     for i, r in enumerate(records[:18] + multi):
         for kind in synth.PAIR_KINDS:
             pair = synth.make_pair(r, random.Random(i), kind)
