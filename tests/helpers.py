@@ -128,6 +128,27 @@ def tiny_model(vocab_size, sequence_len=96, seed=0):
     return model.eval()
 
 
+def nudged_model(depth: int, vocab_size: int, sequence_len: int, seed: int = 0):
+    """GPTConfig.from_depth's model with every weight nudged by 0.02 * N(0, 1): the init zeroes the output
+    projections, and a test model needs every layer to do something."""
+    from nanocode.gpt import GPTConfig, build_model
+    torch.manual_seed(seed)
+    model = build_model(GPTConfig.from_depth(depth, vocab_size, sequence_len), "cpu")
+    for p in model.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def reference_step(model, optimizers, step: int, steps: int):
+    """One optimizer step of a test's plain reference loop, as the fine-tuning loop schedules it: learning
+    rates at initial_lr * (1 - step / steps), then step and zero the gradients."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * (1.0 - step / steps)
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
 def save_tiny_checkpoint(tag: str, vocab_size: int, phase: str = "sft"):
     """A tiny random GPT saved where load_model(phase, tag=tag) finds it."""
     from nanocode.checkpoint import checkpoint_dir, save_checkpoint

@@ -10,6 +10,7 @@ import torch
 from nanocode import synth
 from nanocode.conversations import write_jsonl
 from scripts.code_dpo import dpo_loss
+from tests.helpers import nudged_model, reference_step
 
 NO_NLL = ["--nll-weight", "0"]  # the loop above has no NLL term on the chosen side
 
@@ -53,12 +54,7 @@ def tokenizer(module_base_dir, funcs, pairs):
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    from nanocode.gpt import GPTConfig, build_model
-    torch.manual_seed(0)
-    m = build_model(GPTConfig.from_depth(2, tokenizer.vocab_size, 512), "cpu")
-    for p in m.parameters():
-        p.data.add_(0.02 * torch.randn_like(p))
-    return m
+    return nudged_model(2, tokenizer.vocab_size, 512)
 
 
 def test_side_logp_counts_only_the_reply(tokenizer, model, pairs):
@@ -118,11 +114,7 @@ def reference_dpo_losses(model, pairs, steps, batch_size, seed, beta, pad_id, ma
         pc, pr, _, _ = pair_logps(model, [pairs[i] for i in idx], pad_id, "cpu", contextlib.nullcontext())
         loss = (-torch.nn.functional.logsigmoid(beta * ((pc - ref_c[idx]) - (pr - ref_r[idx])))).mean()
         loss.backward()
-        for opt in opts:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * (1.0 - step / steps)
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        reference_step(model, opts, step, steps)
         losses.append(loss.item())
     return losses
 

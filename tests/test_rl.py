@@ -14,7 +14,7 @@ from nanocode import rl_tasks
 from nanocode.common import NanocodeError
 from nanocode.conversations import write_jsonl
 from scripts.code_rl import group_advantages, pg_loss, rollout_row
-from tests.helpers import ANSWER, install_fixed_answer_reward
+from tests.helpers import ANSWER, install_fixed_answer_reward, nudged_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -76,13 +76,8 @@ def rl_setup(module_base_dir):
     tok = tokenizer_mod.Tokenizer.train(texts, vocab_size=300)
     tok.save(module_base_dir / "tokenizer")
     from nanocode.checkpoint import checkpoint_dir, save_checkpoint
-    from nanocode.gpt import GPTConfig, build_model
-    torch.manual_seed(0)
-    config = GPTConfig.from_depth(1, tok.vocab_size, 128)
-    model = build_model(config, "cpu")
-    for p in model.parameters():
-        p.data.add_(0.02 * torch.randn_like(p))
-    save_checkpoint(checkpoint_dir("sft", "t1"), 1, model.state_dict(), None, {"model_config": config.to_dict()})
+    model = nudged_model(1, tok.vocab_size, 128)
+    save_checkpoint(checkpoint_dir("sft", "t1"), 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
     tasks = [{"id": f"t{i}", "prompt": f"Say something short {i}.", "check": {"type": "stdout", "expected": ANSWER}}
              for i in range(4)]
     path = write_jsonl(module_base_dir / "tasks.jsonl", tasks)

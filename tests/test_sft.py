@@ -7,6 +7,7 @@ import torch
 
 from nanocode import synth
 from nanocode.conversations import pad_batch, write_jsonl
+from tests.helpers import nudged_model, reference_step
 
 CONV = {"messages": [
     {"role": "system", "content": "Be brief."},
@@ -71,11 +72,7 @@ def test_loss_mask_is_exactly_the_assistant_tokens(tokenizer):
 
 
 def test_padding_never_lets_rows_see_each_other(tokenizer):
-    from nanocode.gpt import GPTConfig, build_model
-    torch.manual_seed(0)
-    model = build_model(GPTConfig.from_depth(2, tokenizer.vocab_size, 128), "cpu")
-    for p in model.parameters():  # the init zeroes the output projections: make every layer do something
-        p.data.add_(0.02 * torch.randn_like(p))
+    model = nudged_model(2, tokenizer.vocab_size, 128)
     short = tokenizer.render_conversation({"messages": CONV["messages"][:3]})
     long = tokenizer.render_conversation(CONV)
     x, y = pad_batch([(list(short[0]), list(short[1])), (list(long[0]), list(long[1]))], tokenizer.bos_id)
@@ -135,11 +132,7 @@ def reference_sft_losses(model, rows, steps, batch_size, seed, pad_id, matrix_lr
         pos += batch_size
         loss = model(x, y)
         loss.backward()
-        for opt in opts:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * (1.0 - step / steps)
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        reference_step(model, opts, step, steps)
         losses.append(loss.item())
     return losses
 
@@ -149,13 +142,9 @@ def test_sft_losses_equal_the_reference_loop(module_base_dir, tokenizer, funcs):
     same operations in the same order), across an epoch boundary (5 rows, batches of 2: 2 steps per epoch)."""
     from nanocode.checkpoint import checkpoint_dir, load_model, save_checkpoint
     from nanocode.conversations import load_mixture
-    from nanocode.gpt import GPTConfig, build_model
     from scripts import code_sft
-    torch.manual_seed(0)
-    config = GPTConfig.from_depth(1, tokenizer.vocab_size, 256)
-    model = build_model(config, "cpu")
-    for p in model.parameters():
-        p.data.add_(0.02 * torch.randn_like(p))
+    model = nudged_model(1, tokenizer.vocab_size, 256)
+    config = model.config
     save_checkpoint(checkpoint_dir("base", "ref1"), 0, model.state_dict(), None, {"model_config": config.to_dict()})
     kinds = ["explain", "write_run", "test_fix"]
     write_jsonl(module_base_dir / "sft" / "synth_train.jsonl", synth.generate_trajectories(5, 3, funcs, kinds))
