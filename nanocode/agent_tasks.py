@@ -261,7 +261,8 @@ def conversation(task: dict) -> dict:
     return {"messages": [{"role": "user", "content": task["request"]}]}
 
 
-def _approver(task):
+def approver(task):
+    """The user at the approval prompt: every call allowed but the tools the task denies."""
     deny = set(task.get("deny", []))
     return lambda name, arguments: name not in deny
 
@@ -293,7 +294,7 @@ def run_tasks(engine, tasks: list[dict], batch_size: int = 8, temperature: float
             dirs = [scratch(tasks[i]) for i in chunk]
             try:
                 results = engine.chat_batch([conversation(tasks[i]) for i in chunk],
-                                            approve=[_approver(tasks[i]) for i in chunk], workdirs=dirs,
+                                            approve=[approver(tasks[i]) for i in chunk], workdirs=dirs,
                                             max_tokens=tokens, max_tool_calls=calls, temperature=temperature,
                                             top_k=top_k, seed=seed + 1000 * chunk[0], tool_runner=tool_runner)
                 for i, d, r in zip(chunk, dirs, results):
@@ -314,7 +315,7 @@ def replay(task: dict, message: dict) -> tuple[bool, str]:
     from nanocode.engine import message_text
     root = scratch(task)
     try:
-        allowed = _approver(task)
+        allowed = approver(task)
         for p in message["content"]:
             if p["type"] == "tool_call" and allowed(p["name"], p["arguments"]):
                 tool_runner(p["name"], p["arguments"], root)

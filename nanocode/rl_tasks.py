@@ -265,7 +265,7 @@ def sample(engine, tasks: list[dict], G: int, seed: int, max_tokens: int, temper
         agent = [agent_task(t) for t in rows]
         convs = [{"messages": [{"role": "user", "content": t["prompt"]}]} for t in rows]
         dirs = [agent_tasks.scratch(a) if a else Path(tempfile.mkdtemp(prefix="nanocode-rl-")) for a in agent]
-        approve = [(lambda name, arguments, deny=frozenset(a["deny"]) if a else frozenset(): name not in deny) for a in agent]
+        approve = [agent_tasks.approver(a) if a else (lambda name, arguments: True) for a in agent]
         try:
             out = engine.chat_batch(convs, approve=approve, workdirs=dirs, max_tokens=max_tokens,
                                     temperature=temperature, top_k=top_k, seed=seed + c * G, tool_runner=runner)
