@@ -1530,10 +1530,7 @@ def make_pair(record: dict, rng, kind: str | None = None) -> dict | None:
     if not turns or record.get("setup"):  # a pair's side is replayed from plain files; no setup
         return None
     parts = list(turns[-1])
-    if len(turns) == 1:
-        files = record["files"]
-    else:  # the files the last turn started from: recorded by the session, or re-made by running the earlier turns
-        files = record["last_turn_files"] if "last_turn_files" in record else execute_turns(record["files"], turns[:-1])[1]
+    files = record["last_turn_files"] if len(turns) > 1 else record["files"]  # the files the last turn started from
     kinds = [kind] if kind else rng.sample(PAIR_KINDS, len(PAIR_KINDS))
     for k in kinds:
         plan = {"malformed_call": lambda: _malformed(rng, parts), "not_unique": lambda: _not_unique(rng, parts, files),
