@@ -10,7 +10,9 @@ per task from the current policy (Engine.chat_batch: temperature > 0, tool calls
 bash in nanocode.sandbox), each scored by the task's verifier
 (nanocode.rl_tasks): reward = 1 if the written code passes, else 0, plus --valid-call-bonus if the reply
 made a valid tool call and --malformed-penalty (subtracted) if it made a malformed one. Advantage =
-reward - the mean of its group (divided by the group's std with --std-adv). Loss, token level over every
+reward - the mean of its group (divided by the group's std with --std-adv; negative advantages times
+--neg-weight, 1 by default: below 1 the step trusts "do more of this" over "do less of that"). Loss,
+token level over every
 sampled assistant token of the step (tool outputs and the prompt are not the model's: masked):
     L = -sum_t A_row(t) * log pi(token_t) / (sampled tokens of the step, all ranks)
 (one gradient step per batch of samples, so the policy that sampled is the one trained: the PPO ratio
@@ -55,6 +57,8 @@ def get_args(argv=None):
     p.add_argument("--valid-call-bonus", type=float, default=0.1)
     p.add_argument("--malformed-penalty", type=float, default=0.1)
     p.add_argument("--std-adv", action="store_true", help="divide advantages by the group's std (GRPO); off: Dr. GRPO")
+    p.add_argument("--neg-weight", type=float, default=1.0,
+                   help="scale of negative advantages (1: plain group-relative; 0: reinforce above-average samples only)")
     p.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the starting model (0: off, no copy kept)")
     p.add_argument("--verify-timeout", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=2, help="parallel verifier processes")
@@ -68,12 +72,13 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------
 # the pieces the tests check by hand
 
-def group_advantages(rewards: torch.Tensor, std: bool = False) -> torch.Tensor:
-    """rewards (tasks, G) -> advantages (tasks, G): reward minus its group's mean, optionally / group std."""
+def group_advantages(rewards: torch.Tensor, std: bool = False, neg_weight: float = 1.0) -> torch.Tensor:
+    """rewards (tasks, G) -> advantages (tasks, G): reward minus its group's mean, optionally / group std,
+    negative ones times neg_weight."""
     adv = rewards - rewards.mean(dim=1, keepdim=True)
     if std:
         adv = adv / (rewards.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
-    return adv
+    return torch.where(adv < 0, adv * neg_weight, adv)
 
 
 def pg_loss(model, rows, adv, norm: float, pad_id: int, device, amp, ref_model=None, kl_coef: float = 0.0):
@@ -196,7 +201,7 @@ def main(argv=None):
         model.eval()
         rows, rewards, stats = sample_and_score(engine, mine, rank * k, args, seed=args.seed * 7919 + step * K * G, G=G)
         model.train()
-        adv = group_advantages(rewards, args.std_adv).flatten().tolist()
+        adv = group_advantages(rewards, args.std_adv, args.neg_weight).flatten().tolist()
         stats = all_reduce_sums(stats, world_size)
         norm_tokens = max(stats["sampled_tokens"], 1.0)  # all sampled tokens of the step, all ranks
         keep = [i for i, a in enumerate(adv) if a != 0 or args.kl_coef]

@@ -25,6 +25,9 @@ def test_group_advantages_by_hand():
     torch.testing.assert_close(group_advantages(r), want)
     # / std (population std of [1, 0, 0, 1] is 0.5); an all-equal group stays 0
     torch.testing.assert_close(group_advantages(r[:2], std=True), torch.tensor([[1.0, -1.0, -1.0, 1.0], [0.0] * 4]), atol=1e-5, rtol=0)
+    # --neg-weight scales the negative ones only
+    torch.testing.assert_close(group_advantages(r, neg_weight=0.2),
+                               torch.tensor([[0.5, -0.1, -0.1, 0.5], [0.0] * 4, [0.825, -0.055, -0.035, -0.075]]))
 
 
 def tiny_model(vocab=40, seq=32, seed=0):
