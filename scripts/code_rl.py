@@ -42,6 +42,7 @@ def get_args(argv=None):
     p.add_argument("--source", type=str, default="sft", choices=["sft", "dpo", "rl"], help="checkpoint to start from")
     p.add_argument("--model-tag", type=str, default=None)
     p.add_argument("--model-step", type=int, default=None)
+    p.add_argument("--save-tag", type=str, default=None, help="save as rl/<this> (default: --model-tag): several runs from one start")
     p.add_argument("--tasks", type=str, default="programs", help="train task sources: programs, corpus, agent, mbpp, *.jsonl")
     p.add_argument("--val-tasks", type=str, default="", help="held-out task sources (default: --tasks' val split)")
     p.add_argument("--eval-tasks", type=int, default=32, help="held-out tasks for pass@1")
@@ -170,7 +171,7 @@ def main(argv=None):
 
     model, tokenizer, src_meta = load_model(args.source, device, tag=args.model_tag, step=args.model_step)
     config = model.config
-    tag = args.model_tag or f"d{config.n_layer}"
+    tag = args.save_tag or args.model_tag or f"d{config.n_layer}"
     pad_id = tokenizer.bos_id
     train_tasks = rl_tasks.load_tasks(args.tasks, "train", args.seed)
     try:

@@ -292,14 +292,16 @@ def test_bad_task_file_and_missing_checkpoint(tmp_path, monkeypatch):
 
 
 def test_no_held_out_tasks_trains_and_says_so(module_base_dir, rl_setup, tmp_path, capsys, monkeypatch):
-    """A held-out source that yields no task is a warning, not a failed stage."""
+    """A held-out source that yields no task is a warning, not a failed stage (saved under --save-tag)."""
+    from nanocode.checkpoint import checkpoint_dir, list_steps
     from scripts import code_rl
     tok, path = rl_setup
     monkeypatch.setattr(rl_tasks, "program_tasks", lambda split, seed: [])
-    code_rl.main(rl_args(path, "--val-tasks", "programs", "--steps", "1", "--eval-every", "-1"))
+    code_rl.main(rl_args(path, "--val-tasks", "programs", "--steps", "1", "--eval-every", "-1", "--save-tag", "t1_other"))
     assert "held-out pass@1 is not measured" in capsys.readouterr().out
     report = json.loads((module_base_dir / "report" / "rl.json").read_text())
-    assert report["steps"] == 1 and report["val_tasks"] == 0
+    assert report["steps"] == 1 and report["val_tasks"] == 0 and report["model_tag"] == "t1_other"
+    assert list_steps(checkpoint_dir("rl", "t1_other")) == [1]
 
 
 def test_kl_term_is_zero_against_itself_and_positive_otherwise():
