@@ -123,7 +123,8 @@ def run_result(name, seed, args):
                 reward=[v for _, v in c["reward"]], pass_rate=[v for _, v in c["pass_rate"]],
                 malformed=[v for _, v in c["malformed_call"]], step_seconds=round(sum(v for _, v in c["step_s"])),
                 sampling_share=sum(v for _, v in c["sample_s"]) / sum(v for _, v in c["step_s"]),
-                verifying_share=sum(v for _, v in c["verify_s"]) / sum(v for _, v in c["step_s"]))
+                verifying_share=sum(v for _, v in c["verify_s"]) / sum(v for _, v in c["step_s"]),
+                completions_per_s=statistics.median(v for _, v in c["completions_per_s"]))
 
 
 def sd(xs):
@@ -145,14 +146,14 @@ def write(before, runs, args, wall):
              f"error of a {len(before)}-seed mean {se:.4f}). Change = a run's mean over the same eval seeds minus the SFT "
              f"checkpoint's.", "",
              "| row | flags | seed | pass@1 per eval seed | mean | change | train reward, first -> last 25 steps | "
-             "malformed calls, first -> last 25 | time in steps (sampling, verifying) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "malformed calls, first -> last 25 | time in steps (sampling, verifying) | completions/s sampling (median step) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         first, last = (lambda xs: statistics.mean(xs[:25])), (lambda xs: statistics.mean(xs[-25:]))
         lines.append(f"| {r['row']} | `{' '.join(r['flags'])}` | {r['seed']} | {' '.join(f'{x:.3f}' for x in r['pass_at_1'])} "
                      f"| {r['mean']:.4f} | {r['mean'] - b_mean:+.4f} | {first(r['reward']):.3f} -> {last(r['reward']):.3f} | "
                      f"{first(r['malformed']):.3f} -> {last(r['malformed']):.3f} | {r['step_seconds']} s ({r['sampling_share']:.0%}, "
-                     f"{r['verifying_share']:.0%}) |")
+                     f"{r['verifying_share']:.0%}) | {r['completions_per_s']:.1f} |")
     lines += ["", "| row | runs | mean of the runs' means | change | spread between runs (sd) |", "|---|---|---|---|---|"]
     for name in dict.fromkeys(r["row"] for r in runs):
         means = [r["mean"] for r in runs if r["row"] == name]
