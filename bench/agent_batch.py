@@ -10,6 +10,7 @@ every row runs its full `--max-tokens`. Prints tokens/s per batch size and the s
 batch size, per wall second and per CPU second of this process (on a shared machine the wall clock
 mostly measures the neighbours; with one thread the CPU clock does not).
 """
+
 import argparse
 import time
 
@@ -18,7 +19,9 @@ import torch
 from nanocode.engine import Engine, encode_with_specials
 from nanocode.gpt import GPTConfig, build_model
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+)
 parser.add_argument("--depth", type=int, default=4)
 parser.add_argument("--seq-len", type=int, default=256)
 parser.add_argument("--vocab-size", type=int, default=4096)
@@ -26,14 +29,28 @@ parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
 parser.add_argument("--max-tokens", type=int, default=160)
 parser.add_argument("--call-every", type=int, default=80)
 parser.add_argument("--device", default="cpu")
-parser.add_argument("--repeats", type=int, default=2, help="timed runs per batch size (the best is kept)")
+parser.add_argument(
+    "--repeats", type=int, default=2, help="timed runs per batch size (the best is kept)"
+)
 
 
 class ByteTokenizer:
     """12 specials then the 256 bytes: all the engine needs (a trained tokenizer changes nothing here)."""
-    SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-                "<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>",
-                "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+
+    SPECIALS = [
+        "<|bos|>",
+        "<|user_start|>",
+        "<|user_end|>",
+        "<|assistant_start|>",
+        "<|assistant_end|>",
+        "<|tool_start|>",
+        "<|tool_end|>",
+        "<|output_start|>",
+        "<|output_end|>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+    ]
     bos_id = 0
 
     def __init__(self, vocab_size):
@@ -78,15 +95,26 @@ def main():
     cfg = GPTConfig.from_depth(args.depth, args.vocab_size, args.seq_len)
     model = build_model(cfg, args.device).eval()
     tok = ByteTokenizer(args.vocab_size)
-    call = encode_with_specials(tok, '<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>')
+    call = encode_with_specials(
+        tok, '<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>'
+    )
     engine = Engine(ToolCalling(model, call, args.call_every), tok)
     output = "x" * 20
 
     def run(batch):
-        convs = [{"messages": [{"role": "user", "content": f"list the files, please ({i})"}]} for i in range(batch)]
+        convs = [
+            {"messages": [{"role": "user", "content": f"list the files, please ({i})"}]}
+            for i in range(batch)
+        ]
         t0, c0 = time.perf_counter(), time.process_time()
-        results = engine.chat_batch(convs, approve=lambda n, a: True, workdirs=["."] * batch, temperature=1.0,
-                                    max_tokens=args.max_tokens, tool_runner=lambda n, a, w: output)
+        results = engine.chat_batch(
+            convs,
+            approve=lambda n, a: True,
+            workdirs=["."] * batch,
+            temperature=1.0,
+            max_tokens=args.max_tokens,
+            tool_runner=lambda n, a, w: output,
+        )
         if args.device == "cuda":
             torch.cuda.synchronize()
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -95,14 +123,18 @@ def main():
         return sampled / dt, sampled / cpu, sampled, calls
 
     run(min(args.batch))  # warm-up
-    print(f"depth {args.depth} (width {cfg.n_embd}), context {args.seq_len}, {args.max_tokens} sampled tokens per row, "
-          f"a call every {args.call_every}, device {args.device}, threads {torch.get_num_threads()}")
+    print(
+        f"depth {args.depth} (width {cfg.n_embd}), context {args.seq_len}, {args.max_tokens} sampled tokens per row, "
+        f"a call every {args.call_every}, device {args.device}, threads {torch.get_num_threads()}"
+    )
     base = None
     for batch in args.batch:
         tps, tpc, sampled, calls = max(run(batch) for _ in range(args.repeats))
         base = base or (tps, tpc)
-        print(f"batch {batch:4d}: {tps:8.1f} sampled tokens/s wall (x{tps / base[0]:.1f}), {tpc:8.1f} per CPU second "
-              f"(x{tpc / base[1]:.1f})  [{sampled} tokens, {calls} tool calls]")
+        print(
+            f"batch {batch:4d}: {tps:8.1f} sampled tokens/s wall (x{tps / base[0]:.1f}), {tpc:8.1f} per CPU second "
+            f"(x{tpc / base[1]:.1f})  [{sampled} tokens, {calls} tool calls]"
+        )
 
 
 if __name__ == "__main__":

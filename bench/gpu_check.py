@@ -20,6 +20,7 @@ one of them is killed):
 --cpu-smoke runs every step with tiny shapes on the CPU (a cheap subset of the kernel tests, the
 Triton interpreter as the "device" kernels, no --save), so a test can run this script in CI.
 """
+
 import argparse
 import json
 import os
@@ -33,28 +34,44 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_rope_qknorm.py", "tests/test_relu2_mlp.py", "tests/test_softcap_ce.py",
-                "tests/test_newton_schulz.py", "tests/test_kernel_configs.py"]
+KERNEL_TESTS = [
+    "tests/test_rope_qknorm.py",
+    "tests/test_relu2_mlp.py",
+    "tests/test_softcap_ce.py",
+    "tests/test_newton_schulz.py",
+    "tests/test_kernel_configs.py",
+]
 SMOKE_KERNEL_TESTS = "dispatch or bad_inputs or input_errors or small_shapes or every_config"
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="prove the GPU path in a few minutes (see bench/gpu_check.sh)")
-    p.add_argument("--cpu-smoke", action="store_true", help="the same steps on the CPU, tiny shapes (CI)")
+    p = argparse.ArgumentParser(
+        description="prove the GPU path in a few minutes (see bench/gpu_check.sh)"
+    )
+    p.add_argument(
+        "--cpu-smoke", action="store_true", help="the same steps on the CPU, tiny shapes (CI)"
+    )
     p.add_argument("--steps", default="", help="comma-separated subset of the steps (default: all)")
-    p.add_argument("--out", default="", help="results dir (default: bench/results/<gpu>, or a temp dir with --cpu-smoke)")
+    p.add_argument(
+        "--out",
+        default="",
+        help="results dir (default: bench/results/<gpu>, or a temp dir with --cpu-smoke)",
+    )
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------
 # the steps: each returns (ok, detail) and may raise (a failure with its traceback in the log)
 
+
 def run_logged(cmd, log, env=None, timeout=900):
     """Run a subprocess, its output appended to `log`; returns the exit code."""
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        return subprocess.run(
+            cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+        ).returncode
 
 
 def step_kernel_tests(ctx):
@@ -81,7 +98,9 @@ def step_kernel_tests(ctx):
         os.environ.clear()
         os.environ.update(saved)
     n = count.n
-    detail = f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped in {len(files)} files"
+    detail = (
+        f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped in {len(files)} files"
+    )
     if missing:
         detail += f" (not in this checkout: {', '.join(Path(m).name for m in missing)})"
     return code == 0 and n["failed"] == 0 and n["passed"] > 0, detail
@@ -91,8 +110,10 @@ def train_steps(device, impl, depth, T, B, vocab, steps=3):
     """`steps` optimizer steps of a fresh model under torch.compile with `impl` kernels ("" = default
     dispatch, "torch" = references): the losses and the last step's gradients (fp32, on the CPU)."""
     import torch
+
     from nanocode.common import autocast
     from nanocode.gpt import GPTConfig, build_model
+
     os.environ["NANOCODE_KERNELS"] = impl  # read at call time by kernels.common.use_triton
     torch._dynamo.reset()  # the compiled graph bakes the dispatch in
     torch.manual_seed(0)
@@ -123,26 +144,37 @@ def train_steps(device, impl, depth, T, B, vocab, steps=3):
 
 def step_inductor_ab(ctx):
     import torch
+
     depth, T, B, vocab = (1, 32, 2, 97) if ctx.smoke else (2, 256, 8, 4096)
     saved = os.environ.get("NANOCODE_KERNELS")
     try:
         la, ga = train_steps(ctx.device, "", depth, T, B, vocab)
         lb, gb = train_steps(ctx.device, "torch", depth, T, B, vocab)
     finally:
-        os.environ.pop("NANOCODE_KERNELS", None) if saved is None else os.environ.update(NANOCODE_KERNELS=saved)
+        os.environ.pop("NANOCODE_KERNELS", None) if saved is None else os.environ.update(
+            NANOCODE_KERNELS=saved
+        )
     loss_diff = max(abs(a - b) / abs(b) for a, b in zip(la, lb))
     grad_err = max(((ga[n] - gb[n]).norm() / gb[n].norm().clamp(min=1e-30)).item() for n in gb)
     # bf16 on CUDA: two implementations round differently (bf16 eps 2^-8 = 0.4%); fp32 on the CPU.
     loss_tol, grad_tol = (1e-4, 1e-3) if ctx.smoke else (2e-2, 5e-2)
-    detail = (f"depth {depth}, {B}x{T}: losses triton {', '.join(f'{l:.4f}' for l in la)} vs torch "
-              f"{', '.join(f'{l:.4f}' for l in lb)} (max rel diff {loss_diff:.1e}, tol {loss_tol:.0e}); "
-              f"step-3 grads max rel err {grad_err:.1e} (tol {grad_tol:.0e})")
-    return all(map(torch.isfinite, map(torch.tensor, la))) and loss_diff <= loss_tol and grad_err <= grad_tol, detail
+    detail = (
+        f"depth {depth}, {B}x{T}: losses triton {', '.join(f'{l:.4f}' for l in la)} vs torch "
+        f"{', '.join(f'{l:.4f}' for l in lb)} (max rel diff {loss_diff:.1e}, tol {loss_tol:.0e}); "
+        f"step-3 grads max rel err {grad_err:.1e} (tol {grad_tol:.0e})"
+    )
+    return all(
+        map(torch.isfinite, map(torch.tensor, la))
+    ) and loss_diff <= loss_tol and grad_err <= grad_tol, detail
 
 
 def step_bench_kernels(ctx):
     cmd = [sys.executable, "-m", "bench.kernels"]
-    cmd += ["--device", "cpu", "--tiny", "--cases", "rope"] if ctx.smoke else ["--cases", "d12", "--save"]
+    cmd += (
+        ["--device", "cpu", "--tiny", "--cases", "rope"]
+        if ctx.smoke
+        else ["--cases", "d12", "--save"]
+    )
     code = run_logged(cmd, ctx.log)
     where = "" if ctx.smoke else f"; saved bench/results/{ctx.slug}/kernels.{{json,md}}"
     return code == 0, f"exit {code}{where}"
@@ -150,16 +182,49 @@ def step_bench_kernels(ctx):
 
 def step_bench_mfu(ctx):
     cmd = [sys.executable, "-m", "bench.mfu"]
-    cmd += (["--device", "cpu", "--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--vocab-size", "97",
-             "--warmup", "1", "--steps", "1", "--variants", "eager"] if ctx.smoke else
-            ["--depth", "12", "--warmup", "3", "--steps", "5", "--variants", "triton,compile", "--save"])
+    cmd += (
+        [
+            "--device",
+            "cpu",
+            "--depth",
+            "1",
+            "--seq-len",
+            "32",
+            "--device-batch-size",
+            "2",
+            "--vocab-size",
+            "97",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+            "--variants",
+            "eager",
+        ]
+        if ctx.smoke
+        else [
+            "--depth",
+            "12",
+            "--warmup",
+            "3",
+            "--steps",
+            "5",
+            "--variants",
+            "triton,compile",
+            "--save",
+        ]
+    )
     code = run_logged(cmd, ctx.log)
     detail = f"exit {code}"
     result = REPO / "bench" / "results" / ctx.slug / "mfu_d12.json"
     if not ctx.smoke and code == 0 and result.exists():
         rows = json.loads(result.read_text())["rows"]
-        detail += "; " + ", ".join(f"{r['variant']} {r['tok_per_s']:,.0f} tok/s" if "error" not in r
-                                   else f"{r['variant']} {r['error']}" for r in rows)
+        detail += "; " + ", ".join(
+            f"{r['variant']} {r['tok_per_s']:,.0f} tok/s"
+            if "error" not in r
+            else f"{r['variant']} {r['error']}"
+            for r in rows
+        )
         code = code or int(any("error" in r for r in rows))
     return code == 0, detail
 
@@ -169,6 +234,7 @@ def prepare_corpus(base, vocab):
     offline, so the check needs no hub."""
     from nanocode.dataset import ShardWriter, data_dir
     from nanocode.tokenizer import Tokenizer
+
     os.environ["NANOCODE_BASE_DIR"] = str(base)
     stdlib = Path(os.__file__).parent
     texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:200]]
@@ -181,26 +247,74 @@ def prepare_corpus(base, vocab):
 
 def step_resume(ctx):
     from nanocode.checkpoint import checkpoint_dir, load_meta
+
     base = ctx.work / "resume"
     saved_base = os.environ.get("NANOCODE_BASE_DIR")
     try:
         prepare_corpus(base, 300 if ctx.smoke else 4096)
-        shape = (["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "64",
-                  "--eval-tokens", "64", "--device-type", "cpu", "--compile", "0"] if ctx.smoke else
-                 ["--depth", "12", "--max-seq-len", "1024", "--device-batch-size", "16", "--total-batch-size", "16384",
-                  "--eval-tokens", "16384"])
-        args = [sys.executable, "-m", "scripts.base_train", *shape, "--num-iterations", "20", "--save-every", "10",
-                "--eval-every", "-1", "--sample-every", "-1"]
+        shape = (
+            [
+                "--depth",
+                "1",
+                "--max-seq-len",
+                "32",
+                "--device-batch-size",
+                "2",
+                "--total-batch-size",
+                "64",
+                "--eval-tokens",
+                "64",
+                "--device-type",
+                "cpu",
+                "--compile",
+                "0",
+            ]
+            if ctx.smoke
+            else [
+                "--depth",
+                "12",
+                "--max-seq-len",
+                "1024",
+                "--device-batch-size",
+                "16",
+                "--total-batch-size",
+                "16384",
+                "--eval-tokens",
+                "16384",
+            ]
+        )
+        args = [
+            sys.executable,
+            "-m",
+            "scripts.base_train",
+            *shape,
+            "--num-iterations",
+            "20",
+            "--save-every",
+            "10",
+            "--eval-every",
+            "-1",
+            "--sample-every",
+            "-1",
+        ]
         env = dict(os.environ, NANOCODE_BASE_DIR=str(base))
-        if ctx.smoke:  # interpreted Triton kernels would take seconds per step; the other steps run them
+        if (
+            ctx.smoke
+        ):  # interpreted Triton kernels would take seconds per step; the other steps run them
             env["NANOCODE_KERNELS"] = "torch"
         code = run_logged(args + ["--model-tag", "straight"], ctx.log, env)
         if code:
             return False, f"the uninterrupted run failed (exit {code})"
         # the second run: killed (SIGKILL, no cleanup) once it prints step 15, then resumed from step 10
         with open(ctx.log, "a") as log:
-            proc = subprocess.Popen(args + ["--model-tag", "resumed"], cwd=REPO, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                args + ["--model-tag", "resumed"],
+                cwd=REPO,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
             killed = False
             for line in proc.stdout:
                 log.write(line)
@@ -217,7 +331,9 @@ def step_resume(ctx):
         a = dict(load_meta(checkpoint_dir("base", "straight"))["curves"]["loss"])
         b = dict(load_meta(checkpoint_dir("base", "resumed"))["curves"]["loss"])
     finally:
-        os.environ.pop("NANOCODE_BASE_DIR", None) if saved_base is None else os.environ.update(NANOCODE_BASE_DIR=saved_base)
+        os.environ.pop("NANOCODE_BASE_DIR", None) if saved_base is None else os.environ.update(
+            NANOCODE_BASE_DIR=saved_base
+        )
     if sorted(a) != list(range(1, 21)) or sorted(b) != list(range(1, 21)):
         return False, f"loss curves cover steps {sorted(a)} and {sorted(b)}, not 1..20"
     before = max(abs(a[s] - b[s]) for s in range(1, 11))  # two fresh runs: the run-to-run noise
@@ -226,17 +342,21 @@ def step_resume(ctx):
     # fp32 on the CPU is deterministic: exact. On the GPU autotuning may pick other configs in another
     # process, so the resumed steps may differ by the noise two fresh runs already show.
     tol = 0.0 if ctx.smoke else max(4 * before, 5e-3)
-    detail = (f"steps 11-20 after resume: max |loss diff| {after:.2e} ({exact}/10 identical; tol {tol:.1e}); "
-              f"steps 1-10 of two fresh runs: {before:.2e}; final loss {a[20]:.4f} vs {b[20]:.4f}")
+    detail = (
+        f"steps 11-20 after resume: max |loss diff| {after:.2e} ({exact}/10 identical; tol {tol:.1e}); "
+        f"steps 1-10 of two fresh runs: {before:.2e}; final loss {a[20]:.4f} vs {b[20]:.4f}"
+    )
     return after <= tol, detail
 
 
 class StubTokenizer:
     """What Engine needs: the special tokens' ids (0-11, as in nanocode.tokenizer)."""
+
     bos_id = 0
 
     def special_id(self, name):
         from nanocode.tokenizer import SPECIAL_TOKENS
+
         return SPECIAL_TOKENS.index(name)
 
 
@@ -245,8 +365,10 @@ def step_generation(ctx):
     wide margins; then Engine.generate (KV cache) on the CPU with the reference kernels and on the
     device with its own (CUDA: Triton, bf16 autocast; smoke: the interpreted Triton kernels)."""
     import torch
+
     from nanocode.engine import Engine
     from nanocode.gpt import GPTConfig, build_model
+
     vocab, T = 97, 64
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(12, vocab, (T + 1,), generator=g)  # no special token inside
@@ -263,34 +385,51 @@ def step_generation(ctx):
                 o.step()
             model.zero_grad(set_to_none=True)
         prompt, n = seq[:8].tolist(), 16 if ctx.smoke else 48
-        cpu_out = Engine(model.eval(), StubTokenizer()).generate_batch(prompt, max_tokens=n, temperature=0.0)[0]
+        cpu_out = Engine(model.eval(), StubTokenizer()).generate_batch(
+            prompt, max_tokens=n, temperature=0.0
+        )[0]
         os.environ["NANOCODE_KERNELS"] = ""
         dev_model = model.to(ctx.device)
-        dev_out = Engine(dev_model, StubTokenizer()).generate_batch(prompt, max_tokens=n, temperature=0.0)[0]
+        dev_out = Engine(dev_model, StubTokenizer()).generate_batch(
+            prompt, max_tokens=n, temperature=0.0
+        )[0]
     finally:
-        os.environ.pop("NANOCODE_KERNELS", None) if saved is None else os.environ.update(NANOCODE_KERNELS=saved)
-    memorized = sum(int(a == b) for a, b in zip(cpu_out, seq[8:8 + n].tolist()))
+        os.environ.pop("NANOCODE_KERNELS", None) if saved is None else os.environ.update(
+            NANOCODE_KERNELS=saved
+        )
+    memorized = sum(int(a == b) for a, b in zip(cpu_out, seq[8 : 8 + n].tolist()))
     same = cpu_out == dev_out
     first = next((i for i, (a, b) in enumerate(zip(cpu_out, dev_out)) if a != b), None)
     kind = "interpreted Triton kernels" if ctx.smoke else "Triton kernels, bf16 autocast"
-    detail = (f"{n} greedy tokens, KV cache: {ctx.device} ({kind}) {'==' if same else '!='} cpu (references, fp32)"
-              + ("" if same else f" (first difference at token {first})")
-              + f"; final train loss {loss.item():.3f}, {memorized}/{n} tokens of the memorized sequence")
+    detail = (
+        f"{n} greedy tokens, KV cache: {ctx.device} ({kind}) {'==' if same else '!='} cpu (references, fp32)"
+        + ("" if same else f" (first difference at token {first})")
+        + f"; final train loss {loss.item():.3f}, {memorized}/{n} tokens of the memorized sequence"
+    )
     return same and len(cpu_out) == n, detail
 
 
-STEPS = {"kernel_tests": step_kernel_tests, "inductor_ab": step_inductor_ab, "bench_kernels": step_bench_kernels,
-         "bench_mfu": step_bench_mfu, "resume": step_resume, "generation": step_generation}
+STEPS = {
+    "kernel_tests": step_kernel_tests,
+    "inductor_ab": step_inductor_ab,
+    "bench_kernels": step_bench_kernels,
+    "bench_mfu": step_bench_mfu,
+    "resume": step_resume,
+    "generation": step_generation,
+}
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 class Context:
     pass
 
 
 def gpu_slug(name):
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # as bench.kernels and bench.mfu name it
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip(
+        "-"
+    )  # as bench.kernels and bench.mfu name it
 
 
 def main(argv=None):
@@ -299,33 +438,50 @@ def main(argv=None):
     for s in steps:
         if s not in STEPS:
             from nanocode.common import NanocodeError
+
             raise NanocodeError(f"unknown step {s!r}: choose from {', '.join(STEPS)}")
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is imported: Triton on the CPU
     import torch
     import triton
+
     from nanocode.common import NanocodeError
+
     ctx = Context()
     ctx.smoke = args.cpu_smoke
     if ctx.smoke:
         ctx.device, ctx.name = torch.device("cpu"), "cpu-smoke"
     else:
         if not torch.cuda.is_available():
-            raise NanocodeError("no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
-                                "`bash bench/gpu_check.sh --cpu-smoke` checks the script's logic on a CPU")
+            raise NanocodeError(
+                "no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
+                "`bash bench/gpu_check.sh --cpu-smoke` checks the script's logic on a CPU"
+            )
         torch.set_float32_matmul_precision("high")  # as compute_init sets it for training
         ctx.device, ctx.name = torch.device("cuda"), torch.cuda.get_device_name()
     ctx.slug = gpu_slug(ctx.name)
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="gpu_check-")) if ctx.smoke
-                                           else REPO / "bench" / "results" / ctx.slug)
+    out = (
+        Path(args.out)
+        if args.out
+        else (
+            Path(tempfile.mkdtemp(prefix="gpu_check-"))
+            if ctx.smoke
+            else REPO / "bench" / "results" / ctx.slug
+        )
+    )
     out.mkdir(parents=True, exist_ok=True)
     ctx.work = Path(tempfile.mkdtemp(prefix="gpu_check-work-"))
     ctx.log = out / "gpu_check.log"
     ctx.log.write_text("")
     os.environ.pop("NANOCODE_KERNELS", None)  # default dispatch unless a step says otherwise
-    header = (f"{ctx.name}, torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}"
-              + (f", CUDA {torch.version.cuda}, capability {'.'.join(map(str, torch.cuda.get_device_capability()))}"
-                 if not ctx.smoke else ""))
+    header = (
+        f"{ctx.name}, torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}"
+        + (
+            f", CUDA {torch.version.cuda}, capability {'.'.join(map(str, torch.cuda.get_device_capability()))}"
+            if not ctx.smoke
+            else ""
+        )
+    )
     print(f"gpu_check: {header}; log {ctx.log}", flush=True)
 
     rows, t_all = [], time.time()
@@ -338,25 +494,47 @@ def main(argv=None):
             traceback.print_exc()
             with open(ctx.log, "a") as f:
                 traceback.print_exc(file=f)
-            ok, detail = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            ok, detail = (
+                False,
+                f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+            )
         rows.append(dict(step=name, ok=ok, seconds=round(time.time() - t0, 1), detail=detail))
-        print(f"{name}: {'PASS' if ok else 'FAIL'} ({rows[-1]['seconds']:.0f}s) {detail}", flush=True)
+        print(
+            f"{name}: {'PASS' if ok else 'FAIL'} ({rows[-1]['seconds']:.0f}s) {detail}", flush=True
+        )
     total = time.time() - t_all
 
-    table = "\n".join(["| step | result | seconds | detail |", "|---|---|---|---|"] +
-                      [f"| {r['step']} | {'PASS' if r['ok'] else 'FAIL'} | {r['seconds']:.0f} | {r['detail']} |"
-                       for r in rows])
+    table = "\n".join(
+        ["| step | result | seconds | detail |", "|---|---|---|---|"]
+        + [
+            f"| {r['step']} | {'PASS' if r['ok'] else 'FAIL'} | {r['seconds']:.0f} | {r['detail']} |"
+            for r in rows
+        ]
+    )
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    (out / "gpu_check.json").write_text(json.dumps(dict(device=ctx.name, header=header, date=date, total_s=round(total, 1),
-                                                        rows=rows), indent=2) + "\n")
-    (out / "gpu_check.md").write_text(f"# GPU check on {ctx.name}\n\n{date}; {header}; {total:.0f} s in all "
-                                      f"(bench/gpu_check.sh).\n\n{table}\n")
-    print(f"\n## gpu_check summary: {header}; {total:.0f} s\n\n{table}\n\nresults: {out}/gpu_check.{{md,json}}, "
-          f"log {ctx.log}", flush=True)
+    (out / "gpu_check.json").write_text(
+        json.dumps(
+            dict(device=ctx.name, header=header, date=date, total_s=round(total, 1), rows=rows),
+            indent=2,
+        )
+        + "\n"
+    )
+    (out / "gpu_check.md").write_text(
+        f"# GPU check on {ctx.name}\n\n{date}; {header}; {total:.0f} s in all "
+        f"(bench/gpu_check.sh).\n\n{table}\n"
+    )
+    print(
+        f"\n## gpu_check summary: {header}; {total:.0f} s\n\n{table}\n\nresults: {out}/gpu_check.{{md,json}}, "
+        f"log {ctx.log}",
+        flush=True,
+    )
     if not all(r["ok"] for r in rows):
-        raise NanocodeError(f"{sum(not r['ok'] for r in rows)} of {len(rows)} steps failed (see the table above and {ctx.log})")
+        raise NanocodeError(
+            f"{sum(not r['ok'] for r in rows)} of {len(rows)} steps failed (see the table above and {ctx.log})"
+        )
 
 
 if __name__ == "__main__":
     from nanocode.common import run_main
+
     run_main(main)

@@ -9,6 +9,7 @@ The model, optimizers, compilation and autocast are base_train's (bench.mfu.buil
 random tokens. Steps are labelled forward / backward / optimizer in the trace (record_function), and
 on CUDA each kernel family of the model shows up as its own Triton kernels.
 """
+
 import argparse
 import os
 import time
@@ -26,9 +27,13 @@ def get_args(argv=None):
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--device-batch-size", type=int, default=32)
     p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (compilation, autotuning)")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="unprofiled steps first (compilation, autotuning)"
+    )
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
-    p.add_argument("--compile", type=int, default=-1, help="torch.compile the model (default: on CUDA)")
+    p.add_argument(
+        "--compile", type=int, default=-1, help="torch.compile the model (default: on CUDA)"
+    )
     p.add_argument("--device", default="", help="cuda|cpu (default: cuda when available)")
     p.add_argument("--out", default="", help="output dir (default: $NANOCODE_BASE_DIR/profile)")
     p.add_argument("--rows", type=int, default=25, help="rows of the per-op table")
@@ -41,10 +46,13 @@ def main(argv=None):
     device = torch.device(args.device)
     use_compile = args.compile == 1 or (args.compile == -1 and device.type == "cuda")
     set_nvtx(True)  # the model's per-kernel ranges also land in nsys if someone wraps this in it
-    step, model = build_train_step(args.depth, args.seq_len, args.device_batch_size, args.vocab_size, device,
-                                   use_compile)
-    print(f"depth {args.depth}, {model.num_params():,} parameters, {args.device_batch_size} x {args.seq_len} tokens "
-          f"per step on {device}, compile={use_compile}, kernels={os.environ.get('NANOCODE_KERNELS') or 'default'}")
+    step, model = build_train_step(
+        args.depth, args.seq_len, args.device_batch_size, args.vocab_size, device, use_compile
+    )
+    print(
+        f"depth {args.depth}, {model.num_params():,} parameters, {args.device_batch_size} x {args.seq_len} tokens "
+        f"per step on {device}, compile={use_compile}, kernels={os.environ.get('NANOCODE_KERNELS') or 'default'}"
+    )
     t0 = time.perf_counter()
     for i in range(args.warmup):
         step(i)

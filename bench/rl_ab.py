@@ -16,6 +16,7 @@ checkpoint (sampling), and the spread between the training seeds of one row.
 Writes bench/results/cpu/rl_ab.{json,md,png} (or --out): per checkpoint the pass@1 of each eval seed and
 their mean; per run the training curve (reward, pass rate and malformed-call rate of each step's samples).
 """
+
 import argparse
 import json
 import os
@@ -37,9 +38,26 @@ ROWS = {  # name -> code_rl flags on top of the shared ones
     "positive-only": ["--init-lr-frac", "0.05", "--steps", "100", "--neg-weight", "0"],
     "positive-only lr x2": ["--init-lr-frac", "0.1", "--steps", "120", "--neg-weight", "0"],
 }
-SHARED = ["--tasks", "programs", "--eval-tasks", "60", "--eval-samples", "4", "--max-new-tokens", "256",
-          "--temperature", "1.0", "--group-size", "8", "--tasks-per-step", "8", "--eval-every", "50",
-          "--device-type", "cpu"]
+SHARED = [
+    "--tasks",
+    "programs",
+    "--eval-tasks",
+    "60",
+    "--eval-samples",
+    "4",
+    "--max-new-tokens",
+    "256",
+    "--temperature",
+    "1.0",
+    "--group-size",
+    "8",
+    "--tasks-per-step",
+    "8",
+    "--eval-every",
+    "50",
+    "--device-type",
+    "cpu",
+]
 SFT_TAG = "rl_ab"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +65,13 @@ REPO = Path(__file__).resolve().parents[1]
 def run(module, flags, log):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log, "w") as f:
-        r = subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        r = subprocess.run(
+            [sys.executable, "-m", module, *flags],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if r.returncode:
         raise RuntimeError(f"{module} {' '.join(flags)} failed; see {log}")
     return log.read_text()
@@ -56,20 +80,74 @@ def run(module, flags, log):
 def setup(log_dir):
     """The base and SFT checkpoints every row starts from."""
     if not list_steps(checkpoint_dir("base", SFT_TAG)):
-        run("scripts.base_train", ["--depth", "2", "--max-seq-len", "384", "--device-batch-size", "4",
-                                   "--total-batch-size", "1536", "--num-iterations", "80", "--eval-every", "80",
-                                   "--eval-tokens", "16384", "--sample-every", "-1", "--fim-rate", "0.5",
-                                   "--device-type", "cpu", "--model-tag", SFT_TAG], log_dir / "rl_ab_base.log")
+        run(
+            "scripts.base_train",
+            [
+                "--depth",
+                "2",
+                "--max-seq-len",
+                "384",
+                "--device-batch-size",
+                "4",
+                "--total-batch-size",
+                "1536",
+                "--num-iterations",
+                "80",
+                "--eval-every",
+                "80",
+                "--eval-tokens",
+                "16384",
+                "--sample-every",
+                "-1",
+                "--fim-rate",
+                "0.5",
+                "--device-type",
+                "cpu",
+                "--model-tag",
+                SFT_TAG,
+            ],
+            log_dir / "rl_ab_base.log",
+        )
     if not list_steps(checkpoint_dir("sft", SFT_TAG)):
         from nanocode import synth
         from nanocode.conversations import write_jsonl
-        write_jsonl(log_dir / "rl_ab_sft.jsonl", [synth.trajectory(i, 11, [], ["write_run"]) for i in range(400)])
-        write_jsonl(log_dir / "rl_ab_sft_val.jsonl", [synth.trajectory(i, 12, [], ["write_run"]) for i in range(40)])
-        run("scripts.code_sft", ["--model-tag", SFT_TAG, "--mix", str(log_dir / "rl_ab_sft.jsonl"),
-                                 "--val", str(log_dir / "rl_ab_sft_val.jsonl"), "--batch-size", "8", "--steps", "250",
-                                 "--init-lr-frac", "0.5", "--max-seq-len", "384", "--eval-every", "-1",
-                                 "--eval-convs", "16", "--eval-prompts", "16", "--device-type", "cpu"],
-            log_dir / "rl_ab_sft.log")
+
+        write_jsonl(
+            log_dir / "rl_ab_sft.jsonl",
+            [synth.trajectory(i, 11, [], ["write_run"]) for i in range(400)],
+        )
+        write_jsonl(
+            log_dir / "rl_ab_sft_val.jsonl",
+            [synth.trajectory(i, 12, [], ["write_run"]) for i in range(40)],
+        )
+        run(
+            "scripts.code_sft",
+            [
+                "--model-tag",
+                SFT_TAG,
+                "--mix",
+                str(log_dir / "rl_ab_sft.jsonl"),
+                "--val",
+                str(log_dir / "rl_ab_sft_val.jsonl"),
+                "--batch-size",
+                "8",
+                "--steps",
+                "250",
+                "--init-lr-frac",
+                "0.5",
+                "--max-seq-len",
+                "384",
+                "--eval-every",
+                "-1",
+                "--eval-convs",
+                "16",
+                "--eval-prompts",
+                "16",
+                "--device-type",
+                "cpu",
+            ],
+            log_dir / "rl_ab_sft.log",
+        )
 
 
 def tag_of(name, seed):
@@ -94,8 +172,20 @@ def evaluate(source, tag, eval_seed, log_dir):
     try:
         return read_eval(log_dir, tag, eval_seed)
     except NanocodeError:
-        run("scripts.code_rl", ["--eval-only", "--source", source, "--model-tag", tag, *SHARED,
-                                "--eval-seed", str(eval_seed)], eval_log(log_dir, tag, eval_seed))
+        run(
+            "scripts.code_rl",
+            [
+                "--eval-only",
+                "--source",
+                source,
+                "--model-tag",
+                tag,
+                *SHARED,
+                "--eval-seed",
+                str(eval_seed),
+            ],
+            eval_log(log_dir, tag, eval_seed),
+        )
         return read_eval(log_dir, tag, eval_seed)
 
 
@@ -103,8 +193,22 @@ def train(name, seed, args):
     tag = tag_of(name, seed)
     if not list_steps(checkpoint_dir("rl", tag)):
         t0 = time.time()
-        run("scripts.code_rl", ["--source", "sft", "--model-tag", SFT_TAG, "--save-tag", tag, *SHARED, *ROWS[name],
-                                "--seed", str(seed)], Path(args.log_dir) / f"{tag}.log")
+        run(
+            "scripts.code_rl",
+            [
+                "--source",
+                "sft",
+                "--model-tag",
+                SFT_TAG,
+                "--save-tag",
+                tag,
+                *SHARED,
+                *ROWS[name],
+                "--seed",
+                str(seed),
+            ],
+            Path(args.log_dir) / f"{tag}.log",
+        )
         print(f"{name} seed {seed}: trained in {time.time() - t0:.0f}s", flush=True)
     return [evaluate("rl", tag, s, Path(args.log_dir)) for s in args.eval_seeds]
 
@@ -115,16 +219,26 @@ def run_result(name, seed, args):
     try:
         meta = load_meta(checkpoint_dir("rl", tag))
         evals = [read_eval(Path(args.log_dir), tag, s) for s in args.eval_seeds]
-    except NanocodeError as e:  # collecting: a run that never finished has no checkpoint or eval log
+    except (
+        NanocodeError
+    ) as e:  # collecting: a run that never finished has no checkpoint or eval log
         print(f"{name} seed {seed}: no result ({e})")
         return None
     c = meta["curves"]
-    return dict(row=name, seed=seed, flags=ROWS[name], pass_at_1=evals, mean=statistics.mean(evals),
-                reward=[v for _, v in c["reward"]], pass_rate=[v for _, v in c["pass_rate"]],
-                malformed=[v for _, v in c["malformed_call"]], step_seconds=round(sum(v for _, v in c["step_s"])),
-                sampling_share=sum(v for _, v in c["sample_s"]) / sum(v for _, v in c["step_s"]),
-                verifying_share=sum(v for _, v in c["verify_s"]) / sum(v for _, v in c["step_s"]),
-                completions_per_s=statistics.median(v for _, v in c["completions_per_s"]))
+    return dict(
+        row=name,
+        seed=seed,
+        flags=ROWS[name],
+        pass_at_1=evals,
+        mean=statistics.mean(evals),
+        reward=[v for _, v in c["reward"]],
+        pass_rate=[v for _, v in c["pass_rate"]],
+        malformed=[v for _, v in c["malformed_call"]],
+        step_seconds=round(sum(v for _, v in c["step_s"])),
+        sampling_share=sum(v for _, v in c["sample_s"]) / sum(v for _, v in c["step_s"]),
+        verifying_share=sum(v for _, v in c["verify_s"]) / sum(v for _, v in c["step_s"]),
+        completions_per_s=statistics.median(v for _, v in c["completions_per_s"]),
+    )
 
 
 def sd(xs):
@@ -134,36 +248,58 @@ def sd(xs):
 def write(before, runs, args, wall):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    setup_info = dict(shared=SHARED, eval_seeds=args.eval_seeds, seeds=args.seeds, wall_seconds=round(wall),
-                      cpus=os.cpu_count(), load_average=os.getloadavg())
-    (out / "rl_ab.json").write_text(json.dumps(dict(setup=setup_info, before=before, runs=runs), indent=1))
+    setup_info = dict(
+        shared=SHARED,
+        eval_seeds=args.eval_seeds,
+        seeds=args.seeds,
+        wall_seconds=round(wall),
+        cpus=os.cpu_count(),
+        load_average=os.getloadavg(),
+    )
+    (out / "rl_ab.json").write_text(
+        json.dumps(dict(setup=setup_info, before=before, runs=runs), indent=1)
+    )
     b_mean, b_sd = statistics.mean(before), sd(before)
     se = b_sd / len(before) ** 0.5
-    lines = [f"# RL configurations on a 2M-parameter model (CPU, {os.cpu_count()} cores shared)", "",
-             f"`python -m bench.rl_ab {' '.join(a for a in sys.argv[1:] if a != '--collect')}`. Held-out pass@1: 60 tasks "
-             f"x 4 samples at temperature 1, at eval seeds {', '.join(map(str, args.eval_seeds))}; the SFT checkpoint: "
-             f"{', '.join(f'{x:.3f}' for x in before)}, mean **{b_mean:.4f}**, sd {b_sd:.4f} over eval seeds (standard "
-             f"error of a {len(before)}-seed mean {se:.4f}). Change = a run's mean over the same eval seeds minus the SFT "
-             f"checkpoint's.", "",
-             "| row | flags | seed | pass@1 per eval seed | mean | change | train reward, first -> last 25 steps | "
-             "malformed calls, first -> last 25 | time in steps (sampling, verifying) | completions/s sampling (median step) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# RL configurations on a 2M-parameter model (CPU, {os.cpu_count()} cores shared)",
+        "",
+        f"`python -m bench.rl_ab {' '.join(a for a in sys.argv[1:] if a != '--collect')}`. Held-out pass@1: 60 tasks "
+        f"x 4 samples at temperature 1, at eval seeds {', '.join(map(str, args.eval_seeds))}; the SFT checkpoint: "
+        f"{', '.join(f'{x:.3f}' for x in before)}, mean **{b_mean:.4f}**, sd {b_sd:.4f} over eval seeds (standard "
+        f"error of a {len(before)}-seed mean {se:.4f}). Change = a run's mean over the same eval seeds minus the SFT "
+        f"checkpoint's.",
+        "",
+        "| row | flags | seed | pass@1 per eval seed | mean | change | train reward, first -> last 25 steps | "
+        "malformed calls, first -> last 25 | time in steps (sampling, verifying) | completions/s sampling (median step) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         first, last = (lambda xs: statistics.mean(xs[:25])), (lambda xs: statistics.mean(xs[-25:]))
-        lines.append(f"| {r['row']} | `{' '.join(r['flags'])}` | {r['seed']} | {' '.join(f'{x:.3f}' for x in r['pass_at_1'])} "
-                     f"| {r['mean']:.4f} | {r['mean'] - b_mean:+.4f} | {first(r['reward']):.3f} -> {last(r['reward']):.3f} | "
-                     f"{first(r['malformed']):.3f} -> {last(r['malformed']):.3f} | {r['step_seconds']} s ({r['sampling_share']:.0%}, "
-                     f"{r['verifying_share']:.0%}) | {r['completions_per_s']:.1f} |")
-    lines += ["", "| row | runs | mean of the runs' means | change | spread between runs (sd) |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['row']} | `{' '.join(r['flags'])}` | {r['seed']} | {' '.join(f'{x:.3f}' for x in r['pass_at_1'])} "
+            f"| {r['mean']:.4f} | {r['mean'] - b_mean:+.4f} | {first(r['reward']):.3f} -> {last(r['reward']):.3f} | "
+            f"{first(r['malformed']):.3f} -> {last(r['malformed']):.3f} | {r['step_seconds']} s ({r['sampling_share']:.0%}, "
+            f"{r['verifying_share']:.0%}) | {r['completions_per_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "| row | runs | mean of the runs' means | change | spread between runs (sd) |",
+        "|---|---|---|---|---|",
+    ]
     for name in dict.fromkeys(r["row"] for r in runs):
         means = [r["mean"] for r in runs if r["row"] == name]
-        lines.append(f"| {name} | {len(means)} | {statistics.mean(means):.4f} | {statistics.mean(means) - b_mean:+.4f} | "
-                     f"{sd(means):.4f} |")
+        lines.append(
+            f"| {name} | {len(means)} | {statistics.mean(means):.4f} | {statistics.mean(means) - b_mean:+.4f} | "
+            f"{sd(means):.4f} |"
+        )
     (out / "rl_ab.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     names = list(dict.fromkeys(r["row"] for r in runs))
     for r in runs:
@@ -171,13 +307,24 @@ def write(before, runs, args, wall):
         label = f"{r['row']} s{r['seed']}"
         for ax, key in zip(axes[:2], ("reward", "malformed")):
             ax.plot(range(1, len(r[key]) + 1), ema(r[key], 0.95), style, color=color, label=label)
-        axes[2].errorbar([names.index(r["row"]) + 0.1 * r["seed"]], [r["mean"]],
-                         yerr=[2 * sd(r["pass_at_1"]) / len(r["pass_at_1"]) ** 0.5], fmt="o",
-                         color=color, label=label, capsize=3)
-    axes[2].axhspan(b_mean - 2 * se, b_mean + 2 * se, color="gray", alpha=0.3, label="SFT: mean +- 2 s.e.")
+        axes[2].errorbar(
+            [names.index(r["row"]) + 0.1 * r["seed"]],
+            [r["mean"]],
+            yerr=[2 * sd(r["pass_at_1"]) / len(r["pass_at_1"]) ** 0.5],
+            fmt="o",
+            color=color,
+            label=label,
+            capsize=3,
+        )
+    axes[2].axhspan(
+        b_mean - 2 * se, b_mean + 2 * se, color="gray", alpha=0.3, label="SFT: mean +- 2 s.e."
+    )
     axes[2].set_xticks(range(len(names)), names, fontsize=7)
-    titles = ("train reward per step (EMA 0.95)", "malformed tool calls per step (EMA 0.95)",
-              "held-out pass@1 (mean over eval seeds, +- 2 s.e.)")
+    titles = (
+        "train reward per step (EMA 0.95)",
+        "malformed tool calls per step (EMA 0.95)",
+        "held-out pass@1 (mean over eval seeds, +- 2 s.e.)",
+    )
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -190,14 +337,24 @@ def write(before, runs, args, wall):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds per row")
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "cpu"))
-    p.add_argument("--log-dir", default="/tmp", help="each process's output (eval results are read back from it)")
-    p.add_argument("--collect", action="store_true", help="no training: the table and plot from the runs that finished")
+    p.add_argument(
+        "--log-dir",
+        default="/tmp",
+        help="each process's output (eval results are read back from it)",
+    )
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="no training: the table and plot from the runs that finished",
+    )
     args = p.parse_args()
     log_dir = Path(args.log_dir)
     t0 = time.time()
@@ -205,7 +362,11 @@ def main():
         setup(log_dir)
         with ThreadPoolExecutor(args.jobs) as pool:
             before = list(pool.map(lambda s: evaluate("sft", SFT_TAG, s, log_dir), args.eval_seeds))
-            list(pool.map(lambda job: train(*job, args), [(n, s) for n in args.rows for s in args.seeds]))
+            list(
+                pool.map(
+                    lambda job: train(*job, args), [(n, s) for n in args.rows for s in args.seeds]
+                )
+            )
     else:
         before = [read_eval(log_dir, SFT_TAG, s) for s in args.eval_seeds]
     runs = [r for r in (run_result(n, s, args) for n in args.rows for s in args.seeds) if r]

@@ -9,6 +9,7 @@ results; this file lets pytest-benchmark compare runs over time (--benchmark-aut
 --benchmark-compare). The peak-memory test records each CE variant's memory next to eager's;
 the target for the fused linear CE is <= 10% of eager.
 """
+
 import os
 
 import pytest
@@ -25,13 +26,17 @@ CASES = build_cases("cuda", DTYPE)
 PARAMS = [(c, p, impl) for c in CASES for p in c.floor for impl in IMPLS]
 
 
-@pytest.mark.parametrize("case, pass_, impl", PARAMS, ids=[f"{c.name}-{p}-{i}".replace(" ", "-") for c, p, i in PARAMS])
+@pytest.mark.parametrize(
+    "case, pass_, impl", PARAMS, ids=[f"{c.name}-{p}-{i}".replace(" ", "-") for c, p, i in PARAMS]
+)
 def test_kernel(benchmark, case, pass_, impl):
     if impl == "ours" and os.environ.get("NANOCODE_KERNELS") == "torch":
         pytest.skip("NANOCODE_KERNELS=torch: our column would be the reference")
     if impl == "liger" and case.liger is None:
         pytest.skip("no Liger-Kernel op for this case, or liger-kernel not installed")
-    fn = {"ours": case.triton, "liger": case.liger, "eager": case.reference}.get(impl) or torch.compile(case.reference, dynamic=False)
+    fn = {"ours": case.triton, "liger": case.liger, "eager": case.reference}.get(
+        impl
+    ) or torch.compile(case.reference, dynamic=False)
     args = case.make_inputs()
     step = make_step(fn, args, pass_)
     step()  # compile / autotune outside the timed rounds
@@ -40,7 +45,10 @@ def test_kernel(benchmark, case, pass_, impl):
     def run():
         step()
         torch.cuda.synchronize()
-    benchmark.extra_info.update(case=case.name, shape=case.shape, unit=case.unit, floor=case.floor[pass_])
+
+    benchmark.extra_info.update(
+        case=case.name, shape=case.shape, unit=case.unit, floor=case.floor[pass_]
+    )
     benchmark.pedantic(run, warmup_rounds=3, rounds=20)
     del args, step
     torch.cuda.empty_cache()
@@ -53,4 +61,6 @@ def test_ce_peak_memory(record_property):
         record_property(f"{r['case']}|{r['impl']}|peak_mib", round(r["peak_mib"], 1))
     for r in rows:
         if r["case"].startswith("linear") and r["impl"] == "ours":
-            assert r["vs_eager"] <= 0.10, f"{r['case']}: peak {r['peak_mib']:.0f} MiB is {100 * r['vs_eager']:.1f}% of eager"
+            assert r["vs_eager"] <= 0.10, (
+                f"{r['case']}: peak {r['peak_mib']:.0f} MiB is {100 * r['vs_eager']:.1f}% of eager"
+            )

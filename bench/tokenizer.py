@@ -15,6 +15,7 @@ Columns: wall seconds of train_from_iterator, MB/s (UTF-8 bytes), CPU seconds of
 threads), peak RSS, peak RSS above the RSS with the corpus loaded, and the 1-minute load average
 before/after the run (the machine is shared: a load above the core count slows every trainer).
 """
+
 import argparse
 import json
 import os
@@ -72,22 +73,35 @@ def train(trainer: str, docs: list[str], vocab_size: int, pypi_dir: str) -> list
     """Train one trainer; returns the token bytes in id order (for the rustbpes)."""
     if trainer == "hf":
         from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
         tok = Tokenizer(models.BPE(byte_fallback=False))
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-        hf_trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, min_frequency=0,
-                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(
+                    pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False
+                ),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        hf_trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            show_progress=False,
+            min_frequency=0,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=[],
+        )
         tok.train_from_iterator(docs, hf_trainer)
         return []
     if trainer == "pypi":
         sys.path.insert(0, pypi_dir)
     import rustbpe
+
     origin = Path(rustbpe.__file__).resolve()
     if (trainer == "pypi") != (Path(pypi_dir).resolve() in origin.parents):
-        raise SystemExit(f"error: {trainer} run imported rustbpe from {origin}; install the PyPI package with "
-                         f"`.venv/bin/pip install --target {pypi_dir} rustbpe`")
+        raise SystemExit(
+            f"error: {trainer} run imported rustbpe from {origin}; install the PyPI package with "
+            f"`.venv/bin/pip install --target {pypi_dir} rustbpe`"
+        )
     tok = rustbpe.Tokenizer()
     tok.train_from_iterator(iter(docs), vocab_size, pattern=SPLIT_PATTERN)
     return [bytes(b) for b, _ in tok.get_mergeable_ranks()]
@@ -101,19 +115,41 @@ def worker(args):
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     if args.tokens_out:
         Path(args.tokens_out).write_bytes(pickle.dumps(tokens))
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "mb": sum(len(d.encode()) for d in docs) / 1e6,
-                      "docs": len(docs), "rss_loaded_mb": rss_loaded, "peak_rss_mb": max_rss_mb()}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "mb": sum(len(d.encode()) for d in docs) / 1e6,
+                "docs": len(docs),
+                "rss_loaded_mb": rss_loaded,
+                "peak_rss_mb": max_rss_mb(),
+            }
+        )
+    )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mb", type=float, default=100, help="corpus size in MB of source code")
     parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument("--trainers", default="ours,pypi,hf", help="comma-separated subset of ours,pypi,hf")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per trainer; the median time is reported "
-                        "(other processes sharing the cores make single runs noisy)")
-    parser.add_argument("--pypi-dir", default=str(REPO / ".bench_deps" / "pypi_rustbpe"),
-                        help="directory the PyPI rustbpe was pip-installed into with --target")
+    parser.add_argument(
+        "--trainers", default="ours,pypi,hf", help="comma-separated subset of ours,pypi,hf"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per trainer; the median time is reported "
+        "(other processes sharing the cores make single runs noisy)",
+    )
+    parser.add_argument(
+        "--pypi-dir",
+        default=str(REPO / ".bench_deps" / "pypi_rustbpe"),
+        help="directory the PyPI rustbpe was pip-installed into with --target",
+    )
     parser.add_argument("--worker", choices=list(TRAINERS), help=argparse.SUPPRESS)
     parser.add_argument("--tokens-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,8 +160,10 @@ def main():
     if unknown := set(trainers) - set(TRAINERS):
         raise SystemExit(f"error: unknown trainers {sorted(unknown)}; choose from {list(TRAINERS)}")
     if "pypi" in trainers and not (Path(args.pypi_dir) / "rustbpe").is_dir():
-        raise SystemExit(f"error: PyPI rustbpe not found in {args.pypi_dir}; install it with "
-                         f"`.venv/bin/pip install --target {args.pypi_dir} rustbpe` (or leave pypi out of --trainers)")
+        raise SystemExit(
+            f"error: PyPI rustbpe not found in {args.pypi_dir}; install it with "
+            f"`.venv/bin/pip install --target {args.pypi_dir} rustbpe` (or leave pypi out of --trainers)"
+        )
     results, tokens = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in trainers:
@@ -133,8 +171,21 @@ def main():
             runs = []
             for _ in range(args.repeat):
                 load_before = os.getloadavg()[0]
-                cmd = [sys.executable, "-m", "bench.tokenizer", "--worker", name, "--mb", str(args.mb),
-                       "--vocab-size", str(args.vocab_size), "--pypi-dir", args.pypi_dir, "--tokens-out", str(out)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "bench.tokenizer",
+                    "--worker",
+                    name,
+                    "--mb",
+                    str(args.mb),
+                    "--vocab-size",
+                    str(args.vocab_size),
+                    "--pypi-dir",
+                    args.pypi_dir,
+                    "--tokens-out",
+                    str(out),
+                ]
                 proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise SystemExit(f"error: the {name} run failed:\n{proc.stderr[-3000:]}")
@@ -147,31 +198,48 @@ def main():
     # Imported only now: a child's ru_maxrss starts from its parent's RSS at fork time (Linux keeps
     # it across exec), so the parent must stay small while the workers run.
     from nanocode.tokenizer import SPLIT_PATTERN as nanocode_pattern
+
     assert SPLIT_PATTERN == nanocode_pattern, "bench/tokenizer.py's SPLIT_PATTERN is out of date"
 
     first = next(iter(results.values()))
-    print(f"corpus: {first['mb']:.1f} MB of Python source ({first['docs']} files), vocab {args.vocab_size}, "
-          f"{os.cpu_count()} cores, corpus loaded in each process: {first['rss_loaded_mb']:.0f} MB RSS")
+    print(
+        f"corpus: {first['mb']:.1f} MB of Python source ({first['docs']} files), vocab {args.vocab_size}, "
+        f"{os.cpu_count()} cores, corpus loaded in each process: {first['rss_loaded_mb']:.0f} MB RSS"
+    )
     if args.repeat > 1:
         print(f"median of {args.repeat} runs each (the runs' seconds in brackets)")
-    print(f"{'trainer':<18} {'seconds':>8} {'MB/s':>7} {'CPU s':>7} {'peak RSS MB':>12} {'over corpus MB':>15} {'load avg':>11}")
+    print(
+        f"{'trainer':<18} {'seconds':>8} {'MB/s':>7} {'CPU s':>7} {'peak RSS MB':>12} {'over corpus MB':>15} {'load avg':>11}"
+    )
     for name, r in results.items():
-        runs = "" if args.repeat == 1 else "  [" + " ".join(f"{t:.2f}" for t in r["all_seconds"]) + "]"
-        print(f"{TRAINERS[name]:<18} {r['seconds']:>8.2f} {r['mb'] / r['seconds']:>7.1f} {r['cpu_seconds']:>7.2f} "
-              f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['rss_loaded_mb']:>15.0f} {r['load'][0]:>5.1f}/{r['load'][1]:<5.1f}{runs}")
+        runs = (
+            "" if args.repeat == 1 else "  [" + " ".join(f"{t:.2f}" for t in r["all_seconds"]) + "]"
+        )
+        print(
+            f"{TRAINERS[name]:<18} {r['seconds']:>8.2f} {r['mb'] / r['seconds']:>7.1f} {r['cpu_seconds']:>7.2f} "
+            f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['rss_loaded_mb']:>15.0f} {r['load'][0]:>5.1f}/{r['load'][1]:<5.1f}{runs}"
+        )
     if "ours" in results:
         ours = results["ours"]
         for name in ("pypi", "hf"):
             if name in results:
                 r = results[name]
-                print(f"vs {TRAINERS[name]}: {r['seconds'] / ours['seconds']:.2f}x throughput, "
-                      f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS "
-                      f"({(ours['peak_rss_mb'] - ours['rss_loaded_mb']) / max(r['peak_rss_mb'] - r['rss_loaded_mb'], 1):.2f}x over the corpus)")
+                print(
+                    f"vs {TRAINERS[name]}: {r['seconds'] / ours['seconds']:.2f}x throughput, "
+                    f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS "
+                    f"({(ours['peak_rss_mb'] - ours['rss_loaded_mb']) / max(r['peak_rss_mb'] - r['rss_loaded_mb'], 1):.2f}x over the corpus)"
+                )
     if "ours" in tokens and "pypi" in tokens:
         a, b = tokens["ours"], tokens["pypi"]
         same = a == b
-        where = "" if same else f" (first difference at token {next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))})"
-        print(f"merges identical to PyPI rustbpe: {'yes' if same else 'NO'} ({len(a) - 256} vs {len(b) - 256} merges){where}")
+        where = (
+            ""
+            if same
+            else f" (first difference at token {next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))})"
+        )
+        print(
+            f"merges identical to PyPI rustbpe: {'yes' if same else 'NO'} ({len(a) - 256} vs {len(b) - 256} merges){where}"
+        )
         if not same:
             sys.exit(1)
 

@@ -1,4 +1,5 @@
 """What every kernel file shares: the dispatch rule of docs/DESIGN.md ("Kernels") and input checks."""
+
 import os
 
 import torch
@@ -26,4 +27,8 @@ def check_same(fn: str, *named: tuple[str, torch.Tensor]) -> None:
     name0, t0 = named[0]
     for name, t in named[1:]:
         check(t.device == t0.device, fn, f"{name} is on {t.device} but {name0} is on {t0.device}")
-        check(t.dtype == t0.dtype, fn, f"{name} is {t.dtype} but {name0} is {t0.dtype} (no dtype mixing)")
+        check(
+            t.dtype == t0.dtype,
+            fn,
+            f"{name} is {t.dtype} but {name0} is {t0.dtype} (no dtype mixing)",
+        )

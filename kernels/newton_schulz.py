@@ -37,6 +37,7 @@ both m = 768, n = 3072): 0.435 + 0.353 + 0.353 = 1.14 TFLOP (~1.4 ms at 800 TFLO
 depth 20 (C = 1280: 80 of C x C, 20 + 20 of C x 4C): 3.36 + 2.72 + 2.72 = 8.81 TFLOP (~11 ms).
 The reference does 1.5x (square) and 1.38x (C x 4C) more FLOPs, plus five elementwise passes.
 """
+
 import os
 
 import torch
@@ -81,7 +82,7 @@ def newton_schulz_reference(G, steps=5, dtype=torch.bfloat16, coeffs=POLAR_EXPRE
 def newton_schulz_floor(batch, rows, cols, steps=5):
     """Minimum FLOPs with symmetry (see the module docstring), for the TFLOP/s column."""
     m, n = min(rows, cols), max(rows, cols)
-    return {"fwd": steps * batch * (3 * m * m * n + m ** 3)}
+    return {"fwd": steps * batch * (3 * m * m * n + m**3)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,18 +91,42 @@ def newton_schulz_floor(batch, rows, cols, steps=5):
 
 # GPU_CONFIGS: tuned on the GPU (Muon has a few fixed shapes, so tuning runs once per shape); the
 # interpreter runs the one small config (tests force each GPU config in turn).
-GPU_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-               for bm, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 8, 4), (64, 64, 4, 4), (64, 32, 4, 3)]]
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bm, bk, w, st in [
+        (128, 64, 8, 3),
+        (128, 64, 4, 4),
+        (128, 32, 8, 4),
+        (64, 64, 4, 4),
+        (64, 32, 4, 3),
+    ]
+]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 _CONFIGS = INTERPRETER_CONFIGS if _INTERPRET else GPU_CONFIGS
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "K", "HAS_ADD"])
 @triton.jit
-def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta, diag,
-                       stride_pb, stride_pm, stride_pk, stride_ob, stride_om, stride_on,
-                       HAS_ADD: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sym_matmul_kernel(
+    p_ptr,
+    out_ptr,
+    add_ptr,
+    M,
+    K,
+    alpha,
+    beta,
+    diag,
+    stride_pb,
+    stride_pm,
+    stride_pk,
+    stride_ob,
+    stride_om,
+    stride_on,
+    HAS_ADD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m > pid_n:
@@ -111,7 +136,9 @@ def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta, diag,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = p_ptr + rm[:, None] * stride_pm + rk[None, :] * stride_pk  # rows rm of P, (BLOCK_M, BLOCK_K)
+    a_ptrs = (
+        p_ptr + rm[:, None] * stride_pm + rk[None, :] * stride_pk
+    )  # rows rm of P, (BLOCK_M, BLOCK_K)
     b_ptrs = p_ptr + rn[:, None] * stride_pm + rk[None, :] * stride_pk  # rows rn of P
     acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
@@ -124,13 +151,19 @@ def _sym_matmul_kernel(p_ptr, out_ptr, add_ptr, M, K, alpha, beta, diag,
     out_ptr += batch * stride_ob
     mask = (rm[:, None] < M) & (rn[None, :] < M)
     if HAS_ADD:  # add is (batch, M, M) with out's strides
-        add = tl.load(add_ptr + batch * stride_ob + rm[:, None] * stride_om + rn[None, :] * stride_on, mask=mask)
+        add = tl.load(
+            add_ptr + batch * stride_ob + rm[:, None] * stride_om + rn[None, :] * stride_on,
+            mask=mask,
+        )
         acc += beta * add.to(tl.float32) + tl.where(rm[:, None] == rn[None, :], diag, 0.0)
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on, out, mask=mask)
     if pid_m != pid_n:  # the mirrored tile: out[rn, rm] = out[rm, rn]ᵀ
-        tl.store(out_ptr + rn[:, None] * stride_om + rm[None, :] * stride_on, tl.trans(out),
-                 mask=(rn[:, None] < M) & (rm[None, :] < M))
+        tl.store(
+            out_ptr + rn[:, None] * stride_om + rm[None, :] * stride_on,
+            tl.trans(out),
+            mask=(rn[:, None] < M) & (rm[None, :] < M),
+        )
 
 
 def _launch_sym_matmul(P, out, alpha=1.0, add=None, beta=0.0, diag=0.0):
@@ -144,9 +177,21 @@ def _launch_sym_matmul(P, out, alpha=1.0, add=None, beta=0.0, diag=0.0):
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"])
         return (tiles, tiles, batch)
+
     _sym_matmul_kernel[grid](
-        P, out, add if add is not None else out, M, K, alpha, beta, diag, *P.stride(), *out.stride(),
-        HAS_ADD=add is not None, PRECISION="ieee" if P.dtype == torch.float32 else "tf32")
+        P,
+        out,
+        add if add is not None else out,
+        M,
+        K,
+        alpha,
+        beta,
+        diag,
+        *P.stride(),
+        *out.stride(),
+        HAS_ADD=add is not None,
+        PRECISION="ieee" if P.dtype == torch.float32 else "tf32",
+    )
     return out
 
 
@@ -157,7 +202,9 @@ def _new(shape, dtype, device):
 
 
 @torch.library.custom_op("nanocode::newton_schulz", mutates_args=())
-def _newton_schulz(G: torch.Tensor, steps: int, dtype: torch.dtype, coeffs: list[float]) -> torch.Tensor:
+def _newton_schulz(
+    G: torch.Tensor, steps: int, dtype: torch.dtype, coeffs: list[float]
+) -> torch.Tensor:
     """coeffs: the per-step (a, b, c), flattened (3 * steps floats)."""
     shape = G.shape
     X = _normalize(G.to(dtype)).reshape(-1, *shape[-2:]).contiguous()  # (batch, rows, cols)
@@ -167,13 +214,13 @@ def _newton_schulz(G: torch.Tensor, steps: int, dtype: torch.dtype, coeffs: list
     B = _new((batch, m, m), dtype, G.device)
     Y = torch.empty_like(X)  # the other X buffer (fully written by bmm, so never poisoned)
     for i in range(steps):
-        a, b, c = coeffs[3 * i:3 * i + 3]
-        _launch_sym_matmul(X.mT if tall else X, A)                # A = XᵀX or XXᵀ (the small Gram matrix)
+        a, b, c = coeffs[3 * i : 3 * i + 3]
+        _launch_sym_matmul(X.mT if tall else X, A)  # A = XᵀX or XXᵀ (the small Gram matrix)
         _launch_sym_matmul(A, B, alpha=c, add=A, beta=b, diag=a)  # B = c·A Aᵀ + b·A + a·I
         if tall:
-            torch.bmm(X, B, out=Y)                                # Y = X·(a·I + b·A + c·A·A)
+            torch.bmm(X, B, out=Y)  # Y = X·(a·I + b·A + c·A·A)
         else:
-            torch.bmm(B, X, out=Y)                                # Y = (a·I + b·A + c·A·A)·X
+            torch.bmm(B, X, out=Y)  # Y = (a·I + b·A + c·A·A)·X
         X, Y = Y, X
     return X.reshape(shape)
 
@@ -188,16 +235,26 @@ def _check_inputs(G, steps, dtype, coeffs):
     check(G.ndim >= 2, fn, f"G must have at least 2 dims, got {tuple(G.shape)}")
     check(G.dtype.is_floating_point, fn, f"G must be floating point, got {G.dtype}")
     check(isinstance(steps, int) and steps >= 0, fn, f"steps must be an int >= 0, got {steps!r}")
-    check(isinstance(dtype, torch.dtype) and dtype.is_floating_point, fn, f"dtype must be a floating torch.dtype, got {dtype!r}")
-    check(len(coeffs) > 0 and all(len(t) == 3 for t in coeffs), fn,
-          f"coeffs must be a non-empty sequence of (a, b, c) triples, got {coeffs!r}")
+    check(
+        isinstance(dtype, torch.dtype) and dtype.is_floating_point,
+        fn,
+        f"dtype must be a floating torch.dtype, got {dtype!r}",
+    )
+    check(
+        len(coeffs) > 0 and all(len(t) == 3 for t in coeffs),
+        fn,
+        f"coeffs must be a non-empty sequence of (a, b, c) triples, got {coeffs!r}",
+    )
 
 
 def newton_schulz_triton(G, steps=5, dtype=torch.bfloat16, coeffs=POLAR_EXPRESS):
     """The Triton path, whatever the device (the benchmark and tests call it directly)."""
     _check_inputs(G, steps, dtype, coeffs)
-    check(dtype in (torch.float32, torch.float16, torch.bfloat16), "newton_schulz",
-          f"the Triton kernel computes in float32, float16 or bfloat16, got dtype={dtype}")
+    check(
+        dtype in (torch.float32, torch.float16, torch.bfloat16),
+        "newton_schulz",
+        f"the Triton kernel computes in float32, float16 or bfloat16, got dtype={dtype}",
+    )
     flat = [float(v) for t in step_coeffs(coeffs, steps) for v in t]
     return _newton_schulz(G, steps, dtype, flat)
 

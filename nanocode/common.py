@@ -1,5 +1,6 @@
 """Shared plumbing: base directory, device and dtype choice, DDP init/teardown, rank-0 printing,
 and the one way scripts turn a bad input into a clear message instead of a traceback."""
+
 import contextlib
 import datetime
 import json
@@ -29,7 +30,9 @@ def read_jsonl(path, what: str = "JSONL file"):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise NanocodeError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise NanocodeError(
+                    f"{where}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
             yield where, record
 
 
@@ -56,7 +59,12 @@ def autodetect_device_type() -> str:
 def get_dist_info():
     """(is_ddp, rank, local_rank, world_size) from torchrun's environment."""
     if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        return (
+            True,
+            int(os.environ["RANK"]),
+            int(os.environ["LOCAL_RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+        )
     return False, 0, 0, 1
 
 
@@ -97,8 +105,11 @@ def compute_init(device_type: str = ""):
         # A long timeout for every collective: the first step compiles the model and autotunes the
         # Triton kernels on each rank separately (minutes on 8 ranks sharing the CPUs), and the ranks
         # that finish first wait in the gradient all-reduce; the 10-minute default would kill the run.
-        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None,
-                                timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MIN))
+        dist.init_process_group(
+            backend=backend,
+            device_id=device if device_type == "cuda" else None,
+            timeout=datetime.timedelta(minutes=DIST_TIMEOUT_MIN),
+        )
         dist.barrier()
     return is_ddp, rank, local_rank, world_size, device
 
@@ -198,6 +209,7 @@ def nvtx_range(name: str):
         return contextlib.nullcontext()
     try:
         import nvtx
+
         return nvtx.annotate(name)
     except ImportError:
         if torch.cuda.is_available():
@@ -209,8 +221,16 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
     """A progress bar with rate and ETA (tqdm, on stderr) for long loops; rank 0 only, so 8 ranks do
     not print 8 bars. Use as an iterable wrapper or, with `total`, call .update(n) yourself."""
     from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
-                disable=int(os.environ.get("RANK", 0)) != 0)
+
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=int(os.environ.get("RANK", 0)) != 0,
+    )
 
 
 class DummyWandb:
@@ -231,6 +251,8 @@ def init_wandb(run: str, project: str, config: dict, master: bool = True):
     try:
         import wandb
     except ImportError:
-        raise NanocodeError(f"--run {run} asks for wandb logging, but wandb is not installed "
-                            "(pip install wandb, or leave --run at its default 'dummy')") from None
+        raise NanocodeError(
+            f"--run {run} asks for wandb logging, but wandb is not installed "
+            "(pip install wandb, or leave --run at its default 'dummy')"
+        ) from None
     return wandb.init(project=project, name=run, config=config)

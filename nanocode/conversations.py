@@ -17,6 +17,7 @@ a path to any .jsonl file of conversations, and hub datasets downloaded on first
 nanocode.hub.hub_file): the code-instruct sets of nanocode/instruct.py, converted to tool use
 ("code_alpaca", "evol_codealpaca", "magicoder", "self_oss_instruct", "code_feedback"), and "gsm8k".
 The mixture repeats or subsamples each source by its weight and shuffles with a fixed seed."""
+
 import json
 import random
 import re
@@ -34,28 +35,39 @@ PART_TYPES = ("text", "tool_call", "tool_output")
 # -----------------------------------------------------------------------------
 # validation
 
+
 def _check_parts(content, where: str, role: str):
     if isinstance(content, str):
         return
     if not isinstance(content, list):
-        raise NanocodeError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+        raise NanocodeError(
+            f"{where}: content must be a string or a list of parts, got {type(content).__name__}"
+        )
     for j, part in enumerate(content):
         w = f"{where} part {j}"
         if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
-            raise NanocodeError(f"{w}: expected an object with type one of {PART_TYPES}, got {str(part)[:80]!r}")
+            raise NanocodeError(
+                f"{w}: expected an object with type one of {PART_TYPES}, got {str(part)[:80]!r}"
+            )
         kind = part["type"]
         if kind != "text" and role != "assistant":
-            raise NanocodeError(f"{w}: a {kind} part may only appear in an assistant message, not in a {role} message")
+            raise NanocodeError(
+                f"{w}: a {kind} part may only appear in an assistant message, not in a {role} message"
+            )
         if kind in ("text", "tool_output") and not isinstance(part.get("text"), str):
             raise NanocodeError(f"{w}: a {kind} part needs a string 'text'")
         if kind == "tool_call":
             if not isinstance(part.get("name"), str) or not isinstance(part.get("arguments"), dict):
-                raise NanocodeError(f"{w}: a tool_call part needs a string 'name' and an object 'arguments'")
+                raise NanocodeError(
+                    f"{w}: a tool_call part needs a string 'name' and an object 'arguments'"
+                )
 
 
 def validate_message(msg, where: str, role: str | None = None):
     if not isinstance(msg, dict) or msg.get("role") not in ROLES or "content" not in msg:
-        raise NanocodeError(f"{where}: expected {{'role': one of {ROLES}, 'content': ...}}, got {str(msg)[:80]!r}")
+        raise NanocodeError(
+            f"{where}: expected {{'role': one of {ROLES}, 'content': ...}}, got {str(msg)[:80]!r}"
+        )
     if role is not None and msg["role"] != role:
         raise NanocodeError(f"{where}: expected a {role} message, got {msg['role']}")
     _check_parts(msg["content"], where, msg["role"])
@@ -76,7 +88,9 @@ def validate_conversation(conv, where: str = "conversation", last_role: str | No
         expected = "system" if i < start else ("user" if (i - start) % 2 == 0 else "assistant")
         validate_message(msg, f"{where} message {i}", expected)
     if last_role is not None and msgs[-1]["role"] != last_role:
-        raise NanocodeError(f"{where}: must end with a {last_role} message, ends with {msgs[-1]['role']}")
+        raise NanocodeError(
+            f"{where}: must end with a {last_role} message, ends with {msgs[-1]['role']}"
+        )
     return conv
 
 
@@ -99,7 +113,9 @@ def load_jsonl(path, kind: str = "conversation") -> list[dict]:
     for where, obj in read_jsonl(path):
         if kind == "conversation":
             validate_conversation(obj, where)
-        elif kind == "prompt":  # a conversation waiting for the assistant: its last message is the user's
+        elif (
+            kind == "prompt"
+        ):  # a conversation waiting for the assistant: its last message is the user's
             validate_conversation(obj, where, last_role="user")
         else:
             validate_preference(obj, where)
@@ -139,15 +155,18 @@ def pad_batch(rows, pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tens
 # -----------------------------------------------------------------------------
 # the mixture
 
+
 def parse_mix(spec: str) -> list[tuple[str, float]]:
-    """"synth=1,gsm8k=0.5,/path/extra.jsonl=2" -> [("synth", 1.0), ("gsm8k", 0.5), ("/path/extra.jsonl", 2.0)]."""
+    """ "synth=1,gsm8k=0.5,/path/extra.jsonl=2" -> [("synth", 1.0), ("gsm8k", 0.5), ("/path/extra.jsonl", 2.0)]."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, w = item.rpartition("=") if "=" in item else (item, "", "1")
         try:
             weight = float(w)
         except ValueError:
-            raise NanocodeError(f"bad weight {w!r} for source {name!r} in --mix {spec!r} (want name=weight)") from None
+            raise NanocodeError(
+                f"bad weight {w!r} for source {name!r} in --mix {spec!r} (want name=weight)"
+            ) from None
         if weight < 0:
             raise NanocodeError(f"weight for source {name!r} must be >= 0, got {weight}")
         out.append((name, weight))
@@ -173,11 +192,15 @@ def mixture(sources: list[tuple[str, list, float]], seed: int = 0) -> list:
 # sources
 
 HELD_OUT = 500  # sources with one split keep their last 500 examples for "val"
-INSTRUCT_ROWS = 20000  # dataset rows converted per instruct source (each one runs code; cached afterwards)
+INSTRUCT_ROWS = (
+    20000  # dataset rows converted per instruct source (each one runs code; cached afterwards)
+)
 
 
 def _chat(user: str, assistant: str) -> dict:
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+    return {
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    }
 
 
 def _split(items: list, split: str) -> list:
@@ -204,8 +227,12 @@ def load_gsm8k(split: str) -> list[dict]:
     import pyarrow.parquet as pq
 
     from nanocode.hub import hub_file
-    path = hub_file("openai/gsm8k", f"main/{'train' if split == 'train' else 'test'}-00000-of-00001.parquet",
-                    hint="leave gsm8k out of --mix (synth works offline)")
+
+    path = hub_file(
+        "openai/gsm8k",
+        f"main/{'train' if split == 'train' else 'test'}-00000-of-00001.parquet",
+        hint="leave gsm8k out of --mix (synth works offline)",
+    )
     convs = []
     for r in pq.read_table(path).to_pylist():
         steps, _, final = r["answer"].partition("####")
@@ -214,12 +241,21 @@ def load_gsm8k(split: str) -> list[dict]:
     return convs
 
 
-INSTRUCT_SOURCES = ("code_alpaca", "evol_codealpaca", "magicoder", "self_oss_instruct", "code_feedback")
+INSTRUCT_SOURCES = (
+    "code_alpaca",
+    "evol_codealpaca",
+    "magicoder",
+    "self_oss_instruct",
+    "code_feedback",
+)
+
+
 def cached_sources() -> list[str]:
     """The instruct sources usable without a download: converted already, or their hub file cached."""
     from huggingface_hub import try_to_load_from_cache
 
     from nanocode.hub import hub_cache_dir
+
     out = []
     for name in INSTRUCT_SOURCES:
         repo, filename, _ = instruct.SOURCES[name]
@@ -243,7 +279,9 @@ def load_source(name: str, split: str = "train") -> list[dict]:
         return load_gsm8k(split)
     if name.endswith(".jsonl"):
         return load_jsonl(name)
-    raise NanocodeError(f"unknown source {name!r}: use synth, {', '.join(INSTRUCT_SOURCES)}, gsm8k or a path to a .jsonl file")
+    raise NanocodeError(
+        f"unknown source {name!r}: use synth, {', '.join(INSTRUCT_SOURCES)}, gsm8k or a path to a .jsonl file"
+    )
 
 
 def load_mixture(spec: str, split: str = "train", seed: int = 0) -> list[dict]:

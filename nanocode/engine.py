@@ -25,6 +25,7 @@ prompt) gets a forward of its own, and tool calls run in threads, so a row waiti
 stalls no other. Row i samples with seed + i, so a batch gives the replies one-by-one runs give.
 Reply is the per-reply token state machine (text deltas, call parsing, message parts), alone.
 """
+
 import itertools
 import json
 import re
@@ -55,14 +56,16 @@ class KVCache:
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         B, T, Hk, D = k.shape
         if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache overflow: {self.pos} cached + {T} new > {self.max_len} positions")
+            raise ValueError(
+                f"KV cache overflow: {self.pos} cached + {T} new > {self.max_len} positions"
+            )
         if self.k[layer_idx] is None:
             self.k[layer_idx] = k.new_zeros(self.batch_size, self.max_len, Hk, D)
             self.v[layer_idx] = v.new_zeros(self.batch_size, self.max_len, Hk, D)
         kc, vc = self.k[layer_idx], self.v[layer_idx]
-        kc[:, self.pos:self.pos + T] = k
-        vc[:, self.pos:self.pos + T] = v
-        return kc[:, :self.pos + T], vc[:, :self.pos + T]
+        kc[:, self.pos : self.pos + T] = k
+        vc[:, self.pos : self.pos + T] = v
+        return kc[:, : self.pos + T], vc[:, : self.pos + T]
 
     def advance(self, T: int):
         self.pos += T
@@ -70,8 +73,12 @@ class KVCache:
     def expand(self, batch_size: int):
         """After a batch-1 prefill: copy row 0 to `batch_size` rows (every sample shares the prompt)."""
         assert self.batch_size == 1
-        self.k = [None if t is None else t.expand(batch_size, -1, -1, -1).contiguous() for t in self.k]
-        self.v = [None if t is None else t.expand(batch_size, -1, -1, -1).contiguous() for t in self.v]
+        self.k = [
+            None if t is None else t.expand(batch_size, -1, -1, -1).contiguous() for t in self.k
+        ]
+        self.v = [
+            None if t is None else t.expand(batch_size, -1, -1, -1).contiguous() for t in self.v
+        ]
         self.batch_size = batch_size
 
 
@@ -97,8 +104,10 @@ class RowCache:
             raise ValueError(f"KV cache overflow: {self.end} positions > {self.max_len}")
         dev = self.device
         self.pos = torch.tensor([self.lengths[r] for r in rows], device=dev)
-        self.slots = self.pos[:, None] + torch.arange(T, device=dev)                                        # (B, T)
-        self.mask = (torch.arange(self.end, device=dev)[None, None, :] <= self.slots[:, :, None])[:, None]  # (B, 1, T, end)
+        self.slots = self.pos[:, None] + torch.arange(T, device=dev)  # (B, T)
+        self.mask = (torch.arange(self.end, device=dev)[None, None, :] <= self.slots[:, :, None])[
+            :, None
+        ]  # (B, 1, T, end)
         self.row_ids = torch.tensor(rows, device=dev)[:, None]
         self.all_rows = rows == list(range(len(self.lengths)))
 
@@ -111,16 +120,18 @@ class RowCache:
         kc[self.row_ids, self.slots] = k
         vc[self.row_ids, self.slots] = v
         if self.all_rows:  # every row, in order: a view, no copy
-            return kc[:, :self.end], vc[:, :self.end]
+            return kc[:, : self.end], vc[:, : self.end]
         rows = self.row_ids[:, 0]
-        return kc[rows, :self.end], vc[rows, :self.end]
+        return kc[rows, : self.end], vc[rows, : self.end]
 
     def advance(self, T: int):
         for r in self.rows:
             self.lengths[r] += T
 
 
-def sample_next(logits: torch.Tensor, generators, temperature: float, top_k: int | None, top_p: float | None):
+def sample_next(
+    logits: torch.Tensor, generators, temperature: float, top_k: int | None, top_p: float | None
+):
     """logits (B, V) -> next ids (B,). temperature 0 is greedy; top-k then top-p (nucleus) filtering.
     Row i draws from generators[i] alone (so a row samples the same in any batch): the Gumbel-max
     trick in its exponential form, argmax(p / q) with q ~ Exp(1) (what torch.multinomial does for one
@@ -136,10 +147,14 @@ def sample_next(logits: torch.Tensor, generators, temperature: float, top_k: int
         if idx is None:
             logits, idx = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = (
+            probs.cumsum(dim=-1) - probs > top_p
+        )  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    q = torch.stack([torch.empty_like(probs[i]).exponential_(1, generator=g) for i, g in enumerate(generators)])
+    q = torch.stack(
+        [torch.empty_like(probs[i]).exponential_(1, generator=g) for i, g in enumerate(generators)]
+    )
     choice = (probs / q).argmax(dim=-1)
     return choice if idx is None else idx.gather(-1, choice[:, None]).squeeze(-1)
 
@@ -191,7 +206,9 @@ class Engine:
     def _generators(self, seed: int, n: int):
         return [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(n)]
 
-    def generate(self, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=42):
+    def generate(
+        self, ids, num_samples=1, max_tokens=256, temperature=1.0, top_k=None, top_p=None, seed=42
+    ):
         """Yield one list of `num_samples` token ids per step. A row's tokens after its first stop token
         (<|assistant_end|> or <|bos|>) mean nothing; generation ends once every row has stopped, after
         max_tokens steps, or when the context (model.config.sequence_len) is full."""
@@ -199,7 +216,9 @@ class Engine:
         if not ids:
             raise ValueError("the prompt is empty: it needs at least one token (e.g. <|bos|>)")
         if len(ids) >= self.max_len:
-            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {self.max_len}-token context")
+            raise ValueError(
+                f"prompt of {len(ids)} tokens leaves no room in the {self.max_len}-token context"
+            )
         cache = KVCache(1, self.model.config.n_layer, min(self.max_len, len(ids) + max_tokens))
         logits = self._forward(cache, [ids])
         if num_samples > 1:
@@ -216,7 +235,9 @@ class Engine:
                 return
             logits = self._forward(cache, next_ids[:, None])
 
-    def generate_batch(self, ids, num_samples=1, max_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=42):
+    def generate_batch(
+        self, ids, num_samples=1, max_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=42
+    ):
         """Completions (prompt and stop token excluded), one list of ids per sample."""
         out = [[] for _ in range(num_samples)]
         done = [False] * num_samples
@@ -243,7 +264,7 @@ class Engine:
         for i in range(1, len(ids)):
             if ids[i] == self.user_start and len(ids) - i <= budget:
                 return [self.bos] + notice + ids[i:]
-        return [self.bos] + notice + ids[len(ids) - max(1, self.max_len // 2 - 1 - len(notice)):]
+        return [self.bos] + notice + ids[len(ids) - max(1, self.max_len // 2 - 1 - len(notice)) :]
 
     @staticmethod
     def _refusal(part, approve, workdir, calls_left: int) -> str | None:
@@ -256,8 +277,20 @@ class Engine:
             return DENIED
         return None
 
-    def chat(self, conversation, approve=None, workdir=None, max_tokens=1024, temperature=0.6, top_k=50,
-             top_p=None, seed=42, max_tool_calls=8, tool_runner=None, **call_options):
+    def chat(
+        self,
+        conversation,
+        approve=None,
+        workdir=None,
+        max_tokens=1024,
+        temperature=0.6,
+        top_k=50,
+        top_p=None,
+        seed=42,
+        max_tool_calls=8,
+        tool_runner=None,
+        **call_options,
+    ):
         """Generate the next assistant message of `conversation` ({"messages": [...]}, last one from the
         user), running tool calls along the way. Yields events (dicts):
             {"type": "text", "text": delta}                      assistant text as it streams
@@ -273,12 +306,37 @@ class Engine:
         prefilled, free like tool outputs); stop_at_tool_call=True: a valid call ends the reply unrun, with
         finish_reason "tool_calls" (the caller runs it).
         This is chat_batch for a batch of one, streamed."""
-        for _, event in self._chat_rows([conversation], [approve], [workdir], max_tokens, temperature, top_k,
-                                        top_p, seed, max_tool_calls, tool_runner, results=[None], **call_options):
+        for _, event in self._chat_rows(
+            [conversation],
+            [approve],
+            [workdir],
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            max_tool_calls,
+            tool_runner,
+            results=[None],
+            **call_options,
+        ):
             yield event
 
-    def chat_batch(self, conversations, approve=None, workdirs=None, max_tokens=1024, temperature=0.6, top_k=50,
-                   top_p=None, seed=42, max_tool_calls=8, tool_runner=None, on_event=None, **call_options):
+    def chat_batch(
+        self,
+        conversations,
+        approve=None,
+        workdirs=None,
+        max_tokens=1024,
+        temperature=0.6,
+        top_k=50,
+        top_p=None,
+        seed=42,
+        max_tool_calls=8,
+        tool_runner=None,
+        on_event=None,
+        **call_options,
+    ):
         """chat() for many conversations decoded together; rows finish independently, and when one row
         closes a tool call, its call runs and the output is fed into that row while the others go on
         sampling. Row i samples with seed + i, so row i equals chat(conversations[i], seed=seed + i).
@@ -294,17 +352,46 @@ class Engine:
         approves = list(approve) if isinstance(approve, (list, tuple)) else [approve] * n
         workdirs = [None] * n if workdirs is None else list(workdirs)
         if len(approves) != n or len(workdirs) != n:
-            raise ValueError(f"{n} conversations need {n} approve callables and workdirs, got "
-                             f"{len(approves)} and {len(workdirs)}")
+            raise ValueError(
+                f"{n} conversations need {n} approve callables and workdirs, got "
+                f"{len(approves)} and {len(workdirs)}"
+            )
         results = [None] * n
-        for i, event in self._chat_rows(conversations, approves, workdirs, max_tokens, temperature, top_k, top_p,
-                                        seed, max_tool_calls, tool_runner, results, **call_options):
+        for i, event in self._chat_rows(
+            conversations,
+            approves,
+            workdirs,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            max_tool_calls,
+            tool_runner,
+            results,
+            **call_options,
+        ):
             if on_event is not None:
                 on_event(i, event)
         return results
 
-    def _chat_rows(self, conversations, approves, workdirs, max_tokens, temperature, top_k, top_p, seed,
-                   max_tool_calls, tool_runner, results, tools=None, forced_call=None, stop_at_tool_call=False):
+    def _chat_rows(
+        self,
+        conversations,
+        approves,
+        workdirs,
+        max_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        max_tool_calls,
+        tool_runner,
+        results,
+        tools=None,
+        forced_call=None,
+        stop_at_tool_call=False,
+    ):
         """The batched tool loop: yields (row, event); fills `results` as rows finish. Each step feeds every
         live row what it has not fed yet (one sampled token, or a token and a tool's output, or a whole
         re-fitted context), samples one token per row, and hands each token to that row's Reply."""
@@ -314,15 +401,29 @@ class Engine:
         # A forced call's opening '<|tool_start|>{"name": "bash", "arguments":' is taken as if sampled, one
         # token per step, so Reply parses the call as usual. (It ends before the space: the tokenizer splits
         # there, so the model sees the tokens it would have written itself.)
-        prefill = [] if forced_call is None else \
-            [self.tool_start] + tok.encode(json.dumps({"name": forced_call, "arguments": {}})[:-4])
+        prefill = (
+            []
+            if forced_call is None
+            else [self.tool_start]
+            + tok.encode(json.dumps({"name": forced_call, "arguments": {}})[:-4])
+        )
         rows = []
         for i, conv in enumerate(conversations):
             ids = list(tok.render_for_completion(conv))
-            rows.append(SimpleNamespace(ids=ids, prompt_ids=list(ids), out=[], mask=[], sampled=0, finish="length",
-                                        calls_left=max_tool_calls, prefill=list(prefill),
-                                        reply=Reply(tok, self.tool_start, self.tool_end, tools),
-                                        gen=self._generators(seed + i, 1)[0]))
+            rows.append(
+                SimpleNamespace(
+                    ids=ids,
+                    prompt_ids=list(ids),
+                    out=[],
+                    mask=[],
+                    sampled=0,
+                    finish="length",
+                    calls_left=max_tool_calls,
+                    prefill=list(prefill),
+                    reply=Reply(tok, self.tool_start, self.tool_end, tools),
+                    gen=self._generators(seed + i, 1)[0],
+                )
+            )
         cache = RowCache(n, self.model.config.n_layer, self.max_len, self.device)
 
         def take_output(i, text):  # the tool's output (or error, or denial) goes into row i
@@ -343,9 +444,18 @@ class Engine:
                 yield i, event
             message = {"role": "assistant", "content": row.reply.parts}
             usage = {"prompt_tokens": len(row.prompt_ids), "completion_tokens": row.sampled}
-            yield i, {"type": "done", "finish_reason": row.finish, "message": message, "usage": usage}
-            results[i] = {"message": message, "finish_reason": row.finish, "usage": usage,
-                          "prompt_ids": row.prompt_ids, "ids": row.out, "mask": row.mask}
+            yield (
+                i,
+                {"type": "done", "finish_reason": row.finish, "message": message, "usage": usage},
+            )
+            results[i] = {
+                "message": message,
+                "finish_reason": row.finish,
+                "usage": usage,
+                "prompt_ids": row.prompt_ids,
+                "ids": row.out,
+                "mask": row.mask,
+            }
 
         # Tools of a batch run in threads, so a slow command stalls only its own row; a row's tokens do
         # not depend on when its output arrives, only on the output. A batch of one runs them inline.
@@ -366,13 +476,22 @@ class Engine:
                         rows[i].ids = self._fit_context(rows[i].ids)
                         cache.lengths[i] = 0
                         yield i, {"type": "notice", "text": CONTEXT_NOTICE}
-                logits = self._forward_rows(cache, {i: rows[i].ids[cache.lengths[i]:] for i in live})
-                tokens = sample_next(torch.stack([logits[i] for i in live]), [rows[i].gen for i in live],
-                                     temperature, top_k, top_p).tolist()
+                logits = self._forward_rows(
+                    cache, {i: rows[i].ids[cache.lengths[i] :] for i in live}
+                )
+                tokens = sample_next(
+                    torch.stack([logits[i] for i in live]),
+                    [rows[i].gen for i in live],
+                    temperature,
+                    top_k,
+                    top_p,
+                ).tolist()
                 stepped, live = live, []
                 for i, t in zip(stepped, tokens):
                     row = rows[i]
-                    sampled = not row.prefill  # a forced call's opening is taken instead of the sample
+                    sampled = (
+                        not row.prefill
+                    )  # a forced call's opening is taken instead of the sample
                     if sampled:
                         row.sampled += 1
                     else:
@@ -393,9 +512,20 @@ class Engine:
                             yield from finish(i)
                         continue
                     part, text = row.reply.closed
-                    if part is not None:  # a valid call (a malformed one is answered with its error)
-                        yield i, {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
-                        if stop_at_tool_call:  # the reply ends here, unrun: the caller runs the call
+                    if (
+                        part is not None
+                    ):  # a valid call (a malformed one is answered with its error)
+                        yield (
+                            i,
+                            {
+                                "type": "tool_call",
+                                "name": part["name"],
+                                "arguments": part["arguments"],
+                            },
+                        )
+                        if (
+                            stop_at_tool_call
+                        ):  # the reply ends here, unrun: the caller runs the call
                             row.reply.stop_at_call()
                             row.finish = "tool_calls"
                             yield from finish(i)
@@ -403,7 +533,9 @@ class Engine:
                         text = self._refusal(part, approves[i], workdirs[i], row.calls_left)
                         row.calls_left -= 1
                         if text is None and pool is not None:
-                            running[i] = pool.submit(tool_runner, part["name"], part["arguments"], workdirs[i])
+                            running[i] = pool.submit(
+                                tool_runner, part["name"], part["arguments"], workdirs[i]
+                            )
                             continue
                         if text is None:
                             text = tool_runner(part["name"], part["arguments"], workdirs[i])
@@ -437,7 +569,12 @@ class Reply:
     caller answers it with tool_output(text), which records the parts and returns the event."""
 
     def __init__(self, tokenizer, tool_start: int, tool_end: int, tools=None):
-        self.tok, self.tool_start, self.tool_end, self.tools = tokenizer, tool_start, tool_end, tools
+        self.tok, self.tool_start, self.tool_end, self.tools = (
+            tokenizer,
+            tool_start,
+            tool_end,
+            tools,
+        )
         self.parts, self.text, self.held, self.call_ids, self.closed = [], "", [], None, None
         self._raw = None
 
@@ -449,8 +586,14 @@ class Reply:
                 return []
             self._raw, self.call_ids = self.tok.decode(self.call_ids), None
             call, err = parse_tool_call(self._raw, self.tools)
-            self.closed = (None, f"error: {err}") if err else (
-                {"type": "tool_call", "name": call["name"], "arguments": call["arguments"]}, None)
+            self.closed = (
+                (None, f"error: {err}")
+                if err
+                else (
+                    {"type": "tool_call", "name": call["name"], "arguments": call["arguments"]},
+                    None,
+                )
+            )
             return []
         if t == self.tool_start:
             self.call_ids = []
@@ -465,7 +608,10 @@ class Reply:
         return [{"type": "text", "text": piece}] if piece else []
 
     def tool_output(self, text: str) -> dict:
-        part = self.closed[0] or {"type": "text", "text": self._raw}  # a malformed call stays as its raw text
+        part = self.closed[0] or {
+            "type": "text",
+            "text": self._raw,
+        }  # a malformed call stays as its raw text
         self.parts.extend([part, {"type": "tool_output", "text": text}])
         self.closed = None
         return {"type": "tool_output", "text": text}
@@ -476,7 +622,9 @@ class Reply:
         self.closed = None
 
     def finish(self) -> list[dict]:
-        if self.call_ids is not None:  # ran out of tokens inside a call: keep what was written, as text
+        if (
+            self.call_ids is not None
+        ):  # ran out of tokens inside a call: keep what was written, as text
             self.held, self.call_ids = self.held + self.call_ids, None
         return self._flush()
 

@@ -21,6 +21,7 @@ boundary is nanocode.sandbox: by default (sandbox=True) the child runs inside it
 network, only the scratch dir writable, nothing of the user's files visible, its own pid namespace and
 a pids cgroup), and where that is unavailable the guard alone runs, with a loud warning.
 """
+
 import os
 import shutil
 import signal
@@ -44,7 +45,7 @@ class Result:
 
 # Runs inside the child: set the limits, disable destructive functions, then run the program.
 # argv: scratch_dir cpu_seconds memory_bytes fsize_bytes nproc
-_CHILD = r'''
+_CHILD = r"""
 import builtins, io, os, resource, sys
 scratch, cpu, mem, fsize, nproc = sys.argv[1], *map(int, sys.argv[2:6])
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at the soft limit, SIGKILL at the hard one
@@ -115,16 +116,25 @@ except BaseException:  # SystemExit too: a program that exits before its tests r
     exit_now(1)
 sys.stdout.flush(); sys.stderr.flush()
 exit_now(0)
-'''
+"""
 
 
 def _tail(data: bytes, tail: int) -> str:
     return data.decode("utf-8", errors="replace")[-tail:]
 
 
-def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, max_output: int = 1 << 20,
-                fsize_mb: int = 16, nproc: int = 64, tail: int = 2000, guard: bool = True,
-                sandbox: bool = True, network: bool = False) -> Result:
+def run_program(
+    program: str,
+    timeout: float = 5.0,
+    memory_mb: int = 1024,
+    max_output: int = 1 << 20,
+    fsize_mb: int = 16,
+    nproc: int = 64,
+    tail: int = 2000,
+    guard: bool = True,
+    sandbox: bool = True,
+    network: bool = False,
+) -> Result:
     """Run `program` (Python source) in a guarded child. Passed means it ran to the end and exited 0.
     timeout: wall seconds (the CPU limit is the same, rounded up); memory_mb: address space;
     max_output: bytes kept per stream (more than this and the child is killed);
@@ -133,17 +143,40 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, max_o
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="nanocode-exec-"))
     t0 = time.monotonic()
     try:
-        with open(os.path.join(scratch, "program.py"), "w", encoding="utf-8", errors="backslashreplace") as f:
+        with open(
+            os.path.join(scratch, "program.py"), "w", encoding="utf-8", errors="backslashreplace"
+        ) as f:
             f.write(program)
-        env = {"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        argv = [sys.executable, "-I", "-c", _CHILD, scratch, str(int(timeout) + 1), str(memory_mb << 20),
-                str(fsize_mb << 20), str(nproc)] + ([] if guard else ["--no-guard"])
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": scratch,
+            "TMPDIR": scratch,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        argv = [
+            sys.executable,
+            "-I",
+            "-c",
+            _CHILD,
+            scratch,
+            str(int(timeout) + 1),
+            str(memory_mb << 20),
+            str(fsize_mb << 20),
+            str(nproc),
+        ] + ([] if guard else ["--no-guard"])
         mode = "workspace-write" if sandbox else "off"
         try:
             proc, cgroup = spawn(argv, scratch, env, mode=mode, network=network, nproc=nproc)
-        except OSError as e:  # out of processes or file descriptors: this sample fails, the evaluation goes on
-            return Result(False, f"failed: could not start the sandbox ({e})", "", "", time.monotonic() - t0)
+        except (
+            OSError
+        ) as e:  # out of processes or file descriptors: this sample fails, the evaluation goes on
+            return Result(
+                False, f"failed: could not start the sandbox ({e})", "", "", time.monotonic() - t0
+            )
         try:
             out, reason = collect(proc, t0 + timeout, max_output)
         finally:
@@ -163,7 +196,13 @@ def run_program(program: str, timeout: float = 5.0, memory_mb: int = 1024, max_o
     if reason is None and rc != 0:
         last = [line for line in stderr.splitlines() if line.strip()]
         reason = "failed: " + (last[-1].strip()[:300] if last else f"exit code {rc}")
-    return Result(passed=reason is None, status=reason or "passed", stdout=stdout, stderr=stderr, runtime=runtime)
+    return Result(
+        passed=reason is None,
+        status=reason or "passed",
+        stdout=stdout,
+        stderr=stderr,
+        runtime=runtime,
+    )
 
 
 def run_many(programs: list[str], workers: int | None = None, **kwargs) -> list[Result]:

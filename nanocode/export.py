@@ -13,6 +13,7 @@ Why not just share the .pt checkpoint: torch.load of a pickle can run any code t
 in it, and needs this codebase's classes on the path. safetensors holds only tensors, loads without
 torch.load at all (so also memory-mapped and fast), and any framework can read it.
 """
+
 import json
 import os
 import pickle
@@ -30,13 +31,16 @@ def export_model(model, tokenizer, out_dir, info: dict | None = None) -> Path:
     """Write model + config + tokenizer to out_dir (replacing it), through a temp dir renamed at the end,
     so a crash never leaves a half-written export that looks complete."""
     from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         # safetensors refuses tensors that share memory and wants them contiguous: clone each one.
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        state = {
+            k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
+        }
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "nanocode"})
         config = {"format": "nanocode", "model_config": model.config.to_dict(), **(info or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -57,18 +61,23 @@ def load_weights(path, device="cpu") -> dict[str, torch.Tensor]:
         raise NanocodeError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         try:
             return load_file(path, device=str(device))
         except Exception as e:  # a pickle renamed to .safetensors, a truncated file, a bad header
-            raise NanocodeError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e}); "
-                                "nothing in it was executed") from None
+            raise NanocodeError(
+                f"{path} is not a valid safetensors file ({type(e).__name__}: {e}); "
+                "nothing in it was executed"
+            ) from None
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise NanocodeError(f"refusing to load {path}: it holds more than tensors (pickled objects or code, "
-                            f"which weights_only=True loading does not run: {reason}); share weights as "
-                            f"safetensors (python -m scripts.export)") from None
+        raise NanocodeError(
+            f"refusing to load {path}: it holds more than tensors (pickled objects or code, "
+            f"which weights_only=True loading does not run: {reason}); share weights as "
+            f"safetensors (python -m scripts.export)"
+        ) from None
     except Exception as e:
         raise NanocodeError(f"cannot read weights from {path} ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -80,12 +89,15 @@ def load_exported(directory, device="cpu"):
     """(model in eval mode on `device`, tokenizer, config dict) from a directory written by export_model."""
     from nanocode.gpt import GPT, GPTConfig
     from nanocode.tokenizer import Tokenizer
+
     directory = Path(directory)
     try:
         config = json.loads((directory / CONFIG_FILE).read_text())
         model_config = GPTConfig(**config["model_config"])
     except FileNotFoundError:
-        raise NanocodeError(f"no {CONFIG_FILE} in {directory}: not an exported nanocode model") from None
+        raise NanocodeError(
+            f"no {CONFIG_FILE} in {directory}: not an exported nanocode model"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise NanocodeError(f"bad {directory / CONFIG_FILE}: {type(e).__name__}: {e}") from None
     state = load_weights(directory / WEIGHTS_FILE, device)
@@ -96,5 +108,7 @@ def load_exported(directory, device="cpu"):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise NanocodeError(f"{directory / WEIGHTS_FILE} does not match its config.json: {e}") from None
+        raise NanocodeError(
+            f"{directory / WEIGHTS_FILE} does not match its config.json: {e}"
+        ) from None
     return model.eval(), Tokenizer.load(directory), config

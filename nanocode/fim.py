@@ -21,6 +21,7 @@ with the same token and `fim_mode` can tell the layouts apart from the second on
 Randomness comes from the `random.Random` the caller passes in; the dataloader seeds one per
 (seed, epoch, document), so the same document gets the same cut no matter where a run resumes.
 """
+
 import random
 
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = 9, 10, 11  # ids fixed by docs/DESIGN.md (the token table)
@@ -54,7 +55,7 @@ def undo_fim(ids, decode) -> str:
         return decode(ids)
     if mode == "psm":  # P prefix S suffix M middle
         s, m = ids.index(FIM_SUFFIX), ids.index(FIM_MIDDLE)
-        prefix, suffix, middle = decode(ids[1:s]), decode(ids[s + 1:m]), decode(ids[m + 1:])
+        prefix, suffix, middle = decode(ids[1:s]), decode(ids[s + 1 : m]), decode(ids[m + 1 :])
         return prefix + middle + suffix
     m = ids.index(FIM_MIDDLE)  # SPM: P S suffix M prefix+middle
-    return decode(ids[m + 1:]) + decode(ids[2:m])
+    return decode(ids[m + 1 :]) + decode(ids[2:m])

@@ -20,6 +20,7 @@ Checkpoints go to checkpoints/<phase>/<tag>/: every --save-every steps with each
 (what --resume needs) and at the end (model only: a finished run has nothing left to resume). The metadata
 holds the curves and evaluations so far, so a resumed run's report covers the whole run.
 """
+
 import time
 
 import torch
@@ -29,18 +30,46 @@ from nanocode.common import NanocodeError, get_base_dir, init_wandb, print0, pro
 from nanocode.optim import all_reduce_gradients
 
 
-def add_args(p, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, init_lr_frac=0.1, eval_every=100):
+def add_args(
+    p, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, init_lr_frac=0.1, eval_every=100
+):
     """The flags every fine-tuning script has; the defaults that differ per script are arguments."""
-    p.add_argument("--steps", type=int, default=-1, help="optimizer steps (-1: from --num-epochs where the script has it)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=-1,
+        help="optimizer steps (-1: from --num-epochs where the script has it)",
+    )
     p.add_argument("--matrix-lr", type=float, default=matrix_lr, help="Muon")
     p.add_argument("--embedding-lr", type=float, default=embedding_lr)
     p.add_argument("--unembedding-lr", type=float, default=unembedding_lr)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="learning rates start at this fraction of the above")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step and rank")
-    p.add_argument("--eval-every", type=int, default=eval_every, help="steps between held-out evals (-1: start and end only)")
-    p.add_argument("--save-every", type=int, default=-1, help="steps between resumable checkpoints (-1: the end only)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this stage and tag")
+    p.add_argument(
+        "--init-lr-frac",
+        type=float,
+        default=init_lr_frac,
+        help="learning rates start at this fraction of the above",
+    )
+    p.add_argument(
+        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step and rank"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=eval_every,
+        help="steps between held-out evals (-1: start and end only)",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=-1,
+        help="steps between resumable checkpoints (-1: the end only)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint of this stage and tag",
+    )
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (default: autodetect)")
@@ -49,8 +78,14 @@ def add_args(p, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, init_lr_
 def setup_optimizers(model, args, rank=0, world_size=1):
     """Muon + AdamW at the pretraining learning rates times --init-lr-frac (fine-tuning starts from a
     trained model: full rates would undo it)."""
-    optimizers = model.setup_optimizers(args.matrix_lr, args.embedding_lr, args.unembedding_lr, args.weight_decay,
-                                        rank=rank, world_size=world_size)
+    optimizers = model.setup_optimizers(
+        args.matrix_lr,
+        args.embedding_lr,
+        args.unembedding_lr,
+        args.weight_decay,
+        rank=rank,
+        world_size=world_size,
+    )
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["lr"] * args.init_lr_frac
@@ -63,7 +98,7 @@ def split(rows: list, n: int) -> list[list]:
     out, i = [], 0
     for j in range(n):
         size = k + (j < r)
-        out.append(rows[i:i + size])
+        out.append(rows[i : i + size])
         i += size
     return [mb for mb in out if mb]
 
@@ -71,13 +106,21 @@ def split(rows: list, n: int) -> list[list]:
 def resume(model, optimizers, phase: str, tag: str, num_steps: int, device, rank: int = 0):
     """Load the latest resumable checkpoint of phase/tag into model and optimizers; returns (step, meta)."""
     ckpt_dir = checkpoint_dir(phase, tag)
-    steps = [s for s in list_steps(ckpt_dir) if (ckpt_dir / f"optim_{s:06d}_rank{rank}.pt").exists()]
+    steps = [
+        s for s in list_steps(ckpt_dir) if (ckpt_dir / f"optim_{s:06d}_rank{rank}.pt").exists()
+    ]
     if not steps:
-        raise NanocodeError(f"--resume: no resumable checkpoint (one saved with --save-every) in {ckpt_dir}")
-    model_state, optim_state, meta = load_checkpoint(ckpt_dir, steps[-1], device=device, rank=rank, load_optim=True)
+        raise NanocodeError(
+            f"--resume: no resumable checkpoint (one saved with --save-every) in {ckpt_dir}"
+        )
+    model_state, optim_state, meta = load_checkpoint(
+        ckpt_dir, steps[-1], device=device, rank=rank, load_optim=True
+    )
     if meta.get("num_steps") != num_steps:
-        raise NanocodeError(f"--resume: the checkpoint in {ckpt_dir} is from a run of {meta.get('num_steps')} steps, "
-                            f"this one has {num_steps} (the learning-rate schedule depends on it)")
+        raise NanocodeError(
+            f"--resume: the checkpoint in {ckpt_dir} is from a run of {meta.get('num_steps')} steps, "
+            f"this one has {num_steps} (the learning-rate schedule depends on it)"
+        )
     model.load_state_dict(model_state)
     for opt, sd in zip(optimizers, optim_state["optimizers"]):
         opt.load_state_dict(sd)
@@ -89,13 +132,29 @@ def fmt_metrics(m: dict) -> str:
     return " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
 
 
-def train(model, optimizers, args, *, phase: str, tag: str, num_steps: int, batches, loss_fn, evaluate, meta,
-          rank: int = 0, world_size: int = 1, device=None, step_metrics=None):
+def train(
+    model,
+    optimizers,
+    args,
+    *,
+    phase: str,
+    tag: str,
+    num_steps: int,
+    batches,
+    loss_fn,
+    evaluate,
+    meta,
+    rank: int = 0,
+    world_size: int = 1,
+    device=None,
+    step_metrics=None,
+):
     """Run steps [start, num_steps) (start = 0, or the resumed step); returns
     {"curves": {name: [(step, value)]}, "evals": [(step, metrics)], "train_time_s": seconds}.
     step_metrics(step) -> dict, optional, called after the step: numbers the script measured while making
     the step's batches (RL: rewards, sampling time), logged with the step."""
     import torch.distributed as dist
+
     is_ddp = world_size > 1
     curves, evals, start = {}, [], 0
     if args.resume:
@@ -107,7 +166,9 @@ def train(model, optimizers, args, *, phase: str, tag: str, num_steps: int, batc
     def checkpoint(step, resumable):
         full = dict(meta(), num_steps=num_steps, curves=curves, evals=evals, args=vars(args))
         optim = {"optimizers": [o.state_dict() for o in optimizers]} if resumable else None
-        save_checkpoint(ckpt_dir, step, model.state_dict() if rank == 0 else None, optim, full, rank=rank)
+        save_checkpoint(
+            ckpt_dir, step, model.state_dict() if rank == 0 else None, optim, full, rank=rank
+        )
 
     bar = progress(total=num_steps, desc=phase, unit="step")
     bar.update(start)
@@ -121,7 +182,9 @@ def train(model, optimizers, args, *, phase: str, tag: str, num_steps: int, batc
             model.train()
             if m is not None:
                 evals.append((step, m))
-                wandb.log({f"val/{k}": v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
+                wandb.log(
+                    {f"val/{k}": v for k, v in m.items() if isinstance(v, (int, float))}, step=step
+                )
             if is_ddp:
                 dist.barrier()
         if last:
@@ -172,6 +235,7 @@ def train(model, optimizers, args, *, phase: str, tag: str, num_steps: int, batc
 # tool-call validity (after SFT and after DPO): does the model, at a point where a held-out assistant made
 # a tool call, write a call that parses and fits a tool's schema?
 
+
 def tool_call_prompts(tokenizer, convs, limit: int, max_len: int, seed: int = 0) -> list[dict]:
     """One prompt per tool call of the held-out assistant messages: the conversation up to that point, ending
     where the model should write <|tool_start|>. {"ids", "ref" (the reference call), "ref_tokens" (its length
@@ -179,6 +243,7 @@ def tool_call_prompts(tokenizer, convs, limit: int, max_len: int, seed: int = 0)
     "kind" and "seen" fields (seen: False marks kinds or templates held out of training)."""
     import json
     import random
+
     assistant_end = tokenizer.special_id("<|assistant_end|>")
     out = []
     for conv in convs:
@@ -192,15 +257,33 @@ def tool_call_prompts(tokenizer, convs, limit: int, max_len: int, seed: int = 0)
             if i == 0:
                 ids = list(tokenizer.render_for_completion({"messages": msgs[:-1]}))
             else:
-                ids, _ = tokenizer.render_conversation({"messages": msgs[:-1] + [{"role": "assistant", "content": parts[:i]}]})
+                ids, _ = tokenizer.render_conversation(
+                    {"messages": msgs[:-1] + [{"role": "assistant", "content": parts[:i]}]}
+                )
                 ids = list(ids)
                 if ids[-1] != assistant_end:
-                    raise NanocodeError("render_conversation did not end an assistant message with <|assistant_end|>")
+                    raise NanocodeError(
+                        "render_conversation did not end an assistant message with <|assistant_end|>"
+                    )
                 ids = ids[:-1]
-            ref_tokens = len(tokenizer.encode(json.dumps({"name": part["name"], "arguments": part["arguments"]}))) + 2
+            ref_tokens = (
+                len(
+                    tokenizer.encode(
+                        json.dumps({"name": part["name"], "arguments": part["arguments"]})
+                    )
+                )
+                + 2
+            )
             if len(ids) + ref_tokens < max_len:
-                out.append({"ids": ids, "ref": part, "ref_tokens": ref_tokens, "kind": str(conv.get("kind", "-")),
-                            "seen": conv.get("seen", True) is not False})
+                out.append(
+                    {
+                        "ids": ids,
+                        "ref": part,
+                        "ref_tokens": ref_tokens,
+                        "kind": str(conv.get("kind", "-")),
+                        "seen": conv.get("seen", True) is not False,
+                    }
+                )
     random.Random(seed).shuffle(out)
     return out[:limit]
 
@@ -213,8 +296,15 @@ def request_prompts(tokenizer, records, limit: int, max_len: int, ref_tokens: in
     for rec in records[:limit]:
         ids = list(tokenizer.render_for_completion({"messages": rec["messages"]}))
         if len(ids) + ref_tokens < max_len:
-            out.append({"ids": ids, "ref": None, "ref_tokens": ref_tokens, "kind": str(rec.get("kind", "-")),
-                        "seen": rec.get("seen", True) is not False})
+            out.append(
+                {
+                    "ids": ids,
+                    "ref": None,
+                    "ref_tokens": ref_tokens,
+                    "kind": str(rec.get("kind", "-")),
+                    "seen": rec.get("seen", True) is not False,
+                }
+            )
     return out
 
 
@@ -222,6 +312,7 @@ def validity_file_prompts(tokenizer, prompts, limit: int, max_len: int) -> list[
     """gen_synth's held-out requests ($BASE/sft/validity_prompts.jsonl, when present): kinds and phrasings
     training never saw, reported apart from the seen ones; each gets the longest held-out call's budget."""
     from nanocode.conversations import load_jsonl
+
     path = get_base_dir() / "sft" / "validity_prompts.jsonl"
     if not path.exists() or limit <= 0:
         return []
@@ -242,7 +333,9 @@ def first_tool_call(engine, ids, max_tokens: int):
                 return "no_call", None
         elif t == engine.tool_end:
             return "call", engine.tokenizer.decode(call)
-        elif t in engine.stop_ids:  # the message ended inside the call: a call that never closes is invalid
+        elif (
+            t in engine.stop_ids
+        ):  # the message ended inside the call: a call that never closes is invalid
             return "unclosed", engine.tokenizer.decode(call)
         else:
             call.append(t)
@@ -252,8 +345,14 @@ def first_tool_call(engine, ids, max_tokens: int):
 def _counts(rows) -> dict:
     n = len(rows)
     c = {k: sum(r[0] == k for r in rows) for k in ("valid", "invalid", "no_call", "cut_off")}
-    c.update(prompts=n, same_tool=sum(r[1] for r in rows), validity=c["valid"] / n if n else 0.0,
-             validity_of_calls=c["valid"] / (c["valid"] + c["invalid"]) if c["valid"] + c["invalid"] else None)
+    c.update(
+        prompts=n,
+        same_tool=sum(r[1] for r in rows),
+        validity=c["valid"] / n if n else 0.0,
+        validity_of_calls=c["valid"] / (c["valid"] + c["invalid"])
+        if c["valid"] + c["invalid"]
+        else None,
+    )
     return c
 
 
@@ -266,25 +365,36 @@ def tool_call_validity(model, tokenizer, prompts, max_tokens: int = 0) -> dict:
     call the held-out assistant made, and any short text before it. Split by seen/unseen and by kind."""
     from nanocode.engine import Engine
     from nanocode.tools import parse_tool_call
+
     engine = Engine(model, tokenizer)
     rows = []
     for p in prompts:
         budget = min(max_tokens or p["ref_tokens"] + 32, model.config.sequence_len - len(p["ids"]))
         outcome, text = first_tool_call(engine, p["ids"], budget)
         obj = parse_tool_call(text)[0] if outcome == "call" else None
-        status = "valid" if obj is not None else "invalid" if outcome in ("call", "unclosed") else outcome
+        status = (
+            "valid"
+            if obj is not None
+            else "invalid"
+            if outcome in ("call", "unclosed")
+            else outcome
+        )
         same_tool = obj is not None and p["ref"] is not None and obj["name"] == p["ref"]["name"]
         rows.append((status, same_tool, p["kind"], p["seen"]))
     out = _counts(rows)
     out["seen"] = _counts([r for r in rows if r[3]])
     out["unseen"] = _counts([r for r in rows if not r[3]])
-    out["by_kind"] = {k: _counts([r for r in rows if r[2] == k])["validity"] for k in sorted({r[2] for r in rows})}
+    out["by_kind"] = {
+        k: _counts([r for r in rows if r[2] == k])["validity"] for k in sorted({r[2] for r in rows})
+    }
     return out
 
 
 def fmt_validity(v: dict) -> str:
-    s = (f"tool-call validity {v['validity']:.3f} of {v['prompts']} prompts ({v['valid']} valid, {v['invalid']} invalid, "
-         f"{v['no_call']} no call, {v['cut_off']} cut off by the token limit; {v['same_tool']} picked the reference's tool)")
+    s = (
+        f"tool-call validity {v['validity']:.3f} of {v['prompts']} prompts ({v['valid']} valid, {v['invalid']} invalid, "
+        f"{v['no_call']} no call, {v['cut_off']} cut off by the token limit; {v['same_tool']} picked the reference's tool)"
+    )
     if v["unseen"]["prompts"]:
         s += f"; seen kinds {v['seen']['validity']:.3f} ({v['seen']['prompts']}), unseen {v['unseen']['validity']:.3f} ({v['unseen']['prompts']})"
     return s

@@ -16,6 +16,7 @@ The hot ops go through the `kernels` package (Triton on GPUs, PyTorch references
 NANOCODE_KERNELS=torch forces the references). Attention uses FlashAttention 3 or 2 when installed
 on CUDA, and PyTorch's SDPA otherwise.
 """
+
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -49,7 +50,9 @@ class GPTConfig:
     n_head: int = 6
     n_kv_head: int = 6
     n_embd: int = 768
-    window_pattern: str = "SSSL"  # per layer, tiled: S = sequence_len // 4 keys back, L = full; last layer L
+    window_pattern: str = (
+        "SSSL"  # per layer, tiled: S = sequence_len // 4 keys back, L = full; last layer L
+    )
     value_embeds: bool = True
     lambdas: bool = True  # per-layer residual and x0 scalars
     rope_base: float = 100_000.0
@@ -58,11 +61,19 @@ class GPTConfig:
 
     def __post_init__(self):
         if not self.window_pattern or set(self.window_pattern.upper()) - set("SL"):
-            raise ValueError(f"window_pattern must be a string of S and L, got {self.window_pattern!r}")
+            raise ValueError(
+                f"window_pattern must be a string of S and L, got {self.window_pattern!r}"
+            )
 
     @classmethod
-    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int = 2048, n_kv_head: int | None = None,
-                   **recipe):
+    def from_depth(
+        cls,
+        depth: int,
+        vocab_size: int,
+        sequence_len: int = 2048,
+        n_kv_head: int | None = None,
+        **recipe,
+    ):
         """width = 64 * depth, heads of 128 (fewer, wider-than-64 heads when the width is not a multiple of 128)."""
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
@@ -73,13 +84,23 @@ class GPTConfig:
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         if n_kv_head < 1 or n_head % n_kv_head:
             raise ValueError(f"n_kv_head={n_kv_head} must divide n_head={n_head}")
-        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                   n_kv_head=n_kv_head, n_embd=n_embd, **recipe)
+        return cls(
+            sequence_len=sequence_len,
+            vocab_size=vocab_size,
+            n_layer=depth,
+            n_head=n_head,
+            n_kv_head=n_kv_head,
+            n_embd=n_embd,
+            **recipe,
+        )
 
     def window_sizes(self) -> list[int | None]:
         """Per layer, how many earlier keys each query sees (None: all of them)."""
         pattern = self.window_pattern.upper()
-        sizes = [self.sequence_len // 4 if pattern[i % len(pattern)] == "S" else None for i in range(self.n_layer)]
+        sizes = [
+            self.sequence_len // 4 if pattern[i % len(pattern)] == "S" else None
+            for i in range(self.n_layer)
+        ]
         sizes[-1] = None
         return sizes
 
@@ -110,10 +131,13 @@ def _warn_slow_windows():
     global _warned_slow_windows
     if not _warned_slow_windows:
         _warned_slow_windows = True
-        warnings.warn("sliding-window attention without FlashAttention: PyTorch SDPA with a banded mask computes "
-                      "every query-key pair and loses the fused causal kernel, so windowed layers are slower than "
-                      "full ones, not faster (CPU, fwd+bwd: 1.16x at T=256, 1.9x at T=2048). On CUDA install "
-                      "flash-attn; or train with --window-pattern L", stacklevel=3)
+        warnings.warn(
+            "sliding-window attention without FlashAttention: PyTorch SDPA with a banded mask computes "
+            "every query-key pair and loses the fused causal kernel, so windowed layers are slower than "
+            "full ones, not faster (CPU, fwd+bwd: 1.16x at T=256, 1.9x at T=2048). On CUDA install "
+            "flash-attn; or train with --window-pattern L",
+            stacklevel=3,
+        )
 
 
 def windows_are_slow(config, device) -> bool:
@@ -130,18 +154,28 @@ def attention(q, k, v, pos, window=None, mask=None):
     (then `pos` is a (B,) tensor of each row's first query position)."""
     if mask is not None:
         if window is not None:
-            qpos = pos.to(mask.device)[:, None] + torch.arange(q.size(1), device=mask.device)  # (B, Tq)
-            mask = mask & (torch.arange(k.size(1), device=mask.device) >= qpos[:, :, None] - window)[:, None]
+            qpos = pos.to(mask.device)[:, None] + torch.arange(
+                q.size(1), device=mask.device
+            )  # (B, Tq)
+            mask = (
+                mask
+                & (torch.arange(k.size(1), device=mask.device) >= qpos[:, :, None] - window)[
+                    :, None
+                ]
+            )
         gqa = q.size(2) != k.size(2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=gqa
+        )
         return y.transpose(1, 2)
     if _flash_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         # FA aligns the causal mask (and the window) bottom-right, as needed here
         kw = {} if window is None else {"window_size": (window, 0)}
         out = _flash_attn(q, k, v, causal=True, **kw)
         return out[0] if isinstance(out, tuple) else out
-    if window is not None and pos + q.size(1) - 1 > window:  # some key falls out of some query's window
+    if (
+        window is not None and pos + q.size(1) - 1 > window
+    ):  # some key falls out of some query's window
         start = max(0, pos - window)  # keys before this one are out of every query's window
         k, v, pos = k[:, start:], v[:, start:], pos - start
     else:
@@ -150,7 +184,9 @@ def attention(q, k, v, pos, window=None, mask=None):
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.size(1) != k.size(1)
     if window is not None and Tq > 1:
-        if not torch.compiler.is_compiling():  # base_train warns before compiling (windows_are_slow)
+        if (
+            not torch.compiler.is_compiling()
+        ):  # base_train warns before compiling (windows_are_slow)
             _warn_slow_windows()
         qpos = torch.arange(pos, pos + Tq, device=q.device)[:, None]
         kpos = torch.arange(Tk, device=q.device)[None, :]
@@ -179,8 +215,11 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(C, C, bias=False)
         # The value embedding's gate reads the first channels of x only: a per-head scalar needs little.
-        self.ve_gate = nn.Linear(min(C, VE_GATE_CHANNELS), self.n_kv_head, bias=False) \
-            if config.has_value_embed(layer_idx) else None
+        self.ve_gate = (
+            nn.Linear(min(C, VE_GATE_CHANNELS), self.n_kv_head, bias=False)
+            if config.has_value_embed(layer_idx)
+            else None
+        )
 
     def forward(self, x, ve, cos, sin, kv_cache):
         B, T, C = x.shape
@@ -188,13 +227,25 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # (B, T, Hk), 1 at init
+            gate = 2 * torch.sigmoid(
+                self.ve_gate(x[..., : self.ve_gate.in_features])
+            )  # (B, T, Hk), 1 at init
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
         with nvtx_range("rope_qknorm"):
-            if cos.dim() == 3:  # per-row positions (B, T, D/2): the kernel takes one (T', D/2) table, so T' = B*T
-                q, k = kernels.rope_qknorm(q.view(1, B * T, -1, self.head_dim), k.view(1, B * T, -1, self.head_dim),
-                                           cos.flatten(0, 1).to(q.dtype), sin.flatten(0, 1).to(q.dtype), NORM_EPS)
-                q, k = q.view(B, T, self.n_head, self.head_dim), k.view(B, T, self.n_kv_head, self.head_dim)
+            if (
+                cos.dim() == 3
+            ):  # per-row positions (B, T, D/2): the kernel takes one (T', D/2) table, so T' = B*T
+                q, k = kernels.rope_qknorm(
+                    q.view(1, B * T, -1, self.head_dim),
+                    k.view(1, B * T, -1, self.head_dim),
+                    cos.flatten(0, 1).to(q.dtype),
+                    sin.flatten(0, 1).to(q.dtype),
+                    NORM_EPS,
+                )
+                q, k = (
+                    q.view(B, T, self.n_head, self.head_dim),
+                    k.view(B, T, self.n_kv_head, self.head_dim),
+                )
             else:
                 q, k = kernels.rope_qknorm(q, k, cos.to(q.dtype), sin.to(q.dtype), NORM_EPS)
         pos, mask = 0, None
@@ -234,21 +285,36 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.n_embd),
-            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-        })
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            }
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
-                                           for i in range(config.n_layer) if config.has_value_embed(i)})
+        self.value_embeds = nn.ModuleDict(
+            {
+                str(i): nn.Embedding(config.vocab_size, kv_dim)
+                for i in range(config.n_layer)
+                if config.has_value_embed(i)
+            }
+        )
         if config.lambdas:
             self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
         # Rotary tables cover 10x the training context so generation can run past it.
         self.rotary_len = config.sequence_len * 10
-        self.register_buffer("cos", torch.empty(self.rotary_len, config.n_embd // config.n_head // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(self.rotary_len, config.n_embd // config.n_head // 2), persistent=False)
+        self.register_buffer(
+            "cos",
+            torch.empty(self.rotary_len, config.n_embd // config.n_head // 2),
+            persistent=False,
+        )
+        self.register_buffer(
+            "sin",
+            torch.empty(self.rotary_len, config.n_embd // config.n_head // 2),
+            persistent=False,
+        )
 
     @torch.no_grad()
     def init_rotary(self):
@@ -258,7 +324,9 @@ class GPT(nn.Module):
         head_dim = self.config.n_embd // self.config.n_head
         device = self.lm_head.weight.device
         base = self.config.rope_base
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        inv_freq = 1.0 / (
+            base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        )
         t = torch.arange(self.rotary_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)
         self.cos.copy_(freqs.cos())
@@ -272,11 +340,13 @@ class GPT(nn.Module):
         cfg = self.config
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=cfg.embed_init_std)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        bound = math.sqrt(3) * cfg.n_embd ** -0.5
+        bound = math.sqrt(3) * cfg.n_embd**-0.5
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -bound, bound)
-            nn.init.uniform_(block.mlp.c_fc.weight, -bound * cfg.mlp_init_scale, bound * cfg.mlp_init_scale)
+            nn.init.uniform_(
+                block.mlp.c_fc.weight, -bound * cfg.mlp_init_scale, bound * cfg.mlp_init_scale
+            )
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
@@ -302,16 +372,29 @@ class GPT(nn.Module):
         forward and backward, counting the full T x T square as nanochat and PaLM do; a windowed
         layer counts its window)."""
         cfg = self.config
-        keys = [cfg.sequence_len if w is None else min(w, cfg.sequence_len) for w in cfg.window_sizes()]
+        keys = [
+            cfg.sequence_len if w is None else min(w, cfg.sequence_len) for w in cfg.window_sizes()
+        ]
         return 6 * self.num_scaling_params() + 12 * cfg.n_embd * sum(keys)
 
-    def setup_optimizers(self, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0,
-                         adam_betas=(0.8, 0.95), rank=0, world_size=1, scalar_lr=0.5, ns_coeffs=None):
+    def setup_optimizers(
+        self,
+        matrix_lr=0.02,
+        embedding_lr=0.2,
+        unembedding_lr=0.004,
+        weight_decay=0.0,
+        adam_betas=(0.8, 0.95),
+        rank=0,
+        world_size=1,
+        scalar_lr=0.5,
+        ns_coeffs=None,
+    ):
         """Muon for the blocks' 2-D matrices, with cautious weight decay; AdamW (no weight decay) for
         the rest, each kind with its own learning rate: the embedding and the value embeddings and
         the head scaled by 1/sqrt(width/768) so they carry across depths, the residual scalars at
         scalar_lr/100 and the x0 scalars at scalar_lr with beta1 0.96 (nanochat's). Returns [adamw, muon]."""
         from nanocode.optim import Muon
+
         matrix_params = list(self.transformer.h.parameters())
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
@@ -319,14 +402,27 @@ class GPT(nn.Module):
             dict(params=[self.transformer.wte.weight], lr=embedding_lr * scale),
         ]
         if self.value_embeds:
-            adam_groups.append(dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * scale))
+            adam_groups.append(
+                dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * scale)
+            )
         if self.config.lambdas:
             adam_groups.append(dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01))
-            adam_groups.append(dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, adam_betas[1])))
+            adam_groups.append(
+                dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, adam_betas[1]))
+            )
         fused = self.lm_head.weight.is_cuda
-        adamw = torch.optim.AdamW(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused)
-        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, rank=rank,
-                    world_size=world_size, **({} if ns_coeffs is None else {"ns_coeffs": ns_coeffs}))
+        adamw = torch.optim.AdamW(
+            adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused
+        )
+        muon = Muon(
+            matrix_params,
+            lr=matrix_lr,
+            momentum=0.95,
+            weight_decay=weight_decay,
+            rank=rank,
+            world_size=world_size,
+            **({} if ns_coeffs is None else {"ns_coeffs": ns_coeffs}),
+        )
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
@@ -342,8 +438,14 @@ class GPT(nn.Module):
         else:
             end = pos + T
         if end > self.rotary_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the rotary table ({self.rotary_len})")
-        cos, sin = (self.cos[pos], self.sin[pos]) if torch.is_tensor(pos) else (self.cos[pos:end], self.sin[pos:end])
+            raise ValueError(
+                f"sequence of {end} tokens exceeds the rotary table ({self.rotary_len})"
+            )
+        cos, sin = (
+            (self.cos[pos], self.sin[pos])
+            if torch.is_tensor(pos)
+            else (self.cos[pos:end], self.sin[pos:end])
+        )
         x = x0 = norm(self.transformer.wte(idx))
         for i, block in enumerate(self.transformer.h):
             if self.config.lambdas:
@@ -359,8 +461,13 @@ class GPT(nn.Module):
         dt = compute_dtype(x)
         with nvtx_range("linear_softcap_ce"):
             return kernels.linear_softcap_cross_entropy(
-                x.reshape(B * T, -1).to(dt), self.lm_head.weight.to(dt), targets.reshape(B * T),
-                softcap=SOFTCAP, ignore_index=-1, reduction=loss_reduction)
+                x.reshape(B * T, -1).to(dt),
+                self.lm_head.weight.to(dt),
+                targets.reshape(B * T),
+                softcap=SOFTCAP,
+                ignore_index=-1,
+                reduction=loss_reduction,
+            )
 
     @torch.no_grad()
     def generate(self, tokens, max_tokens, temperature=0.0, top_k=None, seed=42):

@@ -8,6 +8,7 @@ name HTTP internals. We check reachability once, fast, and turn every failure in
 that says what was wanted and how to do without it. HF_ENDPOINT (the client's own variable) points
 it at a mirror or, in the tests, at a local server; HF_HUB_OFFLINE=1 uses the cache only.
 """
+
 import os
 import socket
 from pathlib import Path
@@ -31,8 +32,13 @@ def _check_reachable(endpoint: str, timeout: float = 10.0):
         raise ConnectionError(f"cannot reach {url.hostname}:{port} ({e})") from None
 
 
-def hub_file(repo_id: str, filename: str, repo_type: str = "dataset", revision: str | None = None,
-             hint: str = "") -> Path:
+def hub_file(
+    repo_id: str,
+    filename: str,
+    repo_type: str = "dataset",
+    revision: str | None = None,
+    hint: str = "",
+) -> Path:
     """Local path of `filename` in hub repo `repo_id`, downloaded once into hub_cache_dir().
     Offline or failing -> NanocodeError naming the file, with `hint` (how to do without it)."""
     from huggingface_hub import hf_hub_download  # a dependency, but only download paths need it
@@ -45,10 +51,20 @@ def hub_file(repo_id: str, filename: str, repo_type: str = "dataset", revision: 
             _check_reachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
         # endpoint passed explicitly: the client reads HF_ENDPOINT once, at import, and a test (or a
         # caller) may set it later
-        path = hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision,
-                               cache_dir=hub_cache_dir(), endpoint=os.environ.get("HF_ENDPOINT") or None)
-    except Exception as e:  # connection, HTTP, cache-miss-while-offline: all mean "not available here"
+        path = hf_hub_download(
+            repo_id,
+            filename,
+            repo_type=repo_type,
+            revision=revision,
+            cache_dir=hub_cache_dir(),
+            endpoint=os.environ.get("HF_ENDPOINT") or None,
+        )
+    except (
+        Exception
+    ) as e:  # connection, HTTP, cache-miss-while-offline: all mean "not available here"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise NanocodeError(f"could not download {what} from the Hugging Face hub ({reason}); "
-                            f"offline? this machine cannot reach the hub{hint}") from None
+        raise NanocodeError(
+            f"could not download {what} from the Hugging Face hub ({reason}); "
+            f"offline? this machine cannot reach the hub{hint}"
+        ) from None
     return Path(path)

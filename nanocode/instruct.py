@@ -19,6 +19,7 @@ Code is first run in the guarded sandbox (nanocode.execution.run_program: time, 
 destructive calls disabled); a record whose code fails there or in the session, or whose edits are not
 unique or do not reproduce the new code, is dropped, and the reason is counted (`Stats`).
 """
+
 import difflib
 import json
 import re
@@ -32,20 +33,29 @@ from nanocode.synth_session import Session
 SOURCES = {
     "code_alpaca": ("sahil2801/CodeAlpaca-20k", "code_alpaca_20k.json", "alpaca"),
     "evol_codealpaca": ("theblackcat102/evol-codealpaca-v1", "train.jsonl", "alpaca"),
-    "magicoder": ("ise-uiuc/Magicoder-Evol-Instruct-110K", "data-evol_instruct-decontaminated.jsonl", "response"),
-    "self_oss_instruct": ("bigcode/self-oss-instruct-sc2-exec-filter-50k", "data/train-00000-of-00001.parquet", "response"),
+    "magicoder": (
+        "ise-uiuc/Magicoder-Evol-Instruct-110K",
+        "data-evol_instruct-decontaminated.jsonl",
+        "response",
+    ),
+    "self_oss_instruct": (
+        "bigcode/self-oss-instruct-sc2-exec-filter-50k",
+        "data/train-00000-of-00001.parquet",
+        "response",
+    ),
     "code_feedback": ("m-a-p/Code-Feedback", "Code-Feedback.jsonl", "messages"),
 }
-MIN_SIMILARITY = 0.3   # below this the "new" code is a rewrite, not an edit of the old one
-MAX_CODE_LINES = 120   # longer programs make rows longer than SFT keeps
-MAX_CONTEXT = 6        # lines of context an edit's old_string may add on each side to be unique
-RUN_TIMEOUT = 5.0      # seconds; dataset programs that run longer (or wait for input) are dropped
+MIN_SIMILARITY = 0.3  # below this the "new" code is a rewrite, not an edit of the old one
+MAX_CODE_LINES = 120  # longer programs make rows longer than SFT keeps
+MAX_CONTEXT = 6  # lines of context an edit's old_string may add on each side to be unique
+RUN_TIMEOUT = 5.0  # seconds; dataset programs that run longer (or wait for input) are dropped
 CODE_BLOCK = re.compile(r"```([\w+-]*)[^\n]*\n(.*?)```", re.S)
 
 
 def fetch(name: str) -> Path:
     """The local path of a source's data file (downloaded once)."""
     from nanocode.hub import hub_file
+
     if name not in SOURCES:
         raise NanocodeError(f"unknown instruct source {name!r}: use one of {', '.join(SOURCES)}")
     repo, filename, _ = SOURCES[name]
@@ -57,6 +67,7 @@ def read_rows(path) -> list[dict]:
     path = Path(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
+
         return pq.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
@@ -72,12 +83,17 @@ def turns_of(row: dict, schema: str) -> list[tuple[str, str]]:
     if schema == "response":
         return [(row["instruction"], row["response"])]
     msgs = [m for m in row["messages"] if m.get("role") in ("user", "assistant")]
-    return [(u["content"], a["content"]) for u, a in zip(msgs[::2], msgs[1::2]) if u["role"] == "user" and a["role"] == "assistant"]
+    return [
+        (u["content"], a["content"])
+        for u, a in zip(msgs[::2], msgs[1::2])
+        if u["role"] == "user" and a["role"] == "assistant"
+    ]
 
 
 def python_blocks(text: str) -> list[str]:
     """Code blocks that are Python: tagged python/py, or untagged and parsing as Python."""
     import ast
+
     out = []
     for lang, code in CODE_BLOCK.findall(text):
         if lang.lower() in ("python", "py", "python3") or not lang:
@@ -117,13 +133,17 @@ def hunks(old: str, new: str) -> list[tuple[int, int, list[str]]]:
     """The changed regions of old -> new as (first old line, end old line, new lines), last first, so
     applying one does not move the line numbers of the ones still to apply."""
     a, b = old.split("\n"), new.split("\n")
-    ops = [op for op in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes() if op[0] != "equal"]
+    ops = [
+        op
+        for op in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+        if op[0] != "equal"
+    ]
     return [(i1, i2, b[j1:j2]) for _, i1, i2, j1, j2 in reversed(ops)]
 
 
 def _name_near(lines: list[str], i: int) -> str | None:
     """An identifier to grep for: the def/class enclosing line i, else a word on the line."""
-    for line in reversed(lines[:i + 1]):
+    for line in reversed(lines[: i + 1]):
         m = re.match(r"\s*(?:def|class)\s+(\w+)", line)
         if m:
             return m.group(1)
@@ -147,7 +167,9 @@ def _report(out: str) -> str:
     return "Ran it:\n```\n" + "\n".join(shown) + "\n```"
 
 
-def convert_turn(s: Session, request: str, answer: str, stats: Stats, path: str = "solution.py") -> bool:
+def convert_turn(
+    s: Session, request: str, answer: str, stats: Stats, path: str = "solution.py"
+) -> bool:
     """Add the assistant's tool use for one (request, answer) turn to session s. False: drop the record."""
     new_blocks, old_blocks = python_blocks(answer), python_blocks(request)
     if not new_blocks:
@@ -159,7 +181,11 @@ def convert_turn(s: Session, request: str, answer: str, stats: Stats, path: str 
         stats["dropped: code too long"] += 1
         return False
     old = max(old_blocks, key=len) if old_blocks else None
-    is_edit = old is not None and old != new and difflib.SequenceMatcher(None, old, new).ratio() >= MIN_SIMILARITY
+    is_edit = (
+        old is not None
+        and old != new
+        and difflib.SequenceMatcher(None, old, new).ratio() >= MIN_SIMILARITY
+    )
     if not _runs(new):
         stats["dropped: code does not run"] += 1
         return False
@@ -182,9 +208,9 @@ def convert_turn(s: Session, request: str, answer: str, stats: Stats, path: str 
             if old_string is None:
                 stats["dropped: edit not unique"] += 1
                 return False
-            first_line = cur[:cur.index(old_string)].count("\n")
+            first_line = cur[: cur.index(old_string)].count("\n")
             block = old_string.split("\n")
-            new_string = "\n".join(block[:i1 - first_line] + repl + block[i2 - first_line:])
+            new_string = "\n".join(block[: i1 - first_line] + repl + block[i2 - first_line :])
             out = s.call("edit_file", path=path, old_string=old_string, new_string=new_string)
             if not out.startswith("edited"):
                 stats["dropped: edit failed"] += 1

@@ -7,6 +7,7 @@ Why bytes and not tokens: a tokenizer with a larger vocab has fewer, harder toke
 per token rewards vocab size as much as modelling; the loss per byte of the same text does not, and
 it compares across tokenizers and with other models' published bpb.
 """
+
 import math
 
 import torch
@@ -26,7 +27,9 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor) -> float:
         y = y.reshape(-1)
         valid = y >= 0
         nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
-        counted = nbytes > 0  # a special-token target (0 bytes) must not add nats with no bytes to divide by
+        counted = (
+            nbytes > 0
+        )  # a special-token target (0 bytes) must not add nats with no bytes to divide by
         total_nats += (loss * counted).sum()
         total_bytes += nbytes.sum()
     if dist.is_initialized():

@@ -11,6 +11,7 @@ Same-shape matrices are stacked and orthogonalized in one batched call.
 Under DDP each rank orthogonalizes only its share of each stack and the results are all-gathered,
 so the Newton-Schulz work is split across ranks instead of repeated on each.
 """
+
 import math
 
 import torch
@@ -23,17 +24,37 @@ NS_COEFFS = {"polar": kernels.POLAR_EXPRESS, "classic": kernels.CLASSIC_QUINTIC}
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, rank=0,
-                 world_size=1, ns_coeffs=kernels.POLAR_EXPRESS):
+    def __init__(
+        self,
+        params,
+        lr=0.02,
+        momentum=0.95,
+        nesterov=True,
+        ns_steps=5,
+        weight_decay=0.0,
+        rank=0,
+        world_size=1,
+        ns_coeffs=kernels.POLAR_EXPRESS,
+    ):
         params = list(params)
         for p in params:
             if p.ndim != 2:
-                raise ValueError(f"Muon trains 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"Muon trains 2-D matrices only, got a parameter of shape {tuple(p.shape)}"
+                )
         # One group per shape (in order of first appearance), so each group is one batched Newton-Schulz call.
         shapes = list(dict.fromkeys(tuple(p.shape) for p in params))
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
-        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                 weight_decay=weight_decay))
+        super().__init__(
+            groups,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                nesterov=nesterov,
+                ns_steps=ns_steps,
+                weight_decay=weight_decay,
+            ),
+        )
         # Newton-Schulz's per-step (a, b, c): not a param-group entry, so optimizer state files stay plain
         # tensors and numbers, and the choice stays the script's (base_train --ns-coeffs).
         self.rank, self.world_size, self.ns_coeffs = rank, world_size, tuple(map(tuple, ns_coeffs))
@@ -67,10 +88,16 @@ class Muon(torch.optim.Optimizer):
         # Rank r orthogonalizes matrices [r*per, (r+1)*per) of the stack (zero-padded to world*per);
         # every rank then holds all results after the all-gather.
         per = math.ceil(n / world)
-        padded = torch.zeros((per * world, *update.shape[1:]), dtype=update.dtype, device=update.device)
+        padded = torch.zeros(
+            (per * world, *update.shape[1:]), dtype=update.dtype, device=update.device
+        )
         padded[:n] = update
-        mine = kernels.newton_schulz(padded[self.rank * per:(self.rank + 1) * per], steps=steps, dtype=ns_dtype,
-                                     coeffs=self.ns_coeffs)
+        mine = kernels.newton_schulz(
+            padded[self.rank * per : (self.rank + 1) * per],
+            steps=steps,
+            dtype=ns_dtype,
+            coeffs=self.ns_coeffs,
+        )
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine.contiguous())
         return torch.cat(gathered)[:n]

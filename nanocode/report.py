@@ -7,6 +7,7 @@
 Wall times come from runs/speedrun.sh's done-markers ($NANOCODE_BASE_DIR/speedrun/<stage>.done, one
 JSON object each: seconds, gpus, device). A stage that never logged anything is shown as missing.
 """
+
 import argparse
 import datetime
 import json
@@ -51,10 +52,17 @@ STAGES = [
     ("agent_eval_rl", "Agent eval (RL)"),
     ("agent_demo", "Agent demo"),
 ]
-OPTIONAL = {"code_eval_base", "code_eval_sft", "agent_eval_sft", "agent_eval_dpo", "agent_eval_rl"}  # not shown as missing
+OPTIONAL = {
+    "code_eval_base",
+    "code_eval_sft",
+    "agent_eval_sft",
+    "agent_eval_dpo",
+    "agent_eval_rl",
+}  # not shown as missing
 
 
 # ---- reading
+
 
 def read_json(path: Path):
     """A JSON file's object, or None when missing or unreadable (a report never crashes on one bad file)."""
@@ -82,8 +90,14 @@ def load_timings(base: Path) -> dict:
 
 def system_info() -> dict:
     import torch
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count()}
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -92,11 +106,14 @@ def system_info() -> dict:
     except OSError:
         pass
     try:
-        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
+        info["memory_gib"] = round(
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1
+        )
     except (ValueError, OSError, AttributeError):
         pass
     try:
         import triton
+
         info["triton"] = triton.__version__
     except ImportError:
         pass
@@ -113,20 +130,31 @@ def git_info() -> dict:
     root = Path(__file__).resolve().parent.parent
 
     def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=20
+        ).stdout.strip()
+
     try:
         commit = git("rev-parse", "HEAD")
         if not commit:
             return {"commit": "n/a (not a git checkout)"}
-        changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines() if line]
-        return {"commit": commit[:12], "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
-                "dirty": f"yes ({len(changed)} tracked files changed)" if changed else "no",
-                "message": git("log", "-1", "--format=%s")}
+        changed = [
+            line
+            for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+            if line
+        ]
+        return {
+            "commit": commit[:12],
+            "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "dirty": f"yes ({len(changed)} tracked files changed)" if changed else "no",
+            "message": git("log", "-1", "--format=%s"),
+        }
     except (OSError, subprocess.SubprocessError):
         return {"commit": "n/a (git not available)"}
 
 
 # ---- formatting
+
 
 def fmt(v, digits=4):
     """Numbers compactly, everything else as text; None as n/a."""
@@ -171,7 +199,10 @@ def pass_at_k(d):
     parts = []
     for task, m in sorted(d.items()):
         if isinstance(m, dict):
-            ks = sorted((k for k in m if k.startswith("pass@")), key=lambda k: int(k[5:]) if k[5:].isdigit() else 0)
+            ks = sorted(
+                (k for k in m if k.startswith("pass@")),
+                key=lambda k: int(k[5:]) if k[5:].isdigit() else 0,
+            )
             parts += [f"{task} {k} {fmt(m[k])} (n={fmt(m.get('num_problems'))})" for k in ks]
     return ", ".join(parts) or None
 
@@ -179,33 +210,55 @@ def pass_at_k(d):
 def key_numbers(stem, d):
     """The one-line summary of a stage for the summary table."""
     if stem == "dataset":
-        return ", ".join(f"{k} {fmt(d[k])}" for k in ("train_docs", "val_docs", "shards", "mb") if k in d) or None
+        return (
+            ", ".join(
+                f"{k} {fmt(d[k])}" for k in ("train_docs", "val_docs", "shards", "mb") if k in d
+            )
+            or None
+        )
     if stem == "tokenizer":
         comp = {lang: get(m, "ours") for lang, m in (get(d, "compression") or {}).items()}
-        comp = ", ".join(f"{lang} {fmt(v, 3)}" for lang, v in comp.items() if isinstance(v, (int, float)))
+        comp = ", ".join(
+            f"{lang} {fmt(v, 3)}" for lang, v in comp.items() if isinstance(v, (int, float))
+        )
         return f"vocab {fmt(get(d, 'vocab_size'))}" + (f"; bytes/token: {comp}" if comp else "")
     if stem == "base_train":
-        return (f"d{fmt(get(d, 'depth'))}, {fmt(get(d, 'num_params'))} params, {fmt(get(d, 'tokens'))} tokens, "
-                f"val bpb {fmt(get(d, 'final_val_bpb'))}, loss {fmt(get(d, 'final_loss'))}")
+        return (
+            f"d{fmt(get(d, 'depth'))}, {fmt(get(d, 'num_params'))} params, {fmt(get(d, 'tokens'))} tokens, "
+            f"val bpb {fmt(get(d, 'final_val_bpb'))}, loss {fmt(get(d, 'final_loss'))}"
+        )
     if stem == "synth":
-        return ", ".join(f"{k.replace('_', ' ')} {fmt(d[k])}" for k in d if isinstance(d[k], int)) or None
+        return (
+            ", ".join(f"{k.replace('_', ' ')} {fmt(d[k])}" for k in d if isinstance(d[k], int))
+            or None
+        )
     if stem == "base_eval":
         return f"val bpb {fmt(get(d, 'bpb'))}"
     if stem == "sft":
-        return (f"val loss {before_after(d, 'val_loss_before', 'val_loss')}, tool-call validity "
-                f"{before_after(d, 'tool_call_validity_before', 'tool_call_validity')}")
+        return (
+            f"val loss {before_after(d, 'val_loss_before', 'val_loss')}, tool-call validity "
+            f"{before_after(d, 'tool_call_validity_before', 'tool_call_validity')}"
+        )
     if stem == "dpo":
         return f"held-out preference accuracy {before_after(d, 'preference_accuracy_before', 'preference_accuracy')}"
     if stem == "rl":
-        return (f"held-out pass@1 {before_after(d, 'pass_at_1_before', 'pass_at_1')}, held-out mean reward "
-                f"{before_after(d, 'val_reward_before', 'val_reward')}, {fmt(get(d, 'completions_per_s'), 3)} completions/s")
+        return (
+            f"held-out pass@1 {before_after(d, 'pass_at_1_before', 'pass_at_1')}, held-out mean reward "
+            f"{before_after(d, 'val_reward_before', 'val_reward')}, {fmt(get(d, 'completions_per_s'), 3)} completions/s"
+        )
     if stem.startswith("code_eval"):
         return pass_at_k(d)
     if stem.startswith("agent_eval"):
-        return (f"success {fmt(get(d, 'success'), 3)} on {fmt(get(d, 'tasks'))} tasks, valid calls "
-                f"{fmt(get(d, 'valid_call_rate'), 3)}, {fmt(get(d, 'calls_per_task'), 3)} calls/task, "
-                f"cut-offs {fmt(get(d, 'cut_offs'))}")
-    scalars = [f"{k} {fmt(v)}" for k, v in d.items() if isinstance(v, (int, float, str)) and len(str(v)) < 40]
+        return (
+            f"success {fmt(get(d, 'success'), 3)} on {fmt(get(d, 'tasks'))} tasks, valid calls "
+            f"{fmt(get(d, 'valid_call_rate'), 3)}, {fmt(get(d, 'calls_per_task'), 3)} calls/task, "
+            f"cut-offs {fmt(get(d, 'cut_offs'))}"
+        )
+    scalars = [
+        f"{k} {fmt(v)}"
+        for k, v in d.items()
+        if isinstance(v, (int, float, str)) and len(str(v)) < 40
+    ]
     return ", ".join(scalars[:5]) or None
 
 
@@ -228,6 +281,7 @@ def scalar_rows(d, prefix=""):
 
 # ---- plots
 
+
 def series(curves):
     """{"name": [(x, y), ...]} -> {"name": (xs, ys)}; a y that is a dict gives one series per numeric key."""
     out = {}
@@ -235,7 +289,9 @@ def series(curves):
         if not isinstance(points, list):
             continue
         for p in points:
-            if not (isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (int, float))):
+            if not (
+                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (int, float))
+            ):
                 continue
             x, y = p
             items = y.items() if isinstance(y, dict) else [(None, y)]
@@ -262,8 +318,10 @@ def plot_curves(title, curves, path):
     if not s:
         return None
     import matplotlib
+
     matplotlib.use("Agg")  # files only: no display needed (servers, CI), and no GUI backend probing
     import matplotlib.pyplot as plt
+
     n = len(s)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
@@ -317,9 +375,13 @@ def plot_bars(bars, path, ylabel, title):
     if not bars:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sources = sorted({s for v in bars.values() for s in v}, key=lambda s: PHASES.index(s) if s in PHASES else 9)
+
+    sources = sorted(
+        {s for v in bars.values() for s in v}, key=lambda s: PHASES.index(s) if s in PHASES else 9
+    )
     groups = sorted(bars, key=lambda g: (g == "overall", g))
     width = 0.8 / len(sources)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.8 * len(groups)), 3.2))
@@ -345,8 +407,10 @@ def plot_bpb_per_lang(per_lang, path):
     if not items:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(items)), 3.2))
     ax.bar([k for k, _ in items], [v for _, v in items])
     ax.set_ylabel("bits per byte")
@@ -359,6 +423,7 @@ def plot_bpb_per_lang(per_lang, path):
 
 # ---- the report
 
+
 def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     """Write base/report/report.md (and its PNGs beside it); returns the path."""
     base = Path(base) if base else get_base_dir()
@@ -366,10 +431,16 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = load_stages(base)
     order = {stem: i for i, (stem, _) in enumerate(STAGES)}
-    timings = dict(sorted(load_timings(base).items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    timings = dict(
+        sorted(load_timings(base).items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    )
     sysinfo, gitinfo = system_info(), git_info()
-    lines = ["# nanocode report card", "",
-             f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} from `{base}`.", ""]
+    lines = [
+        "# nanocode report card",
+        "",
+        f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} from `{base}`.",
+        "",
+    ]
 
     lines += ["## System", ""] + [f"- {k}: {v}" for k, v in sysinfo.items()] + [""]
     lines += ["## Git", ""] + [f"- {k}: {v}" for k, v in gitinfo.items()] + [""]
@@ -393,28 +464,70 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     # tokenizer compression beside the reference tokenizers scripts.tok_eval found
     comp = get(stages, "tokenizer", "compression")
     if isinstance(comp, dict) and comp:
-        names = list(dict.fromkeys(k for m in comp.values() if isinstance(m, dict) for k in m if k != "bytes"))
-        lines += ["## Tokenizer compression (bytes per token, higher is better)", "",
-                  "| sample | bytes | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        names = list(
+            dict.fromkeys(
+                k for m in comp.values() if isinstance(m, dict) for k in m if k != "bytes"
+            )
+        )
+        lines += [
+            "## Tokenizer compression (bytes per token, higher is better)",
+            "",
+            "| sample | bytes | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
         for lang, m in comp.items():
             if isinstance(m, dict):
-                lines.append(f"| {lang} | {fmt(m.get('bytes'))} | " + " | ".join(fmt(m.get(n), 3) for n in names) + " |")
+                lines.append(
+                    f"| {lang} | {fmt(m.get('bytes'))} | "
+                    + " | ".join(fmt(m.get(n), 3) for n in names)
+                    + " |"
+                )
         lines.append("")
 
     # agent eval: task success per kind, one column per checkpoint
-    agent = {stem.removeprefix("agent_eval_"): d for stem, d in stages.items() if stem.startswith("agent_eval_")}
-    pipeline = ["sft", "dpo", "rl"]  # columns in pipeline order, anything else (e.g. rescored samples) after
-    agent = dict(sorted(agent.items(), key=lambda kv: (pipeline.index(kv[0]) if kv[0] in pipeline else 9, kv[0])))
+    agent = {
+        stem.removeprefix("agent_eval_"): d
+        for stem, d in stages.items()
+        if stem.startswith("agent_eval_")
+    }
+    pipeline = [
+        "sft",
+        "dpo",
+        "rl",
+    ]  # columns in pipeline order, anything else (e.g. rescored samples) after
+    agent = dict(
+        sorted(
+            agent.items(), key=lambda kv: (pipeline.index(kv[0]) if kv[0] in pipeline else 9, kv[0])
+        )
+    )
     if agent:
-        kinds = sorted({k for d in agent.values() if isinstance(d.get("per_kind"), dict) for k in d["per_kind"]})
-        lines += ["## Agent eval: task success per kind", "", "| kind | " + " | ".join(agent) + " |",
-                  "|---|" + "---|" * len(agent)]
+        kinds = sorted(
+            {
+                k
+                for d in agent.values()
+                if isinstance(d.get("per_kind"), dict)
+                for k in d["per_kind"]
+            }
+        )
+        lines += [
+            "## Agent eval: task success per kind",
+            "",
+            "| kind | " + " | ".join(agent) + " |",
+            "|---|" + "---|" * len(agent),
+        ]
         for kind in kinds + ["overall"]:
-            cells = [get(d, "success") if kind == "overall" else get(d, "per_kind", kind) for d in agent.values()]
+            cells = [
+                get(d, "success") if kind == "overall" else get(d, "per_kind", kind)
+                for d in agent.values()
+            ]
             lines.append(f"| {kind} | " + " | ".join(fmt(c, 3) for c in cells) + " |")
-        lines += ["", "Tasks: small scratch repositories with a request and a verifier (tests that must pass, an "
-                  "answer that must contain a value); the agent runs with its tools auto-approved in the sandbox "
-                  "(nanocode.agent_tasks, scripts/agent_eval.py).", ""]
+        lines += [
+            "",
+            "Tasks: small scratch repositories with a request and a verifier (tests that must pass, an "
+            "answer that must contain a value); the agent runs with its tools auto-approved in the sandbox "
+            "(nanocode.agent_tasks, scripts/agent_eval.py).",
+            "",
+        ]
 
     # time and cost
     lines += ["## Wall time and cost", ""]
@@ -422,22 +535,33 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
         total_s = sum(t["seconds"] for t in timings.values())
         gpu_hours = {name: t["seconds"] * t.get("gpus", 0) / 3600 for name, t in timings.items()}
         cpu = {name: t.get("cpu_seconds") for name, t in timings.items()}
-        lines += ["| stage | wall time | CPU time | device | GPUs | GPU-hours |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| stage | wall time | CPU time | device | GPUs | GPU-hours |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, t in timings.items():
-            lines.append(f"| {name} | {fmt_seconds(t['seconds'])} | {fmt_seconds(cpu[name])} | {t.get('device', '?')} | "
-                         f"{t.get('gpus', 0)} | {fmt(gpu_hours[name], 3) if gpu_hours[name] else '-'} |")
+            lines.append(
+                f"| {name} | {fmt_seconds(t['seconds'])} | {fmt_seconds(cpu[name])} | {t.get('device', '?')} | "
+                f"{t.get('gpus', 0)} | {fmt(gpu_hours[name], 3) if gpu_hours[name] else '-'} |"
+            )
         total_gh = sum(gpu_hours.values())
         total_cpu = sum(v for v in cpu.values() if isinstance(v, (int, float)))
-        lines.append(f"| **total** | **{fmt_seconds(total_s)}** | {fmt_seconds(total_cpu) if total_cpu else 'n/a'} | | | "
-                     f"{fmt(total_gh, 3) if total_gh else '-'} |")
+        lines.append(
+            f"| **total** | **{fmt_seconds(total_s)}** | {fmt_seconds(total_cpu) if total_cpu else 'n/a'} | | | "
+            f"{fmt(total_gh, 3) if total_gh else '-'} |"
+        )
         lines.append("")
-        lines.append("CPU time is user + system time of the stage's processes (all cores): on a machine shared "
-                     "with other work it tells the stage's cost better than wall time does.")
+        lines.append(
+            "CPU time is user + system time of the stage's processes (all cores): on a machine shared "
+            "with other work it tells the stage's cost better than wall time does."
+        )
         lines.append("")
         if total_gh:
-            lines.append(f"Estimated cost: {total_gh:.2f} GPU-hours x ${gpu_hour_cost:.2f}/GPU-hour = "
-                         f"**${total_gh * gpu_hour_cost:.2f}** (a stage is charged for every GPU of the run "
-                         f"while it runs, idle ones included).")
+            lines.append(
+                f"Estimated cost: {total_gh:.2f} GPU-hours x ${gpu_hour_cost:.2f}/GPU-hour = "
+                f"**${total_gh * gpu_hour_cost:.2f}** (a stage is charged for every GPU of the run "
+                f"while it runs, idle ones included)."
+            )
         else:
             lines.append("CPU run: no GPU cost.")
     else:
@@ -447,11 +571,22 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     # plots
     lines += ["## Plots", ""]
     plots = []
-    for stem, title in (("base_train", "pretraining"), ("sft", "SFT"), ("dpo", "DPO"), ("rl", "RL")):
+    for stem, title in (
+        ("base_train", "pretraining"),
+        ("sft", "SFT"),
+        ("dpo", "DPO"),
+        ("rl", "RL"),
+    ):
         p = plot_curves(title, get(stages, stem, "curves"), out_dir / f"{stem}_curves.png")
         plots.append((f"{title} curves", p))
-    plots.append(("bpb per language", plot_bpb_per_lang(get(stages, "base_eval", "bpb_per_lang"),
-                                                         out_dir / "base_eval_bpb.png")))
+    plots.append(
+        (
+            "bpb per language",
+            plot_bpb_per_lang(
+                get(stages, "base_eval", "bpb_per_lang"), out_dir / "base_eval_bpb.png"
+            ),
+        )
+    )
     evals = {s: d for s, d in stages.items() if s.startswith("code_eval_")}
     plots.append(("pass@k", plot_pass_at_k(evals, out_dir / "code_eval_pass_at_k.png")))
     if agent:
@@ -465,7 +600,9 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     for stem, d in stages.items():
         rows = scalar_rows(d)
         lines += [f"### {stem}", "", "| key | value |", "|---|---|"]
-        lines += [f"| {k} | {str(v).replace('|', '/').replace(chr(10), ' ')} |" for k, v in rows] + [""]
+        lines += [
+            f"| {k} | {str(v).replace('|', '/').replace(chr(10), ' ')} |" for k, v in rows
+        ] + [""]
         if isinstance(d.get("transcript"), str):
             lines += ["~~~~", d["transcript"].rstrip().replace("~~~~", "~ ~ ~ ~"), "~~~~", ""]
 
@@ -476,7 +613,12 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="build report.md from the stages' logs")
-    p.add_argument("--gpu-hour-cost", type=float, default=3.0, help="dollars per GPU-hour (default: $3, an H100)")
+    p.add_argument(
+        "--gpu-hour-cost",
+        type=float,
+        default=3.0,
+        help="dollars per GPU-hour (default: $3, an H100)",
+    )
     args = p.parse_args(argv)
     path = build_report(gpu_hour_cost=args.gpu_hour_cost)
     print(f"wrote {path}")
@@ -484,4 +626,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from nanocode.common import run_main
+
     run_main(main)

@@ -27,6 +27,7 @@ Sources:
 Verification runs the code in nanocode.execution's sandbox; anything but a clean pass (an error, a crash
 of the verifier, a timeout, a fork) is reward 0 with the reason kept.
 """
+
 import ast
 import json
 import random
@@ -41,37 +42,70 @@ CHECK_TYPES = ("tests", "stdout", "agent")
 
 def validate_task(t, where: str) -> dict:
     """A task as loaded; a missing or null check is a task without a verifier (it will score 0, counted)."""
-    if not isinstance(t, dict) or not isinstance(t.get("prompt"), str) or not isinstance(t.get("check"), (dict, type(None))):
-        raise NanocodeError(f"{where}: expected a task object with a string 'prompt' and a 'check' object")
+    if (
+        not isinstance(t, dict)
+        or not isinstance(t.get("prompt"), str)
+        or not isinstance(t.get("check"), (dict, type(None)))
+    ):
+        raise NanocodeError(
+            f"{where}: expected a task object with a string 'prompt' and a 'check' object"
+        )
     c = t.get("check")
     if c is None:
-        return {"id": str(t.get("id", where)), "source": str(t.get("source", "file")), "prompt": t["prompt"], "check": None}
+        return {
+            "id": str(t.get("id", where)),
+            "source": str(t.get("source", "file")),
+            "prompt": t["prompt"],
+            "check": None,
+        }
     if c.get("type") not in CHECK_TYPES:
-        raise NanocodeError(f"{where}: check type must be one of {CHECK_TYPES}, got {c.get('type')!r}")
+        raise NanocodeError(
+            f"{where}: check type must be one of {CHECK_TYPES}, got {c.get('type')!r}"
+        )
     key = {"tests": "tests", "stdout": "expected", "agent": "task"}[c["type"]]
     if not isinstance(c.get(key), dict if key == "task" else str):
-        raise NanocodeError(f"{where}: a {c['type']} check needs {'an object' if key == 'task' else 'a string'} {key!r}")
-    if "argv" in c and not (isinstance(c["argv"], list) and all(isinstance(a, str) for a in c["argv"])):
+        raise NanocodeError(
+            f"{where}: a {c['type']} check needs {'an object' if key == 'task' else 'a string'} {key!r}"
+        )
+    if "argv" in c and not (
+        isinstance(c["argv"], list) and all(isinstance(a, str) for a in c["argv"])
+    ):
         raise NanocodeError(f"{where}: a check's 'argv' must be a list of strings")
-    return {"id": str(t.get("id", where)), "source": str(t.get("source", "file")), "prompt": t["prompt"], "check": c}
+    return {
+        "id": str(t.get("id", where)),
+        "source": str(t.get("source", "file")),
+        "prompt": t["prompt"],
+        "check": c,
+    }
 
 
 def humaneval_style_task(r: dict, where: str) -> dict:
     """A problem in HumanEval's schema as a tests task: the model writes the function of `prompt` (its
     signature and docstring), and `test` (which defines check(candidate)) calls it."""
     if not all(isinstance(r.get(k), str) for k in ("task_id", "prompt", "test", "entry_point")):
-        raise NanocodeError(f"{where}: a HumanEval-style problem needs strings task_id, prompt, test, entry_point")
+        raise NanocodeError(
+            f"{where}: a HumanEval-style problem needs strings task_id, prompt, test, entry_point"
+        )
     if r["task_id"].startswith("HumanEval/"):
-        raise NanocodeError(f"{where}: {r['task_id']} is HumanEval itself, which stays held out for code_eval")
-    return {"id": r["task_id"], "source": "humaneval_style",
-            "prompt": f"Write this function in solution.py:\n\n{r['prompt'].strip()}\n",
-            "check": {"type": "tests", "tests": f"{r['test']}\n\ncheck({r['entry_point']})"}}
+        raise NanocodeError(
+            f"{where}: {r['task_id']} is HumanEval itself, which stays held out for code_eval"
+        )
+    return {
+        "id": r["task_id"],
+        "source": "humaneval_style",
+        "prompt": f"Write this function in solution.py:\n\n{r['prompt'].strip()}\n",
+        "check": {"type": "tests", "tests": f"{r['test']}\n\ncheck({r['entry_point']})"},
+    }
 
 
 def load_task_file(path) -> list[dict]:
     """Tasks of a .jsonl file: our task format, or problems in HumanEval's schema (told apart per line)."""
-    tasks = [humaneval_style_task(obj, where) if isinstance(obj, dict) and "entry_point" in obj else validate_task(obj, where)
-             for where, obj in read_jsonl(path, "task file")]
+    tasks = [
+        humaneval_style_task(obj, where)
+        if isinstance(obj, dict) and "entry_point" in obj
+        else validate_task(obj, where)
+        for where, obj in read_jsonl(path, "task file")
+    ]
     if not tasks:
         raise NanocodeError(f"{path} holds no tasks")
     return tasks
@@ -80,18 +114,22 @@ def load_task_file(path) -> list[dict]:
 # -----------------------------------------------------------------------------
 # sources
 
+
 def in_split(text: str, split: str) -> bool:
     """A stable train/val split by content: a quarter of all texts are val."""
     return (zlib.crc32(text.encode()) % 4 == 0) == (split == "val")
 
 
-def program_tasks(split: str = "train", seed: int = 0, draws: int = 1000, workers: int = 2) -> list[dict]:
+def program_tasks(
+    split: str = "train", seed: int = 0, draws: int = 1000, workers: int = 2
+) -> list[dict]:
     """stdout tasks from nanocode.synth's small-program requests (the write-and-run kind): `draws` requests
     drawn with `seed`, the distinct ones of this split, each with what its reference program prints (run
     in the sandbox twice, with the request's arguments; one that fails, prints nothing, or prints
     something else the second time makes no task)."""
     from nanocode import synth
     from nanocode.execution import run_many
+
     rng, cands = random.Random(seed), {}
     for _ in range(draws):
         request, _, code, argv = synth.program_request(rng)
@@ -100,11 +138,17 @@ def program_tasks(split: str = "train", seed: int = 0, draws: int = 1000, worker
     progs = [with_argv(code, argv) for code, argv in cands.values()]
     results = run_many(progs * 2, workers=workers, timeout=5.0)
     tasks = []
-    for (request, (_, argv)), r, again in zip(cands.items(), results, results[len(progs):]):
+    for (request, (_, argv)), r, again in zip(cands.items(), results, results[len(progs) :]):
         if r.passed and again.passed and r.stdout.strip() and r.stdout == again.stdout:
             check = {"type": "stdout", "expected": r.stdout, **({"argv": argv} if argv else {})}
-            tasks.append({"id": f"programs/{zlib.crc32(request.encode()):08x}", "source": "programs",
-                          "prompt": request, "check": check})
+            tasks.append(
+                {
+                    "id": f"programs/{zlib.crc32(request.encode()):08x}",
+                    "source": "programs",
+                    "prompt": request,
+                    "check": check,
+                }
+            )
     return tasks
 
 
@@ -117,27 +161,61 @@ def agent_rl_tasks(split: str = "train", seed: int = 0, n: int = 200) -> list[di
     """nanocode.agent_tasks' generator on seeds other than the shipped suite's (seed 0): n tasks per split
     (train seed 1000 + seed, val 2000 + seed), minus any task whose request and files equal a suite task's."""
     from nanocode import agent_tasks
-    suite = {(t["request"], json.dumps(t["files"], sort_keys=True)) for t in agent_tasks.load_suite()}
+
+    suite = {
+        (t["request"], json.dumps(t["files"], sort_keys=True)) for t in agent_tasks.load_suite()
+    }
     out = []
     for t in agent_tasks.make_suite((2000 if split == "val" else 1000) + seed, n):
         if (t["request"], json.dumps(t["files"], sort_keys=True)) not in suite:
             t.setdefault("verify_files", {})
             t.setdefault("deny", [])
-            out.append({"id": f"agent/{split}/{t['id']}", "source": "agent", "prompt": t["request"],
-                        "check": {"type": "agent", "task": t}})
+            out.append(
+                {
+                    "id": f"agent/{split}/{t['id']}",
+                    "source": "agent",
+                    "prompt": t["request"],
+                    "check": {"type": "agent", "task": t},
+                }
+            )
     return out
 
 
 # Argument pools for pinning a function's behaviour: a mix of the types small corpus functions take.
-POOL = [0, 1, 2, 3, 7, -4, 10, 2.5, "", "a", "hello", "a,b,c", "Hello World", [], [1, 2, 3], [3, 1, 2],
-        ["x", "y"], (1, 2), {"a": 1}, None, True, False]
+POOL = [
+    0,
+    1,
+    2,
+    3,
+    7,
+    -4,
+    10,
+    2.5,
+    "",
+    "a",
+    "hello",
+    "a,b,c",
+    "Hello World",
+    [],
+    [1, 2, 3],
+    [3, 1, 2],
+    ["x", "y"],
+    (1, 2),
+    {"a": 1},
+    None,
+    True,
+    False,
+]
 
 
-def corpus_tasks(funcs: list[dict], seed: int = 0, cases: int = 6, max_tasks: int = 200, workers: int = 2) -> list[dict]:
+def corpus_tasks(
+    funcs: list[dict], seed: int = 0, cases: int = 6, max_tasks: int = 200, workers: int = 2
+) -> list[dict]:
     """Functions ({"src"} as synth.corpus_functions finds them) -> tests tasks. Each function is run (in the
     sandbox) on `cases` * 4 argument tuples drawn from POOL; the calls that return a value that
     round-trips through repr and comes out the same on a second run become asserts."""
     from nanocode.execution import run_many
+
     rng = random.Random(seed)
     progs, metas = [], []
     for f in funcs:
@@ -146,16 +224,24 @@ def corpus_tasks(funcs: list[dict], seed: int = 0, cases: int = 6, max_tasks: in
         except (SyntaxError, IndexError):
             continue
         a = node.args
-        if not isinstance(node, ast.FunctionDef) or a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs:
+        if (
+            not isinstance(node, ast.FunctionDef)
+            or a.vararg
+            or a.kwarg
+            or a.kwonlyargs
+            or a.posonlyargs
+        ):
             continue
         n = len(a.args)
         if not 1 <= n <= 3 or a.args[0].arg in ("self", "cls"):
             continue
         calls = [tuple(rng.choice(POOL) for _ in range(n)) for _ in range(cases * 4)]
-        prog = (f["src"] + "\n\nimport json\nout = []\nfor args in " + repr(calls) + ":\n"
-                "    try:\n        r1, r2 = " + node.name + "(*args), " + node.name + "(*args)\n"
-                "        if r1 == r2 and eval(repr(r1)) == r1:\n            out.append((repr(args), repr(r1)))\n"
-                "    except Exception:\n        pass\nprint(json.dumps(out))\n")
+        prog = (
+            f["src"] + "\n\nimport json\nout = []\nfor args in " + repr(calls) + ":\n"
+            "    try:\n        r1, r2 = " + node.name + "(*args), " + node.name + "(*args)\n"
+            "        if r1 == r2 and eval(repr(r1)) == r1:\n            out.append((repr(args), repr(r1)))\n"
+            "    except Exception:\n        pass\nprint(json.dumps(out))\n"
+        )
         progs.append(prog)
         metas.append((f, node))
     tasks = []
@@ -170,13 +256,18 @@ def corpus_tasks(funcs: list[dict], seed: int = 0, cases: int = 6, max_tasks: in
             continue
         lines = f["src"].splitlines()
         doc = ast.get_docstring(node)
-        header = "\n".join(lines[:node.body[0].lineno - node.lineno]) if node.body else lines[0]
+        header = "\n".join(lines[: node.body[0].lineno - node.lineno]) if node.body else lines[0]
         sig = header + (f'\n    """{doc}"""' if doc and len(doc) < 300 else "")
         tests = "\n".join(f"assert {node.name}(*{args}) == {out}" for args, out in pairs)
-        tasks.append({"id": f"corpus/{node.name}/{len(tasks)}", "source": "corpus",
-                      "prompt": f"Write the body of this function in solution.py:\n\n{sig}\n\nExample: "
-                                f"{tests.splitlines()[0][7:]}",
-                      "check": {"type": "tests", "tests": tests}})
+        tasks.append(
+            {
+                "id": f"corpus/{node.name}/{len(tasks)}",
+                "source": "corpus",
+                "prompt": f"Write the body of this function in solution.py:\n\n{sig}\n\nExample: "
+                f"{tests.splitlines()[0][7:]}",
+                "check": {"type": "tests", "tests": tests},
+            }
+        )
         if len(tasks) >= max_tasks:
             break
     return tasks
@@ -187,9 +278,16 @@ def mbpp_tasks(path=None) -> list[dict]:
     test_imports, test_list); default: the sanitized train split, downloaded (nanocode.hub)."""
     if path is None:
         import pyarrow.parquet as pq
+
         from nanocode.hub import hub_file
-        rows = pq.read_table(hub_file("google-research-datasets/mbpp", "sanitized/train-00000-of-00001.parquet",
-                                      hint="use --tasks programs or corpus offline")).to_pylist()
+
+        rows = pq.read_table(
+            hub_file(
+                "google-research-datasets/mbpp",
+                "sanitized/train-00000-of-00001.parquet",
+                hint="use --tasks programs or corpus offline",
+            )
+        ).to_pylist()
     else:
         rows = []
         for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
@@ -201,12 +299,23 @@ def mbpp_tasks(path=None) -> list[dict]:
     tasks = []
     for i, r in enumerate(rows):
         try:
-            text, tests, imports = r["prompt"], list(r["test_list"]), list(r.get("test_imports") or [])
+            text, tests, imports = (
+                r["prompt"],
+                list(r["test_list"]),
+                list(r.get("test_imports") or []),
+            )
         except (KeyError, TypeError) as e:
-            raise NanocodeError(f"MBPP row {i + 1}: not in MBPP's schema ({type(e).__name__}: {e})") from None
-        tasks.append({"id": f"mbpp/{r.get('task_id', i)}", "source": "mbpp",
-                      "prompt": f"{text} Write it in solution.py. It should pass:\n{tests[0] if tests else ''}",
-                      "check": {"type": "tests", "tests": "\n".join(imports + tests)}})
+            raise NanocodeError(
+                f"MBPP row {i + 1}: not in MBPP's schema ({type(e).__name__}: {e})"
+            ) from None
+        tasks.append(
+            {
+                "id": f"mbpp/{r.get('task_id', i)}",
+                "source": "mbpp",
+                "prompt": f"{text} Write it in solution.py. It should pass:\n{tests[0] if tests else ''}",
+                "check": {"type": "tests", "tests": "\n".join(imports + tests)},
+            }
+        )
     return tasks
 
 
@@ -219,24 +328,34 @@ def load_tasks(spec: str, split: str = "train", seed: int = 0) -> list[dict]:
         elif name == "agent":
             tasks += agent_rl_tasks(split, seed)
         elif name == "corpus":
+            import pyarrow.parquet as pq
+
             from nanocode import synth
             from nanocode.dataset import list_shards
-            import pyarrow.parquet as pq
+
             shards = list_shards()
             if not shards:
-                raise NanocodeError("no corpus shards: run `python -m nanocode.dataset --local` first")
-            shard = shards[-1] if split == "val" else shards[0]  # the corpus' own held-out shard for val
+                raise NanocodeError(
+                    "no corpus shards: run `python -m nanocode.dataset --local` first"
+                )
+            shard = (
+                shards[-1] if split == "val" else shards[0]
+            )  # the corpus' own held-out shard for val
             docs = pq.read_table(shard, columns=["text", "lang"]).slice(0, 4000).to_pylist()
             tasks += corpus_tasks(synth.corpus_functions(docs, limit=600), seed=seed)
         elif name == "mbpp":
             if split == "val":
-                raise NanocodeError("mbpp has train tasks only here (its test split is code_eval's); "
-                                    "hold out with another source")
+                raise NanocodeError(
+                    "mbpp has train tasks only here (its test split is code_eval's); "
+                    "hold out with another source"
+                )
             tasks += mbpp_tasks()
         elif name.endswith(".jsonl"):
             tasks += load_task_file(name)
         else:
-            raise NanocodeError(f"unknown task source {name!r}: use programs, corpus, agent, mbpp or a .jsonl task file")
+            raise NanocodeError(
+                f"unknown task source {name!r}: use programs, corpus, agent, mbpp or a .jsonl task file"
+            )
     if not tasks:
         raise NanocodeError(f"--tasks {spec!r} gave no {split} tasks")
     return tasks
@@ -245,8 +364,18 @@ def load_tasks(spec: str, split: str = "train", seed: int = 0) -> list[dict]:
 # -----------------------------------------------------------------------------
 # sampling and verification
 
-def sample(engine, tasks: list[dict], G: int, seed: int, max_tokens: int, temperature: float, top_k: int | None,
-           timeout: float, per_call: int = 0) -> list[dict]:
+
+def sample(
+    engine,
+    tasks: list[dict],
+    G: int,
+    seed: int,
+    max_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    timeout: float,
+    per_call: int = 0,
+) -> list[dict]:
     """G replies per task from the engine's tool loop (Engine.chat_batch), each in its own scratch dir with
     every call approved: the agent's tools, bash in nanocode.sandbox with `timeout`. An agent task's reply
     starts in a dir holding the task's files, under the task's denials, and is verified there before the
@@ -254,26 +383,41 @@ def sample(engine, tasks: list[dict], G: int, seed: int, max_tokens: int, temper
     per_call: tasks per chat_batch call (0: all at once)."""
     import shutil
     import tempfile
+
     from nanocode import agent_tasks
     from nanocode.engine import message_text
     from nanocode.tools import run_tool
+
     runner = lambda name, arguments, workdir: run_tool(name, arguments, workdir, timeout=timeout)
     per_call = per_call or len(tasks)
     results = []
     for c in range(0, len(tasks), per_call):
-        rows = [t for t in tasks[c:c + per_call] for _ in range(G)]
+        rows = [t for t in tasks[c : c + per_call] for _ in range(G)]
         agent = [agent_task(t) for t in rows]
         convs = [{"messages": [{"role": "user", "content": t["prompt"]}]} for t in rows]
-        dirs = [agent_tasks.scratch(a) if a else Path(tempfile.mkdtemp(prefix="nanocode-rl-")) for a in agent]
+        dirs = [
+            agent_tasks.scratch(a) if a else Path(tempfile.mkdtemp(prefix="nanocode-rl-"))
+            for a in agent
+        ]
         approve = [agent_tasks.approver(a) if a else (lambda name, arguments: True) for a in agent]
         try:
-            out = engine.chat_batch(convs, approve=approve, workdirs=dirs, max_tokens=max_tokens,
-                                    temperature=temperature, top_k=top_k, seed=seed + c * G, tool_runner=runner)
+            out = engine.chat_batch(
+                convs,
+                approve=approve,
+                workdirs=dirs,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                seed=seed + c * G,
+                tool_runner=runner,
+            )
             for r, a, d in zip(out, agent, dirs):
                 if a:
                     try:
                         r["verdict"] = agent_tasks.verify(a, d, message_text(r["message"]))
-                    except Exception as e:  # a verifier that cannot run: reward 0, counted, training goes on
+                    except (
+                        Exception
+                    ) as e:  # a verifier that cannot run: reward 0, counted, training goes on
                         r["verdict"] = (False, f"verifier crashed: {type(e).__name__}: {e}")
             results += out
         finally:
@@ -288,12 +432,17 @@ def agent_task(task: dict) -> dict | None:
     return check["task"] if check is not None and check["type"] == "agent" else None
 
 
-def score(tasks: list[dict], results: list[dict], workers: int = 2, timeout: float = 5.0) -> list[tuple[bool, str]]:
+def score(
+    tasks: list[dict], results: list[dict], workers: int = 2, timeout: float = 5.0
+) -> list[tuple[bool, str]]:
     """(passed, status) per (task, sampled reply): agent tasks by the verdict sample() left, the others by
     running the code the reply wrote against the task's check (verify_many)."""
     codes = [None if agent_task(t) else written_code(r["message"]) for t, r in zip(tasks, results)]
     out = verify_many(tasks, codes, workers=workers, timeout=timeout)
-    return [r.get("verdict", (False, "not verified")) if agent_task(t) else v for t, r, v in zip(tasks, results, out)]
+    return [
+        r.get("verdict", (False, "not verified")) if agent_task(t) else v
+        for t, r, v in zip(tasks, results, out)
+    ]
 
 
 def written_code(message: dict) -> str | None:
@@ -301,7 +450,11 @@ def written_code(message: dict) -> str | None:
     content = message["content"]
     code = None
     for part in content if isinstance(content, list) else []:
-        if part["type"] == "tool_call" and part["name"] == "write_file" and str(part["arguments"].get("path", "")).endswith(".py"):
+        if (
+            part["type"] == "tool_call"
+            and part["name"] == "write_file"
+            and str(part["arguments"].get("path", "")).endswith(".py")
+        ):
             code = part["arguments"].get("content")
     return code if isinstance(code, str) else None
 
@@ -311,8 +464,10 @@ def call_counts(message: dict) -> tuple[int, int]:
     malformed call as a text part followed by the error it fed back."""
     parts = message["content"] if isinstance(message["content"], list) else []
     valid = sum(p["type"] == "tool_call" for p in parts)
-    malformed = sum(p["type"] == "tool_output" and i > 0 and parts[i - 1]["type"] == "text"
-                    for i, p in enumerate(parts))
+    malformed = sum(
+        p["type"] == "tool_output" and i > 0 and parts[i - 1]["type"] == "text"
+        for i, p in enumerate(parts)
+    )
     return valid, malformed
 
 
@@ -325,15 +480,26 @@ def verify_program(task: dict, code: str | None) -> str:
     return with_argv(code, check.get("argv", []))
 
 
-def verify_many(tasks: list[dict], codes: list, workers: int = 2, timeout: float = 5.0) -> list[tuple[bool, str]]:
+def verify_many(
+    tasks: list[dict], codes: list, workers: int = 2, timeout: float = 5.0
+) -> list[tuple[bool, str]]:
     """(passed, status) per (task, code): no code -> "no code written"; any failure in the sandbox or of
     the verifier itself -> False with its reason."""
     from nanocode.execution import run_many
-    todo = [i for i, c in enumerate(codes) if c is not None and tasks[i]["check"] is not None and not agent_task(tasks[i])]
+
+    todo = [
+        i
+        for i, c in enumerate(codes)
+        if c is not None and tasks[i]["check"] is not None and not agent_task(tasks[i])
+    ]
     out = [(False, "no verifier" if t["check"] is None else "no code written") for t in tasks]
     try:
-        results = run_many([verify_program(tasks[i], codes[i]) for i in todo], workers=workers, timeout=timeout)
-    except Exception as e:  # the verifier itself broke: every sample of this batch scores 0, training goes on
+        results = run_many(
+            [verify_program(tasks[i], codes[i]) for i in todo], workers=workers, timeout=timeout
+        )
+    except (
+        Exception
+    ) as e:  # the verifier itself broke: every sample of this batch scores 0, training goes on
         return [(False, f"verifier crashed: {type(e).__name__}: {e}")] * len(codes)
     for i, r in zip(todo, results):
         check = tasks[i]["check"]

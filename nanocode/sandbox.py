@@ -22,6 +22,7 @@ work dir (each file is capped by RLIMIT_FSIZE, their number is not), total memor
 Where bubblewrap or user namespaces are missing, commands run with only the old guards (execution.py's
 rlimits and scratch dir; nothing for bash) and a loud warning is printed once.
 """
+
 import itertools
 import os
 import selectors
@@ -37,8 +38,24 @@ from dataclasses import dataclass
 MODES = ("read-only", "workspace-write", "off")
 TMP_MB = 256  # size of the private /tmp (a tmpfs: memory)
 # /etc entries a shell, Python and common tools need; the rest of /etc (shadow, ssh host keys, ...) stays out
-ETC = ("alternatives", "bash.bashrc", "ca-certificates", "group", "hosts", "inputrc", "ld.so.cache", "ld.so.conf",
-       "ld.so.conf.d", "localtime", "mime.types", "nsswitch.conf", "passwd", "profile", "python3", "ssl")
+ETC = (
+    "alternatives",
+    "bash.bashrc",
+    "ca-certificates",
+    "group",
+    "hosts",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "mime.types",
+    "nsswitch.conf",
+    "passwd",
+    "profile",
+    "python3",
+    "ssl",
+)
 ETC_NETWORK = ("resolv.conf", "gai.conf", "host.conf")
 
 
@@ -59,8 +76,18 @@ def _bwrap_argv(workdir: str, mode: str, network: bool) -> list[str]:
     """The bwrap command line (up to and including "--") for a command run in `workdir`."""
     # --cap-drop ALL: bwrap started by root would otherwise leave the command every capability in its
     # user namespace (where, mapped to root, they reach root-owned files).
-    argv = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-            "--cap-drop", "ALL", "--hostname", "sandbox"]
+    argv = [
+        "bwrap",
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--hostname",
+        "sandbox",
+    ]
     if network:
         argv.append("--share-net")
     for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -84,9 +111,18 @@ def _bwrap_argv(workdir: str, mode: str, network: bool) -> list[str]:
             binds[os.path.abspath(p)] = real
     for dest in sorted(binds, key=len):
         argv += ["--ro-bind", binds[dest], dest]
-    argv += ["--bind" if mode == "workspace-write" else "--ro-bind", workdir, workdir,
-             "--remount-ro", "/proc",  # a command mapped to root could write the host's sysctls (/proc/sys) ...
-             "--remount-ro", "/", "--chdir", workdir, "--"]
+    argv += [
+        "--bind" if mode == "workspace-write" else "--ro-bind",
+        workdir,
+        workdir,
+        "--remount-ro",
+        "/proc",  # a command mapped to root could write the host's sysctls (/proc/sys) ...
+        "--remount-ro",
+        "/",
+        "--chdir",
+        workdir,
+        "--",
+    ]
     return argv
 
 
@@ -102,21 +138,35 @@ def available() -> tuple[bool, str]:
 
 def _probe() -> tuple[bool, str]:
     if shutil.which("bwrap") is None:
-        return False, "bubblewrap (bwrap) is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
+        return (
+            False,
+            "bubblewrap (bwrap) is not installed (Debian/Ubuntu: apt-get install bubblewrap)",
+        )
     with tempfile.TemporaryDirectory(prefix="nanocode-probe-") as d:
         d = os.path.realpath(d)
         try:
-            p = subprocess.run(_bwrap_argv(d, "workspace-write", False) + ["true"], capture_output=True,
-                               timeout=30, stdin=subprocess.DEVNULL)
+            p = subprocess.run(
+                _bwrap_argv(d, "workspace-write", False) + ["true"],
+                capture_output=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             return False, f"bubblewrap could not be started ({e})"
     if p.returncode != 0:
         err = p.stderr.decode(errors="replace").strip().splitlines()
-        return False, f"bubblewrap cannot create namespaces here ({err[-1] if err else p.returncode}); " \
-                      "unprivileged user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone)"
-    cg = "a pids cgroup caps processes" if _cgroup_base() else \
-        "no pids cgroup: processes are capped by RLIMIT_NPROC, which root ignores" if os.geteuid() == 0 else \
-        "processes capped by RLIMIT_NPROC"
+        return (
+            False,
+            f"bubblewrap cannot create namespaces here ({err[-1] if err else p.returncode}); "
+            "unprivileged user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone)",
+        )
+    cg = (
+        "a pids cgroup caps processes"
+        if _cgroup_base()
+        else "no pids cgroup: processes are capped by RLIMIT_NPROC, which root ignores"
+        if os.geteuid() == 0
+        else "processes capped by RLIMIT_NPROC"
+    )
     return True, f"bubblewrap namespaces; {cg}"
 
 
@@ -127,9 +177,13 @@ def warn_unavailable(reason: str):
             return
         _warned = True
     bar = "!" * 78
-    print(f"{bar}\nWARNING: no sandbox: {reason}.\nCommands and evaluated programs run WITHOUT isolation "
-          f"(only rlimits and a scratch dir):\nthey can read your files, reach the network and see other "
-          f"processes.\n{bar}", file=sys.stderr, flush=True)
+    print(
+        f"{bar}\nWARNING: no sandbox: {reason}.\nCommands and evaluated programs run WITHOUT isolation "
+        f"(only rlimits and a scratch dir):\nthey can read your files, reach the network and see other "
+        f"processes.\n{bar}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def isolated(mode: str = "workspace-write") -> bool:
@@ -161,9 +215,15 @@ def _cgroup_base() -> str | None:
             lines = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return None
-    candidates = [f"/sys/fs/cgroup/pids{path}" for _, ctl, path in lines if "pids" in ctl.split(",")]
-    candidates += [f"{root}{path}" for hid, _, path in lines if hid == "0"
-                   for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")]
+    candidates = [
+        f"/sys/fs/cgroup/pids{path}" for _, ctl, path in lines if "pids" in ctl.split(",")
+    ]
+    candidates += [
+        f"{root}{path}"
+        for hid, _, path in lines
+        if hid == "0"
+        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
+    ]
     for base in candidates:
         probe = os.path.join(base, f"nanocode-probe-{os.getpid()}")
         try:
@@ -171,8 +231,13 @@ def _cgroup_base() -> str | None:
         except OSError:
             continue
         try:
-            joined = os.path.exists(os.path.join(probe, "pids.max")) and subprocess.run(
-                ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs"', probe], capture_output=True).returncode == 0
+            joined = (
+                os.path.exists(os.path.join(probe, "pids.max"))
+                and subprocess.run(
+                    ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs"', probe], capture_output=True
+                ).returncode
+                == 0
+            )
         finally:
             _remove_cgroup(probe)
         if joined:
@@ -220,8 +285,18 @@ def _remove_cgroup(path: str):
 
 # ---- starting, watching and killing ----
 
-def spawn(argv: list[str], workdir: str, env: dict, *, mode: str = "workspace-write", network: bool = False,
-          nproc: int = 64, rlimits: dict | None = None, merge_stderr: bool = False):
+
+def spawn(
+    argv: list[str],
+    workdir: str,
+    env: dict,
+    *,
+    mode: str = "workspace-write",
+    network: bool = False,
+    nproc: int = 64,
+    rlimits: dict | None = None,
+    merge_stderr: bool = False,
+):
     """Start `argv` in `workdir` (in the sandbox unless mode is "off" or no sandbox is available), in a new
     session, stdin /dev/null, stdout/stderr pipes. rlimits: {"as": bytes, "cpu": s, "fsize": bytes, ...}
     (prlimit's names), applied to the command and everything it starts. Returns (proc, cgroup or None);
@@ -236,13 +311,21 @@ def spawn(argv: list[str], workdir: str, env: dict, *, mode: str = "workspace-wr
         rlimits = dict(rlimits or {}, nproc=nproc)
     if rlimits and shutil.which("prlimit"):
         prefix = ["prlimit", *(f"--{k}={v}" for k, v in rlimits.items()), "--"] + prefix
-    if cgroup:  # join the cgroup before anything else runs (a shell line is cheaper than a preexec_fn)
+    if (
+        cgroup
+    ):  # join the cgroup before anything else runs (a shell line is cheaper than a preexec_fn)
         prefix = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup] + prefix
     try:
-        proc = subprocess.Popen(prefix + argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            prefix + argv,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
     except BaseException:
         if cgroup:
             _remove_cgroup(cgroup)
@@ -276,7 +359,9 @@ def session_members(sid: int) -> list[int]:
                 stat = f.read()
         except OSError:  # exited meanwhile
             continue
-        fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
+        fields = stat[
+            stat.rindex(b")") + 2 :
+        ].split()  # after "pid (comm) ": state ppid pgrp session ...
         if int(fields[3]) == sid and fields[0] != b"Z":
             pids.append(int(entry))
     return pids
@@ -349,29 +434,68 @@ def collect(proc, deadline: float, max_output: int, flood_kills: bool = True):
 
 def sandbox_env(workdir: str, extra: dict | None = None) -> dict:
     """The environment inside: nothing of the caller's (API keys, tokens) except a PATH that finds our Python."""
-    path = os.pathsep.join([os.path.dirname(os.path.abspath(sys.executable)), "/usr/local/bin", "/usr/bin", "/bin"])
-    return {"PATH": path, "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "dumb",
-            "OMP_NUM_THREADS": "1", "PWD": workdir, **(extra or {})}
+    path = os.pathsep.join(
+        [os.path.dirname(os.path.abspath(sys.executable)), "/usr/local/bin", "/usr/bin", "/bin"]
+    )
+    return {
+        "PATH": path,
+        "HOME": "/tmp",
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TERM": "dumb",
+        "OMP_NUM_THREADS": "1",
+        "PWD": workdir,
+        **(extra or {}),
+    }
 
 
-def run_command(command: str, workdir, timeout: float, mode: str = "workspace-write", network: bool = False,
-                memory_mb: int = 8192, max_output: int = 1 << 20, fsize_mb: int = 1024, nproc: int = 256,
-                cpu_seconds: int | None = None) -> CommandResult:
+def run_command(
+    command: str,
+    workdir,
+    timeout: float,
+    mode: str = "workspace-write",
+    network: bool = False,
+    memory_mb: int = 8192,
+    max_output: int = 1 << 20,
+    fsize_mb: int = 1024,
+    nproc: int = 256,
+    cpu_seconds: int | None = None,
+) -> CommandResult:
     """Run `command` with `bash -c` in `workdir`, sandboxed per `mode` ("read-only": nothing writable but a
     private /tmp; "workspace-write": the work dir is writable too; "off": no sandbox, the caller's
     environment, as a plain subprocess). network: allow the network. Output beyond max_output bytes is
     dropped (the command keeps running). Every process the command started is gone when this returns."""
     workdir = os.path.realpath(workdir)
     env = dict(os.environ) if mode == "off" else sandbox_env(workdir)
-    rlimits = None if mode == "off" else {"as": memory_mb << 20, "fsize": fsize_mb << 20, "core": 0,
-                                          "cpu": int(cpu_seconds or timeout) + 1}
+    rlimits = (
+        None
+        if mode == "off"
+        else {
+            "as": memory_mb << 20,
+            "fsize": fsize_mb << 20,
+            "core": 0,
+            "cpu": int(cpu_seconds or timeout) + 1,
+        }
+    )
     t0 = time.monotonic()
-    proc, cgroup = spawn(["bash", "-c", command], workdir, env, mode=mode, network=network, nproc=nproc,
-                         rlimits=rlimits, merge_stderr=True)
+    proc, cgroup = spawn(
+        ["bash", "-c", command],
+        workdir,
+        env,
+        mode=mode,
+        network=network,
+        nproc=nproc,
+        rlimits=rlimits,
+        merge_stderr=True,
+    )
     try:
         (out,), reason = collect(proc, t0 + timeout, max_output, flood_kills=False)
     finally:
         rc, _ = reap(proc, cgroup)
     timed_out = reason == "timed out"
-    return CommandResult(returncode=None if timed_out else rc, output=out.decode("utf-8", errors="replace"),
-                         timed_out=timed_out)
+    return CommandResult(
+        returncode=None if timed_out else rc,
+        output=out.decode("utf-8", errors="replace"),
+        timed_out=timed_out,
+    )

@@ -10,6 +10,7 @@ A record: {"messages": [...], "kind": str, "files": {path: text} before, "final_
 after, "last_turn_files": the files when the last user turn began (multi-turn records only), and
 "setup": a shell command run before the first turn (e.g. `git init`), when there is one}.
 """
+
 import shutil
 import subprocess
 import tempfile
@@ -46,7 +47,13 @@ def read_tree(root: Path) -> dict:
 
 def run_setup(root: Path, setup: str | None):
     if setup:
-        subprocess.run(["bash", "-c", setup], cwd=root, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["bash", "-c", setup],
+            cwd=root,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 class Session:
@@ -87,7 +94,9 @@ class Session:
     def user(self, text: str):
         """Close the assistant turn in progress (if any) and start a new user turn."""
         self.end_turn()
-        if self.messages:  # a follow-up: the files as the earlier turns left them (a pair's starting point)
+        if (
+            self.messages
+        ):  # a follow-up: the files as the earlier turns left them (a pair's starting point)
             self.last_turn_files = read_tree(self.dir)
         self.messages.append({"role": "user", "content": text})
 
@@ -122,9 +131,18 @@ def _run_parts(parts: list, root: Path) -> list:
     out = []
     for i, part in enumerate(parts):
         if part["type"] == "tool_call":
-            denied = i + 1 < len(parts) and parts[i + 1]["type"] == "tool_output" and parts[i + 1]["text"] == DENIED
+            denied = (
+                i + 1 < len(parts)
+                and parts[i + 1]["type"] == "tool_output"
+                and parts[i + 1]["text"] == DENIED
+            )
             out.append(part)
-            out.append({"type": "tool_output", "text": DENIED if denied else run_tool(part["name"], part["arguments"], root)})
+            out.append(
+                {
+                    "type": "tool_output",
+                    "text": DENIED if denied else run_tool(part["name"], part["arguments"], root),
+                }
+            )
         elif part["type"] == "text":
             out.append(part)
     return out
@@ -144,6 +162,7 @@ def execute_after(files: dict, done: list, plan: list) -> list:
     print the same (replay checks it): they get done's outputs and nothing runs; a call that fails
     validation runs nothing anyway. Otherwise the plan runs in a scratch copy."""
     from nanocode.tools import validate_tool_call
+
     done_calls = [(p, done[i + 1]) for i, p in enumerate(done) if p["type"] == "tool_call"]
     out, k = [], 0
     for part in plan:
@@ -167,7 +186,11 @@ def execute_turns(files: dict, turns: list, setup: str | None = None) -> tuple[l
 
 
 def assistant_turns(record: dict) -> list:
-    return [m["content"] for m in record["messages"] if m["role"] == "assistant" and isinstance(m["content"], list)]
+    return [
+        m["content"]
+        for m in record["messages"]
+        if m["role"] == "assistant" and isinstance(m["content"], list)
+    ]
 
 
 def replay(record: dict) -> tuple[list, dict]:
@@ -188,7 +211,10 @@ def call_shape(record: dict) -> str:
     call, "|" between turns), e.g. "grep read_file edit_file bash|read_file"."""
     turns = []
     for parts in assistant_turns(record) or [[]]:
-        names = [p["name"] + ("!" if parts[i + 1]["text"] == DENIED else "")
-                 for i, p in enumerate(parts) if p["type"] == "tool_call"]
+        names = [
+            p["name"] + ("!" if parts[i + 1]["text"] == DENIED else "")
+            for i, p in enumerate(parts)
+            if p["type"] == "tool_call"
+        ]
         turns.append(" ".join(names) or "-")
     return "|".join(turns)

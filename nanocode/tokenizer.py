@@ -9,6 +9,7 @@ On disk a tokenizer is a directory with two files:
   tokenizer.tiktoken  one line per ordinary token, "<base64 bytes> <id>" (tiktoken's own format)
   tokenizer.json      the split pattern and the special tokens
 """
+
 import base64
 import json
 from pathlib import Path
@@ -18,9 +19,18 @@ import tiktoken
 from nanocode.common import NanocodeError, get_base_dir
 
 SPECIAL_TOKENS = [
-    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-    "<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>",
-    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|tool_start|>",
+    "<|tool_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
 ]
 N_SPECIAL = len(SPECIAL_TOKENS)
 
@@ -34,7 +44,9 @@ class Tokenizer:
     def __init__(self, ordinary: list[bytes], pattern: str = SPLIT_PATTERN):
         """`ordinary`: the bytes of every ordinary token in id order (ids 12, 13, ...)."""
         if len(ordinary) < 256 or sorted(ordinary[:256]) != [bytes([i]) for i in range(256)]:
-            raise NanocodeError("a tokenizer's first 256 ordinary tokens must be the 256 single bytes")
+            raise NanocodeError(
+                "a tokenizer's first 256 ordinary tokens must be the 256 single bytes"
+            )
         self.pattern = pattern
         # Every token's bytes by id (specials as their text), for decode and token_bytes.
         self.id_bytes = [s.encode() for s in SPECIAL_TOKENS] + list(ordinary)
@@ -45,7 +57,9 @@ class Tokenizer:
         for i, b in enumerate(ordinary):
             ranks.setdefault(b, N_SPECIAL + i)
         self.encoding = tiktoken.Encoding(
-            name="nanocode", pat_str=pattern, mergeable_ranks=ranks,
+            name="nanocode",
+            pat_str=pattern,
+            mergeable_ranks=ranks,
             special_tokens={s: i for i, s in enumerate(SPECIAL_TOKENS)},
         )
         self._token_bytes = None
@@ -59,19 +73,30 @@ class Tokenizer:
         import rustbpe  # only training needs the Rust extension
 
         if not isinstance(vocab_size, int) or vocab_size < 256 + N_SPECIAL:
-            raise ValueError(f"vocab_size must be an integer >= {256 + N_SPECIAL} (256 bytes + {N_SPECIAL} special tokens), got {vocab_size!r}")
+            raise ValueError(
+                f"vocab_size must be an integer >= {256 + N_SPECIAL} (256 bytes + {N_SPECIAL} special tokens), got {vocab_size!r}"
+            )
         bpe = rustbpe.Tokenizer()
         # Smaller buffers than rustbpe's default (8192 documents) so that pulling documents from a
         # slow Python source overlaps with the counting from the start, even on small corpora.
-        bpe.train_from_iterator(iter(texts), vocab_size - N_SPECIAL, buffer_size=1024, pattern=pattern)
+        bpe.train_from_iterator(
+            iter(texts), vocab_size - N_SPECIAL, buffer_size=1024, pattern=pattern
+        )
         return cls([bytes(b) for b, _ in bpe.get_mergeable_ranks()], bpe.get_pattern())
 
     def save(self, directory) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        lines = [f"{base64.b64encode(b).decode()} {i}" for i, b in enumerate(self.id_bytes) if i >= N_SPECIAL]
+        lines = [
+            f"{base64.b64encode(b).decode()} {i}"
+            for i, b in enumerate(self.id_bytes)
+            if i >= N_SPECIAL
+        ]
         (directory / RANKS_FILE).write_text("\n".join(lines) + "\n")
-        config = {"pattern": self.pattern, "special_tokens": {s: i for i, s in enumerate(SPECIAL_TOKENS)}}
+        config = {
+            "pattern": self.pattern,
+            "special_tokens": {s: i for i, s in enumerate(SPECIAL_TOKENS)},
+        }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
@@ -79,8 +104,10 @@ class Tokenizer:
     def load(cls, directory) -> "Tokenizer":
         directory = Path(directory)
         if not (directory / RANKS_FILE).is_file() or not (directory / CONFIG_FILE).is_file():
-            raise NanocodeError(f"no tokenizer in {directory} (expected {RANKS_FILE} and {CONFIG_FILE}): "
-                                "train one with `python -m scripts.tok_train`")
+            raise NanocodeError(
+                f"no tokenizer in {directory} (expected {RANKS_FILE} and {CONFIG_FILE}): "
+                "train one with `python -m scripts.tok_train`"
+            )
         try:
             config = json.loads((directory / CONFIG_FILE).read_text())
             specials = config["special_tokens"]
@@ -93,7 +120,9 @@ class Tokenizer:
         except (ValueError, KeyError, json.JSONDecodeError) as e:
             raise NanocodeError(f"corrupt tokenizer in {directory}: {e}") from e
         if specials != {s: i for i, s in enumerate(SPECIAL_TOKENS)}:
-            raise NanocodeError(f"tokenizer in {directory} has other special tokens than this code: {specials}")
+            raise NanocodeError(
+                f"tokenizer in {directory} has other special tokens than this code: {specials}"
+            )
         return cls(ordinary, config["pattern"])
 
     # ---- encoding and decoding
@@ -104,7 +133,9 @@ class Tokenizer:
 
     def special_id(self, name: str) -> int:
         if name not in SPECIAL_TOKENS:
-            raise ValueError(f"unknown special token {name!r}; the special tokens are {SPECIAL_TOKENS}")
+            raise ValueError(
+                f"unknown special token {name!r}; the special tokens are {SPECIAL_TOKENS}"
+            )
         return SPECIAL_TOKENS.index(name)
 
     def encode(self, text: str) -> list[int]:
@@ -136,12 +167,17 @@ class Tokenizer:
         count for nothing in bits per byte)."""
         if self._token_bytes is None:
             import torch
-            self._token_bytes = torch.tensor([0] * N_SPECIAL + [len(b) for b in self.id_bytes[N_SPECIAL:]], dtype=torch.int64)
+
+            self._token_bytes = torch.tensor(
+                [0] * N_SPECIAL + [len(b) for b in self.id_bytes[N_SPECIAL:]], dtype=torch.int64
+            )
         return self._token_bytes
 
     # ---- conversations
 
-    def render_conversation(self, conversation: dict, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    def render_conversation(
+        self, conversation: dict, max_tokens: int | None = None
+    ) -> tuple[list[int], list[int]]:
         """(ids, mask) of a whole conversation; mask 1 where the model is trained to write the token:
         assistant text, tool calls from <|tool_start|> to <|tool_end|>, and <|assistant_end|>."""
         sid = self.special_id
@@ -166,7 +202,12 @@ class Tokenizer:
                     call = json.dumps({"name": part["name"], "arguments": part["arguments"]})
                     add([sid("<|tool_start|>")] + self.encode(call) + [sid("<|tool_end|>")], 1)
                 else:  # tool_output: written by the tool, never learned
-                    add([sid("<|output_start|>")] + self.encode(part["text"]) + [sid("<|output_end|>")], 0)
+                    add(
+                        [sid("<|output_start|>")]
+                        + self.encode(part["text"])
+                        + [sid("<|output_end|>")],
+                        0,
+                    )
             add([sid("<|assistant_end|>")], 1)
         if max_tokens is not None:
             ids, mask = ids[:max_tokens], mask[:max_tokens]
@@ -190,8 +231,13 @@ class Tokenizer:
 def in_progress(message) -> bool:
     """Is this an assistant message whose last part is a tool's output (so the turn goes on)?"""
     content = message.get("content")
-    return (message.get("role") == "assistant" and isinstance(content, list) and bool(content)
-            and isinstance(content[-1], dict) and content[-1].get("type") == "tool_output")
+    return (
+        message.get("role") == "assistant"
+        and isinstance(content, list)
+        and bool(content)
+        and isinstance(content[-1], dict)
+        and content[-1].get("type") == "tool_output"
+    )
 
 
 def _checked(conversation) -> list:
@@ -206,12 +252,20 @@ def _messages(conversation: dict):
     messages = _checked(conversation)
     out, system = [], None
     for n, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"message {n} needs a role of system, user or assistant: {message!r:.200}")
+        if not isinstance(message, dict) or message.get("role") not in (
+            "system",
+            "user",
+            "assistant",
+        ):
+            raise ValueError(
+                f"message {n} needs a role of system, user or assistant: {message!r:.200}"
+            )
         role, content = message["role"], message.get("content")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):
-            raise ValueError(f"message {n}: content must be a str or a list of parts, got {type(content).__name__}")
+            raise ValueError(
+                f"message {n}: content must be a str or a list of parts, got {type(content).__name__}"
+            )
         for part in parts:
             _check_part(n, role, part)
         if role == "assistant":
@@ -237,11 +291,17 @@ def _check_part(n: int, role: str, part) -> None:
     kind = part.get("type") if isinstance(part, dict) else None
     allowed = ("text", "tool_call", "tool_output") if role == "assistant" else ("text",)
     if kind not in allowed:
-        raise ValueError(f"message {n} ({role}): part types allowed here are {allowed}, got {part!r:.200}")
+        raise ValueError(
+            f"message {n} ({role}): part types allowed here are {allowed}, got {part!r:.200}"
+        )
     if kind in ("text", "tool_output") and not isinstance(part.get("text"), str):
         raise ValueError(f"message {n}: a {kind} part needs a str 'text', got {part!r:.200}")
-    if kind == "tool_call" and not (isinstance(part.get("name"), str) and isinstance(part.get("arguments"), dict)):
-        raise ValueError(f"message {n}: a tool_call part needs a str 'name' and a dict 'arguments', got {part!r:.200}")
+    if kind == "tool_call" and not (
+        isinstance(part.get("name"), str) and isinstance(part.get("arguments"), dict)
+    ):
+        raise ValueError(
+            f"message {n}: a tool_call part needs a str 'name' and a dict 'arguments', got {part!r:.200}"
+        )
 
 
 def get_tokenizer() -> Tokenizer:

@@ -12,6 +12,7 @@ calls are one at a time and leave no process behind). `bash` runs in nanocode.sa
 network=True, nothing of the user's files outside the workdir visible), "read-only" (the file tools
 refuse to write, too), or "off" (a plain subprocess in the workdir: the approval prompt is all there is).
 """
+
 import json
 import os
 import re
@@ -19,37 +20,78 @@ from pathlib import Path
 
 from nanocode import sandbox as sb
 
-BASH_TIMEOUT = 30.0     # seconds before the command's whole process group is killed
-MAX_OUTPUT = 8000       # characters of tool output kept (the rest is cut, with a note)
-READ_LIMIT = 2000       # default number of lines read_file shows
+BASH_TIMEOUT = 30.0  # seconds before the command's whole process group is killed
+MAX_OUTPUT = 8000  # characters of tool output kept (the rest is cut, with a note)
+READ_LIMIT = 2000  # default number of lines read_file shows
 GREP_MAX_MATCHES = 100  # matching lines grep reports at most
-GREP_LINE_CHARS = 200   # each reported line is cut to this many characters
+GREP_LINE_CHARS = 200  # each reported line is cut to this many characters
 SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
 
 
 def _schema(name, description, properties, required):
-    return {"name": name, "description": description,
-            "parameters": {"type": "object", "properties": properties, "required": required,
-                           "additionalProperties": False}}
+    return {
+        "name": name,
+        "description": description,
+        "parameters": {
+            "type": "object",
+            "properties": properties,
+            "required": required,
+            "additionalProperties": False,
+        },
+    }
 
 
 TOOL_SCHEMAS = [
-    _schema("bash", "Run a shell command in the working directory; returns stdout and stderr together.",
-            {"command": {"type": "string", "description": "the command line, run with bash -c"}}, ["command"]),
-    _schema("read_file", "Read a text file with line numbers.",
-            {"path": {"type": "string", "description": "file path, relative to the working directory"},
-             "offset": {"type": "integer", "description": "first line to show (1-based, default 1)"},
-             "limit": {"type": "integer", "description": f"number of lines to show (default {READ_LIMIT})"}},
-            ["path"]),
-    _schema("write_file", "Create or overwrite a file with the given content.",
-            {"path": {"type": "string"}, "content": {"type": "string"}}, ["path", "content"]),
-    _schema("edit_file", "Replace old_string by new_string in a file; old_string must occur exactly once.",
-            {"path": {"type": "string"}, "old_string": {"type": "string"}, "new_string": {"type": "string"}},
-            ["path", "old_string", "new_string"]),
-    _schema("grep", "Search files for a Python regular expression; prints path:line:text.",
-            {"pattern": {"type": "string"},
-             "path": {"type": "string", "description": "file or directory to search (default: the working directory)"}},
-            ["pattern"]),
+    _schema(
+        "bash",
+        "Run a shell command in the working directory; returns stdout and stderr together.",
+        {"command": {"type": "string", "description": "the command line, run with bash -c"}},
+        ["command"],
+    ),
+    _schema(
+        "read_file",
+        "Read a text file with line numbers.",
+        {
+            "path": {
+                "type": "string",
+                "description": "file path, relative to the working directory",
+            },
+            "offset": {"type": "integer", "description": "first line to show (1-based, default 1)"},
+            "limit": {
+                "type": "integer",
+                "description": f"number of lines to show (default {READ_LIMIT})",
+            },
+        },
+        ["path"],
+    ),
+    _schema(
+        "write_file",
+        "Create or overwrite a file with the given content.",
+        {"path": {"type": "string"}, "content": {"type": "string"}},
+        ["path", "content"],
+    ),
+    _schema(
+        "edit_file",
+        "Replace old_string by new_string in a file; old_string must occur exactly once.",
+        {
+            "path": {"type": "string"},
+            "old_string": {"type": "string"},
+            "new_string": {"type": "string"},
+        },
+        ["path", "old_string", "new_string"],
+    ),
+    _schema(
+        "grep",
+        "Search files for a Python regular expression; prints path:line:text.",
+        {
+            "pattern": {"type": "string"},
+            "path": {
+                "type": "string",
+                "description": "file or directory to search (default: the working directory)",
+            },
+        },
+        ["pattern"],
+    ),
 ]
 TOOLS = {s["name"]: s for s in TOOL_SCHEMAS}
 _JSON_TYPES = {"string": str, "integer": int}
@@ -64,7 +106,9 @@ def validate_tool_call(obj, tools: dict | None = None) -> str | None:
         return f"a tool call must be a JSON object, got {type(obj).__name__}"
     extra = set(obj) - {"name", "arguments"}
     if extra:
-        return f"unknown key(s) in tool call: {', '.join(sorted(extra))} (expected name and arguments)"
+        return (
+            f"unknown key(s) in tool call: {', '.join(sorted(extra))} (expected name and arguments)"
+        )
     name = obj.get("name")
     if not isinstance(name, str):
         return "tool call has no string 'name'"
@@ -81,7 +125,9 @@ def validate_tool_call(obj, tools: dict | None = None) -> str | None:
             return f"{name} is missing required argument {key!r}"
     for key, value in args.items():
         if key not in params["properties"]:
-            return f"{name} got unknown argument {key!r} (allowed: {', '.join(params['properties'])})"
+            return (
+                f"{name} got unknown argument {key!r} (allowed: {', '.join(params['properties'])})"
+            )
         want = params["properties"][key]["type"]
         if not isinstance(value, _JSON_TYPES[want]) or isinstance(value, bool):
             return f"{name} argument {key!r} must be of type {want}, got {type(value).__name__}"
@@ -121,9 +167,16 @@ def _rel(p: Path, root: Path) -> str:
     return str(p.relative_to(root)) if p != root else "."
 
 
-def bash(command: str, workdir: Path, timeout: float = BASH_TIMEOUT, sandbox: str = "workspace-write",
-         network: bool = False) -> str:
-    r = sb.run_command(command, workdir, timeout, mode=sandbox, network=network, max_output=4 * MAX_OUTPUT)
+def bash(
+    command: str,
+    workdir: Path,
+    timeout: float = BASH_TIMEOUT,
+    sandbox: str = "workspace-write",
+    network: bool = False,
+) -> str:
+    r = sb.run_command(
+        command, workdir, timeout, mode=sandbox, network=network, max_output=4 * MAX_OUTPUT
+    )
     if r.timed_out:
         note = f"\nerror: command timed out after {timeout:g} s (killed)"
     else:
@@ -142,7 +195,7 @@ def read_file(path: str, workdir: Path, offset: int = 1, limit: int = READ_LIMIT
         return "(empty file)"
     if offset > len(lines):
         return f"error: offset {offset} is past the end of {path} ({len(lines)} lines)"
-    shown = lines[offset - 1:offset - 1 + limit]
+    shown = lines[offset - 1 : offset - 1 + limit]
     text = "\n".join(f"{i:6d}\t{line}" for i, line in enumerate(shown, start=offset))
     end = offset - 1 + len(shown)
     if end < len(lines):
@@ -215,8 +268,14 @@ def _walk(top: Path):
                 yield p
 
 
-def run_tool(name: str, arguments: dict, workdir: Path, timeout: float = BASH_TIMEOUT,
-             sandbox: str = "workspace-write", network: bool = False) -> str:
+def run_tool(
+    name: str,
+    arguments: dict,
+    workdir: Path,
+    timeout: float = BASH_TIMEOUT,
+    sandbox: str = "workspace-write",
+    network: bool = False,
+) -> str:
     """Run one tool call and return its output text; failures come back as "error: ..." (never raised).
     sandbox: "workspace-write" | "read-only" | "off" (see the module docstring); network: for bash."""
     err = validate_tool_call({"name": name, "arguments": arguments})
@@ -247,5 +306,6 @@ def run_tool(name: str, arguments: dict, workdir: Path, timeout: float = BASH_TI
 
 def tools_prompt(schemas=TOOL_SCHEMAS) -> str:
     """A compact description of tools ({name, description, parameters} each), for a system prompt."""
-    return "Tools (call as JSON {\"name\": ..., \"arguments\": {...}}):\n" + "\n".join(
-        json.dumps(s, separators=(",", ":")) for s in schemas)
+    return 'Tools (call as JSON {"name": ..., "arguments": {...}}):\n' + "\n".join(
+        json.dumps(s, separators=(",", ":")) for s in schemas
+    )

@@ -13,6 +13,7 @@ per row: no padding to compute on. As in training, a document can attend to the 
 it in the same row (attention is not masked per document); unlike training, a row may start inside a
 document, so a few tokens per row see less context than they would in training.
 """
+
 import argparse
 import math
 import sys
@@ -25,14 +26,25 @@ from nanocode.checkpoint import PHASES
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.report import log_stage
 
-parser = argparse.ArgumentParser(description="bits per byte on the validation shard, per language, and samples")
+parser = argparse.ArgumentParser(
+    description="bits per byte on the validation shard, per language, and samples"
+)
 parser.add_argument("-i", "--source", default="base", choices=PHASES, help="which checkpoint")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-parser.add_argument("--max-docs", type=int, default=1000, help="validation documents per rank, balanced across languages")
-parser.add_argument("--max-tokens", type=int, default=1_000_000, help="validation tokens per rank at most")
+parser.add_argument(
+    "--max-docs",
+    type=int,
+    default=1000,
+    help="validation documents per rank, balanced across languages",
+)
+parser.add_argument(
+    "--max-tokens", type=int, default=1_000_000, help="validation tokens per rank at most"
+)
 parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
-parser.add_argument("--sample-tokens", type=int, default=64, help="tokens per greedy completion (0: no samples)")
+parser.add_argument(
+    "--sample-tokens", type=int, default=64, help="tokens per greedy completion (0: no samples)"
+)
 parser.add_argument("--data", default="code", help="corpus name under $NANOCODE_BASE_DIR/data")
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
 
@@ -65,16 +77,18 @@ def select_docs(docs, max_docs: int) -> list[dict]:
     return chosen
 
 
-def token_batches(docs, tokenizer, batch_size: int, seq_len: int, max_tokens: int, langs: list[str]):
+def token_batches(
+    docs, tokenizer, batch_size: int, seq_len: int, max_tokens: int, langs: list[str]
+):
     """(inputs, targets, target_lang) of shape (B, T): consecutive slices of one stream of documents,
     each <|bos|> + text. target_lang indexes `langs` (appended to as new languages appear)."""
     ids, lang_ids, total = [], [], 0
 
     def take(rows, t):
-        x = torch.tensor(ids[:rows * t]).view(rows, t)
-        y = torch.tensor(ids[1:rows * t + 1]).view(rows, t)
-        lab = torch.tensor(lang_ids[1:rows * t + 1]).view(rows, t)
-        del ids[:rows * t], lang_ids[:rows * t]
+        x = torch.tensor(ids[: rows * t]).view(rows, t)
+        y = torch.tensor(ids[1 : rows * t + 1]).view(rows, t)
+        lab = torch.tensor(lang_ids[1 : rows * t + 1]).view(rows, t)
+        del ids[: rows * t], lang_ids[: rows * t]
         return x, y, lab
 
     for doc in docs:
@@ -96,7 +110,9 @@ def token_batches(docs, tokenizer, batch_size: int, seq_len: int, max_tokens: in
 
 
 @torch.no_grad()
-def bpb_per_language(model, tokenizer, docs, batch_size: int, seq_len: int, max_tokens: int, device):
+def bpb_per_language(
+    model, tokenizer, docs, batch_size: int, seq_len: int, max_tokens: int, device
+):
     """{lang: (nats, bytes, tokens)} summed over this rank's documents. Special tokens (0 bytes) count
     for neither nats nor bytes."""
     token_bytes = tokenizer.token_bytes.to(device)
@@ -123,23 +139,35 @@ def bpb(nats: float, nbytes: int) -> float:
 
 def encode_fim(tokenizer, prefix: str, suffix: str) -> list[int]:
     sid = tokenizer.special_id
-    return ([tokenizer.bos_id, sid("<|fim_prefix|>")] + tokenizer.encode(prefix) + [sid("<|fim_suffix|>")]
-            + tokenizer.encode(suffix) + [sid("<|fim_middle|>")])
+    return (
+        [tokenizer.bos_id, sid("<|fim_prefix|>")]
+        + tokenizer.encode(prefix)
+        + [sid("<|fim_suffix|>")]
+        + tokenizer.encode(suffix)
+        + [sid("<|fim_middle|>")]
+    )
 
 
 def main():
     args = parser.parse_args()
     for name in ("max_docs", "max_tokens", "batch_size"):
         if getattr(args, name) < 1:
-            raise NanocodeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise NanocodeError(
+                f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+            )
     from nanocode.checkpoint import load_model
     from nanocode.dataset import iter_documents
+
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
     model, tokenizer, meta = load_model(args.source, device, tag=args.tag, step=args.step)
     seq_len = model.config.sequence_len
 
-    docs = select_docs(iter_documents("val", name=args.data, rank=rank, world_size=world_size), args.max_docs)
-    sums = bpb_per_language(model, tokenizer, docs, args.batch_size, seq_len, args.max_tokens, device)
+    docs = select_docs(
+        iter_documents("val", name=args.data, rank=rank, world_size=world_size), args.max_docs
+    )
+    sums = bpb_per_language(
+        model, tokenizer, docs, args.batch_size, seq_len, args.max_tokens, device
+    )
     if is_ddp:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, sums)
@@ -153,21 +181,36 @@ def main():
         raise NanocodeError(f"no validation text to evaluate in corpus {args.data!r}")
     overall = bpb(total_nats, total_bytes)
     per_lang = {lang: bpb(s[0], s[1]) for lang, s in sorted(sums.items())}
-    print0(f"{args.source} model, step {meta.get('step', '?')}: {len(docs)} validation documents per rank x {world_size} ranks, context {seq_len}")
+    print0(
+        f"{args.source} model, step {meta.get('step', '?')}: {len(docs)} validation documents per rank x {world_size} ranks, context {seq_len}"
+    )
     print0(f"{'language':<12} {'tokens':>10} {'bytes':>12} {'bytes/tok':>9} {'bpb':>7}")
     for lang, (nats, nbytes, ntok) in sorted(sums.items()):
-        print0(f"{lang:<12} {ntok:>10,} {nbytes:>12,} {nbytes / max(ntok, 1):>9.2f} {bpb(nats, nbytes):>7.4f}")
-    print0(f"{'all':<12} {sum(s[2] for s in sums.values()):>10,} {total_bytes:>12,} {'':>9} {overall:>7.4f}")
+        print0(
+            f"{lang:<12} {ntok:>10,} {nbytes:>12,} {nbytes / max(ntok, 1):>9.2f} {bpb(nats, nbytes):>7.4f}"
+        )
+    print0(
+        f"{'all':<12} {sum(s[2] for s in sums.values()):>10,} {total_bytes:>12,} {'':>9} {overall:>7.4f}"
+    )
 
     samples = []
     if rank == 0 and args.sample_tokens > 0:
         from nanocode.engine import Engine
+
         engine = Engine(model, tokenizer)
-        on, off = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")  # the model's part in bold
+        on, off = (
+            ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+        )  # the model's part in bold
 
         def complete(ids):
-            ids = ids[-(seq_len - args.sample_tokens):] if len(ids) >= seq_len - args.sample_tokens else ids
-            return tokenizer.decode(engine.generate_batch(ids, max_tokens=args.sample_tokens, temperature=0.0)[0])
+            ids = (
+                ids[-(seq_len - args.sample_tokens) :]
+                if len(ids) >= seq_len - args.sample_tokens
+                else ids
+            )
+            return tokenizer.decode(
+                engine.generate_batch(ids, max_tokens=args.sample_tokens, temperature=0.0)[0]
+            )
 
         for prompt in CODE_PROMPTS:
             out = complete([tokenizer.bos_id] + tokenizer.encode(prompt))
@@ -178,8 +221,14 @@ def main():
             samples.append({"prefix": prefix, "suffix": suffix, "middle": out})
             print(f"\n--- fill in the middle ---\n{prefix}{on}{out}{off}{suffix}")
     if rank == 0:
-        log_stage("base_eval", bpb=overall, bpb_per_lang=per_lang, samples=samples,
-                  source=args.source, step=meta.get("step"))
+        log_stage(
+            "base_eval",
+            bpb=overall,
+            bpb_per_lang=per_lang,
+            samples=samples,
+            source=args.source,
+            step=meta.get("step"),
+        )
     print0(f"\nbpb: {overall:.4f}")
     compute_cleanup()
 

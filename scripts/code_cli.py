@@ -12,6 +12,7 @@ is off and nothing else of your files is visible; --sandbox read-only | workspac
 Ctrl-C stops the current reply (and a running tool), not the session; Ctrl-D or /exit leaves; /clear
 starts a new conversation.
 """
+
 import argparse
 import functools
 import json
@@ -34,32 +35,48 @@ parser.add_argument("--max-tokens", type=int, default=1024, help="sampled tokens
 parser.add_argument("--max-tool-calls", type=int, default=8, help="tool calls per reply")
 parser.add_argument("--workdir", default=".", help="directory the tools work in")
 parser.add_argument("--yes", action="store_true", help="approve every tool call")
-parser.add_argument("--sandbox", default="workspace-write", choices=["read-only", "workspace-write", "off"],
-                    help="how tool calls run: nothing writable / only --workdir writable (default) / no sandbox")
-parser.add_argument("--network", action="store_true", help="let commands use the network (off by default)")
+parser.add_argument(
+    "--sandbox",
+    default="workspace-write",
+    choices=["read-only", "workspace-write", "off"],
+    help="how tool calls run: nothing writable / only --workdir writable (default) / no sandbox",
+)
+parser.add_argument(
+    "--network", action="store_true", help="let commands use the network (off by default)"
+)
 parser.add_argument("--system", default=None, help="system prompt")
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
 parser.add_argument("--seed", type=int, default=42)
-parser.add_argument("--fake-script", default=None, help=argparse.SUPPRESS)  # tests: a ScriptedModel JSON file
+parser.add_argument(
+    "--fake-script", default=None, help=argparse.SUPPRESS
+)  # tests: a ScriptedModel JSON file
 
 SHOW_LINES = 20  # lines of each tool output echoed to the terminal (the model sees all of it)
 
 
 def load_engine(args):
     from nanocode.engine import Engine
+
     if args.fake_script:
-        from tests.scripted_model import ScriptedModel  # a test double: the tests run the scripts with it
         from nanocode.tokenizer import get_tokenizer
+        from tests.scripted_model import (
+            ScriptedModel,  # a test double: the tests run the scripts with it
+        )
+
         tokenizer = get_tokenizer()
         return Engine(ScriptedModel.from_file(args.fake_script, tokenizer), tokenizer)
     from nanocode.checkpoint import load_model
-    model, tokenizer, _ = load_model(args.source, args.device_type or autodetect_device_type(), args.tag, args.step)
+
+    model, tokenizer, _ = load_model(
+        args.source, args.device_type or autodetect_device_type(), args.tag, args.step
+    )
     return Engine(model, tokenizer)
 
 
 def sandbox_label(mode: str, network: bool) -> str:
     """How a tool call will run, in words (for the approval prompt)."""
     from nanocode import sandbox
+
     if mode == "off":
         return "NO sandbox"
     if not sandbox.isolated(mode):
@@ -110,10 +127,17 @@ def show_tool_output(text):
 def reply(engine, conversation, approve, args):
     """Stream one assistant reply; returns its message (partial if interrupted with Ctrl-C)."""
     parts = []
-    events = engine.chat(conversation, approve=approve, workdir=Path(args.workdir), max_tokens=args.max_tokens,
-                         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                         max_tool_calls=args.max_tool_calls,
-                         tool_runner=functools.partial(run_tool, sandbox=args.sandbox, network=args.network))
+    events = engine.chat(
+        conversation,
+        approve=approve,
+        workdir=Path(args.workdir),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_tool_calls=args.max_tool_calls,
+        tool_runner=functools.partial(run_tool, sandbox=args.sandbox, network=args.network),
+    )
     try:
         for ev in events:
             if ev["type"] == "text":
@@ -124,7 +148,9 @@ def reply(engine, conversation, approve, args):
                     parts.append({"type": "text", "text": ev["text"]})
             elif ev["type"] == "tool_call":
                 show_tool_call(ev["name"], ev["arguments"])
-                parts.append({"type": "tool_call", "name": ev["name"], "arguments": ev["arguments"]})
+                parts.append(
+                    {"type": "tool_call", "name": ev["name"], "arguments": ev["arguments"]}
+                )
             elif ev["type"] == "tool_output":
                 show_tool_output(ev["text"])
                 parts.append({"type": "tool_output", "text": ev["text"]})
@@ -157,10 +183,18 @@ def main():
     messages = [{"role": "system", "content": args.system}] if args.system else []
 
     if args.prompt is not None:
-        reply(engine, {"messages": messages + [{"role": "user", "content": args.prompt}]}, approve, args)
+        reply(
+            engine,
+            {"messages": messages + [{"role": "user", "content": args.prompt}]},
+            approve,
+            args,
+        )
         return
-    print(f"nanocode agent: tools work in {Path(args.workdir).resolve()} ({label}). Ctrl-C stops a reply, "
-          "Ctrl-D or /exit quits, /clear forgets.", flush=True)
+    print(
+        f"nanocode agent: tools work in {Path(args.workdir).resolve()} ({label}). Ctrl-C stops a reply, "
+        "Ctrl-D or /exit quits, /clear forgets.",
+        flush=True,
+    )
     while True:
         try:
             text = input("> ").strip()

@@ -28,6 +28,7 @@ on the SFT held-out conversations) is measured before and after. With --self-pai
 verifier add pairs of the model's own replies: a passing one chosen, a failing one rejected.
 The loop is nanocode/finetune.py.
 """
+
 import argparse
 import time
 
@@ -36,27 +37,65 @@ import torch.nn.functional as F
 
 from nanocode import finetune
 from nanocode.checkpoint import load_model
-from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, get_base_dir, print0, run_main
+from nanocode.common import (
+    NanocodeError,
+    autocast,
+    compute_cleanup,
+    compute_init,
+    get_base_dir,
+    print0,
+    run_main,
+)
 from nanocode.conversations import load_jsonl, load_source, pad_batch
 from nanocode.report import log_stage
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="DPO on preference pairs against the frozen SFT checkpoint")
-    p.add_argument("--model-tag", type=str, default=None, help="sft checkpoint tag (default: the latest)")
+    p = argparse.ArgumentParser(
+        description="DPO on preference pairs against the frozen SFT checkpoint"
+    )
+    p.add_argument(
+        "--model-tag", type=str, default=None, help="sft checkpoint tag (default: the latest)"
+    )
     p.add_argument("--model-step", type=int, default=None)
-    p.add_argument("--train", type=str, default="", help="pairs JSONL (default $BASE/sft/dpo_train.jsonl)")
-    p.add_argument("--val", type=str, default="", help="held-out pairs JSONL (default $BASE/sft/dpo_val.jsonl)")
+    p.add_argument(
+        "--train", type=str, default="", help="pairs JSONL (default $BASE/sft/dpo_train.jsonl)"
+    )
+    p.add_argument(
+        "--val", type=str, default="", help="held-out pairs JSONL (default $BASE/sft/dpo_val.jsonl)"
+    )
     p.add_argument("--loss", type=str, default="sigmoid", choices=["sigmoid", "ipo"])
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--max-seq-len", type=int, default=0, help="tokens per side (default: the model's sequence_len)")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=0,
+        help="tokens per side (default: the model's sequence_len)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step, all ranks")
     p.add_argument("--num-epochs", type=float, default=1.0)
-    p.add_argument("--nll-weight", type=float, default=1.0, help="weight of the chosen side's per-token NLL (0: plain DPO)")
-    p.add_argument("--eval-prompts", type=int, default=64, help="held-out tool-call positions for the validity rate (0: skip)")
-    p.add_argument("--self-pairs", type=str, default="", help="task sources with verifiers (nanocode.rl_tasks: programs, "
-                   "corpus, agent, mbpp, *.jsonl): add pairs of the SFT model's own passing (chosen) and failing (rejected) replies")
-    p.add_argument("--self-samples", type=int, default=4, help="replies sampled per task for --self-pairs")
+    p.add_argument(
+        "--nll-weight",
+        type=float,
+        default=1.0,
+        help="weight of the chosen side's per-token NLL (0: plain DPO)",
+    )
+    p.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=64,
+        help="held-out tool-call positions for the validity rate (0: skip)",
+    )
+    p.add_argument(
+        "--self-pairs",
+        type=str,
+        default="",
+        help="task sources with verifiers (nanocode.rl_tasks: programs, "
+        "corpus, agent, mbpp, *.jsonl): add pairs of the SFT model's own passing (chosen) and failing (rejected) replies",
+    )
+    p.add_argument(
+        "--self-samples", type=int, default=4, help="replies sampled per task for --self-pairs"
+    )
     p.add_argument("--self-max-tokens", type=int, default=256)
     finetune.add_args(p, init_lr_frac=0.02, eval_every=50)
     return p.parse_args(argv)
@@ -77,11 +116,15 @@ def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str = "sigmoid", nc=None, n
 def render_side(tokenizer, prompt: dict, message: dict, max_len: int):
     """(ids, mask) of prompt + message, the mask kept only on the message's own assistant tokens."""
     prompt_ids = list(tokenizer.render_for_completion(prompt))
-    ids, mask = tokenizer.render_conversation({"messages": prompt["messages"] + [message]}, max_tokens=max_len + 1)
-    ids, mask = list(ids)[:max_len + 1], list(mask)[:max_len + 1]
+    ids, mask = tokenizer.render_conversation(
+        {"messages": prompt["messages"] + [message]}, max_tokens=max_len + 1
+    )
+    ids, mask = list(ids)[: max_len + 1], list(mask)[: max_len + 1]
     n = len(prompt_ids)
-    if ids[:n] != prompt_ids[:len(ids)]:
-        raise NanocodeError("render_for_completion(prompt) is not a prefix of render_conversation(prompt + reply)")
+    if ids[:n] != prompt_ids[: len(ids)]:
+        raise NanocodeError(
+            "render_for_completion(prompt) is not a prefix of render_conversation(prompt + reply)"
+        )
     return ids, [0] * min(n, len(mask)) + mask[n:]
 
 
@@ -91,7 +134,10 @@ def render_pairs(tokenizer, pairs, max_len: int):
     (the synthetic flaw, or "-")."""
     out, kinds = [], []
     for p in pairs:
-        c, r = render_side(tokenizer, p["prompt"], p["chosen"], max_len), render_side(tokenizer, p["prompt"], p["rejected"], max_len)
+        c, r = (
+            render_side(tokenizer, p["prompt"], p["chosen"], max_len),
+            render_side(tokenizer, p["prompt"], p["rejected"], max_len),
+        )
         if sum(c[1][1:]) and sum(r[1][1:]) and c != r:
             out.append((c, r))
             kinds.append(str(p.get("kind", "-")))
@@ -115,7 +161,10 @@ def pair_logps(model, pairs, pad_id, device, amp):
 
 @torch.no_grad()
 def reference_logps(model, pairs, batch_size, pad_id, device, amp):
-    out = [pair_logps(model, pairs[i:i + batch_size], pad_id, device, amp)[:2] for i in range(0, len(pairs), batch_size)]
+    out = [
+        pair_logps(model, pairs[i : i + batch_size], pad_id, device, amp)[:2]
+        for i in range(0, len(pairs), batch_size)
+    ]
     return torch.cat([c for c, _ in out]), torch.cat([r for _, r in out])
 
 
@@ -123,22 +172,36 @@ def reference_logps(model, pairs, batch_size, pad_id, device, amp):
 def evaluate_pairs(model, pairs, kinds, ref_c, ref_r, args, pad_id, device, amp) -> dict:
     losses, cr, rr_, pref = [], [], [], []
     for i in range(0, len(pairs), args.batch_size):
-        pc, pr, nc, nr = pair_logps(model, pairs[i:i + args.batch_size], pad_id, device, amp)
-        l, c, r = dpo_loss(pc, pr, ref_c[i:i + len(pc)], ref_r[i:i + len(pc)], args.beta, args.loss, nc, nr)
+        pc, pr, nc, nr = pair_logps(model, pairs[i : i + args.batch_size], pad_id, device, amp)
+        l, c, r = dpo_loss(
+            pc, pr, ref_c[i : i + len(pc)], ref_r[i : i + len(pc)], args.beta, args.loss, nc, nr
+        )
         losses.append(l), cr.append(c), rr_.append(r), pref.append(pc / nc > pr / nr)
     losses, cr, rr_, pref = torch.cat(losses), torch.cat(cr), torch.cat(rr_), torch.cat(pref)
     right = cr > rr_  # the chosen side's reward is strictly higher
-    by_kind = {k: sum(r for r, kk in zip(right.tolist(), kinds) if kk == k) / kinds.count(k) for k in sorted(set(kinds))}
-    return {"loss": losses.mean().item(), "reward_accuracy": right.float().mean().item(),
-            "ties": (cr == rr_).float().mean().item(), "margin": (cr - rr_).mean().item(),
-            "chosen_reward": cr.mean().item(), "rejected_reward": rr_.mean().item(),
-            "logp_accuracy": pref.float().mean().item(), "pairs": len(pairs), "reward_accuracy_by_kind": by_kind}
+    by_kind = {
+        k: sum(r for r, kk in zip(right.tolist(), kinds) if kk == k) / kinds.count(k)
+        for k in sorted(set(kinds))
+    }
+    return {
+        "loss": losses.mean().item(),
+        "reward_accuracy": right.float().mean().item(),
+        "ties": (cr == rr_).float().mean().item(),
+        "margin": (cr - rr_).mean().item(),
+        "chosen_reward": cr.mean().item(),
+        "rejected_reward": rr_.mean().item(),
+        "logp_accuracy": pref.float().mean().item(),
+        "pairs": len(pairs),
+        "reward_accuracy_by_kind": by_kind,
+    }
 
 
 def fmt(m: dict) -> str:
-    return (f"loss {m['loss']:.4f} | reward accuracy {m['reward_accuracy']:.3f} (ties {m['ties']:.2f}) | "
-            f"margin {m['margin']:+.4f} | chosen {m['chosen_reward']:+.4f} rejected {m['rejected_reward']:+.4f} | "
-            f"policy prefers chosen per token {m['logp_accuracy']:.3f}")
+    return (
+        f"loss {m['loss']:.4f} | reward accuracy {m['reward_accuracy']:.3f} (ties {m['ties']:.2f}) | "
+        f"margin {m['margin']:+.4f} | chosen {m['chosen_reward']:+.4f} rejected {m['rejected_reward']:+.4f} | "
+        f"policy prefers chosen per token {m['logp_accuracy']:.3f}"
+    )
 
 
 def self_pairs(model, tokenizer, spec: str, G: int, max_tokens: int, seed: int):
@@ -148,17 +211,24 @@ def self_pairs(model, tokenizer, spec: str, G: int, max_tokens: int, seed: int):
     from nanocode import rl_tasks
     from nanocode.conversations import validate_preference
     from nanocode.engine import Engine
+
     tasks = rl_tasks.load_tasks(spec, "train", seed)
-    results = rl_tasks.sample(Engine(model, tokenizer), tasks, G, seed, max_tokens, temperature=1.0, top_k=50, timeout=5.0)
+    results = rl_tasks.sample(
+        Engine(model, tokenizer), tasks, G, seed, max_tokens, temperature=1.0, top_k=50, timeout=5.0
+    )
     verdicts = rl_tasks.score([t for t in tasks for _ in range(G)], results)
     pairs = []
     for j, task in enumerate(tasks):
-        rows = list(zip(results[j * G:(j + 1) * G], verdicts[j * G:(j + 1) * G]))
+        rows = list(zip(results[j * G : (j + 1) * G], verdicts[j * G : (j + 1) * G]))
         good = [r["message"] for r, (ok, _) in rows if ok]
         bad = [r["message"] for r, (ok, _) in rows if not ok]
         if good and bad:
-            pair = {"prompt": {"messages": [{"role": "user", "content": task["prompt"]}]}, "chosen": good[0],
-                    "rejected": bad[0], "kind": "own_failure"}
+            pair = {
+                "prompt": {"messages": [{"role": "user", "content": task["prompt"]}]},
+                "chosen": good[0],
+                "rejected": bad[0],
+                "kind": "own_failure",
+            }
             pairs.append(validate_preference(pair, f"self pair of task {task['id']}"))
     return pairs, len(tasks)
 
@@ -188,27 +258,45 @@ def main(argv=None):
     train_pairs = load_jsonl(args.train or sft_dir / "dpo_train.jsonl", kind="preference")
     own = []
     if args.self_pairs:
-        own, n_tasks = self_pairs(model, tokenizer, args.self_pairs, args.self_samples, args.self_max_tokens, args.seed)
-        print0(f"self pairs: {len(own)} of {n_tasks} tasks had a passing and a failing reply among {args.self_samples} samples")
+        own, n_tasks = self_pairs(
+            model, tokenizer, args.self_pairs, args.self_samples, args.self_max_tokens, args.seed
+        )
+        print0(
+            f"self pairs: {len(own)} of {n_tasks} tasks had a passing and a failing reply among {args.self_samples} samples"
+        )
     train, _ = render_pairs(tokenizer, train_pairs + own, T)
-    val, val_kinds = render_pairs(tokenizer, load_jsonl(args.val or sft_dir / "dpo_val.jsonl", kind="preference"), T)
+    val, val_kinds = render_pairs(
+        tokenizer, load_jsonl(args.val or sft_dir / "dpo_val.jsonl", kind="preference"), T
+    )
     if not train or not val:
-        raise NanocodeError(f"no usable pairs ({len(train)} train, {len(val)} val) after cutting to {T} tokens")
+        raise NanocodeError(
+            f"no usable pairs ({len(train)} train, {len(val)} val) after cutting to {T} tokens"
+        )
     if args.batch_size % world_size:
-        raise NanocodeError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
+        raise NanocodeError(
+            f"--batch-size {args.batch_size} is not divisible by the {world_size} processes"
+        )
     # validity prompts: the SFT held-out conversations, so the numbers compare with SFT's own
-    convs = load_source("synth", "val") if args.eval_prompts and (sft_dir / "synth_val.jsonl").exists() else []
+    convs = (
+        load_source("synth", "val")
+        if args.eval_prompts and (sft_dir / "synth_val.jsonl").exists()
+        else []
+    )
     prompts = finetune.tool_call_prompts(tokenizer, convs, args.eval_prompts, T - 8, args.seed)
     prompts += finetune.validity_file_prompts(tokenizer, prompts, args.eval_prompts, T - 8)
     steps_per_epoch = max(1, len(train) // args.batch_size)
     num_steps = args.steps if args.steps > 0 else max(1, round(args.num_epochs * steps_per_epoch))
-    print0(f"model: sft {tag}, {model.num_params():,} parameters | {len(train)} train pairs, {len(val)} held-out | "
-           f"{args.loss} loss, beta {args.beta}, NLL weight {args.nll_weight} | {num_steps} steps of {args.batch_size} pairs "
-           f"| {len(prompts)} tool-call validity prompts")
+    print0(
+        f"model: sft {tag}, {model.num_params():,} parameters | {len(train)} train pairs, {len(val)} held-out | "
+        f"{args.loss} loss, beta {args.beta}, NLL weight {args.nll_weight} | {num_steps} steps of {args.batch_size} pairs "
+        f"| {len(prompts)} tool-call validity prompts"
+    )
 
     def batches(step):
         epoch, k = divmod(step, steps_per_epoch)
-        idx = epoch_order(len(train), epoch, args.seed)[k * args.batch_size:(k + 1) * args.batch_size][rank::world_size]
+        idx = epoch_order(len(train), epoch, args.seed)[
+            k * args.batch_size : (k + 1) * args.batch_size
+        ][rank::world_size]
         return finetune.split(idx, args.grad_accum)
 
     # the reference: the SFT model's log-probs, once, before any update, of the train pairs this rank's
@@ -218,22 +306,33 @@ def main(argv=None):
     used = sorted({i for s in range(num_steps) for mb in batches(s) for i in mb})
     ref_train = [torch.zeros(len(train), device=device), torch.zeros(len(train), device=device)]
     if used:
-        c, r = reference_logps(model, [train[i] for i in used], args.batch_size, pad_id, device, amp)
+        c, r = reference_logps(
+            model, [train[i] for i in used], args.batch_size, pad_id, device, amp
+        )
         ref_train[0][used], ref_train[1][used] = c, r
     ref_val = reference_logps(model, val, args.batch_size, pad_id, device, amp)
-    print0(f"reference log-probs of {len(used) + len(val)} pairs ({len(used)} train pairs the steps use, "
-           f"{len(val)} held-out) in {time.time() - t0:.1f}s")
+    print0(
+        f"reference log-probs of {len(used) + len(val)} pairs ({len(used)} train pairs the steps use, "
+        f"{len(val)} held-out) in {time.time() - t0:.1f}s"
+    )
 
     def loss_fn(idx):
         pc, pr, nc, nr = pair_logps(model, [train[i] for i in idx], pad_id, device, amp)
-        losses, cr, rr = dpo_loss(pc, pr, ref_train[0][idx], ref_train[1][idx], args.beta, args.loss, nc, nr)
+        losses, cr, rr = dpo_loss(
+            pc, pr, ref_train[0][idx], ref_train[1][idx], args.beta, args.loss, nc, nr
+        )
         loss = losses.mean()
         nll = (-pc / nc).mean()
         if args.nll_weight:
             loss = loss + args.nll_weight * nll
-        return loss, {"loss": loss.item(), "dpo_loss": losses.mean().item(), "chosen_nll": nll.item(),
-                      "reward_acc": (cr > rr).float().mean().item(), "margin": (cr - rr).mean().item(),
-                      "tokens": (nc.sum() + nr.sum()).item()}
+        return loss, {
+            "loss": loss.item(),
+            "dpo_loss": losses.mean().item(),
+            "chosen_nll": nll.item(),
+            "reward_acc": (cr > rr).float().mean().item(),
+            "margin": (cr - rr).mean().item(),
+            "tokens": (nc.sum() + nr.sum()).item(),
+        }
 
     def evaluate(step):
         if rank != 0:
@@ -246,30 +345,81 @@ def main(argv=None):
             print0(f"step {step:05d} | {finetune.fmt_validity(m['validity'])}")
         return m
 
-    result = finetune.train(model, finetune.setup_optimizers(model, args, rank, world_size), args, phase="dpo", tag=tag,
-                            num_steps=num_steps, batches=batches, loss_fn=loss_fn, evaluate=evaluate, rank=rank,
-                            world_size=world_size, device=device,
-                            meta=lambda: {"model_config": sft_meta["model_config"], "sft_step": sft_meta.get("step"),
-                                          "dpo_args": vars(args)})
+    result = finetune.train(
+        model,
+        finetune.setup_optimizers(model, args, rank, world_size),
+        args,
+        phase="dpo",
+        tag=tag,
+        num_steps=num_steps,
+        batches=batches,
+        loss_fn=loss_fn,
+        evaluate=evaluate,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        meta=lambda: {
+            "model_config": sft_meta["model_config"],
+            "sft_step": sft_meta.get("step"),
+            "dpo_args": vars(args),
+        },
+    )
     if rank == 0:
         before, m = result["evals"][0][1], result["evals"][-1][1]
         c = result["curves"]
-        curves = {"loss": c["loss"], "reward_accuracy": c["reward_acc"], "margin": c["margin"],
-                  "chosen_nll": c["chosen_nll"], "val": [(s, {k: v for k, v in e.items() if k != "validity"})
-                                                         for s, e in result["evals"]]}
-        validity = {"tool_call_validity_before": before["validity"]["validity"], "tool_call_validity": m["validity"]["validity"],
-                    "validity_before": before["validity"], "validity_after": m["validity"]} if prompts else {}
-        log_stage("dpo", model_tag=tag, steps=num_steps, loss_type=args.loss, beta=args.beta, nll_weight=args.nll_weight,
-                  train_pairs=len(train), self_pairs=len(own), val_pairs=len(val), val_before=before, val_after=m,
-                  preference_accuracy_before=before["reward_accuracy"], preference_accuracy=m["reward_accuracy"],
-                  curves=curves, device=str(device), **validity)
-        print0(f"saved dpo/{tag}; held-out preference (reward) accuracy {before['reward_accuracy']:.3f} -> "
-               f"{m['reward_accuracy']:.3f}, margin {before['margin']:+.4f} -> {m['margin']:+.4f}, per-token "
-               f"log-prob preference {before['logp_accuracy']:.3f} -> {m['logp_accuracy']:.3f}")
+        curves = {
+            "loss": c["loss"],
+            "reward_accuracy": c["reward_acc"],
+            "margin": c["margin"],
+            "chosen_nll": c["chosen_nll"],
+            "val": [
+                (s, {k: v for k, v in e.items() if k != "validity"}) for s, e in result["evals"]
+            ],
+        }
+        validity = (
+            {
+                "tool_call_validity_before": before["validity"]["validity"],
+                "tool_call_validity": m["validity"]["validity"],
+                "validity_before": before["validity"],
+                "validity_after": m["validity"],
+            }
+            if prompts
+            else {}
+        )
+        log_stage(
+            "dpo",
+            model_tag=tag,
+            steps=num_steps,
+            loss_type=args.loss,
+            beta=args.beta,
+            nll_weight=args.nll_weight,
+            train_pairs=len(train),
+            self_pairs=len(own),
+            val_pairs=len(val),
+            val_before=before,
+            val_after=m,
+            preference_accuracy_before=before["reward_accuracy"],
+            preference_accuracy=m["reward_accuracy"],
+            curves=curves,
+            device=str(device),
+            **validity,
+        )
+        print0(
+            f"saved dpo/{tag}; held-out preference (reward) accuracy {before['reward_accuracy']:.3f} -> "
+            f"{m['reward_accuracy']:.3f}, margin {before['margin']:+.4f} -> {m['margin']:+.4f}, per-token "
+            f"log-prob preference {before['logp_accuracy']:.3f} -> {m['logp_accuracy']:.3f}"
+        )
         if prompts:
-            print0(f"tool-call validity {before['validity']['validity']:.3f} -> {m['validity']['validity']:.3f} (valid per prompt)")
-        print0("held-out reward accuracy by kind: " + ", ".join(
-            f"{k} {v:.3f} ({val_kinds.count(k)})" for k, v in m["reward_accuracy_by_kind"].items()))
+            print0(
+                f"tool-call validity {before['validity']['validity']:.3f} -> {m['validity']['validity']:.3f} (valid per prompt)"
+            )
+        print0(
+            "held-out reward accuracy by kind: "
+            + ", ".join(
+                f"{k} {v:.3f} ({val_kinds.count(k)})"
+                for k, v in m["reward_accuracy_by_kind"].items()
+            )
+        )
     compute_cleanup()
 
 

@@ -30,6 +30,7 @@ as chunks whose delta is {"nanocode": {"type": "tool_call"|"tool_output"|"notice
 back may use such parts as their content (the UI does). One model replica per GPU (one on CPU) serves
 one request at a time; up to --max-queue more wait, beyond that 429.
 """
+
 import argparse
 import asyncio
 import contextlib
@@ -54,33 +55,73 @@ from nanocode.common import NanocodeError, autodetect_device_type, run_main
 from nanocode.tokenizer import in_progress
 from nanocode.tools import run_tool
 
-parser = argparse.ArgumentParser(description="OpenAI-compatible server and web UI for the coding agent")
+parser = argparse.ArgumentParser(
+    description="OpenAI-compatible server and web UI for the coding agent"
+)
 parser.add_argument("-i", "--source", default="sft", choices=PHASES, help="which checkpoint phase")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the most recent)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, default=8000)
-parser.add_argument("--allow-tools", nargs="?", const="", default=None, metavar="DIR",
-                    help="run our tools server-side, each conversation in its own copy of DIR (no DIR: an empty dir)")
-parser.add_argument("--sandbox", default="workspace-write", choices=["read-only", "workspace-write", "off"],
-                    help="how server-side tool calls run (nanocode.sandbox)")
-parser.add_argument("--network", action="store_true", help="let server-side tool commands use the network")
-parser.add_argument("--max-conversations", type=int, default=64, help="working dirs kept (the oldest is deleted)")
-parser.add_argument("--api-key", default=os.environ.get("NANOCODE_API_KEY"),
-                    help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOCODE_API_KEY)")
-parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                    help="allow browser pages from ORIGIN ('*': any) to call the API (off by default)")
-parser.add_argument("--max-queue", type=int, default=16, help="requests waiting for a replica; more get 429")
+parser.add_argument(
+    "--allow-tools",
+    nargs="?",
+    const="",
+    default=None,
+    metavar="DIR",
+    help="run our tools server-side, each conversation in its own copy of DIR (no DIR: an empty dir)",
+)
+parser.add_argument(
+    "--sandbox",
+    default="workspace-write",
+    choices=["read-only", "workspace-write", "off"],
+    help="how server-side tool calls run (nanocode.sandbox)",
+)
+parser.add_argument(
+    "--network", action="store_true", help="let server-side tool commands use the network"
+)
+parser.add_argument(
+    "--max-conversations", type=int, default=64, help="working dirs kept (the oldest is deleted)"
+)
+parser.add_argument(
+    "--api-key",
+    default=os.environ.get("NANOCODE_API_KEY"),
+    help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOCODE_API_KEY)",
+)
+parser.add_argument(
+    "--cors-origin",
+    action="append",
+    default=[],
+    metavar="ORIGIN",
+    help="allow browser pages from ORIGIN ('*': any) to call the API (off by default)",
+)
+parser.add_argument(
+    "--max-queue", type=int, default=16, help="requests waiting for a replica; more get 429"
+)
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-parser.add_argument("--num-gpus", type=int, default=None, help="replicas on cuda:0..N-1 (default: all visible GPUs)")
-parser.add_argument("--temperature", type=float, default=0.6, help="default when a request gives none")
+parser.add_argument(
+    "--num-gpus", type=int, default=None, help="replicas on cuda:0..N-1 (default: all visible GPUs)"
+)
+parser.add_argument(
+    "--temperature", type=float, default=0.6, help="default when a request gives none"
+)
 parser.add_argument("--top-k", type=int, default=50, help="default when a request gives none")
-parser.add_argument("--max-tokens", type=int, default=1024, help="default and upper limit of a request's max_tokens")
-parser.add_argument("--max-tool-calls", type=int, default=8, help="server-side tool calls per reply")
+parser.add_argument(
+    "--max-tokens", type=int, default=1024, help="default and upper limit of a request's max_tokens"
+)
+parser.add_argument(
+    "--max-tool-calls", type=int, default=8, help="server-side tool calls per reply"
+)
 parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger requests get 413")
-parser.add_argument("--max-messages", type=int, default=500, help="more messages in a request get 400")
-parser.add_argument("--max-n", type=int, default=8, help="choices per request at most ('n', sampled as one batch)")
-parser.add_argument("--fake-script", default=None, help=argparse.SUPPRESS)  # tests: a ScriptedModel JSON file
+parser.add_argument(
+    "--max-messages", type=int, default=500, help="more messages in a request get 400"
+)
+parser.add_argument(
+    "--max-n", type=int, default=8, help="choices per request at most ('n', sampled as one batch)"
+)
+parser.add_argument(
+    "--fake-script", default=None, help=argparse.SUPPRESS
+)  # tests: a ScriptedModel JSON file
 
 UI_PATH = Path(__file__).with_name("ui.html")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -95,13 +136,19 @@ class RequestError(Exception):
 def load_engines(args) -> tuple[list, str]:
     """One Engine per GPU (or one on CPU/MPS), and the system_fingerprint naming the checkpoint."""
     import torch
+
     from nanocode.engine import Engine
+
     if args.fake_script:
-        from tests.scripted_model import ScriptedModel  # a test double: the tests run the scripts with it
         from nanocode.tokenizer import get_tokenizer
+        from tests.scripted_model import (
+            ScriptedModel,  # a test double: the tests run the scripts with it
+        )
+
         tokenizer = get_tokenizer()
         return [Engine(ScriptedModel.from_file(args.fake_script, tokenizer), tokenizer)], "fp_fake"
     from nanocode.checkpoint import load_model
+
     device_type = args.device_type or autodetect_device_type()
     if device_type == "cuda":
         n = args.num_gpus or torch.cuda.device_count()
@@ -114,7 +161,10 @@ def load_engines(args) -> tuple[list, str]:
     for device in devices:
         model, tokenizer, meta = load_model(args.source, device, args.tag, args.step)
         engines.append(Engine(model, tokenizer))
-    ident = json.dumps([args.source, args.tag, args.step, meta.get("step"), meta.get("model_config")], sort_keys=True)
+    ident = json.dumps(
+        [args.source, args.tag, args.step, meta.get("step"), meta.get("model_config")],
+        sort_keys=True,
+    )
     return engines, "fp_" + hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
@@ -122,10 +172,14 @@ def _text(content, where: str) -> str:
     """The text of a system/user/tool message's content: a string or a list of {"type": "text", "text"} parts."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                         for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
         return "".join(p["text"] for p in content)
-    raise RequestError(400, f"{where}: content must be a string or a list of text parts, got {str(content)[:80]!r}")
+    raise RequestError(
+        400, f"{where}: content must be a string or a list of text parts, got {str(content)[:80]!r}"
+    )
 
 
 def to_conversation(msgs: list) -> list[dict]:
@@ -133,12 +187,18 @@ def to_conversation(msgs: list) -> list[dict]:
     followed by the tool_output part of the role "tool" message that answers it (by tool_call_id), and
     what the assistant says after a tool's output continues the same assistant message (our format has
     one assistant turn per user turn). Content may also be nanocode parts (what the built-in UI sends)."""
-    out, open_calls = [], {}  # open_calls: tool_call_id -> [call part, output part or None] of the last assistant
+    out, open_calls = (
+        [],
+        {},
+    )  # open_calls: tool_call_id -> [call part, output part or None] of the last assistant
 
     def close_calls(i):
         if any(v[1] is None for v in open_calls.values()):
             missing = ", ".join(k for k, v in open_calls.items() if v[1] is None)
-            raise RequestError(400, f"messages[{i}]: tool call(s) {missing} have no role 'tool' message with the result")
+            raise RequestError(
+                400,
+                f"messages[{i}]: tool call(s) {missing} have no role 'tool' message with the result",
+            )
         for call, output in open_calls.values():
             out[-1]["content"] += [call, output]
         open_calls.clear()
@@ -149,13 +209,21 @@ def to_conversation(msgs: list) -> list[dict]:
         if role == "tool":
             call_id = m.get("tool_call_id")
             if call_id not in open_calls:
-                raise RequestError(400, f"{where}: a role 'tool' message must answer a tool call of the assistant "
-                                        f"message before it; tool_call_id {call_id!r} is not one")
+                raise RequestError(
+                    400,
+                    f"{where}: a role 'tool' message must answer a tool call of the assistant "
+                    f"message before it; tool_call_id {call_id!r} is not one",
+                )
             open_calls[call_id][1] = {"type": "tool_output", "text": _text(m.get("content"), where)}
             continue
         close_calls(i)
         if role in ("system", "developer", "user"):
-            out.append({"role": "user" if role == "user" else "system", "content": _text(m.get("content"), where)})
+            out.append(
+                {
+                    "role": "user" if role == "user" else "system",
+                    "content": _text(m.get("content"), where),
+                }
+            )
         elif role == "assistant":
             content = m.get("content")
             if content is None or content == "":
@@ -165,25 +233,43 @@ def to_conversation(msgs: list) -> list[dict]:
             elif isinstance(content, list):  # nanocode parts, or OpenAI text parts (the same shape)
                 parts = [dict(p) for p in content]
             else:
-                raise RequestError(400, f"{where}: content must be a string, null or a list of parts")
+                raise RequestError(
+                    400, f"{where}: content must be a string, null or a list of parts"
+                )
             for j, tc in enumerate(m.get("tool_calls") or []):
                 fn = tc.get("function") if isinstance(tc, dict) else None
                 try:
                     name, arguments = fn["name"], json.loads(fn["arguments"])
                 except (TypeError, KeyError, ValueError):
                     name = arguments = None
-                if not (isinstance(name, str) and isinstance(arguments, dict) and isinstance(tc.get("id"), str)):
-                    raise RequestError(400, f"{where}.tool_calls[{j}]: expected {{id, type: 'function', function: "
-                                            "{name, arguments: a JSON object as a string}}")
-                open_calls[tc["id"]] = [{"type": "tool_call", "name": name, "arguments": arguments}, None]
+                if not (
+                    isinstance(name, str)
+                    and isinstance(arguments, dict)
+                    and isinstance(tc.get("id"), str)
+                ):
+                    raise RequestError(
+                        400,
+                        f"{where}.tool_calls[{j}]: expected {{id, type: 'function', function: "
+                        "{name, arguments: a JSON object as a string}}",
+                    )
+                open_calls[tc["id"]] = [
+                    {"type": "tool_call", "name": name, "arguments": arguments},
+                    None,
+                ]
             if out and out[-1]["role"] == "assistant" and in_progress(out[-1]):
-                out[-1]["content"] += parts  # the answer after a tool's output: the same turn goes on
+                out[-1]["content"] += (
+                    parts  # the answer after a tool's output: the same turn goes on
+                )
             else:
                 out.append({"role": "assistant", "content": parts})
             if not parts and not open_calls:
-                raise RequestError(400, f"{where}: an assistant message needs content or tool_calls")
+                raise RequestError(
+                    400, f"{where}: an assistant message needs content or tool_calls"
+                )
         else:
-            raise RequestError(400, f"{where}: role must be system, user, assistant or tool, got {role!r}")
+            raise RequestError(
+                400, f"{where}: role must be system, user, assistant or tool, got {role!r}"
+            )
     close_calls(len(msgs))
     return out
 
@@ -199,20 +285,31 @@ def parse_tools(req) -> tuple[dict | None, str | None]:
         for i, t in enumerate(tools):
             fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-                raise RequestError(400, f"tools[{i}]: expected {{type: 'function', function: {{name, description, "
-                                        "parameters}}}}")
-            schemas[fn["name"]] = {"name": fn["name"], "description": fn.get("description", ""),
-                                   "parameters": fn.get("parameters", {"type": "object", "properties": {}})}
+                raise RequestError(
+                    400,
+                    f"tools[{i}]: expected {{type: 'function', function: {{name, description, "
+                    "parameters}}}}",
+                )
+            schemas[fn["name"]] = {
+                "name": fn["name"],
+                "description": fn.get("description", ""),
+                "parameters": fn.get("parameters", {"type": "object", "properties": {}}),
+            }
     if choice is None or choice in ("auto", "none"):
         if choice == "none":
             schemas = {} if schemas is not None else None
         return schemas, None
     if choice == "required":
-        raise RequestError(400, "tool_choice 'required' is not supported: name the function to call, or use 'auto'")
+        raise RequestError(
+            400, "tool_choice 'required' is not supported: name the function to call, or use 'auto'"
+        )
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not isinstance(name, str):
-        raise RequestError(400, f"'tool_choice' must be 'auto', 'none' or {{type: 'function', function: {{name}}}}, "
-                                f"got {choice!r}")
+        raise RequestError(
+            400,
+            f"'tool_choice' must be 'auto', 'none' or {{type: 'function', function: {{name}}}}, "
+            f"got {choice!r}",
+        )
     if not schemas or name not in schemas:
         raise RequestError(400, f"tool_choice names {name!r}, which is not in 'tools'")
     return schemas, name
@@ -222,6 +319,7 @@ def parse_request(body: bytes, args) -> dict:
     """Validate a chat-completions request; returns the engine's conversation, the settings and the tool mode."""
     from nanocode.conversations import validate_conversation
     from nanocode.tools import TOOLS, tools_prompt
+
     try:
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -230,7 +328,9 @@ def parse_request(body: bytes, args) -> dict:
         raise RequestError(400, "request body must be a JSON object")
     msgs = req.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise RequestError(400, "'messages' is required: a non-empty list of {role, content} objects")
+        raise RequestError(
+            400, "'messages' is required: a non-empty list of {role, content} objects"
+        )
     if len(msgs) > args.max_messages:
         raise RequestError(400, f"too many messages: {len(msgs)} > {args.max_messages}")
     messages = to_conversation(msgs)
@@ -256,17 +356,23 @@ def parse_request(body: bytes, args) -> dict:
             return default
         ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
         if not ok or not lo <= value <= hi:
-            raise RequestError(400, f"'{key}' must be {'an integer' if kind is int else 'a number'} in [{lo}, {hi}], "
-                                    f"got {value!r}")
+            raise RequestError(
+                400,
+                f"'{key}' must be {'an integer' if kind is int else 'a number'} in [{lo}, {hi}], "
+                f"got {value!r}",
+            )
         return value
 
-    max_tokens = number("max_completion_tokens", None, 1, args.max_tokens, int) or \
-        number("max_tokens", args.max_tokens, 1, args.max_tokens, int)
-    settings = dict(max_tokens=max_tokens,
-                    temperature=number("temperature", args.temperature, 0.0, 2.0),
-                    top_p=number("top_p", None, 0.0, 1.0),
-                    top_k=number("top_k", args.top_k, 1, 1 << 30, int),
-                    seed=number("seed", None, 0, 2**63 - 1, int))
+    max_tokens = number("max_completion_tokens", None, 1, args.max_tokens, int) or number(
+        "max_tokens", args.max_tokens, 1, args.max_tokens, int
+    )
+    settings = dict(
+        max_tokens=max_tokens,
+        temperature=number("temperature", args.temperature, 0.0, 2.0),
+        top_p=number("top_p", None, 0.0, 1.0),
+        top_k=number("top_k", args.top_k, 1, 1 << 30, int),
+        seed=number("seed", None, 0, 2**63 - 1, int),
+    )
     if settings["seed"] is None:  # like the OpenAI API: a request without a seed samples afresh
         settings["seed"] = secrets.randbelow(2**63)
     if settings["top_p"] == 0:
@@ -277,15 +383,32 @@ def parse_request(body: bytes, args) -> dict:
         raise RequestError(400, f"'stream' must be true or false, got {stream!r}")
     stop = req.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
-        raise RequestError(400, f"'stop' must be a string or a list of at most 4 non-empty strings, got {req['stop']!r}")
-    if not isinstance(req.get("parallel_tool_calls", True), bool):  # accepted; a reply holds one call at most
+    if (
+        not isinstance(stop, list)
+        or len(stop) > 4
+        or not all(isinstance(x, str) and x for x in stop)
+    ):
+        raise RequestError(
+            400,
+            f"'stop' must be a string or a list of at most 4 non-empty strings, got {req['stop']!r}",
+        )
+    if not isinstance(
+        req.get("parallel_tool_calls", True), bool
+    ):  # accepted; a reply holds one call at most
         raise RequestError(400, "'parallel_tool_calls' must be true or false")
     cid = req.get("conversation_id")
     if cid is not None and not isinstance(cid, str):
         raise RequestError(400, "'conversation_id' must be a string (as a previous reply gave it)")
-    return dict(conversation=conv, stream=stream, settings=settings, tools=tools, forced=forced, stop=stop,
-                conversation_id=cid, n=n)
+    return dict(
+        conversation=conv,
+        stream=stream,
+        settings=settings,
+        tools=tools,
+        forced=forced,
+        stop=stop,
+        conversation_id=cid,
+        n=n,
+    )
 
 
 def usage_of(u):
@@ -308,10 +431,12 @@ class StopText:
         cuts = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
         if cuts:
             self.held, self.hit = "", True
-            return buf[:min(cuts)]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
+            return buf[: min(cuts)]
+        keep = max(
+            (k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0
+        )
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
 
     def flush(self) -> str:
         out, self.held = self.held, ""
@@ -332,8 +457,11 @@ class Workspaces:
         with self.lock:
             if cid is not None:
                 if cid not in self.dirs:
-                    raise RequestError(400, f"unknown conversation_id {cid!r} (expired, or from another server "
-                                            "run): start a new conversation without one")
+                    raise RequestError(
+                        400,
+                        f"unknown conversation_id {cid!r} (expired, or from another server "
+                        "run): start a new conversation without one",
+                    )
                 self.dirs.move_to_end(cid)
                 return cid, self.dirs[cid]
             cid = "conv-" + secrets.token_hex(16)
@@ -359,29 +487,44 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
 
     workspaces = None
     if args.allow_tools is not None:
-        workspaces = Workspaces(Path(args.allow_tools).resolve() if args.allow_tools else None, args.max_conversations)
+        workspaces = Workspaces(
+            Path(args.allow_tools).resolve() if args.allow_tools else None, args.max_conversations
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        if workspaces is not None:  # on shutdown (SIGTERM / Ctrl-C included): the conversations' directories go
+        if (
+            workspaces is not None
+        ):  # on shutdown (SIGTERM / Ctrl-C included): the conversations' directories go
             workspaces.close()
 
     app = FastAPI(title="nanocode", lifespan=lifespan)
     if args.cors_origin:
         from fastapi.middleware.cors import CORSMiddleware
-        app.add_middleware(CORSMiddleware, allow_origins=args.cors_origin, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=args.cors_origin,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     free = queue.Queue()
     for e in engines:
         free.put(e)
     tokenizer = engines[0].tokenizer
-    counts = {"admitted": 0}  # requests waiting for or holding a replica (changed on the event loop only)
+    counts = {
+        "admitted": 0
+    }  # requests waiting for or holding a replica (changed on the event loop only)
     model_name = f"nanocode-{args.source}" if not args.fake_script else "nanocode-fake"
+
     def error(status, message):
         kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
+        return JSONResponse(
+            {"error": {"message": message, "type": kind, "code": status}}, status_code=status
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
@@ -392,19 +535,25 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         if not args.api_key:
             return None
         got = request.headers.get("authorization", "")
-        if got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), args.api_key.encode()):
+        if got.startswith("Bearer ") and hmac.compare_digest(
+            got[7:].encode(), args.api_key.encode()
+        ):
             return None
         return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > args.max_body_bytes:
-            raise RequestError(413, f"request body of {length} bytes exceeds the limit of {args.max_body_bytes}")
+            raise RequestError(
+                413, f"request body of {length} bytes exceeds the limit of {args.max_body_bytes}"
+            )
         body = b""
         async for chunk in request.stream():
             body += chunk
             if len(body) > args.max_body_bytes:
-                raise RequestError(413, f"request body exceeds the limit of {args.max_body_bytes} bytes")
+                raise RequestError(
+                    413, f"request body exceeds the limit of {args.max_body_bytes} bytes"
+                )
         return body
 
     async def events(conversation, n, chat_kwargs):
@@ -435,7 +584,9 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             except Abandoned:
                 pass
             except Exception as e:  # noqa: BLE001 -- reported to the client, the server goes on
-                put((0, {"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"}))
+                put(
+                    (0, {"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
+                )
             finally:
                 free.put(engine)
                 put(None)
@@ -453,12 +604,23 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         tool calls given ids. Choices of n > 1 sample with seeds seed, seed + 1, ..."""
         conv, n = req["conversation"], req["n"]
         kwargs = dict(req["settings"], max_tool_calls=args.max_tool_calls)
-        if req["tools"] is not None:  # client-side tools: the reply ends at a call, the client runs it
+        if (
+            req["tools"] is not None
+        ):  # client-side tools: the reply ends at a call, the client runs it
             kwargs.update(tools=req["tools"], forced_call=req["forced"], stop_at_tool_call=True)
-        elif req.get("workdir") is not None:  # our tools, run here in the conversation's own directory, sandboxed
-            kwargs.update(approve=lambda name, arguments: True, workdir=req["workdir"],
-                          tool_runner=functools.partial(run_tool, sandbox=args.sandbox, network=args.network))
-        stops, emitted, done = [StopText(req["stop"]) for _ in range(n)], [[] for _ in range(n)], set()
+        elif (
+            req.get("workdir") is not None
+        ):  # our tools, run here in the conversation's own directory, sandboxed
+            kwargs.update(
+                approve=lambda name, arguments: True,
+                workdir=req["workdir"],
+                tool_runner=functools.partial(run_tool, sandbox=args.sandbox, network=args.network),
+            )
+        stops, emitted, done = (
+            [StopText(req["stop"]) for _ in range(n)],
+            [[] for _ in range(n)],
+            set(),
+        )
         async for row, ev in events(conv, n, kwargs):
             kind, stop = ev["type"], stops[row]
             if row in done:  # cut by a stop string; the batch goes on with the other choices
@@ -468,10 +630,14 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
                 text = stop.feed(ev["text"])
                 if text:
                     yield row, ("text", text)
-                if stop.hit:  # usage counted by re-encoding: the engine stopped before it could count
+                if (
+                    stop.hit
+                ):  # usage counted by re-encoding: the engine stopped before it could count
                     done.add(row)
-                    usage = {"prompt_tokens": len(tokenizer.render_for_completion(conv)),
-                             "completion_tokens": len(tokenizer.encode("".join(emitted[row])))}
+                    usage = {
+                        "prompt_tokens": len(tokenizer.render_for_completion(conv)),
+                        "completion_tokens": len(tokenizer.encode("".join(emitted[row]))),
+                    }
                     yield row, ("done", "stop", usage)
                     if len(done) == n:
                         return
@@ -479,8 +645,20 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             if stop.held:
                 yield row, ("text", stop.flush())
             if kind == "tool_call" and req["tools"] is not None:
-                yield row, ("tool_call", {"id": "call_" + secrets.token_hex(12), "type": "function",
-                                          "function": {"name": ev["name"], "arguments": json.dumps(ev["arguments"])}})
+                yield (
+                    row,
+                    (
+                        "tool_call",
+                        {
+                            "id": "call_" + secrets.token_hex(12),
+                            "type": "function",
+                            "function": {
+                                "name": ev["name"],
+                                "arguments": json.dumps(ev["arguments"]),
+                            },
+                        },
+                    ),
+                )
             elif kind == "done":
                 done.add(row)
                 yield row, ("done", ev["finish_reason"], ev["usage"])
@@ -505,19 +683,37 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             elif item[0] == "tool_call":
                 calls[row].append(item[1])
                 fn = item[1]["function"]
-                parts[row].append({"type": "tool_call", "name": fn["name"], "arguments": json.loads(fn["arguments"])})
+                parts[row].append(
+                    {
+                        "type": "tool_call",
+                        "name": fn["name"],
+                        "arguments": json.loads(fn["arguments"]),
+                    }
+                )
             elif item[0] == "nanocode" and item[1]["type"] in ("tool_call", "tool_output"):
                 parts[row].append(dict(item[1]))
             elif item[0] == "error":
                 return error(500, item[1])
             elif item[0] == "done":
-                message = {"role": "assistant", "content": "".join(texts[row]) if texts[row] or not calls[row] else None,
-                           "parts": parts[row]}
+                message = {
+                    "role": "assistant",
+                    "content": "".join(texts[row]) if texts[row] or not calls[row] else None,
+                    "parts": parts[row],
+                }
                 if calls[row]:
                     message["tool_calls"] = calls[row]
-                choices[row] = {"index": row, "finish_reason": item[1], "logprobs": None, "message": message}
-                usage = {"prompt_tokens": item[2]["prompt_tokens"],  # the prompt once, as OpenAI counts it
-                         "completion_tokens": usage["completion_tokens"] + item[2]["completion_tokens"]}
+                choices[row] = {
+                    "index": row,
+                    "finish_reason": item[1],
+                    "logprobs": None,
+                    "message": message,
+                }
+                usage = {
+                    "prompt_tokens": item[2][
+                        "prompt_tokens"
+                    ],  # the prompt once, as OpenAI counts it
+                    "completion_tokens": usage["completion_tokens"] + item[2]["completion_tokens"],
+                }
         if any(c is None for c in choices):
             return error(500, "generation ended without a reply")
         return {**head, "object": "chat.completion", "usage": usage_of(usage), "choices": choices}
@@ -530,12 +726,19 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             body = await read_body(request)
             req = parse_request(body, args)
             if counts["admitted"] >= len(engines) + args.max_queue:
-                raise RequestError(429, f"server busy: {args.max_queue} requests already waiting; retry later")
+                raise RequestError(
+                    429, f"server busy: {args.max_queue} requests already waiting; retry later"
+                )
             if workspaces is not None and req["tools"] is None:
                 if req["n"] > 1:
-                    raise RequestError(400, "'n' > 1 with server-side tools: the choices would share one working "
-                                            "directory; ask for one choice, or send 'tools' (client-side tools)")
-                req["conversation_id"], req["workdir"] = await asyncio.to_thread(workspaces.get, req["conversation_id"])
+                    raise RequestError(
+                        400,
+                        "'n' > 1 with server-side tools: the choices would share one working "
+                        "directory; ask for one choice, or send 'tools' (client-side tools)",
+                    )
+                req["conversation_id"], req["workdir"] = await asyncio.to_thread(
+                    workspaces.get, req["conversation_id"]
+                )
         except RequestError as e:
             return error(e.status, str(e))
         counts["admitted"] += 1
@@ -548,7 +751,12 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
                 counts["admitted"] -= 1
 
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": cid, "created": created, "model": model_name, "system_fingerprint": fingerprint}
+        head = {
+            "id": cid,
+            "created": created,
+            "model": model_name,
+            "system_fingerprint": fingerprint,
+        }
         if req.get("workdir") is not None:
             head["conversation_id"] = req["conversation_id"]
 
@@ -559,9 +767,19 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
                 release()
 
         def chunk(delta, finish_reason=None, index=0, **extra):
-            obj = {**head, "object": "chat.completion.chunk",
-                   "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-                   **extra}
+            obj = {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "finish_reason": finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                **extra,
+            }
             return f"data: {json.dumps(obj)}\n\n"
 
         async def sse():
@@ -571,17 +789,41 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             async for row, item in reply(req):
                 if item[0] == "text":
                     yield chunk({"content": item[1]}, index=row)
-                elif item[0] == "tool_call":  # as OpenAI streams one: id and name first, then the arguments
+                elif (
+                    item[0] == "tool_call"
+                ):  # as OpenAI streams one: id and name first, then the arguments
                     call, k = item[1], n_calls[row]
-                    yield chunk({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
-                                                 "function": {"name": call["function"]["name"], "arguments": ""}}]},
-                                index=row)
-                    yield chunk({"tool_calls": [{"index": k, "function": {"arguments": call["function"]["arguments"]}}]},
-                                index=row)
+                    yield chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": k,
+                                    "id": call["id"],
+                                    "type": "function",
+                                    "function": {"name": call["function"]["name"], "arguments": ""},
+                                }
+                            ]
+                        },
+                        index=row,
+                    )
+                    yield chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": k,
+                                    "function": {"arguments": call["function"]["arguments"]},
+                                }
+                            ]
+                        },
+                        index=row,
+                    )
                     n_calls[row] += 1
                 elif item[0] == "done":
-                    usage = {"prompt_tokens": item[2]["prompt_tokens"],
-                             "completion_tokens": usage["completion_tokens"] + item[2]["completion_tokens"]}
+                    usage = {
+                        "prompt_tokens": item[2]["prompt_tokens"],
+                        "completion_tokens": usage["completion_tokens"]
+                        + item[2]["completion_tokens"],
+                    }
                     yield chunk({}, item[1], index=row, usage=usage_of(usage))
                 elif item[0] == "error":
                     yield f"data: {json.dumps({'error': {'message': item[1], 'type': 'server_error'}})}\n\n"
@@ -589,21 +831,36 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
                     yield chunk({"nanocode": item[1]}, index=row)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                 background=BackgroundTask(release))  # also after a disconnect
+        return StreamingResponse(
+            sse(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+            background=BackgroundTask(release),
+        )  # also after a disconnect
 
     @app.get("/v1/models")
     async def models(request: Request):
         if (denied := unauthorized(request)) is not None:
             return denied
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nanocode"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nanocode"}],
+        }
 
     @app.get("/health")
     async def health():
         busy = len(engines) - free.qsize()
-        return {"status": "ok", "model": model_name, "pid": os.getpid(), "replicas": len(engines),
-                "free": free.qsize(), "queued": max(0, counts["admitted"] - busy), "max_queue": args.max_queue,
-                "tools": "server-side" if workspaces else None, "sandbox": args.sandbox if workspaces else None}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "pid": os.getpid(),
+            "replicas": len(engines),
+            "free": free.qsize(),
+            "queued": max(0, counts["admitted"] - busy),
+            "max_queue": args.max_queue,
+            "tools": "server-side" if workspaces else None,
+            "sandbox": args.sandbox if workspaces else None,
+        }
 
     @app.get("/")
     async def ui():
@@ -616,28 +873,49 @@ def main():
     args = parser.parse_args()
     if args.allow_tools and not Path(args.allow_tools).is_dir():
         raise NanocodeError(f"--allow-tools {args.allow_tools} is not a directory")
-    if args.max_tokens < 1 or args.max_body_bytes < 1 or args.max_messages < 1 or args.max_conversations < 1:
-        raise NanocodeError("--max-tokens, --max-body-bytes, --max-messages and --max-conversations must be >= 1")
+    if (
+        args.max_tokens < 1
+        or args.max_body_bytes < 1
+        or args.max_messages < 1
+        or args.max_conversations < 1
+    ):
+        raise NanocodeError(
+            "--max-tokens, --max-body-bytes, --max-messages and --max-conversations must be >= 1"
+        )
     if args.max_queue < 0:
         raise NanocodeError(f"--max-queue must be >= 0, got {args.max_queue}")
     exposed = args.host not in LOOPBACK and not args.host.startswith("127.")
     if exposed and args.allow_tools is not None and not args.api_key:
-        raise NanocodeError(f"refusing to serve tools on {args.host} (reachable from other machines) without an API "
-                            "key: pass --api-key KEY (clients send 'Authorization: Bearer KEY'), or bind 127.0.0.1")
+        raise NanocodeError(
+            f"refusing to serve tools on {args.host} (reachable from other machines) without an API "
+            "key: pass --api-key KEY (clients send 'Authorization: Bearer KEY'), or bind 127.0.0.1"
+        )
     if exposed:
-        print(f"warning: serving on {args.host}: reachable from other machines"
-              f"{'' if args.api_key else ' by anyone (no --api-key)'}", file=sys.stderr, flush=True)
+        print(
+            f"warning: serving on {args.host}: reachable from other machines"
+            f"{'' if args.api_key else ' by anyone (no --api-key)'}",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.allow_tools is not None and args.sandbox != "off":
         from nanocode import sandbox
+
         sandbox.isolated(args.sandbox)  # warns now, loudly, if tool calls cannot be isolated here
     import uvicorn
+
     engines, fingerprint = load_engines(args)
     app = create_app(engines, args, fingerprint)
-    tools = "client-side only" if args.allow_tools is None else \
-        f"server-side in per-conversation {'copies of ' + str(Path(args.allow_tools).resolve()) if args.allow_tools else 'empty dirs'}" \
+    tools = (
+        "client-side only"
+        if args.allow_tools is None
+        else f"server-side in per-conversation {'copies of ' + str(Path(args.allow_tools).resolve()) if args.allow_tools else 'empty dirs'}"
         f" (sandbox {args.sandbox}, network {'on' if args.network else 'off'})"
-    print(f"nanocode server: http://{args.host}:{args.port}/ ({len(engines)} replica(s), tools {tools}"
-          f"{', API key required' if args.api_key else ''})", flush=True)
+    )
+    print(
+        f"nanocode server: http://{args.host}:{args.port}/ ({len(engines)} replica(s), tools {tools}"
+        f"{', API key required' if args.api_key else ''})",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -5,6 +5,7 @@
 
 Load it back with nanocode.export.load_exported(dir): no pickle is read on that path (see nanocode/export.py).
 """
+
 import argparse
 import time
 
@@ -12,17 +13,26 @@ from nanocode.checkpoint import PHASES, load_model
 from nanocode.common import get_base_dir, run_main
 from nanocode.export import export_model, load_exported
 
-parser = argparse.ArgumentParser(description="export a checkpoint as model.safetensors + config.json + tokenizer")
+parser = argparse.ArgumentParser(
+    description="export a checkpoint as model.safetensors + config.json + tokenizer"
+)
 parser.add_argument("-i", "--source", default="sft", choices=PHASES, help="checkpoint phase")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the most recent)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-parser.add_argument("-o", "--out", default=None, help="output directory (default: $NANOCODE_BASE_DIR/export/<phase>[_<tag>]_<step>)")
+parser.add_argument(
+    "-o",
+    "--out",
+    default=None,
+    help="output directory (default: $NANOCODE_BASE_DIR/export/<phase>[_<tag>]_<step>)",
+)
 
 
 def main():
     args = parser.parse_args()
     t0 = time.perf_counter()
-    model, tokenizer, meta = load_model(args.source, "cpu", args.tag, args.step)  # CPU: a GPU adds nothing here
+    model, tokenizer, meta = load_model(
+        args.source, "cpu", args.tag, args.step
+    )  # CPU: a GPU adds nothing here
     name = "_".join([args.source, *([args.tag] if args.tag else []), f"{meta['step']:06d}"])
     out = args.out or get_base_dir() / "export" / name
     out = export_model(model, tokenizer, out, {"phase": args.source, "step": meta["step"]})
@@ -30,8 +40,10 @@ def main():
     reloaded, _, _ = load_exported(out)
     n_params = sum(p.numel() for p in reloaded.parameters())
     size_mb = sum(f.stat().st_size for f in out.iterdir()) / 1e6
-    print(f"exported {args.source} step {meta['step']} ({n_params:,} parameters, {size_mb:.1f} MB) to {out} "
-          f"in {time.perf_counter() - t0:.1f}s: {', '.join(sorted(f.name for f in out.iterdir()))}")
+    print(
+        f"exported {args.source} step {meta['step']} ({n_params:,} parameters, {size_mb:.1f} MB) to {out} "
+        f"in {time.perf_counter() - t0:.1f}s: {', '.join(sorted(f.name for f in out.iterdir()))}"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ A preference pair's rejected side reuses the chosen side's outputs for the calls
 start (the same calls on the same files print the same; tests replay them); only what differs runs.
 At the end a diversity table: records per kind, distinct tool-call sequences, turns, calls, shares.
 """
+
 import argparse
 import json
 import os
@@ -33,24 +34,43 @@ from nanocode.engine import DENIED
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="generate synthetic tool-use trajectories, DPO pairs and validity prompts")
+    p = argparse.ArgumentParser(
+        description="generate synthetic tool-use trajectories, DPO pairs and validity prompts"
+    )
     p.add_argument("--num-train", type=int, default=20000, help="distinct train trajectories")
     p.add_argument("--num-val", type=int, default=500, help="distinct held-out trajectories")
-    p.add_argument("--num-prompts", type=int, default=300, help="held-out validity prompts (seen and unseen kinds)")
-    p.add_argument("--pairs", type=int, default=-1, help="train preference pairs from the first N trajectories (-1: all)")
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        default=300,
+        help="held-out validity prompts (seen and unseen kinds)",
+    )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=-1,
+        help="train preference pairs from the first N trajectories (-1: all)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-docs", type=int, default=20000, help="corpus documents scanned per split")
     p.add_argument("--data-name", type=str, default="code", help="corpus name (nanocode.dataset)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--weights", type=str, default="", help="kind=weight,... instead of the registry's weights for the "
-                   "train and held-out trajectories (the validity prompts keep the registry's), e.g. run_report=20")
+    p.add_argument(
+        "--weights",
+        type=str,
+        default="",
+        help="kind=weight,... instead of the registry's weights for the "
+        "train and held-out trajectories (the validity prompts keep the registry's), e.g. run_report=20",
+    )
     args = p.parse_args(argv)
     args.kind_weights = {}
     for item in [w for w in args.weights.split(",") if w.strip()]:
         kind, _, w = item.partition("=")
         kind = kind.strip()
         if kind not in synth.TASKS:
-            raise NanocodeError(f"--weights: {kind!r} is not a kind training draws from (kinds: {', '.join(synth.TASKS)})")
+            raise NanocodeError(
+                f"--weights: {kind!r} is not a kind training draws from (kinds: {', '.join(synth.TASKS)})"
+            )
         try:
             args.kind_weights[kind] = float(w)
         except ValueError:
@@ -85,12 +105,15 @@ def _pair(job):
 
 def load_corpus(split: str, args) -> synth.Corpus:
     from nanocode.dataset import iter_documents
+
     docs = list(islice(iter_documents(split, name=args.data_name), args.max_docs))
     funcs = synth.corpus_functions(docs, limit=3000)
     if len(funcs) < 20:
-        raise NanocodeError(f"only {len(funcs)} usable Python functions in the {split} split of corpus {args.data_name!r} "
-                            f"(scanned {args.max_docs} documents): need at least 20; build a Python corpus with "
-                            f"`python -m nanocode.dataset --local`")
+        raise NanocodeError(
+            f"only {len(funcs)} usable Python functions in the {split} split of corpus {args.data_name!r} "
+            f"(scanned {args.max_docs} documents): need at least 20; build a Python corpus with "
+            f"`python -m nanocode.dataset --local`"
+        )
     return synth.Corpus(funcs, synth.corpus_files(docs))
 
 
@@ -108,7 +131,9 @@ def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
                 bar.update(1)
         start += todo
         if start > 20 * n + 1000:
-            raise NanocodeError(f"{desc}: only {len(out)} distinct records after {start} tries (asked for {n})")
+            raise NanocodeError(
+                f"{desc}: only {len(out)} distinct records after {start} tries (asked for {n})"
+            )
     bar.close()
     return out
 
@@ -116,11 +141,21 @@ def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
 def build(split: str, n: int, n_pairs: int, n_prompts: int, seed: int, args):
     corpus = load_corpus(split, args)
     t0 = time.time()
-    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(corpus, args.kind_weights or None)) as pool:
+    with ProcessPoolExecutor(
+        args.workers, initializer=_init, initargs=(corpus, args.kind_weights or None)
+    ) as pool:
         records = distinct(pool, _traj, n, seed, f"{split} trajectories")
-        prompts = distinct(pool, _prompt, n_prompts, seed + 7, "validity prompts") if n_prompts else []
+        prompts = (
+            distinct(pool, _prompt, n_prompts, seed + 7, "validity prompts") if n_prompts else []
+        )
         jobs = [(i, r, seed) for i, r in enumerate(records[:n_pairs])]
-        pairs = [p for p in progress(pool.map(_pair, jobs, chunksize=16), total=len(jobs), desc=f"{split} pairs") if p]
+        pairs = [
+            p
+            for p in progress(
+                pool.map(_pair, jobs, chunksize=16), total=len(jobs), desc=f"{split} pairs"
+            )
+            if p
+        ]
     for r in records:
         validate_conversation(r, f"synthetic {split} trajectory ({r['kind']})")
     for p in prompts:
@@ -128,30 +163,56 @@ def build(split: str, n: int, n_pairs: int, n_prompts: int, seed: int, args):
     for p in pairs:
         validate_preference(p, f"synthetic {split} pair ({p['kind']})")
     seconds = time.time() - t0
-    print0(f"{split}: {len(corpus)} corpus functions, {len(corpus.others)} other files -> {len(records)} trajectories, "
-           f"{len(pairs)} pairs {dict(Counter(p['kind'] for p in pairs))}, {len(prompts)} prompts in {seconds:.0f}s "
-           f"({len(records) / max(seconds, 1e-9):.1f} trajectories/s with {args.workers} workers)")
+    print0(
+        f"{split}: {len(corpus)} corpus functions, {len(corpus.others)} other files -> {len(records)} trajectories, "
+        f"{len(pairs)} pairs {dict(Counter(p['kind'] for p in pairs))}, {len(prompts)} prompts in {seconds:.0f}s "
+        f"({len(records) / max(seconds, 1e-9):.1f} trajectories/s with {args.workers} workers)"
+    )
     return records, pairs, prompts
 
 
 def diversity(records, tokenizer=None) -> dict:
     """Counts that say how varied the data is (the table gen_synth prints)."""
     turns = [sum(m["role"] == "user" for m in r["messages"]) for r in records]
-    calls = [sum(p["type"] == "tool_call" for m in r["messages"] if m["role"] == "assistant" and isinstance(m["content"], list)
-                 for p in m["content"]) for r in records]
-    denied = [any(p["type"] == "tool_output" and p["text"] == DENIED for m in r["messages"]
-                  if isinstance(m["content"], list) for p in m["content"]) for r in records]
+    calls = [
+        sum(
+            p["type"] == "tool_call"
+            for m in r["messages"]
+            if m["role"] == "assistant" and isinstance(m["content"], list)
+            for p in m["content"]
+        )
+        for r in records
+    ]
+    denied = [
+        any(
+            p["type"] == "tool_output" and p["text"] == DENIED
+            for m in r["messages"]
+            if isinstance(m["content"], list)
+            for p in m["content"]
+        )
+        for r in records
+    ]
     n = max(len(records), 1)
-    out = {"records": len(records), "kinds": dict(sorted(Counter(r["kind"] for r in records).items(), key=lambda kv: -kv[1])),
-           "shapes": len({synth.call_shape(r) for r in records}),
-           "turns_mean": sum(turns) / n, "turns_max": max(turns, default=0),
-           "calls_mean": sum(calls) / n, "calls_max": max(calls, default=0),
-           "multi_turn": sum(t > 1 for t in turns) / n, "no_tool": sum(c == 0 for c in calls) / n,
-           "denial": sum(denied) / n}
+    out = {
+        "records": len(records),
+        "kinds": dict(sorted(Counter(r["kind"] for r in records).items(), key=lambda kv: -kv[1])),
+        "shapes": len({synth.call_shape(r) for r in records}),
+        "turns_mean": sum(turns) / n,
+        "turns_max": max(turns, default=0),
+        "calls_mean": sum(calls) / n,
+        "calls_max": max(calls, default=0),
+        "multi_turn": sum(t > 1 for t in turns) / n,
+        "no_tool": sum(c == 0 for c in calls) / n,
+        "denial": sum(denied) / n,
+    }
     if tokenizer is not None:
         toks = [len(tokenizer.render_conversation(r)[0]) for r in records]
-        out.update(tokens=sum(toks), tokens_mean=sum(toks) / n, tokens_max=max(toks, default=0),
-                   tokens_p90=sorted(toks)[int(0.9 * (len(toks) - 1))] if toks else 0)
+        out.update(
+            tokens=sum(toks),
+            tokens_mean=sum(toks) / n,
+            tokens_max=max(toks, default=0),
+            tokens_p90=sorted(toks)[int(0.9 * (len(toks) - 1))] if toks else 0,
+        )
     return out
 
 
@@ -159,11 +220,17 @@ def print_table(d: dict):
     print0(f"{'kind':<20}{'records':>9}{'share':>8}")
     for k, c in d["kinds"].items():
         print0(f"{k:<20}{c:>9}{c / d['records']:>8.1%}")
-    print0(f"distinct tool-call sequences: {d['shapes']} | turns/conversation: mean {d['turns_mean']:.2f}, max {d['turns_max']}"
-           f" | calls/conversation: mean {d['calls_mean']:.2f}, max {d['calls_max']}")
-    print0(f"multi-turn {d['multi_turn']:.1%} | without tools {d['no_tool']:.1%} | with a denial {d['denial']:.1%}")
+    print0(
+        f"distinct tool-call sequences: {d['shapes']} | turns/conversation: mean {d['turns_mean']:.2f}, max {d['turns_max']}"
+        f" | calls/conversation: mean {d['calls_mean']:.2f}, max {d['calls_max']}"
+    )
+    print0(
+        f"multi-turn {d['multi_turn']:.1%} | without tools {d['no_tool']:.1%} | with a denial {d['denial']:.1%}"
+    )
     if "tokens" in d:
-        print0(f"tokens: {d['tokens']:,} in all, mean {d['tokens_mean']:.0f}, p90 {d['tokens_p90']}, max {d['tokens_max']}")
+        print0(
+            f"tokens: {d['tokens']:,} in all, mean {d['tokens_mean']:.0f}, p90 {d['tokens_p90']}, max {d['tokens_max']}"
+        )
 
 
 def main(argv=None):
@@ -172,21 +239,33 @@ def main(argv=None):
     n_pairs = args.num_train if args.pairs < 0 else args.pairs
     t0 = time.time()
     train, train_pairs, _ = build("train", args.num_train, n_pairs, 0, args.seed, args)
-    val, val_pairs, prompts = build("val", args.num_val, args.num_val, args.num_prompts, args.seed + 1, args)
+    val, val_pairs, prompts = build(
+        "val", args.num_val, args.num_val, args.num_prompts, args.seed + 1, args
+    )
     wall = time.time() - t0
-    for name, recs in [("synth_train", train), ("synth_val", val), ("dpo_train", train_pairs), ("dpo_val", val_pairs),
-                       ("validity_prompts", prompts)]:
+    for name, recs in [
+        ("synth_train", train),
+        ("synth_val", val),
+        ("dpo_train", train_pairs),
+        ("dpo_val", val_pairs),
+        ("validity_prompts", prompts),
+    ]:
         path = write_jsonl(out / f"{name}.jsonl", recs)
         print0(f"wrote {len(recs)} records to {path}")
     try:
         from nanocode.tokenizer import get_tokenizer
+
         tokenizer = get_tokenizer()
     except Exception:  # noqa: BLE001 -- no tokenizer trained yet: the table leaves out the token counts
         tokenizer = None
-    print0(f"diversity of the {len(train)} train trajectories (generated in {wall:.0f}s, all splits):")
+    print0(
+        f"diversity of the {len(train)} train trajectories (generated in {wall:.0f}s, all splits):"
+    )
     print_table(diversity(train, tokenizer))
-    print0(f"validity prompts: {dict(Counter((p['kind'], p['seen']) for p in prompts).most_common(8))} ... "
-           f"{sum(p['seen'] for p in prompts)} seen, {sum(not p['seen'] for p in prompts)} unseen")
+    print0(
+        f"validity prompts: {dict(Counter((p['kind'], p['seen']) for p in prompts).most_common(8))} ... "
+        f"{sum(p['seen'] for p in prompts)} seen, {sum(not p['seen'] for p in prompts)} unseen"
+    )
 
 
 if __name__ == "__main__":

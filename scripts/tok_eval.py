@@ -8,6 +8,7 @@ in site-packages, Rust crates in the cargo registry, license texts and package R
 The offline corpus is built from the same places, so the code samples may have been seen in training:
 read the numbers as a comparison between tokenizers, not as held-out compression.
 """
+
 import argparse
 import glob
 import os
@@ -54,8 +55,10 @@ def offline_encoding(name: str):
     """tiktoken's encoding `name` if its files are in tiktoken's cache, else None (never downloads:
     tiktoken would otherwise fetch the ranks on a cache miss, which hangs for minutes on an offline
     machine, and an evaluation should not need the network)."""
+
     def no_download(blobpath):
         raise FileNotFoundError(f"{blobpath} is not in tiktoken's local cache")
+
     real_read_file = tiktoken.load.read_file
     tiktoken.load.read_file = no_download
     try:
@@ -81,7 +84,11 @@ def main():
             tokenizers[name] = enc.encode_ordinary
 
     results = {}
-    print(f"{'sample':<12} {'bytes':>9} " + " ".join(f"{name:>12}" for name in tokenizers) + "   (bytes per token)")
+    print(
+        f"{'sample':<12} {'bytes':>9} "
+        + " ".join(f"{name:>12}" for name in tokenizers)
+        + "   (bytes per token)"
+    )
     for lang, patterns in SOURCES.items():
         text = sample(patterns, args.kb * 1000)
         if not text:

@@ -11,6 +11,7 @@ Why 32768 tokens by default: embedding and head hold 2 * vocab * width parameter
 model itself, for small models that cannot use a large vocab's rare tokens well. A power of two also
 keeps the head's matmul tile-friendly.
 """
+
 import argparse
 import time
 
@@ -20,9 +21,15 @@ from nanocode.report import log_stage
 from nanocode.tokenizer import Tokenizer
 
 parser = argparse.ArgumentParser(description="train the tokenizer")
-parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many characters")
-parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept from the start of each document")
-parser.add_argument("--vocab-size", type=int, default=32768, help="tokens, the 12 special tokens included")
+parser.add_argument(
+    "--max-chars", type=int, default=2_000_000_000, help="stop after this many characters"
+)
+parser.add_argument(
+    "--doc-cap", type=int, default=10_000, help="characters kept from the start of each document"
+)
+parser.add_argument(
+    "--vocab-size", type=int, default=32768, help="tokens, the 12 special tokens included"
+)
 
 
 def main():
@@ -30,7 +37,9 @@ def main():
     if args.max_chars < 1 or args.doc_cap < 1:
         raise NanocodeError("--max-chars and --doc-cap must be positive")
     if args.vocab_size < 268:
-        raise NanocodeError(f"--vocab-size must be at least 268 (256 bytes + 12 special tokens), got {args.vocab_size}")
+        raise NanocodeError(
+            f"--vocab-size must be at least 268 (256 bytes + 12 special tokens), got {args.vocab_size}"
+        )
     try:
         split_shards("train")  # fail now, with the dataset's hint, rather than inside the trainer
     except NanocodeError as e:
@@ -40,7 +49,7 @@ def main():
 
     def texts():
         for doc in iter_documents("train"):
-            text = doc["text"][:args.doc_cap]
+            text = doc["text"][: args.doc_cap]
             stats["docs"] += 1
             stats["chars"] += len(text)
             stats["bytes"] += len(text.encode("utf-8", errors="surrogatepass"))
@@ -52,22 +61,35 @@ def main():
     tokenizer = Tokenizer.train(texts(), vocab_size=args.vocab_size)
     seconds = time.perf_counter() - t0
     if stats["docs"] == 0:
-        raise NanocodeError("the training split has no documents: rebuild it with `python -m nanocode.dataset --local`")
+        raise NanocodeError(
+            "the training split has no documents: rebuild it with `python -m nanocode.dataset --local`"
+        )
     out = tokenizer.save(get_base_dir() / "tokenizer")
 
     mb_per_s = stats["bytes"] / 1e6 / seconds
-    print(f"trained on {stats['docs']:,} documents, {stats['chars']:,} characters ({stats['bytes'] / 1e6:.1f} MB) "
-          f"in {seconds:.1f}s: {mb_per_s:.1f} MB/s")
+    print(
+        f"trained on {stats['docs']:,} documents, {stats['chars']:,} characters ({stats['bytes'] / 1e6:.1f} MB) "
+        f"in {seconds:.1f}s: {mb_per_s:.1f} MB/s"
+    )
     print(f"vocab size {tokenizer.vocab_size} (asked for {args.vocab_size}); saved to {out}")
     if tokenizer.vocab_size < args.vocab_size:
         print("note: the corpus ran out of pairs to merge before reaching the vocab size asked for")
-    sample = "def hello(name):\n    return f\"Hello, {name}!\"  # 👋\n"
+    sample = 'def hello(name):\n    return f"Hello, {name}!"  # 👋\n'
     ids = tokenizer.encode(sample)
     assert tokenizer.decode(ids) == sample, "round trip failed"
-    print(f"sample: {len(sample.encode())} bytes -> {len(ids)} tokens: {[tokenizer.decode([i]) for i in ids]}")
-    log_stage("tokenizer", vocab_size=tokenizer.vocab_size, train_docs=stats["docs"], train_chars=stats["chars"],
-              train_bytes=stats["bytes"], train_seconds=round(seconds, 2), train_mb_per_s=round(mb_per_s, 2),
-              doc_cap=args.doc_cap)
+    print(
+        f"sample: {len(sample.encode())} bytes -> {len(ids)} tokens: {[tokenizer.decode([i]) for i in ids]}"
+    )
+    log_stage(
+        "tokenizer",
+        vocab_size=tokenizer.vocab_size,
+        train_docs=stats["docs"],
+        train_chars=stats["chars"],
+        train_bytes=stats["bytes"],
+        train_seconds=round(seconds, 2),
+        train_mb_per_s=round(mb_per_s, 2),
+        doc_cap=args.doc_cap,
+    )
 
 
 if __name__ == "__main__":

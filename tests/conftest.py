@@ -1,5 +1,6 @@
 """Test-wide setup: an isolated base dir, the Triton interpreter on CPU-only machines, and the
 PyTorch references as the default kernels (kernel tests opt in to Triton with NANOCODE_KERNELS)."""
+
 import os
 import sysconfig
 import tempfile
@@ -24,10 +25,16 @@ def stdlib_functions():
 
     def get(n_files, limit):
         stdlib = Path(sysconfig.get_paths()["stdlib"])
-        docs = [{"text": p.read_text(errors="replace"), "lang": "python"} for p in sorted(stdlib.glob("*.py"))[:n_files]]
+        docs = [
+            {"text": p.read_text(errors="replace"), "lang": "python"}
+            for p in sorted(stdlib.glob("*.py"))[:n_files]
+        ]
         headers = sorted(Path(sysconfig.get_paths()["include"]).rglob("*.h"))[:200]
         others = [{"text": p.read_text(errors="replace"), "lang": "c"} for p in headers]
-        return synth.Corpus(synth.corpus_functions(docs, limit=limit), synth.corpus_files(others, limit=40))
+        return synth.Corpus(
+            synth.corpus_functions(docs, limit=limit), synth.corpus_files(others, limit=40)
+        )
+
     return get
 
 

@@ -1,6 +1,7 @@
 """Helpers shared by the tests (import them from here; tests never import other test modules):
 a byte-level stand-in tokenizer, tiny trained tokenizers, tiny random models and checkpoints, synthetic
 corpora, a local stand-in for the Hugging Face hub, and the command line and environment that run a script in a subprocess."""
+
 import hashlib
 import http.server
 import json
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 class ByteTokenizer:
     """The Tokenizer interface without training: the special tokens (ids 0-11, the library's own list),
     then one token per byte, so ids are predictable (`"a"` is 12 + 97) and nothing needs a corpus."""
+
     vocab_size = len(SPECIAL_TOKENS) + 256
     bos_id = 0
 
@@ -54,12 +56,22 @@ class ByteTokenizer:
         sid = self.special_id
         msgs = list(conversation["messages"])
         if msgs and msgs[0]["role"] == "system":
-            msgs = [{"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}] + msgs[2:]
+            msgs = [
+                {"role": "user", "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}
+            ] + msgs[2:]
         ids = [self.bos_id]
         for m in msgs:
-            content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            content = (
+                m["content"]
+                if isinstance(m["content"], list)
+                else [{"type": "text", "text": m["content"]}]
+            )
             if m["role"] == "user":
-                ids += [sid("<|user_start|>")] + self.encode(content[0]["text"]) + [sid("<|user_end|>")]
+                ids += (
+                    [sid("<|user_start|>")]
+                    + self.encode(content[0]["text"])
+                    + [sid("<|user_end|>")]
+                )
                 continue
             ids.append(sid("<|assistant_start|>"))
             for p in content:
@@ -69,7 +81,9 @@ class ByteTokenizer:
                     call = json.dumps({"name": p["name"], "arguments": p["arguments"]})
                     ids += [sid("<|tool_start|>")] + self.encode(call) + [sid("<|tool_end|>")]
                 else:
-                    ids += [sid("<|output_start|>")] + self.encode(p["text"]) + [sid("<|output_end|>")]
+                    ids += (
+                        [sid("<|output_start|>")] + self.encode(p["text"]) + [sid("<|output_end|>")]
+                    )
             ids.append(sid("<|assistant_end|>"))
         return ids + [sid("<|assistant_start|>")]
 
@@ -83,6 +97,7 @@ def real_tokenizer():
     """A tiny trained tokenizer saved where get_tokenizer() (and so every script) finds it: the base dir."""
     from nanocode.common import get_base_dir
     from nanocode.tokenizer import get_tokenizer
+
     if not (get_base_dir() / "tokenizer").exists():
         texts = [REPO.joinpath(p).read_text() for p in ("nanocode/engine.py", "nanocode/tools.py")]
         trained_tokenizer(texts, vocab_size=512).save(get_base_dir() / "tokenizer")
@@ -109,9 +124,25 @@ def torchrun(script_or_args, tmp_path, nproc=2):
         args = script_or_args
     # Pinned to the loopback interface: no dependence on how this machine's hostname resolves.
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-                        f"--nproc_per_node={nproc}", *args], env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
-    assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--local-addr=127.0.0.1",
+            f"--nproc_per_node={nproc}",
+            *args,
+        ],
+        env=env,
+        cwd=REPO,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, (
+        f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    )
     return p.stdout
 
 
@@ -119,9 +150,19 @@ def tiny_model(vocab_size, sequence_len=96, seed=0):
     """A random 2-layer GPT with weights large enough that attention matters (the default init starts
     every block as the identity, which would make e.g. cached and uncached generation trivially equal)."""
     from nanocode.gpt import GPTConfig, build_model
+
     torch.manual_seed(seed)
-    model = build_model(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4,
-                                  n_kv_head=2, n_embd=64), "cpu")
+    model = build_model(
+        GPTConfig(
+            sequence_len=sequence_len,
+            vocab_size=vocab_size,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            n_embd=64,
+        ),
+        "cpu",
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.5 if p.dim() == 2 and p.size(0) == vocab_size else 0.2)
@@ -132,6 +173,7 @@ def nudged_model(depth: int, vocab_size: int, sequence_len: int, seed: int = 0):
     """GPTConfig.from_depth's model with every weight nudged by 0.02 * N(0, 1): the init zeroes the output
     projections, and a test model needs every layer to do something."""
     from nanocode.gpt import GPTConfig, build_model
+
     torch.manual_seed(seed)
     model = build_model(GPTConfig.from_depth(depth, vocab_size, sequence_len), "cpu")
     for p in model.parameters():
@@ -152,8 +194,15 @@ def reference_step(model, optimizers, step: int, steps: int):
 def save_tiny_checkpoint(tag: str, vocab_size: int, phase: str = "sft"):
     """A tiny random GPT saved where load_model(phase, tag=tag) finds it."""
     from nanocode.checkpoint import checkpoint_dir, save_checkpoint
+
     model = tiny_model(vocab_size, sequence_len=256)
-    save_checkpoint(checkpoint_dir(phase, tag), 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
+    save_checkpoint(
+        checkpoint_dir(phase, tag),
+        1,
+        model.state_dict(),
+        None,
+        {"model_config": model.config.to_dict()},
+    )
 
 
 ANSWER = "q"  # the rewarded answer: a reply whose text contains it passes
@@ -164,25 +213,79 @@ def install_fixed_answer_reward():
     answer), and give the Engine a plain chat_batch (no tool calls) if it has none of its own."""
     from nanocode import engine as engine_mod
     from nanocode import rl_tasks
-    rl_tasks.written_code = lambda message: "".join(p["text"] for p in message["content"] if p["type"] == "text")
-    rl_tasks.verify_many = lambda tasks, codes, **kw: [(ANSWER in c, "passed" if ANSWER in c else "failed") for c in codes]
+
+    rl_tasks.written_code = lambda message: "".join(
+        p["text"] for p in message["content"] if p["type"] == "text"
+    )
+    rl_tasks.verify_many = lambda tasks, codes, **kw: [
+        (ANSWER in c, "passed" if ANSWER in c else "failed") for c in codes
+    ]
     if not hasattr(engine_mod.Engine, "chat_batch"):
-        def chat_batch(self, conversations, approve=None, workdirs=None, max_tokens=1024, temperature=0.6, top_k=50,
-                       top_p=None, seed=42, max_tool_calls=8, tool_runner=None, on_event=None):
+
+        def chat_batch(
+            self,
+            conversations,
+            approve=None,
+            workdirs=None,
+            max_tokens=1024,
+            temperature=0.6,
+            top_k=50,
+            top_p=None,
+            seed=42,
+            max_tool_calls=8,
+            tool_runner=None,
+            on_event=None,
+        ):
             out = []
             for i, conv in enumerate(conversations):
                 prompt = list(self.tokenizer.render_for_completion(conv))
-                ids = self.generate_batch(prompt, 1, max_tokens, temperature, top_k, top_p, seed + i)[0]
+                ids = self.generate_batch(
+                    prompt, 1, max_tokens, temperature, top_k, top_p, seed + i
+                )[0]
                 stopped = len(ids) < max_tokens
-                out.append({"message": {"role": "assistant", "content": [{"type": "text", "text": self.tokenizer.decode(ids)}]},
-                            "finish_reason": "stop" if stopped else "length", "usage": {},
-                            "prompt_ids": prompt, "ids": ids + [self.assistant_end] * stopped, "mask": [1] * (len(ids) + stopped)})
+                out.append(
+                    {
+                        "message": {
+                            "role": "assistant",
+                            "content": [{"type": "text", "text": self.tokenizer.decode(ids)}],
+                        },
+                        "finish_reason": "stop" if stopped else "length",
+                        "usage": {},
+                        "prompt_ids": prompt,
+                        "ids": ids + [self.assistant_end] * stopped,
+                        "mask": [1] * (len(ids) + stopped),
+                    }
+                )
             return out
+
         engine_mod.Engine.chat_batch = chat_batch
 
 
-WORDS = ["def", "return", "self", "import", "for", "in", "if", "else", "x", "y", "value", "print", "(", ")", ":", "=",
-         "+", "[", "]", "λ", "é", "数据", "🙂"]
+WORDS = [
+    "def",
+    "return",
+    "self",
+    "import",
+    "for",
+    "in",
+    "if",
+    "else",
+    "x",
+    "y",
+    "value",
+    "print",
+    "(",
+    ")",
+    ":",
+    "=",
+    "+",
+    "[",
+    "]",
+    "λ",
+    "é",
+    "数据",
+    "🙂",
+]
 
 
 def make_docs(n, seed=0, min_lines=2, max_lines=60):
@@ -192,7 +295,10 @@ def make_docs(n, seed=0, min_lines=2, max_lines=60):
     for i in range(n):
         lines = [f"# doc {i}"]
         for _ in range(rng.randint(min_lines, max_lines)):
-            lines.append("    " * rng.randint(0, 2) + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))))
+            lines.append(
+                "    " * rng.randint(0, 2)
+                + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+            )
         docs.append("\n".join(lines) + "\n")
     return docs
 
@@ -202,7 +308,7 @@ def write_corpus(directory, docs, per_shard):
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(0, len(docs), per_shard):
-        chunk = docs[k:k + per_shard]
+        chunk = docs[k : k + per_shard]
         path = directory / f"shard_{k // per_shard:05d}.parquet"
         pq.write_table(pa.table({"text": chunk, "lang": ["python"] * len(chunk)}), path)
         paths.append(path)
@@ -249,7 +355,9 @@ class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _lookup(self, method):
-        parts = self.path.split("?")[0].split("/")  # "", "datasets", owner, name, "resolve", revision, file...
+        parts = self.path.split("?")[0].split(
+            "/"
+        )  # "", "datasets", owner, name, "resolve", revision, file...
         if len(parts) < 7 or parts[4] != "resolve":
             key = None
         else:
@@ -288,7 +396,7 @@ class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
         self._headers(data, 206 if start else 200, start)
         if key in self.server.fail_once:  # promise everything, send half, hang up
             self.server.fail_once.discard(key)
-            self.wfile.write(data[start:start + (len(data) - start) // 2])
+            self.wfile.write(data[start : start + (len(data) - start) // 2])
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
             return

@@ -9,6 +9,7 @@ Each later forward of the row emits the script's next token (the engine feeds a 
 sampled token, whatever it feeds with it); past the script's end it emits <|assistant_end|>. `delay`
 seconds are slept per forward, so a test can interrupt a generation half way.
 """
+
 import json
 import time
 from types import SimpleNamespace
@@ -19,10 +20,24 @@ from nanocode.engine import encode_with_specials
 
 
 class ScriptedModel(torch.nn.Module):
-    def __init__(self, turns, vocab_size: int, assistant_start: int, assistant_end: int, sequence_len=4096,
-                 delay=0.0, pick=None, resume=None):
+    def __init__(
+        self,
+        turns,
+        vocab_size: int,
+        assistant_start: int,
+        assistant_end: int,
+        sequence_len=4096,
+        delay=0.0,
+        pick=None,
+        resume=None,
+    ):
         super().__init__()
-        self.turns, self.delay, self.pick, self.resume = [list(t) for t in turns], delay, pick, resume
+        self.turns, self.delay, self.pick, self.resume = (
+            [list(t) for t in turns],
+            delay,
+            pick,
+            resume,
+        )
         self.assistant_start, self.assistant_end = assistant_start, assistant_end
         self.config = SimpleNamespace(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1)
         self.register_buffer("dummy", torch.zeros(1))
@@ -39,7 +54,9 @@ class ScriptedModel(torch.nn.Module):
         if self.delay:
             time.sleep(self.delay)
         states = {} if kv_cache is None else kv_cache.__dict__.setdefault("scripted_rows", {})
-        rows = getattr(kv_cache, "rows", None) or list(range(B))  # RowCache names its rows; KVCache: all
+        rows = getattr(kv_cache, "rows", None) or list(
+            range(B)
+        )  # RowCache names its rows; KVCache: all
         for r in rows:  # after KVCache.expand, every row continues row 0's turn
             if r not in states and 0 in states:
                 states[r] = dict(states[0])
@@ -63,6 +80,12 @@ class ScriptedModel(torch.nn.Module):
         with open(path) as f:
             spec = json.load(f)
         turns = [encode_with_specials(tokenizer, t) for t in spec["turns"]]
-        return cls(turns, tokenizer.vocab_size, tokenizer.special_id("<|assistant_start|>"),
-                   tokenizer.special_id("<|assistant_end|>"), spec.get("sequence_len", 4096), spec.get("delay", 0.0),
-                   resume=tokenizer.special_id("<|output_end|>"))
+        return cls(
+            turns,
+            tokenizer.vocab_size,
+            tokenizer.special_id("<|assistant_start|>"),
+            tokenizer.special_id("<|assistant_end|>"),
+            spec.get("sequence_len", 4096),
+            spec.get("delay", 0.0),
+            resume=tokenizer.special_id("<|output_end|>"),
+        )

@@ -1,6 +1,7 @@
 """Agentic evaluation: every shipped task is solvable and not solved by doing nothing; a scripted agent
 that performs the reference solutions through tool calls scores 1.0 and an idle one 0.0; hostile
 transcripts are contained; bad suites, verifiers and transcript files give one clear error."""
+
 import json
 import subprocess
 import sys
@@ -10,12 +11,20 @@ from pathlib import Path
 import pytest
 
 from nanocode import agent_tasks
-from nanocode.agent_tasks import (KINDS, load_suite, make_suite, read_transcripts, replay, run_tasks, summarize,
-                                  verify)
+from nanocode.agent_tasks import (
+    KINDS,
+    load_suite,
+    make_suite,
+    read_transcripts,
+    replay,
+    run_tasks,
+    summarize,
+    verify,
+)
 from nanocode.common import NanocodeError
 from nanocode.engine import Engine, encode_with_specials
-from tests.scripted_model import ScriptedModel
 from tests.helpers import ByteTokenizer
+from tests.scripted_model import ScriptedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,12 +35,18 @@ def suite():
 
 
 def reference_message(task):
-    return {"role": "assistant", "content": [{"type": "tool_call", **c} for c in task["solution"]["calls"]]
-            + [{"type": "text", "text": task["solution"]["answer"]}]}
+    return {
+        "role": "assistant",
+        "content": [{"type": "tool_call", **c} for c in task["solution"]["calls"]]
+        + [{"type": "text", "text": task["solution"]["answer"]}],
+    }
 
 
 def test_shipped_suite_is_the_generator_at_seed_0_and_covers_every_kind(suite):
-    assert suite == [dict(t, verify_files=t.get("verify_files", {}), deny=t.get("deny", [])) for t in make_suite(0, 28)]
+    assert suite == [
+        dict(t, verify_files=t.get("verify_files", {}), deny=t.get("deny", []))
+        for t in make_suite(0, 28)
+    ]
     assert {t["kind"] for t in suite} == set(KINDS)
     assert make_suite(5, 14) == make_suite(5, 14) and make_suite(5, 14) != make_suite(6, 14)
 
@@ -45,8 +60,10 @@ def test_every_reference_solution_passes_and_the_untouched_repo_fails(suite):
 
 
 def script_text(task):
-    calls = "".join(f"<|tool_start|>{json.dumps({'name': c['name'], 'arguments': c['arguments']})}<|tool_end|>"
-                    for c in task["solution"]["calls"])
+    calls = "".join(
+        f"<|tool_start|>{json.dumps({'name': c['name'], 'arguments': c['arguments']})}<|tool_end|>"
+        for c in task["solution"]["calls"]
+    )
     return calls + task["solution"]["answer"]
 
 
@@ -56,23 +73,34 @@ def test_scripted_agent_scores(suite, agent):
     tok = ByteTokenizer()
     scripts = {}  # request -> scripts in suite order (tasks can share a request; rows start in suite order)
     for t in suite:
-        scripts.setdefault(t["request"], []).append(encode_with_specials(tok, script_text(t)) if agent == "reference" else [])
+        scripts.setdefault(t["request"], []).append(
+            encode_with_specials(tok, script_text(t)) if agent == "reference" else []
+        )
 
     def pick(prompt_ids):
         text = tok.decode(prompt_ids)
         return next(s for req, s in scripts.items() if req in text).pop(0)
+
     model = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=4096, pick=pick)
     records = run_tasks(Engine(model, tok), suite, batch_size=8)
     stats = summarize(records)
     want = 1.0 if agent == "reference" else 0.0
-    assert stats["success"] == want, [(r["task"], r["verifier"]) for r in records if r["passed"] != (want == 1.0)]
+    assert stats["success"] == want, [
+        (r["task"], r["verifier"]) for r in records if r["passed"] != (want == 1.0)
+    ]
     assert all(v == want for v in stats["per_kind"].values()) and stats["cut_offs"] == 0
     if agent == "reference":
         assert stats["valid_call_rate"] == 1.0
-        assert stats["calls_per_task"] == sum(len(t["solution"]["calls"]) for t in suite) / len(suite)
+        assert stats["calls_per_task"] == sum(len(t["solution"]["calls"]) for t in suite) / len(
+            suite
+        )
         denied = [r for r in records if r["kind"] == "deny"]
-        assert all(p["text"] == "denied by the user" for r in denied for p in r["message"]["content"]
-                   if p["type"] == "tool_output")
+        assert all(
+            p["text"] == "denied by the user"
+            for r in denied
+            for p in r["message"]["content"]
+            if p["type"] == "tool_output"
+        )
     else:
         assert stats["valid_call_rate"] is None and stats["calls_per_task"] == 0
 
@@ -84,14 +112,19 @@ def test_hostile_transcripts_are_contained_and_fail(suite, tmp_path, monkeypatch
     task = next(t for t in suite if t["kind"] == "fix")
     outside = tmp_path / "outside.txt"
     hostile = {
-        "write outside": [("write_file", {"path": str(outside), "content": "x"}),
-                          ("write_file", {"path": "../../outside.txt", "content": "x"}),
-                          ("bash", {"command": f"echo x > {outside}; echo x > ../escaped.txt"})],
+        "write outside": [
+            ("write_file", {"path": str(outside), "content": "x"}),
+            ("write_file", {"path": "../../outside.txt", "content": "x"}),
+            ("bash", {"command": f"echo x > {outside}; echo x > ../escaped.txt"}),
+        ],
         "fork bomb": [("bash", {"command": "bomb() { bomb | bomb & }; bomb"})],
         "endless output": [("bash", {"command": "yes flood"})],
     }
     for what, calls in hostile.items():
-        msg = {"role": "assistant", "content": [{"type": "tool_call", "name": n, "arguments": a} for n, a in calls]}
+        msg = {
+            "role": "assistant",
+            "content": [{"type": "tool_call", "name": n, "arguments": a} for n, a in calls],
+        }
         ok, _ = replay(task, msg)
         assert not ok, what
     assert not outside.exists() and not Path(tempfile.gettempdir(), "escaped.txt").exists()
@@ -102,7 +135,10 @@ def test_bad_suite_verifier_and_transcripts_are_clear_errors(suite, tmp_path):
     rec = dict(suite[0])
     del rec["verify"]
     bad.write_text(json.dumps(suite[1]) + "\n" + json.dumps(rec) + "\n")
-    with pytest.raises(NanocodeError, match=rf"suite.jsonl line 2 \(task '{rec['id']}'\): missing field\(s\) verify"):
+    with pytest.raises(
+        NanocodeError,
+        match=rf"suite.jsonl line 2 \(task '{rec['id']}'\): missing field\(s\) verify",
+    ):
         load_suite(bad)
     with pytest.raises(NanocodeError, match="agent suite file not found"):
         load_suite(tmp_path / "nope.jsonl")
@@ -113,7 +149,10 @@ def test_bad_suite_verifier_and_transcripts_are_clear_errors(suite, tmp_path):
         verify(broken, root, "")
 
     by_id = {t["id"]: t for t in suite}
-    lines = [json.dumps({"task": suite[0]["id"], "message": reference_message(suite[0])}), "{not json"]
+    lines = [
+        json.dumps({"task": suite[0]["id"], "message": reference_message(suite[0])}),
+        "{not json",
+    ]
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(NanocodeError, match=r"t.jsonl line 2: not valid JSON"):
@@ -121,7 +160,9 @@ def test_bad_suite_verifier_and_transcripts_are_clear_errors(suite, tmp_path):
     path.write_text(json.dumps({"task": "no-such-task", "message": {"content": []}}) + "\n")
     with pytest.raises(NanocodeError, match=r"t.jsonl line 1: 'task' must name a task"):
         read_transcripts(path, by_id)
-    path.write_text(json.dumps({"task": suite[0]["id"], "message": {"content": [{"type": "tool_call"}]}}) + "\n")
+    path.write_text(
+        json.dumps({"task": suite[0]["id"], "message": {"content": [{"type": "tool_call"}]}}) + "\n"
+    )
     with pytest.raises(NanocodeError, match=r"t.jsonl line 1: 'message' must be"):
         read_transcripts(path, by_id)
 
@@ -131,50 +172,123 @@ def test_script_rescores_transcripts(suite, tmp_path):
     last, per kind, transcripts written); a malformed file is one line of error, exit 1."""
     tasks = suite[:7]
     samples = tmp_path / "ref.jsonl"
-    samples.write_text("".join(json.dumps({"task": t["id"], "message": reference_message(t)}) + "\n" for t in tasks))
-    env_args = [sys.executable, "-m", "scripts.agent_eval", "--num-tasks", "7", "--out", str(tmp_path / "res")]
-    p = subprocess.run(env_args + ["--samples", str(samples)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    samples.write_text(
+        "".join(
+            json.dumps({"task": t["id"], "message": reference_message(t)}) + "\n" for t in tasks
+        )
+    )
+    env_args = [
+        sys.executable,
+        "-m",
+        "scripts.agent_eval",
+        "--num-tasks",
+        "7",
+        "--out",
+        str(tmp_path / "res"),
+    ]
+    p = subprocess.run(
+        env_args + ["--samples", str(samples)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "success: 1.0000"
     rows = [json.loads(line) for line in open(tmp_path / "res_transcripts.jsonl")]
     assert [r["task"] for r in rows] == [t["id"] for t in tasks] and all(r["passed"] for r in rows)
     samples.write_text("oops\n")
-    p = subprocess.run(env_args + ["--samples", str(samples)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1 and "ref.jsonl line 1: not valid JSON" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run(
+        env_args + ["--samples", str(samples)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        p.returncode == 1
+        and "ref.jsonl line 1: not valid JSON" in p.stderr
+        and "Traceback" not in p.stderr
+    )
 
 
 def test_report_shows_success_per_kind_for_each_checkpoint(tmp_path, monkeypatch):
     from nanocode.report import build_report, log_stage
+
     monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path))
 
     def rec(kind, passed, finish="stop"):
-        return {"kind": kind, "passed": passed, "finish_reason": finish, "tool_calls": 1, "call_attempts": 2,
-                "usage": {"completion_tokens": 10}}
+        return {
+            "kind": kind,
+            "passed": passed,
+            "finish_reason": finish,
+            "tool_calls": 1,
+            "call_attempts": 2,
+            "usage": {"completion_tokens": 10},
+        }
+
     sft = summarize([rec("fix", False), rec("fix", True), rec("answer", False, "length")])
     dpo = summarize([rec("fix", True), rec("fix", True), rec("answer", True)])
-    assert sft["per_kind"] == {"answer": 0.0, "fix": 0.5} and sft["valid_call_rate"] == 0.5 and sft["cut_offs"] == 1
+    assert (
+        sft["per_kind"] == {"answer": 0.0, "fix": 0.5}
+        and sft["valid_call_rate"] == 0.5
+        and sft["cut_offs"] == 1
+    )
     log_stage("agent_eval_sft", **sft)
     log_stage("agent_eval_dpo", **dpo)
     text = build_report().read_text()
     assert "## Agent eval: task success per kind" in text and "| kind | sft | dpo |" in text
-    assert "| fix | 0.5 | 1 |" in text and "| answer | 0.0 | 1 |" in text and "| overall | 0.333 | 1 |" in text
+    assert (
+        "| fix | 0.5 | 1 |" in text
+        and "| answer | 0.0 | 1 |" in text
+        and "| overall | 0.333 | 1 |" in text
+    )
     assert "| Agent eval (SFT) | done | success 0.333 on 3 tasks" in text
-    assert "![agent eval](agent_eval_success.png)" in text and (tmp_path / "report" / "agent_eval_success.png").stat().st_size > 1000
+    assert (
+        "![agent eval](agent_eval_success.png)" in text
+        and (tmp_path / "report" / "agent_eval_success.png").stat().st_size > 1000
+    )
 
 
 @pytest.mark.slow  # two torchrun launches: ~35 s on 2 shared cores
 def test_torchrun_sharding_equals_one_process(suite, tmp_path):
     """Tasks sharded over 2 gloo ranks and gathered: the same per-task results, in suite order."""
     from tests.helpers import torchrun
+
     tasks = suite[:7]
     samples = tmp_path / "mixed.jsonl"
-    samples.write_text("".join(json.dumps({"task": t["id"], "message": reference_message(t) if i % 2 == 0 else
-                                           {"role": "assistant", "content": "I did it."}}) + "\n"
-                               for i, t in enumerate(tasks)))
+    samples.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "task": t["id"],
+                    "message": reference_message(t)
+                    if i % 2 == 0
+                    else {"role": "assistant", "content": "I did it."},
+                }
+            )
+            + "\n"
+            for i, t in enumerate(tasks)
+        )
+    )
     got = {}
     for nproc in (1, 2):
         out = tmp_path / f"res{nproc}"
-        torchrun(["-m", "scripts.agent_eval", "--samples", str(samples), "--num-tasks", "7", "--out", str(out)],
-                 tmp_path, nproc=nproc)
-        got[nproc] = [(r["task"], r["passed"]) for r in map(json.loads, open(f"{out}_transcripts.jsonl"))]
+        torchrun(
+            [
+                "-m",
+                "scripts.agent_eval",
+                "--samples",
+                str(samples),
+                "--num-tasks",
+                "7",
+                "--out",
+                str(out),
+            ],
+            tmp_path,
+            nproc=nproc,
+        )
+        got[nproc] = [
+            (r["task"], r["passed"]) for r in map(json.loads, open(f"{out}_transcripts.jsonl"))
+        ]
     assert got[1] == got[2] == [(t["id"], i % 2 == 0) for i, t in enumerate(tasks)]

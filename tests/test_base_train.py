@@ -1,4 +1,5 @@
 """scripts/base_train.py end to end on a tiny corpus: exact resume and clear errors for bad flags."""
+
 import os
 import subprocess
 import sys
@@ -13,8 +14,24 @@ from nanocode.dataset import ShardWriter, data_dir
 from nanocode.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "128",
-        "--eval-tokens", "128", "--sample-every", "-1", "--device-type", "cpu", "--compile", "0"]
+TINY = [
+    "--depth",
+    "1",
+    "--max-seq-len",
+    "32",
+    "--device-batch-size",
+    "2",
+    "--total-batch-size",
+    "128",
+    "--eval-tokens",
+    "128",
+    "--sample-every",
+    "-1",
+    "--device-type",
+    "cpu",
+    "--compile",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +59,7 @@ def test_resume_is_bit_identical(base_dir, tmp_path, monkeypatch):
         if step == 4:
             raise RuntimeError("simulated crash")
         return real_lrm(step, *a)
+
     monkeypatch.setattr(base_train, "lr_multiplier", crash_at_step_4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         base_train.main(args + ["--model-tag", "resumed"])
@@ -65,17 +83,26 @@ def test_loss_falls(base_dir):
 
 def run(args, base):
     env = dict(os.environ, NANOCODE_BASE_DIR=str(base), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "scripts.base_train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.base_train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--depth", "0"], "--depth must be >= 1"),
-    (["--total-batch-size", "100"], "not divisible"),
-    (["--window-pattern", "SXL"], "--window-pattern must be made of S and L"),
-    (["--device-type", "tpu"], "unknown device type 'tpu'"),
-    (["--resume", "--model-tag", "never-trained"], "no checkpoint to resume from"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--depth", "0"], "--depth must be >= 1"),
+        (["--total-batch-size", "100"], "not divisible"),
+        (["--window-pattern", "SXL"], "--window-pattern must be made of S and L"),
+        (["--device-type", "tpu"], "unknown device type 'tpu'"),
+        (["--resume", "--model-tag", "never-trained"], "no checkpoint to resume from"),
+    ],
+)
 def test_bad_flags_give_one_clear_message(base_dir, flags, message):
     r = run(TINY + ["--num-iterations", "1"] + flags, base_dir)
     assert r.returncode == 1
@@ -87,41 +114,82 @@ def test_missing_tokenizer_and_data(tmp_path, base_dir):
     assert r.returncode == 1 and "tokenizer" in r.stderr and "Traceback" not in r.stderr, r.stderr
     (tmp_path / "tokenizer").symlink_to(base_dir / "tokenizer")  # tokenizer but no data
     r = run(TINY, tmp_path)
-    assert r.returncode == 1 and "nanocode.dataset" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "nanocode.dataset" in r.stderr and "Traceback" not in r.stderr, (
+        r.stderr
+    )
 
 
 def test_data_horizon_warns_past_a_few_epochs(base_dir, monkeypatch, capsys):
     monkeypatch.setattr(base_train, "corpus_tokens", lambda tokenizer, name: 50.0)
-    base_train.main(TINY + ["--num-iterations", "2", "--eval-every", "-1", "--model-tag", "horizon"])
+    base_train.main(
+        TINY + ["--num-iterations", "2", "--eval-every", "-1", "--model-tag", "horizon"]
+    )
     out = capsys.readouterr().out
-    assert "this run reads 0.0M = 5.12 epochs" in out and "WARNING: 5.1 epochs of the same data" in out, out
+    assert (
+        "this run reads 0.0M = 5.12 epochs" in out and "WARNING: 5.1 epochs of the same data" in out
+    ), out
 
 
 def test_corpus_tokens_estimate(base_dir):
     """The estimate (characters x a sample's tokens per character) is near the exact count."""
     import pyarrow.parquet as pq
+
     from nanocode.dataset import split_shards
     from nanocode.tokenizer import get_tokenizer
+
     tok = get_tokenizer()
-    texts = [t for p in split_shards("train", "code") for t in pq.read_table(p).column("text").to_pylist()]
+    texts = [
+        t
+        for p in split_shards("train", "code")
+        for t in pq.read_table(p).column("text").to_pylist()
+    ]
     exact = sum(len(ids) for ids in tok.encode_batch(texts))
     assert 0.8 * exact < base_train.corpus_tokens(tok, "code") < 1.25 * exact
 
 
 def test_wandb_off_imports_nothing(base_dir):
-    code = ("import sys, scripts.base_train as b; b.main(sys.argv[1:]); "
-            "assert 'wandb' not in sys.modules, 'wandb was imported'")
+    code = (
+        "import sys, scripts.base_train as b; b.main(sys.argv[1:]); "
+        "assert 'wandb' not in sys.modules, 'wandb was imported'"
+    )
     env = dict(os.environ, NANOCODE_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", code, *TINY, "--num-iterations", "1", "--eval-every", "-1",
-                        "--model-tag", "nowandb"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            *TINY,
+            "--num-iterations",
+            "1",
+            "--eval-every",
+            "-1",
+            "--model-tag",
+            "nowandb",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
 
 
 def test_wandb_asked_for_but_missing_is_one_clear_error(base_dir, tmp_path):
-    (tmp_path / "wandb.py").write_text("raise ImportError('no wandb here')\n")  # shadows any installed wandb
-    env = dict(os.environ, NANOCODE_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY, "--num-iterations", "1", "--run", "x"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    (tmp_path / "wandb.py").write_text(
+        "raise ImportError('no wandb here')\n"
+    )  # shadows any installed wandb
+    env = dict(
+        os.environ, NANOCODE_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path)
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "scripts.base_train", *TINY, "--num-iterations", "1", "--run", "x"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and "wandb" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
@@ -130,9 +198,14 @@ def test_batch_from_the_horizon(base_dir, capsys):
     2**19 * 8.8e-4**0.383 = 35k -> 2**15), LRs scaled by sqrt(2**15 / 2**19) = 1/4; a pass of more rows
     than that batch holds shrinks to fit."""
     args = list(TINY)
-    del args[args.index("--total-batch-size"):args.index("--total-batch-size") + 2]
+    del args[args.index("--total-batch-size") : args.index("--total-batch-size") + 2]
     args[args.index("--device-batch-size") + 1] = "2048"  # 65,536 tokens a pass > 32,768
-    base_train.main(args + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "auto-batch"])
+    base_train.main(
+        args + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "auto-batch"]
+    )
     out = capsys.readouterr().out
-    assert "1024 rows per pass instead" in out and "batch: 32,768 tokens/step (from the horizon)" in out, out
+    assert (
+        "1024 rows per pass instead" in out
+        and "batch: 32,768 tokens/step (from the horizon)" in out
+    ), out
     assert "learning rates x 0.2500" in out, out

@@ -1,5 +1,6 @@
 """bench/mfu.py and bench/profile_steps.py on the CPU: the MFU arithmetic, one tiny timed variant, and a
 Chrome trace written by the torch.profiler recipe."""
+
 import gzip
 import json
 import os
@@ -11,8 +12,14 @@ from nanocode.common import NanocodeError
 
 
 def row(variant, tok_per_s):
-    return dict(variant=variant, kernels="torch", compile=True, ms_per_step=10.0, tok_per_s=tok_per_s,
-                peak_mem_gib=12.5)
+    return dict(
+        variant=variant,
+        kernels="torch",
+        compile=True,
+        ms_per_step=10.0,
+        tok_per_s=tok_per_s,
+        peak_mem_gib=12.5,
+    )
 
 
 def test_mfu_table_arithmetic():
@@ -29,8 +36,26 @@ def test_mfu_table_arithmetic():
 
 def test_mfu_cpu_smoke(capsys):
     before = os.environ.get("NANOCODE_KERNELS")
-    mfu.main(["--device", "cpu", "--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--vocab-size", "64",
-              "--warmup", "1", "--steps", "2", "--variants", "eager"])
+    mfu.main(
+        [
+            "--device",
+            "cpu",
+            "--depth",
+            "1",
+            "--seq-len",
+            "32",
+            "--device-batch-size",
+            "2",
+            "--vocab-size",
+            "64",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--variants",
+            "eager",
+        ]
+    )
     out = capsys.readouterr().out
     assert "| eager | torch | no |" in out and "tok/s" in out
     assert os.environ.get("NANOCODE_KERNELS") == before  # the variant's setting does not leak
@@ -42,8 +67,26 @@ def test_mfu_rejects_unknown_variant():
 
 
 def test_profile_steps_writes_a_trace_on_cpu(tmp_path, capsys):
-    profile_steps.main(["--device", "cpu", "--depth", "1", "--seq-len", "32", "--device-batch-size", "2",
-                        "--vocab-size", "64", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)])
+    profile_steps.main(
+        [
+            "--device",
+            "cpu",
+            "--depth",
+            "1",
+            "--seq-len",
+            "32",
+            "--device-batch-size",
+            "2",
+            "--vocab-size",
+            "64",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     trace = json.loads(gzip.open(tmp_path / "trace_d1_cpu.json.gz").read())
     names = {e.get("name") for e in trace["traceEvents"]}
     assert {"forward", "backward", "optimizer", "train_step_0", "train_step_1"} <= names

@@ -1,5 +1,6 @@
 """Checkpoints: what loads where (weights to the device, the rest to the CPU), safe loading, and the
 meta-written-last rule, also under DDP (2 gloo processes) when a rank dies between the files."""
+
 import json
 import os
 import subprocess
@@ -31,8 +32,15 @@ def train_state(model):
         o.step()
     loader = DataLoader(StubTokenizer(), 2, 16)
     loader._state["buffer"] = (np.arange(5, dtype=np.int32), np.arange(7, dtype=np.int32))
-    return opts, loader, {"optimizers": [o.state_dict() for o in opts], "loader": loader.state_dict(),
-                          "rng": {"cpu": torch.get_rng_state()}}
+    return (
+        opts,
+        loader,
+        {
+            "optimizers": [o.state_dict() for o in opts],
+            "loader": loader.state_dict(),
+            "rng": {"cpu": torch.get_rng_state()},
+        },
+    )
 
 
 def test_weights_go_to_the_device_and_the_rest_to_the_cpu(tmp_path):
@@ -43,13 +51,20 @@ def test_weights_go_to_the_device_and_the_rest_to_the_cpu(tmp_path):
     torch.manual_seed(0)
     model = build_model(GPTConfig.from_depth(1, 97, 16), "cpu")
     opts, loader, state = train_state(model)
-    save_checkpoint(tmp_path, 3, model.state_dict(), state, {"model_config": model.config.to_dict()})
+    save_checkpoint(
+        tmp_path, 3, model.state_dict(), state, {"model_config": model.config.to_dict()}
+    )
     model_state, optim_state, meta = load_checkpoint(tmp_path, device="meta", load_optim=True)
     assert meta["step"] == 3
     assert all(t.device.type == "meta" for t in model_state.values())
     tensors = [optim_state["rng"]["cpu"], optim_state["loader"]["buffer_tokens"]]
-    tensors += [v for s in optim_state["optimizers"] for st in s["state"].values() for v in st.values()
-                if isinstance(v, torch.Tensor)]
+    tensors += [
+        v
+        for s in optim_state["optimizers"]
+        for st in s["state"].values()
+        for v in st.values()
+        if isinstance(v, torch.Tensor)
+    ]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
 
     fresh = DataLoader(StubTokenizer(), 2, 16)
@@ -69,7 +84,9 @@ def test_loading_runs_no_pickled_code(tmp_path):
     torch.save({"w": torch.zeros(2), "payload": StubTokenizer()}, f)
     meta = tmp_path / "meta_000001.json"
     m = json.loads(meta.read_text())
-    m["files"]["model_000001.pt"] = f.stat().st_size  # the size matches: only the content is refused
+    m["files"]["model_000001.pt"] = (
+        f.stat().st_size
+    )  # the size matches: only the content is refused
     meta.write_text(json.dumps(m))
     with pytest.raises(NanocodeError, match="corrupt.*model_000001.pt"):
         load_checkpoint(tmp_path)
@@ -80,6 +97,7 @@ def test_crash_between_files_keeps_the_previous_step(tmp_path, monkeypatch, cras
     """A crash after the optimizer file (before the model) or after the model (before the meta):
     the step never becomes the latest, the previous one still loads."""
     import nanocode.checkpoint as ckpt
+
     model = build_model(GPTConfig.from_depth(1, 97, 16), "cpu")
     meta = {"model_config": model.config.to_dict()}
     save_checkpoint(tmp_path, 1, model.state_dict(), {"x": torch.ones(1)}, meta)
@@ -89,6 +107,7 @@ def test_crash_between_files_keeps_the_previous_step(tmp_path, monkeypatch, cras
         if path.name.startswith(crash_on):
             raise OSError("simulated crash")
         return real(path, write_fn)
+
     monkeypatch.setattr(ckpt, "_atomic_write", crashing)
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(tmp_path, 2, model.state_dict(), {"x": torch.ones(1)}, meta)
@@ -126,11 +145,27 @@ def test_ddp_meta_waits_for_every_rank(tmp_path):
     script.write_text(DDP_CRASH)
     ckpt = tmp_path / "ckpt"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-                        "--nproc_per_node=2", str(script), str(ckpt)], env=env, cwd=REPO, timeout=300,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--local-addr=127.0.0.1",
+            "--nproc_per_node=2",
+            str(script),
+            str(ckpt),
+        ],
+        env=env,
+        cwd=REPO,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0, "rank 1 was meant to die"
-    assert (ckpt / "model_000002.pt").exists(), f"rank 0 should have got as far as its files:\n{p.stderr[-2000:]}"
+    assert (ckpt / "model_000002.pt").exists(), (
+        f"rank 0 should have got as far as its files:\n{p.stderr[-2000:]}"
+    )
     assert list_steps(ckpt) == [1]
     for rank in (0, 1):
         _, optim_state, meta = load_checkpoint(ckpt, rank=rank, load_optim=True)

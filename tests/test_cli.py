@@ -1,5 +1,6 @@
 """The CLI, driven through a pseudo-terminal with a scripted fake model: approve (y), refuse (n),
 always (a), Ctrl-C stops a reply but not the session; and the one-shot mode without a terminal."""
+
 import json
 import os
 import pty
@@ -13,7 +14,11 @@ from tests.helpers import REPO, real_tokenizer, save_tiny_checkpoint, script_arg
 
 CALL = '<|tool_start|>{{"name": "bash", "arguments": {{"command": "{}"}}}}<|tool_end|>'
 WRITE = '<|tool_start|>{"name": "write_file", "arguments": {"path": "denied.txt", "content": "x"}}<|tool_end|>'
-LABEL = "sandbox workspace-write, network off" if sandbox.available()[0] else "NO sandbox (unavailable: "
+LABEL = (
+    "sandbox workspace-write, network off"
+    if sandbox.available()[0]
+    else "NO sandbox (unavailable: "
+)
 
 
 class Terminal:
@@ -35,15 +40,19 @@ class Terminal:
         while (i := self.out.find(text, self.pos)) < 0:
             ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
-                raise AssertionError(f"no {text!r} on the terminal; it shows:\n{self.out[self.pos:][-3000:]}")
+                raise AssertionError(
+                    f"no {text!r} on the terminal; it shows:\n{self.out[self.pos :][-3000:]}"
+                )
             try:
                 data = os.read(self.fd, 4096)
             except OSError:  # EIO: the child closed the terminal
                 data = b""
             if not data:
-                raise AssertionError(f"the CLI exited before printing {text!r}; it showed:\n{self.out[-3000:]}")
+                raise AssertionError(
+                    f"the CLI exited before printing {text!r}; it showed:\n{self.out[-3000:]}"
+                )
             self.out += data.decode("utf-8", errors="replace").replace("\r\n", "\n")
-        before, self.pos = self.out[self.pos:i], i + len(text)
+        before, self.pos = self.out[self.pos : i], i + len(text)
         return before
 
     def send(self, text):
@@ -81,10 +90,10 @@ def test_repl_approval_flow_and_ctrl_c(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     turns = [
-        "Checking." + CALL.format("echo made > made.txt; echo ran-1") + "Made it.",       # y
-        "Writing." + WRITE + "Refused, fine.",                                            # n
+        "Checking." + CALL.format("echo made > made.txt; echo ran-1") + "Made it.",  # y
+        "Writing." + WRITE + "Refused, fine.",  # n
         "Twice." + CALL.format("echo ran-2") + CALL.format("echo ran-3") + "Both done.",  # always
-        "tick " * 1000,                                                                   # Ctrl-C
+        "tick " * 1000,  # Ctrl-C
         "Still here.",
     ]
     script = write_script(tmp_path / "script.json", turns, delay=0.01)
@@ -136,55 +145,126 @@ def test_repl_approval_flow_and_ctrl_c(tmp_path):
 
 
 def test_one_shot_without_terminal_refuses_unless_yes(tmp_path):
-    script = write_script(tmp_path / "script.json", ["Try." + CALL.format("echo ran > f.txt") + "Ok."])
-    argv = script_argv("scripts.code_cli", "--fake-script", script, "--workdir", str(tmp_path), "-p", "go")
-    out = subprocess.run(argv, cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                         timeout=120)
+    script = write_script(
+        tmp_path / "script.json", ["Try." + CALL.format("echo ran > f.txt") + "Ok."]
+    )
+    argv = script_argv(
+        "scripts.code_cli", "--fake-script", script, "--workdir", str(tmp_path), "-p", "go"
+    )
+    out = subprocess.run(
+        argv,
+        cwd=REPO,
+        env=script_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "refused: no terminal to ask on (pass --yes" in out.stdout
     assert "  | denied by the user" in out.stdout and out.stdout.rstrip().endswith("Ok.")
     assert not (tmp_path / "f.txt").exists()
 
-    out = subprocess.run(argv + ["--yes"], cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        argv + ["--yes"],
+        cwd=REPO,
+        env=script_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "f.txt").read_text() == "ran\n"
 
 
 def test_sandbox_modes(tmp_path):
     """--sandbox read-only: the same approved calls change nothing; the default mode writes in the workdir only."""
-    script = write_script(tmp_path / "script.json", ["Try." + CALL.format(f"echo ran > f.txt; echo x > {tmp_path}/out.txt")
-                                                     + WRITE + "Ok."])
+    script = write_script(
+        tmp_path / "script.json",
+        ["Try." + CALL.format(f"echo ran > f.txt; echo x > {tmp_path}/out.txt") + WRITE + "Ok."],
+    )
     work = tmp_path / "work"
     work.mkdir()
-    argv = script_argv("scripts.code_cli", "--fake-script", script, "--workdir", str(work), "-p", "go", "--yes")
-    out = subprocess.run(argv + ["--sandbox", "read-only"], cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, timeout=120)
+    argv = script_argv(
+        "scripts.code_cli", "--fake-script", script, "--workdir", str(work), "-p", "go", "--yes"
+    )
+    out = subprocess.run(
+        argv + ["--sandbox", "read-only"],
+        cwd=REPO,
+        env=script_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in work.iterdir()) == [] and not (tmp_path / "out.txt").exists()
     assert "error: write_file is not allowed: the sandbox is read-only" in out.stdout
-    out = subprocess.run(argv, cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        argv,
+        cwd=REPO,
+        env=script_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in work.iterdir()) == ["denied.txt", "f.txt"]
-    assert (tmp_path / "out.txt").exists() != sandbox.available()[0]  # outside the workdir: only without a sandbox
+    assert (tmp_path / "out.txt").exists() != sandbox.available()[
+        0
+    ]  # outside the workdir: only without a sandbox
 
 
 def test_bad_workdir_is_a_clear_error(tmp_path):
     argv = script_argv("scripts.code_cli", "--workdir", str(tmp_path / "missing"), "-p", "hi")
-    out = subprocess.run(argv, cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        argv,
+        cwd=REPO,
+        env=script_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert out.stderr.strip() == f"error: --workdir {tmp_path / 'missing'} is not a directory"
 
 
-
 def test_one_shot_with_tiny_real_checkpoint(tmp_path):
     save_tiny_checkpoint("tiny-cli", real_tokenizer().vocab_size)
-    argv = script_argv("scripts.code_cli", "-i", "sft", "--tag", "tiny-cli", "--device-type", "cpu", "-t", "0",
-                       "--max-tokens", "24", "--workdir", str(tmp_path), "-p", "write hello world")
-    runs = [subprocess.run(argv, cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True,
-                           text=True, timeout=180) for _ in range(2)]
+    argv = script_argv(
+        "scripts.code_cli",
+        "-i",
+        "sft",
+        "--tag",
+        "tiny-cli",
+        "--device-type",
+        "cpu",
+        "-t",
+        "0",
+        "--max-tokens",
+        "24",
+        "--workdir",
+        str(tmp_path),
+        "-p",
+        "write hello world",
+    )
+    runs = [
+        subprocess.run(
+            argv,
+            cwd=REPO,
+            env=script_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        for _ in range(2)
+    ]
     for r in runs:
         assert r.returncode == 0, r.stderr
-    assert runs[0].stdout.strip() and runs[0].stdout == runs[1].stdout  # greedy: the same reply twice
+    assert (
+        runs[0].stdout.strip() and runs[0].stdout == runs[1].stdout
+    )  # greedy: the same reply twice

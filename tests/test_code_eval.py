@@ -1,5 +1,6 @@
 """HumanEval / MBPP scoring: the canonical solutions pass, empty completions fail, bad samples files give
 clear errors, pass@k matches its definition, and the base/chat generation paths produce runnable code."""
+
 import json
 import math
 import os
@@ -11,8 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanocode.code_tasks import (chat_completion, extract_code, load_humaneval, load_mbpp, pass_at_k,
-                                 truncate_at_stop, HUMANEVAL_STOP)
+from nanocode.code_tasks import (
+    HUMANEVAL_STOP,
+    chat_completion,
+    extract_code,
+    load_humaneval,
+    load_mbpp,
+    pass_at_k,
+    truncate_at_stop,
+)
 from nanocode.common import NanocodeError
 from scripts.code_eval import generate, parse_ks, read_samples, score, summarize
 from tests.helpers import ByteTokenizer
@@ -33,8 +41,13 @@ def write_samples(path, records):
 
 def run_script(*args):
     """python -m scripts.code_eval ... in a subprocess; returns (returncode, stdout, stderr)."""
-    p = subprocess.run([sys.executable, "-m", "scripts.code_eval", *map(str, args)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "scripts.code_eval", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return p.returncode, p.stdout, p.stderr
 
 
@@ -46,8 +59,10 @@ def test_humaneval_loads(humaneval):
 
 def test_canonical_solutions_score_one(humaneval, tmp_path):
     """The whole script on all 164 canonical solutions: pass@1 = 1.0, printed last, files written."""
-    samples = write_samples(tmp_path / "canon.jsonl",
-                            [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in humaneval])
+    samples = write_samples(
+        tmp_path / "canon.jsonl",
+        [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in humaneval],
+    )
     t0 = time.time()
     rc, out, err = run_script("--samples", samples, "--out", tmp_path / "res")
     print(f"164 canonical solutions scored in {time.time() - t0:.1f}s (whole script)")
@@ -58,7 +73,9 @@ def test_canonical_solutions_score_one(humaneval, tmp_path):
     assert [r["task_id"] for r in rows] == [p["task_id"] for p in humaneval]
     problems = [json.loads(line) for line in open(tmp_path / "res_problems.jsonl")]
     assert all(p["n"] == 1 and p["correct"] == 1 and p["pass@1"] == 1.0 for p in problems)
-    report = json.loads((Path(os.environ["NANOCODE_BASE_DIR"]) / "report" / "code_eval_samples.json").read_text())
+    report = json.loads(
+        (Path(os.environ["NANOCODE_BASE_DIR"]) / "report" / "code_eval_samples.json").read_text()
+    )
     assert report["humaneval"]["pass@1"] == 1.0
 
 
@@ -74,29 +91,52 @@ def test_mbpp_fixture_through_script(tmp_path):
     problems = load_mbpp(MBPP_FIXTURE)
     assert [p["task_id"] for p in problems] == ["Mbpp/2", "Mbpp/3", "Mbpp/4", "Mbpp/17", "Mbpp/18"]
     # two samples per problem: the reference code (passes) and a wrong one (fails) -> pass@1 = 0.5, pass@2 = 1
-    recs = [{"task_id": p["task_id"], "completion": c} for p in problems
-            for c in (p["canonical_solution"], "def nothing():\n    return None\n")]
+    recs = [
+        {"task_id": p["task_id"], "completion": c}
+        for p in problems
+        for c in (p["canonical_solution"], "def nothing():\n    return None\n")
+    ]
     samples = write_samples(tmp_path / "mbpp.jsonl", recs)
-    rc, out, err = run_script("--samples", samples, "-a", "mbpp", "--mbpp-file", MBPP_FIXTURE, "-k", "1,2",
-                              "--out", tmp_path / "mbpp_res")
+    rc, out, err = run_script(
+        "--samples",
+        samples,
+        "-a",
+        "mbpp",
+        "--mbpp-file",
+        MBPP_FIXTURE,
+        "-k",
+        "1,2",
+        "--out",
+        tmp_path / "mbpp_res",
+    )
     assert rc == 0, err
     assert out.strip().splitlines()[-2:] == ["pass@2: 1.0000", "pass@1: 0.5000"]
 
 
 def test_unknown_task_id_is_a_clear_error(humaneval, tmp_path):
-    recs = [{"task_id": p["task_id"], "completion": ""} for p in humaneval[:3]] + [{"task_id": "HumanEval/999", "completion": ""}]
+    recs = [{"task_id": p["task_id"], "completion": ""} for p in humaneval[:3]] + [
+        {"task_id": "HumanEval/999", "completion": ""}
+    ]
     samples = write_samples(tmp_path / "bad.jsonl", recs)
     rc, out, err = run_script("--samples", samples, "--max-problems", 3)
     assert rc == 1
-    assert err.strip() == f"error: {samples} line 4: unknown task_id 'HumanEval/999' (not one of this task's problems)"
+    assert (
+        err.strip()
+        == f"error: {samples} line 4: unknown task_id 'HumanEval/999' (not one of this task's problems)"
+    )
 
 
 def test_missing_task_ids_are_a_clear_error(humaneval, tmp_path):
     all_ids = {p["task_id"] for p in humaneval}
     samples = write_samples(tmp_path / "some.jsonl", [{"task_id": "HumanEval/0", "completion": ""}])
-    with pytest.raises(NanocodeError, match=r"no samples for 163 of the 164 problems \(missing task_id: HumanEval/1, "):
+    with pytest.raises(
+        NanocodeError,
+        match=r"no samples for 163 of the 164 problems \(missing task_id: HumanEval/1, ",
+    ):
         read_samples(samples, humaneval, all_ids)
-    assert list(read_samples(samples, humaneval[:1], all_ids)) == ["HumanEval/0"]  # --max-problems 1 is fine
+    assert list(read_samples(samples, humaneval[:1], all_ids)) == [
+        "HumanEval/0"
+    ]  # --max-problems 1 is fine
     no_id = write_samples(tmp_path / "noid.jsonl", [{"completion": "pass"}])
     with pytest.raises(NanocodeError, match=r"noid.jsonl line 1: record has no task_id"):
         read_samples(no_id, humaneval[:1], all_ids)
@@ -115,7 +155,9 @@ def test_pass_at_k_matches_definition(n):
     """pass@k = P(at least one of k samples drawn without replacement from n passes) = 1 - C(n-c,k)/C(n,k)."""
     for c in range(n + 1):
         for k in range(1, n + 1):
-            assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+            assert pass_at_k(n, c, k) == pytest.approx(
+                1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12
+            )
     assert pass_at_k(n, 0, 1) == 0.0 and pass_at_k(n, n, 1) == 1.0
     with pytest.raises(ValueError, match="needs at least"):
         pass_at_k(n, 0, n + 1)
@@ -125,7 +167,15 @@ def test_summary_skips_k_beyond_samples(humaneval):
     recs = [{"task_id": "HumanEval/0", "passed": p} for p in (True, False, False)]
     rows, means = summarize(humaneval[:1], recs, parse_ks("10,2"))
     assert means == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 10: None}
-    assert rows == [{"task_id": "HumanEval/0", "n": 3, "correct": 1, "pass@1": pytest.approx(1 / 3), "pass@2": pytest.approx(2 / 3)}]
+    assert rows == [
+        {
+            "task_id": "HumanEval/0",
+            "n": 3,
+            "correct": 1,
+            "pass@1": pytest.approx(1 / 3),
+            "pass@2": pytest.approx(2 / 3),
+        }
+    ]
     with pytest.raises(NanocodeError, match="-k must be"):
         parse_ks("1,ten")
 
@@ -140,7 +190,11 @@ def test_stop_sequences_and_code_extraction(humaneval):
     assert extract_code("```python\nx = 1\n") == "x = 1\n"  # unclosed block runs to the end
     assert extract_code("x = 1") == "x = 1"
     p = humaneval[0]
-    full = "```python\nfrom typing import List\n\ndef has_close_elements(numbers, threshold):\n" + p["canonical_solution"] + "```"
+    full = (
+        "```python\nfrom typing import List\n\ndef has_close_elements(numbers, threshold):\n"
+        + p["canonical_solution"]
+        + "```"
+    )
     only_body = "```python\n" + p["canonical_solution"] + "```"
     for reply in (full, only_body):
         records = score([p], {p["task_id"]: [chat_completion(p, reply)]}, workers=1, timeout=5.0)
@@ -149,10 +203,12 @@ def test_stop_sequences_and_code_extraction(humaneval):
 
 def reply_for(tok, problems, replies):
     """ScriptedModel's pick: the reply of the problem whose instruction is in the prompt (every sample of it)."""
+
     def pick(prompt_ids):
         text = tok.decode(prompt_ids)
         reply = next(r for p, r in zip(problems, replies) if p["instruction"] in text)
         return tok.encode(reply) if isinstance(reply, str) else reply
+
     return pick
 
 
@@ -161,11 +217,27 @@ def test_chat_generation_path(humaneval):
     the engine samples it, the code is extracted, and it passes."""
     from nanocode.engine import Engine
     from tests.scripted_model import ScriptedModel
+
     tok, problems = ByteTokenizer(), humaneval[:3]
-    replies = [f"Here you go:\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone." for p in problems]
-    model = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=4096, pick=reply_for(tok, problems, replies))
-    by_task = generate(Engine(model, tok), tok, problems, "humaneval", chat=True, num_samples=2, max_tokens=2000,
-                       temperature=0.0, top_k=None, seed=0)
+    replies = [
+        f"Here you go:\n```python\n{p['prompt']}{p['canonical_solution']}```\nDone."
+        for p in problems
+    ]
+    model = ScriptedModel(
+        [], tok.vocab_size, 3, 4, sequence_len=4096, pick=reply_for(tok, problems, replies)
+    )
+    by_task = generate(
+        Engine(model, tok),
+        tok,
+        problems,
+        "humaneval",
+        chat=True,
+        num_samples=2,
+        max_tokens=2000,
+        temperature=0.0,
+        top_k=None,
+        seed=0,
+    )
     assert all(len(v) == 2 for v in by_task.values())
     records = score(problems, by_task, workers=2, timeout=5.0)
     assert [r["passed"] for r in records] == [True] * 6, [r["result"] for r in records]
@@ -176,19 +248,47 @@ def test_chat_generation_reads_tool_calls(humaneval):
     edit_file is scored on the code of those calls, not on the call's JSON."""
     from nanocode.engine import Engine, encode_with_specials
     from tests.scripted_model import ScriptedModel
+
     tok, problems = ByteTokenizer(), humaneval[:2]
 
     def call(name, **arguments):
-        return "<|tool_start|>" + json.dumps({"name": name, "arguments": arguments}) + "<|tool_end|>"
+        return (
+            "<|tool_start|>" + json.dumps({"name": name, "arguments": arguments}) + "<|tool_end|>"
+        )
+
     p0, p1 = problems
-    replies = [call("write_file", path="sol.py", content=p0["prompt"] + p0["canonical_solution"]) + "Written.",
-               call("write_file", path="sol.py", content=p1["prompt"] + "    return None  # TODO\n")
-               + call("edit_file", path="sol.py", old_string="    return None  # TODO\n", new_string=p1["canonical_solution"])
-               + "Fixed."]
-    model = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=8192,
-                          pick=reply_for(tok, problems, [encode_with_specials(tok, r) for r in replies]))
-    by_task = generate(Engine(model, tok), tok, problems, "humaneval", chat=True, num_samples=1, max_tokens=3000,
-                       temperature=0.0, top_k=None, seed=0)
+    replies = [
+        call("write_file", path="sol.py", content=p0["prompt"] + p0["canonical_solution"])
+        + "Written.",
+        call("write_file", path="sol.py", content=p1["prompt"] + "    return None  # TODO\n")
+        + call(
+            "edit_file",
+            path="sol.py",
+            old_string="    return None  # TODO\n",
+            new_string=p1["canonical_solution"],
+        )
+        + "Fixed.",
+    ]
+    model = ScriptedModel(
+        [],
+        tok.vocab_size,
+        3,
+        4,
+        sequence_len=8192,
+        pick=reply_for(tok, problems, [encode_with_specials(tok, r) for r in replies]),
+    )
+    by_task = generate(
+        Engine(model, tok),
+        tok,
+        problems,
+        "humaneval",
+        chat=True,
+        num_samples=1,
+        max_tokens=3000,
+        temperature=0.0,
+        top_k=None,
+        seed=0,
+    )
     records = score(problems, by_task, workers=2, timeout=5.0)
     assert [r["passed"] for r in records] == [True, True], [r["result"] for r in records]
 
@@ -199,11 +299,16 @@ def test_agentic_mode_lets_the_model_run_its_code(humaneval, agentic):
     from nanocode.engine import DENIED, Engine, encode_with_specials
     from scripts.code_eval import chat_replies
     from tests.scripted_model import ScriptedModel
+
     tok, p = ByteTokenizer(), humaneval[0]
-    calls = [{"name": "write_file", "arguments": {"path": "s.py", "content": "print(6 * 7)\n"}},
-             {"name": "bash", "arguments": {"command": "python s.py"}}]
+    calls = [
+        {"name": "write_file", "arguments": {"path": "s.py", "content": "print(6 * 7)\n"}},
+        {"name": "bash", "arguments": {"command": "python s.py"}},
+    ]
     text = "".join(f"<|tool_start|>{json.dumps(c)}<|tool_end|>" for c in calls) + "ok"
-    model = ScriptedModel([encode_with_specials(tok, text)], tok.vocab_size, 3, 4, sequence_len=4096)
+    model = ScriptedModel(
+        [encode_with_specials(tok, text)], tok.vocab_size, 3, 4, sequence_len=4096
+    )
     parts = chat_replies(Engine(model, tok), p, 1, 500, 0.0, None, 0, agentic)[0]
     outputs = [x["text"] for x in parts if x["type"] == "tool_output"]
     assert outputs[0] == "wrote 13 bytes to s.py"
@@ -217,11 +322,21 @@ def test_tool_call_extraction_order(humaneval):
     assert extract_code(w + "```python\ny = 0\n```") == "x = 1\n"
     assert extract_code(w + e) == "x = 2\n"
     assert extract_code("<|tool_start|>{bad json<|tool_end|>```python\ny = 0\n```") == "y = 0\n"
-    assert extract_code('<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>z = 3') \
+    assert (
+        extract_code(
+            '<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>z = 3'
+        )
         == '<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>z = 3'
-    parts = [{"type": "text", "text": "```python\ny = 0\n```"},
-             {"type": "tool_call", "name": "write_file", "arguments": {"path": "b.py", "content": "q = 1\n"}},
-             {"type": "tool_output", "text": "wrote 6 bytes"}]
+    )
+    parts = [
+        {"type": "text", "text": "```python\ny = 0\n```"},
+        {
+            "type": "tool_call",
+            "name": "write_file",
+            "arguments": {"path": "b.py", "content": "q = 1\n"},
+        },
+        {"type": "tool_output", "text": "wrote 6 bytes"},
+    ]
     assert extract_code(parts) == "q = 1\n" and extract_code(parts[:1]) == "y = 0\n"
 
 
@@ -230,19 +345,34 @@ def test_canonical_solutions_as_write_file_calls_score_one(humaneval, tmp_path):
     --samples' reading path: pass@1 = 1.0 (the same extraction as for our own chat model)."""
     records = []
     for p in humaneval:
-        call = json.dumps({"name": "write_file", "arguments": {"path": "solution.py",
-                                                               "content": p["prompt"] + p["canonical_solution"]}})
-        records.append({"task_id": p["task_id"],
-                        "completion": f"I'll write it.<|tool_start|>{call}<|tool_end|><|output_start|>wrote it"
-                                      f"<|output_end|>Done."})
-    by_task = read_samples(write_samples(tmp_path / "calls.jsonl", records), humaneval,
-                           {p["task_id"] for p in humaneval})
+        call = json.dumps(
+            {
+                "name": "write_file",
+                "arguments": {
+                    "path": "solution.py",
+                    "content": p["prompt"] + p["canonical_solution"],
+                },
+            }
+        )
+        records.append(
+            {
+                "task_id": p["task_id"],
+                "completion": f"I'll write it.<|tool_start|>{call}<|tool_end|><|output_start|>wrote it"
+                f"<|output_end|>Done.",
+            }
+        )
+    by_task = read_samples(
+        write_samples(tmp_path / "calls.jsonl", records),
+        humaneval,
+        {p["task_id"] for p in humaneval},
+    )
     rows, means = summarize(humaneval, score(humaneval, by_task, workers=2, timeout=10.0), [1])
     assert means[1] == 1.0, [r["task_id"] for r in rows if r["pass@1"] < 1]
 
 
 class FakeBaseEngine:
     """Continues every prompt with a fixed text (per problem), the way a base model would run on."""
+
     max_len = 4096
 
     def __init__(self, tok, texts):
@@ -257,9 +387,21 @@ def test_base_generation_path(humaneval):
     """<|bos|> + prompt goes in; the completion is cut at the first stop sequence, so the rambling after
     the function does not break it."""
     tok, problems = ByteTokenizer(), humaneval[:3]
-    engine = FakeBaseEngine(tok, [p["canonical_solution"] + "\n\ndef unrelated(:\n" for p in problems])
-    by_task = generate(engine, tok, problems, "humaneval", chat=False, num_samples=1, max_tokens=64,
-                       temperature=0.0, top_k=None, seed=0)
+    engine = FakeBaseEngine(
+        tok, [p["canonical_solution"] + "\n\ndef unrelated(:\n" for p in problems]
+    )
+    by_task = generate(
+        engine,
+        tok,
+        problems,
+        "humaneval",
+        chat=False,
+        num_samples=1,
+        max_tokens=64,
+        temperature=0.0,
+        top_k=None,
+        seed=0,
+    )
     assert engine.prompts[0] == [0] + tok.encode(problems[0]["prompt"])
     assert by_task["HumanEval/0"] == [problems[0]["canonical_solution"] + "\n"]
     assert all(r["passed"] for r in score(problems, by_task, workers=2, timeout=5.0))
@@ -268,18 +410,24 @@ def test_base_generation_path(humaneval):
 @pytest.mark.slow  # deselect with -m "not slow" (or -k "not slow"): about 20 ms of CPU per sample, 1640 samples
 def test_slow_score_164x10(humaneval):
     """Throughput: 164 problems x 10 samples (the canonical solution, every 3rd sample broken). Prints its time."""
-    by_task = {p["task_id"]: [p["canonical_solution"] if i % 3 else "    return None\n" for i in range(10)] for p in humaneval}
+    by_task = {
+        p["task_id"]: [p["canonical_solution"] if i % 3 else "    return None\n" for i in range(10)]
+        for p in humaneval
+    }
     t0 = time.time()
     records = score(humaneval, by_task, workers=os.cpu_count(), timeout=10.0)
     elapsed = time.time() - t0
     _, means = summarize(humaneval, records, [1, 10])
-    print(f"scored 164 x 10 = {len(records)} samples in {elapsed:.1f}s on {os.cpu_count()} cores: "
-          f"pass@1 {means[1]:.4f} pass@10 {means[10]:.4f}")
+    print(
+        f"scored 164 x 10 = {len(records)} samples in {elapsed:.1f}s on {os.cpu_count()} cores: "
+        f"pass@1 {means[1]:.4f} pass@10 {means[10]:.4f}"
+    )
     assert means[1] == pytest.approx(0.6) and means[10] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------
 # base_eval: bits per byte per language
+
 
 class UniformModel(torch.nn.Module):
     """Predicts every token with probability 1/V: its loss is ln V nats per token, whatever the input."""
@@ -291,12 +439,19 @@ class UniformModel(torch.nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         self.rows_seen.append(tuple(idx.shape))
         logits = torch.zeros(idx.numel(), self.vocab_size)
-        return torch.nn.functional.cross_entropy(logits, targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        return torch.nn.functional.cross_entropy(
+            logits, targets.reshape(-1), ignore_index=-1, reduction=loss_reduction
+        )
 
 
-DOCS = [{"text": "def f():\n    return 1\n", "lang": "python"}, {"text": "int main() { return 0; }", "lang": "c"},
-        {"text": "print('héllo wörld')\n", "lang": "python"}, {"text": "fn main() {}", "lang": "rust"},
-        {"text": "x = [i * i for i in range(10)]\n" * 3, "lang": "python"}, {"text": "", "lang": ""}]
+DOCS = [
+    {"text": "def f():\n    return 1\n", "lang": "python"},
+    {"text": "int main() { return 0; }", "lang": "c"},
+    {"text": "print('héllo wörld')\n", "lang": "python"},
+    {"text": "fn main() {}", "lang": "rust"},
+    {"text": "x = [i * i for i in range(10)]\n" * 3, "lang": "python"},
+    {"text": "", "lang": ""},
+]
 
 
 @pytest.mark.parametrize("batch_size,seq_len", [(1, 7), (2, 16), (4, 5), (3, 1000)])
@@ -304,10 +459,13 @@ def test_bpb_per_language_counts_every_byte_once(batch_size, seq_len):
     """With a byte-level tokenizer each text byte is one target token: bytes per language must equal the
     documents' UTF-8 sizes (specials count for nothing), and a uniform model scores log2(V) bits per byte."""
     from scripts.base_eval import bpb, bpb_per_language
+
     tok = ByteTokenizer()
     tok.token_bytes = torch.tensor([0] * 12 + [1] * 256)
     model = UniformModel(tok.vocab_size)
-    sums = bpb_per_language(model, tok, DOCS, batch_size, seq_len, max_tokens=10**9, device=torch.device("cpu"))
+    sums = bpb_per_language(
+        model, tok, DOCS, batch_size, seq_len, max_tokens=10**9, device=torch.device("cpu")
+    )
     expect = {}
     for d in DOCS:
         lang = d["lang"] or "unknown"
@@ -317,17 +475,22 @@ def test_bpb_per_language_counts_every_byte_once(batch_size, seq_len):
     for lang, (nats, nbytes, _) in sums.items():
         if nbytes:
             assert bpb(nats, nbytes) == pytest.approx(math.log2(tok.vocab_size))
-    assert all(t <= seq_len for _, t in model.rows_seen) and all(b <= batch_size for b, _ in model.rows_seen)
+    assert all(t <= seq_len for _, t in model.rows_seen) and all(
+        b <= batch_size for b, _ in model.rows_seen
+    )
 
 
 def test_bpb_max_tokens_and_balanced_selection():
     from scripts.base_eval import bpb_per_language, select_docs
+
     docs = [{"text": "a" * 10, "lang": "python"}] * 6 + [{"text": "b" * 10, "lang": "go"}] * 2
     chosen = select_docs(docs, 5)
     assert [d["lang"] for d in chosen] == ["go", "python", "go", "python", "python"]
     tok = ByteTokenizer()
     tok.token_bytes = torch.tensor([0] * 12 + [1] * 256)
-    sums = bpb_per_language(UniformModel(tok.vocab_size), tok, docs, 2, 8, max_tokens=25, device=torch.device("cpu"))
+    sums = bpb_per_language(
+        UniformModel(tok.vocab_size), tok, docs, 2, 8, max_tokens=25, device=torch.device("cpu")
+    )
     assert sums["python"][1] == 30  # documents are added until 25 tokens are reached: 3 x (1 + 10)
 
 
@@ -336,8 +499,12 @@ def test_mbpp_offline_is_a_clear_error(monkeypatch):
 
     def unreachable(*args, **kwargs):
         raise OSError("Name or service not known")
+
     monkeypatch.setattr(socket, "create_connection", unreachable)
-    with pytest.raises(NanocodeError, match=r"could not download google-research-datasets/mbpp/.*cannot reach huggingface.co.*--mbpp-file"):
+    with pytest.raises(
+        NanocodeError,
+        match=r"could not download google-research-datasets/mbpp/.*cannot reach huggingface.co.*--mbpp-file",
+    ):
         load_mbpp()
     with pytest.raises(NanocodeError, match="MBPP file not found"):
         load_mbpp("/nonexistent/mbpp.jsonl")
@@ -346,49 +513,92 @@ def test_mbpp_offline_is_a_clear_error(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # the scripts on a tiny real checkpoint (random weights): they run end to end and report sane numbers
 
+
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A base dir with a tiny tokenizer, a random depth-1 base checkpoint, and a 2-shard corpus."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from nanocode.checkpoint import checkpoint_dir, save_checkpoint
     from nanocode.gpt import GPTConfig, build_model
     from nanocode.tokenizer import Tokenizer
+
     base = tmp_path_factory.mktemp("code_eval_base")
     texts = [(ROOT / p).read_text() for p in ("nanocode/execution.py", "nanocode/code_tasks.py")]
     tok = Tokenizer.train(texts, vocab_size=512)
     tok.save(base / "tokenizer")
     torch.manual_seed(0)
-    model = build_model(GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64), "cpu")
+    model = build_model(
+        GPTConfig(
+            sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64
+        ),
+        "cpu",
+    )
     old = os.environ["NANOCODE_BASE_DIR"]
     os.environ["NANOCODE_BASE_DIR"] = str(base)
     try:
-        save_checkpoint(checkpoint_dir("base", "d1"), 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
+        save_checkpoint(
+            checkpoint_dir("base", "d1"),
+            1,
+            model.state_dict(),
+            None,
+            {"model_config": model.config.to_dict()},
+        )
     finally:
         os.environ["NANOCODE_BASE_DIR"] = old
     (base / "data" / "code").mkdir(parents=True)
-    docs = {"python": texts, "c": ["int main(void) {\n    return 0;\n}\n" * 20], "rust": ["fn main() {\n    println!(\"hi\");\n}\n" * 20]}
+    docs = {
+        "python": texts,
+        "c": ["int main(void) {\n    return 0;\n}\n" * 20],
+        "rust": ['fn main() {\n    println!("hi");\n}\n' * 20],
+    }
     rows = [(t, lang) for lang, ts in docs.items() for t in ts]
     for i in range(2):  # shard 0: train, shard 1 (the last): validation
-        pq.write_table(pa.table({"text": [r[0] for r in rows], "lang": [r[1] for r in rows]}),
-                       base / "data" / "code" / f"shard_{i:05d}.parquet")
+        pq.write_table(
+            pa.table({"text": [r[0] for r in rows], "lang": [r[1] for r in rows]}),
+            base / "data" / "code" / f"shard_{i:05d}.parquet",
+        )
     return base
 
 
 def run_in(base, module, *args):
     env = dict(os.environ, NANOCODE_BASE_DIR=str(base), NANOCODE_KERNELS="torch")
-    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
 
 def test_code_eval_with_tiny_checkpoint(tiny_base):
-    out = run_in(tiny_base, "scripts.code_eval", "-i", "base", "--max-problems", 2, "-n", 2, "-t", 0.8,
-                 "--max-tokens", 8, "--device-type", "cpu")
+    out = run_in(
+        tiny_base,
+        "scripts.code_eval",
+        "-i",
+        "base",
+        "--max-problems",
+        2,
+        "-n",
+        2,
+        "-t",
+        0.8,
+        "--max-tokens",
+        8,
+        "--device-type",
+        "cpu",
+    )
     last = out.strip().splitlines()[-1]
     assert last.startswith("pass@1: ") and 0.0 <= float(last.split()[1]) <= 1.0
-    rows = [json.loads(line) for line in open(tiny_base / "eval" / "code_eval_base_humaneval_samples.jsonl")]
+    rows = [
+        json.loads(line)
+        for line in open(tiny_base / "eval" / "code_eval_base_humaneval_samples.jsonl")
+    ]
     assert [r["task_id"] for r in rows] == ["HumanEval/0"] * 2 + ["HumanEval/1"] * 2
     assert all(set(r) == {"task_id", "completion", "passed", "result"} for r in rows)
     report = json.loads((tiny_base / "report" / "code_eval_base.json").read_text())
@@ -396,7 +606,16 @@ def test_code_eval_with_tiny_checkpoint(tiny_base):
 
 
 def test_base_eval_with_tiny_checkpoint(tiny_base):
-    out = run_in(tiny_base, "scripts.base_eval", "--max-docs", 20, "--sample-tokens", 4, "--device-type", "cpu")
+    out = run_in(
+        tiny_base,
+        "scripts.base_eval",
+        "--max-docs",
+        20,
+        "--sample-tokens",
+        4,
+        "--device-type",
+        "cpu",
+    )
     report = json.loads((tiny_base / "report" / "base_eval.json").read_text())
     assert set(report["bpb_per_lang"]) == {"c", "python", "rust"}
     assert 0 < report["bpb"] < 20 and all(0 < v < 20 for v in report["bpb_per_lang"].values())
@@ -409,10 +628,16 @@ def test_bpb_per_language_agrees_with_loss_eval():
     from nanocode.gpt import GPTConfig, build_model
     from nanocode.loss_eval import evaluate_bpb
     from scripts.base_eval import bpb, bpb_per_language, token_batches
+
     tok = ByteTokenizer()
     tok.token_bytes = torch.tensor([0] * 12 + [1] * 256)
     torch.manual_seed(0)
-    model = build_model(GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64), "cpu")
+    model = build_model(
+        GPTConfig(
+            sequence_len=64, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64
+        ),
+        "cpu",
+    )
     model.eval()
     sums = bpb_per_language(model, tok, DOCS, 2, 16, 10**9, torch.device("cpu"))
     ours = bpb(sum(s[0] for s in sums.values()), sum(s[1] for s in sums.values()))

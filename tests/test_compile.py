@@ -3,6 +3,7 @@ runs it on GPUs: the PyTorch reference kernels, and the Triton kernels (under TR
 custom ops, so Inductor compiles around them and the interpreter runs them). fullgraph=True: a
 graph break anywhere in the model's forward or backward fails the test. The NVTX ranges of
 --profile are on in these tests (a real NVTX call, which Dynamo cannot trace, behind nvtx_range)."""
+
 import importlib
 import os
 import sys
@@ -17,7 +18,9 @@ from nanocode.gpt import GPTConfig, build_model
 
 VOCAB, T, B = 97, 32, 2
 # the kernel modules (kernels.rope_qknorm etc. name the functions the package exports)
-rope_mod, mlp_mod, ce_mod = (importlib.import_module(f"kernels.{m}") for m in ("rope_qknorm", "relu2_mlp", "softcap_ce"))
+rope_mod, mlp_mod, ce_mod = (
+    importlib.import_module(f"kernels.{m}") for m in ("rope_qknorm", "relu2_mlp", "softcap_ce")
+)
 
 
 @pytest.fixture
@@ -40,7 +43,10 @@ def count_calls(monkeypatch, module, name, counts):
     def counted(*args, **kwargs):
         counts[name] = counts.get(name, 0) + 1
         return real(*args, **kwargs)
-    monkeypatch.setattr(module, name, counted)  # the custom ops look their launchers up at call time
+
+    monkeypatch.setattr(
+        module, name, counted
+    )  # the custom ops look their launchers up at call time
 
 
 # "torch": Inductor compiles every op to C++ (~25 s of CPU, cold cache); "triton": only the glue around
@@ -52,8 +58,13 @@ def test_whole_model_under_inductor_matches_eager(monkeypatch, nvtx_on, impl):
     counts = {}
     # rope's _grid is called once per launch of its forward and its backward kernel (one launch each for
     # q and k); a training loss with gradients takes the CE kernel that writes the gradient in its pass.
-    for module, name in [(rope_mod, "_grid"), (mlp_mod, "_matmul"), (ce_mod, "_launch_ce_fwd"),
-                         (ce_mod, "_launch_ce_fwd_grad"), (ce_mod, "_launch_ce_bwd")]:
+    for module, name in [
+        (rope_mod, "_grid"),
+        (mlp_mod, "_matmul"),
+        (ce_mod, "_launch_ce_fwd"),
+        (ce_mod, "_launch_ce_fwd_grad"),
+        (ce_mod, "_launch_ce_bwd"),
+    ]:
         count_calls(monkeypatch, module, name, counts)
     torch.manual_seed(0)
     model = build_model(GPTConfig.from_depth(1, VOCAB, T), "cpu")
@@ -78,7 +89,9 @@ def test_whole_model_under_inductor_matches_eager(monkeypatch, nvtx_on, impl):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=n)
     if impl == "triton":  # the Triton kernels really ran, in eager and inside the compiled graph
         assert set(counts) == {"_grid", "_matmul", "_launch_ce_fwd_grad"}, counts
-        assert counts["_grid"] % 2 == 0 and counts["_grid"] >= 4, counts  # forward and backward, eager and compiled
+        assert counts["_grid"] % 2 == 0 and counts["_grid"] >= 4, (
+            counts
+        )  # forward and backward, eager and compiled
     else:
         assert counts == {}, counts
 
@@ -94,21 +107,48 @@ def test_nvtx_ranges_are_real_outside_compile(nvtx_on):
 def test_base_train_compile_and_profile_on_cpu(tmp_path, monkeypatch, nvtx_on):
     """scripts.base_train --compile 1 --profile --device-type cpu, a tiny run end to end: it trains
     (loss falls a little over 8 steps) and checkpoints."""
+    import scripts.base_train as base_train
     from nanocode.checkpoint import checkpoint_dir, load_checkpoint
     from nanocode.dataset import ShardWriter, data_dir
     from nanocode.tokenizer import Tokenizer
-    import scripts.base_train as base_train
+
     monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path))
-    texts = [p.read_text(errors="replace") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:30]]
+    texts = [
+        p.read_text(errors="replace") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:30]
+    ]
     writer = ShardWriter(data_dir("code"), shard_chars=200_000, val_fraction=0.1, seed=0)
     for t in texts:
         writer.add(t, "python")
     writer.close()
     Tokenizer.train(texts, vocab_size=300).save(tmp_path / "tokenizer")
     try:
-        base_train.main(["--depth", "1", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "64",
-                         "--eval-tokens", "64", "--sample-every", "-1", "--eval-every", "-1", "--num-iterations", "8",
-                         "--device-type", "cpu", "--compile", "1", "--profile", "--model-tag", "compiled"])
+        base_train.main(
+            [
+                "--depth",
+                "1",
+                "--max-seq-len",
+                "32",
+                "--device-batch-size",
+                "2",
+                "--total-batch-size",
+                "64",
+                "--eval-tokens",
+                "64",
+                "--sample-every",
+                "-1",
+                "--eval-every",
+                "-1",
+                "--num-iterations",
+                "8",
+                "--device-type",
+                "cpu",
+                "--compile",
+                "1",
+                "--profile",
+                "--model-tag",
+                "compiled",
+            ]
+        )
     finally:
         common.set_nvtx(False)
     _, _, meta = load_checkpoint(checkpoint_dir("base", "compiled"))

@@ -1,5 +1,6 @@
 """Conversation JSONL: errors name the file and line, round trips are exact, the mixture's weights,
 hub sources: one clear error offline, converted instruct data cached and split."""
+
 import json
 import random
 
@@ -11,7 +12,9 @@ from nanocode.conversations import load_jsonl, mixture, parse_mix, write_jsonl
 
 
 def test_malformed_jsonl_line_is_named(tmp_path):
-    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    good = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    }
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n{not json\n")
     with pytest.raises(NanocodeError, match=r"data.jsonl line 3: not valid JSON"):
@@ -20,12 +23,22 @@ def test_malformed_jsonl_line_is_named(tmp_path):
     path.write_text(json.dumps(good) + "\n" + json.dumps(bad_role) + "\n")
     with pytest.raises(NanocodeError, match=r"line 2 message 1"):
         load_jsonl(path)
-    tool_in_user = {"messages": [{"role": "user", "content": [{"type": "tool_output", "text": "x"}]},
-                                 {"role": "assistant", "content": "y"}]}
+    tool_in_user = {
+        "messages": [
+            {"role": "user", "content": [{"type": "tool_output", "text": "x"}]},
+            {"role": "assistant", "content": "y"},
+        ]
+    }
     path.write_text(json.dumps(tool_in_user) + "\n")
-    with pytest.raises(NanocodeError, match=r"line 1 message 0 part 0: a tool_output part may only appear"):
+    with pytest.raises(
+        NanocodeError, match=r"line 1 message 0 part 0: a tool_output part may only appear"
+    ):
         load_jsonl(path)
-    pair = {"prompt": good, "chosen": {"role": "assistant", "content": "a"}, "rejected": {"role": "assistant", "content": "b"}}
+    pair = {
+        "prompt": good,
+        "chosen": {"role": "assistant", "content": "a"},
+        "rejected": {"role": "assistant", "content": "b"},
+    }
     path.write_text(json.dumps(pair) + "\n")
     with pytest.raises(NanocodeError, match=r"line 1 prompt: must end with a user message"):
         load_jsonl(path, kind="preference")
@@ -33,7 +46,10 @@ def test_malformed_jsonl_line_is_named(tmp_path):
 
 def test_jsonl_round_trip(tmp_path, stdlib_functions):
     funcs = stdlib_functions(10, 50)
-    records = [synth.make_trajectory(k, random.Random(i), funcs) for i, k in enumerate(["no_tool", "run_report", "denial"])]
+    records = [
+        synth.make_trajectory(k, random.Random(i), funcs)
+        for i, k in enumerate(["no_tool", "run_report", "denial"])
+    ]
     path = write_jsonl(tmp_path / "x.jsonl", records)
     assert load_jsonl(path) == records
 
@@ -55,8 +71,12 @@ def test_offline_hub_source_gives_a_clear_error(monkeypatch):
 
     def offline(*a, **k):
         raise ConnectionError("cannot reach huggingface.co:443 (Name or service not known)")
+
     monkeypatch.setattr(hub, "_check_reachable", offline)
-    with pytest.raises(NanocodeError, match=r"could not download sahil2801/CodeAlpaca-20k/code_alpaca_20k.json .*offline"):
+    with pytest.raises(
+        NanocodeError,
+        match=r"could not download sahil2801/CodeAlpaca-20k/code_alpaca_20k.json .*offline",
+    ):
         conversations.load_source("code_alpaca", "train")
 
 
@@ -66,6 +86,7 @@ def test_instruct_source_is_converted_once_and_split(module_base_dir, monkeypatc
     from pathlib import Path
 
     from nanocode import conversations, instruct
+
     fixture = Path(__file__).parent / "data_fixtures" / "instruct" / "code_alpaca_20k.json"
     calls = []
     monkeypatch.setattr(instruct, "fetch", lambda name: calls.append(name) or fixture)

@@ -1,5 +1,6 @@
 """The packing loader: BOS-aligned rows, nothing lost but the counted crops, disjoint ranks, exact resume, FIM only
 on train, errors from the background thread."""
+
 import gc
 import io
 import re
@@ -28,7 +29,9 @@ def tok(docs):
 @pytest.fixture(autouse=True)
 def corpus(docs, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path))
-    write_corpus(tmp_path / "data" / "code", docs, per_shard=N_PER_SHARD)  # 3 train shards + 1 val shard of 10
+    write_corpus(
+        tmp_path / "data" / "code", docs, per_shard=N_PER_SHARD
+    )  # 3 train shards + 1 val shard of 10
 
 
 def rows_of(inputs, targets):
@@ -81,27 +84,37 @@ def test_no_token_lost_except_counted_crops(tok, docs):
             segs = segments(row)
             for k, seg in enumerate(segs):
                 i = doc_index(tok, seg)
-                if i is None:  # a crop shorter than its "# doc N" header: check it is some document's prefix
-                    assert k == len(segs) - 1 and any(f[:len(seg)] == seg for f in full.values())
+                if (
+                    i is None
+                ):  # a crop shorter than its "# doc N" header: check it is some document's prefix
+                    assert k == len(segs) - 1 and any(f[: len(seg)] == seg for f in full.values())
                     continue
-                assert seg == full[i][:len(seg)]
-                assert len(seg) == len(full[i]) or k == len(segs) - 1  # cropped only at the end of a row
+                assert seg == full[i][: len(seg)]
+                assert (
+                    len(seg) == len(full[i]) or k == len(segs) - 1
+                )  # cropped only at the end of a row
                 seen.append(i)
     sd = loader.state_dict()
     loader.close()
     assert sd["tokens_packed"] == rows_tokens and sd["epoch"] == 1
     # documents read so far: every full epoch, plus the current one up to the cursor
     read = sd["epoch"] * sum(len(full[i]) for i in range(N_PER_SHARD * N_TRAIN_SHARDS))
-    read += sum(len(full[s * N_PER_SHARD + r]) for s in range(N_TRAIN_SHARDS) for r in range(N_PER_SHARD)
-                if (s, r) < (sd["shard"], sd["row"]))
+    read += sum(
+        len(full[s * N_PER_SHARD + r])
+        for s in range(N_TRAIN_SHARDS)
+        for r in range(N_PER_SHARD)
+        if (s, r) < (sd["shard"], sd["row"])
+    )
     assert read == sd["tokens_packed"] + sd["tokens_cropped"] + len(sd["buffer_tokens"])
-    assert len(seen) > 100 and max(seen) < N_PER_SHARD * N_TRAIN_SHARDS  # never the validation documents
+    assert (
+        len(seen) > 100 and max(seen) < N_PER_SHARD * N_TRAIN_SHARDS
+    )  # never the validation documents
 
 
 def reference_pack(tok, docs, B, T, buffer_size, num_batches):
     """Best-fit packing written the slow, obvious way. Ties: the latest arrival among the largest that fit;
     the earliest among the shortest when cropping."""
-    stream = iter([[tok.bos_id] + tok.encode(d) for d in docs[:N_PER_SHARD * N_TRAIN_SHARDS]] * 10)
+    stream = iter([[tok.bos_id] + tok.encode(d) for d in docs[: N_PER_SHARD * N_TRAIN_SHARDS]] * 10)
     buffer, arrival, batches = [], 0, []
     for _ in range(num_batches):
         rows = []
@@ -113,7 +126,11 @@ def reference_pack(tok, docs, B, T, buffer_size, num_batches):
                     arrival += 1
                 space = T + 1 - len(row)
                 fits = [d for d in buffer if len(d[1]) <= space]
-                pick = max(fits, key=lambda d: (len(d[1]), d[0])) if fits else min(buffer, key=lambda d: (len(d[1]), d[0]))
+                pick = (
+                    max(fits, key=lambda d: (len(d[1]), d[0]))
+                    if fits
+                    else min(buffer, key=lambda d: (len(d[1]), d[0]))
+                )
                 buffer.remove(pick)
                 row += pick[1][:space]
             rows.append(row)
@@ -130,7 +147,9 @@ def test_best_fit_packing_matches_reference(tok, docs, buffer_size):
 
 
 def test_bigger_buffer_crops_less(tok, docs):
-    T = 2 * max(len(tok.encode(d)) + 1 for d in docs)  # every document fits in a row: crops only fill row ends
+    T = 2 * max(
+        len(tok.encode(d)) + 1 for d in docs
+    )  # every document fits in a row: crops only fill row ends
     cropped = []
     for buffer_size in (1, 64):  # buffer 1: first come, first packed
         loader = DataLoader(tok, B=4, T=T, fim_rate=0.0, max_doc_chars=0, buffer_size=buffer_size)
@@ -144,13 +163,19 @@ def test_bigger_buffer_crops_less(tok, docs):
 def test_two_ranks_see_disjoint_documents(tok):
     seen = []
     for rank in range(2):
-        loader = DataLoader(tok, B=2, T=128, rank=rank, world_size=2, fim_rate=0.0, max_doc_chars=0, buffer_size=4)
+        loader = DataLoader(
+            tok, B=2, T=128, rank=rank, world_size=2, fim_rate=0.0, max_doc_chars=0, buffer_size=4
+        )
         ids = set()
         for _ in range(10):
             for row in rows_of(*next(loader)):
-                ids.update(i for i in map(lambda s: doc_index(tok, s), segments(row)) if i is not None)
+                ids.update(
+                    i for i in map(lambda s: doc_index(tok, s), segments(row)) if i is not None
+                )
         loader.close()
-        assert all(i % 2 == rank for i in ids)  # rank r gets rows r, r+2, ... of each 40-document shard
+        assert all(
+            i % 2 == rank for i in ids
+        )  # rank r gets rows r, r+2, ... of each 40-document shard
         seen.append(ids)
     assert seen[0].isdisjoint(seen[1]) and len(seen[0]) > 10 and len(seen[1]) > 10
 
@@ -158,7 +183,9 @@ def test_two_ranks_see_disjoint_documents(tok):
 @pytest.mark.parametrize("where", ["first batch", "middle", "epoch boundary"])
 def test_resume_yields_exactly_the_uninterrupted_batches(tok, where):
     """With FIM and chunking of long documents on; the last case resumes 2 batches before the next epoch starts."""
-    kwargs = dict(tokenizer=tok, B=4, T=128, seed=3, buffer_size=5, max_doc_chars=200, tokenizer_batch=7)
+    kwargs = dict(
+        tokenizer=tok, B=4, T=128, seed=3, buffer_size=5, max_doc_chars=200, tokenizer_batch=7
+    )
     ref, expected, epochs = DataLoader(**kwargs), [], []
     for _ in range(300):
         expected.append(next(ref))
@@ -167,7 +194,7 @@ def test_resume_yields_exactly_the_uninterrupted_batches(tok, where):
             break
     ref.close()
     n_first = {"first batch": 1, "middle": 7, "epoch boundary": epochs.index(1) - 2}[where]
-    expected = expected[n_first:n_first + 6]
+    expected = expected[n_first : n_first + 6]
     first = DataLoader(**kwargs)
     for _ in range(n_first):
         next(first)
@@ -218,7 +245,9 @@ def test_errors_reach_the_caller(tok, tmp_path):
     with pytest.raises(NanocodeError, match="shard_00001.parquet"):
         for _ in range(1000):  # the error surfaces when the loader reaches shard 1
             next(loader)
-    few = DataLoader(tok, B=2, T=64, split="val", rank=15, world_size=16)  # the val shard has 10 documents
+    few = DataLoader(
+        tok, B=2, T=64, split="val", rank=15, world_size=16
+    )  # the val shard has 10 documents
     with pytest.raises(NanocodeError, match="no documents"):
         next(few)
 

@@ -8,12 +8,12 @@ The scripts join and leave through compute_init/run_main, as the real scripts do
 keeps torch's gloo teardown from aborting a finished process). Disjoint dataloader shards are in
 test_dataloader.py.
 """
+
 import json
 
 import pytest
 
 from tests.helpers import torchrun
-
 
 DDP_SCRIPT = r"""
 import os, sys, torch
@@ -48,14 +48,18 @@ run_main(main)
 def test_two_gloo_processes_equal_grad_accumulation(tmp_path):
     """DDP: 2 processes on one micro-batch each == 1 process accumulating both (gradient all-reduce)."""
     import torch
+
     from nanocode.gpt import GPTConfig, build_model
+
     torchrun(DDP_SCRIPT, tmp_path, nproc=1)
     torchrun(DDP_SCRIPT, tmp_path, nproc=2)
     a, b = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world2.pt")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     start = build_model(GPTConfig.from_depth(2, 53, 16), "cpu").state_dict()
-    assert any(not torch.equal(a[k], start[k]) for k in a if "c_proj" in k), "parameters did not move"
+    assert any(not torch.equal(a[k], start[k]) for k in a if "c_proj" in k), (
+        "parameters did not move"
+    )
 
 
 MUON_SCRIPT = r"""
@@ -138,23 +142,47 @@ def test_sharded_bpb_equals_single_process(tmp_path):
     line = next(l for l in torchrun(BPB_SCRIPT, tmp_path).splitlines() if l.startswith("BPB "))
     single, sharded, rank0_alone = json.loads(line[4:])
     assert sharded == pytest.approx(single, rel=1e-9)
-    assert rank0_alone != pytest.approx(single, rel=1e-6)  # the all-reduce mattered: half the data differs
+    assert rank0_alone != pytest.approx(
+        single, rel=1e-6
+    )  # the all-reduce mattered: half the data differs
 
 
 def test_code_eval_sharding_equals_single_process(tmp_path):
     """Score the same samples (every 3rd problem's canonical solution, an empty body for the others) with
     1 and 2 processes: identical per-sample results, in the problems' order, and the same pass@1."""
     from nanocode.code_tasks import load_humaneval
+
     problems = load_humaneval()[:7]
-    records = [{"task_id": p["task_id"], "completion": p["canonical_solution"] if i % 3 == 0 else "    pass\n"}
-               for i, p in enumerate(problems)]
+    records = [
+        {
+            "task_id": p["task_id"],
+            "completion": p["canonical_solution"] if i % 3 == 0 else "    pass\n",
+        }
+        for i, p in enumerate(problems)
+    ]
     samples = tmp_path / "samples.jsonl"
     samples.write_text("".join(json.dumps(r) + "\n" for r in records))
     outs = {}
     for nproc in (1, 2):
         out = tmp_path / f"res{nproc}"
-        stdout = torchrun(["-m", "scripts.code_eval", "--samples", str(samples), "--max-problems", "7",
-                           "--workers", "1", "--out", str(out)], tmp_path, nproc=nproc)
+        stdout = torchrun(
+            [
+                "-m",
+                "scripts.code_eval",
+                "--samples",
+                str(samples),
+                "--max-problems",
+                "7",
+                "--workers",
+                "1",
+                "--out",
+                str(out),
+            ],
+            tmp_path,
+            nproc=nproc,
+        )
         assert stdout.strip().splitlines()[-1] == "pass@1: 0.4286"  # 3 of 7
-        outs[nproc] = [(r["task_id"], r["passed"]) for r in map(json.loads, open(f"{out}_samples.jsonl"))]
+        outs[nproc] = [
+            (r["task_id"], r["passed"]) for r in map(json.loads, open(f"{out}_samples.jsonl"))
+        ]
     assert outs[1] == outs[2] == [(p["task_id"], i % 3 == 0) for i, p in enumerate(problems)]

@@ -1,6 +1,7 @@
 """Engine: KV-cache generation equals plain generation, batched equals one by one, sampling filters,
 and the agent's tool loop (real output injected, denial, malformed calls, call cap, context overflow),
 with a scripted fake model and with a tiny real checkpoint."""
+
 import pytest
 import torch
 
@@ -17,14 +18,20 @@ def tok():
 
 
 def scripted(tok, *turns, **kw):
-    model = ScriptedModel([encode_with_specials(tok, t) for t in turns], tok.vocab_size,
-                          tok.special_id("<|assistant_start|>"), tok.special_id("<|assistant_end|>"), **kw)
+    model = ScriptedModel(
+        [encode_with_specials(tok, t) for t in turns],
+        tok.vocab_size,
+        tok.special_id("<|assistant_start|>"),
+        tok.special_id("<|assistant_end|>"),
+        **kw,
+    )
     model.inputs = []  # record what the engine feeds, to check forced tokens
     forward = model.forward
 
     def recording_forward(idx, *a, **k):
         model.inputs.append(idx[0].tolist())
         return forward(idx, *a, **k)
+
     model.forward = recording_forward
     return model
 
@@ -93,15 +100,23 @@ def uncached_sampling(model, ids, max_tokens, temperature, top_k, top_p, seed):
 def test_sampling_with_cache_equals_without(tok, real, top_k, top_p):
     ids = prompt(tok, "x = ")
     reference = cut_at_stop(uncached_sampling(real, ids, 30, 0.9, top_k, top_p, seed=3))
-    got = Engine(real, tok).generate_batch(ids, max_tokens=30, temperature=0.9, top_k=top_k, top_p=top_p, seed=3)[0]
+    got = Engine(real, tok).generate_batch(
+        ids, max_tokens=30, temperature=0.9, top_k=top_k, top_p=top_p, seed=3
+    )[0]
     assert got == reference and len(got) > 3
 
 
 def test_batched_equals_one_by_one(tok, real):
     engine, ids = Engine(real, tok), prompt(tok)
-    batch = engine.generate_batch(ids, num_samples=3, max_tokens=25, temperature=1.0, top_p=0.9, seed=11)
-    singles = [engine.generate_batch(ids, num_samples=1, max_tokens=25, temperature=1.0, top_p=0.9, seed=11 + i)[0]
-               for i in range(3)]
+    batch = engine.generate_batch(
+        ids, num_samples=3, max_tokens=25, temperature=1.0, top_p=0.9, seed=11
+    )
+    singles = [
+        engine.generate_batch(
+            ids, num_samples=1, max_tokens=25, temperature=1.0, top_p=0.9, seed=11 + i
+        )[0]
+        for i in range(3)
+    ]
     assert batch == singles
     assert len({tuple(b) for b in batch}) > 1, "samples with different seeds should differ"
     greedy = engine.generate_batch(ids, num_samples=2, max_tokens=25, temperature=0.0)
@@ -113,7 +128,9 @@ def test_generate_streams_and_stops_at_context_end(tok, real):
     steps = list(engine.generate(ids, num_samples=2, max_tokens=1000, temperature=1.0, seed=0))
     assert all(len(s) == 2 for s in steps)
     stopped = all(any(t in (0, 4) for t in col) for col in zip(*steps))
-    assert stopped or len(ids) + len(steps) == real.config.sequence_len + 1  # the last token needs no cache slot
+    assert (
+        stopped or len(ids) + len(steps) == real.config.sequence_len + 1
+    )  # the last token needs no cache slot
     with pytest.raises(ValueError, match="temperature"):
         next(engine.generate(ids, temperature=-1))
     with pytest.raises(ValueError, match="no room"):
@@ -134,7 +151,10 @@ def test_sample_next_filters():
 
 def test_scripted_generation_stops_at_assistant_end(tok):
     engine = Engine(scripted(tok, "hello<|assistant_end|>ignored"), tok)
-    assert engine.generate_batch(prompt(tok), num_samples=2, max_tokens=50) == [tok.encode("hello")] * 2
+    assert (
+        engine.generate_batch(prompt(tok), num_samples=2, max_tokens=50)
+        == [tok.encode("hello")] * 2
+    )
 
 
 def chat(engine, text, **kw):
@@ -146,16 +166,25 @@ def test_tool_loop_runs_call_and_injects_real_output(tok, tmp_path):
     call = '{"name": "bash", "arguments": {"command": "cat hello.txt"}}'
     model = scripted(tok, f"Let me look.<|tool_start|>{call}<|tool_end|>It says hi.")
     asked = []
-    events = chat(Engine(model, tok), "what is in hello.txt?", workdir=tmp_path,
-                  approve=lambda name, args: asked.append((name, args)) or True)
+    events = chat(
+        Engine(model, tok),
+        "what is in hello.txt?",
+        workdir=tmp_path,
+        approve=lambda name, args: asked.append((name, args)) or True,
+    )
     assert asked == [("bash", {"command": "cat hello.txt"})]
-    assert [e["type"] for e in events if e["type"] != "text"] == ["tool_call", "tool_output", "done"]
+    assert [e["type"] for e in events if e["type"] != "text"] == [
+        "tool_call",
+        "tool_output",
+        "done",
+    ]
     assert "".join(e["text"] for e in events if e["type"] == "text") == "Let me look.It says hi."
     assert events[-1]["message"]["content"] == [
         {"type": "text", "text": "Let me look."},
         {"type": "tool_call", "name": "bash", "arguments": {"command": "cat hello.txt"}},
         {"type": "tool_output", "text": "hi there\n"},
-        {"type": "text", "text": "It says hi."}]
+        {"type": "text", "text": "It says hi."},
+    ]
     assert events[-1]["finish_reason"] == "stop"
     # <|tool_end|> and the real output between its delimiters were fed in one forward
     assert [6, 7] + tok.encode("hi there\n") + [8] in model.inputs
@@ -172,14 +201,22 @@ def test_denied_call_injects_denial(tok, tmp_path):
     assert events[-1]["message"]["content"][-1] == {"type": "text", "text": "ok"}
 
 
-@pytest.mark.parametrize("raw,expect", [
-    ('{"name": bash', "error: the tool call is not valid JSON"),
-    ('{"name": "rm", "arguments": {}}', "error: unknown tool 'rm'"),
-    ('{"name": "bash", "arguments": {"cmd": "ls"}}', "error: bash is missing required argument 'command'"),
-])
+@pytest.mark.parametrize(
+    "raw,expect",
+    [
+        ('{"name": bash', "error: the tool call is not valid JSON"),
+        ('{"name": "rm", "arguments": {}}', "error: unknown tool 'rm'"),
+        (
+            '{"name": "bash", "arguments": {"cmd": "ls"}}',
+            "error: bash is missing required argument 'command'",
+        ),
+    ],
+)
 def test_malformed_call_gets_error_and_generation_continues(tok, tmp_path, raw, expect):
     model = scripted(tok, f"<|tool_start|>{raw}<|tool_end|>sorry")
-    events = chat(Engine(model, tok), "go", workdir=tmp_path, approve=lambda n, a: pytest.fail("must not ask"))
+    events = chat(
+        Engine(model, tok), "go", workdir=tmp_path, approve=lambda n, a: pytest.fail("must not ask")
+    )
     outputs = [e["text"] for e in events if e["type"] == "tool_output"]
     assert len(outputs) == 1 and outputs[0].startswith(expect)
     assert events[-1]["message"]["content"][-1] == {"type": "text", "text": "sorry"}
@@ -187,12 +224,23 @@ def test_malformed_call_gets_error_and_generation_continues(tok, tmp_path, raw, 
 
 def test_tool_call_cap_and_disabled_tools(tok, tmp_path):
     call = '<|tool_start|>{"name": "bash", "arguments": {"command": "echo run"}}<|tool_end|>'
-    events = chat(Engine(scripted(tok, call * 3 + "end"), tok), "go", workdir=tmp_path,
-                  approve=lambda n, a: True, max_tool_calls=2)
+    events = chat(
+        Engine(scripted(tok, call * 3 + "end"), tok),
+        "go",
+        workdir=tmp_path,
+        approve=lambda n, a: True,
+        max_tool_calls=2,
+    )
     outputs = [e["text"] for e in events if e["type"] == "tool_output"]
-    assert outputs[:2] == ["run\n", "run\n"] and outputs[2].startswith("error: tool-call limit reached")
-    events = chat(Engine(scripted(tok, call + "end"), tok), "go", approve=lambda n, a: True)  # no workdir
-    assert [e["text"] for e in events if e["type"] == "tool_output"] == ["error: tools are disabled here"]
+    assert outputs[:2] == ["run\n", "run\n"] and outputs[2].startswith(
+        "error: tool-call limit reached"
+    )
+    events = chat(
+        Engine(scripted(tok, call + "end"), tok), "go", approve=lambda n, a: True
+    )  # no workdir
+    assert [e["text"] for e in events if e["type"] == "tool_output"] == [
+        "error: tools are disabled here"
+    ]
 
 
 def test_max_tokens_gives_length(tok):
@@ -210,8 +258,11 @@ def test_utf8_split_across_tokens_is_held_back(tok):
 
 def test_context_overflow_drops_oldest_turns(tok, tmp_path):
     call = '<|tool_start|>{"name": "bash", "arguments": {"command": "printf %0150d 0"}}<|tool_end|>'
-    history = [{"role": "user", "content": "first question " * 5}, {"role": "assistant", "content": "answer " * 5},
-               {"role": "user", "content": "second"}]
+    history = [
+        {"role": "user", "content": "first question " * 5},
+        {"role": "assistant", "content": "answer " * 5},
+        {"role": "user", "content": "second"},
+    ]
     model = scripted(tok, call + "done", sequence_len=128)
     engine = Engine(model, tok)
     events = list(engine.chat({"messages": history}, workdir=tmp_path, approve=lambda n, a: True))
@@ -222,17 +273,31 @@ def test_context_overflow_drops_oldest_turns(tok, tmp_path):
 
     # the real model too: a prompt longer than its context is cut, generation goes on
     real_model = tiny_model(tok.vocab_size, sequence_len=64)
-    events = list(Engine(real_model, tok).chat({"messages": history}, max_tokens=80, temperature=0.0))
+    events = list(
+        Engine(real_model, tok).chat({"messages": history}, max_tokens=80, temperature=0.0)
+    )
     assert events[0]["type"] == "notice" and events[-1]["type"] == "done"
 
 
 def test_chat_with_real_checkpoint(tok, real, tmp_path):
-    events = chat(Engine(real, tok), "hello", workdir=tmp_path, approve=lambda n, a: True, max_tokens=30,
-                  temperature=0.0)
+    events = chat(
+        Engine(real, tok),
+        "hello",
+        workdir=tmp_path,
+        approve=lambda n, a: True,
+        max_tokens=30,
+        temperature=0.0,
+    )
     done = events[-1]
     assert done["type"] == "done" and done["usage"]["completion_tokens"] <= 30
-    again = chat(Engine(real, tok), "hello", workdir=tmp_path, approve=lambda n, a: True, max_tokens=30,
-                 temperature=0.0)
+    again = chat(
+        Engine(real, tok),
+        "hello",
+        workdir=tmp_path,
+        approve=lambda n, a: True,
+        max_tokens=30,
+        temperature=0.0,
+    )
     assert again[-1]["message"] == done["message"]  # greedy is deterministic
 
 
@@ -241,16 +306,20 @@ def test_tool_loop_with_real_tokenizer(tmp_path):
     (tmp_path / "a.py").write_text("print('hi')\n")
     call = '{"name": "read_file", "arguments": {"path": "a.py"}}'
     model = scripted(tok, f"Reading.<|tool_start|>{call}<|tool_end|>It prints hi.")
-    events = chat(Engine(model, tok), "what does a.py do?", workdir=tmp_path, approve=lambda n, a: True)
+    events = chat(
+        Engine(model, tok), "what does a.py do?", workdir=tmp_path, approve=lambda n, a: True
+    )
     assert events[-1]["message"]["content"] == [
         {"type": "text", "text": "Reading."},
         {"type": "tool_call", "name": "read_file", "arguments": {"path": "a.py"}},
         {"type": "tool_output", "text": "     1\tprint('hi')"},
-        {"type": "text", "text": "It prints hi."}]
+        {"type": "text", "text": "It prints hi."},
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
 # the batched tool loop
+
 
 class Steered(torch.nn.Module):
     """A real model whose rows are made to write given tokens at given sampled steps (tool calls at
@@ -279,7 +348,10 @@ class Steered(torch.nn.Module):
 
 
 def call_tokens(tok, command):
-    return encode_with_specials(tok, f'<|tool_start|>{{"name": "bash", "arguments": {{"command": "{command}"}}}}<|tool_end|>')
+    return encode_with_specials(
+        tok,
+        f'<|tool_start|>{{"name": "bash", "arguments": {{"command": "{command}"}}}}<|tool_end|>',
+    )
 
 
 def steered_engine(tok, real):
@@ -290,8 +362,11 @@ def steered_engine(tok, real):
         k = int(tok.decode(prompt_ids).split("task ")[1][0])
         steps = {}
         for s in starts[k]:
-            steps.update({s + j: t for j, t in enumerate(call_tokens(tok, f"echo {'x' * (3 + 5 * k)}"))})
+            steps.update(
+                {s + j: t for j, t in enumerate(call_tokens(tok, f"echo {'x' * (3 + 5 * k)}"))}
+            )
         return steps
+
     return Engine(Steered(real, plan), tok)
 
 
@@ -302,11 +377,21 @@ def fake_runner(name, args, workdir):
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_chat_batch_equals_one_by_one_with_tool_calls(tok, real, tmp_path, temperature):
     engine = steered_engine(tok, real)
-    convs = [{"messages": [{"role": "user", "content": f"task {k}" + " pad" * k}]} for k in range(4)]
-    kw = dict(approve=lambda n, a: True, max_tokens=150, temperature=temperature, top_k=50, seed=5,
-              tool_runner=fake_runner)
+    convs = [
+        {"messages": [{"role": "user", "content": f"task {k}" + " pad" * k}]} for k in range(4)
+    ]
+    kw = dict(
+        approve=lambda n, a: True,
+        max_tokens=150,
+        temperature=temperature,
+        top_k=50,
+        seed=5,
+        tool_runner=fake_runner,
+    )
     events = {i: [] for i in range(4)}
-    batch = engine.chat_batch(convs, workdirs=[tmp_path] * 4, on_event=lambda i, e: events[i].append(e), **kw)
+    batch = engine.chat_batch(
+        convs, workdirs=[tmp_path] * 4, on_event=lambda i, e: events[i].append(e), **kw
+    )
     for i, conv in enumerate(convs):
         single = engine.chat_batch([conv], workdirs=[tmp_path], **dict(kw, seed=5 + i))[0]
         assert batch[i]["ids"] == single["ids"] and batch[i]["mask"] == single["mask"], f"row {i}"
@@ -318,7 +403,9 @@ def test_chat_batch_equals_one_by_one_with_tool_calls(tok, real, tmp_path, tempe
     first_forced = [r["mask"].index(0) if 0 in r["mask"] else None for r in batch]
     assert first_forced[2] is None and len({first_forced[0], first_forced[1], first_forced[3]}) == 3
     assert sum(p["type"] == "tool_call" for p in batch[1]["message"]["content"]) == 2
-    for r in batch:  # ids: sampled (mask 1) and forced (mask 0); the forced spans are exactly the outputs
+    for r in (
+        batch
+    ):  # ids: sampled (mask 1) and forced (mask 0); the forced spans are exactly the outputs
         forced = [t for t, m in zip(r["ids"], r["mask"]) if m == 0]
         outputs = [p["text"] for p in r["message"]["content"] if p["type"] == "tool_output"]
         assert forced == [t for o in outputs for t in [7] + tok.encode(o) + [8]]
@@ -328,25 +415,46 @@ def test_chat_batch_equals_one_by_one_with_tool_calls(tok, real, tmp_path, tempe
 def test_chat_batch_greedy_equals_uncached_generation(tok, real):
     """Rows of different prompt lengths, each at its own positions, decode what the plain uncached
     model decodes (so the per-row rotary positions and masks are right, not just self-consistent)."""
-    convs = [{"messages": [{"role": "user", "content": text}]} for text in ["a", "def add(a, b):", "x = 1\ny ="]]
+    convs = [
+        {"messages": [{"role": "user", "content": text}]}
+        for text in ["a", "def add(a, b):", "x = 1\ny ="]
+    ]
     results = Engine(real, tok).chat_batch(convs, max_tokens=30, temperature=0.0)
     for conv, r in zip(convs, results):
         reference = list(real.generate(tok.render_for_completion(conv), max_tokens=30))
         cut = r["ids"][:-1] if r["finish_reason"] == "stop" else r["ids"]
-        assert cut == reference[:len(cut)] and (r["finish_reason"] == "length" or r["ids"][-1] == reference[len(cut)])
+        assert cut == reference[: len(cut)] and (
+            r["finish_reason"] == "length" or r["ids"][-1] == reference[len(cut)]
+        )
 
 
 def test_chat_batch_rows_overflow_and_finish_independently(tok, tmp_path):
     call = '<|tool_start|>{"name": "bash", "arguments": {"command": "printf %0150d 0"}}<|tool_end|>'
-    scripts = {"long": encode_with_specials(tok, call + "done"), "short": encode_with_specials(tok, "hi")}
-    model = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=128,
-                          pick=lambda ids: scripts["long" if "second" in tok.decode(ids) else "short"])
-    history = [{"role": "user", "content": "first question " * 5}, {"role": "assistant", "content": "answer " * 5},
-               {"role": "user", "content": "second"}]
+    scripts = {
+        "long": encode_with_specials(tok, call + "done"),
+        "short": encode_with_specials(tok, "hi"),
+    }
+    model = ScriptedModel(
+        [],
+        tok.vocab_size,
+        3,
+        4,
+        sequence_len=128,
+        pick=lambda ids: scripts["long" if "second" in tok.decode(ids) else "short"],
+    )
+    history = [
+        {"role": "user", "content": "first question " * 5},
+        {"role": "assistant", "content": "answer " * 5},
+        {"role": "user", "content": "second"},
+    ]
     convs = [{"messages": history}, {"messages": [{"role": "user", "content": "hello"}]}]
     events = []
-    results = Engine(model, tok).chat_batch(convs, workdirs=[tmp_path, None], approve=[lambda n, a: True, None],
-                                            on_event=lambda i, e: events.append((i, e["type"])))
+    results = Engine(model, tok).chat_batch(
+        convs,
+        workdirs=[tmp_path, None],
+        approve=[lambda n, a: True, None],
+        on_event=lambda i, e: events.append((i, e["type"])),
+    )
     assert (0, "notice") in events and (1, "notice") not in events
     assert results[0]["message"]["content"][-1] == {"type": "text", "text": "done"}
     assert results[1]["message"]["content"] == [{"type": "text", "text": "hi"}]
@@ -359,32 +467,59 @@ def test_chat_batch_rows_overflow_and_finish_independently(tok, tmp_path):
 def test_reply_state_machine(tok):
     """Reply alone: text deltas, a call closed and answered, a malformed call kept as text."""
     from nanocode.engine import Reply
+
     reply = Reply(tok, 5, 6)
-    events = [e for t in encode_with_specials(tok, 'hé<|tool_start|>{"name": "grep", "arguments": {"pattern": "x"}}<|tool_end|>')
-              for e in reply.feed(t)]
+    events = [
+        e
+        for t in encode_with_specials(
+            tok, 'hé<|tool_start|>{"name": "grep", "arguments": {"pattern": "x"}}<|tool_end|>'
+        )
+        for e in reply.feed(t)
+    ]
     assert [e["text"] for e in events] == ["h", "é"]
-    assert reply.closed == ({"type": "tool_call", "name": "grep", "arguments": {"pattern": "x"}}, None)
-    assert reply.tool_output("a.py:1:x") == {"type": "tool_output", "text": "a.py:1:x"} and reply.closed is None
+    assert reply.closed == (
+        {"type": "tool_call", "name": "grep", "arguments": {"pattern": "x"}},
+        None,
+    )
+    assert (
+        reply.tool_output("a.py:1:x") == {"type": "tool_output", "text": "a.py:1:x"}
+        and reply.closed is None
+    )
     for t in encode_with_specials(tok, "<|tool_start|>{bad<|tool_end|>"):
         reply.feed(t)
     part, err = reply.closed
     assert part is None and err.startswith("error: the tool call is not valid JSON")
     reply.tool_output(err)
-    for t in encode_with_specials(tok, "ok<|tool_start|>{\"na"):
+    for t in encode_with_specials(tok, 'ok<|tool_start|>{"na'):
         reply.feed(t)
     assert reply.finish() == [{"type": "text", "text": '{"na'}]  # cut inside a call: kept as text
     assert reply.parts == [
-        {"type": "text", "text": "hé"}, {"type": "tool_call", "name": "grep", "arguments": {"pattern": "x"}},
-        {"type": "tool_output", "text": "a.py:1:x"}, {"type": "text", "text": "{bad"},
-        {"type": "tool_output", "text": err}, {"type": "text", "text": "ok"}, {"type": "text", "text": '{"na'}]
+        {"type": "text", "text": "hé"},
+        {"type": "tool_call", "name": "grep", "arguments": {"pattern": "x"}},
+        {"type": "tool_output", "text": "a.py:1:x"},
+        {"type": "text", "text": "{bad"},
+        {"type": "tool_output", "text": err},
+        {"type": "text", "text": "ok"},
+        {"type": "text", "text": '{"na'},
+    ]
 
 
 def test_a_slow_tool_stalls_only_its_own_row(tok, tmp_path):
     """Row 0's command waits until row 1 has finished its reply: the other rows sample on while a tool runs."""
     import threading
+
     call = '<|tool_start|>{"name": "bash", "arguments": {"command": "slow"}}<|tool_end|>'
-    scripts = {"slow": encode_with_specials(tok, call + "after"), "fast": encode_with_specials(tok, "quick answer")}
-    model = ScriptedModel([], tok.vocab_size, 3, 4, pick=lambda ids: scripts["slow" if "slow" in tok.decode(ids) else "fast"])
+    scripts = {
+        "slow": encode_with_specials(tok, call + "after"),
+        "fast": encode_with_specials(tok, "quick answer"),
+    }
+    model = ScriptedModel(
+        [],
+        tok.vocab_size,
+        3,
+        4,
+        pick=lambda ids: scripts["slow" if "slow" in tok.decode(ids) else "fast"],
+    )
     row1_done = threading.Event()
 
     def runner(name, args, workdir):
@@ -393,11 +528,19 @@ def test_a_slow_tool_stalls_only_its_own_row(tok, tmp_path):
     def on_event(i, e):
         if i == 1 and e["type"] == "done":
             row1_done.set()
+
     convs = [{"messages": [{"role": "user", "content": text}]} for text in ("slow", "fast")]
-    results = Engine(model, tok).chat_batch(convs, approve=lambda n, a: True, workdirs=[tmp_path] * 2,
-                                            tool_runner=runner, on_event=on_event)
-    assert results[0]["message"]["content"][-2:] == [{"type": "tool_output", "text": "row 1 was done first\n"},
-                                                     {"type": "text", "text": "after"}]
+    results = Engine(model, tok).chat_batch(
+        convs,
+        approve=lambda n, a: True,
+        workdirs=[tmp_path] * 2,
+        tool_runner=runner,
+        on_event=on_event,
+    )
+    assert results[0]["message"]["content"][-2:] == [
+        {"type": "tool_output", "text": "row 1 was done first\n"},
+        {"type": "text", "text": "after"},
+    ]
     assert results[1]["message"]["content"] == [{"type": "text", "text": "quick answer"}]
 
 

@@ -1,5 +1,6 @@
 """Shareable weights: export -> load gives the same logits, the export command works end to end, and
 nothing that is not plain tensors gets executed on the way in (a tampered file is refused, clearly)."""
+
 import json
 import pickle
 import subprocess
@@ -10,7 +11,14 @@ import torch
 
 from nanocode.common import NanocodeError
 from nanocode.export import export_model, load_exported, load_weights
-from tests.helpers import REPO, real_tokenizer, save_tiny_checkpoint, script_env, tiny_model, trained_tokenizer
+from tests.helpers import (
+    REPO,
+    real_tokenizer,
+    save_tiny_checkpoint,
+    script_env,
+    tiny_model,
+    trained_tokenizer,
+)
 
 
 class Payload:
@@ -21,6 +29,7 @@ class Payload:
 
     def __reduce__(self):
         import os
+
         return os.system, (f"touch {self.marker}",)
 
 
@@ -28,16 +37,26 @@ class Payload:
 def exported(tmp_path_factory):
     tok = trained_tokenizer([REPO.joinpath("nanocode/export.py").read_text()], vocab_size=300)
     model = tiny_model(tok.vocab_size, sequence_len=64)
-    out = export_model(model, tok, tmp_path_factory.mktemp("export") / "tiny", {"phase": "sft", "step": 7})
+    out = export_model(
+        model, tok, tmp_path_factory.mktemp("export") / "tiny", {"phase": "sft", "step": 7}
+    )
     return model, tok, out
 
 
 def test_export_writes_safetensors_config_and_tokenizer(exported):
     _, _, out = exported
-    assert sorted(f.name for f in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
-                                                     "tokenizer.tiktoken"]
+    assert sorted(f.name for f in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer.tiktoken",
+    ]
     config = json.loads((out / "config.json").read_text())
-    assert config["format"] == "nanocode" and config["step"] == 7 and config["model_config"]["n_layer"] == 2
+    assert (
+        config["format"] == "nanocode"
+        and config["step"] == 7
+        and config["model_config"]["n_layer"] == 2
+    )
     assert not list(out.parent.glob(".*tmp*")), "the temp dir must be gone"
 
 
@@ -71,7 +90,9 @@ def test_tampered_weights_file_is_refused_without_running_it(exported, tmp_path)
 def test_tampered_pickle_is_refused_by_weights_only_loading(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"w": torch.ones(2), "x": Payload(marker)}, tmp_path / "model.pt")
-    with pytest.raises(NanocodeError, match=r"refusing to load .*model\.pt: it holds more than tensors"):
+    with pytest.raises(
+        NanocodeError, match=r"refusing to load .*model\.pt: it holds more than tensors"
+    ):
         load_weights(tmp_path / "model.pt")
     assert not marker.exists()
     torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")  # plain tensors load fine
@@ -98,18 +119,31 @@ def test_export_script(module_base_dir):
     vocab = real_tokenizer().vocab_size
     save_tiny_checkpoint("tiny-export", vocab)
     env = {**script_env(), "NANOCODE_BASE_DIR": str(module_base_dir)}
-    r = subprocess.run([sys.executable, "-m", "scripts.export", "-i", "sft", "--tag", "tiny-export"], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "scripts.export", "-i", "sft", "--tag", "tiny-export"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = module_base_dir / "export" / "sft_tiny-export_000001"
     assert f"to {out}" in r.stdout
     from nanocode.checkpoint import load_model
+
     model, _, _ = load_model("sft", "cpu", "tiny-export")
     loaded, _, config = load_exported(out)
     assert config["phase"] == "sft" and config["step"] == 1
     idx = torch.arange(20).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
-    r = subprocess.run([sys.executable, "-m", "scripts.export", "-i", "dpo"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "scripts.export", "-i", "dpo"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and r.stderr.startswith("error: no dpo checkpoint found"), r.stderr

@@ -1,4 +1,5 @@
 """Fill-in-the-middle: rate, PSM/SPM split, exact formats, determinism, and undoing it gives the document back."""
+
 import math
 import random
 

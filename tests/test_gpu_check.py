@@ -1,6 +1,7 @@
 """The CUDA-only logic that a CPU can still check (compute_init's CUDA settings, speedrun's GPU
 detection), and bench/gpu_check.sh --cpu-smoke: the GPU check's own steps on tiny shapes, so the
 script a GPU run executes cannot rot."""
+
 import os
 import subprocess
 from pathlib import Path
@@ -42,7 +43,9 @@ def test_process_group_gets_a_long_timeout(monkeypatch):
     monkeypatch.setattr(common.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(common.dist, "init_process_group", lambda **kw: seen.update(kw))
     monkeypatch.setattr(common.dist, "barrier", lambda: None)
-    monkeypatch.setattr(common, "_joined_gloo", False)  # restored after the test (run_main reads it)
+    monkeypatch.setattr(
+        common, "_joined_gloo", False
+    )  # restored after the test (run_main reads it)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -56,18 +59,35 @@ def test_speedrun_stops_when_torch_sees_no_gpu_that_the_driver_lists(tmp_path):
     the driver): one clear message and exit 1, not the tiny CPU run on a GPU machine."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
-                                        "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'\n")
-    (bin_dir / "python").write_text("#!/usr/bin/env bash\ncase \"$*\" in *device_count*) echo 0;; "
-                                    "*__version__*) echo '2.15.0+cpu CUDA None';; *) echo \"unexpected: $*\" >&2; exit 9;; esac\n")
+    (bin_dir / "nvidia-smi").write_text(
+        "#!/usr/bin/env bash\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
+        "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'\n"
+    )
+    (bin_dir / "python").write_text(
+        '#!/usr/bin/env bash\ncase "$*" in *device_count*) echo 0;; '
+        "*__version__*) echo '2.15.0+cpu CUDA None';; *) echo \"unexpected: $*\" >&2; exit 9;; esac\n"
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = dict(os.environ, SKIP_SETUP="1", PYTHON=str(bin_dir / "python"), NANOCODE_BASE_DIR=str(tmp_path / "base"),
-               PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        SKIP_SETUP="1",
+        PYTHON=str(bin_dir / "python"),
+        NANOCODE_BASE_DIR=str(tmp_path / "base"),
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+    )
     env.pop("NPROC", None)
-    p = subprocess.run(["bash", str(REPO / "runs" / "speedrun.sh")], env=env, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        ["bash", str(REPO / "runs" / "speedrun.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 1, (p.stdout, p.stderr)
-    assert "nvidia-smi lists 2 GPU(s) but torch sees none" in p.stderr and "NPROC=0" in p.stderr, p.stderr
+    assert "nvidia-smi lists 2 GPU(s) but torch sees none" in p.stderr and "NPROC=0" in p.stderr, (
+        p.stderr
+    )
 
 
 @pytest.mark.slow
@@ -75,16 +95,39 @@ def test_gpu_check_cpu_smoke(tmp_path):
     """bash bench/gpu_check.sh --cpu-smoke: every step of the GPU check on tiny shapes, each PASS,
     one summary table, results written where --out says."""
     env = dict(os.environ, NANOCODE_BASE_DIR=str(tmp_path / "base"), OMP_NUM_THREADS="1")
-    p = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path / "out")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [
+            "bash",
+            str(REPO / "bench" / "gpu_check.sh"),
+            "--cpu-smoke",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert p.stdout.count("## gpu_check summary") == 1
     table = p.stdout.split("## gpu_check summary", 1)[1]
-    for step in ("kernel_tests", "inductor_ab", "bench_kernels", "bench_mfu", "resume", "generation"):
+    for step in (
+        "kernel_tests",
+        "inductor_ab",
+        "bench_kernels",
+        "bench_mfu",
+        "resume",
+        "generation",
+    ):
         assert f"| {step} | PASS |" in table, table
     assert "FAIL" not in table
-    assert (tmp_path / "out" / "gpu_check.md").exists() and (tmp_path / "out" / "gpu_check.json").exists()
-    assert not (REPO / "bench" / "results" / "cpu-smoke").exists()  # the smoke run writes nothing into the repo
+    assert (tmp_path / "out" / "gpu_check.md").exists() and (
+        tmp_path / "out" / "gpu_check.json"
+    ).exists()
+    assert not (
+        REPO / "bench" / "results" / "cpu-smoke"
+    ).exists()  # the smoke run writes nothing into the repo
 
 
 def test_gpu_check_without_a_gpu_says_so(tmp_path):
@@ -92,7 +135,15 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     env = dict(os.environ, NANOCODE_BASE_DIR=str(tmp_path))
-    p = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--out", str(tmp_path / "out")], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1 and "no CUDA GPU is visible" in p.stderr and "--cpu-smoke" in p.stderr, p.stderr
+    p = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        p.returncode == 1 and "no CUDA GPU is visible" in p.stderr and "--cpu-smoke" in p.stderr
+    ), p.stderr
     assert "Traceback" not in p.stderr

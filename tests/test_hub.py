@@ -1,13 +1,15 @@
 """nanocode.hub.hub_file, the one way files come from the Hugging Face hub, against a local stand-in for the
 hub (tests.helpers.FakeHub): resumes a dropped download, copes with a server that ignores ranges, caches,
 and turns every failure into one message naming the file."""
+
 import socket
 
 import pytest
 
 from nanocode.common import NanocodeError
 from nanocode.hub import hub_cache_dir, hub_file
-from tests.helpers import REPO as REPO_ROOT, FakeHub
+from tests.helpers import REPO as REPO_ROOT
+from tests.helpers import FakeHub
 
 REPO, FILE = "someone/data", "sub dir/f.bin"
 KEY = f"{REPO}/{FILE}"
@@ -23,6 +25,7 @@ def hub(tmp_path, monkeypatch):
         hubs.append(FakeHub(files, **kw))
         monkeypatch.setenv("HF_ENDPOINT", hubs[-1].url)
         return hubs[-1]
+
     yield start
     for h in hubs:
         h.close()
@@ -41,10 +44,14 @@ def test_resumes_after_a_dropped_connection_then_caches(hub):
     assert path.read_bytes() == blob and hub_cache_dir() in path.parents
     (first, first_range), (second, second_range) = gets(h)
     assert first == second == KEY and first_range is None
-    resumed_at = int(second_range.removeprefix("bytes=").removesuffix("-"))  # the retry asked for the rest only
+    resumed_at = int(
+        second_range.removeprefix("bytes=").removesuffix("-")
+    )  # the retry asked for the rest only
     assert 0 < resumed_at <= len(blob) // 2
     assert not list(hub_cache_dir().rglob("*.incomplete"))
-    assert hub_file(REPO, FILE).read_bytes() == blob and len(gets(h)) == 2  # cached: not downloaded again
+    assert (
+        hub_file(REPO, FILE).read_bytes() == blob and len(gets(h)) == 2
+    )  # cached: not downloaded again
 
 
 def test_restarts_when_the_server_ignores_ranges(hub):
@@ -56,7 +63,9 @@ def test_restarts_when_the_server_ignores_ranges(hub):
 
 def test_a_missing_file_is_one_clear_error(hub):
     hub({KEY: b"x"})
-    with pytest.raises(NanocodeError, match=r"could not download someone/data/nope.bin .*use a local copy"):
+    with pytest.raises(
+        NanocodeError, match=r"could not download someone/data/nope.bin .*use a local copy"
+    ):
         hub_file(REPO, "nope.bin", hint="use a local copy")
 
 
@@ -78,7 +87,13 @@ def test_mbpp_comes_through_the_hub_once(hub):
     import pyarrow.parquet as pq
 
     from nanocode.code_tasks import MBPP_FILE, MBPP_REPO, load_mbpp
-    rows = [json.loads(line) for line in (REPO_ROOT / "tests" / "fixtures" / "mbpp_sample.jsonl").read_text().splitlines()]
+
+    rows = [
+        json.loads(line)
+        for line in (REPO_ROOT / "tests" / "fixtures" / "mbpp_sample.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)
     h = hub({f"{MBPP_REPO}/{MBPP_FILE}": buf.getvalue()})

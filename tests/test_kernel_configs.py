@@ -6,6 +6,7 @@ each tiled axis), forward and backward against float64, with outputs poisoned (N
 Under the interpreter (CI) this is where the large tiles, their edge masks and the wrap-around
 paths run at all; on a GPU the same test compiles and runs each config for real.
 """
+
 import importlib
 
 import pytest
@@ -15,7 +16,9 @@ ce = importlib.import_module("kernels.softcap_ce")
 rq = importlib.import_module("kernels.rope_qknorm")
 mlp = importlib.import_module("kernels.relu2_mlp")
 ns = importlib.import_module("kernels.newton_schulz")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the conftest turns on TRITON_INTERPRET
+DEVICE = (
+    "cuda" if torch.cuda.is_available() else "cpu"
+)  # on CPU the conftest turns on TRITON_INTERPRET
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +41,10 @@ def close(got, want, tol, what):
 
 
 def ids(configs):
-    return ["-".join(f"{k}{v}" for k, v in c.kwargs.items()) + f"-w{c.num_warps}-s{c.num_stages}" for c in configs]
+    return [
+        "-".join(f"{k}{v}" for k, v in c.kwargs.items()) + f"-w{c.num_warps}-s{c.num_stages}"
+        for c in configs
+    ]
 
 
 @pytest.mark.parametrize("cfg", ce.GPU_CONFIGS, ids=ids(ce.GPU_CONFIGS))
@@ -54,14 +60,21 @@ def test_every_config_softcap_ce(monkeypatch, cfg):
         loss = ce.softcap_cross_entropy_triton(logits, targets, softcap, reduction="sum")
         ref = ce.softcap_cross_entropy_reference(ref_in, targets, softcap, reduction="sum")
         close(loss, ref, 1e-5, f"loss (softcap {softcap})")
-        close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(ref, ref_in)[0], 1e-5, "dlogits")
+        close(
+            torch.autograd.grad(loss, logits)[0],
+            torch.autograd.grad(ref, ref_in)[0],
+            1e-5,
+            "dlogits",
+        )
         x = torch.randn(N, C, device=DEVICE, requires_grad=True)
         w = (torch.randn(V, C, device=DEVICE) * softcap).requires_grad_()
         x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
         loss = ce.linear_softcap_cross_entropy_triton(x, w, targets, softcap)
         ref = ce.linear_softcap_cross_entropy_reference(x64, w64, targets, softcap)
         close(loss, ref, 1e-5, "linear loss")
-        for g, r, what in zip(torch.autograd.grad(loss, (x, w)), torch.autograd.grad(ref, (x64, w64)), ("dx", "dw")):
+        for g, r, what in zip(
+            torch.autograd.grad(loss, (x, w)), torch.autograd.grad(ref, (x64, w64)), ("dx", "dw")
+        ):
             close(g, r, 1e-4, what)
 
 
@@ -103,14 +116,17 @@ def test_every_config_relu2_mlp(monkeypatch, ieee_fp32, cfg):
     force(monkeypatch, cfg, mlp._matmul_kernel)
     M, H, C = cfg.kwargs["BLOCK_M"] + 5, cfg.kwargs["BLOCK_N"] + 3, cfg.kwargs["BLOCK_K"] + 7
     x = torch.randn(M, C, device=DEVICE, requires_grad=True)
-    w_fc = (torch.randn(H, C, device=DEVICE) / C ** 0.5).requires_grad_()
-    w_proj = (torch.randn(C, H, device=DEVICE) / H ** 0.5).requires_grad_()
+    w_fc = (torch.randn(H, C, device=DEVICE) / C**0.5).requires_grad_()
+    w_proj = (torch.randn(C, H, device=DEVICE) / H**0.5).requires_grad_()
     args64 = [t.detach().double().requires_grad_() for t in (x, w_fc, w_proj)]
     y, ref = mlp.relu2_mlp_triton(x, w_fc, w_proj), mlp.relu2_mlp_reference(*args64)
     close(y, ref, 1e-4, "y")
     dy = torch.randn_like(y)
-    for g, r, what in zip(torch.autograd.grad(y, (x, w_fc, w_proj), dy), torch.autograd.grad(ref, args64, dy.double()),
-                          ("dx", "dw_fc", "dw_proj")):
+    for g, r, what in zip(
+        torch.autograd.grad(y, (x, w_fc, w_proj), dy),
+        torch.autograd.grad(ref, args64, dy.double()),
+        ("dx", "dw_fc", "dw_proj"),
+    ):
         close(g, r, 1e-4, what)
 
 
@@ -123,14 +139,19 @@ def test_every_config_newton_schulz(monkeypatch, cfg):
     for shape in ((m, m + 2), (m + 2, m)):
         G = torch.randn(*shape, device=DEVICE)
         X = ns.newton_schulz_triton(G, steps=2, dtype=torch.float32)
-        close(X, ns.newton_schulz_reference(G.double(), steps=2, dtype=torch.float64), 1e-4, f"X {shape}")
+        close(
+            X,
+            ns.newton_schulz_reference(G.double(), steps=2, dtype=torch.float64),
+            1e-4,
+            f"X {shape}",
+        )
 
 
 # Compiled Triton rejects what the interpreter runs happily (e.g. a variable that is a constexpr in
 # one branch of a runtime `if` and a tensor in the other), so the memory-bound kernels are also
 # compiled for sm_90 at every GPU config, ahead of time, without a GPU (Triton bundles ptxas).
 # The matmul kernels are left out: compiling their 26 configs takes ~12 minutes on 2 cores.
-AOT_SCRIPT = r'''
+AOT_SCRIPT = r"""
 import importlib
 import triton
 from triton.backends.compiler import GPUTarget
@@ -165,19 +186,24 @@ for cfg in rq.GPU_CONFIGS:
     for kernel in (rq._rope_qknorm_fwd_kernel, rq._rope_qknorm_bwd_kernel):
         compile_(kernel, cfg, {"HALF": 64, "BLOCK_D": 64}, rq_types)
 print("compiled")
-'''
+"""
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile every config for real")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU the tests above compile every config for real"
+)
 def test_memory_bound_kernels_compile_for_sm90(tmp_path):
     import os
     import subprocess
     import sys
     from pathlib import Path
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     if "ptxas" in out.stderr and ("not found" in out.stderr or "No such file" in out.stderr):
         pytest.skip("this Triton install has no ptxas")
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]

@@ -13,15 +13,21 @@ def expected_params(depth, vocab, n_kv_head=None, value_embeds=True, lambdas=Tru
     cfg = GPTConfig.from_depth(depth, vocab, 64, n_kv_head)
     C, L, hd = cfg.n_embd, cfg.n_layer, cfg.n_embd // cfg.n_head
     kv = cfg.n_kv_head * hd
-    per_layer = C * C + 2 * C * kv + C * C + 4 * C * C + 4 * C * C  # q, k+v, attn proj, mlp fc, mlp proj
+    per_layer = (
+        C * C + 2 * C * kv + C * C + 4 * C * C + 4 * C * C
+    )  # q, k+v, attn proj, mlp fc, mlp proj
     ve_layers = (L + 1) // 2  # alternating, counted from the last layer
-    gate = min(C, 32) * cfg.n_kv_head  # each value embedding's gate: 32 channels -> one scalar per kv head
+    gate = (
+        min(C, 32) * cfg.n_kv_head
+    )  # each value embedding's gate: 32 channels -> one scalar per kv head
     ve_params = ve_layers * (vocab * kv + gate) if value_embeds else 0
     lambda_params = 2 * L if lambdas else 0  # resid and x0 scalars
     return 2 * vocab * C + L * per_layer + ve_params + lambda_params
 
 
-@pytest.mark.parametrize("depth,n_kv_head", [(1, None), (2, None), (3, None), (4, 1), (12, None), (20, 5)])
+@pytest.mark.parametrize(
+    "depth,n_kv_head", [(1, None), (2, None), (3, None), (4, 1), (12, None), (20, 5)]
+)
 def test_param_count_matches_formula(depth, n_kv_head):
     vocab = 1000
     cfg = GPTConfig.from_depth(depth, vocab, 64, n_kv_head)
@@ -34,8 +40,12 @@ def test_param_count_matches_formula(depth, n_kv_head):
     embeddings = vocab * C + (L + 1) // 2 * vocab * cfg.n_kv_head * (C // cfg.n_head)
     assert model.num_scaling_params() == model.num_params() - embeddings - 2 * L
     with torch.device("meta"):  # the October 2025 architecture
-        old = GPT(GPTConfig.from_depth(depth, vocab, 64, n_kv_head, value_embeds=False, lambdas=False))
-    assert old.num_params() == expected_params(depth, vocab, n_kv_head, value_embeds=False, lambdas=False)
+        old = GPT(
+            GPTConfig.from_depth(depth, vocab, 64, n_kv_head, value_embeds=False, lambdas=False)
+        )
+    assert old.num_params() == expected_params(
+        depth, vocab, n_kv_head, value_embeds=False, lambdas=False
+    )
     assert old.num_scaling_params() == old.num_params() - vocab * C
     if depth in (12, 20):
         assert cfg.n_embd // cfg.n_head == 128
@@ -96,7 +106,8 @@ def test_overfits_one_batch():
     for _ in range(150):
         loss = model(x, y)
         loss.backward()
-        adamw.step(); muon.step()
+        adamw.step()
+        muon.step()
         model.zero_grad(set_to_none=True)
         first = first if first is not None else loss.item()
     assert first > 3.5  # ~ln(61) at init
@@ -114,7 +125,11 @@ def test_muon_update_is_orthogonal():
         s = torch.linalg.svdvals(-p.detach() / scale)
         # The quintic coefficients put singular values in roughly [0.68, 1.13] after 5 steps, except the
         # few tiniest of the gradient (a random square matrix has one near 0), which grow but lag behind.
-        assert s.max() < 1.2 and torch.quantile(s, 0.05) > 0.6, (shape, s.min().item(), s.max().item())
+        assert s.max() < 1.2 and torch.quantile(s, 0.05) > 0.6, (
+            shape,
+            s.min().item(),
+            s.max().item(),
+        )
         assert (s - 1).abs().mean() < 0.2
 
 
@@ -126,7 +141,9 @@ def test_muon_rejects_non_matrix():
 def test_checkpoint_roundtrip_and_corruption(tmp_path):
     model = tiny_model()
     sd = model.state_dict()
-    save_checkpoint(tmp_path, 5, sd, {"x": torch.arange(3)}, {"model_config": model.config.to_dict()})
+    save_checkpoint(
+        tmp_path, 5, sd, {"x": torch.arange(3)}, {"model_config": model.config.to_dict()}
+    )
     ms, os_, meta = load_checkpoint(tmp_path, load_optim=True)
     assert meta["step"] == 5 and torch.equal(os_["x"], torch.arange(3))
     for k in sd:

@@ -2,13 +2,20 @@
 iteration on wide, tall, square and batched inputs, with the Polar-Express (default) and the classic
 quintic coefficients; the singular values each must produce, the symmetric-product kernel on its
 own (every element written), dispatch and input errors."""
+
 import importlib
 
 import numpy as np
 import pytest
 import torch
 
-from kernels.newton_schulz import CLASSIC_QUINTIC, POLAR_EXPRESS, newton_schulz_reference, newton_schulz_triton, step_coeffs
+from kernels.newton_schulz import (
+    CLASSIC_QUINTIC,
+    POLAR_EXPRESS,
+    newton_schulz_reference,
+    newton_schulz_triton,
+    step_coeffs,
+)
 
 ns_mod = importlib.import_module("kernels.newton_schulz")  # `kernels.newton_schulz` is the function
 CUDA = torch.cuda.is_available()
@@ -29,7 +36,7 @@ def triton_path(monkeypatch):
 def scalar_map(s, steps, coeffs):
     """The scalar map each singular value goes through (exact for the iteration in exact math)."""
     for a, b, c in step_coeffs(coeffs, steps):
-        s = a * s + b * s ** 3 + c * s ** 5
+        s = a * s + b * s**3 + c * s**5
     return s
 
 
@@ -48,8 +55,11 @@ def well_conditioned(*shape, lo=0.5):
 
 
 @pytest.mark.parametrize("coeffs", COEFFS)
-@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (33, 33), (3, 20, 36), (2, 2, 36, 20)],
-                         ids=["wide", "tall", "square", "batched", "batched-4d-tall"])
+@pytest.mark.parametrize(
+    "shape",
+    [(24, 40), (40, 24), (33, 33), (3, 20, 36), (2, 2, 36, 20)],
+    ids=["wide", "tall", "square", "batched", "batched-4d-tall"],
+)
 def test_matches_reference_fp32(shape, coeffs):
     G = torch.randn(*shape, device=DEVICE)
     X = newton_schulz_triton(G, steps=5, dtype=torch.float32, coeffs=COEFFS[coeffs])
@@ -77,7 +87,9 @@ def test_singular_values_follow_the_polynomials(shape, coeffs):
     for steps in (1, 5, 7):
         X = newton_schulz_triton(G, steps=steps, dtype=torch.float32, coeffs=COEFFS[coeffs])
         s_in = singular_values(G)
-        s_in = s_in / (s_in.square().sum(-1, keepdim=True).sqrt() * 1.02)  # the Frobenius normalization
+        s_in = s_in / (
+            s_in.square().sum(-1, keepdim=True).sqrt() * 1.02
+        )  # the Frobenius normalization
         want = scalar_map(s_in, steps, COEFFS[coeffs]).sort(-1).values
         got = singular_values(X).sort(-1).values
         assert (got - want).abs().max().item() < 1e-4, f"steps={steps}"
@@ -112,7 +124,9 @@ def test_polar_express_is_the_default():
     G = torch.randn(20, 30, device=DEVICE)
     want = newton_schulz_triton(G, dtype=torch.float32, coeffs=POLAR_EXPRESS)
     assert torch.equal(newton_schulz_triton(G, dtype=torch.float32), want)
-    assert not torch.allclose(newton_schulz_triton(G, dtype=torch.float32, coeffs=CLASSIC_QUINTIC), want)
+    assert not torch.allclose(
+        newton_schulz_triton(G, dtype=torch.float32, coeffs=CLASSIC_QUINTIC), want
+    )
 
 
 def test_zero_matrix_and_zero_steps():
@@ -133,17 +147,23 @@ def test_symmetric_product_writes_every_element(M, K, with_add):
     add = torch.randn(2, M, M, device=DEVICE) if with_add else None
     add = add + add.mT if with_add else None  # symmetric, as A is (only its upper tiles are read)
     ns_mod._launch_sym_matmul(P, out, alpha=0.7, add=add, beta=-1.3, diag=2.5)
-    want = 0.7 * P.double() @ P.double().mT + (-1.3 * add.double() + 2.5 * torch.eye(M, dtype=torch.float64, device=DEVICE) if with_add else 0)
+    want = 0.7 * P.double() @ P.double().mT + (
+        -1.3 * add.double() + 2.5 * torch.eye(M, dtype=torch.float64, device=DEVICE)
+        if with_add
+        else 0
+    )
     assert not out.isnan().any()
     assert (out.double() - want).abs().max().item() < 1e-4
 
 
 def test_dispatch(monkeypatch):
     import kernels
+
     G = torch.randn(8, 12, device=DEVICE)
 
     def boom(*a, **k):
         raise AssertionError("reference called")
+
     monkeypatch.setattr(ns_mod, "newton_schulz_reference", boom)
     kernels.newton_schulz(G, steps=2, dtype=torch.float32)  # the Triton path (GPU or interpreter)
     monkeypatch.setenv("NANOCODE_KERNELS", "torch")
@@ -153,7 +173,9 @@ def test_dispatch(monkeypatch):
 
 def test_torch_compile_no_graph_break():
     G = torch.randn(2, 20, 12, device=DEVICE)
-    f = torch.compile(lambda G: newton_schulz_triton(G, 2, torch.float32) * 2, backend="aot_eager", fullgraph=True)
+    f = torch.compile(
+        lambda G: newton_schulz_triton(G, 2, torch.float32) * 2, backend="aot_eager", fullgraph=True
+    )
     torch._dynamo.reset()
     assert torch.allclose(f(G), newton_schulz_triton(G, 2, torch.float32) * 2)
 
@@ -183,5 +205,8 @@ def test_muon_shapes_bf16_cuda():
         X = newton_schulz_triton(G, dtype=torch.bfloat16)
         ref64 = newton_schulz_reference(G.double(), dtype=torch.float64)
         ref16 = newton_schulz_reference(G, dtype=torch.bfloat16)
-        err, err_ref = (X.double() - ref64).abs().max().item(), (ref16.double() - ref64).abs().max().item()
+        err, err_ref = (
+            (X.double() - ref64).abs().max().item(),
+            (ref16.double() - ref64).abs().max().item(),
+        )
         assert err < max(TOL[torch.bfloat16], 1.5 * err_ref), (shape, err, err_ref)

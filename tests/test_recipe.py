@@ -1,5 +1,6 @@
 """The pretraining recipe: horizon/batch/LR/WD arithmetic, schedules, cautious weight decay,
 sliding-window attention (against a masked reference, and through the KV cache). CPU, fp32."""
+
 import math
 
 import pytest
@@ -19,30 +20,32 @@ def scaling_params(depth, vocab=32768):
 def test_scaling_params_by_hand():
     # d12: width 768, 6 heads of 128; per layer q, k, v, proj (4 C^2) + MLP (8 C^2); value-embedding
     # gates (6 kv heads x 32 channels) on layers 1, 3, ..., 11; head 768 x 32768.
-    assert scaling_params(12) == 12 * 12 * 768 ** 2 + 6 * 6 * 32 + 768 * 32768 == 110_101_632
+    assert scaling_params(12) == 12 * 12 * 768**2 + 6 * 6 * 32 + 768 * 32768 == 110_101_632
     # d20: width 1280, 10 heads; gates (10 x 32) on layers 1, 3, ..., 19.
-    assert scaling_params(20) == 20 * 12 * 1280 ** 2 + 10 * 10 * 32 + 1280 * 32768 == 435_162_240
+    assert scaling_params(20) == 20 * 12 * 1280**2 + 10 * 10 * 32 + 1280 * 32768 == 435_162_240
 
 
 def test_training_plan_d12_is_the_reference():
     tokens, batch, lr_scale, wd = training_plan(110_101_632, 110_101_632, 12)
     assert tokens == 12 * 110_101_632 == 1_321_219_584
-    assert batch == 2 ** 19 and lr_scale == 1.0 and wd == pytest.approx(0.28)
+    assert batch == 2**19 and lr_scale == 1.0 and wd == pytest.approx(0.28)
 
 
 def test_training_plan_d20():
     tokens, batch, lr_scale, wd = training_plan(435_162_240, 110_101_632, 12)
     assert tokens == 5_221_946_880
     # D / D12 = 3.9523; 2**19 * 3.9523**0.383 = 887,490 -> log2 19.76 -> 2**20
-    assert batch == 2 ** 20
+    assert batch == 2**20
     assert lr_scale == pytest.approx(math.sqrt(2))
     # 0.28 * sqrt(2) / 3.9523 = 0.10019
     assert wd == pytest.approx(0.100187, rel=1e-4)
 
 
 def test_training_plan_given_batch_keeps_lr_and_wd():
-    tokens, batch, lr_scale, wd = training_plan(435_162_240, 110_101_632, 12, total_batch_size=2 ** 17)
-    assert (tokens, batch, lr_scale, wd) == (5_221_946_880, 2 ** 17, 1.0, 0.28)
+    tokens, batch, lr_scale, wd = training_plan(
+        435_162_240, 110_101_632, 12, total_batch_size=2**17
+    )
+    assert (tokens, batch, lr_scale, wd) == (5_221_946_880, 2**17, 1.0, 0.28)
 
 
 def test_lr_schedule():
@@ -114,8 +117,19 @@ def test_window_attention_matches_masked_reference(window, H, Hk):
 
 def windowed_model(window_pattern="SL", T=32, value_embeds=True):
     torch.manual_seed(0)
-    model = build_model(GPTConfig(sequence_len=T, vocab_size=53, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
-                                  window_pattern=window_pattern, value_embeds=value_embeds), "cpu")
+    model = build_model(
+        GPTConfig(
+            sequence_len=T,
+            vocab_size=53,
+            n_layer=3,
+            n_head=2,
+            n_kv_head=1,
+            n_embd=32,
+            window_pattern=window_pattern,
+            value_embeds=value_embeds,
+        ),
+        "cpu",
+    )
     with torch.no_grad():  # zero-initialized projections would hide what attention does
         for block in model.transformer.h:
             block.attn.c_proj.weight.normal_(0, 0.2)
@@ -156,7 +170,7 @@ def test_kv_cache_decode_matches_full_forward_with_windows(prefill):
         cache = KVCache(2, model.config.n_layer, model.config.sequence_len)
         steps = [model(idx[:, :prefill], kv_cache=cache)]
         for t in range(prefill, idx.size(1)):
-            steps.append(model(idx[:, t:t + 1], kv_cache=cache))
+            steps.append(model(idx[:, t : t + 1], kv_cache=cache))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -167,7 +181,9 @@ def test_kv_cache_chunked_prefill_with_windows():
     with torch.no_grad():
         full = model(idx)
         cache = KVCache(1, model.config.n_layer, model.config.sequence_len)
-        parts = [model(idx[:, a:b], kv_cache=cache) for a, b in [(0, 11), (11, 12), (12, 25), (25, 30)]]
+        parts = [
+            model(idx[:, a:b], kv_cache=cache) for a, b in [(0, 11), (11, 12), (12, 25), (25, 30)]
+        ]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -176,7 +192,12 @@ def test_value_embeds_and_lambdas_get_gradients():
     idx = torch.randint(0, 53, (2, 16))
     model(idx, idx).backward()
     assert set(model.value_embeds.keys()) == {"0", "2"}  # alternating, the last layer included
-    for name in ("resid_lambdas", "x0_lambdas", "value_embeds.2.weight", "transformer.h.2.attn.ve_gate.weight"):
+    for name in (
+        "resid_lambdas",
+        "x0_lambdas",
+        "value_embeds.2.weight",
+        "transformer.h.2.attn.ve_gate.weight",
+    ):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -196,15 +217,16 @@ def test_row_cache_decode_matches_full_forward_with_windows():
     """The batched tool loop's cache: rows at different positions decode together, each through its
     own window, and equal their own full forwards."""
     from nanocode.engine import RowCache
+
     model = windowed_model("S")
     seqs = torch.randint(0, 53, (2, 30))
     lengths = [5, 17]  # each row's prompt
     with torch.no_grad():
-        full = [model(seqs[r:r + 1])[0] for r in range(2)]
+        full = [model(seqs[r : r + 1])[0] for r in range(2)]
         cache = RowCache(2, model.config.n_layer, model.config.sequence_len)
         for r, n in enumerate(lengths):
             cache.select([r], n)
-            out = model(seqs[r:r + 1, :n], kv_cache=cache)
+            out = model(seqs[r : r + 1, :n], kv_cache=cache)
             torch.testing.assert_close(out[0], full[r][:n], atol=1e-5, rtol=1e-5)
         for i in range(12):
             cache.select([0, 1], 1)
@@ -216,6 +238,9 @@ def test_row_cache_decode_matches_full_forward_with_windows():
 
 def test_windows_are_slow_without_flash_attention():
     from nanocode.gpt import windows_are_slow
+
     assert windows_are_slow(GPTConfig(sequence_len=256, n_layer=4), "cpu")
     assert not windows_are_slow(GPTConfig(sequence_len=256, n_layer=4, window_pattern="L"), "cpu")
-    assert not windows_are_slow(GPTConfig(sequence_len=256, n_layer=1), "cpu")  # the last layer is always full
+    assert not windows_are_slow(
+        GPTConfig(sequence_len=256, n_layer=1), "cpu"
+    )  # the last layer is always full

@@ -7,6 +7,7 @@ values. That chain is the reference itself run on |x|, |w_fc|, |w_proj| with out
 (relu is the identity on non-negative numbers, so autograd gives exactly the bounds).
 Outputs are poisoned with NaN before the kernels run, so an element never written fails.
 """
+
 import importlib
 
 import pytest
@@ -17,12 +18,14 @@ from kernels.reference import relu2_mlp_reference
 
 mlp = importlib.import_module("kernels.relu2_mlp")  # the module (kernels.relu2_mlp is the function)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the conftest turns on TRITON_INTERPRET
+DEVICE = (
+    "cuda" if torch.cuda.is_available() else "cpu"
+)  # on CPU the conftest turns on TRITON_INTERPRET
 # The interpreter cannot run bf16 through tl.dot; on a GPU bf16 is tested too.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 # u per dtype: storage rounding for 16-bit; for fp32, accumulation over up to ~128 terms
 # (and tf32-free: fp32 inputs use input_precision="ieee")
-U = {torch.float32: 128 * 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+U = {torch.float32: 128 * 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
@@ -41,28 +44,35 @@ def triton_path(monkeypatch):
 def make_inputs(lead, C, H, dtype, strided):
     """x (*lead, C), w_fc (H, C), w_proj (C, H); strided: x a column slice of a wider tensor,
     w_fc stored transposed, w_proj a slice, so every operand has non-trivial strides."""
+
     def randn(*shape):
         return torch.randn(*shape, device=DEVICE)
+
     if strided:
-        x = randn(*lead, C + 5)[..., 2:C + 2]
-        w_fc = (randn(C, H) / C ** 0.5).T
-        w_proj = (randn(C, H + 3) / H ** 0.5)[:, :H]
+        x = randn(*lead, C + 5)[..., 2 : C + 2]
+        w_fc = (randn(C, H) / C**0.5).T
+        w_proj = (randn(C, H + 3) / H**0.5)[:, :H]
     else:
-        x, w_fc, w_proj = randn(*lead, C), randn(H, C) / C ** 0.5, randn(C, H) / H ** 0.5
+        x, w_fc, w_proj = randn(*lead, C), randn(H, C) / C**0.5, randn(C, H) / H**0.5
     return [t.to(dtype).requires_grad_() for t in (x, w_fc, w_proj)]
 
 
-@pytest.mark.parametrize("lead,C,H,strided", [
-    ((1,), 3, 5, False),        # one token, sizes far below one tile
-    ((2, 19), 40, 72, True),    # batch x time, nothing a multiple of 32, strided operands
-    ((70,), 33, 100, False),    # M, N and K each spill into a last partial tile
-])
+@pytest.mark.parametrize(
+    "lead,C,H,strided",
+    [
+        ((1,), 3, 5, False),  # one token, sizes far below one tile
+        ((2, 19), 40, 72, True),  # batch x time, nothing a multiple of 32, strided operands
+        ((70,), 33, 100, False),  # M, N and K each spill into a last partial tile
+    ],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_backward(triton_path, lead, C, H, strided, dtype):
     x, w_fc, w_proj = make_inputs(lead, C, H, dtype, strided)
     y = kernels.relu2_mlp(x, w_fc, w_proj)
     assert y.shape == x.shape and y.dtype == dtype
-    dy = torch.randn(y.shape[::-1], device=DEVICE).to(dtype).permute(*reversed(range(y.ndim)))  # strided too
+    dy = (
+        torch.randn(y.shape[::-1], device=DEVICE).to(dtype).permute(*reversed(range(y.ndim)))
+    )  # strided too
     grads = torch.autograd.grad(y, (x, w_fc, w_proj), dy)
 
     exact = [t.detach().double().requires_grad_() for t in (x, w_fc, w_proj)]
@@ -73,12 +83,15 @@ def test_forward_backward(triton_path, lead, C, H, strided, dtype):
     grads_abs = torch.autograd.grad(y_abs, absolute, dy.double().abs())
 
     u = U[dtype]
-    for name, got, ref, bound in zip(["y", "dx", "dw_fc", "dw_proj"], (y, *grads), (y_ref, *grads_ref),
-                                     (y_abs, *grads_abs)):
+    for name, got, ref, bound in zip(
+        ["y", "dx", "dw_fc", "dw_proj"], (y, *grads), (y_ref, *grads_ref), (y_abs, *grads_abs)
+    ):
         err = (got.double() - ref).abs()
         tol = 4 * u * bound + 1e-30
         assert torch.isfinite(got).all(), f"{name}: non-finite elements (never written?)"
-        assert (err <= tol).all(), f"{name}: max error {err.max():.3g}, worst error/bound {(err / tol).max():.3g}"
+        assert (err <= tol).all(), (
+            f"{name}: max error {err.max():.3g}, worst error/bound {(err / tol).max():.3g}"
+        )
 
 
 def test_no_input_grad(triton_path):
@@ -100,6 +113,7 @@ def test_torch_compile_fullgraph(triton_path):
 
     def f(x, w_fc, w_proj):
         return kernels.relu2_mlp(x, w_fc, w_proj).square().sum()
+
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     g_compiled = torch.autograd.grad(compiled(x, w_fc, w_proj), (x, w_fc, w_proj))
@@ -115,12 +129,16 @@ def test_custom_ops_opcheck():
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.nanocode.matmul_relu2, (x, w_fc), test_utils=checks)
     h = torch.relu(x @ w_fc.T).square()
-    torch.library.opcheck(torch.ops.nanocode.matmul_relu2_grad, (torch.randn_like(x), w_proj, h), test_utils=checks)
+    torch.library.opcheck(
+        torch.ops.nanocode.matmul_relu2_grad, (torch.randn_like(x), w_proj, h), test_utils=checks
+    )
 
 
 def test_dispatch(monkeypatch):
     calls = []
-    monkeypatch.setattr(mlp, "relu2_mlp_triton", lambda *a: calls.append(1) or relu2_mlp_reference(*a))
+    monkeypatch.setattr(
+        mlp, "relu2_mlp_triton", lambda *a: calls.append(1) or relu2_mlp_reference(*a)
+    )
     x, w_fc, w_proj = make_inputs((2,), 4, 8, torch.float32, False)
     monkeypatch.setenv("NANOCODE_KERNELS", "torch")
     kernels.relu2_mlp(x, w_fc, w_proj)

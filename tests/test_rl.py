@@ -1,6 +1,7 @@
 """RL from unit tests: the group-relative advantages and the policy-gradient loss against a hand computation,
 gradient only through sampled tokens, a tiny model learning a rewarded answer, 2 gloo processes == 1,
 resume == uninterrupted, the task sources and their verifiers, and bad input."""
+
 import ast
 import json
 import random
@@ -21,17 +22,27 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def test_group_advantages_by_hand():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.1, 0.1, 0.1, 0.1], [1.1, 0.0, 0.1, -0.1]])
-    want = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0], [0.825, -0.275, -0.175, -0.375]])
+    want = torch.tensor(
+        [[0.5, -0.5, -0.5, 0.5], [0.0, 0.0, 0.0, 0.0], [0.825, -0.275, -0.175, -0.375]]
+    )
     torch.testing.assert_close(group_advantages(r), want)
     # / std (population std of [1, 0, 0, 1] is 0.5); an all-equal group stays 0
-    torch.testing.assert_close(group_advantages(r[:2], std=True), torch.tensor([[1.0, -1.0, -1.0, 1.0], [0.0] * 4]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        group_advantages(r[:2], std=True),
+        torch.tensor([[1.0, -1.0, -1.0, 1.0], [0.0] * 4]),
+        atol=1e-5,
+        rtol=0,
+    )
     # --neg-weight scales the negative ones only
-    torch.testing.assert_close(group_advantages(r, neg_weight=0.2),
-                               torch.tensor([[0.5, -0.1, -0.1, 0.5], [0.0] * 4, [0.825, -0.055, -0.035, -0.075]]))
+    torch.testing.assert_close(
+        group_advantages(r, neg_weight=0.2),
+        torch.tensor([[0.5, -0.1, -0.1, 0.5], [0.0] * 4, [0.825, -0.055, -0.035, -0.075]]),
+    )
 
 
 def tiny_model(vocab=40, seq=32, seed=0):
     from nanocode.gpt import GPTConfig, build_model
+
     torch.manual_seed(seed)
     m = build_model(GPTConfig.from_depth(1, vocab, seq), "cpu")
     for p in m.parameters():
@@ -79,18 +90,51 @@ def rl_setup(module_base_dir):
     tok = tokenizer_mod.Tokenizer.train(texts, vocab_size=300)
     tok.save(module_base_dir / "tokenizer")
     from nanocode.checkpoint import checkpoint_dir, save_checkpoint
+
     model = nudged_model(1, tok.vocab_size, 128)
-    save_checkpoint(checkpoint_dir("sft", "t1"), 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
-    tasks = [{"id": f"t{i}", "prompt": f"Say something short {i}.", "check": {"type": "stdout", "expected": ANSWER}}
-             for i in range(4)]
+    save_checkpoint(
+        checkpoint_dir("sft", "t1"),
+        1,
+        model.state_dict(),
+        None,
+        {"model_config": model.config.to_dict()},
+    )
+    tasks = [
+        {
+            "id": f"t{i}",
+            "prompt": f"Say something short {i}.",
+            "check": {"type": "stdout", "expected": ANSWER},
+        }
+        for i in range(4)
+    ]
     path = write_jsonl(module_base_dir / "tasks.jsonl", tasks)
     return tok, path
 
 
 def rl_args(path, *extra):
-    return ["--model-tag", "t1", "--tasks", str(path), "--val-tasks", str(path), "--max-new-tokens", "6",
-            "--group-size", "4", "--tasks-per-step", "2", "--eval-samples", "2", "--valid-call-bonus", "0",
-            "--malformed-penalty", "0", "--device-type", "cpu", *extra]
+    return [
+        "--model-tag",
+        "t1",
+        "--tasks",
+        str(path),
+        "--val-tasks",
+        str(path),
+        "--max-new-tokens",
+        "6",
+        "--group-size",
+        "4",
+        "--tasks-per-step",
+        "2",
+        "--eval-samples",
+        "2",
+        "--valid-call-bonus",
+        "0",
+        "--malformed-penalty",
+        "0",
+        "--device-type",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_mean_reward_rises_on_a_fixed_answer(module_base_dir, rl_setup, monkeypatch):
@@ -99,7 +143,20 @@ def test_mean_reward_rises_on_a_fixed_answer(module_base_dir, rl_setup, monkeypa
     monkeypatch.setattr(rl_tasks, "verify_many", rl_tasks.verify_many)
     install_fixed_answer_reward()
     from scripts import code_rl
-    code_rl.main(rl_args(path, "--steps", "30", "--eval-every", "-1", "--init-lr-frac", "1.0", "--temperature", "1.0"))
+
+    code_rl.main(
+        rl_args(
+            path,
+            "--steps",
+            "30",
+            "--eval-every",
+            "-1",
+            "--init-lr-frac",
+            "1.0",
+            "--temperature",
+            "1.0",
+        )
+    )
     report = json.loads((module_base_dir / "report" / "rl.json").read_text())
     rewards = [r for _, r in report["curves"]["reward"]]
     assert len(rewards) == 30
@@ -124,11 +181,25 @@ def test_two_gloo_processes_equal_one(module_base_dir, rl_setup, tmp_path):
     its own 2 tasks, with the seeds their positions give)."""
     from nanocode.checkpoint import checkpoint_dir
     from tests.helpers import torchrun
+
     tok, path = rl_setup
     script = tmp_path / "rl_script.py"
     script.write_text(TORCHRUN_SCRIPT)
-    args = rl_args(path, "--steps", "2", "--tasks-per-step", "4", "--sample-tasks", "1", "--eval-every", "-1",
-                   "--eval-samples", "1", "--init-lr-frac", "1.0")
+    args = rl_args(
+        path,
+        "--steps",
+        "2",
+        "--tasks-per-step",
+        "4",
+        "--sample-tasks",
+        "1",
+        "--eval-every",
+        "-1",
+        "--eval-samples",
+        "1",
+        "--init-lr-frac",
+        "1.0",
+    )
     states = []
     for nproc in (1, 2):
         torchrun([str(script), "x", *args], tmp_path, nproc=nproc)
@@ -141,16 +212,22 @@ def test_two_gloo_processes_equal_one(module_base_dir, rl_setup, tmp_path):
 
 def test_resume_continues_exactly(module_base_dir, rl_setup, monkeypatch):
     from nanocode.checkpoint import checkpoint_dir, load_meta
+
     tok, path = rl_setup
     monkeypatch.setattr(rl_tasks, "written_code", rl_tasks.written_code)
     monkeypatch.setattr(rl_tasks, "verify_many", rl_tasks.verify_many)
     install_fixed_answer_reward()
     from scripts import code_rl
-    args = rl_args(path, "--steps", "4", "--save-every", "2", "--eval-every", "-1", "--init-lr-frac", "1.0")
+
+    args = rl_args(
+        path, "--steps", "4", "--save-every", "2", "--eval-every", "-1", "--init-lr-frac", "1.0"
+    )
     code_rl.main(args)
     straight = torch.load(checkpoint_dir("rl", "t1") / "model_000004.pt")
     curves = load_meta(checkpoint_dir("rl", "t1"), 4)["curves"]
-    code_rl.main(args + ["--resume"])  # picks up the resumable step-2 checkpoint, redoes steps 3 and 4
+    code_rl.main(
+        args + ["--resume"]
+    )  # picks up the resumable step-2 checkpoint, redoes steps 3 and 4
     resumed = torch.load(checkpoint_dir("rl", "t1") / "model_000004.pt")
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
@@ -161,6 +238,7 @@ def test_resume_continues_exactly(module_base_dir, rl_setup, monkeypatch):
 
 # -----------------------------------------------------------------------------
 # task sources and verifiers
+
 
 def test_mbpp_loader_on_the_real_schema():
     tasks = rl_tasks.mbpp_tasks(FIXTURES / "mbpp_sample.jsonl")
@@ -183,7 +261,9 @@ def test_corpus_tasks_pin_the_original(stdlib_functions):
     originals = [by_name[t["id"].split("/")[1]] for t in tasks]
     assert all(ok for ok, _ in rl_tasks.verify_many(tasks, originals))
     stubs = [src.splitlines()[0] + "\n    return 12345\n" for src in originals]
-    assert not any(ok for ok, _ in rl_tasks.verify_many(tasks, stubs))  # a wrong body fails its tests
+    assert not any(
+        ok for ok, _ in rl_tasks.verify_many(tasks, stubs)
+    )  # a wrong body fails its tests
     assert all("def " in t["prompt"] and t["check"]["type"] == "tests" for t in tasks)
 
 
@@ -191,23 +271,36 @@ def test_program_tasks_are_split_by_request_and_pinned_by_the_reference():
     """Fresh requests of the write-and-run kind: train and val never share a request; the reference program
     (run with the request's arguments) passes its own task, another output fails."""
     from nanocode import synth
-    train, val = rl_tasks.program_tasks("train", 0, draws=300), rl_tasks.program_tasks("val", 1, draws=300)
+
+    train, val = (
+        rl_tasks.program_tasks("train", 0, draws=300),
+        rl_tasks.program_tasks("val", 1, draws=300),
+    )
     assert len(train) > 30 and len(val) > 5
     assert not {t["prompt"] for t in train} & {t["prompt"] for t in val}
-    assert any("argv" in t["check"] for t in train) and all(t["check"]["expected"].strip() for t in train + val)
+    assert any("argv" in t["check"] for t in train) and all(
+        t["check"]["expected"].strip() for t in train + val
+    )
     refs = {}
     rng = random.Random(0)
     for _ in range(300):
         request, _, code, _ = synth.program_request(rng)
         refs[request] = code
     assert all(ok for ok, _ in rl_tasks.verify_many(train, [refs[t["prompt"]] for t in train]))
-    assert rl_tasks.verify_many(train[:1], ["print('something else')"])[0] == (False, "wrong output")
+    assert rl_tasks.verify_many(train[:1], ["print('something else')"])[0] == (
+        False,
+        "wrong output",
+    )
 
 
 def test_humaneval_style_file_and_humaneval_itself_refused(tmp_path):
-    row = {"task_id": "Style/0", "prompt": "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n",
-           "canonical_solution": "    return a + b\n", "entry_point": "add",
-           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+    row = {
+        "task_id": "Style/0",
+        "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+        "canonical_solution": "    return a + b\n",
+        "entry_point": "add",
+        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+    }
     path = tmp_path / "style.jsonl"
     path.write_text(json.dumps(row) + "\n")
     tasks = rl_tasks.load_tasks(str(path))
@@ -229,14 +322,30 @@ def test_agent_tasks_are_disjoint_from_the_suite_and_scored_in_their_repo():
     from nanocode.engine import Engine, encode_with_specials
     from tests.helpers import ByteTokenizer
     from tests.scripted_model import ScriptedModel
+
     train, val = rl_tasks.agent_rl_tasks("train", 0, n=28), rl_tasks.agent_rl_tasks("val", 0, n=28)
-    suite = {(t["request"], json.dumps(t["files"], sort_keys=True)) for t in agent_tasks.load_suite()}
-    key = lambda t: (t["check"]["task"]["request"], json.dumps(t["check"]["task"]["files"], sort_keys=True))
-    assert train and val and not {key(t) for t in train} & suite and {key(t) for t in train} != {key(t) for t in val}
+    suite = {
+        (t["request"], json.dumps(t["files"], sort_keys=True)) for t in agent_tasks.load_suite()
+    }
+    key = lambda t: (
+        t["check"]["task"]["request"],
+        json.dumps(t["check"]["task"]["files"], sort_keys=True),
+    )
+    assert (
+        train
+        and val
+        and not {key(t) for t in train} & suite
+        and {key(t) for t in train} != {key(t) for t in val}
+    )
     task = next(t for t in train if t["check"]["task"]["kind"] == "fix")
     sol = task["check"]["task"]["solution"]
-    text = "".join(f"<|tool_start|>{json.dumps({'name': c['name'], 'arguments': c['arguments']})}<|tool_end|>"
-                   for c in sol["calls"]) + sol["answer"]
+    text = (
+        "".join(
+            f"<|tool_start|>{json.dumps({'name': c['name'], 'arguments': c['arguments']})}<|tool_end|>"
+            for c in sol["calls"]
+        )
+        + sol["answer"]
+    )
     tok = ByteTokenizer()
     script = encode_with_specials(tok, text)
     model = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=4096, pick=lambda ids: script)
@@ -249,10 +358,21 @@ def test_agent_tasks_are_disjoint_from_the_suite_and_scored_in_their_repo():
 
 def test_bad_completions_score_zero_and_are_counted():
     """No verifier, no code, a crash, a hang, a fork: reward 0 with the reason, the rest still scored."""
-    t = {"id": "x", "source": "t", "prompt": "p", "check": {"type": "tests", "tests": "assert f() == 1"}}
+    t = {
+        "id": "x",
+        "source": "t",
+        "prompt": "p",
+        "check": {"type": "tests", "tests": "assert f() == 1"},
+    }
     none = dict(t, check=None)
-    codes = ["def f():\n    return 1\n", None, "def f():\n    raise RuntimeError('boom')\n",
-             "def f():\n    while True:\n        pass\n", "import os\nos.fork()\ndef f():\n    return 1\n", "def f(): return 1"]
+    codes = [
+        "def f():\n    return 1\n",
+        None,
+        "def f():\n    raise RuntimeError('boom')\n",
+        "def f():\n    while True:\n        pass\n",
+        "import os\nos.fork()\ndef f():\n    return 1\n",
+        "def f(): return 1",
+    ]
     out = rl_tasks.verify_many([t, t, t, t, t, none], codes, timeout=1.0)
     assert out[0] == (True, "passed")
     assert out[1] == (False, "no code written") and out[5] == (False, "no verifier")
@@ -263,23 +383,40 @@ def test_bad_completions_score_zero_and_are_counted():
 
 def test_a_crashing_verifier_scores_zero(monkeypatch):
     import nanocode.execution
+
     monkeypatch.setattr(nanocode.execution, "run_many", lambda *a, **k: 1 / 0)
-    t = {"id": "x", "source": "t", "prompt": "p", "check": {"type": "tests", "tests": "assert True"}}
+    t = {
+        "id": "x",
+        "source": "t",
+        "prompt": "p",
+        "check": {"type": "tests", "tests": "assert True"},
+    }
     out = rl_tasks.verify_many([t, t], ["x = 1", "x = 2"])
     assert all(ok is False and "verifier crashed: ZeroDivisionError" in s for ok, s in out)
 
 
 def test_call_counts():
-    msg = {"content": [{"type": "text", "text": "{bad"}, {"type": "tool_output", "text": "error: not valid JSON"},
-                       {"type": "tool_call", "name": "write_file", "arguments": {"path": "a.py", "content": "x"}},
-                       {"type": "tool_output", "text": "wrote a.py"}]}
+    msg = {
+        "content": [
+            {"type": "text", "text": "{bad"},
+            {"type": "tool_output", "text": "error: not valid JSON"},
+            {
+                "type": "tool_call",
+                "name": "write_file",
+                "arguments": {"path": "a.py", "content": "x"},
+            },
+            {"type": "tool_output", "text": "wrote a.py"},
+        ]
+    }
     assert rl_tasks.call_counts(msg) == (1, 1)
     assert rl_tasks.written_code(msg) == "x"
 
 
 def test_bad_task_file_and_missing_checkpoint(tmp_path, monkeypatch):
     bad = tmp_path / "tasks.jsonl"
-    bad.write_text(json.dumps({"prompt": "p", "check": {"type": "tests", "tests": "assert 1"}}) + "\n{oops\n")
+    bad.write_text(
+        json.dumps({"prompt": "p", "check": {"type": "tests", "tests": "assert 1"}}) + "\n{oops\n"
+    )
     with pytest.raises(NanocodeError, match=r"tasks.jsonl line 2: not valid JSON"):
         rl_tasks.load_task_file(bad)
     bad.write_text(json.dumps({"prompt": "p", "check": {"type": "magic"}}) + "\n")
@@ -287,17 +424,33 @@ def test_bad_task_file_and_missing_checkpoint(tmp_path, monkeypatch):
         rl_tasks.load_task_file(bad)
     monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path / "empty"))
     from scripts import code_rl
+
     with pytest.raises(NanocodeError, match="no sft checkpoint found"):
         code_rl.main(["--tasks", str(bad), "--device-type", "cpu"])
 
 
-def test_no_held_out_tasks_trains_and_says_so(module_base_dir, rl_setup, tmp_path, capsys, monkeypatch):
+def test_no_held_out_tasks_trains_and_says_so(
+    module_base_dir, rl_setup, tmp_path, capsys, monkeypatch
+):
     """A held-out source that yields no task is a warning, not a failed stage (saved under --save-tag)."""
     from nanocode.checkpoint import checkpoint_dir, list_steps
     from scripts import code_rl
+
     tok, path = rl_setup
     monkeypatch.setattr(rl_tasks, "program_tasks", lambda split, seed: [])
-    code_rl.main(rl_args(path, "--val-tasks", "programs", "--steps", "1", "--eval-every", "-1", "--save-tag", "t1_other"))
+    code_rl.main(
+        rl_args(
+            path,
+            "--val-tasks",
+            "programs",
+            "--steps",
+            "1",
+            "--eval-every",
+            "-1",
+            "--save-tag",
+            "t1_other",
+        )
+    )
     assert "held-out pass@1 is not measured" in capsys.readouterr().out
     report = json.loads((module_base_dir / "report" / "rl.json").read_text())
     assert report["steps"] == 1 and report["val_tasks"] == 0 and report["model_tag"] == "t1_other"
@@ -308,10 +461,25 @@ def test_kl_term_is_zero_against_itself_and_positive_otherwise():
     """The k3 estimate exp(d) - d - 1 (d = log ref - log pi) on the sampled tokens: 0 when the reference is
     the policy, > 0 when it differs."""
     import copy
+
     model = tiny_model()
-    rows = [rollout_row({"prompt_ids": [0, 5, 6], "ids": [7, 8, 20, 21, 9, 1], "mask": [1, 1, 0, 0, 1, 1]}, 32)]
+    rows = [
+        rollout_row(
+            {"prompt_ids": [0, 5, 6], "ids": [7, 8, 20, 21, 9, 1], "mask": [1, 1, 0, 0, 1, 1]}, 32
+        )
+    ]
     plain, _ = pg_loss(model, rows, [0.7], 4.0, 0, "cpu", nullcontext())
-    same, _ = pg_loss(model, rows, [0.7], 4.0, 0, "cpu", nullcontext(), ref_model=copy.deepcopy(model), kl_coef=0.5)
+    same, _ = pg_loss(
+        model,
+        rows,
+        [0.7],
+        4.0,
+        0,
+        "cpu",
+        nullcontext(),
+        ref_model=copy.deepcopy(model),
+        kl_coef=0.5,
+    )
     torch.testing.assert_close(plain, same)
     other = tiny_model(seed=1)
     kl, _ = pg_loss(model, rows, [0.0], 4.0, 0, "cpu", nullcontext(), ref_model=other, kl_coef=1.0)

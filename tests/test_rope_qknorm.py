@@ -7,6 +7,7 @@ The backward reads the saved output, which carries that rounding, so its bound h
 per row (see assert_grad_close). Outputs are poisoned with NaN before the kernel runs, so an
 element never written fails.
 """
+
 import importlib
 
 import pytest
@@ -15,13 +16,17 @@ import torch
 import kernels
 from kernels.reference import rope_qknorm_reference
 
-rq = importlib.import_module("kernels.rope_qknorm")  # the module (kernels.rope_qknorm is the function)
+rq = importlib.import_module(
+    "kernels.rope_qknorm"
+)  # the module (kernels.rope_qknorm is the function)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16 is fine here: no tl.dot
 # unit roundoff of the output, fp32 loosened for fp32 sums over the head dim
-U = {torch.float32: 2.0 ** -17, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+U = {torch.float32: 2.0**-17, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 EPS = 1e-6
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the conftest turns on TRITON_INTERPRET
+DEVICE = (
+    "cuda" if torch.cuda.is_available() else "cpu"
+)  # on CPU the conftest turns on TRITON_INTERPRET
 
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
@@ -41,8 +46,8 @@ def make_qk(B, T, Hq, Hk, D, dtype, layout):
         k = torch.randn(B, T, Hk, D, dtype=dtype, device=DEVICE)
     elif layout == "fused":
         qkv = torch.randn(B, T, (Hq + 2 * Hk) * D, dtype=dtype, device=DEVICE)
-        q = qkv[..., :Hq * D].view(B, T, Hq, D)
-        k = qkv[..., Hq * D:(Hq + Hk) * D].view(B, T, Hk, D)
+        q = qkv[..., : Hq * D].view(B, T, Hq, D)
+        k = qkv[..., Hq * D : (Hq + Hk) * D].view(B, T, Hk, D)
     else:
         q = torch.randn(B, Hq, T, D, dtype=dtype, device=DEVICE).transpose(1, 2)
         k = torch.randn(B, Hk, T, D, dtype=dtype, device=DEVICE).transpose(1, 2)
@@ -71,16 +76,21 @@ def assert_grad_close(actual, expected, x64, out64, dout, dtype):
     tol = 4 * u * expected.abs().max() + 4 * u * expected.abs() + row_term
     err = (actual.double() - expected).abs()
     bad = err > tol
-    assert not bad.any(), (f"{int(bad.sum())} of {err.numel()} gradient elements off; worst error "
-                           f"{err.max().item():.3g} (its bound {tol.flatten()[err.argmax()].item():.3g})")
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {err.numel()} gradient elements off; worst error "
+        f"{err.max().item():.3g} (its bound {tol.flatten()[err.argmax()].item():.3g})"
+    )
 
 
-@pytest.mark.parametrize("shape,layout", [
-    ((1, 7, 3, 1, 12), "contiguous"),  # batch 1, GQA with one kv head, D/2 not a power of 2
-    ((2, 19, 4, 2, 128), "fused"),     # the model's head dim, q/k sliced from a fused projection
-    ((3, 5, 2, 2, 2), "transposed"),   # the smallest head dim, transposed layout
-    ((2, 9, 5, 5, 40), "fused"),       # rows not a multiple of the row block
-])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((1, 7, 3, 1, 12), "contiguous"),  # batch 1, GQA with one kv head, D/2 not a power of 2
+        ((2, 19, 4, 2, 128), "fused"),  # the model's head dim, q/k sliced from a fused projection
+        ((3, 5, 2, 2, 2), "transposed"),  # the smallest head dim, transposed layout
+        ((2, 9, 5, 5, 40), "fused"),  # rows not a multiple of the row block
+    ],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_backward(triton_path, shape, layout, dtype):
     q, k, cos, sin = make_qk(*shape, dtype, layout)
@@ -96,7 +106,9 @@ def test_forward_backward(triton_path, shape, layout, dtype):
     dq_out = torch.randn(q.shape[::-1], dtype=dtype, device=DEVICE).permute(3, 2, 1, 0)
     dk_out = torch.randn(k.shape[::-1], dtype=dtype, device=DEVICE).permute(3, 2, 1, 0)
     dq, dk = torch.autograd.grad((q_out, k_out), (q, k), (dq_out, dk_out))
-    dq_ref, dk_ref = torch.autograd.grad((q_ref, k_ref), (q64, k64), (dq_out.double(), dk_out.double()))
+    dq_ref, dk_ref = torch.autograd.grad(
+        (q_ref, k_ref), (q64, k64), (dq_out.double(), dk_out.double())
+    )
     assert_grad_close(dq, dq_ref, q64, q_ref, dq_out, dtype)
     assert_grad_close(dk, dk_ref, k64, k_ref, dk_out, dtype)
 
@@ -105,9 +117,13 @@ def test_only_q_used(triton_path):
     """A loss that ignores k_out still gives k a (zero) gradient, and q's is right."""
     q, k, cos, sin = make_qk(2, 6, 2, 1, 16, torch.float32, "contiguous")
     q_out, _ = kernels.rope_qknorm(q, k, cos, sin, EPS)
-    dq, dk = torch.autograd.grad(q_out.sum(), (q, k))  # sum's gradient is an expanded (stride 0) tensor
+    dq, dk = torch.autograd.grad(
+        q_out.sum(), (q, k)
+    )  # sum's gradient is an expanded (stride 0) tensor
     q64 = q.detach().double().requires_grad_()
-    dq_ref, = torch.autograd.grad(rope_qknorm_reference(q64, k.double(), cos.double(), sin.double(), EPS)[0].sum(), q64)
+    (dq_ref,) = torch.autograd.grad(
+        rope_qknorm_reference(q64, k.double(), cos.double(), sin.double(), EPS)[0].sum(), q64
+    )
     assert_close(dq, dq_ref, torch.float32)
     assert torch.equal(dk, torch.zeros_like(dk))
 
@@ -130,6 +146,7 @@ def test_torch_compile_fullgraph(triton_path):
     def f(q, k):
         q_out, k_out = kernels.rope_qknorm(q, k, cos, sin, EPS)
         return (q_out[:, :, :1] * k_out).sum()
+
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     g_compiled = torch.autograd.grad(compiled(q, k), (q, k))
@@ -143,7 +160,9 @@ def test_custom_ops_opcheck():
     with the real kernels (shapes, dtypes, strides). The aot check is the fullgraph test above."""
     q, k, cos, sin = (t.detach() for t in make_qk(2, 5, 3, 1, 8, torch.float32, "fused"))
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.nanocode.rope_qknorm_fwd, (q, k, cos, sin, EPS), test_utils=checks)
+    torch.library.opcheck(
+        torch.ops.nanocode.rope_qknorm_fwd, (q, k, cos, sin, EPS), test_utils=checks
+    )
     q_out, q_rstd, k_out, k_rstd = torch.ops.nanocode.rope_qknorm_fwd(q, k, cos, sin, EPS)
     args = (q_out, q_rstd, k_out, k_rstd, cos, sin, torch.randn_like(q), torch.randn_like(k))
     torch.library.opcheck(torch.ops.nanocode.rope_qknorm_bwd, args, test_utils=checks)
@@ -151,7 +170,9 @@ def test_custom_ops_opcheck():
 
 def test_dispatch(monkeypatch):
     calls = []
-    monkeypatch.setattr(rq, "rope_qknorm_triton", lambda *a: calls.append(1) or rope_qknorm_reference(*a))
+    monkeypatch.setattr(
+        rq, "rope_qknorm_triton", lambda *a: calls.append(1) or rope_qknorm_reference(*a)
+    )
     q, k, cos, sin = make_qk(1, 3, 1, 1, 4, torch.float32, "contiguous")
     monkeypatch.setenv("NANOCODE_KERNELS", "torch")
     kernels.rope_qknorm(q, k, cos, sin, EPS)

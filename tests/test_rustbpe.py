@@ -1,5 +1,6 @@
 """The Rust BPE trainer against slow but obvious references: a pure-Python BPE, the `regex` module's
 split, and tiktoken's encoder."""
+
 import random
 from collections import Counter
 
@@ -61,15 +62,35 @@ def reference_merges(texts, pattern, num_merges):
             j = 0
             while j < len(ids) - 1:
                 if (ids[j], ids[j + 1]) == best:
-                    ids[j:j + 2] = [256 + i]
+                    ids[j : j + 2] = [256 + i]
                 j += 1
     return merges
 
 
 def corpus():
     rng = random.Random(1)
-    words = ["def", "return", "self", "the", "value", "naïve", "数据", "😀", "x", "==", "(", ")", "  ", "\n", "42", "'s"]
-    return ["".join(rng.choice(words) + rng.choice([" ", "", "\n"]) for _ in range(rng.randint(5, 60))) for _ in range(200)]
+    words = [
+        "def",
+        "return",
+        "self",
+        "the",
+        "value",
+        "naïve",
+        "数据",
+        "😀",
+        "x",
+        "==",
+        "(",
+        ")",
+        "  ",
+        "\n",
+        "42",
+        "'s",
+    ]
+    return [
+        "".join(rng.choice(words) + rng.choice([" ", "", "\n"]) for _ in range(rng.randint(5, 60)))
+        for _ in range(200)
+    ]
 
 
 def test_merges_equal_pure_python_reference():
@@ -106,7 +127,12 @@ def trained(pattern=None, vocab_size=600):
 @pytest.mark.parametrize("pattern", [None, GPT4])
 def test_tiktoken_from_ranks_encodes_identically(pattern):
     tok = trained(pattern)
-    enc = tiktoken.Encoding("t", pat_str=tok.get_pattern(), mergeable_ranks=dict(tok.get_mergeable_ranks()), special_tokens={})
+    enc = tiktoken.Encoding(
+        "t",
+        pat_str=tok.get_pattern(),
+        mergeable_ranks=dict(tok.get_mergeable_ranks()),
+        special_tokens={},
+    )
     for text in UNICODE_TEXTS + corpus()[:20] + random_texts(300, seed=2):
         ids = tok.encode(text)
         assert ids == enc.encode_ordinary(text), repr(text)

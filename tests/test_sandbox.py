@@ -1,6 +1,7 @@
 """The isolation boundary: from inside, every attempt to reach the outside fails and leaves it untouched;
 legitimate work in the work dir succeeds; no process survives the call. The sandboxed cases skip only
 where this machine cannot create the namespaces (the fallback's own tests run everywhere)."""
+
 import os
 import socket
 import subprocess
@@ -51,8 +52,12 @@ def home_secret():
 @needs_sandbox
 def test_legit_work_inside_succeeds(wd):
     src = "def test_add():\n    assert 1 + 1 == 2\n"
-    r = run(f"echo hi > out.txt && cat out.txt inside.txt && python -c 'print(6 * 7)' && "
-            f"printf '{src}' > test_x.py && python -m pytest -q -p no:cacheprovider test_x.py", wd, timeout=60)
+    r = run(
+        f"echo hi > out.txt && cat out.txt inside.txt && python -c 'print(6 * 7)' && "
+        f"printf '{src}' > test_x.py && python -m pytest -q -p no:cacheprovider test_x.py",
+        wd,
+        timeout=60,
+    )
     assert r.returncode == 0, r.output
     assert r.output.startswith("hi\ninside42\n") and "1 passed" in r.output
     assert (wd / "out.txt").read_text() == "hi\n"
@@ -77,11 +82,16 @@ def test_secrets_outside_are_invisible(wd, tmp_path, home_secret):
     (tmp_path / "secret.txt").write_text("s3cr3t-next-door")
     path, token = home_secret
     (wd / "link").symlink_to(path)
-    r = run(f"cat {path}; cat ~/{path.name}; cat {tmp_path}/secret.txt; cat ../secret.txt; cat ../../../..{tmp_path}/secret.txt; "
-            f"cat link; cat /etc/shadow; cat /proc/1/root{path}; env", wd)
+    r = run(
+        f"cat {path}; cat ~/{path.name}; cat {tmp_path}/secret.txt; cat ../secret.txt; cat ../../../..{tmp_path}/secret.txt; "
+        f"cat link; cat /etc/shadow; cat /proc/1/root{path}; env",
+        wd,
+    )
     assert token not in r.output and "s3cr3t" not in r.output
     assert "No such file" in r.output
-    assert path.name not in run(f"ls -a {Path.home()} /proc/1/root{Path.home()}", wd).output  # nor listed
+    assert (
+        path.name not in run(f"ls -a {Path.home()} /proc/1/root{Path.home()}", wd).output
+    )  # nor listed
     r = run("cat link", wd, mode="off")  # outside the sandbox the same command does read it
     assert token in r.output
 
@@ -96,8 +106,11 @@ def test_scrubbed_environment(wd, monkeypatch):
 @needs_sandbox
 def test_writes_and_deletes_outside_fail(wd, precious, tmp_path):
     mark = f"nanocode-test-{uuid.uuid4().hex[:8]}"
-    r = run(f"echo x > {precious}/new.txt; echo x >> {precious}/a.txt; rm -rf {precious}; rm -rf ../precious; "
-            f"echo x > /usr/{mark}; echo x > /{mark}; echo x > /tmp/{mark}; ls /tmp/{mark}", wd)
+    r = run(
+        f"echo x > {precious}/new.txt; echo x >> {precious}/a.txt; rm -rf {precious}; rm -rf ../precious; "
+        f"echo x > /usr/{mark}; echo x > /{mark}; echo x > /tmp/{mark}; ls /tmp/{mark}",
+        wd,
+    )
     assert sorted(p.name for p in precious.iterdir()) == ["a.txt"]
     assert (precious / "a.txt").read_text() == "keep me"
     assert not os.path.exists(f"/usr/{mark}") and not os.path.exists(f"/{mark}")
@@ -106,10 +119,19 @@ def test_writes_and_deletes_outside_fail(wd, precious, tmp_path):
 
 @needs_sandbox
 def test_read_only_mode(wd):
-    r = run("echo x > new.txt; echo x >> inside.txt; rm inside.txt; cat inside.txt", wd, mode="read-only")
+    r = run(
+        "echo x > new.txt; echo x >> inside.txt; rm inside.txt; cat inside.txt",
+        wd,
+        mode="read-only",
+    )
     assert "Read-only file system" in r.output and r.output.rstrip().endswith("inside")
-    assert sorted(p.name for p in wd.iterdir()) == ["inside.txt"] and (wd / "inside.txt").read_text() == "inside"
-    assert run_tool("write_file", {"path": "x", "content": "y"}, wd, sandbox="read-only").startswith("error: ")
+    assert (
+        sorted(p.name for p in wd.iterdir()) == ["inside.txt"]
+        and (wd / "inside.txt").read_text() == "inside"
+    )
+    assert run_tool(
+        "write_file", {"path": "x", "content": "y"}, wd, sandbox="read-only"
+    ).startswith("error: ")
     assert run_tool("bash", {"command": "cat inside.txt"}, wd, sandbox="read-only") == "inside"
 
 
@@ -118,7 +140,9 @@ def test_outside_processes_are_invisible_and_unkillable(wd):
     token = uuid.uuid4().hex
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", token])
     try:
-        r = run(f"kill -9 {victim.pid}; kill -9 -1; ls /proc; cat /proc/{victim.pid}/cmdline; ps ax", wd)
+        r = run(
+            f"kill -9 {victim.pid}; kill -9 -1; ls /proc; cat /proc/{victim.pid}/cmdline; ps ax", wd
+        )
         assert token not in r.output
         assert str(victim.pid) not in r.output.split() or victim.pid < 10
         assert victim.poll() is None  # still running
@@ -131,9 +155,14 @@ def test_outside_processes_are_invisible_and_unkillable(wd):
 def test_no_capabilities_and_no_sysctl_writes(wd):
     """Mapped to root when nanocode runs as root, the command still holds no capabilities, and the host's
     sysctls (global, under /proc/sys) cannot be written: this one is written with its own value."""
-    r = run("grep -E 'CapEff|CapBnd|NoNewPrivs' /proc/self/status; v=$(cat /proc/sys/kernel/printk_ratelimit); "
-            "echo $v > /proc/sys/kernel/printk_ratelimit && echo WROTE; mount -t tmpfs x /tmp && echo MOUNTED", wd)
-    assert "CapEff:\t0000000000000000" in r.output and "CapBnd:\t0000000000000000" in r.output  # none to regain
+    r = run(
+        "grep -E 'CapEff|CapBnd|NoNewPrivs' /proc/self/status; v=$(cat /proc/sys/kernel/printk_ratelimit); "
+        "echo $v > /proc/sys/kernel/printk_ratelimit && echo WROTE; mount -t tmpfs x /tmp && echo MOUNTED",
+        wd,
+    )
+    assert (
+        "CapEff:\t0000000000000000" in r.output and "CapBnd:\t0000000000000000" in r.output
+    )  # none to regain
     assert "NoNewPrivs:\t1" in r.output  # nor through a setuid program
     assert "WROTE" not in r.output and "MOUNTED" not in r.output
 
@@ -157,7 +186,10 @@ def test_file_size_limit(wd):
 def test_no_process_survives(wd):
     token = uuid.uuid4().hex
     sleeper = f"sh -c 'sleep 300; : {token}'"  # the token stays in its command line
-    r = run(f"({sleeper} &) ; setsid nohup {sleeper} > /dev/null 2>&1 & {sleeper} & sleep 0.2; echo started", wd)
+    r = run(
+        f"({sleeper} &) ; setsid nohup {sleeper} > /dev/null 2>&1 & {sleeper} & sleep 0.2; echo started",
+        wd,
+    )
     assert r.returncode == 0 and r.output == "started\n"
     assert alive(token) == []
     r = run(f"{sleeper} & sleep 300", wd, timeout=1)
@@ -173,7 +205,9 @@ def test_evaluated_programs_run_inside(tmp_path, home_secret):
     bomb = "import os\nwhile True:\n    os.fork()\n"  # with the Python guard off: the pids cgroup / namespace holds
     r = run_program(bomb, timeout=3, guard=False)
     assert not r.passed
-    r = run_program(f"print(open({str(path)!r}).read())", sandbox=False)  # the guard alone lets it read
+    r = run_program(
+        f"print(open({str(path)!r}).read())", sandbox=False
+    )  # the guard alone lets it read
     assert r.passed and token in r.stdout
 
 
@@ -194,7 +228,9 @@ def test_fallback_warns_once_naming_what_is_missing(wd, monkeypatch, capsys):
 def test_bad_mode_and_root_workdir(wd):
     with pytest.raises(ValueError, match="unknown sandbox mode"):
         run("true", wd, mode="container")
-    assert run_tool("bash", {"command": "true"}, wd, sandbox="container").startswith("error: unknown sandbox mode")
+    assert run_tool("bash", {"command": "true"}, wd, sandbox="container").startswith(
+        "error: unknown sandbox mode"
+    )
 
 
 @needs_sandbox
@@ -210,4 +246,5 @@ def test_python_installed_under_tmp_is_visible(wd, monkeypatch):
         assert r.returncode == 0 and "venv here" in r.output and "42" in r.output, r.output
     finally:
         import shutil
+
         shutil.rmtree(venv)

@@ -1,13 +1,17 @@
 """Softcapped cross-entropy and fused linear + softcapped CE: the Triton kernels (the interpreter on
 CPU) against float64 references, on fresh random inputs with V and N not multiples of the block
 sizes, logits far beyond the cap, ignored targets, every reduction, fp32 and fp16 (bf16 on CUDA)."""
+
 import importlib
 
 import numpy as np
 import pytest
 import torch
 
-from kernels.reference import linear_softcap_cross_entropy_reference, softcap_cross_entropy_reference
+from kernels.reference import (
+    linear_softcap_cross_entropy_reference,
+    softcap_cross_entropy_reference,
+)
 from kernels.softcap_ce import linear_softcap_cross_entropy_triton, softcap_cross_entropy_triton
 
 ce_mod = importlib.import_module("kernels.softcap_ce")
@@ -43,7 +47,7 @@ def make_targets(N, V, ignore_frac=0.25, ignore_index=-1):
     targets = torch.randint(0, V, (N,), device=DEVICE)
     targets[torch.rand(N, device=DEVICE) < ignore_frac] = ignore_index
     targets[0] = ignore_index  # at least one ignored, at least one not
-    targets[-1] = V - 1        # the last column (in the masked tail of the last block)
+    targets[-1] = V - 1  # the last column (in the masked tail of the last block)
     return targets
 
 
@@ -54,7 +58,9 @@ def ce_check(N, V, dtype, reduction, scale=40.0, softcap=15.0, ignore_index=-1):
     ref_in = logits.detach().double().requires_grad_()
     ref = softcap_cross_entropy_reference(ref_in, targets, softcap, ignore_index, reduction)
     assert loss.dtype == torch.float32 and loss.shape == ref.shape
-    close(loss, ref, torch.float32, "loss", floor=softcap)  # same logits, fp32 math: fp32 accuracy whatever the dtype
+    close(
+        loss, ref, torch.float32, "loss", floor=softcap
+    )  # same logits, fp32 math: fp32 accuracy whatever the dtype
     dout = torch.rand_like(loss) + 0.5
     (grad,) = torch.autograd.grad(loss, logits, dout)
     (ref_grad,) = torch.autograd.grad(ref, ref_in, dout.double())
@@ -77,12 +83,16 @@ def test_softcap_ce_small_shapes(N, V):
 
 # The interpreter's numpy warns where exp(2x/c) overflows to inf (tanh is then exactly 1, by design)
 # and where inf * 0 gives NaN in an ignored row (then replaced by 0): expected here.
-@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning",
-                            "ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.filterwarnings(
+    "ignore:overflow encountered in exp:RuntimeWarning",
+    "ignore:invalid value encountered in multiply:RuntimeWarning",
+)
 def test_softcap_ce_other_softcap_and_ignore_index():
     ce_check(7, 300, torch.float32, "sum", scale=3.0, softcap=2.5, ignore_index=-100)
     ce_check(7, 300, torch.float32, "none", scale=100.0, softcap=30.0, ignore_index=5)
-    ce_check(7, 300, torch.float32, "mean", scale=300.0, softcap=100.0)  # exp(softcap) overflows fp32
+    ce_check(
+        7, 300, torch.float32, "mean", scale=300.0, softcap=100.0
+    )  # exp(softcap) overflows fp32
 
 
 @pytest.mark.parametrize("fixed_max", [True, False], ids=["fixed-max", "running-max"])
@@ -101,7 +111,9 @@ def test_fixed_max_at_its_limit():
     for scale in (40.0, 1e4):
         ce_check(5, 300, torch.float32, "sum", scale=scale, softcap=40.0)
     logits = torch.full((3, 300), -1e4, device=DEVICE)
-    loss = softcap_cross_entropy_triton(logits, torch.tensor([0, 7, 299], device=DEVICE), softcap=40.0, reduction="none")
+    loss = softcap_cross_entropy_triton(
+        logits, torch.tensor([0, 7, 299], device=DEVICE), softcap=40.0, reduction="none"
+    )
     assert torch.allclose(loss, torch.full_like(loss, float(np.log(300))), rtol=0, atol=1e-5)
 
 
@@ -109,10 +121,18 @@ def test_chunk_rows():
     """Equal chunks (no small last one), whole 128-row tiles when large, and less than
     CHUNK_BYTES where free memory is short."""
     rows = ce_mod._chunk_rows(N=65536, V=32768, C=768, elem_bytes=2, free_bytes=None)
-    assert rows * 32768 * 2 <= ce_mod.CHUNK_BYTES + 128 * 32768 * 2 and rows % 128 == 0 and 65536 % rows == 0
+    assert (
+        rows * 32768 * 2 <= ce_mod.CHUNK_BYTES + 128 * 32768 * 2
+        and rows % 128 == 0
+        and 65536 % rows == 0
+    )
     assert ce_mod._chunk_rows(N=29, V=301, C=40, elem_bytes=4, free_bytes=None) == 29
-    assert ce_mod._chunk_rows(N=1000, V=32768, C=768, elem_bytes=2, free_bytes=None) == 1024  # one chunk
-    short = 32768 * 768 * 4 + 65536 * 768 * 2 + 4 * (64 << 20)  # a quarter of the rest: 64 MiB of logits
+    assert (
+        ce_mod._chunk_rows(N=1000, V=32768, C=768, elem_bytes=2, free_bytes=None) == 1024
+    )  # one chunk
+    short = (
+        32768 * 768 * 4 + 65536 * 768 * 2 + 4 * (64 << 20)
+    )  # a quarter of the rest: 64 MiB of logits
     rows = ce_mod._chunk_rows(N=65536, V=32768, C=768, elem_bytes=2, free_bytes=short)
     assert 512 <= rows <= 1024 and rows * 32768 * 2 <= (64 << 20) + 128 * 32768 * 2
 
@@ -146,7 +166,9 @@ def test_all_rows_ignored(fn):
 
 def test_target_out_of_range_gives_nan():
     logits = torch.randn(3, 20, device=DEVICE)
-    loss = softcap_cross_entropy_triton(logits, torch.tensor([1, 20, -1], device=DEVICE), reduction="none")
+    loss = softcap_cross_entropy_triton(
+        logits, torch.tensor([1, 20, -1], device=DEVICE), reduction="none"
+    )
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and loss[2] == 0
 
 
@@ -162,11 +184,14 @@ def test_int32_targets_and_strided_logits():
 def test_dispatch(monkeypatch):
     """The public function takes the Triton path unless NANOCODE_KERNELS=torch."""
     import kernels
+
     logits = torch.randn(4, 30, device=DEVICE)
     targets = torch.randint(0, 30, (4,), device=DEVICE)
     x, w = torch.randn(4, 8, device=DEVICE), torch.randn(30, 8, device=DEVICE)
+
     def boom(*a, **k):
         raise AssertionError("reference called")
+
     monkeypatch.setattr(ce_mod, "softcap_cross_entropy_reference", boom)
     monkeypatch.setattr(ce_mod, "linear_softcap_cross_entropy_reference", boom)
     kernels.softcap_cross_entropy(logits, targets)  # the Triton path (GPU, or the interpreter)
@@ -180,13 +205,18 @@ def test_dispatch(monkeypatch):
 
 # ---- fused linear + softcapped CE ----
 
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_ce_matches_reference(monkeypatch, dtype, reduction):
     N, V, C = 29, 301, 40
-    monkeypatch.setattr(ce_mod, "CHUNK_BYTES", 8 * V * torch.finfo(dtype).bits // 8)  # chunks of 8 rows: 8+8+8+5
+    monkeypatch.setattr(
+        ce_mod, "CHUNK_BYTES", 8 * V * torch.finfo(dtype).bits // 8
+    )  # chunks of 8 rows: 8+8+8+5
     x = (torch.randn(N, C, device=DEVICE) * 2).to(dtype).requires_grad_()
-    w = (torch.randn(V, C, device=DEVICE) * 2).to(dtype).requires_grad_()  # logits ~ +-25: beyond the cap
+    w = (
+        (torch.randn(V, C, device=DEVICE) * 2).to(dtype).requires_grad_()
+    )  # logits ~ +-25: beyond the cap
     targets = make_targets(N, V)
     loss = linear_softcap_cross_entropy_triton(x, w, targets, reduction=reduction)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -207,22 +237,34 @@ def test_linear_ce_without_grad_and_weight_only_grad(monkeypatch):
     targets = make_targets(10, 97)
     ref = linear_softcap_cross_entropy_reference(x.double(), w.double(), targets)
     with torch.no_grad():
-        close(linear_softcap_cross_entropy_triton(x, w, targets), ref, torch.float32, "no-grad loss")
+        close(
+            linear_softcap_cross_entropy_triton(x, w, targets), ref, torch.float32, "no-grad loss"
+        )
     w.requires_grad_()
-    (dw,) = torch.autograd.grad(linear_softcap_cross_entropy_triton(x, w, targets, reduction="sum"), w)
+    (dw,) = torch.autograd.grad(
+        linear_softcap_cross_entropy_triton(x, w, targets, reduction="sum"), w
+    )
     w64 = w.detach().double().requires_grad_()
-    (rdw,) = torch.autograd.grad(linear_softcap_cross_entropy_reference(x.double(), w64, targets, reduction="sum"), w64)
+    (rdw,) = torch.autograd.grad(
+        linear_softcap_cross_entropy_reference(x.double(), w64, targets, reduction="sum"), w64
+    )
     close(dw, rdw, torch.float32, "dweight")
 
 
 def test_torch_compile_no_graph_break():
     """fullgraph=True fails on any graph break; aot_eager runs the custom ops' fake and real paths."""
     logits = (torch.randn(5, 70, device=DEVICE) * 20).requires_grad_()
-    x, w = torch.randn(5, 8, device=DEVICE, requires_grad=True), torch.randn(70, 8, device=DEVICE, requires_grad=True)
+    x, w = (
+        torch.randn(5, 8, device=DEVICE, requires_grad=True),
+        torch.randn(70, 8, device=DEVICE, requires_grad=True),
+    )
     targets = make_targets(5, 70)
 
     def f(logits, x, w, targets):
-        return softcap_cross_entropy_triton(logits, targets) + linear_softcap_cross_entropy_triton(x, w, targets)
+        return softcap_cross_entropy_triton(logits, targets) + linear_softcap_cross_entropy_triton(
+            x, w, targets
+        )
+
     torch._dynamo.reset()
     got = torch.compile(f, backend="aot_eager", fullgraph=True)(logits, x, w, targets)
     want = f(logits, x, w, targets)
@@ -259,7 +301,10 @@ def test_bad_inputs():
 
 # ---- CUDA only: the training shape ----
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter is far too slow at this size)")
+
+@pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA GPU (the interpreter is far too slow at this size)"
+)
 def test_full_size_bf16_cuda():
     N, V, C = 65536, 32768, 768
     torch.manual_seed(0)
@@ -274,11 +319,13 @@ def test_full_size_bf16_cuda():
     close(grad, ref_grad, torch.bfloat16, "dlogits")
     del logits, grad, ref_in, ref_grad
     x = torch.randn(N, C, device="cuda").bfloat16().requires_grad_()
-    w = (torch.randn(V, C, device="cuda") / C ** 0.5 * 4).bfloat16().requires_grad_()
+    w = (torch.randn(V, C, device="cuda") / C**0.5 * 4).bfloat16().requires_grad_()
     loss = linear_softcap_cross_entropy_triton(x, w, targets)
     dx, dw = torch.autograd.grad(loss, (x, w))
     xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
-    ref = linear_softcap_cross_entropy_reference(xr, wr, targets)  # the eager bf16 path (fp32 would need ~50 GB)
+    ref = linear_softcap_cross_entropy_reference(
+        xr, wr, targets
+    )  # the eager bf16 path (fp32 would need ~50 GB)
     rdx, rdw = torch.autograd.grad(ref, (xr, wr))
     close(loss, ref, torch.bfloat16, "linear loss")
     close(dx, rdx, torch.bfloat16, "dx")

@@ -1,5 +1,6 @@
 """runs/speedrun.sh's control flow with stand-in commands (no training): stage order and flags,
 done-markers, a failed stage stopping the run with its log named, and a rerun skipping what is done."""
+
 import json
 import os
 import subprocess
@@ -31,12 +32,26 @@ def run(tmp_path):
     base = tmp_path / "base"
 
     def run(fail=None, nproc=0):
-        env = dict(os.environ, SKIP_SETUP="1", NPROC=str(nproc), PYTHON=str(fake), TORCHRUN=str(tmp_path / "torchrun"),
-                   NANOCODE_BASE_DIR=str(base), CALLS=str(tmp_path / "calls.log"), FAIL_MODULE=fail or "")
+        env = dict(
+            os.environ,
+            SKIP_SETUP="1",
+            NPROC=str(nproc),
+            PYTHON=str(fake),
+            TORCHRUN=str(tmp_path / "torchrun"),
+            NANOCODE_BASE_DIR=str(base),
+            CALLS=str(tmp_path / "calls.log"),
+            FAIL_MODULE=fail or "",
+        )
         (tmp_path / "calls.log").write_text("")
-        p = subprocess.run(["bash", str(REPO / "runs" / "speedrun.sh")], env=env, capture_output=True, text=True,
-                           timeout=120)
+        p = subprocess.run(
+            ["bash", str(REPO / "runs" / "speedrun.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return p, (tmp_path / "calls.log").read_text().splitlines(), base
+
     return run
 
 
@@ -44,10 +59,23 @@ def test_cpu_pipeline_stages_in_order(run):
     p, calls, base = run()
     assert p.returncode == 0, p.stderr
     modules = [c.split(" -m ")[1].split()[0] for c in calls if " -m " in c]
-    assert modules == ["nanocode.dataset", "scripts.tok_train", "scripts.tok_eval", "scripts.base_train",
-                       "scripts.base_eval", "scripts.gen_synth", "scripts.code_sft", "scripts.code_dpo", "scripts.code_rl",
-                       "scripts.code_eval", "scripts.agent_eval", "scripts.agent_eval", "scripts.agent_eval", "scripts.code_cli",
-                       "nanocode.report"]
+    assert modules == [
+        "nanocode.dataset",
+        "scripts.tok_train",
+        "scripts.tok_eval",
+        "scripts.base_train",
+        "scripts.base_eval",
+        "scripts.gen_synth",
+        "scripts.code_sft",
+        "scripts.code_dpo",
+        "scripts.code_rl",
+        "scripts.code_eval",
+        "scripts.agent_eval",
+        "scripts.agent_eval",
+        "scripts.agent_eval",
+        "scripts.code_cli",
+        "nanocode.report",
+    ]
     train = next(c for c in calls if "scripts.base_train" in c)
     assert train.startswith("python ") and "--depth 4" in train and "--fim-rate 0.5" in train
     assert "--local" in calls[0]
@@ -55,8 +83,18 @@ def test_cpu_pipeline_stages_in_order(run):
     assert "--yes" in demo and "-t 0" in demo  # the CPU demo decodes greedily
     assert "--weights run_report=20" in next(c for c in calls if "scripts.gen_synth" in c)
     assert json.loads((base / "speedrun" / "base_train.done").read_text())["cpu_seconds"] > 0.05
-    for stage in ("dataset", "tokenizer", "base_train", "base_eval", "synth", "sft", "dpo", "rl", "code_eval_dpo",
-                  "agent_demo"):
+    for stage in (
+        "dataset",
+        "tokenizer",
+        "base_train",
+        "base_eval",
+        "synth",
+        "sft",
+        "dpo",
+        "rl",
+        "code_eval_dpo",
+        "agent_demo",
+    ):
         marker = json.loads((base / "speedrun" / f"{stage}.done").read_text())
         assert marker["device"] == "cpu" and marker["gpus"] == 0 and marker["seconds"] >= 0
         assert marker["cpu_seconds"] >= 0
@@ -69,7 +107,9 @@ def test_failed_stage_stops_and_rerun_skips_done(run):
     log = base / "speedrun" / "logs" / "sft.log"
     assert f"stage 'sft' failed; its log is {log}" in p.stderr
     assert "boom in scripts.code_sft" in log.read_text()
-    assert (base / "speedrun" / "synth.done").exists() and not (base / "speedrun" / "sft.done").exists()
+    assert (base / "speedrun" / "synth.done").exists() and not (
+        base / "speedrun" / "sft.done"
+    ).exists()
     assert not any("scripts.code_dpo" in c for c in calls)  # nothing after the failure ran
 
     p, calls, base = run()
@@ -89,6 +129,12 @@ def test_gpu_launch_uses_torchrun(run):
     p, calls, base = run(nproc=8)
     assert p.returncode == 0, p.stderr
     train = next(c for c in calls if "scripts.base_train" in c)
-    assert train.startswith("torchrun --standalone --nproc_per_node=8 -m scripts.base_train --depth 20")
-    assert [c.split(" -i ")[1].split()[0] for c in calls if "scripts.code_eval" in c] == ["base", "sft", "dpo"]
+    assert train.startswith(
+        "torchrun --standalone --nproc_per_node=8 -m scripts.base_train --depth 20"
+    )
+    assert [c.split(" -i ")[1].split()[0] for c in calls if "scripts.code_eval" in c] == [
+        "base",
+        "sft",
+        "dpo",
+    ]
     assert json.loads((base / "speedrun" / "base_train.done").read_text())["gpus"] == 8

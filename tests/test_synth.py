@@ -1,5 +1,6 @@
 """Synthetic trajectories and pairs: tool outputs are real (replaying gives the same outputs and files),
 the generator is deterministic and covers every task, and conversation JSONL errors name the line."""
+
 import json
 import random
 from collections import Counter
@@ -23,7 +24,11 @@ def funcs(stdlib_functions):
 @pytest.fixture(scope="module")
 def records(funcs):
     # two of every kind, built directly so each is covered regardless of the sampling weights
-    return [synth.make_trajectory(kind, random.Random(i), funcs) for kind in synth.KINDS for i in range(2)]
+    return [
+        synth.make_trajectory(kind, random.Random(i), funcs)
+        for kind in synth.KINDS
+        for i in range(2)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +85,9 @@ def test_recovery_trajectories_really_hit_the_errors(records):
     for r in records:
         outs = [p["text"] for p in first_turn(r) if p["type"] == "tool_output"]
         if outs:
-            first_output.setdefault(r["kind"], outs[0] if r["kind"] != "edit_not_unique" else outs[1])
+            first_output.setdefault(
+                r["kind"], outs[0] if r["kind"] != "edit_not_unique" else outs[1]
+            )
     assert first_output["missing_file"].startswith("error: no such file")
     assert "does not occur" in first_output["edit_not_found"]
     assert "occurs 2 times" in first_output["edit_not_unique"]
@@ -115,8 +122,13 @@ def test_pairs_are_real_and_flawed(records):
     # as the earlier turns left them
     multi = [r for r in records if sum(m["role"] == "user" for m in r["messages"]) > 1][:4]
     assert multi
-    for r in multi:  # the session's record of the files before the last turn = re-running the earlier turns
-        assert r["last_turn_files"] == synth.execute_turns(r["files"], synth.assistant_turns(r)[:-1], r.get("setup"))[1]
+    for r in (
+        multi
+    ):  # the session's record of the files before the last turn = re-running the earlier turns
+        assert (
+            r["last_turn_files"]
+            == synth.execute_turns(r["files"], synth.assistant_turns(r)[:-1], r.get("setup"))[1]
+        )
     for i, r in enumerate(records[:18] + multi):
         for kind in synth.PAIR_KINDS:
             pair = synth.make_pair(r, random.Random(i), kind)
@@ -130,11 +142,20 @@ def test_pairs_are_real_and_flawed(records):
             rej = pair["rejected"]["content"]
             if kind == "malformed_call":
                 bad = next(p for p in rej if p["type"] == "tool_call")
-                assert validate_tool_call({"name": bad["name"], "arguments": bad["arguments"]}) is not None
+                assert (
+                    validate_tool_call({"name": bad["name"], "arguments": bad["arguments"]})
+                    is not None
+                )
             if kind == "not_unique":
-                assert any("occurs" in p["text"] and "times" in p["text"] for p in rej if p["type"] == "tool_output")
+                assert any(
+                    "occurs" in p["text"] and "times" in p["text"]
+                    for p in rej
+                    if p["type"] == "tool_output"
+                )
             if kind == "unbacked_claim":
-                assert sum(p["type"] == "tool_call" for p in rej) < sum(p["type"] == "tool_call" for p in pair["chosen"]["content"])
+                assert sum(p["type"] == "tool_call" for p in rej) < sum(
+                    p["type"] == "tool_call" for p in pair["chosen"]["content"]
+                )
     assert kinds == set(synth.PAIR_KINDS)
 
 
@@ -154,6 +175,7 @@ def test_corpus_functions_skip_defs_the_greps_would_miss():
 
 # ---- the registry, the new kinds, denials, follow-ups
 
+
 def test_registry_weights_are_what_gets_drawn():
     """trajectory() (what gen_synth's workers call) draws its kind first with draw_kind; over many draws
     each seen kind's share matches its registry weight within 4 standard errors, and unseen kinds never come."""
@@ -169,14 +191,18 @@ def test_registry_weights_are_what_gets_drawn():
 
 def test_weights_flag_reweights_the_draw_and_bad_weights_are_named():
     from scripts import gen_synth
+
     args = gen_synth.get_args(["--weights", "run_report=50,no_tool=0"])
     assert args.kind_weights == {"run_report": 50.0, "no_tool": 0.0}
     rng = random.Random(0)
     counts = Counter(synth.draw_kind(rng, weights=args.kind_weights) for _ in range(4000))
     total = sum(args.kind_weights.get(k, synth.KINDS[k][1]) for k in synth.TASKS)
     assert counts["no_tool"] == 0 and abs(counts["run_report"] / 4000 - 50 / total) < 0.03
-    for bad, msg in [("usage_search=3", "not a kind training draws from"), ("run_report=x", "not kind=number"),
-                     ("run_report=-1", ">= 0")]:
+    for bad, msg in [
+        ("usage_search=3", "not a kind training draws from"),
+        ("run_report=x", "not kind=number"),
+        ("run_report=-1", ">= 0"),
+    ]:
         with pytest.raises(NanocodeError, match=msg):
             gen_synth.get_args(["--weights", bad])
 
@@ -196,12 +222,28 @@ def test_new_kinds_really_do_what_they_say(records):
     for word in ("ls", "wc -l", "git status", "pytest", "sed -n", "head -n", "tail -n"):
         assert word in cmds, word
     assert all(not calls(r) for r in by["no_tool"])
-    assert all(len({p["arguments"]["path"] for p in calls(r) if p["name"] == "edit_file"}) >= 2 for r in by["rename_multi"])
-    assert all(any(p["name"] == "bash" and "main.py" in p["arguments"]["command"] or p["name"] == "bash" for p in calls(r))
-               for r in by["run_report"])
-    outs = [p["text"] for r in by["long_output"] for p in assistant_parts(r) if p["type"] == "tool_output"]
+    assert all(
+        len({p["arguments"]["path"] for p in calls(r) if p["name"] == "edit_file"}) >= 2
+        for r in by["rename_multi"]
+    )
+    assert all(
+        any(
+            p["name"] == "bash" and "main.py" in p["arguments"]["command"] or p["name"] == "bash"
+            for p in calls(r)
+        )
+        for r in by["run_report"]
+    )
+    outs = [
+        p["text"]
+        for r in by["long_output"]
+        for p in assistant_parts(r)
+        if p["type"] == "tool_output"
+    ]
     assert any("[output truncated" in o for o in outs)
-    assert all("edit_file" not in synth.call_shape(r) and "write_file" not in synth.call_shape(r) for r in by["qa_read"])
+    assert all(
+        "edit_file" not in synth.call_shape(r) and "write_file" not in synth.call_shape(r)
+        for r in by["qa_read"]
+    )
 
 
 def test_run_report_states_what_the_program_printed(funcs):
@@ -209,9 +251,15 @@ def test_run_report_states_what_the_program_printed(funcs):
     for i in range(12):
         r = synth.make_trajectory("run_report", random.Random(i), funcs)
         parts = first_turn(r)
-        run = [j for j, p in enumerate(parts) if p["type"] == "tool_call" and p["name"] == "bash" and ".py" in p["arguments"]["command"]][-1]
+        run = [
+            j
+            for j, p in enumerate(parts)
+            if p["type"] == "tool_call"
+            and p["name"] == "bash"
+            and ".py" in p["arguments"]["command"]
+        ][-1]
         out = parts[run + 1]["text"]
-        answer = " ".join(p["text"] for p in parts[run + 2:] if p["type"] == "text")
+        answer = " ".join(p["text"] for p in parts[run + 2 :] if p["type"] == "text")
         if "[exit code" not in out:
             assert all(line in answer for line in out.strip().split("\n")[:4]), (out, answer)
 
@@ -228,22 +276,30 @@ def test_denial_is_never_run_and_only_the_reaction_is_learned(funcs):
         mismatches, final = synth.replay(r)
         assert mismatches == []
         parts = assistant_parts(r)
-        j = next(j for j, p in enumerate(parts) if p["type"] == "tool_output" and p["text"] == DENIED)
+        j = next(
+            j for j, p in enumerate(parts) if p["type"] == "tool_output" and p["text"] == DENIED
+        )
         call = parts[j - 1]
-        if call["name"] in ("edit_file", "write_file") or call["arguments"].get("command", "").startswith("rm "):
-            assert final == r["files"] or call["name"] == "bash" and "python" in str(parts)  # the denied change never happened
+        if call["name"] in ("edit_file", "write_file") or call["arguments"].get(
+            "command", ""
+        ).startswith("rm "):
+            assert (
+                final == r["files"] or call["name"] == "bash" and "python" in str(parts)
+            )  # the denied change never happened
         ids, mask = tok.render_conversation(r)
         k = 0
         while k < len(ids):  # each denial: its output is masked, the text right after it is learned
             if ids[k] == out_start:
                 e = ids.index(out_end, k)
-                if tok.decode(ids[k + 1:e]) == DENIED:
-                    assert not any(mask[k:e + 1])
+                if tok.decode(ids[k + 1 : e]) == DENIED:
+                    assert not any(mask[k : e + 1])
                     nxt = e + 1
                     while nxt < len(ids) and ids[nxt] == tok.special_id("<|tool_start|>"):
                         break
-                    reaction = [m for m in mask[e + 1:e + 6]]
-                    assert reaction and all(reaction), "the assistant's reaction after a denial must be trained on"
+                    reaction = [m for m in mask[e + 1 : e + 6]]
+                    assert reaction and all(reaction), (
+                        "the assistant's reaction after a denial must be trained on"
+                    )
                     checked += 1
                 k = e
             k += 1
@@ -251,7 +307,11 @@ def test_denial_is_never_run_and_only_the_reaction_is_learned(funcs):
 
 
 def test_follow_up_turns_replay_in_one_directory(funcs):
-    multi = [r for r in synth.generate_trajectories(60, seed=9, funcs=funcs) if sum(m["role"] == "user" for m in r["messages"]) > 1]
+    multi = [
+        r
+        for r in synth.generate_trajectories(60, seed=9, funcs=funcs)
+        if sum(m["role"] == "user" for m in r["messages"]) > 1
+    ]
     assert len(multi) >= 8
     for r in multi[:10]:
         validate_conversation(r)
@@ -279,13 +339,30 @@ def test_gen_synth_end_to_end(module_base_dir, capsys):
     import pyarrow.parquet as pq
 
     from scripts import gen_synth
+
     stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
     data = module_base_dir / "data" / "code"
     data.mkdir(parents=True)
     for k, chunk in enumerate((stdlib[:30], stdlib[30:])):
         texts = [p.read_text(errors="replace") for p in chunk]
-        pq.write_table(pa.table({"text": texts, "lang": ["python"] * len(texts)}), data / f"shard_{k:05d}.parquet")
-    gen_synth.main(["--num-train", "24", "--num-val", "4", "--num-prompts", "8", "--workers", "1", "--pairs", "4"])
+        pq.write_table(
+            pa.table({"text": texts, "lang": ["python"] * len(texts)}),
+            data / f"shard_{k:05d}.parquet",
+        )
+    gen_synth.main(
+        [
+            "--num-train",
+            "24",
+            "--num-val",
+            "4",
+            "--num-prompts",
+            "8",
+            "--workers",
+            "1",
+            "--pairs",
+            "4",
+        ]
+    )
     sft = module_base_dir / "sft"
     train = load_jsonl(sft / "synth_train.jsonl")
     assert len(train) == 24 and len({json.dumps(r["messages"]) for r in train}) == 24

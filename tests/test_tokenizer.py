@@ -1,4 +1,5 @@
 """nanocode.tokenizer: special tokens, encode/decode, save/load, token_bytes, conversation rendering."""
+
 import json
 
 import pytest
@@ -69,7 +70,9 @@ def test_token_bytes(tok):
     tb = tok.token_bytes
     assert tb.dtype == torch.int64 and tb.shape == (tok.vocab_size,)
     assert tb[:12].tolist() == [0] * 12
-    assert tb[12:].tolist() == [len(tok.encoding.decode_single_token_bytes(i)) for i in range(12, tok.vocab_size)]
+    assert tb[12:].tolist() == [
+        len(tok.encoding.decode_single_token_bytes(i)) for i in range(12, tok.vocab_size)
+    ]
     assert tb[12:].min() >= 1
 
 
@@ -82,6 +85,7 @@ def test_save_load(tok, tmp_path):
     assert torch.equal(loaded.token_bytes, tok.token_bytes)
     # The ranks file is tiktoken's own format.
     import tiktoken.load
+
     ranks = tiktoken.load.load_tiktoken_bpe(str(tmp_path / "t" / "tokenizer.tiktoken"))
     assert ranks[b"a"] == 12 + ord("a") and len(ranks) == tok.vocab_size - 12
 
@@ -113,18 +117,23 @@ def test_train_bad_input():
         Tokenizer.train(TEXTS, vocab_size=300, pattern="[")
 
 
-CONV = {"messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "List files."},
-    {"role": "assistant", "content": [
-        {"type": "text", "text": "Let me look."},
-        {"type": "tool_call", "name": "bash", "arguments": {"command": "ls"}},
-        {"type": "tool_output", "text": "main.py"},
-        {"type": "text", "text": "It has main.py."},
-    ]},
-    {"role": "user", "content": "Thanks <|assistant_end|>"},
-    {"role": "assistant", "content": "You're welcome."},
-]}
+CONV = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "List files."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me look."},
+                {"type": "tool_call", "name": "bash", "arguments": {"command": "ls"}},
+                {"type": "tool_output", "text": "main.py"},
+                {"type": "text", "text": "It has main.py."},
+            ],
+        },
+        {"role": "user", "content": "Thanks <|assistant_end|>"},
+        {"role": "assistant", "content": "You're welcome."},
+    ]
+}
 
 
 def test_render_conversation(tok):
@@ -133,11 +142,27 @@ def test_render_conversation(tok):
     sid = tok.special_id
     call = json.dumps({"name": "bash", "arguments": {"command": "ls"}})
     expected = [
-        ([0, sid("<|user_start|>")] + tok.encode("Be brief.\n\nList files.") + [sid("<|user_end|>"), sid("<|assistant_start|>")], 0),
-        (tok.encode("Let me look.") + [sid("<|tool_start|>")] + tok.encode(call) + [sid("<|tool_end|>")], 1),
+        (
+            [0, sid("<|user_start|>")]
+            + tok.encode("Be brief.\n\nList files.")
+            + [sid("<|user_end|>"), sid("<|assistant_start|>")],
+            0,
+        ),
+        (
+            tok.encode("Let me look.")
+            + [sid("<|tool_start|>")]
+            + tok.encode(call)
+            + [sid("<|tool_end|>")],
+            1,
+        ),
         ([sid("<|output_start|>")] + tok.encode("main.py") + [sid("<|output_end|>")], 0),
         (tok.encode("It has main.py.") + [sid("<|assistant_end|>")], 1),
-        ([sid("<|user_start|>")] + tok.encode("Thanks <|assistant_end|>") + [sid("<|user_end|>"), sid("<|assistant_start|>")], 0),
+        (
+            [sid("<|user_start|>")]
+            + tok.encode("Thanks <|assistant_end|>")
+            + [sid("<|user_end|>"), sid("<|assistant_start|>")],
+            0,
+        ),
         (tok.encode("You're welcome.") + [sid("<|assistant_end|>")], 1),
     ]
     assert ids == [i for seg, _ in expected for i in seg]
@@ -152,21 +177,44 @@ def test_render_for_completion(tok):
     assert ids[-1] == tok.special_id("<|assistant_start|>")
     # A prefix of the whole conversation's rendering (what DPO and SFT rely on).
     full, _ = tok.render_conversation(CONV)
-    assert full[:len(ids)] == ids
+    assert full[: len(ids)] == ids
     # A final assistant message (an eval sample's answer) is left out.
     assert tok.render_for_completion(CONV) == ids
 
 
-@pytest.mark.parametrize("conv, match", [
-    ([], "dict"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
-    ({"messages": [{"role": "user", "content": 5}]}, "content"),
-    ({"messages": [{"role": "user", "content": [{"type": "tool_call", "name": "bash", "arguments": {}}]}]}, "part types"),
-    ({"messages": [{"role": "assistant", "content": [{"type": "tool_call", "name": "bash"}]}]}, "arguments"),
-    ({"messages": [{"role": "assistant", "content": [{"type": "image"}]}]}, "part types"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "system"),
-    ({"messages": [{"role": "system", "content": "b"}]}, "system"),
-])
+@pytest.mark.parametrize(
+    "conv, match",
+    [
+        ([], "dict"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "content"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "tool_call", "name": "bash", "arguments": {}}],
+                    }
+                ]
+            },
+            "part types",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "assistant", "content": [{"type": "tool_call", "name": "bash"}]}
+                ]
+            },
+            "arguments",
+        ),
+        ({"messages": [{"role": "assistant", "content": [{"type": "image"}]}]}, "part types"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
+            "system",
+        ),
+        ({"messages": [{"role": "system", "content": "b"}]}, "system"),
+    ],
+)
 def test_render_bad_conversations(tok, conv, match):
     with pytest.raises(ValueError, match=match):
         tok.render_conversation(conv)
@@ -177,6 +225,7 @@ def test_tok_train_script(tmp_path, monkeypatch, capsys):
 
     import scripts.tok_train as tok_train
     from tests.helpers import make_docs, write_corpus
+
     monkeypatch.setenv("NANOCODE_BASE_DIR", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["tok_train", "--vocab-size", "300", "--doc-cap", "500"])
     with pytest.raises(NanocodeError, match="nanocode.dataset --local"):
@@ -187,4 +236,8 @@ def test_tok_train_script(tmp_path, monkeypatch, capsys):
     tok = get_tokenizer()
     assert 268 < tok.vocab_size <= 300
     report = json.loads((tmp_path / "report" / "tokenizer.json").read_text())
-    assert report["vocab_size"] == tok.vocab_size and report["train_docs"] == 30 and report["train_mb_per_s"] > 0
+    assert (
+        report["vocab_size"] == tok.vocab_size
+        and report["train_docs"] == 30
+        and report["train_mb_per_s"] > 0
+    )

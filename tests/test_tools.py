@@ -1,4 +1,5 @@
 """Agent tools: confinement to the workdir, edit uniqueness, bash timeout/truncation, validation, determinism."""
+
 import os
 
 import pytest
@@ -25,15 +26,20 @@ def test_read_file_numbered_with_offset_limit(wd):
     out = run_tool("read_file", {"path": "a.py", "offset": 2, "limit": 2}, wd)
     assert out.splitlines()[:2] == ["     2\t    return 1", "     3\t"]
     assert "showing lines 2-3 of 4" in out
-    assert run_tool("read_file", {"path": "a.py", "offset": 9}, wd).startswith("error: offset 9 is past the end")
+    assert run_tool("read_file", {"path": "a.py", "offset": 9}, wd).startswith(
+        "error: offset 9 is past the end"
+    )
     assert run_tool("read_file", {"path": "nope.py"}, wd) == "error: no such file: nope.py"
 
 
 @pytest.mark.parametrize("path", ["../secret.txt", "sub/../../secret.txt", "/etc/passwd"])
 def test_file_tools_refuse_paths_outside_workdir(wd, path):
-    for name, args in [("read_file", {"path": path}), ("write_file", {"path": path, "content": "x"}),
-                       ("edit_file", {"path": path, "old_string": "top", "new_string": "x"}),
-                       ("grep", {"pattern": "secret", "path": path})]:
+    for name, args in [
+        ("read_file", {"path": path}),
+        ("write_file", {"path": path, "content": "x"}),
+        ("edit_file", {"path": path, "old_string": "top", "new_string": "x"}),
+        ("grep", {"pattern": "secret", "path": path}),
+    ]:
         out = run_tool(name, args, wd)
         assert out.startswith("error: ") and "outside the working directory" in out, (name, out)
     assert (wd.parent / "secret.txt").read_text() == "top secret\n"
@@ -47,21 +53,31 @@ def test_symlink_pointing_out_is_refused(wd):
     os.symlink(wd.parent / "secret.txt", wd / "link.txt")
     os.symlink(wd.parent, wd / "up")
     assert "outside the working directory" in run_tool("read_file", {"path": "link.txt"}, wd)
-    assert "outside the working directory" in run_tool("write_file", {"path": "up/new.txt", "content": "x"}, wd)
+    assert "outside the working directory" in run_tool(
+        "write_file", {"path": "up/new.txt", "content": "x"}, wd
+    )
     assert not (wd.parent / "new.txt").exists()
     # a recursive grep skips symlinks that lead out of the workdir
     assert "secret" not in run_tool("grep", {"pattern": "top secret"}, wd)
 
 
 def test_write_and_edit_file(wd):
-    assert run_tool("write_file", {"path": "new/dir/c.py", "content": "x = 1\nx = 1\n"}, wd) == \
-        "wrote 12 bytes to new/dir/c.py"
-    out = run_tool("edit_file", {"path": "new/dir/c.py", "old_string": "x = 1", "new_string": "y"}, wd)
+    assert (
+        run_tool("write_file", {"path": "new/dir/c.py", "content": "x = 1\nx = 1\n"}, wd)
+        == "wrote 12 bytes to new/dir/c.py"
+    )
+    out = run_tool(
+        "edit_file", {"path": "new/dir/c.py", "old_string": "x = 1", "new_string": "y"}, wd
+    )
     assert out.startswith("error: ") and "occurs 2 times" in out
     out = run_tool("edit_file", {"path": "new/dir/c.py", "old_string": "z", "new_string": "y"}, wd)
     assert out.startswith("error: ") and "does not occur" in out
     assert (wd / "new/dir/c.py").read_text() == "x = 1\nx = 1\n"
-    out = run_tool("edit_file", {"path": "new/dir/c.py", "old_string": "x = 1\nx", "new_string": "y = 2\nx"}, wd)
+    out = run_tool(
+        "edit_file",
+        {"path": "new/dir/c.py", "old_string": "x = 1\nx", "new_string": "y = 2\nx"},
+        wd,
+    )
     assert out == "edited new/dir/c.py"
     assert (wd / "new/dir/c.py").read_text() == "y = 2\nx = 1\n"
 
@@ -103,27 +119,51 @@ def test_bash_output_truncated_with_note(wd):
 
 def test_validate_tool_call():
     assert validate_tool_call({"name": "bash", "arguments": {"command": "ls"}}) is None
-    assert validate_tool_call({"name": "read_file", "arguments": {"path": "a", "offset": 2}}) is None
+    assert (
+        validate_tool_call({"name": "read_file", "arguments": {"path": "a", "offset": 2}}) is None
+    )
     assert "unknown tool 'rm'" in validate_tool_call({"name": "rm", "arguments": {}})
-    assert "missing required argument 'command'" in validate_tool_call({"name": "bash", "arguments": {}})
-    assert "unknown argument 'cwd'" in validate_tool_call({"name": "bash", "arguments": {"command": "ls", "cwd": "/"}})
+    assert "missing required argument 'command'" in validate_tool_call(
+        {"name": "bash", "arguments": {}}
+    )
+    assert "unknown argument 'cwd'" in validate_tool_call(
+        {"name": "bash", "arguments": {"command": "ls", "cwd": "/"}}
+    )
     for offset in ("2", True, 2.0):
-        err = validate_tool_call({"name": "read_file", "arguments": {"path": "a", "offset": offset}})
+        err = validate_tool_call(
+            {"name": "read_file", "arguments": {"path": "a", "offset": offset}}
+        )
         assert "argument 'offset' must be of type integer" in err
     assert "must be a JSON object" in validate_tool_call(["bash"])
     assert "needs an 'arguments' object" in validate_tool_call({"name": "bash"})
-    assert "unknown key" in validate_tool_call({"name": "bash", "arguments": {"command": "ls"}, "id": 1})
-    assert {s["name"] for s in TOOL_SCHEMAS} == {"bash", "read_file", "write_file", "edit_file", "grep"}
+    assert "unknown key" in validate_tool_call(
+        {"name": "bash", "arguments": {"command": "ls"}, "id": 1}
+    )
+    assert {s["name"] for s in TOOL_SCHEMAS} == {
+        "bash",
+        "read_file",
+        "write_file",
+        "edit_file",
+        "grep",
+    }
 
 
 def test_run_tool_never_raises(wd):
     assert run_tool("nope", {}, wd).startswith("error: unknown tool")
     assert run_tool("bash", {"command": 5}, wd).startswith("error: ")
-    assert run_tool("read_file", {"path": "a.py"}, wd / "missing").startswith("error: working directory")
-    assert run_tool("write_file", {"path": "sub", "content": "x"}, wd) == "error: sub is a directory"
+    assert run_tool("read_file", {"path": "a.py"}, wd / "missing").startswith(
+        "error: working directory"
+    )
+    assert (
+        run_tool("write_file", {"path": "sub", "content": "x"}, wd) == "error: sub is a directory"
+    )
     assert run_tool("read_file", {"path": "a\0b"}, wd).startswith("error: ")
 
 
 def test_outputs_are_deterministic(wd):
-    calls = [("bash", {"command": "ls -1"}), ("grep", {"pattern": "l"}), ("read_file", {"path": "sub/b.txt"})]
+    calls = [
+        ("bash", {"command": "ls -1"}),
+        ("grep", {"pattern": "l"}),
+        ("read_file", {"path": "sub/b.txt"}),
+    ]
     assert [run_tool(n, a, wd) for n, a in calls] == [run_tool(n, a, wd) for n, a in calls]
