@@ -24,9 +24,11 @@ comparable across runs even if the templates change.
 import json
 import random
 import tempfile
+from functools import partial
 from pathlib import Path
 
-from nanocode.common import NanocodeError, read_jsonl
+from nanocode.common import NanocodeError, read_jsonl, write_tree
+from nanocode.tools import run_tool
 
 KINDS = ["fix", "implement", "add_test", "rename", "answer", "report", "deny"]
 FIELDS = ("id", "kind", "files", "request", "verify", "budget", "solution")
@@ -360,13 +362,6 @@ def load_suite(path=None) -> list[dict]:
     return tasks
 
 
-def write_tree(root: Path, files: dict):
-    for rel, text in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text, encoding="utf-8")
-
-
 def verify(task: dict, workdir: Path, answer: str) -> tuple[bool, str]:
     """Run the task's verifier in workdir (after the agent): (passed, the verifier's output tail).
     Runs in nanocode.sandbox (the work dir writable, no network, limits); a verifier that cannot even
@@ -393,13 +388,6 @@ def scratch(task: dict) -> Path:
 
 # ----------------------------------------------------------------------------------------------------
 # running the agent on tasks, replaying transcripts, scoring
-
-
-def tool_runner(name, arguments, workdir):
-    """The agent's tools as the evaluation runs them: bash in the sandbox with the work dir writable."""
-    from nanocode.tools import run_tool
-
-    return run_tool(name, arguments, workdir, timeout=TOOL_TIMEOUT, sandbox="workspace-write")
 
 
 def conversation(task: dict) -> dict:
@@ -471,7 +459,7 @@ def run_tasks(
                     temperature=temperature,
                     top_k=top_k,
                     seed=seed + 1000 * chunk[0],
-                    tool_runner=tool_runner,
+                    tool_runner=partial(run_tool, timeout=TOOL_TIMEOUT),
                 )
                 for i, d, r in zip(chunk, dirs, results):
                     passed, tail = verify(tasks[i], d, message_text(r["message"]))
@@ -498,7 +486,7 @@ def replay(task: dict, message: dict) -> tuple[bool, str]:
         allowed = approver(task)
         for p in message["content"]:
             if p["type"] == "tool_call" and allowed(p["name"], p["arguments"]):
-                tool_runner(p["name"], p["arguments"], root)
+                run_tool(p["name"], p["arguments"], root, timeout=TOOL_TIMEOUT)
         return verify(task, root, message_text(message))
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -36,6 +36,14 @@ def read_jsonl(path, what: str = "JSONL file"):
             yield where, record
 
 
+def write_tree(root: Path, files: dict):
+    """Write {relative path: text} under root, making directories as needed."""
+    for rel, text in files.items():
+        p = Path(root) / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text, encoding="utf-8")
+
+
 def get_base_dir() -> Path:
     """$NANOCODE_BASE_DIR, default ~/.cache/nanocode; created if missing."""
     base = Path(os.environ.get("NANOCODE_BASE_DIR") or Path.home() / ".cache" / "nanocode")

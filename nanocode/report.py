@@ -21,12 +21,16 @@ from nanocode.checkpoint import PHASES
 from nanocode.common import get_base_dir
 
 
-def log_stage(stage: str, **data):
-    """Merge `data` into the stage's JSON file (written atomically, so a crash never leaves half a file)."""
+def log_stage(stage: str, headline=(), **data):
+    """Merge `data` into the stage's JSON file (written atomically: a crash never leaves half a
+    file). `headline` names the keys the summary table shows ("a.b" reaches into a dict), so each
+    stage picks its key numbers where it logs them; the names add up over a stage's calls."""
     path = get_base_dir() / "report" / f"{stage}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     current = json.loads(path.read_text()) if path.exists() else {}
     current.update(data)
+    if headline:
+        current["headline"] = list(dict.fromkeys([*current.get("headline", []), *headline]))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(current, indent=2, default=str))
     os.replace(tmp, path)
@@ -187,79 +191,15 @@ def get(d, *keys):
     return d
 
 
-def before_after(d, before, after):
-    a, b = get(d, before), get(d, after)
-    if a is None and b is None:
-        return None
-    return f"{fmt(a)} -> {fmt(b)}"
-
-
-def pass_at_k(d):
-    """{task: {"pass@k": v, ...}} -> "humaneval pass@1 0.012, ..."."""
-    parts = []
-    for task, m in sorted(d.items()):
-        if isinstance(m, dict):
-            ks = sorted(
-                (k for k in m if k.startswith("pass@")),
-                key=lambda k: int(k[5:]) if k[5:].isdigit() else 0,
-            )
-            parts += [f"{task} {k} {fmt(m[k])} (n={fmt(m.get('num_problems'))})" for k in ks]
-    return ", ".join(parts) or None
-
-
-def key_numbers(stem, d):
-    """The one-line summary of a stage for the summary table."""
-    if stem == "dataset":
-        return (
-            ", ".join(
-                f"{k} {fmt(d[k])}" for k in ("train_docs", "val_docs", "shards", "mb") if k in d
-            )
-            or None
+def key_numbers(d):
+    """The one-line summary of a stage for the summary table: its headline keys, else a few scalars."""
+    keys = d.get("headline") or [k for k, v in d.items() if isinstance(v, (int, float))][:5]
+    return (
+        ", ".join(
+            f"{k.replace('_', ' ').replace('.', ' ')} {fmt(get(d, *k.split('.')))}" for k in keys
         )
-    if stem == "tokenizer":
-        comp = {lang: get(m, "ours") for lang, m in (get(d, "compression") or {}).items()}
-        comp = ", ".join(
-            f"{lang} {fmt(v, 3)}" for lang, v in comp.items() if isinstance(v, (int, float))
-        )
-        return f"vocab {fmt(get(d, 'vocab_size'))}" + (f"; bytes/token: {comp}" if comp else "")
-    if stem == "base_train":
-        return (
-            f"d{fmt(get(d, 'depth'))}, {fmt(get(d, 'num_params'))} params, {fmt(get(d, 'tokens'))} tokens, "
-            f"val bpb {fmt(get(d, 'final_val_bpb'))}, loss {fmt(get(d, 'final_loss'))}"
-        )
-    if stem == "synth":
-        return (
-            ", ".join(f"{k.replace('_', ' ')} {fmt(d[k])}" for k in d if isinstance(d[k], int))
-            or None
-        )
-    if stem == "base_eval":
-        return f"val bpb {fmt(get(d, 'bpb'))}"
-    if stem == "sft":
-        return (
-            f"val loss {before_after(d, 'val_loss_before', 'val_loss')}, tool-call validity "
-            f"{before_after(d, 'tool_call_validity_before', 'tool_call_validity')}"
-        )
-    if stem == "dpo":
-        return f"held-out preference accuracy {before_after(d, 'preference_accuracy_before', 'preference_accuracy')}"
-    if stem == "rl":
-        return (
-            f"held-out pass@1 {before_after(d, 'pass_at_1_before', 'pass_at_1')}, held-out mean reward "
-            f"{before_after(d, 'val_reward_before', 'val_reward')}, {fmt(get(d, 'completions_per_s'), 3)} completions/s"
-        )
-    if stem.startswith("code_eval"):
-        return pass_at_k(d)
-    if stem.startswith("agent_eval"):
-        return (
-            f"success {fmt(get(d, 'success'), 3)} on {fmt(get(d, 'tasks'))} tasks, valid calls "
-            f"{fmt(get(d, 'valid_call_rate'), 3)}, {fmt(get(d, 'calls_per_task'), 3)} calls/task, "
-            f"cut-offs {fmt(get(d, 'cut_offs'))}"
-        )
-    scalars = [
-        f"{k} {fmt(v)}"
-        for k, v in d.items()
-        if isinstance(v, (int, float, str)) and len(str(v)) < 40
-    ]
-    return ", ".join(scalars[:5]) or None
+        or None
+    )
 
 
 def scalar_rows(d, prefix=""):
@@ -457,7 +397,7 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
             status, numbers = "missing", "-"
         else:
             status = "done" if d is not None else "ran (logged no numbers)"
-            numbers = (key_numbers(stem, d) if d is not None else None) or "-"
+            numbers = (key_numbers(d) if d is not None else None) or "-"
         lines.append(f"| {title} | {status} | {numbers} | {fmt_seconds(get(t, 'seconds'))} |")
     lines.append("")
 

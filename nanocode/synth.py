@@ -37,6 +37,7 @@ import random
 import re
 from pathlib import Path
 
+from nanocode.common import write_tree  # noqa: F401
 from nanocode.synth_session import (  # noqa: F401
     Session,
     assistant_turns,
@@ -46,7 +47,6 @@ from nanocode.synth_session import (  # noqa: F401
     execute_turns,
     read_tree,
     replay,
-    write_tree,
 )
 
 PAIR_KINDS = ["malformed_call", "not_unique", "unbacked_claim", "style"]

@@ -16,24 +16,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from nanocode.common import write_tree
 from nanocode.engine import DENIED
-from nanocode.tools import run_tool as _run_tool
+from nanocode.tools import run_tool
 
 # Python prints absolute paths in tracebacks, and each scratch dir has a random name; outputs show
 # this fixed name instead, as if every session ran in it, so that a replay prints the same text.
 WORKDIR = "/home/user/project"
-
-
-def run_tool(name: str, arguments: dict, root: Path) -> str:
-    out = _run_tool(name, arguments, root)
-    return out.replace(str(root.resolve()), WORKDIR).replace(str(root), WORKDIR)
-
-
-def write_tree(root: Path, files: dict):
-    for rel, text in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text, encoding="utf-8")
 
 
 def read_tree(root: Path) -> dict:
@@ -76,7 +65,7 @@ class Session:
             self.parts.append({"type": "text", "text": text})
 
     def call(self, name: str, **arguments) -> str:
-        out = run_tool(name, arguments, self.dir)
+        out = run_tool(name, arguments, self.dir, shown_as=WORKDIR)
         self.parts.append({"type": "tool_call", "name": name, "arguments": arguments})
         self.parts.append({"type": "tool_output", "text": out})
         return out
@@ -140,7 +129,9 @@ def _run_parts(parts: list, root: Path) -> list:
             out.append(
                 {
                     "type": "tool_output",
-                    "text": DENIED if denied else run_tool(part["name"], part["arguments"], root),
+                    "text": DENIED
+                    if denied
+                    else run_tool(part["name"], part["arguments"], root, shown_as=WORKDIR),
                 }
             )
         elif part["type"] == "text":

@@ -269,21 +269,30 @@ def _walk(top: Path):
 
 
 def run_tool(
-    name: str,
-    arguments: dict,
-    workdir: Path,
-    timeout: float = BASH_TIMEOUT,
-    sandbox: str = "workspace-write",
-    network: bool = False,
+    name,
+    arguments,
+    workdir,
+    timeout=BASH_TIMEOUT,
+    sandbox="workspace-write",
+    network=False,
+    shown_as=None,
 ) -> str:
     """Run one tool call and return its output text; failures come back as "error: ..." (never raised).
-    sandbox: "workspace-write" | "read-only" | "off" (see the module docstring); network: for bash."""
+    sandbox: "workspace-write" | "read-only" | "off" (see the module docstring); network: for bash.
+    shown_as: a path the output names instead of workdir (the synthetic data's fixed project dir, so
+    that a scratch dir's random name never reaches the training data)."""
+    out = _run(name, arguments, Path(workdir), timeout, sandbox, network)
+    if shown_as is not None:
+        out = out.replace(str(Path(workdir).resolve()), shown_as).replace(str(workdir), shown_as)
+    return out
+
+
+def _run(name, arguments, workdir, timeout, sandbox, network) -> str:
     err = validate_tool_call({"name": name, "arguments": arguments})
     if err:
         return f"error: {err}"
     if sandbox not in sb.MODES:
         return f"error: unknown sandbox mode {sandbox!r}"
-    workdir = Path(workdir)
     if not workdir.is_dir():
         return f"error: working directory {workdir} does not exist"
     if sandbox == "read-only" and name in ("write_file", "edit_file"):
@@ -291,13 +300,8 @@ def run_tool(
     try:
         if name == "bash":
             return bash(arguments["command"], workdir, timeout, sandbox, network)
-        if name == "read_file":
-            return read_file(workdir=workdir, **arguments)
-        if name == "write_file":
-            return write_file(workdir=workdir, **arguments)
-        if name == "edit_file":
-            return edit_file(workdir=workdir, **arguments)
-        return grep(workdir=workdir, **arguments)
+        tool = {"read_file": read_file, "write_file": write_file, "edit_file": edit_file}
+        return tool.get(name, grep)(workdir=workdir, **arguments)
     except ValueError as e:
         return f"error: {e}"
     except Exception as e:  # noqa: BLE001 -- the model gets the failure as text, the session goes on

@@ -223,6 +223,7 @@ def main():
     if rank == 0:
         log_stage(
             "base_eval",
+            headline=["bpb"],
             bpb=overall,
             bpb_per_lang=per_lang,
             samples=samples,

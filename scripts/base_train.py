@@ -568,6 +568,7 @@ def main(argv=None):
     if rank == 0:
         log_stage(
             "base_train",
+            headline=["depth", "num_params", "tokens", "final_val_bpb", "final_loss"],
             depth=args.depth,
             model_tag=tag,
             num_params=num_params,

@@ -388,6 +388,7 @@ def main(argv=None):
         )
         log_stage(
             "dpo",
+            headline=["preference_accuracy_before", "preference_accuracy"],
             model_tag=tag,
             steps=num_steps,
             loss_type=args.loss,

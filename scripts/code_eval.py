@@ -334,6 +334,7 @@ def main():
                 f.writelines(json.dumps(x) + "\n" for x in items)
         log_stage(
             f"code_eval_{source}",
+            headline=[f"{args.task}.pass@{k}" for k, v in means.items() if v is not None],
             **{
                 args.task: {
                     **{f"pass@{k}": v for k, v in means.items() if v is not None},

@@ -417,6 +417,7 @@ def main(argv=None):
         completions = len(c.get("reward", [])) * K * G
         log_stage(
             "rl",
+            headline=["pass_at_1_before", "pass_at_1", "val_reward_before", "val_reward"],
             model_tag=tag,
             source=args.source,
             steps=num_steps,

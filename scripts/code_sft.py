@@ -272,6 +272,12 @@ def main(argv=None):
         }
         log_stage(
             "sft",
+            headline=[
+                "val_loss_before",
+                "val_loss",
+                "tool_call_validity_before",
+                "tool_call_validity",
+            ],
             model_tag=tag,
             steps=num_steps,
             batch_size=args.batch_size,

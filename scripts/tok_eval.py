@@ -100,7 +100,7 @@ def main():
         print(f"{lang:<12} {nbytes:>9} " + " ".join(f"{r:>12.2f}" for r in ratios.values()))
     if not results:
         raise NanocodeError("no sample files found on this machine")
-    log_stage("tokenizer", compression=results)
+    log_stage("tokenizer", [f"compression.{lang}.ours" for lang in results], compression=results)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ def main():
     )
     log_stage(
         "tokenizer",
+        headline=["vocab_size"],
         vocab_size=tokenizer.vocab_size,
         train_docs=stats["docs"],
         train_chars=stats["chars"],

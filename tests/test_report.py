@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nanocode.report import build_report, fmt, load_stages, log_stage, series
+from nanocode.report import build_report, fmt, key_numbers, load_stages, log_stage, series
 
 
 @pytest.fixture
@@ -22,9 +22,10 @@ def done_marker(base, stage, seconds, gpus=0, device="cpu", cpu_seconds=None):
 
 def log_pipeline(base):
     """Numbers shaped like the real stages' log_stage calls."""
-    log_stage("tokenizer", vocab_size=4096, train_seconds=1.2)
+    log_stage("tokenizer", ["vocab_size"], vocab_size=4096, train_seconds=1.2)
     log_stage(
         "tokenizer",
+        ["compression.python.ours"],
         compression={
             "python": {"bytes": 300000, "ours": 3.317, "gpt2": 2.5},
             "c": {"bytes": 1000, "ours": 2.3},
@@ -45,6 +46,7 @@ def log_pipeline(base):
     log_stage("base_eval", bpb=1.75, bpb_per_lang={"python": 1.6, "c": 1.9})
     log_stage(
         "sft",
+        ["val_loss_before", "val_loss"],
         val_loss_before=2.0,
         val_loss=1.2,
         tool_call_validity_before=0.1,
@@ -53,6 +55,7 @@ def log_pipeline(base):
     )
     log_stage(
         "dpo",
+        ["preference_accuracy_before", "preference_accuracy"],
         preference_accuracy_before=0.5,
         preference_accuracy=0.7,
         curves={
@@ -63,7 +66,9 @@ def log_pipeline(base):
             ],
         },
     )
-    log_stage("code_eval_dpo", humaneval={"pass@1": 0.0125, "num_problems": 8})
+    log_stage(
+        "code_eval_dpo", ["humaneval.pass@1"], humaneval={"pass@1": 0.0125, "num_problems": 8}
+    )
     log_stage("agent_demo", prompt="run main.py", transcript="assistant: ```bash\nls\n```\nmain.py")
 
 
@@ -71,6 +76,10 @@ def test_log_stage_merges(base):
     log_stage("sft", a=1, b=2)
     log_stage("sft", b=3, c=[1, 2])
     assert load_stages(base)["sft"] == {"a": 1, "b": 3, "c": [1, 2]}
+    log_stage("sft", ["a"], d={"e": 0.5})
+    log_stage("sft", ["d.e", "a"])
+    assert load_stages(base)["sft"]["headline"] == ["a", "d.e"]
+    assert key_numbers(load_stages(base)["sft"]) == "a 1, d e 0.5"
 
 
 def test_full_report_has_every_stage_numbers_and_plots(base):
@@ -85,13 +94,13 @@ def test_full_report_has_every_stage_numbers_and_plots(base):
         "## Git",
         "commit",
         "torch",
-        "vocab 4,096; bytes/token: python 3.32, c 2.3",
+        "vocab size 4,096, compression python ours 3.317",
         "| python | 300,000 | 3.32 | 2.5 |",
         "| c | 1,000 | 2.3 | n/a |",
         "1.73",
         "humaneval pass@1 0.0125",
-        "2 -> 1.2",
-        "0.5 -> 0.7",
+        "val loss before 2, val loss 1.2",
+        "preference accuracy before 0.5, preference accuracy 0.7",
         "CPU run: no GPU cost",
         "| **total** | **10.7min** | 5.3min |",
     ):
