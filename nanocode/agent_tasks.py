@@ -35,6 +35,8 @@ FIELDS = ("id", "kind", "files", "request", "verify", "budget", "solution")
 SUITE_PATH = Path(__file__).resolve().parent / "data" / "agent_suite.jsonl"
 VERIFY_TIMEOUT = 20.0  # seconds for a verifier (a few python runs)
 TOOL_TIMEOUT = 10.0  # seconds per bash call of the agent
+# The report's summary numbers of an agent eval (keys of summarize()).
+HEADLINE = ["success", "tasks", "valid_call_rate", "calls_per_task", "cut_offs"]
 
 # (name, args, correct body, buggy body, mutant body, docstring, test calls [(call, expected)])
 FUNCS = [

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from nanocode.agent_tasks import (
+    HEADLINE,
     load_suite,
     make_suite,
     read_transcripts,
@@ -132,8 +133,7 @@ def main():
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{out}_transcripts.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        headline = ["success", "tasks", "valid_call_rate", "calls_per_task", "cut_offs"]
-        log_stage(f"agent_eval_{source}", headline, **stats, seconds=round(seconds, 1))
+        log_stage(f"agent_eval_{source}", HEADLINE, **stats, seconds=round(seconds, 1))
         print(
             f"agent eval ({source}): {stats['tasks']} tasks in {seconds:.1f}s ({world_size} ranks); "
             f"wrote {out}_transcripts.jsonl"

@@ -12,6 +12,7 @@ import pytest
 
 from nanocode import agent_tasks
 from nanocode.agent_tasks import (
+    HEADLINE,
     KINDS,
     load_suite,
     make_suite,
@@ -234,8 +235,8 @@ def test_report_shows_success_per_kind_for_each_checkpoint(tmp_path, monkeypatch
         and sft["valid_call_rate"] == 0.5
         and sft["cut_offs"] == 1
     )
-    log_stage("agent_eval_sft", **sft)
-    log_stage("agent_eval_dpo", **dpo)
+    log_stage("agent_eval_sft", HEADLINE, **sft)
+    log_stage("agent_eval_dpo", HEADLINE, **dpo)
     text = build_report().read_text()
     assert "## Agent eval: task success per kind" in text and "| kind | sft | dpo |" in text
     assert (
@@ -243,7 +244,7 @@ def test_report_shows_success_per_kind_for_each_checkpoint(tmp_path, monkeypatch
         and "| answer | 0.0 | 1 |" in text
         and "| overall | 0.333 | 1 |" in text
     )
-    assert "| Agent eval (SFT) | done | success 0.333 on 3 tasks" in text
+    assert "| Agent eval (SFT) | done | success 0.3333, tasks 3, valid call rate 0.5" in text
     assert (
         "![agent eval](agent_eval_success.png)" in text
         and (tmp_path / "report" / "agent_eval_success.png").stat().st_size > 1000
