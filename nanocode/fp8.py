@@ -54,7 +54,7 @@ def quantize(t, dtype):
     fp8_max = torch.finfo(dtype).max
     amax = t.detach().abs().amax().double()  # fp64 so eager and Inductor round s alike
     scale = (fp8_max / amax.clamp(min=1e-30)).float()
-    # clamp: the cast does not saturate everywhere (e5m2 overflows to inf, CUDA may wrap)
+    # clamp: t * s may land a hair above max, and the cast does not saturate everywhere
     t8 = (t.detach().float() * scale).clamp(-fp8_max, fp8_max).to(dtype).contiguous()
     return t8, scale.reciprocal()
 

@@ -90,8 +90,10 @@ def test_quantize_rounds_within_the_format(dtype, magnitude):
     t = torch.randn(37, 48) * magnitude
     t8, inv = quantize(t, dtype)
     assert t8.dtype == dtype and t8.is_contiguous() and inv.dtype == torch.float32
-    # the largest element lands on the format's max (no overflow, no wasted range)
-    assert t8.float().abs().max() == torch.finfo(dtype).max
+    # the largest element lands on the format's max (no overflow, no wasted range): s = max / amax
+    fp8_max, amax = torch.finfo(dtype).max, t.double().abs().max()
+    assert t8.float().abs().max() == fp8_max
+    assert (inv.double() * fp8_max - amax).abs() <= 2.0**-22 * amax  # inv = amax / max
     t64, back = t.double(), t8.double() * inv.double()
     # + 2^-22: the fp32 product t * s and the fp32 inverse each round once more
     bound = (U[dtype] + 2.0**-22) * t64.abs() + HALF_SUBNORMAL[dtype] * inv.double()
