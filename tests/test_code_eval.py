@@ -226,18 +226,7 @@ def test_chat_generation_path(humaneval):
     model = ScriptedModel(
         [], tok.vocab_size, 3, 4, sequence_len=4096, pick=reply_for(tok, problems, replies)
     )
-    by_task = generate(
-        Engine(model, tok),
-        tok,
-        problems,
-        "humaneval",
-        chat=True,
-        num_samples=2,
-        max_tokens=2000,
-        temperature=0.0,
-        top_k=None,
-        seed=0,
-    )
+    by_task = generate(Engine(model, tok), problems, "humaneval", "chat", 2, 2000, 0.0, None, 0)
     assert all(len(v) == 2 for v in by_task.values())
     records = score(problems, by_task, workers=2, timeout=5.0)
     assert [r["passed"] for r in records] == [True] * 6, [r["result"] for r in records]
@@ -277,18 +266,7 @@ def test_chat_generation_reads_tool_calls(humaneval):
         sequence_len=8192,
         pick=reply_for(tok, problems, [encode_with_specials(tok, r) for r in replies]),
     )
-    by_task = generate(
-        Engine(model, tok),
-        tok,
-        problems,
-        "humaneval",
-        chat=True,
-        num_samples=1,
-        max_tokens=3000,
-        temperature=0.0,
-        top_k=None,
-        seed=0,
-    )
+    by_task = generate(Engine(model, tok), problems, "humaneval", "chat", 1, 3000, 0.0, None, 0)
     records = score(problems, by_task, workers=2, timeout=5.0)
     assert [r["passed"] for r in records] == [True, True], [r["result"] for r in records]
 
@@ -376,11 +354,11 @@ class FakeBaseEngine:
     max_len = 4096
 
     def __init__(self, tok, texts):
-        self.tok, self.texts, self.prompts = tok, list(texts), []
+        self.tokenizer, self.texts, self.prompts = tok, list(texts), []
 
-    def generate_batch(self, ids, num_samples=1, **kwargs):
+    def generate_batch(self, ids, num_samples=1, *args, **kwargs):
         self.prompts.append(ids)
-        return [self.tok.encode(self.texts[len(self.prompts) - 1])] * num_samples
+        return [self.tokenizer.encode(self.texts[len(self.prompts) - 1])] * num_samples
 
 
 def test_base_generation_path(humaneval):
@@ -390,18 +368,7 @@ def test_base_generation_path(humaneval):
     engine = FakeBaseEngine(
         tok, [p["canonical_solution"] + "\n\ndef unrelated(:\n" for p in problems]
     )
-    by_task = generate(
-        engine,
-        tok,
-        problems,
-        "humaneval",
-        chat=False,
-        num_samples=1,
-        max_tokens=64,
-        temperature=0.0,
-        top_k=None,
-        seed=0,
-    )
+    by_task = generate(engine, problems, "humaneval", "base", 1, 64, 0.0, None, 0)
     assert engine.prompts[0] == [0] + tok.encode(problems[0]["prompt"])
     assert by_task["HumanEval/0"] == [problems[0]["canonical_solution"] + "\n"]
     assert all(r["passed"] for r in score(problems, by_task, workers=2, timeout=5.0))
