@@ -57,15 +57,12 @@ def _task(id: str, source: str, prompt: str, check: dict | None) -> dict:
 def validate_task(t, where: str) -> dict:
     """A task as loaded; a missing or null check is a task without a verifier (it will score 0,
     counted)."""
-    c = t.get("check") if isinstance(t, dict) else None
-    if (
-        not isinstance(t, dict)
-        or not isinstance(t.get("prompt"), str)
-        or not isinstance(c, (dict, type(None)))
-    ):
+    ok = isinstance(t, dict) and isinstance(t.get("prompt"), str)
+    if not ok or not isinstance(t.get("check"), (dict, type(None))):
         raise NanocodeError(
             f"{where}: expected a task object with a string 'prompt' and a 'check' object"
         )
+    c = t.get("check")
     if c is not None:
         if c.get("type") not in CHECK_TYPES:
             raise NanocodeError(
