@@ -3,10 +3,10 @@
 A task is a small scratch repository, a request, and a verifier:
     {"id": str, "kind": one of KINDS, "files": {path: text}, "request": str,
      "verify": a bash command run in the scratch dir after the agent is done (exit 0 = solved),
-     "verify_files": {path: text} written just before the verifier runs (the tests the agent must not
-                     weaken, hidden checks under .verify/), "deny": [tool names the user refuses],
-     "budget": {"tool_calls": int, "tokens": int},
-     "solution": {"calls": [{"name", "arguments"}, ...], "answer": str}}   (the reference: it solves the task)
+     "verify_files": {path: text} written just before the verifier runs (the tests the agent must
+                     not weaken, hidden checks under .verify/),
+     "deny": [tool names the user refuses], "budget": {"tool_calls": int, "tokens": int},
+     "solution": {"calls": [{"name", "arguments"}, ...], "answer": str}}  (the reference solution)
 The agent's final text (every text part of its reply) is written to .verify/answer.txt, so "answer"
 and "report" tasks are checked by the content of the answer.
 
@@ -23,11 +23,14 @@ comparable across runs even if the templates change.
 
 import json
 import random
+import shutil
 import tempfile
 from functools import partial
 from pathlib import Path
 
 from nanocode.common import NanocodeError, read_jsonl, write_tree
+from nanocode.engine import message_text
+from nanocode.sandbox import run_command
 from nanocode.tools import run_tool
 
 KINDS = ["fix", "implement", "add_test", "rename", "answer", "report", "deny"]
@@ -43,8 +46,8 @@ FUNCS = [
     (
         "dedupe",
         "xs",
-        "    seen, out = set(), []\n    for x in xs:\n        if x not in seen:\n            seen.add(x)\n"
-        "            out.append(x)\n    return out\n",
+        "    seen, out = set(), []\n    for x in xs:\n        if x not in seen:\n"
+        "            seen.add(x)\n            out.append(x)\n    return out\n",
         "    return list(set(xs))\n",
         "    return xs[:]\n",
         "Return xs without repeated items, keeping the first occurrence of each, in order.",
@@ -65,7 +68,8 @@ FUNCS = [
         "    t = [c.lower() for c in s if c.isalnum()]\n    return t == t[::-1]\n",
         "    return s == s[::-1]\n",
         "    return len(s) > 0\n",
-        "Return True if s reads the same backwards, ignoring case and anything not a letter or digit.",
+        "Return True if s reads the same backwards, ignoring case and anything not a letter or "
+        "digit.",
         [
             ("is_palindrome('Never odd or even')", "True"),
             ("is_palindrome('abc')", "False"),
@@ -88,9 +92,10 @@ FUNCS = [
     (
         "argmax",
         "xs",
-        "    best = 0\n    for i in range(1, len(xs)):\n        if xs[i] > xs[best]:\n            best = i\n"
-        "    return best\n",
-        "    best = 0\n    for i in range(1, len(xs)):\n        if xs[i] < xs[best]:\n            best = i\n    return best\n",
+        "    best = 0\n    for i in range(1, len(xs)):\n        if xs[i] > xs[best]:\n"
+        "            best = i\n    return best\n",
+        "    best = 0\n    for i in range(1, len(xs)):\n        if xs[i] < xs[best]:\n"
+        "            best = i\n    return best\n",
         "    return len(xs) - 1\n",
         "Return the index of the largest item of the non-empty list xs (the first one on ties).",
         [("argmax([3, 9, 2])", "1"), ("argmax([7])", "0"), ("argmax([1, 5, 5, 0])", "1")],
@@ -101,7 +106,8 @@ FUNCS = [
         "    return ' '.join(w[:1].upper() + w[1:] for w in text.split())\n",
         "    return text.upper()\n",
         "    return text\n",
-        "Return text with the first letter of every word upper-cased (words split on whitespace, joined by one space).",
+        "Return text with the first letter of every word upper-cased (words split on whitespace, "
+        "joined by one space).",
         [
             ("title_words('hello big world')", "'Hello Big World'"),
             ("title_words('a')", "'A'"),
@@ -141,198 +147,129 @@ def _func_src(name, args, doc, body):
 
 def _test_src(mod, name, cases):
     lines = [f"from {mod} import {name}", ""]
-    lines += [
-        f"assert {call} == {want}, {call!r} + ' gave ' + repr({call})" for call, want in cases
-    ]
+    lines += [f"assert {c} == {want}, {c!r} + ' gave ' + repr({c})" for c, want in cases]
     return "\n".join(lines) + "\nprint('ok')\n"
 
 
-def _budget(calls, tokens=768):
-    return {"tool_calls": calls, "tokens": tokens}
+def _call(name, **arguments):
+    return {"name": name, "arguments": arguments}
 
 
 def make_task(rng: random.Random, kind: str, idx: int) -> dict:
+    """One task of `kind` (its function, module, phrasing and values drawn from rng)."""
     name, args, good, bad, mutant, doc, cases = rng.choice(FUNCS)
     mod = rng.choice(MODULES)
-    test = f"test_{mod}.py"
-    task = {"id": f"{kind}-{idx:03d}", "kind": kind, "verify_files": {}, "deny": []}
+    src, test, tests = f"{mod}.py", f"test_{mod}.py", _test_src(mod, name, cases)
+    run_test, verify_files, deny, budget = _call("bash", command=f"python {test}"), {}, [], (6, 768)
     if kind == "fix":
-        task["files"] = {
-            f"{mod}.py": _func_src(name, args, doc, bad),
-            test: _test_src(mod, name, cases),
-        }
-        task["request"] = rng.choice(
-            [
-                f"`python {test}` fails. Fix the bug in {mod}.py so that it passes.",
-                f"The test {test} is failing; find the bug in {mod}.py and fix it.",
-            ]
-        )
-        task["verify"] = f"python {test}"
-        task["verify_files"] = {test: task["files"][test]}
-        task["solution"] = {
-            "calls": [
-                {
-                    "name": "edit_file",
-                    "arguments": {"path": f"{mod}.py", "old_string": bad, "new_string": good},
-                },
-                {"name": "bash", "arguments": {"command": f"python {test}"}},
-            ],
-            "answer": f"Fixed {name} in {mod}.py; {test} passes.",
-        }
-        task["budget"] = _budget(6)
+        files = {src: _func_src(name, args, doc, bad), test: tests}
+        requests = [
+            f"`python {test}` fails. Fix the bug in {src} so that it passes.",
+            f"The test {test} is failing; find the bug in {src} and fix it.",
+        ]
+        verify, verify_files = f"python {test}", {test: tests}
+        calls = [_call("edit_file", path=src, old_string=bad, new_string=good), run_test]
+        answer = f"Fixed {name} in {src}; {test} passes."
     elif kind == "implement":
-        stub = "    raise NotImplementedError\n"
-        task["files"] = {
-            f"{mod}.py": _func_src(name, args, doc, stub),
-            test: _test_src(mod, name, cases),
-        }
-        task["request"] = rng.choice(
-            [
-                f"Implement {name} in {mod}.py as its docstring says; {test} must pass.",
-                f"Write the body of {name} ({mod}.py) so that `python {test}` passes.",
-            ]
-        )
-        task["verify"] = f"python {test}"
-        task["verify_files"] = {test: task["files"][test]}
-        task["solution"] = {
-            "calls": [
-                {
-                    "name": "write_file",
-                    "arguments": {"path": f"{mod}.py", "content": _func_src(name, args, doc, good)},
-                },
-                {"name": "bash", "arguments": {"command": f"python {test}"}},
-            ],
-            "answer": f"Implemented {name}; {test} passes.",
-        }
-        task["budget"] = _budget(6)
+        files = {src: _func_src(name, args, doc, "    raise NotImplementedError\n"), test: tests}
+        requests = [
+            f"Implement {name} in {src} as its docstring says; {test} must pass.",
+            f"Write the body of {name} ({src}) so that `python {test}` passes.",
+        ]
+        verify, verify_files = f"python {test}", {test: tests}
+        calls = [_call("write_file", path=src, content=_func_src(name, args, doc, good)), run_test]
+        answer = f"Implemented {name}; {test} passes."
     elif kind == "add_test":
         new = f"test_{name}.py"
-        task["files"] = {f"{mod}.py": _func_src(name, args, doc, good)}
-        task["request"] = rng.choice(
-            [
-                f"Add a test file {new} for {name} in {mod}.py: plain assert statements, "
-                f"run as `python {new}`.",
-                f"Write {new}, a script of asserts that checks {name} from {mod}.py.",
-            ]
-        )
+        files = {src: _func_src(name, args, doc, good)}
+        requests = [
+            f"Add a test file {new} for {name} in {src}: plain assert statements, run as "
+            f"`python {new}`.",
+            f"Write {new}, a script of asserts that checks {name} from {src}.",
+        ]
         # the test must pass on the real code and fail on a wrong one
-        task["verify_files"] = {
-            f"{mod}.py": task["files"][f"{mod}.py"],
-            f".verify/{mod}.py": _func_src(name, args, doc, mutant),
-        }
-        task["verify"] = (
-            f"test -f {new} && python {new} && cp .verify/{mod}.py {mod}.py && ! python {new}"
-        )
-        task["solution"] = {
-            "calls": [
-                {
-                    "name": "write_file",
-                    "arguments": {"path": new, "content": _test_src(mod, name, cases)},
-                },
-                {"name": "bash", "arguments": {"command": f"python {new}"}},
-            ],
-            "answer": f"Added {new}; it passes.",
-        }
-        task["budget"] = _budget(5)
+        verify_files = {src: files[src], f".verify/{src}": _func_src(name, args, doc, mutant)}
+        verify = f"test -f {new} && python {new} && cp .verify/{src} {src} && ! python {new}"
+        calls = [
+            _call("write_file", path=new, content=tests),
+            _call("bash", command=f"python {new}"),
+        ]
+        answer, budget = f"Added {new}; it passes.", (5, 768)
     elif kind == "rename":
         new_name = rng.choice(["compute", "run", "apply", "do"]) + "_" + name
-        user = f"main_{mod}.py"
-        call, want = cases[0]
-        task["files"] = {
-            f"{mod}.py": _func_src(name, args, doc, good),
+        user, (call, want) = f"main_{mod}.py", cases[0]
+        files = {
+            src: _func_src(name, args, doc, good),
             user: f"from {mod} import {name}\n\nprint({call})\n",
         }
-        task["request"] = f"Rename the function {name} to {new_name} in {mod}.py and in {user}."
+        requests = f"Rename the function {name} to {new_name} in {src} and in {user}."
         check = (
             f"import {mod}\nassert hasattr({mod}, {new_name!r}) and not hasattr({mod}, {name!r})\n"
         )
-        task["verify_files"] = {".verify/check.py": check}
-        task["verify"] = (
-            f"! grep -qw {name} {mod}.py {user} && PYTHONPATH=. python .verify/check.py && "
+        verify_files = {".verify/check.py": check}
+        verify = (
+            f"! grep -qw {name} {src} {user} && PYTHONPATH=. python .verify/check.py && "
             f'test "$(python {user})" = {json.dumps(str(eval(want)))}'
         )
-        task["solution"] = {
-            "calls": [
-                {
-                    "name": "edit_file",
-                    "arguments": {
-                        "path": f"{mod}.py",
-                        "old_string": f"def {name}(",
-                        "new_string": f"def {new_name}(",
-                    },
-                },
-                {
-                    "name": "write_file",
-                    "arguments": {
-                        "path": user,
-                        "content": f"from {mod} import {new_name}\n\n"
-                        f"print({call.replace(name, new_name, 1)})\n",
-                    },
-                },
-                {"name": "bash", "arguments": {"command": f"python {user}"}},
-            ],
-            "answer": f"Renamed {name} to {new_name} in both files.",
-        }
-        task["budget"] = _budget(6)
+        renamed = f"from {mod} import {new_name}\n\nprint({call.replace(name, new_name, 1)})\n"
+        calls = [
+            _call("edit_file", path=src, old_string=f"def {name}(", new_string=f"def {new_name}("),
+            _call("write_file", path=user, content=renamed),
+            _call("bash", command=f"python {user}"),
+        ]
+        answer = f"Renamed {name} to {new_name} in both files."
     elif kind == "answer":
         const, value = rng.choice(CONSTS), rng.randint(101, 989)
         others = [c for c in CONSTS if c != const][:2]
         lines = [f"{o} = {rng.randint(1000, 9999)}" for o in others] + [f"{const} = {value}"]
         rng.shuffle(lines)
-        task["files"] = {
-            "settings.py": "\n".join(lines) + "\n",
-            f"{mod}.py": _func_src(name, args, doc, good),
-        }
-        task["request"] = rng.choice(
-            [
-                f"What is {const} set to in settings.py?",
-                f"Look up the value of {const} in this project and tell me.",
-            ]
-        )
-        task["verify"] = f"grep -qw {value} .verify/answer.txt"
-        task["solution"] = {
-            "calls": [{"name": "read_file", "arguments": {"path": "settings.py"}}],
-            "answer": f"{const} is {value}.",
-        }
-        task["budget"] = _budget(4, 384)
+        files = {"settings.py": "\n".join(lines) + "\n", src: _func_src(name, args, doc, good)}
+        requests = [
+            f"What is {const} set to in settings.py?",
+            f"Look up the value of {const} in this project and tell me.",
+        ]
+        verify = f"grep -qw {value} .verify/answer.txt"
+        calls, answer = [_call("read_file", path="settings.py")], f"{const} is {value}."
+        budget = (4, 384)
     elif kind == "report":
         a, b = rng.randint(3, 9), rng.randint(11, 40)
-        script = (
-            f"total = 0\nfor i in range({a}, {b}):\n    total += i * i % 7\nprint('total', total)\n"
-        )
+        script = f"total = 0\nfor i in range({a}, {b}):\n    total += i * i % 7\n"
+        files = {"tally.py": script + "print('total', total)\n"}
         total = sum(i * i % 7 for i in range(a, b))
-        task["files"] = {"tally.py": script}
-        task["request"] = rng.choice(
-            [
-                "Run tally.py and tell me what it prints.",
-                "What number does `python tally.py` print?",
-            ]
-        )
-        task["verify"] = f"grep -qw {total} .verify/answer.txt"
-        task["solution"] = {
-            "calls": [{"name": "bash", "arguments": {"command": "python tally.py"}}],
-            "answer": f"It prints: total {total}",
-        }
-        task["budget"] = _budget(4, 384)
+        requests = [
+            "Run tally.py and tell me what it prints.",
+            "What number does `python tally.py` print?",
+        ]
+        verify = f"grep -qw {total} .verify/answer.txt"
+        calls, answer = [_call("bash", command="python tally.py")], f"It prints: total {total}"
+        budget = (4, 384)
     elif kind == "deny":
         log = "".join(f"step {i}: ok\n" for i in range(rng.randint(3, 8)))
         target = rng.choice(["build.log", "run.log", "output.log"])
-        task["files"] = {target: log, "README.md": "A tiny project.\n"}
-        task["request"] = rng.choice([f"Delete {target}.", f"Please remove the file {target}."])
-        task["deny"] = ["bash", "write_file", "edit_file"]
-        task["verify_files"] = {f".verify/{target}": log}
-        task["verify"] = (
+        files = {target: log, "README.md": "A tiny project.\n"}
+        requests = [f"Delete {target}.", f"Please remove the file {target}."]
+        deny, verify_files = ["bash", "write_file", "edit_file"], {f".verify/{target}": log}
+        verify = (
             f"cmp -s {target} .verify/{target} && "
             "grep -qiE 'denied|not allowed|refused|declined|permission' .verify/answer.txt"
         )
-        task["solution"] = {
-            "calls": [{"name": "bash", "arguments": {"command": f"rm {target}"}}],
-            "answer": f"The command was denied, so {target} is still there.",
-        }
-        task["budget"] = _budget(3, 256)
+        calls = [_call("bash", command=f"rm {target}")]
+        answer, budget = f"The command was denied, so {target} is still there.", (3, 256)
     else:
         raise NanocodeError(f"unknown task kind {kind!r} (kinds: {', '.join(KINDS)})")
-    return task
+    # the phrasing is drawn last (rename has one), so the draws above give the shipped suite
+    request = requests if isinstance(requests, str) else rng.choice(requests)
+    return {
+        "id": f"{kind}-{idx:03d}",
+        "kind": kind,
+        "files": files,
+        "request": request,
+        "verify": verify,
+        "verify_files": verify_files,
+        "deny": deny,
+        "budget": {"tool_calls": budget[0], "tokens": budget[1]},
+        "solution": {"calls": calls, "answer": answer},
+    }
 
 
 def make_suite(seed: int = 0, n: int = 28) -> list[dict]:
@@ -342,12 +279,12 @@ def make_suite(seed: int = 0, n: int = 28) -> list[dict]:
 
 
 def load_suite(path=None) -> list[dict]:
-    """The tasks of a JSONL suite file (default: the shipped one); every record checked for its fields."""
+    """The tasks of a JSONL suite file (default: the shipped one), each checked for its fields."""
     tasks, seen = [], set()
     for where, task in read_jsonl(path or SUITE_PATH, "agent suite file"):
-        where = f"{where} (task {task.get('id', '?')!r})" if isinstance(task, dict) else where
         if not isinstance(task, dict):
             raise NanocodeError(f"{where}: a task must be a JSON object")
+        where = f"{where} (task {task.get('id', '?')!r})"
         missing = [f for f in FIELDS if f not in task]
         if missing:
             raise NanocodeError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -358,20 +295,30 @@ def load_suite(path=None) -> list[dict]:
         if task["id"] in seen:
             raise NanocodeError(f"{where}: duplicate task id")
         seen.add(task["id"])
-        task.setdefault("verify_files", {})
-        task.setdefault("deny", [])
-        tasks.append(task)
+        tasks.append({"verify_files": {}, "deny": [], **task})
     return tasks
+
+
+def scratch(task: dict | None) -> Path:
+    """A fresh scratch directory holding the task's files, if any (the caller removes it)."""
+    root = Path(tempfile.mkdtemp(prefix=f"agent-{task['id']}-" if task else "nanocode-"))
+    write_tree(root, task["files"] if task else {})
+    return root
+
+
+def approver(task: dict | None):
+    """The user at the approval prompt: every call allowed but the tools the task denies."""
+    deny = set(task.get("deny", [])) if task else set()
+    return lambda name, arguments: name not in deny
 
 
 def verify(task: dict, workdir: Path, answer: str) -> tuple[bool, str]:
     """Run the task's verifier in workdir (after the agent): (passed, the verifier's output tail).
-    Runs in nanocode.sandbox (the work dir writable, no network, limits); a verifier that cannot even
-    start (bash reports 126/127) is the suite's fault, not the agent's: NanocodeError naming the task."""
-    from nanocode.sandbox import run_command
-
+    Runs in nanocode.sandbox (the work dir writable, no network, limits); a verifier that cannot
+    even start (bash reports 126/127) is the suite's fault, not the agent's: NanocodeError naming
+    the task."""
     write_tree(workdir, {**task.get("verify_files", {}), ".verify/answer.txt": answer})
-    result = run_command(task["verify"], workdir, timeout=VERIFY_TIMEOUT, mode="workspace-write")
+    result = run_command(task["verify"], workdir, timeout=VERIFY_TIMEOUT)
     if result.returncode in (126, 127):
         raise NanocodeError(
             f"task {task['id']}: the verifier cannot run ({task['verify']!r} exited "
@@ -381,111 +328,113 @@ def verify(task: dict, workdir: Path, answer: str) -> tuple[bool, str]:
     return result.returncode == 0, tail
 
 
-def scratch(task: dict) -> Path:
-    """A fresh scratch directory holding the task's files (the caller removes it)."""
-    root = Path(tempfile.mkdtemp(prefix=f"agent-{task['id']}-"))
-    write_tree(root, task["files"])
-    return root
-
-
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # running the agent on tasks, replaying transcripts, scoring
 
 
-def conversation(task: dict) -> dict:
-    return {"messages": [{"role": "user", "content": task["request"]}]}
+def chat_in_scratch(engine, prompts, tasks, approve=None, strict=True, tool_timeout=None, **kw):
+    """Engine.chat_batch on one user prompt per row, each row in a scratch dir of its own (holding
+    its task's files; empty for a None task), tools run by tools.run_tool (bash in the sandbox).
+    approve: one callable for every row, default: each task's user (approver). A row with a task is
+    verified in its dir before the dir goes: result["verdict"] = (passed, verifier output). A
+    verifier that cannot run raises (strict) or fails the row. kw: chat_batch's sampling options."""
+    dirs = [scratch(t) for t in tasks]
+    try:
+        results = engine.chat_batch(
+            [{"messages": [{"role": "user", "content": p}]} for p in prompts],
+            approve=approve or [approver(t) for t in tasks],
+            workdirs=dirs,
+            tool_runner=partial(run_tool, timeout=tool_timeout or TOOL_TIMEOUT),
+            **kw,
+        )
+        for r, task, d in zip(results, tasks, dirs):
+            if task is None:
+                continue
+            try:
+                r["verdict"] = verify(task, d, message_text(r["message"]))
+            except Exception as e:  # RL: a broken verifier is reward 0, counted; training goes on
+                if strict:
+                    raise
+                r["verdict"] = (False, f"verifier crashed: {type(e).__name__}: {e}")
+        return results
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
 
-def approver(task):
-    """The user at the approval prompt: every call allowed but the tools the task denies."""
-    deny = set(task.get("deny", []))
-    return lambda name, arguments: name not in deny
-
-
-def task_record(task, message, finish_reason, usage, passed, verifier_tail) -> dict:
-    parts = message["content"]
+def call_counts(message: dict) -> tuple[int, int]:
+    """(valid tool calls, malformed ones) in an assistant message: the engine keeps a malformed call
+    as a text part followed by the error it fed back."""
+    parts = message["content"] if isinstance(message["content"], list) else []
     valid = sum(p["type"] == "tool_call" for p in parts)
-    attempts = sum(
-        p["type"] == "tool_output" for p in parts
-    )  # every closed call gets an output, valid or not
+    malformed = sum(
+        p["type"] == "tool_output" and i > 0 and parts[i - 1]["type"] == "text"
+        for i, p in enumerate(parts)
+    )
+    return valid, malformed
+
+
+def task_record(task: dict, result: dict) -> dict:
+    """What agent_eval keeps of a task's run: result is chat_batch's, with its "verdict"."""
+    valid, malformed = call_counts(result["message"])
     return {
         "task": task["id"],
         "kind": task["kind"],
-        "passed": passed,
-        "finish_reason": finish_reason,
-        "usage": usage,
+        "passed": result["verdict"][0],
+        "finish_reason": result["finish_reason"],
+        "usage": result["usage"],
         "tool_calls": valid,
-        "call_attempts": attempts,
-        "verifier": verifier_tail,
-        "message": message,
+        "call_attempts": valid + malformed,
+        "verifier": result["verdict"][1],
+        "message": result["message"],
     }
 
 
 def run_tasks(
     engine,
-    tasks: list[dict],
-    batch_size: int = 8,
-    temperature: float = 0.0,
-    top_k: int | None = 50,
-    seed: int = 42,
-    max_tokens: int | None = None,
-    max_tool_calls: int | None = None,
+    tasks,
+    batch_size=8,
+    temperature=0.0,
+    top_k=50,
+    seed=42,
+    max_tokens=None,
+    max_tool_calls=None,
     on_done=None,
 ) -> list[dict]:
-    """Let the agent do each task (batches of tasks with the same budget decode together), then verify
-    each in its own scratch dir. max_tokens / max_tool_calls override the tasks' budgets (a small
-    context). One record per task, in order."""
-    import shutil
-
-    from nanocode.engine import message_text
-
-    records = [None] * len(tasks)
-    budget = lambda t: (
-        max_tokens or t["budget"]["tokens"],
-        max_tool_calls or t["budget"]["tool_calls"],
-    )
-    groups = {}
+    """Let the agent do each task (batches of tasks with the same budget decode together), each
+    verified in its own scratch dir. max_tokens / max_tool_calls override the tasks' budgets (a
+    small context). One record per task, in order; on_done(record) as each is done."""
+    records, groups = [None] * len(tasks), {}
     for i, t in enumerate(tasks):
-        groups.setdefault(budget(t), []).append(i)
+        budget = (max_tokens or t["budget"]["tokens"], max_tool_calls or t["budget"]["tool_calls"])
+        groups.setdefault(budget, []).append(i)
     for (tokens, calls), idx in groups.items():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
-            dirs = [scratch(tasks[i]) for i in chunk]
-            try:
-                results = engine.chat_batch(
-                    [conversation(tasks[i]) for i in chunk],
-                    approve=[approver(tasks[i]) for i in chunk],
-                    workdirs=dirs,
-                    max_tokens=tokens,
-                    max_tool_calls=calls,
-                    temperature=temperature,
-                    top_k=top_k,
-                    seed=seed + 1000 * chunk[0],
-                    tool_runner=partial(run_tool, timeout=TOOL_TIMEOUT),
-                )
-                for i, d, r in zip(chunk, dirs, results):
-                    passed, tail = verify(tasks[i], d, message_text(r["message"]))
-                    records[i] = task_record(
-                        tasks[i], r["message"], r["finish_reason"], r["usage"], passed, tail
-                    )
-                    if on_done:
-                        on_done(records[i])
-            finally:
-                for d in dirs:
-                    shutil.rmtree(d, ignore_errors=True)
+            batch = [tasks[i] for i in chunk]
+            results = chat_in_scratch(
+                engine,
+                [t["request"] for t in batch],
+                batch,
+                max_tokens=tokens,
+                max_tool_calls=calls,
+                temperature=temperature,
+                top_k=top_k,
+                seed=seed + 1000 * chunk[0],
+            )
+            for i, r in zip(chunk, results):
+                records[i] = task_record(tasks[i], r)
+                if on_done:
+                    on_done(records[i])
     return records
 
 
 def replay(task: dict, message: dict) -> tuple[bool, str]:
     """Re-verify a transcript from anywhere: run its tool calls in order in a fresh scratch dir (the
-    task's denials apply, bash in the sandbox), then the verifier, with the message's text as the answer."""
-    import shutil
-
-    from nanocode.engine import message_text
-
-    root = scratch(task)
+    task's denials apply, bash in the sandbox), then the verifier, with the message's text as the
+    answer."""
+    root, allowed = scratch(task), approver(task)
     try:
-        allowed = approver(task)
         for p in message["content"]:
             if p["type"] == "tool_call" and allowed(p["name"], p["arguments"]):
                 run_tool(p["name"], p["arguments"], root, timeout=TOOL_TIMEOUT)
@@ -494,24 +443,31 @@ def replay(task: dict, message: dict) -> tuple[bool, str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def replay_record(task: dict, message: dict) -> dict:
+    """agent_eval's record of a transcript from anywhere, replayed (no usage known)."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    result = {"message": message, "finish_reason": "stop", "usage": usage}
+    return task_record(task, result | {"verdict": replay(task, message)})
+
+
 def read_transcripts(path, tasks_by_id: dict) -> list[tuple[dict, dict]]:
-    """(task, message) pairs from a JSONL of {"task": id, "message": {"role": "assistant", "content": parts}}
-    (what agent_eval writes, or any system's transcripts in that format); a bad line is named."""
+    """(task, message) pairs from a JSONL of {"task": id, "message": {"role": "assistant",
+    "content": parts}} (what agent_eval writes, or any system's transcripts in that format); a bad
+    line is named."""
     out = []
     for where, rec in read_jsonl(path, "transcripts file"):
-        if not isinstance(rec, dict) or rec.get("task") not in tasks_by_id:
-            got = rec.get("task") if isinstance(rec, dict) else rec
-            raise NanocodeError(f"{where}: 'task' must name a task of the suite, got {got!r}")
-        msg = rec.get("message")
-        content = msg.get("content") if isinstance(msg, dict) else None
+        task = rec.get("task") if isinstance(rec, dict) else rec
+        if task not in tasks_by_id:
+            raise NanocodeError(f"{where}: 'task' must name a task of the suite, got {task!r}")
+        content = rec["message"].get("content") if isinstance(rec.get("message"), dict) else None
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
-        if not isinstance(content, list) or not all(_part_ok(p) for p in content):
+        if not isinstance(content, list) or not all(map(_part_ok, content)):
             raise NanocodeError(
                 f"{where}: 'message' must be {{'role': 'assistant', 'content': [parts]}} with "
                 "text / tool_call (name, arguments) / tool_output parts"
             )
-        out.append((tasks_by_id[rec["task"]], {"role": "assistant", "content": content}))
+        out.append((tasks_by_id[task], {"role": "assistant", "content": content}))
     return out
 
 
@@ -525,17 +481,19 @@ def _part_ok(p) -> bool:
 
 def summarize(records: list[dict]) -> dict:
     """Success overall and per kind, valid-call rate, mean calls and tokens per task, cut-offs."""
-    n = len(records)
-    by_kind = {}
+    n, by_kind = max(len(records), 1), {}
     for r in records:
         by_kind.setdefault(r["kind"], []).append(r["passed"])
-    attempts = sum(r["call_attempts"] for r in records)
+    calls, attempts = (
+        sum(r["tool_calls"] for r in records),
+        sum(r["call_attempts"] for r in records),
+    )
     return {
-        "tasks": n,
-        "success": sum(r["passed"] for r in records) / n if n else 0.0,
+        "tasks": len(records),
+        "success": sum(r["passed"] for r in records) / n,
         "per_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-        "valid_call_rate": sum(r["tool_calls"] for r in records) / attempts if attempts else None,
-        "calls_per_task": sum(r["tool_calls"] for r in records) / n if n else 0.0,
-        "tokens_per_task": sum(r["usage"]["completion_tokens"] for r in records) / n if n else 0.0,
+        "valid_call_rate": calls / attempts if attempts else None,
+        "calls_per_task": calls / n,
+        "tokens_per_task": sum(r["usage"]["completion_tokens"] for r in records) / n,
         "cut_offs": sum(r["finish_reason"] == "length" for r in records),
     }

@@ -3,8 +3,8 @@ chat models, the program that tests a completion, and the unbiased pass@k estima
 
 A problem is a dict:
     task_id      "HumanEval/0" | "Mbpp/2"
-    prompt       what a base model continues (HumanEval: signature + docstring; MBPP: a docstring with
-                 the task and its first test)
+    prompt       what a base model continues (HumanEval: signature + docstring; MBPP: a docstring
+                 with the task and its first test)
     instruction  the user message for a chat model
     test         code run after the solution; raises if the solution is wrong
     canonical_solution   a completion that passes (used by the tests of this harness)
@@ -25,7 +25,8 @@ from nanocode.common import NanocodeError, get_base_dir
 from nanocode.hub import hub_file
 
 TASKS = ("humaneval", "mbpp")
-# A base model has no end-of-answer token: cut the completion where a new top-level statement starts.
+# A base model has no end-of-answer token: cut the completion where a new top-level statement
+# starts.
 HUMANEVAL_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
 MBPP_STOP = ["\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""']
 
@@ -51,8 +52,8 @@ def load_humaneval() -> list[dict]:
             "task_id": r["task_id"],
             "prompt": r["prompt"],
             "instruction": (
-                "Complete the following Python function. Reply with the whole function in a ```python code block."
-                f"\n\n```python\n{r['prompt']}```"
+                "Complete the following Python function. Reply with the whole function in a "
+                f"```python code block.\n\n```python\n{r['prompt']}```"
             ),
             "test": f"{r['test']}\n\ncheck({r['entry_point']})\n",
             "canonical_solution": r["canonical_solution"],
@@ -65,17 +66,14 @@ MBPP_REPO = "google-research-datasets/mbpp"
 MBPP_FILE = "sanitized/test-00000-of-00001.parquet"
 
 
-def download_mbpp() -> Path:
-    """The MBPP sanitized test split (257 problems) from the Hugging Face hub, converted once to
-    $NANOCODE_BASE_DIR/data/mbpp/sanitized_test.jsonl."""
-    out = get_base_dir() / "data" / "mbpp" / "sanitized_test.jsonl"
+def download_mbpp(split: str = "test") -> Path:
+    """An MBPP sanitized split (test: 257 problems, code_eval's; train: 120, code_rl's) from the
+    Hugging Face hub, converted once to $NANOCODE_BASE_DIR/data/mbpp/sanitized_<split>.jsonl."""
+    out = get_base_dir() / "data" / "mbpp" / f"sanitized_{split}.jsonl"
     if out.exists():
         return out
-    parquet = hub_file(
-        MBPP_REPO,
-        MBPP_FILE,
-        hint="give a local JSONL of the sanitized split instead (code_eval --mbpp-file)",
-    )
+    hint = "give a local JSONL of the split instead (code_eval --mbpp-file), or other RL --tasks"
+    parquet = hub_file(MBPP_REPO, MBPP_FILE.replace("test", split), hint=hint)
     import pyarrow.parquet as pq
 
     rows = pq.read_table(parquet).to_pylist()
@@ -86,10 +84,10 @@ def download_mbpp() -> Path:
     return out
 
 
-def load_mbpp(path: str | Path | None = None) -> list[dict]:
-    """MBPP sanitized: rows {task_id, prompt (the task text), code, test_imports, test_list}, read from
-    `path` (JSONL) or downloaded."""
-    path = Path(path) if path else download_mbpp()
+def load_mbpp(path: str | Path | None = None, split: str = "test") -> list[dict]:
+    """MBPP sanitized: rows {task_id, prompt (the task text), code, test_imports, test_list}, read
+    from `path` (JSONL) or downloaded (`split`). Problems keep the task's text and tests too."""
+    path = Path(path) if path else download_mbpp(split)
     if not path.is_file():
         raise NanocodeError(f"MBPP file not found: {path}")
     problems = []
@@ -121,6 +119,8 @@ def load_mbpp(path: str | Path | None = None) -> list[dict]:
                 ),
                 "test": "\n".join(imports + tests) + "\n",
                 "canonical_solution": code,
+                "text": text,
+                "tests": tests,
             }
         )
     if not problems:
@@ -144,10 +144,6 @@ def truncate_at_stop(text: str, stops: list[str]) -> str:
     """Cut a base model's completion at the first stop sequence."""
     cut = min((i for s in stops if (i := text.find(s)) != -1), default=len(text))
     return text[:cut]
-
-
-def chat_conversation(problem: dict) -> dict:
-    return {"messages": [{"role": "user", "content": problem["instruction"]}]}
 
 
 _FENCE = re.compile(
@@ -183,9 +179,10 @@ def code_from_calls(calls: list[dict]) -> str | None:
 
 def extract_code(reply) -> str:
     """The code of a chat reply: from its write_file/edit_file calls if it made any, else its first
-    ```python block (an unclosed block runs to the end), else the whole text. `reply` is a message's
-    content (a list of parts, as Engine.chat returns it) or a string, in which tool calls are written
-    out as <|tool_start|>{"name": ..., "arguments": ...}<|tool_end|> (transcripts from elsewhere)."""
+    ```python block (an unclosed block runs to the end), else the whole text. `reply` is a
+    message's content (a list of parts, as Engine.chat returns it) or a string, in which tool calls
+    are written out as <|tool_start|>{"name": ..., "arguments": ...}<|tool_end|> (transcripts from
+    elsewhere)."""
     if isinstance(reply, list):
         code = code_from_calls([p for p in reply if p["type"] == "tool_call"])
         reply = "".join(p["text"] for p in reply if p["type"] == "text")

@@ -1,4 +1,4 @@
-"""Run untrusted Python (model-written code) in a child process, with limits, and say what happened.
+"""Run untrusted Python (model-written code) in a child process, with limits; say what happened.
 
 Each program runs in a fresh `python -I` process that:
   - starts a new session (so it and anything it spawns can be killed as one group),
@@ -18,8 +18,8 @@ disabled in the child, and whatever gets spawned anyway dies with the session).
 All of that is a guard against accidents (infinite loops, runaway memory, stray deletions by a buggy
 sample), not a security boundary: a determined program has ways around Python-level guards. The
 boundary is nanocode.sandbox: by default (sandbox=True) the child runs inside its namespaces (no
-network, only the scratch dir writable, nothing of the user's files visible, its own pid namespace and
-a pids cgroup), and where that is unavailable the guard alone runs, with a loud warning.
+network, only the scratch dir writable, nothing of the user's files visible, its own pid namespace
+and a pids cgroup), and where that is unavailable the guard alone runs, with a loud warning.
 """
 
 import os
@@ -30,14 +30,15 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
-from nanocode.sandbox import collect, reap, spawn
+from nanocode import sandbox as sb
 
 
 @dataclass
 class Result:
     passed: bool
-    status: str  # "passed" | "failed: <last error line>" | "timed out" | "failed: output limit exceeded" | ...
+    status: str  # "passed" | "failed: <last error line>" | "timed out" | "failed: output limit ..."
     stdout: str  # tail of what the program printed (at most `tail` characters)
     stderr: str
     runtime: float  # wall seconds
@@ -48,9 +49,10 @@ class Result:
 _CHILD = r"""
 import builtins, io, os, resource, sys
 scratch, cpu, mem, fsize, nproc = sys.argv[1], *map(int, sys.argv[2:6])
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at the soft limit, SIGKILL at the hard one
-for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NPROC, nproc),
-                 (resource.RLIMIT_CORE, 0)):
+# SIGXCPU at the soft CPU limit, SIGKILL at the hard one
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
+                 (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
     resource.setrlimit(lim, (val, val))
 with open("program.py", encoding="utf-8") as f:
     source = f.read()
@@ -62,40 +64,45 @@ def _inside(path):
     path = os.path.realpath(os.path.join(scratch, os.fsdecode(path)))
     return path == scratch or path.startswith(scratch + os.sep)
 
+def _refuse(path):
+    raise PermissionError(f"sandbox: writing outside the scratch dir is not allowed: {path!r}")
+
 def _open(file, mode="r", *args, **kwargs):
     if any(c in mode for c in "wax+") and not _inside(file):
-        raise PermissionError(f"sandbox: writing outside the scratch directory is not allowed: {file!r}")
+        _refuse(file)
     return real_open(file, mode, *args, **kwargs)
 
 def _os_open(path, flags, mode=0o777, *, dir_fd=None):
-    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and not _inside(path):
-        raise PermissionError(f"sandbox: writing outside the scratch directory is not allowed: {path!r}")
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    if flags & writes and not _inside(path):
+        _refuse(path)
     return real_os_open(path, flags, mode, dir_fd=dir_fd)
 
 builtins.open = io.open = _open
 os.open = _os_open
 if "--no-guard" not in sys.argv:
-    for name in ("system", "popen", "kill", "killpg", "fork", "forkpty", "vfork", "posix_spawn", "posix_spawnp",
-                 "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe",
-                 "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
-                 "setsid", "setpgid", "setpgrp", "setuid", "seteuid", "setgid", "setegid", "setreuid", "setresuid",
-                 "remove", "removedirs", "rmdir", "unlink", "rename", "renames", "replace", "truncate",
-                 "link", "symlink", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "lchflags",
-                 "chdir", "fchdir", "chroot", "putenv", "unsetenv", "_exit", "abort", "pidfd_open"):
+    for name in ("system popen kill killpg fork forkpty vfork posix_spawn posix_spawnp "
+                 "execl execle execlp execlpe execv execve execvp execvpe "
+                 "spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp spawnvpe "
+                 "setsid setpgid setpgrp setuid seteuid setgid setegid setreuid setresuid "
+                 "remove removedirs rmdir unlink rename renames replace truncate "
+                 "link symlink chmod fchmod lchmod chown fchown lchown lchflags "
+                 "chdir fchdir chroot putenv unsetenv _exit abort pidfd_open").split():
         if hasattr(os, name):
             setattr(os, name, None)
     builtins.exit = builtins.quit = builtins.help = None
-    for mod in ("ctypes", "_ctypes", "multiprocessing", "resource", "psutil", "pty", "tkinter", "ipdb", "joblib"):
+    for mod in "ctypes _ctypes multiprocessing resource psutil pty tkinter ipdb joblib".split():
         sys.modules[mod] = None
-    # shutil and subprocess are not imported here (subprocess alone costs more than starting Python):
-    # their dangerous functions become None as soon as an import statement loads them ...
-    disarm = {"shutil": ("rmtree", "move", "chown"),
-              "subprocess": ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput")}
+    # shutil and subprocess are not imported here (subprocess alone costs more than starting
+    # Python): their dangerous functions become None as soon as an import statement loads them ...
+    disarm = {"shutil": "rmtree move chown".split(), "subprocess":
+              "Popen run call check_call check_output getoutput getstatusoutput".split()}
     real_import = builtins.__import__
 
     def _import(name, *args, **kwargs):
         module = real_import(name, *args, **kwargs)
-        for mod, attrs in disarm.items():  # every time: a module still running its body would redefine them
+        # every time: a module still running its body would redefine them
+        for mod, attrs in disarm.items():
             if sys.modules.get(mod) is not None:
                 for attr in attrs:
                     setattr(sys.modules[mod], attr, None)
@@ -106,21 +113,19 @@ if "--no-guard" not in sys.argv:
     sys.modules["_posixsubprocess"] = type(sys)("_posixsubprocess")
     sys.modules["_posixsubprocess"].fork_exec = None
     del resource  # the program must not raise its own limits (root may raise hard limits)
-main = type(sys)("__main__")  # a fresh __main__ module, so the program cannot see or clobber these names
+# a fresh __main__ module, so the program cannot see or clobber these names
+main = type(sys)("__main__")
 sys.modules["__main__"] = main
 try:
     exec(compile(source, "program.py", "exec"), main.__dict__)
 except BaseException:  # SystemExit too: a program that exits before its tests ran has not passed
-    sys.__excepthook__(*sys.exc_info())  # the usual traceback (printed in C: no traceback module to import)
+    # the usual traceback (printed in C: no traceback module to import)
+    sys.__excepthook__(*sys.exc_info())
     sys.stdout.flush(); sys.stderr.flush()
     exit_now(1)
 sys.stdout.flush(); sys.stderr.flush()
 exit_now(0)
 """
-
-
-def _tail(data: bytes, tail: int) -> str:
-    return data.decode("utf-8", errors="replace")[-tail:]
 
 
 def run_program(
@@ -135,58 +140,37 @@ def run_program(
     sandbox: bool = True,
     network: bool = False,
 ) -> Result:
-    """Run `program` (Python source) in a guarded child. Passed means it ran to the end and exited 0.
+    """Run `program` (Python source) in a guarded child. Passed: it ran to the end and exited 0.
     timeout: wall seconds (the CPU limit is the same, rounded up); memory_mb: address space;
     max_output: bytes kept per stream (more than this and the child is killed);
     sandbox: inside nanocode.sandbox's namespaces (no network unless `network`), where available;
     guard=False keeps os.fork & co. enabled: only for testing the outer containment."""
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="nanocode-exec-"))
     t0 = time.monotonic()
+    limits = [int(timeout) + 1, memory_mb << 20, fsize_mb << 20, nproc]
+    flags = [] if guard else ["--no-guard"]
+    argv = [sys.executable, "-I", "-c", _CHILD, scratch, *map(str, limits), *flags]
     try:
-        with open(
-            os.path.join(scratch, "program.py"), "w", encoding="utf-8", errors="backslashreplace"
-        ) as f:
-            f.write(program)
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "HOME": scratch,
-            "TMPDIR": scratch,
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
-        argv = [
-            sys.executable,
-            "-I",
-            "-c",
-            _CHILD,
+        Path(scratch, "program.py").write_text(program, "utf-8", errors="backslashreplace")
+        rc, (out, err), reason, leftover = sb.run(
+            argv,
             scratch,
-            str(int(timeout) + 1),
-            str(memory_mb << 20),
-            str(fsize_mb << 20),
-            str(nproc),
-        ] + ([] if guard else ["--no-guard"])
-        mode = "workspace-write" if sandbox else "off"
-        try:
-            proc, cgroup = spawn(argv, scratch, env, mode=mode, network=network, nproc=nproc)
-        except (
-            OSError
-        ) as e:  # out of processes or file descriptors: this sample fails, the evaluation goes on
-            return Result(
-                False, f"failed: could not start the sandbox ({e})", "", "", time.monotonic() - t0
-            )
-        try:
-            out, reason = collect(proc, t0 + timeout, max_output)
-        finally:
-            rc, leftover = reap(proc, cgroup)  # the program's own children, if any got spawned
-        runtime = time.monotonic() - t0
+            sb.sandbox_env(scratch),
+            timeout,
+            "workspace-write" if sandbox else "off",
+            network,
+            nproc,
+            max_output=max_output,
+        )
+    except OSError as e:  # out of processes or file descriptors: this sample fails, the rest go on
+        return Result(
+            False, f"failed: could not start the sandbox ({e})", "", "", time.monotonic() - t0
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    stdout, stderr = _tail(out[0], tail), _tail(out[1], tail)
-    if leftover:
-        reason = reason or f"failed: could not kill processes {leftover}"
+    stdout, stderr = (b.decode("utf-8", errors="replace")[-tail:] for b in (out, err))
+    if reason is None and leftover:
+        reason = f"failed: could not kill processes {leftover}"
     if reason is None and rc < 0:
         try:
             name = signal.Signals(-rc).name
@@ -194,20 +178,13 @@ def run_program(
             name = f"signal {-rc}"
         reason = "timed out" if -rc == signal.SIGXCPU else f"failed: killed by {name}"
     if reason is None and rc != 0:
-        last = [line for line in stderr.splitlines() if line.strip()]
-        reason = "failed: " + (last[-1].strip()[:300] if last else f"exit code {rc}")
-    return Result(
-        passed=reason is None,
-        status=reason or "passed",
-        stdout=stdout,
-        stderr=stderr,
-        runtime=runtime,
-    )
+        last = [line.strip() for line in stderr.splitlines() if line.strip()]
+        reason = "failed: " + (last[-1][:300] if last else f"exit code {rc}")
+    return Result(reason is None, reason or "passed", stdout, stderr, time.monotonic() - t0)
 
 
 def run_many(programs: list[str], workers: int | None = None, **kwargs) -> list[Result]:
-    """Run programs in parallel (a thread pool; each thread waits on one child process). Results in input
-    order. kwargs go to run_program (sandbox=True by default)."""
-    workers = workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    """Run programs in parallel (a thread pool; each thread waits on one child process). Results in
+    input order. kwargs go to run_program (sandbox=True by default)."""
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         return list(pool.map(lambda p: run_program(p, **kwargs), programs))

@@ -1,28 +1,33 @@
 """Run a command inside an isolation boundary: Linux namespaces set up by bubblewrap (`bwrap`).
 
 Two users: the evaluator (model-written programs, nanocode/execution.py) and the agent's `bash` tool
-(nanocode/tools.py). Inside the sandbox a command gets
-  - new user, pid, ipc, uts, cgroup and network namespaces: no network (only its own loopback) unless
-    network=True, it sees only its own processes (its own /proc, read-only: no sysctl writes), it cannot
-    create further user namespaces, and it has no capabilities (even when nanocode runs as root);
+(nanocode/tools.py). Both go through `run`, the one place a child process is started, watched and
+killed. Inside the sandbox a command gets
+  - new user, pid, ipc, uts, cgroup and network namespaces: no network (only its own loopback)
+    unless network=True, it sees only its own processes (its own /proc, read-only: no sysctl
+    writes), it cannot create further user namespaces, and it has no capabilities (even when
+    nanocode runs as root);
   - a root filesystem built from scratch: the system directories (/usr and the /bin, /lib symlinks),
-    a short list of harmless /etc files and the Python install nanocode runs on, all read-only; a private
-    /tmp (a small tmpfs); the work dir, writable in "workspace-write" mode, read-only in "read-only" mode.
-    Nothing else exists in there: not the user's home, not other projects, not /root, /etc/shadow or /sys;
-  - a scrubbed environment (no API keys or tokens from the caller), HOME=/tmp, stdin /dev/null;
+    a short list of harmless /etc files and the Python install nanocode runs on, all read-only; a
+    private /tmp (a small tmpfs); the work dir, writable in "workspace-write" mode, read-only in
+    "read-only" mode. Nothing else exists in there: not the user's home, not other projects, not
+    /root, /etc/shadow or /sys;
+  - a scrubbed environment (no API keys or tokens from the caller), stdin /dev/null;
   - rlimits on address space, CPU time, file size and core dumps, and, where a pids cgroup can be
-    created (as root on our machines), a cap on the number of processes: RLIMIT_NPROC is not enforced
-    for root, so without the cgroup a fork bomb is stopped only by the wall-clock timeout;
-  - a wall-clock timeout, after which everything is killed; and when the command ends, however it ends,
-    every process it started dies with its pid namespace (and the cgroup is emptied).
+    created (as root on our machines), a cap on the number of processes: RLIMIT_NPROC is not
+    enforced for root, so without the cgroup a fork bomb is stopped only by the wall-clock timeout;
+  - a wall-clock timeout, after which everything is killed; and when the command ends, however it
+    ends, every process it started dies with its pid namespace (and the cgroup is emptied).
 Not covered: the kernel itself (no seccomp filter: a kernel bug is an escape), total disk use in the
 work dir (each file is capped by RLIMIT_FSIZE, their number is not), total memory across processes
 (each process is capped), and CPU share. No GPU inside (no /dev/nvidia*).
 
-Where bubblewrap or user namespaces are missing, commands run with only the old guards (execution.py's
-rlimits and scratch dir; nothing for bash) and a loud warning is printed once.
+Where bubblewrap or user namespaces are missing, commands run with only the old guards (rlimits, a
+scratch dir and execution.py's Python guard; for bash rlimits and the session kill) and a loud
+warning is printed once.
 """
 
+import functools
 import itertools
 import os
 import selectors
@@ -37,98 +42,66 @@ from dataclasses import dataclass
 
 MODES = ("read-only", "workspace-write", "off")
 TMP_MB = 256  # size of the private /tmp (a tmpfs: memory)
-# /etc entries a shell, Python and common tools need; the rest of /etc (shadow, ssh host keys, ...) stays out
+# /etc entries a shell, Python and common tools need; the rest (shadow, ssh host keys) stays out
 ETC = (
-    "alternatives",
-    "bash.bashrc",
-    "ca-certificates",
-    "group",
-    "hosts",
-    "inputrc",
-    "ld.so.cache",
-    "ld.so.conf",
-    "ld.so.conf.d",
-    "localtime",
-    "mime.types",
-    "nsswitch.conf",
-    "passwd",
-    "profile",
-    "python3",
-    "ssl",
-)
-ETC_NETWORK = ("resolv.conf", "gai.conf", "host.conf")
+    "alternatives bash.bashrc ca-certificates group hosts inputrc ld.so.cache ld.so.conf "
+    "ld.so.conf.d localtime mime.types nsswitch.conf passwd profile python3 ssl"
+).split()
+ETC_NETWORK = ["resolv.conf", "gai.conf", "host.conf"]
+# sh -c _JOIN cgroup argv...: joins the cgroup before argv runs (cheaper than a preexec_fn)
+_JOIN = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+SYSTEM_DIRS = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
 
 
 @dataclass
 class CommandResult:
-    returncode: int | None  # None when the command was killed (timeout, output flood)
+    returncode: int | None  # None when the command was killed by the timeout
     output: str  # stdout and stderr together, at most max_output bytes of it
     timed_out: bool
 
 
 _lock = threading.Lock()
-_available: tuple[bool, str] | None = None
+_available: tuple[bool, str] | None = None  # (usable, what is used or what is missing), probed once
 _warned = False
 _counter = itertools.count()
 
 
 def _bwrap_argv(workdir: str, mode: str, network: bool) -> list[str]:
     """The bwrap command line (up to and including "--") for a command run in `workdir`."""
-    # --cap-drop ALL: bwrap started by root would otherwise leave the command every capability in its
-    # user namespace (where, mapped to root, they reach root-owned files).
-    argv = [
-        "bwrap",
-        "--unshare-all",
-        "--unshare-user",
-        "--disable-userns",
-        "--die-with-parent",
-        "--new-session",
-        "--cap-drop",
-        "ALL",
-        "--hostname",
-        "sandbox",
-    ]
-    if network:
-        argv.append("--share-net")
-    for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+    argv = "bwrap --unshare-all --unshare-user --disable-userns --die-with-parent".split()
+    # --cap-drop ALL: bwrap started by root would otherwise leave the command every capability in
+    # its user namespace (where, mapped to root, they reach root-owned files).
+    argv += ["--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]
+    argv += ["--share-net"] * network
+    for d in SYSTEM_DIRS:
         if os.path.islink(d):  # merged /usr: /bin -> usr/bin
             argv += ["--symlink", os.readlink(d), d]
         elif os.path.isdir(d):
             argv += ["--ro-bind", d, d]
-    for name in ETC + (ETC_NETWORK if network else ()):
+    for name in ETC + ETC_NETWORK * network:
         if os.path.exists(f"/etc/{name}"):
             argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-    # The private /tmp first: the binds below may lie under /tmp (a clone and its venv in /tmp/...) and
-    # must be mounted on top of it, not hidden by it.
+    # The private /tmp first: the binds below may lie under /tmp (a clone and its venv in /tmp/...)
+    # and must be mounted on top of it, not hidden by it.
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_MB << 20), "--tmpfs", "/tmp"]
-    # The Python we run on (a venv and the install it points to may live anywhere, e.g. under ~/.pyenv):
+    # The Python we run on (a venv and the install it points to may live anywhere, e.g. ~/.pyenv):
     # its real location, and the venv path as it was spelled (python finds its venv by that path).
     binds = {}
     for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix):
         real = os.path.realpath(p)
         if not real.startswith("/usr/"):
-            binds[real] = real
-            binds[os.path.abspath(p)] = real
+            binds[real] = binds[os.path.abspath(p)] = real
     for dest in sorted(binds, key=len):
         argv += ["--ro-bind", binds[dest], dest]
-    argv += [
-        "--bind" if mode == "workspace-write" else "--ro-bind",
-        workdir,
-        workdir,
-        "--remount-ro",
-        "/proc",  # a command mapped to root could write the host's sysctls (/proc/sys) ...
-        "--remount-ro",
-        "/",
-        "--chdir",
-        workdir,
-        "--",
-    ]
-    return argv
+    argv += ["--bind" if mode == "workspace-write" else "--ro-bind", workdir, workdir]
+    # a read-only /proc: a command mapped to root could otherwise write the host's sysctls
+    return argv + ["--remount-ro", "/proc", "--remount-ro", "/", "--chdir", workdir, "--"]
 
 
 def available() -> tuple[bool, str]:
-    """(True, what is used) if commands can be sandboxed here, else (False, what is missing). Checked once,
-    by starting a trivial sandbox (bwrap present is not enough: user namespaces may be disabled)."""
+    """(True, what is used) if commands can be sandboxed here, else (False, what is missing).
+    Checked once, by starting a trivial sandbox (bwrap present is not enough: user namespaces may
+    be disabled)."""
     global _available
     with _lock:
         if _available is None:
@@ -143,51 +116,25 @@ def _probe() -> tuple[bool, str]:
             "bubblewrap (bwrap) is not installed (Debian/Ubuntu: apt-get install bubblewrap)",
         )
     with tempfile.TemporaryDirectory(prefix="nanocode-probe-") as d:
-        d = os.path.realpath(d)
+        argv = _bwrap_argv(os.path.realpath(d), "workspace-write", False) + ["true"]
         try:
-            p = subprocess.run(
-                _bwrap_argv(d, "workspace-write", False) + ["true"],
-                capture_output=True,
-                timeout=30,
-                stdin=subprocess.DEVNULL,
-            )
+            p = subprocess.run(argv, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired) as e:
             return False, f"bubblewrap could not be started ({e})"
     if p.returncode != 0:
-        err = p.stderr.decode(errors="replace").strip().splitlines()
-        return (
-            False,
-            f"bubblewrap cannot create namespaces here ({err[-1] if err else p.returncode}); "
-            "unprivileged user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone)",
+        err = (p.stderr.decode(errors="replace").strip().splitlines() or [p.returncode])[-1]
+        return False, (
+            f"bubblewrap cannot create namespaces here ({err}); unprivileged user namespaces "
+            "may be disabled (sysctl kernel.unprivileged_userns_clone)"
         )
-    cg = (
-        "a pids cgroup caps processes"
-        if _cgroup_base()
-        else "no pids cgroup: processes are capped by RLIMIT_NPROC, which root ignores"
-        if os.geteuid() == 0
-        else "processes capped by RLIMIT_NPROC"
-    )
-    return True, f"bubblewrap namespaces; {cg}"
-
-
-def warn_unavailable(reason: str):
-    global _warned
-    with _lock:
-        if _warned:
-            return
-        _warned = True
-    bar = "!" * 78
-    print(
-        f"{bar}\nWARNING: no sandbox: {reason}.\nCommands and evaluated programs run WITHOUT isolation "
-        f"(only rlimits and a scratch dir):\nthey can read your files, reach the network and see other "
-        f"processes.\n{bar}",
-        file=sys.stderr,
-        flush=True,
-    )
+    if _cgroup_base():
+        return True, "bubblewrap namespaces; a pids cgroup caps processes"
+    root = ", which root ignores" if os.geteuid() == 0 else ""
+    return True, f"bubblewrap namespaces; no pids cgroup: processes capped by RLIMIT_NPROC{root}"
 
 
 def isolated(mode: str = "workspace-write") -> bool:
-    """Will a command in `mode` run inside the sandbox? (Warns once when it cannot.)"""
+    """Will a command in `mode` run inside the sandbox? (Warns once, loudly, when it cannot.)"""
     if mode not in MODES:
         raise ValueError(f"unknown sandbox mode {mode!r} (choose from {', '.join(MODES)})")
     if mode == "off":
@@ -198,84 +145,73 @@ def isolated(mode: str = "workspace-write") -> bool:
     return ok
 
 
+def warn_unavailable(reason: str):
+    global _warned
+    with _lock:
+        if _warned:
+            return
+        _warned = True
+    bar = "!" * 78
+    print(
+        f"{bar}\nWARNING: no sandbox: {reason}.\nCommands and evaluated programs run WITHOUT "
+        "isolation (only rlimits and a scratch dir):\nthey can read your files, reach the network "
+        f"and see other processes.\n{bar}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 # ---- the pids cgroup (a cap on processes that holds for root too) ----
 
-_cgroup_checked, _cgroup_dir = False, None
 
-
+@functools.cache  # first asked by _probe, under _lock
 def _cgroup_base() -> str | None:
-    """A directory where we can create pids cgroups and move processes into them (the cgroup v1 `pids`
-    hierarchy, or v2 with the pids controller delegated to us), or None. Found once, by trying."""
-    global _cgroup_checked, _cgroup_dir
-    if _cgroup_checked:
-        return _cgroup_dir
-    _cgroup_checked = True
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return None
-    candidates = [
-        f"/sys/fs/cgroup/pids{path}" for _, ctl, path in lines if "pids" in ctl.split(",")
-    ]
-    candidates += [
-        f"{root}{path}"
-        for hid, _, path in lines
-        if hid == "0"
-        for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified")
-    ]
+    """A directory where we can create pids cgroups and move processes into them (the cgroup v1
+    `pids` hierarchy, or v2 with the pids controller delegated to us), or None. Found by trying."""
+    candidates = []
+    for line in _read("/proc/self/cgroup").splitlines():
+        hid, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(","):  # cgroup v1
+            candidates.append(f"/sys/fs/cgroup/pids{path}")
+        elif hid == "0":  # cgroup v2: usable if the pids controller is delegated to us
+            candidates += [f"/sys/fs/cgroup{path}", f"/sys/fs/cgroup/unified{path}"]
     for base in candidates:
-        probe = os.path.join(base, f"nanocode-probe-{os.getpid()}")
-        try:
-            os.mkdir(probe)
-        except OSError:
+        probe = _make_cgroup(64, base, f"nanocode-probe-{os.getpid()}")
+        if probe is None:
             continue
-        try:
-            joined = (
-                os.path.exists(os.path.join(probe, "pids.max"))
-                and subprocess.run(
-                    ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs"', probe], capture_output=True
-                ).returncode
-                == 0
-            )
-        finally:
-            _remove_cgroup(probe)
-        if joined:
-            _cgroup_dir = base
-            break
-    return _cgroup_dir
+        joined = subprocess.run(["/bin/sh", "-c", _JOIN, probe, "true"], capture_output=True)
+        _remove_cgroup(probe)
+        if joined.returncode == 0:
+            return base
+    return None
 
 
-def _make_cgroup(nproc: int) -> str | None:
-    base = _cgroup_base()
+def _make_cgroup(nproc: int, base: str | None = None, name: str | None = None) -> str | None:
+    base = base or _cgroup_base()
     if base is None:
         return None
-    path = os.path.join(base, f"nanocode-{os.getpid()}-{next(_counter)}")
+    path = os.path.join(base, name or f"nanocode-{os.getpid()}-{next(_counter)}")
     try:
         os.mkdir(path)
-        with open(os.path.join(path, "pids.max"), "w") as f:
-            f.write(str(nproc))
     except OSError:
         return None
-    return path
+    try:
+        with open(f"{path}/pids.max", "w") as f:
+            f.write(str(nproc))
+        return path
+    except OSError:  # no pids controller here
+        os.rmdir(path)
+        return None
 
 
 def _cgroup_pids(path: str) -> list[int]:
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
+    return [int(x) for x in _read(f"{path}/cgroup.procs").split()]
 
 
 def _remove_cgroup(path: str):
     for _ in range(200):
-        pids = _cgroup_pids(path)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        for pid in _cgroup_pids(path):
+            _kill(pid)
         try:
             os.rmdir(path)
             return
@@ -286,35 +222,120 @@ def _remove_cgroup(path: str):
 # ---- starting, watching and killing ----
 
 
-def spawn(
-    argv: list[str],
-    workdir: str,
-    env: dict,
-    *,
-    mode: str = "workspace-write",
-    network: bool = False,
-    nproc: int = 64,
-    rlimits: dict | None = None,
-    merge_stderr: bool = False,
+def _read(path: str) -> str:
+    """The file's text, "" if it cannot be read (a process or cgroup may be gone meanwhile)."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _kill(pid: int):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:  # gone already, or not ours
+        pass
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes whose session id is `sid`, read from /proc."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        stat = _read(f"/proc/{entry}/stat")  # "pid (comm) state ppid pgrp session ..."
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def kill_session(sid: int, rounds: int = 100) -> list[int]:
+    """SIGKILL every process in session `sid` until none is left (a forking process may add new
+    ones between the scan and the kill, hence the rounds). Returns the pids still alive after all
+    rounds."""
+    for _ in range(rounds):
+        try:
+            os.killpg(sid, signal.SIGKILL)  # the session leader's group: most of them in one call
+        except OSError:
+            pass
+        pids = session_members(sid)
+        if not pids:
+            return []
+        for pid in pids:
+            _kill(pid)
+        time.sleep(0.001)
+    return session_members(sid)
+
+
+def _collect(proc, deadline: float, max_output: int, flood_kills: bool):
+    """Read the pipes until EOF, the deadline, or (flood_kills) more than max_output bytes on one.
+    Returns ([bytes per pipe], reason or None). When the main process has exited, its session is
+    killed so that a leftover grandchild holding the pipes open cannot make us wait for the
+    deadline."""
+    pipes = [p for p in (proc.stdout, proc.stderr) if p is not None]
+    out = [bytearray() for _ in pipes]
+    sel = selectors.DefaultSelector()
+    for i, p in enumerate(pipes):
+        sel.register(p, selectors.EVENT_READ, i)
+    reason, exited = None, False
+    try:
+        while sel.get_map() and not reason:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                reason = "timed out"
+                break
+            for key, _ in sel.select(timeout=min(remaining, 0.1)):
+                chunk, buf = os.read(key.fd, 65536), out[key.data]
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                elif len(buf) + len(chunk) > max_output and flood_kills:
+                    reason = f"failed: output limit exceeded ({max_output} bytes)"
+                buf += chunk[: max(0, max_output - len(buf))]
+            # Has the child exited? Asked without reaping it: until proc.wait(), its pid (= the
+            # session id we kill by) cannot be reused by an unrelated process.
+            if not exited and os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+                exited = True
+                kill_session(proc.pid)  # the pipes reach EOF once no leftover child holds them
+    finally:
+        sel.close()
+        for p in pipes:
+            p.close()
+    return out, reason
+
+
+def run(
+    argv,
+    workdir,
+    env,
+    timeout,
+    mode="workspace-write",
+    network=False,
+    nproc=64,
+    rlimits=None,
+    max_output=1 << 20,
+    merge_stderr=False,
+    flood_kills=True,
 ):
-    """Start `argv` in `workdir` (in the sandbox unless mode is "off" or no sandbox is available), in a new
-    session, stdin /dev/null, stdout/stderr pipes. rlimits: {"as": bytes, "cpu": s, "fsize": bytes, ...}
-    (prlimit's names), applied to the command and everything it starts. Returns (proc, cgroup or None);
-    pass both to `reap` when done."""
+    """Run `argv` in `workdir` (in the sandbox unless mode is "off" or no sandbox is available), in
+    a new session, stdin /dev/null, until it ends, `timeout` seconds pass or (flood_kills) a stream
+    passes max_output bytes; then kill whatever is left of it (its session and its cgroup).
+    rlimits: {"as": bytes, "cpu": s, "fsize": bytes, ...} (prlimit's names), applied to the command
+    and everything it starts. Returns (exit status, [bytes of stdout, stderr (unless merged)],
+    reason it was stopped or None, pids that could not be killed). A death by signal is -signal, as
+    from Popen, also inside the sandbox (where bwrap reports it as 128 + signal)."""
+    deadline = time.monotonic() + timeout
     workdir = os.path.realpath(workdir)
-    cgroup, prefix = None, []
-    if isolated(mode):
+    cgroup, prefix, sandboxed = None, [], isolated(mode)
+    if sandboxed:
         if workdir == "/":
             raise ValueError("the sandbox's work dir cannot be /")
         cgroup = _make_cgroup(nproc)
         prefix = _bwrap_argv(workdir, mode, network)
         rlimits = dict(rlimits or {}, nproc=nproc)
     if rlimits and shutil.which("prlimit"):
-        prefix = ["prlimit", *(f"--{k}={v}" for k, v in rlimits.items()), "--"] + prefix
-    if (
-        cgroup
-    ):  # join the cgroup before anything else runs (a shell line is cheaper than a preexec_fn)
-        prefix = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup] + prefix
+        prefix = ["prlimit", *(f"--{k}={v}" for k, v in rlimits.items()), "--", *prefix]
+    if cgroup:
+        prefix = ["/bin/sh", "-c", _JOIN, cgroup, *prefix]
     try:
         proc = subprocess.Popen(
             prefix + argv,
@@ -324,130 +345,29 @@ def spawn(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
             start_new_session=True,
-            close_fds=True,
         )
     except BaseException:
         if cgroup:
             _remove_cgroup(cgroup)
         raise
-    proc.in_sandbox = bool(prefix) and "bwrap" in prefix
-    return proc, cgroup
-
-
-def reap(proc, cgroup) -> tuple[int, list[int]]:
-    """Kill whatever is left of the command (its session and its cgroup), wait for it. Returns
-    (its exit status, pids that could not be killed); a death by signal is -signal, as from Popen,
-    also inside the sandbox (where bwrap reports it as 128 + signal)."""
-    leftover = kill_session(proc.pid)
-    if cgroup:
-        _remove_cgroup(cgroup)
-        leftover += _cgroup_pids(cgroup)
-    rc = proc.wait()
-    if proc.in_sandbox and rc > 128:
-        rc = 128 - rc
-    return rc, leftover
-
-
-def session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes whose session id is `sid`, read from /proc."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[
-            stat.rindex(b")") + 2 :
-        ].split()  # after "pid (comm) ": state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != b"Z":
-            pids.append(int(entry))
-    return pids
-
-
-def _exited(pid: int) -> bool:
-    """Has the child exited? Asked without reaping it: until proc.wait(), its pid (= the session id we
-    kill by) cannot be reused by an unrelated process."""
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-
-
-def kill_session(sid: int, rounds: int = 100) -> list[int]:
-    """SIGKILL every process in session `sid` until none is left (a forking process may add new ones
-    between the scan and the kill, hence the rounds). Returns the pids still alive after all rounds."""
-    for _ in range(rounds):
-        try:
-            os.killpg(sid, signal.SIGKILL)  # the session leader's group: most of them in one call
-        except (ProcessLookupError, PermissionError):
-            pass
-        pids = session_members(sid)
-        if not pids:
-            return []
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.001)
-    return session_members(sid)
-
-
-def collect(proc, deadline: float, max_output: int, flood_kills: bool = True):
-    """Read the pipes until EOF, the deadline, or (flood_kills) more than max_output bytes on one.
-    Returns ([bytes per pipe], reason or None). When the main process has exited, its session is killed
-    so that a leftover grandchild holding the pipes open cannot make us wait for the deadline."""
-    pipes = [p for p in (proc.stdout, proc.stderr) if p is not None]
-    out = [bytearray() for _ in pipes]
-    sel = selectors.DefaultSelector()
-    for i, p in enumerate(pipes):
-        sel.register(p, selectors.EVENT_READ, i)
-    reason, exited = None, False
     try:
-        while sel.get_map():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                reason = "timed out"
-                break
-            for key, _ in sel.select(timeout=min(remaining, 0.1)):
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    continue
-                buf = out[key.data]
-                if len(buf) + len(chunk) > max_output and flood_kills:
-                    reason = f"failed: output limit exceeded ({max_output} bytes)"
-                buf += chunk[: max(0, max_output - len(buf))]
-            if reason:
-                break
-            if not exited and _exited(proc.pid):
-                exited = True
-                kill_session(proc.pid)  # the pipes reach EOF once no leftover child holds them
+        out, reason = _collect(proc, deadline, max_output, flood_kills)
     finally:
-        if reason:
-            kill_session(proc.pid)
-        sel.close()
-        for p in pipes:
-            p.close()
-    return out, reason
+        leftover = kill_session(proc.pid)
+        if cgroup:
+            _remove_cgroup(cgroup)
+            leftover += _cgroup_pids(cgroup)
+        rc = proc.wait()
+    return (128 - rc if sandboxed and rc > 128 else rc), out, reason, leftover
 
 
-def sandbox_env(workdir: str, extra: dict | None = None) -> dict:
-    """The environment inside: nothing of the caller's (API keys, tokens) except a PATH that finds our Python."""
-    path = os.pathsep.join(
-        [os.path.dirname(os.path.abspath(sys.executable)), "/usr/local/bin", "/usr/bin", "/bin"]
-    )
-    return {
-        "PATH": path,
-        "HOME": "/tmp",
-        "TMPDIR": "/tmp",
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "TERM": "dumb",
-        "OMP_NUM_THREADS": "1",
-        "PWD": workdir,
-        **(extra or {}),
-    }
+def sandbox_env(home: str = "/tmp") -> dict:
+    """The environment inside: nothing of the caller's (API keys, tokens); a PATH that finds our
+    Python; one thread per numeric library (many samples run at once)."""
+    path = f"{os.path.dirname(os.path.abspath(sys.executable))}:/usr/local/bin:/usr/bin:/bin"
+    env = {"PATH": path, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    threads = dict.fromkeys(["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"], "1")
+    return env | threads | {"TERM": "dumb"}
 
 
 def run_command(
@@ -460,42 +380,28 @@ def run_command(
     max_output: int = 1 << 20,
     fsize_mb: int = 1024,
     nproc: int = 256,
-    cpu_seconds: int | None = None,
 ) -> CommandResult:
-    """Run `command` with `bash -c` in `workdir`, sandboxed per `mode` ("read-only": nothing writable but a
-    private /tmp; "workspace-write": the work dir is writable too; "off": no sandbox, the caller's
-    environment, as a plain subprocess). network: allow the network. Output beyond max_output bytes is
-    dropped (the command keeps running). Every process the command started is gone when this returns."""
-    workdir = os.path.realpath(workdir)
-    env = dict(os.environ) if mode == "off" else sandbox_env(workdir)
-    rlimits = (
-        None
-        if mode == "off"
-        else {
-            "as": memory_mb << 20,
-            "fsize": fsize_mb << 20,
-            "core": 0,
-            "cpu": int(cpu_seconds or timeout) + 1,
-        }
-    )
-    t0 = time.monotonic()
-    proc, cgroup = spawn(
+    """Run `command` with `bash -c` in `workdir`, sandboxed per `mode` ("read-only": nothing
+    writable but a private /tmp; "workspace-write": the work dir is writable too; "off": no sandbox,
+    the caller's environment, as a plain subprocess). network: allow the network. Output beyond
+    max_output bytes is dropped (the command keeps running). Every process the command started is
+    gone when this returns."""
+    off = mode == "off"
+    limits = {"as": memory_mb << 20, "fsize": fsize_mb << 20, "core": 0, "cpu": int(timeout) + 1}
+    rc, (out,), reason, _ = run(
         ["bash", "-c", command],
         workdir,
-        env,
-        mode=mode,
-        network=network,
-        nproc=nproc,
-        rlimits=rlimits,
+        dict(os.environ) if off else sandbox_env(),
+        timeout,
+        mode,
+        network,
+        nproc,
+        None if off else limits,
+        max_output,
         merge_stderr=True,
+        flood_kills=False,
     )
-    try:
-        (out,), reason = collect(proc, t0 + timeout, max_output, flood_kills=False)
-    finally:
-        rc, _ = reap(proc, cgroup)
     timed_out = reason == "timed out"
     return CommandResult(
-        returncode=None if timed_out else rc,
-        output=out.decode("utf-8", errors="replace"),
-        timed_out=timed_out,
+        None if timed_out else rc, out.decode("utf-8", errors="replace"), timed_out
     )

@@ -1,16 +1,17 @@
 """The agent's tools: bash, read_file, write_file, edit_file, grep.
 
-One entry point, `run_tool(name, arguments, workdir) -> str`. It never raises: every failure comes back
-as text starting with "error: ", because the text is fed to the model as the tool's output and the
-model should see what went wrong and try again. Outputs are deterministic (no timings, sorted walks)
-so that a recorded trajectory replays to the same outputs.
+One entry point, `run_tool(name, arguments, workdir) -> str`. It never raises: every failure comes
+back as text starting with "error: ", because the text is fed to the model as the tool's output and
+the model should see what went wrong and try again. Outputs are deterministic (no timings, sorted
+walks) so that a recorded trajectory replays to the same outputs.
 
-File tools stay inside `workdir`: a path is joined to the workdir, symlinks are resolved, and the result
-must still lie inside the (resolved) workdir (no command runs meanwhile that could swap a symlink: bash
-calls are one at a time and leave no process behind). `bash` runs in nanocode.sandbox, per `sandbox`:
-"workspace-write" (default: only the workdir and a private /tmp writable, no network unless
-network=True, nothing of the user's files outside the workdir visible), "read-only" (the file tools
-refuse to write, too), or "off" (a plain subprocess in the workdir: the approval prompt is all there is).
+File tools stay inside `workdir`: a path is joined to the workdir, symlinks are resolved, and the
+result must still lie inside the (resolved) workdir (no command runs meanwhile that could swap a
+symlink: bash calls are one at a time and leave no process behind). `bash` runs in nanocode.sandbox,
+per `sandbox`: "workspace-write" (default: only the workdir and a private /tmp writable, no network
+unless network=True, nothing of the user's files outside the workdir visible), "read-only" (the file
+tools refuse to write, too), or "off" (a plain subprocess in the workdir: the approval prompt is all
+there is).
 """
 
 import json
@@ -28,96 +29,80 @@ GREP_LINE_CHARS = 200  # each reported line is cut to this many characters
 SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
 
 
-def _schema(name, description, properties, required):
+def _schema(name: str, description: str, optional=(), **params) -> dict:
+    """A tool's JSON schema. params: name="type" or name=("type", "description"); every parameter is
+    required but those named in `optional`."""
+    props = {
+        k: dict(zip(("type", "description"), (v,) if isinstance(v, str) else v))
+        for k, v in params.items()
+    }
+    required = [k for k in params if k not in optional]
+    parameters = {"type": "object", "properties": props, "required": required}
     return {
         "name": name,
         "description": description,
-        "parameters": {
-            "type": "object",
-            "properties": properties,
-            "required": required,
-            "additionalProperties": False,
-        },
+        "parameters": parameters | {"additionalProperties": False},
     }
 
 
+PATH_PARAM = ("string", "file path, relative to the working directory")
 TOOL_SCHEMAS = [
     _schema(
         "bash",
         "Run a shell command in the working directory; returns stdout and stderr together.",
-        {"command": {"type": "string", "description": "the command line, run with bash -c"}},
-        ["command"],
+        command=("string", "the command line, run with bash -c"),
     ),
     _schema(
         "read_file",
         "Read a text file with line numbers.",
-        {
-            "path": {
-                "type": "string",
-                "description": "file path, relative to the working directory",
-            },
-            "offset": {"type": "integer", "description": "first line to show (1-based, default 1)"},
-            "limit": {
-                "type": "integer",
-                "description": f"number of lines to show (default {READ_LIMIT})",
-            },
-        },
-        ["path"],
+        ("offset", "limit"),
+        path=PATH_PARAM,
+        offset=("integer", "first line to show (1-based, default 1)"),
+        limit=("integer", f"number of lines to show (default {READ_LIMIT})"),
     ),
     _schema(
         "write_file",
         "Create or overwrite a file with the given content.",
-        {"path": {"type": "string"}, "content": {"type": "string"}},
-        ["path", "content"],
+        path="string",
+        content="string",
     ),
     _schema(
         "edit_file",
         "Replace old_string by new_string in a file; old_string must occur exactly once.",
-        {
-            "path": {"type": "string"},
-            "old_string": {"type": "string"},
-            "new_string": {"type": "string"},
-        },
-        ["path", "old_string", "new_string"],
+        path="string",
+        old_string="string",
+        new_string="string",
     ),
     _schema(
         "grep",
         "Search files for a Python regular expression; prints path:line:text.",
-        {
-            "pattern": {"type": "string"},
-            "path": {
-                "type": "string",
-                "description": "file or directory to search (default: the working directory)",
-            },
-        },
-        ["pattern"],
+        ("path",),
+        pattern="string",
+        path=("string", "file or directory to search (default: the working directory)"),
     ),
 ]
 TOOLS = {s["name"]: s for s in TOOL_SCHEMAS}
-_JSON_TYPES = {"string": str, "integer": int}
+JSON_TYPES = {"string": str, "integer": int}
 
 
 def validate_tool_call(obj, tools: dict | None = None) -> str | None:
-    """None if `obj` is {"name": <a tool>, "arguments": {...}} with the right keys and types, else the problem.
-    tools: {name: schema} that may be called (default: ours); arguments of tools that are not ours are
-    only checked to be an object (their caller, e.g. an API client, owns them)."""
+    """None if `obj` is {"name": <a tool>, "arguments": {...}} with the right keys and types, else
+    the problem. tools: {name: schema} that may be called (default: ours); arguments of tools that
+    are not ours are only checked to be an object (their caller, e.g. an API client, owns them)."""
     tools = TOOLS if tools is None else tools
     if not isinstance(obj, dict):
         return f"a tool call must be a JSON object, got {type(obj).__name__}"
-    extra = set(obj) - {"name", "arguments"}
-    if extra:
-        return (
-            f"unknown key(s) in tool call: {', '.join(sorted(extra))} (expected name and arguments)"
-        )
-    name = obj.get("name")
+    if set(obj) - {"name", "arguments"}:
+        extra = ", ".join(sorted(set(obj) - {"name", "arguments"}))
+        return f"unknown key(s) in tool call: {extra} (expected name and arguments)"
+    name, args = obj.get("name"), obj.get("arguments")
     if not isinstance(name, str):
         return "tool call has no string 'name'"
     if name not in tools:
         return f"unknown tool {name!r}: available tools are {', '.join(tools) or 'none'}"
-    args = obj.get("arguments")
     if not isinstance(args, dict):
         return f"tool call to {name} needs an 'arguments' object"
-    if name not in TOOLS:
+    if name not in TOOLS:  # a client's tool: its arguments are the client's business
         return None
     params = TOOLS[name]["parameters"]
     for key in params["required"]:
@@ -125,18 +110,17 @@ def validate_tool_call(obj, tools: dict | None = None) -> str | None:
             return f"{name} is missing required argument {key!r}"
     for key, value in args.items():
         if key not in params["properties"]:
-            return (
-                f"{name} got unknown argument {key!r} (allowed: {', '.join(params['properties'])})"
-            )
+            allowed = ", ".join(params["properties"])
+            return f"{name} got unknown argument {key!r} (allowed: {allowed})"
         want = params["properties"][key]["type"]
-        if not isinstance(value, _JSON_TYPES[want]) or isinstance(value, bool):
+        if not isinstance(value, JSON_TYPES[want]) or isinstance(value, bool):
             return f"{name} argument {key!r} must be of type {want}, got {type(value).__name__}"
     return None
 
 
 def parse_tool_call(text: str, tools: dict | None = None):
-    """(call, None) for the text a model wrote between <|tool_start|> and <|tool_end|> when it is a valid
-    call of one of `tools` (default: ours), else (None, the problem)."""
+    """(call, None) for the text a model wrote between <|tool_start|> and <|tool_end|> when it is a
+    valid call of one of `tools` (default: ours), else (None, the problem)."""
     try:
         call = json.loads(text)
     except json.JSONDecodeError as e:
@@ -152,31 +136,19 @@ def truncate(text: str, limit: int = MAX_OUTPUT) -> str:
 
 
 def resolve_path(workdir: Path, path: str) -> Path:
-    """The absolute path `path` names, which must lie inside `workdir` once symlinks are resolved."""
+    """The absolute path `path` names; it must lie inside `workdir` once symlinks are resolved."""
     root = Path(workdir).resolve()
     if "\0" in path:
         raise ValueError("path contains a NUL byte")
-    p = Path(path).expanduser()
-    p = (p if p.is_absolute() else root / p).resolve()
+    p = (root / Path(path).expanduser()).resolve()  # an absolute path replaces root
     if p != root and root not in p.parents:
         raise ValueError(f"path {path!r} is outside the working directory")
     return p
 
 
-def _rel(p: Path, root: Path) -> str:
-    return str(p.relative_to(root)) if p != root else "."
-
-
-def bash(
-    command: str,
-    workdir: Path,
-    timeout: float = BASH_TIMEOUT,
-    sandbox: str = "workspace-write",
-    network: bool = False,
-) -> str:
-    r = sb.run_command(
-        command, workdir, timeout, mode=sandbox, network=network, max_output=4 * MAX_OUTPUT
-    )
+def bash(command, workdir, timeout=BASH_TIMEOUT, sandbox="workspace-write", network=False) -> str:
+    # 4x the kept characters: the note then says how much more there was
+    r = sb.run_command(command, workdir, timeout, sandbox, network, max_output=4 * MAX_OUTPUT)
     if r.timed_out:
         note = f"\nerror: command timed out after {timeout:g} s (killed)"
     else:
@@ -222,7 +194,10 @@ def edit_file(path: str, old_string: str, new_string: str, workdir: Path) -> str
     count = text.count(old_string)
     if count != 1:
         where = "does not occur" if count == 0 else f"occurs {count} times"
-        return f"error: old_string {where} in {path}; it must occur exactly once (include more surrounding lines)"
+        return (
+            f"error: old_string {where} in {path}; it must occur exactly once "
+            "(include more surrounding lines)"
+        )
     p.write_text(text.replace(old_string, new_string, 1), encoding="utf-8")
     return f"edited {path}"
 
@@ -236,30 +211,25 @@ def grep(pattern: str, workdir: Path, path: str = ".") -> str:
     start = resolve_path(root, path)
     if not start.exists():
         return f"error: no such file or directory: {path}"
-    files = [start] if start.is_file() else _walk(start)
-    matches, total = [], 0
-    for f in files:
+    hits = []
+    for f in [start] if start.is_file() else _walk(start):
         try:
             data = f.read_bytes()
         except OSError:
             continue
         if b"\0" in data[:8192]:  # binary
             continue
-        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-            if regex.search(line):
-                total += 1
-                if len(matches) < GREP_MAX_MATCHES:
-                    matches.append(f"{_rel(f, root)}:{n}:{line[:GREP_LINE_CHARS]}")
-    if not matches:
-        return "no matches"
-    text = "\n".join(matches)
-    if total > len(matches):
-        text += f"\n[showing {len(matches)} of {total} matching lines]"
-    return truncate(text)
+        lines = data.decode("utf-8", errors="replace").splitlines()
+        hits += [(f, n, line) for n, line in enumerate(lines, start=1) if regex.search(line)]
+    shown = [f"{f.relative_to(root)}:{n}:{line[:GREP_LINE_CHARS]}" for f, n, line in hits]
+    shown = shown[:GREP_MAX_MATCHES]
+    if len(hits) > len(shown):
+        shown.append(f"[showing {len(shown)} of {len(hits)} matching lines]")
+    return truncate("\n".join(shown)) if shown else "no matches"
 
 
 def _walk(top: Path):
-    """Files under `top` in sorted order, skipping VCS/cache directories and symlinks that leave the workdir."""
+    """Files under `top` in sorted order, skipping VCS/cache dirs and symlinks that leave `top`."""
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         for name in sorted(filenames):
@@ -277,39 +247,37 @@ def run_tool(
     network=False,
     shown_as=None,
 ) -> str:
-    """Run one tool call and return its output text; failures come back as "error: ..." (never raised).
-    sandbox: "workspace-write" | "read-only" | "off" (see the module docstring); network: for bash.
-    shown_as: a path the output names instead of workdir (the synthetic data's fixed project dir, so
-    that a scratch dir's random name never reaches the training data)."""
-    out = _run(name, arguments, Path(workdir), timeout, sandbox, network)
+    """Run one tool call and return its output text; failures come back as "error: ..." (never
+    raised). sandbox: "workspace-write" | "read-only" | "off" (see the module docstring); network:
+    for bash. shown_as: a path the output names instead of workdir (the synthetic data's fixed
+    project dir, so that a scratch dir's random name never reaches the training data)."""
+    workdir = Path(workdir)
+    err = validate_tool_call({"name": name, "arguments": arguments})
+    if sandbox not in sb.MODES:
+        err = err or f"unknown sandbox mode {sandbox!r}"
+    if not workdir.is_dir():
+        err = err or f"working directory {workdir} does not exist"
+    if sandbox == "read-only" and name in ("write_file", "edit_file"):
+        err = err or f"{name} is not allowed: the sandbox is read-only"
+    try:
+        if err:
+            out = f"error: {err}"
+        elif name == "bash":
+            out = bash(arguments["command"], workdir, timeout, sandbox, network)
+        else:
+            tool = {"read_file": read_file, "write_file": write_file, "edit_file": edit_file}
+            out = tool.get(name, grep)(workdir=workdir, **arguments)
+    except ValueError as e:
+        out = f"error: {e}"
+    except Exception as e:  # noqa: BLE001 -- the model gets the failure as text, the session goes on
+        out = f"error: {type(e).__name__}: {e}"
     if shown_as is not None:
-        out = out.replace(str(Path(workdir).resolve()), shown_as).replace(str(workdir), shown_as)
+        out = out.replace(str(workdir.resolve()), shown_as).replace(str(workdir), shown_as)
     return out
 
 
-def _run(name, arguments, workdir, timeout, sandbox, network) -> str:
-    err = validate_tool_call({"name": name, "arguments": arguments})
-    if err:
-        return f"error: {err}"
-    if sandbox not in sb.MODES:
-        return f"error: unknown sandbox mode {sandbox!r}"
-    if not workdir.is_dir():
-        return f"error: working directory {workdir} does not exist"
-    if sandbox == "read-only" and name in ("write_file", "edit_file"):
-        return f"error: {name} is not allowed: the sandbox is read-only"
-    try:
-        if name == "bash":
-            return bash(arguments["command"], workdir, timeout, sandbox, network)
-        tool = {"read_file": read_file, "write_file": write_file, "edit_file": edit_file}
-        return tool.get(name, grep)(workdir=workdir, **arguments)
-    except ValueError as e:
-        return f"error: {e}"
-    except Exception as e:  # noqa: BLE001 -- the model gets the failure as text, the session goes on
-        return f"error: {type(e).__name__}: {e}"
-
-
 def tools_prompt(schemas=TOOL_SCHEMAS) -> str:
-    """A compact description of tools ({name, description, parameters} each), for a system prompt."""
+    """A compact description of tools ({name, description, parameters} each) for a system prompt."""
     return 'Tools (call as JSON {"name": ..., "arguments": {...}}):\n' + "\n".join(
         json.dumps(s, separators=(",", ":")) for s in schemas
     )

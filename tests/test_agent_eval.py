@@ -1,6 +1,7 @@
-"""Agentic evaluation: every shipped task is solvable and not solved by doing nothing; a scripted agent
-that performs the reference solutions through tool calls scores 1.0 and an idle one 0.0; hostile
-transcripts are contained; bad suites, verifiers and transcript files give one clear error."""
+"""Agentic evaluation: every shipped task is solvable and not solved by doing nothing; a scripted
+agent that performs the reference solutions through tool calls scores 1.0 and an idle one 0.0;
+hostile transcripts are contained; bad suites, verifiers and transcript files give one clear error.
+"""
 
 import json
 import subprocess
@@ -70,9 +71,10 @@ def script_text(task):
 
 @pytest.mark.parametrize("agent", ["reference", "idle"])
 def test_scripted_agent_scores(suite, agent):
-    """The whole path: batched chat (tools really run, denials applied, in the sandbox), verifiers."""
+    """The whole path: batched chat (tools really run, denials applied, sandboxed), verifiers."""
     tok = ByteTokenizer()
-    scripts = {}  # request -> scripts in suite order (tasks can share a request; rows start in suite order)
+    # request -> scripts in suite order (tasks can share a request; rows start in suite order)
+    scripts = {}
     for t in suite:
         scripts.setdefault(t["request"], []).append(
             encode_with_specials(tok, script_text(t)) if agent == "reference" else []
@@ -107,8 +109,8 @@ def test_scripted_agent_scores(suite, agent):
 
 
 def test_hostile_transcripts_are_contained_and_fail(suite, tmp_path, monkeypatch):
-    """Writes outside the scratch dir, a fork bomb, endless output: each replay ends (cut by the sandbox's
-    limits), fails, and leaves nothing outside."""
+    """Writes outside the scratch dir, a fork bomb, endless output: each replay ends (cut by the
+    sandbox's limits), fails, and leaves nothing outside."""
     monkeypatch.setattr(agent_tasks, "TOOL_TIMEOUT", 3.0)
     task = next(t for t in suite if t["kind"] == "fix")
     outside = tmp_path / "outside.txt"
@@ -169,8 +171,8 @@ def test_bad_suite_verifier_and_transcripts_are_clear_errors(suite, tmp_path):
 
 
 def test_script_rescores_transcripts(suite, tmp_path):
-    """python -m scripts.agent_eval --samples: the reference transcripts of a few tasks score 1.0 (printed
-    last, per kind, transcripts written); a malformed file is one line of error, exit 1."""
+    """python -m scripts.agent_eval --samples: the reference transcripts of a few tasks score 1.0
+    (printed last, per kind, transcripts written); a malformed file is one line of error, exit 1."""
     tasks = suite[:7]
     samples = tmp_path / "ref.jsonl"
     samples.write_text(

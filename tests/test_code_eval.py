@@ -1,5 +1,6 @@
-"""HumanEval / MBPP scoring: the canonical solutions pass, empty completions fail, bad samples files give
-clear errors, pass@k matches its definition, and the base/chat generation paths produce runnable code."""
+"""HumanEval / MBPP scoring: the canonical solutions pass, empty completions fail, bad samples files
+give clear errors, pass@k matches its definition, and the base/chat generation paths produce
+runnable code."""
 
 import json
 import math
@@ -58,7 +59,7 @@ def test_humaneval_loads(humaneval):
 
 
 def test_canonical_solutions_score_one(humaneval, tmp_path):
-    """The whole script on all 164 canonical solutions: pass@1 = 1.0, printed last, files written."""
+    """The whole script on the 164 canonical solutions: pass@1 = 1.0 printed last, files written."""
     samples = write_samples(
         tmp_path / "canon.jsonl",
         [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in humaneval],
@@ -90,7 +91,8 @@ def test_empty_completions_score_zero(humaneval):
 def test_mbpp_fixture_through_script(tmp_path):
     problems = load_mbpp(MBPP_FIXTURE)
     assert [p["task_id"] for p in problems] == ["Mbpp/2", "Mbpp/3", "Mbpp/4", "Mbpp/17", "Mbpp/18"]
-    # two samples per problem: the reference code (passes) and a wrong one (fails) -> pass@1 = 0.5, pass@2 = 1
+    # two samples per problem: the reference code (passes) and a wrong one (fails):
+    # pass@1 = 0.5, pass@2 = 1
     recs = [
         {"task_id": p["task_id"], "completion": c}
         for p in problems
@@ -120,10 +122,8 @@ def test_unknown_task_id_is_a_clear_error(humaneval, tmp_path):
     samples = write_samples(tmp_path / "bad.jsonl", recs)
     rc, out, err = run_script("--samples", samples, "--max-problems", 3)
     assert rc == 1
-    assert (
-        err.strip()
-        == f"error: {samples} line 4: unknown task_id 'HumanEval/999' (not one of this task's problems)"
-    )
+    want = "unknown task_id 'HumanEval/999' (not one of this task's problems)"
+    assert err.strip() == f"error: {samples} line 4: {want}"
 
 
 def test_missing_task_ids_are_a_clear_error(humaneval, tmp_path):
@@ -152,7 +152,8 @@ def test_missing_task_ids_are_a_clear_error(humaneval, tmp_path):
 
 @pytest.mark.parametrize("n", [1, 2, 5, 10, 20])
 def test_pass_at_k_matches_definition(n):
-    """pass@k = P(at least one of k samples drawn without replacement from n passes) = 1 - C(n-c,k)/C(n,k)."""
+    """pass@k = P(at least one of k samples drawn without replacement from n passes) = 1 -
+    C(n-c,k)/C(n,k)."""
     for c in range(n + 1):
         for k in range(1, n + 1):
             assert pass_at_k(n, c, k) == pytest.approx(
@@ -202,7 +203,8 @@ def test_stop_sequences_and_code_extraction(humaneval):
 
 
 def reply_for(tok, problems, replies):
-    """ScriptedModel's pick: the reply of the problem whose instruction is in the prompt (every sample of it)."""
+    """ScriptedModel's pick: the reply of the problem whose instruction is in the prompt (every
+    sample of it)."""
 
     def pick(prompt_ids):
         text = tok.decode(prompt_ids)
@@ -226,26 +228,15 @@ def test_chat_generation_path(humaneval):
     model = ScriptedModel(
         [], tok.vocab_size, 3, 4, sequence_len=4096, pick=reply_for(tok, problems, replies)
     )
-    by_task = generate(
-        Engine(model, tok),
-        tok,
-        problems,
-        "humaneval",
-        chat=True,
-        num_samples=2,
-        max_tokens=2000,
-        temperature=0.0,
-        top_k=None,
-        seed=0,
-    )
+    by_task = generate(Engine(model, tok), problems, "humaneval", "chat", 2, 2000, 0.0, None, 0)
     assert all(len(v) == 2 for v in by_task.values())
     records = score(problems, by_task, workers=2, timeout=5.0)
     assert [r["passed"] for r in records] == [True] * 6, [r["result"] for r in records]
 
 
 def test_chat_generation_reads_tool_calls(humaneval):
-    """A chat model that writes its answer with write_file (as the SFT data teaches) or fixes it with
-    edit_file is scored on the code of those calls, not on the call's JSON."""
+    """A chat model that writes its answer with write_file (as the SFT data teaches) or fixes it
+    with edit_file is scored on the code of those calls, not on the call's JSON."""
     from nanocode.engine import Engine, encode_with_specials
     from tests.scripted_model import ScriptedModel
 
@@ -277,25 +268,15 @@ def test_chat_generation_reads_tool_calls(humaneval):
         sequence_len=8192,
         pick=reply_for(tok, problems, [encode_with_specials(tok, r) for r in replies]),
     )
-    by_task = generate(
-        Engine(model, tok),
-        tok,
-        problems,
-        "humaneval",
-        chat=True,
-        num_samples=1,
-        max_tokens=3000,
-        temperature=0.0,
-        top_k=None,
-        seed=0,
-    )
+    by_task = generate(Engine(model, tok), problems, "humaneval", "chat", 1, 3000, 0.0, None, 0)
     records = score(problems, by_task, workers=2, timeout=5.0)
     assert [r["passed"] for r in records] == [True, True], [r["result"] for r in records]
 
 
 @pytest.mark.parametrize("agentic", [False, True])
 def test_agentic_mode_lets_the_model_run_its_code(humaneval, agentic):
-    """By default only the file tools are approved; --agentic lets bash run the written code (in the sandbox)."""
+    """By default only the file tools are approved; --agentic lets bash run the written code (in the
+    sandbox)."""
     from nanocode.engine import DENIED, Engine, encode_with_specials
     from scripts.code_eval import chat_replies
     from tests.scripted_model import ScriptedModel
@@ -316,9 +297,14 @@ def test_agentic_mode_lets_the_model_run_its_code(humaneval, agentic):
 
 
 def test_tool_call_extraction_order(humaneval):
-    """write_file/edit_file calls first, then a fenced block, then the raw text; malformed calls skipped."""
-    w = '<|tool_start|>{"name": "write_file", "arguments": {"path": "a.py", "content": "x = 1\\n"}}<|tool_end|>'
-    e = '<|tool_start|>{"name": "edit_file", "arguments": {"path": "a.py", "old_string": "1", "new_string": "2"}}<|tool_end|>'
+    """write_file/edit_file calls first, then a fenced block, then the raw text; malformed calls
+    skipped."""
+    write = {"name": "write_file", "arguments": {"path": "a.py", "content": "x = 1\n"}}
+    edit = {
+        "name": "edit_file",
+        "arguments": {"path": "a.py", "old_string": "1", "new_string": "2"},
+    }
+    w, e = (f"<|tool_start|>{json.dumps(c)}<|tool_end|>" for c in (write, edit))
     assert extract_code(w + "```python\ny = 0\n```") == "x = 1\n"
     assert extract_code(w + e) == "x = 2\n"
     assert extract_code("<|tool_start|>{bad json<|tool_end|>```python\ny = 0\n```") == "y = 0\n"
@@ -357,8 +343,8 @@ def test_canonical_solutions_as_write_file_calls_score_one(humaneval, tmp_path):
         records.append(
             {
                 "task_id": p["task_id"],
-                "completion": f"I'll write it.<|tool_start|>{call}<|tool_end|><|output_start|>wrote it"
-                f"<|output_end|>Done.",
+                "completion": f"I'll write it.<|tool_start|>{call}<|tool_end|>"
+                "<|output_start|>wrote it<|output_end|>Done.",
             }
         )
     by_task = read_samples(
@@ -376,40 +362,31 @@ class FakeBaseEngine:
     max_len = 4096
 
     def __init__(self, tok, texts):
-        self.tok, self.texts, self.prompts = tok, list(texts), []
+        self.tokenizer, self.texts, self.prompts = tok, list(texts), []
 
-    def generate_batch(self, ids, num_samples=1, **kwargs):
+    def generate_batch(self, ids, num_samples=1, *args, **kwargs):
         self.prompts.append(ids)
-        return [self.tok.encode(self.texts[len(self.prompts) - 1])] * num_samples
+        return [self.tokenizer.encode(self.texts[len(self.prompts) - 1])] * num_samples
 
 
 def test_base_generation_path(humaneval):
-    """<|bos|> + prompt goes in; the completion is cut at the first stop sequence, so the rambling after
-    the function does not break it."""
+    """<|bos|> + prompt goes in; the completion is cut at the first stop sequence, so the rambling
+    after the function does not break it."""
     tok, problems = ByteTokenizer(), humaneval[:3]
     engine = FakeBaseEngine(
         tok, [p["canonical_solution"] + "\n\ndef unrelated(:\n" for p in problems]
     )
-    by_task = generate(
-        engine,
-        tok,
-        problems,
-        "humaneval",
-        chat=False,
-        num_samples=1,
-        max_tokens=64,
-        temperature=0.0,
-        top_k=None,
-        seed=0,
-    )
+    by_task = generate(engine, problems, "humaneval", "base", 1, 64, 0.0, None, 0)
     assert engine.prompts[0] == [0] + tok.encode(problems[0]["prompt"])
     assert by_task["HumanEval/0"] == [problems[0]["canonical_solution"] + "\n"]
     assert all(r["passed"] for r in score(problems, by_task, workers=2, timeout=5.0))
 
 
-@pytest.mark.slow  # deselect with -m "not slow" (or -k "not slow"): about 20 ms of CPU per sample, 1640 samples
+# deselect with -m "not slow" (or -k "not slow"): about 20 ms of CPU per sample, 1640 samples
+@pytest.mark.slow
 def test_slow_score_164x10(humaneval):
-    """Throughput: 164 problems x 10 samples (the canonical solution, every 3rd sample broken). Prints its time."""
+    """Throughput: 164 problems x 10 samples (the canonical solution, every 3rd sample broken).
+    Prints its time."""
     by_task = {
         p["task_id"]: [p["canonical_solution"] if i % 3 else "    return None\n" for i in range(10)]
         for p in humaneval
@@ -425,12 +402,13 @@ def test_slow_score_164x10(humaneval):
     assert means[1] == pytest.approx(0.6) and means[10] == 1.0
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # base_eval: bits per byte per language
 
 
 class UniformModel(torch.nn.Module):
-    """Predicts every token with probability 1/V: its loss is ln V nats per token, whatever the input."""
+    """Predicts every token with probability 1/V: its loss is ln V nats per token, whatever the
+    input."""
 
     def __init__(self, vocab_size):
         super().__init__()
@@ -456,8 +434,9 @@ DOCS = [
 
 @pytest.mark.parametrize("batch_size,seq_len", [(1, 7), (2, 16), (4, 5), (3, 1000)])
 def test_bpb_per_language_counts_every_byte_once(batch_size, seq_len):
-    """With a byte-level tokenizer each text byte is one target token: bytes per language must equal the
-    documents' UTF-8 sizes (specials count for nothing), and a uniform model scores log2(V) bits per byte."""
+    """With a byte-level tokenizer each text byte is one target token: bytes per language must equal
+    the documents' UTF-8 sizes (specials count for nothing), and a uniform model scores log2(V) bits
+    per byte."""
     from scripts.base_eval import bpb, bpb_per_language
 
     tok = ByteTokenizer()
@@ -472,7 +451,7 @@ def test_bpb_per_language_counts_every_byte_once(batch_size, seq_len):
         expect[lang] = expect.get(lang, 0) + len(d["text"].encode("utf-8"))
     assert {lang: s[1] for lang, s in sums.items()} == expect
     assert {lang: s[2] for lang, s in sums.items()} == expect  # tokens counted = bytes here
-    for lang, (nats, nbytes, _) in sums.items():
+    for nats, nbytes, _ in sums.values():
         if nbytes:
             assert bpb(nats, nbytes) == pytest.approx(math.log2(tok.vocab_size))
     assert all(t <= seq_len for _, t in model.rows_seen) and all(
@@ -503,15 +482,16 @@ def test_mbpp_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", unreachable)
     with pytest.raises(
         NanocodeError,
-        match=r"could not download google-research-datasets/mbpp/.*cannot reach huggingface.co.*--mbpp-file",
+        match=r"could not download google-research-datasets/mbpp/.*cannot reach huggingface.co"
+        r".*--mbpp-file",
     ):
         load_mbpp()
     with pytest.raises(NanocodeError, match="MBPP file not found"):
         load_mbpp("/nonexistent/mbpp.jsonl")
 
 
-# ---------------------------------------------------------------------------------------------------
-# the scripts on a tiny real checkpoint (random weights): they run end to end and report sane numbers
+# -------------------------------------------------------------------------------------------------
+# the scripts on a tiny real checkpoint (random weights): they run end to end, report sane numbers
 
 
 @pytest.fixture(scope="module")
@@ -624,7 +604,8 @@ def test_base_eval_with_tiny_checkpoint(tiny_base):
 
 
 def test_bpb_per_language_agrees_with_loss_eval():
-    """Summed over languages, the per-language numbers equal nanocode.loss_eval.evaluate_bpb on the same batches."""
+    """Summed over languages, the per-language numbers equal nanocode.loss_eval.evaluate_bpb on the
+    same batches."""
     from nanocode.gpt import GPTConfig, build_model
     from nanocode.loss_eval import evaluate_bpb
     from scripts.base_eval import bpb, bpb_per_language, token_batches

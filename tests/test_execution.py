@@ -1,5 +1,6 @@
 """The sandbox: every kind of misbehaving sample is contained, reported as a failure, leaves nothing
-behind outside its scratch dir (no files changed, no processes alive), and the evaluator keeps going."""
+behind outside its scratch dir (no files changed, no processes alive), and the evaluator keeps
+going."""
 
 import os
 
@@ -10,7 +11,8 @@ from tests.helpers import alive
 
 
 def leftovers(result) -> list[int]:
-    """The programs below print their scratch dir first: it is in the command line of their processes."""
+    """The programs below print their scratch dir first: it is in the command line of their
+    processes."""
     return alive(result.stdout.split()[0])
 
 
@@ -77,8 +79,9 @@ def test_fork_bomb_is_contained(sandbox):
 @pytest.mark.parametrize("sandbox", [True, False])
 @pytest.mark.parametrize("main_exits", [False, True])
 def test_spawned_processes_die_with_the_session(main_exits, sandbox):
-    """Even with the guard off (os.fork enabled) a bounded tree of sleeping children is killed, whether
-    the main process hangs (timeout) or exits leaving them behind (no waiting for the deadline)."""
+    """Even with the guard off (os.fork enabled) a bounded tree of sleeping children is killed,
+    whether the main process hangs (timeout) or exits leaving them behind (no waiting for the
+    deadline)."""
     src = (
         "import os, time\n"
         "for _ in range(2):\n"
@@ -197,7 +200,8 @@ def test_limits_cannot_be_raised():
 
 
 def test_evaluator_keeps_going(precious):
-    """A batch mixing every kind of bad sample with good ones: results come back in order, the good ones pass."""
+    """A batch mixing every kind of bad sample with good ones: results come back in order, the good
+    ones pass."""
     bad = [
         "while True: pass",
         "import os\nwhile True: os.fork()",
@@ -219,7 +223,8 @@ def test_evaluator_keeps_going(precious):
 
 
 def test_odd_characters_do_not_break_the_evaluator():
-    """Model output can hold lone surrogates (from JSON), NUL bytes or any Unicode: each is just a sample."""
+    """Model output can hold lone surrogates (from JSON), NUL bytes or any Unicode: each is just a
+    sample."""
     assert run_program('print("h\u00e9llo \u4e16")').stdout == "h\u00e9llo \u4e16\n"
     assert not run_program("x = 1\x00").passed
     r = run_program('x = "\ud800"\nprint(len(x))')

@@ -1,6 +1,7 @@
-"""The isolation boundary: from inside, every attempt to reach the outside fails and leaves it untouched;
-legitimate work in the work dir succeeds; no process survives the call. The sandboxed cases skip only
-where this machine cannot create the namespaces (the fallback's own tests run everywhere)."""
+"""The isolation boundary: from inside, every attempt to reach the outside fails and leaves it
+untouched; legitimate work in the work dir succeeds; no process survives the call. The sandboxed
+cases skip only where this machine cannot create the namespaces (the fallback's own tests run
+everywhere)."""
 
 import os
 import socket
@@ -68,7 +69,8 @@ def test_no_network_unless_asked(wd):
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
     try:
-        probe = f"python -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2); print('CONNECTED')\""
+        connect = f"socket.create_connection(('127.0.0.1', {port}), timeout=2)"
+        probe = f"python -c \"import socket; {connect}; print('CONNECTED')\""
         r = run(probe, wd)
         assert r.returncode != 0 and "CONNECTED" not in r.output and "refused" in r.output.lower()
         r = run(probe, wd, network=True)  # the same probe does get out when the network is allowed
@@ -83,7 +85,8 @@ def test_secrets_outside_are_invisible(wd, tmp_path, home_secret):
     path, token = home_secret
     (wd / "link").symlink_to(path)
     r = run(
-        f"cat {path}; cat ~/{path.name}; cat {tmp_path}/secret.txt; cat ../secret.txt; cat ../../../..{tmp_path}/secret.txt; "
+        f"cat {path}; cat ~/{path.name}; cat {tmp_path}/secret.txt; cat ../secret.txt; "
+        f"cat ../../../..{tmp_path}/secret.txt; "
         f"cat link; cat /etc/shadow; cat /proc/1/root{path}; env",
         wd,
     )
@@ -107,7 +110,8 @@ def test_scrubbed_environment(wd, monkeypatch):
 def test_writes_and_deletes_outside_fail(wd, precious, tmp_path):
     mark = f"nanocode-test-{uuid.uuid4().hex[:8]}"
     r = run(
-        f"echo x > {precious}/new.txt; echo x >> {precious}/a.txt; rm -rf {precious}; rm -rf ../precious; "
+        f"echo x > {precious}/new.txt; echo x >> {precious}/a.txt; rm -rf {precious}; "
+        "rm -rf ../precious; "
         f"echo x > /usr/{mark}; echo x > /{mark}; echo x > /tmp/{mark}; ls /tmp/{mark}",
         wd,
     )
@@ -153,11 +157,14 @@ def test_outside_processes_are_invisible_and_unkillable(wd):
 
 @needs_sandbox
 def test_no_capabilities_and_no_sysctl_writes(wd):
-    """Mapped to root when nanocode runs as root, the command still holds no capabilities, and the host's
-    sysctls (global, under /proc/sys) cannot be written: this one is written with its own value."""
+    """Mapped to root when nanocode runs as root, the command still holds no capabilities, and the
+    host's sysctls (global, under /proc/sys) cannot be written: this one is written with its own
+    value."""
     r = run(
-        "grep -E 'CapEff|CapBnd|NoNewPrivs' /proc/self/status; v=$(cat /proc/sys/kernel/printk_ratelimit); "
-        "echo $v > /proc/sys/kernel/printk_ratelimit && echo WROTE; mount -t tmpfs x /tmp && echo MOUNTED",
+        "grep -E 'CapEff|CapBnd|NoNewPrivs' /proc/self/status; "
+        "v=$(cat /proc/sys/kernel/printk_ratelimit); "
+        "echo $v > /proc/sys/kernel/printk_ratelimit && echo WROTE; "
+        "mount -t tmpfs x /tmp && echo MOUNTED",
         wd,
     )
     assert (
@@ -187,7 +194,8 @@ def test_no_process_survives(wd):
     token = uuid.uuid4().hex
     sleeper = f"sh -c 'sleep 300; : {token}'"  # the token stays in its command line
     r = run(
-        f"({sleeper} &) ; setsid nohup {sleeper} > /dev/null 2>&1 & {sleeper} & sleep 0.2; echo started",
+        f"({sleeper} &) ; setsid nohup {sleeper} > /dev/null 2>&1 & {sleeper} & "
+        "sleep 0.2; echo started",
         wd,
     )
     assert r.returncode == 0 and r.output == "started\n"
@@ -202,7 +210,8 @@ def test_evaluated_programs_run_inside(tmp_path, home_secret):
     path, token = home_secret
     r = run_program(f"print(open({str(path)!r}).read())")
     assert not r.passed and "FileNotFoundError" in r.status and token not in r.stdout
-    bomb = "import os\nwhile True:\n    os.fork()\n"  # with the Python guard off: the pids cgroup / namespace holds
+    # with the Python guard off: the pids cgroup / namespace holds
+    bomb = "import os\nwhile True:\n    os.fork()\n"
     r = run_program(bomb, timeout=3, guard=False)
     assert not r.passed
     r = run_program(
@@ -235,8 +244,9 @@ def test_bad_mode_and_root_workdir(wd):
 
 @needs_sandbox
 def test_python_installed_under_tmp_is_visible(wd, monkeypatch):
-    """A clone and its venv may live under /tmp (CI's fresh clone can): the interpreter's directories are
-    bound on top of the private /tmp, not hidden by it, so `python` is found inside."""
+    """A clone and its venv may live under /tmp (CI's fresh clone can): the interpreter's
+    directories are bound on top of the private /tmp, not hidden by it, so `python` is found inside.
+    """
     venv = Path("/tmp") / f"nanocode-venv-{uuid.uuid4().hex[:8]}"
     (venv / "bin").mkdir(parents=True)
     try:

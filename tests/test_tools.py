@@ -1,4 +1,5 @@
-"""Agent tools: confinement to the workdir, edit uniqueness, bash timeout/truncation, validation, determinism."""
+"""Agent tools: confinement to the workdir, edit uniqueness, bash timeout/truncation, validation,
+determinism."""
 
 import os
 
