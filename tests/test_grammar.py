@@ -76,14 +76,14 @@ def tok():
     return trained_tokenizer(texts, vocab_size=400)
 
 
-def sample(tok, grammar, seed, stop_at_call=False, max_steps=3000):
+def sample(tok, grammar, seed, stop_at_call=False, max_steps=3000, overlap=True):
     """One reply drawn at temperature 1 from random logits under the mask, as the engine would: each
     call is answered with a forced tool output (or ends the reply: the server's client tools)."""
     gen = torch.Generator().manual_seed(seed)
     # Random logits, a little in favour of the tokens that close things, so replies end soon.
     bias = torch.zeros(tok.vocab_size)
     bias[[END, CALL] + [i for i, b in enumerate(tok.id_bytes) if b in (b'"', b"}", b"]")]] = 3.0
-    matcher, ids = Matcher(grammar), []
+    matcher, ids = Matcher(grammar, overlap), []
     for _ in range(max_steps):
         logits = torch.randn(tok.vocab_size, generator=gen) + bias
         apply_bitmask(logits, matcher.bitmask())
@@ -189,7 +189,7 @@ def test_required_replies_open_with_a_valid_call(tok, tools, draws):
     grammar = compile_grammar(tok, tools, "required")
     names = set()
     for seed in range(draws):
-        parts = parts_of(tok, sample(tok, grammar, seed, stop_at_call=seed % 2 == 0))
+        parts = parts_of(tok, sample(tok, grammar, seed, seed % 2 == 0, overlap=seed % 3 > 0))
         assert parts[0][0] == "call", parts
         names.update(json.loads(t)["name"] for t in check_calls(parts, tools))
     assert names == set(tools), "every tool is reachable"
@@ -238,10 +238,11 @@ def test_answer_after_calls(tok):
     assert called
 
 
-def test_forced_tokens(tok):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_forced_tokens(tok, overlap):
     """The engine's forced tokens (a named call's opening, a tool's output) are taken like sampled
     ones; a token the grammar forbids is refused, naming the tokens."""
-    matcher = Matcher(compile_grammar(tok, {"get_weather": WEATHER}, "required"))
+    matcher = Matcher(compile_grammar(tok, {"get_weather": WEATHER}, "required"), overlap)
     opening = tok.encode('{"name": "get_weather", "arguments":')
     for t in [CALL] + opening:
         matcher.accept(t)
@@ -258,8 +259,9 @@ def test_forced_tokens(tok):
         matcher.accept(CALL, *tok.encode('{"name": "get_weather", "arguments": {"town"'))
 
 
-def test_mask_allows_exactly_what_may_follow(tok):
-    matcher = Matcher(compile_grammar(tok, {"get_weather": WEATHER}, "required"))
+@pytest.mark.parametrize("overlap", [True, False])
+def test_mask_allows_exactly_what_may_follow(tok, overlap):
+    matcher = Matcher(compile_grammar(tok, {"get_weather": WEATHER}, "required"), overlap)
     logits = torch.zeros(tok.vocab_size)
     apply_bitmask(logits, matcher.bitmask())
     assert (logits == 0).nonzero().flatten().tolist() == [CALL]
