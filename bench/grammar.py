@@ -2,27 +2,28 @@
 grammar.
 
     python -m bench.grammar                              # vocab 4096 and 32768, a depth-4 model
-    python -m bench.grammar --vocab 32768 --steps 600 --device cuda
+    python -m bench.grammar --vocab 32768 --depth 20 --device cuda
 
 Per vocabulary: a real tokenizer (trained in seconds on the Python sources next to torch, or
---tokenizer DIR), and three grammars: a client's tool call under tool_choice "required" (a schema
-with required, enum, integer bounds, additionalProperties false), our five tools under "auto", and a
-json_schema answer using every supported keyword. For each:
-- compile: the first compile_grammar of a schema (a cache miss; the tokenizer's llguidance view is
-  built once before and reported apart) and the memory a grammar holds: the RSS growth over 30
-  distinct schemas, each then driven through one reply (llguidance builds lexer states lazily);
-- matcher alone, per token: the mask computed synchronously, apply_bitmask and accept, for one row;
-  and a whole step of 8 rows (their masks computed by the thread pool at once, then one apply);
-- decode: a random model at --depth decoding one row with a KV cache, the wall time per token with
-  no grammar and with one (the mask applied before sampling, the next one computed on the pool while
-  the model runs), the two loops alternating in chunks; "on the main thread" is the grammar's part
-  of each step the model does not hide (waiting for the mask, apply_bitmask, accept).
+--tokenizer DIR) and three grammars: a client's tool call under tool_choice "required" (required,
+enum, integer bounds, additionalProperties false), our five tools under "auto", and a json_schema
+answer using most supported keywords. For each:
+- compile time of 30 distinct schemas (cache misses; llguidance's view of the tokenizer is built
+  once before, reported apart); the heap each compiled grammar holds, and each row matcher 100
+  tokens on (llguidance builds lexer states as they are met); glibc's count of bytes in use, which
+  memory freed earlier cannot hide as it hides RSS growth;
+- the matcher alone, in CPU time per token of one row: accept, the mask, apply_bitmask, inline;
+- decode: a random model at --depth decoding one row with a KV cache, per token with no grammar,
+  with the mask computed on the pool while the model runs (overlap) and computed inline; wall and
+  CPU time (of every thread), and the grammar's wall time on the main thread (waiting for the
+  mask, apply_bitmask, accept). The three loops alternate in chunks.
 Replies are drawn from random logits (or the random model) at temperature 1, with the tokens that
 close strings, arrays and objects favoured (+3) so that replies end and the grammar's states vary.
-Times are medians (a shared machine's wall clock is noisy); results in bench/results/cpu/grammar.md.
+Times are medians; results in bench/results/cpu/grammar.md.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -81,8 +82,21 @@ CASES = {  # name: (tools, tool_choice, answer_schema)
 }
 
 
-def rss_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks "
+        "fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+def heap_mb() -> float:
+    """MB that malloc has handed out and not got back (glibc, every arena; llguidance allocates
+    through it): unlike RSS, not hidden by the reuse of memory freed earlier."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = Mallinfo2
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 1e6
 
 
 def tokenizer_for(vocab: int, directory) -> Tokenizer:
@@ -114,8 +128,9 @@ def next_reply(matcher, token, tok):
 
 
 def matcher_alone(tok, grammar, steps):
-    """Median CPU seconds of the grammar's work per token of one row, all of it on this thread:
-    accept, the mask, apply_bitmask; random logits, sampling not timed."""
+    """(CPU seconds of the grammar's work for each token of one row, all of it on this thread:
+    accept, the mask, apply_bitmask; the row's matcher at the end). Random logits, sampling not
+    timed."""
     gen, bias = torch.Generator().manual_seed(0), closing_bias(tok)
     matcher, times = Matcher(grammar, overlap=False), []
     for _ in range(steps):
@@ -128,7 +143,7 @@ def matcher_alone(tok, grammar, steps):
         matcher.accept(token)
         times.append(t1 - t0 + time.process_time() - t2)
         matcher = next_reply(matcher, token, tok)
-    return statistics.median(times)
+    return times, matcher
 
 
 def distinct(i, tools, answer):
@@ -165,45 +180,73 @@ def decode(model, tok, matcher, steps, seed):
     return times
 
 
+def compile_and_match(tok, tools, choice, answer, steps, kept):
+    """Table cells: compile ms (a cache miss), KB per compiled grammar, KB per row matcher 100
+    tokens on, CPU ms of a new grammar's first token, CPU us per token after that."""
+    grammars, rows, compile_ms, first = [], [], [], []
+    kept.append((grammars, rows))  # nothing measured is freed (the cache evicts some)
+    mb0 = heap_mb()
+    for i in range(30):  # distinct schemas: every one a cache miss
+        some_tools, some_answer = distinct(i, tools, answer)
+        t0 = time.perf_counter()
+        grammars.append(compile_grammar(tok, some_tools, choice, some_answer))
+        compile_ms.append(1e3 * (time.perf_counter() - t0))
+    mb1 = heap_mb()
+    for grammar in grammars:  # llguidance builds a grammar's lexer states as they are met
+        times, row = matcher_alone(tok, grammar, 100)
+        first.append(times[0])
+        rows.append(row)
+    mb2 = heap_mb()
+    alone = statistics.median(matcher_alone(tok, grammars[0], steps)[0])
+    kb = [f"{1e3 * mb / len(grammars):.0f}" for mb in (mb1 - mb0, mb2 - mb1)]
+    median_first = 1e3 * statistics.median(first)
+    return [
+        f"{statistics.median(compile_ms):.1f}",
+        *kb,
+        f"{median_first:.2f}",
+        f"{1e6 * alone:.0f}",
+    ]
+
+
+def decode_cells(model, tok, grammar, steps):
+    """Table cells: wall ms per token with no grammar, overlapped and inline; the same in CPU ms;
+    the grammar's wall us per token on the main thread, overlapped and inline."""
+    runs = {"none": [], "overlap": [], "inline": []}
+    for chunk in range(4):  # alternate, so drift on a shared machine hits all alike
+        for mode, run in runs.items():
+            matcher = None if mode == "none" else Matcher(grammar, mode == "overlap")
+            run += decode(model, tok, matcher, steps // 4, chunk)
+    cells = []
+    for k, scale in ((0, 1e3), (1, 1e3), (2, 1e6)):
+        modes = list(runs) if k < 2 else ["overlap", "inline"]
+        cells += [f"{scale * statistics.median(t[k] for t in runs[m]):.2f}" for m in modes]
+    return cells
+
+
 def main():
     args = parser.parse_args()
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")
-    compiled, decoded = [], []
+    compiled, decoded, kept = [], [], []
     for vocab in args.vocab:
         tok = tokenizer_for(vocab, args.tokenizer)
-        t0, mb0 = time.perf_counter(), rss_mb()
+        t0, mb0 = time.perf_counter(), heap_mb()
         compile_grammar(tok, {}, "auto")  # builds llguidance's view of the vocabulary, once
-        view = f"{time.perf_counter() - t0:.2f} s and {rss_mb() - mb0:.0f} MB"
+        view = f"{time.perf_counter() - t0:.2f} s and {heap_mb() - mb0:.1f} MB"
         print(f"vocab {tok.vocab_size}: llguidance's view of the tokenizer took {view}")
         torch.manual_seed(0)
         config = GPTConfig.from_depth(args.depth, tok.vocab_size, sequence_len=256)
         model = build_model(config, args.device).eval()
         for name, (tools, choice, answer) in CASES.items():
-            compile_ms, mb0 = [], rss_mb()
-            for i in range(30):  # distinct schemas: every one a cache miss
-                some_tools, some_answer = distinct(i, tools, answer)
-                t0 = time.perf_counter()
-                grammar = compile_grammar(tok, some_tools, choice, some_answer)
-                compile_ms.append(1e3 * (time.perf_counter() - t0))
-                matcher_alone(tok, grammar, 60)
-            held_mb = (rss_mb() - mb0) / 30
-            alone = matcher_alone(tok, grammar, args.steps)
             head = f"| {tok.vocab_size} | {name} | "
-            compiled.append(
-                head + f"{statistics.median(compile_ms):.1f} | {held_mb:.2f} | {1e6 * alone:.0f} |"
-            )
-            runs = {"none": [], "overlap": [], "inline": []}
-            for chunk in range(4):  # alternate, so drift on a shared machine hits all alike
-                for mode, run in runs.items():
-                    matcher = None if mode == "none" else Matcher(grammar, mode == "overlap")
-                    run += decode(model, tok, matcher, args.steps // 4, chunk)
-            cells = []
-            for k, scale in ((0, 1e3), (1, 1e3), (2, 1e6)):  # wall ms, CPU ms, main thread us
-                modes = list(runs) if k < 2 else ["overlap", "inline"]
-                cells += [f"{scale * statistics.median(t[k] for t in runs[m]):.2f}" for m in modes]
-            decoded.append(head + " | ".join(cells) + " |")
-    print(f"\nCompile and matcher alone (a depth-{args.depth} model's vocabulary)\n")
-    print("| vocab | grammar | compile ms | MB held | grammar CPU us/token |\n" + "|---" * 5 + "|")
+            cells = compile_and_match(tok, tools, choice, answer, args.steps, kept)
+            compiled.append(head + " | ".join(cells) + " |")
+            grammar = compile_grammar(tok, tools, choice, answer)
+            decoded.append(head + " | ".join(decode_cells(model, tok, grammar, args.steps)) + " |")
+    print("\nCompile, memory and the matcher alone (CPU)\n")
+    print(
+        "| vocab | grammar | compile ms | KB per grammar | KB per row | first token ms "
+        "| CPU us/token |\n" + "|---" * 7 + "|"
+    )
     print("\n".join(compiled))
     print(f"\nDecode, one row, a random depth-{args.depth} model on {args.device}\n")
     print(

@@ -46,22 +46,10 @@ from llguidance.tiktoken import lltokenizer_from_encoding
 # JSON Schema keywords we pass to llguidance and test (tests/test_grammar.py); any other keyword is
 # refused by name rather than silently ignored (llguidance ignores keywords it does not know).
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$comment"}
-CONSTRAINTS = {
-    "type",
-    "enum",
-    "const",
-    "required",
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
-    "minLength",
-    "maxLength",
-    "pattern",
-    "minItems",
-    "maxItems",
-    "$ref",
-}
+CONSTRAINTS = set(
+    "type enum const required minimum maximum exclusiveMinimum exclusiveMaximum minLength maxLength"
+    " pattern minItems maxItems $ref".split()
+)
 ONE_SCHEMA = {"items", "additionalProperties"}  # keywords whose value is a schema (or a bool)
 SCHEMA_LIST = {"anyOf"}
 SCHEMA_MAP = {"properties", "$defs"}
