@@ -25,12 +25,15 @@ llguidance) is allowed only where the grammar may end; every other special token
 is written as json.dumps writes it (", " and ": ", no other whitespace): the format our tool calls
 are trained on, and a random walk cannot spend its tokens on spaces.
 
-Overlap: accept() consumes the token (a few microseconds, on the caller's thread) and hands the next
-mask to a thread pool; llguidance releases the GIL while it computes, so the mask is computed while
-the model computes the logits it will mask. bitmask() waits for it (normally already done).
-Not overlapped: accept itself, apply_bitmask (unpacking 32 bits per int32 and a masked_fill, on the
-logits' device) and compiling a grammar the cache has not seen (milliseconds, at the first request
-with that schema).
+Overlap: accept() consumes the token (~0.5 us, on the caller's thread) and hands the next mask to a
+thread pool; llguidance releases the GIL while it computes, so the mask is computed while the model
+computes the logits it will mask, and bitmask() waits for it (normally done by then). That is for a
+GPU, whose host has idle cores meanwhile; on a CPU the handoff (~20 us) costs more than the mask
+(~8 us) and the thread takes a core from the model, so pass overlap=False there (the mask is then
+computed in bitmask()). Never overlapped: accept, apply_bitmask (unpacking 32 bits per int32 and a
+masked_fill, on the logits' device: most of the cost on a CPU, ~20 us at vocab 4096, ~55 us at
+32768) and compiling a schema the cache has not seen (milliseconds, once). bench/grammar.py measures
+all of it.
 """
 
 import functools
@@ -113,10 +116,8 @@ def compile_grammar(
         raise ValueError(f"tool_choice must be one of {TOOL_CHOICES}, got {tool_choice!r}")
     if tool_choice == "required" and not tools:
         raise ValueError('tool_choice "required" needs at least one tool')
-    key = json.dumps(
-        [tools, tool_choice, answer_schema]
-    )  # keeps property order: it is the output's
-    return _compile(tokenizer, key)
+    # The key keeps the schemas' property order: it is the order the JSON is written in.
+    return _compile(tokenizer, json.dumps([tools, tool_choice, answer_schema]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -174,14 +175,12 @@ class Matcher:
     """One row's place in a grammar. bitmask() is the mask for the row's next token; accept(*tokens)
     moves past tokens the row took (sampled or forced) and raises ValueError if the grammar forbids
     them; done is True once nothing but <|assistant_end|> can follow (or it was taken).
-    overlap=False computes each mask in bitmask(), on the caller's thread: no thread handoff (~10-20
-    us), which costs more than a typical mask (~8 us) when nothing runs meanwhile."""
+    overlap: compute the next mask on a thread as soon as a token is accepted (for a GPU); False
+    computes it in bitmask(), on the caller's thread (for a CPU; see the module docstring)."""
 
     def __init__(self, grammar: Grammar, overlap: bool = True):
-        self.grammar, self.matcher = (
-            grammar,
-            grammar.start.deep_copy(),
-        )  # ~25 us: shares the grammar
+        self.grammar = grammar
+        self.matcher = grammar.start.deep_copy()  # ~25 us: the compiled grammar is shared
         self.words = (grammar.vocab_size + 31) // 32  # int32 words of a bitmask
         self.overlap = overlap
         self._start()
@@ -204,7 +203,8 @@ class Matcher:
         # One by one: consume_tokens([<|assistant_end|>]) fails once the grammar is complete, where
         # consume_token takes it (llguidance 1.9.1).
         if not all(self.matcher.consume_token(t) for t in tokens):
-            raise ValueError(f"tokens {list(tokens)} break the grammar: {self.matcher.get_error()}")
+            error = self.matcher.get_error().partition("\n")[0]  # (then the parser's state)
+            raise ValueError(f"tokens {list(tokens)} break the grammar: {error}")
         self._start()
 
     @property
