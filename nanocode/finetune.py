@@ -3,11 +3,11 @@ gradient accumulation, the gradient all-reduce, the learning-rate schedule, chec
 --resume, the progress line (tok/s, MFU, ETA), wandb and the report's curves. Each script keeps
 only what is its own: which rows make step s's micro-batches, and the loss of one micro-batch.
 
-    opts = finetune.setup_optimizers(model, args, rank, world_size)
-    result = finetune.train(model, opts, args, phase="sft", tag=tag, num_steps=n,
-                            batches=lambda step: [...],   # this rank's micro-batches of the step
-                            loss_fn=lambda mb: (loss, {"loss": loss.detach()}),
-                            evaluate=lambda step: {...} or None)  # called on every rank
+    opts = finetune.setup_optimizers(model, args)
+    result = finetune.train(model, opts, args, "sft", tag, num_steps,
+                            batches,   # step -> this rank's micro-batches of the step
+                            loss_fn,   # micro-batch -> (loss, {"loss": loss.detach(), ...})
+                            evaluate)  # step -> {metrics} or None, called on every rank
 
 A step: loss_fn on each micro-batch, backward of loss / (number of micro-batches), gradients
 averaged across ranks, learning rates set to initial_lr * schedule(step) (by default
@@ -45,8 +45,8 @@ from nanocode.optim import all_reduce_gradients
 
 def add_loop_args(p, eval_every):
     """The flags of the loop itself, every training script's."""
-    p.add_argument("--eval-every", type=int, default=eval_every, help="-1: start and end only")
-    p.add_argument("--save-every", type=int, default=-1, help="resumable checkpoints (-1: none)")
+    p.add_argument("--eval-every", type=int, default=eval_every, help="steps (-1: first, last)")
+    p.add_argument("--save-every", type=int, default=-1, help="steps between resumable ones")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
     p.add_argument("--seed", type=int, default=0)
