@@ -6,8 +6,9 @@ is not installed.
     python -m bench.profile_steps --device cpu --depth 2 --seq-len 128 --device-batch-size 2
 
 The model, optimizers, compilation and autocast are base_train's (bench.mfu.build_train_step), on
-random tokens. Steps are labelled forward / backward / optimizer in the trace (record_function), and
-on CUDA each kernel family of the model shows up as its own Triton kernels.
+random tokens. Steps are labelled forward / backward / optimizer in the trace (record_function),
+and on CUDA each kernel family of the model shows up as its own Triton kernels. --warmup unprofiled
+steps (compilation, autotuning) come first; the per-op table has --rows rows.
 """
 
 import argparse
@@ -17,28 +18,17 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.mfu import build_train_step, check_step_args
+from bench.mfu import add_step_args, build_train_step, check_step_args, sync
 from nanocode.common import get_base_dir, run_main, set_nvtx
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="profile a few training steps with torch.profiler")
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--device-batch-size", type=int, default=32)
-    p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument(
-        "--warmup", type=int, default=3, help="unprofiled steps first (compilation, autotuning)"
-    )
-    p.add_argument("--steps", type=int, default=3, help="profiled steps")
-    p.add_argument(
-        "--compile", type=int, default=-1, help="torch.compile the model (default: on CUDA)"
-    )
-    p.add_argument("--device", default="", help="cuda|cpu (default: cuda when available)")
+    add_step_args(p, warmup=3, steps=3)
+    p.add_argument("--compile", type=int, default=-1, help="torch.compile (default: on CUDA)")
     p.add_argument("--out", default="", help="output dir (default: $NANOCODE_BASE_DIR/profile)")
-    p.add_argument("--rows", type=int, default=25, help="rows of the per-op table")
-    args = p.parse_args(argv)
-    return check_step_args(args)
+    p.add_argument("--rows", type=int, default=25)
+    return check_step_args(p.parse_args(argv))
 
 
 def main(argv=None):
@@ -46,39 +36,37 @@ def main(argv=None):
     device = torch.device(args.device)
     use_compile = args.compile == 1 or (args.compile == -1 and device.type == "cuda")
     set_nvtx(True)  # the model's per-kernel ranges also land in nsys if someone wraps this in it
-    step, model = build_train_step(
-        args.depth, args.seq_len, args.device_batch_size, args.vocab_size, device, use_compile
-    )
+    shape = (args.depth, args.seq_len, args.device_batch_size, args.vocab_size)
+    step, model = build_train_step(*shape, device, use_compile)
+    kernels = os.environ.get("NANOCODE_KERNELS") or "default"
     print(
-        f"depth {args.depth}, {model.num_params():,} parameters, {args.device_batch_size} x {args.seq_len} tokens "
-        f"per step on {device}, compile={use_compile}, kernels={os.environ.get('NANOCODE_KERNELS') or 'default'}"
+        f"depth {args.depth}, {model.num_params():,} parameters, {args.device_batch_size} x "
+        f"{args.seq_len} tokens per step on {device}, compile={use_compile}, kernels={kernels}"
     )
     t0 = time.perf_counter()
     for i in range(args.warmup):
         step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     print(f"warmup: {args.warmup} steps in {time.perf_counter() - t0:.1f}s")
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
     with profile(activities=activities) as prof:
         for i in range(args.steps):
             with record_function(f"train_step_{i}"):
                 step(args.warmup + i)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
 
     out = os.path.abspath(args.out) if args.out else str(get_base_dir() / "profile")
     os.makedirs(out, exist_ok=True)
-    trace = os.path.join(out, f"trace_d{args.depth}_{device.type}.json.gz")
-    prof.export_chrome_trace(trace)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    name = f"d{args.depth}_{device.type}"
+    prof.export_chrome_trace(os.path.join(out, f"trace_{name}.json.gz"))
+    sort_by = f"self_{device.type}_time_total"  # self_cuda_time_total or self_cpu_time_total
     table = prof.key_averages().table(sort_by=sort_by, row_limit=args.rows)
-    with open(os.path.join(out, f"ops_d{args.depth}_{device.type}.txt"), "w") as f:
+    with open(os.path.join(out, f"ops_{name}.txt"), "w") as f:
         f.write(table + "\n")
     print(table)
-    print(f"chrome trace: {trace} (open in https://ui.perfetto.dev)")
-    print(f"per-op table: {os.path.join(out, f'ops_d{args.depth}_{device.type}.txt')}")
+    print(f"chrome trace: {out}/trace_{name}.json.gz (open in https://ui.perfetto.dev)")
+    print(f"per-op table: {out}/ops_{name}.txt")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ optimizer.load_state_dict moves its state to each parameter's device itself.
 
 Layout: $NANOCODE_BASE_DIR/checkpoints/<phase>/<tag>/
     model_<step>.pt          model state dict (rank 0)
-    optim_<step>_rank<r>.pt  optimizer + dataloader + RNG state per rank (for --resume)
-    meta_<step>.json         config, step, metrics, and the byte size of each file above
+    optim_<step>_rank<r>.pt  optimizers + RNG (+ data loader) state per rank: what --resume needs
+    meta_<step>.json         config, step, curves, and the byte size of each file above
+
+save_training / resume are the one place every training stage (base_train, SFT, DPO, RL: the loop
+in nanocode/finetune.py) saves and restores its state.
 """
 
 import json
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanocode.common import NanocodeError, get_base_dir
+from nanocode.common import NanocodeError, get_base_dir, print0
 
 # The training phases, in pipeline order; each has its own checkpoints/<phase>/ directory.
 PHASES = ("base", "sft", "dpo", "rl")
@@ -40,8 +43,7 @@ def _atomic_write(path: Path, write_fn) -> int:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -50,54 +52,29 @@ def _atomic_write(path: Path, write_fn) -> int:
     return path.stat().st_size
 
 
-def save_checkpoint(
-    ckpt_dir,
-    step: int,
-    model_state: dict | None,
-    optim_state: dict | None,
-    meta: dict,
-    rank: int = 0,
-):
-    """Every rank saves its optimizer/loader state, rank 0 the model; then (under DDP, after a barrier,
-    so every rank's file is complete) rank 0 writes the metadata. A crash anywhere before that leaves
-    the previous step as the latest complete one. Under DDP every rank must call this."""
+def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, rank: int = 0):
+    """Every rank saves its optimizer/loader state, rank 0 the model; then (under DDP, after a
+    barrier, so every rank's file is complete) rank 0 writes the metadata with the size of every
+    file of the step. A crash anywhere before that leaves the previous step as the latest complete
+    one. Under DDP every rank must call this."""
     ckpt_dir = Path(ckpt_dir)
-    sizes = {}
     if optim_state is not None:
-        p = ckpt_dir / f"optim_{step:06d}_rank{rank}.pt"
-        sizes[p.name] = _atomic_write(p, lambda f: torch.save(optim_state, f))
+        path = ckpt_dir / f"optim_{step:06d}_rank{rank}.pt"
+        _atomic_write(path, lambda f: torch.save(optim_state, f))
     if rank == 0 and model_state is not None:
-        p = ckpt_dir / f"model_{step:06d}.pt"
-        sizes[p.name] = _atomic_write(p, lambda f: torch.save(model_state, f))
+        _atomic_write(ckpt_dir / f"model_{step:06d}.pt", lambda f: torch.save(model_state, f))
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     if rank == 0:
-        write_meta(ckpt_dir, step, meta, sizes)
-    return sizes
-
-
-def write_meta(ckpt_dir, step: int, meta: dict, sizes: dict):
-    """Record the size of every file of this step found on disk (other ranks' optimizer files too)."""
-    ckpt_dir = Path(ckpt_dir)
-    files = dict(sizes)
-    for p in ckpt_dir.glob(f"*_{step:06d}*.pt"):
-        files.setdefault(p.name, p.stat().st_size)
-    meta = dict(meta, step=step, files=files)
-    _atomic_write(
-        ckpt_dir / f"meta_{step:06d}.json", lambda f: f.write(json.dumps(meta, indent=2).encode())
-    )
+        files = {p.name: p.stat().st_size for p in ckpt_dir.glob(f"*_{step:06d}*.pt")}
+        text = json.dumps(dict(meta, step=step, files=files), indent=2).encode()
+        _atomic_write(ckpt_dir / f"meta_{step:06d}.json", lambda f: f.write(text))
 
 
 def list_steps(ckpt_dir) -> list[int]:
     ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    steps = [
-        int(m.group(1))
-        for p in ckpt_dir.iterdir()
-        if (m := re.fullmatch(r"meta_(\d+)\.json", p.name))
-    ]
-    return sorted(steps)
+    names = [p.name for p in ckpt_dir.iterdir()] if ckpt_dir.is_dir() else []
+    return sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"meta_(\d+)\.json", n)))
 
 
 def _load_pt(path: Path, expected_size: int | None, map_location):
@@ -106,7 +83,7 @@ def _load_pt(path: Path, expected_size: int | None, map_location):
     size = path.stat().st_size
     if expected_size is not None and size != expected_size:
         raise NanocodeError(
-            f"checkpoint file is truncated or corrupt: {path} ({size} bytes, expected {expected_size})"
+            f"checkpoint file is truncated or corrupt: {path} ({size} bytes, not {expected_size})"
         )
     try:
         # weights_only: tensors and plain containers only, no pickled code runs (a checkpoint from
@@ -123,8 +100,7 @@ def load_meta(ckpt_dir, step: int | None = None) -> dict:
     steps = list_steps(ckpt_dir)
     if not steps:
         raise NanocodeError(f"no checkpoint found in {ckpt_dir}")
-    step = steps[-1] if step is None else step
-    path = ckpt_dir / f"meta_{step:06d}.json"
+    path = ckpt_dir / f"meta_{steps[-1] if step is None else step:06d}.json"
     if not path.exists():
         raise NanocodeError(f"no checkpoint for step {step} in {ckpt_dir} (have steps {steps})")
     try:
@@ -133,15 +109,12 @@ def load_meta(ckpt_dir, step: int | None = None) -> dict:
         raise NanocodeError(f"checkpoint metadata is corrupt: {path} ({e})") from None
 
 
-def load_checkpoint(
-    ckpt_dir, step: int | None = None, device="cpu", rank: int = 0, load_optim: bool = False
-):
-    """Returns (model_state on `device`, optim_state on the CPU or None, meta) for `step` (default: the
+def load_checkpoint(ckpt_dir, step=None, device="cpu", rank: int = 0, load_optim: bool = False):
+    """(model_state on `device`, optim_state on the CPU or None, meta) of `step` (default: the
     latest complete one)."""
     ckpt_dir = Path(ckpt_dir)
     meta = load_meta(ckpt_dir, step)
-    step = meta["step"]
-    files = meta.get("files", {})
+    files, step = meta.get("files", {}), meta["step"]
     name = f"model_{step:06d}.pt"
     model_state = _load_pt(ckpt_dir / name, files.get(name), device)
     optim_state = None
@@ -151,33 +124,94 @@ def load_checkpoint(
     return model_state, optim_state, meta
 
 
+def save_training(ckpt_dir, step, model, optimizers, meta, rank=0, stateful=None, resumable=True):
+    """A training checkpoint: the model, and when resumable every rank's optimizers, RNG and
+    `stateful` objects (name -> anything with state_dict(), e.g. the data loader)."""
+    state = None
+    if resumable:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {k: obj.state_dict() for k, obj in (stateful or {}).items()}
+        state.update(optimizers=[o.state_dict() for o in optimizers], rng=rng)
+    save_checkpoint(ckpt_dir, step, model.state_dict() if rank == 0 else None, state, meta, rank)
+
+
+def resume(ckpt_dir, model, optimizers, device, rank=0, stateful=None, **expect) -> dict:
+    """Load the latest resumable checkpoint of ckpt_dir into model, optimizers, RNG and `stateful`;
+    `expect` are metadata values this run must share with it (the config, the number of steps the
+    schedule depends on). Returns the checkpoint's metadata."""
+    ckpt_dir = Path(ckpt_dir)
+    steps = [
+        s for s in list_steps(ckpt_dir) if (ckpt_dir / f"optim_{s:06d}_rank{rank}.pt").exists()
+    ]
+    if not steps:
+        raise NanocodeError(
+            f"--resume: no checkpoint to resume from in {ckpt_dir} (one saved with --save-every)"
+        )
+    model_state, state, meta = load_checkpoint(ckpt_dir, steps[-1], device, rank, load_optim=True)
+    for key, value in expect.items():
+        if meta.get(key) != value:
+            raise NanocodeError(
+                f"--resume: the checkpoint in {ckpt_dir} has {key} {meta.get(key)}, "
+                f"this run has {value}"
+            )
+    model.load_state_dict(model_state)
+    for opt, sd in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(sd)
+    for k, obj in (stateful or {}).items():
+        obj.load_state_dict(state[k])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    print0(f"resumed from {ckpt_dir} at step {meta['step']}")
+    return meta
+
+
 def load_model(phase: str, device, tag: str | None = None, step: int | None = None):
-    """Build a GPT from a saved checkpoint of `phase` (one of PHASES) and return (model, tokenizer, meta).
-    With no tag, the most recently written tag of that phase is used."""
-    from nanocode.gpt import GPT, GPTConfig
+    """Build a GPT from a saved checkpoint of `phase` (one of PHASES); returns (model, tokenizer,
+    meta). With no tag, the most recently written tag of that phase is used."""
     from nanocode.tokenizer import get_tokenizer
 
     phase_dir = get_base_dir() / "checkpoints" / phase
     if tag is None:
-        tags = (
-            sorted(
-                (d for d in phase_dir.glob("*") if list_steps(d)), key=lambda d: d.stat().st_mtime
-            )
-            if phase_dir.is_dir()
-            else []
-        )
+        tags = [d for d in phase_dir.glob("*") if list_steps(d)] if phase_dir.is_dir() else []
         if not tags:
             raise NanocodeError(
                 f"no {phase} checkpoint found under {phase_dir}: run the {phase} stage first"
             )
-        ckpt_dir = tags[-1]
-    else:
-        ckpt_dir = phase_dir / tag
-    model_state, _, meta = load_checkpoint(ckpt_dir, step, device=device)
+        tag = max(tags, key=lambda d: d.stat().st_mtime).name
+    model_state, _, meta = load_checkpoint(phase_dir / tag, step, device=device)
+    return model_from_state(meta["model_config"], model_state, device), get_tokenizer(), meta
+
+
+def model_from_state(model_config: dict, state: dict, device):
+    """A GPT in eval mode on `device` holding `state`, its config from a checkpoint's or an
+    export's "model_config"; built on the meta device, so no memory goes to a random init."""
+    from nanocode.gpt import GPT, GPTConfig
+
+    if not hasattr(GPTConfig, "from_dict"):  # STAND-IN until the engine branch merges: revert
+        GPTConfig.from_dict = classmethod(_stand_in_from_dict)
+    try:
+        config = GPTConfig.from_dict(model_config)
+    except (TypeError, ValueError) as e:  # e.g. the October 2025 recipe, or another version's keys
+        raise NanocodeError(f"cannot build the saved model: {e}") from None
     with torch.device("meta"):
-        model = GPT(GPTConfig(**meta["model_config"]))
+        model = GPT(config)
     model.to_empty(device=device)
-    model.init_rotary()
-    model.load_state_dict(model_state, strict=True)
-    model.eval()
-    return model, get_tokenizer(), meta
+    model.init_rotary()  # cos/sin are buffers computed from the config, not stored
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _stand_in_from_dict(cls, d):  # STAND-IN for contract 1's GPTConfig.from_dict: revert at merge
+    recipe = dict(
+        value_embeds=True, lambdas=True, rope_base=1e5, embed_init_std=0.8, mlp_init_scale=0.4
+    )
+    for key, value in recipe.items():
+        if d.get(key, value) != value:
+            raise ValueError(
+                f"model_config {key}={d[key]!r}: trained with the October 2025 recipe, which this "
+                "version no longer builds"
+            )
+    return cls(**{k: v for k, v in d.items() if k not in recipe})

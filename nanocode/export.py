@@ -1,8 +1,9 @@
-"""Shareable weights: a trained model as a directory that needs neither our pickles nor trust to load.
+"""Shareable weights: a trained model as a directory that needs neither our pickles nor trust to
+load.
 
     out/
       model.safetensors    the state dict (safetensors: a JSON header and raw tensor bytes, no code)
-      config.json          {"format": "nanocode", "model_config": {...GPTConfig...}, "phase", "step", ...}
+      config.json          {"format": "nanocode", "model_config": {...}, "phase", "step"}
       tokenizer.tiktoken   the tokenizer, as nanocode.tokenizer saves it (ranks, base64)
       tokenizer.json       its split pattern and special tokens
 
@@ -22,14 +23,15 @@ from pathlib import Path
 
 import torch
 
+from nanocode.checkpoint import model_from_state
 from nanocode.common import NanocodeError
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
 def export_model(model, tokenizer, out_dir, info: dict | None = None) -> Path:
-    """Write model + config + tokenizer to out_dir (replacing it), through a temp dir renamed at the end,
-    so a crash never leaves a half-written export that looks complete."""
+    """Write model + config + tokenizer to out_dir (replacing it), through a temp dir renamed at the
+    end, so a crash never leaves a half-written export that looks complete."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -38,15 +40,12 @@ def export_model(model, tokenizer, out_dir, info: dict | None = None) -> Path:
     tmp.mkdir(parents=True)
     try:
         # safetensors refuses tensors that share memory and wants them contiguous: clone each one.
-        state = {
-            k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
-        }
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "nanocode"})
         config = {"format": "nanocode", "model_config": model.config.to_dict(), **(info or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -54,8 +53,8 @@ def export_model(model, tokenizer, out_dir, info: dict | None = None) -> Path:
 
 
 def load_weights(path, device="cpu") -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file or a .pt file, without ever running pickled code: .pt files
-    go through torch.load(weights_only=True), which unpickles tensors and plain containers only."""
+    """A state dict from a .safetensors file or a .pt file, without ever running pickled code: .pt
+    files go through torch.load(weights_only=True), which unpickles tensors and plain containers."""
     path = Path(path)
     if not path.is_file():
         raise NanocodeError(f"weights file not found: {path}")
@@ -86,29 +85,21 @@ def load_weights(path, device="cpu") -> dict[str, torch.Tensor]:
 
 
 def load_exported(directory, device="cpu"):
-    """(model in eval mode on `device`, tokenizer, config dict) from a directory written by export_model."""
-    from nanocode.gpt import GPT, GPTConfig
+    """(model in eval mode on `device`, tokenizer, config dict) of an export_model directory."""
     from nanocode.tokenizer import Tokenizer
 
-    directory = Path(directory)
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise NanocodeError(f"no {CONFIG_FILE} in {directory}: not an exported nanocode model")
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        model_config = GPTConfig(**config["model_config"])
-    except FileNotFoundError:
-        raise NanocodeError(
-            f"no {CONFIG_FILE} in {directory}: not an exported nanocode model"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise NanocodeError(f"bad {directory / CONFIG_FILE}: {type(e).__name__}: {e}") from None
-    state = load_weights(directory / WEIGHTS_FILE, device)
-    with torch.device("meta"):  # no memory for random init that the weights overwrite at once
-        model = GPT(model_config)
-    model.to_empty(device=device)
-    model.init_rotary()  # cos/sin are buffers computed from the config, not stored
+        config = json.loads(path.read_text())
+        model_config = config["model_config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise NanocodeError(f"bad {path}: {type(e).__name__}: {e}") from None
+    state = load_weights(path.with_name(WEIGHTS_FILE), device)
     try:
-        model.load_state_dict(state, strict=True)
+        model = model_from_state(model_config, state, device)
     except RuntimeError as e:
-        raise NanocodeError(
-            f"{directory / WEIGHTS_FILE} does not match its config.json: {e}"
-        ) from None
-    return model.eval(), Tokenizer.load(directory), config
+        weights = path.parent / WEIGHTS_FILE
+        raise NanocodeError(f"{weights} does not match its {CONFIG_FILE}: {e}") from None
+    return model, Tokenizer.load(directory), config

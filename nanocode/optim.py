@@ -19,45 +19,22 @@ import torch.distributed as dist
 
 import kernels
 
-# base_train --ns-coeffs: Polar Express (per-step coefficients, the default) or the classic quintic.
-NS_COEFFS = {"polar": kernels.POLAR_EXPRESS, "classic": kernels.CLASSIC_QUINTIC}
-
 
 class Muon(torch.optim.Optimizer):
     def __init__(
-        self,
-        params,
-        lr=0.02,
-        momentum=0.95,
-        nesterov=True,
-        ns_steps=5,
-        weight_decay=0.0,
-        rank=0,
-        world_size=1,
-        ns_coeffs=kernels.POLAR_EXPRESS,
+        self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, rank=0, world_size=1
     ):
         params = list(params)
-        for p in params:
-            if p.ndim != 2:
-                raise ValueError(
-                    f"Muon trains 2-D matrices only, got a parameter of shape {tuple(p.shape)}"
-                )
-        # One group per shape (in order of first appearance), so each group is one batched Newton-Schulz call.
+        if any(p.ndim != 2 for p in params):
+            raise ValueError(
+                f"Muon trains 2-D matrices only, got shapes {[p.shape for p in params]}"
+            )
+        # One group per shape (in order of first appearance): one batched Newton-Schulz call each.
         shapes = list(dict.fromkeys(tuple(p.shape) for p in params))
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
-        super().__init__(
-            groups,
-            dict(
-                lr=lr,
-                momentum=momentum,
-                nesterov=nesterov,
-                ns_steps=ns_steps,
-                weight_decay=weight_decay,
-            ),
-        )
-        # Newton-Schulz's per-step (a, b, c): not a param-group entry, so optimizer state files stay plain
-        # tensors and numbers, and the choice stays the script's (base_train --ns-coeffs).
-        self.rank, self.world_size, self.ns_coeffs = rank, world_size, tuple(map(tuple, ns_coeffs))
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(groups, defaults)
+        self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
     def step(self):
@@ -70,7 +47,7 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(grads, 1 - group["momentum"])
             update = grads.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
-            update = self._orthogonalize(update, group["ns_steps"])
+            update = self._orthogonalize(update)
             rows, cols = params[0].shape
             lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
             wd = group["weight_decay"]
@@ -80,23 +57,19 @@ class Muon(torch.optim.Optimizer):
                     u = u + wd * p * (u * p >= 0)  # p -= lr * u: decay only where u has p's sign
                 p.add_(u, alpha=-lr)
 
-    def _orthogonalize(self, update, steps):
+    def _orthogonalize(self, update):
+        """Newton-Schulz with its default (Polar Express) coefficients, 5 steps."""
         ns_dtype = torch.bfloat16 if update.is_cuda else torch.float32
         n, world = update.size(0), self.world_size
         if world == 1:
-            return kernels.newton_schulz(update, steps=steps, dtype=ns_dtype, coeffs=self.ns_coeffs)
+            return kernels.newton_schulz(update, dtype=ns_dtype)
         # Rank r orthogonalizes matrices [r*per, (r+1)*per) of the stack (zero-padded to world*per);
         # every rank then holds all results after the all-gather.
         per = math.ceil(n / world)
-        padded = torch.zeros(
-            (per * world, *update.shape[1:]), dtype=update.dtype, device=update.device
-        )
+        padded = update.new_zeros((per * world, *update.shape[1:]))
         padded[:n] = update
         mine = kernels.newton_schulz(
-            padded[self.rank * per : (self.rank + 1) * per],
-            steps=steps,
-            dtype=ns_dtype,
-            coeffs=self.ns_coeffs,
+            padded[self.rank * per : (self.rank + 1) * per], dtype=ns_dtype
         )
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine.contiguous())

@@ -1,21 +1,22 @@
-"""Evaluate a base model: bits per byte on the validation shard, overall and per language, then a few
-greedy completions and fill-in-the-middle infillings printed for a look.
+"""Evaluate a base model: bits per byte on the validation shard, overall and per language, then a
+few greedy completions and fill-in-the-middle infillings printed for a look.
 
     python -m scripts.base_eval                       # latest base checkpoint
     python -m scripts.base_eval --max-docs 2000 --max-tokens 2000000
     torchrun --nproc_per_node=8 -m scripts.base_eval  # documents sharded across ranks
 
-Bits per byte: the validation documents (each <|bos|> + its tokens) are concatenated into one stream,
-cut into rows of the model's context, and every target token's loss (nats) and UTF-8 byte count are
-summed per language of the document it belongs to; bpb = nats / (ln 2 * bytes). It does not depend on
-the tokenizer, so models with different vocabularies compare. Concatenated rather than one document
-per row: no padding to compute on. As in training, a document can attend to the end of the one before
-it in the same row (attention is not masked per document); unlike training, a row may start inside a
-document, so a few tokens per row see less context than they would in training.
+Bits per byte (nanocode/loss_eval.py, one group per language): the validation documents (each
+<|bos|> + its tokens) are concatenated into one stream, cut into rows of the model's context, and
+every target token's loss (nats) and UTF-8 byte count are summed per language of the document it
+belongs to; bpb = nats / (ln 2 * bytes). It does not depend on the tokenizer, so models with
+different vocabularies compare. Concatenated rather than one document per row: no padding to
+compute on. As in training, a document can attend to the end of the one before it in the same row
+(attention is not masked per document); unlike training, a row may start inside a document, so a
+few tokens per row see less context than they would in training. --max-docs documents per rank
+(balanced across languages), at most --max-tokens tokens per rank.
 """
 
 import argparse
-import math
 import sys
 from collections import defaultdict
 
@@ -24,27 +25,17 @@ import torch.distributed as dist
 
 from nanocode.checkpoint import PHASES
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
+from nanocode.loss_eval import bpb, loss_sums
 from nanocode.report import log_stage
 
-parser = argparse.ArgumentParser(
-    description="bits per byte on the validation shard, per language, and samples"
-)
+parser = argparse.ArgumentParser(description="bits per byte per language, and samples")
 parser.add_argument("-i", "--source", default="base", choices=PHASES, help="which checkpoint")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-parser.add_argument(
-    "--max-docs",
-    type=int,
-    default=1000,
-    help="validation documents per rank, balanced across languages",
-)
-parser.add_argument(
-    "--max-tokens", type=int, default=1_000_000, help="validation tokens per rank at most"
-)
+parser.add_argument("--max-docs", type=int, default=1000)
+parser.add_argument("--max-tokens", type=int, default=1_000_000)
 parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
-parser.add_argument(
-    "--sample-tokens", type=int, default=64, help="tokens per greedy completion (0: no samples)"
-)
+parser.add_argument("--sample-tokens", type=int, default=64, help="per completion (0: none)")
 parser.add_argument("--data", default="code", help="corpus name under $NANOCODE_BASE_DIR/data")
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
 
@@ -63,33 +54,29 @@ FIM_EXAMPLES = [  # (prefix, suffix): the model writes the middle
 
 
 def select_docs(docs, max_docs: int) -> list[dict]:
-    """Up to max_docs documents taken round-robin across languages, so a small language is not crowded
-    out by the shard's order."""
+    """Up to max_docs documents taken round-robin across languages, so a small language is not
+    crowded out by the shard's order."""
     by_lang = defaultdict(list)
     for d in docs:
         by_lang[d["lang"] or "unknown"].append(d)
     queues = [list(reversed(v)) for _, v in sorted(by_lang.items())]
     chosen = []
     while len(chosen) < max_docs and any(queues):
-        for q in queues:
-            if q and len(chosen) < max_docs:
-                chosen.append(q.pop())
+        chosen += [q.pop() for q in queues if q][: max_docs - len(chosen)]
     return chosen
 
 
-def token_batches(
-    docs, tokenizer, batch_size: int, seq_len: int, max_tokens: int, langs: list[str]
-):
-    """(inputs, targets, target_lang) of shape (B, T): consecutive slices of one stream of documents,
-    each <|bos|> + text. target_lang indexes `langs` (appended to as new languages appear)."""
+def token_batches(docs, tokenizer, batch_size: int, seq_len: int, max_tokens: int, langs: list):
+    """(inputs, targets, target_lang) of shape (B, T): consecutive slices of one stream of
+    documents, each <|bos|> + text. target_lang indexes `langs` (appended to as new languages
+    appear)."""
     ids, lang_ids, total = [], [], 0
 
     def take(rows, t):
-        x = torch.tensor(ids[: rows * t]).view(rows, t)
-        y = torch.tensor(ids[1 : rows * t + 1]).view(rows, t)
-        lab = torch.tensor(lang_ids[1 : rows * t + 1]).view(rows, t)
-        del ids[: rows * t], lang_ids[: rows * t]
-        return x, y, lab
+        n = rows * t
+        x, y, lab = ids[:n], ids[1 : n + 1], lang_ids[1 : n + 1]
+        del ids[:n], lang_ids[:n]
+        return [torch.tensor(v).view(rows, t) for v in (x, y, lab)]
 
     for doc in docs:
         if total >= max_tokens:
@@ -109,52 +96,31 @@ def token_batches(
         yield take(1, len(ids) - 1)
 
 
-@torch.no_grad()
-def bpb_per_language(
-    model, tokenizer, docs, batch_size: int, seq_len: int, max_tokens: int, device
-):
-    """{lang: (nats, bytes, tokens)} summed over this rank's documents. Special tokens (0 bytes) count
-    for neither nats nor bytes."""
+def bpb_per_language(model, tokenizer, docs, batch_size, seq_len, max_tokens, device, langs=None):
+    """{lang: (nats, bytes, tokens)} summed over the documents (and over the ranks under DDP, where
+    every rank must pass the same `langs`, default: the documents' languages). Special tokens (0
+    bytes) count for neither nats nor bytes."""
+    langs = list(langs or sorted({d["lang"] or "unknown" for d in docs}))
+    rows = token_batches(docs, tokenizer, batch_size, seq_len, max_tokens, langs)
+    batches = ([t.to(device) for t in row] for row in rows)
     token_bytes = tokenizer.token_bytes.to(device)
-    langs, sums = [], defaultdict(lambda: [0.0, 0, 0])
-    for x, y, lab in token_batches(docs, tokenizer, batch_size, seq_len, max_tokens, langs):
-        x, y, lab = x.to(device), y.to(device), lab.to(device).view(-1)
-        with autocast(device):
-            loss = model(x, y, loss_reduction="none").view(-1).double()
-        nbytes = token_bytes[y.view(-1)]
-        counted = nbytes > 0
-        n = len(langs)
-        nats = torch.bincount(lab, weights=loss * counted, minlength=n).tolist()
-        bts = torch.bincount(lab, weights=nbytes.double(), minlength=n).tolist()
-        toks = torch.bincount(lab[counted], minlength=n).tolist()
-        for i, lang in enumerate(langs):
-            s = sums[lang]
-            s[0], s[1], s[2] = s[0] + nats[i], s[1] + int(bts[i]), s[2] + toks[i]
-    return dict(sums)
-
-
-def bpb(nats: float, nbytes: int) -> float:
-    return nats / (math.log(2) * nbytes) if nbytes else float("nan")
+    with autocast(device):
+        sums = loss_sums(model, batches, device, token_bytes, len(langs)).tolist()
+    return {lang: (nats, int(nbytes), int(n)) for lang, (nats, nbytes, n) in zip(langs, sums)}
 
 
 def encode_fim(tokenizer, prefix: str, suffix: str) -> list[int]:
-    sid = tokenizer.special_id
-    return (
-        [tokenizer.bos_id, sid("<|fim_prefix|>")]
-        + tokenizer.encode(prefix)
-        + [sid("<|fim_suffix|>")]
-        + tokenizer.encode(suffix)
-        + [sid("<|fim_middle|>")]
-    )
+    sid, encode = tokenizer.special_id, tokenizer.encode
+    prefix_ids = [tokenizer.bos_id, sid("<|fim_prefix|>")] + encode(prefix)
+    return prefix_ids + [sid("<|fim_suffix|>")] + encode(suffix) + [sid("<|fim_middle|>")]
 
 
 def main():
     args = parser.parse_args()
     for name in ("max_docs", "max_tokens", "batch_size"):
         if getattr(args, name) < 1:
-            raise NanocodeError(
-                f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
-            )
+            flag = "--" + name.replace("_", "-")
+            raise NanocodeError(f"{flag} must be >= 1, got {getattr(args, name)}")
     from nanocode.checkpoint import load_model
     from nanocode.dataset import iter_documents
 
@@ -162,55 +128,42 @@ def main():
     model, tokenizer, meta = load_model(args.source, device, tag=args.tag, step=args.step)
     seq_len = model.config.sequence_len
 
-    docs = select_docs(
-        iter_documents("val", name=args.data, rank=rank, world_size=world_size), args.max_docs
-    )
+    docs = iter_documents("val", name=args.data, rank=rank, world_size=world_size)
+    docs = select_docs(docs, args.max_docs)
+    langs = sorted({d["lang"] or "unknown" for d in docs})
+    if is_ddp:  # every rank sums into the same languages
+        every = [None] * world_size
+        dist.all_gather_object(every, langs)
+        langs = sorted(set().union(*every))
     sums = bpb_per_language(
-        model, tokenizer, docs, args.batch_size, seq_len, args.max_tokens, device
+        model, tokenizer, docs, args.batch_size, seq_len, args.max_tokens, device, langs
     )
-    if is_ddp:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, sums)
-        sums = defaultdict(lambda: [0.0, 0, 0])
-        for part in gathered:
-            for lang, (nats, nbytes, ntok) in part.items():
-                s = sums[lang]
-                s[0], s[1], s[2] = s[0] + nats, s[1] + nbytes, s[2] + ntok
-    total_nats, total_bytes = sum(s[0] for s in sums.values()), sum(s[1] for s in sums.values())
+    total_nats, total_bytes, total_tokens = (sum(s[i] for s in sums.values()) for i in range(3))
     if total_bytes == 0:
         raise NanocodeError(f"no validation text to evaluate in corpus {args.data!r}")
     overall = bpb(total_nats, total_bytes)
-    per_lang = {lang: bpb(s[0], s[1]) for lang, s in sorted(sums.items())}
+    per_lang = {lang: bpb(nats, nbytes) for lang, (nats, nbytes, _) in sums.items() if nbytes}
     print0(
-        f"{args.source} model, step {meta.get('step', '?')}: {len(docs)} validation documents per rank x {world_size} ranks, context {seq_len}"
+        f"{args.source} model, step {meta.get('step', '?')}: {len(docs)} validation documents per "
+        f"rank x {world_size} ranks, context {seq_len}"
     )
     print0(f"{'language':<12} {'tokens':>10} {'bytes':>12} {'bytes/tok':>9} {'bpb':>7}")
-    for lang, (nats, nbytes, ntok) in sorted(sums.items()):
-        print0(
-            f"{lang:<12} {ntok:>10,} {nbytes:>12,} {nbytes / max(ntok, 1):>9.2f} {bpb(nats, nbytes):>7.4f}"
-        )
-    print0(
-        f"{'all':<12} {sum(s[2] for s in sums.values()):>10,} {total_bytes:>12,} {'':>9} {overall:>7.4f}"
-    )
+    for lang, (nats, nbytes, n) in sums.items():
+        ratio = nbytes / max(n, 1)
+        print0(f"{lang:<12} {n:>10,} {nbytes:>12,} {ratio:>9.2f} {bpb(nats, nbytes):>7.4f}")
+    print0(f"{'all':<12} {total_tokens:>10,} {total_bytes:>12,} {'':>9} {overall:>7.4f}")
 
     samples = []
     if rank == 0 and args.sample_tokens > 0:
         from nanocode.engine import Engine
 
         engine = Engine(model, tokenizer)
-        on, off = (
-            ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
-        )  # the model's part in bold
+        on, off = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")  # the model's, bold
 
         def complete(ids):
-            ids = (
-                ids[-(seq_len - args.sample_tokens) :]
-                if len(ids) >= seq_len - args.sample_tokens
-                else ids
-            )
-            return tokenizer.decode(
-                engine.generate_batch(ids, max_tokens=args.sample_tokens, temperature=0.0)[0]
-            )
+            ids = ids[-(seq_len - args.sample_tokens) :]  # room for the completion
+            out = engine.generate_batch(ids, max_tokens=args.sample_tokens, temperature=0.0)
+            return tokenizer.decode(out[0])
 
         for prompt in CODE_PROMPTS:
             out = complete([tokenizer.bos_id] + tokenizer.encode(prompt))

@@ -1,4 +1,4 @@
-"""scripts/base_train.py end to end on a tiny corpus: exact resume and clear errors for bad flags."""
+"""scripts/base_train.py end to end on a tiny corpus: exact resume, clear errors for bad flags."""
 
 import os
 import subprocess
@@ -36,7 +36,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def base_dir(module_base_dir):
-    """A base dir holding a small corpus of real code (the stdlib's) and a tokenizer trained on it."""
+    """A base dir with a small corpus of real code (the stdlib's) and a tokenizer trained on it."""
     stdlib = Path(os.__file__).parent
     texts = [p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:60]]
     writer = ShardWriter(data_dir("code"), shard_chars=200_000, val_fraction=0.1, seed=0)
@@ -48,8 +48,8 @@ def base_dir(module_base_dir):
 
 
 def test_resume_is_bit_identical(base_dir, tmp_path, monkeypatch):
-    """A run killed after its step-3 checkpoint and resumed ends with exactly the parameters of a run
-    that was never interrupted (CPU, fp32)."""
+    """A run killed after its step-3 checkpoint and resumed ends with exactly the parameters of a
+    run that was never interrupted (CPU, fp32)."""
     args = TINY + ["--num-iterations", "6", "--eval-every", "-1", "--save-every", "3"]
     base_train.main(args + ["--model-tag", "straight"])
 
@@ -77,7 +77,7 @@ def test_resume_is_bit_identical(base_dir, tmp_path, monkeypatch):
 def test_loss_falls(base_dir):
     base_train.main(TINY + ["--num-iterations", "30", "--eval-every", "-1", "--model-tag", "falls"])
     _, _, meta = load_checkpoint(checkpoint_dir("base", "falls"))
-    losses = [l for _, l in meta["curves"]["loss"]]
+    losses = [loss for _, loss in meta["curves"]["loss"]]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
 
 
@@ -194,9 +194,9 @@ def test_wandb_asked_for_but_missing_is_one_clear_error(base_dir, tmp_path):
 
 
 def test_batch_from_the_horizon(base_dir, capsys):
-    """No --total-batch-size: the batch comes from the horizon (here depth 1, vocab 400: D / D12 = 8.8e-4,
-    2**19 * 8.8e-4**0.383 = 35k -> 2**15), LRs scaled by sqrt(2**15 / 2**19) = 1/4; a pass of more rows
-    than that batch holds shrinks to fit."""
+    """No --total-batch-size: the batch comes from the horizon (here depth 1, vocab 400: D / D12 =
+    8.8e-4, 2**19 * 8.8e-4**0.383 = 35k -> 2**15), LRs scaled by sqrt(2**15 / 2**19) = 1/4; a pass
+    of more rows than that batch holds shrinks to fit."""
     args = list(TINY)
     del args[args.index("--total-batch-size") : args.index("--total-batch-size") + 2]
     args[args.index("--device-batch-size") + 1] = "2048"  # 65,536 tokens a pass > 32,768

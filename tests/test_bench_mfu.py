@@ -1,5 +1,5 @@
-"""bench/mfu.py and bench/profile_steps.py on the CPU: the MFU arithmetic, one tiny timed variant, and a
-Chrome trace written by the torch.profiler recipe."""
+"""bench/mfu.py and bench/profile_steps.py on the CPU: the MFU arithmetic, one tiny timed variant,
+and a Chrome trace written by the torch.profiler recipe."""
 
 import gzip
 import json

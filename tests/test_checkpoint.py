@@ -45,9 +45,9 @@ def train_state(model):
 
 def test_weights_go_to_the_device_and_the_rest_to_the_cpu(tmp_path):
     """Resume on a GPU: the weights are mapped to the device, the loader and RNG state must stay CPU
-    tensors (the loader calls .numpy(), torch.set_rng_state takes a CPU ByteTensor). The "meta" device
-    stands in for CUDA: a CPU-only test of the same split (with everything mapped to the device, as
-    before, loading the loader state fails)."""
+    tensors (the loader calls .numpy(), torch.set_rng_state takes a CPU ByteTensor). The "meta"
+    device stands in for CUDA: a CPU-only test of the same split (with everything mapped to the
+    device, as before, loading the loader state fails)."""
     torch.manual_seed(0)
     model = build_model(GPTConfig.from_depth(1, 97, 16), "cpu")
     opts, loader, state = train_state(model)
@@ -125,14 +125,14 @@ def main():
     _, rank, _, world, _ = compute_init("cpu")
     d = sys.argv[1]
     model_state = {"w": torch.full((4,), 1.0)} if rank == 0 else None
-    save_checkpoint(d, 1, model_state, {"rank": torch.tensor(rank)}, {"model_config": {}}, rank=rank)
-    if rank == 1:  # dies before writing its step-2 file, once rank 0 has written its own and the model
+    save_checkpoint(d, 1, model_state, {"rank": torch.tensor(rank)}, {"model_config": {}}, rank)
+    if rank == 1:  # dies before writing its step-2 file, once rank 0 wrote its own and the model
         for _ in range(600):
             if os.path.exists(os.path.join(d, "model_000002.pt")):
                 break
             time.sleep(0.1)
         os._exit(7)
-    save_checkpoint(d, 2, model_state, {"rank": torch.tensor(rank)}, {"model_config": {}}, rank=rank)
+    save_checkpoint(d, 2, model_state, {"rank": torch.tensor(rank)}, {"model_config": {}}, rank)
 
 run_main(main)
 """
@@ -140,7 +140,7 @@ run_main(main)
 
 def test_ddp_meta_waits_for_every_rank(tmp_path):
     """Under DDP rank 0 writes the meta only after a barrier: rank 1 dying before its optimizer file
-    leaves step 1 (complete on both ranks) as the latest, never a step-2 meta without rank 1's file."""
+    leaves step 1 (complete on both ranks) the latest, never a step-2 meta lacking rank 1's file."""
     script = tmp_path / "crash.py"
     script.write_text(DDP_CRASH)
     ckpt = tmp_path / "ckpt"
@@ -170,3 +170,37 @@ def test_ddp_meta_waits_for_every_rank(tmp_path):
     for rank in (0, 1):
         _, optim_state, meta = load_checkpoint(ckpt, rank=rank, load_optim=True)
         assert meta["step"] == 1 and int(optim_state["rank"]) == rank
+
+
+def test_save_training_and_resume_restore_everything(tmp_path):
+    """The one save/resume of every training stage: model, optimizer state, RNG and a `stateful`
+    object (base_train's data loader) come back as saved; a final (model-only) checkpoint is not
+    resumable; a run that differs in what the schedule depends on is refused, naming the key."""
+    from nanocode.checkpoint import resume, save_training
+
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(1, 97, 16), "cpu")
+    opts, loader, _ = train_state(model)
+    meta = {"model_config": model.config.to_dict(), "num_steps": 10}
+    save_training(tmp_path, 4, model, opts, meta, stateful={"loader": loader})
+    rng_after_save = torch.rand(3)
+    save_training(tmp_path, 10, model, opts, meta, resumable=False)
+
+    torch.manual_seed(1)
+    fresh = build_model(GPTConfig.from_depth(1, 97, 16), "cpu")
+    fresh_opts, fresh_loader = fresh.setup_optimizers(), DataLoader(StubTokenizer(), 2, 16)
+    saved = resume(tmp_path, fresh, fresh_opts, "cpu", stateful={"loader": fresh_loader}, **meta)
+    assert saved["step"] == 4  # the step-10 checkpoint holds no optimizer state
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    for a, b in zip(opts, fresh_opts):
+        sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+        assert sa.keys() == sb.keys() and all(
+            torch.equal(x, sb[i][k]) for i, s in sa.items() for k, x in s.items()
+        )
+    assert [d.tolist() for d in fresh_loader._state["buffer"]] == [list(range(5)), list(range(7))]
+    assert torch.equal(torch.rand(3), rng_after_save)
+    with pytest.raises(NanocodeError, match="has num_steps 10, this run has 20"):
+        resume(tmp_path, fresh, fresh_opts, "cpu", num_steps=20)
+    with pytest.raises(NanocodeError, match="no checkpoint to resume from"):
+        resume(tmp_path / "none", fresh, fresh_opts, "cpu")

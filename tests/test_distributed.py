@@ -4,10 +4,9 @@ against the same computation in one process:
 - evaluate_bpb's all-reduce (2 ranks on half the batches each == 1 rank on all of them);
 - code_eval's problem sharding and gather (2 ranks == 1 rank, same per-sample results, same order).
 - DDP gradients: 2 processes == 1 process with 2x gradient accumulation.
-The scripts join and leave through compute_init/run_main, as the real scripts do (run_main's early exit
-keeps torch's gloo teardown from aborting a finished process). Disjoint dataloader shards are in
-test_dataloader.py.
-"""
+The scripts join and leave through compute_init/run_main, as the real scripts do (run_main's early
+exit keeps torch's gloo teardown from aborting a finished process). Disjoint dataloader shards are
+in test_dataloader.py."""
 
 import json
 
@@ -46,7 +45,7 @@ run_main(main)
 
 
 def test_two_gloo_processes_equal_grad_accumulation(tmp_path):
-    """DDP: 2 processes on one micro-batch each == 1 process accumulating both (gradient all-reduce)."""
+    """DDP: 2 processes on one micro-batch each == 1 process accumulating both (all-reduce)."""
     import torch
 
     from nanocode.gpt import GPTConfig, build_model
@@ -114,7 +113,7 @@ from nanocode.loss_eval import evaluate_bpb
 torch.manual_seed(0)
 V = 61
 model = build_model(GPTConfig.from_depth(2, V, 16), "cpu")
-torch.nn.init.normal_(model.lm_head.weight, std=0.1)          # a model with a non-uniform prediction
+torch.nn.init.normal_(model.lm_head.weight, std=0.1)          # a non-uniform prediction
 g = torch.Generator().manual_seed(1)
 token_bytes = torch.randint(1, 5, (V,), generator=g)
 token_bytes[:3] = 0                                             # special tokens count no bytes
@@ -139,7 +138,8 @@ run_main(main)
 
 
 def test_sharded_bpb_equals_single_process(tmp_path):
-    line = next(l for l in torchrun(BPB_SCRIPT, tmp_path).splitlines() if l.startswith("BPB "))
+    out = torchrun(BPB_SCRIPT, tmp_path).splitlines()
+    line = next(line for line in out if line.startswith("BPB "))
     single, sharded, rank0_alone = json.loads(line[4:])
     assert sharded == pytest.approx(single, rel=1e-9)
     assert rank0_alone != pytest.approx(
@@ -148,8 +148,8 @@ def test_sharded_bpb_equals_single_process(tmp_path):
 
 
 def test_code_eval_sharding_equals_single_process(tmp_path):
-    """Score the same samples (every 3rd problem's canonical solution, an empty body for the others) with
-    1 and 2 processes: identical per-sample results, in the problems' order, and the same pass@1."""
+    """Score the same samples (every 3rd problem's canonical solution, an empty body for the others)
+    with 1 and 2 processes: identical per-sample results in the problems' order, the same pass@1."""
     from nanocode.code_tasks import load_humaneval
 
     problems = load_humaneval()[:7]

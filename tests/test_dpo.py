@@ -1,5 +1,5 @@
-"""DPO: the loss matches a hand computation, a side's log-prob counts only the reply's assistant tokens,
-and a short run goes end to end."""
+"""DPO: the loss matches a hand computation, a side's log-prob counts only the reply's assistant
+tokens, and a short run goes end to end."""
 
 import contextlib
 import json
@@ -131,9 +131,10 @@ def reference_dpo_losses(
     unembedding_lr=0.004,
     init_lr_frac=0.02,
 ):
-    """DPO's training loop as it was written out in scripts/code_dpo.py before SFT, DPO and RL shared
-    nanocode/finetune.py (one process, sigmoid loss, no NLL term): reference log-probs from the start
-    model, a fresh torch.randperm order per epoch, learning rates at init_lr_frac decaying linearly to 0."""
+    """DPO's training loop as it was written out in scripts/code_dpo.py before SFT, DPO and RL
+    shared nanocode/finetune.py (one process, sigmoid loss, no NLL term): reference log-probs from
+    the start model, a fresh torch.randperm order per epoch, learning rates at init_lr_frac decaying
+    linearly to 0."""
     from scripts.code_dpo import pair_logps
 
     model.eval()
@@ -170,8 +171,8 @@ def reference_dpo_losses(
 
 
 def test_dpo_losses_equal_the_reference_loop(module_base_dir, tokenizer, model, pairs):
-    """The script's loss curve on a fixed seed equals the plain loop above, step for step, across an epoch
-    boundary (5 pairs, batches of 2), with a learning rate high enough that the policy moves."""
+    """The script's loss curve on a fixed seed equals the plain loop above, step for step, across an
+    epoch boundary (5 pairs, batches of 2), with a learning rate high enough to move the policy."""
     from nanocode.checkpoint import checkpoint_dir, load_model, save_checkpoint
     from nanocode.conversations import load_jsonl
     from scripts import code_dpo
@@ -208,12 +209,8 @@ def test_dpo_losses_equal_the_reference_loop(module_base_dir, tokenizer, model, 
         ]
         + NO_NLL
     )
-    got = [
-        l
-        for _, l in json.loads((module_base_dir / "report" / "dpo.json").read_text())["curves"][
-            "loss"
-        ]
-    ]
+    report = json.loads((module_base_dir / "report" / "dpo.json").read_text())
+    got = [loss for _, loss in report["curves"]["loss"]]
     ref_model, _, _ = load_model("sft", "cpu", tag="ref2")
     train, _ = code_dpo.render_pairs(
         tokenizer, load_jsonl(module_base_dir / "ref_train.jsonl", kind="preference"), 512
@@ -224,9 +221,9 @@ def test_dpo_losses_equal_the_reference_loop(module_base_dir, tokenizer, model, 
 
 
 def test_self_pairs_reject_the_models_own_failures(module_base_dir, tokenizer, model, monkeypatch):
-    """With a verifier (here: the reply's text has an even sum of character codes, true for about half of
-    a random model's replies), a task whose samples both pass and fail gives a pair of the model's own
-    replies: chosen passes, rejected fails."""
+    """With a verifier (here: the reply's text has an even sum of character codes, true for about
+    half of a random model's replies), a task whose samples both pass and fail gives a pair of the
+    model's own replies: chosen passes, rejected fails."""
     from nanocode import rl_tasks
     from scripts.code_dpo import self_pairs
     from tests.helpers import install_fixed_answer_reward
@@ -234,7 +231,10 @@ def test_self_pairs_reject_the_models_own_failures(module_base_dir, tokenizer, m
     monkeypatch.setattr(rl_tasks, "written_code", rl_tasks.written_code)
     monkeypatch.setattr(rl_tasks, "verify_many", rl_tasks.verify_many)
     install_fixed_answer_reward()
-    even = lambda text: sum(map(ord, text)) % 2 == 0
+
+    def even(text):
+        return sum(map(ord, text)) % 2 == 0
+
     rl_tasks.verify_many = lambda tasks, codes, **kw: [(even(c), "") for c in codes]
     tasks = [
         {"id": f"t{i}", "prompt": f"say {i}", "check": {"type": "stdout", "expected": "q"}}
@@ -243,6 +243,9 @@ def test_self_pairs_reject_the_models_own_failures(module_base_dir, tokenizer, m
     path = write_jsonl(module_base_dir / "self_tasks.jsonl", tasks)
     pairs, n = self_pairs(model, tokenizer, str(path), 6, 24, 0)
     assert n == 6 and pairs
-    text = lambda m: "".join(p["text"] for p in m["content"] if p["type"] == "text")
+
+    def text(message):
+        return "".join(p["text"] for p in message["content"] if p["type"] == "text")
+
     assert all(even(text(p["chosen"])) and not even(text(p["rejected"])) for p in pairs)
     assert all(p["kind"] == "own_failure" for p in pairs)

@@ -1,5 +1,5 @@
 """Shareable weights: export -> load gives the same logits, the export command works end to end, and
-nothing that is not plain tensors gets executed on the way in (a tampered file is refused, clearly)."""
+nothing that is not plain tensors gets executed on the way in (a tampered file is refused)."""
 
 import json
 import pickle
@@ -22,7 +22,7 @@ from tests.helpers import (
 
 
 class Payload:
-    """Unpickling this runs os.system: what a malicious checkpoint would do. It only touches a file."""
+    """Unpickling this runs os.system, as a malicious checkpoint would. It only touches a file."""
 
     def __init__(self, marker):
         self.marker = str(marker)
@@ -74,7 +74,8 @@ def test_round_trip_gives_identical_logits(exported):
 
 
 def test_tampered_weights_file_is_refused_without_running_it(exported, tmp_path):
-    """A pickle put in place of model.safetensors: refused with a message naming the file; its code never ran."""
+    """A pickle put in place of model.safetensors: refused with a message naming the file; its code
+    never ran."""
     _, _, out = exported
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -112,10 +113,21 @@ def test_bad_exports_are_clear_errors(exported, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
     with pytest.raises(NanocodeError, match="does not match its config.json"):
         load_exported(tmp_path)
+    # a model of the October 2025 recipe (no value embeddings): this version no longer builds it
+    cfg["model_config"].update(n_layer=2, value_embeds=False)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NanocodeError, match="October 2025 recipe") as refused:
+        load_exported(tmp_path)
+    assert "value_embeds" in str(refused.value)  # the error names the key
+    cfg["model_config"]["value_embeds"] = True  # the one recipe's value: the key is dropped
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer.tiktoken"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    assert load_exported(tmp_path)[0].config.to_dict() == exported[0].config.to_dict()
 
 
 def test_export_script(module_base_dir):
-    """`python -m scripts.export -i sft` on a saved checkpoint, then loaded back here: same weights."""
+    """`python -m scripts.export -i sft` on a saved checkpoint, loaded back here: same weights."""
     vocab = real_tokenizer().vocab_size
     save_tiny_checkpoint("tiny-export", vocab)
     env = {**script_env(), "NANOCODE_BASE_DIR": str(module_base_dir)}

@@ -22,9 +22,10 @@ def restore_precision():
 
 
 def test_cuda_init_sets_tf32_readable_through_both_apis(monkeypatch, restore_precision):
-    """compute_init("cuda") turns on TF32 so that both torch APIs read it back: the legacy allow_tf32 /
-    get_float32_matmul_precision (read by Inductor) and the per-backend fp32_precision. Setting the new
-    API directly made the legacy reads raise ("mix of the legacy and new APIs"). CUDA simulated."""
+    """compute_init("cuda") turns on TF32 so that both torch APIs read it back: the legacy
+    allow_tf32 / get_float32_matmul_precision (read by Inductor) and the per-backend fp32_precision.
+    Setting the new API directly made the legacy reads raise ("mix of the legacy and new APIs").
+    CUDA simulated."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
@@ -55,8 +56,8 @@ def test_process_group_gets_a_long_timeout(monkeypatch):
 
 
 def test_speedrun_stops_when_torch_sees_no_gpu_that_the_driver_lists(tmp_path):
-    """nvidia-smi lists GPUs, torch.cuda.device_count() is 0 (a CPU wheel, or a CUDA wheel newer than
-    the driver): one clear message and exit 1, not the tiny CPU run on a GPU machine."""
+    """nvidia-smi lists GPUs, torch.cuda.device_count() is 0 (a CPU wheel, or a CUDA wheel newer
+    than the driver): one clear message and exit 1, not the tiny CPU run on a GPU machine."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text(
@@ -65,7 +66,8 @@ def test_speedrun_stops_when_torch_sees_no_gpu_that_the_driver_lists(tmp_path):
     )
     (bin_dir / "python").write_text(
         '#!/usr/bin/env bash\ncase "$*" in *device_count*) echo 0;; '
-        "*__version__*) echo '2.15.0+cpu CUDA None';; *) echo \"unexpected: $*\" >&2; exit 9;; esac\n"
+        "*__version__*) echo '2.15.0+cpu CUDA None';; "
+        '*) echo "unexpected: $*" >&2; exit 9;; esac\n'
     )
     for f in bin_dir.iterdir():
         f.chmod(0o755)

@@ -69,7 +69,7 @@ def test_muon_momentum_schedule():
 
 def test_cautious_weight_decay_never_opposes_the_update():
     """Same state, one Muon step with and without weight decay: the decay's displacement is zero or
-    points the way the update moves the weight, and it shrinks exactly the weights the update shrinks."""
+    points the way the update moves the weight, and it shrinks exactly what the update shrinks."""
     torch.manual_seed(0)
     w0, g = torch.randn(48, 64), torch.randn(48, 64)
     steps = {}
@@ -87,7 +87,7 @@ def test_cautious_weight_decay_never_opposes_the_update():
 
 
 def reference_attention(q, k, v, window):
-    """Plain softmax attention with an explicit mask: query i sees keys j with i - window <= j <= i."""
+    """Plain softmax attention with an explicit mask: query i sees keys i - window <= j <= i."""
     B, T, H, D = q.shape
     rep = H // k.size(2)
     k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
@@ -115,7 +115,7 @@ def test_window_attention_matches_masked_reference(window, H, Hk):
         torch.testing.assert_close(a, b)
 
 
-def windowed_model(window_pattern="SL", T=32, value_embeds=True):
+def windowed_model(window_pattern="SL", T=32):
     torch.manual_seed(0)
     model = build_model(
         GPTConfig(
@@ -126,7 +126,6 @@ def windowed_model(window_pattern="SL", T=32, value_embeds=True):
             n_kv_head=1,
             n_embd=32,
             window_pattern=window_pattern,
-            value_embeds=value_embeds,
         ),
         "cpu",
     )
@@ -148,8 +147,8 @@ def test_windows_per_layer():
 
 def test_window_changes_the_function():
     """The windowed layers really drop far keys: a token more than a window back changes the last
-    position's logits through full layers only, so a model with all-short windows but the last (full)
-    differs from a full-attention one with the same weights."""
+    position's logits through full layers only, so a model with all-short windows but the last
+    (full) differs from a full-attention one with the same weights."""
     idx = torch.randint(0, 53, (1, 32))
     windowed, full = windowed_model("S"), windowed_model("L")
     full.load_state_dict(windowed.state_dict())

@@ -1,6 +1,6 @@
-"""RL from unit tests: the group-relative advantages and the policy-gradient loss against a hand computation,
-gradient only through sampled tokens, a tiny model learning a rewarded answer, 2 gloo processes == 1,
-resume == uninterrupted, the task sources and their verifiers, and bad input."""
+"""RL from unit tests: the group-relative advantages and the policy-gradient loss against a hand
+computation, gradient only through sampled tokens, a tiny model learning a rewarded answer, 2 gloo
+processes == 1, resume == uninterrupted, the task sources and their verifiers, and bad input."""
 
 import ast
 import json
@@ -52,16 +52,16 @@ def tiny_model(vocab=40, seq=32, seed=0):
 
 def test_pg_loss_by_hand_and_only_sampled_tokens_carry_gradient():
     """Two rows: prompt (mask 0), sampled tokens (1), a forced tool output (0), more sampled tokens.
-    The loss equals -sum A * log p(token) over the sampled tokens / norm, computed from the logits by hand;
-    and its gradient is that of the hand formula: the prompt's and the tool output's tokens carry none
-    (changing them as targets changes nothing)."""
+    The loss equals -sum A * log p(token) over the sampled tokens / norm, computed from the logits
+    by hand; and its gradient is that of the hand formula: the prompt's and the tool output's tokens
+    carry none (changing them as targets changes nothing)."""
     model = tiny_model()
     r0 = {"prompt_ids": [0, 5, 6], "ids": [7, 8, 20, 21, 9, 1], "mask": [1, 1, 0, 0, 1, 1]}
     r1 = {"prompt_ids": [0, 5], "ids": [11, 12, 1], "mask": [1, 1, 1]}
     rows = [rollout_row(r0, 32), rollout_row(r1, 32)]
     assert rows[0] == ([0, 5, 6, 7, 8, 20, 21, 9, 1], [0, 0, 0, 1, 1, 0, 0, 1, 1])
     adv, norm = [0.5, -1.5], 7.0
-    loss, _ = pg_loss(model, rows, adv, norm, pad_id=0, device="cpu", amp=nullcontext())
+    loss = pg_loss(model, rows, adv, norm, pad_id=0, device="cpu", amp=nullcontext())
     loss.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -73,9 +73,10 @@ def test_pg_loss_by_hand_and_only_sampled_tokens_carry_gradient():
     torch.testing.assert_close(loss, hand, rtol=1e-5, atol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
-    # the same rows with the tool output's tokens marked sampled: a different loss, so the mask is what kept them out
+    # the same rows with the tool output's tokens marked sampled: a different loss, so the mask is
+    # what kept them out
     wrong = [(rows[0][0], [0, 0, 0, 1, 1, 1, 1, 1, 1]), rows[1]]
-    assert not torch.allclose(pg_loss(model, wrong, adv, norm, 0, "cpu", nullcontext())[0], loss)
+    assert not torch.allclose(pg_loss(model, wrong, adv, norm, 0, "cpu", nullcontext()), loss)
 
 
 # -----------------------------------------------------------------------------
@@ -177,8 +178,8 @@ run_main(lambda: code_rl.main(sys.argv[2:]))
 
 @pytest.mark.slow  # two torchrun launches: about 50 s on 2 busy cores
 def test_two_gloo_processes_equal_one(module_base_dir, rl_setup, tmp_path):
-    """The same 2 steps of 4 tasks with 1 and 2 processes: the same parameters after (each rank samples
-    its own 2 tasks, with the seeds their positions give)."""
+    """The same 2 steps of 4 tasks with 1 and 2 processes: the same parameters after (each rank
+    samples its own 2 tasks, with the seeds their positions give)."""
     from nanocode.checkpoint import checkpoint_dir
     from tests.helpers import torchrun
 
@@ -268,8 +269,8 @@ def test_corpus_tasks_pin_the_original(stdlib_functions):
 
 
 def test_program_tasks_are_split_by_request_and_pinned_by_the_reference():
-    """Fresh requests of the write-and-run kind: train and val never share a request; the reference program
-    (run with the request's arguments) passes its own task, another output fails."""
+    """Fresh requests of the write-and-run kind: train and val never share a request; the reference
+    program (run with the request's arguments) passes its own task, another output fails."""
     from nanocode import synth
 
     train, val = (
@@ -299,7 +300,8 @@ def test_humaneval_style_file_and_humaneval_itself_refused(tmp_path):
         "prompt": 'def add(a, b):\n    """Return a + b."""\n',
         "canonical_solution": "    return a + b\n",
         "entry_point": "add",
-        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+        "    assert candidate(-1, 1) == 0\n",
     }
     path = tmp_path / "style.jsonl"
     path.write_text(json.dumps(row) + "\n")
@@ -316,8 +318,9 @@ def test_humaneval_style_file_and_humaneval_itself_refused(tmp_path):
 
 
 def test_agent_tasks_are_disjoint_from_the_suite_and_scored_in_their_repo():
-    """The agent source: none of its tasks is a shipped-suite task, train and val differ; a scripted policy
-    that performs a task's reference solution passes (verified in the task's scratch repo), an idle one fails."""
+    """The agent source: none of its tasks is a shipped-suite task, train and val differ; a scripted
+    policy that performs a task's reference solution passes (verified in the task's scratch repo),
+    an idle one fails."""
     from nanocode import agent_tasks
     from nanocode.engine import Engine, encode_with_specials
     from tests.helpers import ByteTokenizer
@@ -327,10 +330,12 @@ def test_agent_tasks_are_disjoint_from_the_suite_and_scored_in_their_repo():
     suite = {
         (t["request"], json.dumps(t["files"], sort_keys=True)) for t in agent_tasks.load_suite()
     }
-    key = lambda t: (
-        t["check"]["task"]["request"],
-        json.dumps(t["check"]["task"]["files"], sort_keys=True),
-    )
+
+    def key(t):
+        return t["check"]["task"]["request"], json.dumps(
+            t["check"]["task"]["files"], sort_keys=True
+        )
+
     assert (
         train
         and val
@@ -339,13 +344,8 @@ def test_agent_tasks_are_disjoint_from_the_suite_and_scored_in_their_repo():
     )
     task = next(t for t in train if t["check"]["task"]["kind"] == "fix")
     sol = task["check"]["task"]["solution"]
-    text = (
-        "".join(
-            f"<|tool_start|>{json.dumps({'name': c['name'], 'arguments': c['arguments']})}<|tool_end|>"
-            for c in sol["calls"]
-        )
-        + sol["answer"]
-    )
+    calls = [json.dumps({"name": c["name"], "arguments": c["arguments"]}) for c in sol["calls"]]
+    text = "".join(f"<|tool_start|>{call}<|tool_end|>" for call in calls) + sol["answer"]
     tok = ByteTokenizer()
     script = encode_with_specials(tok, text)
     model = ScriptedModel([], tok.vocab_size, 3, 4, sequence_len=4096, pick=lambda ids: script)
@@ -357,7 +357,7 @@ def test_agent_tasks_are_disjoint_from_the_suite_and_scored_in_their_repo():
 
 
 def test_bad_completions_score_zero_and_are_counted():
-    """No verifier, no code, a crash, a hang, a fork: reward 0 with the reason, the rest still scored."""
+    """No verifier, no code, a crash, a hang, a fork: reward 0 with the reason, the rest scored."""
     t = {
         "id": "x",
         "source": "t",
@@ -432,7 +432,7 @@ def test_bad_task_file_and_missing_checkpoint(tmp_path, monkeypatch):
 def test_no_held_out_tasks_trains_and_says_so(
     module_base_dir, rl_setup, tmp_path, capsys, monkeypatch
 ):
-    """A held-out source that yields no task is a warning, not a failed stage (saved under --save-tag)."""
+    """A held-out source that yields no task is a warning, not a failed stage (here --save-tag)."""
     from nanocode.checkpoint import checkpoint_dir, list_steps
     from scripts import code_rl
 
@@ -458,8 +458,8 @@ def test_no_held_out_tasks_trains_and_says_so(
 
 
 def test_kl_term_is_zero_against_itself_and_positive_otherwise():
-    """The k3 estimate exp(d) - d - 1 (d = log ref - log pi) on the sampled tokens: 0 when the reference is
-    the policy, > 0 when it differs."""
+    """The k3 estimate exp(d) - d - 1 (d = log ref - log pi) on the sampled tokens: 0 when the
+    reference is the policy, > 0 when it differs."""
     import copy
 
     model = tiny_model()
@@ -468,8 +468,8 @@ def test_kl_term_is_zero_against_itself_and_positive_otherwise():
             {"prompt_ids": [0, 5, 6], "ids": [7, 8, 20, 21, 9, 1], "mask": [1, 1, 0, 0, 1, 1]}, 32
         )
     ]
-    plain, _ = pg_loss(model, rows, [0.7], 4.0, 0, "cpu", nullcontext())
-    same, _ = pg_loss(
+    plain = pg_loss(model, rows, [0.7], 4.0, 0, "cpu", nullcontext())
+    same = pg_loss(
         model,
         rows,
         [0.7],
@@ -482,5 +482,5 @@ def test_kl_term_is_zero_against_itself_and_positive_otherwise():
     )
     torch.testing.assert_close(plain, same)
     other = tiny_model(seed=1)
-    kl, _ = pg_loss(model, rows, [0.0], 4.0, 0, "cpu", nullcontext(), ref_model=other, kl_coef=1.0)
+    kl = pg_loss(model, rows, [0.0], 4.0, 0, "cpu", nullcontext(), ref_model=other, kl_coef=1.0)
     assert kl.item() > 0

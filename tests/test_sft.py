@@ -1,5 +1,5 @@
-"""SFT: the loss mask is exactly the assistant's tokens, padded rows never see each other, and a short
-run on a tiny random model goes end to end (checkpoint, report, validity numbers)."""
+"""SFT: the loss mask is exactly the assistant's tokens, padded rows never see each other, and a
+short run on a tiny random model goes end to end (checkpoint, report, validity numbers)."""
 
 import json
 
@@ -180,21 +180,19 @@ def reference_sft_losses(
     unembedding_lr=0.004,
     init_lr_frac=0.1,
 ):
-    """SFT's training loop as it was written out in scripts/code_sft.py before SFT, DPO and RL shared
-    nanocode/finetune.py (one process): a shuffled pass over the rows per epoch (random.Random(seed),
-    in-place shuffles), loss on the masked tokens, learning rates at init_lr_frac decaying linearly to 0."""
-    import random
-
+    """SFT's training loop written out plainly (one process): a shuffled pass over the rows per
+    epoch (each epoch the next torch.randperm of a generator seeded `seed`, as DPO's), loss on the
+    masked tokens, learning rates at init_lr_frac decaying linearly to 0."""
     opts = model.setup_optimizers(matrix_lr, embedding_lr, unembedding_lr, 0.0)
     for opt in opts:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["lr"] * init_lr_frac
-    order, pos, rng, losses = list(range(len(rows))), len(rows), random.Random(seed), []
+    g = torch.Generator().manual_seed(seed)
+    order, pos, losses = [], 0, []
     model.train()
     for step in range(steps):
         if pos + batch_size > len(order):
-            rng.shuffle(order)
-            pos = 0
+            order, pos = torch.randperm(len(rows), generator=g).tolist(), 0
         x, y = pad_batch([rows[i] for i in order[pos : pos + batch_size]], pad_id)
         pos += batch_size
         loss = model(x, y)
@@ -205,8 +203,9 @@ def reference_sft_losses(
 
 
 def test_sft_losses_equal_the_reference_loop(module_base_dir, tokenizer, funcs):
-    """The script's loss curve on a fixed seed equals the plain loop above, step for step (exactly: CPU fp32,
-    same operations in the same order), across an epoch boundary (5 rows, batches of 2: 2 steps per epoch)."""
+    """The script's loss curve on a fixed seed equals the plain loop above, step for step (exactly:
+    CPU fp32, same operations in the same order), across an epoch boundary (5 rows, batches of 2: 2
+    steps per epoch)."""
     from nanocode.checkpoint import checkpoint_dir, load_model, save_checkpoint
     from nanocode.conversations import load_mixture
     from scripts import code_sft
@@ -250,12 +249,8 @@ def test_sft_losses_equal_the_reference_loop(module_base_dir, tokenizer, funcs):
             "cpu",
         ]
     )
-    got = [
-        l
-        for _, l in json.loads((module_base_dir / "report" / "sft.json").read_text())["curves"][
-            "loss"
-        ]
-    ]
+    report = json.loads((module_base_dir / "report" / "sft.json").read_text())
+    got = [loss for _, loss in report["curves"]["loss"]]
     ref_model, _, _ = load_model("base", "cpu", tag="ref1")
     rows = code_sft.render_rows(tokenizer, load_mixture("synth=1", "train", 7), 256)
     want = reference_sft_losses(ref_model, rows, 5, 2, 7, tokenizer.bos_id)
@@ -290,8 +285,8 @@ def test_user_jsonl_with_an_unknown_tool_is_an_error_naming_file_and_line(tmp_pa
 
 
 def test_validity_counts_no_call_invalid_and_cut_off_apart(tokenizer):
-    """Four prompts, a scripted model answering each: a valid call, a malformed one, text and no call,
-    and a call too long for a budget of 8 tokens. Seen and unseen kinds are reported apart."""
+    """Four prompts, a scripted model answering each: a valid call, a malformed one, text and no
+    call, and a call too long for a budget of 8 tokens. Seen and unseen kinds are reported apart."""
     from nanocode.engine import encode_with_specials
     from nanocode.finetune import tool_call_validity
     from tests.scripted_model import ScriptedModel
@@ -327,8 +322,9 @@ def test_validity_counts_no_call_invalid_and_cut_off_apart(tokenizer):
 
 
 def test_validity_prompts_file_adds_unseen_requests(tokenizer, module_base_dir):
-    """gen_synth's validity_prompts.jsonl (bare requests, kinds training never saw) joins the held-out
-    prompts with the longest reference call's budget, its seen flag kept; a malformed line names itself."""
+    """gen_synth's validity_prompts.jsonl (bare requests, kinds training never saw) joins the
+    held-out prompts with the longest reference call's budget, its seen flag kept; a malformed line
+    names itself."""
     from nanocode.common import NanocodeError
     from nanocode.finetune import validity_file_prompts
 
@@ -363,3 +359,18 @@ def test_validity_prompts_file_adds_unseen_requests(tokenizer, module_base_dir):
     with pytest.raises(NanocodeError, match="line 2"):
         validity_file_prompts(tokenizer, held_out, limit=8, max_len=4096)
     path.unlink()
+
+
+def test_held_out_loss_is_the_mean_per_assistant_token(tokenizer):
+    """SFT's held-out loss (nanocode.loss_eval.loss_sums without byte counts): the model's own mean
+    cross-entropy over the assistant's targets, summed over batches of any split."""
+    from nanocode.loss_eval import loss_sums
+
+    model = nudged_model(1, tokenizer.vocab_size, 256)
+    rows = [tokenizer.render_conversation(c) for c in (CONV, {"messages": CONV["messages"][:3]})]
+    x, y = pad_batch([(list(ids), list(mask)) for ids, mask in rows], tokenizer.bos_id)
+    with torch.no_grad():
+        want = model(x, y).item()
+    nats, nbytes, count = loss_sums(model, [(x[:1], y[:1]), (x[1:], y[1:])], "cpu")[0].tolist()
+    assert count == nbytes == (y != -1).sum().item()
+    assert nats / count == pytest.approx(want, rel=1e-6)
