@@ -32,7 +32,11 @@ pub fn num_threads() -> usize {
 /// Split every document of `docs` and count its chunks into `counters` (one per thread).
 /// Threads take documents one at a time from a shared index, so one long document cannot leave
 /// the others idle for the whole buffer.
-pub fn count_chunks(splitter: &Splitter, docs: &[&str], counters: &mut [ChunkCounts]) -> Result<(), String> {
+pub fn count_chunks(
+    splitter: &Splitter,
+    docs: &[&str],
+    counters: &mut [ChunkCounts],
+) -> Result<(), String> {
     let next_doc = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         let workers: Vec<_> = counters

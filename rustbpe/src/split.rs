@@ -32,7 +32,9 @@ fn class_table() -> &'static [u8] {
         let mut table = vec![OTHER; 0x110000];
         for (class, pattern) in [(LETTER, r"\p{L}"), (NUMBER, r"\p{N}"), (SPACE, r"\s")] {
             let hir = regex_syntax::Parser::new().parse(pattern).expect("valid class");
-            let regex_syntax::hir::HirKind::Class(regex_syntax::hir::Class::Unicode(set)) = hir.kind() else {
+            let regex_syntax::hir::HirKind::Class(regex_syntax::hir::Class::Unicode(set)) =
+                hir.kind()
+            else {
                 unreachable!("{pattern} parses to a Unicode class")
             };
             for range in set.iter() {
@@ -54,7 +56,10 @@ fn char_at(table: &[u8], s: &[u8], i: usize) -> (u8, u32, usize) {
     } else if b0 < 0xF0 {
         (((b0 & 0x0F) << 12) | ((s[i + 1] as u32 & 0x3F) << 6) | (s[i + 2] as u32 & 0x3F), 3)
     } else {
-        let c = ((b0 & 0x07) << 18) | ((s[i + 1] as u32 & 0x3F) << 12) | ((s[i + 2] as u32 & 0x3F) << 6) | (s[i + 3] as u32 & 0x3F);
+        let c = ((b0 & 0x07) << 18)
+            | ((s[i + 1] as u32 & 0x3F) << 12)
+            | ((s[i + 2] as u32 & 0x3F) << 6)
+            | (s[i + 3] as u32 & 0x3F);
         (c, 4)
     };
     (table[c as usize], c, len)
@@ -114,7 +119,12 @@ impl<'a> Gpt4Split<'a> {
         if class == LETTER {
             return self.run_end(next, LETTER);
         }
-        if class != NUMBER && c != '\r' as u32 && c != '\n' as u32 && next < n && char_at(self.table, s, next).0 == LETTER {
+        if class != NUMBER
+            && c != '\r' as u32
+            && c != '\n' as u32
+            && next < n
+            && char_at(self.table, s, next).0 == LETTER
+        {
             return self.run_end(next, LETTER);
         }
         // 3. \p{N}{1,max_digits}
@@ -207,7 +217,9 @@ impl Splitter {
         if pattern == GPT4_PATTERN {
             return Ok(Splitter::Gpt4 { max_digits: 3 });
         }
-        Regex::new(pattern).map(Splitter::Regex).map_err(|e| format!("invalid split pattern {pattern:?}: {e}"))
+        Regex::new(pattern)
+            .map(Splitter::Regex)
+            .map_err(|e| format!("invalid split pattern {pattern:?}: {e}"))
     }
 
     /// Call `f` on every chunk of `text`, in order.
@@ -254,7 +266,10 @@ mod tests {
         let s = Splitter::new(DEFAULT_PATTERN).unwrap();
         assert_eq!(s.split("Hello world").unwrap(), vec!["Hello", " world"]);
         assert_eq!(s.split("I'm 12345 ok").unwrap(), vec!["I", "'m", " ", "12", "34", "5", " ok"]);
-        assert_eq!(s.split("  \n\n  x(y);\r\n").unwrap(), vec!["  \n\n", " ", " x", "(y", ");\r\n"]);
+        assert_eq!(
+            s.split("  \n\n  x(y);\r\n").unwrap(),
+            vec!["  \n\n", " ", " x", "(y", ");\r\n"]
+        );
         assert_eq!(s.split("").unwrap(), Vec::<&str>::new());
     }
 
@@ -269,10 +284,13 @@ mod tests {
             .collect();
         let mut state = 0x9E3779B97F4A7C15u64;
         for max_digits in [2usize, 3] {
-            let re = Regex::new(if max_digits == 2 { DEFAULT_PATTERN } else { GPT4_PATTERN }).unwrap();
+            let re =
+                Regex::new(if max_digits == 2 { DEFAULT_PATTERN } else { GPT4_PATTERN }).unwrap();
             for _ in 0..50_000 {
                 let len = (rng(&mut state) % 24) as usize;
-                let text: String = (0..len).map(|_| alphabet[(rng(&mut state) % alphabet.len() as u64) as usize]).collect();
+                let text: String = (0..len)
+                    .map(|_| alphabet[(rng(&mut state) % alphabet.len() as u64) as usize])
+                    .collect();
                 let ours: Vec<&str> = Gpt4Split::new(&text, max_digits).collect();
                 assert_eq!(ours, regex_split(&re, &text), "text {text:?}");
             }

@@ -37,7 +37,9 @@ impl ChunkCounts {
     pub fn add(&mut self, chunk: &[u8], count: u64) {
         let hash = FxBuildHasher.hash_one(chunk);
         let bytes = &self.bytes;
-        let found = self.table.find_mut(hash, |&(start, len, _)| &bytes[start..start + len as usize] == chunk);
+        let found = self
+            .table
+            .find_mut(hash, |&(start, len, _)| &bytes[start..start + len as usize] == chunk);
         if let Some(entry) = found {
             entry.2 += count;
             return;
@@ -59,7 +61,9 @@ impl ChunkCounts {
 
     /// (chunk bytes, count) for every distinct chunk, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], u64)> {
-        self.table.iter().map(|&(start, len, count)| (&self.bytes[start..start + len as usize], count))
+        self.table
+            .iter()
+            .map(|&(start, len, count)| (&self.bytes[start..start + len as usize], count))
     }
 }
 
@@ -123,7 +127,8 @@ pub fn train_merges(chunks: ChunkCounts, num_merges: u32) -> Vec<Pair> {
 
     crate::log(format!("{} words of 2+ bytes, {} distinct pairs", words.len(), stats.len()));
     // Max-heap on count, ties to the smallest pair: (count, Reverse(pair key)).
-    let mut heap: BinaryHeap<(i64, Reverse<u64>)> = stats.iter().map(|(&k, s)| (s.count, Reverse(k))).collect();
+    let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
+        stats.iter().map(|(&k, s)| (s.count, Reverse(k))).collect();
 
     let mut merges = Vec::with_capacity(num_merges as usize);
     let mut new_pairs: Vec<u64> = Vec::new();
@@ -223,7 +228,8 @@ mod tests {
 
     /// The textbook algorithm: recount every pair after every merge.
     fn slow_merges(texts: &[(&str, u64)], num_merges: u32) -> Vec<Pair> {
-        let mut words: Vec<(Vec<u32>, i64)> = texts.iter().map(|&(t, n)| (t.bytes().map(u32::from).collect(), n as i64)).collect();
+        let mut words: Vec<(Vec<u32>, i64)> =
+            texts.iter().map(|&(t, n)| (t.bytes().map(u32::from).collect(), n as i64)).collect();
         let mut merges = Vec::new();
         for i in 0..num_merges {
             let mut pc: std::collections::BTreeMap<Pair, i64> = Default::default();
@@ -233,10 +239,14 @@ mod tests {
                 }
             }
             // Max count, ties to the smallest pair (BTreeMap iterates smallest first; keep the first max).
-            let Some((&best, _)) = pc.iter().fold(None, |acc: Option<(&Pair, &i64)>, kv| match acc {
-                Some(a) if a.1 >= kv.1 => Some(a),
-                _ => Some(kv),
-            }) else { break };
+            let Some((&best, _)) =
+                pc.iter().fold(None, |acc: Option<(&Pair, &i64)>, kv| match acc {
+                    Some(a) if a.1 >= kv.1 => Some(a),
+                    _ => Some(kv),
+                })
+            else {
+                break;
+            };
             merges.push(best);
             for (ids, _) in words.iter_mut() {
                 let mut out = Vec::new();
@@ -285,7 +295,8 @@ mod tests {
         for _ in 0..300 {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let len = 1 + (state >> 60) as usize;
-            let word: String = (0..len).map(|i| b"abcab "[((state >> (4 * i)) % 6) as usize] as char).collect();
+            let word: String =
+                (0..len).map(|i| b"abcab "[((state >> (4 * i)) % 6) as usize] as char).collect();
             texts.push((word, 1 + (state >> 40) % 7));
         }
         let data: Vec<(&str, u64)> = texts.iter().map(|(t, n)| (t.as_str(), *n)).collect();
@@ -304,7 +315,10 @@ mod tests {
 
     #[test]
     fn counts_beyond_32_bits() {
-        let m = train_merges(counts(&[("ab", 5_000_000_000), ("cd", 4_000_000_000), ("cd", 2_000_000_000)]), 2);
+        let m = train_merges(
+            counts(&[("ab", 5_000_000_000), ("cd", 4_000_000_000), ("cd", 2_000_000_000)]),
+            2,
+        );
         assert_eq!(m, vec![(99, 100), (97, 98)]);
     }
 }
