@@ -43,20 +43,20 @@ pub fn count_chunks(
             .iter_mut()
             .map(|counter| {
                 let next_doc = &next_doc;
-                scope.spawn(move || -> Result<(), String> {
-                    loop {
-                        let i = next_doc.fetch_add(1, Ordering::Relaxed);
-                        let Some(doc) = docs.get(i) else { return Ok(()) };
+                scope.spawn(move || {
+                    while let Some(doc) = docs.get(next_doc.fetch_add(1, Ordering::Relaxed)) {
                         splitter.for_each(doc, |chunk| counter.add(chunk.as_bytes(), 1))?;
                     }
+                    Ok(())
                 })
             })
             .collect();
         workers.into_iter().try_for_each(|w| w.join().expect("counting thread panicked"))
     })
 }
+
 /// Progress lines on stderr when RUSTBPE_LOG is set (seconds since the first line).
-pub fn log(msg: String) {
+pub fn log(msg: impl std::fmt::Display) {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     if std::env::var_os("RUSTBPE_LOG").is_some() {
         let t = START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64();

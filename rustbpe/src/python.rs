@@ -25,7 +25,9 @@ fn fill_buffer(
 ) -> PyResult<bool> {
     let mut iter = iter.clone();
     while buffer.len() < size {
-        let Some(item) = iter.next() else { return Ok(true) };
+        let Some(item) = iter.next() else {
+            return Ok(true);
+        };
         let item = item?;
         let Ok(text) = item.cast::<PyString>() else {
             return Err(PyTypeError::new_err(format!(
@@ -131,7 +133,7 @@ impl Tokenizer {
             })?
             .unbind();
 
-        log("training starts".to_string());
+        log("training starts");
         let mut counters: Vec<ChunkCounts> =
             (0..num_threads()).map(|_| ChunkCounts::default()).collect();
         // Double buffering: while the worker threads count one buffer without the GIL, this thread
@@ -166,11 +168,11 @@ impl Tokenizer {
         log(format!("{seen} documents split and counted"));
 
         let merges = py.detach(|| {
-            let mut counters = counters.into_iter();
-            let mut chunks = counters.next().unwrap_or_default();
-            for other in counters {
-                chunks.absorb(other);
-            }
+            let chunks = counters.into_iter().reduce(|mut all, other| {
+                all.absorb(other);
+                all
+            });
+            let chunks = chunks.unwrap_or_default();
             log(format!("{seen} documents, {} distinct chunks", chunks.len()));
             train_merges(chunks, (vocab_size - 256) as u32)
         });
@@ -202,41 +204,31 @@ impl Tokenizer {
 
     /// Encode many texts on all cores.
     fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
-        py.detach(|| {
-            let chunk = texts.len().div_ceil(num_threads()).max(1);
+        let per_thread = texts.len().div_ceil(num_threads()).max(1);
+        let parts: Result<Vec<Vec<Vec<u32>>>, String> = py.detach(|| {
             std::thread::scope(|scope| {
-                let parts: Vec<_> = texts
-                    .chunks(chunk)
-                    .map(|part| {
-                        scope.spawn(move || {
-                            part.iter().map(|t| self.encode_str(t)).collect::<Result<Vec<_>, _>>()
-                        })
-                    })
+                let encode = |part: &'_ [String]| part.iter().map(|t| self.encode_str(t)).collect();
+                let threads: Vec<_> = texts
+                    .chunks(per_thread)
+                    .map(|part| scope.spawn(move || encode(part)))
                     .collect();
-                let mut out: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
-                for part in parts {
-                    out.extend(part.join().expect("encoding thread panicked")?);
-                }
-                Ok::<_, String>(out)
+                threads.into_iter().map(|t| t.join().expect("encoding thread panicked")).collect()
             })
-        })
-        .map_err(PyValueError::new_err)
+        });
+        Ok(parts.map_err(PyValueError::new_err)?.concat())
     }
 
     /// Text of token ids; byte sequences that are not valid UTF-8 become U+FFFD.
     fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
         let table = self.token_bytes();
-        let mut bytes = Vec::new();
-        for id in ids {
-            let Some(b) = table.get(id as usize) else {
-                return Err(PyValueError::new_err(format!(
-                    "token id {id} is out of range (vocab_size {})",
-                    table.len()
-                )));
-            };
-            bytes.extend_from_slice(b);
-        }
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        let out_of_range =
+            |id| format!("token id {id} is out of range (vocab_size {})", table.len());
+        let bytes: Vec<&[u8]> = ids
+            .iter()
+            .map(|&id| table.get(id as usize).map(Vec::as_slice).ok_or_else(|| out_of_range(id)))
+            .collect::<Result<_, _>>()
+            .map_err(PyValueError::new_err)?;
+        Ok(String::from_utf8_lossy(&bytes.concat()).into_owned())
     }
 
     /// 256 + number of merges.
@@ -245,6 +237,7 @@ impl Tokenizer {
         256 + self.merges.len() as u32
     }
 }
+
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map_or_else(|_| "?".to_string(), |n| n.to_string())
 }
