@@ -185,7 +185,7 @@ def test_render_for_completion(tok):
 @pytest.mark.parametrize(
     "conv, match",
     [
-        ([], "dict"),
+        ([], "'messages' list"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
         ({"messages": [{"role": "user", "content": 5}]}, "content"),
         (
@@ -197,17 +197,26 @@ def test_render_for_completion(tok):
                     }
                 ]
             },
-            "part types",
+            "may only appear in an assistant message",
         ),
         (
             {
                 "messages": [
-                    {"role": "assistant", "content": [{"type": "tool_call", "name": "bash"}]}
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": [{"type": "tool_call", "name": "bash"}]},
                 ]
             },
             "arguments",
         ),
-        ({"messages": [{"role": "assistant", "content": [{"type": "image"}]}]}, "part types"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": [{"type": "image"}]},
+                ]
+            },
+            "type one of",
+        ),
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
             "system",
@@ -216,7 +225,7 @@ def test_render_for_completion(tok):
     ],
 )
 def test_render_bad_conversations(tok, conv, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(NanocodeError, match=match):
         tok.render_conversation(conv)
 
 
