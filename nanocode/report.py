@@ -83,12 +83,8 @@ def load_timings(base: Path) -> dict:
     """speedrun stage -> {"seconds", "gpus", "device", ...} from the done-markers, in pipeline
     order."""
     found = {p.stem: read_json(p) for p in (base / "speedrun").glob("*.done")}
-    order = list(STAGES)
-    return {
-        stem: d
-        for stem, d in sorted(found.items(), key=lambda kv: (pipeline_index(kv[0], order), kv[0]))
-        if d is not None and isinstance(d.get("seconds"), (int, float))
-    }
+    found = {s: d for s, d in found.items() if isinstance(get(d, "seconds"), (int, float))}
+    return dict(sorted(found.items(), key=lambda kv: (pipeline_index(kv[0], list(STAGES)), kv[0])))
 
 
 def pipeline_index(name: str, order) -> int:

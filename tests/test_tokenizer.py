@@ -1,4 +1,5 @@
-"""nanocode.tokenizer: special tokens, encode/decode, save/load, token_bytes, conversation rendering."""
+"""nanocode.tokenizer: special tokens, encode/decode, save/load, token_bytes, conversation
+rendering."""
 
 import json
 
@@ -7,7 +8,7 @@ import torch
 
 pytest.importorskip("rustbpe")
 from nanocode.common import NanocodeError  # noqa: E402
-from nanocode.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer  # noqa: E402
+from nanocode.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_tokenizer  # noqa: E402
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -33,6 +34,12 @@ def test_specials_come_first(tok):
     assert tok.decode([12 + ord("a")]) == "a"
     with pytest.raises(ValueError, match="unknown special token"):
         tok.special_id("<|nope|>")
+
+
+def test_split_pattern_is_rustbpes_default(tok):
+    import rustbpe
+
+    assert tok.pattern == SPLIT_PATTERN == rustbpe.DEFAULT_PATTERN
 
 
 def test_encode_decode_round_trip(tok):

@@ -6,7 +6,8 @@
 //! - splitting text into chunks: a hand-written scanner for the GPT-4 pattern (split.rs) instead of
 //!   a backtracking regex, run on all cores with the GIL released;
 //! - counting chunks: one hash table per thread with the chunk bytes in an arena (train.rs);
-//! - merging: incremental pair counts with a lazily refreshed heap, words edited in place (train.rs).
+//! - merging: incremental pair counts with a lazily refreshed heap, words edited in place
+//!   (train.rs).
 //!
 //! Set RUSTBPE_LOG=1 to see the phases and their times on stderr.
 
@@ -23,8 +24,8 @@ pub use split::{Splitter, DEFAULT_PATTERN, GPT4_PATTERN};
 pub use train::{train_merges, ChunkCounts, Pair};
 
 /// Number of worker threads: the cores this process may use, at most 8. Each counting thread keeps
-/// its own table of distinct chunks (merged at the end), so memory grows with the thread count; past
-/// 8 threads pulling documents out of Python is the bottleneck anyway.
+/// its own table of distinct chunks (merged at the end), so memory grows with the thread count;
+/// past 8 threads pulling documents out of Python is the bottleneck anyway.
 pub fn num_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
 }

@@ -188,7 +188,8 @@ impl Tokenizer {
         self.pattern.clone()
     }
 
-    /// [(token bytes, rank)] for ranks 0..vocab_size-1: the 256 single bytes, then the merges in order.
+    /// [(token bytes, rank)] for ranks 0..vocab_size-1: the 256 single bytes, then the merges in
+    /// order.
     fn get_mergeable_ranks<'py>(&self, py: Python<'py>) -> Vec<(Bound<'py, PyBytes>, u32)> {
         self.token_bytes()
             .iter()

@@ -13,9 +13,15 @@ use fancy_regex::Regex;
 
 /// GPT-4's split pattern (cl100k) with numbers in groups of at most two digits (nanochat's choice:
 /// smaller vocabularies waste fewer tokens on 3-digit numbers).
-pub const DEFAULT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+pub const DEFAULT_PATTERN: &str = concat!(
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}",
+    r"| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
+);
 /// GPT-4's split pattern exactly as cl100k has it (and the PyPI `rustbpe` default).
-pub const GPT4_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+pub const GPT4_PATTERN: &str = concat!(
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}",
+    r"| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
+);
 
 // Character classes of the pattern: \p{L}, \p{N}, \s (Unicode White_Space) and everything else.
 // The three are disjoint, so one byte per code point says which one a character is in.
@@ -172,7 +178,8 @@ impl<'a> Iterator for Gpt4Split<'a> {
     }
 }
 
-/// A compiled split pattern: the hand-written scanner when the pattern is GPT-4's, else fancy-regex.
+/// A compiled split pattern: the hand-written scanner when the pattern is GPT-4's, else
+/// fancy-regex.
 #[derive(Clone)]
 pub enum Splitter {
     Gpt4 { max_digits: usize },
@@ -199,7 +206,7 @@ impl Splitter {
             Splitter::Gpt4 { max_digits } => Gpt4Split::new(text, *max_digits).for_each(f),
             Splitter::Regex(re) => {
                 for m in re.find_iter(text) {
-                    // fancy-regex fails only when its backtrack limit is hit: say so instead of panicking.
+                    // fancy-regex fails only when its backtrack limit is hit: say so, not panic.
                     let m = m.map_err(|e| format!("split pattern failed on the text: {e}"))?;
                     f(m.as_str());
                 }

@@ -4,11 +4,12 @@
 //!    (`ChunkCounts`). Memory grows with the number of distinct chunks, not with the corpus.
 //! 2. Merging (`train_merges`): repeatedly merge the most frequent adjacent pair (ties: the
 //!    smallest pair, so the result does not depend on hash order or thread timing, and matches
-//!    the PyPI rustbpe merge for merge) inside the distinct chunks, each weighted by its count. Counts are updated
-//!    incrementally: a merge only touches the chunks listed for that pair, and the neighbours of
-//!    every merged occurrence. A max-heap holds (count, pair); entries go stale when a count drops
-//!    and are refreshed lazily when popped, which is exact because counts of existing pairs only
-//!    ever decrease (new occurrences only appear in pairs containing the token just created).
+//!    the PyPI rustbpe merge for merge) inside the distinct chunks, each weighted by its count.
+//!    Counts are updated incrementally: a merge only touches the chunks listed for that pair, and
+//!    the neighbours of every merged occurrence. A max-heap holds (count, pair); entries go stale
+//!    when a count drops and are refreshed lazily when popped, which is exact because counts of
+//!    existing pairs only ever decrease (new occurrences only appear in pairs containing the token
+//!    just created).
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
@@ -202,7 +203,7 @@ pub fn train_merges(chunks: ChunkCounts, num_merges: u32) -> Vec<Pair> {
             }
             word.len = write as u32;
         }
-        // Every occurrence of (a, b) is gone now: drop the pair (its count was not kept up to date).
+        // Every occurrence of (a, b) is gone now: drop the pair (its count was not kept current).
         stats.remove(&k);
         // Only pairs holding new_id are new; every other pair's count went down or stayed.
         for &p in &new_pairs {

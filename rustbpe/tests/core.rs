@@ -79,7 +79,7 @@ fn slow_merges(texts: &[(&str, u64)], num_merges: u32) -> Vec<Pair> {
                 *pc.entry((p[0], p[1])).or_default() += n;
             }
         }
-        // Max count, ties to the smallest pair (BTreeMap iterates smallest first; keep the first max).
+        // Max count, ties to the smallest pair (BTreeMap iterates smallest first: the first max).
         let Some((&best, _)) = pc.iter().fold(None, |acc: Option<(&Pair, &i64)>, kv| match acc {
             Some(a) if a.1 >= kv.1 => Some(a),
             _ => Some(kv),
