@@ -298,6 +298,11 @@ def plot_bars(bars, path, ylabel, title):
     return save(fig, title, path)
 
 
+def by_prefix(stages: dict, prefix: str) -> dict:
+    """The stages whose name starts with prefix, by the rest of their name (the checkpoint)."""
+    return {s.removeprefix(prefix): d for s, d in stages.items() if s.startswith(prefix)}
+
+
 def numbers(d) -> dict:
     """The numeric entries of a dict (none when it is not one)."""
     if not isinstance(d, dict):
@@ -397,11 +402,11 @@ def plot_lines(stages: dict, agent: dict, out_dir: Path) -> list[str]:
     path = plot_bars(bpb, out_dir / "base_eval_bpb.png", "bits per byte", title)
     plots.append(("bpb per language", path))
     pass_at_k = {}  # "task pass@k" -> {checkpoint: value}
-    for stem, d in stages.items():
-        for task, m in d.items() if stem.startswith("code_eval_") else ():
+    for source, d in by_prefix(stages, "code_eval_").items():
+        for task, m in d.items():
             for k, v in numbers(m).items():
                 if k.startswith("pass@"):
-                    pass_at_k.setdefault(f"{task} {k}", {})[stem.removeprefix("code_eval_")] = v
+                    pass_at_k.setdefault(f"{task} {k}", {})[source] = v
     path = plot_bars(pass_at_k, out_dir / "code_eval_pass_at_k.png", "pass@k", "code eval: pass@k")
     plots.append(("pass@k", path))
     if agent:
@@ -441,9 +446,7 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     out_dir = base / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     stages, timings = load_stages(base), load_timings(base)
-    agent = {
-        s.removeprefix("agent_eval_"): d for s, d in stages.items() if s.startswith("agent_eval_")
-    }
+    agent = by_prefix(stages, "agent_eval_")  # columns in pipeline order, anything else after
     agent = dict(sorted(agent.items(), key=lambda kv: (pipeline_index(kv[0], PHASES), kv[0])))
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = ["# nanocode report card", "", f"Generated {now:%Y-%m-%d %H:%M UTC} from `{base}`.", ""]
