@@ -1,4 +1,5 @@
-"""Tokenizer training throughput: our rustbpe vs the PyPI `rustbpe` package vs HuggingFace `tokenizers`.
+"""Tokenizer training throughput: our rustbpe vs the PyPI `rustbpe` package vs HuggingFace
+`tokenizers`.
 
 All three train on the same corpus (Python source found on this machine: the standard library, then
 the virtualenv's site-packages, in sorted path order, up to --mb megabytes), with the same split
@@ -29,39 +30,33 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# nanocode.tokenizer.SPLIT_PATTERN, copied so that the workers do not import nanocode (and torch with
-# it, which would add ~700 MB to every RSS measured); main() checks that the two are the same.
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+# nanocode.tokenizer.SPLIT_PATTERN, copied so that the workers do not import nanocode (and torch
+# with it, which would add ~700 MB to every RSS measured); main() checks that the two are the same.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}"""
+    r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
 TRAINERS = {"ours": "nanocode rustbpe", "pypi": "PyPI rustbpe", "hf": "HF tokenizers"}
+INSTALL = "`.venv/bin/pip install --target {} rustbpe`"
 
 
-def source_files(mb: float) -> list[str]:
-    """Paths of .py files (stdlib first, then site-packages), sorted, until their size reaches `mb` MB."""
-    roots = [sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]]
-    out, total, cap = [], 0, mb * 1e6
-    for root in roots:
+def read_corpus(mb: float) -> list[str]:
+    """Texts of .py files (stdlib first, then site-packages), sorted, until their size reaches
+    `mb` MB."""
+    docs, total = [], 0
+    for root in (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]):
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
-            for name in sorted(filenames):
-                if not name.endswith(".py"):
+            for path in (Path(dirpath) / n for n in sorted(filenames) if n.endswith(".py")):
+                if total >= mb * 1e6:
+                    return docs
+                total += path.stat().st_size
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except (UnicodeDecodeError, OSError):
                     continue
-                path = os.path.join(dirpath, name)
-                out.append(path)
-                total += os.path.getsize(path)
-                if total >= cap:
-                    return out
-    return out
-
-
-def read_corpus(paths: list[str]) -> list[str]:
-    docs = []
-    for path in paths:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if text:
-            docs.append(text)
+                if text:
+                    docs.append(text)
     return docs
 
 
@@ -75,22 +70,13 @@ def train(trainer: str, docs: list[str], vocab_size: int, pypi_dir: str) -> list
         from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE(byte_fallback=False))
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(
-                    pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False
-                ),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-        hf_trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            show_progress=False,
-            min_frequency=0,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            special_tokens=[],
-        )
-        tok.train_from_iterator(docs, hf_trainer)
+        split = pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated")
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        options = dict(show_progress=False, min_frequency=0, special_tokens=[])
+        bpe = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, **options)
+        tok.train_from_iterator(docs, bpe)
         return []
     if trainer == "pypi":
         sys.path.insert(0, pypi_dir)
@@ -100,7 +86,7 @@ def train(trainer: str, docs: list[str], vocab_size: int, pypi_dir: str) -> list
     if (trainer == "pypi") != (Path(pypi_dir).resolve() in origin.parents):
         raise SystemExit(
             f"error: {trainer} run imported rustbpe from {origin}; install the PyPI package with "
-            f"`.venv/bin/pip install --target {pypi_dir} rustbpe`"
+            + INSTALL.format(pypi_dir)
         )
     tok = rustbpe.Tokenizer()
     tok.train_from_iterator(iter(docs), vocab_size, pattern=SPLIT_PATTERN)
@@ -108,50 +94,40 @@ def train(trainer: str, docs: list[str], vocab_size: int, pypi_dir: str) -> list
 
 
 def worker(args):
-    docs = read_corpus(source_files(args.mb))
+    docs = read_corpus(args.mb)
     rss_loaded = max_rss_mb()
     t0, cpu0 = time.perf_counter(), time.process_time()
     tokens = train(args.worker, docs, args.vocab_size, args.pypi_dir)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    if args.tokens_out:
-        Path(args.tokens_out).write_bytes(pickle.dumps(tokens))
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "cpu_seconds": cpu,
-                "mb": sum(len(d.encode()) for d in docs) / 1e6,
-                "docs": len(docs),
-                "rss_loaded_mb": rss_loaded,
-                "peak_rss_mb": max_rss_mb(),
-            }
-        )
-    )
+    Path(args.tokens_out).write_bytes(pickle.dumps(tokens))
+    mb = sum(len(d.encode()) for d in docs) / 1e6
+    result = dict(seconds=seconds, cpu_seconds=cpu, mb=mb, docs=len(docs), rss_loaded_mb=rss_loaded)
+    print(json.dumps({**result, "peak_rss_mb": max_rss_mb()}))
+
+
+def run(name: str, args, tokens_out: Path) -> dict:
+    """One run of one trainer in a fresh process: its worker's numbers and the load around it."""
+    load_before = os.getloadavg()[0]
+    options = ["--mb", args.mb, "--vocab-size", args.vocab_size, "--pypi-dir", args.pypi_dir]
+    cmd = [sys.executable, "-m", "bench.tokenizer", "--worker", name, "--tokens-out", tokens_out]
+    proc = subprocess.run(list(map(str, cmd + options)), cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: the {name} run failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**result, "load": (load_before, os.getloadavg()[0])}
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--mb", type=float, default=100, help="corpus size in MB of source code")
-    parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument(
-        "--trainers", default="ours,pypi,hf", help="comma-separated subset of ours,pypi,hf"
-    )
-    parser.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        help="runs per trainer; the median time is reported "
-        "(other processes sharing the cores make single runs noisy)",
-    )
-    parser.add_argument(
-        "--pypi-dir",
-        default=str(REPO / ".bench_deps" / "pypi_rustbpe"),
-        help="directory the PyPI rustbpe was pip-installed into with --target",
-    )
-    parser.add_argument("--worker", choices=list(TRAINERS), help=argparse.SUPPRESS)
-    parser.add_argument("--tokens-out", help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description="tokenizer training throughput")
+    add = parser.add_argument
+    add("--mb", type=float, default=100, help="corpus size in MB of source code")
+    add("--vocab-size", type=int, default=32768)
+    add("--trainers", default="ours,pypi,hf", help="comma-separated subset of ours,pypi,hf")
+    add("--repeat", type=int, default=1, help="runs per trainer; reports the median time")
+    pypi_dir = str(REPO / ".bench_deps" / "pypi_rustbpe")
+    add("--pypi-dir", default=pypi_dir, help="where the PyPI rustbpe was installed (--target)")
+    add("--worker", choices=list(TRAINERS), help=argparse.SUPPRESS)
+    add("--tokens-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -162,38 +138,16 @@ def main():
     if "pypi" in trainers and not (Path(args.pypi_dir) / "rustbpe").is_dir():
         raise SystemExit(
             f"error: PyPI rustbpe not found in {args.pypi_dir}; install it with "
-            f"`.venv/bin/pip install --target {args.pypi_dir} rustbpe` (or leave pypi out of --trainers)"
+            f"{INSTALL.format(args.pypi_dir)} (or leave pypi out of --trainers)"
         )
     results, tokens = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in trainers:
-            out = Path(tmp) / f"{name}.pkl"
-            runs = []
-            for _ in range(args.repeat):
-                load_before = os.getloadavg()[0]
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "bench.tokenizer",
-                    "--worker",
-                    name,
-                    "--mb",
-                    str(args.mb),
-                    "--vocab-size",
-                    str(args.vocab_size),
-                    "--pypi-dir",
-                    args.pypi_dir,
-                    "--tokens-out",
-                    str(out),
-                ]
-                proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"error: the {name} run failed:\n{proc.stderr[-3000:]}")
-                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                runs[-1]["load"] = (load_before, os.getloadavg()[0])
+            # The median of --repeat runs: other processes sharing the cores make one run noisy.
+            runs = [run(name, args, Path(tmp) / name) for _ in range(args.repeat)]
             runs.sort(key=lambda r: r["seconds"])
             results[name] = dict(runs[len(runs) // 2], all_seconds=[r["seconds"] for r in runs])
-            tokens[name] = pickle.loads(out.read_bytes())
+            tokens[name] = pickle.loads((Path(tmp) / name).read_bytes())
 
     # Imported only now: a child's ru_maxrss starts from its parent's RSS at fork time (Linux keeps
     # it across exec), so the parent must stay small while the workers run.
@@ -203,44 +157,41 @@ def main():
 
     first = next(iter(results.values()))
     print(
-        f"corpus: {first['mb']:.1f} MB of Python source ({first['docs']} files), vocab {args.vocab_size}, "
-        f"{os.cpu_count()} cores, corpus loaded in each process: {first['rss_loaded_mb']:.0f} MB RSS"
+        f"corpus: {first['mb']:.1f} MB of Python source ({first['docs']} files), vocab "
+        f"{args.vocab_size}, {os.cpu_count()} cores, corpus loaded in each process: "
+        f"{first['rss_loaded_mb']:.0f} MB RSS"
     )
     if args.repeat > 1:
         print(f"median of {args.repeat} runs each (the runs' seconds in brackets)")
     print(
-        f"{'trainer':<18} {'seconds':>8} {'MB/s':>7} {'CPU s':>7} {'peak RSS MB':>12} {'over corpus MB':>15} {'load avg':>11}"
+        f"{'trainer':<18} {'seconds':>8} {'MB/s':>7} {'CPU s':>7} {'peak RSS MB':>12} "
+        f"{'over corpus MB':>15} {'load avg':>11}"
     )
     for name, r in results.items():
-        runs = (
-            "" if args.repeat == 1 else "  [" + " ".join(f"{t:.2f}" for t in r["all_seconds"]) + "]"
-        )
+        runs = " ".join(f"{t:.2f}" for t in r["all_seconds"])
         print(
-            f"{TRAINERS[name]:<18} {r['seconds']:>8.2f} {r['mb'] / r['seconds']:>7.1f} {r['cpu_seconds']:>7.2f} "
-            f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['rss_loaded_mb']:>15.0f} {r['load'][0]:>5.1f}/{r['load'][1]:<5.1f}{runs}"
+            f"{TRAINERS[name]:<18} {r['seconds']:>8.2f} {r['mb'] / r['seconds']:>7.1f} "
+            f"{r['cpu_seconds']:>7.2f} {r['peak_rss_mb']:>12.0f} "
+            f"{r['peak_rss_mb'] - r['rss_loaded_mb']:>15.0f} "
+            f"{r['load'][0]:>5.1f}/{r['load'][1]:<5.1f}"
+            + (f"  [{runs}]" if args.repeat > 1 else "")
         )
-    if "ours" in results:
-        ours = results["ours"]
-        for name in ("pypi", "hf"):
-            if name in results:
-                r = results[name]
-                print(
-                    f"vs {TRAINERS[name]}: {r['seconds'] / ours['seconds']:.2f}x throughput, "
-                    f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS "
-                    f"({(ours['peak_rss_mb'] - ours['rss_loaded_mb']) / max(r['peak_rss_mb'] - r['rss_loaded_mb'], 1):.2f}x over the corpus)"
-                )
+    ours = results.get("ours")
+    for name, r in results.items():
+        if ours and name != "ours":
+            over = ours["peak_rss_mb"] - ours["rss_loaded_mb"]
+            over /= max(r["peak_rss_mb"] - r["rss_loaded_mb"], 1)
+            print(
+                f"vs {TRAINERS[name]}: {r['seconds'] / ours['seconds']:.2f}x throughput, "
+                f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS ({over:.2f}x over the "
+                "corpus)"
+            )
     if "ours" in tokens and "pypi" in tokens:
         a, b = tokens["ours"], tokens["pypi"]
-        same = a == b
-        where = (
-            ""
-            if same
-            else f" (first difference at token {next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))})"
-        )
-        print(
-            f"merges identical to PyPI rustbpe: {'yes' if same else 'NO'} ({len(a) - 256} vs {len(b) - 256} merges){where}"
-        )
-        if not same:
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        verdict = "yes" if a == b else f"NO, first difference at token {first}"
+        print(f"merges identical to PyPI rustbpe: {verdict} ({len(a) - 256} vs {len(b) - 256})")
+        if a != b:
             sys.exit(1)
 
 

@@ -1,4 +1,5 @@
-"""Conversation data for SFT and DPO: JSONL loading with validation, the task mixture, and the sources.
+"""Conversation data for SFT and DPO: the format and its validation, JSONL loading, the task
+mixture, and the sources.
 
 A conversation (one JSON object per line):
     {"messages": [{"role": "system"|"user"|"assistant", "content": str | [part, ...]}, ...]}
@@ -6,17 +7,20 @@ A conversation (one JSON object per line):
         | {"type": "tool_call", "name": str, "arguments": {...}}
         | {"type": "tool_output", "text": str}
 An optional system message comes first; then user and assistant alternate, starting with the user.
-Tool calls and tool outputs appear only inside assistant messages (the agent calls, the harness answers
-inside the same turn). Extra keys on the conversation (e.g. the synthetic "files") are kept and ignored.
+Tool calls and tool outputs appear only inside assistant messages (the agent calls, the harness
+answers inside the same turn). Extra keys on the conversation (e.g. the synthetic "files") are kept
+and ignored. nanocode.tokenizer renders conversations checked here.
 
 A preference pair (DPO, one JSON object per line), documented in scripts/code_dpo.py:
-    {"prompt": {"messages": [... ending with a user message]}, "chosen": <assistant message>, "rejected": <assistant message>}
+    {"prompt": {"messages": [... ending with a user message]}, "chosen": <assistant message>,
+     "rejected": <assistant message>}
 
-Sources: "synth" (always available: $NANOCODE_BASE_DIR/sft/synth_<split>.jsonl from scripts/gen_synth.py),
-a path to any .jsonl file of conversations, and hub datasets downloaded on first use when online (via
-nanocode.hub.hub_file): the code-instruct sets of nanocode/instruct.py, converted to tool use
-("code_alpaca", "evol_codealpaca", "magicoder", "self_oss_instruct", "code_feedback"), and "gsm8k".
-The mixture repeats or subsamples each source by its weight and shuffles with a fixed seed."""
+Sources: "synth" (always available: $NANOCODE_BASE_DIR/sft/synth_<split>.jsonl from
+scripts/gen_synth.py), a path to any .jsonl file of conversations, and hub datasets downloaded on
+first use when online (via nanocode.hub.hub_file): the code-instruct sets of nanocode/instruct.py,
+converted to tool use ("code_alpaca", "evol_codealpaca", "magicoder", "self_oss_instruct",
+"code_feedback"), and "gsm8k". The mixture repeats or subsamples each source by its weight and
+shuffles with a fixed seed."""
 
 import json
 import random
@@ -25,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from nanocode import instruct
 from nanocode.common import NanocodeError, get_base_dir, read_jsonl
 
 ROLES = ("system", "user", "assistant")
@@ -36,46 +39,45 @@ PART_TYPES = ("text", "tool_call", "tool_output")
 # validation
 
 
-def _check_parts(content, where: str, role: str):
-    if isinstance(content, str):
-        return
-    if not isinstance(content, list):
-        raise NanocodeError(
-            f"{where}: content must be a string or a list of parts, got {type(content).__name__}"
-        )
-    for j, part in enumerate(content):
-        w = f"{where} part {j}"
-        if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
-            raise NanocodeError(
-                f"{w}: expected an object with type one of {PART_TYPES}, got {str(part)[:80]!r}"
-            )
-        kind = part["type"]
-        if kind != "text" and role != "assistant":
-            raise NanocodeError(
-                f"{w}: a {kind} part may only appear in an assistant message, not in a {role} message"
-            )
-        if kind in ("text", "tool_output") and not isinstance(part.get("text"), str):
-            raise NanocodeError(f"{w}: a {kind} part needs a string 'text'")
-        if kind == "tool_call":
-            if not isinstance(part.get("name"), str) or not isinstance(part.get("arguments"), dict):
-                raise NanocodeError(
-                    f"{w}: a tool_call part needs a string 'name' and an object 'arguments'"
-                )
-
-
 def validate_message(msg, where: str, role: str | None = None):
+    """Raise NanocodeError naming `where` unless msg is a message (of `role`, if given)."""
     if not isinstance(msg, dict) or msg.get("role") not in ROLES or "content" not in msg:
         raise NanocodeError(
             f"{where}: expected {{'role': one of {ROLES}, 'content': ...}}, got {str(msg)[:80]!r}"
         )
     if role is not None and msg["role"] != role:
         raise NanocodeError(f"{where}: expected a {role} message, got {msg['role']}")
-    _check_parts(msg["content"], where, msg["role"])
+    content = msg["content"]
+    if not isinstance(content, (str, list)):
+        raise NanocodeError(
+            f"{where}: content must be a string or a list of parts, got {type(content).__name__}"
+        )
+    for j, part in enumerate([] if isinstance(content, str) else content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in PART_TYPES:
+            raise NanocodeError(
+                f"{where} part {j}: expected an object with type one of {PART_TYPES}, got "
+                f"{str(part)[:80]!r}"
+            )
+        if kind != "text" and msg["role"] != "assistant":
+            raise NanocodeError(
+                f"{where} part {j}: a {kind} part may only appear in an assistant message, not in "
+                f"a {msg['role']} message"
+            )
+        if kind != "tool_call" and not isinstance(part.get("text"), str):
+            raise NanocodeError(f"{where} part {j}: a {kind} part needs a string 'text'")
+        args_ok = isinstance(part.get("name"), str) and isinstance(part.get("arguments"), dict)
+        if kind == "tool_call" and not args_ok:
+            raise NanocodeError(
+                f"{where} part {j}: a tool_call part needs a string 'name' and an object "
+                "'arguments'"
+            )
 
 
 def validate_conversation(conv, where: str = "conversation", last_role: str | None = "assistant"):
-    """Raise NanocodeError naming `where` and the message if `conv` is not a well-formed conversation.
-    last_role: the role the conversation must end with ("assistant" for SFT, "user" for a DPO prompt, None: any)."""
+    """Raise NanocodeError naming `where` and the message if `conv` is not a well-formed
+    conversation. last_role: the role it must end with ("assistant" for SFT, "user" for a DPO
+    prompt, None: any). Returns conv."""
     if not isinstance(conv, dict) or not isinstance(conv.get("messages"), list):
         raise NanocodeError(f"{where}: expected an object with a 'messages' list")
     msgs = conv["messages"]
@@ -104,22 +106,17 @@ def validate_preference(pair, where: str = "pair"):
 
 
 def load_jsonl(path, kind: str = "conversation") -> list[dict]:
-    """Read a JSONL file of conversations (kind="conversation"), prompts (kind="prompt": ending with the
-    user's turn) or preference pairs (kind="preference").
-    Any bad line raises NanocodeError with the file and line number. Blank lines are skipped."""
-    if kind not in ("conversation", "prompt", "preference"):
+    """Read a JSONL file of conversations (kind="conversation"), prompts (kind="prompt": a
+    conversation waiting for the assistant, its last message is the user's) or preference pairs
+    (kind="preference"). Any bad line raises NanocodeError with the file and line number."""
+    checks = {
+        "conversation": validate_conversation,
+        "prompt": lambda obj, where: validate_conversation(obj, where, last_role="user"),
+        "preference": validate_preference,
+    }
+    if kind not in checks:
         raise ValueError(f"kind must be 'conversation', 'prompt' or 'preference', got {kind!r}")
-    out = []
-    for where, obj in read_jsonl(path):
-        if kind == "conversation":
-            validate_conversation(obj, where)
-        elif (
-            kind == "prompt"
-        ):  # a conversation waiting for the assistant: its last message is the user's
-            validate_conversation(obj, where, last_role="user")
-        else:
-            validate_preference(obj, where)
-        out.append(obj)
+    out = [checks[kind](obj, where) for where, obj in read_jsonl(path)]
     if not out:
         raise NanocodeError(f"{path} holds no records")
     return out
@@ -129,26 +126,23 @@ def write_jsonl(path, records):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
     tmp.replace(path)
     return path
 
 
 def pad_batch(rows, pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs (B, T) and targets (B, T) from rendered rows [(ids, mask), ...]: the target is the next
-    token where its mask is 1 (an assistant token) and -1 (ignored by the loss) elsewhere. One
+    """Inputs (B, T) and targets (B, T) from rendered rows [(ids, mask), ...]: the target is the
+    next token where its mask is 1 (an assistant token) and -1 (ignored by the loss) elsewhere. One
     conversation per row, padded at the end with pad_id (targets -1), so with causal attention no
     conversation ever sees another and padding changes nothing before it."""
     T = max(len(ids) for ids, _ in rows) - 1
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), -1, dtype=torch.long)
     for i, (ids, mask) in enumerate(rows):
-        ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
-        n = len(ids) - 1
-        x[i, :n] = ids_t[:-1]
-        y[i, :n] = torch.where(mask_t[1:], ids_t[1:], -1)
+        ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+        x[i, : len(ids) - 1] = ids[:-1]
+        y[i, : len(ids) - 1] = torch.where(mask[1:], ids[1:], -1)
     return x.to(device), y.to(device)
 
 
@@ -157,7 +151,8 @@ def pad_batch(rows, pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tens
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
-    """ "synth=1,gsm8k=0.5,/path/extra.jsonl=2" -> [("synth", 1.0), ("gsm8k", 0.5), ("/path/extra.jsonl", 2.0)]."""
+    """ "synth=1,gsm8k=0.5,/path/extra.jsonl=2" -> [("synth", 1.0), ("gsm8k", 0.5),
+    ("/path/extra.jsonl", 2.0)]."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, w = item.rpartition("=") if "=" in item else (item, "", "1")
@@ -176,14 +171,13 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
 
 
 def mixture(sources: list[tuple[str, list, float]], seed: int = 0) -> list:
-    """Weight w means each example of the source is used floor(w) times plus a random share w - floor(w)
-    (so 2.0 = two epochs of it, 0.25 = a quarter of it). Deterministic for a seed, then shuffled."""
+    """Weight w means each example of the source is used floor(w) times plus a random share
+    w - floor(w) (so 2.0 = two epochs of it, 0.25 = a quarter of it). Deterministic for a seed,
+    then shuffled."""
     rng = random.Random(seed)
     out = []
-    for name, items, weight in sources:
-        whole, frac = int(weight), weight - int(weight)
-        out.extend(items * whole)
-        out.extend(rng.sample(items, round(frac * len(items))))
+    for _, items, weight in sources:
+        out += items * int(weight) + rng.sample(items, round((weight - int(weight)) * len(items)))
     rng.shuffle(out)
     return out
 
@@ -192,38 +186,29 @@ def mixture(sources: list[tuple[str, list, float]], seed: int = 0) -> list:
 # sources
 
 HELD_OUT = 500  # sources with one split keep their last 500 examples for "val"
-INSTRUCT_ROWS = (
-    20000  # dataset rows converted per instruct source (each one runs code; cached afterwards)
-)
-
-
-def _chat(user: str, assistant: str) -> dict:
-    return {
-        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    }
-
-
-def _split(items: list, split: str) -> list:
-    return items[:-HELD_OUT] if split == "train" else items[-HELD_OUT:]
+INSTRUCT_ROWS = 20000  # rows converted per instruct source (each one runs code; cached afterwards)
 
 
 def load_instruct(name: str, split: str) -> list[dict]:
     """A public code-instruct dataset converted to tool use (nanocode.instruct), converted once and
     cached as $BASE/sft/instruct_<name>.jsonl; the drop counts are printed when converting."""
+    from nanocode import instruct
+
     path = get_base_dir() / "sft" / f"instruct_{name}.jsonl"
     if not path.exists():
-        _, _, schema = instruct.SOURCES[name]
         rows = instruct.read_rows(instruct.fetch(name))[:INSTRUCT_ROWS]
-        convs, stats = instruct.convert(rows, schema)
+        convs, stats = instruct.convert(rows, instruct.SOURCES[name][2])
         print(f"{name}: {len(rows)} rows -> {len(convs)} conversations; {dict(stats)}")
         if not convs:
             raise NanocodeError(f"{name}: none of {len(rows)} rows converted ({dict(stats)})")
         write_jsonl(path, convs)
-    return _split(load_jsonl(path), split)
+    convs = load_jsonl(path)
+    return convs[:-HELD_OUT] if split == "train" else convs[-HELD_OUT:]
 
 
 def load_gsm8k(split: str) -> list[dict]:
-    """The answer's calculator annotations <<a*b=c>> are dropped; "#### 42" becomes a last sentence."""
+    """The answer's calculator annotations <<a*b=c>> are dropped; "#### 42" becomes a last
+    sentence."""
     import pyarrow.parquet as pq
 
     from nanocode.hub import hub_file
@@ -234,31 +219,24 @@ def load_gsm8k(split: str) -> list[dict]:
         hint="leave gsm8k out of --mix (synth works offline)",
     )
     convs = []
-    for r in pq.read_table(path).to_pylist():
-        steps, _, final = r["answer"].partition("####")
-        steps = re.sub(r"<<[^>]*>>", "", steps).strip()
-        convs.append(_chat(r["question"], f"{steps}\nThe answer is {final.strip()}."))
+    for row in pq.read_table(path).to_pylist():
+        steps, _, final = row["answer"].partition("####")
+        answer = f"{re.sub(r'<<[^>]*>>', '', steps).strip()}\nThe answer is {final.strip()}."
+        user = {"role": "user", "content": row["question"]}
+        convs.append({"messages": [user, {"role": "assistant", "content": answer}]})
     return convs
 
 
-INSTRUCT_SOURCES = (
-    "code_alpaca",
-    "evol_codealpaca",
-    "magicoder",
-    "self_oss_instruct",
-    "code_feedback",
-)
-
-
 def cached_sources() -> list[str]:
-    """The instruct sources usable without a download: converted already, or their hub file cached."""
+    """The instruct sources usable without a download: converted already, or their hub file
+    cached."""
     from huggingface_hub import try_to_load_from_cache
 
+    from nanocode import instruct
     from nanocode.hub import hub_cache_dir
 
     out = []
-    for name in INSTRUCT_SOURCES:
-        repo, filename, _ = instruct.SOURCES[name]
+    for name, (repo, filename, _) in instruct.SOURCES.items():
         hit = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir(), repo_type="dataset")
         if (get_base_dir() / "sft" / f"instruct_{name}.jsonl").exists() or isinstance(hit, str):
             out.append(name)
@@ -266,6 +244,8 @@ def cached_sources() -> list[str]:
 
 
 def load_source(name: str, split: str = "train") -> list[dict]:
+    from nanocode import instruct
+
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "synth":
@@ -273,20 +253,21 @@ def load_source(name: str, split: str = "train") -> list[dict]:
         if not path.exists():
             raise NanocodeError(f"{path} not found: run `python -m scripts.gen_synth` first")
         return load_jsonl(path)
-    if name in INSTRUCT_SOURCES:
+    if name in instruct.SOURCES:
         return load_instruct(name, split)
     if name == "gsm8k":
         return load_gsm8k(split)
     if name.endswith(".jsonl"):
         return load_jsonl(name)
     raise NanocodeError(
-        f"unknown source {name!r}: use synth, {', '.join(INSTRUCT_SOURCES)}, gsm8k or a path to a .jsonl file"
+        f"unknown source {name!r}: use synth, {', '.join(instruct.SOURCES)}, gsm8k or a path to a "
+        ".jsonl file"
     )
 
 
 def load_mixture(spec: str, split: str = "train", seed: int = 0) -> list[dict]:
-    """The SFT task mixture for a --mix spec. Validation data uses each source once (weights ignored)
-    so the held-out numbers do not depend on the training mix."""
+    """The SFT task mixture for a --mix spec. Validation data uses each source once (weights
+    ignored) so the held-out numbers do not depend on the training mix."""
     parsed = parse_mix(spec)
     if split == "val":
         parsed = [(n, 1.0) for n, w in parsed if w > 0 and not n.endswith(".jsonl")]

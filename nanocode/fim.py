@@ -12,14 +12,14 @@ and plain strings) instead of a string with the special-token text in it, so a d
 to contain the text "<|fim_middle|>" can never be confused with the real token.
 
 Why these defaults (Bavarian et al. 2022, "Efficient Training of Language Models to Fill in the
-Middle"): at FIM rates up to 90% the left-to-right loss was unchanged while infilling was learned, so
-50% costs ordinary completion nothing; mixing PSM and SPM 50/50 trained better than either alone; and
-cuts at uniformly random characters (not lines or tokens) let the model learn to finish a half-written
-token. SPM puts <|fim_prefix|> first, as the paper's variant does, so that every FIM document starts
-with the same token and `fim_mode` can tell the layouts apart from the second one.
+Middle"): at FIM rates up to 90% the left-to-right loss was unchanged while infilling was learned,
+so 50% costs ordinary completion nothing; mixing PSM and SPM 50/50 trained better than either alone;
+and cuts at uniformly random characters (not lines or tokens) let the model learn to finish a
+half-written token. SPM puts <|fim_prefix|> first, as the paper's variant does, so that every FIM
+document starts with the same token and `fim_mode` can tell the layouts apart from the second one.
 
 Randomness comes from the `random.Random` the caller passes in; the dataloader seeds one per
-(seed, epoch, document), so the same document gets the same cut no matter where a run resumes.
+(seed, epoch, document chunk), so the same document gets the same cut wherever a run resumes.
 """
 
 import random
@@ -28,8 +28,8 @@ FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = 9, 10, 11  # ids fixed by docs/DESIGN.md (t
 
 
 def apply_fim(text: str, rng: random.Random, fim_rate: float = 0.5, spm_rate: float = 0.5):
-    """Return the pieces of one training document: a list of str (ordinary text) and int (special ids).
-    With probability 1 - fim_rate the document is left alone: [text]."""
+    """Return the pieces of one training document: a list of str (ordinary text) and int (special
+    ids). With probability 1 - fim_rate the document is left alone: [text]."""
     if rng.random() >= fim_rate:
         return [text]
     i, j = sorted((rng.randint(0, len(text)), rng.randint(0, len(text))))

@@ -32,39 +32,22 @@ def _check_reachable(endpoint: str, timeout: float = 10.0):
         raise ConnectionError(f"cannot reach {url.hostname}:{port} ({e})") from None
 
 
-def hub_file(
-    repo_id: str,
-    filename: str,
-    repo_type: str = "dataset",
-    revision: str | None = None,
-    hint: str = "",
-) -> Path:
-    """Local path of `filename` in hub repo `repo_id`, downloaded once into hub_cache_dir().
+def hub_file(repo_id: str, filename: str, revision: str | None = None, hint: str = "") -> Path:
+    """Local path of `filename` in the hub dataset `repo_id`, downloaded once into hub_cache_dir().
     Offline or failing -> NanocodeError naming the file, with `hint` (how to do without it)."""
     from huggingface_hub import hf_hub_download  # a dependency, but only download paths need it
 
-    what = f"{repo_id}/{filename}"
-    hint = f"; {hint}" if hint else ""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    # The endpoint is passed explicitly: the client reads HF_ENDPOINT once, at import, and a test
+    # (or a caller) may set it later.
+    endpoint = os.environ.get("HF_ENDPOINT") or None
     try:
-        if not offline:
-            _check_reachable(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-        # endpoint passed explicitly: the client reads HF_ENDPOINT once, at import, and a test (or a
-        # caller) may set it later
-        path = hf_hub_download(
-            repo_id,
-            filename,
-            repo_type=repo_type,
-            revision=revision,
-            cache_dir=hub_cache_dir(),
-            endpoint=os.environ.get("HF_ENDPOINT") or None,
-        )
-    except (
-        Exception
-    ) as e:  # connection, HTTP, cache-miss-while-offline: all mean "not available here"
+        if os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0"):
+            _check_reachable(endpoint or "https://huggingface.co")
+        kwargs = dict(repo_type="dataset", revision=revision, endpoint=endpoint)
+        return Path(hf_hub_download(repo_id, filename, cache_dir=hub_cache_dir(), **kwargs))
+    except Exception as e:  # connection, HTTP, cache miss while offline: all mean "not available"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NanocodeError(
-            f"could not download {what} from the Hugging Face hub ({reason}); "
-            f"offline? this machine cannot reach the hub{hint}"
+            f"could not download {repo_id}/{filename} from the Hugging Face hub ({reason}); "
+            f"offline? this machine cannot reach the hub{'; ' + hint if hint else ''}"
         ) from None
-    return Path(path)

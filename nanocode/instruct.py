@@ -1,23 +1,27 @@
 """Public code-instruct datasets turned into tool-use conversations, with every tool output real.
 
 Sources (fetched once with nanocode.hub.hub_file when online; offline -> one NanocodeError):
-    code_alpaca        sahil2801/CodeAlpaca-20k               JSON list of {instruction, input, output}
-    evol_codealpaca    theblackcat102/evol-codealpaca-v1      JSONL {instruction, output}
-    magicoder          ise-uiuc/Magicoder-Evol-Instruct-110K  JSONL {instruction, response}
-    self_oss_instruct  bigcode/self-oss-instruct-sc2-exec-filter-50k  parquet {instruction, response, ...}
-    code_feedback      m-a-p/Code-Feedback                    JSONL {messages: [{role, content}, ...]}
+    code_alpaca        sahil2801/CodeAlpaca-20k                        JSON [{instruction, input,
+                                                                       output}]
+    evol_codealpaca    theblackcat102/evol-codealpaca-v1               JSONL {instruction, output}
+    magicoder          ise-uiuc/Magicoder-Evol-Instruct-110K           JSONL {instruction, response}
+    self_oss_instruct  bigcode/self-oss-instruct-sc2-exec-filter-50k   parquet {instruction,
+                                                                       response, ...}
+    code_feedback      m-a-p/Code-Feedback                             JSONL {messages: [{role,
+                                                                       content}, ...]}
 
-Each (request, answer) turn becomes assistant tool use in a scratch directory (nanocode.synth_session):
-  - the answer has Python code and the request has none: write_file the code, run it with python3,
-    and the answer's prose plus what the run really printed is the final text;
-  - the request contains code and the answer changes it (difflib ratio >= MIN_SIMILARITY): the old code
-    is the starting file; the assistant greps for a name in the changed region, reads those lines,
-    applies each changed hunk with edit_file (old_string grown until it is unique in the file at that
-    moment), then runs the file; the file must end up equal to the answer's code;
+Each (request, answer) turn becomes assistant tool use in a scratch directory
+(nanocode.synth_session):
+  - the answer has Python code and the request has none: write_file the code, run it with
+    python3, and the answer's prose plus what the run really printed is the final text;
+  - the request contains code and the answer changes it (difflib ratio >= MIN_SIMILARITY): the old
+    code is the starting file; the assistant greps for a name in the changed region, reads those
+    lines, applies each changed hunk with edit_file (old_string grown until it is unique in the
+    file at that moment), then runs the file; the file must end up equal to the answer's code;
   - no Python code in the answer: the explanation stays text.
-Code is first run in the guarded sandbox (nanocode.execution.run_program: time, memory and file limits,
-destructive calls disabled); a record whose code fails there or in the session, or whose edits are not
-unique or do not reproduce the new code, is dropped, and the reason is counted (`Stats`).
+Code is first run in the guarded sandbox (nanocode.execution.run_program: time, memory and file
+limits, destructive calls disabled); a record whose code fails there or in the session, or whose
+edits are not unique or do not reproduce the new code, is dropped, and the reason is counted.
 """
 
 import difflib
@@ -112,8 +116,9 @@ def prose(text: str) -> str:
 
 
 def unique_old_string(text: str, start: int, end: int, max_extra: int = MAX_CONTEXT) -> str | None:
-    """The shortest run of whole lines containing lines [start, end) (0-based) that occurs once in text,
-    with at most max_extra lines of context on each side; None if there is none (the edit is not unique)."""
+    """The shortest run of whole lines containing lines [start, end) (0-based) that occurs once in
+    text, with at most max_extra lines of context on each side; None if there is none (the edit is
+    not unique)."""
     lines = text.split("\n")
     for extra in range(max_extra + 1):
         lo, hi = max(0, start - extra), min(len(lines), max(end, start + 1) + extra)
@@ -124,14 +129,15 @@ def unique_old_string(text: str, start: int, end: int, max_extra: int = MAX_CONT
 
 
 def _occurs_once(text: str, s: str) -> bool:
-    """Exactly one occurrence, overlapping ones counted (str.count does not see "a\na" twice in "a\na\na")."""
+    """Exactly one occurrence, overlapping ones counted (str.count does not see "a\na" twice in
+    "a\na\na")."""
     i = text.find(s)
     return i >= 0 and text.find(s, i + 1) == -1
 
 
 def hunks(old: str, new: str) -> list[tuple[int, int, list[str]]]:
-    """The changed regions of old -> new as (first old line, end old line, new lines), last first, so
-    applying one does not move the line numbers of the ones still to apply."""
+    """The changed regions of old -> new as (first old line, end old line, new lines), last first,
+    so applying one does not move the line numbers of the ones still to apply."""
     a, b = old.split("\n"), new.split("\n")
     ops = [
         op
@@ -151,14 +157,6 @@ def _name_near(lines: list[str], i: int) -> str | None:
     return words[0] if words else None
 
 
-class Stats(Counter):
-    """Converted and dropped records, by reason."""
-
-
-def _runs(code: str) -> bool:
-    return run_program(code, timeout=RUN_TIMEOUT).passed
-
-
 def _report(out: str) -> str:
     lines = out.rstrip("\n").split("\n")
     if out == "(no output)":
@@ -167,10 +165,9 @@ def _report(out: str) -> str:
     return "Ran it:\n```\n" + "\n".join(shown) + "\n```"
 
 
-def convert_turn(
-    s: Session, request: str, answer: str, stats: Stats, path: str = "solution.py"
-) -> bool:
-    """Add the assistant's tool use for one (request, answer) turn to session s. False: drop the record."""
+def convert_turn(s: Session, request: str, answer: str, stats: Counter, path="solution.py") -> bool:
+    """Add the assistant's tool use for one (request, answer) turn to session s. False: drop the
+    record (`stats` counts why)."""
     new_blocks, old_blocks = python_blocks(answer), python_blocks(request)
     if not new_blocks:
         s.say(answer.strip())
@@ -186,7 +183,7 @@ def convert_turn(
         and old != new
         and difflib.SequenceMatcher(None, old, new).ratio() >= MIN_SIMILARITY
     )
-    if not _runs(new):
+    if not run_program(new, timeout=RUN_TIMEOUT).passed:
         stats["dropped: code does not run"] += 1
         return False
     text = prose(answer)
@@ -231,8 +228,9 @@ def convert_turn(
     return True
 
 
-def convert_row(row: dict, schema: str, stats: Stats) -> dict | None:
-    """A dataset row as a conversation record ({"messages", "kind", "files", "final_files"}), or None."""
+def convert_row(row: dict, schema: str, stats: Counter) -> dict | None:
+    """A dataset row as a conversation record ({"messages", "kind", "files", "final_files"}), or
+    None."""
     turns = turns_of(row, schema)
     if not turns:
         stats["dropped: no user turn"] += 1
@@ -248,18 +246,9 @@ def convert_row(row: dict, schema: str, stats: Stats) -> dict | None:
     return rec
 
 
-def convert(rows, schema: str, limit: int | None = None) -> tuple[list[dict], Stats]:
-    stats, out = Stats(), []
-    for row in rows:
-        rec = convert_row(row, schema, stats)
-        if rec is not None:
-            out.append(rec)
-            if limit and len(out) >= limit:
-                break
-    return out, stats
-
-
-def load(name: str, limit: int | None = None) -> tuple[list[dict], Stats]:
-    """Converted conversations of a hub source (downloaded once), and what was dropped."""
-    _, _, schema = SOURCES[name] if name in SOURCES else (None, None, None)
-    return convert(read_rows(fetch(name)), schema, limit)
+def convert(rows, schema: str) -> tuple[list[dict], Counter]:
+    """The rows that convert, as conversation records, and the count of converted and dropped
+    records by reason."""
+    stats = Counter()
+    records = [convert_row(row, schema, stats) for row in rows]
+    return [r for r in records if r is not None], stats

@@ -17,25 +17,21 @@ from pathlib import Path
 import tiktoken
 
 from nanocode.common import NanocodeError, get_base_dir
+from nanocode.conversations import validate_conversation
 
-SPECIAL_TOKENS = [
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|tool_start|>",
-    "<|tool_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-]
+# Ids 0-11, in this order (docs/DESIGN.md has the table).
+SPECIAL_TOKENS = (
+    "<|bos|> <|user_start|> <|user_end|> <|assistant_start|> <|assistant_end|> <|tool_start|> "
+    "<|tool_end|> <|output_start|> <|output_end|> <|fim_prefix|> <|fim_middle|> <|fim_suffix|>"
+).split()
+SPECIAL_IDS = {s: i for i, s in enumerate(SPECIAL_TOKENS)}
 N_SPECIAL = len(SPECIAL_TOKENS)
 
 # GPT-4's split pattern with numbers cut into groups of at most 2 digits (rustbpe's default).
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}"""
+    r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
 
 RANKS_FILE, CONFIG_FILE = "tokenizer.tiktoken", "tokenizer.json"
 
@@ -60,7 +56,7 @@ class Tokenizer:
             name="nanocode",
             pat_str=pattern,
             mergeable_ranks=ranks,
-            special_tokens={s: i for i, s in enumerate(SPECIAL_TOKENS)},
+            special_tokens=SPECIAL_IDS,
         )
         self._token_bytes = None
 
@@ -68,14 +64,13 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts, vocab_size: int = 32768, pattern: str | None = None) -> "Tokenizer":
-        """Train on an iterable of str. vocab_size counts the 12 special tokens; a corpus too small to
-        find that many merges gives a smaller vocabulary."""
+        """Train on an iterable of str. vocab_size counts the 12 special tokens; a corpus too small
+        to find that many merges gives a smaller vocabulary."""
         import rustbpe  # only training needs the Rust extension
 
         if not isinstance(vocab_size, int) or vocab_size < 256 + N_SPECIAL:
-            raise ValueError(
-                f"vocab_size must be an integer >= {256 + N_SPECIAL} (256 bytes + {N_SPECIAL} special tokens), got {vocab_size!r}"
-            )
+            need = f"{256 + N_SPECIAL} (256 bytes + {N_SPECIAL} special tokens)"
+            raise ValueError(f"vocab_size must be an integer >= {need}, got {vocab_size!r}")
         bpe = rustbpe.Tokenizer()
         # Smaller buffers than rustbpe's default (8192 documents) so that pulling documents from a
         # slow Python source overlaps with the counting from the start, even on small corpora.
@@ -87,16 +82,10 @@ class Tokenizer:
     def save(self, directory) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        lines = [
-            f"{base64.b64encode(b).decode()} {i}"
-            for i, b in enumerate(self.id_bytes)
-            if i >= N_SPECIAL
-        ]
-        (directory / RANKS_FILE).write_text("\n".join(lines) + "\n")
-        config = {
-            "pattern": self.pattern,
-            "special_tokens": {s: i for i, s in enumerate(SPECIAL_TOKENS)},
-        }
+        ordinary = enumerate(self.id_bytes[N_SPECIAL:], N_SPECIAL)
+        lines = [f"{base64.b64encode(b).decode()} {i}\n" for i, b in ordinary]
+        (directory / RANKS_FILE).write_text("".join(lines))
+        config = {"pattern": self.pattern, "special_tokens": SPECIAL_IDS}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
@@ -119,7 +108,7 @@ class Tokenizer:
                 ordinary.append(base64.b64decode(token))
         except (ValueError, KeyError, json.JSONDecodeError) as e:
             raise NanocodeError(f"corrupt tokenizer in {directory}: {e}") from e
-        if specials != {s: i for i, s in enumerate(SPECIAL_TOKENS)}:
+        if specials != SPECIAL_IDS:
             raise NanocodeError(
                 f"tokenizer in {directory} has other special tokens than this code: {specials}"
             )
@@ -132,24 +121,27 @@ class Tokenizer:
         return 0
 
     def special_id(self, name: str) -> int:
-        if name not in SPECIAL_TOKENS:
+        if name not in SPECIAL_IDS:
             raise ValueError(
-                f"unknown special token {name!r}; the special tokens are {SPECIAL_TOKENS}"
+                f"unknown special token {name!r}; the special tokens: {SPECIAL_TOKENS}"
             )
-        return SPECIAL_TOKENS.index(name)
+        return SPECIAL_IDS[name]
 
     def encode(self, text: str) -> list[int]:
-        """Ordinary tokens only: special-token text in `text` is encoded as plain text (so a file or a
-        user message containing "<|tool_start|>" can never make the model see a real tool call)."""
+        """Ordinary tokens only: special-token text in `text` is encoded as plain text (so a file or
+        a user message containing "<|tool_start|>" can never make the model see a real tool
+        call)."""
         if not isinstance(text, str):
             raise TypeError(f"encode needs a str, got {type(text).__name__}")
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"encode_batch needs str items, item {i} is {type(t).__name__}")
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(
+                f"encode_batch needs str items, item {bad} is {type(texts[bad]).__name__}"
+            )
         return self.encoding.encode_ordinary_batch(texts)
 
     def decode(self, ids) -> str:
@@ -163,66 +155,66 @@ class Tokenizer:
 
     @property
     def token_bytes(self):
-        """torch.int64 tensor (vocab_size,): UTF-8 bytes per token, 0 for the special tokens (so they
-        count for nothing in bits per byte)."""
+        """torch.int64 tensor (vocab_size,): UTF-8 bytes per token, 0 for the special tokens (so
+        they count for nothing in bits per byte)."""
         if self._token_bytes is None:
             import torch
 
-            self._token_bytes = torch.tensor(
-                [0] * N_SPECIAL + [len(b) for b in self.id_bytes[N_SPECIAL:]], dtype=torch.int64
-            )
+            lengths = [0] * N_SPECIAL + [len(b) for b in self.id_bytes[N_SPECIAL:]]
+            self._token_bytes = torch.tensor(lengths, dtype=torch.int64)
         return self._token_bytes
 
     # ---- conversations
 
-    def render_conversation(
-        self, conversation: dict, max_tokens: int | None = None
-    ) -> tuple[list[int], list[int]]:
-        """(ids, mask) of a whole conversation; mask 1 where the model is trained to write the token:
-        assistant text, tool calls from <|tool_start|> to <|tool_end|>, and <|assistant_end|>."""
-        sid = self.special_id
-        ids, mask = [self.bos_id], [0]
+    def render_conversation(self, conversation: dict, max_tokens: int | None = None):
+        """(ids, mask) of a whole conversation (checked by conversations.validate_conversation);
+        mask 1 where the model is trained to write the token: assistant text, tool calls from
+        <|tool_start|> to <|tool_end|>, and <|assistant_end|>. The token table has no system token
+        (as in nanochat): a leading system message opens the first user turn, "system\n\nuser"."""
+        messages = validate_conversation(conversation, last_role=None)["messages"]
+        sid, ids, mask = self.special_id, [self.bos_id], [0]
 
-        def add(tokens, m):
+        def add(tokens, m=0):
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
-        for role, parts in _messages(conversation):
-            if role == "user":
-                add([sid("<|user_start|>")], 0)
-                for part in parts:
-                    add(self.encode(part["text"]), 0)
-                add([sid("<|user_end|>")], 0)
+        system = ""
+        for message in messages:
+            parts = message["content"]
+            parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else parts
+            if message["role"] != "assistant":
+                text = system + "".join(p["text"] for p in parts)
+                if message["role"] == "system":
+                    system = text + "\n\n"
+                    continue
+                add([sid("<|user_start|>"), *self.encode(text), sid("<|user_end|>")])
+                system = ""
                 continue
-            add([sid("<|assistant_start|>")], 0)
+            add([sid("<|assistant_start|>")])
             for part in parts:
                 if part["type"] == "text":
                     add(self.encode(part["text"]), 1)
                 elif part["type"] == "tool_call":
                     call = json.dumps({"name": part["name"], "arguments": part["arguments"]})
-                    add([sid("<|tool_start|>")] + self.encode(call) + [sid("<|tool_end|>")], 1)
+                    add([sid("<|tool_start|>"), *self.encode(call), sid("<|tool_end|>")], 1)
                 else:  # tool_output: written by the tool, never learned
                     add(
-                        [sid("<|output_start|>")]
-                        + self.encode(part["text"])
-                        + [sid("<|output_end|>")],
-                        0,
+                        [sid("<|output_start|>"), *self.encode(part["text"]), sid("<|output_end|>")]
                     )
             add([sid("<|assistant_end|>")], 1)
-        if max_tokens is not None:
-            ids, mask = ids[:max_tokens], mask[:max_tokens]
-        return ids, mask
+        return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation: dict) -> list[int]:
         """The ids to prime the model for the assistant's next reply: the conversation (without a
         final assistant message, if there is one, as in an eval sample that holds its answer)
-        followed by <|assistant_start|>. A final assistant message that ends in a tool_output part is a
-        turn in progress instead (the model always writes after a tool's output): it is kept, without
-        its <|assistant_end|>, and the model goes on from there (the server's OpenAI tool messages)."""
-        messages = list(_checked(conversation))
-        if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        followed by <|assistant_start|>. A final assistant message that ends in a tool_output part
+        is a turn in progress instead (the model always writes after a tool's output): it is kept,
+        without its <|assistant_end|>, and the model goes on from there (the server's OpenAI tool
+        messages)."""
+        messages = validate_conversation(conversation, last_role=None)["messages"]
+        if messages[-1]["role"] == "assistant":
             if in_progress(messages[-1]):
-                return self.render_conversation({"messages": messages})[0][:-1]
+                return self.render_conversation(conversation)[0][:-1]
             messages = messages[:-1]
         ids, _ = self.render_conversation({"messages": messages})
         return ids + [self.special_id("<|assistant_start|>")]
@@ -238,70 +230,6 @@ def in_progress(message) -> bool:
         and isinstance(content[-1], dict)
         and content[-1].get("type") == "tool_output"
     )
-
-
-def _checked(conversation) -> list:
-    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
-        raise ValueError('a conversation is a dict {"messages": [...]}')
-    return conversation["messages"]
-
-
-def _messages(conversation: dict):
-    """Validated (role, parts) pairs. A user message becomes one text part (its parts joined), with a
-    leading system message's text prepended to the first one as "system\n\nuser"."""
-    messages = _checked(conversation)
-    out, system = [], None
-    for n, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in (
-            "system",
-            "user",
-            "assistant",
-        ):
-            raise ValueError(
-                f"message {n} needs a role of system, user or assistant: {message!r:.200}"
-            )
-        role, content = message["role"], message.get("content")
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if not isinstance(parts, list):
-            raise ValueError(
-                f"message {n}: content must be a str or a list of parts, got {type(content).__name__}"
-            )
-        for part in parts:
-            _check_part(n, role, part)
-        if role == "assistant":
-            if system is not None:
-                raise ValueError("a system message must be followed by a user message")
-            out.append((role, parts))
-            continue
-        text = "".join(p["text"] for p in parts)
-        if role == "system":
-            if n != 0:
-                raise ValueError(f"message {n}: a system message may only come first")
-            system = text
-            continue
-        if system is not None:  # the token table has no system token (as in nanochat): the system
-            text, system = system + "\n\n" + text, None  # prompt opens the first user turn
-        out.append((role, [{"type": "text", "text": text}]))
-    if system is not None:
-        raise ValueError("a system message must be followed by a user message")
-    return out
-
-
-def _check_part(n: int, role: str, part) -> None:
-    kind = part.get("type") if isinstance(part, dict) else None
-    allowed = ("text", "tool_call", "tool_output") if role == "assistant" else ("text",)
-    if kind not in allowed:
-        raise ValueError(
-            f"message {n} ({role}): part types allowed here are {allowed}, got {part!r:.200}"
-        )
-    if kind in ("text", "tool_output") and not isinstance(part.get("text"), str):
-        raise ValueError(f"message {n}: a {kind} part needs a str 'text', got {part!r:.200}")
-    if kind == "tool_call" and not (
-        isinstance(part.get("name"), str) and isinstance(part.get("arguments"), dict)
-    ):
-        raise ValueError(
-            f"message {n}: a tool_call part needs a str 'name' and a dict 'arguments', got {part!r:.200}"
-        )
 
 
 def get_tokenizer() -> Tokenizer:

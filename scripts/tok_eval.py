@@ -3,10 +3,10 @@ English prose, beside GPT-2's and GPT-4's (cl100k) tokenizers when tiktoken has 
 
     python -m scripts.tok_eval [--kb 300]
 
-The samples are files found on this machine (Python's standard library, C headers, JavaScript shipped
-in site-packages, Rust crates in the cargo registry, license texts and package READMEs for English).
-The offline corpus is built from the same places, so the code samples may have been seen in training:
-read the numbers as a comparison between tokenizers, not as held-out compression.
+The samples are files found on this machine (Python's standard library, C headers, JavaScript
+shipped in site-packages, Rust crates in the cargo registry, license texts and package READMEs for
+English). The offline corpus is built from the same places, so the code samples may have been seen
+in training: read the numbers as a comparison between tokenizers, not as held-out compression.
 """
 
 import argparse
@@ -38,13 +38,12 @@ SOURCES = {
 def sample(patterns: list[str], max_bytes: int) -> str:
     """Files in sorted path order, cut to max_bytes characters; "" when no file matches."""
     parts, total = [], 0
-    paths = sorted({p for pattern in patterns for p in glob.glob(pattern, recursive=True)})
-    for path in paths:
-        if total >= max_bytes or not os.path.isfile(path):
-            continue
+    for path in sorted({p for pattern in patterns for p in glob.glob(pattern, recursive=True)}):
+        if total >= max_bytes:
+            break
         try:
             text = Path(path).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+        except (UnicodeDecodeError, OSError):  # a directory, a binary or unreadable file
             continue
         parts.append(text)
         total += len(text.encode())
@@ -74,8 +73,9 @@ def main():
     if args.kb < 1:
         raise NanocodeError("--kb must be positive")
     tokenizers = {"ours": get_tokenizer().encode}
-    # GPT-2's (50k, trained on web text) and GPT-4's cl100k (100k, code-aware): the two that published
-    # bytes-per-token numbers are usually quoted against; ours has a third of cl100k's vocab.
+    # GPT-2's (50k, trained on web text) and GPT-4's cl100k (100k, code-aware): the two that
+    # published bytes-per-token numbers are usually quoted against; ours has a third of cl100k's
+    # vocab.
     for name in ("gpt2", "cl100k_base"):
         enc = offline_encoding(name)
         if enc is None:
@@ -84,11 +84,8 @@ def main():
             tokenizers[name] = enc.encode_ordinary
 
     results = {}
-    print(
-        f"{'sample':<12} {'bytes':>9} "
-        + " ".join(f"{name:>12}" for name in tokenizers)
-        + "   (bytes per token)"
-    )
+    names = " ".join(f"{name:>12}" for name in tokenizers)
+    print(f"{'sample':<12} {'bytes':>9} {names}   (bytes per token)")
     for lang, patterns in SOURCES.items():
         text = sample(patterns, args.kb * 1000)
         if not text:

@@ -1,6 +1,6 @@
 """Train the BPE tokenizer on the pretraining corpus and save it to $NANOCODE_BASE_DIR/tokenizer.
 
-    python -m scripts.tok_train                          # 32768 tokens on up to 2 billion characters
+    python -m scripts.tok_train                      # 32768 tokens on up to 2 billion characters
     python -m scripts.tok_train --max-chars 50000000 --vocab-size 8192
 
 Documents come from the training split (nanocode.dataset), each cut to --doc-cap characters so one
@@ -21,15 +21,9 @@ from nanocode.report import log_stage
 from nanocode.tokenizer import Tokenizer
 
 parser = argparse.ArgumentParser(description="train the tokenizer")
-parser.add_argument(
-    "--max-chars", type=int, default=2_000_000_000, help="stop after this many characters"
-)
-parser.add_argument(
-    "--doc-cap", type=int, default=10_000, help="characters kept from the start of each document"
-)
-parser.add_argument(
-    "--vocab-size", type=int, default=32768, help="tokens, the 12 special tokens included"
-)
+parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many")
+parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept per document")
+parser.add_argument("--vocab-size", type=int, default=32768, help="the 12 special tokens included")
 
 
 def main():
@@ -38,7 +32,8 @@ def main():
         raise NanocodeError("--max-chars and --doc-cap must be positive")
     if args.vocab_size < 268:
         raise NanocodeError(
-            f"--vocab-size must be at least 268 (256 bytes + 12 special tokens), got {args.vocab_size}"
+            "--vocab-size must be at least 268 (256 bytes + 12 special tokens), got "
+            f"{args.vocab_size}"
         )
     try:
         split_shards("train")  # fail now, with the dataset's hint, rather than inside the trainer
@@ -60,16 +55,12 @@ def main():
     t0 = time.perf_counter()
     tokenizer = Tokenizer.train(texts(), vocab_size=args.vocab_size)
     seconds = time.perf_counter() - t0
-    if stats["docs"] == 0:
-        raise NanocodeError(
-            "the training split has no documents: rebuild it with `python -m nanocode.dataset --local`"
-        )
     out = tokenizer.save(get_base_dir() / "tokenizer")
 
     mb_per_s = stats["bytes"] / 1e6 / seconds
     print(
-        f"trained on {stats['docs']:,} documents, {stats['chars']:,} characters ({stats['bytes'] / 1e6:.1f} MB) "
-        f"in {seconds:.1f}s: {mb_per_s:.1f} MB/s"
+        f"trained on {stats['docs']:,} documents, {stats['chars']:,} characters "
+        f"({stats['bytes'] / 1e6:.1f} MB) in {seconds:.1f}s: {mb_per_s:.1f} MB/s"
     )
     print(f"vocab size {tokenizer.vocab_size} (asked for {args.vocab_size}); saved to {out}")
     if tokenizer.vocab_size < args.vocab_size:
@@ -77,20 +68,11 @@ def main():
     sample = 'def hello(name):\n    return f"Hello, {name}!"  # 👋\n'
     ids = tokenizer.encode(sample)
     assert tokenizer.decode(ids) == sample, "round trip failed"
-    print(
-        f"sample: {len(sample.encode())} bytes -> {len(ids)} tokens: {[tokenizer.decode([i]) for i in ids]}"
-    )
-    log_stage(
-        "tokenizer",
-        headline=["vocab_size"],
-        vocab_size=tokenizer.vocab_size,
-        train_docs=stats["docs"],
-        train_chars=stats["chars"],
-        train_bytes=stats["bytes"],
-        train_seconds=round(seconds, 2),
-        train_mb_per_s=round(mb_per_s, 2),
-        doc_cap=args.doc_cap,
-    )
+    pieces = [tokenizer.decode([i]) for i in ids]
+    print(f"sample: {len(sample.encode())} bytes -> {len(ids)} tokens: {pieces}")
+    logged = {f"train_{k}": v for k, v in stats.items()} | {"doc_cap": args.doc_cap}
+    logged.update(train_seconds=round(seconds, 2), train_mb_per_s=round(mb_per_s, 2))
+    log_stage("tokenizer", ["vocab_size"], vocab_size=tokenizer.vocab_size, **logged)
 
 
 if __name__ == "__main__":

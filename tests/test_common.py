@@ -1,5 +1,5 @@
-"""The command line every script accepts (run_main's normalize_argv): nanochat-style `--name_with_underscores=v`
-and a bare `--` before the script's flags, without touching values."""
+"""The command line every script accepts (run_main's normalize_argv): nanochat-style
+`--name_with_underscores=v` and a bare `--` before the script's flags, without touching values."""
 
 import subprocess
 import sys
@@ -52,8 +52,8 @@ def test_leading_double_dash_is_dropped_a_later_one_kept():
 
 
 def test_a_script_parses_the_nanochat_form(tmp_path):
-    """End to end through run_main: the flag reaches the script's own check (exit 1 with its message),
-    where argparse alone stops with exit 2, "unrecognized arguments"."""
+    """End to end through run_main: the flag reaches the script's own check (exit 1 with its
+    message), where argparse alone stops with exit 2, "unrecognized arguments"."""
     r = subprocess.run(
         [sys.executable, "-m", "scripts.tok_train", "--", "--vocab_size=100"],
         cwd=REPO,

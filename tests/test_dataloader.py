@@ -1,5 +1,5 @@
-"""The packing loader: BOS-aligned rows, nothing lost but the counted crops, disjoint ranks, exact resume, FIM only
-on train, errors from the background thread."""
+"""The packing loader: BOS-aligned rows, nothing lost but the counted crops, disjoint ranks, exact
+resume, FIM only on train, errors from the background thread."""
 
 import gc
 import io
@@ -71,8 +71,9 @@ def test_rows_start_with_bos_and_targets_are_shifted(tok):
 
 
 def test_no_token_lost_except_counted_crops(tok, docs):
-    """Every row segment is a whole document or, at a row's end only, a cropped one; the tokens of all documents read
-    equal tokens in rows + tokens cropped + tokens still waiting in the buffer (nothing lost or duplicated)."""
+    """Every row segment is a whole document or, at a row's end only, a cropped one; the tokens of
+    all documents read equal tokens in rows + tokens cropped + tokens still waiting in the buffer
+    (nothing lost or duplicated)."""
     full = {i: [tok.bos_id] + tok.encode(d) for i, d in enumerate(docs)}
     loader = DataLoader(tok, B=4, T=128, fim_rate=0.0, max_doc_chars=0, buffer_size=6)
     seen, rows_tokens = [], 0
@@ -112,8 +113,8 @@ def test_no_token_lost_except_counted_crops(tok, docs):
 
 
 def reference_pack(tok, docs, B, T, buffer_size, num_batches):
-    """Best-fit packing written the slow, obvious way. Ties: the latest arrival among the largest that fit;
-    the earliest among the shortest when cropping."""
+    """Best-fit packing written the slow, obvious way. Ties: the latest arrival among the largest
+    that fit; the earliest among the shortest when cropping."""
     stream = iter([[tok.bos_id] + tok.encode(d) for d in docs[: N_PER_SHARD * N_TRAIN_SHARDS]] * 10)
     buffer, arrival, batches = [], 0, []
     for _ in range(num_batches):
@@ -182,7 +183,8 @@ def test_two_ranks_see_disjoint_documents(tok):
 
 @pytest.mark.parametrize("where", ["first batch", "middle", "epoch boundary"])
 def test_resume_yields_exactly_the_uninterrupted_batches(tok, where):
-    """With FIM and chunking of long documents on; the last case resumes 2 batches before the next epoch starts."""
+    """With FIM and chunking of long documents on; the last case resumes 2 batches before the next
+    epoch starts."""
     kwargs = dict(
         tokenizer=tok, B=4, T=128, seed=3, buffer_size=5, max_doc_chars=200, tokenizer_batch=7
     )

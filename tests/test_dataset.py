@@ -1,5 +1,5 @@
-"""The corpus: reading shards (and their errors), rank splits, filters, the offline build, and the online
-build against a local stand-in for the hub that drops the connection mid-file."""
+"""The corpus: reading shards (and their errors), rank splits, filters, the offline build, and the
+online build against a local stand-in for the hub that drops the connection mid-file."""
 
 import io
 import socket
@@ -12,7 +12,10 @@ from nanocode import dataset
 from nanocode.common import NanocodeError
 from tests.helpers import FakeHub, make_docs, write_corpus
 
-GOOD = "def add(a, b):\n    '''Add two numbers.'''\n    return a + b\n\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
+GOOD = (
+    "def add(a, b):\n    '''Add two numbers.'''\n    return a + b\n\n\n"
+    "class Point:\n    x: int = 0\n    y: int = 0\n"
+)
 
 
 @pytest.fixture
@@ -165,7 +168,7 @@ def test_build_online_from_a_local_hub(tmp_path, monkeypatch):
         "shard_00001.parquet",
     ]
     files = {}
-    for k, (repo, _, filename, column, lang) in enumerate(plan):
+    for k, (repo, _, filename, column, _) in enumerate(plan):
         buf = io.BytesIO()
         rows = docs[10 * k : 10 * k + 10] + [
             "x = 1\n",

@@ -1,4 +1,5 @@
-"""Fill-in-the-middle: rate, PSM/SPM split, exact formats, determinism, and undoing it gives the document back."""
+"""Fill-in-the-middle: rate, PSM/SPM split, exact formats, determinism, and undoing it gives the
+document back."""
 
 import math
 import random
@@ -86,7 +87,8 @@ def test_never_cuts_inside_a_character(tok):
     for seed in range(300):
         for p in apply_fim(text, random.Random(seed), fim_rate=1.0):
             if isinstance(p, str):
-                # every piece is whole characters: its tokens decode back to it exactly (strict UTF-8)
+                # every piece is whole characters: its tokens decode back to it exactly (strict
+                # UTF-8)
                 assert tok.encoding.decode_bytes(tok.encode(p)).decode("utf-8") == p
 
 

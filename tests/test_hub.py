@@ -1,6 +1,6 @@
-"""nanocode.hub.hub_file, the one way files come from the Hugging Face hub, against a local stand-in for the
-hub (tests.helpers.FakeHub): resumes a dropped download, copes with a server that ignores ranges, caches,
-and turns every failure into one message naming the file."""
+"""nanocode.hub.hub_file, the one way files come from the Hugging Face hub, against a local stand-in
+for the hub (tests.helpers.FakeHub): resumes a dropped download, copes with a server that ignores
+ranges, caches, and turns every failure into one message naming the file."""
 
 import socket
 
@@ -32,12 +32,14 @@ def hub(tmp_path, monkeypatch):
 
 
 def gets(hub):
-    """(file, Range header) of each GET of a file (the client also asks the hub's API other things)."""
+    """(file, Range header) of each GET of a file (the client also asks the hub's API other
+    things)."""
     return [(r[1], r[2]) for r in hub.requests if r[0] == "GET" and r[1] is not None]
 
 
 def test_resumes_after_a_dropped_connection_then_caches(hub):
-    # 24 MB: the client writes in chunks of 10 MB, so a drop after 12 MB leaves a whole chunk to resume from
+    # 24 MB: the client writes in chunks of 10 MB, so a drop after 12 MB leaves a whole chunk to
+    # resume from
     blob = bytes(range(256)) * (24 << 12)
     h = hub({KEY: blob}, fail_once={KEY})
     path = hub_file(REPO, FILE)
@@ -79,7 +81,8 @@ def test_unreachable_hub_is_one_clear_error(hub, monkeypatch):
 
 
 def test_mbpp_comes_through_the_hub_once(hub):
-    """code_tasks.load_mbpp() with no file: the sanitized split from the hub, converted to JSONL once."""
+    """code_tasks.load_mbpp() with no file: the sanitized split from the hub, converted to JSONL
+    once."""
     import io
     import json
 

@@ -1,4 +1,5 @@
-"""The report card: built from whatever the stages logged, missing stages shown as missing, plots as PNGs."""
+"""The report card: built from whatever the stages logged, missing stages shown as missing, plots as
+PNGs."""
 
 import json
 

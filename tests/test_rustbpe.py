@@ -45,7 +45,8 @@ def test_split_equals_regex_module(pattern):
 
 
 def reference_merges(texts, pattern, num_merges):
-    """Textbook BPE: count chunks, then recount all pairs before every merge. Ties: smallest pair."""
+    """Textbook BPE: count chunks, then recount all pairs before every merge. Ties: smallest
+    pair."""
     chunks = Counter(c for t in texts for c in regex.findall(pattern, t))
     words = [(list(c.encode()), n) for c, n in chunks.items()]
     merges = []

@@ -1,4 +1,5 @@
-"""nanocode.tokenizer: special tokens, encode/decode, save/load, token_bytes, conversation rendering."""
+"""nanocode.tokenizer: special tokens, encode/decode, save/load, token_bytes, conversation
+rendering."""
 
 import json
 
@@ -7,7 +8,7 @@ import torch
 
 pytest.importorskip("rustbpe")
 from nanocode.common import NanocodeError  # noqa: E402
-from nanocode.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer  # noqa: E402
+from nanocode.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_tokenizer  # noqa: E402
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -33,6 +34,12 @@ def test_specials_come_first(tok):
     assert tok.decode([12 + ord("a")]) == "a"
     with pytest.raises(ValueError, match="unknown special token"):
         tok.special_id("<|nope|>")
+
+
+def test_split_pattern_is_rustbpes_default(tok):
+    import rustbpe
+
+    assert tok.pattern == SPLIT_PATTERN == rustbpe.DEFAULT_PATTERN
 
 
 def test_encode_decode_round_trip(tok):
@@ -185,7 +192,7 @@ def test_render_for_completion(tok):
 @pytest.mark.parametrize(
     "conv, match",
     [
-        ([], "dict"),
+        ([], "'messages' list"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
         ({"messages": [{"role": "user", "content": 5}]}, "content"),
         (
@@ -197,17 +204,26 @@ def test_render_for_completion(tok):
                     }
                 ]
             },
-            "part types",
+            "may only appear in an assistant message",
         ),
         (
             {
                 "messages": [
-                    {"role": "assistant", "content": [{"type": "tool_call", "name": "bash"}]}
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": [{"type": "tool_call", "name": "bash"}]},
                 ]
             },
             "arguments",
         ),
-        ({"messages": [{"role": "assistant", "content": [{"type": "image"}]}]}, "part types"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": [{"type": "image"}]},
+                ]
+            },
+            "type one of",
+        ),
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
             "system",
@@ -216,7 +232,7 @@ def test_render_for_completion(tok):
     ],
 )
 def test_render_bad_conversations(tok, conv, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(NanocodeError, match=match):
         tok.render_conversation(conv)
 
 

@@ -52,30 +52,3 @@ pub fn encode_chunk(ranks: &FxHashMap<Pair, u32>, chunk: &[u8], out: &mut Vec<u3
         i = next[i];
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merges_lowest_rank_first_and_leftmost() {
-        let mut ranks = FxHashMap::default();
-        ranks.insert((97, 97), 256); // aa
-        ranks.insert((256, 97), 257); // aaa
-        let mut out = Vec::new();
-        encode_chunk(&ranks, b"aaaaa", &mut out);
-        // aa aa a: "aa" merges first everywhere, then (aa, a) at the end.
-        assert_eq!(out, vec![256, 257]);
-    }
-
-    #[test]
-    fn long_chunk_is_fast_enough() {
-        let mut ranks = FxHashMap::default();
-        ranks.insert((97, 97), 256);
-        ranks.insert((256, 256), 257);
-        let mut out = Vec::new();
-        encode_chunk(&ranks, &vec![b'a'; 1_000_000], &mut out);
-        assert_eq!(out.len(), 250_000);
-        assert!(out.iter().all(|&t| t == 257));
-    }
-}

@@ -6,7 +6,8 @@
 //! - splitting text into chunks: a hand-written scanner for the GPT-4 pattern (split.rs) instead of
 //!   a backtracking regex, run on all cores with the GIL released;
 //! - counting chunks: one hash table per thread with the chunk bytes in an arena (train.rs);
-//! - merging: incremental pair counts with a lazily refreshed heap, words edited in place (train.rs).
+//! - merging: incremental pair counts with a lazily refreshed heap, words edited in place
+//!   (train.rs).
 //!
 //! Set RUSTBPE_LOG=1 to see the phases and their times on stderr.
 
@@ -23,8 +24,8 @@ pub use split::{Splitter, DEFAULT_PATTERN, GPT4_PATTERN};
 pub use train::{train_merges, ChunkCounts, Pair};
 
 /// Number of worker threads: the cores this process may use, at most 8. Each counting thread keeps
-/// its own table of distinct chunks (merged at the end), so memory grows with the thread count; past
-/// 8 threads pulling documents out of Python is the bottleneck anyway.
+/// its own table of distinct chunks (merged at the end), so memory grows with the thread count;
+/// past 8 threads pulling documents out of Python is the bottleneck anyway.
 pub fn num_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
 }
@@ -32,27 +33,31 @@ pub fn num_threads() -> usize {
 /// Split every document of `docs` and count its chunks into `counters` (one per thread).
 /// Threads take documents one at a time from a shared index, so one long document cannot leave
 /// the others idle for the whole buffer.
-pub fn count_chunks(splitter: &Splitter, docs: &[&str], counters: &mut [ChunkCounts]) -> Result<(), String> {
+pub fn count_chunks(
+    splitter: &Splitter,
+    docs: &[&str],
+    counters: &mut [ChunkCounts],
+) -> Result<(), String> {
     let next_doc = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         let workers: Vec<_> = counters
             .iter_mut()
             .map(|counter| {
                 let next_doc = &next_doc;
-                scope.spawn(move || -> Result<(), String> {
-                    loop {
-                        let i = next_doc.fetch_add(1, Ordering::Relaxed);
-                        let Some(doc) = docs.get(i) else { return Ok(()) };
+                scope.spawn(move || {
+                    while let Some(doc) = docs.get(next_doc.fetch_add(1, Ordering::Relaxed)) {
                         splitter.for_each(doc, |chunk| counter.add(chunk.as_bytes(), 1))?;
                     }
+                    Ok(())
                 })
             })
             .collect();
         workers.into_iter().try_for_each(|w| w.join().expect("counting thread panicked"))
     })
 }
+
 /// Progress lines on stderr when RUSTBPE_LOG is set (seconds since the first line).
-pub fn log(msg: String) {
+pub fn log(msg: impl std::fmt::Display) {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     if std::env::var_os("RUSTBPE_LOG").is_some() {
         let t = START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64();

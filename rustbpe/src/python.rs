@@ -6,7 +6,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyIterator, PyString};
 use rustc_hash::FxHashMap;
 
-use crate::{count_chunks, encode_chunk, log, num_threads, train_merges, ChunkCounts, Pair, Splitter, DEFAULT_PATTERN, GPT4_PATTERN};
+use crate::{
+    count_chunks, encode_chunk, log, num_threads, train_merges, ChunkCounts, Pair, Splitter,
+    DEFAULT_PATTERN, GPT4_PATTERN,
+};
 
 /// Pull up to `size` documents from `iter` into `buffer`; Ok(true) when the iterator is exhausted.
 ///
@@ -14,16 +17,28 @@ use crate::{count_chunks, encode_chunk, log, num_threads, train_merges, ChunkCou
 /// in place (a str is immutable, and the buffer keeps it alive). Any other str is encoded to a
 /// temporary bytes object, because asking CPython for its UTF-8 would attach a cached copy to the
 /// str for as long as it lives (for the whole of a corpus list the caller keeps).
-fn fill_buffer(iter: &Bound<'_, PyIterator>, buffer: &mut Vec<Py<PyAny>>, size: usize, seen: &mut usize) -> PyResult<bool> {
+fn fill_buffer(
+    iter: &Bound<'_, PyIterator>,
+    buffer: &mut Vec<Py<PyAny>>,
+    size: usize,
+    seen: &mut usize,
+) -> PyResult<bool> {
     let mut iter = iter.clone();
     while buffer.len() < size {
-        let Some(item) = iter.next() else { return Ok(true) };
+        let Some(item) = iter.next() else {
+            return Ok(true);
+        };
         let item = item?;
         let Ok(text) = item.cast::<PyString>() else {
-            return Err(PyTypeError::new_err(format!("train_from_iterator needs str items, but item {seen} is {}", type_name(&item))));
+            return Err(PyTypeError::new_err(format!(
+                "train_from_iterator needs str items, but item {seen} is {}",
+                type_name(&item)
+            )));
         };
         if !text.call_method0("isascii")?.is_truthy()? {
-            let utf8 = text.encode_utf8().map_err(|e| PyValueError::new_err(format!("item {seen} is not valid text: {e}")))?;
+            let utf8 = text.encode_utf8().map_err(|e| {
+                PyValueError::new_err(format!("item {seen} is not valid text: {e}"))
+            })?;
             buffer.push(utf8.into_any().unbind());
         } else {
             buffer.push(item.unbind());
@@ -40,7 +55,8 @@ fn doc_text<'a>(py: Python<'a>, doc: &'a Py<PyAny>) -> PyResult<&'a str> {
         return text.to_str();
     }
     let bytes = doc.cast::<PyBytes>()?.as_bytes();
-    std::str::from_utf8(bytes).map_err(|e| PyValueError::new_err(format!("a document is not valid UTF-8: {e}")))
+    std::str::from_utf8(bytes)
+        .map_err(|e| PyValueError::new_err(format!("a document is not valid UTF-8: {e}")))
 }
 
 /// A byte-level BPE tokenizer: 256 byte tokens, then one token per merge.
@@ -67,7 +83,8 @@ impl Tokenizer {
 
     fn encode_str(&self, text: &str) -> Result<Vec<u32>, String> {
         let mut out = Vec::with_capacity(text.len() / 3);
-        self.splitter.for_each(text, |chunk| encode_chunk(&self.ranks, chunk.as_bytes(), &mut out))?;
+        self.splitter
+            .for_each(text, |chunk| encode_chunk(&self.ranks, chunk.as_bytes(), &mut out))?;
         Ok(out)
     }
 }
@@ -97,7 +114,9 @@ impl Tokenizer {
         pattern: Option<String>,
     ) -> PyResult<()> {
         if !(256..=u32::MAX as i64).contains(&vocab_size) {
-            return Err(PyValueError::new_err(format!("vocab_size must be at least 256 (the byte tokens), got {vocab_size}")));
+            return Err(PyValueError::new_err(format!(
+                "vocab_size must be at least 256 (the byte tokens), got {vocab_size}"
+            )));
         }
         if buffer_size == 0 {
             return Err(PyValueError::new_err("buffer_size must be at least 1"));
@@ -106,11 +125,17 @@ impl Tokenizer {
         let splitter = Splitter::new(&pattern).map_err(PyValueError::new_err)?;
         let iter: Py<PyIterator> = iterator
             .try_iter()
-            .map_err(|_| PyTypeError::new_err(format!("train_from_iterator needs an iterable of str, got {}", type_name(iterator))))?
+            .map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "train_from_iterator needs an iterable of str, got {}",
+                    type_name(iterator)
+                ))
+            })?
             .unbind();
 
-        log("training starts".to_string());
-        let mut counters: Vec<ChunkCounts> = (0..num_threads()).map(|_| ChunkCounts::default()).collect();
+        log("training starts");
+        let mut counters: Vec<ChunkCounts> =
+            (0..num_threads()).map(|_| ChunkCounts::default()).collect();
         // Double buffering: while the worker threads count one buffer without the GIL, this thread
         // takes the GIL back to pull the next buffer from the Python iterator, so a slow Python
         // source (parquet reading, say) overlaps with the counting instead of adding to it.
@@ -119,14 +144,17 @@ impl Tokenizer {
         let mut seen = 0usize;
         let mut exhausted = fill_buffer(iter.bind(py), &mut current, buffer_size, &mut seen)?;
         while !current.is_empty() {
-            let docs: Vec<&str> = current.iter().map(|doc| doc_text(py, doc)).collect::<PyResult<_>>()?;
+            let docs: Vec<&str> =
+                current.iter().map(|doc| doc_text(py, doc)).collect::<PyResult<_>>()?;
             let (counted, fetched) = py.detach(|| {
                 std::thread::scope(|scope| {
                     let counting = scope.spawn(|| count_chunks(&splitter, &docs, &mut counters));
                     let fetched = if exhausted {
                         Ok(true)
                     } else {
-                        Python::attach(|py| fill_buffer(iter.bind(py), &mut next, buffer_size, &mut seen))
+                        Python::attach(|py| {
+                            fill_buffer(iter.bind(py), &mut next, buffer_size, &mut seen)
+                        })
                     };
                     (counting.join().expect("counting thread panicked"), fetched)
                 })
@@ -140,11 +168,11 @@ impl Tokenizer {
         log(format!("{seen} documents split and counted"));
 
         let merges = py.detach(|| {
-            let mut counters = counters.into_iter();
-            let mut chunks = counters.next().unwrap_or_default();
-            for other in counters {
-                chunks.absorb(other);
-            }
+            let chunks = counters.into_iter().reduce(|mut all, other| {
+                all.absorb(other);
+                all
+            });
+            let chunks = chunks.unwrap_or_default();
             log(format!("{seen} documents, {} distinct chunks", chunks.len()));
             train_merges(chunks, (vocab_size - 256) as u32)
         });
@@ -160,9 +188,14 @@ impl Tokenizer {
         self.pattern.clone()
     }
 
-    /// [(token bytes, rank)] for ranks 0..vocab_size-1: the 256 single bytes, then the merges in order.
+    /// [(token bytes, rank)] for ranks 0..vocab_size-1: the 256 single bytes, then the merges in
+    /// order.
     fn get_mergeable_ranks<'py>(&self, py: Python<'py>) -> Vec<(Bound<'py, PyBytes>, u32)> {
-        self.token_bytes().iter().enumerate().map(|(i, b)| (PyBytes::new(py, b), i as u32)).collect()
+        self.token_bytes()
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (PyBytes::new(py, b), i as u32))
+            .collect()
     }
 
     /// Token ids of `text`: split with the pattern, then merge by rank (identical to tiktoken).
@@ -172,34 +205,31 @@ impl Tokenizer {
 
     /// Encode many texts on all cores.
     fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
-        py.detach(|| {
-            let chunk = texts.len().div_ceil(num_threads()).max(1);
+        let per_thread = texts.len().div_ceil(num_threads()).max(1);
+        let parts: Result<Vec<Vec<Vec<u32>>>, String> = py.detach(|| {
             std::thread::scope(|scope| {
-                let parts: Vec<_> = texts
-                    .chunks(chunk)
-                    .map(|part| scope.spawn(move || part.iter().map(|t| self.encode_str(t)).collect::<Result<Vec<_>, _>>()))
+                let encode = |part: &'_ [String]| part.iter().map(|t| self.encode_str(t)).collect();
+                let threads: Vec<_> = texts
+                    .chunks(per_thread)
+                    .map(|part| scope.spawn(move || encode(part)))
                     .collect();
-                let mut out: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
-                for part in parts {
-                    out.extend(part.join().expect("encoding thread panicked")?);
-                }
-                Ok::<_, String>(out)
+                threads.into_iter().map(|t| t.join().expect("encoding thread panicked")).collect()
             })
-        })
-        .map_err(PyValueError::new_err)
+        });
+        Ok(parts.map_err(PyValueError::new_err)?.concat())
     }
 
     /// Text of token ids; byte sequences that are not valid UTF-8 become U+FFFD.
     fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
         let table = self.token_bytes();
-        let mut bytes = Vec::new();
-        for id in ids {
-            let Some(b) = table.get(id as usize) else {
-                return Err(PyValueError::new_err(format!("token id {id} is out of range (vocab_size {})", table.len())));
-            };
-            bytes.extend_from_slice(b);
-        }
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        let out_of_range =
+            |id| format!("token id {id} is out of range (vocab_size {})", table.len());
+        let bytes: Vec<&[u8]> = ids
+            .iter()
+            .map(|&id| table.get(id as usize).map(Vec::as_slice).ok_or_else(|| out_of_range(id)))
+            .collect::<Result<_, _>>()
+            .map_err(PyValueError::new_err)?;
+        Ok(String::from_utf8_lossy(&bytes.concat()).into_owned())
     }
 
     /// 256 + number of merges.
@@ -208,6 +238,7 @@ impl Tokenizer {
         256 + self.merges.len() as u32
     }
 }
+
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map_or_else(|_| "?".to_string(), |n| n.to_string())
 }
@@ -217,7 +248,8 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 #[pyfunction]
 #[pyo3(signature = (text, pattern=None))]
 fn split_text(text: &str, pattern: Option<&str>) -> PyResult<Vec<String>> {
-    let splitter = Splitter::new(pattern.unwrap_or(DEFAULT_PATTERN)).map_err(PyValueError::new_err)?;
+    let splitter =
+        Splitter::new(pattern.unwrap_or(DEFAULT_PATTERN)).map_err(PyValueError::new_err)?;
     let chunks = splitter.split(text).map_err(PyValueError::new_err)?;
     Ok(chunks.into_iter().map(str::to_string).collect())
 }

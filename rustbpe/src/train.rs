@@ -4,11 +4,12 @@
 //!    (`ChunkCounts`). Memory grows with the number of distinct chunks, not with the corpus.
 //! 2. Merging (`train_merges`): repeatedly merge the most frequent adjacent pair (ties: the
 //!    smallest pair, so the result does not depend on hash order or thread timing, and matches
-//!    the PyPI rustbpe merge for merge) inside the distinct chunks, each weighted by its count. Counts are updated
-//!    incrementally: a merge only touches the chunks listed for that pair, and the neighbours of
-//!    every merged occurrence. A max-heap holds (count, pair); entries go stale when a count drops
-//!    and are refreshed lazily when popped, which is exact because counts of existing pairs only
-//!    ever decrease (new occurrences only appear in pairs containing the token just created).
+//!    the PyPI rustbpe merge for merge) inside the distinct chunks, each weighted by its count.
+//!    Counts are updated incrementally: a merge only touches the chunks listed for that pair, and
+//!    the neighbours of every merged occurrence. A max-heap holds (count, pair); entries go stale
+//!    when a count drops and are refreshed lazily when popped, which is exact because counts of
+//!    existing pairs only ever decrease (new occurrences only appear in pairs containing the token
+//!    just created).
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
@@ -37,7 +38,9 @@ impl ChunkCounts {
     pub fn add(&mut self, chunk: &[u8], count: u64) {
         let hash = FxBuildHasher.hash_one(chunk);
         let bytes = &self.bytes;
-        let found = self.table.find_mut(hash, |&(start, len, _)| &bytes[start..start + len as usize] == chunk);
+        let found = self
+            .table
+            .find_mut(hash, |&(start, len, _)| &bytes[start..start + len as usize] == chunk);
         if let Some(entry) = found {
             entry.2 += count;
             return;
@@ -59,7 +62,9 @@ impl ChunkCounts {
 
     /// (chunk bytes, count) for every distinct chunk, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], u64)> {
-        self.table.iter().map(|&(start, len, count)| (&self.bytes[start..start + len as usize], count))
+        self.table
+            .iter()
+            .map(|&(start, len, count)| (&self.bytes[start..start + len as usize], count))
     }
 }
 
@@ -123,12 +128,15 @@ pub fn train_merges(chunks: ChunkCounts, num_merges: u32) -> Vec<Pair> {
 
     crate::log(format!("{} words of 2+ bytes, {} distinct pairs", words.len(), stats.len()));
     // Max-heap on count, ties to the smallest pair: (count, Reverse(pair key)).
-    let mut heap: BinaryHeap<(i64, Reverse<u64>)> = stats.iter().map(|(&k, s)| (s.count, Reverse(k))).collect();
+    let mut heap: BinaryHeap<(i64, Reverse<u64>)> =
+        stats.iter().map(|(&k, s)| (s.count, Reverse(k))).collect();
 
     let mut merges = Vec::with_capacity(num_merges as usize);
     let mut new_pairs: Vec<u64> = Vec::new();
     while merges.len() < num_merges as usize {
-        let Some((count, Reverse(k))) = heap.pop() else { break };
+        let Some((count, Reverse(k))) = heap.pop() else {
+            break;
+        };
         let current = stats.get(&k).map_or(0, |s| s.count);
         if count != current {
             if current > 0 {
@@ -195,7 +203,7 @@ pub fn train_merges(chunks: ChunkCounts, num_merges: u32) -> Vec<Pair> {
             }
             word.len = write as u32;
         }
-        // Every occurrence of (a, b) is gone now: drop the pair (its count was not kept up to date).
+        // Every occurrence of (a, b) is gone now: drop the pair (its count was not kept current).
         stats.remove(&k);
         // Only pairs holding new_id are new; every other pair's count went down or stayed.
         for &p in &new_pairs {
@@ -207,104 +215,4 @@ pub fn train_merges(chunks: ChunkCounts, num_merges: u32) -> Vec<Pair> {
     }
     crate::log(format!("{} merges done", merges.len()));
     merges
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn counts(texts: &[(&str, u64)]) -> ChunkCounts {
-        let mut c = ChunkCounts::default();
-        for &(t, n) in texts {
-            c.add(t.as_bytes(), n);
-        }
-        c
-    }
-
-    /// The textbook algorithm: recount every pair after every merge.
-    fn slow_merges(texts: &[(&str, u64)], num_merges: u32) -> Vec<Pair> {
-        let mut words: Vec<(Vec<u32>, i64)> = texts.iter().map(|&(t, n)| (t.bytes().map(u32::from).collect(), n as i64)).collect();
-        let mut merges = Vec::new();
-        for i in 0..num_merges {
-            let mut pc: std::collections::BTreeMap<Pair, i64> = Default::default();
-            for (ids, n) in &words {
-                for p in ids.windows(2) {
-                    *pc.entry((p[0], p[1])).or_default() += n;
-                }
-            }
-            // Max count, ties to the smallest pair (BTreeMap iterates smallest first; keep the first max).
-            let Some((&best, _)) = pc.iter().fold(None, |acc: Option<(&Pair, &i64)>, kv| match acc {
-                Some(a) if a.1 >= kv.1 => Some(a),
-                _ => Some(kv),
-            }) else { break };
-            merges.push(best);
-            for (ids, _) in words.iter_mut() {
-                let mut out = Vec::new();
-                let mut j = 0;
-                while j < ids.len() {
-                    if j + 1 < ids.len() && (ids[j], ids[j + 1]) == best {
-                        out.push(256 + i);
-                        j += 2;
-                    } else {
-                        out.push(ids[j]);
-                        j += 1;
-                    }
-                }
-                *ids = out;
-            }
-        }
-        merges
-    }
-
-    #[test]
-    fn chunk_counts_dedupe() {
-        let c = counts(&[("ab", 1), ("cd", 2), ("ab", 3)]);
-        assert_eq!(c.len(), 2);
-        let mut all: Vec<_> = c.iter().map(|(b, n)| (b.to_vec(), n)).collect();
-        all.sort();
-        assert_eq!(all, vec![(b"ab".to_vec(), 4), (b"cd".to_vec(), 2)]);
-    }
-
-    #[test]
-    fn tie_break_is_smallest_pair() {
-        // "hello" and " hello" twice-ish: (e,l) (h,e) (l,l) (l,o) all tie at 2; (e,l) is smallest.
-        let m = train_merges(counts(&[("hello", 1), (" world", 1), (" hello", 1)]), 4);
-        assert_eq!(m, vec![(101, 108), (104, 256), (108, 111), (257, 258)]);
-    }
-
-    #[test]
-    fn repeated_tokens_merge_left_to_right() {
-        let data = [("aaaaa", 3), ("aaa", 2), ("abab", 5), ("ba", 1)];
-        assert_eq!(train_merges(counts(&data), 10), slow_merges(&data, 10));
-    }
-
-    #[test]
-    fn matches_slow_reference_on_pseudo_random_words() {
-        let mut state = 12345u64;
-        let mut texts = Vec::new();
-        for _ in 0..300 {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let len = 1 + (state >> 60) as usize;
-            let word: String = (0..len).map(|i| b"abcab "[((state >> (4 * i)) % 6) as usize] as char).collect();
-            texts.push((word, 1 + (state >> 40) % 7));
-        }
-        let data: Vec<(&str, u64)> = texts.iter().map(|(t, n)| (t.as_str(), *n)).collect();
-        let mut c = ChunkCounts::default();
-        for &(t, n) in &data {
-            c.add(t.as_bytes(), n);
-        }
-        assert_eq!(train_merges(c, 60), slow_merges(&data, 60));
-    }
-
-    #[test]
-    fn stops_when_nothing_left_to_merge() {
-        let m = train_merges(counts(&[("ab", 1)]), 100);
-        assert_eq!(m, vec![(97, 98)]);
-    }
-
-    #[test]
-    fn counts_beyond_32_bits() {
-        let m = train_merges(counts(&[("ab", 5_000_000_000), ("cd", 4_000_000_000), ("cd", 2_000_000_000)]), 2);
-        assert_eq!(m, vec![(99, 100), (97, 98)]);
-    }
 }
