@@ -1,6 +1,6 @@
 """Engine: KV-cache generation equals plain generation, batched equals one by one, sampling filters,
-and the agent's tool loop (real output injected, denial, malformed calls, call cap, context overflow),
-with a scripted fake model and with a tiny real checkpoint."""
+and the agent's tool loop (real output injected, denial, malformed calls, call cap, context
+overflow), with a scripted fake model and with a tiny real checkpoint."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch
 from nanocode.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from nanocode.engine import DENIED, Engine, KVCache, encode_with_specials, sample_next
 from nanocode.gpt import GPT, GPTConfig
-from tests.helpers import ByteTokenizer, real_tokenizer, tiny_model
+from tests.helpers import ByteTokenizer, naive_generate, real_tokenizer, tiny_model
 from tests.scripted_model import ScriptedModel
 
 
@@ -38,13 +38,14 @@ def scripted(tok, *turns, **kw):
 
 @pytest.fixture(scope="module")
 def real(tok):
-    """The tiny model saved as a checkpoint and loaded back (the path code_cli and code_web take)."""
+    """The tiny model saved as a checkpoint and loaded back (the path code_cli and code_web
+    take)."""
     model = tiny_model(tok.vocab_size)
     ckpt = checkpoint_dir("sft", "tiny-engine")
     save_checkpoint(ckpt, 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
     state, _, meta = load_checkpoint(ckpt)
     with torch.device("meta"):
-        loaded = GPT(GPTConfig(**meta["model_config"]))
+        loaded = GPT(GPTConfig.from_dict(meta["model_config"]))
     loaded.to_empty(device="cpu")
     loaded.init_rotary()
     loaded.load_state_dict(state)
@@ -62,23 +63,33 @@ def cut_at_stop(ids):
     return ids
 
 
-def test_kv_cache_protocol():
-    cache = KVCache(batch_size=2, num_layers=2, max_len=5)
-    k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
-    k_all, v_all = cache.update(0, k, v)
-    assert k_all.shape == (2, 3, 1, 4) and torch.equal(k_all, k) and torch.equal(v_all, v)
-    cache.advance(3)
-    k2 = torch.randn(2, 2, 1, 4)
-    k_all, _ = cache.update(0, k2, k2)
-    assert torch.equal(k_all, torch.cat([k, k2], dim=1))
-    cache.advance(2)
+def test_kv_cache_rows_at_their_own_lengths():
+    """feed() names the rows and where their new tokens go; update() writes there and returns the
+    fed rows' keys up to the longest row, with the mask of what each query sees (None: all)."""
+    cache = KVCache(batch_size=3, num_layers=1, max_len=6)
+    k = torch.randn(3, 2, 1, 4)
+    cache.feed([0, 1, 2], [0, 0, 0], 2)
+    keys, values, mask = cache.update(0, k, k)
+    assert torch.equal(keys, k) and mask[:, 0].tolist() == [[[True, False], [True, True]]] * 3
+    cache.feed([2, 0], [2, 1], 1)  # row 2 at position 2, row 0 rewrites its position 1
+    new = torch.randn(2, 1, 1, 4)
+    keys, _, mask = cache.update(0, new, new)
+    assert torch.equal(keys[0], torch.cat([k[2], new[0]])) and torch.equal(keys[1, 1], new[1, 0])
+    assert mask[:, 0, 0].tolist() == [[True, True, True], [True, True, False]]
+    cache.feed([0, 1], [3, 3], 1)  # one query per row at one position: no mask
+    assert cache.update(0, new, new)[2] is None
+    cache.feed([1], [2], 1)
+    _, _, mask = cache.update(0, new[:1], new[:1], window=1)  # keys [1, 2]: the window cut key 0
+    assert mask is None and cache.update(0, new[:1], new[:1], window=1)[0].shape[1] == 2
+    cache.copy(1, [2], 3)
+    assert torch.equal(cache.k[0][2, :3], cache.k[0][1, :3])
     with pytest.raises(ValueError, match="KV cache overflow"):
-        cache.update(0, k2[:, :1], k2[:, :1])
+        cache.feed([0], [5], 2)
 
 
 def test_greedy_with_cache_equals_without(tok, real):
     ids = prompt(tok)
-    reference = cut_at_stop(list(real.generate(ids, max_tokens=40)))
+    reference = cut_at_stop(list(naive_generate(real, ids, 40)))
     got = Engine(real, tok).generate_batch(ids, max_tokens=40, temperature=0.0)[0]
     assert len(reference) > 5, "the random model stopped too early for a meaningful comparison"
     assert got == reference
@@ -317,7 +328,7 @@ def test_tool_loop_with_real_tokenizer(tmp_path):
     ]
 
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # the batched tool loop
 
 
@@ -414,14 +425,14 @@ def test_chat_batch_equals_one_by_one_with_tool_calls(tok, real, tmp_path, tempe
 
 def test_chat_batch_greedy_equals_uncached_generation(tok, real):
     """Rows of different prompt lengths, each at its own positions, decode what the plain uncached
-    model decodes (so the per-row rotary positions and masks are right, not just self-consistent)."""
+    model decodes (so the per-row rotary positions and masks are right, not only consistent)."""
     convs = [
         {"messages": [{"role": "user", "content": text}]}
         for text in ["a", "def add(a, b):", "x = 1\ny ="]
     ]
     results = Engine(real, tok).chat_batch(convs, max_tokens=30, temperature=0.0)
     for conv, r in zip(convs, results):
-        reference = list(real.generate(tok.render_for_completion(conv), max_tokens=30))
+        reference = list(naive_generate(real, tok.render_for_completion(conv), 30))
         cut = r["ids"][:-1] if r["finish_reason"] == "stop" else r["ids"]
         assert cut == reference[: len(cut)] and (
             r["finish_reason"] == "length" or r["ids"][-1] == reference[len(cut)]
@@ -505,7 +516,8 @@ def test_reply_state_machine(tok):
 
 
 def test_a_slow_tool_stalls_only_its_own_row(tok, tmp_path):
-    """Row 0's command waits until row 1 has finished its reply: the other rows sample on while a tool runs."""
+    """Row 0's command waits until row 1 has finished its reply: the other rows sample on while a
+    tool runs."""
     import threading
 
     call = '<|tool_start|>{"name": "bash", "arguments": {"command": "slow"}}<|tool_end|>'
@@ -545,7 +557,8 @@ def test_a_slow_tool_stalls_only_its_own_row(tok, tmp_path):
 
 
 def test_sample_next_draws_the_right_distribution():
-    """The per-row exponential draw samples softmax(logits / T), with and without top-k (fixed seeds)."""
+    """The per-row exponential draw samples softmax(logits / T), with and without top-k (fixed
+    seeds)."""
     logits = torch.log(torch.tensor([[0.6, 0.25, 0.1, 0.05]])).repeat(4, 1)
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
     for top_k, want in ((None, [0.6, 0.25, 0.1, 0.05]), (2, [0.6 / 0.85, 0.25 / 0.85, 0.0, 0.0])):
