@@ -21,28 +21,17 @@ import signal
 import sys
 from pathlib import Path
 
-from nanocode.checkpoint import PHASES
 from nanocode.common import NanocodeError, autodetect_device_type, run_main
 from nanocode.tools import run_tool
-from scripts.code_web import SANDBOXES, load_engine
+from scripts.code_web import add_agent_args, load_engine
 
 parser = argparse.ArgumentParser(description="coding agent in the terminal")
+add_agent_args(parser)
 parser.add_argument("-p", "--prompt", default=None, help="one-shot prompt (no REPL)")
-parser.add_argument("-i", "--source", default="sft", choices=PHASES, help="checkpoint phase")
-parser.add_argument("--tag", default=None, help="checkpoint tag (default: the most recent)")
-parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-parser.add_argument("-t", "--temperature", type=float, default=0.6)
-parser.add_argument("--top-k", type=int, default=50)
-parser.add_argument("--max-tokens", type=int, default=1024, help="sampled tokens per reply")
-parser.add_argument("--max-tool-calls", type=int, default=8, help="tool calls per reply")
 parser.add_argument("--workdir", default=".", help="directory the tools work in")
 parser.add_argument("--yes", action="store_true", help="approve every tool call")
-parser.add_argument("--sandbox", default="workspace-write", choices=SANDBOXES, help="see above")
-parser.add_argument("--network", action="store_true", help="let commands use the network")
 parser.add_argument("--system", default=None, help="system prompt")
-parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
 parser.add_argument("--seed", type=int, default=42)
-parser.add_argument("--fake-script", default=None, help=argparse.SUPPRESS)  # tests: ScriptedModel
 
 SHOW_LINES = 20  # lines of each tool output echoed to the terminal (the model sees all of it)
 
@@ -121,9 +110,7 @@ def reply(engine, conversation, approve, args):
                 if event["finish_reason"] == "length":
                     print(f"[stopped at --max-tokens {args.max_tokens}]", flush=True)
                 return event["message"]
-            if event["type"] == "text" and parts and parts[-1]["type"] == "text":
-                parts[-1] = {"type": "text", "text": parts[-1]["text"] + event["text"]}
-            elif event["type"] != "notice":
+            if event["type"] != "notice":
                 parts.append(dict(event))
     except KeyboardInterrupt:
         events.close()

@@ -57,37 +57,42 @@ from nanocode.common import NanocodeError, autodetect_device_type, run_main
 from nanocode.tokenizer import in_progress
 from nanocode.tools import run_tool
 
-SANDBOXES = ["read-only", "workspace-write", "off"]
-p = argparse.ArgumentParser(description="OpenAI-compatible server and web UI for the coding agent")
-p.add_argument("-i", "--source", default="sft", choices=PHASES, help="which checkpoint phase")
-p.add_argument("--tag", default=None, help="checkpoint tag (default: the most recent)")
-p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
-p.add_argument("--host", default="127.0.0.1")
-p.add_argument("--port", type=int, default=8000)
-p.add_argument(
-    "--allow-tools", nargs="?", const="", metavar="DIR", help="run our tools here (see above)"
-)
-p.add_argument("--sandbox", default="workspace-write", choices=SANDBOXES, help="for our tools")
-p.add_argument("--network", action="store_true", help="let server-side tool commands use the net")
-p.add_argument("--max-conversations", type=int, default=64, help="working dirs kept (LRU)")
-p.add_argument("--api-key", default=os.environ.get("NANOCODE_API_KEY"), help="Bearer key on /v1")
-p.add_argument("--cors-origin", action="append", default=[], help="let pages from ORIGIN call")
-p.add_argument("--max-queue", type=int, default=16, help="requests waiting; more get 429")
-p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-p.add_argument("--num-gpus", type=int, default=None, help="replicas on cuda:0..N-1 (default: all)")
-p.add_argument("--temperature", type=float, default=0.6, help="when a request gives none")
-p.add_argument("--top-k", type=int, default=50, help="when a request gives none")
-p.add_argument("--max-tokens", type=int, default=1024, help="default and most per request")
-p.add_argument("--max-tool-calls", type=int, default=8, help="server-side tool calls per reply")
-p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger requests get 413")
-p.add_argument("--max-messages", type=int, default=500, help="more messages get 400")
-p.add_argument("--max-n", type=int, default=8, help="choices per request at most ('n')")
-p.add_argument("--fake-script", default=None, help=argparse.SUPPRESS)  # tests: a ScriptedModel
-parser = p
-
 UI_PATH = Path(__file__).with_name("ui.html")
-NO_CACHE = {"Cache-Control": "no-cache"}
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+EMPTY_SCHEMA = {"type": "object", "properties": {}}
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+def add_agent_args(parser):
+    """The arguments of the server and the CLI: which checkpoint, where, sampling, tool calls."""
+    add = parser.add_argument
+    add("-i", "--source", default="sft", choices=PHASES, help="which checkpoint phase")
+    add("--tag", default=None, help="checkpoint tag (default: the most recent)")
+    add("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    add("-t", "--temperature", type=float, default=0.6, help="(a request may give its own)")
+    add("--top-k", type=int, default=50, help="(a request may give its own)")
+    add("--max-tokens", type=int, default=1024, help="sampled tokens per reply (at most)")
+    add("--max-tool-calls", type=int, default=8, help="tool calls run per reply")
+    modes = ["read-only", "workspace-write", "off"]
+    add("--sandbox", default="workspace-write", choices=modes, help="how tool calls run")
+    add("--network", action="store_true", help="let tool commands use the network")
+    add("--fake-script", default=None, help=argparse.SUPPRESS)  # tests: a ScriptedModel's JSON
+
+
+parser = argparse.ArgumentParser(description="OpenAI-compatible server and chat page")
+add_agent_args(parser)
+parser.add_argument("--host", default="127.0.0.1")
+parser.add_argument("--port", type=int, default=8000)
+parser.add_argument("--allow-tools", nargs="?", const="", metavar="DIR", help="see the docstring")
+parser.add_argument("--max-conversations", type=int, default=64, help="working dirs kept")
+parser.add_argument("--api-key", default=os.environ.get("NANOCODE_API_KEY"), help="on /v1")
+parser.add_argument("--cors-origin", action="append", default=[], help="pages that may call")
+parser.add_argument("--max-queue", type=int, default=16, help="requests waiting; more get 429")
+parser.add_argument("--num-gpus", type=int, default=None, help="replicas (default: all GPUs)")
+parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger: 413")
+parser.add_argument("--max-messages", type=int, default=500, help="more messages: 400")
+parser.add_argument("--max-n", type=int, default=8, help="choices per request ('n') at most")
 
 
 class RequestError(Exception):
@@ -96,12 +101,12 @@ class RequestError(Exception):
         self.status = status
 
 
-def bad(message: str):
+def bad(message: str) -> RequestError:
     return RequestError(400, message)
 
 
 def load_engine(args, device):
-    """The Engine of the checkpoint that args names (--fake-script: a test's ScriptedModel) on
+    """The Engine of the checkpoint `args` names (--fake-script: a test's ScriptedModel) on
     `device`, and the checkpoint's metadata."""
     from nanocode.checkpoint import load_model
     from nanocode.engine import Engine
@@ -127,37 +132,34 @@ def load_engines(args) -> tuple[list, str]:
             raise NanocodeError(f"--num-gpus {n}: {visible} GPUs visible")
         devices = [f"cuda:{i}" for i in range(n)]
     loaded = [load_engine(args, device) for device in devices]
-    if args.fake_script:
-        return [loaded[0][0]], "fp_fake"
     meta = loaded[0][1]
     ident = [args.source, args.tag, args.step, meta.get("step"), meta.get("model_config")]
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-    return [engine for engine, _ in loaded], "fp_" + digest[:12]
+    return [engine for engine, _ in loaded], "fp_fake" if args.fake_script else "fp_" + digest[:12]
 
 
 def text_of(content, where: str) -> str:
     """A system/user/tool message's text: a string, or a list of {"type": "text", "text"} parts."""
-    if isinstance(content, str):
-        return content
     if isinstance(content, list) and all(
-        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        for part in content
+        isinstance(part, dict) and part.get("type") == "text" for part in content
     ):
-        return "".join(part["text"] for part in content)
-    raise bad(f"{where}.content must be a string or a list of text parts")
+        content = "".join(str(part.get("text")) for part in content)
+    if not isinstance(content, str):
+        raise bad(f"{where}.content must be a string or a list of text parts")
+    return content
 
 
 def tool_call_part(call, where: str) -> dict:
     """An OpenAI tool_calls entry as our tool_call part."""
-    fn = call.get("function") if isinstance(call, dict) else None
     try:
-        name, arguments = fn["name"], json.loads(fn["arguments"])
+        name, arguments = call["function"]["name"], json.loads(call["function"]["arguments"])
+        valid = (
+            isinstance(name, str) and isinstance(arguments, dict) and isinstance(call["id"], str)
+        )
     except (TypeError, KeyError, ValueError):
-        name = arguments = None
-    if not (
-        isinstance(name, str) and isinstance(arguments, dict) and isinstance(call.get("id"), str)
-    ):
-        raise bad(f"{where}: expected {{id, function: {{name, arguments: a JSON object string}}}}")
+        valid = False
+    if not valid:
+        raise bad(f"{where}: expected {{id, function: {{name, arguments: JSON object text}}}}")
     return {"type": "tool_call", "name": name, "arguments": arguments}
 
 
@@ -186,24 +188,21 @@ def to_conversation(msgs: list) -> list[dict]:
         if role in ("system", "developer", "user"):
             role = "user" if role == "user" else "system"
             out.append({"role": role, "content": text_of(m.get("content"), where)})
-        elif role == "assistant":
-            parts = m.get("content") or []
-            if isinstance(parts, str):
-                parts = [{"type": "text", "text": parts}]
-            if not isinstance(parts, list):
-                raise bad(f"{where}.content must be a string, null or a list of parts")
-            parts = [dict(part) if isinstance(part, dict) else part for part in parts]
-            for j, call in enumerate(m.get("tool_calls") or []):
-                part = tool_call_part(call, f"{where}.tool_calls[{j}]")
-                calls[call["id"]] = [part, None]
-            if not parts and not calls:
-                raise bad(f"{where}: an assistant message needs content or tool_calls")
-            if out and in_progress(out[-1]):  # the answer after a tool's output: the same turn
-                out[-1]["content"] += parts
-            else:
-                out.append({"role": "assistant", "content": parts})
-        else:
+            continue
+        if role != "assistant":
             raise bad(f"{where}.role must be system, user, assistant or tool, got {role!r}")
+        parts = m.get("content") or []
+        parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else parts
+        if not isinstance(parts, list):
+            raise bad(f"{where}.content must be a string, null or a list of parts")
+        for j, call in enumerate(m.get("tool_calls") or []):
+            calls[call["id"]] = [tool_call_part(call, f"{where}.tool_calls[{j}]"), None]
+        if not parts and not calls:
+            raise bad(f"{where}: an assistant message needs content or tool_calls")
+        if out and in_progress(out[-1]):  # the answer after a tool's output: the same turn
+            out[-1]["content"] += parts
+        else:
+            out.append({"role": "assistant", "content": list(parts)})
 
 
 def parse_tools(req) -> tuple[dict | None, str | None]:
@@ -218,12 +217,7 @@ def parse_tools(req) -> tuple[dict | None, str | None]:
             fn = tool.get("function") if isinstance(tool, dict) else None
             if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
                 raise bad(f"tools[{i}]: expected {{type: 'function', function: {{name, ...}}}}")
-            empty = {"type": "object", "properties": {}}
-            schemas[fn["name"]] = {
-                "name": fn["name"],
-                "description": fn.get("description", ""),
-                "parameters": fn.get("parameters", empty),
-            }
+            schemas[fn["name"]] = {"description": "", "parameters": EMPTY_SCHEMA, **fn}
     if choice in (None, "auto"):
         return schemas, None
     if choice == "none":
@@ -240,8 +234,8 @@ def parse_tools(req) -> tuple[dict | None, str | None]:
 
 
 def parse_request(body: bytes, args) -> dict:
-    """Validate a chat-completions request; returns the engine's conversation, the settings and
-    the tool mode."""
+    """Validate a chat-completions request: the engine's conversation and call settings, and how
+    to answer (n, stream, conversation_id)."""
     from nanocode.conversations import validate_conversation
     from nanocode.engine import check_sampling
     from nanocode.tools import TOOLS, tools_prompt
@@ -259,7 +253,7 @@ def parse_request(body: bytes, args) -> dict:
         raise bad(f"'messages': too many ({len(msgs)} > {args.max_messages})")
     messages = to_conversation(msgs)
     tools, forced = parse_tools(req)
-    extra = [s for name, s in (tools or {}).items() if name not in TOOLS]
+    extra = [schema for name, schema in (tools or {}).items() if name not in TOOLS]
     if extra:  # functions the model was not trained on: listed for it, in the system prompt
         system = [m["content"] for m in messages[:1] if m["role"] == "system"]
         listing = "\n\n".join([tools_prompt(extra), *system])
@@ -279,47 +273,21 @@ def parse_request(body: bytes, args) -> dict:
         check_sampling(dict(limits, max_completion_tokens=args.max_tokens), **given)
     except ValueError as e:
         raise bad(str(e)) from None
-    settings = {key: given.get(key) for key in ("temperature", "top_k", "top_p", "seed")}
-    settings["max_tokens"] = given.get("max_completion_tokens", given["max_tokens"])
-    if settings["seed"] is None:  # like the OpenAI API: a request without a seed samples afresh
-        settings["seed"] = secrets.randbelow(2**63)
-    stop = req.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not (
-        isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
-    ):
+    stop = [req["stop"]] if isinstance(req.get("stop"), str) else req.get("stop") or []
+    strings = isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
+    if not strings or len(stop) > 4:
         raise bad(f"'stop' must be a string or a list of at most 4 non-empty strings, got {stop!r}")
-    for key, kind in [("stream", bool), ("parallel_tool_calls", bool), ("conversation_id", str)]:
+    kinds = {"stream": bool, "parallel_tool_calls": bool, "conversation_id": str}
+    for key, kind in kinds.items():  # parallel_tool_calls: accepted; a reply holds one call
         if req.get(key) is not None and not isinstance(req[key], kind):
             raise bad(f"'{key}' must be {'true or false' if kind is bool else 'a string'}")
-    return dict(
-        conversation={"messages": messages},
-        stream=bool(req.get("stream")),
-        settings=settings,
-        tools=tools,
-        forced=forced,
-        stop=stop,
-        conversation_id=req.get("conversation_id"),
-        n=given.get("n", 1),
-    )
-
-
-def add_usage(total: dict, usage: dict) -> dict:
-    """The request's usage after one more choice: the prompt once (as OpenAI counts it), the
-    completion tokens of every choice."""
-    done = total.get("completion_tokens", 0) + usage["completion_tokens"]
-    prompt = usage["prompt_tokens"]
-    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
-
-
-def call_of(part: dict) -> dict:
-    """A tool_call part as an OpenAI tool_calls entry (with a fresh id)."""
-    function = {"name": part["name"], "arguments": json.dumps(part["arguments"])}
-    return {"id": "call_" + secrets.token_hex(12), "type": "function", "function": function}
-
-
-class Abandoned(Exception):
-    """Raised in the engine's thread when the client has gone: ends the generation."""
+    settings = {key: given.get(key) for key in ("temperature", "top_k", "top_p", "seed")}
+    settings.update(max_tokens=given.get("max_completion_tokens", given["max_tokens"]), stop=stop)
+    settings.update(tools=tools, forced_call=forced, stop_at_tool_call=tools is not None)
+    if settings["seed"] is None:  # like the OpenAI API: a request without a seed samples afresh
+        settings["seed"] = secrets.randbelow(2**63)
+    answer = dict(n=given.get("n", 1), stream=req.get("stream"), cid=req.get("conversation_id"))
+    return dict(answer, conversation={"messages": messages}, settings=settings)
 
 
 class Workspaces:
@@ -350,8 +318,27 @@ class Workspaces:
             return cid, path
 
 
+class Abandoned(Exception):
+    """Raised in the engine's thread when the client has gone: ends the generation."""
+
+
+def add_usage(total: dict, usage: dict) -> dict:
+    """The request's usage after one more choice: the prompt once (as OpenAI counts it), the
+    completion tokens of every choice."""
+    done = total.get("completion_tokens", 0) + usage["completion_tokens"]
+    prompt = usage["prompt_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def call_of(part: dict) -> dict:
+    """A tool_call part as an OpenAI tool_calls entry (with a fresh id)."""
+    function = {"name": part["name"], "arguments": json.dumps(part["arguments"])}
+    return {"id": "call_" + secrets.token_hex(12), "type": "function", "function": function}
+
+
 def create_app(engines, args, fingerprint: str = "fp_unknown"):
     from fastapi import FastAPI, Request
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
@@ -367,16 +354,6 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             shutil.rmtree(workspaces.root, ignore_errors=True)
 
     app = FastAPI(title="nanocode", lifespan=lifespan)
-    if args.cors_origin:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        methods, headers = ["GET", "POST"], ["Authorization", "Content-Type"]
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=args.cors_origin,
-            allow_methods=methods,
-            allow_headers=headers,
-        )
     free = queue.Queue()  # the replicas not serving a request
     for engine in engines:
         free.put(engine)
@@ -393,10 +370,19 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
     async def http_error(request, exc):
         return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
 
-    def authorized(request: Request) -> bool:
-        got = request.headers.get("authorization", "")
-        key = (args.api_key or "").encode()
-        return not key or got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), key)
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        """/v1 needs 'Authorization: Bearer KEY' when the server has a key."""
+        got, key = request.headers.get("authorization", ""), (args.api_key or "").encode()
+        if key and request.url.path.startswith("/v1"):
+            if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), key)):
+                return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        return await call_next(request)
+
+    # added after check_key, so outside it: preflights pass, and errors carry the CORS headers
+    headers = ["Authorization", "Content-Type"]
+    cors = dict(allow_origins=args.cors_origin, allow_methods=["GET", "POST"])
+    app.add_middleware(CORSMiddleware, allow_headers=headers, **cors)
 
     async def read_body(request: Request) -> bytes:
         body = b""
@@ -413,10 +399,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         engine stops at its next event (or before starting, if it still waits for a replica)."""
         loop, out, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         n, workdir = req["n"], req.get("workdir")
-        kwargs = dict(req["settings"], max_tool_calls=args.max_tool_calls, stop=req["stop"])
-        if req["tools"] is not None:  # client-side tools: the reply ends at a call, unrun
-            kwargs.update(tools=req["tools"], forced_call=req["forced"], stop_at_tool_call=True)
-        elif workdir is not None:  # ours, run in the conversation's directory, sandboxed
+        kwargs = dict(req["settings"], max_tool_calls=args.max_tool_calls)
+        if workdir is not None:  # our tools, in the conversation's directory, sandboxed
             runner = functools.partial(run_tool, sandbox=args.sandbox, network=args.network)
             kwargs.update(approve=lambda name, arguments: True, tool_runner=runner)
 
@@ -432,8 +416,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             engine = free.get()
             try:
                 if not cancel.is_set():
-                    convs, workdirs = [req["conversation"]] * n, [workdir] * n
-                    engine.chat_batch(convs, workdirs=workdirs, on_event=on_event, **kwargs)
+                    kwargs.update(workdirs=[workdir] * n, on_event=on_event)
+                    engine.chat_batch([req["conversation"]] * n, **kwargs)
             except Abandoned:
                 pass
             except Exception as e:  # noqa: BLE001 -- reported to the client, the server goes on
@@ -458,14 +442,14 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
     async def complete(req, head, events):
         """The whole reply as one chat.completion object: each choice's content is its streamed
         text, its parts the engine's message (nanocode's format)."""
-        n, usage = req["n"], {}
+        n, usage, client_side = req["n"], {}, req["settings"]["tools"] is not None
         choices, texts = [None] * n, [""] * n
         async for row, event in events:
             if event["type"] == "error":
                 return error(500, event["message"])
             texts[row] += event["text"] if event["type"] == "text" else ""
             if event["type"] == "done":
-                parts, client_side = event["message"]["content"], req["tools"] is not None
+                parts = event["message"]["content"]
                 calls = [call_of(p) for p in parts if p["type"] == "tool_call" and client_side]
                 message = {"role": "assistant", "content": texts[row] or (None if calls else "")}
                 message.update({"parts": parts, "tool_calls": calls} if calls else {"parts": parts})
@@ -491,7 +475,7 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             kind = event["type"]
             if kind == "text":
                 yield chunk(row, {"content": event["text"]})
-            elif kind == "tool_call" and req["tools"] is not None:
+            elif kind == "tool_call" and req["settings"]["tools"] is not None:
                 yield chunk(row, {"tool_calls": [dict(call_of(event), index=0)]})
             elif kind == "done":
                 usage = add_usage(usage, event["usage"])
@@ -505,25 +489,20 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        if not authorized(request):
-            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
         try:
             req = parse_request(await read_body(request), args)
             if len(admitted) >= len(engines) + args.max_queue:
                 raise RequestError(429, f"server busy: {args.max_queue} requests waiting; retry")
-            if workspaces is not None and req["tools"] is None:
+            if workspaces is not None and req["settings"]["tools"] is None:
                 if req["n"] > 1:
                     raise bad("'n' > 1 with server-side tools: the choices would share one dir")
-                cid = req["conversation_id"]
-                req["conversation_id"], req["workdir"] = await asyncio.to_thread(
-                    workspaces.get, cid
-                )
+                req["cid"], req["workdir"] = await asyncio.to_thread(workspaces.get, req["cid"])
         except RequestError as e:
             return error(e.status, str(e))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = dict(id=rid, created=created, model=model_name, system_fingerprint=fingerprint)
         if req.get("workdir") is not None:
-            head["conversation_id"] = req["conversation_id"]
+            head["conversation_id"] = req["cid"]
         admitted.add(rid)
         events = start(req, rid)
         if not req["stream"]:
@@ -532,26 +511,16 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         return StreamingResponse(sse, media_type="text/event-stream", headers=NO_CACHE)
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        if not authorized(request):
-            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+    async def models():
         model = {"id": model_name, "object": "model", "created": 0, "owned_by": "nanocode"}
         return {"object": "list", "data": [model]}
 
     @app.get("/health")
     async def health():
-        free_now = free.qsize()
-        return {
-            "status": "ok",
-            "model": model_name,
-            "pid": os.getpid(),
-            "replicas": len(engines),
-            "free": free_now,
-            "queued": max(0, len(admitted) - (len(engines) - free_now)),
-            "max_queue": args.max_queue,
-            "tools": "server-side" if workspaces else None,
-            "sandbox": args.sandbox if workspaces else None,
-        }
+        busy = len(engines) - free.qsize()
+        tools = "server-side" if workspaces else None
+        load = dict(replicas=len(engines), free=free.qsize(), queued=max(0, len(admitted) - busy))
+        return dict(status="ok", model=model_name, pid=os.getpid(), tools=tools, **load)
 
     @app.get("/")
     async def ui():
@@ -564,8 +533,7 @@ def main():
     args = parser.parse_args()
     if args.allow_tools and not Path(args.allow_tools).is_dir():
         raise NanocodeError(f"--allow-tools {args.allow_tools} is not a directory")
-    limits = ("max_tokens", "max_body_bytes", "max_messages", "max_conversations", "max_n")
-    for name in limits:
+    for name in ("max_tokens", "max_body_bytes", "max_messages", "max_conversations", "max_n"):
         if getattr(args, name) < 1:
             raise NanocodeError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_queue < 0:
@@ -579,10 +547,7 @@ def main():
         )
     if exposed:
         anyone = "" if args.api_key else " by anyone (no --api-key)"
-        print(
-            f"warning: serving on {args.host}: reachable from other machines{anyone}",
-            file=sys.stderr,
-        )
+        print(f"warning: serving on {args.host}: reachable from others{anyone}", file=sys.stderr)
     if args.allow_tools is not None and args.sandbox != "off":
         from nanocode import sandbox
 
@@ -590,12 +555,12 @@ def main():
     import uvicorn
 
     engines, fingerprint = load_engines(args)
-    app = create_app(engines, args, fingerprint)
     tools = "client-side"
     if args.allow_tools is not None:
         tools = f"server-side in copies of {args.allow_tools or 'an empty dir'}, {args.sandbox}"
     url = f"http://{args.host}:{args.port}/"
     print(f"nanocode server: {url} ({len(engines)} replica(s), tools {tools})", flush=True)
+    app = create_app(engines, args, fingerprint)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -229,7 +229,7 @@ def test_tools_off_without_allow_tools_and_bad_requests(tmp_path, workdir):
                     ]
                 },
                 400,
-                "arguments: a JSON object string",
+                "arguments: JSON object text",
             ),
             ({"messages": user, "tools": [{"type": "function"}]}, 400, "tools[0]: expected"),
             (
