@@ -28,6 +28,7 @@ place. Reply is the per-reply token state machine (text deltas, call parsing, me
 
 import itertools
 import json
+import math
 import re
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from types import SimpleNamespace
@@ -64,7 +65,8 @@ class KVCache:
         # One query per row, all at one position: every key left (after the window's cut) is seen.
         self.unmasked = T == 1 and self.first == self.end - 1
         # Consecutive rows are a view of the cache; others are gathered (a copy).
-        self.span = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.rows_read = slice(rows[0], rows[0] + len(rows)) if consecutive else self.index[:, 0]
         self.masks = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
@@ -77,9 +79,7 @@ class KVCache:
         lo = 0 if window is None else max(0, self.first - window)  # no query sees a key before lo
         if window not in self.masks:
             self.masks[window] = None if self.unmasked else self.mask(lo, window)
-        rows = (
-            self.index[:, 0] if self.span is None else slice(self.span, self.span + len(self.rows))
-        )
+        rows = self.rows_read
         return kc[rows, lo : self.end], vc[rows, lo : self.end], self.masks[window]
 
     def mask(self, lo: int, window: int | None) -> torch.Tensor:
@@ -122,36 +122,25 @@ def sample_next(logits, generators, temperature: float, top_k: int | None, top_p
     return choice if idx is None else idx.gather(-1, choice[:, None]).squeeze(-1)
 
 
-# What each sampling setting must be (the OpenAI names too: the server checks requests here).
-WHOLE, NUMBER = "an integer", "a number"
-SAMPLING_RULES = {
-    "temperature": (NUMBER, 0, True),  # (kind, lowest, lowest allowed?)
-    "top_k": (WHOLE, 1, True),
-    "top_p": (NUMBER, 0, False),
-    "max_tokens": (WHOLE, 1, True),
-    "max_completion_tokens": (WHOLE, 1, True),
-    "num_samples": (WHOLE, 1, True),
-    "n": (WHOLE, 1, True),
-    "seed": (WHOLE, 0, True),
-}
-HIGHEST = {"top_p": 1}
+# Sampling settings that are integers, and the lowest value of those that may be below 1 (top_p
+# above it); the OpenAI names too (n, max_completion_tokens, seed): the server checks requests here.
+INTEGERS = {"top_k", "max_tokens", "max_completion_tokens", "num_samples", "n", "seed"}
+LOWEST = {"temperature": 0, "top_p": 0, "seed": 0}
 
 
 def check_sampling(limits=None, **settings):
-    """Raise ValueError naming the first bad setting (e.g. temperature=-1): each named one must be
-    of its kind, within its range and at most limits[name] (a server's own caps); None leaves top_k,
-    top_p and seed unset."""
-    highest = dict(HIGHEST, **(limits or {}))
+    """Raise ValueError naming the first bad setting (e.g. temperature=-1): each must be of its
+    kind, within its range and at most limits[name] (a server's own caps); None leaves top_k, top_p
+    and seed unset."""
+    highest = dict({"top_p": 1}, **(limits or {}))
     for name, value in settings.items():
         if value is None and name in ("top_k", "top_p", "seed"):
             continue
-        kind, lo, closed = SAMPLING_RULES[name]
-        hi = highest.get(name)
-        ok = isinstance(value, int if kind is WHOLE else (int, float)) and not isinstance(
-            value, bool
-        )
-        if not (ok and (value >= lo if closed else value > lo) and (hi is None or value <= hi)):
-            span = f"{'[' if closed else '('}{lo}, {'inf)' if hi is None else f'{hi}]'}"
+        whole, lo, hi = name in INTEGERS, LOWEST.get(name, 1), highest.get(name, math.inf)
+        typed = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+        if not typed or not lo <= value <= hi or (name == "top_p" and value == 0):
+            kind = "an integer" if whole else "a number"
+            span = f"{'(' if name == 'top_p' else '['}{lo}, {hi}]"
             raise ValueError(f"'{name}' must be {kind} in {span}, got {value!r}")
 
 
@@ -238,6 +227,7 @@ class Engine:
         return torch.stack([logits[i] for i in ready])
 
     @staticmethod
+    @torch.inference_mode()
     def _sample(logits, rows, temperature, top_k, top_p) -> list[int]:
         """The one place tokens are drawn: one per row, from the row's own generator. A row's
         constraint masks its logits (in place) right before the draw and is told the token drawn."""
@@ -280,14 +270,9 @@ class Engine:
         self, ids, num_samples=1, max_tokens=256, temperature=0.0, top_k=None, top_p=None, seed=42
     ):
         """Completions (prompt and stop token excluded), one list of ids per sample."""
-        out = [[] for _ in range(num_samples)]
-        done = [False] * num_samples
-        for tokens in self.generate(ids, num_samples, max_tokens, temperature, top_k, top_p, seed):
-            for i, t in enumerate(tokens):
-                done[i] = done[i] or t in self.stop_ids
-                if not done[i]:
-                    out[i].append(t)
-        return out
+        steps = list(self.generate(ids, num_samples, max_tokens, temperature, top_k, top_p, seed))
+        stops = self.stop_ids
+        return [list(itertools.takewhile(lambda t: t not in stops, row)) for row in zip(*steps)]
 
     # ---------------------------------------------------------------------------------------------
     # the agent
@@ -304,17 +289,6 @@ class Engine:
             if ids[i] == self.user_start and len(ids) - i <= budget:
                 return [self.bos] + notice + ids[i:]
         return [self.bos] + notice + ids[len(ids) - max(1, self.max_len // 2 - 1 - len(notice)) :]
-
-    @staticmethod
-    def _refusal(part, approve, workdir, calls_left: int) -> str | None:
-        """Why a valid call is not run (the text fed back instead), or None to run it."""
-        if calls_left <= 0:
-            return "error: tool-call limit reached for this reply; answer without tools"
-        if workdir is None:
-            return "error: tools are disabled here"
-        if approve is None or not approve(part["name"], part["arguments"]):
-            return DENIED
-        return None
 
     def chat(
         self,
@@ -415,22 +389,49 @@ class Engine:
         for i, conv in enumerate(conversations):
             prompt = list(tok.render_for_completion(conv))
             row = self._row(prompt, seed + i, prompt=prompt, out=[], mask=[], sampled=0)
-            row.finish, row.calls_left, row.prefill = "length", max_tool_calls, list(prefill)
+            row.calls_left, row.prefill = max_tool_calls, list(prefill)
             row.reply = Reply(tok, self.tool_start, self.tool_end, tools, stop)
             rows.append(row)
 
-        def take(i, tokens, sampled):
+        def take_token(i, t):
             row = rows[i]
-            row.out += tokens
-            row.mask += [int(sampled)] * len(tokens)
+            sampled = not row.prefill  # a forced call's opening is taken instead of the sample
+            t = t if sampled else row.prefill.pop(0)
+            row.sampled += sampled
+            row.out.append(t)
+            row.mask.append(int(sampled))
+            if t not in self.stop_ids:
+                row.ids.append(t)
+                yield from ((i, event) for event in row.reply.feed(t))
+            if t in self.stop_ids or row.reply.stopped:
+                yield from finish(i, "stop")
+            elif row.reply.closed is None:
+                yield from go_on(i)
+            else:
+                yield from answer(i, *row.reply.closed)
 
-        def go_on(i):  # the row samples on, within its budget and its context
-            row = rows[i]
-            if row.sampled >= max_tokens:
-                yield from finish(i)
-            elif len(row.ids) > self.max_len:
-                row.ids, row.fed = self._fit_context(row.ids), 0
-                yield i, {"type": "notice", "text": CONTEXT_NOTICE}
+        def answer(i, call, text):  # a closed call: run a valid one (or say why not)
+            row, workdir, approve = rows[i], workdirs[i], approves[i]
+            if call is not None:  # (a malformed one is answered with its error)
+                yield i, dict(call)
+                if stop_at_tool_call:  # the reply ends here, unrun: the caller runs the call
+                    row.reply.stop_at_call()
+                    yield from finish(i, "tool_calls")
+                    return
+                row.calls_left -= 1
+                name, arguments = call["name"], call["arguments"]
+                if row.calls_left < 0:
+                    text = "error: tool-call limit reached for this reply; answer without tools"
+                elif workdir is None:
+                    text = "error: tools are disabled here"
+                elif approve is None or not approve(name, arguments):
+                    text = DENIED
+                elif pool is not None:  # the output is taken when it arrives
+                    row.waiting = pool.submit(tool_runner, name, arguments, workdir)
+                    return
+                else:
+                    text = tool_runner(name, arguments, workdir)
+            yield from take_output(i, text)
 
         def take_output(i, text):  # the tool's output (or error, or denial) goes into row i
             row = rows[i]
@@ -438,55 +439,25 @@ class Engine:
             yield i, row.reply.tool_output(text)
             forced = [self.output_start] + tok.encode(text) + [self.output_end]
             row.ids += forced
-            take(i, forced, False)
+            row.out += forced
+            row.mask += [0] * len(forced)
             yield from go_on(i)
 
-        def take_token(i, t):
+        def go_on(i):  # the row samples on, within its budget and its context
             row = rows[i]
-            sampled = not row.prefill  # a forced call's opening is taken instead of the sample
-            t = t if sampled else row.prefill.pop(0)
-            row.sampled += sampled
-            take(i, [t], sampled)
-            if t in self.stop_ids:
-                row.finish = "stop"
-                yield from finish(i)
-                return
-            row.ids.append(t)
-            for event in row.reply.feed(t):
-                yield i, event
-            if row.reply.stopped:
-                row.finish = "stop"
-                yield from finish(i)
-                return
-            if row.reply.closed is None:
-                yield from go_on(i)
-                return
-            part, text = row.reply.closed
-            if part is not None:  # a valid call (a malformed one is answered with its error)
-                yield i, {"type": "tool_call", "name": part["name"], "arguments": part["arguments"]}
-                if stop_at_tool_call:  # the reply ends here, unrun: the caller runs the call
-                    row.reply.stop_at_call()
-                    row.finish = "tool_calls"
-                    yield from finish(i)
-                    return
-                text = self._refusal(part, approves[i], workdirs[i], row.calls_left)
-                row.calls_left -= 1
-                if text is None:
-                    call = (tool_runner, part["name"], part["arguments"], workdirs[i])
-                    if pool is not None:  # the output is taken when it arrives
-                        row.waiting = pool.submit(*call)
-                        return
-                    text = call[0](*call[1:])
-            yield from take_output(i, text)
+            if row.sampled >= max_tokens:
+                yield from finish(i, "length")
+            elif len(row.ids) > self.max_len:
+                row.ids, row.fed = self._fit_context(row.ids), 0
+                yield i, {"type": "notice", "text": CONTEXT_NOTICE}
 
-        def finish(i):
+        def finish(i, reason):
             row = rows[i]
             row.live = False
-            for event in row.reply.finish():
-                yield i, event
+            yield from ((i, event) for event in row.reply.finish())
             message = {"role": "assistant", "content": row.reply.parts}
             usage = {"prompt_tokens": len(row.prompt), "completion_tokens": row.sampled}
-            done = dict(message=message, finish_reason=row.finish, usage=usage)
+            done = dict(message=message, finish_reason=reason, usage=usage)
             results[i] = dict(done, prompt_ids=row.prompt, ids=row.out, mask=row.mask)
             yield i, dict(type="done", **done)
 

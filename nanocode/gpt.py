@@ -20,7 +20,7 @@ at its own position) attention is SDPA with the cache's mask.
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -95,9 +95,6 @@ class GPTConfig:
                     f"model_config {key}={got!r}: this model was trained with the October 2025 "
                     "recipe, which this version no longer builds"
                 )
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"model_config has unknown keys: {', '.join(sorted(unknown))}")
         return cls(**d)
 
     def window_sizes(self) -> list[int | None]:
@@ -127,22 +124,14 @@ def compute_dtype(x):
     return x.dtype
 
 
-_warned_slow_windows = False
-
-
-def _warn_slow_windows():
-    """Once per process: SDPA has no sliding-window kernel, so a banded mask costs more, not
-    less."""
-    global _warned_slow_windows
-    if not _warned_slow_windows:
-        _warned_slow_windows = True
-        warnings.warn(
-            "sliding-window attention without FlashAttention: PyTorch SDPA with a banded mask "
-            "computes every query-key pair and loses the fused causal kernel, so windowed layers "
-            "are slower than full ones, not faster (CPU, fwd+bwd: 1.16x at T=256, 1.9x at "
-            "T=2048). On CUDA install flash-attn; or train with --window-pattern L",
-            stacklevel=3,
-        )
+# SDPA has no sliding-window kernel, so a banded mask costs more, not less. (Shown once: Python's
+# default warning filter shows a warning once per place it is raised from.)
+SLOW_WINDOWS = (
+    "sliding-window attention without FlashAttention: PyTorch SDPA with a banded mask computes "
+    "every query-key pair and loses the fused causal kernel, so windowed layers are slower than "
+    "full ones, not faster (CPU, fwd+bwd: 1.16x at T=256, 1.9x at T=2048). On CUDA install "
+    "flash-attn; or train with --window-pattern L"
+)
 
 
 def windows_are_slow(config, device) -> bool:
@@ -172,7 +161,7 @@ def attention(q, k, v, window=None):
     if window is None or T - 1 <= window:  # no key falls out of any query's window
         return sdpa(q, k, v, causal=True)
     if not torch.compiler.is_compiling():  # base_train warns before compiling (windows_are_slow)
-        _warn_slow_windows()
+        warnings.warn(SLOW_WINDOWS, stacklevel=2)
     i = torch.arange(T, device=q.device)
     return sdpa(q, k, v, (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - window))
 
@@ -253,21 +242,14 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            {
-                "wte": nn.Embedding(config.vocab_size, config.n_embd),
-                "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            }
-        )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        vocab = config.vocab_size
+        wte = nn.Embedding(vocab, config.n_embd)
+        blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.transformer = nn.ModuleDict({"wte": wte, "h": blocks})
+        self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
-        self.value_embeds = nn.ModuleDict(
-            {
-                str(i): nn.Embedding(config.vocab_size, kv_dim)
-                for i in range(config.n_layer)
-                if config.has_value_embed(i)
-            }
-        )
+        ve_layers = [str(i) for i in range(config.n_layer) if config.has_value_embed(i)]
+        self.value_embeds = nn.ModuleDict({i: nn.Embedding(vocab, kv_dim) for i in ve_layers})
         self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
         # Rotary tables cover 10x the training context so generation can run past it.
@@ -364,15 +346,9 @@ class GPT(nn.Module):
         adamw = torch.optim.AdamW(
             adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused
         )
-        muon = Muon(
-            matrix_params,
-            lr=matrix_lr,
-            momentum=0.95,
-            weight_decay=weight_decay,
-            rank=rank,
-            world_size=world_size,
-            ns_coeffs=ns_coeffs,
-        )
+        # each of world_size ranks orthogonalizes its share of the matrices
+        more = dict(rank=rank, world_size=world_size, ns_coeffs=ns_coeffs)
+        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, **more)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

@@ -148,6 +148,57 @@ def test_generate_streams_and_stops_at_context_end(tok, real):
         next(engine.generate([0] * real.config.sequence_len))
 
 
+def test_samples_share_one_prefill(tok, real):
+    """generate's samples, and chat_batch's rows with one prompt, feed that prompt once (its keys
+    and values are copied); then every row decodes one token per step, in one batch."""
+    fed = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.config = real, real.config
+
+        def forward(self, idx, kv_cache=None):
+            fed.append((list(kv_cache.rows), idx.size(1)))
+            return self.model(idx, kv_cache=kv_cache)
+
+    engine, ids = Engine(Recording(), tok), prompt(tok)
+    list(engine.generate(ids, num_samples=3, max_tokens=4, temperature=1.0))
+    assert fed == [([0], len(ids))] + [([0, 1, 2], 1)] * 3
+    fed.clear()
+    same, other = [{"messages": [{"role": "user", "content": t}]} for t in ("hi", "a longer one")]
+    engine.chat_batch([same, other, same], max_tokens=2, temperature=1.0)
+    prompts = [tok.render_for_completion(c) for c in (same, other)]
+    assert fed == [([0], len(prompts[0])), ([1], len(prompts[1])), ([0, 1, 2], 1)]
+
+
+def test_a_constraint_masks_its_rows_logits(tok, real):
+    """The hook for constrained decoding: a row's constraint masks that row's logits before each
+    draw and is told every token drawn; the other rows sample freely."""
+
+    class OnlyDigits:
+        def __init__(self):
+            self.told = []
+
+        def mask(self, logits):
+            allowed = torch.tensor(tok.encode("0123456789"))
+            logits[~torch.isin(torch.arange(logits.numel()), allowed)] = float("-inf")
+
+        def accept(self, token):
+            self.told.append(token)
+
+    class Constrained(Engine):
+        def _row(self, ids, seed, **state):  # row 1 (seed 42 + 1) gets the constraint
+            row = super()._row(ids, seed, **state)
+            row.constraint = constraint if seed == 43 else None
+            return row
+
+    engine, constraint = Constrained(real, tok), OnlyDigits()
+    out = engine.generate_batch(prompt(tok), num_samples=2, max_tokens=12, temperature=1.0)
+    assert tok.decode(out[1]).isdigit() and len(out[1]) == 12 and constraint.told == out[1]
+    assert not tok.decode(out[0]).isdigit()
+
+
 def test_sample_next_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]]).repeat(2, 1)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
@@ -259,6 +310,18 @@ def test_max_tokens_gives_length(tok):
     assert events[-1]["finish_reason"] == "length"
     assert events[-1]["message"]["content"] == [{"type": "text", "text": "abc"}]
     assert events[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_stop_strings_end_the_reply(tok):
+    """The reply ends before a stop string (finish_reason stop); text that might start one is held
+    back until it cannot, so no streamed delta ever shows part of a stop string."""
+    events = chat(Engine(scripted(tok, "Hello world. Bye."), tok), "go", stop=["xyz", "wor"])
+    deltas = [e["text"] for e in events if e["type"] == "text"]
+    assert "".join(deltas) == "Hello " and not any("w" in d for d in deltas)
+    assert events[-1]["finish_reason"] == "stop" and events[-1]["usage"]["completion_tokens"] == 9
+    events = chat(Engine(scripted(tok, "Hello wo!"), tok), "go", stop=["world"])
+    assert "".join(e["text"] for e in events if e["type"] == "text") == "Hello wo!"
+    assert events[-1]["message"]["content"] == [{"type": "text", "text": "Hello wo!"}]
 
 
 def test_utf8_split_across_tokens_is_held_back(tok):
