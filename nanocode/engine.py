@@ -61,12 +61,17 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {self.end} positions > {self.max_len}")
         self.pos = torch.tensor(starts, device=self.device)[:, None]
         self.pos = self.pos + torch.arange(T, device=self.device)
-        self.index = torch.tensor(rows, device=self.device)[:, None]
         # One query per row, all at one position: every key left (after the window's cut) is seen.
         self.unmasked = T == 1 and self.first == self.end - 1
-        # Consecutive rows are a view of the cache; others are gathered (a copy).
+        # Consecutive rows are read as a view of the cache (others gathered: a copy), and written
+        # as one slice when they also share their positions.
+        index = torch.tensor(rows, device=self.device)
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        self.rows_read = slice(rows[0], rows[0] + len(rows)) if consecutive else self.index[:, 0]
+        self.read = slice(rows[0], rows[0] + len(rows)) if consecutive else index
+        if consecutive and self.first == self.end - T:
+            self.write = (self.read, slice(self.first, self.end))
+        else:
+            self.write = (index[:, None], self.pos)
         self.masks = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
@@ -74,13 +79,12 @@ class KVCache:
             shape = (self.batch_size, self.max_len, *k.shape[2:])
             self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
         kc, vc = self.k[layer], self.v[layer]
-        kc[self.index, self.pos] = k
-        vc[self.index, self.pos] = v
+        kc[self.write] = k
+        vc[self.write] = v
         lo = 0 if window is None else max(0, self.first - window)  # no query sees a key before lo
         if window not in self.masks:
             self.masks[window] = None if self.unmasked else self.mask(lo, window)
-        rows = self.rows_read
-        return kc[rows, lo : self.end], vc[rows, lo : self.end], self.masks[window]
+        return kc[self.read, lo : self.end], vc[self.read, lo : self.end], self.masks[window]
 
     def mask(self, lo: int, window: int | None) -> torch.Tensor:
         """(B, 1, T, end - lo): True where a query sees a key."""
@@ -181,18 +185,19 @@ class Engine:
             ids=list(ids), fed=0, live=True, waiting=None, gen=gen, constraint=None, **state
         )
 
-    def _decode(self, rows, temperature, top_k, top_p):
+    def _decode(self, rows, temperature, top_k, top_p, one_prompt=False):
         """The decode loop. Yields per step [(row index, token)] for the rows sampled; the caller
         takes each token (appends it, or other tokens, to row.ids), ends rows (live = False) or
         parks one on a Future (row.waiting). A step that finds no row ready waits for a Future, then
-        yields [] so that the caller can take what arrived."""
+        yields [] so that the caller can take what arrived. one_prompt: the rows start from one
+        prompt, fed once."""
         check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
         cache = KVCache(len(rows), self.model.config.n_layer, self.max_len, self.device)
         while True:
             ready = [i for i, r in enumerate(rows) if r.live and r.waiting is None]
             waiting = [r.waiting for r in rows if r.live and r.waiting is not None]
             if ready:
-                logits = self._feed(cache, rows, ready)
+                logits = self._feed(cache, rows, ready, one_prompt)
                 tokens = self._sample(logits, [rows[i] for i in ready], temperature, top_k, top_p)
                 yield list(zip(ready, tokens))
             elif waiting:
@@ -202,14 +207,17 @@ class Engine:
                 return
 
     @torch.inference_mode()
-    def _feed(self, cache, rows, ready) -> torch.Tensor:
+    def _feed(self, cache, rows, ready, one_prompt) -> torch.Tensor:
         """Feed each ready row the tokens of row.ids the cache lacks; the logits of each one's last
-        token (len(ready), V)."""
-        groups = {}  # rows fed by one forward: those with one new token, each longer feed alone ...
+        token (len(ready), V). Rows with one new token share one forward, a longer feed gets its
+        own, except a prompt that all rows start from (one_prompt): fed once, then copied."""
+        groups = {}
         for i in ready:
             r = rows[i]
-            key = 0 if len(r.ids) - r.fed == 1 else tuple(r.ids) if r.fed == 0 else -1 - i
-            groups.setdefault(key, []).append(i)  # ... but rows with the same new prompt together
+            key = (
+                0 if len(r.ids) - r.fed == 1 else "prompt" if one_prompt and r.fed == 0 else -1 - i
+            )
+            groups.setdefault(key, []).append(i)
         logits = {}
         for key, group in groups.items():
             fed = group if key == 0 else group[:1]
@@ -259,7 +267,7 @@ class Engine:
         end = min(len(ids) + max_tokens, self.max_len + 1)  # the last token needs no cache slot
         rows = [self._row(ids, seed + i) for i in range(num_samples)]
         tokens = [None] * num_samples
-        for step in self._decode(rows, temperature, top_k, top_p):
+        for step in self._decode(rows, temperature, top_k, top_p, one_prompt=True):
             for i, t in step:
                 rows[i].ids.append(t)
                 rows[i].live = t not in self.stop_ids and len(rows[i].ids) < end

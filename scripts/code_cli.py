@@ -34,6 +34,7 @@ parser.add_argument("--system", default=None, help="system prompt")
 parser.add_argument("--seed", type=int, default=42)
 
 SHOW_LINES = 20  # lines of each tool output echoed to the terminal (the model sees all of it)
+SETTINGS = ("max_tokens", "temperature", "top_k", "seed", "max_tool_calls")  # as engine.chat names
 
 
 def sandbox_label(mode: str, network: bool) -> str:
@@ -90,17 +91,9 @@ def show(event):
 
 def reply(engine, conversation, approve, args):
     """Stream one assistant reply; returns its message (partial if interrupted with Ctrl-C)."""
+    settings = {key: getattr(args, key) for key in SETTINGS}
     runner = functools.partial(run_tool, sandbox=args.sandbox, network=args.network)
-    settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k)
-    events = engine.chat(
-        conversation,
-        approve=approve,
-        workdir=Path(args.workdir),
-        seed=args.seed,
-        max_tool_calls=args.max_tool_calls,
-        tool_runner=runner,
-        **settings,
-    )
+    events = engine.chat(conversation, approve, Path(args.workdir), tool_runner=runner, **settings)
     parts = []  # what was said so far, for a reply cut short
     try:
         for event in events:
@@ -130,17 +123,14 @@ def main():
     label = sandbox_label(args.sandbox, args.network)
     approve = Approver(args.yes, sys.stdin.isatty(), label)
     system = [{"role": "system", "content": args.system}] if args.system else []
-    if args.prompt is not None:
-        user = {"role": "user", "content": args.prompt}
-        reply(engine, {"messages": [*system, user]}, approve, args)
-        return
-    where = Path(args.workdir).resolve()
-    print(f"nanocode agent: tools work in {where} ({label}). Ctrl-C stops a reply, Ctrl-D or /exit")
-    print("quits, /clear forgets.", flush=True)
     messages = list(system)
+    if args.prompt is None:
+        where = Path(args.workdir).resolve()
+        print(f"nanocode agent: tools work in {where} ({label}). Ctrl-C stops a reply, Ctrl-D or")
+        print("/exit quits, /clear forgets.", flush=True)
     while True:
         try:
-            text = input("> ").strip()
+            text = input("> ").strip() if args.prompt is None else args.prompt
         except KeyboardInterrupt:
             print()
             continue
@@ -159,6 +149,8 @@ def main():
                 messages.append(message)
             else:  # interrupted before a word: forget the question too, so turns alternate
                 messages.pop()
+        if args.prompt is not None:  # one shot
+            return
 
 
 if __name__ == "__main__":

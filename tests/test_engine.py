@@ -149,8 +149,8 @@ def test_generate_streams_and_stops_at_context_end(tok, real):
 
 
 def test_samples_share_one_prefill(tok, real):
-    """generate's samples, and chat_batch's rows with one prompt, feed that prompt once (its keys
-    and values are copied); then every row decodes one token per step, in one batch."""
+    """generate's samples feed their prompt once (its keys and values are copied to every row);
+    then every row decodes one token per step, in one batch."""
     fed = []
 
     class Recording(torch.nn.Module):
@@ -165,11 +165,11 @@ def test_samples_share_one_prefill(tok, real):
     engine, ids = Engine(Recording(), tok), prompt(tok)
     list(engine.generate(ids, num_samples=3, max_tokens=4, temperature=1.0))
     assert fed == [([0], len(ids))] + [([0, 1, 2], 1)] * 3
-    fed.clear()
+    fed.clear()  # chat_batch: each row's prompt is its own (a scripted model may tell rows apart)
     same, other = [{"messages": [{"role": "user", "content": t}]} for t in ("hi", "a longer one")]
     engine.chat_batch([same, other, same], max_tokens=2, temperature=1.0)
-    prompts = [tok.render_for_completion(c) for c in (same, other)]
-    assert fed == [([0], len(prompts[0])), ([1], len(prompts[1])), ([0, 1, 2], 1)]
+    n0, n1 = (len(tok.render_for_completion(c)) for c in (same, other))
+    assert fed == [([0], n0), ([1], n1), ([2], n0), ([0, 1, 2], 1)]
 
 
 def test_a_constraint_masks_its_rows_logits(tok, real):
