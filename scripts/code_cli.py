@@ -21,6 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
+from nanocode import sandbox
 from nanocode.common import NanocodeError, autodetect_device_type, run_main
 from nanocode.tools import run_tool
 from scripts.code_web import add_agent_args, load_engine
@@ -35,17 +36,6 @@ parser.add_argument("--seed", type=int, default=42)
 
 SHOW_LINES = 20  # lines of each tool output echoed to the terminal (the model sees all of it)
 SETTINGS = ("max_tokens", "temperature", "top_k", "seed", "max_tool_calls")  # as engine.chat names
-
-
-def sandbox_label(mode: str, network: bool) -> str:
-    """How a tool call will run, in words (for the approval prompt)."""
-    from nanocode import sandbox
-
-    if mode == "off":
-        return "NO sandbox"
-    if not sandbox.isolated(mode):
-        return f"NO sandbox (unavailable: {sandbox.available()[1]})"
-    return f"sandbox {mode}, network {'on' if network else 'off'}"
 
 
 class Approver:
@@ -120,7 +110,11 @@ def main():
     engine = load_engine(args, args.device_type or autodetect_device_type())[0]
     # Ctrl-C stops a reply even when we were started with SIGINT ignored (a background job, nohup)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    label = sandbox_label(args.sandbox, args.network)
+    label = f"sandbox {args.sandbox}, network {'on' if args.network else 'off'}"
+    if args.sandbox == "off":
+        label = "NO sandbox"
+    elif not sandbox.isolated(args.sandbox):
+        label = f"NO sandbox (unavailable: {sandbox.available()[1]})"
     approve = Approver(args.yes, sys.stdin.isatty(), label)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)

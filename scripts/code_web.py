@@ -70,8 +70,8 @@ def add_agent_args(parser):
     add("--tag", default=None, help="checkpoint tag (default: the most recent)")
     add("--step", type=int, default=None, help="checkpoint step (default: the last)")
     add("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    add("-t", "--temperature", type=float, default=0.6, help="(a request may give its own)")
-    add("--top-k", type=int, default=50, help="(a request may give its own)")
+    add("-t", "--temperature", type=float, default=0.6, help="(a request to the server may differ)")
+    add("--top-k", type=int, default=50, help="(a request to the server may differ)")
     add("--max-tokens", type=int, default=1024, help="sampled tokens per reply (at most)")
     add("--max-tool-calls", type=int, default=8, help="tool calls run per reply")
     modes = ["read-only", "workspace-write", "off"]
@@ -84,10 +84,17 @@ parser = argparse.ArgumentParser(description="OpenAI-compatible server and chat 
 add_agent_args(parser)
 parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, default=8000)
-parser.add_argument("--allow-tools", nargs="?", const="", metavar="DIR", help="see the docstring")
+parser.add_argument(
+    "--allow-tools",
+    nargs="?",
+    const="",
+    metavar="DIR",
+    help="run our tools server-side, each conversation in a copy of DIR (no DIR: an empty dir)",
+)
 parser.add_argument("--max-conversations", type=int, default=64, help="working dirs kept")
-parser.add_argument("--api-key", default=os.environ.get("NANOCODE_API_KEY"), help="on /v1")
-parser.add_argument("--cors-origin", action="append", default=[], help="pages that may call")
+KEY_HELP = "require 'Authorization: Bearer KEY' on /v1 (default: $NANOCODE_API_KEY)"
+parser.add_argument("--api-key", default=os.environ.get("NANOCODE_API_KEY"), help=KEY_HELP)
+parser.add_argument("--cors-origin", action="append", default=[], help="let pages from it call")
 parser.add_argument("--max-queue", type=int, default=16, help="requests waiting; more get 429")
 parser.add_argument("--num-gpus", type=int, default=None, help="replicas (default: all GPUs)")
 parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger: 413")
