@@ -11,11 +11,12 @@
 Every generation goes through one loop, Engine._decode, over rows (generate's samples, chat_batch's
 conversations), each at its own length in one KVCache. A step feeds every live row what the cache
 does not hold yet (its prompt, its last token, or a tool's output) and samples one token per row:
-rows with one new token share one batched forward, a longer feed gets a forward of its own, and rows
-with the same new prompt share one (so generate's samples are prefilled once). Tokens are drawn in
-one place, Engine._sample: row i with its own torch.Generator (seed + i), so a batch gives what
-one-by-one runs give; a row's `constraint` (e.g. a grammar), when set, masks that row's logits right
-before the draw and is told each token drawn.
+rows with one new token share one batched forward, a longer feed gets a forward of its own, and
+generate's samples feed their one prompt once (its keys and values copied to every row). Tokens are
+drawn in one place, Engine._sample: row i with its own torch.Generator (seed + i), so a batch gives
+what one-by-one runs give; a row's `constraint` (e.g. a grammar; none is set today) masks that
+row's logits in place right before the draw and is told each token drawn (a tool's output is not
+drawn; a forced call's opening replaces the draw after that, so the two do not mix yet).
 
 The tool loop (chat_batch; chat is its batch of one, streamed): when a row's model closes a call
 with <|tool_end|>, the JSON between <|tool_start|> and <|tool_end|> is parsed and validated, the
@@ -389,10 +390,8 @@ class Engine:
         # A forced call's opening '<|tool_start|>{"name": "bash", "arguments":' is taken as if
         # sampled, one token per step, so Reply parses the call as usual. (It ends before the space:
         # the tokenizer splits there, so the model sees the tokens it would have written itself.)
-        prefill = []
-        if forced_call is not None:
-            opening = json.dumps({"name": forced_call, "arguments": {}})[:-4]
-            prefill = [self.tool_start] + tok.encode(opening)
+        opening = json.dumps({"name": forced_call, "arguments": {}})[:-4]
+        prefill = [] if forced_call is None else [self.tool_start] + tok.encode(opening)
         rows = []
         for i, conv in enumerate(conversations):
             prompt = list(tok.render_for_completion(conv))
