@@ -366,6 +366,9 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         free.put(engine)
     admitted = set()  # requests waiting for or holding a replica (their threads remove them)
     model_name = "nanocode-fake" if args.fake_script else f"nanocode-{args.source}"
+    # our tools, run without asking (a server has nobody to ask), sandboxed
+    runner = functools.partial(run_tool, sandbox=args.sandbox, network=args.network)
+    server_tools = dict(approve=lambda name, arguments: True, tool_runner=runner)
 
     def error(status, message):
         kind = {401: "authentication_error", 429: "rate_limit_error"}.get(status)
@@ -406,10 +409,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         engine stops at its next event (or before starting, if it still waits for a replica)."""
         loop, out, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         n, workdir = req["n"], req.get("workdir")
-        kwargs = dict(req["settings"], max_tool_calls=args.max_tool_calls)
-        if workdir is not None:  # our tools, in the conversation's directory, sandboxed
-            runner = functools.partial(run_tool, sandbox=args.sandbox, network=args.network)
-            kwargs.update(approve=lambda name, arguments: True, tool_runner=runner)
+        ours = server_tools if workdir is not None else {}  # in the conversation's directory
+        kwargs = dict(req["settings"], max_tool_calls=args.max_tool_calls, **ours)
 
         def put(item):
             loop.call_soon_threadsafe(out.put_nowait, item)
