@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanocode.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from nanocode.engine import DENIED, Engine, KVCache, encode_with_specials, sample_next
+from nanocode.engine import DENIED, Engine, encode_with_specials, sample_next
 from nanocode.gpt import GPT, GPTConfig
 from tests.helpers import ByteTokenizer, naive_generate, real_tokenizer, tiny_model
 from tests.scripted_model import ScriptedModel
@@ -61,30 +61,6 @@ def cut_at_stop(ids):
         if t in (0, 4):
             return ids[:i]
     return ids
-
-
-def test_kv_cache_rows_at_their_own_lengths():
-    """feed() names the rows and where their new tokens go; update() writes there and returns the
-    fed rows' keys up to the longest row, with the mask of what each query sees (None: all)."""
-    cache = KVCache(batch_size=3, num_layers=1, max_len=6)
-    k = torch.randn(3, 2, 1, 4)
-    cache.feed([0, 1, 2], [0, 0, 0], 2)
-    keys, values, mask = cache.update(0, k, k)
-    assert torch.equal(keys, k) and mask[:, 0].tolist() == [[[True, False], [True, True]]] * 3
-    cache.feed([2, 0], [2, 1], 1)  # row 2 at position 2, row 0 rewrites its position 1
-    new = torch.randn(2, 1, 1, 4)
-    keys, _, mask = cache.update(0, new, new)
-    assert torch.equal(keys[0], torch.cat([k[2], new[0]])) and torch.equal(keys[1, 1], new[1, 0])
-    assert mask[:, 0, 0].tolist() == [[True, True, True], [True, True, False]]
-    cache.feed([0, 1], [3, 3], 1)  # one query per row at one position: no mask
-    assert cache.update(0, new, new)[2] is None
-    cache.feed([1], [2], 1)
-    _, _, mask = cache.update(0, new[:1], new[:1], window=1)  # keys [1, 2]: the window cut key 0
-    assert mask is None and cache.update(0, new[:1], new[:1], window=1)[0].shape[1] == 2
-    cache.copy(1, [2], 3)
-    assert torch.equal(cache.k[0][2, :3], cache.k[0][1, :3])
-    with pytest.raises(ValueError, match="KV cache overflow"):
-        cache.feed([0], [5], 2)
 
 
 def test_greedy_with_cache_equals_without(tok, real):
@@ -354,24 +330,10 @@ def test_context_overflow_drops_oldest_turns(tok, tmp_path):
 
 
 def test_chat_with_real_checkpoint(tok, real, tmp_path):
-    events = chat(
-        Engine(real, tok),
-        "hello",
-        workdir=tmp_path,
-        approve=lambda n, a: True,
-        max_tokens=30,
-        temperature=0.0,
-    )
-    done = events[-1]
+    kw = dict(workdir=tmp_path, approve=lambda n, a: True, max_tokens=30, temperature=0.0)
+    done = chat(Engine(real, tok), "hello", **kw)[-1]
     assert done["type"] == "done" and done["usage"]["completion_tokens"] <= 30
-    again = chat(
-        Engine(real, tok),
-        "hello",
-        workdir=tmp_path,
-        approve=lambda n, a: True,
-        max_tokens=30,
-        temperature=0.0,
-    )
+    again = chat(Engine(real, tok), "hello", **kw)
     assert again[-1]["message"] == done["message"]  # greedy is deterministic
 
 

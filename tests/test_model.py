@@ -1,10 +1,11 @@
-"""The GPT, Muon and checkpoints. CPU, fp32, PyTorch references."""
+"""The GPT (its KV-cache path too), Muon and checkpoints. CPU, fp32, PyTorch references."""
 
 import pytest
 import torch
 
 from nanocode.checkpoint import load_checkpoint, save_checkpoint
 from nanocode.common import NanocodeError
+from nanocode.engine import KVCache
 from nanocode.gpt import GPT, GPTConfig, build_model
 from nanocode.optim import Muon
 
@@ -182,6 +183,30 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
         load_checkpoint(tmp_path / "nothing")
 
 
+def test_kv_cache_rows_at_their_own_lengths():
+    """feed() names the rows and where their new tokens go; update() writes there and returns the
+    fed rows' keys up to the longest row, with the mask of what each query sees (None: all)."""
+    cache = KVCache(batch_size=3, num_layers=1, max_len=6)
+    k = torch.randn(3, 2, 1, 4)
+    cache.feed([0, 1, 2], [0, 0, 0], 2)
+    keys, values, mask = cache.update(0, k, k)
+    assert torch.equal(keys, k) and mask[:, 0].tolist() == [[[True, False], [True, True]]] * 3
+    cache.feed([2, 0], [2, 1], 1)  # row 2 at position 2, row 0 rewrites its position 1
+    new = torch.randn(2, 1, 1, 4)
+    keys, _, mask = cache.update(0, new, new)
+    assert torch.equal(keys[0], torch.cat([k[2], new[0]])) and torch.equal(keys[1, 1], new[1, 0])
+    assert mask[:, 0, 0].tolist() == [[True, True, True], [True, True, False]]
+    cache.feed([0, 1], [3, 3], 1)  # one query per row at one position: no mask
+    assert cache.update(0, new, new)[2] is None
+    cache.feed([1], [2], 1)
+    _, _, mask = cache.update(0, new[:1], new[:1], window=1)  # keys [1, 2]: the window cut key 0
+    assert mask is None and cache.update(0, new[:1], new[:1], window=1)[0].shape[1] == 2
+    cache.copy(1, [2], 3)
+    assert torch.equal(cache.k[0][2, :3], cache.k[0][1, :3])
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        cache.feed([0], [5], 2)
+
+
 def windowed_model(seed=0):
     """Depth 3 at T = 32, windows of 8 keys on the first two layers, GQA, every weight nonzero."""
     torch.manual_seed(seed)
@@ -196,8 +221,6 @@ def windowed_model(seed=0):
 def test_cached_positions_match_the_full_forward():
     """The KV cache path: rows at their own lengths, fed chunks (a prompt, a tool's output) and
     single tokens, decoding past several windows, give the logits of each row's full forward."""
-    from nanocode.engine import KVCache
-
     model = windowed_model()
     assert model.config.window_sizes() == [8, 8, None]
     seqs = torch.randint(0, 53, (2, 30))
