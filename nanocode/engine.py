@@ -60,19 +60,19 @@ class KVCache:
         self.rows, self.first, self.end = rows, min(starts), max(starts) + T
         if self.end > self.max_len:
             raise ValueError(f"KV cache overflow: {self.end} positions > {self.max_len}")
-        self.pos = torch.tensor(starts, device=self.device)[:, None]
-        self.pos = self.pos + torch.arange(T, device=self.device)
+        self.pos = torch.tensor([list(range(s, s + T)) for s in starts], device=self.device)
         # One query per row, all at one position: every key left (after the window's cut) is seen.
         self.unmasked = T == 1 and self.first == self.end - 1
         # Consecutive rows are read as a view of the cache (others gathered: a copy), and written
         # as one slice when they also share their positions.
-        index = torch.tensor(rows, device=self.device)
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        self.read = slice(rows[0], rows[0] + len(rows)) if consecutive else index
+        self.read = slice(rows[0], rows[0] + len(rows))
+        if not consecutive:
+            self.read = torch.tensor(rows, device=self.device)
         if consecutive and self.first == self.end - T:
             self.write = (self.read, slice(self.first, self.end))
         else:
-            self.write = (index[:, None], self.pos)
+            self.write = (torch.tensor(rows, device=self.device)[:, None], self.pos)
         self.masks = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
@@ -186,6 +186,7 @@ class Engine:
             ids=list(ids), fed=0, live=True, waiting=None, gen=gen, constraint=None, **state
         )
 
+    @torch.inference_mode()  # (entered on each step of the generator, left at each yield)
     def _decode(self, rows, temperature, top_k, top_p, one_prompt=False):
         """The decode loop. Yields per step [(row index, token)] for the rows sampled; the caller
         takes each token (appends it, or other tokens, to row.ids), ends rows (live = False) or
@@ -207,7 +208,6 @@ class Engine:
             else:
                 return
 
-    @torch.inference_mode()
     def _feed(self, cache, rows, ready, one_prompt) -> torch.Tensor:
         """Feed each ready row the tokens of row.ids the cache lacks; the logits of each one's last
         token (len(ready), V). Rows with one new token share one forward, a longer feed gets its
@@ -230,13 +230,14 @@ class Engine:
             if len(fed) < len(group):  # one prompt, fed once: its keys and values copied
                 cache.copy(group[0], group[1:], x.size(1))
                 out = out.expand(len(group), -1)
-            logits.update(zip(group, out))
             for i in group:
                 rows[i].fed = len(rows[i].ids)
+            if group == ready:  # one forward fed them all (a decode step)
+                return out.contiguous()
+            logits.update(zip(group, out))
         return torch.stack([logits[i] for i in ready])
 
     @staticmethod
-    @torch.inference_mode()
     def _sample(logits, rows, temperature, top_k, top_p) -> list[int]:
         """The one place tokens are drawn: one per row, from the row's own generator. A row's
         constraint masks its logits (in place) right before the draw and is told the token drawn."""
