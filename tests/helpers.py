@@ -169,6 +169,18 @@ def tiny_model(vocab_size, sequence_len=96, seed=0):
     return model.eval()
 
 
+def naive_generate(model, ids, max_tokens):
+    """Greedy generation the plain way: the whole sequence through the model for every token (no KV
+    cache). Slow; the reference the engine's cached generation is tested against. Yields ids."""
+    ids = list(ids)
+    device = next(model.parameters()).device
+    for _ in range(max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids], device=device))[0, -1]
+        ids.append(int(logits.argmax()))
+        yield ids[-1]
+
+
 def nudged_model(depth: int, vocab_size: int, sequence_len: int, seed: int = 0):
     """GPTConfig.from_depth's model with every weight nudged by 0.02 * N(0, 1): the init zeroes the output
     projections, and a test model needs every layer to do something."""

@@ -3,11 +3,11 @@
 It ignores what it reads and puts all probability on the next token of a script. A feed that ends in
 <|assistant_start|> starts a turn in that cache row, and so does a row's first feed that ends in
 `resume` (<|output_end|> from from_file: a prompt that goes on with an assistant turn after a tool's
-output). Its script is pick(the tokens fed) when `pick` is given (a batch of different conversations),
-else the next of `turns` in order (a multi-turn chat).
-Each later forward of the row emits the script's next token (the engine feeds a row exactly once per
-sampled token, whatever it feeds with it); past the script's end it emits <|assistant_end|>. `delay`
-seconds are slept per forward, so a test can interrupt a generation half way.
+output). Its script is pick(the tokens fed) when `pick` is given (a batch of different
+conversations), else the next of `turns` in order (a multi-turn chat). Each later forward of the row
+emits the script's next token (the engine feeds a row exactly once per sampled token, whatever it
+feeds with it); past the script's end it emits <|assistant_end|>. `delay` seconds are slept per
+forward, so a test can interrupt a generation half way.
 """
 
 import json
@@ -53,13 +53,8 @@ class ScriptedModel(torch.nn.Module):
         B, T = idx.shape
         if self.delay:
             time.sleep(self.delay)
-        states = {} if kv_cache is None else kv_cache.__dict__.setdefault("scripted_rows", {})
-        rows = getattr(kv_cache, "rows", None) or list(
-            range(B)
-        )  # RowCache names its rows; KVCache: all
-        for r in rows:  # after KVCache.expand, every row continues row 0's turn
-            if r not in states and 0 in states:
-                states[r] = dict(states[0])
+        states = {} if kv_cache is None else self._states(kv_cache)
+        rows = list(range(B)) if kv_cache is None else kv_cache.rows
         logits = torch.full((B, T, self.config.vocab_size), -30.0, device=idx.device)
         for b, r in enumerate(rows):
             last = idx[b, -1].item()
@@ -69,9 +64,21 @@ class ScriptedModel(torch.nn.Module):
             script, i = state["script"], state["i"]
             logits[b, :, script[i] if i < len(script) else self.assistant_end] = 30.0
             state["i"] += 1
-        if kv_cache is not None:
-            kv_cache.advance(T)
         return logits
+
+    @staticmethod
+    def _states(cache) -> dict:
+        """Per cache row, its script and place in it; rows that get a copy of another's prompt
+        (KVCache.copy: the same prompt fed once) continue that row's turn."""
+        if not hasattr(cache, "scripted_rows"):
+            cache.scripted_rows, copy = {}, cache.copy
+
+            def copy_with_script(src, dst, length):
+                copy(src, dst, length)
+                cache.scripted_rows.update({r: dict(cache.scripted_rows[src]) for r in dst})
+
+            cache.copy = copy_with_script
+        return cache.scripted_rows
 
     @classmethod
     def from_file(cls, path, tokenizer):

@@ -13,7 +13,10 @@ from nanocode import sandbox
 from tests.helpers import REPO, real_tokenizer, save_tiny_checkpoint, script_argv, script_env
 
 CALL = '<|tool_start|>{{"name": "bash", "arguments": {{"command": "{}"}}}}<|tool_end|>'
-WRITE = '<|tool_start|>{"name": "write_file", "arguments": {"path": "denied.txt", "content": "x"}}<|tool_end|>'
+WRITE = (
+    '<|tool_start|>{"name": "write_file", "arguments": {"path": "denied.txt", "content": "x"}}'
+    "<|tool_end|>"
+)
 LABEL = (
     "sandbox workspace-write, network off"
     if sandbox.available()[0]
@@ -22,20 +25,22 @@ LABEL = (
 
 
 class Terminal:
-    """A child process on a pseudo-terminal (stdin is a tty, Ctrl-C sends SIGINT), read with expect()."""
+    """A child process on a pseudo-terminal (stdin is a tty, Ctrl-C sends SIGINT), read with
+    expect()."""
 
     def __init__(self, argv, cwd, env):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child
-            # Started with SIGINT ignored, as a shell's background job would be: the CLI must re-arm Ctrl-C.
+            # Started with SIGINT ignored, as a shell's background job would be: the CLI must re-arm
+            # Ctrl-C.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             os.chdir(cwd)
             os.execvpe(argv[0], argv, env)
         self.out, self.pos = "", 0
 
     def expect(self, text, timeout=120.0):
-        """Wait for `text` after the last match; returns what came before it. (The timeout only guards
-        against a hang; nothing is asserted about time.)"""
+        """Wait for `text` after the last match; returns what came before it. (The timeout only
+        guards against a hang; nothing is asserted about time.)"""
         deadline = time.monotonic() + timeout
         while (i := self.out.find(text, self.pos)) < 0:
             ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
@@ -179,7 +184,8 @@ def test_one_shot_without_terminal_refuses_unless_yes(tmp_path):
 
 
 def test_sandbox_modes(tmp_path):
-    """--sandbox read-only: the same approved calls change nothing; the default mode writes in the workdir only."""
+    """--sandbox read-only: the same approved calls change nothing; the default mode writes in the
+    workdir only."""
     script = write_script(
         tmp_path / "script.json",
         ["Try." + CALL.format(f"echo ran > f.txt; echo x > {tmp_path}/out.txt") + WRITE + "Ok."],

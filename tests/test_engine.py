@@ -1,14 +1,14 @@
 """Engine: KV-cache generation equals plain generation, batched equals one by one, sampling filters,
-and the agent's tool loop (real output injected, denial, malformed calls, call cap, context overflow),
-with a scripted fake model and with a tiny real checkpoint."""
+and the agent's tool loop (real output injected, denial, malformed calls, call cap, context
+overflow), with a scripted fake model and with a tiny real checkpoint."""
 
 import pytest
 import torch
 
 from nanocode.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from nanocode.engine import DENIED, Engine, KVCache, encode_with_specials, sample_next
+from nanocode.engine import DENIED, Engine, encode_with_specials, sample_next
 from nanocode.gpt import GPT, GPTConfig
-from tests.helpers import ByteTokenizer, real_tokenizer, tiny_model
+from tests.helpers import ByteTokenizer, naive_generate, real_tokenizer, tiny_model
 from tests.scripted_model import ScriptedModel
 
 
@@ -38,13 +38,14 @@ def scripted(tok, *turns, **kw):
 
 @pytest.fixture(scope="module")
 def real(tok):
-    """The tiny model saved as a checkpoint and loaded back (the path code_cli and code_web take)."""
+    """The tiny model saved as a checkpoint and loaded back (the path code_cli and code_web
+    take)."""
     model = tiny_model(tok.vocab_size)
     ckpt = checkpoint_dir("sft", "tiny-engine")
     save_checkpoint(ckpt, 1, model.state_dict(), None, {"model_config": model.config.to_dict()})
     state, _, meta = load_checkpoint(ckpt)
     with torch.device("meta"):
-        loaded = GPT(GPTConfig(**meta["model_config"]))
+        loaded = GPT(GPTConfig.from_dict(meta["model_config"]))
     loaded.to_empty(device="cpu")
     loaded.init_rotary()
     loaded.load_state_dict(state)
@@ -62,23 +63,9 @@ def cut_at_stop(ids):
     return ids
 
 
-def test_kv_cache_protocol():
-    cache = KVCache(batch_size=2, num_layers=2, max_len=5)
-    k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
-    k_all, v_all = cache.update(0, k, v)
-    assert k_all.shape == (2, 3, 1, 4) and torch.equal(k_all, k) and torch.equal(v_all, v)
-    cache.advance(3)
-    k2 = torch.randn(2, 2, 1, 4)
-    k_all, _ = cache.update(0, k2, k2)
-    assert torch.equal(k_all, torch.cat([k, k2], dim=1))
-    cache.advance(2)
-    with pytest.raises(ValueError, match="KV cache overflow"):
-        cache.update(0, k2[:, :1], k2[:, :1])
-
-
 def test_greedy_with_cache_equals_without(tok, real):
     ids = prompt(tok)
-    reference = cut_at_stop(list(real.generate(ids, max_tokens=40)))
+    reference = cut_at_stop(list(naive_generate(real, ids, 40)))
     got = Engine(real, tok).generate_batch(ids, max_tokens=40, temperature=0.0)[0]
     assert len(reference) > 5, "the random model stopped too early for a meaningful comparison"
     assert got == reference
@@ -135,6 +122,57 @@ def test_generate_streams_and_stops_at_context_end(tok, real):
         next(engine.generate(ids, temperature=-1))
     with pytest.raises(ValueError, match="no room"):
         next(engine.generate([0] * real.config.sequence_len))
+
+
+def test_samples_share_one_prefill(tok, real):
+    """generate's samples feed their prompt once (its keys and values are copied to every row);
+    then every row decodes one token per step, in one batch."""
+    fed = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.config = real, real.config
+
+        def forward(self, idx, kv_cache=None):
+            fed.append((list(kv_cache.rows), idx.size(1)))
+            return self.model(idx, kv_cache=kv_cache)
+
+    engine, ids = Engine(Recording(), tok), prompt(tok)
+    list(engine.generate(ids, num_samples=3, max_tokens=4, temperature=1.0))
+    assert fed == [([0], len(ids))] + [([0, 1, 2], 1)] * 3
+    fed.clear()  # chat_batch: each row's prompt is its own (a scripted model may tell rows apart)
+    same, other = [{"messages": [{"role": "user", "content": t}]} for t in ("hi", "a longer one")]
+    engine.chat_batch([same, other, same], max_tokens=2, temperature=1.0)
+    n0, n1 = (len(tok.render_for_completion(c)) for c in (same, other))
+    assert fed == [([0], n0), ([1], n1), ([2], n0), ([0, 1, 2], 1)]
+
+
+def test_a_constraint_masks_its_rows_logits(tok, real):
+    """The hook for constrained decoding: a row's constraint masks that row's logits before each
+    draw and is told every token drawn; the other rows sample freely."""
+
+    class OnlyDigits:
+        def __init__(self):
+            self.told = []
+
+        def mask(self, logits):
+            allowed = torch.tensor(tok.encode("0123456789"))
+            logits[~torch.isin(torch.arange(logits.numel()), allowed)] = float("-inf")
+
+        def accept(self, token):
+            self.told.append(token)
+
+    class Constrained(Engine):
+        def _row(self, ids, seed, **state):  # row 1 (seed 42 + 1) gets the constraint
+            row = super()._row(ids, seed, **state)
+            row.constraint = constraint if seed == 43 else None
+            return row
+
+    engine, constraint = Constrained(real, tok), OnlyDigits()
+    out = engine.generate_batch(prompt(tok), num_samples=2, max_tokens=12, temperature=1.0)
+    assert tok.decode(out[1]).isdigit() and len(out[1]) == 12 and constraint.told == out[1]
+    assert not tok.decode(out[0]).isdigit()
 
 
 def test_sample_next_filters():
@@ -250,6 +288,18 @@ def test_max_tokens_gives_length(tok):
     assert events[-1]["usage"]["completion_tokens"] == 3
 
 
+def test_stop_strings_end_the_reply(tok):
+    """The reply ends before a stop string (finish_reason stop); text that might start one is held
+    back until it cannot, so no streamed delta ever shows part of a stop string."""
+    events = chat(Engine(scripted(tok, "Hello world. Bye."), tok), "go", stop=["xyz", "wor"])
+    deltas = [e["text"] for e in events if e["type"] == "text"]
+    assert "".join(deltas) == "Hello " and not any("w" in d for d in deltas)
+    assert events[-1]["finish_reason"] == "stop" and events[-1]["usage"]["completion_tokens"] == 9
+    events = chat(Engine(scripted(tok, "Hello wo!"), tok), "go", stop=["world"])
+    assert "".join(e["text"] for e in events if e["type"] == "text") == "Hello wo!"
+    assert events[-1]["message"]["content"] == [{"type": "text", "text": "Hello wo!"}]
+
+
 def test_utf8_split_across_tokens_is_held_back(tok):
     events = chat(Engine(scripted(tok, "é!"), tok), "go")
     deltas = [e["text"] for e in events if e["type"] == "text"]
@@ -280,24 +330,10 @@ def test_context_overflow_drops_oldest_turns(tok, tmp_path):
 
 
 def test_chat_with_real_checkpoint(tok, real, tmp_path):
-    events = chat(
-        Engine(real, tok),
-        "hello",
-        workdir=tmp_path,
-        approve=lambda n, a: True,
-        max_tokens=30,
-        temperature=0.0,
-    )
-    done = events[-1]
+    kw = dict(workdir=tmp_path, approve=lambda n, a: True, max_tokens=30, temperature=0.0)
+    done = chat(Engine(real, tok), "hello", **kw)[-1]
     assert done["type"] == "done" and done["usage"]["completion_tokens"] <= 30
-    again = chat(
-        Engine(real, tok),
-        "hello",
-        workdir=tmp_path,
-        approve=lambda n, a: True,
-        max_tokens=30,
-        temperature=0.0,
-    )
+    again = chat(Engine(real, tok), "hello", **kw)
     assert again[-1]["message"] == done["message"]  # greedy is deterministic
 
 
@@ -317,7 +353,7 @@ def test_tool_loop_with_real_tokenizer(tmp_path):
     ]
 
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # the batched tool loop
 
 
@@ -414,14 +450,14 @@ def test_chat_batch_equals_one_by_one_with_tool_calls(tok, real, tmp_path, tempe
 
 def test_chat_batch_greedy_equals_uncached_generation(tok, real):
     """Rows of different prompt lengths, each at its own positions, decode what the plain uncached
-    model decodes (so the per-row rotary positions and masks are right, not just self-consistent)."""
+    model decodes (so the per-row rotary positions and masks are right, not only consistent)."""
     convs = [
         {"messages": [{"role": "user", "content": text}]}
         for text in ["a", "def add(a, b):", "x = 1\ny ="]
     ]
     results = Engine(real, tok).chat_batch(convs, max_tokens=30, temperature=0.0)
     for conv, r in zip(convs, results):
-        reference = list(real.generate(tok.render_for_completion(conv), max_tokens=30))
+        reference = list(naive_generate(real, tok.render_for_completion(conv), 30))
         cut = r["ids"][:-1] if r["finish_reason"] == "stop" else r["ids"]
         assert cut == reference[: len(cut)] and (
             r["finish_reason"] == "length" or r["ids"][-1] == reference[len(cut)]
@@ -505,7 +541,8 @@ def test_reply_state_machine(tok):
 
 
 def test_a_slow_tool_stalls_only_its_own_row(tok, tmp_path):
-    """Row 0's command waits until row 1 has finished its reply: the other rows sample on while a tool runs."""
+    """Row 0's command waits until row 1 has finished its reply: the other rows sample on while a
+    tool runs."""
     import threading
 
     call = '<|tool_start|>{"name": "bash", "arguments": {"command": "slow"}}<|tool_end|>'
@@ -545,7 +582,8 @@ def test_a_slow_tool_stalls_only_its_own_row(tok, tmp_path):
 
 
 def test_sample_next_draws_the_right_distribution():
-    """The per-row exponential draw samples softmax(logits / T), with and without top-k (fixed seeds)."""
+    """The per-row exponential draw samples softmax(logits / T), with and without top-k (fixed
+    seeds)."""
     logits = torch.log(torch.tensor([[0.6, 0.25, 0.1, 0.05]])).repeat(4, 1)
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
     for top_k, want in ((None, [0.6, 0.25, 0.1, 0.05]), (2, [0.6 / 0.85, 0.25 / 0.85, 0.0, 0.0])):
