@@ -190,8 +190,6 @@ def model_from_state(model_config: dict, state: dict, device):
     export's "model_config"; built on the meta device, so no memory goes to a random init."""
     from nanocode.gpt import GPT, GPTConfig
 
-    if not hasattr(GPTConfig, "from_dict"):  # STAND-IN until the engine branch merges: revert
-        GPTConfig.from_dict = classmethod(_stand_in_from_dict)
     try:
         config = GPTConfig.from_dict(model_config)
     except (TypeError, ValueError) as e:  # e.g. the October 2025 recipe, or another version's keys
@@ -202,16 +200,3 @@ def model_from_state(model_config: dict, state: dict, device):
     model.init_rotary()  # cos/sin are buffers computed from the config, not stored
     model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-def _stand_in_from_dict(cls, d):  # STAND-IN for contract 1's GPTConfig.from_dict: revert at merge
-    recipe = dict(
-        value_embeds=True, lambdas=True, rope_base=1e5, embed_init_std=0.8, mlp_init_scale=0.4
-    )
-    for key, value in recipe.items():
-        if d.get(key, value) != value:
-            raise ValueError(
-                f"model_config {key}={d[key]!r}: trained with the October 2025 recipe, which this "
-                "version no longer builds"
-            )
-    return cls(**{k: v for k, v in d.items() if k not in recipe})
