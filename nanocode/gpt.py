@@ -324,7 +324,6 @@ class GPT(nn.Module):
         rank=0,
         world_size=1,
         scalar_lr=0.5,
-        ns_coeffs=kernels.POLAR_EXPRESS,
     ):
         """Muon for the blocks' 2-D matrices, with cautious weight decay; AdamW (no weight decay)
         for the rest, each kind with its own learning rate: the embedding and the value embeddings
@@ -347,8 +346,8 @@ class GPT(nn.Module):
             adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused
         )
         # each of world_size ranks orthogonalizes its share of the matrices
-        more = dict(rank=rank, world_size=world_size, ns_coeffs=ns_coeffs)
-        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay, **more)
+        more = dict(rank=rank, world_size=world_size, weight_decay=weight_decay)
+        muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95, **more)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

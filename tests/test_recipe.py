@@ -1,12 +1,12 @@
 """The pretraining recipe: horizon/batch/LR/WD arithmetic, schedules, cautious weight decay,
-sliding-window attention (against a masked reference, and through the KV cache). CPU, fp32."""
+sliding-window attention against a masked reference (through the KV cache: tests/test_model.py).
+CPU, fp32."""
 
 import math
 
 import pytest
 import torch
 
-from nanocode.engine import KVCache
 from nanocode.gpt import GPT, GPTConfig, attention, build_model
 from nanocode.optim import Muon
 from scripts.base_train import lr_multiplier, muon_momentum, training_plan
@@ -106,7 +106,7 @@ def test_window_attention_matches_masked_reference(window, H, Hk):
     k = torch.randn(2, T, Hk, D, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, T, Hk, D, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, T, H, D, dtype=torch.float64)
-    out = attention(q, k, v, 0, window)
+    out = attention(q, k, v, window)
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref = reference_attention(q, k, v, window)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
@@ -158,34 +158,6 @@ def test_window_changes_the_function():
         torch.testing.assert_close(windowed(idx[:, :9]), full(idx[:, :9]))
 
 
-@pytest.mark.parametrize("prefill", [1, 5, 13])
-def test_kv_cache_decode_matches_full_forward_with_windows(prefill):
-    """Prefill a prompt, then decode one token at a time past several windows (8 keys at T = 32):
-    every step's logits equal the full forward's at that position."""
-    model = windowed_model("S")
-    idx = torch.randint(0, 53, (2, 30))
-    with torch.no_grad():
-        full = model(idx)
-        cache = KVCache(2, model.config.n_layer, model.config.sequence_len)
-        steps = [model(idx[:, :prefill], kv_cache=cache)]
-        for t in range(prefill, idx.size(1)):
-            steps.append(model(idx[:, t : t + 1], kv_cache=cache))
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
-
-
-def test_kv_cache_chunked_prefill_with_windows():
-    """A chunk of several queries after a cached prefix (the engine's tool-output force-feed)."""
-    model = windowed_model("S")
-    idx = torch.randint(0, 53, (1, 30))
-    with torch.no_grad():
-        full = model(idx)
-        cache = KVCache(1, model.config.n_layer, model.config.sequence_len)
-        parts = [
-            model(idx[:, a:b], kv_cache=cache) for a, b in [(0, 11), (11, 12), (12, 25), (25, 30)]
-        ]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
-
-
 def test_value_embeds_and_lambdas_get_gradients():
     model = windowed_model()
     idx = torch.randint(0, 53, (2, 16))
@@ -210,29 +182,6 @@ def test_optimizer_groups_cover_every_parameter_once():
     assert all(g["weight_decay"] == 0.1 for g in muon.param_groups)
     x0_group = next(g for g in adamw.param_groups if g["params"][0] is model.x0_lambdas)
     assert x0_group["betas"][0] == 0.96
-
-
-def test_row_cache_decode_matches_full_forward_with_windows():
-    """The batched tool loop's cache: rows at different positions decode together, each through its
-    own window, and equal their own full forwards."""
-    from nanocode.engine import RowCache
-
-    model = windowed_model("S")
-    seqs = torch.randint(0, 53, (2, 30))
-    lengths = [5, 17]  # each row's prompt
-    with torch.no_grad():
-        full = [model(seqs[r : r + 1])[0] for r in range(2)]
-        cache = RowCache(2, model.config.n_layer, model.config.sequence_len)
-        for r, n in enumerate(lengths):
-            cache.select([r], n)
-            out = model(seqs[r : r + 1, :n], kv_cache=cache)
-            torch.testing.assert_close(out[0], full[r][:n], atol=1e-5, rtol=1e-5)
-        for i in range(12):
-            cache.select([0, 1], 1)
-            idx = torch.stack([seqs[r, lengths[r] + i] for r in range(2)])[:, None]
-            out = model(idx, kv_cache=cache)
-            for r in range(2):
-                torch.testing.assert_close(out[r, 0], full[r][lengths[r] + i], atol=1e-5, rtol=1e-5)
 
 
 def test_windows_are_slow_without_flash_attention():
