@@ -19,8 +19,8 @@ os.environ["NANOCODE_BASE_DIR"] = tempfile.mkdtemp(prefix="nanocode-test-")
 @pytest.fixture(scope="session")
 def stdlib_functions():
     """stdlib_functions(n_files, limit): functions of the first n_files stdlib modules, found by
-    synth.corpus_functions (the synthetic-data generator's own path), standing in for the corpus, with
-    the Python install's small C headers as its non-Python files (synth.corpus_files)."""
+    synth.corpus_functions (the synthetic-data generator's own path), standing in for the corpus,
+    with the Python install's small C headers as its non-Python files (synth.corpus_files)."""
     from nanocode import synth
 
     def get(n_files, limit):

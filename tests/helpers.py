@@ -1,6 +1,7 @@
 """Helpers shared by the tests (import them from here; tests never import other test modules):
-a byte-level stand-in tokenizer, tiny trained tokenizers, tiny random models and checkpoints, synthetic
-corpora, a local stand-in for the Hugging Face hub, and the command line and environment that run a script in a subprocess."""
+a byte-level stand-in tokenizer, tiny trained tokenizers, tiny random models and checkpoints,
+synthetic corpora, a local stand-in for the Hugging Face hub, and the command line and environment
+that run a script in a subprocess."""
 
 import hashlib
 import http.server
@@ -24,8 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class ByteTokenizer:
-    """The Tokenizer interface without training: the special tokens (ids 0-11, the library's own list),
-    then one token per byte, so ids are predictable (`"a"` is 12 + 97) and nothing needs a corpus."""
+    """The Tokenizer interface without training: the special tokens (ids 0-11, the library's own
+    list), then one token per byte, so ids are predictable (`"a"` is 12 + 97) and nothing needs a
+    corpus."""
 
     vocab_size = len(SPECIAL_TOKENS) + 256
     bos_id = 0
@@ -40,7 +42,8 @@ class ByteTokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids):
-        """Bytes decoded as UTF-8 (invalid sequences replaced, as tiktoken does); specials as their text."""
+        """Bytes decoded as UTF-8 (invalid sequences replaced, as tiktoken does); specials as their
+        text."""
         out, buf = [], bytearray()
         for i in ids:
             if i < len(SPECIAL_TOKENS):
@@ -51,8 +54,9 @@ class ByteTokenizer:
         return "".join(out) + buf.decode("utf-8", errors="replace")
 
     def render_for_completion(self, conversation):
-        """The chat layout of nanocode.tokenizer (a system message folded into the first user turn; tool
-        calls and outputs inside the assistant turn), ending with <|assistant_start|> for the reply."""
+        """The chat layout of nanocode.tokenizer (a system message folded into the first user turn;
+        tool calls and outputs inside the assistant turn), ending with <|assistant_start|> for the
+        reply."""
         sid = self.special_id
         msgs = list(conversation["messages"])
         if msgs and msgs[0]["role"] == "system":
@@ -94,7 +98,8 @@ def trained_tokenizer(texts, vocab_size=300):
 
 
 def real_tokenizer():
-    """A tiny trained tokenizer saved where get_tokenizer() (and so every script) finds it: the base dir."""
+    """A tiny trained tokenizer saved where get_tokenizer() (and so every script) finds it: the base
+    dir."""
     from nanocode.common import get_base_dir
     from nanocode.tokenizer import get_tokenizer
 
@@ -105,7 +110,8 @@ def real_tokenizer():
 
 
 def script_argv(module: str, *args: str) -> list[str]:
-    """`python -m module args`, with real_tokenizer() saved first (the scripts load it from the base dir)."""
+    """`python -m module args`, with real_tokenizer() saved first (the scripts load it from the base
+    dir)."""
     real_tokenizer()
     return [sys.executable, "-m", module, *args]
 
@@ -115,7 +121,8 @@ def script_env() -> dict:
 
 
 def torchrun(script_or_args, tmp_path, nproc=2):
-    """Run a script (str: its source) or a module (list: args) under 2 gloo processes; returns stdout."""
+    """Run a script (str: its source) or a module (list: args) under 2 gloo processes; returns
+    stdout."""
     if isinstance(script_or_args, str):
         path = tmp_path / "script.py"
         path.write_text(script_or_args)
@@ -147,8 +154,9 @@ def torchrun(script_or_args, tmp_path, nproc=2):
 
 
 def tiny_model(vocab_size, sequence_len=96, seed=0):
-    """A random 2-layer GPT with weights large enough that attention matters (the default init starts
-    every block as the identity, which would make e.g. cached and uncached generation trivially equal)."""
+    """A random 2-layer GPT with weights large enough that attention matters (the default init
+    starts every block as the identity, which would make e.g. cached and uncached generation
+    trivially equal)."""
     from nanocode.gpt import GPTConfig, build_model
 
     torch.manual_seed(seed)
@@ -182,8 +190,8 @@ def naive_generate(model, ids, max_tokens):
 
 
 def nudged_model(depth: int, vocab_size: int, sequence_len: int, seed: int = 0):
-    """GPTConfig.from_depth's model with every weight nudged by 0.02 * N(0, 1): the init zeroes the output
-    projections, and a test model needs every layer to do something."""
+    """GPTConfig.from_depth's model with every weight nudged by 0.02 * N(0, 1): the init zeroes the
+    output projections, and a test model needs every layer to do something."""
     from nanocode.gpt import GPTConfig, build_model
 
     torch.manual_seed(seed)
@@ -194,8 +202,8 @@ def nudged_model(depth: int, vocab_size: int, sequence_len: int, seed: int = 0):
 
 
 def reference_step(model, optimizers, step: int, steps: int):
-    """One optimizer step of a test's plain reference loop, as the fine-tuning loop schedules it: learning
-    rates at initial_lr * (1 - step / steps), then step and zero the gradients."""
+    """One optimizer step of a test's plain reference loop, as the fine-tuning loop schedules it:
+    learning rates at initial_lr * (1 - step / steps), then step and zero the gradients."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * (1.0 - step / steps)
@@ -221,8 +229,9 @@ ANSWER = "q"  # the rewarded answer: a reply whose text contains it passes
 
 
 def install_fixed_answer_reward():
-    """Replace the code verifier with "the reply's text contains ANSWER" (a reward that prefers one fixed
-    answer), and give the Engine a plain chat_batch (no tool calls) if it has none of its own."""
+    """Replace the code verifier with "the reply's text contains ANSWER" (a reward that prefers one
+    fixed answer), and give the Engine a plain chat_batch (no tool calls) if it has none of its
+    own."""
     from nanocode import engine as engine_mod
     from nanocode import rl_tasks
 
@@ -316,7 +325,8 @@ def make_docs(n, seed=0, min_lines=2, max_lines=60):
 
 
 def write_corpus(directory, docs, per_shard):
-    """Write docs into shard_00000.parquet ... with per_shard documents each; the last shard is val."""
+    """Write docs into shard_00000.parquet ... with per_shard documents each; the last shard is
+    val."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(0, len(docs), per_shard):
@@ -345,11 +355,12 @@ def alive(token: str) -> list[int]:
 
 
 class FakeHub(http.server.ThreadingHTTPServer):
-    """A local stand-in for the Hugging Face hub's file endpoint, enough for huggingface_hub's downloads:
-    HEAD and GET of /<type>s/<repo>/resolve/<revision>/<file>, with Range requests. `files` maps
-    "<repo>/<file>" to bytes; the first GET of each path in `fail_once` sends half of the file and
-    hangs up (a dropped connection); `ranges=False` ignores Range headers, as some servers do.
-    Point the code at it with HF_ENDPOINT=hub.url; `requests` records (method, "<repo>/<file>", Range)."""
+    """A local stand-in for the Hugging Face hub's file endpoint, enough for huggingface_hub's
+    downloads: HEAD and GET of /<type>s/<repo>/resolve/<revision>/<file>, with Range requests.
+    `files` maps "<repo>/<file>" to bytes; the first GET of each path in `fail_once` sends half of
+    the file and hangs up (a dropped connection); `ranges=False` ignores Range headers, as some
+    servers do. Point the code at it with HF_ENDPOINT=hub.url; `requests` records (method,
+    "<repo>/<file>", Range)."""
 
     def __init__(self, files: dict, fail_once=(), ranges=True):
         self.files, self.fail_once, self.ranges, self.requests = files, set(fail_once), ranges, []

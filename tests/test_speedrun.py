@@ -1,5 +1,6 @@
 """runs/speedrun.sh's control flow with stand-in commands (no training): stage order and flags,
-done-markers, a failed stage stopping the run with its log named, and a rerun skipping what is done."""
+done-markers, a failed stage stopping the run with its log named, and a rerun skipping what is
+done."""
 
 import json
 import os
