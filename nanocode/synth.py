@@ -8,25 +8,24 @@ there, its real output is recorded, and what the assistant says next is chosen f
 actually says. Nothing a tool "printed" is written by hand. The assistant's text follows SOUL.md: it
 reads before editing, verifies, states what the tool output showed, and skips praise and filler.
 
-The kinds are data. nanocode/data/synth_kinds.json describes each kind once: its sampling weight,
-whether training sees it (kinds with "seen": false appear only among the held-out validity prompts),
-its scene (the files it starts from and the facts about them: a function in SCENES), the user's
-phrasings ("ask"), random "draw"s and the assistant's steps. A step is one of
-    [tool, {arguments}] or [tool, {arguments}, name]   a real tool call ("{x}" is ctx["x"]); its
-                               output's views (see `views`) go into ctx, and under ctx[name]
-    ["say", phrase, ...]       the assistant says one of the phrases, formatted with ctx
-    ["check", [ok, ...], [failed, ...]]   says a phrase of the second list if the last call failed
-    ["deny", tool, {arguments}]            a call the user refused at the approval prompt
-    ["user", phrase, ...]      a new user turn
-    ["maybe", p, step, ...]    the steps, with probability p
-    ["either", [steps], ...]   one of the step lists
-    ["expect", text]           the generator's own check that the last output says text
-    "name"                     a routine (a list of steps in the JSON) or a move (Python, MOVES)
-A kind with "variants" draws one (by "weight") whose fields replace the kind's. Phrases "@name" are
-the bank of that name in synth_phrases.json, where "{3..9}" and "{a|b}" in templates and draws are a
-random number and option. The same JSON's "followups" are the follow-up turns that a share of
-sessions (FOLLOWUP_RATE) gets. The same seed gives the same records (as long as the tools and the
-Python running them behave the same).
+The kinds are data: nanocode/data/synth_kinds.json describes each kind once, with its sampling
+weight, whether training sees it ("seen": false kinds appear only among the held-out validity
+prompts), its scene (the starting files and what is known about them: a scene_NAME function here,
+or draws and file templates in the JSON's "scenes"), the user's phrasings ("ask") and the steps:
+    [tool, {arguments}, name?]   a real tool call ("{x}" is ctx["x"]); `views` of its output go
+                                 into ctx (and the stripped output into ctx[name])
+    ["say", phrase, ...]         the assistant says one of the phrases (formatted with ctx)
+    ["user", phrase, ...]        a new user turn
+    ["if", key, [then], [else]]  says a phrase of `then` if ctx[key] (e.g. "failed": the last call
+                                 failed), else of `else`
+    ["deny", tool, {arguments}]  a call the user refused at the approval prompt (it never runs)
+    ["maybe", p, step...]        the steps with probability p; ["either", [steps], [steps]...] one
+    ["expect", text]             the generator's own check that the last output says text
+    "name"                       a routine of the JSON, or the move move_NAME (Python, below)
+A kind with "variants" draws one (by "weight") whose fields replace the kind's. A phrase "@name" is
+the bank of that name in synth_phrases.json; in draws and templates "{3..9}" and "{a|b}" are a
+random number and option. A share of sessions (FOLLOWUP_RATE) gets the JSON's "followups" turns.
+The same seed gives the same records (as long as the tools and Python behave the same).
 
 A trajectory record is a conversation with extra keys, so it can be replayed and checked
 (nanocode/synth_session.py runs the tools and replays records):
@@ -50,17 +49,10 @@ import random
 import re
 from pathlib import Path
 
-from nanocode.synth_session import (  # noqa: F401 -- replay and call_shape are used as synth.*
-    Session,
-    assistant_turns,
-    call_shape,
-    execute,
-    execute_after,
-    execute_turns,
-    read_tree,
-    replay,
-)
+from nanocode import synth_session
+from nanocode.synth_session import Session, assistant_turns, execute, execute_after, read_tree
 
+replay, call_shape = synth_session.replay, synth_session.call_shape  # also used as synth.*
 _DATA = Path(__file__).parent / "data"
 _SPEC = json.loads((_DATA / "synth_kinds.json").read_text())
 KINDS, ROUTINES, FOLLOWUPS = _SPEC["kinds"], _SPEC["routines"], _SPEC["followups"]
@@ -69,8 +61,7 @@ FOLLOWUP_RATE = 0.33  # share of sessions (of the kinds that allow it) that get 
 TASKS = [k for k, v in KINDS.items() if v["seen"]]  # the kinds training data is drawn from
 UNSEEN = [k for k, v in KINDS.items() if not v["seen"]]
 CALLING = [k for k in TASKS if k != "no_tool"]  # validity prompts ask for a tool call
-PAIR_KINDS = ["malformed_call", "not_unique", "unbacked_claim", "style"]
-QUOTES = '"' * 3  # a docstring's quotes (written so, they do not open a string here)
+QUOTES = '"' * 3  # a docstring's quotes (so written, they open no string here)
 RANDOM = re.compile(r"\{(-?\d+)\.\.(-?\d+)\}|\{([^{}]*\|[^{}]*)\}")
 
 
@@ -124,14 +115,14 @@ def describe_function(src: str) -> dict:
     args += [star + x.arg for star, x in (("*", a.vararg), ("**", a.kwarg)) if x]
     facts = {"name": fn.name, "args": args, "doc": None, "yields": False}
     facts.update({k: [] for k in ("loops", "ifs", "calls", "returns", "raises", "catches")})
-    doc = ast.get_docstring(fn)
-    if doc:
+    if doc := ast.get_docstring(fn):
         first = re.split(r"(?<=\.)\s", doc.strip().split("\n\n")[0].replace("\n", " "))[0]
         facts["doc"] = first if len(first) <= 120 else None
     pos = a.posonlyargs + a.args
+    defaults = zip(pos[len(pos) - len(a.defaults) :], a.defaults)
     facts["defaults"] = [
         (arg.arg, d.value)
-        for arg, d in zip(pos[len(pos) - len(a.defaults) :], a.defaults)
+        for arg, d in defaults
         if isinstance(d, ast.Constant) and type(d.value) in (int, bool)
     ]
     seg = functools.partial(_segment, src)
@@ -164,9 +155,7 @@ def describe_function(src: str) -> dict:
 def corpus_functions(docs, limit: int = 2000, min_lines: int = 4, max_lines: int = 22) -> list:
     """Short, plain top-level Python functions from corpus documents, as {"src", "facts"}."""
     out = []
-    for doc in docs:
-        if doc.get("lang") != "python":
-            continue
+    for doc in (d for d in docs if d.get("lang") == "python"):
         try:
             tree = ast.parse(doc["text"])
         except (SyntaxError, ValueError, RecursionError):
@@ -176,20 +165,14 @@ def corpus_functions(docs, limit: int = 2000, min_lines: int = 4, max_lines: int
             if not isinstance(node, ast.FunctionDef) or node.decorator_list:
                 continue
             src = "\n".join(rows[node.lineno - 1 : node.end_lineno])
-            if (
-                not (min_lines <= node.end_lineno - node.lineno + 1 <= max_lines)
-                or not src.isascii()
-            ):
-                continue
-            if "\t" in src or "\r" in src or any(len(x) > 100 for x in src.splitlines()):
-                continue
+            ok = min_lines <= src.count("\n") + 1 <= max_lines and src.isascii()
+            ok = ok and "\t" not in src and "\r" not in src and QUOTES not in src.split("\n")[0]
             # the kinds grep for `def NAME\(`: "def f (x):" would not be found
-            if not src.startswith(f"def {node.name}(") or QUOTES in src.split("\n", 1)[0]:
-                continue
-            try:
-                out.append({"src": src, "facts": describe_function(src)})
-            except (SyntaxError, ValueError, IndexError):
-                continue
+            if ok and src.startswith(f"def {node.name}(") and max(map(len, src.split("\n"))) <= 100:
+                try:
+                    out.append({"src": src, "facts": describe_function(src)})
+                except (SyntaxError, ValueError, IndexError):
+                    continue
             if len(out) >= limit:
                 return out
     return out
@@ -203,9 +186,7 @@ def corpus_files(docs, limit: int = 500, max_lines: int = 80) -> list:
         if lang in BANK["extensions"] and text.isascii() and "\r" not in text:
             if 5 <= text.count("\n") <= max_lines and max(map(len, text.split("\n"))) <= 120:
                 out.append({"lang": lang, "text": text.rstrip("\n") + "\n"})
-                if len(out) >= limit:
-                    break
-    return out
+    return out[:limit]
 
 
 class Corpus(list):
@@ -216,23 +197,6 @@ class Corpus(list):
         self.others = list(others)
 
 
-def corpus_module(rng, corpus) -> dict:
-    """A module made of 1-3 corpus functions, one of them the subject: its facts and line range."""
-    chosen = rng.sample(corpus, rng.randint(1, 3))
-    while len({f["facts"]["name"] for f in chosen}) != len(chosen):  # one "the function" only
-        chosen.pop()
-    target = rng.randrange(len(chosen))
-    path = expand(rng, "@module_dirs") + expand(rng, "@module_names") + ".py"
-    text = "\n\n\n".join(f["src"] for f in chosen) + "\n"
-    f = chosen[target]
-    start = 1 + sum(g["src"].count("\n") + 3 for g in chosen[:target])
-    end = start + f["src"].count("\n")
-    wrong = pick(rng, *(m + ".py" for m in BANK["module_names"] if m + ".py" != Path(path).name))
-    ctx = {"files": {path: text}, "path": path, "text": text, "src": f["src"], "facts": f["facts"]}
-    ctx["wrong"] = wrong  # a file name that is not this module's
-    return {**ctx, "name": f["facts"]["name"], "start": start, "end": end, "span": end - start + 3}
-
-
 # -----------------------------------------------------------------------------
 # what the assistant can say about code and tool outputs
 
@@ -240,6 +204,14 @@ def corpus_module(rng, corpus) -> dict:
 def _list(items: list, limit: int = 3, last: str = "and", quote: str = "`") -> str:
     items = [f"{quote}{x}{quote}" for x in items[:limit]]
     return "".join(items) if len(items) < 2 else ", ".join(items[:-1]) + f" {last} " + items[-1]
+
+
+def _returns(fa: dict) -> str:
+    if fa["returns"] not in ([], ["None"]):
+        return f"returns {_list(fa['returns'], last='or')}"
+    if fa["long_return"]:
+        return "returns a value it computes over several lines"
+    return "returns nothing useful (None); it works by side effect"
 
 
 def explanation(rng, ctx: dict) -> str:
@@ -254,23 +226,11 @@ def explanation(rng, ctx: dict) -> str:
     body = body[:1] + [f"branches on `{x}`" for x in fa["ifs"][:1]]
     body += [f"catches `{x}`" for x in fa["catches"][:1]]
     body += [f"raises {_list(fa['raises'], 2)}"] if fa["raises"] else []
-    if body:
-        s.append(f"It {_list(body, 9, quote='')}.")
+    s += [f"It {_list(body, 9, quote='')}."] if body else []
     if calls := [c for c in fa["calls"] if c not in fa["raises"]]:
         s.append(pick(rng, *BANK["explain_calls"]).format(calls=_list(calls)))
-    if fa["yields"]:
-        s.append("It is a generator: it yields its results instead of returning them.")
-    else:
-        s.append(f"It {_returns(fa)}.")
-    return " ".join(s)
-
-
-def _returns(fa: dict) -> str:
-    if fa["returns"] not in ([], ["None"]):
-        return f"returns {_list(fa['returns'], last='or')}"
-    if fa["long_return"]:
-        return "returns a value it computes over several lines"
-    return "returns nothing useful (None); it works by side effect"
+    generator = "It is a generator: it yields its results instead of returning them."
+    return " ".join(s + [generator if fa["yields"] else f"It {_returns(fa)}."])
 
 
 def show_output(out: str, max_lines: int = 6) -> str:
@@ -292,8 +252,8 @@ def error_line(out: str) -> str:
 
 
 def run_summary(out: str) -> str:
-    """The result line of a test run: our scripts' "N passed, M failed", pytest's count of FAILED
-    tests or "N passed", else the last line."""
+    """The result of a test run: our scripts' "N passed, M failed", pytest's count of FAILED tests
+    or "N passed", "all green" for pytest's dots, else the error line."""
     if m := re.search(r"\d+ passed, \d+ failed", out):
         return m[0]
     if fails := [x for x in out.split("\n") if x.startswith("FAILED ") and "::" in x]:
@@ -349,84 +309,78 @@ def _misquote(line: str, text: str) -> str:
 
 
 # -----------------------------------------------------------------------------
-# scenes: the files a trajectory starts from, and what is known about them (its ctx)
+# scenes: the files a trajectory starts from, and what is known about them (ctx)
 
 
 def program_request(rng) -> tuple:
     """(user request, file name, source, argv string) for a small deterministic program."""
     spec = pick(rng, *BANK["programs"])
     d = {k: expand(rng, v) for k, v in spec["draw"].items()}
-    return (
-        spec["ask"].format(**d),
-        d["path"],
-        lines(spec["code"]).format(**d),
-        spec["argv"].format(**d),
-    )
+    code = lines(spec["code"]).format(**d)
+    return spec["ask"].format(**d), d["path"], code, spec["argv"].format(**d)
 
 
 def small_script(rng) -> tuple:
     """(file name, source) of a short program that prints something, like a user's main.py."""
     op, sym = pick(rng, *BANK["ops"])
     name = expand(rng, BANK["script_names"])
-    if (
-        rng.random() < 1 / 9
-    ):  # now and then one of the write-and-run programs (when it takes no argv)
-        _, _, code, argv = program_request(rng)
-        if not argv:
-            return name, code
+    # now and then one of the write-and-run programs (when it takes no arguments)
+    if rng.random() < 1 / 9 and not (program := program_request(rng))[3]:
+        return name, program[2]
     template = expand(rng, lines(pick(rng, *BANK["scripts"])))
     return name, template.format(op=op, sym=sym, a=rng.randint(1, 20), b=rng.randint(1, 20))
 
 
-def other_program(rng, bank: str) -> tuple:
+def other_program(rng, bank: str = "js_c_programs") -> tuple:
     """(file name, source) of a JS, C or shell template, filled in."""
     name, code = pick(rng, *BANK[bank])
     fill = {"a": rng.randint(3, 9), "b": rng.randint(2, 12), "c": rng.randint(1, 30)}
     return name, lines(code).format(w=expand(rng, "{demo|tool|app}"), **fill)
 
 
-def buggy_task(rng, broken: bool = True, style: str = "script") -> dict:
-    """A module with a function (with a bug if `broken`) and its tests: a script that also runs
-    under pytest, or a unittest TestCase. The inputs are drawn until the tests catch the bug
-    (checked by running both versions)."""
-    spec = pick(rng, *BANK["buggy"])
-    fname, src = spec["name"], lines(spec["src"])
-    good, bad = pick(rng, *spec["bugs"])
-    ns_good, ns_bad = {}, {}
-    exec(src, ns_good)
-    exec(src.replace(good, bad), ns_bad)
+def scene_module(rng, corpus) -> dict:
+    """A module made of 1-3 corpus functions, one of them the subject: its facts, its lines, a range
+    of lines a..b in the module, a line past its end (want) and a file name it does not have."""
+    chosen = rng.sample(corpus, rng.randint(1, 3))
+    while len({f["facts"]["name"] for f in chosen}) != len(chosen):  # one "the function" only
+        chosen.pop()
+    target = rng.randrange(len(chosen))
+    path = expand(rng, "@module_dirs") + expand(rng, "@module_names") + ".py"
+    text = "\n\n\n".join(f["src"] for f in chosen) + "\n"
+    f, n = chosen[target], text.count("\n")
+    start = 1 + sum(g["src"].count("\n") + 3 for g in chosen[:target])
+    end = start + f["src"].count("\n")
+    a = rng.randint(1, max(1, n - 5))
+    b = min(n, a + rng.randint(3, 12))
+    ctx = {"files": {path: text}, "path": path, "text": text, "src": f["src"], "facts": f["facts"]}
+    ctx.update(name=f["facts"]["name"], start=start, end=end, span=end - start + 3)
+    ctx.update(a=a, b=b, size=b - a + 1, want=n + rng.randint(20, 200))
+    names = [m + ".py" for m in BANK["module_names"] if m + ".py" != Path(path).name]
+    fa, at = f["facts"], f"(`{path}`, lines {start}-{end})"
+    args = [x for x in fa["args"] if x not in ("self", "cls")]
+    catch = f"; it does catch `{fa['catches'][0]}`." if fa["catches"] else "."
+    ctx.update(raises=_list(fa["raises"]), calls=_list(fa["calls"], 5), args=_list(args, 6))
+    ctx.update(at=at, catch=catch, n_args=len(args), returns=_returns(fa), yields=fa["yields"])
+    return {**ctx, "wrong": pick(rng, *names)}
+
+
+def scene_module2(rng, corpus) -> dict:
+    """A module, and another one beside it (unless it defines the same name)."""
+    ctx, other = scene_module(rng, corpus), scene_module(rng, corpus)
+    if other["path"] != ctx["path"] and not re.search(rf"def {ctx['name']}\(", other["text"]):
+        ctx["files"][other["path"]] = other["text"]
+    return ctx
+
+
+def scene_string(rng, corpus) -> dict:
+    """A module with a string literal that occurs once in it (else the subject's `def` line)."""
     for _ in range(20):
-        cases = [ast.literal_eval(f"({expand(rng, c)},)") for c in spec["cases"]]
-        wants = [ns_good[fname](*c) for c in cases]
-        try:
-            if [repr(ns_bad[fname](*c)) for c in cases] != [repr(w) for w in wants]:
-                break
-        except Exception:  # a crashing bug is caught too
+        ctx = scene_module(rng, corpus)
+        found = re.findall(r"\"([A-Za-z][A-Za-z ,']{8,40})\"", ctx["src"])
+        if found := [s for s in found if ctx["text"].count(s) == 1]:
             break
-    mod = expand(rng, "@test_modules")
-    calls = [f"{fname}({', '.join(map(repr, c))})" for c in cases]
-    if style == "unittest":
-        test = ["import unittest", "", f"from {mod} import {fname}", "", ""]
-        test += [f"class Test{fname.title().replace('_', '')}(unittest.TestCase):"]
-        for i, (call, want) in enumerate(zip(calls, wants), 1):
-            test += [f"    def test_{i}(self):", f"        self.assertEqual({call}, {want!r})", ""]
-        test += ["", 'if __name__ == "__main__":', "    unittest.main()"]
-    else:
-        test = [f"from {mod} import {fname}", ""]
-        for i, (call, want) in enumerate(zip(calls, wants), 1):
-            said = call.replace("{", "{{").replace("}", "}}") + " returned {got!r}"
-            test += ["", f"def test_{fname}_{i}():", f"    got = {call}"]
-            test += [f'    assert got == {want!r}, f"{said}, expected {want!r}"', ""]
-        test += BANK["test_runner"]
-    code = src.replace(good, bad) if broken else src
-    files = {f"{mod}.py": code, f"test_{mod}.py": lines(test)}
-    ctx = {"files": files, "mod": f"{mod}.py", "test": f"test_{mod}.py", "stem": f"test_{mod}"}
-    ctx.update(fname=fname, call=calls[0], bad_s=bad.strip(), good_s=good.strip())
-    if broken:
-        line = code[: code.index(bad)].count("\n") + 1
-        old = unique_context(code, line)
-        ctx.update(line=line, old=old, new=old.replace(bad, good), quoted=_misquote(bad, code))
-    return {**ctx, "cmd": f"python3 {ctx['test']}"}
+    needle = pick(rng, *found) if found else f"def {ctx['name']}("
+    return {**ctx, "needle": needle, "needle_re": re.escape(needle), "before": 3}
 
 
 def _edit(rng, ctx: dict) -> tuple | None:
@@ -438,8 +392,7 @@ def _edit(rng, ctx: dict) -> tuple | None:
     options += ["doc"] * (not fa["has_doc"]) + ["default"] * bool(fa["defaults"])
     kind = pick(rng, *options) if options else None
     if kind == "doc":
-        header = [x.rstrip().endswith(":") for x in ctx["src"].split("\n")].index(True)
-        line = ctx["start"] + header
+        line = ctx["start"] + [x.rstrip()[-1:] == ":" for x in ctx["src"].split("\n")].index(True)
         doc = ctx["name"].strip("_").replace("_", " ").capitalize()
         old = unique_context(text, line)
         indent = re.match(r"\s*", rows[line])[0] or "    "
@@ -457,17 +410,15 @@ def _edit(rng, ctx: dict) -> tuple | None:
         line = ctx["start"] + fa["body_line"] - 1
         indent = re.match(r"\s*", rows[line - 1])[0]
         old = unique_context(text, line)
-        guard = (
-            f'{indent}if {first} is None:\n{indent}    raise ValueError("{first} must not be None")'
-        )
-        return "guard", old, guard + "\n" + old, {"arg": first}
+        guard = f"{indent}if {first} is None:\n{indent}    raise ValueError"
+        return "guard", old, f'{guard}("{first} must not be None")\n{old}', {"arg": first}
     return None
 
 
 def scene_edit(rng, corpus) -> dict:
     """A module, and a change to its subject function that the user asks for."""
     for _ in range(20):
-        ctx = corpus_module(rng, corpus)
+        ctx = scene_module(rng, corpus)
         if edit := _edit(rng, ctx):
             break
     else:
@@ -480,125 +431,104 @@ def scene_edit(rng, corpus) -> dict:
     return {**ctx, "span_after": ctx["span"] + new.count("\n") - old.count("\n")}
 
 
-def scene_module2(rng, corpus) -> dict:
-    """A module, and another one beside it (unless it defines the same name)."""
-    ctx, other = corpus_module(rng, corpus), corpus_module(rng, corpus)
-    if other["path"] != ctx["path"] and not re.search(rf"def {ctx['name']}\(", other["text"]):
-        ctx["files"][other["path"]] = other["text"]
-    return ctx
-
-
-def scene_line_range(rng, corpus) -> dict:
-    ctx = corpus_module(rng, corpus)
-    n = ctx["text"].count("\n")
-    a = rng.randint(1, max(1, n - 5))
-    b = min(n, a + rng.randint(3, 12))
-    return {**ctx, "a": a, "b": b, "size": b - a + 1}
-
-
-def scene_past_end(rng, corpus) -> dict:
-    ctx = corpus_module(rng, corpus)
-    return {**ctx, "want": ctx["text"].count("\n") + rng.randint(20, 200)}
-
-
-def scene_string(rng, corpus) -> dict:
-    """A module with a string literal that occurs once in it (else the subject's `def` line)."""
+def scene_buggy(rng, corpus=None, broken: float = 1.0, style: str = "script") -> dict:
+    """A module with a function (with a bug, with probability `broken`) and its tests (`style`:
+    "script", which also runs under pytest, or "unittest"). The inputs are drawn until the tests
+    catch the bug (checked by running both versions)."""
+    spec = pick(rng, *BANK["buggy"])
+    fname, src = spec["name"], lines(spec["src"])
+    good, bad = pick(rng, *spec["bugs"])
+    ns_good, ns_bad = {}, {}
+    exec(src, ns_good)
+    exec(src.replace(good, bad), ns_bad)
     for _ in range(20):
-        ctx = corpus_module(rng, corpus)
-        text = ctx["text"]
-        found = re.findall(r"\"([A-Za-z][A-Za-z ,']{8,40})\"", ctx["src"])
-        if found := [s for s in found if text.count(s) == 1]:
+        cases = [ast.literal_eval(f"({expand(rng, c)},)") for c in spec["cases"]]
+        wants = [ns_good[fname](*c) for c in cases]
+        try:
+            if [repr(ns_bad[fname](*c)) for c in cases] != [repr(w) for w in wants]:
+                break
+        except Exception:  # a crashing bug is caught too
             break
-    needle = pick(rng, *found) if found else f"def {ctx['name']}("
-    return {**ctx, "needle": needle, "needle_re": re.escape(needle), "before": 3}
+    mod, template = expand(rng, "@test_modules"), BANK["test_files"][style]
+    calls = [f"{fname}({', '.join(map(repr, c))})" for c in cases]
+    ctx = {"mod": mod, "fname": fname, "Fname": fname.title().replace("_", ""), "call": calls[0]}
+    test = [x.format(**ctx) for x in template["head"]]
+    for i, (call, want) in enumerate(zip(calls, wants), 1):
+        said = call.replace("{", "{{").replace("}", "}}")  # inside the test's f-string
+        fields = {**ctx, "i": i, "call": call, "want": repr(want), "said": said}
+        test += [x.format(**fields) for x in template["case"]]
+    test += [x.format(**ctx) for x in template["tail"]]
+    code = src.replace(good, bad) if rng.random() < broken else src
+    ctx.update(mod=f"{mod}.py", test=f"test_{mod}.py", stem=f"test_{mod}")
+    ctx.update(
+        files={f"{mod}.py": code, f"test_{mod}.py": lines(test)}, cmd=f"python3 test_{mod}.py"
+    )
+    if code != src:
+        line = code[: code.index(bad)].count("\n") + 1
+        old = unique_context(code, line)
+        ctx.update(line=line, old=old, new=old.replace(bad, good), quoted=_misquote(bad, code))
+    return {**ctx, "bad_s": bad.strip(), "good_s": good.strip()}
 
 
-def scene_qa(rng, corpus) -> dict:
-    """A module, and answers to five questions about its subject, from its facts."""
-    ctx = corpus_module(rng, corpus)
-    fa, name = ctx["facts"], ctx["name"]
-    at = f"(`{ctx['path']}`, lines {ctx['start']}-{ctx['end']})"
-    args = [a for a in fa["args"] if a not in ("self", "cls")]
-    catch = f"; it does catch `{fa['catches'][0]}`." if fa["catches"] else "."
-    raises = f"Yes: it raises {_list(fa['raises'])} {at}." if fa["raises"] else ""
-    return {
-        **ctx,
-        "raises": raises or f"No `raise` in `{name}` {at}{catch}",
-        "returns": f"It {_returns(fa)} {at}.",
-        "calls": f"It calls {_list(fa['calls'], 5)} {at}." if fa["calls"] else f"None {at}.",
-        "params": f"{len(args)}: {_list(args, 6)} {at}." if args else f"None {at}.",
-        "generator": f"Yes, it yields {at}." if fa["yields"] else f"No, it has no `yield` {at}.",
-    }
-
-
-def scene_totals(rng, corpus) -> dict:
-    """Two functions ending in the same line: an edit of that line alone is not unique."""
-    a, b = rng.sample(BANK["total_fields"], 2)
-    mod, d = expand(rng, "{cart|inventory|orders|stock}.py"), rng.randint(1, 3)
-    body = "def total_{0}(items):\n    total = 0\n    for item in items:\n"
-    body += '        total += item["{0}"] * item["qty"]\n    return total\n'
-    old = f'        total += item["{b}"] * item["qty"]\n    return total'
-    items = [{b: round(rng.uniform(0.1, 9.9), 4), "qty": rng.randint(1, 5)} for _ in range(2)]
-    ctx = {"files": {mod: body.format(a) + "\n\n" + body.format(b)}, "mod": mod, "stem": mod[:-3]}
-    ctx.update(a=a, b=b, d=d, places="1 decimal place" if d == 1 else f"{d} decimal places")
-    new = old.replace("return total", f"return round(total, {d})")
-    return {**ctx, "items": repr(items), "old": old, "new": new}
+def scene_multi(rng, corpus) -> dict:
+    """A module with a working function, its tests, and a script that calls it."""
+    ctx = scene_buggy(rng, broken=0)
+    f = ctx["fname"]
+    main = f'from {ctx["mod"][:-3]} import {f}\n\n\nif __name__ == "__main__":\n'
+    ctx["files"][expand(rng, "{main|report|cli}.py")] = main + f"    print({ctx['call']})\n"
+    return {**ctx, "new_name": pick(rng, f"compute_{f}", f"{f}_of", f"get_{f}", f"calc_{f}")}
 
 
 def scene_program(rng, corpus) -> dict:
+    """A program the user asks for: it is not written yet."""
     request, path, code, argv = program_request(rng)
     return {"files": {}, "request": request, "path": path, "code": code, "argv": argv}
 
 
-def scene_script(rng, corpus) -> dict:
-    path, code = small_script(rng)
-    return {"files": {path: code}, "path": path, "code": code, "lines": code.count("\n")}
-
-
-def scene_syntax_error(rng, corpus) -> dict:
-    """A user's script with the colon missing at the end of one line."""
-    i = None
-    while i is None:
+def scene_script(rng, corpus, broken: bool = False) -> dict:
+    """A user's short script; `broken`: with the colon missing at the end of one line."""
+    while True:
         path, code = small_script(rng)
         rows = code.split("\n")
-        i = next((j for j, x in enumerate(rows) if x.rstrip().endswith(":")), None)
-    broken = "\n".join(rows[:i] + [rows[i].rstrip()[:-1]] + rows[i + 1 :])
-    old, new = unique_context(broken, i + 1), unique_context(code, i + 1)
-    return {"files": {path: broken}, "path": path, "line": i + 1, "old": old, "new": new}
+        colons = [i for i, x in enumerate(rows) if x.rstrip().endswith(":")]
+        if colons or not broken:
+            break
+    ctx = {"files": {path: code}, "path": path, "code": code, "lines": code.count("\n")}
+    if broken:
+        i = colons[0]
+        bad = "\n".join(rows[:i] + [rows[i].rstrip()[:-1]] + rows[i + 1 :])
+        new, old = unique_context(code, i + 1), unique_context(bad, i + 1)
+        ctx.update(files={path: bad}, line=i + 1, old=old, new=new)
+    return ctx
 
 
-def project(rng, corpus, tests: bool = True) -> dict:
-    """A small repository: 2-3 corpus modules in a package, a README, maybe a module with tests."""
+def scene_project(rng, corpus, tests: bool = True, others: bool = False) -> dict:
+    """A small repository: 2-3 corpus modules in a package, a README, maybe a module with tests,
+    and with `others` 0-2 files in other languages; `target` (and `path`) one of its files."""
     pkg = expand(rng, "@packages")
     files, mods = {"README.md": f"# {pkg}\n\n{expand(rng, '@readme_lines')}\n"}, []
     for _ in range(rng.randint(2, 3)):
-        m = corpus_module(rng, corpus)
+        m = scene_module(rng, corpus)
         path = f"{pkg}/{expand(rng, '@module_names')}.py"
         if path not in files:
             files[path] = m["text"]
             mods.append({**m, "path": path})
     if tests and rng.random() < 0.6:
-        b = buggy_task(rng, broken=False)
+        b = scene_buggy(rng, broken=0)
         files.update({f"tests/{b['test']}": b["files"][b["test"]], b["mod"]: b["files"][b["mod"]]})
-    return {"files": files, "mods": mods, "target": pick(rng, *sorted(files))}
-
-
-def scene_project_mixed(rng, corpus) -> dict:
-    """A project without tests, plus 0-2 files in other languages; `path` one of its files."""
-    ctx = project(rng, corpus, tests=False)
-    others = getattr(corpus, "others", None)
-    if others and rng.random() < 0.7:
-        for doc in rng.sample(others, min(2, len(others))):
+    if others and getattr(corpus, "others", None) and rng.random() < 0.7:
+        for doc in rng.sample(corpus.others, min(2, len(corpus.others))):
             path = expand(rng, "{src/||lib/}{util|main|io|parse}") + BANK["extensions"][doc["lang"]]
-            ctx["files"].setdefault(path, doc["text"])
-    else:
-        ctx["files"].setdefault(*other_program(rng, "js_c_programs"))
-    return {**ctx, "path": pick(rng, *sorted(ctx["files"]))}
+            files.setdefault(path, doc["text"])
+    elif others:
+        files.setdefault(*other_program(rng))
+    target = pick(rng, *sorted(files))
+    return {"files": files, "mods": mods, "target": target, "path": target}
 
 
 def scene_todos(rng, corpus) -> dict:
     """A project with TODO and FIXME comments in the functions of some of its modules."""
-    ctx = project(rng, corpus, tests=False)
+    ctx = scene_project(rng, corpus, tests=False)
     for m in ctx["mods"][: rng.randint(1, len(ctx["mods"]))]:
         rows = ctx["files"][m["path"]].split("\n")
         at = rng.randint(m["start"], m["end"] - 1)
@@ -610,58 +540,33 @@ def scene_todos(rng, corpus) -> dict:
 
 def scene_git(rng, corpus) -> dict:
     """A committed project with one modified file and one untracked file."""
-    ctx = project(rng, corpus, tests=False)
-    path = ctx["mods"][0]["path"]
-    untracked = expand(rng, "{notes.txt|scratch.py|TODO.md}")
-    setup = (
-        "git init -q && git add -A && git -c user.email=dev@example.com -c user.name=dev commit -qm"
-        f" init && printf '%s\\n' '# local change' >> {path} && echo 'check this' > {untracked}"
-    )
-    return {**ctx, "path": path, "untracked": untracked, "setup": setup}
-
-
-def scene_multi(rng, corpus) -> dict:
-    """A module with a working function, its tests, and a script that calls it."""
-    ctx = buggy_task(rng, broken=False)
-    f = ctx["fname"]
-    main = f'from {ctx["mod"][:-3]} import {f}\n\n\nif __name__ == "__main__":\n'
-    main += f"    print({ctx['call']})\n"
-    ctx["files"][expand(rng, "{main|report|cli}.py")] = main
-    return {**ctx, "new_name": pick(rng, f"compute_{f}", f"{f}_of", f"get_{f}", f"calc_{f}")}
-
-
-def scene_config(rng, corpus) -> dict:
-    port, name = rng.choice([8000, 8080, 5000, 3000]), expand(rng, "{demo|mytool|webapp|parser}")
-    ver = f"0.{rng.randint(1, 9)}.{rng.randint(0, 9)}"
-    config = json.dumps({"name": name, "port": port, "debug": False}, indent=2) + "\n"
-    toml = f'[project]\nname = "{name}"\nversion = "{ver}"\nrequires-python = ">=3.10"\n'
-    new_ver = ver[: ver.rindex(".") + 1] + str(int(ver.split(".")[-1]) + 1)
-    ctx = {"files": {"config.json": config, "pyproject.toml": toml}, "ver": ver, "new_ver": new_ver}
-    return {**ctx, "port": port, "new_port": port + rng.choice([1, 10, 80])}
+    ctx = scene_project(rng, corpus, tests=False)
+    path, new = ctx["mods"][0]["path"], expand(rng, "{notes.txt|scratch.py|TODO.md}")
+    commit = "git -c user.email=dev@example.com -c user.name=dev commit -qm init"
+    change = f"printf '%s\\n' '# local change' >> {path} && echo 'check this' > {new}"
+    setup = f"git init -q && git add -A && {commit} && {change}"
+    return {**ctx, "path": path, "untracked": new, "setup": setup}
 
 
 def scene_other_file(rng, corpus) -> dict:
     """A C, C++, JS or Rust file (from the corpus, or a template) and its definition pattern."""
     if others := getattr(corpus, "others", None):
-        doc = pick(rng, *others)
-        lang, text = doc["lang"], doc["text"]
+        lang, text = (doc := pick(rng, *others))["lang"], doc["text"]
     else:
-        name, text = other_program(rng, "js_c_programs")
+        name, text = other_program(rng)
         lang = "javascript" if name.endswith(".js") else "c"
     path = expand(rng, "{src/|}{util|main|core|io}") + BANK["extensions"][lang]
     return {"files": {path: text}, "path": path, "def_pattern": BANK["def_patterns"][lang]}
 
 
-def scene_other_program(rng, corpus) -> dict:
-    name, code = other_program(rng, "js_c_programs")
-    cmd = f"node {name}" if name.endswith(".js") else f"gcc -o prog {name} && ./prog"
-    return {"files": {}, "path": name, "code": code, "cmd": cmd}
-
-
-def scene_shell_script(rng, corpus) -> dict:
-    name, code = other_program(rng, "sh_scripts")
+def scene_other_program(rng, corpus, bank: str = "js_c_programs") -> dict:
+    """A JS or C program the user asks for, with the command that runs it; or (bank "sh_scripts")
+    a shell script, already there beside two text files."""
+    name, code = other_program(rng, bank)
+    cmd = {".js": "node {}", ".c": "gcc -o prog {} && ./prog", ".sh": "bash {}"}[Path(name).suffix]
     files = {name: code, "a.txt": "one\ntwo\n", "b.txt": "x\n" * rng.randint(3, 9)}
-    return {"files": files, "path": name}
+    ctx = {"files": files if name.endswith(".sh") else {}, "path": name, "code": code}
+    return {**ctx, "cmd": cmd.format(name)}
 
 
 EVAL_BUILTINS = {f.__name__: f for f in (sorted, len, list, range, max, sum, bool, round, abs)}
@@ -674,93 +579,68 @@ def scene_expr(rng, corpus) -> dict:
     return {"files": {}, "expr": expr, "value": repr(value)}
 
 
-SCENES = {
-    "none": lambda rng, corpus: {"files": {}},
-    "module": corpus_module,
-    "module2": scene_module2,
-    "edit": scene_edit,
-    "past_end": scene_past_end,
-    "line_range": scene_line_range,
-    "string": scene_string,
-    "qa": scene_qa,
-    "buggy": lambda rng, corpus: buggy_task(rng),
-    "buggy_unittest": lambda rng, corpus: buggy_task(rng, style="unittest"),
-    "tests_maybe_broken": lambda rng, corpus: buggy_task(rng, broken=rng.random() < 0.4),
-    "totals": scene_totals,
-    "program": scene_program,
-    "script": scene_script,
-    "syntax_error": scene_syntax_error,
-    "project": project,
-    "project_mixed": scene_project_mixed,
-    "todos": scene_todos,
-    "git": scene_git,
-    "multi": scene_multi,
-    "config": scene_config,
-    "other_file": scene_other_file,
-    "other_program": scene_other_program,
-    "shell_script": scene_shell_script,
-    "expr": scene_expr,
-}
+# each scene_NAME is the scene "NAME" of synth_kinds.json (and "none" has no files)
+SCENES = {name[6:]: f for name, f in list(globals().items()) if name.startswith("scene_")}
+SCENES["none"] = lambda rng, corpus: {"files": {}}
 
 
 # -----------------------------------------------------------------------------
 # moves: the steps that need Python (they read outputs too closely for a phrase)
 
 
-def explain(s, rng, ctx):
+def move_explain(s, rng, ctx):
     s.say(explanation(rng, ctx))
 
 
-def hit(s, rng, ctx):
+def move_hit(s, rng, ctx):
     """The file and line of the first grep match, and the line to start reading from around it."""
     path, line = ctx["out"].split("\n")[0].split(":")[:2]
     ctx.update(hit_path=path, hit_line=int(line), offset=max(1, int(line) - ctx["before"]))
 
 
-def python_fallback(s, rng, ctx):
+def move_python_fallback(s, rng, ctx):
     if "command not found" in ctx["out"] and ctx["py"] == "python":
         s.say("`python` isn't on the PATH here; using `python3`.")
         ctx.update(views("bash", s.call("bash", command=f"python3 {ctx['path']}")))
 
 
-def pytest_fallback(s, rng, ctx):
+def move_pytest_fallback(s, rng, ctx):
     if "No module named pytest" in ctx["out"]:
         s.say("pytest isn't installed here; the test file runs on its own, so I'll use that.")
         ctx["cmd"] = f"python3 {ctx['test']}"
         ctx.update(views("bash", s.call("bash", command=ctx["cmd"])))
 
 
-def overview(s, rng, ctx):
+def move_overview(s, rng, ctx):
     files = ctx["files"]
     pys = sorted(p for p in files if p.endswith(".py"))
     text = f"{len(files)} files; the Python code is in {_list(pys, 4)}"
     text += f" ({ctx['wc'].split(chr(10))[-1].split()[0]} lines in all)." if "wc" in ctx else "."
     if defs := re.findall(r"^([^:\n]+):(\d+):\s*def (\w+)\(", ctx.get("defs", ""), re.M):
-        text += (
-            " Top-level functions: " + ", ".join(f"`{n}` ({p}:{i})" for p, i, n in defs[:5]) + "."
-        )
+        text += " Top-level functions: " + ", ".join(f"`{n}` ({p}:{i})" for p, i, n in defs[:5])
+        text += "."
     if any(p.startswith("tests/") for p in files):
         text += " There's a test file under `tests/`."
     s.say(text)
 
 
-def list_todos(s, rng, ctx):
+def move_list_todos(s, rng, ctx):
     hits = [x for x in ctx["out"].split("\n") if "TODO" in x or "FIXME" in x]
     items = [f"- `{':'.join(x.split(':')[:2])}`: {x.split('#', 1)[-1].strip()}" for x in hits]
     s.say(f"{len(hits)} of them:\n" + "\n".join(items))
 
 
-def say_longest(s, rng, ctx):
+def move_say_longest(s, rng, ctx):
     rows = [x.split() for x in ctx["out"].split("\n") if x.strip() and not x.endswith(" total")]
     s.say(f"`{rows[-1][1].removeprefix('./')}`, with {rows[-1][0]} lines.")
 
 
-def say_hits(s, rng, ctx):
+def move_say_hits(s, rng, ctx):
     hits = grep_hits(ctx["out"])
     s.say(f"{len(hits)} match(es): " + ", ".join(f"`{h}`" for h in hits[:6]) + ".")
 
 
-def say_usages(s, rng, ctx):
+def move_say_usages(s, rng, ctx):
     rows = ctx["out"].split("\n")
     defs = grep_hits("\n".join(x for x in rows if re.search(rf"def {ctx['fname']}\(", x)))
     calls = [h for h in grep_hits(ctx["out"]) if h not in defs]
@@ -768,7 +648,7 @@ def say_usages(s, rng, ctx):
     s.say(text + (f"It's called from {_list(calls, 9)}." if calls else "Nothing calls it."))
 
 
-def rename(s, rng, ctx):
+def move_rename(s, rng, ctx):
     """Edit every line naming the function, file by file, each edit with a unique old_string."""
     old, new = ctx["fname"], ctx["new_name"]
     paths = sorted({h.split(":")[0] for h in grep_hits(ctx["out"])})
@@ -778,13 +658,12 @@ def rename(s, rng, ctx):
             s.call("read_file", path=path)
         while m := re.search(rf"\b{old}\b", text := s.read(path)):
             near = unique_context(text, text[: m.start()].count("\n") + 1)
-            s.call(
-                "edit_file", path=path, old_string=near, new_string=re.sub(rf"\b{old}\b", new, near)
-            )
+            renamed = re.sub(rf"\b{old}\b", new, near)
+            s.call("edit_file", path=path, old_string=near, new_string=renamed)
     ctx["n_files"] = len(paths)
 
 
-def list_functions(s, rng, ctx):
+def move_list_functions(s, rng, ctx):
     names = []
     for row in ctx["out"].split("\n"):
         m = re.search(ctx["def_pattern"], row.split(":", 2)[-1]) if ":" in row else None
@@ -792,17 +671,13 @@ def list_functions(s, rng, ctx):
             names.append(m[1])
     if names:
         more = " (and more)." if len(names) > 6 else "."
-        s.say(f"`{ctx['path']}` defines {_list(names, 6)}{more}")
-    else:
-        s.call("read_file", path=ctx["path"], limit=20)
-        s.say(f"No function definitions matched in `{ctx['path']}`; the first lines are above.")
+        return s.say(f"`{ctx['path']}` defines {_list(names, 6)}{more}")
+    s.call("read_file", path=ctx["path"], limit=20)
+    s.say(f"No function definitions matched in `{ctx['path']}`; the first lines are above.")
 
 
-MOVES = {
-    f.__name__: f
-    for f in (explain, hit, python_fallback, pytest_fallback, overview, list_todos, say_longest)
-    + (say_hits, say_usages, rename, list_functions)
-}
+# each move_NAME is the step "NAME" of synth_kinds.json
+MOVES = {name[5:]: f for name, f in list(globals().items()) if name.startswith("move_")}
 
 
 # -----------------------------------------------------------------------------
@@ -831,10 +706,10 @@ def run_steps(s, rng, ctx: dict, steps: list):
         head, *rest = step
         if head == "say":
             s.say(say(rest))
-        elif head == "check":
-            s.say(say(rest[ctx["failed"]]))
         elif head == "user":
             s.user(say(rest))
+        elif head == "if":
+            s.say(say(rest[1] if ctx[rest[0]] else rest[2]))
         elif head == "deny":
             s.deny(rest[0], **fill(rest[1], ctx))
         elif head == "maybe":
@@ -852,15 +727,17 @@ def run_steps(s, rng, ctx: dict, steps: list):
 
 
 def make_trajectory(kind: str, rng, corpus: list, variant: int | None = None) -> dict:
-    """A record of `kind`: of its variant number `variant`, or one drawn by weight."""
+    """A record of `kind`: of its variant number `variant`, or of one drawn by weight."""
     spec = KINDS[kind]
     if "variants" in spec:
         weights = [v.get("weight", 1) for v in spec["variants"]]
-        if variant is None:
-            variant = rng.choices(range(len(weights)), weights)[0]
+        variant = rng.choices(range(len(weights)), weights)[0] if variant is None else variant
         spec = {**spec, **spec["variants"][variant]}
-    ctx = {"py": "python3", "before": 1, **SCENES[spec.get("scene", "none")](rng, corpus)}
-    for key, template in spec.get("draw", {}).items():
+    data = _SPEC["scenes"].get(spec.get("scene"), {})  # a scene that is only draws and files
+    spec = {**data, **spec, "draw": {**data.get("draw", {}), **spec.get("draw", {})}}
+    scene = SCENES.get(spec.get("scene"), SCENES["none"])(rng, corpus, **spec.get("scene_args", {}))
+    ctx = {"py": "python3", "before": 1, **scene}
+    for key, template in spec["draw"].items():
         value = expand(rng, template)
         ctx[key] = value.format(**ctx) if isinstance(value, str) else value
     if "files" in spec:
@@ -892,13 +769,8 @@ def follow_up(s, rng):
     met = {"": True, "file": bool(path), "py": path.endswith(".py"), "main": main, "defs": names}
     spec = pick(rng, *FOLLOWUPS)
     spec = spec if met[spec["needs"]] else FOLLOWUPS[-1]
-    ctx = {
-        "py": "python3",
-        "before": 1,
-        "path": path,
-        "line": rng.randint(1, max(1, text.count("\n"))),
-    }
-    ctx["def_name"] = pick(rng, *names) if names else ""
+    ctx = {"py": "python3", "before": 1, "path": path, "def_name": pick(rng, *names or [""])}
+    ctx["line"] = rng.randint(1, max(1, text.count("\n")))
     run_steps(s, rng, ctx, [["user", *spec["ask"]], *spec["steps"]])
 
 
@@ -907,7 +779,7 @@ def follow_up(s, rng):
 
 
 def draw_kind(rng, kinds: list | None = None, weights: dict | None = None) -> str:
-    """A kind drawn with the registry's weights, or those `weights` gives instead (from the seen
+    """A kind drawn with the table's weights, or those `weights` gives instead (from the seen
     kinds unless `kinds` names others)."""
     kinds = kinds or TASKS
     return rng.choices(kinds, [(weights or {}).get(k, KINDS[k]["weight"]) for k in kinds])[0]
@@ -931,19 +803,18 @@ def validity_prompt(i: int, seed: int, corpus: list) -> dict:
     r = rng.random()
     kind = draw_kind(rng, UNSEEN if r < 1 / 3 else CALLING)
     msgs = make_trajectory(kind, rng, corpus)["messages"][:1]
-    unseen_phrasing = 1 / 3 <= r < 1 / 2
-    if unseen_phrasing:
-        u = msgs[0]["content"]
-        msgs = [{"role": "user", "content": pick(rng, *BANK["unseen_phrasings"]).format(u=u)}]
-    template = "unseen" if unseen_phrasing else "seen"
+    template = "unseen" if 1 / 3 <= r < 1 / 2 else "seen"
+    if template == "unseen":
+        text = pick(rng, *BANK["unseen_phrasings"]).format(u=msgs[0]["content"])
+        msgs = [{"role": "user", "content": text}]
     return {"messages": msgs, "kind": kind, "seen": r >= 1 / 2, "template": template}
 
 
 # -----------------------------------------------------------------------------
-# preference pairs
+# preference pairs: each flaw_NAME makes the rejected side of a pair of kind "NAME"
 
 
-def _malformed(rng, parts, files):
+def flaw_malformed_call(rng, parts, files):
     """The first call to a tool that does not exist, or with a wrong argument name; then a claim."""
     i = next((i for i, p in enumerate(parts) if p["type"] == "tool_call"), None)
     if i is None:
@@ -959,27 +830,23 @@ def _malformed(rng, parts, files):
     return parts[:i] + [bad, {"type": "text", "text": pick(rng, *BANK["claims"])}]
 
 
-def _not_unique(rng, parts, files):
+def flaw_not_unique(rng, parts, files):
     """The first successful edit with its old_string cut to a piece that occurs 2+ times in the file
     (a whole line if one repeats, else a word), then a claim of success anyway."""
-    for i, p in enumerate(parts):
-        if p["type"] == "tool_call" and p["name"] == "edit_file":
-            if not parts[i + 1]["text"].startswith("edited"):
-                continue
-            _, state = execute(files, parts[:i])
-            text, old = state.get(p["arguments"]["path"], ""), p["arguments"]["old_string"]
-            rows = sorted(set(old.split("\n")), key=lambda w: (-len(w), w))
-            words = sorted(set(re.findall(r"[A-Za-z_]\w+", old)), key=lambda w: (-len(w), w))
-            piece = next((w for w in rows + words if w.strip() and text.count(w) >= 2), None)
-            if piece is None:
-                return None
+    edits = [i for i, p in enumerate(parts) if p.get("name") == "edit_file"]
+    for i in [i for i in edits if parts[i + 1]["text"].startswith("edited")][:1]:
+        args = parts[i]["arguments"]
+        text, old = execute(files, parts[:i])[1].get(args["path"], ""), args["old_string"]
+        rows = sorted(set(old.split("\n")), key=lambda w: (-len(w), w))
+        words = sorted(set(re.findall(r"[A-Za-z_]\w+", old)), key=lambda w: (-len(w), w))
+        if piece := next((w for w in rows + words if w.strip() and text.count(w) >= 2), None):
             call = {"type": "tool_call", "name": "edit_file"}
-            call["arguments"] = dict(p["arguments"], old_string=piece)
+            call["arguments"] = {**args, "old_string": piece}
             return parts[:i] + [call, {"type": "text", "text": pick(rng, *BANK["edit_claims"])}]
     return None
 
 
-def _unbacked(rng, parts, files):
+def flaw_unbacked_claim(rng, parts, files):
     """Drop the final check (a bash or read_file after other calls) and keep the claim; or, with
     one call, answer without looking at anything."""
     calls = [i for i, p in enumerate(parts) if p["type"] == "tool_call"]
@@ -987,33 +854,24 @@ def _unbacked(rng, parts, files):
         return None
     if parts[calls[-1]]["name"] in ("bash", "read_file") and len(calls) > 1:
         return parts[: calls[-1]] + parts[calls[-1] + 2 :]
-    texts = [p for p in parts if p["type"] == "text"]
-    return texts[-1:] or None
+    return [p for p in parts if p["type"] == "text"][-1:] or None
 
 
-def _style(rng, parts, files):
+def flaw_style(rng, parts, files):
     """The same turn, opened with praise and closed with filler and hedging."""
     if not any(p["type"] == "text" for p in parts):
         return None
-    out = [dict(p) for p in parts]
     opener, closer = pick(rng, *BANK["flattery_open"]), pick(rng, *BANK["flattery_close"])
-    if out[0]["type"] == "text":
-        out[0]["text"] = opener + " " + out[0]["text"]
-    else:
-        out.insert(0, {"type": "text", "text": opener})
-    if out[-1]["type"] == "text":
-        out[-1]["text"] += "\n\n" + closer
-    else:
-        out.append({"type": "text", "text": closer})
+    out = []
+    for p in [{"type": "text", "text": opener}, *parts, {"type": "text", "text": closer}]:
+        if out and p["type"] == out[-1]["type"] == "text":  # one text part, as the agent writes
+            p = {"type": "text", "text": out.pop()["text"] + "\n\n" + p["text"]}
+        out.append(p)
     return out
 
 
-FLAWS = {
-    "malformed_call": _malformed,
-    "not_unique": _not_unique,
-    "unbacked_claim": _unbacked,
-    "style": _style,
-}
+FLAWS = {name[5:]: f for name, f in list(globals().items()) if name.startswith("flaw_")}
+PAIR_KINDS = list(FLAWS)
 
 
 def make_pair(record: dict, rng, kind: str | None = None) -> dict | None:
@@ -1029,19 +887,10 @@ def make_pair(record: dict, rng, kind: str | None = None) -> dict | None:
         plan = FLAWS[k](rng, parts, files)
         if plan is None or (rejected := execute_after(files, parts, plan)) == parts:
             continue
-        prompt, chosen = (
-            {"messages": record["messages"][:-1]},
-            {"role": "assistant", "content": parts},
-        )
-        rejected = {"role": "assistant", "content": rejected}
-        return {
-            "prompt": prompt,
-            "chosen": chosen,
-            "rejected": rejected,
-            "kind": k,
-            "task": record["kind"],
-            "files": files,
-        }
+        pair = {"prompt": {"messages": record["messages"][:-1]}, "kind": k, "task": record["kind"]}
+        sides = {"chosen": parts, "rejected": rejected}
+        pair.update({side: {"role": "assistant", "content": c} for side, c in sides.items()})
+        return {**pair, "files": files}
     return None
 
 
