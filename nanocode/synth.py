@@ -56,6 +56,7 @@ replay, call_shape = synth_session.replay, synth_session.call_shape  # also used
 _DATA = Path(__file__).parent / "data"
 _SPEC = json.loads((_DATA / "synth_kinds.json").read_text())
 KINDS, ROUTINES, FOLLOWUPS = _SPEC["kinds"], _SPEC["routines"], _SPEC["followups"]
+DATA_SCENES = _SPEC["scenes"]  # scenes that are only draws and file templates
 BANK = json.loads((_DATA / "synth_phrases.json").read_text())
 FOLLOWUP_RATE = 0.33  # share of sessions (of the kinds that allow it) that get 1-2 follow-up turns
 TASKS = [k for k, v in KINDS.items() if v["seen"]]  # the kinds training data is drawn from
@@ -119,12 +120,9 @@ def describe_function(src: str) -> dict:
         first = re.split(r"(?<=\.)\s", doc.strip().split("\n\n")[0].replace("\n", " "))[0]
         facts["doc"] = first if len(first) <= 120 else None
     pos = a.posonlyargs + a.args
-    defaults = zip(pos[len(pos) - len(a.defaults) :], a.defaults)
-    facts["defaults"] = [
-        (arg.arg, d.value)
-        for arg, d in defaults
-        if isinstance(d, ast.Constant) and type(d.value) in (int, bool)
-    ]
+    consts = [(x.arg, d) for x, d in zip(pos[len(pos) - len(a.defaults) :], a.defaults)]
+    consts = [(arg, d.value) for arg, d in consts if isinstance(d, ast.Constant)]
+    facts["defaults"] = [(arg, v) for arg, v in consts if type(v) in (int, bool)]
     seg = functools.partial(_segment, src)
     for node in ast.walk(fn):
         if isinstance(node, ast.For) and (t := seg(node.target)) and (it := seg(node.iter)):
@@ -733,9 +731,10 @@ def make_trajectory(kind: str, rng, corpus: list, variant: int | None = None) ->
         weights = [v.get("weight", 1) for v in spec["variants"]]
         variant = rng.choices(range(len(weights)), weights)[0] if variant is None else variant
         spec = {**spec, **spec["variants"][variant]}
-    data = _SPEC["scenes"].get(spec.get("scene"), {})  # a scene that is only draws and files
+    data = DATA_SCENES.get(spec.get("scene"), {})
     spec = {**data, **spec, "draw": {**data.get("draw", {}), **spec.get("draw", {})}}
-    scene = SCENES.get(spec.get("scene"), SCENES["none"])(rng, corpus, **spec.get("scene_args", {}))
+    scene = SCENES["none" if data else spec.get("scene", "none")]
+    scene = scene(rng, corpus, **spec.get("scene_args", {}))
     ctx = {"py": "python3", "before": 1, **scene}
     for key, template in spec["draw"].items():
         value = expand(rng, template)
