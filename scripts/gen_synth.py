@@ -125,7 +125,7 @@ def build(split: str, n: int, n_pairs: int, n_prompts: int, seed: int, args):
     init = (corpus, args.kind_weights or None)
     with ProcessPoolExecutor(args.workers, initializer=_init, initargs=init) as pool:
         records = distinct(pool, _traj, n, seed, f"{split} trajectories")
-        prompts = distinct(pool, _prompt, n_prompts, seed + 7, "validity prompts")
+        prompts = distinct(pool, _prompt, n_prompts, seed + 7, "prompts") if n_prompts else []
         jobs = [(i, r, seed) for i, r in enumerate(records[:n_pairs])]
         pairs = pool.map(_pair, jobs, chunksize=16)
         pairs = [p for p in progress(pairs, total=len(jobs), desc=f"{split} pairs") if p]

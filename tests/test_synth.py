@@ -435,7 +435,6 @@ def test_gen_synth_end_to_end(module_base_dir, capsys):
     assert "distinct tool-call sequences" in out and "with a denial" in out
 
 
-@pytest.mark.slow
 def test_generated_data_stays_varied(funcs):
     """Issue 26 asks 3,000 generated conversations for at least 150 distinct tool-call sequences,
     25% multi-turn, 10% without a tool call and 5% with a denial. On 400 (deduplicated, as
