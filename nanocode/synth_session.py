@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nanocode.common import write_tree
 from nanocode.engine import DENIED
-from nanocode.tools import run_tool
+from nanocode.tools import run_tool, validate_tool_call
 
 # Python prints absolute paths in tracebacks, and each scratch dir has a random name; outputs show
 # this fixed name instead, as if every session ran in it, so that a replay prints the same text.
@@ -34,47 +34,36 @@ def read_tree(root: Path) -> dict:
     return out
 
 
-def run_setup(root: Path, setup: str | None):
-    if setup:
-        subprocess.run(
-            ["bash", "-c", setup],
-            cwd=root,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-
 class Session:
     """A scratch copy of the files where the assistant's tool calls really run. Collects the
-    conversation: user turns, and per assistant turn its text, tool calls and the tools' real outputs."""
+    conversation: user turns, and per assistant turn its text, tool calls and their real outputs."""
 
     def __init__(self, files: dict, setup: str | None = None):
         self.files, self.setup = dict(files), setup
         self.dir = Path(tempfile.mkdtemp(prefix="nanocode-synth-"))
         write_tree(self.dir, files)
-        run_setup(self.dir, setup)
+        if setup:
+            subprocess.run(["bash", "-c", setup], cwd=self.dir, check=True, capture_output=True)
         self.messages, self.parts, self.last_turn_files = [], [], None
 
     def say(self, text: str):
-        if not text:
-            return
-        if self.parts and self.parts[-1]["type"] == "text":
+        if text and self.parts and self.parts[-1]["type"] == "text":
             self.parts[-1]["text"] += "\n\n" + text
-        else:
+        elif text:
             self.parts.append({"type": "text", "text": text})
 
     def call(self, name: str, **arguments) -> str:
         out = run_tool(name, arguments, self.dir, shown_as=WORKDIR)
-        self.parts.append({"type": "tool_call", "name": name, "arguments": arguments})
-        self.parts.append({"type": "tool_output", "text": out})
-        return out
+        return self._record_call(name, arguments, out)
 
     def deny(self, name: str, **arguments) -> str:
         """A call the user refused at the approval prompt: recorded, never run."""
+        return self._record_call(name, arguments, DENIED)
+
+    def _record_call(self, name: str, arguments: dict, out: str) -> str:
         self.parts.append({"type": "tool_call", "name": name, "arguments": arguments})
-        self.parts.append({"type": "tool_output", "text": DENIED})
-        return DENIED
+        self.parts.append({"type": "tool_output", "text": out})
+        return out
 
     def read(self, path: str) -> str:
         """The current text of a file (for the generator's own decisions; not a tool call)."""
@@ -83,9 +72,7 @@ class Session:
     def user(self, text: str):
         """Close the assistant turn in progress (if any) and start a new user turn."""
         self.end_turn()
-        if (
-            self.messages
-        ):  # a follow-up: the files as the earlier turns left them (a pair's starting point)
+        if self.messages:  # a follow-up: the files as the earlier turns left them (a pair's start)
             self.last_turn_files = read_tree(self.dir)
         self.messages.append({"role": "user", "content": text})
 
@@ -95,12 +82,11 @@ class Session:
             self.parts = []
 
     def record(self, user: str | None = None) -> dict:
-        """The finished conversation; `user` is the first user message when `user()` was never called."""
+        """The finished conversation; `user` is the first user message if user() was not called."""
         self.end_turn()
         msgs = ([{"role": "user", "content": user}] if user is not None else []) + self.messages
         rec = {"messages": msgs, "files": self.files, "final_files": read_tree(self.dir)}
-        if self.setup:
-            rec["setup"] = self.setup
+        rec.update({"setup": self.setup} if self.setup else {})
         if self.last_turn_files is not None:
             rec["last_turn_files"] = self.last_turn_files
         return rec
@@ -115,45 +101,36 @@ class Session:
         self.close()
 
 
-def _run_parts(parts: list, root: Path) -> list:
-    root = Path(root)
+def execute_turns(files: dict, turns: list, setup: str | None = None) -> tuple[list, dict]:
+    """Run the tool calls of each assistant turn (a list of parts), in order, in one fresh scratch
+    copy of `files`: returns the turns with every tool output replaced by what the tool really
+    printed (a denied call stays denied), and the files at the end."""
     out = []
-    for i, part in enumerate(parts):
-        if part["type"] == "tool_call":
-            denied = (
-                i + 1 < len(parts)
-                and parts[i + 1]["type"] == "tool_output"
-                and parts[i + 1]["text"] == DENIED
-            )
-            out.append(part)
-            out.append(
-                {
-                    "type": "tool_output",
-                    "text": DENIED
-                    if denied
-                    else run_tool(part["name"], part["arguments"], root, shown_as=WORKDIR),
-                }
-            )
-        elif part["type"] == "text":
-            out.append(part)
-    return out
+    with Session(files, setup) as s:
+        for parts in turns:
+            for part, after in zip(parts, parts[1:] + [None]):
+                if part["type"] == "tool_call" and after == {"type": "tool_output", "text": DENIED}:
+                    s.deny(part["name"], **part["arguments"])
+                elif part["type"] == "tool_call":
+                    s.call(part["name"], **part["arguments"])
+                elif part["type"] == "text":
+                    s.parts.append(part)
+            out.append(s.parts)
+            s.parts = []
+        return out, read_tree(s.dir)
 
 
 def execute(files: dict, parts: list, setup: str | None = None) -> tuple[list, dict]:
-    """Run the tool calls of `parts` in order in a fresh scratch copy of `files`; return the parts with
-    every tool output replaced by what the tool really printed (a denied call stays denied), and the
-    files at the end."""
+    """execute_turns for one assistant turn."""
     turns, final = execute_turns(files, [parts], setup)
     return turns[0], final
 
 
 def execute_after(files: dict, done: list, plan: list) -> list:
-    """execute(files, plan)[0], where `done` holds parts already executed from `files` (real outputs). When
-    plan's valid tool calls are the first calls of `done`, in order, the same calls on the same files
-    print the same (replay checks it): they get done's outputs and nothing runs; a call that fails
-    validation runs nothing anyway. Otherwise the plan runs in a scratch copy."""
-    from nanocode.tools import validate_tool_call
-
+    """execute(files, plan)[0], where `done` holds parts already executed from `files` (real
+    outputs). When plan's valid tool calls are the first calls of `done`, in order, the same calls
+    on the same files print the same (replay checks it): they get done's outputs and nothing runs;
+    a call that fails validation runs nothing anyway. Otherwise the plan runs in a scratch copy."""
     done_calls = [(p, done[i + 1]) for i, p in enumerate(done) if p["type"] == "tool_call"]
     out, k = [], 0
     for part in plan:
@@ -170,12 +147,6 @@ def execute_after(files: dict, done: list, plan: list) -> list:
     return out
 
 
-def execute_turns(files: dict, turns: list, setup: str | None = None) -> tuple[list, dict]:
-    """execute() for several assistant turns in one scratch directory, in order."""
-    with Session(files, setup) as s:
-        return [_run_parts(parts, s.dir) for parts in turns], read_tree(s.dir)
-
-
 def assistant_turns(record: dict) -> list:
     return [
         m["content"]
@@ -185,8 +156,8 @@ def assistant_turns(record: dict) -> list:
 
 
 def replay(record: dict) -> tuple[list, dict]:
-    """Re-run a record (or a pair's side, given as {"files", "messages"}): returns (mismatches, final
-    files) where mismatches lists (output index, recorded output, replayed output)."""
+    """Re-run a record (or a pair's side, given as {"files", "messages"}): returns (mismatches,
+    final files) where mismatches lists (output index, recorded output, replayed output)."""
     turns = assistant_turns(record)
     replayed, final = execute_turns(record["files"], turns, record.get("setup"))
     recorded = [p["text"] for parts in turns for p in parts if p["type"] == "tool_output"]
@@ -198,8 +169,8 @@ def replay(record: dict) -> tuple[list, dict]:
 
 
 def call_shape(record: dict) -> str:
-    """The tool-call sequence of a record: tool names per turn ("-" a turn with no call, "!" a denied
-    call, "|" between turns), e.g. "grep read_file edit_file bash|read_file"."""
+    """The tool-call sequence of a record: tool names per turn ("-" a turn with no call, "!" a
+    denied call, "|" between turns), e.g. "grep read_file edit_file bash|read_file"."""
     turns = []
     for parts in assistant_turns(record) or [[]]:
         names = [

@@ -1,9 +1,9 @@
-"""Generate the synthetic SFT trajectories, DPO preference pairs and held-out validity prompts from the
-local code corpus.
+"""Generate the synthetic SFT trajectories, DPO preference pairs and held-out validity prompts from
+the local code corpus.
 
-    python -m scripts.gen_synth                      # 20000 train + 500 val trajectories, pairs, 300 prompts
+    python -m scripts.gen_synth      # 20000 train + 500 val trajectories, their pairs, 300 prompts
     python -m scripts.gen_synth --num-train 2000 --num-val 100 --workers 2
-    python -m scripts.gen_synth --weights run_report=20,no_tool=5   # other kind weights than the registry's
+    python -m scripts.gen_synth --weights run_report=20,no_tool=5   # other weights than the table's
 
 Writes to $NANOCODE_BASE_DIR/sft/: synth_train.jsonl, synth_val.jsonl (conversations, see
 nanocode/synth.py for the record format), dpo_train.jsonl, dpo_val.jsonl (preference pairs) and
@@ -11,12 +11,13 @@ validity_prompts.jsonl ({"messages": [...ending with a user turn], "kind", "seen
 prompts scripts/code_sft.py measures tool-call validity on, including kinds and phrasings that
 training never sees). Train trajectories use functions from the corpus's train split, val ones and
 the prompts from its val split, so held-out prompts are about code the model was not fine-tuned on.
-Every tool output comes from really running the tool in a scratch directory. Records are deduplicated
-(identical conversations count once) and generated until there are as many distinct ones as asked.
-Each record depends only on the seed and its index, so the result does not depend on --workers.
-A preference pair's rejected side reuses the chosen side's outputs for the calls both make from the
-start (the same calls on the same files print the same; tests replay them); only what differs runs.
-At the end a diversity table: records per kind, distinct tool-call sequences, turns, calls, shares.
+Every tool output comes from really running the tool in a scratch directory. Records are
+deduplicated (identical conversations count once) and generated until there are as many distinct
+ones as asked. Each record depends only on the seed and its index, so the result does not depend
+on --workers. A preference pair's rejected side reuses the chosen side's outputs for the calls both
+make from the start (the same calls on the same files print the same; tests replay them); only
+what differs runs. At the end a diversity table: records per kind, distinct tool-call sequences,
+turns, calls, shares.
 """
 
 import argparse
@@ -34,53 +35,38 @@ from nanocode.engine import DENIED
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="generate synthetic tool-use trajectories, DPO pairs and validity prompts"
-    )
+    p = argparse.ArgumentParser(description="generate synthetic tool-use trajectories, DPO pairs")
     p.add_argument("--num-train", type=int, default=20000, help="distinct train trajectories")
     p.add_argument("--num-val", type=int, default=500, help="distinct held-out trajectories")
-    p.add_argument(
-        "--num-prompts",
-        type=int,
-        default=300,
-        help="held-out validity prompts (seen and unseen kinds)",
-    )
-    p.add_argument(
-        "--pairs",
-        type=int,
-        default=-1,
-        help="train preference pairs from the first N trajectories (-1: all)",
-    )
+    p.add_argument("--num-prompts", type=int, default=300, help="held-out validity prompts")
+    p.add_argument("--pairs", type=int, default=-1, help="pairs from the first N trajectories")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-docs", type=int, default=20000, help="corpus documents scanned per split")
+    p.add_argument("--max-docs", type=int, default=20000, help="corpus documents per split")
     p.add_argument("--data-name", type=str, default="code", help="corpus name (nanocode.dataset)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument(
         "--weights",
-        type=str,
         default="",
-        help="kind=weight,... instead of the registry's weights for the "
-        "train and held-out trajectories (the validity prompts keep the registry's), e.g. run_report=20",
+        help="kind=weight,... instead of the table's weights for the trajectories (the validity "
+        "prompts keep the table's), e.g. run_report=20",
     )
     args = p.parse_args(argv)
     args.kind_weights = {}
-    for item in [w for w in args.weights.split(",") if w.strip()]:
-        kind, _, w = item.partition("=")
-        kind = kind.strip()
-        if kind not in synth.TASKS:
-            raise NanocodeError(
-                f"--weights: {kind!r} is not a kind training draws from (kinds: {', '.join(synth.TASKS)})"
-            )
+    for item in [w.strip() for w in args.weights.split(",") if w.strip()]:
+        kind, _, weight = item.partition("=")
+        if kind.strip() not in synth.TASKS:
+            kinds = ", ".join(synth.TASKS)
+            raise NanocodeError(f"--weights: {kind!r} is not a kind training draws from ({kinds})")
         try:
-            args.kind_weights[kind] = float(w)
+            args.kind_weights[kind.strip()] = float(weight)
         except ValueError:
             raise NanocodeError(f"--weights: {item!r} is not kind=number") from None
-        if args.kind_weights[kind] < 0:
+        if args.kind_weights[kind.strip()] < 0:
             raise NanocodeError(f"--weights: {item!r}: a weight must be >= 0")
     return args
 
 
-_CORPUS, _WEIGHTS = None, None
+_CORPUS, _WEIGHTS = None, None  # each worker's, set once by _init
 
 
 def _init(corpus, weights):
@@ -89,18 +75,15 @@ def _init(corpus, weights):
 
 
 def _traj(job):
-    i, seed = job
-    return synth.trajectory(i, seed, _CORPUS, weights=_WEIGHTS)
+    return synth.trajectory(*job, _CORPUS, weights=_WEIGHTS)
 
 
 def _prompt(job):
-    i, seed = job
-    return synth.validity_prompt(i, seed, _CORPUS)
+    return synth.validity_prompt(*job, _CORPUS)
 
 
 def _pair(job):
-    i, record, seed = job
-    return synth.pair(i, record, seed)
+    return synth.pair(*job)
 
 
 def load_corpus(split: str, args) -> synth.Corpus:
@@ -110,15 +93,15 @@ def load_corpus(split: str, args) -> synth.Corpus:
     funcs = synth.corpus_functions(docs, limit=3000)
     if len(funcs) < 20:
         raise NanocodeError(
-            f"only {len(funcs)} usable Python functions in the {split} split of corpus {args.data_name!r} "
-            f"(scanned {args.max_docs} documents): need at least 20; build a Python corpus with "
-            f"`python -m nanocode.dataset --local`"
+            f"only {len(funcs)} usable Python functions in the {split} split of corpus "
+            f"{args.data_name!r} (scanned {args.max_docs} documents): need at least 20; build a "
+            "Python corpus with `python -m nanocode.dataset --local`"
         )
     return synth.Corpus(funcs, synth.corpus_files(docs))
 
 
 def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
-    """n distinct results of fn((i, seed)) for i = 0, 1, 2, ...: duplicates are skipped, more are made."""
+    """n distinct results of fn((i, seed)) for i = 0, 1, 2, ...: duplicates skipped, more made."""
     out, seen, start = [], set(), 0
     bar = progress(total=n, desc=desc, unit="rec")
     while len(out) < n:
@@ -131,9 +114,7 @@ def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
                 bar.update(1)
         start += todo
         if start > 20 * n + 1000:
-            raise NanocodeError(
-                f"{desc}: only {len(out)} distinct records after {start} tries (asked for {n})"
-            )
+            raise NanocodeError(f"{desc}: only {len(out)} distinct records in {start} (asked {n})")
     bar.close()
     return out
 
@@ -141,21 +122,13 @@ def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
 def build(split: str, n: int, n_pairs: int, n_prompts: int, seed: int, args):
     corpus = load_corpus(split, args)
     t0 = time.time()
-    with ProcessPoolExecutor(
-        args.workers, initializer=_init, initargs=(corpus, args.kind_weights or None)
-    ) as pool:
+    init = (corpus, args.kind_weights or None)
+    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=init) as pool:
         records = distinct(pool, _traj, n, seed, f"{split} trajectories")
-        prompts = (
-            distinct(pool, _prompt, n_prompts, seed + 7, "validity prompts") if n_prompts else []
-        )
+        prompts = distinct(pool, _prompt, n_prompts, seed + 7, "prompts") if n_prompts else []
         jobs = [(i, r, seed) for i, r in enumerate(records[:n_pairs])]
-        pairs = [
-            p
-            for p in progress(
-                pool.map(_pair, jobs, chunksize=16), total=len(jobs), desc=f"{split} pairs"
-            )
-            if p
-        ]
+        pairs = pool.map(_pair, jobs, chunksize=16)
+        pairs = [p for p in progress(pairs, total=len(jobs), desc=f"{split} pairs") if p]
     for r in records:
         validate_conversation(r, f"synthetic {split} trajectory ({r['kind']})")
     for p in prompts:
@@ -164,38 +137,24 @@ def build(split: str, n: int, n_pairs: int, n_prompts: int, seed: int, args):
         validate_preference(p, f"synthetic {split} pair ({p['kind']})")
     seconds = time.time() - t0
     print0(
-        f"{split}: {len(corpus)} corpus functions, {len(corpus.others)} other files -> {len(records)} trajectories, "
-        f"{len(pairs)} pairs {dict(Counter(p['kind'] for p in pairs))}, {len(prompts)} prompts in {seconds:.0f}s "
-        f"({len(records) / max(seconds, 1e-9):.1f} trajectories/s with {args.workers} workers)"
+        f"{split}: {len(corpus)} corpus functions, {len(corpus.others)} other files -> "
+        f"{len(records)} trajectories, {len(pairs)} pairs {dict(Counter(p['kind'] for p in pairs))}"
+        f", {len(prompts)} prompts in {seconds:.0f}s ({len(records) / max(seconds, 1e-9):.1f} "
+        f"trajectories/s with {args.workers} workers)"
     )
     return records, pairs, prompts
 
 
 def diversity(records, tokenizer=None) -> dict:
     """Counts that say how varied the data is (the table gen_synth prints)."""
-    turns = [sum(m["role"] == "user" for m in r["messages"]) for r in records]
-    calls = [
-        sum(
-            p["type"] == "tool_call"
-            for m in r["messages"]
-            if m["role"] == "assistant" and isinstance(m["content"], list)
-            for p in m["content"]
-        )
-        for r in records
-    ]
-    denied = [
-        any(
-            p["type"] == "tool_output" and p["text"] == DENIED
-            for m in r["messages"]
-            if isinstance(m["content"], list)
-            for p in m["content"]
-        )
-        for r in records
-    ]
     n = max(len(records), 1)
+    turns = [sum(m["role"] == "user" for m in r["messages"]) for r in records]
+    parts = [[p for turn in synth.assistant_turns(r) for p in turn] for r in records]
+    calls = [sum(p["type"] == "tool_call" for p in ps) for ps in parts]
+    denied = [any(p["type"] == "tool_output" and p["text"] == DENIED for p in ps) for ps in parts]
     out = {
         "records": len(records),
-        "kinds": dict(sorted(Counter(r["kind"] for r in records).items(), key=lambda kv: -kv[1])),
+        "kinds": dict(Counter(r["kind"] for r in records).most_common()),
         "shapes": len({synth.call_shape(r) for r in records}),
         "turns_mean": sum(turns) / n,
         "turns_max": max(turns, default=0),
@@ -206,13 +165,10 @@ def diversity(records, tokenizer=None) -> dict:
         "denial": sum(denied) / n,
     }
     if tokenizer is not None:
-        toks = [len(tokenizer.render_conversation(r)[0]) for r in records]
-        out.update(
-            tokens=sum(toks),
-            tokens_mean=sum(toks) / n,
-            tokens_max=max(toks, default=0),
-            tokens_p90=sorted(toks)[int(0.9 * (len(toks) - 1))] if toks else 0,
-        )
+        toks = sorted(len(tokenizer.render_conversation(r)[0]) for r in records)
+        p90 = toks[int(0.9 * (len(toks) - 1))] if toks else 0
+        out.update(tokens=sum(toks), tokens_mean=sum(toks) / n, tokens_max=toks[-1] if toks else 0)
+        out["tokens_p90"] = p90
     return out
 
 
@@ -221,21 +177,21 @@ def print_table(d: dict):
     for k, c in d["kinds"].items():
         print0(f"{k:<20}{c:>9}{c / d['records']:>8.1%}")
     print0(
-        f"distinct tool-call sequences: {d['shapes']} | turns/conversation: mean {d['turns_mean']:.2f}, max {d['turns_max']}"
-        f" | calls/conversation: mean {d['calls_mean']:.2f}, max {d['calls_max']}"
+        f"distinct tool-call sequences: {d['shapes']} | turns/conversation: mean "
+        f"{d['turns_mean']:.2f}, max {d['turns_max']} | calls/conversation: mean "
+        f"{d['calls_mean']:.2f}, max {d['calls_max']}"
     )
-    print0(
-        f"multi-turn {d['multi_turn']:.1%} | without tools {d['no_tool']:.1%} | with a denial {d['denial']:.1%}"
-    )
+    shares = f"{d['multi_turn']:.1%} | without tools {d['no_tool']:.1%} | with a denial"
+    print0(f"multi-turn {shares} {d['denial']:.1%}")
     if "tokens" in d:
         print0(
-            f"tokens: {d['tokens']:,} in all, mean {d['tokens_mean']:.0f}, p90 {d['tokens_p90']}, max {d['tokens_max']}"
+            f"tokens: {d['tokens']:,} in all, mean {d['tokens_mean']:.0f}, p90 {d['tokens_p90']}, "
+            f"max {d['tokens_max']}"
         )
 
 
 def main(argv=None):
     args = get_args(argv)
-    out = get_base_dir() / "sft"
     n_pairs = args.num_train if args.pairs < 0 else args.pairs
     t0 = time.time()
     train, train_pairs, _ = build("train", args.num_train, n_pairs, 0, args.seed, args)
@@ -243,29 +199,24 @@ def main(argv=None):
         "val", args.num_val, args.num_val, args.num_prompts, args.seed + 1, args
     )
     wall = time.time() - t0
-    for name, recs in [
-        ("synth_train", train),
-        ("synth_val", val),
-        ("dpo_train", train_pairs),
-        ("dpo_val", val_pairs),
-        ("validity_prompts", prompts),
-    ]:
-        path = write_jsonl(out / f"{name}.jsonl", recs)
+    outputs = {"synth_train": train, "synth_val": val, "dpo_train": train_pairs}
+    outputs.update(dpo_val=val_pairs, validity_prompts=prompts)
+    for name, recs in outputs.items():
+        path = write_jsonl(get_base_dir() / "sft" / f"{name}.jsonl", recs)
         print0(f"wrote {len(recs)} records to {path}")
     try:
         from nanocode.tokenizer import get_tokenizer
 
         tokenizer = get_tokenizer()
-    except Exception:  # noqa: BLE001 -- no tokenizer trained yet: the table leaves out the token counts
+    except Exception:  # noqa: BLE001 -- no tokenizer trained yet: the table leaves out the tokens
         tokenizer = None
     print0(
         f"diversity of the {len(train)} train trajectories (generated in {wall:.0f}s, all splits):"
     )
     print_table(diversity(train, tokenizer))
-    print0(
-        f"validity prompts: {dict(Counter((p['kind'], p['seen']) for p in prompts).most_common(8))} ... "
-        f"{sum(p['seen'] for p in prompts)} seen, {sum(not p['seen'] for p in prompts)} unseen"
-    )
+    seen = sum(p["seen"] for p in prompts)
+    kinds = dict(Counter((p["kind"], p["seen"]) for p in prompts).most_common(8))
+    print0(f"validity prompts: {kinds} ... {seen} seen, {len(prompts) - seen} unseen")
 
 
 if __name__ == "__main__":
