@@ -37,7 +37,7 @@ import random
 import shlex
 import zlib
 
-from nanocode import agent_tasks, execution, synth
+from nanocode import agent_tasks, execution, synth, synth_corpus
 from nanocode.agent_tasks import call_counts  # noqa: F401 -- part of this module's API (code_rl)
 from nanocode.code_tasks import code_from_calls, load_mbpp
 from nanocode.common import NanocodeError, read_jsonl
@@ -163,9 +163,9 @@ def agent_rl_tasks(split: str = "train", seed: int = 0, n: int = 200) -> list[di
 def corpus_tasks(
     funcs: list[dict], seed: int = 0, cases: int = 6, max_tasks: int = 200, workers: int = 2
 ) -> list[dict]:
-    """Functions ({"src"} as synth.corpus_functions finds them) -> tests tasks. Each function is run
-    (in the sandbox) on `cases` * 4 argument tuples drawn from POOL; the calls that return a value
-    that round-trips through repr and comes out the same on a second run become asserts."""
+    """Functions ({"src"} as synth_corpus.corpus_functions finds them) -> tests tasks. Each function
+    is run (in the sandbox) on `cases` * 4 argument tuples drawn from POOL; the calls that return a
+    value that round-trips through repr and comes out the same on a second run become asserts."""
     rng, progs, found = random.Random(seed), [], []
     for f in funcs:
         try:
@@ -232,7 +232,7 @@ def corpus_functions(split: str) -> list[dict]:
         raise NanocodeError("no corpus shards: run `python -m nanocode.dataset --local` first")
     shard = shards[-1] if split == "val" else shards[0]
     docs = pq.read_table(shard, columns=["text", "lang"]).slice(0, 4000).to_pylist()
-    return synth.corpus_functions(docs, limit=600)
+    return synth_corpus.corpus_functions(docs, limit=600)
 
 
 def load_tasks(spec: str, split: str = "train", seed: int = 0) -> list[dict]:

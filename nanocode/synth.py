@@ -1,5 +1,4 @@
-"""Synthetic tool-use trajectories and DPO preference pairs, with tool outputs from really running
-the tools.
+"""Synthetic tool-use trajectories, with tool outputs from really running the tools.
 
 Every trajectory starts from a small set of files: functions taken from the local code corpus
 (`nanocode.dataset.iter_documents`) or small programs from templates. The generator writes them into
@@ -32,27 +31,18 @@ A trajectory record is a conversation with extra keys, so it can be replayed and
     {"messages": [user, assistant, (user, assistant)...], "kind": str, "files": {path: text} before,
      "final_files": {path: text} after, "setup": shell command run first (only some kinds)}
 
-A preference pair (for scripts/code_dpo.py) keeps the conversation up to the last user turn as the
-prompt, the last assistant message as "chosen", and a "rejected" message with one flaw (PAIR_KINDS):
-    malformed_call   a tool call naming a tool that does not exist or passing the wrong arguments
-    not_unique       an edit_file whose old_string occurs more than once, then a claim it worked
-    unbacked_claim   the verification (or the reading) is skipped but the answer claims its result
-    style            the same work wrapped in praise, filler and hedging (breaks SOUL.md)
-The rejected side's tool calls are also really executed, from the same files ("files": the state
-before the last turn).
+Functions and files of the corpus come from nanocode/synth_corpus.py; DPO preference pairs
+made from these trajectories, from nanocode/synth_pairs.py.
 """
 
 import ast
-import functools
 import json
 import random
 import re
 from pathlib import Path
 
-from nanocode import synth_session
-from nanocode.synth_session import Session, assistant_turns, execute, execute_after, read_tree
+from nanocode.synth_session import Session, read_tree
 
-replay, call_shape = synth_session.replay, synth_session.call_shape  # also used as synth.*
 _DATA = Path(__file__).parent / "data"
 _SPEC = json.loads((_DATA / "synth_kinds.json").read_text())
 KINDS, ROUTINES, FOLLOWUPS = _SPEC["kinds"], _SPEC["routines"], _SPEC["followups"]
@@ -97,102 +87,6 @@ def expand(rng, template):
 
 def lines(code: list) -> str:
     return "\n".join(code) + "\n"
-
-
-# -----------------------------------------------------------------------------
-# functions and files from the corpus
-
-
-def _segment(src: str, node, limit: int = 48) -> str | None:
-    s = ast.get_source_segment(src, node)
-    return s if s and "\n" not in s and len(s) <= limit else None
-
-
-def describe_function(src: str) -> dict:
-    """Facts about a top-level function, read off its AST: what an honest explanation may say."""
-    fn = ast.parse(src).body[0]
-    a = fn.args
-    args = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
-    args += [star + x.arg for star, x in (("*", a.vararg), ("**", a.kwarg)) if x]
-    facts = {"name": fn.name, "args": args, "doc": None, "yields": False}
-    facts.update({k: [] for k in ("loops", "ifs", "calls", "returns", "raises", "catches")})
-    if doc := ast.get_docstring(fn):
-        first = re.split(r"(?<=\.)\s", doc.strip().split("\n\n")[0].replace("\n", " "))[0]
-        facts["doc"] = first if len(first) <= 120 else None
-    pos = a.posonlyargs + a.args
-    consts = [(x.arg, d) for x, d in zip(pos[len(pos) - len(a.defaults) :], a.defaults)]
-    consts = [(arg, d.value) for arg, d in consts if isinstance(d, ast.Constant)]
-    facts["defaults"] = [(arg, v) for arg, v in consts if type(v) in (int, bool)]
-    seg = functools.partial(_segment, src)
-    for node in ast.walk(fn):
-        if isinstance(node, ast.For) and (t := seg(node.target)) and (it := seg(node.iter)):
-            facts["loops"].append(f"{t} in {it}")
-        elif isinstance(node, ast.While) and (t := seg(node.test)):
-            facts["loops"].append(f"while {t}")
-        elif isinstance(node, ast.If) and (t := seg(node.test, 40)):
-            facts["ifs"].append(t)
-        elif isinstance(node, ast.Call):
-            facts["calls"].append(seg(node.func, 30))
-        elif isinstance(node, ast.Return):
-            facts["returns"].append(seg(node.value, 40) if node.value is not None else "None")
-        elif isinstance(node, ast.Raise) and node.exc is not None:
-            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
-            facts["raises"].append(seg(exc, 30))
-        elif isinstance(node, ast.ExceptHandler) and node.type and (e := seg(node.type, 30)):
-            facts["catches"].append(e)
-        elif isinstance(node, (ast.Yield, ast.YieldFrom)):
-            facts["yields"] = True
-    facts["long_return"] = None in facts["returns"]  # a return too long to quote
-    for key in ("calls", "returns", "raises"):  # each once, in order of appearance
-        facts[key] = [x for i, x in enumerate(facts[key]) if x and x not in facts[key][:i]]
-    facts["has_doc"] = doc is not None
-    facts["body_line"] = fn.body[1].lineno if doc and len(fn.body) > 1 else fn.body[0].lineno
-    return facts
-
-
-def corpus_functions(docs, limit: int = 2000, min_lines: int = 4, max_lines: int = 22) -> list:
-    """Short, plain top-level Python functions from corpus documents, as {"src", "facts"}."""
-    out = []
-    for doc in (d for d in docs if d.get("lang") == "python"):
-        try:
-            tree = ast.parse(doc["text"])
-        except (SyntaxError, ValueError, RecursionError):
-            continue
-        rows = doc["text"].splitlines()
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef) or node.decorator_list:
-                continue
-            src = "\n".join(rows[node.lineno - 1 : node.end_lineno])
-            ok = min_lines <= src.count("\n") + 1 <= max_lines and src.isascii()
-            ok = ok and "\t" not in src and "\r" not in src and QUOTES not in src.split("\n")[0]
-            # the kinds grep for `def NAME\(`: "def f (x):" would not be found
-            if ok and src.startswith(f"def {node.name}(") and max(map(len, src.split("\n"))) <= 100:
-                try:
-                    out.append({"src": src, "facts": describe_function(src)})
-                except (SyntaxError, ValueError, IndexError):
-                    continue
-            if len(out) >= limit:
-                return out
-    return out
-
-
-def corpus_files(docs, limit: int = 500, max_lines: int = 80) -> list:
-    """Short non-Python files (C, C++, JS, Rust) from corpus documents, as {"lang", "text"}."""
-    out = []
-    for doc in docs:
-        lang, text = doc.get("lang"), doc.get("text", "")
-        if lang in BANK["extensions"] and text.isascii() and "\r" not in text:
-            if 5 <= text.count("\n") <= max_lines and max(map(len, text.split("\n"))) <= 120:
-                out.append({"lang": lang, "text": text.rstrip("\n") + "\n"})
-    return out[:limit]
-
-
-class Corpus(list):
-    """The corpus functions (a list) plus the non-Python files, for the kinds that use them."""
-
-    def __init__(self, functions, others=()):
-        super().__init__(functions)
-        self.others = list(others)
 
 
 # -----------------------------------------------------------------------------
@@ -807,95 +701,3 @@ def validity_prompt(i: int, seed: int, corpus: list) -> dict:
         text = pick(rng, *BANK["unseen_phrasings"]).format(u=msgs[0]["content"])
         msgs = [{"role": "user", "content": text}]
     return {"messages": msgs, "kind": kind, "seen": r >= 1 / 2, "template": template}
-
-
-# -----------------------------------------------------------------------------
-# preference pairs: each flaw_NAME makes the rejected side of a pair of kind "NAME"
-
-
-def flaw_malformed_call(rng, parts, files):
-    """The first call to a tool that does not exist, or with a wrong argument name; then a claim."""
-    i = next((i for i, p in enumerate(parts) if p["type"] == "tool_call"), None)
-    if i is None:
-        return None
-    name, args = parts[i]["name"], dict(parts[i]["arguments"])
-    if rng.random() < 0.5:
-        name, key, old, default = pick(rng, *BANK["bad_calls"])
-        args = {key: args.get(old, default)} if key else args
-    else:
-        key = next(iter(args))
-        args[BANK["wrong_keys"].get(key, key + "_")] = args.pop(key)
-    bad = {"type": "tool_call", "name": name, "arguments": args}
-    return parts[:i] + [bad, {"type": "text", "text": pick(rng, *BANK["claims"])}]
-
-
-def flaw_not_unique(rng, parts, files):
-    """The first successful edit with its old_string cut to a piece that occurs 2+ times in the file
-    (a whole line if one repeats, else a word), then a claim of success anyway."""
-    edits = [i for i, p in enumerate(parts) if p.get("name") == "edit_file"]
-    for i in [i for i in edits if parts[i + 1]["text"].startswith("edited")][:1]:
-        args = parts[i]["arguments"]
-        text, old = execute(files, parts[:i])[1].get(args["path"], ""), args["old_string"]
-        rows = sorted(set(old.split("\n")), key=lambda w: (-len(w), w))
-        words = sorted(set(re.findall(r"[A-Za-z_]\w+", old)), key=lambda w: (-len(w), w))
-        if piece := next((w for w in rows + words if w.strip() and text.count(w) >= 2), None):
-            call = {"type": "tool_call", "name": "edit_file"}
-            call["arguments"] = {**args, "old_string": piece}
-            return parts[:i] + [call, {"type": "text", "text": pick(rng, *BANK["edit_claims"])}]
-    return None
-
-
-def flaw_unbacked_claim(rng, parts, files):
-    """Drop the final check (a bash or read_file after other calls) and keep the claim; or, with
-    one call, answer without looking at anything."""
-    calls = [i for i, p in enumerate(parts) if p["type"] == "tool_call"]
-    if not calls:
-        return None
-    if parts[calls[-1]]["name"] in ("bash", "read_file") and len(calls) > 1:
-        return parts[: calls[-1]] + parts[calls[-1] + 2 :]
-    return [p for p in parts if p["type"] == "text"][-1:] or None
-
-
-def flaw_style(rng, parts, files):
-    """The same turn, opened with praise and closed with filler and hedging."""
-    if not any(p["type"] == "text" for p in parts):
-        return None
-    opener, closer = pick(rng, *BANK["flattery_open"]), pick(rng, *BANK["flattery_close"])
-    out = []
-    for p in [{"type": "text", "text": opener}, *parts, {"type": "text", "text": closer}]:
-        if out and p["type"] == out[-1]["type"] == "text":  # one text part, as the agent writes
-            p = {"type": "text", "text": out.pop()["text"] + "\n\n" + p["text"]}
-        out.append(p)
-    return out
-
-
-FLAWS = {name[5:]: f for name, f in list(globals().items()) if name.startswith("flaw_")}
-PAIR_KINDS = list(FLAWS)
-
-
-def make_pair(record: dict, rng, kind: str | None = None) -> dict | None:
-    """A preference pair from a trajectory's last assistant turn: chosen = that message, rejected =
-    a flawed version whose tool calls are really executed from the same files (the state after the
-    earlier turns). None if `kind` (or, without one, every flaw) does not apply."""
-    turns = assistant_turns(record)
-    if not turns or record.get("setup"):  # a pair's side is replayed from plain files: no setup
-        return None
-    parts = list(turns[-1])
-    files = record["last_turn_files"] if len(turns) > 1 else record["files"]
-    for k in [kind] if kind else rng.sample(PAIR_KINDS, len(PAIR_KINDS)):
-        plan = FLAWS[k](rng, parts, files)
-        if plan is None or (rejected := execute_after(files, parts, plan)) == parts:
-            continue
-        pair = {"prompt": {"messages": record["messages"][:-1]}, "kind": k, "task": record["kind"]}
-        sides = {"chosen": parts, "rejected": rejected}
-        pair.update({side: {"role": "assistant", "content": c} for side, c in sides.items()})
-        return {**pair, "files": files}
-    return None
-
-
-def pair(i: int, record: dict, seed: int) -> dict | None:
-    return make_pair(record, random.Random(seed * 1_000_003 + i))
-
-
-def generate_pairs(records: list, seed: int) -> list:
-    return [p for i, r in enumerate(records) if (p := pair(i, r, seed)) is not None]

@@ -28,7 +28,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 
-from nanocode import synth
+from nanocode import synth, synth_corpus, synth_pairs, synth_session
 from nanocode.common import NanocodeError, get_base_dir, print0, progress, run_main
 from nanocode.conversations import validate_conversation, validate_preference, write_jsonl
 from nanocode.engine import DENIED
@@ -83,21 +83,21 @@ def _prompt(job):
 
 
 def _pair(job):
-    return synth.pair(*job)
+    return synth_pairs.pair(*job)
 
 
-def load_corpus(split: str, args) -> synth.Corpus:
+def load_corpus(split: str, args) -> synth_corpus.Corpus:
     from nanocode.dataset import iter_documents
 
     docs = list(islice(iter_documents(split, name=args.data_name), args.max_docs))
-    funcs = synth.corpus_functions(docs, limit=3000)
+    funcs = synth_corpus.corpus_functions(docs, limit=3000)
     if len(funcs) < 20:
         raise NanocodeError(
             f"only {len(funcs)} usable Python functions in the {split} split of corpus "
             f"{args.data_name!r} (scanned {args.max_docs} documents): need at least 20; build a "
             "Python corpus with `python -m nanocode.dataset --local`"
         )
-    return synth.Corpus(funcs, synth.corpus_files(docs))
+    return synth_corpus.Corpus(funcs, synth_corpus.corpus_files(docs))
 
 
 def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
@@ -149,13 +149,13 @@ def diversity(records, tokenizer=None) -> dict:
     """Counts that say how varied the data is (the table gen_synth prints)."""
     n = max(len(records), 1)
     turns = [sum(m["role"] == "user" for m in r["messages"]) for r in records]
-    parts = [[p for turn in synth.assistant_turns(r) for p in turn] for r in records]
+    parts = [[p for turn in synth_session.assistant_turns(r) for p in turn] for r in records]
     calls = [sum(p["type"] == "tool_call" for p in ps) for ps in parts]
     denied = [any(p["type"] == "tool_output" and p["text"] == DENIED for p in ps) for ps in parts]
     out = {
         "records": len(records),
         "kinds": dict(Counter(r["kind"] for r in records).most_common()),
-        "shapes": len({synth.call_shape(r) for r in records}),
+        "shapes": len({synth_session.call_shape(r) for r in records}),
         "turns_mean": sum(turns) / n,
         "turns_max": max(turns, default=0),
         "calls_mean": sum(calls) / n,

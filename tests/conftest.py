@@ -19,9 +19,10 @@ os.environ["NANOCODE_BASE_DIR"] = tempfile.mkdtemp(prefix="nanocode-test-")
 @pytest.fixture(scope="session")
 def stdlib_functions():
     """stdlib_functions(n_files, limit): functions of the first n_files stdlib modules, found by
-    synth.corpus_functions (the synthetic-data generator's own path), standing in for the corpus,
-    with the Python install's small C headers as its non-Python files (synth.corpus_files)."""
-    from nanocode import synth
+    synth_corpus.corpus_functions (the synthetic-data generator's own path), standing in for the
+    corpus, with the Python install's small C headers as its non-Python files
+    (synth_corpus.corpus_files)."""
+    from nanocode import synth_corpus
 
     def get(n_files, limit):
         stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -31,8 +32,9 @@ def stdlib_functions():
         ]
         headers = sorted(Path(sysconfig.get_paths()["include"]).rglob("*.h"))[:200]
         others = [{"text": p.read_text(errors="replace"), "lang": "c"} for p in headers]
-        return synth.Corpus(
-            synth.corpus_functions(docs, limit=limit), synth.corpus_files(others, limit=40)
+        return synth_corpus.Corpus(
+            synth_corpus.corpus_functions(docs, limit=limit),
+            synth_corpus.corpus_files(others, limit=40),
         )
 
     return get

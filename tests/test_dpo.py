@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from nanocode import synth
+from nanocode import synth, synth_pairs
 from nanocode.conversations import write_jsonl
 from scripts.code_dpo import dpo_loss
 from tests.helpers import nudged_model, reference_step
@@ -54,7 +54,7 @@ def pairs(funcs):
         recs = synth.generate_trajectories(
             8, 0, funcs, ["explain", "write_run", "test_fix", "edit"]
         )
-    return synth.generate_pairs(recs, 0)
+    return synth_pairs.generate_pairs(recs, 0)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_dpo_short_run_end_to_end(module_base_dir, tokenizer, model, pairs):
         report["val_before"]["reward_accuracy"] == 0.0 and report["val_before"]["ties"] == 1.0
     )  # policy == reference
     assert len(report["curves"]["loss"]) == 2 and report["val_pairs"] == len(pairs) - 6
-    assert set(report["val_after"]["reward_accuracy_by_kind"]) <= set(synth.PAIR_KINDS)
+    assert set(report["val_after"]["reward_accuracy_by_kind"]) <= set(synth_pairs.PAIR_KINDS)
 
 
 def reference_dpo_losses(

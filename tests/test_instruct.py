@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanocode import instruct, synth
+from nanocode import instruct, synth_session
 from nanocode.common import NanocodeError
 from nanocode.conversations import validate_conversation
 
@@ -53,14 +53,14 @@ def test_every_source_converts_and_outputs_are_a_fresh_run(converted):
         ) == len(rows), (name, stats)
         for r in recs:
             validate_conversation(r, name)
-            mismatches, final = synth.replay(r)
+            mismatches, final = synth_session.replay(r)
             assert mismatches == [] and final == r["final_files"], (name, mismatches[:1])
 
 
 def test_code_answers_are_written_then_run(converted):
     _, recs, _ = converted["code_alpaca"]
     r = recs[0]
-    assert synth.call_shape(r) == "write_file bash"
+    assert synth_session.call_shape(r) == "write_file bash"
     parts = r["messages"][1]["content"]
     assert parts[0]["arguments"]["content"] == "for i in range(1, 6):\n    print(i * i)\n"
     assert parts[3]["text"] == "1\n4\n9\n16\n25\n"
@@ -117,7 +117,7 @@ def test_failing_code_and_text_answers(converted):
     _, _, stats = converted["self_oss_instruct"]
     assert stats["dropped: code does not run"] == 1  # an infinite loop: the sandbox's time limit
     _, recs, _ = converted["code_feedback"]
-    assert synth.call_shape(recs[0]).split("|") == [
+    assert synth_session.call_shape(recs[0]).split("|") == [
         "write_file bash",
         "write_file grep read_file edit_file edit_file bash",
         "-",

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from nanocode import synth, synth_session
+from nanocode import synth, synth_corpus, synth_pairs, synth_session
 from nanocode.common import NanocodeError
 from nanocode.conversations import load_jsonl, validate_conversation, validate_preference
 from nanocode.synth_session import assistant_turns
@@ -43,7 +43,7 @@ def records(funcs):
 
 @pytest.fixture(scope="module")
 def replayed(records):
-    return [synth.replay(r) for r in records]
+    return [synth_session.replay(r) for r in records]
 
 
 def assistant_parts(r):
@@ -85,7 +85,7 @@ def test_replay_detects_a_forged_output(records):
     r = json.loads(json.dumps(next(r for r in records if r["kind"] == "test_fix")))
     out = next(p for p in first_turn(r) if p["type"] == "tool_output")
     out["text"] = "3 passed, 0 failed"
-    mismatches, _ = synth.replay(r)
+    mismatches, _ = synth_session.replay(r)
     assert len(mismatches) == 1
 
 
@@ -184,14 +184,16 @@ def test_pairs_are_real_and_flawed(records):
             == synth_session.execute_turns(r["files"], assistant_turns(r)[:-1], r.get("setup"))[1]
         )
     for i, r in enumerate(records[:18] + multi):
-        for kind in synth.PAIR_KINDS:
-            pair = synth.make_pair(r, random.Random(i), kind)
+        for kind in synth_pairs.PAIR_KINDS:
+            pair = synth_pairs.make_pair(r, random.Random(i), kind)
             if pair is None:
                 continue
             kinds.add(kind)
             validate_preference(pair)
             assert pair["chosen"] != pair["rejected"]
-            mismatches, _ = synth.replay({"files": pair["files"], "messages": [pair["rejected"]]})
+            mismatches, _ = synth_session.replay(
+                {"files": pair["files"], "messages": [pair["rejected"]]}
+            )
             assert mismatches == [], kind
             rej = pair["rejected"]["content"]
             if kind == "malformed_call":
@@ -210,7 +212,7 @@ def test_pairs_are_real_and_flawed(records):
                 assert sum(p["type"] == "tool_call" for p in rej) < sum(
                     p["type"] == "tool_call" for p in pair["chosen"]["content"]
                 )
-    assert kinds == set(synth.PAIR_KINDS)
+    assert kinds == set(synth_pairs.PAIR_KINDS)
 
 
 def test_unique_context_grows_until_unique():
@@ -224,7 +226,7 @@ def test_corpus_functions_skip_defs_the_greps_would_miss():
     `def f (x):` would give "no matches" and crash the generator, so it is not taken."""
     body = "    y = x + 1\n    y *= 2\n    y -= 3\n    return y\n"
     docs = [{"lang": "python", "text": f"def spaced (x):\n{body}\n\ndef plain(x):\n{body}"}]
-    assert [f["facts"]["name"] for f in synth.corpus_functions(docs)] == ["plain"]
+    assert [f["facts"]["name"] for f in synth_corpus.corpus_functions(docs)] == ["plain"]
 
 
 # ---- the registry, the new kinds, denials, follow-ups
@@ -303,7 +305,8 @@ def test_new_kinds_really_do_what_they_say(records, funcs):
     ]
     assert any("[output truncated" in o for o in outs)
     assert all(
-        "edit_file" not in synth.call_shape(r) and "write_file" not in synth.call_shape(r)
+        "edit_file" not in synth_session.call_shape(r)
+        and "write_file" not in synth_session.call_shape(r)
         for r in by["qa_read"]
     )
 
@@ -335,7 +338,7 @@ def test_denial_is_never_run_and_only_the_reaction_is_learned(funcs):
     out_start, out_end = tok.special_id("<|output_start|>"), tok.special_id("<|output_end|>")
     checked = 0
     for r in recs:
-        mismatches, final = synth.replay(r)
+        mismatches, final = synth_session.replay(r)
         assert mismatches == []
         parts = assistant_parts(r)
         j = next(
@@ -377,7 +380,7 @@ def test_follow_up_turns_replay_in_one_directory(funcs):
     assert len(multi) >= 8
     for r in multi[:10]:
         validate_conversation(r)
-        mismatches, final = synth.replay(r)
+        mismatches, final = synth_session.replay(r)
         assert mismatches == [] and final == r["final_files"], r["kind"]
 
 
