@@ -24,15 +24,12 @@ or draws and file templates in the JSON's "scenes"), the user's phrasings ("ask"
 A kind with "variants" draws one (by "weight") whose fields replace the kind's. A phrase "@name" is
 the bank of that name in synth_phrases.json; in draws and templates "{3..9}" and "{a|b}" are a
 random number and option. A share of sessions (FOLLOWUP_RATE) gets the JSON's "followups" turns.
-The same seed gives the same records (as long as the tools and Python behave the same).
-
-A trajectory record is a conversation with extra keys, so it can be replayed and checked
-(nanocode/synth_session.py runs the tools and replays records):
+The same seed gives the same records. A record is a conversation with extra keys, so that
+nanocode/synth_session.py can replay and check it:
     {"messages": [user, assistant, (user, assistant)...], "kind": str, "files": {path: text} before,
      "final_files": {path: text} after, "setup": shell command run first (only some kinds)}
 
-Functions and files of the corpus come from nanocode/synth_corpus.py; DPO preference pairs
-made from these trajectories, from nanocode/synth_pairs.py.
+The corpus's functions and files come from synth_corpus.py; DPO pairs are made in synth_pairs.py.
 """
 
 import ast
