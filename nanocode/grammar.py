@@ -46,6 +46,8 @@ import llguidance
 import torch
 from llguidance.tiktoken import lltokenizer_from_encoding
 
+from nanocode.tools import TOOLS
+
 # JSON Schema keywords we pass to llguidance and test (tests/test_grammar.py); any other keyword is
 # refused by name rather than silently ignored (llguidance ignores keywords it does not know).
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$comment"}
@@ -61,6 +63,7 @@ SUPPORTED = ANNOTATIONS | CONSTRAINTS | ONE_SCHEMA | SCHEMA_LIST | SCHEMA_MAP
 # json.dumps's separators, and no other whitespace (llguidance's JSON options, set per schema).
 JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+OUR_TOOLS = {name: schema["parameters"] for name, schema in TOOLS.items()}  # (--constrained)
 TOOL_CHOICES = ("auto", "required")
 TEXT_RULE = "TEXT: /(.|\\n)+/\n"  # any text: specials are tokens, never bytes, so it holds none
 

@@ -243,7 +243,7 @@ def parse_request(body: bytes, args) -> dict:
     to answer (n, stream, conversation_id)."""
     from nanocode.conversations import validate_conversation
     from nanocode.engine import check_sampling
-    from nanocode.grammar import openai_grammar
+    from nanocode.grammar import OUR_TOOLS, openai_grammar
     from nanocode.tools import TOOLS, tools_prompt
 
     try:
@@ -260,7 +260,7 @@ def parse_request(body: bytes, args) -> dict:
     messages = to_conversation(msgs)
     tools = parse_tools(req)
     params = None if tools is None else {name: fn["parameters"] for name, fn in tools.items()}
-    ours = {name: s["parameters"] for name, s in TOOLS.items() if args.allow_tools is not None}
+    ours = OUR_TOOLS if args.allow_tools is not None else {}
     try:
         grammar = openai_grammar(req, params, ours)
     except ValueError as e:

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -17,7 +16,16 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import REPO, real_tokenizer, save_tiny_checkpoint, script_argv, script_env
+from tests.helpers import (
+    REPO,
+    free_port,
+    real_tokenizer,
+    save_tiny_checkpoint,
+    script_argv,
+    script_env,
+    start_server,
+    stop_server,
+)
 
 CALL = '<|tool_start|>{"name": "bash", "arguments": {"command": "cat hello.txt"}}<|tool_end|>'
 TOOL_TURN = "Let me look." + CALL + "It says hi."
@@ -41,49 +49,6 @@ BASH = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(flags, log):
-    """Start code_web on a free port and wait for /health; try another port if this one was taken
-    meanwhile (other test runs share the machine). Returns (process, url)."""
-    for _ in range(3):
-        port = free_port()
-        with open(log, "w") as f:
-            proc = subprocess.Popen(
-                script_argv("scripts.code_web", "--port", str(port), *flags),
-                cwd=REPO,
-                env=script_env(),
-                stdout=f,
-                stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120  # only guards against a hang
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).json().get("pid") == proc.pid:
-                    return proc, url
-            except (httpx.TransportError, ValueError):
-                pass
-            time.sleep(0.2)
-        stop(proc)
-        if "address already in use" not in log.read_text():
-            break
-    raise AssertionError(f"the server did not come up:\n{log.read_text()}")
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextlib.contextmanager
 def server(tmp_path, turns, *flags, sequence_len=4096):
     """The server on a free port: with a scripted fake model given `turns`, or with `flags` alone if
@@ -96,7 +61,7 @@ def server(tmp_path, turns, *flags, sequence_len=4096):
     try:
         yield url
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture
