@@ -23,7 +23,9 @@ With an answer schema (response_format), the JSON answer replaces the free text:
 answer` in auto, `answer` alone with no tools. <|assistant_end|> (the tokenizer's end of reply for
 llguidance) is allowed only where the grammar may end; every other special token is forbidden. JSON
 is written as json.dumps writes it (", " and ": ", no other whitespace): the format our tool calls
-are trained on, and a random walk cannot spend its tokens on spaces.
+are trained on, and a random walk cannot spend its tokens on spaces. openai_grammar maps an OpenAI
+request's tool_choice and response_format to compile_grammar's arguments (scripts/code_web.py);
+OUR_TOOLS is our five tools' argument schemas (the CLI's and agent eval's --constrained).
 
 Overlap: accept() consumes the token (~0.5 us, on the caller's thread) and hands the next mask to a
 thread pool; llguidance releases the GIL while it computes, so the mask is computed while the model

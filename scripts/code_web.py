@@ -239,8 +239,9 @@ def parse_tools(req) -> dict | None:
 
 
 def parse_request(body: bytes, args) -> dict:
-    """Validate a chat-completions request: the engine's conversation and call settings, and how
-    to answer (n, stream, conversation_id)."""
+    """Validate a chat-completions request: the engine's conversation and call settings (with
+    settings["grammar"] as compile_grammar's arguments: the app compiles it), and how to answer
+    (n, stream, conversation_id)."""
     from nanocode.conversations import validate_conversation
     from nanocode.engine import check_sampling
     from nanocode.grammar import OUR_TOOLS, openai_grammar
@@ -407,7 +408,7 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
                 raise RequestError(413, f"request body exceeds the limit of {args.max_body_bytes}")
         return body
 
-    def compile_grammar(spec):
+    def grammar_of(spec):
         from nanocode.grammar import compile_grammar
 
         try:  # (cached: milliseconds once per distinct tools, tool_choice and response_format)
@@ -513,7 +514,7 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         try:
             req = parse_request(await read_body(request), args)
             if (spec := req["settings"]["grammar"]) is not None:
-                req["settings"]["grammar"] = await asyncio.to_thread(compile_grammar, spec)
+                req["settings"]["grammar"] = await asyncio.to_thread(grammar_of, spec)
             if len(admitted) >= len(engines) + args.max_queue:
                 raise RequestError(429, f"server busy: {args.max_queue} requests waiting; retry")
             if workspaces is not None and req["settings"]["tools"] is None:

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanocode.grammar import Matcher, apply_bitmask, check_schema, compile_grammar
+from nanocode.grammar import (
+    Matcher,
+    apply_bitmask,
+    check_schema,
+    compile_grammar,
+    openai_grammar,
+)
 from nanocode.tokenizer import N_SPECIAL, SPECIAL_TOKENS
 from nanocode.tools import TOOLS
 from tests.helpers import trained_tokenizer
@@ -353,3 +359,41 @@ def test_hand_check_refuses_every_keyword():
     ]:
         with pytest.raises(AssertionError):
             hand_check({**good, key: bad}, EVERY_KEYWORD, EVERY_KEYWORD)
+
+
+def test_openai_requests_map_to_grammars():
+    """tool_choice and response_format of the OpenAI protocol, as compile_grammar's arguments: every
+    value honoured, or refused naming it."""
+    both, ours = {"get_weather": WEATHER, "ping": None}, {"bash": OURS["bash"]}
+    ping = {"type": "function", "function": {"name": "ping"}}
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [ping]}}
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "w", "strict": True, "schema": WEATHER},
+    }
+    obj = {"type": "json_object"}
+    for request, tools, expected in [
+        ({}, None, None),  # no tools, no format: free decoding (our tools' calls as trained)
+        ({"tool_choice": "auto", "response_format": {"type": "text"}}, None, None),
+        ({}, both, (both, "auto", None)),
+        ({"tool_choice": "none"}, both, ({}, "auto", None)),
+        ({"tool_choice": "none"}, None, ({}, "auto", None)),
+        ({"tool_choice": "required"}, both, (both, "required", None)),
+        ({"tool_choice": "required"}, None, (ours, "required", None)),  # (--allow-tools)
+        ({"tool_choice": ping}, both, ({"ping": None}, "required", None)),
+        ({"tool_choice": allowed}, both, ({"ping": None}, "required", None)),
+        ({"response_format": obj}, None, (ours, "auto", {"type": "object"})),
+        ({"response_format": schema, "tool_choice": None}, both, (both, "auto", WEATHER)),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, {}, ({}, "auto", {})),
+    ]:
+        assert openai_grammar(request, tools, ours) == expected, request
+    for request, message in [
+        ({"tool_choice": "any"}, "'tool_choice' must be 'auto', 'none', 'required', {type:"),
+        ({"tool_choice": {"type": "custom", "custom": {"name": "x"}}}, "got {'type': 'custom'"),
+        ({"tool_choice": {"type": "function", "function": "ping"}}, "'tool_choice' must be"),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "names 'nope'"),
+        ({"response_format": {"type": "xml"}}, "type must be text, json_object or json_schema"),
+        ({"response_format": {"type": "json_schema"}}, "expected {name, schema, strict}"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            openai_grammar(request, both, ours)
