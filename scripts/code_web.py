@@ -220,6 +220,8 @@ def to_conversation(msgs: list) -> list[dict]:
 
 def parse_tools(req) -> dict | None:
     """The request's `tools` as {name: function} (None: the request has none)."""
+    if req.get("functions") or req.get("function_call"):  # (deprecated: not silently ignored)
+        raise bad("'functions' and 'function_call' are not supported: use 'tools', 'tool_choice'")
     tools = req.get("tools")
     if not tools:
         return None

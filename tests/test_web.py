@@ -205,6 +205,7 @@ def test_tools_off_without_allow_tools_and_bad_requests(tmp_path, workdir):
                 "'tool_choice' must",
             ),
             ({"messages": user, "tool_choice": "required"}, 400, "needs at least one tool"),
+            ({"messages": user, "functions": [WEATHER["function"]]}, 400, "use 'tools'"),
             (
                 {"messages": user, "tools": [{"type": "custom", "custom": {"name": "sql"}}]},
                 400,
