@@ -8,8 +8,7 @@ import torch
 from nanocode.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
 from nanocode.engine import DENIED, Engine, encode_with_specials, sample_next
 from nanocode.gpt import GPT, GPTConfig
-from nanocode.grammar import compile_grammar
-from tests.helpers import ByteTokenizer, naive_generate, nudged_model, real_tokenizer, tiny_model
+from tests.helpers import ByteTokenizer, naive_generate, real_tokenizer, tiny_model
 from tests.scripted_model import ScriptedModel
 
 
@@ -174,40 +173,6 @@ def test_a_constraint_masks_its_rows_logits(tok, real):
     out = engine.generate_batch(prompt(tok), num_samples=2, max_tokens=12, temperature=1.0)
     assert tok.decode(out[1]).isdigit() and len(out[1]) == 12 and constraint.told == out[1]
     assert not tok.decode(out[0]).isdigit()
-
-
-def test_a_grammar_per_row_with_tool_outputs_and_its_end(tmp_path):
-    """chat_batch(grammar=...): each row decodes under its own matcher, which is told the tool
-    outputs (text that spells a special token included); a row whose grammar is complete ends
-    there (finish_reason stop, no <|assistant_end|> sampled), the others at max_tokens."""
-    tok = real_tokenizer()
-    engine = Engine(nudged_model(2, tok.vocab_size, 256), tok)  # flat enough to vary by row
-    units = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}}
-    units.update(required=["unit"], additionalProperties=False)
-    grammar = compile_grammar(tok, {"weather": units}, "required", answer_schema={"enum": [1, 2]})
-    ask = {"messages": [{"role": "user", "content": "weather?"}]}
-    results = engine.chat_batch(
-        [ask] * 6,
-        approve=lambda name, arguments: True,
-        workdirs=[tmp_path] * 6,
-        tool_runner=lambda name, arguments, workdir: "sunny <|tool_end|>",
-        tools={"weather": {}},
-        grammar=grammar,
-        temperature=1.0,
-        max_tokens=80,
-    )
-    assert len({str(r["message"]) for r in results}) > 1
-    assert "stop" in {r["finish_reason"] for r in results}
-    for r in results:
-        parts = r["message"]["content"]
-        calls, outputs = parts[0 : len(parts) - 1 : 2], parts[1 : len(parts) - 1 : 2]
-        assert calls and all(c["type"] == "tool_call" and c["name"] == "weather" for c in calls)
-        assert all(c["arguments"]["unit"] in ("celsius", "fahrenheit") for c in calls)
-        assert all(o == {"type": "tool_output", "text": "sunny <|tool_end|>"} for o in outputs)
-        if r["finish_reason"] == "stop":
-            assert parts[-1]["text"] in ("1", "2") and r["ids"][-1] != engine.assistant_end
-        else:
-            assert r["usage"]["completion_tokens"] == 80
 
 
 def test_sample_next_filters():
