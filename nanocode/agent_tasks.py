@@ -400,10 +400,12 @@ def run_tasks(
     max_tokens=None,
     max_tool_calls=None,
     on_done=None,
+    grammar=None,
 ) -> list[dict]:
     """Let the agent do each task (batches of tasks with the same budget decode together), each
     verified in its own scratch dir. max_tokens / max_tool_calls override the tasks' budgets (a
-    small context). One record per task, in order; on_done(record) as each is done."""
+    small context). One record per task, in order; on_done(record) as each is done. grammar:
+    decode under it (nanocode.grammar; agent_eval --constrained)."""
     records, groups = [None] * len(tasks), {}
     for i, t in enumerate(tasks):
         budget = (max_tokens or t["budget"]["tokens"], max_tool_calls or t["budget"]["tool_calls"])
@@ -421,6 +423,7 @@ def run_tasks(
                 temperature=temperature,
                 top_k=top_k,
                 seed=seed + 1000 * chunk[0],
+                grammar=grammar,
             )
             for i, r in zip(chunk, results):
                 records[i] = task_record(tasks[i], r)

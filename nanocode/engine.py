@@ -14,9 +14,11 @@ does not hold yet (its prompt, its last token, or a tool's output) and samples o
 rows with one new token share one batched forward, a longer feed gets a forward of its own, and
 generate's samples feed their one prompt once (its keys and values copied to every row). Tokens are
 drawn in one place, Engine._sample: row i with its own torch.Generator (seed + i), so a batch gives
-what one-by-one runs give; a row's `constraint` (e.g. a grammar; none is set today) masks that
-row's logits in place right before the draw and is told each token drawn (a tool's output is not
-drawn; a forced call's opening replaces the draw after that, so the two do not mix yet).
+what one-by-one runs give; a row's `constraint` masks that row's logits in place right before the
+draw and is told each token drawn. chat's grammar=... (nanocode.grammar) is that constraint: a
+Matcher per row, told the row's tool outputs too (forced tokens are part of the grammar), and a row
+whose grammar is complete ends there. On a GPU the matcher computes the next mask on a thread while
+the model computes the logits it will mask; on a CPU that handoff costs more than it saves.
 
 The tool loop (chat_batch; chat is its batch of one, streamed): when a row's model closes a call
 with <|tool_end|>, the JSON between <|tool_start|> and <|tool_end|> is parsed and validated, the
@@ -28,7 +30,6 @@ place. Reply is the per-reply token state machine (text deltas, call parsing, me
 """
 
 import itertools
-import json
 import math
 import re
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -37,6 +38,7 @@ from types import SimpleNamespace
 import torch
 
 from nanocode.common import autocast
+from nanocode.grammar import Matcher
 from nanocode.tools import parse_tool_call, run_tool
 
 DENIED = "denied by the user"
@@ -326,10 +328,11 @@ class Engine:
         approve(name, arguments) -> bool is asked before every call (None denies all); workdir None
         disables tools. max_tokens counts sampled tokens (forced tool outputs are free).
         call_options (for the OpenAI server's client-side tools): tools={name: schema} the model may
-        call (default: ours); forced_call=name: the reply starts with a call of that tool (its
-        opening is prefilled, free like tool outputs); stop_at_tool_call=True: a valid call ends the
-        reply unrun, with finish_reason "tool_calls" (the caller runs it); stop=[strings]: the
-        reply ends before the first of them that its text holds (finish_reason "stop").
+        call (default: ours); grammar=nanocode.grammar.compile_grammar(...): every row's reply
+        follows it (e.g. tool_choice "required": it opens with a call that matches its schema);
+        stop_at_tool_call=True: a valid call ends the reply unrun, with finish_reason "tool_calls"
+        (the caller runs it); stop=[strings]: the reply ends before the first of them that its text
+        holds (finish_reason "stop").
         This is chat_batch for a batch of one, streamed."""
         settings = (max_tokens, temperature, top_k, top_p, seed, max_tool_calls, tool_runner)
         rows = ([conversation], [approve], [workdir], [None])
@@ -378,9 +381,7 @@ class Engine:
                 on_event(i, event)
         return results
 
-    def _chat(
-        self, batch, settings, tools=None, forced_call=None, stop_at_tool_call=False, stop=()
-    ):
+    def _chat(self, batch, settings, tools=None, grammar=None, stop_at_tool_call=False, stop=()):
         """The tool loop over the decode loop: yields (row, event), and fills `results`
         (chat_batch's) as rows finish."""
         conversations, approves, workdirs, results = batch
@@ -388,30 +389,25 @@ class Engine:
         check_sampling(max_tokens=max_tokens)
         tool_runner = run_tool if tool_runner is None else tool_runner
         tok, n = self.tokenizer, len(conversations)
-        # A forced call's opening '<|tool_start|>{"name": "bash", "arguments":' is taken as if
-        # sampled, one token per step, so Reply parses the call as usual. (It ends before the space:
-        # the tokenizer splits there, so the model sees the tokens it would have written itself.)
-        opening = json.dumps({"name": forced_call, "arguments": {}})[:-4]
-        prefill = [] if forced_call is None else [self.tool_start] + tok.encode(opening)
+        overlap = self.device.type == "cuda"  # (see the module docstring)
         rows = []
         for i, conv in enumerate(conversations):
             prompt = list(tok.render_for_completion(conv))
             row = self._row(prompt, seed + i, prompt=prompt, out=[], mask=[], sampled=0)
-            row.calls_left, row.prefill = max_tool_calls, list(prefill)
+            row.calls_left = max_tool_calls
             row.reply = Reply(tok, self.tool_start, self.tool_end, tools, stop)
+            row.constraint = grammar and Matcher(grammar, overlap)
             rows.append(row)
 
         def take_token(i, t):
             row = rows[i]
-            sampled = not row.prefill  # a forced call's opening is taken instead of the sample
-            t = t if sampled else row.prefill.pop(0)
-            row.sampled += sampled
+            row.sampled += 1
             row.out.append(t)
-            row.mask.append(int(sampled))
+            row.mask.append(1)
             if t not in self.stop_ids:
                 row.ids.append(t)
                 yield from ((i, event) for event in row.reply.feed(t))
-            if t in self.stop_ids or row.reply.stopped:
+            if t in self.stop_ids or row.reply.stopped or (grammar and row.constraint.done):
                 yield from finish(i, "stop")
             elif row.reply.closed is None:
                 yield from go_on(i)
@@ -446,6 +442,8 @@ class Engine:
             row.waiting = None
             yield i, row.reply.tool_output(text)
             forced = [self.output_start] + tok.encode(text) + [self.output_end]
+            if grammar:  # the grammar reads the whole reply, outputs included
+                row.constraint.accept(*forced)
             row.ids += forced
             row.out += forced
             row.mask += [0] * len(forced)

@@ -23,7 +23,9 @@ With an answer schema (response_format), the JSON answer replaces the free text:
 answer` in auto, `answer` alone with no tools. <|assistant_end|> (the tokenizer's end of reply for
 llguidance) is allowed only where the grammar may end; every other special token is forbidden. JSON
 is written as json.dumps writes it (", " and ": ", no other whitespace): the format our tool calls
-are trained on, and a random walk cannot spend its tokens on spaces.
+are trained on, and a random walk cannot spend its tokens on spaces. openai_grammar maps an OpenAI
+request's tool_choice and response_format to compile_grammar's arguments (scripts/code_web.py);
+OUR_TOOLS is our five tools' argument schemas (the CLI's and agent eval's --constrained).
 
 Overlap: accept() consumes the token (~0.5 us, on the caller's thread) and hands the next mask to a
 thread pool; llguidance releases the GIL while it computes, so the mask is computed while the model
@@ -46,6 +48,8 @@ import llguidance
 import torch
 from llguidance.tiktoken import lltokenizer_from_encoding
 
+from nanocode.tools import TOOLS
+
 # JSON Schema keywords we pass to llguidance and test (tests/test_grammar.py); any other keyword is
 # refused by name rather than silently ignored (llguidance ignores keywords it does not know).
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$comment"}
@@ -61,6 +65,7 @@ SUPPORTED = ANNOTATIONS | CONSTRAINTS | ONE_SCHEMA | SCHEMA_LIST | SCHEMA_MAP
 # json.dumps's separators, and no other whitespace (llguidance's JSON options, set per schema).
 JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+OUR_TOOLS = {name: schema["parameters"] for name, schema in TOOLS.items()}  # (--constrained)
 TOOL_CHOICES = ("auto", "required")
 TEXT_RULE = "TEXT: /(.|\\n)+/\n"  # any text: specials are tokens, never bytes, so it holds none
 
@@ -118,6 +123,58 @@ def compile_grammar(
         raise ValueError('tool_choice "required" needs at least one tool')
     # The key keeps the schemas' property order: it is the order the JSON is written in.
     return _compile(tokenizer, json.dumps([tools, tool_choice, answer_schema]))
+
+
+# The OpenAI protocol's tool_choice values and response_format types (json_schema: its "schema").
+CHOICES = (
+    "'auto', 'none', 'required', {type: 'function', function: {name}} or {type: 'allowed_tools', "
+    "allowed_tools: {mode: 'auto'|'required', tools: [{type: 'function', function: {name}}]}}"
+)
+ANSWERS = {"text": None, "json_object": {"type": "object"}}
+
+
+def openai_grammar(request: dict, tools: dict | None, ours: dict) -> tuple | None:
+    """compile_grammar's (tools, tool_choice, answer_schema) for an OpenAI chat-completions request:
+    its "tool_choice" and "response_format", with tools {name: parameters} (None: the request has
+    no "tools", and its calls may name `ours`). None where nothing is constrained (no tools, auto,
+    no response_format: the model writes our tools' calls as trained). Raises ValueError naming a
+    value the protocol does not have or a tool that is not offered."""
+    choice = request.get("tool_choice") or "auto"
+    try:
+        if isinstance(choice, str):
+            mode, names = choice, None
+        elif choice["type"] == "function":
+            mode, names = "required", [choice["function"]["name"]]
+        else:
+            allowed = choice["allowed_tools"] if choice["type"] == "allowed_tools" else {}
+            mode, names = allowed["mode"], [t["function"]["name"] for t in allowed["tools"]]
+    except (KeyError, TypeError):
+        mode = None
+    if mode not in ("auto", "none", "required"):
+        raise ValueError(f"'tool_choice' must be {CHOICES}, got {choice!r}")
+    fmt = request.get("response_format") or {"type": "text"}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind not in (*ANSWERS, "json_schema"):
+        raise ValueError(
+            f"'response_format' type must be text, json_object or json_schema, got {fmt!r}"
+        )
+    answer = ANSWERS.get(kind)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ValueError("'response_format' json_schema: expected {name, schema, strict}")
+        answer = spec.get("schema", {})
+    if tools is None and choice == "auto" and answer is None:
+        return None
+    callable_ = ours if tools is None else tools
+    for name in names or []:
+        if not isinstance(name, str) or name not in callable_:
+            raise ValueError(f"'tool_choice' names {name!r}, which is not in 'tools'")
+    if mode == "none":
+        callable_, mode = {}, "auto"
+    elif names is not None:
+        callable_ = {name: callable_[name] for name in names}
+    return callable_, mode, answer
 
 
 @functools.lru_cache(maxsize=64)
@@ -196,6 +253,10 @@ class Matcher:
     def bitmask(self) -> torch.Tensor:
         """(ceil(vocab / 32),) int32 on the CPU: bit j of word w allows token 32 * w + j."""
         return self._compute() if self.pending is None else self.pending.result()
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """The engine's constraint hook: the row's logits (V,), forbidden tokens set to -inf."""
+        apply_bitmask(logits, self.bitmask())
 
     def accept(self, *tokens: int) -> None:
         if self.pending is not None:  # the computation reads the state this changes: let it finish

@@ -11,6 +11,13 @@ user refuses) and run in the sandbox, in a scratch dir per task; tasks decode to
 Writes <out>_transcripts.jsonl (one record per task: the reply, passed, usage, the verifier's
 output) and prints success per kind, the valid-call rate, calls and tokens per task and the cut-offs
 (replies that hit the token budget). The last line printed is `success: <value>`.
+
+    python -m scripts.agent_eval -i sft --constrained   # the same under nanocode.grammar
+
+--constrained decodes under a grammar of our five tools (every call parses and matches its tool's
+schema), logged as agent_eval_<source>_constrained: next to the unconstrained run it shows how much
+of the success the model learned and how much decoding enforces (SFT/DPO's own tool-call validity
+numbers stay unconstrained).
 """
 
 import argparse
@@ -46,6 +53,9 @@ parser.add_argument("--tag", help="checkpoint tag (default: the latest)")
 parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
 parser.add_argument("--out", help="output path prefix (default: in $NANOCODE_BASE_DIR/eval)")
+parser.add_argument(
+    "--constrained", action="store_true", help="calls must match our tools' schemas"
+)
 
 
 def main():
@@ -57,7 +67,7 @@ def main():
     else:
         tasks = agent_tasks.load_suite(args.suite)[: args.num_tasks]
     _, rank, _, world_size, device = compute_init("cpu" if args.samples else args.device_type)
-    source = "samples" if args.samples else args.source
+    source = "samples" if args.samples else args.source + "_constrained" * args.constrained
 
     t0 = time.time()
     if args.samples:
@@ -66,8 +76,10 @@ def main():
     else:
         from nanocode.checkpoint import load_model
         from nanocode.engine import Engine
+        from nanocode.grammar import OUR_TOOLS, compile_grammar
 
         model, tokenizer, _ = load_model(args.source, device, tag=args.tag, step=args.step)
+        grammar = compile_grammar(tokenizer, OUR_TOOLS) if args.constrained else None
         mine = tasks[rank::world_size]
         bar = progress(total=len(mine), desc="tasks", unit="task")  # rank 0's share, rate, ETA
         top_k = args.top_k if args.temperature > 0 else None
@@ -80,6 +92,7 @@ def main():
             max_tokens=args.max_tokens,
             max_tool_calls=args.max_tool_calls,
             on_done=lambda record: bar.update(1),
+            grammar=grammar,
         )
         bar.close()
     seconds = time.time() - t0

@@ -5,13 +5,16 @@ approval.
     python -m scripts.code_cli -p "list the files"   # one shot
     python -m scripts.code_cli -i dpo --yes          # approve every tool call without asking
     python -m scripts.code_cli --sandbox read-only   # the agent may look but not change anything
+    python -m scripts.code_cli --constrained         # every call parses and matches its tool
 
 Each tool call is shown and waits for y (run it), n (refuse: the model is told "denied by the
 user") or a (always: run this and every later call). Without a terminal on stdin, calls are refused
 unless --yes. bash runs in nanocode.sandbox: by default only --workdir (and a private /tmp) is
 writable, the network is off and nothing else of your files is visible; --sandbox read-only |
 workspace-write | off, --network. Ctrl-C stops the current reply (and a running tool), not the
-session; Ctrl-D or /exit leaves; /clear starts a new conversation.
+session; Ctrl-D or /exit leaves; /clear starts a new conversation. --constrained decodes under
+nanocode.grammar: text, and calls of our five tools whose arguments match the tool's schema (the
+model cannot write a malformed call; without it, what the model learned is all there is).
 """
 
 import argparse
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from nanocode import sandbox
 from nanocode.common import NanocodeError, autodetect_device_type, run_main
+from nanocode.grammar import OUR_TOOLS, compile_grammar
 from nanocode.tools import run_tool
 from scripts.code_web import add_agent_args, load_engine
 
@@ -33,6 +37,9 @@ parser.add_argument("--workdir", default=".", help="directory the tools work in"
 parser.add_argument("--yes", action="store_true", help="approve every tool call")
 parser.add_argument("--system", default=None, help="system prompt")
 parser.add_argument("--seed", type=int, default=42)
+parser.add_argument(
+    "--constrained", action="store_true", help="calls must match our tools' schemas"
+)
 
 SHOW_LINES = 20  # lines of each tool output echoed to the terminal (the model sees all of it)
 SETTINGS = ("max_tokens", "temperature", "top_k", "seed", "max_tool_calls")  # as engine.chat names
@@ -79,11 +86,13 @@ def show(event):
         print(f"\n[{event['text']}]", flush=True)
 
 
-def reply(engine, conversation, approve, args):
-    """Stream one assistant reply; returns its message (partial if interrupted with Ctrl-C)."""
+def reply(engine, conversation, approve, args, grammar=None):
+    """Stream one assistant reply; returns its message (partial if interrupted with Ctrl-C).
+    grammar: nanocode.grammar's, which every token of the reply must follow (--constrained)."""
     settings = {key: getattr(args, key) for key in SETTINGS}
     runner = functools.partial(run_tool, sandbox=args.sandbox, network=args.network)
-    events = engine.chat(conversation, approve, Path(args.workdir), tool_runner=runner, **settings)
+    settings.update(tool_runner=runner, grammar=grammar)
+    events = engine.chat(conversation, approve, Path(args.workdir), **settings)
     parts = []  # what was said so far, for a reply cut short
     try:
         for event in events:
@@ -108,6 +117,7 @@ def main():
     if args.temperature < 0 or args.max_tokens < 1:
         raise NanocodeError("--temperature must be >= 0 and --max-tokens >= 1")
     engine = load_engine(args, args.device_type or autodetect_device_type())[0]
+    grammar = compile_grammar(engine.tokenizer, OUR_TOOLS) if args.constrained else None
     # Ctrl-C stops a reply even when we were started with SIGINT ignored (a background job, nohup)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     label = f"sandbox {args.sandbox}, network {'on' if args.network else 'off'}"
@@ -138,7 +148,7 @@ def main():
             print("[conversation cleared]", flush=True)
         elif text:
             messages.append({"role": "user", "content": text})
-            message = reply(engine, {"messages": messages}, approve, args)
+            message = reply(engine, {"messages": messages}, approve, args, grammar)
             if message["content"]:
                 messages.append(message)
             else:  # interrupted before a word: forget the question too, so turns alternate

@@ -12,9 +12,15 @@ message.tool_calls (id, type "function", function.name, function.arguments as a 
 finish_reason "tool_calls" (streamed as delta.tool_calls), and the server runs nothing; the client
 sends the result as a role "tool" message (after the assistant message with content null and
 tool_calls), and the model goes on. Our five tools (bash, read_file, ...) are the ones the model was
-trained on; other functions are listed for it in the system prompt. tool_choice: "auto", "none", or
-{"type": "function", "function": {"name": ...}} (forced by prefilling the call). parallel_tool_calls
-is accepted, but a reply holds at most one call: the model makes one call per turn.
+trained on; other functions are listed for it in the system prompt. Decoding follows a grammar
+(nanocode.grammar): a call names one of the request's tools and its arguments match that tool's
+"parameters" (strict or not; a schema keyword we do not support is a 400 naming it). tool_choice:
+"auto" (text, calls or both), "none" (text only), "required" (a call first), a named function (a
+call of it), {"type": "allowed_tools", ...} (auto or required among those). response_format:
+"text", "json_object" or "json_schema" (the content is JSON matching json_schema.schema; after any
+calls). parallel_tool_calls is accepted, but a reply holds at most one call: the model makes one
+call per turn. Without "tools" and "response_format" decoding is free: the model writes our tools'
+calls as trained.
 
 Server-side tools (--allow-tools [DIR], used by requests without "tools"): our tools run without
 asking (a server has nobody to ask), inside nanocode.sandbox (--sandbox, --network), each
@@ -59,7 +65,7 @@ from nanocode.tools import run_tool
 
 UI_PATH = Path(__file__).with_name("ui.html")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-EMPTY_SCHEMA = {"type": "object", "properties": {}}
+EMPTY_SCHEMA = {"type": "object", "properties": {}, "additionalProperties": False}
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 
@@ -212,39 +218,35 @@ def to_conversation(msgs: list) -> list[dict]:
             out.append({"role": "assistant", "content": list(parts)})
 
 
-def parse_tools(req) -> tuple[dict | None, str | None]:
-    """The request's `tools` as {name: schema} (None: the request has none) and the name that
-    `tool_choice` forces."""
-    tools, choice, schemas = req.get("tools"), req.get("tool_choice"), None
-    if tools:
-        if not isinstance(tools, list):
-            raise bad("'tools' must be a list")
-        schemas = {}
-        for i, tool in enumerate(tools):
-            fn = tool.get("function") if isinstance(tool, dict) else None
-            if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
-                raise bad(f"tools[{i}]: expected {{type: 'function', function: {{name, ...}}}}")
-            schemas[fn["name"]] = {"description": "", "parameters": EMPTY_SCHEMA, **fn}
-    if choice in (None, "auto"):
-        return schemas, None
-    if choice == "none":
-        return ({} if schemas is not None else None), None
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if not isinstance(name, str):
-        raise bad(
-            f"'tool_choice' must be 'auto', 'none' or {{type: 'function', function: {{name}}}}"
-            f"{' (required is not supported)' if choice == 'required' else ''}, got {choice!r}"
-        )
-    if name not in (schemas or {}):
-        raise bad(f"'tool_choice' names {name!r}, which is not in 'tools'")
-    return schemas, name
+def parse_tools(req) -> dict | None:
+    """The request's `tools` as {name: function} (None: the request has none)."""
+    if req.get("functions") or req.get("function_call"):  # (deprecated: not silently ignored)
+        raise bad("'functions' and 'function_call' are not supported: use 'tools', 'tool_choice'")
+    tools = req.get("tools")
+    if not tools:
+        return None
+    if not isinstance(tools, list):
+        raise bad("'tools' must be a list")
+    schemas = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(tool, dict) and tool.get("type", "function") != "function":
+            raise bad(f"tools[{i}]: type {tool['type']!r} is not supported, only 'function'")
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise bad(f"tools[{i}]: expected {{type: 'function', function: {{name, ...}}}}")
+        if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+            raise bad(f"tools[{i}].function.strict must be true or false")
+        schemas[fn["name"]] = {"description": "", "parameters": EMPTY_SCHEMA, **fn}
+    return schemas
 
 
 def parse_request(body: bytes, args) -> dict:
-    """Validate a chat-completions request: the engine's conversation and call settings, and how
-    to answer (n, stream, conversation_id)."""
+    """Validate a chat-completions request: the engine's conversation and call settings (with
+    settings["grammar"] as compile_grammar's arguments: the app compiles it), and how to answer
+    (n, stream, conversation_id)."""
     from nanocode.conversations import validate_conversation
     from nanocode.engine import check_sampling
+    from nanocode.grammar import OUR_TOOLS, openai_grammar
     from nanocode.tools import TOOLS, tools_prompt
 
     try:
@@ -259,7 +261,13 @@ def parse_request(body: bytes, args) -> dict:
     if len(msgs) > args.max_messages:
         raise bad(f"'messages': too many ({len(msgs)} > {args.max_messages})")
     messages = to_conversation(msgs)
-    tools, forced = parse_tools(req)
+    tools = parse_tools(req)
+    params = None if tools is None else {name: fn["parameters"] for name, fn in tools.items()}
+    ours = OUR_TOOLS if args.allow_tools is not None else {}
+    try:
+        grammar = openai_grammar(req, params, ours)
+    except ValueError as e:
+        raise bad(str(e)) from None
     extra = [schema for name, schema in (tools or {}).items() if name not in TOOLS]
     if extra:  # functions the model was not trained on: listed for it, in the system prompt
         system = [m["content"] for m in messages[:1] if m["role"] == "system"]
@@ -290,7 +298,7 @@ def parse_request(body: bytes, args) -> dict:
             raise bad(f"'{key}' must be {'true or false' if kind is bool else 'a string'}")
     settings = {key: given.get(key) for key in ("temperature", "top_k", "top_p", "seed")}
     settings.update(max_tokens=given.get("max_completion_tokens", given["max_tokens"]), stop=stop)
-    settings.update(tools=tools, forced_call=forced, stop_at_tool_call=tools is not None)
+    settings.update(tools=tools, grammar=grammar, stop_at_tool_call=tools is not None)
     if settings["seed"] is None:  # like the OpenAI API: a request without a seed samples afresh
         settings["seed"] = secrets.randbelow(2**63)
     answer = dict(n=given.get("n", 1), stream=req.get("stream"), cid=req.get("conversation_id"))
@@ -402,6 +410,14 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
                 raise RequestError(413, f"request body exceeds the limit of {args.max_body_bytes}")
         return body
 
+    def grammar_of(spec):
+        from nanocode.grammar import compile_grammar
+
+        try:  # (cached: milliseconds once per distinct tools, tool_choice and response_format)
+            return compile_grammar(engines[0].tokenizer, *spec)
+        except ValueError as e:
+            raise bad(str(e)) from None
+
     def start(req, rid):
         """Run the engine for this request in a thread, on the first free replica (chat_batch of
         n choices, choice i sampled with seed + i); its (choice, event) pairs come out of the
@@ -499,6 +515,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
     async def chat_completions(request: Request):
         try:
             req = parse_request(await read_body(request), args)
+            if (spec := req["settings"]["grammar"]) is not None:
+                req["settings"]["grammar"] = await asyncio.to_thread(grammar_of, spec)
             if len(admitted) >= len(engines) + args.max_queue:
                 raise RequestError(429, f"server busy: {args.max_queue} requests waiting; retry")
             if workspaces is not None and req["settings"]["tools"] is None:

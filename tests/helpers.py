@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -120,6 +121,52 @@ def script_env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(flags, log):
+    """Start scripts.code_web with `flags` on a free port, its output in the file `log`, and wait
+    for /health; try another port if this one was taken meanwhile (other test runs share the
+    machine). Returns (process, url)."""
+    import httpx
+
+    for _ in range(3):
+        port = free_port()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(
+                script_argv("scripts.code_web", "--port", str(port), *flags),
+                cwd=REPO,
+                env=script_env(),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120  # only guards against a hang
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=2).json().get("pid") == proc.pid:
+                    return proc, url
+            except (httpx.TransportError, ValueError):
+                pass
+            time.sleep(0.2)
+        stop_server(proc)
+        if "address already in use" not in log.read_text():
+            break
+    raise AssertionError(f"the server did not come up:\n{log.read_text()}")
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def torchrun(script_or_args, tmp_path, nproc=2):
     """Run a script (str: its source) or a module (list: args) under 2 gloo processes; returns
     stdout."""
@@ -223,6 +270,79 @@ def save_tiny_checkpoint(tag: str, vocab_size: int, phase: str = "sft"):
         None,
         {"model_config": model.config.to_dict()},
     )
+
+
+CITIES = "Paris Oslo Lima Rome Cairo Tokyo Quito Bern Kyiv Riga".split()
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "the weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+
+
+def tool_use_conversation(rng) -> list[dict]:
+    """A short conversation of the kinds a client of the server has: a client's tool called (then
+    a word on its output), one of our tools called, a JSON answer, a greeting."""
+    from nanocode.tools import tools_prompt
+
+    city, path, kind = rng.choice(CITIES), rng.choice(["app.py", "main.py"]), rng.randrange(4)
+    messages = []
+    if kind == 0:  # a client's tool, listed in the system prompt as the server lists it
+        messages.append({"role": "system", "content": tools_prompt([WEATHER_TOOL])})
+        request, calls, answer = f"Weather in {city}?", [("get_weather", {"city": city})], "Sunny."
+    elif kind == 1:  # one of ours
+        ours = [("bash", {"command": f"cat {path}"}), ("read_file", {"path": path})]
+        request, calls, answer = f"Look at {path}.", [rng.choice(ours)], "Done."
+    elif kind == 2:
+        answer = json.dumps({"city": city, "degrees": rng.randrange(30)})
+        request, calls = f"As JSON: the weather in {city}?", []
+    else:
+        request, calls, answer = f"Hello from {city}.", [], f"Hello, {city}!"
+    output = {"type": "tool_output", "text": f"sunny, {rng.randrange(30)} C"}
+    parts = [{"type": "tool_call", "name": name, "arguments": args} for name, args in calls]
+    parts = [p for call in parts for p in (call, output)] + [{"type": "text", "text": answer}]
+    return messages + [
+        {"role": "user", "content": request},
+        {"role": "assistant", "content": parts},
+    ]
+
+
+def tool_calling_checkpoint(tag: str = "tool-caller", steps: int = 150) -> str:
+    """A tiny GPT trained for `steps` AdamW steps (~15 s on a core) on tool_use_conversation, saved
+    where load_model("sft", tag=tag) finds it (once per base dir): unlike a random model it closes
+    strings, so its tool calls and JSON answers end within a few dozen tokens."""
+    from nanocode.checkpoint import checkpoint_dir, save_checkpoint
+    from nanocode.gpt import GPTConfig, build_model
+
+    tok, ckpt = real_tokenizer(), checkpoint_dir("sft", tag)
+    if ckpt.exists():
+        return tag
+    rng, _ = random.Random(0), torch.manual_seed(0)
+    config = GPTConfig(
+        1024, tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="L"
+    )
+    model = build_model(config, "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(steps):
+        rows = [
+            tok.render_conversation({"messages": tool_use_conversation(rng)}) for _ in range(16)
+        ]
+        x = torch.zeros(len(rows), max(len(ids) for ids, _ in rows), dtype=torch.long)
+        y = torch.full_like(x, -1)  # -1: not learned (the prompt, tool outputs, padding)
+        for b, (ids, mask) in enumerate(rows):
+            x[b, : len(ids)] = torch.tensor(ids)
+            y[b, : len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    meta = {"model_config": model.config.to_dict()}
+    save_checkpoint(ckpt, steps, model.state_dict(), None, meta)
+    return tag
 
 
 ANSWER = "q"  # the rewarded answer: a reply whose text contains it passes

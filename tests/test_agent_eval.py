@@ -25,7 +25,7 @@ from nanocode.agent_tasks import (
 )
 from nanocode.common import NanocodeError
 from nanocode.engine import Engine, encode_with_specials
-from tests.helpers import ByteTokenizer
+from tests.helpers import ByteTokenizer, tool_calling_checkpoint
 from tests.scripted_model import ScriptedModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,6 +213,32 @@ def test_script_rescores_transcripts(suite, tmp_path):
         and "ref.jsonl line 1: not valid JSON" in p.stderr
         and "Traceback" not in p.stderr
     )
+
+
+def test_script_with_a_checkpoint_constrained_or_not(tmp_path):
+    """python -m scripts.agent_eval -i sft on a tiny trained checkpoint, with and without
+    --constrained: both print the valid-call rate and success; under the grammar every call the
+    model attempts is valid (and it attempts some), logged as its own stage."""
+    from nanocode.common import get_base_dir
+
+    argv = [sys.executable, "-m", "scripts.agent_eval", "-i", "sft", "--device-type", "cpu"]
+    argv += ["--tag", tool_calling_checkpoint(), "--num-tasks", "6", "--max-tokens", "64"]
+    for flags, stage in (([], "agent_eval_sft"), (["--constrained"], "agent_eval_sft_constrained")):
+        out = tmp_path / stage
+        p = subprocess.run(
+            argv + flags + ["--out", str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.splitlines()
+        assert lines[-1].startswith("success: ") and lines[-2].startswith("valid-call rate: ")
+        assert (get_base_dir() / "report" / f"{stage}.json").exists()
+    records = [json.loads(line) for line in open(f"{out}_transcripts.jsonl")]
+    assert all(r["call_attempts"] == r["tool_calls"] for r in records)
+    assert sum(r["tool_calls"] for r in records) > 0 and lines[-2].startswith("valid-call rate: 1")
 
 
 def test_report_shows_success_per_kind_for_each_checkpoint(tmp_path, monkeypatch):

@@ -10,7 +10,14 @@ import subprocess
 import time
 
 from nanocode import sandbox
-from tests.helpers import REPO, real_tokenizer, save_tiny_checkpoint, script_argv, script_env
+from tests.helpers import (
+    REPO,
+    real_tokenizer,
+    save_tiny_checkpoint,
+    script_argv,
+    script_env,
+    tool_calling_checkpoint,
+)
 
 CALL = '<|tool_start|>{{"name": "bash", "arguments": {{"command": "{}"}}}}<|tool_end|>'
 WRITE = (
@@ -274,3 +281,20 @@ def test_one_shot_with_tiny_real_checkpoint(tmp_path):
     assert (
         runs[0].stdout.strip() and runs[0].stdout == runs[1].stdout
     )  # greedy: the same reply twice
+
+
+def test_constrained_calls_with_a_tiny_trained_checkpoint(tmp_path):
+    """--constrained: the call this tiny model attempts is one of our tools, valid, and runs
+    (unconstrained, on this request, it has named a tool that does not exist)."""
+    argv = script_argv(
+        "scripts.code_cli",
+        *("-i", "sft", "--tag", tool_calling_checkpoint(), "--device-type", "cpu", "-t", "0"),
+        *("--max-tokens", "64", "--workdir", str(tmp_path), "--yes", "--constrained"),
+        *("-p", "Fix the bug in util.py, please."),
+    )
+    run = subprocess.run(
+        argv, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=180
+    )
+    assert run.returncode == 0, run.stderr
+    assert "[tool] " in run.stdout, run.stdout
+    assert "error: unknown tool" not in run.stdout and "not valid JSON" not in run.stdout

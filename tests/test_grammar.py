@@ -1,6 +1,8 @@
 """nanocode.grammar: whatever the logits, a reply sampled under the grammar's mask is in our format,
 its tool calls parse and match their schema, and a JSON answer matches its schema. A tiny real
-tokenizer and random logits stand in for the model (validity must not depend on the weights)."""
+tokenizer and random logits stand in for the model (validity must not depend on the weights); then
+the same through the engine (a grammar per row, tool outputs included) and the OpenAI request
+fields that choose a grammar."""
 
 import json
 import re
@@ -10,10 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanocode.grammar import Matcher, apply_bitmask, check_schema, compile_grammar
+from nanocode.engine import Engine
+from nanocode.grammar import (
+    Matcher,
+    apply_bitmask,
+    check_schema,
+    compile_grammar,
+    openai_grammar,
+)
 from nanocode.tokenizer import N_SPECIAL, SPECIAL_TOKENS
 from nanocode.tools import TOOLS
-from tests.helpers import trained_tokenizer
+from tests.helpers import nudged_model, real_tokenizer, trained_tokenizer
 
 try:
     from jsonschema import validate
@@ -353,3 +362,75 @@ def test_hand_check_refuses_every_keyword():
     ]:
         with pytest.raises(AssertionError):
             hand_check({**good, key: bad}, EVERY_KEYWORD, EVERY_KEYWORD)
+
+
+def test_a_grammar_per_row_with_tool_outputs_and_its_end(tmp_path):
+    """chat_batch(grammar=...): each row decodes under its own matcher, which is told the tool
+    outputs (text that spells a special token included); a row whose grammar is complete ends
+    there (finish_reason stop, no <|assistant_end|> sampled), the others at max_tokens."""
+    tok = real_tokenizer()
+    engine = Engine(nudged_model(2, tok.vocab_size, 256), tok)  # flat enough to vary by row
+    units = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}}
+    units.update(required=["unit"], additionalProperties=False)
+    grammar = compile_grammar(tok, {"weather": units}, "required", answer_schema={"enum": [1, 2]})
+    ask = {"messages": [{"role": "user", "content": "weather?"}]}
+    results = engine.chat_batch(
+        [ask] * 6,
+        approve=lambda name, arguments: True,
+        workdirs=[tmp_path] * 6,
+        tool_runner=lambda name, arguments, workdir: "sunny <|tool_end|>",
+        tools={"weather": {}},
+        grammar=grammar,
+        temperature=1.0,
+        max_tokens=80,
+    )
+    assert len({str(r["message"]) for r in results}) > 1
+    assert "stop" in {r["finish_reason"] for r in results}
+    for r in results:
+        parts = r["message"]["content"]
+        calls, outputs = parts[0 : len(parts) - 1 : 2], parts[1 : len(parts) - 1 : 2]
+        assert calls and all(c["type"] == "tool_call" and c["name"] == "weather" for c in calls)
+        assert all(c["arguments"]["unit"] in ("celsius", "fahrenheit") for c in calls)
+        assert all(o == {"type": "tool_output", "text": "sunny <|tool_end|>"} for o in outputs)
+        if r["finish_reason"] == "stop":
+            assert parts[-1]["text"] in ("1", "2") and r["ids"][-1] != engine.assistant_end
+        else:
+            assert r["usage"]["completion_tokens"] == 80
+
+
+def test_openai_requests_map_to_grammars():
+    """tool_choice and response_format of the OpenAI protocol, as compile_grammar's arguments: every
+    value honoured, or refused naming it."""
+    both, ours = {"get_weather": WEATHER, "ping": None}, {"bash": OURS["bash"]}
+    ping = {"type": "function", "function": {"name": "ping"}}
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [ping]}}
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "w", "strict": True, "schema": WEATHER},
+    }
+    obj = {"type": "json_object"}
+    for request, tools, expected in [
+        ({}, None, None),  # no tools, no format: free decoding (our tools' calls as trained)
+        ({"tool_choice": "auto", "response_format": {"type": "text"}}, None, None),
+        ({}, both, (both, "auto", None)),
+        ({"tool_choice": "none"}, both, ({}, "auto", None)),
+        ({"tool_choice": "none"}, None, ({}, "auto", None)),
+        ({"tool_choice": "required"}, both, (both, "required", None)),
+        ({"tool_choice": "required"}, None, (ours, "required", None)),  # (--allow-tools)
+        ({"tool_choice": ping}, both, ({"ping": None}, "required", None)),
+        ({"tool_choice": allowed}, both, ({"ping": None}, "required", None)),
+        ({"response_format": obj}, None, (ours, "auto", {"type": "object"})),
+        ({"response_format": schema, "tool_choice": None}, both, (both, "auto", WEATHER)),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, {}, ({}, "auto", {})),
+    ]:
+        assert openai_grammar(request, tools, ours) == expected, request
+    for request, message in [
+        ({"tool_choice": "any"}, "'tool_choice' must be 'auto', 'none', 'required', {type:"),
+        ({"tool_choice": {"type": "custom", "custom": {"name": "x"}}}, "got {'type': 'custom'"),
+        ({"tool_choice": {"type": "function", "function": "ping"}}, "'tool_choice' must be"),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "names 'nope'"),
+        ({"response_format": {"type": "xml"}}, "type must be text, json_object or json_schema"),
+        ({"response_format": {"type": "json_schema"}}, "expected {name, schema, strict}"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            openai_grammar(request, both, ours)
