@@ -53,12 +53,15 @@ STAGES = {
     "code_eval_sft": "Code eval (SFT)",
     "code_eval_dpo": "Code eval (DPO)",
     "agent_eval_sft": "Agent eval (SFT)",
+    "agent_eval_sft_constrained": "Agent eval (SFT, constrained decoding)",
     "agent_eval_dpo": "Agent eval (DPO)",
+    "agent_eval_dpo_constrained": "Agent eval (DPO, constrained decoding)",
     "agent_eval_rl": "Agent eval (RL)",
+    "agent_eval_rl_constrained": "Agent eval (RL, constrained decoding)",
     "agent_demo": "Agent demo",
 }
 CURVES = {"base_train": "pretraining", "sft": "SFT", "dpo": "DPO", "rl": "RL"}  # training logs
-OPTIONAL = {"code_eval_base", "code_eval_sft", "agent_eval_sft", "agent_eval_dpo", "agent_eval_rl"}
+OPTIONAL = {"code_eval_base", "code_eval_sft", *(k for k in STAGES if k.startswith("agent_eval"))}
 
 
 # ---- reading

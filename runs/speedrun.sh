@@ -150,7 +150,8 @@ from nanocode.dataset import list_shards
 from nanocode.report import log_stage
 shards = list_shards()
 rows = [pq.ParquetFile(s).metadata.num_rows for s in shards]
-log_stage("dataset", ["train_docs", "val_docs", "shards", "parquet_mb"], shards=len(shards), train_docs=sum(rows[:-1]), val_docs=rows[-1],
+log_stage("dataset", ["train_docs", "val_docs", "shards", "parquet_mb"], shards=len(shards),
+          train_docs=sum(rows[:-1]), val_docs=rows[-1],
           parquet_mb=round(sum(s.stat().st_size for s in shards) / 2 ** 20, 1))
 EOF
 }
@@ -171,8 +172,9 @@ synth_stage() {
 from nanocode.common import get_base_dir
 from nanocode.report import log_stage
 count = lambda name: sum(1 for _ in open(get_base_dir() / "sft" / name))
-log_stage("synth", ["train_conversations", "train_pairs"], train_conversations=count("synth_train.jsonl"), val_conversations=count("synth_val.jsonl"),
-          train_pairs=count("dpo_train.jsonl"), val_pairs=count("dpo_val.jsonl"))
+log_stage("synth", ["train_conversations", "train_pairs"], train_conversations=count("synth_train.jsonl"),
+          val_conversations=count("synth_val.jsonl"), train_pairs=count("dpo_train.jsonl"),
+          val_pairs=count("dpo_val.jsonl"))
 EOF
 }
 stage synth synth_stage
@@ -184,6 +186,9 @@ for source in "${EVAL_SOURCES[@]}"; do
 done
 for source in sft dpo rl; do  # the agent on verifiable coding tasks, after each post-training stage
     stage "agent_eval_$source" "${LAUNCH[@]}" -m scripts.agent_eval -i "$source" "${AGENT_EVAL_ARGS[@]}"
+    # the same tasks with calls held to our tools' schemas: what decoding enforces beyond what was learned
+    stage "agent_eval_${source}_constrained" "${LAUNCH[@]}" -m scripts.agent_eval -i "$source" \
+        "${AGENT_EVAL_ARGS[@]}" --constrained
 done
 
 agent_demo() {

@@ -71,9 +71,7 @@ def test_cpu_pipeline_stages_in_order(run):
         "scripts.code_dpo",
         "scripts.code_rl",
         "scripts.code_eval",
-        "scripts.agent_eval",
-        "scripts.agent_eval",
-        "scripts.agent_eval",
+        *["scripts.agent_eval"] * 6,  # sft, dpo, rl: each unconstrained, then constrained
         "scripts.code_cli",
         "nanocode.report",
     ]
@@ -83,6 +81,8 @@ def test_cpu_pipeline_stages_in_order(run):
     demo = next(c for c in calls if "scripts.code_cli" in c)
     assert "--yes" in demo and "-t 0" in demo  # the CPU demo decodes greedily
     assert "--weights run_report=20" in next(c for c in calls if "scripts.gen_synth" in c)
+    evals = [c for c in calls if "scripts.agent_eval" in c]
+    assert ["--constrained" in c for c in evals] == [False, True] * 3
     assert json.loads((base / "speedrun" / "base_train.done").read_text())["cpu_seconds"] > 0.05
     for stage in (
         "dataset",
