@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import common
 from kernels.reference import rope_qknorm_reference
 
 rq = importlib.import_module(
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("fresh_seed")
 @pytest.fixture
 def triton_path(monkeypatch):
     monkeypatch.setenv("NANOCODE_KERNELS", "triton")
-    monkeypatch.setattr(rq, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
 def make_qk(B, T, Hq, Hk, D, dtype, layout):
