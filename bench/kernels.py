@@ -91,7 +91,7 @@ def rope_qknorm_case(device, dtype, B, T, H, D):
     def make_inputs():
         q, k = randn(device, dtype, B, T, H, D), randn(device, dtype, B, T, H, D)
         angle = torch.rand(T, D // 2, device=device)
-        return [q, k, angle.cos().to(dtype), angle.sin().to(dtype), 1e-6]
+        return [q, k, angle.cos().to(dtype), angle.sin().to(dtype)]  # eps: the default, 1e-6
 
     fns = rq.rope_qknorm_triton, rq.rope_qknorm_reference, liger_rope_rmsnorm(device)
     floor = rq.rope_qknorm_floor(B, T, H, H, D, dtype.itemsize)
@@ -106,7 +106,7 @@ def liger_rope_rmsnorm(device):
     if lf is None:
         return None
 
-    def fn(q, k, cos, sin, eps):
+    def fn(q, k, cos, sin, eps=1e-6):
         cos_f, sin_f = torch.cat([cos, cos], -1)[None], torch.cat([-sin, -sin], -1)[None]
         q, k = lf.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos_f, sin_f)
         ones = torch.ones(q.shape[-1], device=q.device, dtype=q.dtype)

@@ -37,7 +37,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
-from bench.kernels import build_cases  # noqa: E402
+from bench.kernels import build_cases, markdown  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # name, then per SM: register file, shared memory, max blocks, max warps; max shared per block
@@ -56,25 +56,18 @@ class Loaded(Exception):
 
 class StandInDriver:
     """What Triton's launch path asks its driver before loading a binary: the target, device and
-    stream, the shared-memory limit. The device is the arch: each arch gets its own JIT cache."""
+    stream, the shared-memory limit (checked per arch below, to report it). The device is the
+    arch: each arch gets its own JIT cache."""
 
     def __init__(self, arch):
         self.arch, self.utils = arch, self
+        self.get_current_device = lambda: arch
+        self.get_current_stream = lambda device: 0
+        self.get_device_properties = lambda device: {"max_shared_mem": 1 << 30}
+        self.launcher_cls = lambda src, metadata: None
 
     def get_current_target(self):
         return GPUTarget("cuda", self.arch, 32)
-
-    def get_current_device(self):
-        return self.arch
-
-    def get_current_stream(self, device):
-        return 0
-
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 1 << 30}  # checked per arch below, to report it
-
-    def launcher_cls(self, src, metadata):
-        return None
 
     def load_binary(self, name, cubin, shared, device):
         raise Loaded(cubin, shared)
@@ -84,14 +77,12 @@ def launches(name, args, dtype):
     """{variant: (autotuned kernel, a call of its launcher)} for one case's (CPU) inputs."""
     mod = importlib.import_module(f"kernels.{name}")
     if name == "rope_qknorm":
-        q, k, cos, sin, eps = args
+        q, k, cos, sin = args
         qr, kr = (torch.empty(t.shape[:3]) for t in (q, k))
-        fwd = partial(mod._rope_qknorm_fwd, q, k, cos, sin, eps)
-        bwd = partial(mod._rope_qknorm_bwd, q, qr, k, kr, cos, sin, q, k)
-        return {
-            "fwd": (mod._rope_qknorm_fwd_kernel, fwd),
-            "bwd": (mod._rope_qknorm_bwd_kernel, bwd),
-        }
+        fwd = partial(mod._rope_qknorm_fwd, q, k, cos, sin, 1e-6)
+        bwd = partial(mod._rope_qknorm_bwd, [q, qr, k, kr, cos, sin], q, k)
+        kernels = mod._rope_qknorm_fwd_kernel, mod._rope_qknorm_bwd_kernel
+        return {"fwd": (kernels[0], fwd), "bwd": (kernels[1], bwd)}
     if name == "relu2_mlp":  # x stands in for dy, (M, C) too
         x, w_fc, w_proj = args
         h = x.new_empty(x.shape[0], w_fc.shape[0])
@@ -115,10 +106,8 @@ def launches(name, args, dtype):
             X, m = torch.empty(G.shape, dtype=dtype), min(G.shape[-2:])
             A = X.new_empty(G.shape[0], m, m)
             tall = G.shape[-2] > G.shape[-1]
-            out["Xᵀ X" if tall else "X Xᵀ"] = (
-                sym,
-                partial(mod._launch_sym_matmul, X.mT if tall else X, A),
-            )
+            gram = partial(mod._launch_sym_matmul, X.mT if tall else X, A)
+            out["Xᵀ X" if tall else "X Xᵀ"] = (sym, gram)
             square = partial(mod._launch_sym_matmul, A, torch.empty_like(A), 0.5, A, -1.0, 2.0)
             out["A·A + b·A + a·I"] = (sym, square)
         return out
@@ -197,38 +186,29 @@ def problems(row, arch, dot):
     return out
 
 
-def run(arch, dtypes, only=""):
-    """Compile every variant for one arch: a row each (a kernel compiled twice, at two cases'
-    shapes, to the same cubin is listed once)."""
-    rows, seen = [], set()
-    for dname, case in [
-        (d, c) for d in dtypes for c in build_cases("meta", DTYPES[d], only=[only])
-    ]:
-        name, dtype = case.name.split()[0], DTYPES[dname]
-        mod = importlib.import_module(f"kernels.{name}")
-        configs = (
-            getattr(mod, "FP32_CONFIGS", mod.GPU_CONFIGS) if dname == "fp32" else mod.GPU_CONFIGS
-        )
-        # CPU tensors of the case's shapes and strides, never written (no memory is touched)
-        args = [
-            torch.empty_strided(a.shape, a.stride(), dtype=a.dtype) if torch.is_tensor(a) else a
-            for a in case.make_inputs()
-        ]
-        for variant, (kernel, call) in launches(name, args, dtype).items():
-            base = dict(arch=arch, dtype=dname, kernel=name, variant=variant)
-            for cfg in configs:
-                row, result = dict(base, config=config_name(cfg)), compile_one(kernel, cfg, call)
-                if isinstance(result, str):
-                    row["error"] = result
-                elif result[1] in seen:
-                    continue
-                else:
-                    seen.add(result[1])
-                    row.update(seconds=result[0], shared=result[2])
-                    row.update(measure(arch, *result[1:], cfg.num_warps))
-                row["problems"] = problems(row, arch, "tl.dot(" in kernel.fn.src)
-                rows.append(row)
-                print(format_row(row), flush=True)
+def run(arch, dtype_name, case, seen):
+    """Compile every variant of one case for one arch, a row each (a kernel compiled at another
+    case's shapes to a cubin already seen is left out)."""
+    name, dtype, rows = case.name.split()[0], DTYPES[dtype_name], []
+    mod = importlib.import_module(f"kernels.{name}")
+    fp32 = dtype == torch.float32 and hasattr(mod, "FP32_CONFIGS")
+    # CPU tensors of the case's shapes and strides, never written (no memory is touched)
+    args = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype) for a in case.make_inputs()]
+    for variant, (kernel, call) in launches(name, args, dtype).items():
+        base = dict(arch=arch, dtype=dtype_name, kernel=name, variant=variant)
+        for cfg in mod.FP32_CONFIGS if fp32 else mod.GPU_CONFIGS:
+            row, result = dict(base, config=config_name(cfg)), compile_one(kernel, cfg, call)
+            if isinstance(result, str):
+                row["error"] = result
+            elif result[1] in seen:
+                continue
+            else:
+                seen.add(result[1])
+                row.update(seconds=result[0], shared=result[2])
+                row.update(measure(arch, *result[1:], cfg.num_warps))
+            row["problems"] = problems(row, arch, "tl.dot(" in kernel.fn.src)
+            rows.append(row)
+            print(" | ".join(map(str, format_row(row))), flush=True)
     return rows
 
 
@@ -247,24 +227,19 @@ def format_row(r):
         tc = ", ".join(f"{op} {n}" for op, n in r["tensor_core"].items()) or "-"
         spills, shared = f"{r['stl']}/{r['ldl']}", round(r["shared"] / 1024, 1)
         cells[4:] = [r["regs"], r["stack"], spills, shared, tc, r["blocks"], r["seconds"]]
-    return "| " + " | ".join(map(str, cells + ["; ".join(r["problems"]) or "ok"])) + " |"
+    return cells + ["; ".join(r["problems"]) or "ok"]
 
 
 def write(out, rows, skipped):
     """OUT.md (one table per arch) and OUT.json (every row); returns compile seconds per arch."""
     seconds = {a: round(sum(r.get("seconds", 0) for r in rows if r["arch"] == a)) for a in skipped}
-    date, versions = (
-        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        f"torch {torch.__version__}",
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    head = (
+        f"# Static check, Triton {triton.__version__}\n\n{date}, torch {torch.__version__}, "
+        "`python -m bench.static_check`: every kernel compiled through its launcher at every GPU "
+        "config and dtype, without a GPU. Compile s: one cold compile on this machine's CPU.\n"
     )
-    lines = [
-        f"# Static check, Triton {triton.__version__}",
-        "",
-        f"{date}, {versions}, `python -m "
-        "bench.static_check`: every kernel compiled through its launcher at every GPU config "
-        "and dtype, without a GPU. Compile s: one cold compile on this machine's CPU.",
-        "",
-    ]
+    lines = [head]
     for arch, why in skipped.items():
         lines += [f"## sm_{arch} ({GPUS[arch][0]})", ""]
         if why:
@@ -276,8 +251,7 @@ def write(out, rows, skipped):
             f"{len(ours)} variants, {failed} with problems, {seconds[arch]} s of compilation.",
             "",
         ]
-        lines += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-        lines += [format_row(r) for r in ours] + [""]
+        lines += [markdown(HEAD, [format_row(r) for r in ours]), ""]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.md").write_text("\n".join(lines))
     meta = dict(triton=triton.__version__, torch=torch.__version__, date=date, seconds=seconds)
@@ -299,7 +273,10 @@ def main(argv=None):
     for arch in map(int, archs):
         skipped[arch] = can_target(arch)
         print(f"sm_{arch}: " + (f"skipped, {skipped[arch]}" if skipped[arch] else "compiling"))
-        rows += [] if skipped[arch] else run(arch, dtypes, args.only)
+        seen = set()  # cubins
+        for dtype in [] if skipped[arch] else dtypes:
+            for case in build_cases("meta", DTYPES[dtype], only=[args.only]):
+                rows += run(arch, dtype, case, seen)
     seconds = write(args.out, rows, skipped)
     failed = [r for r in rows if r["problems"]]
     for r in failed:

@@ -94,7 +94,7 @@ GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
     for bm, bk, w, st in [
         (128, 64, 8, 3),
-        (128, 64, 4, 4),
+        (128, 64, 8, 4),
         (128, 32, 8, 4),
         (64, 64, 4, 4),
         (64, 32, 4, 3),

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from kernels.common import autotune_configs, check, check_same, check_triton, empty, use_triton
 
@@ -286,8 +287,8 @@ def _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index):
 
 @torch.library.custom_op("nanocode::softcap_ce_fwd", mutates_args=())
 def _softcap_ce_fwd(
-    logits: torch.Tensor, targets: torch.Tensor, softcap: float, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: Tensor, targets: Tensor, softcap: float, ignore_index: int
+) -> tuple[Tensor, Tensor]:
     loss, lse = (empty(logits.shape[:1], torch.float32, logits.device) for _ in range(2))
     _launch_ce_fwd(logits, targets, loss, lse, softcap, ignore_index)
     return loss, lse
@@ -300,13 +301,8 @@ def _(logits, targets, softcap, ignore_index):
 
 @torch.library.custom_op("nanocode::softcap_ce_bwd", mutates_args=())
 def _softcap_ce_bwd(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    dloss: torch.Tensor,
-    softcap: float,
-    ignore_index: int,
-) -> torch.Tensor:
+    logits: Tensor, targets: Tensor, lse: Tensor, dloss: Tensor, softcap: float, ignore_index: int
+) -> Tensor:
     dlogits = empty(logits.shape, logits.dtype, logits.device)
     _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index)
     return dlogits
@@ -452,13 +448,8 @@ def _linear_ce_chunks(
 
 @torch.library.custom_op("nanocode::linear_softcap_ce_fwd", mutates_args=())
 def _linear_ce_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    softcap: float,
-    ignore_index: int,
-    with_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: Tensor, weight: Tensor, targets: Tensor, softcap: float, ignore_index: int, with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> per-row loss (N,) fp32, lse (N,) fp32, and with_grad: dx (N, C) and dW (V, C) fp32 of the
     sum of the losses (else two empty tensors)."""
     loss, lse = (empty(x.shape[:1], torch.float32, x.device) for _ in range(2))
@@ -477,21 +468,17 @@ def _(x, weight, targets, softcap, ignore_index, with_grad):
 
 @torch.library.custom_op("nanocode::linear_softcap_ce_bwd", mutates_args=())
 def _linear_ce_bwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    dloss: torch.Tensor,
-    softcap: float,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    saved: list[Tensor], dloss: Tensor, softcap: float, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """saved: x, weight, targets, lse."""
+    x, weight, targets, lse = saved
     dx, dw = _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, dloss=dloss)
     return dx, dw.to(weight.dtype)
 
 
 @_linear_ce_bwd.register_fake
-def _(x, weight, targets, lse, dloss, softcap, ignore_index):
-    return torch.empty_like(x), torch.empty_like(weight)
+def _(saved, dloss, softcap, ignore_index):
+    return torch.empty_like(saved[0]), torch.empty_like(saved[1])
 
 
 class LinearSoftcapCrossEntropy(torch.autograd.Function):
@@ -514,8 +501,7 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
         why = "backward called but the forward ran without grad"
         check(with_grad, "linear_softcap_cross_entropy", why)
         if reduction == "none":
-            x, weight, targets, lse = ctx.saved_tensors
-            dx, dw = _linear_ce_bwd(x, weight, targets, lse, dloss, softcap, ignore_index)
+            dx, dw = _linear_ce_bwd(list(ctx.saved_tensors), dloss, softcap, ignore_index)
         else:
             dx, dw, targets = ctx.saved_tensors
             scale = dloss.float()

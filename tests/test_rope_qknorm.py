@@ -165,7 +165,8 @@ def test_custom_ops_opcheck():
         torch.ops.nanocode.rope_qknorm_fwd, (q, k, cos, sin, EPS), test_utils=checks
     )
     q_out, q_rstd, k_out, k_rstd = torch.ops.nanocode.rope_qknorm_fwd(q, k, cos, sin, EPS)
-    args = (q_out, q_rstd, k_out, k_rstd, cos, sin, torch.randn_like(q), torch.randn_like(k))
+    saved = [q_out, q_rstd, k_out, k_rstd, cos, sin]
+    args = (saved, torch.randn_like(q), torch.randn_like(k))
     torch.library.opcheck(torch.ops.nanocode.rope_qknorm_bwd, args, test_utils=checks)
 
 
