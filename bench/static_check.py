@@ -93,12 +93,13 @@ def launches(name, args, dtype):
         logits, targets = args
         loss, lse = torch.empty(len(targets)), torch.empty(len(targets))
         dloss = torch.empty(()).expand(len(targets))  # "mean": one scalar gradient, stride 0
-        bwd = partial(mod._launch_ce_bwd, logits, targets, lse, dloss, logits, 15.0, -1)
-        out = {"bwd": (mod._ce_bwd_kernel, bwd)}
+        bwd = partial(mod._launch_ce, mod.BWD, logits, targets, lse, 15.0, -1, dloss=dloss)
+        out = {"bwd": (mod._ce_grad_kernel, partial(bwd, dlogits=logits))}
         for cap, path in ((15.0, "fixed max"), (50.0, "running max")):
-            fwd = partial(mod._launch_ce_fwd, logits, targets, loss, lse, cap, -1)
-            out[f"fwd {path}"] = (mod._ce_fwd_kernel, fwd)
-            out[f"fwd+grad {path}"] = (mod._ce_fwd_grad_kernel, partial(fwd, dlogits=logits))
+            fwd = partial(mod._launch_ce, mod.FWD, logits, targets, lse, cap, -1, loss=loss)
+            grad = partial(mod._launch_ce, mod.FWD_GRAD, logits, targets, lse, cap, -1, loss=loss)
+            out[f"fwd {path}"] = (mod._ce_kernel, fwd)
+            out[f"fwd+grad {path}"] = (mod._ce_grad_kernel, partial(grad, dlogits=logits))
         return out
     if name == "newton_schulz":  # Muon's stacks: X Xᵀ (wide), Xᵀ X (tall: X strided), then A·A
         out, sym = {}, mod._sym_matmul_kernel

@@ -184,33 +184,42 @@ def _row_grad(
         tl.store(dbase + cols, d.to(dbase.dtype.element_ty), mask=cols < V)
 
 
+FWD, FWD_GRAD, BWD = 0, 1, 2  # what _ce_rows computes (its MODE)
+
+
 @triton.jit
-def _ce_fwd(
+def _ce_rows(
     logits_ptr,
     targets_ptr,
     loss_ptr,
     lse_ptr,
+    dloss_ptr,
     dlogits_ptr,
-    strides,  # of a row of logits and of dlogits
+    strides,  # of a row of logits, of dloss (0 for a broadcast scalar), of a row of dlogits
     V,
     softcap,
     ignore_index,
+    MODE: tl.constexpr,
     FIXED_MAX: tl.constexpr,
-    WITH_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """Loss and lse of a row; WITH_GRAD: also the gradient of the row's loss, in the same launch:
-    the second walk over the row follows the first at once, so it reads the row from L2, not HBM.
-    """
+    """One row: FWD, its loss and lse; FWD_GRAD, also the gradient of its loss in the same launch
+    (the second walk over the row follows the first at once, so it reads the row from L2, not
+    HBM); BWD, the gradient scaled by dloss, from the saved lse. dlogits may be logits."""
     row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * strides[0]
-    dbase = dlogits_ptr + row * strides[1]
+    base, dbase = logits_ptr + row * strides[0], dlogits_ptr + row * strides[2]
     target = tl.load(targets_ptr + row).to(tl.int64)
-    if target == ignore_index:  # loss 0; with grad, a row of zeros (written, never read)
+    if MODE == 2:  # ignored rows: scale 0, and lse = c keeps every p <= 1 (no inf * 0)
+        lse = tl.where(target == ignore_index, softcap, tl.load(lse_ptr + row))
+        scale = tl.load(dloss_ptr + row * strides[1]).to(tl.float32)
+        scale = tl.where(target == ignore_index, 0.0, scale)
+        _row_grad(base, dbase, V, target, lse, scale, softcap, BLOCK_V, NUM_STAGES)
+        return
+    if target == ignore_index:  # loss 0; with the gradient, a row of zeros (written, not read)
         tl.store(loss_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
-        if WITH_GRAD:
+        if MODE == 1:
             for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
                 cols = start + tl.arange(0, BLOCK_V)
                 zeros = tl.zeros([BLOCK_V], dtype=dbase.dtype.element_ty)
@@ -219,65 +228,32 @@ def _ce_fwd(
     lse = _row_lse(base, V, softcap, FIXED_MAX, BLOCK_V, NUM_STAGES)
     tl.store(loss_ptr + row, _row_loss(base, target, lse, V, softcap))
     tl.store(lse_ptr + row, lse)
-    if WITH_GRAD:
+    if MODE == 1:
         _row_grad(base, dbase, V, target, lse, 1.0, softcap, BLOCK_V, NUM_STAGES)
 
 
-# Two autotuned kernels of one function: the one that writes the gradient over the logits in
-# place restores them between tuning runs (restore_value), which the plain forward never needs.
-_ce_fwd_kernel = triton.autotune(key=["V", "FIXED_MAX"], **CONFIGS)(_ce_fwd)
-_ce_fwd_grad_kernel = triton.autotune(
-    key=["V", "FIXED_MAX"], restore_value=["logits_ptr"], **CONFIGS
-)(_ce_fwd)
+# Two autotuned kernels of one function: the one that writes gradients (in place, over the
+# logits, in the fused linear loss) restores the logits between tuning runs (restore_value),
+# which the plain forward never needs.
+_ce_kernel = triton.autotune(key=["V", "FIXED_MAX"], **CONFIGS)(_ce_rows)
+_ce_grad_kernel = triton.autotune(
+    key=["V", "FIXED_MAX", "MODE"], restore_value=["logits_ptr"], **CONFIGS
+)(_ce_rows)
 
 
-@triton.autotune(key=["V"], restore_value=["logits_ptr"], **CONFIGS)
-@triton.jit
-def _ce_bwd_kernel(
-    logits_ptr,
-    targets_ptr,
-    lse_ptr,
-    dloss_ptr,
-    dlogits_ptr,
-    strides,  # of a row of logits, of dloss (0 for a broadcast scalar), of a row of dlogits
-    V,
-    softcap,
-    ignore_index,
-    BLOCK_V: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+def _launch_ce(
+    mode, logits, targets, lse, softcap, ignore_index, loss=None, dloss=None, dlogits=None
 ):
-    """dlogits may be logits itself (in place)."""
-    row = tl.program_id(0).to(tl.int64)
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    ignored = target == ignore_index  # zeros: scale 0, and lse = c keeps every p <= 1 (no inf * 0)
-    lse = tl.where(ignored, softcap, tl.load(lse_ptr + row))
-    scale = tl.where(ignored, 0.0, tl.load(dloss_ptr + row * strides[1]).to(tl.float32))
-    base, dbase = logits_ptr + row * strides[0], dlogits_ptr + row * strides[2]
-    _row_grad(base, dbase, V, target, lse, scale, softcap, BLOCK_V, NUM_STAGES)
-
-
-def _launch_ce_fwd(logits, targets, loss, lse, softcap, ignore_index, dlogits=None):
-    """loss, lse: (N,) fp32 outputs; with dlogits (may be logits), the gradient of loss.sum()."""
+    """Over the rows of logits (N, V): FWD fills loss and lse ((N,) fp32); FWD_GRAD also writes
+    the gradient of loss.sum() to dlogits; BWD writes dlogits from lse and the per-row output
+    gradient dloss. Arguments a mode does not use stand in as logits."""
     N, V = logits.shape
-    kernel, d = (_ce_fwd_kernel, logits) if dlogits is None else (_ce_fwd_grad_kernel, dlogits)
-    if N > 0:
-        kernel[(N,)](
-            *(logits, targets, loss, lse, d, (logits.stride(0), d.stride(0)), V, softcap),
-            ignore_index,
-            FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP,
-            WITH_GRAD=dlogits is not None,
-        )
-
-
-def _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index):
-    """dloss: (N,) output gradient per row (stride 0 for a broadcast scalar); dlogits may be
-    logits."""
-    N, V = logits.shape
+    loss, dloss, dlogits = (logits if t is None else t for t in (loss, dloss, dlogits))
     strides = (logits.stride(0), dloss.stride(0), dlogits.stride(0))
+    args = (logits, targets, loss, lse, dloss, dlogits, strides, V, softcap, ignore_index)
     if N > 0:
-        _ce_bwd_kernel[(N,)](
-            logits, targets, lse, dloss, dlogits, strides, V, softcap, ignore_index
-        )
+        kernel = _ce_kernel if mode == FWD else _ce_grad_kernel
+        kernel[(N,)](*args, MODE=mode, FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +266,7 @@ def _softcap_ce_fwd(
     logits: Tensor, targets: Tensor, softcap: float, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
     loss, lse = (empty(logits.shape[:1], torch.float32, logits.device) for _ in range(2))
-    _launch_ce_fwd(logits, targets, loss, lse, softcap, ignore_index)
+    _launch_ce(FWD, logits, targets, lse, softcap, ignore_index, loss=loss)
     return loss, lse
 
 
@@ -304,7 +280,7 @@ def _softcap_ce_bwd(
     logits: Tensor, targets: Tensor, lse: Tensor, dloss: Tensor, softcap: float, ignore_index: int
 ) -> Tensor:
     dlogits = empty(logits.shape, logits.dtype, logits.device)
-    _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index)
+    _launch_ce(BWD, logits, targets, lse, softcap, ignore_index, dloss=dloss, dlogits=dlogits)
     return dlogits
 
 
@@ -399,25 +375,14 @@ def _chunk_rows(N, V, C, elem_bytes, free_bytes):
     return -(-rows // 128) * 128 if rows >= 256 else rows
 
 
-_ADDMM_OUT_DTYPE = True  # torch.addmm(..., out_dtype=float32, out=) works (checked at first use)
-
-
 def _accumulate_dw(dw, dlogits, x):
     """dw += dlogitsᵀ @ x in fp32 without a (V, C) temporary: on CUDA cuBLAS adds its fp32
-    accumulator to dw in place (addmm with out_dtype, torch >= 2.8, fp16/bf16 inputs); the CPU
-    (interpreter tests) and older torch cast the inputs to fp32 instead (a chunk-sized
-    temporary)."""
-    global _ADDMM_OUT_DTYPE
-    if dlogits.dtype == torch.float32:
-        dw.addmm_(dlogits.T, x)
-        return
-    if dlogits.is_cuda and _ADDMM_OUT_DTYPE:
-        try:
-            torch.addmm(dw, dlogits.T, x, out_dtype=torch.float32, out=dw)
-            return
-        except (RuntimeError, TypeError):  # no out_dtype overload on this torch build
-            _ADDMM_OUT_DTYPE = False
-    dw.addmm_(dlogits.T.float(), x.float())
+    accumulator to dw in place (addmm with out_dtype, fp16/bf16 inputs); on the CPU (interpreter
+    tests) the inputs are cast to fp32 instead (a chunk-sized temporary)."""
+    if dlogits.is_cuda and dlogits.dtype != torch.float32:
+        torch.addmm(dw, dlogits.T, x, out_dtype=torch.float32, out=dw)
+    else:
+        dw.addmm_(dlogits.T.float(), x.float())
 
 
 def _linear_ce_chunks(
@@ -432,14 +397,13 @@ def _linear_ce_chunks(
     rows = _chunk_rows(N, V, C, x.element_size(), _free_bytes(x.device))
     dx = empty(x.shape, x.dtype, x.device) if grad else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grad else None
+    mode = BWD if loss is None else FWD_GRAD if grad else FWD
     for s in range(0, N, rows):
         chunk = slice(s, s + rows)
-        logits, t = x[chunk] @ weight.T, targets[chunk]
-        dlogits = logits if grad else None  # the gradient overwrites the chunk's logits
-        if loss is None:
-            _launch_ce_bwd(logits, t, lse[chunk], dloss[chunk], logits, softcap, ignore_index)
-        else:
-            _launch_ce_fwd(logits, t, loss[chunk], lse[chunk], softcap, ignore_index, dlogits)
+        logits = x[chunk] @ weight.T  # with grad, the CE kernel overwrites it with its gradient
+        per_row = dict(dloss=dloss[chunk]) if mode == BWD else dict(loss=loss[chunk])
+        args = (logits, targets[chunk], lse[chunk], softcap, ignore_index)
+        _launch_ce(mode, *args, dlogits=logits, **per_row)
         if grad:
             torch.mm(logits, weight, out=dx[chunk])
             _accumulate_dw(dw, logits, x[chunk])
