@@ -366,39 +366,33 @@ def main():
     import triton
 
     ceilings = measure_ceilings(args.device, args.tiny)
-    meta = dict(device=device_name, dtype=str(dtype)[6:], torch=torch.__version__)
-    meta.update(triton=triton.__version__, tiny=args.tiny, ceilings=ceilings)
-    meta["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(", ".join(f"{k} {v}" for k, v in meta.items() if k != "ceilings"))
-    _, liger_note = liger_functional(args.device)
-    print(
-        f"ceilings: copy {ceilings['GB/s']:.0f} GB/s (read + write), bf16 matmul "
-        f"{ceilings['TFLOP/s']:.0f} TFLOP/s" + (f"\n{liger_note}" if liger_note else "")
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    summary = (
+        f"{date}, {str(dtype)[6:]}, torch {torch.__version__}, triton {triton.__version__}. "
+        f"Ceilings measured in the same run: copy {ceilings['GB/s']:.0f} GB/s (read + write), "
+        f"bf16 matmul {ceilings['TFLOP/s']:.0f} TFLOP/s. Median ms of triton.testing.do_bench; "
+        "rate = docstring floor / time."
     )
+    print(f"{device_name}: {summary}")
     rows = []
     for case in cases:
         print(f"running {case.name} ({case.shape}) ...", flush=True)
         rows += run_case(case, args.device)
+    _, liger_note = liger_functional(args.device)
     table = format_table(rows, ceilings) + (f"\n\n{liger_note}." if liger_note else "")
     memory = ce_peak_memory(cases, args.device)
     if memory:
         table += "\n\nPeak memory of the cross-entropy variants:\n\n" + format_memory_table(memory)
     print(table)
-
     if args.save:
         slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
         out = Path(__file__).resolve().parent / "results" / slug
         out.mkdir(parents=True, exist_ok=True)
-        (out / "kernels.json").write_text(
-            json.dumps(dict(meta, rows=rows, memory=memory), indent=2)
+        meta = dict(device=device_name, summary=summary, tiny=args.tiny, ceilings=ceilings)
+        (out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows, memory=memory)))
+        (out / "kernels.md").write_text(
+            f"# Kernel benchmarks on {device_name}\n\n{summary}\n\n{table}\n"
         )
-        header = (
-            f"# Kernel benchmarks on {device_name}\n\n{meta['date']}, {meta['dtype']}, torch "
-            f"{meta['torch']}, triton {meta['triton']}. Ceilings measured in the same run: "
-            f"copy {ceilings['GB/s']:.0f} GB/s, bf16 matmul {ceilings['TFLOP/s']:.0f} "
-            "TFLOP/s. Median ms of triton.testing.do_bench; rate = docstring floor / time."
-        )
-        (out / "kernels.md").write_text(f"{header}\n\n{table}\n")
         print(f"saved {out}/kernels.json and kernels.md")
 
 

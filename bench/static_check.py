@@ -101,18 +101,17 @@ def launches(name, args, dtype):
             out[f"fwd {path}"] = (mod._ce_kernel, fwd)
             out[f"fwd+grad {path}"] = (mod._ce_grad_kernel, partial(grad, dlogits=logits))
         return out
-    if name == "newton_schulz":  # Muon's stacks: X Xᵀ (wide), Xᵀ X (tall: X strided), then A·A
-        out, sym = {}, mod._sym_matmul_kernel
-        for G in args:
-            X, m = torch.empty(G.shape, dtype=dtype), min(G.shape[-2:])
-            A = X.new_empty(G.shape[0], m, m)
-            tall = G.shape[-2] > G.shape[-1]
-            gram = partial(mod._launch_sym_matmul, X.mT if tall else X, A)
-            out["Xᵀ X" if tall else "X Xᵀ"] = (sym, gram)
-            square = partial(mod._launch_sym_matmul, A, torch.empty_like(A), 0.5, A, -1.0, 2.0)
-            out["A·A + b·A + a·I"] = (sym, square)
-        return out
-    return {}  # linear_softcap_ce: its kernels are softcap_ce's, on chunks of the same logits
+    # newton_schulz, at Muon's stacks: X Xᵀ (wide), Xᵀ X (tall: X strided), then A·A
+    out, sym = {}, mod._sym_matmul_kernel
+    for G in args:
+        X, m = torch.empty(G.shape, dtype=dtype), min(G.shape[-2:])
+        A = X.new_empty(G.shape[0], m, m)
+        tall = G.shape[-2] > G.shape[-1]
+        gram = partial(mod._launch_sym_matmul, X.mT if tall else X, A)
+        out["Xᵀ X" if tall else "X Xᵀ"] = (sym, gram)
+        square = partial(mod._launch_sym_matmul, A, torch.empty_like(A), 0.5, A, -1.0, 2.0)
+        out["A·A + b·A + a·I"] = (sym, square)
+    return out
 
 
 @triton.jit
@@ -191,6 +190,8 @@ def run(arch, dtype_name, case, seen):
     """Compile every variant of one case for one arch, a row each (a kernel compiled at another
     case's shapes to a cubin already seen is left out)."""
     name, dtype, rows = case.name.split()[0], DTYPES[dtype_name], []
+    if name == "linear_softcap_ce":  # its kernels are softcap_ce's, on chunks of the same logits
+        return rows
     mod = importlib.import_module(f"kernels.{name}")
     fp32 = dtype == torch.float32 and hasattr(mod, "FP32_CONFIGS")
     # CPU tensors of the case's shapes and strides, never written (no memory is touched)
