@@ -35,11 +35,13 @@ import platform
 import re
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton.testing
 
 # Model shapes (GPTConfig.from_depth): width 64 * depth, head dim 128, n_kv_head = n_head,
 # T = 2048 and 65,536 tokens per GPU, i.e. B = 32. MLP hidden = 4 * width.
@@ -187,12 +189,12 @@ def newton_schulz_case(device, dtype, L, C):
     )
 
 
-# Each case: its builder, its tiny smoke-test shape, and its shape at a model depth d (None: the
-# same at every depth, one case "d12/d20").
+# Each case: its builder, its tiny smoke-test shape, and its shape at a model depth d (or one
+# shape for every depth: one case "d12/d20").
 CASES = [
     (rope_qknorm_case, (2, 16, 2, 16), lambda d: (BATCH, SEQ_LEN, d // 2, HEAD_DIM)),
     (relu2_mlp_case, (32, 32), lambda d: (TOKENS_PER_GPU, 64 * d)),
-    (softcap_ce_case, (64, 300), None),
+    (softcap_ce_case, (64, 300), (TOKENS_PER_GPU, VOCAB)),
     (linear_softcap_ce_case, (64, 300, 32), lambda d: (TOKENS_PER_GPU, VOCAB, 64 * d)),
     (newton_schulz_case, (2, 32), lambda d: (d, 64 * d)),
 ]
@@ -201,13 +203,9 @@ CASES = [
 def build_cases(device, dtype, tiny=False, only=None):
     cases = []
     for build, tiny_shape, at_depth in CASES:
-        if tiny:
-            shapes = {"tiny": tiny_shape}
-        elif at_depth is None:
-            shapes = {"d12/d20": (TOKENS_PER_GPU, VOCAB)}
-        else:
-            shapes = {f"d{d}": at_depth(d) for d in DEPTHS}
-        for tag, shape in shapes.items():
+        one = not callable(at_depth)  # the same shape at every depth: one case
+        shapes = {"d12/d20": at_depth} if one else {f"d{d}": at_depth(d) for d in DEPTHS}
+        for tag, shape in ({"tiny": tiny_shape} if tiny else shapes).items():
             cases.append(build(device, dtype, *shape))
             cases[-1].name += f" {tag}"
     return [c for c in cases if not only or any(o in c.name for o in only)]
@@ -227,20 +225,13 @@ def as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def timeit(step, device):
+def median_ms(step, device):
     """Median milliseconds: do_bench on CUDA; a few plain wall-clock runs in the CPU smoke mode."""
     step()  # compile / autotune first: do_bench sizes its repetitions on its first calls
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        torch.cuda.synchronize()
-        return do_bench(step, warmup=25, rep=100, return_mode="median")
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    if device != "cuda":
+        return 1e3 * statistics.median(timeit.repeat(step, number=1, repeat=3))
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
 def measure_ceilings(device, tiny):
@@ -249,10 +240,10 @@ def measure_ceilings(device, tiny):
     n = 2**16 if tiny else 2**29  # bf16 elements: 1 GiB per buffer on the GPU
     src = torch.randn(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    gbps = 2 * n * src.element_size() / timeit(lambda: dst.copy_(src), device) / 1e6
+    gbps = 2 * n * src.element_size() / median_ms(lambda: dst.copy_(src), device) / 1e6
     m = 256 if tiny else 8192
     a, b = (torch.randn(m, m, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return {"GB/s": gbps, "TFLOP/s": 2 * m**3 / timeit(lambda: a @ b, device) / 1e9}
+    return {"GB/s": gbps, "TFLOP/s": 2 * m**3 / median_ms(lambda: a @ b, device) / 1e9}
 
 
 def implementations(case):
@@ -263,48 +254,36 @@ def implementations(case):
 
 def run_case(case, device):
     """Time every (pass, impl) of one case; returns rows {case, shape, pass_, impl, ms, rate, unit}
-    (rate: the docstring floor over this impl's time, so the impls compare on the same work)."""
+    (rate: the docstring floor over this impl's time, so the impls compare on the same work),
+    and for the CE cases on CUDA the peak memory of one forward+backward (peak_mib)."""
     args, rows = case.make_inputs(), []
     for pass_ in case.floor:
         for impl, fn in implementations(case).items():
             try:
-                ms = timeit(make_step(fn, args, pass_), device)
+                ms = median_ms(step := make_step(fn, args, pass_), device)
             except Exception as e:  # noqa: BLE001 (one failing impl should not hide the others)
                 print(f"  {case.name} {pass_} {impl} failed: {type(e).__name__}: {e}")
                 continue
             rate = case.floor[pass_] / ms / (1e6 if case.unit == "GB/s" else 1e9)
             rows.append(dict(case=case.name, shape=case.shape, pass_=pass_, impl=impl, ms=ms))
             rows[-1].update(rate=rate, unit=case.unit)
+            if device == "cuda" and pass_ == "fwd+bwd" and "softcap_ce" in case.name:
+                rows[-1]["peak_mib"] = peak_mib(step)
     del args
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
 
 
-def ce_peak_memory(cases, device):
-    """Peak memory of one forward+backward of each CE case, above what its inputs hold, for ours,
-    Liger (when available), eager and torch.compile (torch.cuda.max_memory_allocated). Returns rows
-    {case, shape, impl, peak_mib, vs_eager}; empty on the CPU (no allocator statistics)."""
-    rows = []
-    for case in [c for c in cases if "softcap_ce" in c.name and device == "cuda"]:
-        args, peaks = case.make_inputs(), {}
-        for impl, fn in implementations(case).items():
-            step = make_step(fn, args, "fwd+bwd")
-            step()  # compile and warm up outside the measurement
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            peaks[impl] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            del step
-        for impl, mib in peaks.items():
-            rows.append(dict(case=case.name, shape=case.shape, impl=impl, peak_mib=mib))
-            rows[-1]["vs_eager"] = mib / peaks["eager"]
-        del args
-        torch.cuda.empty_cache()
-    return rows
+def peak_mib(step):
+    """Peak memory of one call of step above what was allocated before it (MiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def markdown(head, rows):
@@ -313,9 +292,16 @@ def markdown(head, rows):
 
 
 def format_memory_table(rows):
-    head = ["case", "shape", "impl", "peak MiB (fwd+bwd, above inputs)", "vs eager"]
+    """The CE cases' peak memory per impl, and as a share of eager's."""
+    rows = [r for r in rows if "peak_mib" in r]
+    eager = {r["case"]: r["peak_mib"] for r in rows if r["impl"] == "eager"}
     cells = [(r["case"], r["shape"], r["impl"], f"{r['peak_mib']:.0f}") for r in rows]
-    return markdown(head, [(*c, f"{100 * r['vs_eager']:.1f}%") for c, r in zip(cells, rows)])
+    vs = [
+        f"{100 * r['peak_mib'] / eager[r['case']]:.1f}%" if r["case"] in eager else "-"
+        for r in rows
+    ]
+    head = ["case", "shape", "impl", "peak MiB (fwd+bwd, above inputs)", "vs eager"]
+    return markdown(head, [(*c, v) for c, v in zip(cells, vs)]) if rows else ""
 
 
 def format_table(rows, ceilings):
@@ -363,8 +349,6 @@ def main():
     if not cases:
         raise NanocodeError(f"no case matches --cases {args.cases!r}")
 
-    import triton
-
     ceilings = measure_ceilings(args.device, args.tiny)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     summary = (
@@ -380,19 +364,17 @@ def main():
         rows += run_case(case, args.device)
     _, liger_note = liger_functional(args.device)
     table = format_table(rows, ceilings) + (f"\n\n{liger_note}." if liger_note else "")
-    memory = ce_peak_memory(cases, args.device)
-    if memory:
-        table += "\n\nPeak memory of the cross-entropy variants:\n\n" + format_memory_table(memory)
+    if memory := format_memory_table(rows):
+        table += "\n\nPeak memory of the cross-entropy variants:\n\n" + memory
     print(table)
     if args.save:
         slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
         out = Path(__file__).resolve().parent / "results" / slug
         out.mkdir(parents=True, exist_ok=True)
         meta = dict(device=device_name, summary=summary, tiny=args.tiny, ceilings=ceilings)
-        (out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows, memory=memory)))
-        (out / "kernels.md").write_text(
-            f"# Kernel benchmarks on {device_name}\n\n{summary}\n\n{table}\n"
-        )
+        (out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows)))
+        md = f"# Kernel benchmarks on {device_name}\n\n{summary}\n\n{table}\n"
+        (out / "kernels.md").write_text(md)
         print(f"saved {out}/kernels.json and kernels.md")
 
 

@@ -156,7 +156,8 @@ def measure(arch, cubin, shared, warps):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        res, sass = (dump(flag, f.name) for flag in ("-res-usage", "-sass"))
+        run = partial(subprocess.run, capture_output=True, text=True, check=True)
+        res, sass = (run([CUOBJDUMP, flag, f.name]).stdout for flag in ("-res-usage", "-sass"))
     regs, stack = (int(re.search(rf"{key}:(\d+)", res).group(1)) for key in ("REG", "STACK"))
     stl, ldl = (len(re.findall(rf"\b{op}\b", sass)) for op in ("STL", "LDL"))
     ops = TENSOR_CORE.findall(sass)
@@ -165,12 +166,6 @@ def measure(arch, cubin, shared, warps):
     by_regs = reg_file // (-(-regs * 32 // 256) * 256) // warps
     blocks = min(max_blocks, max_warps // warps, by_regs, smem // (shared + 1024))
     return dict(regs=regs, stack=stack, stl=stl, ldl=ldl, tensor_core=tensor_core, blocks=blocks)
-
-
-def dump(flag, path):
-    return subprocess.run(
-        [CUOBJDUMP, flag, path], capture_output=True, text=True, check=True
-    ).stdout
 
 
 def problems(row, arch, dot):
@@ -249,11 +244,8 @@ def write(out, rows, skipped):
             continue
         ours = [r for r in rows if r["arch"] == arch]
         failed = sum(bool(r["problems"]) for r in ours)
-        lines += [
-            f"{len(ours)} variants, {failed} with problems, {seconds[arch]} s of compilation.",
-            "",
-        ]
-        lines += [markdown(HEAD, [format_row(r) for r in ours]), ""]
+        summary = f"{len(ours)} variants, {failed} with problems, {seconds[arch]} s of compilation."
+        lines += [summary, "", markdown(HEAD, [format_row(r) for r in ours]), ""]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.md").write_text("\n".join(lines))
     meta = dict(triton=triton.__version__, torch=torch.__version__, date=date, seconds=seconds)

@@ -64,11 +64,11 @@ def assert_close(actual, expected, dtype):
 
 def assert_grad_close(actual, expected, x64, out64, dout, dtype):
     """dx against the float64 reference. The kernel's backward, dy = rstd * (g - o * mean(g * o)),
-    reads the saved output o rounded to the dtype (o(1 + d), |d| <= u): that moves mean(g * o) by at
-    most u * m, m = mean(|g| * |o|) of the row, so each dy by at most 2 * u * rstd * |o| * m, and each dx
-    (a rotation mixes two dy) by twice that. Large where rstd is large and g nearly parallel to o,
-    which small head dims make likely: at D = 2 in bf16 the tensor-wide bound alone failed about one
-    run in six. rstd comes from x: the rotation keeps mean(x^2)."""
+    reads the saved output o rounded to the dtype (o(1 + d), |d| <= u): that moves mean(g * o) by
+    at most u * m, m = mean(|g| * |o|) of the row, so each dy by at most 2 * u * rstd * |o| * m,
+    and each dx (a rotation mixes two dy) by twice that. Large where rstd is large and g nearly
+    parallel to o, which small head dims make likely: at D = 2 in bf16 the tensor-wide bound alone
+    failed about one run in six. rstd comes from x: the rotation keeps mean(x^2)."""
     u = U[dtype]
     g = dout.double()
     rstd = (x64.detach().pow(2).mean(-1, keepdim=True) + EPS).rsqrt()

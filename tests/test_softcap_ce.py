@@ -27,7 +27,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 @pytest.fixture(autouse=True)
 def triton_path(monkeypatch):
-    """Every test here runs the Triton path, with outputs poisoned (NaN) before the kernels write."""
+    """Every test here runs the Triton path, outputs poisoned (NaN) before the kernels write."""
     monkeypatch.setenv("NANOCODE_KERNELS", "triton")
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
@@ -253,7 +253,8 @@ def test_linear_ce_without_grad_and_weight_only_grad(monkeypatch):
 
 
 def test_torch_compile_no_graph_break():
-    """fullgraph=True fails on any graph break; aot_eager runs the custom ops' fake and real paths."""
+    """fullgraph=True fails on any graph break; aot_eager runs the custom ops' fake and real
+    paths."""
     logits = (torch.randn(5, 70, device=DEVICE) * 20).requires_grad_()
     x, w = (
         torch.randn(5, 8, device=DEVICE, requires_grad=True),
