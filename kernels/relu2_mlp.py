@@ -67,9 +67,9 @@ def relu2_mlp_floor(M, C, H):
 
 # GPU_CONFIGS (bf16, fp16), H100: wgmma-sized tiles, 3-5 stage cp.async pipelines (all fit in
 # 228 KB of shared memory), none of which spills on sm_80 or sm_90 (bench/static_check.py; the
-# 4-warp 128x128 tiles and 256x128 spilled in the gradient epilogue). FP32_CONFIGS: fp32 runs only in tests, as IEEE dots on the FMA units,
-# where the large tiles spill (bench/static_check.py): small tiles. The interpreter runs one
-# small config (tests force each GPU config in turn).
+# 4-warp 128x128 tiles and 256x128 spilled in the gradient epilogue). FP32_CONFIGS: fp32 runs
+# only in tests, as IEEE dots on the FMA units, where the large tiles spill: small tiles. The
+# interpreter runs one small config (tests force each GPU config in turn).
 GPU_CONFIGS = [
     triton.Config(
         {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w
