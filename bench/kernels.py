@@ -89,32 +89,25 @@ def randn(device, dtype, *shape, scale=1.0):
 
 def rope_qknorm_case(device, dtype, B, T, H, D):
     rq = importlib.import_module("kernels.rope_qknorm")
+    lf, _ = liger_functional(device)
 
     def make_inputs():
         q, k = randn(device, dtype, B, T, H, D), randn(device, dtype, B, T, H, D)
         angle = torch.rand(T, D // 2, device=device)
         return [q, k, angle.cos().to(dtype), angle.sin().to(dtype)]  # eps: the default, 1e-6
 
-    fns = rq.rope_qknorm_triton, rq.rope_qknorm_reference, liger_rope_rmsnorm(device)
-    floor = rq.rope_qknorm_floor(B, T, H, H, D, dtype.itemsize)
-    return Case("rope_qknorm", f"q,k ({B},{T},{H},{D})", make_inputs, *fns, "GB/s", floor)
-
-
-def liger_rope_rmsnorm(device):
-    """Liger's RoPE, then its RMSNorm on q and k: the unfused peer of rope_qknorm. Liger takes
-    (B, H, T, D) and HF's rotate-half tables (cos, sin repeated over D), where ours rotates the
-    other way: sin enters negated."""
-    lf, _ = liger_functional(device)
-    if lf is None:
-        return None
-
-    def fn(q, k, cos, sin, eps=1e-6):
+    def liger(q, k, cos, sin, eps=1e-6):
+        """Liger's RoPE, then its RMSNorm on q and k: the unfused peer of rope_qknorm. Liger
+        takes (B, H, T, D) and HF's rotate-half tables (cos, sin repeated over D), where ours
+        rotates the other way: sin enters negated."""
         cos_f, sin_f = torch.cat([cos, cos], -1)[None], torch.cat([-sin, -sin], -1)[None]
         q, k = lf.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos_f, sin_f)
         ones = torch.ones(q.shape[-1], device=q.device, dtype=q.dtype)
         return lf.liger_rms_norm(q, ones, eps), lf.liger_rms_norm(k, ones, eps)
 
-    return fn
+    fns = rq.rope_qknorm_triton, rq.rope_qknorm_reference, lf and liger
+    floor = rq.rope_qknorm_floor(B, T, H, H, D, dtype.itemsize)
+    return Case("rope_qknorm", f"q,k ({B},{T},{H},{D})", make_inputs, *fns, "GB/s", floor)
 
 
 def relu2_mlp_case(device, dtype, M, C):

@@ -32,11 +32,7 @@ def check_same(fn: str, *named: tuple[str, torch.Tensor]) -> None:
     name0, t0 = named[0]
     for name, t in named[1:]:
         check(t.device == t0.device, fn, f"{name} is on {t.device} but {name0} is on {t0.device}")
-        check(
-            t.dtype == t0.dtype,
-            fn,
-            f"{name} is {t.dtype} but {name0} is {t0.dtype} (no dtype mixing)",
-        )
+        check(t.dtype == t0.dtype, fn, f"{name} is {t.dtype}, {name0} {t0.dtype} (no dtype mixing)")
 
 
 def check_triton(fn: str, t: torch.Tensor, dtype=None) -> None:

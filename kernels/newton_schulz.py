@@ -184,8 +184,7 @@ def _newton_schulz(
     X = _normalize(G.to(dtype)).reshape(-1, *shape[-2:]).contiguous()  # (batch, rows, cols)
     tall = X.shape[1] > X.shape[2]
     batch, m = X.shape[0], min(X.shape[1:])
-    A = empty((batch, m, m), dtype, G.device)
-    B = empty((batch, m, m), dtype, G.device)
+    A, B = (empty((batch, m, m), dtype, G.device) for _ in range(2))
     Y = torch.empty_like(X)  # the other X buffer (fully written by bmm, so never poisoned)
     for i in range(steps):
         a, b, c = coeffs[3 * i : 3 * i + 3]

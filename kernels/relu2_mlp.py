@@ -86,7 +86,7 @@ FP32_CONFIGS = [
     triton.Config(
         {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=w
     )
-    for m, n, w in [(64, 64, 4), (128, 64, 8)]
+    for m, n, w in [(64, 64, 4), (64, 128, 8)]
 ]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
 RELU2, RELU2_GRAD = 1, 2  # the two epilogues
@@ -156,9 +156,7 @@ def _matmul(a, b, epilogue, h=None):
     M, K = a.shape
     N = b.shape[1]
     c = empty((M, N), a.dtype, a.device)
-    if M == 0 or N == 0:
-        return c
-    if K == 0:
+    if M == 0 or N == 0 or K == 0:
         return c.zero_()
     h = c if h is None else h  # unused by the relu² epilogue
     bucket = triton.next_power_of_2(M)
