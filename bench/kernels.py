@@ -177,9 +177,8 @@ def newton_schulz_case(device, dtype, L, C):
 
     floor = {"fwd": sum(ns.newton_schulz_floor(*s)["fwd"] for s in stacks)}
     shape = " + ".join(f"({b},{m},{n})" for b, m, n in stacks)
-    return Case(
-        "newton_schulz", shape, make_inputs, triton_fn, reference_fn, None, "TFLOP/s", floor
-    )
+    fns = triton_fn, reference_fn, None
+    return Case("newton_schulz", shape, make_inputs, *fns, "TFLOP/s", floor)
 
 
 # Each case: its builder, its tiny smoke-test shape, and its shape at a model depth d (or one
@@ -249,6 +248,7 @@ def run_case(case, device):
     """Time every (pass, impl) of one case; returns rows {case, shape, pass_, impl, ms, rate, unit}
     (rate: the docstring floor over this impl's time, so the impls compare on the same work),
     and for the CE cases on CUDA the peak memory of one forward+backward (peak_mib)."""
+    print(f"running {case.name} ({case.shape}) ...", flush=True)
     args, rows = case.make_inputs(), []
     for pass_ in case.floor:
         for impl, fn in implementations(case).items():
@@ -289,10 +289,7 @@ def format_memory_table(rows):
     rows = [r for r in rows if "peak_mib" in r]
     eager = {r["case"]: r["peak_mib"] for r in rows if r["impl"] == "eager"}
     cells = [(r["case"], r["shape"], r["impl"], f"{r['peak_mib']:.0f}") for r in rows]
-    vs = [
-        f"{100 * r['peak_mib'] / eager[r['case']]:.1f}%" if r["case"] in eager else "-"
-        for r in rows
-    ]
+    vs = [f"{100 * r['peak_mib'] / eager.get(r['case'], float('nan')):.1f}%" for r in rows]
     head = ["case", "shape", "impl", "peak MiB (fwd+bwd, above inputs)", "vs eager"]
     return markdown(head, [(*c, v) for c, v in zip(cells, vs)]) if rows else ""
 
@@ -351,10 +348,7 @@ def main():
         "rate = docstring floor / time."
     )
     print(f"{device_name}: {summary}")
-    rows = []
-    for case in cases:
-        print(f"running {case.name} ({case.shape}) ...", flush=True)
-        rows += run_case(case, args.device)
+    rows = [row for case in cases for row in run_case(case, args.device)]
     _, liger_note = liger_functional(args.device)
     table = format_table(rows, ceilings) + (f"\n\n{liger_note}." if liger_note else "")
     if memory := format_memory_table(rows):

@@ -60,14 +60,12 @@ class StandInDriver:
     arch: each arch gets its own JIT cache."""
 
     def __init__(self, arch):
-        self.arch, self.utils = arch, self
+        self.utils = self
+        self.get_current_target = lambda: GPUTarget("cuda", arch, 32)
         self.get_current_device = lambda: arch
         self.get_current_stream = lambda device: 0
         self.get_device_properties = lambda device: {"max_shared_mem": 1 << 30}
         self.launcher_cls = lambda src, metadata: None
-
-    def get_current_target(self):
-        return GPUTarget("cuda", self.arch, 32)
 
     def load_binary(self, name, cubin, shared, device):
         raise Loaded(cubin, shared)
@@ -231,12 +229,11 @@ def write(out, rows, skipped):
     """OUT.md (one table per arch) and OUT.json (every row); returns compile seconds per arch."""
     seconds = {a: round(sum(r.get("seconds", 0) for r in rows if r["arch"] == a)) for a in skipped}
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    head = (
+    lines = [
         f"# Static check, Triton {triton.__version__}\n\n{date}, torch {torch.__version__}, "
         "`python -m bench.static_check`: every kernel compiled through its launcher at every GPU "
         "config and dtype, without a GPU. Compile s: one cold compile on this machine's CPU.\n"
-    )
-    lines = [head]
+    ]
     for arch, why in skipped.items():
         lines += [f"## sm_{arch} ({GPUS[arch][0]})", ""]
         if why:

@@ -16,9 +16,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     the references everywhere (A/B runs, benchmarks)."""
     if os.environ.get("NANOCODE_KERNELS", "") == "torch":
         return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True
-    return all(t.is_cuda for t in tensors)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or all(t.is_cuda for t in tensors)
 
 
 def check(cond: bool, fn: str, msg: str) -> None:
@@ -39,9 +37,7 @@ def check_triton(fn: str, t: torch.Tensor, dtype=None) -> None:
     """What the Triton path needs beyond the reference's checks: a device it runs on, and a
     dtype it computes in (t's own, or `dtype` where the kernel computes in another)."""
     where = os.environ.get("TRITON_INTERPRET", "0") == "1" or t.is_cuda
-    check(
-        where, fn, f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device}"
-    )
+    check(where, fn, f"the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1): {t.device}")
     dtype = dtype or t.dtype
     check(dtype in FLOATS, fn, f"the Triton kernel takes float32, float16 or bfloat16, got {dtype}")
 

@@ -107,10 +107,10 @@ FP32_CONFIGS = [
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
 
 
-@triton.autotune(
-    key=["M", "K", "HAS_ADD"],
-    **autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIGS, FP32_CONFIGS, "p_ptr"),
-)
+CONFIGS = autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIGS, FP32_CONFIGS, "p_ptr")
+
+
+@triton.autotune(key=["M", "K", "HAS_ADD"], **CONFIGS)
 @triton.jit
 def _sym_matmul_kernel(
     p_ptr,

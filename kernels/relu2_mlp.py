@@ -71,9 +71,7 @@ def relu2_mlp_floor(M, C, H):
 # only in tests, as IEEE dots on the FMA units, where the large tiles spill: small tiles. The
 # interpreter runs one small config (tests force each GPU config in turn).
 GPU_CONFIGS = [
-    triton.Config(
-        {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w
-    )
+    triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_stages=s, num_warps=w)
     for m, n, k, s, w in [
         (128, 256, 64, 3, 8),
         (128, 128, 64, 4, 8),
@@ -83,19 +81,17 @@ GPU_CONFIGS = [
     ]
 ]
 FP32_CONFIGS = [
-    triton.Config(
-        {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=w
-    )
+    triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=32, GROUP_M=8), num_stages=3, num_warps=w)
     for m, n, w in [(64, 64, 4), (64, 128, 8)]
 ]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
 RELU2, RELU2_GRAD = 1, 2  # the two epilogues
 
 
-@triton.autotune(
-    key=["M_BUCKET", "N", "K", "EPILOGUE"],
-    **autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIGS, FP32_CONFIGS, "a_ptr"),
-)
+CONFIGS = autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIGS, FP32_CONFIGS, "a_ptr")
+
+
+@triton.autotune(key=["M_BUCKET", "N", "K", "EPILOGUE"], **CONFIGS)
 @triton.jit
 def _matmul_kernel(
     a_ptr,
@@ -153,8 +149,7 @@ def _matmul_kernel(
 
 
 def _matmul(a, b, epilogue, h=None):
-    M, K = a.shape
-    N = b.shape[1]
+    (M, K), N = a.shape, b.shape[1]
     c = empty((M, N), a.dtype, a.device)
     if M == 0 or N == 0 or K == 0:
         return c.zero_()

@@ -44,9 +44,8 @@ def rope_qknorm_reference(q, k, cos, sin, eps=1e-6):
     """q (B, T, Hq, D), k (B, T, Hk, D), cos/sin (T, D/2). Half-split RoPE, then RMSNorm over D."""
 
     def one(x):
-        d = x.shape[-1] // 2
         c, s = cos[None, :, None, :], sin[None, :, None, :]
-        x1, x2 = x[..., :d], x[..., d:]
+        x1, x2 = x.chunk(2, dim=-1)
         y = torch.cat([x1 * c + x2 * s, -x1 * s + x2 * c], dim=-1)
         return torch.nn.functional.rms_norm(y, (y.shape[-1],), eps=eps)
 
@@ -72,9 +71,8 @@ GPU_CONFIGS = [
     for t, w in [(2, 1), (4, 2), (8, 2), (8, 4), (16, 4), (32, 8)]
 ]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_T": 4}, num_warps=4)]
-AUTOTUNE = dict(
-    key=["NT_BUCKET", "heads", "HALF"], **autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIGS)
-)
+CONFIGS = autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIGS)
+KEY = ["NT_BUCKET", "heads", "HALF"]
 
 
 @triton.jit
@@ -107,7 +105,7 @@ def _cos_sin(cos_ptr, sin_ptr, r, T, cols, HALF: tl.constexpr, mask):
     return c, tl.load(sin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
-@triton.autotune(**AUTOTUNE)
+@triton.autotune(key=KEY, **CONFIGS)
 @triton.jit
 def _rope_qknorm_fwd_kernel(
     xs,  # (q, k), through their strides
@@ -142,7 +140,7 @@ def _rope_qknorm_fwd_kernel(
             tl.store(rstds[i] + row, rstd, mask=r < NT)
 
 
-@triton.autotune(**AUTOTUNE)
+@triton.autotune(key=KEY, **CONFIGS)
 @triton.jit
 def _rope_qknorm_bwd_kernel(
     outs,  # (q_out, k_out), saved by the forward

@@ -75,11 +75,10 @@ def softcap_cross_entropy_reference(
     logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"
 ):
     z = softcap * torch.tanh(logits.float() / softcap)
-    if reduction != "mean":
-        return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction=reduction)
-    # F.cross_entropy's mean over zero non-ignored rows is NaN; ours is 0 (so are its gradients).
-    count = (targets != ignore_index).sum().clamp(min=1)
-    return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="sum") / count
+    loss = F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="none")  # 0 if ignored
+    # _reduce's mean over zero non-ignored rows is 0 (and so are its gradients), where
+    # F.cross_entropy's is NaN
+    return _reduce(loss, targets, ignore_index, reduction)
 
 
 def linear_softcap_cross_entropy_reference(
@@ -337,9 +336,8 @@ def softcap_cross_entropy_triton(logits, targets, softcap=15.0, ignore_index=-1,
     _check_ce(logits, targets, softcap, reduction)
     check_triton("softcap_cross_entropy", logits)
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    loss = SoftcapCrossEntropy.apply(
-        logits, targets.contiguous(), float(softcap), int(ignore_index)
-    )
+    args = (targets.contiguous(), float(softcap), int(ignore_index))
+    loss = SoftcapCrossEntropy.apply(logits, *args)
     return _reduce(loss, targets, ignore_index, reduction)
 
 
@@ -480,9 +478,8 @@ def _check_linear(x, weight, targets, softcap, reduction):
     fn = "linear_softcap_cross_entropy"
     shapes = f"{tuple(x.shape)}, {tuple(weight.shape)}"
     check(x.ndim == 2 and weight.ndim == 2, fn, f"x must be (N, C), weight (V, C), got {shapes}")
-    check(
-        x.shape[1] == weight.shape[1], fn, f"x has {x.shape[1]} features, weight {weight.shape[1]}"
-    )
+    features = f"x has {x.shape[1]} features, weight {weight.shape[1]}"
+    check(x.shape[1] == weight.shape[1], fn, features)
     check(x.dtype.is_floating_point, fn, f"x must be floating point, got {x.dtype}")
     check_same(fn, ("x", x), ("weight", weight))
     _check_common(fn, targets, x.shape[0], softcap, reduction, x.device)
