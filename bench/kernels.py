@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import triton.testing
 
 # Model shapes (GPTConfig.from_depth): width 64 * depth, head dim 128, n_kv_head = n_head,
 # T = 2048 and 65,536 tokens per GPU, i.e. B = 32. MLP hidden = 4 * width.
@@ -222,8 +221,10 @@ def median_ms(step, device):
     step()  # compile / autotune first: do_bench sizes its repetitions on its first calls
     if device != "cuda":
         return 1e3 * statistics.median(timeit.repeat(step, number=1, repeat=3))
+    from triton.testing import do_bench  # not at the top: --device cpu sets TRITON_INTERPRET first
+
     torch.cuda.synchronize()
-    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    return do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
 def measure_ceilings(device, tiny):
@@ -338,6 +339,8 @@ def main():
     cases = build_cases(args.device, dtype, args.tiny, [s for s in args.cases.split(",") if s])
     if not cases:
         raise NanocodeError(f"no case matches --cases {args.cases!r}")
+
+    import triton
 
     ceilings = measure_ceilings(args.device, args.tiny)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -163,15 +163,14 @@ def _launch_sym_matmul(P, out, alpha=1.0, add=None, beta=0.0, diag=0.0):
     K); out and add (batch, M, M) contiguous, add symmetric (only its upper tiles are read; the
     lower ones are written as their mirror)."""
     batch, M, K = P.shape
-    if batch == 0 or M == 0:
-        return out
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"])
         return (tiles, tiles, batch)
 
     add, has_add = (out, False) if add is None else (add, True)
-    _sym_matmul_kernel[grid](P, out, add, M, K, alpha, beta, diag, P.stride(), HAS_ADD=has_add)
+    if batch > 0 and M > 0:
+        _sym_matmul_kernel[grid](P, out, add, M, K, alpha, beta, diag, P.stride(), HAS_ADD=has_add)
     return out
 
 
