@@ -23,17 +23,19 @@ Liger's cross-entropy writes its gradient over the input logits in the forward (
 2*N*V*e bytes where a split forward/backward moves 3*N*V*e); its timings reuse those overwritten
 logits, which changes the values but not the work.
 
-Cases are a flat list: each kernel file contributes a function building its cases (see
-CASE_BUILDERS at the bottom of the cases sections).
+The cases (build_cases) are the one list of kernel shapes: bench/static_check.py compiles every
+kernel at them too, on the "meta" device (shapes without data).
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import re
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,8 @@ import torch
 
 # Model shapes (GPTConfig.from_depth): width 64 * depth, head dim 128, n_kv_head = n_head,
 # T = 2048 and 65,536 tokens per GPU, i.e. B = 32. MLP hidden = 4 * width.
-SEQ_LEN, TOKENS_PER_GPU, HEAD_DIM = 2048, 65536, 128
+SEQ_LEN, TOKENS_PER_GPU, HEAD_DIM, VOCAB = 2048, 65536, 128, 32768
+BATCH = TOKENS_PER_GPU // SEQ_LEN
 DEPTHS = (12, 20)
 IMPLS = ("ours", "liger", "eager", "compile")
 
@@ -53,9 +56,9 @@ class Case:
 
     make_inputs() -> list of positional args; tensors that need gradients have requires_grad=True.
     triton(*args) / reference(*args) return a tensor or a tuple of tensors.
+    liger: Liger-Kernel's op on the same args, or None (no matching op, or Liger unavailable).
     floor: {"fwd": work, "fwd+bwd": work}, the minimum work of the kernel docstring: bytes when
     unit == "GB/s", FLOPs when unit == "TFLOP/s". A forward-only case has just "fwd".
-    liger: Liger-Kernel's op on the same args, or None (no matching op, or Liger unavailable).
     """
 
     name: str
@@ -63,9 +66,9 @@ class Case:
     make_inputs: Callable[[], list]
     triton: Callable
     reference: Callable
+    liger: Callable | None
     unit: str
     floor: dict
-    liger: Callable | None = None
 
 
 def liger_functional(device):
@@ -75,305 +78,127 @@ def liger_functional(device):
     try:
         import liger_kernel.transformers.functional as lf
     except ImportError:
-        return (
-            None,
-            "Liger-Kernel not installed (pip install liger-kernel, the `bench` extra): its column is empty",
-        )
+        return None, "Liger-Kernel not installed (pip install liger-kernel): its column is empty"
     return lf, None
 
 
-def first(out):
-    return out[0] if isinstance(out, tuple) else out
+def randn(device, dtype, *shape, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
 
 
-def model_shape(depth):
-    C = 64 * depth
-    return dict(
-        B=TOKENS_PER_GPU // SEQ_LEN, T=SEQ_LEN, C=C, H=C // HEAD_DIM, D=HEAD_DIM, hidden=4 * C
-    )
-
-
-# ---- kernels I cases: fused RoPE + QK-norm, ReLU² MLP ----
-
-
-def rope_qknorm_cases(device, dtype, tiny):
-    from kernels.rope_qknorm import rope_qknorm_floor, rope_qknorm_reference, rope_qknorm_triton
-
-    eps = 1e-6
-    shapes = (
-        [("tiny", dict(B=2, T=16, H=2, D=16))]
-        if tiny
-        else [(f"d{d}", model_shape(d)) for d in DEPTHS]
-    )
-    cases = []
-    for tag, s in shapes:
-        B, T, H, D = s["B"], s["T"], s["H"], s["D"]
-
-        def make_inputs(B=B, T=T, H=H, D=D):
-            q = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
-            k = torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True)
-            ang = torch.rand(T, D // 2, device=device)
-            return [q, k, ang.cos().to(dtype), ang.sin().to(dtype), eps]
-
-        floor = rope_qknorm_floor(B, T, H, H, D, torch.finfo(dtype).bits // 8)
-        cases.append(
-            Case(
-                f"rope_qknorm {tag}",
-                f"q,k ({B},{T},{H},{D}) {str(dtype)[6:]}",
-                make_inputs,
-                rope_qknorm_triton,
-                rope_qknorm_reference,
-                "GB/s",
-                floor,
-                liger_rope_rmsnorm(device),
-            )
-        )
-    return cases
-
-
-def liger_rope_rmsnorm(device):
-    """Liger's RoPE, then its RMSNorm on q and k: the unfused peer of rope_qknorm. Liger takes
-    (B, H, T, D) and HF's rotate-half tables (cos, sin repeated over D), where ours rotates the
-    other way: sin enters negated."""
+def rope_qknorm_case(device, dtype, B, T, H, D):
+    rq = importlib.import_module("kernels.rope_qknorm")
     lf, _ = liger_functional(device)
-    if lf is None:
-        return None
 
-    def fn(q, k, cos, sin, eps):
+    def make_inputs():
+        q, k = randn(device, dtype, B, T, H, D), randn(device, dtype, B, T, H, D)
+        angle = torch.rand(T, D // 2, device=device)
+        return [q, k, angle.cos().to(dtype), angle.sin().to(dtype)]  # eps: the default, 1e-6
+
+    def liger(q, k, cos, sin, eps=1e-6):
+        """Liger's RoPE, then its RMSNorm on q and k: the unfused peer of rope_qknorm. Liger
+        takes (B, H, T, D) and HF's rotate-half tables (cos, sin repeated over D), where ours
+        rotates the other way: sin enters negated."""
         cos_f, sin_f = torch.cat([cos, cos], -1)[None], torch.cat([-sin, -sin], -1)[None]
         q, k = lf.liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos_f, sin_f)
         ones = torch.ones(q.shape[-1], device=q.device, dtype=q.dtype)
         return lf.liger_rms_norm(q, ones, eps), lf.liger_rms_norm(k, ones, eps)
 
-    return fn
+    fns = rq.rope_qknorm_triton, rq.rope_qknorm_reference, lf and liger
+    floor = rq.rope_qknorm_floor(B, T, H, H, D, dtype.itemsize)
+    return Case("rope_qknorm", f"q,k ({B},{T},{H},{D})", make_inputs, *fns, "GB/s", floor)
 
 
-def relu2_mlp_cases(device, dtype, tiny):
-    from kernels.relu2_mlp import relu2_mlp_floor, relu2_mlp_reference, relu2_mlp_triton
-
-    shapes = (
-        [("tiny", dict(B=2, T=16, C=32, hidden=64))]
-        if tiny
-        else [(f"d{d}", model_shape(d)) for d in DEPTHS]
-    )
-    cases = []
-    for tag, s in shapes:
-        M, C, Hd = s["B"] * s["T"], s["C"], s["hidden"]
-
-        def make_inputs(M=M, C=C, Hd=Hd):
-            x = torch.randn(M, C, device=device, dtype=dtype, requires_grad=True)
-            w_fc = (torch.randn(Hd, C, device=device) / C**0.5).to(dtype).requires_grad_()
-            w_proj = (torch.randn(C, Hd, device=device) / Hd**0.5).to(dtype).requires_grad_()
-            return [x, w_fc, w_proj]
-
-        floor = relu2_mlp_floor(M, C, Hd)
-        cases.append(
-            Case(
-                f"relu2_mlp {tag}",
-                f"x ({M},{C}) hidden {Hd} {str(dtype)[6:]}",
-                make_inputs,
-                relu2_mlp_triton,
-                relu2_mlp_reference,
-                "TFLOP/s",
-                floor,
-            )
-        )
-    return cases
-
-
-# ---- softcap CE, fused linear + softcap CE, Newton-Schulz cases ----
-# softcap CE, fused linear + softcap CE, Newton-Schulz: builders with the signature
-# f(device, dtype, tiny) -> list[Case], appended to CASE_BUILDERS below.
-
-VOCAB = 32768
-
-
-def softcap_ce_cases(device, dtype, tiny):
-    """Cross-entropy of the softcapped logits of one GPU's batch (65,536 tokens, V = 32768), "mean"."""
-    from kernels.softcap_ce import (
-        softcap_cross_entropy_floor,
-        softcap_cross_entropy_reference,
-        softcap_cross_entropy_triton,
-    )
-
-    N, V = (64, 300) if tiny else (TOKENS_PER_GPU, VOCAB)
+def relu2_mlp_case(device, dtype, M, C):
+    mlp, H = importlib.import_module("kernels.relu2_mlp"), 4 * C
 
     def make_inputs():
-        logits = (
-            torch.randn(N, V, device=device, dtype=dtype).mul_(10).requires_grad_()
-        )  # well beyond the cap
-        return [logits, torch.randint(0, V, (N,), device=device)]
+        x, w_fc = randn(device, dtype, M, C), randn(device, dtype, H, C, scale=C**-0.5)
+        return [x, w_fc, randn(device, dtype, C, H, scale=H**-0.5)]
 
-    floor = softcap_cross_entropy_floor(N, V, torch.finfo(dtype).bits // 8)
+    fns = mlp.relu2_mlp_triton, mlp.relu2_mlp_reference, None
+    floor = mlp.relu2_mlp_floor(M, C, H)
+    return Case("relu2_mlp", f"x ({M},{C}) hidden {H}", make_inputs, *fns, "TFLOP/s", floor)
+
+
+def softcap_ce_case(device, dtype, N, V):
+    """Cross-entropy of the softcapped logits of one GPU's batch (65,536 tokens, V = 32768), "mean"
+    (one case for both depths: the shape does not depend on the depth)."""
+    ce = importlib.import_module("kernels.softcap_ce")
     lf, _ = liger_functional(device)
-    liger = (
-        (lambda logits, t: first(lf.liger_cross_entropy(logits, t, ignore_index=-1, softcap=15.0)))
-        if lf
-        else None
-    )
-    # one case for both depths: the shape is one GPU's batch x the vocabulary, whatever the depth
-    return [
-        Case(
-            "softcap_ce tiny" if tiny else "softcap_ce d12/d20",
-            f"logits ({N},{V}) {str(dtype)[6:]}",
-            make_inputs,
-            softcap_cross_entropy_triton,
-            softcap_cross_entropy_reference,
-            "GB/s",
-            floor,
-            liger,
-        )
-    ]
+
+    def make_inputs():  # logits well beyond the cap
+        return [randn(device, dtype, N, V, scale=10.0), torch.randint(0, V, (N,), device=device)]
+
+    def liger(logits, targets):
+        return as_tuple(lf.liger_cross_entropy(logits, targets, ignore_index=-1, softcap=15.0))[0]
+
+    fns = ce.softcap_cross_entropy_triton, ce.softcap_cross_entropy_reference, lf and liger
+    floor = ce.softcap_cross_entropy_floor(N, V, dtype.itemsize)
+    return Case("softcap_ce", f"logits ({N},{V})", make_inputs, *fns, "GB/s", floor)
 
 
-def linear_softcap_ce_cases(device, dtype, tiny):
+def linear_softcap_ce_case(device, dtype, N, V, C):
     """The model's loss head: x (65,536 tokens, C) @ weight (V, C)ᵀ, softcap, CE, "mean". Only
     fwd+bwd: with grad mode on, the Triton forward already computes the gradients (the backward
     scales them), so a forward-only time would compare different work."""
-    from kernels.softcap_ce import (
-        linear_softcap_cross_entropy_floor,
-        linear_softcap_cross_entropy_reference,
-        linear_softcap_cross_entropy_triton,
-    )
+    ce = importlib.import_module("kernels.softcap_ce")
+    lf, _ = liger_functional(device)
 
-    shapes = (
-        [("tiny", 64, 300, 32)]
-        if tiny
-        else [(f"d{d}", TOKENS_PER_GPU, VOCAB, 64 * d) for d in DEPTHS]
-    )
-    cases = []
-    for tag, N, V, C in shapes:
+    def make_inputs():
+        x, w = randn(device, dtype, N, C), randn(device, dtype, V, C, scale=4 / C**0.5)
+        return [x, w, torch.randint(0, V, (N,), device=device)]
 
-        def make_inputs(N=N, V=V, C=C):
-            x = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
-            w = (torch.randn(V, C, device=device) * (4 / C**0.5)).to(dtype).requires_grad_()
-            return [x, w, torch.randint(0, V, (N,), device=device)]
+    def liger(x, w, targets):
+        loss = lf.liger_fused_linear_cross_entropy(x, w, targets, ignore_index=-1, softcap=15.0)
+        return as_tuple(loss)[0]
 
-        lf, _ = liger_functional(device)
-        liger = (
-            (
-                lambda x, w, t: first(
-                    lf.liger_fused_linear_cross_entropy(x, w, t, ignore_index=-1, softcap=15.0)
-                )
-            )
-            if lf
-            else None
-        )
-        cases.append(
-            Case(
-                f"linear_softcap_ce {tag}",
-                f"x ({N},{C}) w ({V},{C}) {str(dtype)[6:]}",
-                make_inputs,
-                linear_softcap_cross_entropy_triton,
-                linear_softcap_cross_entropy_reference,
-                "TFLOP/s",
-                linear_softcap_cross_entropy_floor(N, V, C),
-                liger,
-            )
-        )
-    return cases
+    fns = ce.linear_softcap_cross_entropy_triton, ce.linear_softcap_cross_entropy_reference
+    floor = ce.linear_softcap_cross_entropy_floor(N, V, C)
+    shape = f"x ({N},{C}) w ({V},{C})"
+    return Case("linear_softcap_ce", shape, make_inputs, *fns, lf and liger, "TFLOP/s", floor)
 
 
-def newton_schulz_cases(device, dtype, tiny):
+def newton_schulz_case(device, dtype, L, C):
     """One Muon step's matrices, stacked by shape as Muon stacks them: per layer c_q, c_k, c_v,
     attn c_proj (C x C), c_fc (4C x C), mlp c_proj (C x 4C); fp32 momentum in, `dtype` math."""
-    from kernels.newton_schulz import (
-        newton_schulz_floor,
-        newton_schulz_reference,
-        newton_schulz_triton,
-    )
+    ns = importlib.import_module("kernels.newton_schulz")
+    stacks = [(4 * L, C, C), (L, 4 * C, C), (L, C, 4 * C)]
 
-    shapes = [("tiny", 2, 32)] if tiny else [(f"d{d}", d, 64 * d) for d in DEPTHS]
-    cases = []
-    for tag, L, C in shapes:
-        stacks = [(4 * L, C, C), (L, 4 * C, C), (L, C, 4 * C)]
+    def make_inputs():
+        return [torch.randn(*s, device=device) for s in stacks]
 
-        def make_inputs(stacks=stacks):
-            return [torch.randn(*s, device=device) for s in stacks]
+    def triton_fn(*Gs):
+        return tuple(ns.newton_schulz_triton(G, 5, dtype) for G in Gs)
 
-        def triton_fn(*Gs):
-            return tuple(newton_schulz_triton(G, 5, dtype) for G in Gs)
+    def reference_fn(*Gs):
+        return tuple(ns.newton_schulz_reference(G, 5, dtype) for G in Gs)
 
-        def reference_fn(*Gs):
-            return tuple(newton_schulz_reference(G, 5, dtype) for G in Gs)
-
-        floor = {"fwd": sum(newton_schulz_floor(*s)["fwd"] for s in stacks)}
-        cases.append(
-            Case(
-                f"newton_schulz {tag}",
-                " + ".join(f"({b},{m},{n})" for b, m, n in stacks) + f" {str(dtype)[6:]}",
-                make_inputs,
-                triton_fn,
-                reference_fn,
-                "TFLOP/s",
-                floor,
-            )
-        )
-    return cases
+    floor = {"fwd": sum(ns.newton_schulz_floor(*s)["fwd"] for s in stacks)}
+    shape = " + ".join(f"({b},{m},{n})" for b, m, n in stacks)
+    fns = triton_fn, reference_fn, None
+    return Case("newton_schulz", shape, make_inputs, *fns, "TFLOP/s", floor)
 
 
-def ce_peak_memory(device, dtype, tiny=False):
-    """Peak memory of one forward+backward of each CE case, above what its inputs hold, for ours,
-    Liger (when available), eager and torch.compile (torch.cuda.max_memory_allocated). Returns rows
-    {case, shape, impl, peak_mib, vs_eager}; empty on the CPU (no allocator statistics)."""
-    if device != "cuda":
-        return []
-    rows = []
-    for case in softcap_ce_cases(device, dtype, tiny) + linear_softcap_ce_cases(
-        device, dtype, tiny
-    ):
-        args = case.make_inputs()
-        peaks = {}
-        impls = [("ours", case.triton)] + ([("liger", case.liger)] if case.liger else [])
-        for impl, fn in impls + [
-            ("eager", case.reference),
-            ("compile", torch.compile(case.reference)),
-        ]:
-            step = make_step(fn, args, "fwd+bwd")
-            step()  # compile and warm up outside the measurement
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step()
-            torch.cuda.synchronize()
-            peaks[impl] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            del step
-        rows += [
-            dict(
-                case=case.name,
-                shape=case.shape,
-                impl=impl,
-                peak_mib=mib,
-                vs_eager=mib / peaks["eager"],
-            )
-            for impl, mib in peaks.items()
-        ]
-        del args
-        torch.cuda.empty_cache()
-    return rows
-
-
-def format_memory_table(rows):
-    lines = [
-        "| case | shape | impl | peak MiB (fwd+bwd, above inputs) | vs eager |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['case']} | {r['shape']} | {r['impl']} | {r['peak_mib']:.0f} | {100 * r['vs_eager']:.1f}% |"
-        for r in rows
-    ]
-    return "\n".join(lines)
-
-
-# ---- end of cases ----
-
-CASE_BUILDERS = [rope_qknorm_cases, relu2_mlp_cases]
-CASE_BUILDERS += [softcap_ce_cases, linear_softcap_ce_cases, newton_schulz_cases]
+# Each case: its builder, its tiny smoke-test shape, and its shape at a model depth d (or one
+# shape for every depth: one case "d12/d20").
+CASES = [
+    (rope_qknorm_case, (2, 16, 2, 16), lambda d: (BATCH, SEQ_LEN, d // 2, HEAD_DIM)),
+    (relu2_mlp_case, (32, 32), lambda d: (TOKENS_PER_GPU, 64 * d)),
+    (softcap_ce_case, (64, 300), (TOKENS_PER_GPU, VOCAB)),
+    (linear_softcap_ce_case, (64, 300, 32), lambda d: (TOKENS_PER_GPU, VOCAB, 64 * d)),
+    (newton_schulz_case, (2, 32), lambda d: (d, 64 * d)),
+]
 
 
 def build_cases(device, dtype, tiny=False, only=None):
-    cases = [c for build in CASE_BUILDERS for c in build(device, dtype, tiny)]
+    cases = []
+    for build, tiny_shape, at_depth in CASES:
+        one = not callable(at_depth)  # the same shape at every depth: one case
+        shapes = {"d12/d20": at_depth} if one else {f"d{d}": at_depth(d) for d in DEPTHS}
+        for tag, shape in ({"tiny": tiny_shape} if tiny else shapes).items():
+            cases.append(build(device, dtype, *shape))
+            cases[-1].name += f" {tag}"
     return [c for c in cases if not only or any(o in c.name for o in only)]
 
 
@@ -383,206 +208,163 @@ def make_step(fn, args, pass_):
     if pass_ == "fwd":
         return lambda: fn(*args)
     leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
-    outs = fn(*args)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    grads = [torch.randn_like(o) for o in outs]
-
-    def step():
-        outs = fn(*args)
-        torch.autograd.grad(outs if isinstance(outs, tuple) else (outs,), leaves, grads)
-
-    return step
+    grads = [torch.randn_like(o) for o in as_tuple(fn(*args))]
+    return lambda: torch.autograd.grad(as_tuple(fn(*args)), leaves, grads)
 
 
-def timeit(step, device):
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def median_ms(step, device):
     """Median milliseconds: do_bench on CUDA; a few plain wall-clock runs in the CPU smoke mode."""
     step()  # compile / autotune first: do_bench sizes its repetitions on its first calls
-    if device == "cuda":
-        from triton.testing import do_bench
+    if device != "cuda":
+        return 1e3 * statistics.median(timeit.repeat(step, number=1, repeat=3))
+    from triton.testing import do_bench  # not at the top: --device cpu sets TRITON_INTERPRET first
 
-        torch.cuda.synchronize()
-        return do_bench(step, warmup=25, rep=100, return_mode="median")
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
 def measure_ceilings(device, tiny):
-    """This device's bandwidth (GB/s, read + write of a large copy) and bf16 matmul rate (TFLOP/s)."""
+    """This device's bandwidth (GB/s, read + write of a large copy) and bf16 matmul rate
+    (TFLOP/s)."""
     n = 2**16 if tiny else 2**29  # bf16 elements: 1 GiB per buffer on the GPU
     src = torch.randn(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = timeit(lambda: dst.copy_(src), device)
-    gbps = 2 * n * src.element_size() / ms / 1e6
-    del src, dst
+    gbps = 2 * n * src.element_size() / median_ms(lambda: dst.copy_(src), device) / 1e6
     m = 256 if tiny else 8192
-    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    ms = timeit(lambda: a @ b, device)
-    tflops = 2 * m**3 / ms / 1e9
-    return {"GB/s": gbps, "TFLOP/s": tflops}
+    a, b = (torch.randn(m, m, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return {"GB/s": gbps, "TFLOP/s": 2 * m**3 / median_ms(lambda: a @ b, device) / 1e9}
+
+
+def implementations(case):
+    impls = {"ours": case.triton, "liger": case.liger, "eager": case.reference}
+    impls["compile"] = torch.compile(case.reference, dynamic=False)  # static shapes, as in training
+    return {name: fn for name, fn in impls.items() if fn is not None}
 
 
 def run_case(case, device):
     """Time every (pass, impl) of one case; returns rows {case, shape, pass_, impl, ms, rate, unit}
-    (rate: the docstring floor over this impl's time, so the impls compare on the same work)."""
-    impls = {"ours": case.triton}
-    if case.liger is not None:
-        impls["liger"] = case.liger
-    impls["eager"] = case.reference
-    try:
-        impls["compile"] = torch.compile(
-            case.reference, dynamic=False
-        )  # static shapes, as in training
-    except Exception as e:  # noqa: BLE001 (reported, not hidden)
-        print(f"  {case.name}: torch.compile failed: {e}")
-    args = case.make_inputs()
-    rows = []
+    (rate: the docstring floor over this impl's time, so the impls compare on the same work),
+    and for the CE cases on CUDA the peak memory of one forward+backward (peak_mib)."""
+    print(f"running {case.name} ({case.shape}) ...", flush=True)
+    args, rows = case.make_inputs(), []
     for pass_ in case.floor:
-        for impl, fn in impls.items():
+        for impl, fn in implementations(case).items():
             try:
-                ms = timeit(make_step(fn, args, pass_), device)
+                ms = median_ms(step := make_step(fn, args, pass_), device)
             except Exception as e:  # noqa: BLE001 (one failing impl should not hide the others)
                 print(f"  {case.name} {pass_} {impl} failed: {type(e).__name__}: {e}")
                 continue
             rate = case.floor[pass_] / ms / (1e6 if case.unit == "GB/s" else 1e9)
-            rows.append(
-                dict(
-                    case=case.name,
-                    shape=case.shape,
-                    pass_=pass_,
-                    impl=impl,
-                    ms=ms,
-                    rate=rate,
-                    unit=case.unit,
-                )
-            )
+            rows.append(dict(case=case.name, shape=case.shape, pass_=pass_, impl=impl, ms=ms))
+            rows[-1].update(rate=rate, unit=case.unit)
+            if device == "cuda" and pass_ == "fwd+bwd" and "softcap_ce" in case.name:
+                rows[-1]["peak_mib"] = peak_mib(step)
     del args
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
 
 
+def peak_mib(step):
+    """Peak memory of one call of step above what was allocated before it (MiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def markdown(head, rows):
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def format_memory_table(rows):
+    """The CE cases' peak memory per impl, and as a share of eager's."""
+    rows = [r for r in rows if "peak_mib" in r]
+    eager = {r["case"]: r["peak_mib"] for r in rows if r["impl"] == "eager"}
+    cells = [(r["case"], r["shape"], r["impl"], f"{r['peak_mib']:.0f}") for r in rows]
+    vs = [f"{100 * r['peak_mib'] / eager.get(r['case'], float('nan')):.1f}%" for r in rows]
+    head = ["case", "shape", "impl", "peak MiB (fwd+bwd, above inputs)", "vs eager"]
+    return markdown(head, [(*c, v) for c, v in zip(cells, vs)]) if rows else ""
+
+
 def format_table(rows, ceilings):
     """One line per (case, pass): each impl's ms, our rate and % of the measured ceiling, and our
     speedup over each other impl ("-" where an impl did not run)."""
-    head = [
-        "case",
-        "shape",
-        "pass",
-        *(f"{i} ms" for i in IMPLS),
-        "ours rate",
-        "% ceil",
-        *(f"vs {i}" for i in IMPLS[1:]),
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = ["case", "shape", "pass", *(f"{i} ms" for i in IMPLS), "ours rate", "% ceil"]
     groups = {}
     for r in rows:
         groups.setdefault((r["case"], r["shape"], r["pass_"]), {})[r["impl"]] = r
-    for (case, shape, pass_), by in groups.items():
+    lines = []
+    for key, by in groups.items():
         ms = {i: by[i]["ms"] if i in by else None for i in IMPLS}
-        ours = by.get("ours")
-        cells = [case, shape, pass_, *("-" if ms[i] is None else f"{ms[i]:.3f}" for i in IMPLS)]
-        if ours is None:
+        ours = by.get("ours") or dict(ms=None, rate=None, unit="")
+        cells = [*key, *("-" if ms[i] is None else f"{ms[i]:.3f}" for i in IMPLS)]
+        if ours["ms"] is None:
             cells += ["-", "-"]
         else:
-            cells += [
-                f"{ours['rate']:.1f} {ours['unit']}",
-                f"{100 * ours['rate'] / ceilings[ours['unit']]:.0f}%",
-            ]
-        cells += [
-            "-" if ours is None or ms[i] is None else f"{ms[i] / ours['ms']:.2f}x"
-            for i in IMPLS[1:]
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            percent = 100 * ours["rate"] / ceilings[ours["unit"]]
+            cells += [f"{ours['rate']:.1f} {ours['unit']}", f"{percent:.0f}%"]
+        ratios = [ms[i] / ours["ms"] if ms[i] and ours["ms"] else None for i in IMPLS[1:]]
+        lines.append(cells + ["-" if r is None else f"{r:.2f}x" for r in ratios])
+    return markdown(head + [f"vs {i}" for i in IMPLS[1:]], lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--cases", type=str, default="", help="comma-separated substrings of case names"
-    )
-    parser.add_argument(
-        "--save", action="store_true", help="write bench/results/<gpu>/kernels.{json,md}"
-    )
-    parser.add_argument("--device", type=str, default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--cases", default="", help="comma-separated substrings of case names")
+    parser.add_argument("--save", action="store_true", help="write bench/results/<gpu>/kernels.*")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (logic smoke test)")
     args = parser.parse_args()
 
     from nanocode.common import NanocodeError
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise NanocodeError(
-            "bench/kernels.py needs a CUDA GPU (none is visible); "
-            "`--device cpu --tiny` only smoke-tests the script"
-        )
-    if args.device == "cpu":
-        # Must be set before the kernels are imported (build_cases imports them): Triton on the CPU.
+    cpu = args.device == "cpu"
+    if not cpu and not torch.cuda.is_available():
+        raise NanocodeError("bench.kernels needs a CUDA GPU (`--device cpu --tiny` smoke-tests)")
+    if cpu:  # before the kernels are imported (build_cases imports them): Triton on the CPU
         os.environ["TRITON_INTERPRET"] = "1"
     if os.environ.get("NANOCODE_KERNELS") == "torch":
-        raise NanocodeError(
-            "NANOCODE_KERNELS=torch is set: unset it to benchmark the Triton kernels"
-        )
-    dtype = (
-        torch.bfloat16 if args.device == "cuda" else torch.float32
-    )  # the interpreter has no bf16 tl.dot
-    device_name = (
-        torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    )
+        raise NanocodeError("NANOCODE_KERNELS=torch is set: unset it to benchmark the kernels")
+    dtype = torch.float32 if cpu else torch.bfloat16  # the interpreter has no bf16 tl.dot
+    device_name = (platform.processor() or "cpu") if cpu else torch.cuda.get_device_name()
     cases = build_cases(args.device, dtype, args.tiny, [s for s in args.cases.split(",") if s])
     if not cases:
         raise NanocodeError(f"no case matches --cases {args.cases!r}")
 
-    ceilings = measure_ceilings(args.device, args.tiny)
-    print(
-        f"device: {device_name}, torch {torch.__version__}, triton {__import__('triton').__version__}"
-    )
-    _, liger_note = liger_functional(args.device)
-    if liger_note:
-        print(liger_note)
-    print(
-        f"ceilings: copy {ceilings['GB/s']:.0f} GB/s (read + write), bf16 matmul {ceilings['TFLOP/s']:.0f} TFLOP/s"
-    )
-    rows = []
-    for case in cases:
-        print(f"running {case.name} ({case.shape}) ...", flush=True)
-        rows += run_case(case, args.device)
-    table = format_table(rows, ceilings)
-    if liger_note:
-        table += f"\n\n{liger_note}."
-    print(table)
-    memory = (
-        ce_peak_memory(args.device, dtype, args.tiny) if any("ce" in c.name for c in cases) else []
-    )
-    if memory:
-        table += "\n\nPeak memory of the cross-entropy variants:\n\n" + format_memory_table(memory)
-        print(format_memory_table(memory))
+    import triton
 
+    ceilings = measure_ceilings(args.device, args.tiny)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    summary = (
+        f"{date}, {str(dtype)[6:]}, torch {torch.__version__}, triton {triton.__version__}. "
+        f"Ceilings measured in the same run: copy {ceilings['GB/s']:.0f} GB/s (read + write), "
+        f"bf16 matmul {ceilings['TFLOP/s']:.0f} TFLOP/s. Median ms of triton.testing.do_bench; "
+        "rate = docstring floor / time."
+    )
+    print(f"{device_name}: {summary}")
+    rows = [row for case in cases for row in run_case(case, args.device)]
+    _, liger_note = liger_functional(args.device)
+    table = format_table(rows, ceilings) + (f"\n\n{liger_note}." if liger_note else "")
+    if memory := format_memory_table(rows):
+        table += "\n\nPeak memory of the cross-entropy variants:\n\n" + memory
+    print(table)
     if args.save:
         slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
         out = Path(__file__).resolve().parent / "results" / slug
         out.mkdir(parents=True, exist_ok=True)
-        meta = dict(
-            device=device_name,
-            torch=torch.__version__,
-            triton=__import__("triton").__version__,
-            tiny=args.tiny,
-            ceilings=ceilings,
-            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        )
-        (out / "kernels.json").write_text(
-            json.dumps(dict(meta, rows=rows, memory=memory), indent=2) + "\n"
-        )
-        (out / "kernels.md").write_text(
-            f"# Kernel benchmarks on {device_name}\n\n{meta['date']}, torch {meta['torch']}, triton {meta['triton']}. "
-            f"Ceilings measured in the same run: copy {ceilings['GB/s']:.0f} GB/s, bf16 matmul "
-            f"{ceilings['TFLOP/s']:.0f} TFLOP/s. Median ms of triton.testing.do_bench; rate = docstring floor / time.\n\n"
-            f"{table}\n"
-        )
+        meta = dict(device=device_name, summary=summary, tiny=args.tiny, ceilings=ceilings)
+        (out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows)))
+        md = f"# Kernel benchmarks on {device_name}\n\n{summary}\n\n{table}\n"
+        (out / "kernels.md").write_text(md)
         print(f"saved {out}/kernels.json and kernels.md")
 
 

@@ -9,12 +9,5 @@ from kernels.relu2_mlp import relu2_mlp
 from kernels.rope_qknorm import rope_qknorm
 from kernels.softcap_ce import linear_softcap_cross_entropy, softcap_cross_entropy
 
-__all__ = [
-    "rope_qknorm",
-    "relu2_mlp",
-    "softcap_cross_entropy",
-    "linear_softcap_cross_entropy",
-    "newton_schulz",
-    "POLAR_EXPRESS",
-    "CLASSIC_QUINTIC",
-]
+__all__ = ["rope_qknorm", "relu2_mlp", "softcap_cross_entropy", "linear_softcap_cross_entropy"]
+__all__ += ["newton_schulz", "POLAR_EXPRESS", "CLASSIC_QUINTIC"]

@@ -8,10 +8,5 @@ from kernels.softcap_ce import (
     softcap_cross_entropy_reference,
 )
 
-__all__ = [
-    "rope_qknorm_reference",
-    "relu2_mlp_reference",
-    "softcap_cross_entropy_reference",
-    "linear_softcap_cross_entropy_reference",
-    "newton_schulz_reference",
-]
+__all__ = ["rope_qknorm_reference", "relu2_mlp_reference", "newton_schulz_reference"]
+__all__ += ["softcap_cross_entropy_reference", "linear_softcap_cross_entropy_reference"]

@@ -60,16 +60,14 @@ Floor (compute-bound): forward+backward 6*N*V*C FLOPs (logits, dx, dW), plus the
     the logits.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from kernels.common import check, check_same, use_triton
+from kernels.common import autotune_configs, check, check_same, check_triton, empty, use_triton
 
-POISON_OUTPUTS = False  # tests set this: outputs start as NaN, so an element never written shows
 CHUNK_BYTES = 512 << 20  # linear_softcap_cross_entropy: most bytes of one chunk of logits
 
 
@@ -77,11 +75,10 @@ def softcap_cross_entropy_reference(
     logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"
 ):
     z = softcap * torch.tanh(logits.float() / softcap)
-    if reduction != "mean":
-        return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction=reduction)
-    # F.cross_entropy's mean over zero non-ignored rows is NaN; ours is 0 (and so are its gradients).
-    count = (targets != ignore_index).sum().clamp(min=1)
-    return F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="sum") / count
+    loss = F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="none")  # 0 if ignored
+    # _reduce's mean over zero non-ignored rows is 0 (and so are its gradients), where
+    # F.cross_entropy's is NaN
+    return _reduce(loss, targets, ignore_index, reduction)
 
 
 def linear_softcap_cross_entropy_reference(
@@ -108,20 +105,21 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 FIXED_MAX_SOFTCAP = 40.0  # up to here exp(z - softcap) >= exp(-80) is a normal fp32 number
 
 # GPU_CONFIGS: autotuned once per (V, dtype, path); more warps per row suit Hopper's long rows.
+# (4096, 8 warps) has 4 stages: with 3 its gradient kernel spilled 8 B on sm_80 (static check).
 # The interpreter runs the one small config (tests force each GPU config in turn).
 GPU_CONFIGS = [
     triton.Config({"BLOCK_V": bv, "NUM_STAGES": st}, num_warps=w)
     for bv, w, st in [
         (1024, 4, 4),
         (2048, 8, 4),
-        (4096, 8, 3),
+        (4096, 8, 4),
         (4096, 16, 3),
         (8192, 16, 2),
         (8192, 32, 2),
     ]
 ]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_V": 1024, "NUM_STAGES": 2}, num_warps=4)]
-_CONFIGS = INTERPRETER_CONFIGS if os.environ.get("TRITON_INTERPRET", "0") == "1" else GPU_CONFIGS
+CONFIGS = autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIGS)
 
 
 @triton.jit
@@ -186,165 +184,76 @@ def _row_grad(
         tl.store(dbase + cols, d.to(dbase.dtype.element_ty), mask=cols < V)
 
 
-@triton.autotune(configs=_CONFIGS, key=["V", "FIXED_MAX"])
+FWD, FWD_GRAD, BWD = 0, 1, 2  # what _ce_rows computes (its MODE)
+
+
 @triton.jit
-def _ce_fwd_kernel(
+def _ce_rows(
     logits_ptr,
-    stride_row,
     targets_ptr,
     loss_ptr,
-    lse_ptr,
-    V,
-    softcap,
-    ignore_index,
-    FIXED_MAX: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_row
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    if target == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        return
-    lse = _row_lse(base, V, softcap, FIXED_MAX, BLOCK_V, NUM_STAGES)
-    tl.store(loss_ptr + row, _row_loss(base, target, lse, V, softcap))
-    tl.store(lse_ptr + row, lse)
-
-
-@triton.autotune(configs=_CONFIGS, key=["V", "FIXED_MAX"], restore_value=["logits_ptr"])
-@triton.jit
-def _ce_fwd_grad_kernel(
-    logits_ptr,
-    stride_row,
-    targets_ptr,
-    loss_ptr,
-    lse_ptr,
-    dlogits_ptr,
-    stride_drow,
-    V,
-    softcap,
-    ignore_index,
-    FIXED_MAX: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    """Loss, lse and the gradient of the row's loss in one launch: the second walk over the row
-    follows the first at once, so it reads the row from L2, not HBM (restore_value: in-place
-    tuning runs must not see each other's output)."""
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_row
-    dbase = dlogits_ptr + row * stride_drow
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    if target == ignore_index:  # loss 0, gradient zeros (written, never read)
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
-            cols = start + tl.arange(0, BLOCK_V)
-            tl.store(dbase + cols, tl.zeros([BLOCK_V], dtype=dbase.dtype.element_ty), mask=cols < V)
-        return
-    lse = _row_lse(base, V, softcap, FIXED_MAX, BLOCK_V, NUM_STAGES)
-    tl.store(loss_ptr + row, _row_loss(base, target, lse, V, softcap))
-    tl.store(lse_ptr + row, lse)
-    _row_grad(base, dbase, V, target, lse, 1.0, softcap, BLOCK_V, NUM_STAGES)
-
-
-@triton.autotune(configs=_CONFIGS, key=["V"], restore_value=["logits_ptr"])
-@triton.jit
-def _ce_bwd_kernel(
-    logits_ptr,
-    stride_row,
-    targets_ptr,
     lse_ptr,
     dloss_ptr,
-    dloss_stride,
     dlogits_ptr,
-    stride_drow,
+    strides,  # of a row of logits, of dloss (0 for a broadcast scalar), of a row of dlogits
     V,
     softcap,
     ignore_index,
+    MODE: tl.constexpr,
+    FIXED_MAX: tl.constexpr,
     BLOCK_V: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    """dlogits may be logits itself (in place)."""
+    """One row: FWD, its loss and lse; FWD_GRAD, also the gradient of its loss in the same launch
+    (the second walk over the row follows the first at once, so it reads the row from L2, not
+    HBM); BWD, the gradient scaled by dloss, from the saved lse. dlogits may be logits."""
     row = tl.program_id(0).to(tl.int64)
+    base, dbase = logits_ptr + row * strides[0], dlogits_ptr + row * strides[2]
     target = tl.load(targets_ptr + row).to(tl.int64)
-    ignored = target == ignore_index  # zeros: scale 0, and lse = c keeps every p <= 1 (no inf * 0)
-    lse = tl.where(ignored, softcap, tl.load(lse_ptr + row))
-    scale = tl.where(ignored, 0.0, tl.load(dloss_ptr + row * dloss_stride).to(tl.float32))
-    _row_grad(
-        logits_ptr + row * stride_row,
-        dlogits_ptr + row * stride_drow,
-        V,
-        target,
-        lse,
-        scale,
-        softcap,
-        BLOCK_V,
-        NUM_STAGES,
-    )
+    if MODE == 2:  # ignored rows: scale 0, and lse = c keeps every p <= 1 (no inf * 0)
+        lse = tl.where(target == ignore_index, softcap, tl.load(lse_ptr + row))
+        scale = tl.load(dloss_ptr + row * strides[1]).to(tl.float32)
+        scale = tl.where(target == ignore_index, 0.0, scale)
+        _row_grad(base, dbase, V, target, lse, scale, softcap, BLOCK_V, NUM_STAGES)
+        return
+    if target == ignore_index:  # loss 0; with the gradient, a row of zeros (written, not read)
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if MODE == 1:
+            for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
+                cols = start + tl.arange(0, BLOCK_V)
+                zeros = tl.zeros([BLOCK_V], dtype=dbase.dtype.element_ty)
+                tl.store(dbase + cols, zeros, mask=cols < V)
+        return
+    lse = _row_lse(base, V, softcap, FIXED_MAX, BLOCK_V, NUM_STAGES)
+    tl.store(loss_ptr + row, _row_loss(base, target, lse, V, softcap))
+    tl.store(lse_ptr + row, lse)
+    if MODE == 1:
+        _row_grad(base, dbase, V, target, lse, 1.0, softcap, BLOCK_V, NUM_STAGES)
 
 
-def _launch_ce_fwd(logits, targets, loss, lse, softcap, ignore_index):
-    """loss, lse: (N,) fp32 outputs."""
+# Two autotuned kernels of one function: the one that writes gradients (in place, over the
+# logits, in the fused linear loss) restores the logits between tuning runs (restore_value),
+# which the plain forward never needs.
+_ce_kernel = triton.autotune(key=["V", "FIXED_MAX"], **CONFIGS)(_ce_rows)
+_ce_grad_kernel = triton.autotune(
+    key=["V", "FIXED_MAX", "MODE"], restore_value=["logits_ptr"], **CONFIGS
+)(_ce_rows)
+
+
+def _launch_ce(
+    mode, logits, targets, lse, softcap, ignore_index, loss=None, dloss=None, dlogits=None
+):
+    """Over the rows of logits (N, V): FWD fills loss and lse ((N,) fp32); FWD_GRAD also writes
+    the gradient of loss.sum() to dlogits; BWD writes dlogits from lse and the per-row output
+    gradient dloss. Arguments a mode does not use stand in as logits."""
     N, V = logits.shape
+    loss, dloss, dlogits = (logits if t is None else t for t in (loss, dloss, dlogits))
+    strides = (logits.stride(0), dloss.stride(0), dlogits.stride(0))
+    args = (logits, targets, loss, lse, dloss, dlogits, strides, V, softcap, ignore_index)
     if N > 0:
-        _ce_fwd_kernel[(N,)](
-            logits,
-            logits.stride(0),
-            targets,
-            loss,
-            lse,
-            V,
-            softcap,
-            ignore_index,
-            FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP,
-        )
-
-
-def _launch_ce_fwd_grad(logits, targets, loss, lse, dlogits, softcap, ignore_index):
-    """loss, lse: (N,) fp32 outputs; dlogits (may be logits): the gradient of loss.sum()."""
-    N, V = logits.shape
-    if N > 0:
-        _ce_fwd_grad_kernel[(N,)](
-            logits,
-            logits.stride(0),
-            targets,
-            loss,
-            lse,
-            dlogits,
-            dlogits.stride(0),
-            V,
-            softcap,
-            ignore_index,
-            FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP,
-        )
-
-
-def _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index):
-    """dloss: (N,) output gradient per row (stride 0 for a broadcast scalar); dlogits may be logits."""
-    N, V = logits.shape
-    if N > 0:
-        _ce_bwd_kernel[(N,)](
-            logits,
-            logits.stride(0),
-            targets,
-            lse,
-            dloss,
-            dloss.stride(0),
-            dlogits,
-            dlogits.stride(0),
-            V,
-            softcap,
-            ignore_index,
-        )
-
-
-def _new(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+        kernel = _ce_kernel if mode == FWD else _ce_grad_kernel
+        kernel[(N,)](*args, MODE=mode, FIXED_MAX=softcap <= FIXED_MAX_SOFTCAP)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,32 +263,24 @@ def _new(shape, dtype, device):
 
 @torch.library.custom_op("nanocode::softcap_ce_fwd", mutates_args=())
 def _softcap_ce_fwd(
-    logits: torch.Tensor, targets: torch.Tensor, softcap: float, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    N = logits.shape[0]
-    loss = _new((N,), torch.float32, logits.device)
-    lse = _new((N,), torch.float32, logits.device)
-    _launch_ce_fwd(logits, targets, loss, lse, softcap, ignore_index)
+    logits: Tensor, targets: Tensor, softcap: float, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    loss, lse = (empty(logits.shape[:1], torch.float32, logits.device) for _ in range(2))
+    _launch_ce(FWD, logits, targets, lse, softcap, ignore_index, loss=loss)
     return loss, lse
 
 
 @_softcap_ce_fwd.register_fake
 def _(logits, targets, softcap, ignore_index):
-    N = logits.shape[0]
-    return logits.new_empty((N,), dtype=torch.float32), logits.new_empty((N,), dtype=torch.float32)
+    return tuple(logits.new_empty(logits.shape[:1], dtype=torch.float32) for _ in range(2))
 
 
 @torch.library.custom_op("nanocode::softcap_ce_bwd", mutates_args=())
 def _softcap_ce_bwd(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    dloss: torch.Tensor,
-    softcap: float,
-    ignore_index: int,
-) -> torch.Tensor:
-    dlogits = _new(logits.shape, logits.dtype, logits.device)
-    _launch_ce_bwd(logits, targets, lse, dloss, dlogits, softcap, ignore_index)
+    logits: Tensor, targets: Tensor, lse: Tensor, dloss: Tensor, softcap: float, ignore_index: int
+) -> Tensor:
+    dlogits = empty(logits.shape, logits.dtype, logits.device)
+    _launch_ce(BWD, logits, targets, lse, softcap, ignore_index, dloss=dloss, dlogits=dlogits)
     return dlogits
 
 
@@ -401,12 +302,8 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         logits, targets, lse = ctx.saved_tensors
-        return (
-            _softcap_ce_bwd(logits, targets, lse, dloss, ctx.softcap, ctx.ignore_index),
-            None,
-            None,
-            None,
-        )
+        dlogits = _softcap_ce_bwd(logits, targets, lse, dloss, ctx.softcap, ctx.ignore_index)
+        return dlogits, None, None, None
 
 
 def _reduce(loss, targets, ignore_index, reduction):
@@ -417,50 +314,30 @@ def _reduce(loss, targets, ignore_index, reduction):
     return loss.sum() / (targets != ignore_index).sum().clamp(min=1)
 
 
-def _check_common(fn, targets, N, softcap, reduction):
+def _check_common(fn, targets, N, softcap, reduction, device):
     check(targets.shape == (N,), fn, f"targets must be (N,) = ({N},), got {tuple(targets.shape)}")
-    check(
-        targets.dtype in (torch.int64, torch.int32),
-        fn,
-        f"targets must be int64 or int32, got {targets.dtype}",
-    )
+    ints = targets.dtype in (torch.int64, torch.int32)
+    check(ints, fn, f"targets must be int64 or int32, got {targets.dtype}")
+    check(targets.device == device, fn, f"targets are on {targets.device}, the inputs on {device}")
     check(softcap > 0, fn, f"softcap must be > 0, got {softcap}")
-    check(
-        reduction in ("mean", "sum", "none"),
-        fn,
-        f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}",
-    )
-
-
-def _check_dtype(fn, name, t):
-    check(
-        t.dtype in (torch.float32, torch.float16, torch.bfloat16),
-        fn,
-        f"the Triton kernel takes float32, float16 or bfloat16 {name}, got {t.dtype}",
-    )
+    reductions = ("mean", "sum", "none")
+    check(reduction in reductions, fn, f"reduction must be one of {reductions}, got {reduction!r}")
 
 
 def _check_ce(logits, targets, softcap, reduction):
     fn = "softcap_cross_entropy"
     check(logits.ndim == 2, fn, f"logits must be (N, V), got {tuple(logits.shape)}")
     check(logits.dtype.is_floating_point, fn, f"logits must be floating point, got {logits.dtype}")
-    _check_common(fn, targets, logits.shape[0], softcap, reduction)
-    check(
-        targets.device == logits.device,
-        fn,
-        f"targets are on {targets.device} but logits on {logits.device}",
-    )
+    _check_common(fn, targets, logits.shape[0], softcap, reduction, logits.device)
 
 
 def softcap_cross_entropy_triton(logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
     """The Triton path, whatever the device (the benchmark and tests call it directly)."""
     _check_ce(logits, targets, softcap, reduction)
-    _check_dtype("softcap_cross_entropy", "logits", logits)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    loss = SoftcapCrossEntropy.apply(
-        logits, targets.contiguous(), float(softcap), int(ignore_index)
-    )
+    check_triton("softcap_cross_entropy", logits)
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    args = (targets.contiguous(), float(softcap), int(ignore_index))
+    loss = SoftcapCrossEntropy.apply(logits, *args)
     return _reduce(loss, targets, ignore_index, reduction)
 
 
@@ -472,7 +349,7 @@ def softcap_cross_entropy(logits, targets, softcap=15.0, ignore_index=-1, reduct
 
 
 # ---------------------------------------------------------------------------------------------
-# linear_softcap_cross_entropy: the chunk loop (module docstring), as custom ops + autograd.Function.
+# linear_softcap_cross_entropy: the chunk loop (module docstring), custom ops, autograd.Function.
 
 
 def _free_bytes(device):
@@ -497,26 +374,14 @@ def _chunk_rows(N, V, C, elem_bytes, free_bytes):
     return -(-rows // 128) * 128 if rows >= 256 else rows
 
 
-_ADDMM_OUT_DTYPE = (
-    True  # torch.addmm(..., out_dtype=float32, out=) works here (checked at first use)
-)
-
-
 def _accumulate_dw(dw, dlogits, x):
     """dw += dlogitsᵀ @ x in fp32 without a (V, C) temporary: on CUDA cuBLAS adds its fp32
-    accumulator to dw in place (addmm with out_dtype, torch >= 2.8, fp16/bf16 inputs); the CPU
-    (interpreter tests) and older torch cast the inputs to fp32 instead (a chunk-sized temporary)."""
-    global _ADDMM_OUT_DTYPE
-    if dlogits.dtype == torch.float32:
-        dw.addmm_(dlogits.T, x)
-        return
-    if dlogits.is_cuda and _ADDMM_OUT_DTYPE:
-        try:
-            torch.addmm(dw, dlogits.T, x, out_dtype=torch.float32, out=dw)
-            return
-        except (RuntimeError, TypeError):  # no out_dtype overload on this torch build
-            _ADDMM_OUT_DTYPE = False
-    dw.addmm_(dlogits.T.float(), x.float())
+    accumulator to dw in place (addmm with out_dtype, fp16/bf16 inputs); on the CPU (interpreter
+    tests) the inputs are cast to fp32 instead (a chunk-sized temporary)."""
+    if dlogits.is_cuda and dlogits.dtype != torch.float32:
+        torch.addmm(dw, dlogits.T, x, out_dtype=torch.float32, out=dw)
+    else:
+        dw.addmm_(dlogits.T.float(), x.float())
 
 
 def _linear_ce_chunks(
@@ -529,44 +394,29 @@ def _linear_ce_chunks(
     N, C, V = x.shape[0], x.shape[1], weight.shape[0]
     grad = grad or dloss is not None
     rows = _chunk_rows(N, V, C, x.element_size(), _free_bytes(x.device))
-    dx = _new(x.shape, x.dtype, x.device) if grad else None
+    dx = empty(x.shape, x.dtype, x.device) if grad else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grad else None
+    mode = BWD if loss is None else FWD_GRAD if grad else FWD
     for s in range(0, N, rows):
-        e = min(s + rows, N)
-        logits = x[s:e] @ weight.T
-        if loss is not None and grad:
-            _launch_ce_fwd_grad(
-                logits, targets[s:e], loss[s:e], lse[s:e], logits, softcap, ignore_index
-            )
-        elif loss is not None:
-            _launch_ce_fwd(logits, targets[s:e], loss[s:e], lse[s:e], softcap, ignore_index)
-        else:
-            _launch_ce_bwd(
-                logits, targets[s:e], lse[s:e], dloss[s:e], logits, softcap, ignore_index
-            )
+        chunk = slice(s, s + rows)
+        logits = x[chunk] @ weight.T  # with grad, the CE kernel overwrites it with its gradient
+        per_row = dict(dloss=dloss[chunk]) if mode == BWD else dict(loss=loss[chunk])
+        args = (logits, targets[chunk], lse[chunk], softcap, ignore_index)
+        _launch_ce(mode, *args, dlogits=logits, **per_row)
         if grad:
-            torch.mm(logits, weight, out=dx[s:e])
-            _accumulate_dw(dw, logits, x[s:e])
+            torch.mm(logits, weight, out=dx[chunk])
+            _accumulate_dw(dw, logits, x[chunk])
     return dx, dw
 
 
 @torch.library.custom_op("nanocode::linear_softcap_ce_fwd", mutates_args=())
 def _linear_ce_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    softcap: float,
-    ignore_index: int,
-    with_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: Tensor, weight: Tensor, targets: Tensor, softcap: float, ignore_index: int, with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> per-row loss (N,) fp32, lse (N,) fp32, and with_grad: dx (N, C) and dW (V, C) fp32 of the
     sum of the losses (else two empty tensors)."""
-    N = x.shape[0]
-    loss = _new((N,), torch.float32, x.device)
-    lse = _new((N,), torch.float32, x.device)
-    dx, dw = _linear_ce_chunks(
-        x, weight, targets, softcap, ignore_index, lse, loss=loss, grad=with_grad
-    )
+    loss, lse = (empty(x.shape[:1], torch.float32, x.device) for _ in range(2))
+    dx, dw = _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, loss, with_grad)
     if not with_grad:
         dx, dw = x.new_empty(0), x.new_empty(0, dtype=torch.float32)
     return loss, lse, dx, dw
@@ -574,33 +424,24 @@ def _linear_ce_fwd(
 
 @_linear_ce_fwd.register_fake
 def _(x, weight, targets, softcap, ignore_index, with_grad):
-    N = x.shape[0]
-    dx = x.new_empty(x.shape) if with_grad else x.new_empty(0)
-    dw = (
-        weight.new_empty(weight.shape, dtype=torch.float32)
-        if with_grad
-        else x.new_empty(0, dtype=torch.float32)
-    )
-    return x.new_empty((N,), dtype=torch.float32), x.new_empty((N,), dtype=torch.float32), dx, dw
+    loss, lse = (x.new_empty(x.shape[:1], dtype=torch.float32) for _ in range(2))
+    dx = x.new_empty(x.shape if with_grad else 0)
+    return loss, lse, dx, weight.new_empty(weight.shape if with_grad else 0, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanocode::linear_softcap_ce_bwd", mutates_args=())
 def _linear_ce_bwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    dloss: torch.Tensor,
-    softcap: float,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    saved: list[Tensor], dloss: Tensor, softcap: float, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """saved: x, weight, targets, lse."""
+    x, weight, targets, lse = saved
     dx, dw = _linear_ce_chunks(x, weight, targets, softcap, ignore_index, lse, dloss=dloss)
     return dx, dw.to(weight.dtype)
 
 
 @_linear_ce_bwd.register_fake
-def _(x, weight, targets, lse, dloss, softcap, ignore_index):
-    return torch.empty_like(x), torch.empty_like(weight)
+def _(saved, dloss, softcap, ignore_index):
+    return torch.empty_like(saved[0]), torch.empty_like(saved[1])
 
 
 class LinearSoftcapCrossEntropy(torch.autograd.Function):
@@ -610,52 +451,38 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, softcap, ignore_index, reduction, with_grad):
         pre = with_grad and reduction != "none"  # gradients made now, scaled in backward
         loss, lse, dx, dw = _linear_ce_fwd(x, weight, targets, softcap, ignore_index, pre)
-        ctx.reduction, ctx.softcap, ctx.ignore_index, ctx.w_dtype = (
-            reduction,
-            softcap,
-            ignore_index,
-            weight.dtype,
-        )
+        ctx.args = (softcap, ignore_index, reduction, with_grad, weight.dtype)
         if pre:
             ctx.save_for_backward(dx, dw, targets)
         elif with_grad:
             ctx.save_for_backward(x, weight, targets, lse)
-        ctx.with_grad = with_grad
         return _reduce(loss, targets, ignore_index, reduction)
 
     @staticmethod
     def backward(ctx, dloss):
-        check(
-            ctx.with_grad,
-            "linear_softcap_cross_entropy",
-            "backward called but the forward ran without grad",
-        )
-        if ctx.reduction == "none":
-            x, weight, targets, lse = ctx.saved_tensors
-            dx, dw = _linear_ce_bwd(x, weight, targets, lse, dloss, ctx.softcap, ctx.ignore_index)
+        softcap, ignore_index, reduction, with_grad, w_dtype = ctx.args
+        why = "backward called but the forward ran without grad"
+        check(with_grad, "linear_softcap_cross_entropy", why)
+        if reduction == "none":
+            dx, dw = _linear_ce_bwd(list(ctx.saved_tensors), dloss, softcap, ignore_index)
         else:
             dx, dw, targets = ctx.saved_tensors
             scale = dloss.float()
-            if ctx.reduction == "mean":
-                scale = scale / (targets != ctx.ignore_index).sum().clamp(min=1)
-            dx, dw = dx * scale, (dw * scale).to(ctx.w_dtype)
+            if reduction == "mean":
+                scale = scale / (targets != ignore_index).sum().clamp(min=1)
+            dx, dw = dx * scale, (dw * scale).to(w_dtype)
         return dx, dw, None, None, None, None, None
 
 
 def _check_linear(x, weight, targets, softcap, reduction):
     fn = "linear_softcap_cross_entropy"
-    check(
-        x.ndim == 2 and weight.ndim == 2,
-        fn,
-        f"x must be (N, C) and weight (V, C), got {tuple(x.shape)}, {tuple(weight.shape)}",
-    )
-    check(
-        x.shape[1] == weight.shape[1], fn, f"x has {x.shape[1]} features, weight {weight.shape[1]}"
-    )
+    shapes = f"{tuple(x.shape)}, {tuple(weight.shape)}"
+    check(x.ndim == 2 and weight.ndim == 2, fn, f"x must be (N, C), weight (V, C), got {shapes}")
+    features = f"x has {x.shape[1]} features, weight {weight.shape[1]}"
+    check(x.shape[1] == weight.shape[1], fn, features)
     check(x.dtype.is_floating_point, fn, f"x must be floating point, got {x.dtype}")
     check_same(fn, ("x", x), ("weight", weight))
-    _check_common(fn, targets, x.shape[0], softcap, reduction)
-    check(targets.device == x.device, fn, f"targets are on {targets.device} but x on {x.device}")
+    _check_common(fn, targets, x.shape[0], softcap, reduction, x.device)
 
 
 def linear_softcap_cross_entropy_triton(
@@ -663,27 +490,18 @@ def linear_softcap_cross_entropy_triton(
 ):
     """The Triton path, whatever the device (the benchmark and tests call it directly)."""
     _check_linear(x, weight, targets, softcap, reduction)
-    _check_dtype("linear_softcap_cross_entropy", "x and weight", x)
+    check_triton("linear_softcap_cross_entropy", x)
     with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return LinearSoftcapCrossEntropy.apply(
-        x.contiguous(),
-        weight.contiguous(),
-        targets.contiguous(),
-        float(softcap),
-        int(ignore_index),
-        reduction,
-        with_grad,
-    )
+    args = (float(softcap), int(ignore_index), reduction, with_grad)
+    inputs = (x.contiguous(), weight.contiguous(), targets.contiguous())
+    return LinearSoftcapCrossEntropy.apply(*inputs, *args)
 
 
 def linear_softcap_cross_entropy(
     x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"
 ):
+    args = (x, weight, targets, softcap, ignore_index, reduction)
     if use_triton(x, weight, targets):
-        return linear_softcap_cross_entropy_triton(
-            x, weight, targets, softcap, ignore_index, reduction
-        )
+        return linear_softcap_cross_entropy_triton(*args)
     _check_linear(x, weight, targets, softcap, reduction)
-    return linear_softcap_cross_entropy_reference(
-        x, weight, targets, softcap, ignore_index, reduction
-    )
+    return linear_softcap_cross_entropy_reference(*args)

@@ -1,8 +1,9 @@
-"""torch.compile with the default Inductor backend over the whole model, on the CPU, as base_train
-runs it on GPUs: the PyTorch reference kernels, and the Triton kernels (under TRITON_INTERPRET=1 here;
-custom ops, so Inductor compiles around them and the interpreter runs them). fullgraph=True: a
-graph break anywhere in the model's forward or backward fails the test. The NVTX ranges of
---profile are on in these tests (a real NVTX call, which Dynamo cannot trace, behind nvtx_range)."""
+"""torch.compile with the default Inductor backend over the whole model, on the CPU, as
+base_train runs it on GPUs: the PyTorch reference kernels, and the Triton kernels (under
+TRITON_INTERPRET=1 here; custom ops, so Inductor compiles around them and the interpreter runs
+them). fullgraph=True: a graph break anywhere in the model's forward or backward fails the test.
+The NVTX ranges of --profile are on in these tests (a real NVTX call, which Dynamo cannot trace,
+behind nvtx_range)."""
 
 import importlib
 import os
@@ -41,7 +42,8 @@ def count_calls(monkeypatch, module, name, counts):
     real = getattr(module, name)
 
     def counted(*args, **kwargs):
-        counts[name] = counts.get(name, 0) + 1
+        key = name + (f" mode {args[0]}" if name == "_launch_ce" else "")  # FWD, FWD_GRAD, BWD
+        counts[key] = counts.get(key, 0) + 1
         return real(*args, **kwargs)
 
     monkeypatch.setattr(
@@ -49,21 +51,20 @@ def count_calls(monkeypatch, module, name, counts):
     )  # the custom ops look their launchers up at call time
 
 
-# "torch": Inductor compiles every op to C++ (~25 s of CPU, cold cache); "triton": only the glue around
-# the custom ops, whose kernels the interpreter runs.
+# "torch": Inductor compiles every op to C++ (~25 s of CPU, cold cache); "triton": only the glue
+# around the custom ops, whose kernels the interpreter runs.
 @pytest.mark.parametrize("impl", [pytest.param("torch", marks=pytest.mark.slow), "triton"])
 def test_whole_model_under_inductor_matches_eager(monkeypatch, nvtx_on, impl):
     monkeypatch.setenv("NANOCODE_KERNELS", impl)
     assert impl == "torch" or os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
     counts = {}
-    # rope's _grid is called once per launch of its forward and its backward kernel (one launch each for
-    # q and k); a training loss with gradients takes the CE kernel that writes the gradient in its pass.
+    # rope's _launch runs once per launch of its forward and its backward kernel (one launch for
+    # q and k); a training loss with gradients takes the CE kernel that writes the gradient in
+    # its pass.
     for module, name in [
-        (rope_mod, "_grid"),
+        (rope_mod, "_launch"),
         (mlp_mod, "_matmul"),
-        (ce_mod, "_launch_ce_fwd"),
-        (ce_mod, "_launch_ce_fwd_grad"),
-        (ce_mod, "_launch_ce_bwd"),
+        (ce_mod, "_launch_ce"),
     ]:
         count_calls(monkeypatch, module, name, counts)
     torch.manual_seed(0)
@@ -88,8 +89,8 @@ def test_whole_model_under_inductor_matches_eager(monkeypatch, nvtx_on, impl):
         assert g.abs().max() > 0, f"{n}: zero gradient, the comparison would prove nothing"
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=n)
     if impl == "triton":  # the Triton kernels really ran, in eager and inside the compiled graph
-        assert set(counts) == {"_grid", "_matmul", "_launch_ce_fwd_grad"}, counts
-        assert counts["_grid"] % 2 == 0 and counts["_grid"] >= 4, (
+        assert set(counts) == {"_launch", "_matmul", f"_launch_ce mode {ce_mod.FWD_GRAD}"}, counts
+        assert counts["_launch"] % 2 == 0 and counts["_launch"] >= 4, (
             counts
         )  # forward and backward, eager and compiled
     else:
@@ -152,6 +153,6 @@ def test_base_train_compile_and_profile_on_cpu(tmp_path, monkeypatch, nvtx_on):
     finally:
         common.set_nvtx(False)
     _, _, meta = load_checkpoint(checkpoint_dir("base", "compiled"))
-    losses = [l for _, l in meta["curves"]["loss"]]
-    assert meta["step"] == 8 and len(losses) == 8 and all(map(lambda l: l == l, losses))
+    losses = [loss for _, loss in meta["curves"]["loss"]]
+    assert meta["step"] == 8 and len(losses) == 8 and all(loss == loss for loss in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses

@@ -1,10 +1,15 @@
-"""Every autotune config of every kernel, executed: each entry of a kernel module's GPU_CONFIGS is
-forced in turn (the autotuner gets a one-entry list, so it runs that config without tuning), on
-the smallest shapes that leave partial tiles for that config (one full tile and a ragged one on
-each tiled axis), forward and backward against float64, with outputs poisoned (NaN) first.
+"""Every autotune config of every kernel, executed: each entry of a kernel module's GPU_CONFIGS
+(and FP32_CONFIGS, where fp32 has its own list) is forced in turn (the autotuner gets a one-entry
+list, so it runs that config without tuning), on the smallest shapes that leave partial tiles for
+that config (one full tile and a ragged one on each tiled axis), forward and backward against
+float64, with outputs poisoned (NaN) first.
 
 Under the interpreter (CI) this is where the large tiles, their edge masks and the wrap-around
-paths run at all; on a GPU the same test compiles and runs each config for real.
+paths run at all, every config in fp32 (the interpreter has no bf16 dot, and tiles and masks do
+not depend on the dtype); on a GPU the same test compiles and runs each config for real, the
+matmul kernels' GPU_CONFIGS in bf16 (the dtype they are for: in fp32 the large tiles spill, see
+bench/static_check.py) and their FP32_CONFIGS in fp32. Compiling every kernel for sm_80/90/100
+without a GPU is tests/test_static_check.py's job.
 """
 
 import importlib
@@ -12,20 +17,21 @@ import importlib
 import pytest
 import torch
 
+from kernels import common
+
 ce = importlib.import_module("kernels.softcap_ce")
 rq = importlib.import_module("kernels.rope_qknorm")
 mlp = importlib.import_module("kernels.relu2_mlp")
 ns = importlib.import_module("kernels.newton_schulz")
-DEVICE = (
-    "cuda" if torch.cuda.is_available() else "cpu"
-)  # on CPU the conftest turns on TRITON_INTERPRET
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: TRITON_INTERPRET (conftest)
+HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # what GPU_CONFIGS of a dot run in
+TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # relative to the largest value
 
 
 @pytest.fixture(autouse=True)
 def triton_path(monkeypatch, fresh_seed):
     monkeypatch.setenv("NANOCODE_KERNELS", "triton")
-    for mod in (ce, rq, mlp, ns):
-        monkeypatch.setattr(mod, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
 def force(monkeypatch, cfg, *autotuned):
@@ -47,11 +53,18 @@ def ids(configs):
     ]
 
 
+def by_dtype(mod):
+    """(config, dtype) of a dot kernel: GPU_CONFIGS in HALF, FP32_CONFIGS in fp32."""
+    params = [(c, HALF) for c in mod.GPU_CONFIGS] + [(c, torch.float32) for c in mod.FP32_CONFIGS]
+    names = ids(mod.GPU_CONFIGS) + [f"fp32-{i}" for i in ids(mod.FP32_CONFIGS)]
+    return pytest.mark.parametrize("cfg, dtype", params, ids=names)
+
+
 @pytest.mark.parametrize("cfg", ce.GPU_CONFIGS, ids=ids(ce.GPU_CONFIGS))
 def test_every_config_softcap_ce(monkeypatch, cfg):
     """V = BLOCK_V + 5: one full block and a 5-column tail, for the split kernels and the fused
     linear path's one-launch kernel; both log-sum-exp paths (softcap 15: fixed max; 50: running)."""
-    force(monkeypatch, cfg, ce._ce_fwd_kernel, ce._ce_bwd_kernel, ce._ce_fwd_grad_kernel)
+    force(monkeypatch, cfg, ce._ce_kernel, ce._ce_grad_kernel)
     N, V, C = 3, cfg.kwargs["BLOCK_V"] + 5, 8
     targets = torch.tensor([V - 1, -1, 2], device=DEVICE)  # the last column, an ignored row
     for softcap in (15.0, 50.0):
@@ -109,101 +122,38 @@ def ieee_fp32():
     torch.set_float32_matmul_precision(prec)
 
 
-@pytest.mark.parametrize("cfg", mlp.GPU_CONFIGS, ids=ids(mlp.GPU_CONFIGS))
-def test_every_config_relu2_mlp(monkeypatch, ieee_fp32, cfg):
+@by_dtype(mlp)
+def test_every_config_relu2_mlp(monkeypatch, ieee_fp32, cfg, dtype):
     """M = BLOCK_M + 5 tokens, H = BLOCK_N + 3, C = BLOCK_K + 7: a ragged tile on every axis
     (rows and columns past the edge wrap around), GROUP_M larger than the row tiles."""
     force(monkeypatch, cfg, mlp._matmul_kernel)
     M, H, C = cfg.kwargs["BLOCK_M"] + 5, cfg.kwargs["BLOCK_N"] + 3, cfg.kwargs["BLOCK_K"] + 7
-    x = torch.randn(M, C, device=DEVICE, requires_grad=True)
-    w_fc = (torch.randn(H, C, device=DEVICE) / C**0.5).requires_grad_()
-    w_proj = (torch.randn(C, H, device=DEVICE) / H**0.5).requires_grad_()
-    args64 = [t.detach().double().requires_grad_() for t in (x, w_fc, w_proj)]
-    y, ref = mlp.relu2_mlp_triton(x, w_fc, w_proj), mlp.relu2_mlp_reference(*args64)
-    close(y, ref, 1e-4, "y")
+    x = torch.randn(M, C, device=DEVICE)
+    w_fc, w_proj = (
+        torch.randn(H, C, device=DEVICE) / C**0.5,
+        torch.randn(C, H, device=DEVICE) / H**0.5,
+    )
+    args = [t.to(dtype).requires_grad_() for t in (x, w_fc, w_proj)]
+    args64 = [t.detach().double().requires_grad_() for t in args]
+    y, ref = mlp.relu2_mlp_triton(*args), mlp.relu2_mlp_reference(*args64)
+    close(y, ref, TOL[dtype], "y")
     dy = torch.randn_like(y)
     for g, r, what in zip(
-        torch.autograd.grad(y, (x, w_fc, w_proj), dy),
+        torch.autograd.grad(y, args, dy),
         torch.autograd.grad(ref, args64, dy.double()),
         ("dx", "dw_fc", "dw_proj"),
     ):
-        close(g, r, 1e-4, what)
+        close(g, r, TOL[dtype], what)
 
 
-@pytest.mark.parametrize("cfg", ns.GPU_CONFIGS, ids=ids(ns.GPU_CONFIGS))
-def test_every_config_newton_schulz(monkeypatch, cfg):
+@by_dtype(ns)
+def test_every_config_newton_schulz(monkeypatch, cfg, dtype):
     """The short side m = BLOCK_M + 5 (a ragged Gram tile, and a ragged K tile in A·A), the long
     side m + 2 (ragged K in the Gram product); wide (X Xᵀ) and tall (Xᵀ X through strides)."""
     force(monkeypatch, cfg, ns._sym_matmul_kernel)
     m = cfg.kwargs["BLOCK_M"] + 5
     for shape in ((m, m + 2), (m + 2, m)):
         G = torch.randn(*shape, device=DEVICE)
-        X = ns.newton_schulz_triton(G, steps=2, dtype=torch.float32)
-        close(
-            X,
-            ns.newton_schulz_reference(G.double(), steps=2, dtype=torch.float64),
-            1e-4,
-            f"X {shape}",
-        )
-
-
-# Compiled Triton rejects what the interpreter runs happily (e.g. a variable that is a constexpr in
-# one branch of a runtime `if` and a tensor in the other), so the memory-bound kernels are also
-# compiled for sm_90 at every GPU config, ahead of time, without a GPU (Triton bundles ptxas).
-# The matmul kernels are left out: compiling their 26 configs takes ~12 minutes on 2 cores.
-AOT_SCRIPT = r"""
-import importlib
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-ce = importlib.import_module("kernels.softcap_ce")
-rq = importlib.import_module("kernels.rope_qknorm")
-
-def compile_(kernel, cfg, consts, types):
-    names = kernel.fn.arg_names
-    c = dict(consts, **cfg.kwargs)
-    sig = {n: "constexpr" if n in c else types(n) for n in names}
-    div = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")}
-    triton.compile(ASTSource(fn=kernel.fn, signature=sig, constexprs={(names.index(k),): v for k, v in c.items()}, attrs=div),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-
-def ce_types(n):
-    if n.endswith("_ptr"):
-        return {"targets_ptr": "*i64", "logits_ptr": "*bf16", "dlogits_ptr": "*bf16"}.get(n, "*fp32")
-    return "fp32" if n == "softcap" else "i32"
-
-def rq_types(n):
-    if n.endswith("_ptr"):
-        return "*fp32" if n in ("qr_ptr", "kr_ptr") else "*bf16"
-    return "fp32" if n == "eps" else "i32"
-
-for cfg in ce.GPU_CONFIGS:
-    for fixed in (True, False):
-        compile_(ce._ce_fwd_kernel, cfg, {"FIXED_MAX": fixed}, ce_types)
-        compile_(ce._ce_fwd_grad_kernel, cfg, {"FIXED_MAX": fixed}, ce_types)
-    compile_(ce._ce_bwd_kernel, cfg, {}, ce_types)
-for cfg in rq.GPU_CONFIGS:
-    for kernel in (rq._rope_qknorm_fwd_kernel, rq._rope_qknorm_bwd_kernel):
-        compile_(kernel, cfg, {"HALF": 64, "BLOCK_D": 64}, rq_types)
-print("compiled")
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    torch.cuda.is_available(), reason="on a GPU the tests above compile every config for real"
-)
-def test_memory_bound_kernels_compile_for_sm90(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run(
-        [sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    if "ptxas" in out.stderr and ("not found" in out.stderr or "No such file" in out.stderr):
-        pytest.skip("this Triton install has no ptxas")
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+        X = ns.newton_schulz_triton(G, steps=2, dtype=dtype)
+        ref = ns.newton_schulz_reference(G.double(), steps=2, dtype=torch.float64)
+        close(X, ref, {torch.float32: 1e-4, torch.bfloat16: 8e-2}[dtype], f"X {shape}")

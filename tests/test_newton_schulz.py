@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernels import common
 from kernels.newton_schulz import (
     CLASSIC_QUINTIC,
     POLAR_EXPRESS,
@@ -30,7 +31,7 @@ COEFFS = {"polar_express": POLAR_EXPRESS, "classic": CLASSIC_QUINTIC}
 @pytest.fixture(autouse=True)
 def triton_path(monkeypatch):
     monkeypatch.setenv("NANOCODE_KERNELS", "triton")
-    monkeypatch.setattr(ns_mod, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
 def scalar_map(s, steps, coeffs):

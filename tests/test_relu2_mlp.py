@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import common
 from kernels.reference import relu2_mlp_reference
 
 mlp = importlib.import_module("kernels.relu2_mlp")  # the module (kernels.relu2_mlp is the function)
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("fresh_seed")
 @pytest.fixture
 def triton_path(monkeypatch):
     monkeypatch.setenv("NANOCODE_KERNELS", "triton")
-    monkeypatch.setattr(mlp, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     prec = torch.get_float32_matmul_precision()  # the API compute_init uses (mixing APIs raises)
     torch.set_float32_matmul_precision("highest")  # the fp32 bounds assume IEEE fp32 matmuls
     yield

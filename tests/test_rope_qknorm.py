@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kernels
+from kernels import common
 from kernels.reference import rope_qknorm_reference
 
 rq = importlib.import_module(
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("fresh_seed")
 @pytest.fixture
 def triton_path(monkeypatch):
     monkeypatch.setenv("NANOCODE_KERNELS", "triton")
-    monkeypatch.setattr(rq, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
 def make_qk(B, T, Hq, Hk, D, dtype, layout):
@@ -63,11 +64,11 @@ def assert_close(actual, expected, dtype):
 
 def assert_grad_close(actual, expected, x64, out64, dout, dtype):
     """dx against the float64 reference. The kernel's backward, dy = rstd * (g - o * mean(g * o)),
-    reads the saved output o rounded to the dtype (o(1 + d), |d| <= u): that moves mean(g * o) by at
-    most u * m, m = mean(|g| * |o|) of the row, so each dy by at most 2 * u * rstd * |o| * m, and each dx
-    (a rotation mixes two dy) by twice that. Large where rstd is large and g nearly parallel to o,
-    which small head dims make likely: at D = 2 in bf16 the tensor-wide bound alone failed about one
-    run in six. rstd comes from x: the rotation keeps mean(x^2)."""
+    reads the saved output o rounded to the dtype (o(1 + d), |d| <= u): that moves mean(g * o) by
+    at most u * m, m = mean(|g| * |o|) of the row, so each dy by at most 2 * u * rstd * |o| * m,
+    and each dx (a rotation mixes two dy) by twice that. Large where rstd is large and g nearly
+    parallel to o, which small head dims make likely: at D = 2 in bf16 the tensor-wide bound alone
+    failed about one run in six. rstd comes from x: the rotation keeps mean(x^2)."""
     u = U[dtype]
     g = dout.double()
     rstd = (x64.detach().pow(2).mean(-1, keepdim=True) + EPS).rsqrt()
@@ -164,7 +165,8 @@ def test_custom_ops_opcheck():
         torch.ops.nanocode.rope_qknorm_fwd, (q, k, cos, sin, EPS), test_utils=checks
     )
     q_out, q_rstd, k_out, k_rstd = torch.ops.nanocode.rope_qknorm_fwd(q, k, cos, sin, EPS)
-    args = (q_out, q_rstd, k_out, k_rstd, cos, sin, torch.randn_like(q), torch.randn_like(k))
+    saved = [q_out, q_rstd, k_out, k_rstd, cos, sin]
+    args = (saved, torch.randn_like(q), torch.randn_like(k))
     torch.library.opcheck(torch.ops.nanocode.rope_qknorm_bwd, args, test_utils=checks)
 
 
