@@ -98,11 +98,17 @@ def _store_halves(ptr, row, cols, HALF: tl.constexpr, mask, y1, y2):
 
 
 @triton.jit
-def _cos_sin(cos_ptr, sin_ptr, r, T, cols, HALF: tl.constexpr, mask):
-    """The rows of tokens r of the contiguous (T, D/2) tables, once for all heads of q and k."""
+def _tokens(
+    cos_ptr, sin_ptr, NT, T, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    """This program's tokens r (flat b*T + t), the columns of half a head, their mask, and the
+    tokens' rows of the contiguous (T, D/2) cos/sin tables, loaded once for all heads of q and k."""
+    r = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (r < NT)[:, None] & (cols < HALF)[None, :]
     offsets = (r % T).to(tl.int64)[:, None] * HALF + cols[None, :]
     c = tl.load(cos_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    return c, tl.load(sin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return r, cols, mask, c, tl.load(sin_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.autotune(key=KEY, **CONFIGS)
@@ -123,10 +129,7 @@ def _rope_qknorm_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    r = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (r < NT)[:, None] & (cols < HALF)[None, :]
-    c, s = _cos_sin(cos_ptr, sin_ptr, r, T, cols, HALF, mask)
+    r, cols, mask, c, s = _tokens(cos_ptr, sin_ptr, NT, T, HALF, BLOCK_D, BLOCK_T)
     for i in tl.static_range(2):  # q, then k
         H, st = heads[i], strides[i]
         x_tok = _token_offsets(r, T, st)
@@ -158,10 +161,7 @@ def _rope_qknorm_bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    r = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_D)
-    mask = (r < NT)[:, None] & (cols < HALF)[None, :]
-    c, s = _cos_sin(cos_ptr, sin_ptr, r, T, cols, HALF, mask)
+    r, cols, mask, c, s = _tokens(cos_ptr, sin_ptr, NT, T, HALF, BLOCK_D, BLOCK_T)
     for i in tl.static_range(2):
         H, st = heads[i], strides[i]
         g_tok = _token_offsets(r, T, st)

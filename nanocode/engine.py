@@ -302,20 +302,7 @@ class Engine:
                 return [self.bos] + notice + ids[i:]
         return [self.bos] + notice + ids[len(ids) - max(1, self.max_len // 2 - 1 - len(notice)) :]
 
-    def chat(
-        self,
-        conversation,
-        approve=None,
-        workdir=None,
-        max_tokens=1024,
-        temperature=0.6,
-        top_k=50,
-        top_p=None,
-        seed=42,
-        max_tool_calls=8,
-        tool_runner=None,
-        **call_options,
-    ):
+    def chat(self, conversation, approve=None, workdir=None, **options):
         """Generate the next assistant message of `conversation` ({"messages": [...]}, last one from
         the user), running tool calls along the way. Yields events (dicts):
             {"type": "text", "text": delta}               assistant text as it streams
@@ -326,41 +313,25 @@ class Engine:
              "message": {"role": "assistant", "content": parts},
              "usage": {"prompt_tokens", "completion_tokens"}}
         approve(name, arguments) -> bool is asked before every call (None denies all); workdir None
-        disables tools. max_tokens counts sampled tokens (forced tool outputs are free).
-        call_options (for the OpenAI server's client-side tools): tools={name: schema} the model may
-        call (default: ours); grammar=nanocode.grammar.compile_grammar(...): every row's reply
-        follows it (e.g. tool_choice "required": it opens with a call that matches its schema);
+        disables tools. options: max_tokens (sampled tokens; forced tool outputs are free),
+        temperature, top_k, top_p, seed, max_tool_calls, tool_runner(name, arguments, workdir)
+        -> str (default nanocode.tools.run_tool), and for the OpenAI server's client-side tools:
+        tools={name: schema} the model may call (default: ours);
+        grammar=nanocode.grammar.compile_grammar(...): every row's reply follows it (e.g.
+        tool_choice "required": it opens with a call that matches its schema);
         stop_at_tool_call=True: a valid call ends the reply unrun, with finish_reason "tool_calls"
         (the caller runs it); stop=[strings]: the reply ends before the first of them that its text
-        holds (finish_reason "stop").
-        This is chat_batch for a batch of one, streamed."""
-        settings = (max_tokens, temperature, top_k, top_p, seed, max_tool_calls, tool_runner)
-        rows = ([conversation], [approve], [workdir], [None])
-        for _, event in self._chat(rows, settings, **call_options):
+        holds (finish_reason "stop"). This is chat_batch for a batch of one, streamed."""
+        for _, event in self._chat([conversation], [approve], [workdir], [None], **options):
             yield event
 
-    def chat_batch(
-        self,
-        conversations,
-        approve=None,
-        workdirs=None,
-        max_tokens=1024,
-        temperature=0.6,
-        top_k=50,
-        top_p=None,
-        seed=42,
-        max_tool_calls=8,
-        tool_runner=None,
-        on_event=None,
-        **call_options,
-    ):
+    def chat_batch(self, conversations, approve=None, workdirs=None, on_event=None, **options):
         """chat() for many conversations decoded together; rows finish independently, and when one
         row closes a tool call, its call runs and the output is fed into that row while the others
         go on sampling. Row i samples with seed + i, so row i equals chat(conversations[i],
         seed=seed + i). approve: None, one callable for every row, or a list (one per row);
-        workdirs: None or a list (a None entry disables tools for that row);
-        tool_runner(name, arguments, workdir) -> str (default nanocode.tools.run_tool);
-        on_event(row, event) gets chat()'s events as they happen; call_options as in chat().
+        workdirs: None or a list (a None entry disables tools for that row); on_event(row, event)
+        gets chat()'s events as they happen; options as in chat().
         Returns one dict per conversation: {"message", "finish_reason", "usage"} as in chat()'s
         "done" event, plus "prompt_ids" (the rendered prompt), "ids" (every token after the prompt:
         sampled, the stop token included, and forced tool outputs) and "mask" (1 where sampled, 0
@@ -373,19 +344,32 @@ class Engine:
                 f"{n} conversations need {n} approve callables and workdirs, got "
                 f"{len(approves)} and {len(workdirs)}"
             )
-        settings = (max_tokens, temperature, top_k, top_p, seed, max_tool_calls, tool_runner)
         results = [None] * n
-        rows = (conversations, approves, workdirs, results)
-        for i, event in self._chat(rows, settings, **call_options):
+        for i, event in self._chat(conversations, approves, workdirs, results, **options):
             if on_event is not None:
                 on_event(i, event)
         return results
 
-    def _chat(self, batch, settings, tools=None, grammar=None, stop_at_tool_call=False, stop=()):
+    def _chat(
+        self,
+        conversations,
+        approves,
+        workdirs,
+        results,
+        max_tokens=1024,
+        temperature=0.6,
+        top_k=50,
+        top_p=None,
+        seed=42,
+        max_tool_calls=8,
+        tool_runner=None,
+        tools=None,
+        grammar=None,
+        stop_at_tool_call=False,
+        stop=(),
+    ):
         """The tool loop over the decode loop: yields (row, event), and fills `results`
         (chat_batch's) as rows finish."""
-        conversations, approves, workdirs, results = batch
-        max_tokens, temperature, top_k, top_p, seed, max_tool_calls, tool_runner = settings
         check_sampling(max_tokens=max_tokens)
         tool_runner = run_tool if tool_runner is None else tool_runner
         tok, n = self.tokenizer, len(conversations)

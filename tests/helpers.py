@@ -350,9 +350,7 @@ ANSWER = "q"  # the rewarded answer: a reply whose text contains it passes
 
 def install_fixed_answer_reward():
     """Replace the code verifier with "the reply's text contains ANSWER" (a reward that prefers one
-    fixed answer), and give the Engine a plain chat_batch (no tool calls) if it has none of its
-    own."""
-    from nanocode import engine as engine_mod
+    fixed answer)."""
     from nanocode import rl_tasks
 
     rl_tasks.written_code = lambda message: "".join(
@@ -361,45 +359,6 @@ def install_fixed_answer_reward():
     rl_tasks.verify_many = lambda tasks, codes, **kw: [
         (ANSWER in c, "passed" if ANSWER in c else "failed") for c in codes
     ]
-    if not hasattr(engine_mod.Engine, "chat_batch"):
-
-        def chat_batch(
-            self,
-            conversations,
-            approve=None,
-            workdirs=None,
-            max_tokens=1024,
-            temperature=0.6,
-            top_k=50,
-            top_p=None,
-            seed=42,
-            max_tool_calls=8,
-            tool_runner=None,
-            on_event=None,
-        ):
-            out = []
-            for i, conv in enumerate(conversations):
-                prompt = list(self.tokenizer.render_for_completion(conv))
-                ids = self.generate_batch(
-                    prompt, 1, max_tokens, temperature, top_k, top_p, seed + i
-                )[0]
-                stopped = len(ids) < max_tokens
-                out.append(
-                    {
-                        "message": {
-                            "role": "assistant",
-                            "content": [{"type": "text", "text": self.tokenizer.decode(ids)}],
-                        },
-                        "finish_reason": "stop" if stopped else "length",
-                        "usage": {},
-                        "prompt_ids": prompt,
-                        "ids": ids + [self.assistant_end] * stopped,
-                        "mask": [1] * (len(ids) + stopped),
-                    }
-                )
-            return out
-
-        engine_mod.Engine.chat_batch = chat_batch
 
 
 WORDS = [
