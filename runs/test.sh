@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust unit tests, then pytest (kernels under TRITON_INTERPRET=1 on CPU).
+# The whole test suite: ruff, Rust unit tests, then pytest (kernels under TRITON_INTERPRET=1 on CPU).
 # Usage: bash runs/test.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,10 @@ if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
         || echo "warning: could not install$missing; the tests that need them will be skipped"
 fi
+
+echo "== ruff (lint and format, configured in pyproject.toml)"
+ruff check .
+ruff format --check .
 
 echo "== cargo test (rustbpe)"
 cargo test --release -q -p rustbpe
