@@ -12,7 +12,8 @@ along the way is up to it. An agent check starts the reply in a scratch dir hold
 and runs the task's own verifier on that dir afterwards (nanocode.agent_tasks.verify).
 
 Sources:
-- "programs": the small-program requests of nanocode.synth's write-and-run kind, drawn fresh (not
+- "programs": the small-program requests of nanocode.synth_scenes' write-and-run requests, drawn
+fresh (not
   read from the SFT files) and split by a hash of the request, so a held-out request is never a
   train one: the request, and what the reference program prints. The SFT data has the same kind
   (and, the request space being small, many of the same requests): a task set a small model can
@@ -37,7 +38,7 @@ import random
 import shlex
 import zlib
 
-from nanocode import agent_tasks, execution, synth, synth_corpus
+from nanocode import agent_tasks, execution, synth_corpus, synth_scenes
 from nanocode.agent_tasks import call_counts  # noqa: F401 -- part of this module's API (code_rl)
 from nanocode.code_tasks import code_from_calls, load_mbpp
 from nanocode.common import NanocodeError, read_jsonl
@@ -125,13 +126,13 @@ def with_argv(code: str, argv: list[str]) -> str:
 def program_tasks(
     split: str = "train", seed: int = 0, draws: int = 1000, workers: int = 2
 ) -> list[dict]:
-    """stdout tasks from nanocode.synth's small-program requests (the write-and-run kind): `draws`
-    requests drawn with `seed`, the distinct ones of this split, each with what its reference
-    program prints (run in the sandbox twice, with the request's arguments; one that fails, prints
-    nothing, or prints something else the second time makes no task)."""
+    """stdout tasks from nanocode.synth_scenes' small-program requests (the write-and-run kind):
+    `draws` requests drawn with `seed`, the distinct ones of this split, each with what its
+    reference program prints (run in the sandbox twice, with the request's arguments; one that
+    fails, prints nothing, or prints something else the second time makes no task)."""
     rng, cands = random.Random(seed), {}
     for _ in range(draws):
-        request, _, code, argv = synth.program_request(rng)
+        request, _, code, argv = synth_scenes.program_request(rng)
         if request not in cands and in_split(request, split):
             cands[request] = (code, shlex.split(argv))
     progs = [with_argv(code, argv) for code, argv in cands.values()]

@@ -13,7 +13,7 @@ before the last turn).
 import random
 import re
 
-from nanocode.synth import BANK, pick
+from nanocode.synth_scenes import BANK, pick
 from nanocode.synth_session import assistant_turns, execute, execute_after
 
 

@@ -271,7 +271,7 @@ def test_corpus_tasks_pin_the_original(stdlib_functions):
 def test_program_tasks_are_split_by_request_and_pinned_by_the_reference():
     """Fresh requests of the write-and-run kind: train and val never share a request; the reference
     program (run with the request's arguments) passes its own task, another output fails."""
-    from nanocode import synth
+    from nanocode import synth_scenes
 
     train, val = (
         rl_tasks.program_tasks("train", 0, draws=300),
@@ -285,7 +285,7 @@ def test_program_tasks_are_split_by_request_and_pinned_by_the_reference():
     refs = {}
     rng = random.Random(0)
     for _ in range(300):
-        request, _, code, _ = synth.program_request(rng)
+        request, _, code, _ = synth_scenes.program_request(rng)
         refs[request] = code
     assert all(ok for ok, _ in rl_tasks.verify_many(train, [refs[t["prompt"]] for t in train]))
     assert rl_tasks.verify_many(train[:1], ["print('something else')"])[0] == (

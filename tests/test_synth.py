@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from nanocode import synth, synth_corpus, synth_pairs, synth_session
+from nanocode import synth, synth_corpus, synth_pairs, synth_scenes, synth_session
 from nanocode.common import NanocodeError
 from nanocode.conversations import load_jsonl, validate_conversation, validate_preference
 from nanocode.synth_session import assistant_turns
@@ -138,7 +138,7 @@ def test_every_name_in_the_kinds_table_exists():
         for variant in spec.get("variants", [{}]):
             merged = {**spec, **variant}
             scene = merged.get("scene", "none")
-            assert scene in synth.SCENES or scene in synth.DATA_SCENES, (kind, scene)
+            assert scene in synth_scenes.SCENES or scene in synth.DATA_SCENES, (kind, scene)
             assert synth.phrases(merged["ask"]), kind
             check_steps(merged["steps"])
     for steps in synth.ROUTINES.values():
@@ -217,8 +217,8 @@ def test_pairs_are_real_and_flawed(records):
 
 def test_unique_context_grows_until_unique():
     text = "a = 1\nreturn x\nb = 2\nreturn x\n"
-    assert synth.unique_context(text, 4) == "b = 2\nreturn x"
-    assert synth.unique_context(text, 1) == "a = 1"
+    assert synth_scenes.unique_context(text, 4) == "b = 2\nreturn x"
+    assert synth_scenes.unique_context(text, 1) == "a = 1"
 
 
 def test_corpus_functions_skip_defs_the_greps_would_miss():
