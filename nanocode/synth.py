@@ -10,7 +10,8 @@ reads before editing, verifies, states what the tool output showed, and skips pr
 The kinds are data: nanocode/data/synth_kinds.json describes each kind once, with its sampling
 weight, whether training sees it ("seen": false kinds appear only among the held-out validity
 prompts), its scene (the starting files and what is known about them: a scene_NAME function of
-synth_scenes.py, or draws and file templates in the JSON's "scenes"), the user's phrasings ("ask") and the steps:
+synth_scenes.py, or draws and file templates in the JSON's "scenes"), the user's phrasings ("ask")
+and the steps:
     [tool, {arguments}, name?]   a real tool call ("{x}" is ctx["x"]); `views` of its output go
                                  into ctx (and the stripped output into ctx[name])
     ["say", phrase, ...]         the assistant says one of the phrases (formatted with ctx)
