@@ -3,6 +3,7 @@ a byte-level stand-in tokenizer, tiny trained tokenizers, tiny random models and
 synthetic corpora, a local stand-in for the Hugging Face hub, and the command line and environment
 that run a script in a subprocess."""
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -503,3 +504,55 @@ class _FakeHubHandler(http.server.BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         self.wfile.write(data[start:])
+
+
+# ---------------------------------------------------------------------------------------------
+# the web server tests (test_web*.py): a scripted reply with one of our tool calls, two client
+# tools, the server on a free port, and a work dir holding hello.txt
+
+CALL = '<|tool_start|>{"name": "bash", "arguments": {"command": "cat hello.txt"}}<|tool_end|>'
+TOOL_TURN = "Let me look." + CALL + "It says hi."
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "the weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+BASH = {
+    "type": "function",
+    "function": {
+        "name": "bash",
+        "description": "run a command",
+        "parameters": {"type": "object", "properties": {"command": {"type": "string"}}},
+    },
+}
+
+
+@contextlib.contextmanager
+def serving(tmp_path, turns, *flags, sequence_len=4096):
+    """The server on a free port: with a scripted fake model given `turns`, or with `flags` alone if
+    None."""
+    if turns is not None:
+        script = tmp_path / "script.json"
+        script.write_text(json.dumps({"turns": turns, "sequence_len": sequence_len}))
+        flags = ("--fake-script", str(script), *flags)
+    proc, url = start_server(flags, tmp_path / "server.log")
+    try:
+        yield url
+    finally:
+        stop_server(proc)
+
+
+def hello_workdir(tmp_path):
+    d = tmp_path / "work"
+    d.mkdir()
+    (d / "hello.txt").write_text("hi there\n")
+    return d
+
+
+def write_turns(tmp_path, turns, delay=0.0, name="script.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"turns": turns, "delay": delay}))
+    return path

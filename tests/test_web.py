@@ -1,14 +1,8 @@
 """The HTTP server with a scripted fake model, started with uvicorn on a free local port: the
-official openai client in both modes, tool calls run server-side only with --allow-tools, 4xx errors
-with a message for bad requests, and the web UI in headless Chromium (message sent, streamed reply
-rendered, screenshot saved)."""
+official openai client, 4xx errors with a message for bad requests, streaming, disconnects, and
+load. Tools: tests/test_web_tools.py; the chat page: tests/test_web_ui.py."""
 
-import base64
-import contextlib
 import json
-import os
-import shutil
-import subprocess
 import threading
 import time
 
@@ -17,63 +11,29 @@ import openai
 import pytest
 
 from tests.helpers import (
+    BASH,
+    CALL,
     REPO,
-    free_port,
+    TOOL_TURN,
+    WEATHER,
+    hello_workdir,
     real_tokenizer,
     save_tiny_checkpoint,
-    script_argv,
-    script_env,
-    start_server,
-    stop_server,
+    serving,
+    write_turns,
 )
 
-CALL = '<|tool_start|>{"name": "bash", "arguments": {"command": "cat hello.txt"}}<|tool_end|>'
-TOOL_TURN = "Let me look." + CALL + "It says hi."
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "the weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
 FORMAT = {"name": "when", "parameters": {"type": "string", "format": "date"}}
 STRICT = dict(WEATHER["function"], strict="yes")
-BASH = {
-    "type": "function",
-    "function": {
-        "name": "bash",
-        "description": "run a command",
-        "parameters": {"type": "object", "properties": {"command": {"type": "string"}}},
-    },
-}
-
-
-@contextlib.contextmanager
-def server(tmp_path, turns, *flags, sequence_len=4096):
-    """The server on a free port: with a scripted fake model given `turns`, or with `flags` alone if
-    None."""
-    if turns is not None:
-        script = tmp_path / "script.json"
-        script.write_text(json.dumps({"turns": turns, "sequence_len": sequence_len}))
-        flags = ("--fake-script", str(script), *flags)
-    proc, url = start_server(flags, tmp_path / "server.log")
-    try:
-        yield url
-    finally:
-        stop_server(proc)
 
 
 @pytest.fixture
 def workdir(tmp_path):
-    d = tmp_path / "work"
-    d.mkdir()
-    (d / "hello.txt").write_text("hi there\n")
-    return d
+    return hello_workdir(tmp_path)
 
 
 def test_openai_client_both_modes_with_tools(tmp_path, workdir):
-    with server(tmp_path, [TOOL_TURN, TOOL_TURN], "--allow-tools", str(workdir)) as url:
+    with serving(tmp_path, [TOOL_TURN, TOOL_TURN], "--allow-tools", str(workdir)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == ["nanocode-fake"]
 
@@ -125,7 +85,7 @@ def test_openai_client_both_modes_with_tools(tmp_path, workdir):
 
 def test_tools_off_without_allow_tools_and_bad_requests(tmp_path, workdir):
     turn = "Try." + CALL.replace("cat hello.txt", "echo ran > ran.txt") + "Done."
-    with server(tmp_path, [turn], sequence_len=256) as url:
+    with serving(tmp_path, [turn], sequence_len=256) as url:
         r = httpx.post(
             url + "/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "go"}]},
@@ -297,7 +257,7 @@ def test_client_disconnect_frees_the_replica(tmp_path):
     # the first reply would take 2000+ tokens x 0.05 s = 100+ s, well past the 60 s guard below
     script = tmp_path / "script.json"
     script.write_text(json.dumps({"turns": ["tick " * 2000, "Fresh reply."], "delay": 0.05}))
-    with server(
+    with serving(
         tmp_path, None, "--fake-script", str(script), "--max-tokens", "10000", "--max-queue", "0"
     ) as url:
         body = {
@@ -331,7 +291,7 @@ def test_client_disconnect_frees_the_replica(tmp_path):
 
 def test_tiny_real_checkpoint_same_reply_streamed_or_not(tmp_path):
     save_tiny_checkpoint("tiny-web", real_tokenizer().vocab_size)
-    with server(tmp_path, None, "-i", "sft", "--tag", "tiny-web", "--device-type", "cpu") as url:
+    with serving(tmp_path, None, "-i", "sft", "--tag", "tiny-web", "--device-type", "cpu") as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         kw = dict(
             model="nanocode",
@@ -386,141 +346,6 @@ def test_tiny_real_checkpoint_same_reply_streamed_or_not(tmp_path):
         assert streamed == texts[:2]
 
 
-def test_client_side_tools_with_the_openai_sdk(tmp_path):
-    """The protocol's own tool calling: calls come back unrun as tool_calls (streamed too), the
-    tool's result goes in as a role "tool" message, tool_choice none / named, other functions, stop,
-    trimming, the key."""
-    ran = tmp_path / "ran.txt"
-    call_ls = '<|tool_start|>{"name": "bash", "arguments": {"command": "ls"}}<|tool_end|>'
-    turns = [
-        "Let me look."
-        + CALL.replace("cat hello.txt", f"touch {ran}")
-        + "Never reached.",  # round trip,
-        "It says hi.",
-        "It says hi, again.",  # after the result
-        "Checking." + CALL + "Never reached.",  # streamed call
-        "Let me look." + CALL + "It says hi.",  # tool_choice none
-        call_ls,  # forced bash
-        '<|tool_start|>{"name": "get_weather", "arguments": {"city": "Paris"}}<|tool_end|>',
-        "Hello world. Bye.",
-        "Hello world. Bye.",  # stop, both modes
-        "Long answer.",
-    ]  # over the context
-    with server(
-        tmp_path,
-        turns,
-        "--api-key",
-        "sekret",
-        "--cors-origin",
-        "http://app.example",
-        sequence_len=256,
-    ) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
-        ask = [{"role": "user", "content": "what does hello.txt say?"}]
-        r = client.chat.completions.create(model="nanocode", messages=ask, tools=[BASH, WEATHER])
-        choice = r.choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look."
-        (call,) = choice.message.tool_calls
-        assert (
-            call.type == "function" and call.id.startswith("call_") and call.function.name == "bash"
-        )
-        assert json.loads(call.function.arguments) == {"command": f"touch {ran}"}
-        assert not ran.exists()  # the server ran nothing
-        assert (
-            r.system_fingerprint == "fp_fake"
-            and r.usage.prompt_tokens > 0
-            and r.usage.completion_tokens > 0
-        )
-        follow = ask + [
-            r.choices[0].message,  # sent back as the SDK returned it, as in the README
-            {"role": "tool", "tool_call_id": call.id, "content": "hi there"},
-        ]
-        r = client.chat.completions.create(model="nanocode", messages=follow, tools=[BASH, WEATHER])
-        assert (
-            r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "It says hi."
-        )
-        r = client.chat.completions.create(
-            model="nanocode",
-            tools=[BASH, WEATHER],
-            messages=[  # content null
-                *ask,
-                {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                {"role": "tool", "tool_call_id": call.id, "content": "hi there"},
-            ],
-        )
-        assert r.choices[0].message.content == "It says hi, again."
-        assert not r.choices[0].message.tool_calls
-
-        with client.beta.chat.completions.stream(
-            model="nanocode", messages=ask, tools=[BASH]
-        ) as stream:
-            final = stream.get_final_completion()
-        choice = final.choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.content == "Checking."
-        assert choice.message.tool_calls[0].function.name == "bash"
-        assert json.loads(choice.message.tool_calls[0].function.arguments) == {
-            "command": "cat hello.txt"
-        }
-
-        r = client.chat.completions.create(  # the scripted call's <|tool_start|> is masked out
-            model="nanocode", messages=ask, tools=[BASH], tool_choice="none", seed=1
-        )
-        assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
-        assert r.choices[0].message.content.startswith("Let me look.")
-
-        r = client.chat.completions.create(
-            model="nanocode",
-            messages=ask,
-            tools=[BASH, WEATHER],
-            tool_choice={"type": "function", "function": {"name": "bash"}},
-        )
-        assert r.choices[0].finish_reason == "tool_calls"
-        assert r.choices[0].message.content is None
-        assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {
-            "command": "ls"
-        }
-
-        r = client.chat.completions.create(
-            model="nanocode", messages=ask, tools=[WEATHER], parallel_tool_calls=False
-        )
-        (call,) = r.choices[0].message.tool_calls
-        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
-            "city": "Paris"
-        }
-
-        r = client.chat.completions.create(model="nanocode", messages=ask, stop=["world"])
-        assert r.choices[0].message.content == "Hello " and r.choices[0].finish_reason == "stop"
-        text = "".join(
-            c.choices[0].delta.content or ""
-            for c in client.chat.completions.create(
-                model="nanocode", messages=ask, stop="world", stream=True
-            )
-        )
-        assert text == "Hello "
-
-        long = [
-            {"role": "user", "content": "word " * 300}
-        ]  # more than the 256-token context: trimmed, answered
-        r = client.chat.completions.create(model="nanocode", messages=long)
-        assert r.choices[0].message.content == "Long answer."
-
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
-            r = httpx.post(
-                url + "/v1/chat/completions", json={"messages": ask}, headers=headers, timeout=60
-            )
-            assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
-        assert httpx.get(url + "/health").status_code == 200  # health needs no key
-        pre = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
-        r = httpx.options(url + "/v1/chat/completions", headers=pre)
-        assert r.headers.get("access-control-allow-origin") == "http://app.example"
-        r = httpx.options(
-            url + "/v1/chat/completions", headers=dict(pre, Origin="http://evil.example")
-        )
-        assert r.headers.get("access-control-allow-origin") is None
-
-
 def test_request_conversion_and_rendering():
     """OpenAI messages become one assistant turn (call, output, answer), rendered so the model
     continues it."""
@@ -573,92 +398,12 @@ def test_request_conversion_and_rendering():
     )  # ... unless given
 
 
-def test_server_side_tools_per_conversation(tmp_path, workdir):
-    """--allow-tools: each conversation works in its own copy of the directory (two at once here),
-    found again by its conversation_id; the directory itself is untouched."""
-    command = "mktemp -p . XXXXXX.new >/dev/null; ls"
-    make = CALL.replace("cat hello.txt", command)
-    with server(tmp_path, [make + "Made."] * 4, "--allow-tools", str(workdir)) as url:
-
-        def converse(results, key):
-            ask = [{"role": "user", "content": "make a file"}]
-            r = httpx.post(url + "/v1/chat/completions", json={"messages": ask}, timeout=120).json()
-            cid = r["conversation_id"]
-            first = r["choices"][0]["message"]["parts"][1]["text"].split()
-            ask += [
-                r["choices"][0]["message"] | {"content": r["choices"][0]["message"]["parts"]},
-                {"role": "user", "content": "another"},
-            ]
-            r = httpx.post(
-                url + "/v1/chat/completions",
-                json={"messages": ask, "conversation_id": cid},
-                timeout=120,
-            )
-            results[key] = (
-                cid,
-                first,
-                r.json()["choices"][0]["message"]["parts"][1]["text"].split(),
-            )
-
-        results = {}
-        threads = [threading.Thread(target=converse, args=(results, k)) for k in "ab"]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        (cid_a, first_a, second_a), (cid_b, first_b, second_b) = results["a"], results["b"]
-        assert cid_a != cid_b
-        for first, second in ((first_a, second_a), (first_b, second_b)):
-            assert (
-                "hello.txt" in first and len(first) == 2
-            )  # the copy, plus this conversation's one new file
-            assert set(first) < set(second) and len(second) == 3  # the same dir on the second turn
-        new_a, new_b = set(second_a) - {"hello.txt"}, set(second_b) - {"hello.txt"}
-        assert not new_a & new_b  # neither sees the other's files
-        assert sorted(p.name for p in workdir.iterdir()) == ["hello.txt"]
-        r = httpx.post(
-            url + "/v1/chat/completions",
-            json={
-                "messages": [{"role": "user", "content": "x"}],
-                "conversation_id": "conv-guessed",
-            },
-            timeout=60,
-        )
-        assert r.status_code == 400 and "unknown 'conversation_id'" in r.json()["error"]["message"]
-        r = httpx.post(
-            url + "/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": "x"}], "n": 2},
-            timeout=60,
-        )
-        assert r.status_code == 400 and "would share one dir" in r.json()["error"]["message"]
-
-
-def test_tools_on_a_public_address_need_an_api_key(tmp_path, workdir):
-    argv = script_argv(
-        "scripts.code_web",
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(free_port()),
-        "--allow-tools",
-        str(workdir),
-    )
-    out = subprocess.run(
-        argv, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 1
-    assert (
-        out.stderr.strip().startswith("error: refusing to serve tools on 0.0.0.0")
-        and "--api-key" in out.stderr
-    )
-
-
 def test_load_32_clients(tmp_path):
     """One replica, 32 concurrent clients: half stream (four of those hang up after the first
     piece), all others get whole, well-formed replies; afterwards no replica is leaked and nothing
     is queued."""
     turns = [f"reply {k}: " + "word " * 8 for k in range(40)]
-    with server(
+    with serving(
         tmp_path,
         None,
         "--fake-script",
@@ -709,152 +454,3 @@ def test_load_32_clients(tmp_path):
         while (h := httpx.get(url + "/health").json())["free"] != 1 or h["queued"] != 0:
             assert time.monotonic() < deadline, h
             time.sleep(0.1)
-
-
-def write_turns(tmp_path, turns, delay=0.0, name="script.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps({"turns": turns, "delay": delay}))
-    return path
-
-
-def find_chromium():
-    return (
-        shutil.which("chromium")
-        or shutil.which("chromium-browser")
-        or shutil.which("google-chrome")
-    )
-
-
-class Browser:
-    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON
-    messages separated by NUL bytes, we write to its fd 3 and read its fd 4), so no websocket
-    library is needed and we can wait for the page itself to say it is done (virtual-time flags
-    cannot see the end of a streamed response)."""
-
-    def __init__(self, chromium, profile):
-        to_browser, self._w = os.pipe()
-        self._r, from_browser = os.pipe()
-        flags = (
-            f"--headless --no-sandbox --disable-gpu --disable-dev-shm-usage --window-size=1000,700 "
-            f"--user-data-dir={profile} --remote-debugging-pipe"
-        )
-        command = f'exec "{chromium}" {flags} about:blank 3<&{to_browser} 4>&{from_browser}'
-        self.proc = subprocess.Popen(
-            ["bash", "-c", command],
-            pass_fds=(to_browser, from_browser),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        os.close(to_browser)
-        os.close(from_browser)
-        self._buf, self._id = b"", 0
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
-            "sessionId"
-        ]
-
-    def call(self, method, session=None, **params):
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params}
-        if session:
-            msg["sessionId"] = session
-        os.write(self._w, json.dumps(msg).encode() + b"\0")
-        while True:  # skip events until our answer
-            while b"\0" not in self._buf:
-                chunk = os.read(self._r, 1 << 16)
-                if not chunk:
-                    raise AssertionError("chromium closed the DevTools pipe")
-                self._buf += chunk
-            raw, self._buf = self._buf.split(b"\0", 1)
-            reply = json.loads(raw)
-            if reply.get("id") == self._id:
-                if "error" in reply:
-                    raise AssertionError(f"DevTools {method}: {reply['error']}")
-                return reply["result"]
-
-    def page(self, method, **params):
-        return self.call(method, session=self.session, **params)
-
-    def js(self, expression):
-        return self.page("Runtime.evaluate", expression=expression, returnByValue=True)[
-            "result"
-        ].get("value")
-
-    def close(self):
-        try:
-            self.call("Browser.close")
-        except (AssertionError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._w)
-        os.close(self._r)
-
-
-@pytest.mark.skipif(
-    find_chromium() is None, reason="chromium not installed (Debian: apt-get install -y chromium)"
-)
-def test_web_ui_in_headless_chromium(tmp_path, workdir):
-    with server(tmp_path, [TOOL_TURN, "Still hi."], "--allow-tools", str(workdir)) as url:
-        browser = Browser(find_chromium(), tmp_path / "profile")
-        try:
-            browser.page("Page.navigate", url=url + "/")
-            deadline = time.monotonic() + 120  # guards a hang only
-            while True:
-                try:  # evaluating while the navigation swaps documents may fail: try again
-                    if (
-                        browser.js(
-                            "document.readyState === 'complete' && document.body.dataset.state"
-                        )
-                        == "ready"
-                    ):
-                        break
-                except AssertionError:
-                    pass
-                assert time.monotonic() < deadline, "the page did not load"
-                time.sleep(0.1)
-            # type a message and press Send, as a user would
-            browser.js(
-                "document.getElementById('input').value = 'what is in hello.txt?';"
-                "document.getElementById('send').click()"
-            )
-            seen_streaming = False
-            while (state := browser.js("document.body.dataset.state")) != "done":
-                assert state in ("streaming", "ready"), browser.js(
-                    "document.getElementById('log').innerText"
-                )
-                seen_streaming |= state == "streaming"
-                assert time.monotonic() < deadline, "the reply did not finish"
-                time.sleep(0.05)
-            log = browser.js("document.getElementById('log').innerText")
-            assert "what is in hello.txt?" in log  # the user's message
-            assert "Let me look." in log and "It says hi." in log  # the streamed reply
-            assert (
-                "tool call: bash" in log and "cat hello.txt" in log and "hi there" in log
-            )  # the call and its output
-            assert browser.js("document.querySelectorAll('.msg.assistant .output').length") == 1
-            # a second turn sends the first reply back with its tool parts, which the server must
-            # accept
-            browser.js(
-                "document.getElementById('input').value = 'and now?';"
-                "document.getElementById('send').click()"
-            )
-            while (
-                state := browser.js("document.body.dataset.state")
-            ) != "done":  # read once: it may finish between reads
-                assert state == "streaming", browser.js("document.body.innerText")
-                assert time.monotonic() < deadline, "the second reply did not finish"
-                time.sleep(0.05)
-            assert browser.js("document.querySelectorAll('.msg.assistant').length") == 2
-            assert browser.js("document.querySelectorAll('.error').length") == 0
-            shot = tmp_path / "ui.png"
-            shot.write_bytes(
-                base64.b64decode(browser.page("Page.captureScreenshot", format="png")["data"])
-            )
-            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-            print(f"screenshot: {shot} (streaming state seen: {seen_streaming})")
-        finally:
-            browser.close()
