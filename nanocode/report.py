@@ -18,7 +18,6 @@ import platform
 import subprocess
 from pathlib import Path
 
-from nanocode.checkpoint import PHASES
 from nanocode.common import get_base_dir, run_main
 
 
@@ -280,11 +279,11 @@ def plot_curves(title, curves, path):
 
 
 def plot_bars(bars, path, ylabel, title):
-    """bars {group: {source: value}} as grouped bars, sources in pipeline order; None when
-    empty."""
+    """bars {group: {source: value}} as grouped bars, sources in the order they first appear (the
+    callers' pipeline order); None when empty."""
     if not bars:
         return None
-    sources = sorted({s for v in bars.values() for s in v}, key=lambda s: pipeline_index(s, PHASES))
+    sources = list(dict.fromkeys(s for v in bars.values() for s in v))
     groups = sorted(bars, key=lambda g: (g == "overall", g))
     width = 0.8 / len(sources)
     fig, ax = pyplot().subplots(figsize=(max(4.5, 1.8 * len(groups)), 3.2))
@@ -302,8 +301,10 @@ def plot_bars(bars, path, ylabel, title):
 
 
 def by_prefix(stages: dict, prefix: str) -> dict:
-    """The stages whose name starts with prefix, by the rest of their name (the checkpoint)."""
-    return {s.removeprefix(prefix): d for s, d in stages.items() if s.startswith(prefix)}
+    """The stages whose name starts with prefix, by the rest of their name (the checkpoint), in
+    pipeline order (STAGES), then any others."""
+    names = sorted(stages, key=lambda s: (pipeline_index(s, list(STAGES)), s))
+    return {s.removeprefix(prefix): stages[s] for s in names if s.startswith(prefix)}
 
 
 def numbers(d) -> dict:
@@ -450,7 +451,6 @@ def build_report(base: Path | None = None, gpu_hour_cost: float = 3.0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stages, timings = load_stages(base), load_timings(base)
     agent = by_prefix(stages, "agent_eval_")  # columns in pipeline order, anything else after
-    agent = dict(sorted(agent.items(), key=lambda kv: (pipeline_index(kv[0], PHASES), kv[0])))
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = ["# nanocode report card", "", f"Generated {now:%Y-%m-%d %H:%M UTC} from `{base}`.", ""]
     for title, info in (("System", system_info()), ("Git", git_info())):
