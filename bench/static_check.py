@@ -84,8 +84,8 @@ def launches(name, args, dtype):
     if name == "relu2_mlp":  # x stands in for dy, (M, C) too
         x, w_fc, w_proj = args
         h = x.new_empty(x.shape[0], w_fc.shape[0])
-        relu2 = partial(mod._matmul, x, w_fc.T, mod.RELU2)
-        grad = partial(mod._matmul, x, w_proj, mod.RELU2_GRAD, h)
+        relu2 = partial(mod._launch, x, w_fc.T, mod.RELU2)
+        grad = partial(mod._launch, x, w_proj, mod.RELU2_GRAD, h)
         return {"relu2": (mod._matmul_kernel, relu2), "relu2_grad": (mod._matmul_kernel, grad)}
     if name == "softcap_ce":
         logits, targets = args
