@@ -154,6 +154,14 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(
         torch.ops.nanocode.matmul_relu2_grad, (torch.randn_like(x), w_proj, h), test_utils=checks
     )
+    # FP8 operands, their scale, h's dtype (the schema test is above: its aliasing check
+    # multiplies the inputs, which the CPU has no float8 kernel for)
+    x8, w8, scale = fp8(E4M3, 7, 16), fp8(E4M3, 8, 16), torch.tensor(2.0**-10, device=DEVICE)
+    ops = torch.ops.nanocode.matmul_relu2, torch.ops.nanocode.matmul_relu2_grad
+    h = torch.rand(7, 8, device=DEVICE, dtype=torch.bfloat16)
+    fp8_args = (x8, w8, scale, torch.bfloat16), (fp8(E5M2, 7, 16), w8.T, h, scale)
+    for op, args in zip(ops, fp8_args):
+        torch.library.opcheck(op, args, test_utils="test_faketensor")
 
 
 def test_dispatch(monkeypatch):
