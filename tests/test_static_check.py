@@ -1,8 +1,8 @@
 """bench/static_check.py on the installed Triton: every kernel compiled for sm_90 in bf16 (and the
 FP8 one) through its launcher, without a GPU, clean (no spill, tensor cores in every dot kernel,
-FP8 ones for FP8 operands); and a spilling
-config makes it fail, naming the variant. Subprocesses: the check must import the kernels without
-the TRITON_INTERPRET=1 the conftest sets for this process."""
+FP8 ones for FP8 operands); and a spilling config makes it fail, naming the variant.
+Subprocesses: the check must import the kernels without the TRITON_INTERPRET=1 the conftest sets
+for this process."""
 
 import json
 import os
