@@ -326,3 +326,31 @@ def test_fp8_supported(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 6))
     ok, why = fp8_supported("cuda")
     assert not ok and "8.9" in why and "8.6" in why
+
+
+@pytest.mark.usefixtures("triton_path")
+def test_bench_fp8_tables_on_a_tiny_model():
+    """bench/fp8.py's measurements on a tiny model: every block linear and the head, each MLP
+    whole; FP8 errors of a few percent, the fused and unfused MLPs alike, bf16's far smaller."""
+    from bench import fp8 as bench_fp8
+
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(1, 64, 32), "cpu")
+    with torch.no_grad():  # off the init: its zero output projections carry no gradient
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, 64, (2, 32))
+    linears, mlps = bench_fp8.capture(model, idx, idx)
+    names = [row[0] for row in linears]
+    layer = [
+        "0.attn.c_q",
+        "0.attn.c_k",
+        "0.attn.c_v",
+        "0.attn.c_proj",
+        "0.mlp.c_fc",
+        "0.mlp.c_proj",
+    ]
+    assert names == layer + ["lm_head"] and [m[0] for m in mlps] == ["0.mlp"]
+    errors = bench_fp8.mlp_errors(*mlps[0][1:])  # per y, dx, dw_fc, dw_proj: fused, unfused, bf16
+    for fused, unfused, bf16 in zip(*[iter(errors)] * 3, strict=True):
+        assert 0.005 < fused < 0.2 and abs(fused - unfused) < 0.1 * fused and bf16 < fused / 4
