@@ -36,6 +36,13 @@ implemented: TMA and persistent kernels cannot run under the Triton interpreter,
 project's CPU CI it would be untested code; it belongs behind a capability check once a GPU run
 can test and time it.
 
+FP8 (base_train --fp8, wired by nanocode.fp8.fp8_relu2_mlp, which runs the other four matmuls on
+torch._scaled_mm): the same kernel on e4m3 x and w_fc (forward) or e5m2 dy and e4m3 w_proj
+(gradient), given the product of the two operands' inverse scales, which multiplies the fp32
+accumulator before the epilogue; h and dz come out in bf16. Its own tiles (FP8_CONFIGS). The FLOPs
+are the same; an H100 does them at twice the bf16 rate (1979 against 989 TFLOP/s dense), and each
+operand element is 1 byte instead of 2.
+
 Floor (compute-bound): FLOPs = 4*M*C*H forward (two matmuls), 12*M*C*H forward+backward (six).
 Bytes moved by this implementation, e bytes per element: forward (2MC + 2CH + 2MH) * e,
 backward (4MC + 4CH + 5MH) * e; at ~600 FLOP per byte that is well above an H100's
