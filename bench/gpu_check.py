@@ -136,7 +136,7 @@ def step_inductor_ab(ctx):
 
 
 def step_bench_kernels(ctx):
-    flags = "--device cpu --tiny --cases rope" if ctx.smoke else "--cases d12 --save"
+    flags = "--device cpu --tiny --cases rope,relu2_mlp_fp8" if ctx.smoke else "--cases d12 --save"
     code = run_logged([sys.executable, "-m", "bench.kernels", *flags.split()], ctx.log)
     where = "" if ctx.smoke else f"; saved bench/results/{ctx.slug}/kernels.{{json,md}}"
     return code == 0, f"exit {code}{where}"
