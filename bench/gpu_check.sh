@@ -11,10 +11,11 @@
 #
 # Time, cold caches (no Triton / Inductor cache yet), one H100 or H200: about 7-9 minutes, not yet
 # measured end to end (no GPU run so far). What dominates is compilation, not compute. The Triton
-# JIT part is built on measured compile times: `python -m bench.static_check` compiles each of the
-# 186 kernel variants for sm_90 once (every config of every kernel in bf16, fp16 and fp32; fp32
-# has its own small, spill-free configs) in 46 s with Triton 3.6 and 77 s with 3.9 on a 2-core CPU
-# (bench/results/static/), 0.25-0.4 s a variant. The kernel tests compile those variants again at
+# JIT part is built on measured compile times: `python -m bench.static_check` compiled each of the
+# 186 16-bit and fp32 kernel variants for sm_90 once (every config of every kernel in bf16, fp16
+# and fp32; fp32 has its own small, spill-free configs) in 46 s with Triton 3.6 and 77 s with 3.9
+# on an idle 2-core CPU, 0.25-0.4 s a variant; the 8 FP8 ones take 0.4-1.5 s each (on a busy CPU:
+# bench/results/static/). The kernel tests compile those variants again at
 # a few specializations each (ragged and aligned shapes, strided inputs, every dtype that
 # autotunes): some 500 compiles by a count of their shapes, so ~2-4 minutes of JIT. Inductor
 # compiling the model (tiny A/B twice, bench.mfu four times at depth 12, two of them FP8,
