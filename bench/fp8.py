@@ -16,20 +16,27 @@ GPU), and fp8_linear under bf16 autocast (e4m3 x and w, e5m2 dy, bf16 y, as a GP
 it). The table has relative Frobenius errors ||got - ref|| / ||ref||. The MLP is one fused kernel,
 so its two matmuls are rebuilt from its input x and output gradient dy: c_fc's input is x, c_proj's
 is h = relu(z)^2 with z = x w_fc^T, and the gradient at c_fc's output is (dy w_proj) * 2 relu(z).
+A second table takes each MLP whole, as base_train --fp8 runs it: fp8_relu2_mlp (the fused FP8
+Triton kernel, interpreted on the CPU) and fp8_relu2_mlp_unfused (_scaled_mm, relu², _scaled_mm),
+both under bf16 autocast, and the bf16 MLP, against fp32: y, dx, dw_fc and dw_proj.
 Writes its section of bench/results/cpu/fp8.md (--out), keeping the file's other sections.
 """
 
 import argparse
+import os
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused FP8 kernel on the CPU (before kernels)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from nanocode.checkpoint import load_model
-from nanocode.common import run_main
-from nanocode.dataloader import DataLoader
-from nanocode.fp8 import fp8_linear
-from nanocode.gpt import SOFTCAP, norm
+from bench.mfu import kernel_choice  # noqa: E402
+from kernels.reference import relu2_mlp_reference  # noqa: E402
+from nanocode.checkpoint import load_model  # noqa: E402
+from nanocode.common import run_main  # noqa: E402
+from nanocode.dataloader import DataLoader  # noqa: E402
+from nanocode.fp8 import fp8_linear, fp8_relu2_mlp, fp8_relu2_mlp_unfused  # noqa: E402
+from nanocode.gpt import SOFTCAP, norm  # noqa: E402
 
 HEADING = "## Numerics: FP8 matmuls on real activations"
 OUT = Path(__file__).resolve().parent / "results" / "cpu" / "fp8.md"
@@ -37,7 +44,8 @@ OUT = Path(__file__).resolve().parent / "results" / "cpu" / "fp8.md"
 
 def capture(model, idx, targets):
     """[(name, x, w, dy)] for every block linear and the head: 2-D fp32 inputs, weights and output
-    gradients of one forward and backward of the loss."""
+    gradients of one forward and backward of the loss; and [(name, x, w_fc, w_proj, dy)] of the
+    MLPs."""
     got, hooks = {}, []
 
     def keep(name, weight):
@@ -63,16 +71,34 @@ def capture(model, idx, targets):
     logits = (x @ w.T).requires_grad_()  # dy of the head: the loss's gradient at the logits
     capped = SOFTCAP * torch.tanh(logits / SOFTCAP)
     loss = F.cross_entropy(capped, targets.flatten(), ignore_index=-1)
-    rows = []
+    rows, mlps = [], []
     for name, (x_in, w_in, dy) in got.items():
         if name.endswith("mlp"):  # the fused MLP: rebuild its two matmuls (docstring)
             w_proj = model.transformer.h[int(name.split(".")[0])].mlp.c_proj.weight.detach()
             z = x_in @ w_in.T
             rows.append((f"{name}.c_fc", x_in, w_in, (dy @ w_proj) * 2 * z.relu()))
             rows.append((f"{name}.c_proj", z.relu().square(), w_proj, dy))
+            mlps.append((name, x_in, w_in, w_proj, dy))
         else:
             rows.append((name, x_in, w_in, dy))
-    return rows + [("lm_head", x, w, torch.autograd.grad(loss, logits)[0])]
+    return rows + [("lm_head", x, w, torch.autograd.grad(loss, logits)[0])], mlps
+
+
+def mlp_errors(x, w_fc, w_proj, dy):
+    """Relative errors against fp32 of y, dx, dw_fc, dw_proj: fused FP8, unfused FP8, bf16."""
+
+    def run(fn, x, w_fc, w_proj, amp=False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w_fc, w_proj)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = fn(*leaves)
+        return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
+
+    ref = run(relu2_mlp_reference, x, w_fc, w_proj)
+    with kernel_choice("triton"):  # as a GPU run calls it: bf16 x, fp32 weights, autocast
+        fused = run(fp8_relu2_mlp, x.bfloat16(), w_fc, w_proj, amp=True)
+    unfused = run(fp8_relu2_mlp_unfused, x.bfloat16(), w_fc, w_proj, amp=True)
+    bf16 = run(relu2_mlp_reference, *(t.bfloat16() for t in (x, w_fc, w_proj)))
+    return [rel(got[i], ref[i]) for i in range(4) for got in (fused, unfused, bf16)]
 
 
 def matmuls(x, w, dy):
@@ -150,7 +176,9 @@ def main():
         "| layer | crest x | crest w | crest dy | y | y model | dx | dx model | dw | dw model |",
         "|---|" + "---:|" * 9,
     ]
-    for name, x, w, dy in capture(model, idx, targets):
+    with kernel_choice("torch"):  # the model in fp32 on the references
+        linears, mlps = capture(model, idx, targets)
+    for name, x, w, dy in linears:
         out = matmuls(x, w, dy)
         errs = []
         for i in range(3):
@@ -166,7 +194,19 @@ def main():
         cells = [f"{crest(t):.1f}" for t in (x, w, dy)]
         cells += [f"{v:.4f}" for i in range(3) for v in (errs[3 * i], expected[i])]
         model_check.append(f"| {name} | " + " | ".join(cells) + " |")
-    section = "\n".join(lines + model_check) + "\n"
+    cols = [f"{g}: {k}" for g in ("y", "dx", "dw_fc", "dw_proj") for k in ("8", "8 unfused", "16")]
+    fused = [
+        "",
+        "Each MLP whole, as base_train --fp8 runs it, against fp32: 8 = fp8_relu2_mlp (the fused "
+        "FP8 kernel, interpreted), 8 unfused = fp8_relu2_mlp_unfused (_scaled_mm, relu², "
+        "_scaled_mm), both under bf16 autocast; 16 = the MLP on bf16 operands.",
+        "",
+        "| MLP | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for name, *tensors in mlps:
+        fused.append(f"| {name} | " + " | ".join(f"{e:.4f}" for e in mlp_errors(*tensors)) + " |")
+    section = "\n".join(lines + model_check + fused) + "\n"
     print(section)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_section(args.out, section)

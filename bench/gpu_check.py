@@ -14,6 +14,9 @@ one of them is killed):
                  NANOCODE_KERNELS=torch: losses of 3 optimizer steps and the gradients of the third
   bench_kernels  python -m bench.kernels --cases d12 --save (Triton / eager / compile, % of ceiling)
   bench_mfu      python -m bench.mfu --depth 12 --save       (Triton vs compile, a few steps)
+  fp8            bench.mfu's triton and fp8 variants at depth 12: the step with and without
+                 base_train --fp8 (the kernel bench has the FP8 MLP case); skipped where the GPU
+                 has no FP8 matmuls (capability below 8.9)
   resume         base_train --depth 12, 20 steps, --save-every 10: one run straight, one killed
                  after step 15 and resumed (--resume) to step 20; the two loss curves compared
   generation     a tiny model that memorized a sequence: greedy generation with the KV cache
@@ -37,7 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["rope_qknorm", "relu2_mlp", "softcap_ce", "newton_schulz", "kernel_configs"]
+KERNEL_TESTS = ["rope_qknorm", "relu2_mlp", "softcap_ce", "newton_schulz", "kernel_configs", "fp8"]
 SMOKE_KERNEL_TESTS = "dispatch or bad_inputs or input_errors or small_shapes or every_config"
 
 
@@ -133,7 +136,7 @@ def step_inductor_ab(ctx):
 
 
 def step_bench_kernels(ctx):
-    flags = "--device cpu --tiny --cases rope" if ctx.smoke else "--cases d12 --save"
+    flags = "--device cpu --tiny --cases rope,relu2_mlp_fp8" if ctx.smoke else "--cases d12 --save"
     code = run_logged([sys.executable, "-m", "bench.kernels", *flags.split()], ctx.log)
     where = "" if ctx.smoke else f"; saved bench/results/{ctx.slug}/kernels.{{json,md}}"
     return code == 0, f"exit {code}{where}"
@@ -153,6 +156,34 @@ def step_bench_mfu(ctx):
         detail += "; " + ", ".join(f"{r['variant']} {cell}" for r, cell in zip(rows, cells))
         code = code or int(any("error" in r for r in rows))
     return code == 0, detail
+
+
+def step_fp8(ctx):
+    import torch
+
+    from bench.mfu import get_args, time_variant
+    from nanocode.common import peak_bf16_flops
+    from nanocode.fp8 import fp8_supported
+    from nanocode.gpt import GPT, GPTConfig
+
+    ok, why = fp8_supported(ctx.device)
+    if not ok:
+        return True, f"skipped: {why}"
+    flags = "--depth 12 --warmup 3 --steps 5"
+    if ctx.smoke:
+        flags = "--device cpu --depth 1 --seq-len 32 --device-batch-size 2 --vocab-size 97 "
+        flags += "--warmup 1 --steps 1"
+    args = get_args([*flags.split(), "--variants", "triton,fp8"])
+    config = GPTConfig.from_depth(args.depth, args.vocab_size, args.seq_len)
+    with torch.device("meta"):
+        flops = GPT(config).estimate_flops()
+    peak = None if ctx.smoke else peak_bf16_flops(ctx.name)
+    # time_variant raises on a non-finite loss
+    tok_s = {v: time_variant(v, args, ctx.device)["tok_per_s"] for v in args.variants}
+    mfu = {v: f" (MFU {100 * flops * t / peak:.1f}%)" if peak else "" for v, t in tok_s.items()}
+    cells = ", ".join(f"{v} {t:,.0f} tok/s{mfu[v]}" for v, t in tok_s.items())
+    detail = f"depth {args.depth}: {cells}; fp8 / triton {tok_s['fp8'] / tok_s['triton']:.2f}x"
+    return True, detail + "; MFU against the bf16 peak" * bool(peak)
 
 
 def prepare_corpus(base, vocab):
@@ -286,6 +317,7 @@ STEPS = {
     "inductor_ab": step_inductor_ab,
     "bench_kernels": step_bench_kernels,
     "bench_mfu": step_bench_mfu,
+    "fp8": step_fp8,
     "resume": step_resume,
     "generation": step_generation,
 }

@@ -121,6 +121,19 @@ def relu2_mlp_case(device, dtype, M, C):
     return Case("relu2_mlp", f"x ({M},{C}) hidden {H}", make_inputs, *fns, "TFLOP/s", floor)
 
 
+def relu2_mlp_fp8_case(device, dtype, M, C):
+    """The MLP with its six matmuls in FP8 (base_train --fp8): ours runs the two around relu² on
+    the FP8 Triton kernel; its peer (the "eager" and "compile" columns) is torch._scaled_mm,
+    relu² in PyTorch, torch._scaled_mm. Rates against the FP8 matmul ceiling."""
+    import nanocode.fp8 as fp8
+
+    mlp, H = importlib.import_module("kernels.relu2_mlp"), 4 * C
+    case = relu2_mlp_case(device, dtype, M, C)
+    fns = fp8.fp8_relu2_mlp, fp8.fp8_relu2_mlp_unfused, None
+    floor = mlp.relu2_mlp_floor(M, C, H)
+    return Case("relu2_mlp_fp8", case.shape, case.make_inputs, *fns, "FP8 TFLOP/s", floor)
+
+
 def softcap_ce_case(device, dtype, N, V):
     """Cross-entropy of the softcapped logits of one GPU's batch (65,536 tokens, V = 32768), "mean"
     (one case for both depths: the shape does not depend on the depth)."""
@@ -185,6 +198,7 @@ def newton_schulz_case(device, dtype, L, C):
 CASES = [
     (rope_qknorm_case, (2, 16, 2, 16), lambda d: (BATCH, SEQ_LEN, d // 2, HEAD_DIM)),
     (relu2_mlp_case, (32, 32), lambda d: (TOKENS_PER_GPU, 64 * d)),
+    (relu2_mlp_fp8_case, (32, 32), lambda d: (TOKENS_PER_GPU, 64 * d)),
     (softcap_ce_case, (64, 300), (TOKENS_PER_GPU, VOCAB)),
     (linear_softcap_ce_case, (64, 300, 32), lambda d: (TOKENS_PER_GPU, VOCAB, 64 * d)),
     (newton_schulz_case, (2, 32), lambda d: (d, 64 * d)),
@@ -228,15 +242,23 @@ def median_ms(step, device):
 
 
 def measure_ceilings(device, tiny):
-    """This device's bandwidth (GB/s, read + write of a large copy) and bf16 matmul rate
-    (TFLOP/s)."""
+    """This device's bandwidth (GB/s, read + write of a large copy), bf16 matmul rate (TFLOP/s)
+    and, where it has them, FP8 matmul rate (e4m3 _scaled_mm, fast accumulation)."""
+    from nanocode.fp8 import E4M3, fp8_supported
+
     n = 2**16 if tiny else 2**29  # bf16 elements: 1 GiB per buffer on the GPU
     src = torch.randn(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     gbps = 2 * n * src.element_size() / median_ms(lambda: dst.copy_(src), device) / 1e6
     m = 256 if tiny else 8192
     a, b = (torch.randn(m, m, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return {"GB/s": gbps, "TFLOP/s": 2 * m**3 / median_ms(lambda: a @ b, device) / 1e9}
+    out = {"GB/s": gbps, "TFLOP/s": 2 * m**3 / median_ms(lambda: a @ b, device) / 1e9}
+    if fp8_supported(device)[0]:
+        a8, b8, one = a.to(E4M3), b.to(E4M3).t(), torch.ones((), device=device)
+        kw = dict(scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
+        ms = median_ms(lambda: torch._scaled_mm(a8, b8, **kw), device)
+        out["FP8 TFLOP/s"] = 2 * m**3 / ms / 1e9
+    return out
 
 
 def implementations(case):
@@ -310,7 +332,7 @@ def format_table(rows, ceilings):
         if ours["ms"] is None:
             cells += ["-", "-"]
         else:
-            percent = 100 * ours["rate"] / ceilings[ours["unit"]]
+            percent = 100 * ours["rate"] / ceilings.get(ours["unit"], float("nan"))
             cells += [f"{ours['rate']:.1f} {ours['unit']}", f"{percent:.0f}%"]
         ratios = [ms[i] / ours["ms"] if ms[i] and ours["ms"] else None for i in IMPLS[1:]]
         lines.append(cells + ["-" if r is None else f"{r:.2f}x" for r in ratios])
@@ -347,7 +369,8 @@ def main():
     summary = (
         f"{date}, {str(dtype)[6:]}, torch {torch.__version__}, triton {triton.__version__}. "
         f"Ceilings measured in the same run: copy {ceilings['GB/s']:.0f} GB/s (read + write), "
-        f"bf16 matmul {ceilings['TFLOP/s']:.0f} TFLOP/s. Median ms of triton.testing.do_bench; "
+        f"bf16 matmul {ceilings['TFLOP/s']:.0f} TFLOP/s, FP8 matmul "
+        f"{ceilings.get('FP8 TFLOP/s', float('nan')):.0f} TFLOP/s. Median ms of do_bench; "
         "rate = docstring floor / time."
     )
     print(f"{device_name}: {summary}")

@@ -1,7 +1,8 @@
 """Training-step throughput and MFU: one optimizer step (forward + backward + Muon/AdamW) of the GPT
-at a given depth, timed for three variants in one process:
+at a given depth, timed for these variants in one process:
 
     triton   the Triton kernels (default dispatch) under torch.compile: base_train on a GPU
+    fp8      the same with the blocks' matmuls in FP8: base_train --fp8 (not a default variant)
     compile  the PyTorch references (NANOCODE_KERNELS=torch) under torch.compile
     eager    the PyTorch references in eager mode
 
@@ -12,6 +13,8 @@ at a given depth, timed for three variants in one process:
 MFU = FLOPs per token (GPT.estimate_flops: 6 per non-embedding weight + attention) x tokens/s,
 divided by the GPU's nominal dense bf16 peak, and by the bf16 matmul rate measured in this process
 (bench.kernels.measure_ceilings: an 8192^3 matmul), which is what the hardware actually sustains.
+The fp8 variant is held to the same bf16 peaks (as nanochat reports it), so its MFU over triton's
+is its speedup; an H100's FP8 peak is twice its bf16 one.
 Data are random tokens (the loss value does not matter, the work per step does). On a CPU there is
 no meaningful bf16 peak, so MFU is shown as n/a and the default dispatch runs the references.
 --warmup untimed steps (compilation, autotuning) come before the --steps timed ones.
@@ -33,7 +36,7 @@ import torch
 from nanocode.common import NanocodeError, autocast, nvtx_range, peak_bf16_flops, run_main
 from nanocode.gpt import GPT, GPTConfig, build_model
 
-VARIANTS = {"triton": ("", True), "compile": ("torch", True), "eager": ("torch", False)}
+VARIANTS = dict(triton=("", True), fp8=("", True), compile=("torch", True), eager=("torch", False))
 
 
 def add_step_args(p, warmup, steps):
@@ -99,13 +102,15 @@ def label(name):
         yield
 
 
-def build_train_step(depth, seq_len, batch_size, vocab_size, device, use_compile):
-    """The model and optimizers as base_train sets them up, and a `step(i)` closure doing one
-    optimizer step (forward, backward, Muon + AdamW) on random tokens; returns (step, model). The
-    gradients of the last step stay on the parameters. Also used by bench/profile_steps.py and
-    bench/gpu_check.py."""
+def build_train_step(depth, seq_len, batch_size, vocab_size, device, use_compile, fp8=False):
+    """The model and optimizers as base_train sets them up (fp8: with --fp8), and a `step(i)`
+    closure doing one optimizer step (forward, backward, Muon + AdamW) on random tokens; returns
+    (step, model). The gradients of the last step stay on the parameters. Also used by
+    bench/profile_steps.py and bench/gpu_check.py."""
     torch.manual_seed(0)
     model = build_model(GPTConfig.from_depth(depth, vocab_size, seq_len), device)
+    if fp8:
+        model.enable_fp8()
     optimizers = model.setup_optimizers()
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     amp = autocast(device)
@@ -136,7 +141,7 @@ def time_variant(name, args, device):
         torch.cuda.reset_peak_memory_stats(device)
     with kernel_choice(impl):
         shape = (args.depth, args.seq_len, args.device_batch_size, args.vocab_size)
-        step, model = build_train_step(*shape, device, use_compile)
+        step, model = build_train_step(*shape, device, use_compile, fp8=name == "fp8")
         t0 = time.perf_counter()
         for i in range(args.warmup):
             step(i)

@@ -4,7 +4,9 @@
     python -m bench.static_check --arch 90 --dtypes bf16 --out /tmp/static
 
 Each Triton kernel goes through its own launcher (the code that runs it in training) at the
-shapes of bench/kernels.py's cases, once per GPU config and dtype, while a stand-in Triton driver
+shapes of bench/kernels.py's cases, once per GPU config and dtype (the FP8 variant of relu2_mlp's
+kernel, e4m3/e5m2 operands and bf16 out, once, on sm_90 and sm_100: Triton has no e4m3 before
+Ada's sm_89, so sm_80 leaves it out; its pass/fail rules are bf16's), while a stand-in Triton driver
 names the target GPU. Triton compiles for that target (it bundles ptxas); the compiled kernel
 loads its binary only at its first launch, and there the stand-in stops it and keeps the cubin.
 From the cubin (cuobjdump, bundled too): registers per thread, stack bytes, spill instructions
@@ -12,7 +14,7 @@ From the cubin (cuobjdump, bundled too): registers per thread, stack bytes, spil
 for FP8, on sm_90; UTCHMMA / UTCQMMA, i.e. tcgen05, on sm_100), and the blocks that fit on one
 SM. An arch the installed Triton cannot target is reported and skipped. Writes OUT.{md,json}
 (default bench/results/static/static); exits 1 naming each variant that fails to compile, needs
-more shared memory than the GPU has, spills in bf16/fp16, or is a bf16/fp16 dot kernel without
+more shared memory than the GPU has, spills in bf16/fp16/fp8, or is such a dot kernel without
 tensor-core instructions. fp32 runs only in tests and may spill: reported, not failed.
 What this cannot tell is speed: a kernel that compiles clean can still be slow.
 """
@@ -73,7 +75,7 @@ class StandInDriver:
 
 def launches(name, args, dtype):
     """{variant: (autotuned kernel, a call of its launcher)} for one case's (CPU) inputs."""
-    mod = importlib.import_module(f"kernels.{name}")
+    mod = importlib.import_module(f"kernels.{name.removesuffix('_fp8')}")
     if name == "rope_qknorm":
         q, k, cos, sin = args
         qr, kr = (torch.empty(t.shape[:3]) for t in (q, k))
@@ -84,9 +86,18 @@ def launches(name, args, dtype):
     if name == "relu2_mlp":  # x stands in for dy, (M, C) too
         x, w_fc, w_proj = args
         h = x.new_empty(x.shape[0], w_fc.shape[0])
-        relu2 = partial(mod._matmul, x, w_fc.T, mod.RELU2)
-        grad = partial(mod._matmul, x, w_proj, mod.RELU2_GRAD, h)
+        relu2 = partial(mod._launch, x, w_fc.T, mod.RELU2)
+        grad = partial(mod._launch, x, w_proj, mod.RELU2_GRAD, h)
         return {"relu2": (mod._matmul_kernel, relu2), "relu2_grad": (mod._matmul_kernel, grad)}
+    if name == "relu2_mlp_fp8":  # e4m3 x and weights (w_proj K-major), e5m2 dy, bf16 h
+        x, w_fc, w_proj = args
+        x8, fc8, proj8 = (torch.empty(t.shape, dtype=torch.float8_e4m3fn) for t in args)
+        dy8, one = torch.empty(x.shape, dtype=torch.float8_e5m2), torch.ones(())
+        h = torch.empty(x.shape[0], w_fc.shape[0], dtype=torch.bfloat16)
+        relu2 = partial(mod._launch, x8, fc8.T, mod.RELU2, None, one, torch.bfloat16)
+        grad = partial(mod._launch, dy8, proj8.T.contiguous().T, mod.RELU2_GRAD, h, one, h.dtype)
+        kernel = mod._matmul_fp8_kernel
+        return {"relu2": (kernel, relu2), "relu2_grad": (kernel, grad)}
     if name == "softcap_ce":
         logits, targets = args
         loss, lse = torch.empty(len(targets)), torch.empty(len(targets))
@@ -175,7 +186,7 @@ def problems(row, arch, dot):
     if half and (row["stl"] or row["ldl"] or row["stack"]):
         out.append(f"spills ({row['stack']} B stack, {row['stl']} STL / {row['ldl']} LDL)")
     if half and dot and not row["tensor_core"]:
-        out.append("a bf16/fp16 dot without tensor-core instructions")
+        out.append("a bf16/fp16/fp8 dot without tensor-core instructions")
     return out
 
 
@@ -185,13 +196,17 @@ def run(arch, dtype_name, case, seen):
     name, dtype, rows = case.name.split()[0], DTYPES[dtype_name], []
     if name == "linear_softcap_ce":  # its kernels are softcap_ce's, on chunks of the same logits
         return rows
-    mod = importlib.import_module(f"kernels.{name}")
+    fp8 = name.endswith("_fp8")  # FP8 operands, bf16 out: once per arch, from Ada (sm_89) on
+    if fp8 and (dtype != torch.bfloat16 or arch < 89):
+        return rows
+    mod = importlib.import_module(f"kernels.{name.removesuffix('_fp8')}")
     fp32 = dtype == torch.float32 and hasattr(mod, "FP32_CONFIGS")
+    configs = mod.FP8_CONFIGS if fp8 else mod.FP32_CONFIGS if fp32 else mod.GPU_CONFIGS
     # CPU tensors of the case's shapes and strides, never written (no memory is touched)
     args = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype) for a in case.make_inputs()]
     for variant, (kernel, call) in launches(name, args, dtype).items():
-        base = dict(arch=arch, dtype=dtype_name, kernel=name, variant=variant)
-        for cfg in mod.FP32_CONFIGS if fp32 else mod.GPU_CONFIGS:
+        base = dict(arch=arch, dtype="fp8" if fp8 else dtype_name, kernel=name, variant=variant)
+        for cfg in configs:
             row, result = dict(base, config=config_name(cfg)), compile_one(kernel, cfg, call)
             if isinstance(result, str):
                 row["error"] = result

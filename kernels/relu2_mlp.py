@@ -36,6 +36,13 @@ implemented: TMA and persistent kernels cannot run under the Triton interpreter,
 project's CPU CI it would be untested code; it belongs behind a capability check once a GPU run
 can test and time it.
 
+FP8 (base_train --fp8, wired by nanocode.fp8.fp8_relu2_mlp, which runs the other four matmuls on
+torch._scaled_mm): the same kernel on e4m3 x and w_fc (forward) or e5m2 dy and e4m3 w_proj
+(gradient), given the product of the two operands' inverse scales, which multiplies the fp32
+accumulator before the epilogue; h and dz come out in bf16. Its own tiles (FP8_CONFIGS). The FLOPs
+are the same; an H100 does them at twice the bf16 rate (1979 against 989 TFLOP/s dense), and each
+operand element is 1 byte instead of 2.
+
 Floor (compute-bound): FLOPs = 4*M*C*H forward (two matmuls), 12*M*C*H forward+backward (six).
 Bytes moved by this implementation, e bytes per element: forward (2MC + 2CH + 2MH) * e,
 backward (4MC + 4CH + 5MH) * e; at ~600 FLOP per byte that is well above an H100's
@@ -54,6 +61,13 @@ from kernels.common import autotune_configs, check, check_same, check_triton, em
 
 def relu2_mlp_reference(x, w_fc, w_proj):
     return torch.relu(x @ w_fc.T).square() @ w_proj.T
+
+
+def matmul_fp8_reference(a8, b8, scale, h=None):
+    """The FP8 variant of the fused matmul in float64, on the same FP8 operands: relu(z)², or with
+    h the gradient dh * 2*sqrt(h), where z = a8 @ b8.T * scale (a8 (M, K), b8 (N, K))."""
+    z = a8.double() @ b8.double().T * scale.double()
+    return z.relu().square() if h is None else z * 2 * h.double().sqrt()
 
 
 def relu2_mlp_floor(M, C, H):
@@ -84,20 +98,26 @@ FP32_CONFIGS = [
     triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=32, GROUP_M=8), num_stages=3, num_warps=w)
     for m, n, w in [(64, 64, 4), (64, 128, 8)]
 ]
+# FP8_CONFIGS (e4m3/e5m2 operands, the same kernel): the bf16 tiles with BLOCK_K doubled, so a
+# pipeline stage holds the same bytes (the same shared memory, the same stage counts), but for
+# 128x256, whose gradient epilogue spills on sm_90 (its fp32 flushes keep a second accumulator:
+# 255 registers, 232 B of stack). bench/static_check.py: QGMMA, no spill; speed unmeasured.
+FP8_CONFIGS = [
+    triton.Config(dict(c.kwargs, BLOCK_K=128), num_stages=c.num_stages, num_warps=c.num_warps)
+    for c in GPU_CONFIGS
+    if c.kwargs["BLOCK_N"] < 256
+]
 INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
 RELU2, RELU2_GRAD = 1, 2  # the two epilogues
 
 
-CONFIGS = autotune_configs(GPU_CONFIGS, INTERPRETER_CONFIGS, FP32_CONFIGS, "a_ptr")
-
-
-@triton.autotune(key=["M_BUCKET", "N", "K", "EPILOGUE"], **CONFIGS)
 @triton.jit
-def _matmul_kernel(
+def _matmul(
     a_ptr,
     b_ptr,
     c_ptr,
     h_ptr,
+    scale_ptr,  # FP8: the product of a's and b's inverse scales (fp32 scalar); None otherwise
     M,
     N,
     K,
@@ -132,13 +152,21 @@ def _matmul_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
-        # "ieee": fp32 inputs (tests) get exact fp32 products; bf16/fp16 use the tensor cores
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        # "ieee": fp32 inputs (tests) get exact fp32 products; bf16/fp16 use the tensor cores.
+        # FP8 on Hopper: the tensor cores add into an accumulator of ~14 significant bits. The
+        # forward keeps that (as cuBLAS's fast accumulation in nanocode.fp8's forward); the
+        # gradient adds each BLOCK_K slice into the fp32 acc (as its backward's full accumulation).
+        if EPILOGUE == 1:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee", max_num_imprecise_acc=BLOCK_K)
         a_ptrs += BLOCK_K * sa[1]
         b_ptrs += BLOCK_K * sb[0]
 
     offsets = rm.to(tl.int64)[:, None] * N + rn[None, :]
     mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if scale_ptr is not None:
+        acc = acc * tl.load(scale_ptr)
     if EPILOGUE == 1:  # h = relu(z)²
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
@@ -148,9 +176,19 @@ def _matmul_kernel(
     tl.store(c_ptr + offsets, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def _matmul(a, b, epilogue, h=None):
+def _autotuned(*configs):
+    tune = triton.autotune(key=["M_BUCKET", "N", "K", "EPILOGUE"], **autotune_configs(*configs))
+    return tune(_matmul)
+
+
+_matmul_kernel = _autotuned(GPU_CONFIGS, INTERPRETER_CONFIGS, FP32_CONFIGS, "a_ptr")
+_matmul_fp8_kernel = _autotuned(FP8_CONFIGS, INTERPRETER_CONFIGS)  # the same kernel, FP8 tiles
+
+
+def _launch(a, b, epilogue, h=None, scale=None, dtype=None):
+    """c = epilogue(a @ b [* scale]) in `dtype` (default a's); FP8 operands need `scale`."""
     (M, K), N = a.shape, b.shape[1]
-    c = empty((M, N), a.dtype, a.device)
+    c = empty((M, N), dtype or a.dtype, a.device)
     if M == 0 or N == 0 or K == 0:
         return c.zero_()
     h = c if h is None else h  # unused by the relu² epilogue
@@ -159,7 +197,9 @@ def _matmul(a, b, epilogue, h=None):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _matmul_kernel[grid](a, b, c, h, M, N, K, bucket, a.stride(), b.stride(), EPILOGUE=epilogue)
+    kernel = _matmul_kernel if scale is None else _matmul_fp8_kernel
+    args = (M, N, K, bucket, a.stride(), b.stride())
+    kernel[grid](a, b, c, h, scale, *args, EPILOGUE=epilogue)
     return c
 
 
@@ -168,26 +208,36 @@ def _matmul(a, b, epilogue, h=None):
 # torch.mm calls around them itself: no graph break.
 
 
+# FP8 (nanocode.fp8 wires them): e4m3 x, w_fc and w_proj, e5m2 dy, with `scale` the product of
+# the two operands' inverse scales; h in `dtype`, the gradient in h's. Hopper's FP8 wgmma reads
+# both operands K-major: w_proj should be a view of an (H, C) row-major tensor (as w_fc.T is).
 @torch.library.custom_op("nanocode::matmul_relu2", mutates_args=())
-def _matmul_relu2(x: torch.Tensor, w_fc: torch.Tensor) -> torch.Tensor:
-    """relu(x @ w_fc.T)²"""
-    return _matmul(x, w_fc.T, RELU2)
+def _matmul_relu2(
+    x: torch.Tensor,
+    w_fc: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """relu(x @ w_fc.T [* scale])²"""
+    return _launch(x, w_fc.T, RELU2, scale=scale, dtype=dtype)
 
 
 @_matmul_relu2.register_fake
-def _(x, w_fc):
-    return x.new_empty((x.shape[0], w_fc.shape[0]))
+def _(x, w_fc, scale=None, dtype=None):
+    return x.new_empty((x.shape[0], w_fc.shape[0]), dtype=dtype)
 
 
 @torch.library.custom_op("nanocode::matmul_relu2_grad", mutates_args=())
-def _matmul_relu2_grad(dy: torch.Tensor, w_proj: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """(dy @ w_proj) * 2*sqrt(h): the gradient at the pre-activation."""
-    return _matmul(dy, w_proj, RELU2_GRAD, h)
+def _matmul_relu2_grad(
+    dy: torch.Tensor, w_proj: torch.Tensor, h: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(dy @ w_proj [* scale]) * 2*sqrt(h): the gradient at the pre-activation."""
+    return _launch(dy, w_proj, RELU2_GRAD, h, scale, h.dtype)
 
 
 @_matmul_relu2_grad.register_fake
-def _(dy, w_proj, h):
-    return dy.new_empty(h.shape)
+def _(dy, w_proj, h, scale=None):
+    return h.new_empty(h.shape)
 
 
 class Relu2MLP(torch.autograd.Function):

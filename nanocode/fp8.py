@@ -27,6 +27,9 @@ scales, fp32/bf16/fp16 output), slowly: that is how CI tests this file.
 import torch
 import torch.nn.functional as F
 
+import kernels.relu2_mlp  # noqa: F401 (registers the fused kernel's custom ops)
+from kernels.common import use_triton
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
@@ -86,30 +89,97 @@ class FP8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x8, w8, inv_x, inv_w = ctx.saved_tensors
-        dy8, inv_dy = quantize(dy, E5M2)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:  # (M, N) @ (N, K): w8 as a column-major (N, K)
-            dx = _scaled_mm(dy8, w8.t().contiguous().t(), inv_dy, inv_w, ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:  # (N, M) @ (M, K), the shared dim M padded to 16
-            if pad := -dy8.size(0) % 16:
-                dy8, x8 = F.pad(dy8, (0, 0, 0, pad)), F.pad(x8, (0, 0, 0, pad))
-            dw = _scaled_mm(
-                dy8.t().contiguous(), x8.t().contiguous().t(), inv_dy, inv_x, ctx.dtypes[1]
-            )
+        dx, dw = _linear_grads(*quantize(dy, E5M2), x8, inv_x, w8, inv_w, *_wanted(ctx))
         return dx, dw, None
+
+
+def _wanted(ctx):
+    """Per input, the dtype its gradient comes in, or None where none is needed."""
+    return [dt if need else None for dt, need in zip(ctx.dtypes, ctx.needs_input_grad)]
+
+
+def _linear_grads(dy8, inv_dy, x8, inv_x, w8, inv_w, dx_dtype, dw_dtype):
+    """dx = dy @ w and dw = dy.T @ x of y = x @ w.T from FP8 operands, in the given dtypes
+    (None: not needed)."""
+    dx = dw = None
+    if dx_dtype:  # (M, N) @ (N, K): w8 as a column-major (N, K)
+        dx = _scaled_mm(dy8, w8.t().contiguous().t(), inv_dy, inv_w, dx_dtype)
+    if dw_dtype:  # (N, M) @ (M, K), the shared dim M padded to 16
+        if pad := -dy8.size(0) % 16:
+            dy8, x8 = F.pad(dy8, (0, 0, 0, pad)), F.pad(x8, (0, 0, 0, pad))
+        dw = _scaled_mm(dy8.t().contiguous(), x8.t().contiguous().t(), inv_dy, inv_x, dw_dtype)
+    return dx, dw
+
+
+class FP8Relu2MLP(torch.autograd.Function):
+    """relu(x @ w_fc.T)² @ w_proj.T with its six matmuls in FP8: the two that carry relu² and its
+    derivative in their epilogue on the fused Triton kernel (kernels/relu2_mlp.py, FP8 tiles),
+    the other four on _scaled_mm, as FP8Matmul runs them. Saves x, w_fc, w_proj and h = relu(z)²
+    in FP8, and h in out_dtype too: relu²'s derivative 2*sqrt(h) from it is as exact as in the
+    bf16 kernel (from h's e4m3 copy it would carry 2^-5 relative errors)."""
+
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj, out_dtype):
+        x8, inv_x = quantize(x, E4M3)
+        fc8, inv_fc = quantize(w_fc, E4M3)
+        h = torch.ops.nanocode.matmul_relu2(x8, fc8, inv_x * inv_fc, out_dtype)
+        h8, inv_h = quantize(h, E4M3)
+        proj8, inv_proj = quantize(w_proj, E4M3)
+        ctx.save_for_backward(x8, fc8, h, h8, proj8, inv_x, inv_fc, inv_h, inv_proj)
+        ctx.dtypes = x.dtype, w_fc.dtype, w_proj.dtype
+        return _scaled_mm(h8, proj8.t(), inv_h, inv_proj, out_dtype, fast=True)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x8, fc8, h, h8, proj8, inv_x, inv_fc, inv_h, inv_proj = ctx.saved_tensors
+        dy8, inv_dy = quantize(dy, E5M2)
+        # the kernel reads w_proj K-major: a (C, H) view of an (H, C) row-major copy
+        kmajor = proj8.t().contiguous().t()
+        dz = torch.ops.nanocode.matmul_relu2_grad(dy8, kmajor, h, inv_dy * inv_proj)
+        dx_dtype, fc_dtype, proj_dtype = _wanted(ctx)
+        _, dw_proj = _linear_grads(dy8, inv_dy, h8, inv_h, proj8, inv_proj, None, proj_dtype)
+        dz8, inv_dz = quantize(dz, E5M2)
+        dx, dw_fc = _linear_grads(dz8, inv_dz, x8, inv_x, fc8, inv_fc, dx_dtype, fc_dtype)
+        return dx, dw_fc, dw_proj, None
+
+
+def _check(fn, x_shape, weight):
+    K = x_shape[-1]
+    if weight.dim() != 2 or weight.size(1) != K or weight.size(0) % 16 or K % 16:
+        raise ValueError(
+            f"{fn}: needs weight (N, K) with N and K multiples of 16 (cuBLAS FP8) and x "
+            f"(..., K); got x {tuple(x_shape)}, weight {tuple(weight.shape)}"
+        )
+
+
+def _out_dtype(x):
+    """The autocast dtype when autocast is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def fp8_linear(x, weight):
     """F.linear(x, weight) (no bias) with the matmuls in FP8, for x (..., K), weight (N, K),
     N and K multiples of 16. The output is in the autocast dtype when autocast is on, else in
     x's dtype; the weight is read in its own dtype (no bf16 copy first)."""
-    if weight.dim() != 2 or x.size(-1) != weight.size(1) or weight.size(0) % 16 or x.size(-1) % 16:
-        raise ValueError(
-            f"fp8_linear: needs weight (N, K) with N and K multiples of 16 (cuBLAS FP8) and x "
-            f"(..., K); got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
-        )
-    (N, K), device = weight.shape, x.device.type
-    on = torch.is_autocast_enabled(device)
-    out_dtype = torch.get_autocast_dtype(device) if on else x.dtype
-    y = FP8Matmul.apply(x.reshape(-1, K), weight, out_dtype)
+    _check("fp8_linear", x.shape, weight)
+    (N, K) = weight.shape
+    y = FP8Matmul.apply(x.reshape(-1, K), weight, _out_dtype(x))
     return y.view(*x.shape[:-1], N)
+
+
+def fp8_relu2_mlp(x, w_fc, w_proj):
+    """relu(x @ w_fc.T)² @ w_proj.T with every matmul in FP8, for x (..., C), w_fc (H, C),
+    w_proj (C, H), C and H multiples of 16; dtypes as fp8_linear's. The fused Triton kernel
+    where kernels run Triton (kernels.common.use_triton), else fp8_relu2_mlp_unfused."""
+    if not use_triton(x, w_fc, w_proj):
+        return fp8_relu2_mlp_unfused(x, w_fc, w_proj)
+    _check("fp8_relu2_mlp", x.shape, w_fc)
+    _check("fp8_relu2_mlp", w_fc.shape[:1], w_proj)
+    y = FP8Relu2MLP.apply(x.reshape(-1, x.size(-1)), w_fc, w_proj, _out_dtype(x))
+    return y.view(x.shape)
+
+
+def fp8_relu2_mlp_unfused(x, w_fc, w_proj):
+    """The same FP8 math without the kernel: _scaled_mm, relu² in PyTorch, _scaled_mm."""
+    return fp8_linear(fp8_linear(x, w_fc).relu().square(), w_proj)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import kernels
 from nanocode.common import nvtx_range
+from nanocode.fp8 import fp8_linear, fp8_relu2_mlp
 
 SOFTCAP = 15.0
 NORM_EPS = 1e-6
@@ -166,6 +167,16 @@ def attention(q, k, v, window=None):
     return sdpa(q, k, v, (i[None, :] <= i[:, None]) & (i[None, :] >= i[:, None] - window))
 
 
+class Linear(nn.Linear):
+    """nn.Linear without a bias, its matmuls in FP8 (nanocode.fp8) while training with `fp8` set
+    (GPT.enable_fp8); evaluation and inference run in the model's dtype."""
+
+    fp8 = False
+
+    def forward(self, x):
+        return fp8_linear(x, self.weight) if self.fp8 and self.training else super().forward(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -174,10 +185,10 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.window = config.window_sizes()[layer_idx]
         C = config.n_embd
-        self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(C, C, bias=False)
+        self.c_q = Linear(C, self.n_head * self.head_dim, bias=False)
+        self.c_k = Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = Linear(C, C, bias=False)
         # The value embedding's gate reads the first channels of x only: a per-head scalar needs
         # little.
         self.ve_gate = None
@@ -215,15 +226,19 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    fp8 = False  # as Linear's
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        dt = compute_dtype(x)
+        dt, w_fc, w_proj = compute_dtype(x), self.c_fc.weight, self.c_proj.weight
         with nvtx_range("relu2_mlp"):
-            return kernels.relu2_mlp(x.to(dt), self.c_fc.weight.to(dt), self.c_proj.weight.to(dt))
+            if self.fp8 and self.training:  # FP8 reads the weights in their own dtype
+                return fp8_relu2_mlp(x.to(dt), w_fc, w_proj)
+            return kernels.relu2_mlp(x.to(dt), w_fc.to(dt), w_proj.to(dt))
 
 
 class Block(nn.Module):
@@ -294,6 +309,17 @@ class GPT(nn.Module):
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
         self.init_rotary()
+
+    def enable_fp8(self):
+        """Train the blocks' matmuls in FP8 (base_train --fp8): attention's four projections
+        and the MLP. The embeddings, the head (fused into the cross-entropy kernel) and the value
+        embeddings' gates (32 x heads) stay in the model's dtype, as evaluation does."""
+        kv = self.config.n_kv_head * (self.config.n_embd // self.config.n_head)
+        if kv % 16:  # the width 64 * depth always is
+            raise ValueError(f"FP8 needs n_kv_head x head_dim to be a multiple of 16, not {kv}")
+        for module in self.transformer.h.modules():
+            if isinstance(module, (Linear, MLP)):
+                module.fp8 = True
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

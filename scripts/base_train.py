@@ -35,6 +35,7 @@ from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_in
 from nanocode.dataloader import DataLoader
 from nanocode.dataset import split_shards
 from nanocode.engine import Engine
+from nanocode.fp8 import fp8_supported
 from nanocode.gpt import GPT, GPTConfig, build_model, windows_are_slow
 from nanocode.loss_eval import evaluate_bpb
 from nanocode.report import ema, log_stage
@@ -66,6 +67,7 @@ def get_args(argv=None):
     p.add_argument("--sample-every", type=int, default=2000, help="steps (-1: never)")
     p.add_argument("--model-tag", type=str, default="", help="checkpoint dir (default d<depth>)")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile (default: on CUDA)")
+    p.add_argument("--fp8", action="store_true", help="the blocks' matmuls in FP8 (training only)")
     finetune.add_loop_args(p, eval_every=250)
     args = p.parse_args(argv)
     for name in ("depth", "max_seq_len", "device_batch_size"):
@@ -156,6 +158,14 @@ def main(argv=None):
     pattern = args.window_pattern
     config = GPTConfig.from_depth(args.depth, V, T, args.n_kv_head, window_pattern=pattern)
     model = build_model(config, device)
+    if args.fp8:  # before anything slow: a device or a shape without FP8 matmuls stops here
+        ok, why = fp8_supported(device)
+        if not ok:
+            raise NanocodeError(f"--fp8: {why}")
+        try:
+            model.enable_fp8()
+        except ValueError as e:
+            raise NanocodeError(f"--fp8: {e}") from e
     num_params, scaling_params = model.num_params(), model.num_scaling_params()
     flops_per_token = model.estimate_flops()
     with torch.device("meta"):
@@ -194,6 +204,7 @@ def main(argv=None):
         f"model: depth {args.depth}, width {config.n_embd}, heads {config.n_head} (kv "
         f"{config.n_kv_head}), windows {[w or T for w in config.window_sizes()]}, {num_params:,} "
         f"parameters ({scaling_params:,} for scaling), {flops_per_token:.3e} FLOPs/token"
+        + (", the blocks' matmuls in FP8 while training" if args.fp8 else "")
     )
     print0(
         f"batch: {batch:,} tokens/step{' (from the horizon)' if from_horizon else ''} = {B} rows x "
@@ -283,6 +294,7 @@ def main(argv=None):
             tokens=train_tokens,
             total_batch_size=batch,
             flops_per_token=flops_per_token,
+            fp8=args.fp8,
             train_time_s=result["train_time_s"],
             final_val_bpb=val_bpb,
             final_loss=ema([v for _, v in losses])[-1] if losses else None,

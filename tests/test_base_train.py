@@ -10,7 +10,9 @@ import torch
 
 import scripts.base_train as base_train
 from nanocode.checkpoint import checkpoint_dir, load_checkpoint
+from nanocode.common import NanocodeError
 from nanocode.dataset import ShardWriter, data_dir
+from nanocode.fp8 import fp8_supported
 from nanocode.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,11 +76,24 @@ def test_resume_is_bit_identical(base_dir, tmp_path, monkeypatch):
     assert meta_a["curves"]["loss"] == meta_b["curves"]["loss"]
 
 
-def test_loss_falls(base_dir):
-    base_train.main(TINY + ["--num-iterations", "30", "--eval-every", "-1", "--model-tag", "falls"])
-    _, _, meta = load_checkpoint(checkpoint_dir("base", "falls"))
+@pytest.mark.parametrize("fp8", [False, True])
+def test_loss_falls(base_dir, fp8):
+    """Also with --fp8 (the CPU runs torch._scaled_mm), which the checkpoint records."""
+    tag = f"falls-{fp8}"
+    args = TINY + ["--num-iterations", "30", "--eval-every", "-1", "--model-tag", tag]
+    base_train.main(args + ["--fp8"] * fp8)
+    _, _, meta = load_checkpoint(checkpoint_dir("base", tag))
     losses = [loss for _, loss in meta["curves"]["loss"]]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert meta["args"]["fp8"] is fp8
+
+
+def test_fp8_without_fp8_matmuls_stops_before_training(base_dir, monkeypatch, capsys):
+    """On a device without FP8 matmuls (an MPS Mac, simulated) one clear message, nothing run."""
+    monkeypatch.setattr(base_train, "fp8_supported", lambda device: fp8_supported("mps"))
+    with pytest.raises(NanocodeError, match="--fp8: torch._scaled_mm has no FP8 matmul on mps"):
+        base_train.main(TINY + ["--num-iterations", "1", "--fp8", "--model-tag", "no-fp8"])
+    assert "step" not in capsys.readouterr().out
 
 
 def run(args, base):
@@ -101,6 +116,7 @@ def run(args, base):
         (["--window-pattern", "SXL"], "--window-pattern must be made of S and L"),
         (["--device-type", "tpu"], "unknown device type 'tpu'"),
         (["--resume", "--model-tag", "never-trained"], "no checkpoint to resume from"),
+        (["--depth", "11", "--n-kv-head", "1", "--fp8"], "--fp8: FP8 needs n_kv_head x head_dim"),
     ],
 )
 def test_bad_flags_give_one_clear_message(base_dir, flags, message):

@@ -30,7 +30,9 @@ Three layers of checks, each with a tolerance derived here, not guessed:
 import pytest
 import torch
 
-from nanocode.fp8 import E4M3, E5M2, fp8_linear, fp8_supported, quantize
+import nanocode.fp8 as fp8
+from nanocode.fp8 import E4M3, E5M2, fp8_linear, fp8_relu2_mlp, fp8_supported, quantize
+from nanocode.gpt import GPT, GPTConfig, build_model
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 
@@ -196,15 +198,18 @@ def test_bf16_activations_fp32_weight():
     assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
 
 
+@pytest.mark.usefixtures("triton_path")
 def test_compiled_equals_eager():
-    """fullgraph: Dynamo traces the autograd.Function (forward and backward) without a break; the
-    scale is computed in float64, so Inductor's code rounds it exactly as eager does."""
+    """fullgraph: Dynamo traces both autograd.Functions (forward and backward) and the fused
+    kernel's custom ops without a break; the scale is computed in float64, so Inductor's code
+    rounds it exactly as eager does."""
     mlp = torch.nn.Sequential(
-        torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(64, 16, bias=False)
+        torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(64, 32, bias=False)
     )
 
     def forward(x):
-        return fp8_linear(torch.relu(fp8_linear(x, mlp[0].weight)).square(), mlp[1].weight)
+        h = fp8_linear(torch.relu(fp8_linear(x, mlp[0].weight)).square(), mlp[1].weight)
+        return fp8_relu2_mlp(h, mlp[0].weight, mlp[1].weight)
 
     x = torch.randn(3, 11, 32)
     results = []
@@ -227,6 +232,93 @@ def test_bad_shapes_are_refused(x_shape, w_shape):
         fp8_linear(torch.randn(x_shape), torch.randn(w_shape))
 
 
+# ---------------------------------------------------------------------------------------------
+# The fused FP8 MLP (fp8_relu2_mlp: kernels/relu2_mlp.py's FP8 kernel for the two matmuls around
+# relu², _scaled_mm for the other four), on CUDA or the interpreter.
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    if not fp8_supported(DEVICE)[0]:
+        pytest.skip(fp8_supported(DEVICE)[1])
+    monkeypatch.setenv("NANOCODE_KERNELS", "triton")
+
+
+def mlp_inputs(lead, C, H):
+    x, w_fc, dy = (t.to(DEVICE) for t in make(lead, C, H))
+    return x, w_fc, torch.randn(C, H, device=DEVICE) / H**0.5, torch.randn_like(x)
+
+
+def mlp_grads(fn, x, w_fc, w_proj, dy):
+    leaves = [t.detach().requires_grad_() for t in (x, w_fc, w_proj)]
+    y = fn(*leaves)
+    return [y, *torch.autograd.grad(y, leaves, dy.to(y.dtype))]
+
+
+@pytest.mark.usefixtures("cuda_layout_rules", "triton_path")
+@pytest.mark.parametrize("lead,C,H", [((1,), 16, 32), ((3, 7), 48, 80), ((33,), 32, 192)])
+def test_fused_mlp_is_the_unfused_fp8_math(lead, C, H):
+    """The fused path rounds the same tensors to FP8 at the same points as fp8_linear, relu²,
+    fp8_linear (exact against float64 above). Only its h (another fp32 summation order) and dz
+    (dh * 2 sqrt(h) instead of dh * 2 relu(z)) differ, by a few fp32 roundings, ~K 2^-24
+    relative: that moves an element's FP8 rounding (and amax's scale) only within that distance
+    of a rounding boundary, a fraction ~K 2^-24 / 2^-4 < 2^-12 of the elements, each by one step
+    (<= 2^-3 relative), so the results may differ by sqrt(2^-12) 2^-3 = 2^-9 of their norm: the
+    test allows 2^-8. A wrong scale, format or derivative differs by the FP8 error, >= 2^-5."""
+    args = mlp_inputs(lead, C, H)
+    fused = mlp_grads(fp8_relu2_mlp, *args)
+    unfused = mlp_grads(fp8.fp8_relu2_mlp_unfused, *args)
+    for name, a, b in zip(["y", "dx", "dw_fc", "dw_proj"], fused, unfused, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32, name
+        assert (a - b).norm() <= 2.0**-8 * b.norm(), name
+
+
+@pytest.mark.usefixtures("cuda_layout_rules", "triton_path")
+def test_fused_mlp_dtypes_and_dispatch(monkeypatch):
+    """bf16 activations against fp32 weights, as a GPU run calls it: y and dx in bf16, the weight
+    gradients in fp32. NANOCODE_KERNELS=torch takes the unfused path."""
+    x, w_fc, w_proj, dy = mlp_inputs((5, 3), 32, 64)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y, dx, dw_fc, dw_proj = mlp_grads(fp8_relu2_mlp, x.bfloat16(), w_fc, w_proj, dy)
+    assert y.dtype == dx.dtype == torch.bfloat16 and dw_fc.dtype == dw_proj.dtype == torch.float32
+    assert y.shape == (5, 3, 32) and dx.shape == (5, 3, 32) and dw_proj.shape == (32, 64)
+    with pytest.raises(ValueError, match="fp8_relu2_mlp: .*multiples of 16"):
+        fp8_relu2_mlp(x, w_fc[:40], w_proj[:, :40])
+    calls = []
+    monkeypatch.setattr(fp8, "fp8_relu2_mlp_unfused", lambda *a: calls.append(1))
+    fp8_relu2_mlp(x, w_fc, w_proj)
+    monkeypatch.setenv("NANOCODE_KERNELS", "torch")
+    fp8_relu2_mlp(x, w_fc, w_proj)
+    assert calls == [1]
+
+
+def test_model_trains_its_blocks_in_fp8_and_evaluates_without(monkeypatch):
+    """GPT.enable_fp8: in training mode every attention projection goes through fp8_linear and
+    every MLP through fp8_relu2_mlp (the head, embeddings and gates do not); evaluation runs none
+    of them; the parameters are the usual ones. A key/value width FP8 cannot take is refused."""
+    import nanocode.gpt as gpt
+
+    calls = []
+    monkeypatch.setattr(gpt, "fp8_linear", lambda x, w: calls.append(w.shape) or fp8_linear(x, w))
+    monkeypatch.setattr(
+        gpt, "fp8_relu2_mlp", lambda x, *w: calls.append("mlp") or fp8_relu2_mlp(x, *w)
+    )
+    model = build_model(GPTConfig.from_depth(2, 64, 32), "cpu")
+    names = list(model.state_dict())
+    model.enable_fp8()
+    idx = torch.randint(0, 64, (2, 32))
+    model(idx, idx).backward()
+    assert calls == [(128, 128)] * 4 + ["mlp"] + [(128, 128)] * 4 + ["mlp"]
+    calls.clear()
+    model.eval()
+    model(idx, idx)
+    assert calls == [] and list(model.state_dict()) == names
+    with torch.device("meta"), pytest.raises(ValueError, match="multiple of 16, not 88"):
+        GPT(GPTConfig.from_depth(11, 64, 32, n_kv_head=1)).enable_fp8()
+
+
 def test_fp8_supported(monkeypatch):
     assert fp8_supported("cpu")[0]
     ok, why = fp8_supported("mps")
@@ -234,3 +326,31 @@ def test_fp8_supported(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 6))
     ok, why = fp8_supported("cuda")
     assert not ok and "8.9" in why and "8.6" in why
+
+
+@pytest.mark.usefixtures("triton_path")
+def test_bench_fp8_tables_on_a_tiny_model():
+    """bench/fp8.py's measurements on a tiny model: every block linear and the head, each MLP
+    whole; FP8 errors of a few percent, the fused and unfused MLPs alike, bf16's far smaller."""
+    from bench import fp8 as bench_fp8
+
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(1, 64, 32), "cpu")
+    with torch.no_grad():  # off the init: its zero output projections carry no gradient
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, 64, (2, 32))
+    linears, mlps = bench_fp8.capture(model, idx, idx)
+    names = [row[0] for row in linears]
+    layer = [
+        "0.attn.c_q",
+        "0.attn.c_k",
+        "0.attn.c_v",
+        "0.attn.c_proj",
+        "0.mlp.c_fc",
+        "0.mlp.c_proj",
+    ]
+    assert names == layer + ["lm_head"] and [m[0] for m in mlps] == ["0.mlp"]
+    errors = bench_fp8.mlp_errors(*mlps[0][1:])  # per y, dx, dw_fc, dw_proj: fused, unfused, bf16
+    for fused, unfused, bf16 in zip(*[iter(errors)] * 3, strict=True):
+        assert 0.005 < fused < 0.2 and abs(fused - unfused) < 0.1 * fused and bf16 < fused / 4

@@ -119,6 +119,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
         "inductor_ab",
         "bench_kernels",
         "bench_mfu",
+        "fp8",
         "resume",
         "generation",
     ):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kernels import common
+from tests.test_relu2_mlp import check_fp8_matmuls
 
 ce = importlib.import_module("kernels.softcap_ce")
 rq = importlib.import_module("kernels.rope_qknorm")
@@ -144,6 +145,16 @@ def test_every_config_relu2_mlp(monkeypatch, ieee_fp32, cfg, dtype):
         ("dx", "dw_fc", "dw_proj"),
     ):
         close(g, r, TOL[dtype], what)
+
+
+@pytest.mark.parametrize("cfg", mlp.FP8_CONFIGS, ids=ids(mlp.FP8_CONFIGS))
+def test_every_config_relu2_mlp_fp8(monkeypatch, cfg):
+    """The FP8 tiles (the same kernel on e4m3/e5m2 operands: the interpreter runs FP8 dots too),
+    ragged on every axis as above, both epilogues against float64 within the bounds derived in
+    tests/test_relu2_mlp.py."""
+    force(monkeypatch, cfg, mlp._matmul_fp8_kernel)
+    M, N, K = cfg.kwargs["BLOCK_M"] + 5, cfg.kwargs["BLOCK_N"] + 3, cfg.kwargs["BLOCK_K"] + 7
+    check_fp8_matmuls(M, K, N, torch.float32)
 
 
 @by_dtype(ns)

@@ -6,6 +6,23 @@ its error is at most a few units of rounding (u) times the same chain computed o
 values. That chain is the reference itself run on |x|, |w_fc|, |w_proj| with output gradient |dy|
 (relu is the identity on non-negative numbers, so autograd gives exactly the bounds).
 Outputs are poisoned with NaN before the kernels run, so an element never written fails.
+
+The FP8 variant (e4m3 x and w, e5m2 dy, an fp32 scale s) is checked against float64 on the same
+FP8 operands (matmul_fp8_reference), so only the kernel's own arithmetic is measured. A product
+of two FP8 numbers (4 + 4 significant bits at most) is exact in fp32; the sum of K of them in any
+order errs by at most (K - 1) u_acc S / s, where S = (|a8| @ |b8|^T) s is the chain on absolute
+values, and the scaling rounds once more: |z - z_ref| <= (K + 1) u_acc S. Then
+- relu²: |r² - r_ref²| <= |r - r_ref| (r + r_ref) plus one rounding of the square, within
+  2 (K + 2) u_acc S^2 (r_ref <= S); the test allows 3 (K + 2) u_acc S^2, the margin covering
+  the output rounding of that error, plus the output rounding u_out |h_ref|;
+- the gradient dz = z * 2 sqrt(h), h given: the error of z times 2 sqrt(h), plus a rounding each
+  for sqrt and the product (and, on a GPU, tl.sqrt's approximation): (K + 5) u_acc S 2 sqrt(h),
+  plus u_out |dz_ref|.
+u_acc = 2^-24 (fp32) on the CPU. On a GPU it is 2^-13: Hopper's FP8 tensor cores add products into
+an accumulator of about 14 significant bits (DeepSeek-V3 report, 3.3.2), which the forward keeps
+(as cuBLAS's fast accumulation) and the gradient flushes into fp32 every BLOCK_K products.
+These worst-case bounds grow like K where the errors (random signs) grow like sqrt(K): measured
+errors sit at 1% of them in fp32 and up to ~95% in bf16, whose output rounding dominates.
 """
 
 import importlib
@@ -15,7 +32,7 @@ import torch
 
 import kernels
 from kernels import common
-from kernels.reference import relu2_mlp_reference
+from kernels.reference import matmul_fp8_reference, relu2_mlp_reference
 
 mlp = importlib.import_module("kernels.relu2_mlp")  # the module (kernels.relu2_mlp is the function)
 
@@ -27,6 +44,10 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 # u per dtype: storage rounding for 16-bit; for fp32, accumulation over up to ~128 terms
 # (and tf32-free: fp32 inputs use input_precision="ieee")
 U = {torch.float32: 128 * 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+U_ACC = 2.0**-13 if DEVICE == "cuda" else 2.0**-24  # FP8 accumulation (docstring)
+# the FP8 kernel's output rounding: to nearest, except the interpreter's bf16 cast truncates
+U_OUT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8 if DEVICE == "cuda" else 2.0**-7}
 
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
@@ -133,6 +154,14 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(
         torch.ops.nanocode.matmul_relu2_grad, (torch.randn_like(x), w_proj, h), test_utils=checks
     )
+    # FP8 operands, their scale, h's dtype (the schema test is above: its aliasing check
+    # multiplies the inputs, which the CPU has no float8 kernel for)
+    x8, w8, scale = fp8(E4M3, 7, 16), fp8(E4M3, 8, 16), torch.tensor(2.0**-10, device=DEVICE)
+    ops = torch.ops.nanocode.matmul_relu2, torch.ops.nanocode.matmul_relu2_grad
+    h = torch.rand(7, 8, device=DEVICE, dtype=torch.bfloat16)
+    fp8_args = (x8, w8, scale, torch.bfloat16), (fp8(E5M2, 7, 16), w8.T, h, scale)
+    for op, args in zip(ops, fp8_args):
+        torch.library.opcheck(op, args, test_utils="test_faketensor")
 
 
 def test_dispatch(monkeypatch):
@@ -170,3 +199,45 @@ def test_input_errors(monkeypatch, path):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             mlp.relu2_mlp_triton(x.cpu(), w_fc.cpu(), w_proj.cpu())
+
+
+def fp8(dtype, rows, cols, transposed=False):
+    """Random values of an FP8 format spread over its range; transposed: stored (cols, rows)."""
+    big = torch.finfo(dtype).max
+    t = (torch.randn(cols, rows) if transposed else torch.randn(rows, cols)) * big / 8
+    t = t.clamp(-big, big).to(device=DEVICE, dtype=dtype)
+    return t.T if transposed else t
+
+
+def check_fp8_matmuls(M, K, N, out, strided=False):
+    """Both FP8 epilogues on fresh operands (x8, w8 and dy8; h as relu²'s outputs are: >= 0,
+    zeros included) against matmul_fp8_reference, elementwise within the docstring's bounds."""
+    scale = (torch.rand((), device=DEVICE) + 0.5) * 2.0**-10  # the product of two inverse scales
+    x8, w8, dy8 = fp8(E4M3, M, K, strided), fp8(E4M3, N, K, strided), fp8(E5M2, M, K)
+    h = torch.randn(M, N, device=DEVICE).relu().square().to(out)
+    for name, got, a8 in [
+        ("h", mlp._matmul_relu2(x8, w8, scale, out), x8),
+        ("dz", mlp._matmul_relu2_grad(dy8, w8.T, h, scale), dy8),
+    ]:
+        S = a8.double().abs() @ w8.double().abs().T * scale.double()
+        if name == "h":
+            ref, bound = matmul_fp8_reference(x8, w8, scale), 3 * (K + 2) * U_ACC * S.square()
+        else:
+            ref = matmul_fp8_reference(dy8, w8, scale, h)
+            bound = (K + 5) * U_ACC * S * 2 * h.double().sqrt()
+        tol = bound + U_OUT[out] * ref.abs()
+        assert got.shape == (M, N) and got.dtype == out, name
+        assert torch.isfinite(got).all(), f"{name}: non-finite elements (never written?)"
+        err = (got.double() - ref).abs()
+        assert (err <= tol).all(), f"{name}: worst error/bound {(err / tol).max():.3g}"
+
+
+@pytest.mark.parametrize(
+    "M,K,N,strided",
+    [(1, 3, 5, False), (38, 40, 72, True), (70, 33, 100, False), (64, 64, 32, False)],
+)
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16])
+def test_fp8_matmuls(triton_path, M, K, N, strided, out):
+    """The FP8 kernel at ragged sizes (and one of whole tiles), its operands stored K-major (as
+    nanocode.fp8 passes them) or transposed (strided)."""
+    check_fp8_matmuls(M, K, N, out, strided)

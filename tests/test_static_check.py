@@ -1,7 +1,8 @@
-"""bench/static_check.py on the installed Triton: every kernel compiled for sm_90 in bf16 through
-its launcher, without a GPU, clean (no spill, tensor cores in every dot kernel); and a spilling
-config makes it fail, naming the variant. Subprocesses: the check must import the kernels without
-the TRITON_INTERPRET=1 the conftest sets for this process."""
+"""bench/static_check.py on the installed Triton: every kernel compiled for sm_90 in bf16 (and the
+FP8 one) through its launcher, without a GPU, clean (no spill, tensor cores in every dot kernel,
+FP8 ones for FP8 operands); and a spilling config makes it fail, naming the variant.
+Subprocesses: the check must import the kernels without the TRITON_INTERPRET=1 the conftest sets
+for this process."""
 
 import json
 import os
@@ -24,24 +25,22 @@ def static_check(*args, prelude=""):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
 
 
-@pytest.mark.slow  # 62 variants: ~50 s of ptxas on 2 cores, minutes when they are busy
+@pytest.mark.slow  # 70 variants: ~60 s of ptxas on 2 cores, minutes when they are busy
 def test_every_kernel_compiles_clean_for_sm90_bf16(tmp_path):
     out = tmp_path / "static"
     run = static_check("--arch", "90", "--dtypes", "bf16", "--out", str(out))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     rows = report["rows"]
-    assert {r["kernel"] for r in rows} == {
-        "rope_qknorm",
-        "relu2_mlp",
-        "softcap_ce",
-        "newton_schulz",
-    }
+    kernels = {"rope_qknorm", "relu2_mlp", "relu2_mlp_fp8", "softcap_ce", "newton_schulz"}
+    assert {r["kernel"] for r in rows} == kernels
     for r in rows:
         where = f"{r['kernel']} {r['variant']} {r['config']}"
         assert r["regs"] > 0 and r["stack"] == r["stl"] == r["ldl"] == 0, where
-        dot = r["kernel"] in ("relu2_mlp", "newton_schulz")
-        assert (r["tensor_core"].get("HGMMA", 0) > 0) == dot, where  # wgmma, Hopper's tensor cores
+        dot = r["kernel"] in ("relu2_mlp", "relu2_mlp_fp8", "newton_schulz")
+        wgmma = "QGMMA" if r["dtype"] == "fp8" else "HGMMA"  # Hopper's tensor cores: FP8, 16-bit
+        assert (r["tensor_core"].get(wgmma, 0) > 0) == dot, where
+        assert (r["dtype"] == "fp8") == (r["kernel"] == "relu2_mlp_fp8"), where
         assert 0 < r["blocks"] <= 32 and r["shared"] <= 227 << 10, where
     assert report["triton"] in out.with_suffix(".md").read_text().splitlines()[0]
 
