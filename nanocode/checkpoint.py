@@ -10,7 +10,7 @@ Layout: $NANOCODE_BASE_DIR/checkpoints/<phase>/<tag>/
     meta_<step>.json         config, step, curves, and the byte size of each file above
 
 save_training / resume are the one place every training stage (base_train, SFT, DPO, RL: the loop
-in nanocode/finetune.py) saves and restores its state.
+in nanocode/training.py) saves and restores its state.
 """
 
 import json

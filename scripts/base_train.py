@@ -20,7 +20,7 @@ Everything follows from --depth (nanochat's scaling recipe; explicit flags overr
   momentum 0.85 -> 0.95 over the first 300 steps and back down to 0.90 over the warmdown.
 Held-out bits per byte every --eval-every steps (and at the start and the end), a few greedy
 completions at the evaluations that fall on --sample-every. The loop itself (accumulation,
-checkpoints and exact --resume, progress with tok/s, MFU and ETA, wandb) is nanocode/finetune.py;
+checkpoints and exact --resume, progress with tok/s, MFU and ETA, wandb) is nanocode/training.py;
 the data loader's position is part of every resumable checkpoint.
 """
 
@@ -30,7 +30,7 @@ from functools import partial
 
 import torch
 
-from nanocode import finetune
+from nanocode import training
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.dataloader import DataLoader
 from nanocode.dataset import split_shards
@@ -68,7 +68,7 @@ def get_args(argv=None):
     p.add_argument("--model-tag", type=str, default="", help="checkpoint dir (default d<depth>)")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile (default: on CUDA)")
     p.add_argument("--fp8", action="store_true", help="the blocks' matmuls in FP8 (training only)")
-    finetune.add_loop_args(p, eval_every=250)
+    training.add_loop_args(p, eval_every=250)
     args = p.parse_args(argv)
     for name in ("depth", "max_seq_len", "device_batch_size"):
         if getattr(args, name) < 1:
@@ -276,7 +276,7 @@ def main(argv=None):
         return [next(train_loader) for _ in range(grad_accum)]
 
     loop = dict(meta=meta, schedule=schedule, stateful={"loader": train_loader})
-    result = finetune.train(
+    result = training.train(
         model, optimizers, args, "base", tag, num_steps, batches, loss_fn, evaluate, **loop
     )
 

@@ -29,7 +29,7 @@ small model then unlearns the exact tool-call format; the NLL term holds it. Too
 after SFT, on --eval-prompts of the SFT held-out conversations; 0 skips it) is measured before and
 after. With --self-pairs SOURCES (task sources with verifiers, nanocode.rl_tasks: programs, corpus,
 agent, mbpp, *.jsonl), the SFT model samples --self-samples replies per task: a task with a passing
-and a failing reply adds a pair, the passing one chosen. The loop is nanocode/finetune.py.
+and a failing reply adds a pair, the passing one chosen. The loop is nanocode/training.py.
 """
 
 import argparse
@@ -38,7 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanocode import finetune
+from nanocode import training
 from nanocode.checkpoint import load_model
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.conversations import load_jsonl, load_source, pad_batch
@@ -63,7 +63,7 @@ def get_args(argv=None):
     p.add_argument("--self-pairs", type=str, default="", help="task sources (see the docstring)")
     p.add_argument("--self-samples", type=int, default=4)
     p.add_argument("--self-max-tokens", type=int, default=256)
-    finetune.add_args(p, init_lr_frac=0.02, eval_every=50)
+    training.add_args(p, init_lr_frac=0.02, eval_every=50)
     return p.parse_args(argv)
 
 
@@ -219,9 +219,9 @@ def main(argv=None):
     # validity prompts: the SFT held-out conversations, so the numbers compare with SFT's own
     has_convs = args.eval_prompts and (sft_dir / "synth_val.jsonl").exists()
     convs = load_source("synth", "val") if has_convs else []
-    prompts = finetune.tool_call_prompts(tokenizer, convs, args.eval_prompts, T - 8, args.seed)
-    prompts += finetune.validity_file_prompts(tokenizer, prompts, args.eval_prompts, T - 8)
-    num_steps = finetune.count_steps(args, len(train))
+    prompts = training.tool_call_prompts(tokenizer, convs, args.eval_prompts, T - 8, args.seed)
+    prompts += training.validity_file_prompts(tokenizer, prompts, args.eval_prompts, T - 8)
+    num_steps = training.count_steps(args, len(train))
     print0(
         f"model: sft {tag}, {model.num_params():,} parameters | {len(train)} train pairs, "
         f"{len(val)} held-out | {args.loss} loss, beta {args.beta}, NLL weight {args.nll_weight} | "
@@ -229,8 +229,8 @@ def main(argv=None):
     )
 
     def batches(step):
-        idx = finetune.epoch_rows(len(train), step, args.batch_size, args.seed)
-        return finetune.split(idx[rank::world_size], args.grad_accum)
+        idx = training.epoch_rows(len(train), step, args.batch_size, args.seed)
+        return training.split(idx[rank::world_size], args.grad_accum)
 
     # the reference: the SFT model's log-probs, once, before any update, of the train pairs this
     # rank's steps use (a short run visits few of them) and of the held-out pairs
@@ -271,12 +271,12 @@ def main(argv=None):
         print0(f"step {step:05d} | held-out {fmt(m)}")
         if prompts and step in (0, num_steps):
             with amp:
-                m["validity"] = finetune.tool_call_validity(model, tokenizer, prompts)
-            print0(f"step {step:05d} | {finetune.fmt_validity(m['validity'])}")
+                m["validity"] = training.tool_call_validity(model, tokenizer, prompts)
+            print0(f"step {step:05d} | {training.fmt_validity(m['validity'])}")
         return m
 
-    opts, meta = finetune.setup_optimizers(model, args), {"sft_step": sft_meta.get("step")}
-    result = finetune.train(
+    opts, meta = training.setup_optimizers(model, args), {"sft_step": sft_meta.get("step")}
+    result = training.train(
         model, opts, args, "dpo", tag, num_steps, batches, loss_fn, evaluate, meta=meta
     )
     if rank == 0:

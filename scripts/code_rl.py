@@ -23,7 +23,7 @@ kept as a frozen copy). Groups whose rewards are all equal carry no gradient and
 again. Held-out pass@1 (--eval-samples samples per held-out task, --eval-tasks of them, at the
 sampling temperature and the seed --eval-seed) every --eval-every steps; --eval-only measures the
 --source checkpoint and stops. --save-tag saves as rl/<save-tag>: several runs from one start. The
-loop (schedule, checkpoints, --resume) is nanocode/finetune.py. Under torchrun each rank samples and
+loop (schedule, checkpoints, --resume) is nanocode/training.py. Under torchrun each rank samples and
 trains on its contiguous share of the step's tasks; sampling seeds depend on the task's position in
 the step, not on the rank, so N processes make the same update as one.
 """
@@ -36,7 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanocode import finetune, rl_tasks
+from nanocode import rl_tasks, training
 from nanocode.checkpoint import load_model
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.conversations import pad_batch
@@ -71,7 +71,7 @@ def get_args(argv=None):
     p.add_argument("--kl-coef", type=float, default=0.0)
     p.add_argument("--verify-timeout", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=2)
-    finetune.add_args(p, init_lr_frac=0.05, eval_every=20)
+    training.add_args(p, init_lr_frac=0.05, eval_every=20)
     args = p.parse_args(argv)
     args.steps = args.steps if args.steps > 0 else 50
     for name in ("group_size", "tasks_per_step", "max_new_tokens", "eval_samples"):
@@ -206,7 +206,7 @@ def main(argv=None):
         adv = group_advantages(rewards, args.std_adv, args.neg_weight).flatten().tolist()
         last.update(all_reduce_stats(stats, device))
         micro = [(row, a) for row, a in zip(rows, adv) if a != 0 or args.kl_coef]
-        micro = finetune.split(micro, args.grad_accum)
+        micro = training.split(micro, args.grad_accum)
         # The loop backpropagates loss / len(micro) and averages over ranks: dividing each
         # micro-batch's sum by tokens / (len(micro) * world) makes the update
         # sum(-A log pi) / tokens, tokens: every sampled token of the step, all ranks.
@@ -254,10 +254,10 @@ def main(argv=None):
         evaluate(0)
         compute_cleanup()
         return
-    opts = finetune.setup_optimizers(model, args)
+    opts = training.setup_optimizers(model, args)
     meta = {"source": args.source, "source_step": src_meta.get("step")}
     loop = dict(meta=meta, step_metrics=step_metrics)
-    result = finetune.train(
+    result = training.train(
         model, opts, args, "rl", tag, num_steps, batches, loss_fn, evaluate, **loop
     )
     if rank == 0:

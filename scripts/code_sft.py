@@ -20,19 +20,19 @@ bring their own).
 
 Every --eval-every steps, on held-out conversations (a different slice than training):
 - loss: mean cross-entropy per assistant token (--eval-convs conversations);
-- tool-call validity (nanocode.finetune.tool_call_validity): at each position where a held-out
+- tool-call validity (nanocode.training.tool_call_validity): at each position where a held-out
   assistant made a tool call (--eval-prompts of them), the model continues greedily (at most
   --gen-tokens, by default the reference call's length + 32); valid, invalid, no call and cut off by
   the token limit are counted apart, held-out kinds never trained on ("seen": false) apart from the
   others.
-The training loop itself (schedule, accumulation, checkpoints, --resume) is nanocode/finetune.py.
+The training loop itself (schedule, accumulation, checkpoints, --resume) is nanocode/training.py.
 """
 
 import argparse
 
 import torch
 
-from nanocode import finetune
+from nanocode import training
 from nanocode.checkpoint import load_model
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.conversations import cached_sources, load_jsonl, load_mixture, pad_batch, parse_mix
@@ -53,7 +53,7 @@ def get_args(argv=None):
     p.add_argument("--eval-convs", type=int, default=100)
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--gen-tokens", type=int, default=0)
-    finetune.add_args(p, init_lr_frac=0.1, eval_every=100)
+    training.add_args(p, init_lr_frac=0.1, eval_every=100)
     return p.parse_args(argv)
 
 
@@ -122,8 +122,8 @@ def main(argv=None):
     train_convs, val_convs = load_data(mix, args.val, args.seed)
     train_rows = render_rows(tokenizer, train_convs, T)
     val_rows = render_rows(tokenizer, val_convs[: args.eval_convs], T)
-    prompts = finetune.tool_call_prompts(tokenizer, val_convs, args.eval_prompts, T - 8, args.seed)
-    prompts += finetune.validity_file_prompts(tokenizer, prompts, args.eval_prompts, T - 8)
+    prompts = training.tool_call_prompts(tokenizer, val_convs, args.eval_prompts, T - 8, args.seed)
+    prompts += training.validity_file_prompts(tokenizer, prompts, args.eval_prompts, T - 8)
     if not train_rows:
         raise NanocodeError(f"no training conversations with assistant tokens in --mix {mix!r}")
     if not val_rows:
@@ -131,7 +131,7 @@ def main(argv=None):
             f"no held-out conversations for --mix {mix!r}: give your .jsonl's held-out split with "
             f"--val, or include synth or a hub source"
         )
-    num_steps = finetune.count_steps(args, len(train_rows))
+    num_steps = training.count_steps(args, len(train_rows))
     n_tokens = sum(sum(m[1:]) for _, m in train_rows)
     print0(
         f"model: {tag}, depth {config.n_layer}, width {config.n_embd}, {model.num_params():,} "
@@ -144,9 +144,9 @@ def main(argv=None):
     )
 
     def batches(step):
-        idx = finetune.epoch_rows(len(train_rows), step, args.batch_size, args.seed)
+        idx = training.epoch_rows(len(train_rows), step, args.batch_size, args.seed)
         rows = [train_rows[i] for i in idx[rank::world_size]]
-        return [pad_batch(mb, pad_id, device) for mb in finetune.split(rows, args.grad_accum)]
+        return [pad_batch(mb, pad_id, device) for mb in training.split(rows, args.grad_accum)]
 
     def loss_fn(xy):
         with amp:
@@ -162,13 +162,13 @@ def main(argv=None):
         if rank != 0:
             return None
         with amp:
-            v = finetune.tool_call_validity(model, tokenizer, prompts, args.gen_tokens)
-        print0(f"step {step:05d} | val loss {nats / count:.4f} | {finetune.fmt_validity(v)}")
+            v = training.tool_call_validity(model, tokenizer, prompts, args.gen_tokens)
+        print0(f"step {step:05d} | val loss {nats / count:.4f} | {training.fmt_validity(v)}")
         return {"val_loss": nats / count, "validity": v["validity"], "detail": v}
 
-    opts = finetune.setup_optimizers(model, args)
+    opts = training.setup_optimizers(model, args)
     meta = {"base_step": base_meta.get("step"), "mix": mix}
-    result = finetune.train(
+    result = training.train(
         model, opts, args, "sft", tag, num_steps, batches, loss_fn, evaluate, meta=meta
     )
     if rank == 0:

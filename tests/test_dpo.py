@@ -132,7 +132,7 @@ def reference_dpo_losses(
     init_lr_frac=0.02,
 ):
     """DPO's training loop as it was written out in scripts/code_dpo.py before SFT, DPO and RL
-    shared nanocode/finetune.py (one process, sigmoid loss, no NLL term): reference log-probs from
+    shared nanocode/training.py (one process, sigmoid loss, no NLL term): reference log-probs from
     the start model, a fresh torch.randperm order per epoch, learning rates at init_lr_frac decaying
     linearly to 0."""
     from scripts.code_dpo import pair_logps

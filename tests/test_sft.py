@@ -288,7 +288,7 @@ def test_validity_counts_no_call_invalid_and_cut_off_apart(tokenizer):
     """Four prompts, a scripted model answering each: a valid call, a malformed one, text and no
     call, and a call too long for a budget of 8 tokens. Seen and unseen kinds are reported apart."""
     from nanocode.engine import encode_with_specials
-    from nanocode.finetune import tool_call_validity
+    from nanocode.training import tool_call_validity
     from tests.scripted_model import ScriptedModel
 
     call = '{"name": "read_file", "arguments": {"path": "main.py"}}'
@@ -326,7 +326,7 @@ def test_validity_prompts_file_adds_unseen_requests(tokenizer, module_base_dir):
     held-out prompts with the longest reference call's budget, its seen flag kept; a malformed line
     names itself."""
     from nanocode.common import NanocodeError
-    from nanocode.finetune import validity_file_prompts
+    from nanocode.training import validity_file_prompts
 
     path = module_base_dir / "sft" / "validity_prompts.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,8 @@ gradient accumulation, the gradient all-reduce, the learning-rate schedule, chec
 --resume, the progress line (tok/s, MFU, ETA), wandb and the report's curves. Each script keeps
 only what is its own: which rows make step s's micro-batches, and the loss of one micro-batch.
 
-    opts = finetune.setup_optimizers(model, args)
-    result = finetune.train(model, opts, args, "sft", tag, num_steps,
+    opts = training.setup_optimizers(model, args)
+    result = training.train(model, opts, args, "sft", tag, num_steps,
                             batches,   # step -> this rank's micro-batches of the step
                             loss_fn,   # micro-batch -> (loss, {"loss": loss.detach(), ...})
                             evaluate)  # step -> {metrics} or None, called on every rank
@@ -20,7 +20,8 @@ loader) that checkpoints save.
 Checkpoints go to checkpoints/<phase>/<tag>/: every --save-every steps with each rank's optimizer
 and RNG state (what --resume needs) and at the end (model only: a finished run has nothing left to
 resume). The metadata holds the curves and evaluations so far, so a resumed run's report covers the
-whole run.
+whole run. Last in this file, the evaluation SFT and DPO share: tool-call validity on held-out
+prompts, always of the unconstrained model.
 """
 
 import json
