@@ -236,7 +236,6 @@ class Matcher:
     computes it in bitmask(), on the caller's thread (for a CPU; see the module docstring)."""
 
     def __init__(self, grammar: Grammar, overlap: bool = True):
-        self.grammar = grammar
         self.matcher = grammar.start.deep_copy()  # ~25 us: the compiled grammar is shared
         self.words = (grammar.vocab_size + 31) // 32  # int32 words of a bitmask
         self.overlap = overlap

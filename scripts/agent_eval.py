@@ -39,23 +39,22 @@ from nanocode.common import (
 from nanocode.report import log_stage
 
 parser = argparse.ArgumentParser(description="agentic coding tasks, verified")
-parser.add_argument("-i", "--source", default="sft", choices=PHASES, help="checkpoint to run")
-parser.add_argument("--suite", help="JSONL suite file (default: nanocode/data/agent_suite.jsonl)")
-parser.add_argument("--seed", type=int, help="generate a suite from this seed instead")
-parser.add_argument("--num-tasks", type=int, help="tasks to generate, or the first N of the suite")
-parser.add_argument("--samples", help="JSONL of {task, message}: re-verify these, load no model")
-parser.add_argument("--batch-size", type=int, default=8, help="tasks decoded together per rank")
-parser.add_argument("-t", "--temperature", type=float, default=0.0)
-parser.add_argument("--top-k", type=int, default=50)
-parser.add_argument("--max-tokens", type=int, help="override every task's token budget")
-parser.add_argument("--max-tool-calls", type=int, help="override every task's tool-call budget")
-parser.add_argument("--tag", help="checkpoint tag (default: the latest)")
-parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-parser.add_argument("--out", help="output path prefix (default: in $NANOCODE_BASE_DIR/eval)")
-parser.add_argument(
-    "--constrained", action="store_true", help="calls must match our tools' schemas"
-)
+add = parser.add_argument
+add("-i", "--source", default="sft", choices=PHASES, help="checkpoint to run")
+add("--suite", help="JSONL suite file (default: nanocode/data/agent_suite.jsonl)")
+add("--seed", type=int, help="generate a suite from this seed instead")
+add("--num-tasks", type=int, help="tasks to generate, or the first N of the suite")
+add("--samples", help="JSONL of {task, message}: re-verify these, load no model")
+add("--batch-size", type=int, default=8, help="tasks decoded together per rank")
+add("-t", "--temperature", type=float, default=0.0)
+add("--top-k", type=int, default=50)
+add("--max-tokens", type=int, help="override every task's token budget")
+add("--max-tool-calls", type=int, help="override every task's tool-call budget")
+add("--tag", help="checkpoint tag (default: the latest)")
+add("--step", type=int, help="checkpoint step (default: the latest)")
+add("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+add("--out", help="output path prefix (default: in $NANOCODE_BASE_DIR/eval)")
+add("--constrained", action="store_true", help="calls must match our tools' schemas")
 
 
 def main():
@@ -83,16 +82,11 @@ def main():
         mine = tasks[rank::world_size]
         bar = progress(total=len(mine), desc="tasks", unit="task")  # rank 0's share, rate, ETA
         top_k = args.top_k if args.temperature > 0 else None
+        decoding = dict(temperature=args.temperature, top_k=top_k, grammar=grammar)
+        budgets = dict(max_tokens=args.max_tokens, max_tool_calls=args.max_tool_calls)
+        engine = Engine(model, tokenizer)
         records = agent_tasks.run_tasks(
-            Engine(model, tokenizer),
-            mine,
-            args.batch_size,
-            args.temperature,
-            top_k,
-            max_tokens=args.max_tokens,
-            max_tool_calls=args.max_tool_calls,
-            on_done=lambda record: bar.update(1),
-            grammar=grammar,
+            engine, mine, args.batch_size, on_done=lambda _: bar.update(1), **decoding, **budgets
         )
         bar.close()
     seconds = time.time() - t0

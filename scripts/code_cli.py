@@ -32,14 +32,13 @@ from scripts.code_web import add_agent_args, load_engine
 
 parser = argparse.ArgumentParser(description="coding agent in the terminal")
 add_agent_args(parser)
-parser.add_argument("-p", "--prompt", default=None, help="one-shot prompt (no REPL)")
-parser.add_argument("--workdir", default=".", help="directory the tools work in")
-parser.add_argument("--yes", action="store_true", help="approve every tool call")
-parser.add_argument("--system", default=None, help="system prompt")
-parser.add_argument("--seed", type=int, default=42)
-parser.add_argument(
-    "--constrained", action="store_true", help="calls must match our tools' schemas"
-)
+add = parser.add_argument
+add("-p", "--prompt", default=None, help="one-shot prompt (no REPL)")
+add("--workdir", default=".", help="directory the tools work in")
+add("--yes", action="store_true", help="approve every tool call")
+add("--system", default=None, help="system prompt")
+add("--seed", type=int, default=42)
+add("--constrained", action="store_true", help="calls must match our tools' schemas")
 
 SHOW_LINES = 20  # lines of each tool output echoed to the terminal (the model sees all of it)
 SETTINGS = ("max_tokens", "temperature", "top_k", "seed", "max_tool_calls")  # as engine.chat names
@@ -74,10 +73,8 @@ def show(event):
         print(event["text"], end="", flush=True)
     elif event["type"] == "tool_call":
         name, arguments = event["name"], event["arguments"]
-        shown = (
-            arguments["command"] if name == "bash" else json.dumps(arguments, ensure_ascii=False)
-        )
-        print(f"\n[tool] {name}: {shown}", flush=True)
+        shown = json.dumps(arguments, ensure_ascii=False)
+        print(f"\n[tool] {name}: {arguments['command'] if name == 'bash' else shown}", flush=True)
     elif event["type"] == "tool_output":
         lines = event["text"].splitlines() or [""]
         more = [f"... ({len(lines) - SHOW_LINES} more lines)"] if len(lines) > SHOW_LINES else []

@@ -88,24 +88,20 @@ def add_agent_args(parser):
 
 parser = argparse.ArgumentParser(description="OpenAI-compatible server and chat page")
 add_agent_args(parser)
-parser.add_argument("--host", default="127.0.0.1")
-parser.add_argument("--port", type=int, default=8000)
-parser.add_argument(
-    "--allow-tools",
-    nargs="?",
-    const="",
-    metavar="DIR",
-    help="run our tools server-side, each conversation in a copy of DIR (no DIR: an empty dir)",
-)
-parser.add_argument("--max-conversations", type=int, default=64, help="working dirs kept")
+add = parser.add_argument
+add("--host", default="127.0.0.1")
+add("--port", type=int, default=8000)
+TOOLS_HELP = "run our tools server-side, each conversation in a copy of DIR (no DIR: an empty dir)"
+add("--allow-tools", nargs="?", const="", metavar="DIR", help=TOOLS_HELP)
+add("--max-conversations", type=int, default=64, help="working dirs kept")
 KEY_HELP = "require 'Authorization: Bearer KEY' on /v1 (default: $NANOCODE_API_KEY)"
-parser.add_argument("--api-key", default=os.environ.get("NANOCODE_API_KEY"), help=KEY_HELP)
-parser.add_argument("--cors-origin", action="append", default=[], help="let pages from it call")
-parser.add_argument("--max-queue", type=int, default=16, help="requests waiting; more get 429")
-parser.add_argument("--num-gpus", type=int, default=None, help="replicas (default: all GPUs)")
-parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger: 413")
-parser.add_argument("--max-messages", type=int, default=500, help="more messages: 400")
-parser.add_argument("--max-n", type=int, default=8, help="choices per request ('n') at most")
+add("--api-key", default=os.environ.get("NANOCODE_API_KEY"), help=KEY_HELP)
+add("--cors-origin", action="append", default=[], help="let pages from it call")
+add("--max-queue", type=int, default=16, help="requests waiting; more get 429")
+add("--num-gpus", type=int, default=None, help="replicas (default: all GPUs)")
+add("--max-body-bytes", type=int, default=1_000_000, help="larger: 413")
+add("--max-messages", type=int, default=500, help="more messages: 400")
+add("--max-n", type=int, default=8, help="choices per request ('n') at most")
 
 
 class RequestError(Exception):
@@ -166,14 +162,11 @@ def tool_call_part(call, where: str) -> dict:
     """An OpenAI tool_calls entry as our tool_call part."""
     try:
         name, arguments = call["function"]["name"], json.loads(call["function"]["arguments"])
-        valid = (
-            isinstance(name, str) and isinstance(arguments, dict) and isinstance(call["id"], str)
-        )
+        if isinstance(name, str) and isinstance(arguments, dict) and isinstance(call["id"], str):
+            return {"type": "tool_call", "name": name, "arguments": arguments}
     except (TypeError, KeyError, ValueError):
-        valid = False
-    if not valid:
-        raise bad(f"{where}: expected {{id, function: {{name, arguments: JSON object text}}}}")
-    return {"type": "tool_call", "name": name, "arguments": arguments}
+        pass
+    raise bad(f"{where}: expected {{id, function: {{name, arguments: JSON object text}}}}")
 
 
 def to_conversation(msgs: list) -> list[dict]:
@@ -263,31 +256,23 @@ def parse_request(body: bytes, args) -> dict:
     messages = to_conversation(msgs)
     tools = parse_tools(req)
     params = None if tools is None else {name: fn["parameters"] for name, fn in tools.items()}
-    ours = OUR_TOOLS if args.allow_tools is not None else {}
-    try:
-        grammar = openai_grammar(req, params, ours)
-    except ValueError as e:
-        raise bad(str(e)) from None
     extra = [schema for name, schema in (tools or {}).items() if name not in TOOLS]
     if extra:  # functions the model was not trained on: listed for it, in the system prompt
         system = [m["content"] for m in messages[:1] if m["role"] == "system"]
         listing = "\n\n".join([tools_prompt(extra), *system])
         messages[: len(system)] = [{"role": "system", "content": listing}]
-    try:
-        validate_conversation({"messages": messages}, "messages", last_role=None)
-    except NanocodeError as e:
-        raise bad(str(e)) from None
-    if messages[-1]["role"] != "user" and not in_progress(messages[-1]):
-        raise bad("'messages' must end with a user message or with a tool result")
-
     given = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
     fields = ("temperature", "top_k", "top_p", "seed", "max_tokens", "max_completion_tokens", "n")
     given.update({key: req[key] for key in fields if req.get(key) is not None})
     limits = dict(temperature=2, seed=2**63 - 1, n=args.max_n, max_tokens=args.max_tokens)
-    try:
+    try:  # each callee's error names the value that is wrong
+        grammar = openai_grammar(req, params, OUR_TOOLS if args.allow_tools is not None else {})
+        validate_conversation({"messages": messages}, "messages", last_role=None)
         check_sampling(dict(limits, max_completion_tokens=args.max_tokens), **given)
-    except ValueError as e:
+    except (ValueError, NanocodeError) as e:
         raise bad(str(e)) from None
+    if messages[-1]["role"] != "user" and not in_progress(messages[-1]):
+        raise bad("'messages' must end with a user message or with a tool result")
     stop = [req["stop"]] if isinstance(req.get("stop"), str) else req.get("stop") or []
     strings = isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
     if not strings or len(stop) > 4:
@@ -296,11 +281,11 @@ def parse_request(body: bytes, args) -> dict:
     for key, kind in kinds.items():  # parallel_tool_calls: accepted; a reply holds one call
         if req.get(key) is not None and not isinstance(req[key], kind):
             raise bad(f"'{key}' must be {'true or false' if kind is bool else 'a string'}")
-    settings = {key: given.get(key) for key in ("temperature", "top_k", "top_p", "seed")}
+    settings = {key: given.get(key) for key in ("temperature", "top_k", "top_p")}
+    # like the OpenAI API: a request without a seed samples afresh
+    settings["seed"] = given["seed"] if "seed" in given else secrets.randbelow(2**63)
     settings.update(max_tokens=given.get("max_completion_tokens", given["max_tokens"]), stop=stop)
     settings.update(tools=tools, grammar=grammar, stop_at_tool_call=tools is not None)
-    if settings["seed"] is None:  # like the OpenAI API: a request without a seed samples afresh
-        settings["seed"] = secrets.randbelow(2**63)
     answer = dict(n=given.get("n", 1), stream=req.get("stream"), cid=req.get("conversation_id"))
     return dict(answer, conversation={"messages": messages}, settings=settings)
 
@@ -445,9 +430,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             except Abandoned:
                 pass
             except Exception as e:  # noqa: BLE001 -- reported to the client, the server goes on
-                put(
-                    (0, {"type": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
-                )
+                message = f"generation failed: {type(e).__name__}: {e}"
+                put((0, {"type": "error", "message": message}))
             finally:
                 free.put(engine)
                 admitted.discard(rid)
