@@ -152,13 +152,12 @@ def warn_unavailable(reason: str):
             return
         _warned = True
     bar = "!" * 78
-    print(
+    message = (
         f"{bar}\nWARNING: no sandbox: {reason}.\nCommands and evaluated programs run WITHOUT "
         "isolation (only rlimits and a scratch dir):\nthey can read your files, reach the network "
-        f"and see other processes.\n{bar}",
-        file=sys.stderr,
-        flush=True,
+        f"and see other processes.\n{bar}"
     )
+    print(message, file=sys.stderr, flush=True)
 
 
 # ---- the pids cgroup (a cap on processes that holds for root too) ----
@@ -402,6 +401,4 @@ def run_command(
         flood_kills=False,
     )
     timed_out = reason == "timed out"
-    return CommandResult(
-        None if timed_out else rc, out.decode("utf-8", errors="replace"), timed_out
-    )
+    return CommandResult(None if timed_out else rc, out.decode(errors="replace"), timed_out)
