@@ -149,19 +149,14 @@ def code_from_calls(calls: list[dict]) -> str | None:
     files, last = {}, None
     for c in calls:
         args = c.get("arguments") or {}
-        path = args.get("path")
+        path, old, new = args.get("path"), args.get("old_string"), args.get("new_string")
         if not isinstance(path, str):
             continue
         if c.get("name") == "write_file" and isinstance(args.get("content"), str):
             files[path], last = args["content"], path
-        elif (
-            c.get("name") == "edit_file"
-            and path in files
-            and isinstance(args.get("old_string"), str)
-            and isinstance(args.get("new_string"), str)
-            and args["old_string"] in files[path]
-        ):
-            files[path], last = files[path].replace(args["old_string"], args["new_string"], 1), path
+        elif c.get("name") == "edit_file" and isinstance(old, str) and isinstance(new, str):
+            if path in files and old in files[path]:
+                files[path], last = files[path].replace(old, new, 1), path
     return None if last is None else files[last]
 
 

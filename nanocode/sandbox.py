@@ -27,6 +27,7 @@ scratch dir and execution.py's Python guard; for bash rlimits and the session ki
 warning is printed once.
 """
 
+import contextlib
 import functools
 import itertools
 import os
@@ -231,10 +232,8 @@ def _read(path: str) -> str:
 
 
 def _kill(pid: int):
-    try:
+    with contextlib.suppress(OSError):  # gone already, or not ours
         os.kill(pid, signal.SIGKILL)
-    except OSError:  # gone already, or not ours
-        pass
 
 
 def session_members(sid: int) -> list[int]:
@@ -253,10 +252,8 @@ def kill_session(sid: int, rounds: int = 100) -> list[int]:
     ones between the scan and the kill, hence the rounds). Returns the pids still alive after all
     rounds."""
     for _ in range(rounds):
-        try:
-            os.killpg(sid, signal.SIGKILL)  # the session leader's group: most of them in one call
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # the session leader's group: most of them at once
+            os.killpg(sid, signal.SIGKILL)
         pids = session_members(sid)
         if not pids:
             return []
