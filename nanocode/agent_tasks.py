@@ -160,6 +160,7 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
     name, args, good, bad, mutant, doc, cases = rng.choice(FUNCS)
     mod = rng.choice(MODULES)
     src, test, tests = f"{mod}.py", f"test_{mod}.py", _test_src(mod, name, cases)
+    solved = _func_src(name, args, doc, good)
     run_test, verify_files, deny, budget = _call("bash", command=f"python {test}"), {}, [], (6, 768)
     if kind == "fix":
         files = {src: _func_src(name, args, doc, bad), test: tests}
@@ -177,11 +178,11 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
             f"Write the body of {name} ({src}) so that `python {test}` passes.",
         ]
         verify, verify_files = f"python {test}", {test: tests}
-        calls = [_call("write_file", path=src, content=_func_src(name, args, doc, good)), run_test]
+        calls = [_call("write_file", path=src, content=solved), run_test]
         answer = f"Implemented {name}; {test} passes."
     elif kind == "add_test":
         new = f"test_{name}.py"
-        files = {src: _func_src(name, args, doc, good)}
+        files = {src: solved}
         requests = [
             f"Add a test file {new} for {name} in {src}: plain assert statements, run as "
             f"`python {new}`.",
@@ -198,10 +199,7 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
     elif kind == "rename":
         new_name = rng.choice(["compute", "run", "apply", "do"]) + "_" + name
         user, (call, want) = f"main_{mod}.py", cases[0]
-        files = {
-            src: _func_src(name, args, doc, good),
-            user: f"from {mod} import {name}\n\nprint({call})\n",
-        }
+        files = {src: solved, user: f"from {mod} import {name}\n\nprint({call})\n"}
         requests = f"Rename the function {name} to {new_name} in {src} and in {user}."
         check = (
             f"import {mod}\nassert hasattr({mod}, {new_name!r}) and not hasattr({mod}, {name!r})\n"
@@ -223,7 +221,7 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
         others = [c for c in CONSTS if c != const][:2]
         lines = [f"{o} = {rng.randint(1000, 9999)}" for o in others] + [f"{const} = {value}"]
         rng.shuffle(lines)
-        files = {"settings.py": "\n".join(lines) + "\n", src: _func_src(name, args, doc, good)}
+        files = {"settings.py": "\n".join(lines) + "\n", src: solved}
         requests = [
             f"What is {const} set to in settings.py?",
             f"Look up the value of {const} in this project and tell me.",
@@ -487,10 +485,8 @@ def summarize(records: list[dict]) -> dict:
     n, by_kind = max(len(records), 1), {}
     for r in records:
         by_kind.setdefault(r["kind"], []).append(r["passed"])
-    calls, attempts = (
-        sum(r["tool_calls"] for r in records),
-        sum(r["call_attempts"] for r in records),
-    )
+    calls = sum(r["tool_calls"] for r in records)
+    attempts = sum(r["call_attempts"] for r in records)
     return {
         "tasks": len(records),
         "success": sum(r["passed"] for r in records) / n,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanocode.common import NanocodeError, get_base_dir
+from nanocode.common import NanocodeError, get_base_dir, read_jsonl
 from nanocode.hub import hub_file
 
 TASKS = ("humaneval", "mbpp")
@@ -87,26 +87,14 @@ def download_mbpp(split: str = "test") -> Path:
 def load_mbpp(path: str | Path | None = None, split: str = "test") -> list[dict]:
     """MBPP sanitized: rows {task_id, prompt (the task text), code, test_imports, test_list}, read
     from `path` (JSONL) or downloaded (`split`). Problems keep the task's text and tests too."""
-    path = Path(path) if path else download_mbpp(split)
-    if not path.is_file():
-        raise NanocodeError(f"MBPP file not found: {path}")
-    problems = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    path, problems = path or download_mbpp(split), []
+    for where, r in read_jsonl(path, "MBPP file"):
         try:
-            r = json.loads(line)
-            text, code, tests, imports = (
-                r["prompt"],
-                r["code"],
-                list(r["test_list"]),
-                list(r.get("test_imports") or []),
-            )
-            task_id = f"Mbpp/{r['task_id']}"
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise NanocodeError(
-                f"{path}:{i}: not an MBPP sanitized row ({type(e).__name__}: {e})"
-            ) from None
+            text, code, tests = r["prompt"], r["code"], list(r["test_list"])
+            imports, task_id = list(r.get("test_imports") or []), f"Mbpp/{r['task_id']}"
+        except (KeyError, TypeError) as e:
+            reason = f"{type(e).__name__}: {e}"
+            raise NanocodeError(f"{where}: not an MBPP sanitized row ({reason})") from None
         prompt = f'"""\n{text}\n{tests[0]}\n"""\n' if tests else f'"""\n{text}\n"""\n'
         problems.append(
             {
@@ -161,19 +149,14 @@ def code_from_calls(calls: list[dict]) -> str | None:
     files, last = {}, None
     for c in calls:
         args = c.get("arguments") or {}
-        path = args.get("path")
+        path, old, new = args.get("path"), args.get("old_string"), args.get("new_string")
         if not isinstance(path, str):
             continue
         if c.get("name") == "write_file" and isinstance(args.get("content"), str):
             files[path], last = args["content"], path
-        elif (
-            c.get("name") == "edit_file"
-            and path in files
-            and isinstance(args.get("old_string"), str)
-            and isinstance(args.get("new_string"), str)
-            and args["old_string"] in files[path]
-        ):
-            files[path], last = files[path].replace(args["old_string"], args["new_string"], 1), path
+        elif c.get("name") == "edit_file" and isinstance(old, str) and isinstance(new, str):
+            if path in files and old in files[path]:
+                files[path], last = files[path].replace(old, new, 1), path
     return None if last is None else files[last]
 
 
@@ -209,11 +192,8 @@ def chat_completion(problem: dict, reply) -> str:
     solution). A reply that defines the whole function simply redefines the prompt's stub (the
     prompt's imports stay); one that gives only the body continues the prompt."""
     code = extract_code(reply)
-    if re.search(r"^(def|class|import|from)\s", code, re.MULTILINE) or problem[
-        "task_id"
-    ].startswith("Mbpp/"):
-        return "\n" + code
-    return code
+    whole = re.search(r"^(def|class|import|from)\s", code, re.MULTILINE)
+    return "\n" + code if whole or problem["task_id"].startswith("Mbpp/") else code
 
 
 def program(problem: dict, completion: str) -> str:

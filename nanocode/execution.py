@@ -152,20 +152,13 @@ def run_program(
     argv = [sys.executable, "-I", "-c", _CHILD, scratch, *map(str, limits), *flags]
     try:
         Path(scratch, "program.py").write_text(program, "utf-8", errors="backslashreplace")
+        env, mode = sb.sandbox_env(scratch), "workspace-write" if sandbox else "off"
         rc, (out, err), reason, leftover = sb.run(
-            argv,
-            scratch,
-            sb.sandbox_env(scratch),
-            timeout,
-            "workspace-write" if sandbox else "off",
-            network,
-            nproc,
-            max_output=max_output,
+            argv, scratch, env, timeout, mode, network, nproc, max_output=max_output
         )
     except OSError as e:  # out of processes or file descriptors: this sample fails, the rest go on
-        return Result(
-            False, f"failed: could not start the sandbox ({e})", "", "", time.monotonic() - t0
-        )
+        status = f"failed: could not start the sandbox ({e})"
+        return Result(False, status, "", "", time.monotonic() - t0)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     stdout, stderr = (b.decode("utf-8", errors="replace")[-tail:] for b in (out, err))

@@ -96,10 +96,9 @@ def load_exported(directory, device="cpu"):
         model_config = config["model_config"]
     except (ValueError, KeyError, TypeError) as e:
         raise NanocodeError(f"bad {path}: {type(e).__name__}: {e}") from None
-    state = load_weights(path.with_name(WEIGHTS_FILE), device)
-    try:
-        model = model_from_state(model_config, state, device)
+    weights = path.with_name(WEIGHTS_FILE)
+    try:  # a bad weights file raises load_weights' own NanocodeError, not caught here
+        model = model_from_state(model_config, load_weights(weights, device), device)
     except RuntimeError as e:
-        weights = path.parent / WEIGHTS_FILE
         raise NanocodeError(f"{weights} does not match its {CONFIG_FILE}: {e}") from None
     return model, Tokenizer.load(directory), config

@@ -141,9 +141,8 @@ def program_tasks(
     for (request, (_, argv)), r, again in zip(cands.items(), results, results[len(progs) :]):
         if r.passed and again.passed and r.stdout.strip() and r.stdout == again.stdout:
             check = {"type": "stdout", "expected": r.stdout, **({"argv": argv} if argv else {})}
-            tasks.append(
-                _task(f"programs/{zlib.crc32(request.encode()):08x}", "programs", request, check)
-            )
+            task_id = f"programs/{zlib.crc32(request.encode()):08x}"
+            tasks.append(_task(task_id, "programs", request, check))
     return tasks
 
 
@@ -315,13 +314,8 @@ def written_code(message: dict) -> str | None:
     """The code the reply wrote: the final content of the last .py file it wrote (write_file) or
     edited (edit_file), None if none (code_tasks.code_from_calls)."""
     parts = message["content"] if isinstance(message["content"], list) else []
-    return code_from_calls(
-        [
-            p
-            for p in parts
-            if p["type"] == "tool_call" and str(p["arguments"].get("path", "")).endswith(".py")
-        ]
-    )
+    calls = [p for p in parts if p["type"] == "tool_call"]
+    return code_from_calls([c for c in calls if str(c["arguments"].get("path")).endswith(".py")])
 
 
 def verify_program(task: dict, code: str) -> str:

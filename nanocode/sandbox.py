@@ -27,6 +27,7 @@ scratch dir and execution.py's Python guard; for bash rlimits and the session ki
 warning is printed once.
 """
 
+import contextlib
 import functools
 import itertools
 import os
@@ -152,13 +153,12 @@ def warn_unavailable(reason: str):
             return
         _warned = True
     bar = "!" * 78
-    print(
+    message = (
         f"{bar}\nWARNING: no sandbox: {reason}.\nCommands and evaluated programs run WITHOUT "
         "isolation (only rlimits and a scratch dir):\nthey can read your files, reach the network "
-        f"and see other processes.\n{bar}",
-        file=sys.stderr,
-        flush=True,
+        f"and see other processes.\n{bar}"
     )
+    print(message, file=sys.stderr, flush=True)
 
 
 # ---- the pids cgroup (a cap on processes that holds for root too) ----
@@ -232,10 +232,8 @@ def _read(path: str) -> str:
 
 
 def _kill(pid: int):
-    try:
+    with contextlib.suppress(OSError):  # gone already, or not ours
         os.kill(pid, signal.SIGKILL)
-    except OSError:  # gone already, or not ours
-        pass
 
 
 def session_members(sid: int) -> list[int]:
@@ -254,10 +252,8 @@ def kill_session(sid: int, rounds: int = 100) -> list[int]:
     ones between the scan and the kill, hence the rounds). Returns the pids still alive after all
     rounds."""
     for _ in range(rounds):
-        try:
-            os.killpg(sid, signal.SIGKILL)  # the session leader's group: most of them in one call
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # the session leader's group: most of them at once
+            os.killpg(sid, signal.SIGKILL)
         pids = session_members(sid)
         if not pids:
             return []
@@ -402,6 +398,4 @@ def run_command(
         flood_kills=False,
     )
     timed_out = reason == "timed out"
-    return CommandResult(
-        None if timed_out else rc, out.decode("utf-8", errors="replace"), timed_out
-    )
+    return CommandResult(None if timed_out else rc, out.decode(errors="replace"), timed_out)

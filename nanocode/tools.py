@@ -92,9 +92,8 @@ def validate_tool_call(obj, tools: dict | None = None) -> str | None:
     tools = TOOLS if tools is None else tools
     if not isinstance(obj, dict):
         return f"a tool call must be a JSON object, got {type(obj).__name__}"
-    if set(obj) - {"name", "arguments"}:
-        extra = ", ".join(sorted(set(obj) - {"name", "arguments"}))
-        return f"unknown key(s) in tool call: {extra} (expected name and arguments)"
+    if extra := sorted(set(obj) - {"name", "arguments"}):
+        return f"unknown key(s) in tool call: {', '.join(extra)} (expected name and arguments)"
     name, args = obj.get("name"), obj.get("arguments")
     if not isinstance(name, str):
         return "tool call has no string 'name'"
