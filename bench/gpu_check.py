@@ -248,17 +248,6 @@ def step_resume(ctx):
     return after <= tol, detail
 
 
-class StubTokenizer:
-    """What Engine needs: the special tokens' ids (0-11, as in nanocode.tokenizer)."""
-
-    bos_id = 0
-
-    def special_id(self, name):
-        from nanocode.tokenizer import SPECIAL_TOKENS
-
-        return SPECIAL_TOKENS.index(name)
-
-
 def step_generation(ctx):
     """A tiny model trained (CPU, fp32) until it has memorized one sequence, so its greedy choices
     have wide margins; then Engine.generate (KV cache) on the CPU with the reference kernels and on
@@ -268,7 +257,10 @@ def step_generation(ctx):
     from bench.mfu import kernel_choice
     from nanocode.engine import Engine
     from nanocode.gpt import GPTConfig, build_model
+    from nanocode.tokenizer import SPECIAL_TOKENS
 
+    # what Engine needs of a tokenizer: the special tokens' ids (0-11, as in nanocode.tokenizer)
+    tokenizer = SimpleNamespace(bos_id=0, special_id=SPECIAL_TOKENS.index)
     vocab, T = 97, 64
     seq = torch.randint(12, vocab, (T + 1,), generator=torch.Generator().manual_seed(0))
     prompt, n = seq[:8].tolist(), 16 if ctx.smoke else 48
@@ -282,10 +274,10 @@ def step_generation(ctx):
             for o in opts:
                 o.step()
             model.zero_grad(set_to_none=True)
-        engine = Engine(model.eval(), StubTokenizer())
+        engine = Engine(model.eval(), tokenizer)
         cpu_out = engine.generate_batch(prompt, max_tokens=n, temperature=0.0)[0]
     with kernel_choice(""):
-        engine = Engine(model.to(ctx.device), StubTokenizer())
+        engine = Engine(model.to(ctx.device), tokenizer)
         dev_out = engine.generate_batch(prompt, max_tokens=n, temperature=0.0)[0]
     memorized = sum(int(a == b) for a, b in zip(cpu_out, seq[8 : 8 + n].tolist()))
     same = cpu_out == dev_out
