@@ -316,9 +316,8 @@ def main(argv=None):
     from bench.kernels import markdown, results_dir
     from nanocode.common import NanocodeError
 
-    for s in steps:
-        if s not in STEPS:
-            raise NanocodeError(f"unknown step {s!r}: choose from {', '.join(STEPS)}")
+    if unknown := [s for s in steps if s not in STEPS]:
+        raise NanocodeError(f"unknown step {unknown[0]!r}: choose from {', '.join(STEPS)}")
     ctx = SimpleNamespace(smoke=args.cpu_smoke, device=torch.device("cpu"), name="cpu-smoke")
     python = sys.version.split()[0]
     header = f"torch {torch.__version__}, triton {triton.__version__}, python {python}"
