@@ -102,17 +102,14 @@ def mlp_errors(x, w_fc, w_proj, dy):
 
 
 def matmuls(x, w, dy):
-    """(y, dx, dw) in fp32, from bf16 operands, and from fp8_linear as a GPU run calls it."""
+    """Per matmul (y, dx, dw): (fp32, from bf16 operands, from fp8_linear as a GPU run calls it)."""
     xb, wb, dyb = x.bfloat16(), w.bfloat16(), dy.bfloat16()
     x8, w8 = x.clone().requires_grad_(), w.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y8 = fp8_linear(x8, w8)
     y8.backward(dyb)
-    return {
-        "fp32": (x @ w.T, dy @ w, dy.T @ x),
-        "bf16": (xb @ wb.T, dyb @ wb, dyb.T @ xb),
-        "fp8": (y8, x8.grad, w8.grad),
-    }
+    fp32, bf16 = (x @ w.T, dy @ w, dy.T @ x), (xb @ wb.T, dyb @ wb, dyb.T @ xb)
+    return list(zip(fp32, bf16, (y8, x8.grad, w8.grad)))
 
 
 def rel(got, ref):
@@ -141,13 +138,11 @@ def write_section(path, section):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tag", default=None, help="base checkpoint tag (default: the latest)")
-    parser.add_argument(
-        "--batch", type=int, default=4, help="validation rows of the model's context"
-    )
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tag", default=None, help="base checkpoint tag (default: the latest)")
+    p.add_argument("--batch", type=int, default=4, help="validation rows of the model's context")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
     torch.manual_seed(0)
     model, tokenizer, meta = load_model("base", "cpu", args.tag)
     T = model.config.sequence_len
@@ -179,18 +174,13 @@ def main():
     with kernel_choice("torch"):  # the model in fp32 on the references
         linears, mlps = capture(model, idx, targets)
     for name, x, w, dy in linears:
-        out = matmuls(x, w, dy)
         errs = []
-        for i in range(3):
-            fp32, bf16, fp8 = out["fp32"][i], out["bf16"][i], out["fp8"][i]
+        for fp32, bf16, fp8 in matmuls(x, w, dy):
             errs += [rel(fp8, fp32), rel(fp8, bf16), rel(bf16, fp32)]
         shape = f"{x.size(0)} x {x.size(1)} x {w.size(0)}"
         lines.append(f"| {name} | {shape} | " + " | ".join(f"{e:.4f}" for e in errs) + " |")
-        expected = [
-            predicted(x, w.T, 2.0**-4),
-            predicted(dy, w, 2.0**-3),
-            predicted(dy.T, x, 2.0**-3),
-        ]
+        e4m3, e5m2 = 2.0**-4, 2.0**-3  # the unit roundoff of each operand's format
+        expected = [predicted(x, w.T, e4m3), predicted(dy, w, e5m2), predicted(dy.T, x, e5m2)]
         cells = [f"{crest(t):.1f}" for t in (x, w, dy)]
         cells += [f"{v:.4f}" for i in range(3) for v in (errs[3 * i], expected[i])]
         model_check.append(f"| {name} | " + " | ".join(cells) + " |")

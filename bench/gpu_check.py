@@ -38,10 +38,14 @@ import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["rope_qknorm", "relu2_mlp", "softcap_ce", "newton_schulz", "kernel_configs", "fp8"]
 SMOKE_KERNEL_TESTS = "dispatch or bad_inputs or input_errors or small_shapes or every_config"
+# bench.mfu's flags in the smoke run: a depth-1 model on the CPU, one step
+SMOKE_MFU = "--device cpu --depth 1 --seq-len 32 --device-batch-size 2 --vocab-size 97 --warmup 1 "
+SMOKE_MFU += "--steps 1"
 
 
 def get_args(argv=None):
@@ -68,28 +72,21 @@ def run_logged(cmd, log, env=None, timeout=900):
 def step_kernel_tests(ctx):
     import pytest
 
-    class Count:  # a pytest plugin counting the outcomes
-        def __init__(self):
-            self.n = collections.Counter()
+    n = collections.Counter()
 
+    class Count:  # a pytest plugin counting the outcomes
         def pytest_runtest_logreport(self, report):
             if report.when == "call" or report.outcome != "passed":
-                self.n[report.outcome] += 1
+                n[report.outcome] += 1
 
     names = [f"tests/test_{name}.py" for name in KERNEL_TESTS]
     files = [f for f in names if (REPO / f).exists()]
     args = [*files, "-q", "-p", "no:cacheprovider", "-rfE", "-o", "addopts="]
     args += ["-k", SMOKE_KERNEL_TESTS] if ctx.smoke else []
-    saved, count = dict(os.environ), Count()
-    try:
-        code = pytest.main(args, plugins=[count])
-    finally:  # the tests' conftest sets NANOCODE_BASE_DIR and NANOCODE_KERNELS for itself
-        os.environ.clear()
-        os.environ.update(saved)
-    n = count.n
-    detail = (
-        f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped in {len(files)} files"
-    )
+    with mock.patch.dict(os.environ):  # the tests' conftest sets NANOCODE_BASE_DIR and _KERNELS
+        code = pytest.main(args, plugins=[Count()])
+    counts = ", ".join(f"{n[outcome]} {outcome}" for outcome in ("passed", "failed", "skipped"))
+    detail = f"{counts} in {len(files)} files"
     missing = [Path(f).name for f in names if f not in files]
     detail += f" (not in this checkout: {', '.join(missing)})" if missing else ""
     return code == 0 and n["failed"] == 0 and n["passed"] > 0, detail
@@ -138,18 +135,16 @@ def step_inductor_ab(ctx):
 def step_bench_kernels(ctx):
     flags = "--device cpu --tiny --cases rope,relu2_mlp_fp8" if ctx.smoke else "--cases d12 --save"
     code = run_logged([sys.executable, "-m", "bench.kernels", *flags.split()], ctx.log)
-    where = "" if ctx.smoke else f"; saved bench/results/{ctx.slug}/kernels.{{json,md}}"
+    where = "" if ctx.smoke else f"; saved {ctx.results.relative_to(REPO)}/kernels.{{json,md}}"
     return code == 0, f"exit {code}{where}"
 
 
 def step_bench_mfu(ctx):
     flags = "--depth 12 --warmup 3 --steps 5 --variants triton,compile --save"
-    if ctx.smoke:
-        flags = "--device cpu --depth 1 --seq-len 32 --device-batch-size 2 --vocab-size 97 "
-        flags += "--warmup 1 --steps 1 --variants eager"
+    flags = SMOKE_MFU + " --variants eager" if ctx.smoke else flags
     code = run_logged([sys.executable, "-m", "bench.mfu", *flags.split()], ctx.log)
     detail = f"exit {code}"
-    result = REPO / "bench" / "results" / ctx.slug / "mfu_d12.json"
+    result = ctx.results / "mfu_d12.json"
     if not ctx.smoke and code == 0 and result.exists():
         rows = json.loads(result.read_text())["rows"]
         cells = [r.get("error") or f"{r['tok_per_s']:,.0f} tok/s" for r in rows]
@@ -169,10 +164,7 @@ def step_fp8(ctx):
     ok, why = fp8_supported(ctx.device)
     if not ok:
         return True, f"skipped: {why}"
-    flags = "--depth 12 --warmup 3 --steps 5"
-    if ctx.smoke:
-        flags = "--device cpu --depth 1 --seq-len 32 --device-batch-size 2 --vocab-size 97 "
-        flags += "--warmup 1 --steps 1"
+    flags = SMOKE_MFU if ctx.smoke else "--depth 12 --warmup 3 --steps 5"
     args = get_args([*flags.split(), "--variants", "triton,fp8"])
     config = GPTConfig.from_depth(args.depth, args.vocab_size, args.seq_len)
     with torch.device("meta"):
@@ -206,7 +198,6 @@ def step_resume(ctx):
     from nanocode.checkpoint import checkpoint_dir, load_meta
 
     base = ctx.work / "resume"
-    saved_base = os.environ.get("NANOCODE_BASE_DIR")
     shape = "--depth 12 --max-seq-len 1024 --device-batch-size 16 --total-batch-size 16384 "
     shape += "--eval-tokens 16384"
     if ctx.smoke:
@@ -217,7 +208,7 @@ def step_resume(ctx):
     env = dict(os.environ, NANOCODE_BASE_DIR=str(base))
     if ctx.smoke:  # interpreted Triton kernels would take seconds per step; other steps run them
         env["NANOCODE_KERNELS"] = "torch"
-    try:
+    with mock.patch.dict(os.environ):  # prepare_corpus sets NANOCODE_BASE_DIR in this process
         prepare_corpus(base, 300 if ctx.smoke else 4096)
         code = run_logged(args + ["--model-tag", "straight"], ctx.log, env)
         if code:
@@ -241,10 +232,6 @@ def step_resume(ctx):
             return False, f"the resumed run failed (exit {code})"
         a = dict(load_meta(checkpoint_dir("base", "straight"))["curves"]["loss"])
         b = dict(load_meta(checkpoint_dir("base", "resumed"))["curves"]["loss"])
-    finally:
-        os.environ.pop("NANOCODE_BASE_DIR", None)
-        if saved_base is not None:
-            os.environ["NANOCODE_BASE_DIR"] = saved_base
     if sorted(a) != list(range(1, 21)) or sorted(b) != list(range(1, 21)):
         return False, f"loss curves cover steps {sorted(a)} and {sorted(b)}, not 1..20"
     before = max(abs(a[s] - b[s]) for s in range(1, 11))  # two fresh runs: the run-to-run noise
@@ -261,17 +248,6 @@ def step_resume(ctx):
     return after <= tol, detail
 
 
-class StubTokenizer:
-    """What Engine needs: the special tokens' ids (0-11, as in nanocode.tokenizer)."""
-
-    bos_id = 0
-
-    def special_id(self, name):
-        from nanocode.tokenizer import SPECIAL_TOKENS
-
-        return SPECIAL_TOKENS.index(name)
-
-
 def step_generation(ctx):
     """A tiny model trained (CPU, fp32) until it has memorized one sequence, so its greedy choices
     have wide margins; then Engine.generate (KV cache) on the CPU with the reference kernels and on
@@ -281,7 +257,10 @@ def step_generation(ctx):
     from bench.mfu import kernel_choice
     from nanocode.engine import Engine
     from nanocode.gpt import GPTConfig, build_model
+    from nanocode.tokenizer import SPECIAL_TOKENS
 
+    # what Engine needs of a tokenizer: the special tokens' ids (0-11, as in nanocode.tokenizer)
+    tokenizer = SimpleNamespace(bos_id=0, special_id=SPECIAL_TOKENS.index)
     vocab, T = 97, 64
     seq = torch.randint(12, vocab, (T + 1,), generator=torch.Generator().manual_seed(0))
     prompt, n = seq[:8].tolist(), 16 if ctx.smoke else 48
@@ -295,10 +274,10 @@ def step_generation(ctx):
             for o in opts:
                 o.step()
             model.zero_grad(set_to_none=True)
-        engine = Engine(model.eval(), StubTokenizer())
+        engine = Engine(model.eval(), tokenizer)
         cpu_out = engine.generate_batch(prompt, max_tokens=n, temperature=0.0)[0]
     with kernel_choice(""):
-        engine = Engine(model.to(ctx.device), StubTokenizer())
+        engine = Engine(model.to(ctx.device), tokenizer)
         dev_out = engine.generate_batch(prompt, max_tokens=n, temperature=0.0)[0]
     memorized = sum(int(a == b) for a, b in zip(cpu_out, seq[8 : 8 + n].tolist()))
     same = cpu_out == dev_out
@@ -334,15 +313,14 @@ def main(argv=None):
     import torch
     import triton
 
+    from bench.kernels import markdown, results_dir
     from nanocode.common import NanocodeError
 
-    for s in steps:
-        if s not in STEPS:
-            raise NanocodeError(f"unknown step {s!r}: choose from {', '.join(STEPS)}")
+    if unknown := [s for s in steps if s not in STEPS]:
+        raise NanocodeError(f"unknown step {unknown[0]!r}: choose from {', '.join(STEPS)}")
     ctx = SimpleNamespace(smoke=args.cpu_smoke, device=torch.device("cpu"), name="cpu-smoke")
-    header = (
-        f"torch {torch.__version__}, triton {triton.__version__}, python {sys.version.split()[0]}"
-    )
+    python = sys.version.split()[0]
+    header = f"torch {torch.__version__}, triton {triton.__version__}, python {python}"
     if not ctx.smoke:
         if not torch.cuda.is_available():
             raise NanocodeError(
@@ -354,10 +332,8 @@ def main(argv=None):
         capability = ".".join(map(str, torch.cuda.get_device_capability()))
         header += f", CUDA {torch.version.cuda}, capability {capability}"
     header = f"{ctx.name}, {header}"
-    # the results dir as bench.kernels and bench.mfu name it
-    ctx.slug = re.sub(r"[^a-z0-9]+", "-", ctx.name.lower()).strip("-")
-    out = REPO / "bench" / "results" / ctx.slug
-    out = Path(args.out or (tempfile.mkdtemp(prefix="gpu_check-") if ctx.smoke else out))
+    ctx.results = results_dir(ctx.name)  # where bench.kernels and bench.mfu --save write
+    out = Path(args.out or (tempfile.mkdtemp(prefix="gpu_check-") if ctx.smoke else ctx.results))
     out.mkdir(parents=True, exist_ok=True)
     ctx.work = Path(tempfile.mkdtemp(prefix="gpu_check-work-"))
     ctx.log = out / "gpu_check.log"
@@ -376,17 +352,15 @@ def main(argv=None):
             with open(ctx.log, "a") as f:
                 traceback.print_exc(file=f)
             ok, detail = False, f"{type(e).__name__}: {str(e)[:300]}".splitlines()[0]
-        rows.append(dict(step=name, ok=ok, seconds=round(time.time() - t0, 1), detail=detail))
-        print(
-            f"{name}: {'PASS' if ok else 'FAIL'} ({rows[-1]['seconds']:.0f}s) {detail}", flush=True
-        )
+        seconds = round(time.time() - t0, 1)
+        rows.append(dict(step=name, ok=ok, seconds=seconds, detail=detail))
+        print(f"{name}: {'PASS' if ok else 'FAIL'} ({seconds:.0f}s) {detail}", flush=True)
     total = time.time() - t_all
 
-    table = ["| step | result | seconds | detail |", "|---|---|---|---|"]
-    for r in rows:
-        result = "PASS" if r["ok"] else "FAIL"
-        table.append(f"| {r['step']} | {result} | {r['seconds']:.0f} | {r['detail']} |")
-    table = "\n".join(table)
+    cells = [
+        (r["step"], "PASS" if r["ok"] else "FAIL", f"{r['seconds']:.0f}", r["detail"]) for r in rows
+    ]
+    table = markdown(["step", "result", "seconds", "detail"], cells)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     summary = dict(device=ctx.name, header=header, date=date, total_s=round(total, 1), rows=rows)
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -84,9 +84,8 @@ def heap_mb() -> float:
 
 
 def tokenizer_for(vocab: int) -> Tokenizer:
-    texts = [
-        p.read_text(errors="replace") for p in sorted(Path(torch.__file__).parent.rglob("*.py"))
-    ]
+    paths = sorted(Path(torch.__file__).parent.rglob("*.py"))
+    texts = [p.read_text(errors="replace") for p in paths]
     sizes = list(itertools.accumulate(map(len, texts)))  # the same first 30 MB for each vocab
     return Tokenizer.train(texts[: bisect.bisect(sizes, 30e6)], vocab_size=vocab)
 

@@ -37,7 +37,7 @@ import statistics
 import time
 import timeit
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -127,11 +127,10 @@ def relu2_mlp_fp8_case(device, dtype, M, C):
     relu² in PyTorch, torch._scaled_mm. Rates against the FP8 matmul ceiling."""
     import nanocode.fp8 as fp8
 
-    mlp, H = importlib.import_module("kernels.relu2_mlp"), 4 * C
-    case = relu2_mlp_case(device, dtype, M, C)
-    fns = fp8.fp8_relu2_mlp, fp8.fp8_relu2_mlp_unfused, None
-    floor = mlp.relu2_mlp_floor(M, C, H)
-    return Case("relu2_mlp_fp8", case.shape, case.make_inputs, *fns, "FP8 TFLOP/s", floor)
+    fns = dict(triton=fp8.fp8_relu2_mlp, reference=fp8.fp8_relu2_mlp_unfused)
+    return replace(
+        relu2_mlp_case(device, dtype, M, C), name="relu2_mlp_fp8", unit="FP8 TFLOP/s", **fns
+    )
 
 
 def softcap_ce_case(device, dtype, N, V):
@@ -181,15 +180,12 @@ def newton_schulz_case(device, dtype, L, C):
     def make_inputs():
         return [torch.randn(*s, device=device) for s in stacks]
 
-    def triton_fn(*Gs):
-        return tuple(ns.newton_schulz_triton(G, 5, dtype) for G in Gs)
-
-    def reference_fn(*Gs):
-        return tuple(ns.newton_schulz_reference(G, 5, dtype) for G in Gs)
+    def on_each(newton_schulz):  # 5 iterations on every stack
+        return lambda *Gs: tuple(newton_schulz(G, 5, dtype) for G in Gs)
 
     floor = {"fwd": sum(ns.newton_schulz_floor(*s)["fwd"] for s in stacks)}
     shape = " + ".join(f"({b},{m},{n})" for b, m, n in stacks)
-    fns = triton_fn, reference_fn, None
+    fns = on_each(ns.newton_schulz_triton), on_each(ns.newton_schulz_reference), None
     return Case("newton_schulz", shape, make_inputs, *fns, "TFLOP/s", floor)
 
 
@@ -261,20 +257,17 @@ def measure_ceilings(device, tiny):
     return out
 
 
-def implementations(case):
-    impls = {"ours": case.triton, "liger": case.liger, "eager": case.reference}
-    impls["compile"] = torch.compile(case.reference, dynamic=False)  # static shapes, as in training
-    return {name: fn for name, fn in impls.items() if fn is not None}
-
-
 def run_case(case, device):
     """Time every (pass, impl) of one case; returns rows {case, shape, pass_, impl, ms, rate, unit}
     (rate: the docstring floor over this impl's time, so the impls compare on the same work),
     and for the CE cases on CUDA the peak memory of one forward+backward (peak_mib)."""
     print(f"running {case.name} ({case.shape}) ...", flush=True)
     args, rows = case.make_inputs(), []
+    impls = {"ours": case.triton, "liger": case.liger, "eager": case.reference}
+    impls["compile"] = torch.compile(case.reference, dynamic=False)  # static shapes, as in training
+    impls = {name: fn for name, fn in impls.items() if fn is not None}  # Liger: where it has one
     for pass_ in case.floor:
-        for impl, fn in implementations(case).items():
+        for impl, fn in impls.items():
             try:
                 ms = median_ms(step := make_step(fn, args, pass_), device)
             except Exception as e:  # noqa: BLE001 (one failing impl should not hide the others)
@@ -300,6 +293,12 @@ def peak_mib(step):
     step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def results_dir(device_name):
+    """bench/results/<device name as a slug>: where --save writes (bench.kernels, bench.mfu)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    return Path(__file__).resolve().parent / "results" / slug
 
 
 def markdown(head, rows):
@@ -381,8 +380,7 @@ def main():
         table += "\n\nPeak memory of the cross-entropy variants:\n\n" + memory
     print(table)
     if args.save:
-        slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-        out = Path(__file__).resolve().parent / "results" / slug
+        out = results_dir(device_name)
         out.mkdir(parents=True, exist_ok=True)
         meta = dict(device=device_name, summary=summary, tiny=args.tiny, ceilings=ceilings)
         (out / "kernels.json").write_text(json.dumps(dict(meta, rows=rows)))

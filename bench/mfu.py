@@ -26,13 +26,12 @@ import gc
 import json
 import os
 import platform
-import re
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
+from bench.kernels import markdown, measure_ceilings, results_dir
 from nanocode.common import NanocodeError, autocast, nvtx_range, peak_bf16_flops, run_main
 from nanocode.gpt import GPT, GPTConfig, build_model
 
@@ -153,18 +152,13 @@ def time_variant(name, args, device):
         elapsed = time.perf_counter() - t0
     if not torch.isfinite(loss):
         raise NanocodeError(f"variant {name}: the loss is {loss.item()} (not finite)")
+    tokens = args.device_batch_size * args.seq_len * args.steps
+    r = dict(variant=name, kernels=impl or "triton", compile=use_compile)
+    r.update(ms_per_step=1e3 * elapsed / args.steps, tok_per_s=tokens / elapsed, warmup_s=warmup_s)
+    r.update(loss=loss.item(), num_params=model.num_params())
     cuda = device.type == "cuda"
-    return dict(
-        variant=name,
-        kernels=impl or "triton",
-        compile=use_compile,
-        ms_per_step=1e3 * elapsed / args.steps,
-        tok_per_s=args.device_batch_size * args.seq_len * args.steps / elapsed,
-        warmup_s=warmup_s,
-        loss=loss.item(),
-        num_params=model.num_params(),
-        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-    )
+    r.update(peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
+    return r
 
 
 def fmt(v, f, missing="n/a"):
@@ -173,29 +167,24 @@ def fmt(v, f, missing="n/a"):
 
 def format_table(rows, flops_per_token, nominal, measured):
     """A markdown table of the timed variants, MFU against both peaks (TFLOP/s, None: n/a)."""
+    peaks = dict(nominal=nominal, measured=measured)
     head = ["variant", "kernels", "compiled", "ms/step", "tok/s"]
-    head += [
-        f"MFU (nominal {fmt(nominal, '{:.0f}')} TF)",
-        f"MFU (measured {fmt(measured, '{:.0f}')} TF)",
-    ]
+    head += [f"MFU ({k} {fmt(v, '{:.0f}')} TF)" for k, v in peaks.items()]
     head += ["peak mem GiB", "vs compile"]
     ok = [r for r in rows if "error" not in r]
     ref = next((r["tok_per_s"] for r in ok if r["variant"] == "compile"), None)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | " + "- | " * (len(head) - 2) + f"{r['error']} |")
+            lines.append([r["variant"], *["-"] * (len(head) - 2), r["error"]])
             continue
         flops = flops_per_token * r["tok_per_s"] / 1e12
         cells = [r["variant"], r["kernels"], "yes" if r["compile"] else "no"]
         cells += [f"{r['ms_per_step']:.1f}", f"{r['tok_per_s']:,.0f}"]
-        cells += [fmt(peak and 100 * flops / peak, "{:.1f}%") for peak in (nominal, measured)]
-        cells += [
-            fmt(r["peak_mem_gib"], "{:.1f}"),
-            fmt(ref and r["tok_per_s"] / ref, "{:.2f}x", "-"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells += [fmt(peak and 100 * flops / peak, "{:.1f}%") for peak in peaks.values()]
+        cells += [fmt(r["peak_mem_gib"], "{:.1f}")]
+        lines.append(cells + [fmt(ref and r["tok_per_s"] / ref, "{:.2f}x", "-")])
+    return markdown(head, lines)
 
 
 def main(argv=None):
@@ -205,8 +194,6 @@ def main(argv=None):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as compute_init does
         device_name = torch.cuda.get_device_name(device)
-        from bench.kernels import measure_ceilings
-
         measured = measure_ceilings("cuda", tiny=False)["TFLOP/s"]
         nominal = (peak_bf16_flops(device_name) or 0) / 1e12 or None
     else:
@@ -240,8 +227,7 @@ def main(argv=None):
     if args.save:
         import triton
 
-        slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-        out = Path(__file__).resolve().parent / "results" / slug
+        out = results_dir(device_name)
         out.mkdir(parents=True, exist_ok=True)
         date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         versions = dict(device=device_name, torch=torch.__version__, triton=triton.__version__)

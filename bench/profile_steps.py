@@ -14,6 +14,7 @@ steps (compilation, autotuning) come first; the per-op table has --rows rows.
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -56,14 +57,13 @@ def main(argv=None):
                 step(args.warmup + i)
             sync(device)
 
-    out = os.path.abspath(args.out) if args.out else str(get_base_dir() / "profile")
-    os.makedirs(out, exist_ok=True)
+    out = Path(os.path.abspath(args.out)) if args.out else get_base_dir() / "profile"
+    out.mkdir(parents=True, exist_ok=True)
     name = f"d{args.depth}_{device.type}"
-    prof.export_chrome_trace(os.path.join(out, f"trace_{name}.json.gz"))
+    prof.export_chrome_trace(str(out / f"trace_{name}.json.gz"))
     sort_by = f"self_{device.type}_time_total"  # self_cuda_time_total or self_cpu_time_total
     table = prof.key_averages().table(sort_by=sort_by, row_limit=args.rows)
-    with open(os.path.join(out, f"ops_{name}.txt"), "w") as f:
-        f.write(table + "\n")
+    (out / f"ops_{name}.txt").write_text(table + "\n")
     print(table)
     print(f"chrome trace: {out}/trace_{name}.json.gz (open in https://ui.perfetto.dev)")
     print(f"per-op table: {out}/ops_{name}.txt")

@@ -129,22 +129,15 @@ def run_result(name, seed, args):
     except NanocodeError as e:  # a run that never finished has no checkpoint or eval log
         print(f"{name} seed {seed}: no result ({e})")
         return None
-    values = {k: [v for _, v in points] for k, points in c.items()}
-    step_s = sum(values["step_s"])
-    return dict(
-        row=name,
-        seed=seed,
-        flags=ROWS[name].split(),
-        pass_at_1=evals,
-        mean=statistics.mean(evals),
-        reward=values["reward"],
-        pass_rate=values["pass_rate"],
-        malformed=values["malformed_call"],
-        step_seconds=round(step_s),
-        sampling_share=sum(values["sample_s"]) / step_s,
-        verifying_share=sum(values["verify_s"]) / step_s,
-        completions_per_s=statistics.median(values["completions_per_s"]),
-    )
+    curve = {k: [v for _, v in points] for k, points in c.items()}
+    step_s = sum(curve["step_s"])
+    r = dict(row=name, seed=seed, flags=ROWS[name].split(), pass_at_1=evals)
+    r.update(mean=statistics.mean(evals), reward=curve["reward"], pass_rate=curve["pass_rate"])
+    r.update(malformed=curve["malformed_call"], step_seconds=round(step_s))
+    r.update(sampling_share=sum(curve["sample_s"]) / step_s)
+    r.update(verifying_share=sum(curve["verify_s"]) / step_s)
+    r.update(completions_per_s=statistics.median(curve["completions_per_s"]))
+    return r
 
 
 def sd(xs):
@@ -155,13 +148,10 @@ def write(before, runs, args, wall):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count()
-    info = dict(
-        shared=SHARED, eval_seeds=args.eval_seeds, seeds=args.seeds, wall_seconds=round(wall)
-    )
-    info.update(cpus=cpus, load_average=os.getloadavg())
-    (out / "rl_ab.json").write_text(
-        json.dumps(dict(setup=info, before=before, runs=runs), indent=1)
-    )
+    info = dict(shared=SHARED, eval_seeds=args.eval_seeds, seeds=args.seeds)
+    info.update(wall_seconds=round(wall), cpus=cpus, load_average=os.getloadavg())
+    result = json.dumps(dict(setup=info, before=before, runs=runs), indent=1)
+    (out / "rl_ab.json").write_text(result)
     b_mean, b_sd = statistics.mean(before), sd(before)
     se = b_sd / len(before) ** 0.5
     command = " ".join(a for a in sys.argv[1:] if a != "--collect")
@@ -195,10 +185,8 @@ def write(before, runs, args, wall):
     names = list(dict.fromkeys(r["row"] for r in runs))
     for name in names:
         means = [r["mean"] for r in runs if r["row"] == name]
-        mean = statistics.mean(means)
-        lines.append(
-            f"| {name} | {len(means)} | {mean:.4f} | {mean - b_mean:+.4f} | {sd(means):.4f} |"
-        )
+        m = statistics.mean(means)
+        lines.append(f"| {name} | {len(means)} | {m:.4f} | {m - b_mean:+.4f} | {sd(means):.4f} |")
     (out / "rl_ab.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib

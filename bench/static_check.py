@@ -194,10 +194,9 @@ def run(arch, dtype_name, case, seen):
     """Compile every variant of one case for one arch, a row each (a kernel compiled at another
     case's shapes to a cubin already seen is left out)."""
     name, dtype, rows = case.name.split()[0], DTYPES[dtype_name], []
-    if name == "linear_softcap_ce":  # its kernels are softcap_ce's, on chunks of the same logits
-        return rows
     fp8 = name.endswith("_fp8")  # FP8 operands, bf16 out: once per arch, from Ada (sm_89) on
-    if fp8 and (dtype != torch.bfloat16 or arch < 89):
+    # linear_softcap_ce's kernels are softcap_ce's, on chunks of the same logits
+    if name == "linear_softcap_ce" or (fp8 and (dtype != torch.bfloat16 or arch < 89)):
         return rows
     mod = importlib.import_module(f"kernels.{name.removesuffix('_fp8')}")
     fp32 = dtype == torch.float32 and hasattr(mod, "FP32_CONFIGS")
