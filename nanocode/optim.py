@@ -68,9 +68,8 @@ class Muon(torch.optim.Optimizer):
         per = math.ceil(n / world)
         padded = update.new_zeros((per * world, *update.shape[1:]))
         padded[:n] = update
-        mine = kernels.newton_schulz(
-            padded[self.rank * per : (self.rank + 1) * per], dtype=ns_dtype
-        )
+        mine = padded[self.rank * per : (self.rank + 1) * per]
+        mine = kernels.newton_schulz(mine, dtype=ns_dtype)
         gathered = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine.contiguous())
         return torch.cat(gathered)[:n]

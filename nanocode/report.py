@@ -86,11 +86,12 @@ def load_timings(base: Path) -> dict:
     order."""
     found = {p.stem: read_json(p) for p in (base / "speedrun").glob("*.done")}
     found = {s: d for s, d in found.items() if isinstance(get(d, "seconds"), (int, float))}
-    return dict(sorted(found.items(), key=lambda kv: (pipeline_index(kv[0], list(STAGES)), kv[0])))
+    return {s: found[s] for s in sorted(found, key=pipeline_order)}
 
 
-def pipeline_index(name: str, order) -> int:
-    return order.index(name) if name in order else len(order)
+def pipeline_order(name: str):
+    """Sort key: the pipeline's stages in STAGES order, then any others by name."""
+    return list(STAGES).index(name) if name in STAGES else len(STAGES), name
 
 
 def system_info() -> dict:
@@ -303,7 +304,7 @@ def plot_bars(bars, path, ylabel, title):
 def by_prefix(stages: dict, prefix: str) -> dict:
     """The stages whose name starts with prefix, by the rest of their name (the checkpoint), in
     pipeline order (STAGES), then any others."""
-    names = sorted(stages, key=lambda s: (pipeline_index(s, list(STAGES)), s))
+    names = sorted(stages, key=pipeline_order)
     return {s.removeprefix(prefix): stages[s] for s in names if s.startswith(prefix)}
 
 
@@ -362,22 +363,20 @@ def cost_lines(timings: dict, gpu_hour_cost: float) -> list[str]:
     lines = ["## Wall time and cost", ""]
     if not timings:
         return lines + ["No stage timings (no runs/speedrun.sh done-markers in this base dir).", ""]
-    rows, total = [], {"seconds": 0.0, "cpu": 0.0, "gpu_hours": 0.0}
+    rows, seconds, cpu_seconds, gpu_hours = [], 0.0, 0.0, 0.0
 
     def hours(h):
         return fmt(h, 3) if h else "-"
 
     for name, t in timings.items():
-        gpu_hours, cpu = t["seconds"] * t.get("gpus", 0) / 3600, t.get("cpu_seconds")
-        total["seconds"] += t["seconds"]
-        total["cpu"] += cpu if isinstance(cpu, (int, float)) else 0
-        total["gpu_hours"] += gpu_hours
+        stage_hours, cpu = t["seconds"] * t.get("gpus", 0) / 3600, t.get("cpu_seconds")
+        seconds += t["seconds"]
+        cpu_seconds += cpu if isinstance(cpu, (int, float)) else 0
+        gpu_hours += stage_hours
         times = [fmt_seconds(t["seconds"]), fmt_seconds(cpu)]
-        rows.append([name, *times, t.get("device", "?"), t.get("gpus", 0), hours(gpu_hours)])
-    gpu_hours = total["gpu_hours"]
-    cpu = fmt_seconds(total["cpu"]) if total["cpu"] else "n/a"
-    total_time = f"**{fmt_seconds(total['seconds'])}**"
-    rows.append(["**total**", total_time, cpu, "", "", hours(gpu_hours)])
+        rows.append([name, *times, t.get("device", "?"), t.get("gpus", 0), hours(stage_hours)])
+    cpu = fmt_seconds(cpu_seconds) if cpu_seconds else "n/a"
+    rows.append(["**total**", f"**{fmt_seconds(seconds)}**", cpu, "", "", hours(gpu_hours)])
     lines += table(["stage", "wall time", "CPU time", "device", "GPUs", "GPU-hours"], rows)
     lines.append(
         "CPU time is user + system time of the stage's processes (all cores): on a machine shared "
@@ -426,10 +425,8 @@ def plot_lines(stages: dict, agent: dict, out_dir: Path) -> list[str]:
         plots.append(("agent eval", path))
     lines = ["## Plots", ""]
     for title, path in plots:
-        lines += [
-            f"![{title}]({path.name})" if path else f"- {title}: missing (nothing logged)",
-            "",
-        ]
+        lines.append(f"![{title}]({path.name})" if path else f"- {title}: missing (nothing logged)")
+        lines.append("")
     return lines
 
 

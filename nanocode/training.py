@@ -49,9 +49,9 @@ def add_loop_args(p, eval_every):
     p.add_argument("--eval-every", type=int, default=eval_every, help="steps (-1: first, last)")
     p.add_argument("--save-every", type=int, default=-1, help="steps between resumable ones")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
+    p.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--profile", action="store_true", help="NVTX ranges for nsys (bench/profile.sh)")
 
 
@@ -205,9 +205,8 @@ def train(
         for k, v in logged.items():
             curves.setdefault(k, []).append((step + 1, v))
         wandb.log({f"train/{k}": v for k, v in logged.items()} | {"lrm": lrm}, step=step + 1)
-        line = (
-            f"step {step + 1:05d}/{num_steps:05d} | {shown} | lrm {lrm:.2f} | dt {dt * 1e3:.0f}ms"
-        )
+        line = f"step {step + 1:05d}/{num_steps:05d} | {shown} | lrm {lrm:.2f}"
+        line += f" | dt {dt * 1e3:.0f}ms"
         if tokens:
             line += f" | tok/s {tokens / dt:,.0f}"
         if tokens and peak:

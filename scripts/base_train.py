@@ -60,12 +60,12 @@ def get_args(argv=None):
     p.add_argument("--warmdown-ratio", type=float, default=0.65)
     p.add_argument("--final-lr-frac", type=float, default=0.05)
     # attention per layer, tiled: S = a quarter of the context, L = full (the last layer always L)
-    p.add_argument("--window-pattern", type=str, default="SSSL")
+    p.add_argument("--window-pattern", default="SSSL")
     p.add_argument("--fim-rate", type=float, default=0.5)
-    p.add_argument("--data-name", type=str, default="code")
+    p.add_argument("--data-name", default="code")
     p.add_argument("--eval-tokens", type=int, default=10 * 524288)
     p.add_argument("--sample-every", type=int, default=2000, help="steps (-1: never)")
-    p.add_argument("--model-tag", type=str, default="", help="checkpoint dir (default d<depth>)")
+    p.add_argument("--model-tag", default="", help="checkpoint dir (default d<depth>)")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile (default: on CUDA)")
     p.add_argument("--fp8", action="store_true", help="the blocks' matmuls in FP8 (training only)")
     training.add_loop_args(p, eval_every=250)
@@ -83,9 +83,8 @@ def get_args(argv=None):
 
 B_REF = 2**19  # tokens per step at depth 12, nanochat's measured optimum
 WD_REF = 0.28  # Muon weight decay at depth 12 (nanochat)
-MAX_EPOCHS = (
-    4  # repeated data is worth about as much as new for ~4 epochs (Muennighoff et al. 2023)
-)
+# repeated data is worth about as much as new for ~4 epochs (Muennighoff et al. 2023)
+MAX_EPOCHS = 4
 
 
 def training_plan(scaling_params, ref_params, ratio, total_batch_size=-1, weight_decay=WD_REF):

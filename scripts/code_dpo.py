@@ -47,20 +47,18 @@ from nanocode.report import log_stage
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="DPO on preference pairs against the SFT checkpoint")
-    p.add_argument("--model-tag", type=str, default=None, help="sft checkpoint (default: latest)")
+    p.add_argument("--model-tag", default=None, help="sft checkpoint (default: latest)")
     p.add_argument("--model-step", type=int, default=None)
-    p.add_argument(
-        "--train", type=str, default="", help="pairs (default $BASE/sft/dpo_train.jsonl)"
-    )
-    p.add_argument("--val", type=str, default="", help="held-out pairs (default .../dpo_val.jsonl)")
-    p.add_argument("--loss", type=str, default="sigmoid", choices=["sigmoid", "ipo"])
+    p.add_argument("--train", default="", help="pairs (default $BASE/sft/dpo_train.jsonl)")
+    p.add_argument("--val", default="", help="held-out pairs (default .../dpo_val.jsonl)")
+    p.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo"])
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--max-seq-len", type=int, default=0, help="tokens per side (default: model's)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step, all ranks")
     p.add_argument("--num-epochs", type=float, default=1.0)
     p.add_argument("--nll-weight", type=float, default=1.0, help="0: plain DPO")
     p.add_argument("--eval-prompts", type=int, default=64)
-    p.add_argument("--self-pairs", type=str, default="", help="task sources (see the docstring)")
+    p.add_argument("--self-pairs", default="", help="task sources (see the docstring)")
     p.add_argument("--self-samples", type=int, default=4)
     p.add_argument("--self-max-tokens", type=int, default=256)
     training.add_args(p, init_lr_frac=0.02, eval_every=50)
@@ -237,13 +235,14 @@ def main(argv=None):
     model.eval()
     t0 = time.time()
     used = sorted({i for s in range(num_steps) for mb in batches(s) for i in mb})
+
+    def reference(pairs):  # (2, pairs): chosen and rejected log-probs
+        return torch.stack(reference_logps(model, pairs, args.batch_size, pad_id, device, amp))
+
     ref_train = torch.zeros(2, len(train), device=device)
     if used:
-        ref_used = reference_logps(
-            model, [train[i] for i in used], args.batch_size, pad_id, device, amp
-        )
-        ref_train[:, used] = torch.stack(ref_used)
-    ref_val = reference_logps(model, val, args.batch_size, pad_id, device, amp)
+        ref_train[:, used] = reference([train[i] for i in used])
+    ref_val = reference(val)
     print0(
         f"reference log-probs of {len(used)} train and {len(val)} held-out pairs in "
         f"{time.time() - t0:.1f}s"

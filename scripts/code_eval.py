@@ -116,19 +116,17 @@ def generate(engine, problems, task, mode, num_samples, max_tokens, temperature,
     ```python block, else its text."""
     tok, agentic, top_k = engine.tokenizer, mode == "agentic", top_k if temperature > 0 else None
     keep = engine.max_len - min(max_tokens, engine.max_len // 2)  # longest prompt leaving room
-    by_task, cropped = {}, 0
+    by_task, cropped, sampling = {}, 0, (num_samples, max_tokens, temperature, top_k)
     for idx, p in enumerate(progress(problems, desc="problems", unit="problem")):  # rate, ETA
         s = seed + 10_007 * idx
         if mode != "base":
-            replies = chat_replies(
-                engine, p, num_samples, max_tokens, temperature, top_k, s, agentic
-            )
+            replies = chat_replies(engine, p, *sampling, s, agentic)
             by_task[p["task_id"]] = [code_tasks.chat_completion(p, parts) for parts in replies]
             continue
         ids = [tok.bos_id] + tok.encode(p["prompt"])
         if len(ids) > keep:
             ids, cropped = [ids[0]] + ids[len(ids) - keep + 1 :], cropped + 1
-        outs = engine.generate_batch(ids, num_samples, max_tokens, temperature, top_k, seed=s)
+        outs = engine.generate_batch(ids, *sampling, seed=s)
         stops = code_tasks.stop_sequences(task)
         by_task[p["task_id"]] = [code_tasks.truncate_at_stop(tok.decode(o), stops) for o in outs]
     if cropped:
@@ -170,11 +168,10 @@ def summarize(problems: list[dict], records: list[dict], ks: list[int]):
     for r in records:
         counts[r["task_id"]][0] += 1
         counts[r["task_id"]][1] += r["passed"]
-    rows = [{"task_id": t, "n": n, "correct": c} for t, (n, c) in counts.items()]
-    for r in rows:
-        r.update(
-            {f"pass@{k}": code_tasks.pass_at_k(r["n"], r["correct"], k) for k in ks if k <= r["n"]}
-        )
+    rows = []
+    for t, (n, c) in counts.items():
+        passes = {f"pass@{k}": code_tasks.pass_at_k(n, c, k) for k in ks if k <= n}
+        rows.append({"task_id": t, "n": n, "correct": c, **passes})
     min_n = min(n for n, _ in counts.values())
     means = {k: sum(r[f"pass@{k}"] for r in rows) / len(rows) if k <= min_n else None for k in ks}
     return rows, means

@@ -46,14 +46,12 @@ from nanocode.report import log_stage
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="RL from unit tests (group-relative policy gradient)")
-    p.add_argument("--source", type=str, default="sft", choices=["sft", "dpo", "rl"])
-    p.add_argument("--model-tag", type=str, default=None)
+    p.add_argument("--source", default="sft", choices=["sft", "dpo", "rl"])
+    p.add_argument("--model-tag", default=None)
     p.add_argument("--model-step", type=int, default=None)
-    p.add_argument("--save-tag", type=str, default=None, help="rl/<this> (default: --model-tag)")
-    p.add_argument(
-        "--tasks", type=str, default="programs", help="programs,corpus,agent,mbpp,*.jsonl"
-    )
-    p.add_argument("--val-tasks", type=str, default="", help="default: --tasks' val split")
+    p.add_argument("--save-tag", default=None, help="rl/<this> (default: --model-tag)")
+    p.add_argument("--tasks", default="programs", help="programs,corpus,agent,mbpp,*.jsonl")
+    p.add_argument("--val-tasks", default="", help="default: --tasks' val split")
     p.add_argument("--eval-tasks", type=int, default=32)
     p.add_argument("--eval-samples", type=int, default=4, help="per held-out task")
     p.add_argument("--eval-seed", type=int, default=1)
@@ -237,9 +235,7 @@ def main(argv=None):
             stats = {key: scored[key] for key in stats}
         stats = all_reduce_stats(stats, device)
         n = stats["completions"]
-        m = {
-            key: stats[key] / n if n else float("nan") for key in ("passed", "reward", "valid_call")
-        }
+        m = {k: stats[k] / n if n else float("nan") for k in ("passed", "reward", "valid_call")}
         m = {"pass@1": m.pop("passed"), **m, "samples": int(n)}
         if val_tasks:
             print0(

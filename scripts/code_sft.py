@@ -43,10 +43,10 @@ from nanocode.tools import validate_tool_call
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="tool-use SFT (loss on assistant tokens only)")
-    p.add_argument("--model-tag", type=str, default=None, help="base checkpoint (default: latest)")
+    p.add_argument("--model-tag", default=None, help="base checkpoint (default: latest)")
     p.add_argument("--model-step", type=int, default=None, help="default: the latest")
-    p.add_argument("--mix", type=str, default="", help="sources and weights (see the docstring)")
-    p.add_argument("--val", type=str, default="", help="held-out JSONL for --mix's .jsonl files")
+    p.add_argument("--mix", default="", help="sources and weights (see the docstring)")
+    p.add_argument("--val", default="", help="held-out JSONL for --mix's .jsonl files")
     p.add_argument("--max-seq-len", type=int, default=0, help="tokens per row (default: model's)")
     p.add_argument("--batch-size", type=int, default=16, help="conversations per step, all ranks")
     p.add_argument("--num-epochs", type=float, default=1.0)
@@ -55,12 +55,6 @@ def get_args(argv=None):
     p.add_argument("--gen-tokens", type=int, default=0)
     training.add_args(p, init_lr_frac=0.1, eval_every=100)
     return p.parse_args(argv)
-
-
-def default_mix() -> str:
-    """synth, plus each instruct source already here (converted, or its hub file cached): none is
-    fetched unasked, so an offline run trains on what it has."""
-    return ",".join(["synth=1"] + [f"{n}=1" for n in cached_sources()])
 
 
 def check_tool_calls(path) -> list[dict]:
@@ -118,7 +112,9 @@ def main(argv=None):
     tag = args.model_tag or f"d{config.n_layer}"
     pad_id = tokenizer.bos_id  # never a target: pad targets are -1
 
-    mix = args.mix or default_mix()
+    # by default synth, plus each instruct source already here (converted, or its hub file
+    # cached): none is fetched unasked, so an offline run trains on what it has
+    mix = args.mix or ",".join(["synth=1"] + [f"{n}=1" for n in cached_sources()])
     train_convs, val_convs = load_data(mix, args.val, args.seed)
     train_rows = render_rows(tokenizer, train_convs, T)
     val_rows = render_rows(tokenizer, val_convs[: args.eval_convs], T)

@@ -25,9 +25,7 @@ parser.add_argument("-o", "--out", default=None, help="default: $NANOCODE_BASE_D
 def main():
     args = parser.parse_args()
     t0 = time.perf_counter()
-    model, tokenizer, meta = load_model(
-        args.source, "cpu", args.tag, args.step
-    )  # a GPU adds nothing
+    model, tokenizer, meta = load_model(args.source, "cpu", args.tag, args.step)  # CPU: enough
     step = meta["step"]
     name = "_".join([args.source, *([args.tag] if args.tag else []), f"{step:06d}"])
     out = args.out or get_base_dir() / "export" / name
