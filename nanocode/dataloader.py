@@ -43,9 +43,7 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
     """Cut text into pieces of at most max_chars characters, at line ends where possible."""
     chunks, start = [], 0
     while max_chars > 0 and len(text) - start > max_chars:
-        cut = (
-            text.rfind("\n", start, start + max_chars) + 1
-        )  # just after the last newline that fits
+        cut = text.rfind("\n", start, start + max_chars) + 1  # after the last newline that fits
         if cut <= start:  # one line longer than max_chars: cut inside it
             cut = start + max_chars
         chunks.append(text[start:cut])

@@ -91,14 +91,11 @@ class Session:
             rec["last_turn_files"] = self.last_turn_files
         return rec
 
-    def close(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
-
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def execute_turns(files: dict, turns: list, setup: str | None = None) -> tuple[list, dict]:
@@ -148,11 +145,8 @@ def execute_after(files: dict, done: list, plan: list) -> list:
 
 
 def assistant_turns(record: dict) -> list:
-    return [
-        m["content"]
-        for m in record["messages"]
-        if m["role"] == "assistant" and isinstance(m["content"], list)
-    ]
+    msgs = [m for m in record["messages"] if m["role"] == "assistant"]
+    return [m["content"] for m in msgs if isinstance(m["content"], list)]
 
 
 def replay(record: dict) -> tuple[list, dict]:
@@ -173,10 +167,8 @@ def call_shape(record: dict) -> str:
     denied call, "|" between turns), e.g. "grep read_file edit_file bash|read_file"."""
     turns = []
     for parts in assistant_turns(record) or [[]]:
-        names = [
-            p["name"] + ("!" if parts[i + 1]["text"] == DENIED else "")
-            for i, p in enumerate(parts)
-            if p["type"] == "tool_call"
+        calls = [
+            (p["name"], o["text"]) for p, o in zip(parts, parts[1:]) if p["type"] == "tool_call"
         ]
-        turns.append(" ".join(names) or "-")
+        turns.append(" ".join(n + ("!" if o == DENIED else "") for n, o in calls) or "-")
     return "|".join(turns)
