@@ -249,26 +249,20 @@ def local_roots() -> list[Path]:
     return list(dict.fromkeys(Path(r).resolve() for r in roots if Path(r).is_dir()))
 
 
-def language_of(path: Path) -> str | None:
-    if not path.suffix and "c++" in path.parts:  # libstdc++ headers: <vector>, <map>, ...
-        return "cpp"
-    return EXTENSIONS.get(path.suffix)
-
-
 def find_source_files(roots: list[Path], languages: list[str]) -> list[tuple[Path, str]]:
     """(path, lang) of every source file under the roots, in a deterministic order, each file
     once."""
-    seen, found = set(), []
+    found = {}  # resolved path -> (path, lang), as first found
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", ".git"))
             for path in (Path(dirpath) / fn for fn in sorted(filenames)):
-                lang = language_of(path)
+                lang = EXTENSIONS.get(path.suffix)
+                if not path.suffix and "c++" in path.parts:  # libstdc++ headers: <vector>, <map>
+                    lang = "cpp"
                 if lang in languages and path.is_file() and not path.is_symlink():
-                    if path.resolve() not in seen:
-                        seen.add(path.resolve())
-                        found.append((path, lang))
-    return found
+                    found.setdefault(path.resolve(), (path, lang))
+    return list(found.values())
 
 
 def build_local(name="code", languages=tuple(LANGUAGES), max_mb=500.0, shard_mb=16.0, roots=None):

@@ -182,8 +182,7 @@ def convert_turn(s: Session, request: str, answer: str, stats: Counter, path="so
         s.call("write_file", path=path, content=old)  # the user's code, as they pasted it
         lines = old.split("\n")
         first = hunks(old, new)[-1][0]
-        name = _name_near(lines, first)
-        if name:
+        if name := _name_near(lines, first):
             s.call("grep", pattern=rf"\b{re.escape(name)}\b", path=path)
         s.call("read_file", path=path, offset=max(1, first - 2), limit=min(len(lines), 12))
         for i1, i2, repl in hunks(old, new):

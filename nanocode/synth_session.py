@@ -117,17 +117,12 @@ def execute_turns(files: dict, turns: list, setup: str | None = None) -> tuple[l
         return out, read_tree(s.dir)
 
 
-def execute(files: dict, parts: list, setup: str | None = None) -> tuple[list, dict]:
-    """execute_turns for one assistant turn."""
-    turns, final = execute_turns(files, [parts], setup)
-    return turns[0], final
-
-
 def execute_after(files: dict, done: list, plan: list) -> list:
-    """execute(files, plan)[0], where `done` holds parts already executed from `files` (real
-    outputs). When plan's valid tool calls are the first calls of `done`, in order, the same calls
-    on the same files print the same (replay checks it): they get done's outputs and nothing runs;
-    a call that fails validation runs nothing anyway. Otherwise the plan runs in a scratch copy."""
+    """The parts of `plan` executed from `files`, where `done` holds parts already executed from
+    `files` (real outputs). When plan's valid tool calls are the first calls of `done`, in order,
+    the same calls on the same files print the same (replay checks it): they get done's outputs
+    and nothing runs; a call that fails validation runs nothing anyway. Otherwise the plan runs in
+    a scratch copy."""
     done_calls = [(p, done[i + 1]) for i, p in enumerate(done) if p["type"] == "tool_call"]
     out, k = [], 0
     for part in plan:
@@ -140,7 +135,7 @@ def execute_after(files: dict, done: list, plan: list) -> list:
             elif err := validate_tool_call({"name": part["name"], "arguments": part["arguments"]}):
                 out += [part, {"type": "tool_output", "text": f"error: {err}"}]
             else:
-                return execute(files, plan)[0]
+                return execute_turns(files, [plan])[0][0]
     return out
 
 

@@ -191,9 +191,8 @@ class Tokenizer:
                     call = json.dumps({"name": part["name"], "arguments": part["arguments"]})
                     add([sid("<|tool_start|>"), *self.encode(call), sid("<|tool_end|>")], 1)
                 else:  # tool_output: written by the tool, never learned
-                    add(
-                        [sid("<|output_start|>"), *self.encode(part["text"]), sid("<|output_end|>")]
-                    )
+                    output = self.encode(part["text"])
+                    add([sid("<|output_start|>"), *output, sid("<|output_end|>")])
             add([sid("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
