@@ -213,11 +213,8 @@ def load_gsm8k(split: str) -> list[dict]:
 
     from nanocode.hub import hub_file
 
-    path = hub_file(
-        "openai/gsm8k",
-        f"main/{'train' if split == 'train' else 'test'}-00000-of-00001.parquet",
-        hint="leave gsm8k out of --mix (synth works offline)",
-    )
+    file = f"main/{'train' if split == 'train' else 'test'}-00000-of-00001.parquet"
+    path = hub_file("openai/gsm8k", file, hint="leave gsm8k out of --mix (synth works offline)")
     convs = []
     for row in pq.read_table(path).to_pylist():
         steps, _, final = row["answer"].partition("####")

@@ -43,9 +43,7 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
     """Cut text into pieces of at most max_chars characters, at line ends where possible."""
     chunks, start = [], 0
     while max_chars > 0 and len(text) - start > max_chars:
-        cut = (
-            text.rfind("\n", start, start + max_chars) + 1
-        )  # just after the last newline that fits
+        cut = text.rfind("\n", start, start + max_chars) + 1  # after the last newline that fits
         if cut <= start:  # one line longer than max_chars: cut inside it
             cut = start + max_chars
         chunks.append(text[start:cut])
@@ -94,14 +92,9 @@ class DataLoader:
         self.config["vocab_size"] = getattr(tokenizer, "vocab_size", None)
         # The packing thread's copy of all it needs (it must hold no reference to the loader, see
         # _start); the rest only decides how fast batches come.
-        self.settings = SimpleNamespace(
-            **self.config,
-            tokenizer=tokenizer,
-            buffer_size=buffer_size,
-            tokenizer_threads=tokenizer_threads,
-            tokenizer_batch=tokenizer_batch,
-            pin_memory=self.device.type == "cuda",
-        )
+        speed = dict(buffer_size=buffer_size, tokenizer_threads=tokenizer_threads)
+        speed.update(tokenizer_batch=tokenizer_batch, pin_memory=self.device.type == "cuda")
+        self.settings = SimpleNamespace(**self.config, **speed, tokenizer=tokenizer)
         self._state = dict(epoch=0, shard=0, row=rank, buffer=(), tokens_packed=0, tokens_cropped=0)
         self._thread = None
 

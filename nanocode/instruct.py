@@ -139,19 +139,14 @@ def hunks(old: str, new: str) -> list[tuple[int, int, list[str]]]:
     """The changed regions of old -> new as (first old line, end old line, new lines), last first,
     so applying one does not move the line numbers of the ones still to apply."""
     a, b = old.split("\n"), new.split("\n")
-    ops = [
-        op
-        for op in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
-        if op[0] != "equal"
-    ]
-    return [(i1, i2, b[j1:j2]) for _, i1, i2, j1, j2 in reversed(ops)]
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    return [(i1, i2, b[j1:j2]) for tag, i1, i2, j1, j2 in reversed(ops) if tag != "equal"]
 
 
 def _name_near(lines: list[str], i: int) -> str | None:
     """An identifier to grep for: the def/class enclosing line i, else a word on the line."""
     for line in reversed(lines[: i + 1]):
-        m = re.match(r"\s*(?:def|class)\s+(\w+)", line)
-        if m:
+        if m := re.match(r"\s*(?:def|class)\s+(\w+)", line):
             return m.group(1)
     words = re.findall(r"[A-Za-z_]\w{3,}", lines[min(i, len(lines) - 1)]) if lines else []
     return words[0] if words else None
@@ -177,12 +172,8 @@ def convert_turn(s: Session, request: str, answer: str, stats: Counter, path="so
     if new.count("\n") > MAX_CODE_LINES:
         stats["dropped: code too long"] += 1
         return False
-    old = max(old_blocks, key=len) if old_blocks else None
-    is_edit = (
-        old is not None
-        and old != new
-        and difflib.SequenceMatcher(None, old, new).ratio() >= MIN_SIMILARITY
-    )
+    old = max(old_blocks, key=len) if old_blocks else new  # no code in the request: no edit
+    is_edit = old != new and difflib.SequenceMatcher(None, old, new).ratio() >= MIN_SIMILARITY
     if not run_program(new, timeout=RUN_TIMEOUT).passed:
         stats["dropped: code does not run"] += 1
         return False
@@ -191,8 +182,7 @@ def convert_turn(s: Session, request: str, answer: str, stats: Counter, path="so
         s.call("write_file", path=path, content=old)  # the user's code, as they pasted it
         lines = old.split("\n")
         first = hunks(old, new)[-1][0]
-        name = _name_near(lines, first)
-        if name:
+        if name := _name_near(lines, first):
             s.call("grep", pattern=rf"\b{re.escape(name)}\b", path=path)
         s.call("read_file", path=path, offset=max(1, first - 2), limit=min(len(lines), 12))
         for i1, i2, repl in hunks(old, new):

@@ -65,25 +65,6 @@ CALLING = [k for k in TASKS if k != "no_tool"]  # validity prompts ask for a too
 # what the assistant can say about code and tool outputs
 
 
-def explanation(rng, ctx: dict) -> str:
-    """A short explanation built only from facts visible in the code the assistant just read."""
-    fa = ctx["facts"]
-    s = [pick(rng, *BANK["explain_open"]).format(**ctx)]
-    if fa["doc"]:
-        s.append(pick(rng, *BANK["explain_doc"]).format(doc=fa["doc"]))
-    args = [a for a in fa["args"] if a not in ("self", "cls")]
-    s.append(f"It takes {quoted(args, 4)}." if args else "It takes no arguments.")
-    body = [f"loops `{x}`" if x.startswith("while") else f"loops over `{x}`" for x in fa["loops"]]
-    body = body[:1] + [f"branches on `{x}`" for x in fa["ifs"][:1]]
-    body += [f"catches `{x}`" for x in fa["catches"][:1]]
-    body += [f"raises {quoted(fa['raises'], 2)}"] if fa["raises"] else []
-    s += [f"It {quoted(body, 9, quote='')}."] if body else []
-    if calls := [c for c in fa["calls"] if c not in fa["raises"]]:
-        s.append(pick(rng, *BANK["explain_calls"]).format(calls=quoted(calls)))
-    generator = "It is a generator: it yields its results instead of returning them."
-    return " ".join(s + [generator if fa["yields"] else f"It {returns_phrase(fa)}."])
-
-
 def show_output(out: str, max_lines: int = 6) -> str:
     """A tool output as a code block; a long one shows its first lines and its last."""
     rows = out.rstrip("\n").split("\n")
@@ -141,7 +122,22 @@ def grep_hits(out: str) -> list:
 
 
 def move_explain(s, rng, ctx):
-    s.say(explanation(rng, ctx))
+    """A short explanation built only from facts visible in the code the assistant just read."""
+    fa = ctx["facts"]
+    text = [pick(rng, *BANK["explain_open"]).format(**ctx)]
+    if fa["doc"]:
+        text.append(pick(rng, *BANK["explain_doc"]).format(doc=fa["doc"]))
+    args = [a for a in fa["args"] if a not in ("self", "cls")]
+    text.append(f"It takes {quoted(args, 4)}." if args else "It takes no arguments.")
+    body = [f"loops `{x}`" if x.startswith("while") else f"loops over `{x}`" for x in fa["loops"]]
+    body = body[:1] + [f"branches on `{x}`" for x in fa["ifs"][:1]]
+    body += [f"catches `{x}`" for x in fa["catches"][:1]]
+    body += [f"raises {quoted(fa['raises'], 2)}"] if fa["raises"] else []
+    text += [f"It {quoted(body, 9, quote='')}."] if body else []
+    if calls := [c for c in fa["calls"] if c not in fa["raises"]]:
+        text.append(pick(rng, *BANK["explain_calls"]).format(calls=quoted(calls)))
+    generator = "It is a generator: it yields its results instead of returning them."
+    s.say(" ".join(text + [generator if fa["yields"] else f"It {returns_phrase(fa)}."]))
 
 
 def move_hit(s, rng, ctx):
@@ -298,16 +294,11 @@ def make_trajectory(kind: str, rng, corpus: list, variant: int | None = None) ->
     user = pick(rng, *phrases(spec["ask"])).format(**ctx)
     with Session(ctx["files"], ctx.get("setup")) as s:
         run_steps(s, rng, ctx, spec["steps"])
-        return {**finish(s, rng, user, spec.get("followups", True)), "kind": kind}
-
-
-def finish(s, rng, user: str, followups: bool = True) -> dict:
-    """The record of session `s` (first user message `user`); with probability FOLLOWUP_RATE, when
-    the kind allows it, 1-2 follow-up turns are added first."""
-    if followups and rng.random() < FOLLOWUP_RATE:
-        for _ in range(1 + (rng.random() < 0.3)):
-            follow_up(s, rng)
-    return s.record(user)
+        # with probability FOLLOWUP_RATE, when the kind allows it, 1-2 follow-up turns
+        if spec.get("followups", True) and rng.random() < FOLLOWUP_RATE:
+            for _ in range(1 + (rng.random() < 0.3)):
+                follow_up(s, rng)
+        return {**s.record(user), "kind": kind}
 
 
 def follow_up(s, rng):

@@ -3,16 +3,10 @@
 corpus tasks (nanocode/rl_tasks.py) take their functions from here too."""
 
 import ast
-import functools
 import re
 
 QUOTES = '"' * 3  # a docstring's quotes (so written, they open no string here)
 EXTENSIONS = ("c", "cpp", "javascript", "rust")  # the non-Python languages the kinds show
-
-
-def _segment(src: str, node, limit: int = 48) -> str | None:
-    s = ast.get_source_segment(src, node)
-    return s if s and "\n" not in s and len(s) <= limit else None
 
 
 def describe_function(src: str) -> dict:
@@ -30,7 +24,12 @@ def describe_function(src: str) -> dict:
     consts = [(x.arg, d) for x, d in zip(pos[len(pos) - len(a.defaults) :], a.defaults)]
     consts = [(arg, d.value) for arg, d in consts if isinstance(d, ast.Constant)]
     facts["defaults"] = [(arg, v) for arg, v in consts if type(v) in (int, bool)]
-    seg = functools.partial(_segment, src)
+
+    def seg(node, limit: int = 48) -> str | None:
+        """The node's source if it is one short line (to quote), else None."""
+        s = ast.get_source_segment(src, node)
+        return s if s and "\n" not in s and len(s) <= limit else None
+
     for node in ast.walk(fn):
         if isinstance(node, ast.For) and (t := seg(node.target)) and (it := seg(node.iter)):
             facts["loops"].append(f"{t} in {it}")

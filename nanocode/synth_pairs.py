@@ -14,7 +14,7 @@ import random
 import re
 
 from nanocode.synth_scenes import BANK, pick
-from nanocode.synth_session import assistant_turns, execute, execute_after
+from nanocode.synth_session import assistant_turns, execute_after, execute_turns
 
 
 def flaw_malformed_call(rng, parts, files):
@@ -39,7 +39,8 @@ def flaw_not_unique(rng, parts, files):
     edits = [i for i, p in enumerate(parts) if p.get("name") == "edit_file"]
     for i in [i for i in edits if parts[i + 1]["text"].startswith("edited")][:1]:
         args = parts[i]["arguments"]
-        text, old = execute(files, parts[:i])[1].get(args["path"], ""), args["old_string"]
+        text = execute_turns(files, [parts[:i]])[1].get(args["path"], "")
+        old = args["old_string"]
         rows = sorted(set(old.split("\n")), key=lambda w: (-len(w), w))
         words = sorted(set(re.findall(r"[A-Za-z_]\w+", old)), key=lambda w: (-len(w), w))
         if piece := next((w for w in rows + words if w.strip() and text.count(w) >= 2), None):

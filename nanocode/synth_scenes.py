@@ -126,13 +126,12 @@ def scene_module(rng, corpus) -> dict:
     ctx.update(name=f["facts"]["name"], start=start, end=end, span=end - start + 3)
     ctx.update(a=a, b=b, size=b - a + 1, want=n + rng.randint(20, 200))
     names = [m + ".py" for m in BANK["module_names"] if m + ".py" != Path(path).name]
-    fa, at = f["facts"], f"(`{path}`, lines {start}-{end})"
+    fa = f["facts"]
     args = [x for x in fa["args"] if x not in ("self", "cls")]
     catch = f"; it does catch `{fa['catches'][0]}`." if fa["catches"] else "."
     ctx.update(raises=quoted(fa["raises"]), calls=quoted(fa["calls"], 5), args=quoted(args, 6))
-    ctx.update(
-        at=at, catch=catch, n_args=len(args), returns=returns_phrase(fa), yields=fa["yields"]
-    )
+    ctx.update(at=f"(`{path}`, lines {start}-{end})", catch=catch, n_args=len(args))
+    ctx.update(returns=returns_phrase(fa), yields=fa["yields"])
     return {**ctx, "wrong": pick(rng, *names)}
 
 
@@ -231,10 +230,9 @@ def scene_buggy(rng, corpus=None, broken: float = 1.0, style: str = "script") ->
         test += [x.format(**fields) for x in template["case"]]
     test += [x.format(**ctx) for x in template["tail"]]
     code = src.replace(good, bad) if rng.random() < broken else src
+    ctx["files"] = {f"{mod}.py": code, f"test_{mod}.py": lines(test)}
     ctx.update(mod=f"{mod}.py", test=f"test_{mod}.py", stem=f"test_{mod}")
-    ctx.update(
-        files={f"{mod}.py": code, f"test_{mod}.py": lines(test)}, cmd=f"python3 test_{mod}.py"
-    )
+    ctx["cmd"] = f"python3 test_{mod}.py"
     if code != src:
         line = code[: code.index(bad)].count("\n") + 1
         old = unique_context(code, line)

@@ -91,14 +91,11 @@ class Session:
             rec["last_turn_files"] = self.last_turn_files
         return rec
 
-    def close(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
-
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def execute_turns(files: dict, turns: list, setup: str | None = None) -> tuple[list, dict]:
@@ -120,17 +117,12 @@ def execute_turns(files: dict, turns: list, setup: str | None = None) -> tuple[l
         return out, read_tree(s.dir)
 
 
-def execute(files: dict, parts: list, setup: str | None = None) -> tuple[list, dict]:
-    """execute_turns for one assistant turn."""
-    turns, final = execute_turns(files, [parts], setup)
-    return turns[0], final
-
-
 def execute_after(files: dict, done: list, plan: list) -> list:
-    """execute(files, plan)[0], where `done` holds parts already executed from `files` (real
-    outputs). When plan's valid tool calls are the first calls of `done`, in order, the same calls
-    on the same files print the same (replay checks it): they get done's outputs and nothing runs;
-    a call that fails validation runs nothing anyway. Otherwise the plan runs in a scratch copy."""
+    """The parts of `plan` executed from `files`, where `done` holds parts already executed from
+    `files` (real outputs). When plan's valid tool calls are the first calls of `done`, in order,
+    the same calls on the same files print the same (replay checks it): they get done's outputs
+    and nothing runs; a call that fails validation runs nothing anyway. Otherwise the plan runs in
+    a scratch copy."""
     done_calls = [(p, done[i + 1]) for i, p in enumerate(done) if p["type"] == "tool_call"]
     out, k = [], 0
     for part in plan:
@@ -143,16 +135,13 @@ def execute_after(files: dict, done: list, plan: list) -> list:
             elif err := validate_tool_call({"name": part["name"], "arguments": part["arguments"]}):
                 out += [part, {"type": "tool_output", "text": f"error: {err}"}]
             else:
-                return execute(files, plan)[0]
+                return execute_turns(files, [plan])[0][0]
     return out
 
 
 def assistant_turns(record: dict) -> list:
-    return [
-        m["content"]
-        for m in record["messages"]
-        if m["role"] == "assistant" and isinstance(m["content"], list)
-    ]
+    msgs = [m for m in record["messages"] if m["role"] == "assistant"]
+    return [m["content"] for m in msgs if isinstance(m["content"], list)]
 
 
 def replay(record: dict) -> tuple[list, dict]:
@@ -173,10 +162,8 @@ def call_shape(record: dict) -> str:
     denied call, "|" between turns), e.g. "grep read_file edit_file bash|read_file"."""
     turns = []
     for parts in assistant_turns(record) or [[]]:
-        names = [
-            p["name"] + ("!" if parts[i + 1]["text"] == DENIED else "")
-            for i, p in enumerate(parts)
-            if p["type"] == "tool_call"
+        calls = [
+            (p["name"], o["text"]) for p, o in zip(parts, parts[1:]) if p["type"] == "tool_call"
         ]
-        turns.append(" ".join(names) or "-")
+        turns.append(" ".join(n + ("!" if o == DENIED else "") for n, o in calls) or "-")
     return "|".join(turns)

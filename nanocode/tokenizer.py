@@ -11,6 +11,7 @@ On disk a tokenizer is a directory with two files:
 """
 
 import base64
+import functools
 import json
 from pathlib import Path
 
@@ -53,12 +54,8 @@ class Tokenizer:
         for i, b in enumerate(ordinary):
             ranks.setdefault(b, N_SPECIAL + i)
         self.encoding = tiktoken.Encoding(
-            name="nanocode",
-            pat_str=pattern,
-            mergeable_ranks=ranks,
-            special_tokens=SPECIAL_IDS,
+            name="nanocode", pat_str=pattern, mergeable_ranks=ranks, special_tokens=SPECIAL_IDS
         )
-        self._token_bytes = None
 
     # ---- training, saving, loading
 
@@ -116,9 +113,7 @@ class Tokenizer:
 
     # ---- encoding and decoding
 
-    @property
-    def bos_id(self) -> int:
-        return 0
+    bos_id = 0  # <|bos|>
 
     def special_id(self, name: str) -> int:
         if name not in SPECIAL_IDS:
@@ -153,16 +148,14 @@ class Tokenizer:
             raise ValueError(f"token id {bad} is out of range for vocab_size {self.vocab_size}")
         return b"".join(self.id_bytes[i] for i in ids).decode("utf-8", errors="replace")
 
-    @property
+    @functools.cached_property
     def token_bytes(self):
         """torch.int64 tensor (vocab_size,): UTF-8 bytes per token, 0 for the special tokens (so
         they count for nothing in bits per byte)."""
-        if self._token_bytes is None:
-            import torch
+        import torch
 
-            lengths = [0] * N_SPECIAL + [len(b) for b in self.id_bytes[N_SPECIAL:]]
-            self._token_bytes = torch.tensor(lengths, dtype=torch.int64)
-        return self._token_bytes
+        lengths = [0] * N_SPECIAL + [len(b) for b in self.id_bytes[N_SPECIAL:]]
+        return torch.tensor(lengths, dtype=torch.int64)
 
     # ---- conversations
 
@@ -198,9 +191,8 @@ class Tokenizer:
                     call = json.dumps({"name": part["name"], "arguments": part["arguments"]})
                     add([sid("<|tool_start|>"), *self.encode(call), sid("<|tool_end|>")], 1)
                 else:  # tool_output: written by the tool, never learned
-                    add(
-                        [sid("<|output_start|>"), *self.encode(part["text"]), sid("<|output_end|>")]
-                    )
+                    output = self.encode(part["text"])
+                    add([sid("<|output_start|>"), *output, sid("<|output_end|>")])
             add([sid("<|assistant_end|>")], 1)
         return ids[:max_tokens], mask[:max_tokens]
 

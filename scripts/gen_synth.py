@@ -26,7 +26,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from itertools import islice
+from itertools import islice, repeat
 
 from nanocode import synth, synth_corpus, synth_pairs, synth_session
 from nanocode.common import NanocodeError, get_base_dir, print0, progress, run_main
@@ -54,14 +54,15 @@ def get_args(argv=None):
     args.kind_weights = {}
     for item in [w.strip() for w in args.weights.split(",") if w.strip()]:
         kind, _, weight = item.partition("=")
-        if kind.strip() not in synth.TASKS:
+        kind = kind.strip()
+        if kind not in synth.TASKS:
             kinds = ", ".join(synth.TASKS)
             raise NanocodeError(f"--weights: {kind!r} is not a kind training draws from ({kinds})")
         try:
-            args.kind_weights[kind.strip()] = float(weight)
+            args.kind_weights[kind] = float(weight)
         except ValueError:
             raise NanocodeError(f"--weights: {item!r} is not kind=number") from None
-        if args.kind_weights[kind.strip()] < 0:
+        if args.kind_weights[kind] < 0:
             raise NanocodeError(f"--weights: {item!r}: a weight must be >= 0")
     return args
 
@@ -80,10 +81,6 @@ def _traj(job):
 
 def _prompt(job):
     return synth.validity_prompt(*job, _CORPUS)
-
-
-def _pair(job):
-    return synth_pairs.pair(*job)
 
 
 def load_corpus(split: str, args) -> synth_corpus.Corpus:
@@ -126,9 +123,9 @@ def build(split: str, n: int, n_pairs: int, n_prompts: int, seed: int, args):
     with ProcessPoolExecutor(args.workers, initializer=_init, initargs=init) as pool:
         records = distinct(pool, _traj, n, seed, f"{split} trajectories")
         prompts = distinct(pool, _prompt, n_prompts, seed + 7, "prompts") if n_prompts else []
-        jobs = [(i, r, seed) for i, r in enumerate(records[:n_pairs])]
-        pairs = pool.map(_pair, jobs, chunksize=16)
-        pairs = [p for p in progress(pairs, total=len(jobs), desc=f"{split} pairs") if p]
+        n_pairs = min(n_pairs, len(records))
+        pairs = pool.map(synth_pairs.pair, range(n_pairs), records, repeat(seed), chunksize=16)
+        pairs = [p for p in progress(pairs, total=n_pairs, desc=f"{split} pairs") if p]
     for r in records:
         validate_conversation(r, f"synthetic {split} trajectory ({r['kind']})")
     for p in prompts:
@@ -166,9 +163,8 @@ def diversity(records, tokenizer=None) -> dict:
     }
     if tokenizer is not None:
         toks = sorted(len(tokenizer.render_conversation(r)[0]) for r in records)
-        p90 = toks[int(0.9 * (len(toks) - 1))] if toks else 0
         out.update(tokens=sum(toks), tokens_mean=sum(toks) / n, tokens_max=toks[-1] if toks else 0)
-        out["tokens_p90"] = p90
+        out["tokens_p90"] = toks[int(0.9 * (len(toks) - 1))] if toks else 0
     return out
 
 
