@@ -357,13 +357,19 @@ def run(
     return (128 - rc if sandboxed and rc > 128 else rc), out, reason, leftover
 
 
+# A .pyc is trusted while its source keeps its size and its mtime in whole seconds: an edit of
+# the same size within a second (an agent's edit_file, then bash) would run the old code (seen as
+# synthetic data that changed between runs of one seed). So none is written.
+NO_BYTECODE = {"PYTHONDONTWRITEBYTECODE": "1"}
+
+
 def sandbox_env(home: str = "/tmp") -> dict:
     """The environment inside: nothing of the caller's (API keys, tokens); a PATH that finds our
     Python; one thread per numeric library (many samples run at once)."""
     path = f"{os.path.dirname(os.path.abspath(sys.executable))}:/usr/local/bin:/usr/bin:/bin"
     env = {"PATH": path, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
     threads = dict.fromkeys(["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"], "1")
-    return env | threads | {"TERM": "dumb"}
+    return env | threads | NO_BYTECODE | {"TERM": "dumb"}
 
 
 def run_command(
@@ -387,7 +393,7 @@ def run_command(
     rc, (out,), reason, _ = run(
         ["bash", "-c", command],
         workdir,
-        dict(os.environ) if off else sandbox_env(),
+        os.environ | NO_BYTECODE if off else sandbox_env(),
         timeout,
         mode,
         network,

@@ -1,6 +1,7 @@
 """Agent tools: confinement to the workdir, edit uniqueness, bash timeout/truncation, validation,
 determinism."""
 
+import functools
 import os
 
 import pytest
@@ -168,3 +169,19 @@ def test_outputs_are_deterministic(wd):
         ("read_file", {"path": "sub/b.txt"}),
     ]
     assert [run_tool(n, a, wd) for n, a in calls] == [run_tool(n, a, wd) for n, a in calls]
+
+
+@pytest.mark.parametrize("sandbox", ["workspace-write", "off"])
+def test_bash_runs_an_edited_module_not_its_stale_bytecode(wd, monkeypatch, sandbox):
+    """An edit that keeps a module's size and mtime (an agent's edit within the same second) must
+    run the new code: Python would trust a cached .pyc, so none is written."""
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    (wd / "lib.py").write_text("X = 1\n")
+    (wd / "main.py").write_text("import lib\nprint(lib.X)\n")
+    run = functools.partial(run_tool, "bash", {"command": "python main.py"}, wd, sandbox=sandbox)
+    assert run().startswith("1")
+    mtime = os.stat(wd / "lib.py").st_mtime_ns
+    edit = {"path": "lib.py", "old_string": "X = 1", "new_string": "X = 2"}
+    assert not run_tool("edit_file", edit, wd, sandbox=sandbox).startswith("error")
+    os.utime(wd / "lib.py", ns=(mtime, mtime))
+    assert run().startswith("2")
