@@ -268,7 +268,7 @@ def run_tool(
             out = tool.get(name, grep)(workdir=workdir, **arguments)
     except ValueError as e:
         out = f"error: {e}"
-    except Exception as e:  # noqa: BLE001 -- the model gets the failure as text, the session goes on
+    except Exception as e:  # noqa: BLE001 -- the model gets the failure as text, and goes on
         out = f"error: {type(e).__name__}: {e}"
     if shown_as is not None:
         out = out.replace(str(workdir.resolve()), shown_as).replace(str(workdir), shown_as)

@@ -77,7 +77,7 @@ impl<'a> Gpt4Split<'a> {
     #[inline(always)]
     fn at(&self, i: usize) -> Option<(u8, char, usize)> {
         let &byte = self.text.as_bytes().get(i)?;
-        // ASCII (most of any code) without the general UTF-8 decoder: a few percent of training time
+        // ASCII (most of any code) skips the general UTF-8 decoder: a few percent of training time
         let c = if byte < 0x80 { byte as char } else { self.text[i..].chars().next()? };
         Some((self.table[c as usize], c, i + c.len_utf8()))
     }
