@@ -15,8 +15,10 @@ there is).
 """
 
 import json
+import math
 import os
 import re
+import sys
 from pathlib import Path
 
 from nanocode import sandbox as sb
@@ -117,12 +119,24 @@ def validate_tool_call(obj, tools: dict | None = None) -> str | None:
     return None
 
 
+def finite_number(text: str) -> float:
+    """json.loads's parser of the model's numbers: the nearest double, as for 1e-999 (0.0), also
+    for 1e999, which a JSON grammar allows: the largest double of its sign, not an inf that a
+    reply's strict JSON could not carry (the server would fail)."""
+    value = float(text)
+    return value if math.isfinite(value) else math.copysign(sys.float_info.max, value)
+
+
+def no_constant(text: str):
+    raise ValueError(f"{text} is not JSON")  # NaN and Infinity, which json.loads would take
+
+
 def parse_tool_call(text: str, tools: dict | None = None):
     """(call, None) for the text a model wrote between <|tool_start|> and <|tool_end|> when it is a
     valid call of one of `tools` (default: ours), else (None, the problem)."""
     try:
-        call = json.loads(text)
-    except json.JSONDecodeError as e:
+        call = json.loads(text, parse_float=finite_number, parse_constant=no_constant)
+    except ValueError as e:  # (json.JSONDecodeError is one)
         return None, f"the tool call is not valid JSON ({e})"
     err = validate_tool_call(call, tools)
     return (call, None) if err is None else (None, err)

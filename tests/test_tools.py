@@ -3,6 +3,7 @@ determinism."""
 
 import functools
 import os
+import sys
 
 import pytest
 
@@ -185,3 +186,23 @@ def test_bash_runs_an_edited_module_not_its_stale_bytecode(wd, monkeypatch, sand
     assert not run_tool("edit_file", edit, wd, sandbox=sandbox).startswith("error")
     os.utime(wd / "lib.py", ns=(mtime, mtime))
     assert run().startswith("2")
+
+
+def test_numbers_in_a_call_are_ones_a_reply_can_carry():
+    """A grammar lets a model write 1e999 for a "number" (json.loads makes it inf, which the
+    server's strict JSON reply could not carry): it becomes the largest double; NaN and Infinity
+    (not JSON) make the call malformed."""
+    text = '{"name": "get_weather", "arguments": {"city": "Oslo", "days": NUMBER}}'
+    schemas = {
+        "get_weather": {"properties": {"city": {"type": "string"}, "days": {"type": "number"}}}
+    }
+    for number, value in [
+        ("15", 15),
+        ("-1e999", -sys.float_info.max),
+        ("1e999", sys.float_info.max),
+    ]:
+        call, err = tools.parse_tool_call(text.replace("NUMBER", number), schemas)
+        assert err is None and call["arguments"]["days"] == value, err
+    for number in ["NaN", "Infinity", "-Infinity"]:
+        call, err = tools.parse_tool_call(text.replace("NUMBER", number), schemas)
+        assert call is None and "not valid JSON" in err, err
