@@ -99,6 +99,11 @@ def trained_tokenizer(texts, vocab_size=300):
     return Tokenizer.train(list(texts), vocab_size=vocab_size)
 
 
+def corpus_text(name: str) -> str:
+    """A fixed text to train a test tokenizer on (tests/fixtures/tokenizer_corpus says why)."""
+    return (REPO / "tests" / "fixtures" / "tokenizer_corpus" / f"{name}.py.txt").read_text()
+
+
 def real_tokenizer():
     """A tiny trained tokenizer saved where get_tokenizer() (and so every script) finds it: the base
     dir."""
@@ -106,7 +111,7 @@ def real_tokenizer():
     from nanocode.tokenizer import get_tokenizer
 
     if not (get_base_dir() / "tokenizer").exists():
-        texts = [REPO.joinpath(p).read_text() for p in ("nanocode/engine.py", "nanocode/tools.py")]
+        texts = [corpus_text("engine"), corpus_text("tools")]
         trained_tokenizer(texts, vocab_size=512).save(get_base_dir() / "tokenizer")
     return get_tokenizer()
 

@@ -13,6 +13,7 @@ from nanocode.common import NanocodeError
 from nanocode.export import export_model, load_exported, load_weights
 from tests.helpers import (
     REPO,
+    corpus_text,
     real_tokenizer,
     save_tiny_checkpoint,
     script_env,
@@ -35,7 +36,7 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    tok = trained_tokenizer([REPO.joinpath("nanocode/export.py").read_text()], vocab_size=300)
+    tok = trained_tokenizer([corpus_text("export")], vocab_size=300)
     model = tiny_model(tok.vocab_size, sequence_len=64)
     out = export_model(
         model, tok, tmp_path_factory.mktemp("export") / "tiny", {"phase": "sft", "step": 7}

@@ -7,7 +7,6 @@ fields that choose a grammar."""
 import json
 import re
 from operator import ge, gt, le
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from nanocode.grammar import (
 )
 from nanocode.tokenizer import N_SPECIAL, SPECIAL_TOKENS
 from nanocode.tools import TOOLS
-from tests.helpers import nudged_model, real_tokenizer, trained_tokenizer
+from tests.helpers import corpus_text, nudged_model, real_tokenizer, trained_tokenizer
 
 try:
     from jsonschema import validate
@@ -81,7 +80,7 @@ CLIENT_TOOLS = {"get_weather": WEATHER, "place_order": EVERY_KEYWORD, "ping": No
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [Path("nanocode/tools.py").read_text(), json.dumps([WEATHER, EVERY_KEYWORD] * 20)]
+    texts = [corpus_text("tools"), json.dumps([WEATHER, EVERY_KEYWORD] * 20)]
     return trained_tokenizer(texts, vocab_size=400)
 
 
