@@ -257,9 +257,14 @@ class Matcher:
         """The engine's constraint hook: the row's logits (V,), forbidden tokens set to -inf."""
         apply_bitmask(logits, self.bitmask())
 
-    def accept(self, *tokens: int) -> None:
-        if self.pending is not None:  # the computation reads the state this changes: let it finish
+    def _wait(self) -> None:
+        """The mask computation holds the matcher (llguidance raises "Already mutably borrowed" at
+        any other call meanwhile): let it finish."""
+        if self.pending is not None:
             self.pending.result()
+
+    def accept(self, *tokens: int) -> None:
+        self._wait()
         # One by one: consume_tokens([<|assistant_end|>]) fails once the grammar is complete, where
         # consume_token takes it (llguidance 1.9.1).
         if not all(self.matcher.consume_token(t) for t in tokens):
@@ -269,6 +274,7 @@ class Matcher:
 
     @property
     def done(self) -> bool:
+        self._wait()
         return self.matcher.is_stopped()
 
 

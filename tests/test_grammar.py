@@ -6,6 +6,7 @@ fields that choose a grammar."""
 
 import json
 import re
+import time
 from operator import ge, gt, le
 
 import pytest
@@ -201,6 +202,25 @@ def test_required_replies_open_with_a_valid_call(tok, tools, draws):
         assert parts[0][0] == "call", parts
         names.update(json.loads(t)["name"] for t in check_calls(parts, tools))
     assert names == set(tools), "every tool is reachable"
+
+
+def test_done_waits_for_the_mask_being_computed(tok, monkeypatch):
+    """With overlap, accept() starts the next mask on a thread, which holds the matcher: reading
+    `done` meanwhile raised "Already mutably borrowed" (seen once in CI). It must wait instead."""
+    finished, compute = [], Matcher._compute
+
+    def slow_compute(self):
+        time.sleep(0.2)
+        bits = compute(self)
+        finished.append(True)
+        return bits
+
+    monkeypatch.setattr(Matcher, "_compute", slow_compute)
+    matcher = Matcher(compile_grammar(tok, {"get_weather": WEATHER}, "required"), overlap=True)
+    matcher.accept(CALL)  # waits for the first mask, then starts the next one
+    assert len(finished) == 1
+    assert not matcher.done
+    assert len(finished) == 2, "done read the matcher while its next mask was being computed"
 
 
 def test_auto_text_and_calls_that_match(tok):
