@@ -44,8 +44,9 @@ REPO = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["rope_qknorm", "relu2_mlp", "softcap_ce", "newton_schulz", "kernel_configs", "fp8"]
 SMOKE_KERNEL_TESTS = "dispatch or bad_inputs or input_errors or small_shapes or every_config"
 # bench.mfu's flags in the smoke run: a depth-1 model on the CPU, one step
-SMOKE_MFU = "--device cpu --depth 1 --seq-len 32 --device-batch-size 2 --vocab-size 97 --warmup 1 "
-SMOKE_MFU += "--steps 1"
+SMOKE_MFU = (
+    "--device cpu --depth 1 --seq-len 32 --device-batch-size 2 --vocab-size 97 --warmup 1 --steps 1"
+)
 
 
 def get_args(argv=None):

@@ -152,13 +152,18 @@ def time_variant(name, args, device):
         elapsed = time.perf_counter() - t0
     if not torch.isfinite(loss):
         raise NanocodeError(f"variant {name}: the loss is {loss.item()} (not finite)")
-    tokens = args.device_batch_size * args.seq_len * args.steps
-    r = dict(variant=name, kernels=impl or "triton", compile=use_compile)
-    r.update(ms_per_step=1e3 * elapsed / args.steps, tok_per_s=tokens / elapsed, warmup_s=warmup_s)
-    r.update(loss=loss.item(), num_params=model.num_params())
     cuda = device.type == "cuda"
-    r.update(peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None)
-    return r
+    return dict(
+        variant=name,
+        kernels=impl or "triton",
+        compile=use_compile,
+        ms_per_step=1e3 * elapsed / args.steps,
+        tok_per_s=args.device_batch_size * args.seq_len * args.steps / elapsed,
+        warmup_s=warmup_s,
+        loss=loss.item(),
+        num_params=model.num_params(),
+        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+    )
 
 
 def fmt(v, f, missing="n/a"):

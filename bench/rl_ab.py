@@ -131,13 +131,20 @@ def run_result(name, seed, args):
         return None
     curve = {k: [v for _, v in points] for k, points in c.items()}
     step_s = sum(curve["step_s"])
-    r = dict(row=name, seed=seed, flags=ROWS[name].split(), pass_at_1=evals)
-    r.update(mean=statistics.mean(evals), reward=curve["reward"], pass_rate=curve["pass_rate"])
-    r.update(malformed=curve["malformed_call"], step_seconds=round(step_s))
-    r.update(sampling_share=sum(curve["sample_s"]) / step_s)
-    r.update(verifying_share=sum(curve["verify_s"]) / step_s)
-    r.update(completions_per_s=statistics.median(curve["completions_per_s"]))
-    return r
+    return dict(
+        row=name,
+        seed=seed,
+        flags=ROWS[name].split(),
+        pass_at_1=evals,
+        mean=statistics.mean(evals),
+        reward=curve["reward"],
+        pass_rate=curve["pass_rate"],
+        malformed=curve["malformed_call"],
+        step_seconds=round(step_s),
+        sampling_share=sum(curve["sample_s"]) / step_s,
+        verifying_share=sum(curve["verify_s"]) / step_s,
+        completions_per_s=statistics.median(curve["completions_per_s"]),
+    )
 
 
 def sd(xs):
