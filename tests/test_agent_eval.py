@@ -4,6 +4,7 @@ hostile transcripts are contained; bad suites, verifiers and transcript files gi
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -148,8 +149,11 @@ def test_bad_suite_verifier_and_transcripts_are_clear_errors(suite, tmp_path):
 
     broken = dict(suite[0], verify="no-such-verifier-command --check")
     root = agent_tasks.scratch(broken)
-    with pytest.raises(NanocodeError, match=f"task {broken['id']}: the verifier cannot run"):
-        verify(broken, root, "")
+    try:
+        with pytest.raises(NanocodeError, match=f"task {broken['id']}: the verifier cannot run"):
+            verify(broken, root, "")
+    finally:
+        shutil.rmtree(root)  # scratch() dirs are the caller's to remove
 
     by_id = {t["id"]: t for t in suite}
     lines = [
