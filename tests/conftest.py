@@ -2,6 +2,7 @@
 PyTorch references as the default kernels (kernel tests opt in to Triton with NANOCODE_KERNELS)."""
 
 import os
+import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -14,6 +15,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("NANOCODE_KERNELS", "torch")
 os.environ["NANOCODE_BASE_DIR"] = tempfile.mkdtemp(prefix="nanocode-test-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # the base dir holds every test checkpoint (~3 MB a run): without this each run left one behind
+    shutil.rmtree(os.environ["NANOCODE_BASE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
