@@ -71,6 +71,9 @@ def run_logged(cmd, log, env=None, timeout=900):
 
 
 def step_kernel_tests(ctx):
+    """The kernel test files in this process (smoke: only the -k subset), their outcomes counted
+    by a small pytest plugin; passes when pytest exits 0 with at least one test passed. A test file
+    missing from this checkout is named in the detail, not failed."""
     import pytest
 
     n = collections.Counter()
@@ -115,6 +118,9 @@ def train_steps(device, impl, depth, T, B, vocab, steps=3):
 
 
 def step_inductor_ab(ctx):
+    """The same tiny model trained twice under torch.compile, default kernels vs the references:
+    the max relative loss difference over 3 steps and the max relative gradient error over the
+    parameters at the third, against tolerances sized for fp32 on the CPU and for bf16 on CUDA."""
     import math
 
     depth, T, B, vocab = (1, 32, 2, 97) if ctx.smoke else (2, 256, 8, 4096)
@@ -141,6 +147,8 @@ def step_bench_kernels(ctx):
 
 
 def step_bench_mfu(ctx):
+    """bench.mfu in a subprocess; on the GPU its saved mfu_d12.json is read back so the detail
+    names each variant's tok/s, and a variant that recorded an error fails the step."""
     flags = "--depth 12 --warmup 3 --steps 5 --variants triton,compile --save"
     flags = SMOKE_MFU + " --variants eager" if ctx.smoke else flags
     code = run_logged([sys.executable, "-m", "bench.mfu", *flags.split()], ctx.log)
@@ -155,6 +163,9 @@ def step_bench_mfu(ctx):
 
 
 def step_fp8(ctx):
+    """bench.mfu's triton and fp8 variants timed in this process: tok/s, MFU against the bf16
+    peak (GPU only) and the fp8 / triton speedup. Passes unless a variant raises; skipped (a pass)
+    where the device has no FP8 matmuls."""
     import torch
 
     from bench.mfu import get_args, time_variant
@@ -196,6 +207,10 @@ def prepare_corpus(base, vocab):
 
 
 def step_resume(ctx):
+    """Two base_train runs on a stdlib corpus in a temporary base dir: one straight to step 20,
+    one SIGKILLed after step 15 and resumed from its step-10 checkpoint. Passes when the resumed
+    run's losses at steps 11-20 match the straight run's: exactly on the CPU, on the GPU within a
+    tolerance scaled by how far two fresh runs already differ at steps 1-10."""
     from nanocode.checkpoint import checkpoint_dir, load_meta
 
     base = ctx.work / "resume"

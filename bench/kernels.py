@@ -87,6 +87,9 @@ def randn(device, dtype, *shape, scale=1.0):
 
 
 def rope_qknorm_case(device, dtype, B, T, H, D):
+    """RoPE then RMSNorm of one layer's q and k (B, T, H heads of D), fused; as many kv heads as
+    query heads, cos/sin tables (T, D/2) of random angles. Liger's peer is its RoPE followed by
+    its RMSNorm (`liger` below)."""
     rq = importlib.import_module("kernels.rope_qknorm")
     lf, _ = liger_functional(device)
 
@@ -110,6 +113,8 @@ def rope_qknorm_case(device, dtype, B, T, H, D):
 
 
 def relu2_mlp_case(device, dtype, M, C):
+    """The MLP relu(x w_fcᵀ)² w_projᵀ on M tokens of width C, hidden 4C, each weight scaled by
+    1/sqrt(its fan-in) so the activations stay O(1). Liger has no such op."""
     mlp, H = importlib.import_module("kernels.relu2_mlp"), 4 * C
 
     def make_inputs():
@@ -202,6 +207,9 @@ CASES = [
 
 
 def build_cases(device, dtype, tiny=False, only=None):
+    """Every builder of CASES at its tiny shape (`tiny`) or at each of DEPTHS (one "d12/d20" case
+    where the shape is the same at every depth), the tag appended to the case's name. `only`: keep
+    the cases whose name contains one of these substrings (all are built first)."""
     cases = []
     for build, tiny_shape, at_depth in CASES:
         one = not callable(at_depth)  # the same shape at every depth: one case

@@ -110,6 +110,9 @@ def evaluate(source, tag, eval_seed, log_dir):
 
 
 def train(name, seed, args):
+    """Trains one row at one seed from sft/rl_ab (skipped when its rl checkpoint exists), then
+    evaluates it at every eval seed; returns those pass@1 values (main reads them back from the
+    logs through run_result)."""
     tag, log_dir = tag_of(name, seed), Path(args.log_dir)
     if not list_steps(checkpoint_dir("rl", tag)):
         t0 = time.time()
@@ -152,6 +155,10 @@ def sd(xs):
 
 
 def write(before, runs, args, wall):
+    """Writes rl_ab.json (the setup, the SFT checkpoint's pass@1 per eval seed `before`, every
+    run), rl_ab.md (a line per run, then per row the mean and sd of its runs' means) and
+    rl_ab.png (reward and malformed-call curves, EMA-smoothed, and each run's mean pass@1 +- 2
+    standard errors against the SFT band). wall: the bench's seconds."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count()

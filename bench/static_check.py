@@ -62,6 +62,10 @@ class StandInDriver:
     arch: each arch gets its own JIT cache."""
 
     def __init__(self, arch):
+        """`utils` is the driver itself: Triton asks driver.active.utils for load_binary and the
+        device properties. The shared-memory limit is huge so that Triton's own check never
+        fires: problems() reports the real one per arch. launcher_cls makes no launcher: nothing
+        is launched."""
         self.utils = self
         self.get_current_target = lambda: GPUTarget("cuda", arch, 32)
         self.get_current_device = lambda: arch
@@ -178,6 +182,9 @@ def measure(arch, cubin, shared, warps):
 
 
 def problems(row, arch, dot):
+    """Why one row fails (empty: it passes): its compile error; else more shared memory than a
+    block may have on `arch` and, except in fp32 (tests only: may spill), any spill or a dot
+    kernel without tensor-core instructions."""
     if "error" in row:
         return [row["error"]]
     out, half = [], row["dtype"] != "fp32"
@@ -231,6 +238,8 @@ HEAD = HEAD.split("|") + ["compile s", "problems"]
 
 
 def format_row(r):
+    """One row's cells in HEAD's order; a variant that did not compile has "-" in the measured
+    columns."""
     cells = [r["kernel"], r["variant"], r["dtype"], r["config"]] + ["-"] * 7
     if "regs" in r:
         tc = ", ".join(f"{op} {n}" for op, n in r["tensor_core"].items()) or "-"

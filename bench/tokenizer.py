@@ -94,6 +94,9 @@ def train(trainer: str, docs: list[str], vocab_size: int, pypi_dir: str) -> list
 
 
 def worker(args):
+    """The body of one `run` subprocess (--worker NAME): reads the corpus, times training alone,
+    writes the token bytes (pickled) to --tokens-out for the merge check, and prints its numbers
+    as one JSON line on stdout for `run` to parse."""
     docs = read_corpus(args.mb)
     rss_loaded = max_rss_mb()
     t0, cpu0 = time.perf_counter(), time.process_time()

@@ -146,6 +146,10 @@ def corpus_tokens(tokenizer, name, sample_docs=200):
 
 
 def main(argv=None):
+    """Setup (the model and the plan that follows from its size: batch, steps, learning rates,
+    weight decay; optimizers, the data loader, the data-horizon check), the closures the loop calls
+    (evaluate, loss_fn, schedule, batches), the loop and its checkpoints (training.train), then
+    the report (log_stage, rank 0)."""
     args = get_args(argv)
     _, rank, _, world_size, device = compute_init(args.device_type)
     torch.manual_seed(args.seed)
@@ -243,6 +247,9 @@ def main(argv=None):
     prompts = ["def fibonacci(n):", "import os\n", "class Stack:\n    def"]
 
     def evaluate(step):
+        """Held-out bits per byte over eval_steps batches of the val split, without FIM and with
+        seed 0, so every evaluation reads the same tokens; rank 0 also prints greedy completions
+        of `prompts` at the --sample-every steps and at the last one."""
         val_loader = loader(split="val", fim_rate=0.0, seed=0, name=args.data_name)
         with amp:
             bpb = evaluate_bpb(model, (next(val_loader) for _ in range(eval_steps)), token_bytes)

@@ -51,6 +51,9 @@ class Approver:
         self.always, self.interactive, self.label = yes, interactive, label
 
     def __call__(self, name, arguments) -> bool:
+        """Asks until the answer is one it knows; "always" approves this call and every later
+        one. Without a terminal (and without --yes) every call is refused, and so is one whose
+        question meets the end of input."""
         if self.always:
             return True
         if not self.interactive:

@@ -129,6 +129,10 @@ def reference_logps(model, pairs, batch_size, pad_id, device, amp):
 
 @torch.no_grad()
 def evaluate_pairs(model, pairs, kinds, ref_c, ref_r, args, pad_id, device, amp) -> dict:
+    """Held-out metrics of the policy against the reference log-probs ref_c / ref_r (one per
+    pair, in order), in batches of args.batch_size: the DPO/IPO loss without the NLL term, reward
+    accuracy (also per kind), ties, margin, the mean rewards, and logp_accuracy (chosen has the
+    higher per-token log-prob under the policy alone, no reference)."""
     parts = []
     for i in range(0, len(pairs), args.batch_size):
         pc, pr, nc, nr = pair_logps(model, pairs[i : i + args.batch_size], pad_id, device, amp)
@@ -187,6 +191,10 @@ def self_pairs(model, tokenizer, spec: str, G: int, max_tokens: int, seed: int):
 
 
 def main(argv=None):
+    """Setup (the SFT model, its own pairs with --self-pairs, the rendered pairs, the validity
+    prompts), the reference log-probs computed once before any update, the closures the loop
+    calls (batches, loss_fn, evaluate), the loop and its checkpoints (training.train), then the
+    report (log_stage, rank 0)."""
     args = get_args(argv)
     _, rank, _, world_size, device = compute_init(args.device_type)
     torch.manual_seed(args.seed)
@@ -249,6 +257,9 @@ def main(argv=None):
     )
 
     def loss_fn(idx):
+        """One micro-batch of train pair indices: the mean DPO/IPO loss against the precomputed
+        reference, plus --nll-weight times the chosen sides' per-token NLL (RPO); the metrics are
+        the micro-batch's."""
         pc, pr, nc, nr = pair_logps(model, [train[i] for i in idx], pad_id, device, amp)
         rc, rr = ref_train[:, idx]
         losses, c_reward, r_reward = dpo_loss(pc, pr, rc, rr, args.beta, args.loss, nc, nr)
@@ -264,6 +275,8 @@ def main(argv=None):
         }
 
     def evaluate(step):
+        """Rank 0 only (the others return None): the held-out pair metrics, and tool-call
+        validity at the first and the last step alone (the report gives those two apart)."""
         if rank != 0:
             return None
         m = evaluate_pairs(model, val, val_kinds, *ref_val, args, pad_id, device, amp)

@@ -68,6 +68,8 @@ parser.add_argument(
 
 
 def parse_ks(text: str) -> list[int]:
+    """-k's comma-separated values, sorted and deduplicated, with 1 always among them: the last
+    line printed is pass@1."""
     try:
         ks = sorted({int(k) for k in text.split(",") if k.strip()} | {1})
     except ValueError:

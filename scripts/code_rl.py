@@ -162,6 +162,10 @@ def all_reduce_stats(stats: dict, device) -> dict:
 
 
 def main(argv=None):
+    """Setup (the source checkpoint, the train and held-out tasks, a frozen copy for --kl-coef),
+    the closures the loop calls (batches: sampling and scoring the step's rollouts; loss_fn,
+    step_metrics, evaluate), --eval-only's early exit, the loop and its checkpoints
+    (training.train), then the report (log_stage, rank 0)."""
     args = get_args(argv)
     _, rank, _, world_size, device = compute_init(args.device_type)
     torch.manual_seed(args.seed)
@@ -194,6 +198,11 @@ def main(argv=None):
     last = {}  # the step's sampling stats, all ranks: for its loss's scale and its metrics
 
     def batches(step):
+        """The step's rollouts as micro-batches of (row, advantage). The K tasks are a draw
+        seeded by --seed and the step alone (a task list shorter than K wraps around); this rank
+        samples and scores its contiguous share in eval mode. Rows with advantage 0 carry no
+        gradient and are left out unless the KL term needs them. The step's all-rank stats and
+        the loss's scale go to `last`."""
         rng = random.Random(args.seed * 1_000_003 + step)
         picks = rng.sample(range(max(K, len(train_tasks))), K)
         mine = [train_tasks[i % len(train_tasks)] for i in picks][rank * k : (rank + 1) * k]
@@ -218,6 +227,9 @@ def main(argv=None):
         return loss, {"pg_loss": loss.detach()}
 
     def step_metrics(step):
+        """The step's logged metrics from `last` (all ranks): per completion the mean reward, pass
+        rate and the call, cut-off and verifier-status rates; the sampling and verifying seconds,
+        sampled tokens, completions per second of sampling."""
         n, sample_s = max(last["completions"], 1), last["sample_s"]
         rates = ["reward", "valid_call", "malformed_call", "cut_off", *STATUSES]
         out = {key: last[key] / n for key in rates}
@@ -226,6 +238,9 @@ def main(argv=None):
         return out
 
     def evaluate(step):
+        """Held-out pass@1, mean reward and valid-call rate: --eval-samples samples per held-out
+        task at a seed set by --eval-seed alone, the tasks split into contiguous shares over
+        ranks and the counts all-reduced. Returns the metrics on rank 0, None on the others."""
         per = -(-len(val_tasks) // world_size)
         mine = val_tasks[rank * per : (rank + 1) * per]
         stats = dict.fromkeys(["passed", "reward", "valid_call", "completions"], 0)

@@ -98,6 +98,9 @@ def render_rows(tokenizer, convs, max_len: int) -> list[tuple[list[int], list[in
 
 
 def main(argv=None):
+    """Setup (the base checkpoint, the mix rendered to rows, the held-out tool-call prompts), the
+    closures the loop calls (batches, loss_fn, evaluate), the loop and its checkpoints
+    (training.train), then the report (log_stage, rank 0): the first evaluation against the last."""
     args = get_args(argv)
     _, rank, _, world_size, device = compute_init(args.device_type)
     torch.manual_seed(args.seed)
@@ -152,6 +155,9 @@ def main(argv=None):
     mine, size = val_rows[rank::world_size], args.batch_size // world_size
 
     def evaluate(step):
+        """Held-out loss per assistant token (each rank sums its share of the rows, loss_sums
+        all-reduces), then on rank 0 alone the greedy tool-call validity of `prompts`. Returns
+        the metrics on rank 0, None on the others."""
         val = (pad_batch(mine[i : i + size], pad_id, device) for i in range(0, len(mine), size))
         with amp:  # every rank its share of the held-out rows
             nats, _, count = loss_sums(model, val, device)[0].tolist()

@@ -301,6 +301,8 @@ class Workspaces:
         self.dirs, self.lock = OrderedDict(), threading.Lock()
 
     def get(self, cid: str | None) -> tuple[str, Path]:
+        """(conversation_id, directory): cid's own (now the most recent), or for None a fresh
+        copy under a new id, the oldest deleted beyond `limit`. An unknown cid is a 400."""
         with self.lock:
             if cid is not None:
                 if cid not in self.dirs:
@@ -337,6 +339,11 @@ def call_of(part: dict) -> dict:
 
 
 def create_app(engines, args, fingerprint: str = "fp_unknown"):
+    """The FastAPI app: the API-key and CORS middleware, then the endpoints of the module
+    docstring. `engines` are the replicas, lent through a queue of free ones; each request
+    generates in a thread of its own (start), whose events reach the async handlers through an
+    asyncio.Queue. `admitted` holds the requests waiting for or holding a replica, for the 429
+    limit."""
     from fastapi import FastAPI, Request
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -388,6 +395,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
     app.add_middleware(CORSMiddleware, allow_headers=headers, **cors)
 
     async def read_body(request: Request) -> bytes:
+        """The body, read chunk by chunk so that one over --max-body-bytes is refused (413) as
+        soon as it passes the limit, never held whole in memory."""
         body = b""
         async for chunk in request.stream():
             body += chunk
@@ -396,6 +405,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         return body
 
     def grammar_of(spec):
+        """parse_request's grammar spec (compile_grammar's arguments) compiled for the tokenizer
+        every replica shares; what the schema check or llguidance refuses is a 400."""
         from nanocode.grammar import compile_grammar
 
         try:  # (cached: milliseconds once per distinct tools, tool_choice and response_format)
@@ -422,6 +433,9 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             put((row, event))
 
         def work():
+            """The thread's body: waits for a free replica, generates unless the client has
+            already gone, and always gives the replica back, forgets the request and ends the
+            event stream (None); a generation error becomes an "error" event for the client."""
             engine = free.get()
             try:
                 if not cancel.is_set():
@@ -497,6 +511,9 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        """Parses and admits a request (429 past the replicas plus --max-queue; server-side tools
+        get the conversation's directory), then answers with one chat.completion or an SSE
+        stream. Compiling the grammar and copying a directory run in threads, off the event loop."""
         try:
             req = parse_request(await read_body(request), args)
             if (spec := req["settings"]["grammar"]) is not None:

@@ -84,6 +84,9 @@ def _prompt(job):
 
 
 def load_corpus(split: str, args) -> synth_corpus.Corpus:
+    """The Python functions (at most 3,000) and the files of the first --max-docs documents of
+    one split of the corpus: what the trajectories are built from. Fewer than 20 functions is an
+    error that says how to build a Python corpus."""
     from nanocode.dataset import iter_documents
 
     docs = list(islice(iter_documents(split, name=args.data_name), args.max_docs))
@@ -117,6 +120,10 @@ def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
 
 
 def build(split: str, n: int, n_pairs: int, n_prompts: int, seed: int, args):
+    """One split in a process pool (each worker gets the corpus once, through _init): n distinct
+    trajectories, n_prompts distinct validity prompts (seed + 7), and a preference pair from each
+    of the first n_pairs trajectories (those that give none are dropped), every record validated.
+    Returns (trajectories, pairs, prompts)."""
     corpus = load_corpus(split, args)
     t0 = time.time()
     init = (corpus, args.kind_weights or None)
@@ -169,6 +176,9 @@ def diversity(records, tokenizer=None) -> dict:
 
 
 def print_table(d: dict):
+    """Prints diversity()'s counts: records and share per kind, tool-call sequences, turns and
+    calls per conversation, the multi-turn / no-tool / denial shares, and the token counts when a
+    tokenizer was there to count them."""
     print0(f"{'kind':<20}{'records':>9}{'share':>8}")
     for k, c in d["kinds"].items():
         print0(f"{k:<20}{c:>9}{c / d['records']:>8.1%}")

@@ -43,6 +43,10 @@ def main():
     stats = {"docs": 0, "chars": 0, "bytes": 0}
 
     def texts():
+        """The train split's documents, each cut to --doc-cap characters, until --max-chars have
+        been yielded (the document that crosses the limit is kept), counted into `stats` as the
+        trainer reads them; surrogatepass: a lone surrogate in a document counts its bytes
+        instead of raising."""
         for doc in iter_documents("train"):
             text = doc["text"][: args.doc_cap]
             stats["docs"] += 1
