@@ -126,6 +126,10 @@ def _sym_matmul_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """out = alpha · P Pᵀ, + beta · add + diag · I with HAS_ADD (fp32 accumulation, rounded once
+    to out's dtype). Grid (tiles, tiles, batch), tiles = cdiv(M, BLOCK_M): program (i, j, b) with
+    i <= j computes tile (i, j) of matrix b and stores it twice, at (i, j) and transposed at
+    (j, i); programs with i > j return at once (the product is symmetric)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m > pid_n:
@@ -203,6 +207,8 @@ def _(G, steps, dtype, coeffs):
 
 
 def _check_inputs(G, steps, dtype, coeffs):
+    """Both paths' checks: G (..., m, n) floating point, steps an int >= 0, dtype a floating
+    torch.dtype, coeffs a non-empty sequence of (a, b, c) triples."""
     fn = "newton_schulz"
     check(G.ndim >= 2, fn, f"G must have at least 2 dims, got {tuple(G.shape)}")
     check(G.dtype.is_floating_point, fn, f"G must be floating point, got {G.dtype}")

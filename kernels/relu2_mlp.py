@@ -130,6 +130,10 @@ def _matmul(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    """c = epilogue(a @ b [* scale]) for a (M, K), b (K, N) read through their strides, fp32
+    accumulation; c (M, N) contiguous in its own dtype. EPILOGUE 1 (RELU2): relu(acc)²; 2
+    (RELU2_GRAD): acc * 2*sqrt(h), h (M, N) contiguous. Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),):
+    one program computes one BLOCK_M x BLOCK_N tile of c."""
     # Grouped order: GROUP_M row-tiles walk the column tiles together, so b's tiles stay in L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -251,6 +255,8 @@ class Relu2MLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        """dz = (dy @ w_proj) * 2*sqrt(h) (M, H) from the fused kernel; dx, dw_fc and dw_proj are
+        plain matmuls, each None where its input needs no gradient."""
         x, w_fc, w_proj, h = ctx.saved_tensors
         dz = _matmul_relu2_grad(dy, w_proj, h)
         dx = dz @ w_fc if ctx.needs_input_grad[0] else None
@@ -268,6 +274,8 @@ def relu2_mlp_triton(x, w_fc, w_proj):
 
 
 def _check_inputs(x, w_fc, w_proj):
+    """Both paths' checks: x (..., C), w_fc (H, C), w_proj (C, H), on one device in one floating
+    dtype."""
     fn = "relu2_mlp"
     shapes = f"{tuple(w_fc.shape)} and {tuple(w_proj.shape)}"
     check(x.ndim >= 1, fn, "x must have a feature dimension (..., C)")

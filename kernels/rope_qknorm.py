@@ -129,6 +129,10 @@ def _rope_qknorm_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
+    """out = rms_norm(rope(x)) per head, in fp32 registers, stored in the outputs' dtype (the
+    inputs'), plus the fp32 rstd of each row. x (B, T, H, D) through its strides, outputs
+    contiguous, D = 2 * HALF. Grid (cdiv(B*T, BLOCK_T),): one program does BLOCK_T tokens, every
+    head of q, then of k."""
     r, cols, mask, c, s = _tokens(cos_ptr, sin_ptr, NT, T, HALF, BLOCK_D, BLOCK_T)
     for i in tl.static_range(2):  # q, then k
         H, st = heads[i], strides[i]
@@ -161,6 +165,9 @@ def _rope_qknorm_bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
+    """dq, dk (contiguous, the outputs' dtype) from the saved outputs and rstds and the output
+    gradients (through their strides), in fp32: the RMSNorm backward in terms of its output, then
+    the rotation transposed. Grid and programs as the forward's."""
     r, cols, mask, c, s = _tokens(cos_ptr, sin_ptr, NT, T, HALF, BLOCK_D, BLOCK_T)
     for i in tl.static_range(2):
         H, st = heads[i], strides[i]
@@ -252,6 +259,8 @@ def rope_qknorm_triton(q, k, cos, sin, eps=1e-6):
 
 
 def _check_inputs(q, k, cos, sin):
+    """Both paths' checks: q (B, T, Hq, D) and k (B, T, Hk, D) with one even D, cos and sin
+    (T, D/2), all on one device in one floating dtype."""
     fn = "rope_qknorm"
     shapes = f"{tuple(q.shape)} and {tuple(k.shape)}"
     check(q.ndim == 4 and k.ndim == 4, fn, f"q and k must be (B, T, H, D), got {shapes}")

@@ -74,6 +74,8 @@ CHUNK_BYTES = 512 << 20  # linear_softcap_cross_entropy: most bytes of one chunk
 def softcap_cross_entropy_reference(
     logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"
 ):
+    """The loss in plain PyTorch: logits (N, V), targets (N,); softcap and cross-entropy in fp32,
+    then _reduce. Its backward is autograd's, through the fp32 (N, V) copies."""
     z = softcap * torch.tanh(logits.float() / softcap)
     loss = F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="none")  # 0 if ignored
     # _reduce's mean over zero non-ignored rows is 0 (and so are its gradients), where
@@ -265,6 +267,7 @@ def _launch_ce(
 def _softcap_ce_fwd(
     logits: Tensor, targets: Tensor, softcap: float, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
+    """-> per-row loss and lse, (N,) fp32 each, for logits (N, V) with unit column stride."""
     loss, lse = (empty(logits.shape[:1], torch.float32, logits.device) for _ in range(2))
     _launch_ce(FWD, logits, targets, lse, softcap, ignore_index, loss=loss)
     return loss, lse
@@ -279,6 +282,8 @@ def _(logits, targets, softcap, ignore_index):
 def _softcap_ce_bwd(
     logits: Tensor, targets: Tensor, lse: Tensor, dloss: Tensor, softcap: float, ignore_index: int
 ) -> Tensor:
+    """-> dlogits (N, V) in logits' dtype, from the forward's lse and the per-row output gradient
+    dloss (N,) (any stride: a sum's gradient arrives expanded, stride 0)."""
     dlogits = empty(logits.shape, logits.dtype, logits.device)
     _launch_ce(BWD, logits, targets, lse, softcap, ignore_index, dloss=dloss, dlogits=dlogits)
     return dlogits
@@ -307,6 +312,8 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
 
 def _reduce(loss, targets, ignore_index, reduction):
+    """Per-row losses (N,) -> "none": as they are; "sum"; "mean": the sum over the count of
+    non-ignored rows, at least 1 (so a batch of ignored rows gives 0, never NaN)."""
     if reduction == "none":
         return loss
     if reduction == "sum":
@@ -315,6 +322,8 @@ def _reduce(loss, targets, ignore_index, reduction):
 
 
 def _check_common(fn, targets, N, softcap, reduction, device):
+    """The checks both losses share: targets (N,) int64 or int32 on `device`, softcap > 0, a known
+    reduction."""
     check(targets.shape == (N,), fn, f"targets must be (N,) = ({N},), got {tuple(targets.shape)}")
     ints = targets.dtype in (torch.int64, torch.int32)
     check(ints, fn, f"targets must be int64 or int32, got {targets.dtype}")
@@ -342,6 +351,9 @@ def softcap_cross_entropy_triton(logits, targets, softcap=15.0, ignore_index=-1,
 
 
 def softcap_cross_entropy(logits, targets, softcap=15.0, ignore_index=-1, reduction="mean"):
+    """Cross-entropy of softcap * tanh(logits / softcap), logits (N, V), targets (N,); rows whose
+    target is ignore_index count 0. The Triton kernels on CUDA tensors (and on the CPU under
+    TRITON_INTERPRET=1), the reference otherwise or with NANOCODE_KERNELS=torch."""
     if use_triton(logits, targets):
         return softcap_cross_entropy_triton(logits, targets, softcap, ignore_index, reduction)
     _check_ce(logits, targets, softcap, reduction)
@@ -449,6 +461,9 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, softcap, ignore_index, reduction, with_grad):
+        """With grad and "mean" or "sum", dx and dW of the summed loss are made in this pass and
+        saved (the backward only scales them); with "none" the backward recomputes the logits
+        from the saved x, weight and lse. Without grad nothing is saved."""
         pre = with_grad and reduction != "none"  # gradients made now, scaled in backward
         loss, lse, dx, dw = _linear_ce_fwd(x, weight, targets, softcap, ignore_index, pre)
         ctx.args = (softcap, ignore_index, reduction, with_grad, weight.dtype)
@@ -460,6 +475,9 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dloss):
+        """dloss 0-d ("mean", "sum"): the saved dx and dW times dloss (over the count of
+        non-ignored rows for "mean"); dloss (N,) ("none"): the chunk loop again. -> dx in x's
+        dtype, dW in weight's, None for the other arguments."""
         softcap, ignore_index, reduction, with_grad, w_dtype = ctx.args
         why = "backward called but the forward ran without grad"
         check(with_grad, "linear_softcap_cross_entropy", why)
@@ -475,6 +493,8 @@ class LinearSoftcapCrossEntropy(torch.autograd.Function):
 
 
 def _check_linear(x, weight, targets, softcap, reduction):
+    """Both paths' checks: x (N, C) and weight (V, C) on one device in one floating dtype, then
+    _check_common's."""
     fn = "linear_softcap_cross_entropy"
     shapes = f"{tuple(x.shape)}, {tuple(weight.shape)}"
     check(x.ndim == 2 and weight.ndim == 2, fn, f"x must be (N, C), weight (V, C), got {shapes}")
@@ -500,6 +520,9 @@ def linear_softcap_cross_entropy_triton(
 def linear_softcap_cross_entropy(
     x, weight, targets, softcap=15.0, ignore_index=-1, reduction="mean"
 ):
+    """softcap_cross_entropy(x @ weight.T, targets, ...) for x (N, C), weight (V, C). The Triton
+    path (which never holds all N x V logits: see the module docstring) on CUDA tensors (and on
+    the CPU under TRITON_INTERPRET=1), the reference otherwise or with NANOCODE_KERNELS=torch."""
     args = (x, weight, targets, softcap, ignore_index, reduction)
     if use_triton(x, weight, targets):
         return linear_softcap_cross_entropy_triton(*args)

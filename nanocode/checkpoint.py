@@ -78,6 +78,9 @@ def list_steps(ckpt_dir) -> list[int]:
 
 
 def _load_pt(path: Path, expected_size: int | None, map_location):
+    """torch.load of one checkpoint file, tensors mapped to map_location. NanocodeError when it is
+    missing, its size differs from the metadata's (expected_size; None skips the check) or it
+    does not load."""
     if not path.exists():
         raise NanocodeError(f"checkpoint file missing: {path}")
     size = path.stat().st_size
@@ -96,6 +99,8 @@ def _load_pt(path: Path, expected_size: int | None, map_location):
 
 
 def load_meta(ckpt_dir, step: int | None = None) -> dict:
+    """The metadata dict of `step` (default: the latest complete one, the highest step with a
+    meta_<step>.json). NanocodeError when there is none or it is not valid JSON."""
     ckpt_dir = Path(ckpt_dir)
     steps = list_steps(ckpt_dir)
     if not steps:

@@ -59,6 +59,10 @@ class KVCache:
         self.k, self.v = [None] * num_layers, [None] * num_layers
 
     def feed(self, rows: list[int], starts: list[int], T: int):
+        """Set up the next forward: cache rows `rows` (in the batch's order) get T new tokens
+        each, row j's first at position starts[j]. Raises ValueError when a row would pass
+        max_len. Works out once, for every layer's update(): the positions, how to read and write
+        the rows (slices where possible, index tensors otherwise) and whether a mask is needed."""
         self.rows, self.first, self.end = rows, min(starts), max(starts) + T
         if self.end > self.max_len:
             raise ValueError(f"KV cache overflow: {self.end} positions > {self.max_len}")
@@ -78,6 +82,10 @@ class KVCache:
         self.masks = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
+        """Store `layer`'s new k, v (B, T, Hk, D) at the fed positions; return the fed rows' keys
+        and values from position lo to end, (B, end - lo, Hk, D), where lo is the first key any
+        query's `window` reaches, and their mask (B, 1, T, end - lo), or None where every key is
+        seen. The mask is built once per forward and window, shared by the layers."""
         if self.k[layer] is None:
             shape = (self.batch_size, self.max_len, *k.shape[2:])
             self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
@@ -165,6 +173,9 @@ def encode_with_specials(tokenizer, text: str) -> list[int]:
 
 class Engine:
     def __init__(self, model, tokenizer):
+        """model: a GPT, on the device generation runs on (that of its first parameter or
+        buffer); its config.sequence_len is the context (max_len). tokenizer: a Tokenizer, for
+        rendering, encoding and the special ids (stop ids: <|bos|> and <|assistant_end|>)."""
         self.model, self.tokenizer = model, tokenizer
         self.device = next(itertools.chain(model.parameters(), model.buffers())).device
         self.max_len = model.config.sequence_len
@@ -384,6 +395,9 @@ class Engine:
             rows.append(row)
 
         def take_token(i, t):
+            """Row i's sampled token t: recorded (mask 1) and streamed through its Reply; then
+            the row ends (a stop token or string, or a complete grammar), answers a call just
+            closed, or goes on. A stop token is not appended to row.ids: it is never fed."""
             row = rows[i]
             row.sampled += 1
             row.out.append(t)
@@ -398,7 +412,11 @@ class Engine:
             else:
                 yield from answer(i, *row.reply.closed)
 
-        def answer(i, call, text):  # a closed call: run a valid one (or say why not)
+        def answer(i, call, text):
+            """A closed call: a malformed one (call None) is answered with its error `text`; a
+            valid one ends the reply unrun (stop_at_tool_call) or runs, on a pool thread (row i
+            waits on the Future; the loop below takes the output) or inline for a batch of one.
+            Past the call budget, with tools disabled or unapproved, the answer says why not."""
             row, workdir, approve = rows[i], workdirs[i], approves[i]
             if call is not None:  # (a malformed one is answered with its error)
                 yield i, dict(call)
@@ -421,7 +439,9 @@ class Engine:
                     text = tool_runner(name, arguments, workdir)
             yield from take_output(i, text)
 
-        def take_output(i, text):  # the tool's output (or error, or denial) goes into row i
+        def take_output(i, text):
+            """The tool's output (or error, or denial) goes into row i as forced tokens
+            <|output_start|> text <|output_end|> (mask 0; the grammar is told them too)."""
             row = rows[i]
             row.waiting = None
             yield i, row.reply.tool_output(text)
@@ -433,7 +453,10 @@ class Engine:
             row.mask += [0] * len(forced)
             yield from go_on(i)
 
-        def go_on(i):  # the row samples on, within its budget and its context
+        def go_on(i):
+            """Nothing while the row has budget and room: it samples on. Once it has sampled
+            max_tokens it ends ("length"); when its ids outgrow the context, its oldest turns are
+            dropped (a "notice" event) and the cache is fed its ids again from position 0."""
             row = rows[i]
             if row.sampled >= max_tokens:
                 yield from finish(i, "length")
@@ -442,6 +465,7 @@ class Engine:
                 yield i, {"type": "notice", "text": CONTEXT_NOTICE}
 
         def finish(i, reason):
+            """End row i: flush its Reply's held text, fill results[i], yield the "done" event."""
             row = rows[i]
             row.live = False
             yield from ((i, event) for event in row.reply.finish())
@@ -484,6 +508,10 @@ class Reply:
         self.call_ids = self.closed = self.raw = None
 
     def feed(self, t: int) -> list[dict]:
+        """Take one sampled token; return the text events it completes. <|tool_start|> ends the
+        text part and starts collecting a call; <|tool_end|> parses it into `closed`. Text is
+        decoded from the tokens not yet shown, a partial character or a possible start of a
+        stop string held back."""
         self.closed = None
         if self.call_ids is not None:  # inside a tool call: collect until <|tool_end|>
             if t != self.tool_end:

@@ -78,6 +78,8 @@ class FP8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, out_dtype):
+        """x and w quantized to e4m3, one scale each; their FP8 copies and inverse scales are
+        saved for the backward."""
         x8, inv_x = quantize(x, E4M3)
         w8, inv_w = quantize(w, E4M3)
         ctx.save_for_backward(x8, w8, inv_x, inv_w)
@@ -120,6 +122,8 @@ class FP8Relu2MLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_fc, w_proj, out_dtype):
+        """x (M, C) -> (M, C) in out_dtype: h (M, H) = relu(x8 @ fc8.T)² by the fused kernel in
+        out_dtype, then quantized again to e4m3 for h8 @ proj8.T on _scaled_mm."""
         x8, inv_x = quantize(x, E4M3)
         fc8, inv_fc = quantize(w_fc, E4M3)
         h = torch.ops.nanocode.matmul_relu2(x8, fc8, inv_x * inv_fc, out_dtype)
@@ -131,6 +135,9 @@ class FP8Relu2MLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        """dy quantized to e5m2; dz = (dy @ w_proj) * 2*sqrt(h) by the fused kernel (from h in
+        out_dtype), dw_proj = dy.T @ h8; dz quantized to e5m2 gives dx and dw_fc. Gradients in
+        the inputs' dtypes, None where not needed."""
         x8, fc8, h, h8, proj8, inv_x, inv_fc, inv_h, inv_proj = ctx.saved_tensors
         dy8, inv_dy = quantize(dy, E5M2)
         # the kernel reads w_proj K-major: a (C, H) view of an (H, C) row-major copy
@@ -144,6 +151,8 @@ class FP8Relu2MLP(torch.autograd.Function):
 
 
 def _check(fn, x_shape, weight):
+    """Raise ValueError unless weight is (N, K) with N and K multiples of 16 (cuBLAS's FP8 GEMM)
+    and x_shape ends in K. fp8_relu2_mlp checks w_proj with (H,) as x_shape."""
     K = x_shape[-1]
     if weight.dim() != 2 or weight.size(1) != K or weight.size(0) % 16 or K % 16:
         raise ValueError(

@@ -179,6 +179,9 @@ class Linear(nn.Linear):
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
+        """Projections to n_head query heads and n_kv_head key/value heads of head_dim = n_embd /
+        n_head (grouped-query when fewer), this layer's window, and, on layers with a value
+        embedding, its gate: the first 32 channels of x -> one scalar per kv head."""
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
@@ -196,6 +199,10 @@ class CausalSelfAttention(nn.Module):
             self.ve_gate = nn.Linear(min(C, VE_GATE_CHANNELS), self.n_kv_head, bias=False)
 
     def forward(self, x, ve, cos, sin, kv_cache):
+        """x (B, T, C), normalized -> (B, T, C). ve: this layer's value embedding of the tokens
+        (B, T, Hk*D), or None. cos, sin: the rotary rows of the queries' positions, (T, D/2), or
+        with a cache (B*T, D/2). Without a cache, causal attention over the T positions; with one,
+        the new keys and values go into it and each query sees its row's cached keys."""
         B, T, C = x.shape
         hd = self.head_dim
         q = self.c_q(x).view(B, T, self.n_head, hd)
@@ -234,6 +241,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
+        """x (B, T, C) -> (B, T, C) through the fused ReLU² kernel, in the compute dtype
+        (autocast's when on): the weights are cast to it, except under FP8, which quantizes them
+        from their own dtype."""
         dt, w_fc, w_proj = compute_dtype(x), self.c_fc.weight, self.c_proj.weight
         with nvtx_range("relu2_mlp"):
             if self.fp8 and self.training:  # FP8 reads the weights in their own dtype
@@ -255,6 +265,10 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
+        """The modules, their tensors uninitialized: build_model makes them on the meta device,
+        then init_weights fills them. value_embeds are keyed by layer index (a string, as
+        ModuleDict needs) on the layers that have one; cos and sin are buffers left out of the
+        state dict (init_rotary recomputes them)."""
         super().__init__()
         self.config = config
         vocab = config.vocab_size

@@ -179,6 +179,8 @@ def openai_grammar(request: dict, tools: dict | None, ours: dict) -> tuple | Non
 
 @functools.lru_cache(maxsize=64)
 def _compile(tokenizer, key: str) -> Grammar:
+    """compile_grammar's work, cached by its arguments as one JSON string (dicts are not
+    hashable): the Lark grammar of the module docstring, validated against the tokenizer."""
     tools, tool_choice, answer_schema = json.loads(key)
     rules = [TEXT_RULE]
     if tools:
@@ -264,6 +266,8 @@ class Matcher:
             self.pending.result()
 
     def accept(self, *tokens: int) -> None:
+        """Consume `tokens` in order, then start the next mask (on a thread with overlap). Raises
+        ValueError with llguidance's error where the grammar forbids one."""
         self._wait()
         # One by one: consume_tokens([<|assistant_end|>]) fails once the grammar is complete, where
         # consume_token takes it (llguidance 1.9.1).

@@ -24,6 +24,9 @@ class Muon(torch.optim.Optimizer):
     def __init__(
         self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, rank=0, world_size=1
     ):
+        """params: 2-D tensors only (ValueError otherwise), put in one group per shape.
+        weight_decay: cautious and scaled by lr (the module docstring). rank, world_size: under
+        DDP, which share of each stack this rank orthogonalizes (_orthogonalize)."""
         params = list(params)
         if any(p.ndim != 2 for p in params):
             raise ValueError(
@@ -38,6 +41,10 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        """Per shape group: its gradients stacked (n, rows, cols), one momentum buffer for the
+        stack (kept in the state of the group's first parameter), the (Nesterov) momentum update
+        orthogonalized in one batched call, then p -= lr·sqrt(max(1, rows/cols))·u for each
+        parameter's slice u, with cautious weight decay. Every parameter needs a .grad."""
         for group in self.param_groups:
             params = group["params"]
             grads = torch.stack([p.grad for p in params])

@@ -77,6 +77,8 @@ class Tokenizer:
         return cls([bytes(b) for b, _ in bpe.get_mergeable_ranks()], bpe.get_pattern())
 
     def save(self, directory) -> Path:
+        """Write the two files of the module docstring into `directory` (made if missing); the
+        special tokens are written too, so that load can refuse a mismatch. Returns the path."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         ordinary = enumerate(self.id_bytes[N_SPECIAL:], N_SPECIAL)
@@ -88,6 +90,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory) -> "Tokenizer":
+        """The tokenizer `save` wrote. Raises NanocodeError when a file is missing, corrupt (ids
+        not consecutive from 12, bad base64 or JSON) or names other special tokens than this
+        code's, so that ids are never silently remapped."""
         directory = Path(directory)
         if not (directory / RANKS_FILE).is_file() or not (directory / CONFIG_FILE).is_file():
             raise NanocodeError(
@@ -131,6 +136,8 @@ class Tokenizer:
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode for many texts at once, on tiktoken's threads (8). Every item is checked first,
+        so a TypeError names the first one that is not a str."""
         texts = list(texts)
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
