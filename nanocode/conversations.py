@@ -97,6 +97,8 @@ def validate_conversation(conv, where: str = "conversation", last_role: str | No
 
 
 def validate_preference(pair, where: str = "pair"):
+    """Check a DPO pair {"prompt": a conversation ending with a user message, "chosen" and
+    "rejected": one assistant message each}; returns it, or raises NanocodeError naming `where`."""
     if not isinstance(pair, dict) or not all(k in pair for k in ("prompt", "chosen", "rejected")):
         raise NanocodeError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected'")
     validate_conversation(pair["prompt"], f"{where} prompt", last_role="user")
@@ -123,6 +125,8 @@ def load_jsonl(path, kind: str = "conversation") -> list[dict]:
 
 
 def write_jsonl(path, records):
+    """Write records one JSON object a line (UTF-8, not escaped), creating parent directories;
+    through a .tmp file, so a reader never sees half a file. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -241,6 +245,8 @@ def cached_sources() -> list[str]:
 
 
 def load_source(name: str, split: str = "train") -> list[dict]:
+    """The conversations of one SFT source: "synth" (written by scripts.gen_synth), an instruct
+    source, "gsm8k", or a path to a .jsonl file (which has no splits: `split` is ignored)."""
     from nanocode import instruct
 
     if split not in ("train", "val"):

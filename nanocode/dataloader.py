@@ -77,6 +77,8 @@ class DataLoader:
         tokenizer_batch: int = 128,
         prefetch: int = 4,
     ):
+        """Checks the arguments and records the start state; the packing thread starts on the
+        first next(). fim_rate defaults to 0.5 for train and 0 for val (val never gets FIM)."""
         if B < 1 or T < 1:
             raise ValueError(f"B and T must be positive, got B={B} T={T}")
         if split not in ("train", "val"):
@@ -107,6 +109,8 @@ class DataLoader:
         return self
 
     def __next__(self):
+        """Take the next packed batch from the thread (starting it if needed), copy it to the
+        device and adopt the state saved with it. An error from the thread is re-raised here."""
         if self._thread is None:
             self._start()
         item = self._queue.get()
@@ -147,6 +151,7 @@ class DataLoader:
             self._thread = None
 
     def _start(self):
+        """Start the packing thread from the current state, with a queue of `prefetch` batches."""
         self._queue, stop = queue.Queue(maxsize=self.prefetch), threading.Event()
         args = (self.settings, dict(self._state), self._queue, stop)
         self._thread = threading.Thread(target=_run, args=args, daemon=True)
@@ -158,6 +163,8 @@ class DataLoader:
 
 
 def _shutdown(out: queue.Queue, stop: threading.Event, thread: threading.Thread):
+    """A loader's finalizer: set `stop` and wait for the thread to exit, draining the queue
+    meanwhile."""
     stop.set()
     while thread.is_alive():  # unblock a put() on a full queue
         try:
@@ -171,6 +178,8 @@ def _run(cfg, state, out: queue.Queue, stop: threading.Event):
     `out` until `stop` is set."""
 
     def put(item) -> bool:
+        """Put item into `out`; False if `stop` was set first. The timeout makes a put on a full
+        queue notice `stop`."""
         while not stop.is_set():
             try:
                 out.put(item, timeout=0.1)

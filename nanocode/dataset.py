@@ -114,6 +114,8 @@ def read_shard(path: Path) -> tuple[list[str], list[str]]:
 
 
 def split_shards(split: str, name: str = "code") -> list[Path]:
+    """The shards of `split` ("train": all but the last, "val": the last). Fewer than 2 shards is a
+    NanocodeError that says how to build the corpus."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     shards = list_shards(name)
@@ -157,6 +159,7 @@ class ShardWriter:
     VAL_CHARS = 10_000_000
 
     def __init__(self, out_dir: Path, shard_chars: int, val_fraction: float = 0.02, seed: int = 0):
+        """Creates out_dir and deletes its old shards; `seed` fixes which documents go to val."""
         self.out_dir, self.shard_chars, self.val_fraction = Path(out_dir), shard_chars, val_fraction
         self.rng = random.Random(seed)
         self.train, self.val, self.num_written = [], [], 0
@@ -166,6 +169,8 @@ class ShardWriter:
             old.unlink()
 
     def add(self, text: str, lang: str):
+        """Buffer one document, in val (by chance, until VAL_CHARS) or train. A full train buffer
+        is written out when the next train document arrives, so close() always has one left."""
         if self.rng.random() < self.val_fraction and self.val_chars < self.VAL_CHARS:
             self.val.append((text, lang))
             self.val_chars += len(text)
@@ -177,6 +182,7 @@ class ShardWriter:
         self.train_chars += len(text)
 
     def _flush(self, docs):
+        """Write [(text, lang)] as the next numbered shard, through a temporary file."""
         path = self.out_dir / f"shard_{self.num_written:05d}.parquet"
         table = pa.table({"text": [t for t, _ in docs], "lang": [lang for _, lang in docs]})
         tmp = path.with_suffix(".tmp")
@@ -333,6 +339,8 @@ def build_online(name, languages, num_files, fineweb_ratio=0.0, shard_mb=64.0, w
     bar = progress(total=len(plan), desc="hub files", unit="file")
 
     def fetch(p):
+        """Download (or find in the cache) one planned file; returns its path after checking the
+        parquet magic bytes at both ends."""
         path = hub_file(p[0], p[2], revision=p[1], hint=OFFLINE_HINT)
         bar.update(1)
         with open(path, "rb") as f:  # an HTML error page or a truncated file is not parquet
@@ -377,6 +385,8 @@ def interleave(sources, rng):
 
 
 def main():
+    """CLI: build corpus --name from code on this machine (--local, the default without -n) or
+    from -n hub files."""
     parser = argparse.ArgumentParser(description="Build the code pretraining corpus")
     add = parser.add_argument
     add("--local", action="store_true", help="from source files on this machine (default)")

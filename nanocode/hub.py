@@ -24,6 +24,8 @@ def hub_cache_dir() -> Path:
 
 
 def _check_reachable(endpoint: str, timeout: float = 10.0):
+    """Open and close a TCP connection to the endpoint's host and port; ConnectionError if that
+    fails within `timeout` (instead of the client's minutes of retries)."""
     url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:

@@ -95,6 +95,8 @@ def pipeline_order(name: str):
 
 
 def system_info() -> dict:
+    """The report's System table: Python, torch and triton versions, platform, CPU model (from
+    /proc/cpuinfo on Linux), cores, physical memory, and the GPUs with the CUDA version."""
     import torch
 
     info = {
@@ -126,6 +128,9 @@ def system_info() -> dict:
 
 
 def git_info() -> dict:
+    """The report's Git table for the checkout nanocode runs from: commit, branch, whether
+    tracked files have changes, and the last commit's subject; just a "n/a" commit without git."""
+
     def git(*args):
         root = Path(__file__).resolve().parent.parent
         run = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=20)
@@ -240,6 +245,8 @@ def ema(ys, beta=0.9):
 
 
 def pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use: the stages import this module
+    for log_stage only and never load matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed (servers, CI), and no GUI backend probing

@@ -111,6 +111,8 @@ def available() -> tuple[bool, str]:
 
 
 def _probe() -> tuple[bool, str]:
+    """available()'s check: run `true` in a sandbox on a temporary work dir; the reason it failed,
+    or which process cap (pids cgroup or RLIMIT_NPROC) the sandbox will have."""
     if shutil.which("bwrap") is None:
         return (
             False,
@@ -147,6 +149,7 @@ def isolated(mode: str = "workspace-write") -> bool:
 
 
 def warn_unavailable(reason: str):
+    """Print the loud no-sandbox warning to stderr; only the first call in a process prints."""
     global _warned
     with _lock:
         if _warned:
@@ -187,6 +190,8 @@ def _cgroup_base() -> str | None:
 
 
 def _make_cgroup(nproc: int, base: str | None = None, name: str | None = None) -> str | None:
+    """Create a cgroup under `base` (default: _cgroup_base()) capped at `nproc` processes; its
+    path, or None where it cannot be created or has no pids.max (the caller goes on without)."""
     base = base or _cgroup_base()
     if base is None:
         return None
@@ -209,6 +214,8 @@ def _cgroup_pids(path: str) -> list[int]:
 
 
 def _remove_cgroup(path: str):
+    """SIGKILL every process in the cgroup and remove it, retrying while the killed processes are
+    not yet reaped; gives up silently after about a second (200 tries)."""
     for _ in range(200):
         for pid in _cgroup_pids(path):
             _kill(pid)

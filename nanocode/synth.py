@@ -160,6 +160,8 @@ def move_pytest_fallback(s, rng, ctx):
 
 
 def move_overview(s, rng, ctx):
+    """The project in one paragraph: file count, the Python files, and, when the kind ran them,
+    the total of `wc -l` ({wc}) and the first top-level functions grep found ({defs})."""
     files = ctx["files"]
     pys = sorted(p for p in files if p.endswith(".py"))
     text = f"{len(files)} files; the Python code is in {quoted(pys, 4)}"
@@ -212,6 +214,8 @@ def move_rename(s, rng, ctx):
 
 
 def move_list_functions(s, rng, ctx):
+    """Name the functions a grep for ctx["def_pattern"] found in a non-Python file, without the
+    keywords a C-style pattern also catches; if there are none, read the file's head and say so."""
     names = []
     for row in ctx["out"].split("\n"):
         m = re.search(ctx["def_pattern"], row.split(":", 2)[-1]) if ":" in row else None
@@ -244,6 +248,10 @@ def fill(args: dict, ctx: dict) -> dict:
 
 
 def run_steps(s, rng, ctx: dict, steps: list):
+    """Play a kind's steps (the little language of the module docstring) on Session `s`, updating
+    ctx; routines, "maybe" and "either" recurse. A failed "expect" raises RuntimeError: the kind
+    assumed an output the tool did not give."""
+
     def say(options):
         return pick(rng, *phrases(options)).format(**ctx)
 

@@ -39,6 +39,8 @@ class Session:
     conversation: user turns, and per assistant turn its text, tool calls and their real outputs."""
 
     def __init__(self, files: dict, setup: str | None = None):
+        """Write `files` into a fresh temp dir (removed on leaving the `with` block) and run the
+        `setup` shell command there; a failing setup raises CalledProcessError."""
         self.files, self.setup = dict(files), setup
         self.dir = Path(tempfile.mkdtemp(prefix="nanocode-synth-"))
         write_tree(self.dir, files)

@@ -160,6 +160,8 @@ def resolve_path(workdir: Path, path: str) -> Path:
 
 
 def bash(command, workdir, timeout=BASH_TIMEOUT, sandbox="workspace-write", network=False) -> str:
+    """Run `command` through nanocode.sandbox; its combined output (cut to MAX_OUTPUT) plus a note
+    on a nonzero exit code or a timeout, or "(no output)"."""
     # 4x the kept characters: the note then says how much more there was
     r = sb.run_command(command, workdir, timeout, sandbox, network, max_output=4 * MAX_OUTPUT)
     if r.timed_out:
@@ -170,6 +172,8 @@ def bash(command, workdir, timeout=BASH_TIMEOUT, sandbox="workspace-write", netw
 
 
 def read_file(path: str, workdir: Path, offset: int = 1, limit: int = READ_LIMIT) -> str:
+    """Lines offset..offset+limit-1 (1-based) of a file, each prefixed by its number (as `cat -n`),
+    with a note when more lines follow. Bytes that are not UTF-8 show as U+FFFD."""
     p = resolve_path(workdir, path)
     if not p.is_file():
         return f"error: no such file: {path}"
@@ -189,6 +193,7 @@ def read_file(path: str, workdir: Path, offset: int = 1, limit: int = READ_LIMIT
 
 
 def write_file(path: str, content: str, workdir: Path) -> str:
+    """Write `content` as UTF-8, creating missing parent directories; reports the bytes written."""
     p = resolve_path(workdir, path)
     if p.is_dir():
         return f"error: {path} is a directory"
@@ -198,6 +203,8 @@ def write_file(path: str, content: str, workdir: Path) -> str:
 
 
 def edit_file(path: str, old_string: str, new_string: str, workdir: Path) -> str:
+    """Replace the one occurrence of old_string. Zero or several occurrences is an error that
+    tells the model to quote more context, so an edit never lands in the wrong place."""
     p = resolve_path(workdir, path)
     if not p.is_file():
         return f"error: no such file: {path}"
@@ -216,6 +223,8 @@ def edit_file(path: str, old_string: str, new_string: str, workdir: Path) -> str
 
 
 def grep(pattern: str, workdir: Path, path: str = ".") -> str:
+    """Lines matching a Python regex in a file or, sorted, the files under a directory (skipping
+    binary files and SKIP_DIRS), as path:line:text relative to workdir; at most GREP_MAX_MATCHES."""
     try:
         regex = re.compile(pattern)
     except re.error as e:

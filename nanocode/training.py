@@ -303,6 +303,8 @@ def first_tool_call(engine, ids, max_tokens: int):
 
 
 def _counts(rows) -> dict:
+    """tool_call_validity's numbers for rows of (status, same_tool, kind, seen): the count of each
+    status, prompts, same_tool, validity and validity_of_calls."""
     c = {k: sum(r[0] == k for r in rows) for k in ("valid", "invalid", "no_call", "cut_off")}
     calls = c["valid"] + c["invalid"]
     c.update(prompts=len(rows), same_tool=sum(r[1] for r in rows))
@@ -343,6 +345,8 @@ def tool_call_validity(model, tokenizer, prompts, max_tokens: int = 0) -> dict:
 
 
 def fmt_validity(v: dict) -> str:
+    """One log line from tool_call_validity's dict; the seen/unseen split only when there are
+    unseen prompts."""
     s = (
         f"tool-call validity {v['validity']:.3f} of {v['prompts']} prompts ({v['valid']} valid, "
         f"{v['invalid']} invalid, {v['no_call']} no call, {v['cut_off']} cut off by the token "
