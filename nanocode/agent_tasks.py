@@ -31,7 +31,7 @@ from pathlib import Path
 from nanocode.common import NanocodeError, read_jsonl, write_tree
 from nanocode.engine import message_text
 from nanocode.sandbox import run_command
-from nanocode.tools import run_tool
+from nanocode.tools import SCRATCH_SHOWN_AS, run_tool
 
 KINDS = ["fix", "implement", "add_test", "rename", "answer", "report", "deny"]
 FIELDS = ("id", "kind", "files", "request", "verify", "budget", "solution")
@@ -332,7 +332,8 @@ def verify(task: dict, workdir: Path, answer: str) -> tuple[bool, str]:
 
 def chat_in_scratch(engine, prompts, tasks, approve=None, strict=True, tool_timeout=None, **kw):
     """Engine.chat_batch on one user prompt per row, each row in a scratch dir of its own (holding
-    its task's files; empty for a None task), tools run by tools.run_tool (bash in the sandbox).
+    its task's files; empty for a None task), tools run by tools.run_tool (bash in the sandbox;
+    outputs name the dir SCRATCH_SHOWN_AS, as in the SFT data, so samples are reproducible).
     approve: one callable for every row, default: each task's user (approver). A row with a task is
     verified in its dir before the dir goes: result["verdict"] = (passed, verifier output). A
     verifier that cannot run raises (strict) or fails the row. kw: chat_batch's sampling options."""
@@ -342,7 +343,9 @@ def chat_in_scratch(engine, prompts, tasks, approve=None, strict=True, tool_time
             [{"messages": [{"role": "user", "content": p}]} for p in prompts],
             approve=approve or [approver(t) for t in tasks],
             workdirs=dirs,
-            tool_runner=partial(run_tool, timeout=tool_timeout or TOOL_TIMEOUT),
+            tool_runner=partial(
+                run_tool, timeout=tool_timeout or TOOL_TIMEOUT, shown_as=SCRATCH_SHOWN_AS
+            ),
             **kw,
         )
         for r, task, d in zip(results, tasks, dirs):

@@ -18,11 +18,7 @@ from pathlib import Path
 
 from nanocode.common import write_tree
 from nanocode.engine import DENIED
-from nanocode.tools import run_tool, validate_tool_call
-
-# Python prints absolute paths in tracebacks, and each scratch dir has a random name; outputs show
-# this fixed name instead, as if every session ran in it, so that a replay prints the same text.
-WORKDIR = "/home/user/project"
+from nanocode.tools import SCRATCH_SHOWN_AS, run_tool, validate_tool_call
 
 
 def read_tree(root: Path) -> dict:
@@ -55,7 +51,7 @@ class Session:
             self.parts.append({"type": "text", "text": text})
 
     def call(self, name: str, **arguments) -> str:
-        out = run_tool(name, arguments, self.dir, shown_as=WORKDIR)
+        out = run_tool(name, arguments, self.dir, shown_as=SCRATCH_SHOWN_AS)
         return self._record_call(name, arguments, out)
 
     def deny(self, name: str, **arguments) -> str:

@@ -29,6 +29,10 @@ READ_LIMIT = 2000  # default number of lines read_file shows
 GREP_MAX_MATCHES = 100  # matching lines grep reports at most
 GREP_LINE_CHARS = 200  # each reported line is cut to this many characters
 SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".pytest_cache"}
+# Python prints absolute paths in tracebacks, and each scratch dir has a random name; outputs from
+# a scratch dir show this fixed name instead (run_tool's shown_as), as if every session ran in it:
+# synthetic data replays to the same text, and an eval's samples do not depend on the dir's name.
+SCRATCH_SHOWN_AS = "/home/user/project"
 
 
 def _schema(name: str, description: str, optional=(), **params) -> dict:

@@ -16,6 +16,7 @@ from nanocode import agent_tasks
 from nanocode.agent_tasks import (
     HEADLINE,
     KINDS,
+    chat_in_scratch,
     load_suite,
     make_suite,
     read_transcripts,
@@ -26,6 +27,7 @@ from nanocode.agent_tasks import (
 )
 from nanocode.common import NanocodeError
 from nanocode.engine import Engine, encode_with_specials
+from nanocode.tools import SCRATCH_SHOWN_AS
 from tests.helpers import ByteTokenizer, tool_calling_checkpoint
 from tests.scripted_model import ScriptedModel
 
@@ -68,6 +70,26 @@ def script_text(task):
         for c in task["solution"]["calls"]
     )
     return calls + task["solution"]["answer"]
+
+
+def test_scratch_outputs_name_a_fixed_dir():
+    """Tool outputs in a scratch dir name SCRATCH_SHOWN_AS, not the dir's random name (a traceback
+    prints absolute paths): the same samples give the same transcript, run after run."""
+    tok = ByteTokenizer()
+    call = {"name": "bash", "arguments": {"command": "pwd; python missing.py"}}
+    script = encode_with_specials(tok, f"<|tool_start|>{json.dumps(call)}<|tool_end|>done")
+
+    def transcript():
+        model = ScriptedModel([script], tok.vocab_size, 3, 4, sequence_len=4096)
+        [result] = chat_in_scratch(Engine(model, tok), ["go"], [None], approve=lambda n, a: True)
+        return [p for p in result["message"]["content"] if p["type"] == "tool_output"]
+
+    first = transcript()
+    assert (
+        f"{SCRATCH_SHOWN_AS}\npython: can't open file '{SCRATCH_SHOWN_AS}/missing.py'"
+        in (first[0]["text"])
+    )
+    assert first == transcript()
 
 
 @pytest.mark.parametrize("agent", ["reference", "idle"])
