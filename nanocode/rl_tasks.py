@@ -13,11 +13,10 @@ and runs the task's own verifier on that dir afterwards (nanocode.agent_tasks.ve
 
 Sources:
 - "programs": the small-program requests of nanocode.synth_scenes' write-and-run requests, drawn
-fresh (not
-  read from the SFT files) and split by a hash of the request, so a held-out request is never a
-  train one: the request, and what the reference program prints. The SFT data has the same kind
-  (and, the request space being small, many of the same requests): a task set a small model can
-  partly solve.
+  fresh (not read from the SFT files) and split by a hash of the request, so a held-out request is
+  never a train one: the request, and what the reference program prints. The SFT data has the same
+  kind (and, the request space being small, many of the same requests): a task set a small model
+  can partly solve.
 - "corpus": short functions from the local corpus, their behaviour pinned by tests made by running
   the original on varied inputs (only functions that return the same value twice and whose outputs
   vary are kept); the model sees the signature and docstring and writes the function.
