@@ -322,7 +322,8 @@ def verify(task: dict, workdir: Path, answer: str) -> tuple[bool, str]:
             f"task {task['id']}: the verifier cannot run ({task['verify']!r} exited "
             f"{result.returncode}: {result.output.strip()[-200:]})"
         )
-    tail = result.output[-500:] + ("\n[verifier timed out]" if result.timed_out else "")
+    output = result.output.replace(str(workdir), SCRATCH_SHOWN_AS)  # records the same every run
+    tail = output[-500:] + ("\n[verifier timed out]" if result.timed_out else "")
     return result.returncode == 0, tail
 
 

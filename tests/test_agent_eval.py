@@ -85,11 +85,15 @@ def test_scratch_outputs_name_a_fixed_dir():
         return [p for p in result["message"]["content"] if p["type"] == "tool_output"]
 
     first = transcript()
-    assert (
-        f"{SCRATCH_SHOWN_AS}\npython: can't open file '{SCRATCH_SHOWN_AS}/missing.py'"
-        in (first[0]["text"])
-    )
+    missing = f"python: can't open file '{SCRATCH_SHOWN_AS}/missing.py'"
+    assert first[0]["text"].startswith(f"{SCRATCH_SHOWN_AS}\n{missing}")
     assert first == transcript()
+    task = {"id": "t", "files": {}, "verify": "pwd; false"}  # verifier output is kept in records
+    root = agent_tasks.scratch(task)
+    try:
+        assert verify(task, root, "") == (False, SCRATCH_SHOWN_AS + "\n")
+    finally:
+        shutil.rmtree(root)
 
 
 @pytest.mark.parametrize("agent", ["reference", "idle"])
