@@ -2,6 +2,13 @@
 //! the PyPI `rustbpe` package. Train here, then hand `get_mergeable_ranks()` to tiktoken for fast
 //! inference.
 //!
+//! The pipeline, file by file:
+//! 1. python.rs pulls documents from a Python iterator, a buffer at a time.
+//! 2. `count_chunks` (here) cuts each document into chunks (split.rs) and counts the distinct
+//!    chunks, one `ChunkCounts` (train.rs) per thread.
+//! 3. The per-thread counts are folded into one, and `train_merges` (train.rs) learns the merges.
+//! 4. Encoding applies the merges to each chunk in rank order (encode.rs), as tiktoken does.
+//!
 //! Where the time goes, and what this crate does about it:
 //! - splitting text into chunks: a hand-written scanner for the GPT-4 pattern (split.rs) instead of
 //!   a backtracking regex, run on all cores with the GIL released;
@@ -19,6 +26,7 @@ mod python;
 mod split;
 mod train;
 
+// The public Rust API, which rustbpe/tests/core.rs tests without Python.
 pub use encode::encode_chunk;
 pub use split::{Splitter, DEFAULT_PATTERN, GPT4_PATTERN};
 pub use train::{train_merges, ChunkCounts, Pair};
@@ -32,7 +40,8 @@ pub fn num_threads() -> usize {
 
 /// Split every document of `docs` and count its chunks into `counters` (one per thread).
 /// Threads take documents one at a time from a shared index, so one long document cannot leave
-/// the others idle for the whole buffer.
+/// the others idle for the whole buffer. Err (only the fancy-regex fallback can fail): the error
+/// of the first failing thread in spawn order, returned once every thread has stopped.
 pub fn count_chunks(
     splitter: &Splitter,
     docs: &[&str],
@@ -45,6 +54,8 @@ pub fn count_chunks(
             .map(|counter| {
                 let next_doc = &next_doc;
                 scope.spawn(move || {
+                    // Relaxed is enough: the counter only hands out distinct indices, and the
+                    // counts come back to the caller through the thread joins.
                     while let Some(doc) = docs.get(next_doc.fetch_add(1, Ordering::Relaxed)) {
                         splitter.for_each(doc, |chunk| counter.add(chunk.as_bytes(), 1))?;
                     }

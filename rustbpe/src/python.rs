@@ -1,5 +1,20 @@
 //! The Python module: `rustbpe.Tokenizer` (the PyPI `rustbpe` interface) and `rustbpe.split_text`.
 //! Built only with the `python` feature (maturin turns it on), so `cargo test` needs no Python.
+//! It targets CPython's stable ABI (abi3) from 3.10 on: one wheel serves 3.10 and every later
+//! version.
+//!
+//! What Python sees: `Tokenizer()` with `train_from_iterator`, `get_pattern`,
+//! `get_mergeable_ranks` (what tiktoken takes), `encode`, `batch_encode`, `decode` and the
+//! `vocab_size` property; the function `split_text`; the `DEFAULT_PATTERN` and `GPT4_PATTERN`
+//! strings.
+//!
+//! The GIL: Python objects may only be touched by a thread that holds it, and while one thread
+//! holds it no other Python thread runs. So each method does its Python work (pulling documents,
+//! converting arguments and results) with the GIL and releases it (`py.detach`) for the Rust work:
+//! splitting and counting, merging, encoding. Meanwhile the Rust threads run in parallel, and the
+//! program's other Python threads (a data loader, say) keep running. Training goes one step
+//! further: while the workers count one buffer, the calling thread takes the GIL back
+//! (`Python::attach`) to pull the next buffer from the iterator.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -23,6 +38,8 @@ fn fill_buffer(
     size: usize,
     seen: &mut usize,
 ) -> PyResult<bool> {
+    // Another handle on the same Python iterator (a refcount increment): `next` needs a mutable
+    // one, and advancing it advances the caller's.
     let mut iter = iter.clone();
     while buffer.len() < size {
         let Some(item) = iter.next() else {
@@ -35,7 +52,9 @@ fn fill_buffer(
                 type_name(&item)
             )));
         };
+        // str.isascii() reads a flag CPython keeps on every str: O(1), no scan of the text.
         if !text.call_method0("isascii")?.is_truthy()? {
+            // Fails only for a str holding lone surrogates, which UTF-8 cannot encode.
             let utf8 = text.encode_utf8().map_err(|e| {
                 PyValueError::new_err(format!("item {seen} is not valid text: {e}"))
             })?;
@@ -52,9 +71,12 @@ fn fill_buffer(
 fn doc_text<'a>(py: Python<'a>, doc: &'a Py<PyAny>) -> PyResult<&'a str> {
     let doc = doc.bind(py);
     if let Ok(text) = doc.cast::<PyString>() {
+        // An ASCII str's storage is already UTF-8: CPython hands it out without a copy.
         return text.to_str();
     }
     let bytes = doc.cast::<PyBytes>()?.as_bytes();
+    // These bytes come from encode_utf8, so this cannot fail; checking costs one fast pass and
+    // keeps the code free of `unsafe`.
     std::str::from_utf8(bytes)
         .map_err(|e| PyValueError::new_err(format!("a document is not valid UTF-8: {e}")))
 }
@@ -62,10 +84,11 @@ fn doc_text<'a>(py: Python<'a>, doc: &'a Py<PyAny>) -> PyResult<&'a str> {
 /// A byte-level BPE tokenizer: 256 byte tokens, then one token per merge.
 #[pyclass(module = "rustbpe")]
 pub struct Tokenizer {
-    /// merges[i] is the pair merged into token 256 + i.
+    /// `merges[i]` is the pair merged into token 256 + i.
     merges: Vec<Pair>,
     /// pair -> the token it merges into (its rank, for encoding).
     ranks: FxHashMap<Pair, u32>,
+    /// The split pattern as given, for `get_pattern`; `splitter` is the same pattern compiled.
     pattern: String,
     splitter: Splitter,
 }
@@ -75,12 +98,14 @@ impl Tokenizer {
     fn token_bytes(&self) -> Vec<Vec<u8>> {
         let mut table: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
         for &(a, b) in &self.merges {
+            // Merge i only joins tokens below 256 + i, so both halves are already in the table.
             let merged = [table[a as usize].as_slice(), table[b as usize].as_slice()].concat();
             table.push(merged);
         }
         table
     }
 
+    /// Split `text` and encode every chunk. Err only when the fancy-regex fallback fails.
     fn encode_str(&self, text: &str) -> Result<Vec<u32>, String> {
         let mut out = Vec::with_capacity(text.len() / 3);
         self.splitter
@@ -91,6 +116,7 @@ impl Tokenizer {
 
 #[pymethods]
 impl Tokenizer {
+    // An untrained tokenizer: the 256 byte tokens and the default pattern.
     #[new]
     fn new() -> Self {
         Tokenizer {
@@ -113,6 +139,8 @@ impl Tokenizer {
         buffer_size: usize,
         pattern: Option<String>,
     ) -> PyResult<()> {
+        // Taken as i64 so that a negative size gets this message, not a conversion error; the upper
+        // bound keeps every token id a u32.
         if !(256..=u32::MAX as i64).contains(&vocab_size) {
             return Err(PyValueError::new_err(format!(
                 "vocab_size must be at least 256 (the byte tokens), got {vocab_size}"
@@ -144,6 +172,8 @@ impl Tokenizer {
         let mut seen = 0usize;
         let mut exhausted = fill_buffer(iter.bind(py), &mut current, buffer_size, &mut seen)?;
         while !current.is_empty() {
+            // Borrowed from the objects in `current`, which keep them alive until the counting
+            // is done. Reading them without the GIL is safe: str and bytes objects never change.
             let docs: Vec<&str> =
                 current.iter().map(|doc| doc_text(py, doc)).collect::<PyResult<_>>()?;
             let (counted, fetched) = py.detach(|| {
@@ -161,12 +191,14 @@ impl Tokenizer {
             });
             counted.map_err(PyValueError::new_err)?;
             exhausted = fetched?;
+            // `docs` points into the objects that `next.clear()` releases after the swap.
             drop(docs);
             std::mem::swap(&mut current, &mut next);
             next.clear();
         }
         log(format!("{seen} documents split and counted"));
 
+        // Merging is single-threaded but long: without the GIL, other Python threads run meanwhile.
         let merges = py.detach(|| {
             let chunks = counters.into_iter().reduce(|mut all, other| {
                 all.absorb(other);
@@ -200,11 +232,15 @@ impl Tokenizer {
 
     /// Token ids of `text`: split with the pattern, then merge by rank (identical to tiktoken).
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
+        // Without the GIL, so several Python threads can encode at the same time.
         py.detach(|| self.encode_str(text)).map_err(PyValueError::new_err)
     }
 
     /// Encode many texts on all cores.
     fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
+        // `texts` arrive as Rust Strings (pyo3 copies each str, with the GIL), so the threads need
+        // no Python objects. Each thread takes one contiguous slice, so the results concatenate
+        // back in input order; texts of very different lengths can leave some threads idle.
         let per_thread = texts.len().div_ceil(num_threads()).max(1);
         let parts: Result<Vec<Vec<Vec<u32>>>, String> = py.detach(|| {
             std::thread::scope(|scope| {
@@ -221,6 +257,7 @@ impl Tokenizer {
 
     /// Text of token ids; byte sequences that are not valid UTF-8 become U+FFFD.
     fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
+        // Rebuilt on every call: a cost that grows with the vocabulary, not with `ids`.
         let table = self.token_bytes();
         let out_of_range =
             |id| format!("token id {id} is out of range (vocab_size {})", table.len());
@@ -239,6 +276,7 @@ impl Tokenizer {
     }
 }
 
+/// The Python type name of `obj`, for error messages ("?" if it cannot be read).
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map_or_else(|_| "?".to_string(), |n| n.to_string())
 }
@@ -254,6 +292,8 @@ fn split_text(text: &str, pattern: Option<&str>) -> PyResult<Vec<String>> {
     Ok(chunks.into_iter().map(str::to_string).collect())
 }
 
+// The module's init. Its name must match `module-name` in pyproject.toml's [tool.maturin]:
+// Python imports the extension by looking up the `PyInit_rustbpe` symbol it exports.
 #[pymodule]
 fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;

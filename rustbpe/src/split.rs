@@ -6,6 +6,11 @@
 //! scanner, `Gpt4Split`, that makes exactly the decisions the regex engine makes, alternative by
 //! alternative; any other pattern falls back to fancy-regex. rustbpe/tests/core.rs compares the two
 //! on random unicode-rich strings, and tests/test_rustbpe.py compares against Python's `regex`.
+//!
+//! Why split at all: merges never cross a chunk boundary, so no token spans a word and the
+//! punctuation after it, or letters and digits; and the trainer can count distinct chunks instead
+//! of walking the corpus (train.rs). Training (lib.rs's `count_chunks`) and encoding (python.rs)
+//! cut text with the same `Splitter`, so encoding sees the kind of chunks the merges came from.
 
 use std::sync::OnceLock;
 
@@ -54,8 +59,10 @@ fn class_table() -> &'static [u8] {
 /// Iterator over the chunks of `text` under the GPT-4 pattern with `\p{N}{1,max_digits}`.
 struct Gpt4Split<'a> {
     text: &'a str,
+    /// Byte offset where the next chunk starts: always a char boundary, as `at` needs.
     pos: usize,
     max_digits: usize,
+    /// `class_table()`, fetched once per text instead of once per character.
     table: &'static [u8],
 }
 
@@ -69,6 +76,7 @@ fn fold(c: char) -> char {
 }
 
 impl<'a> Gpt4Split<'a> {
+    /// A scanner over `text`; `max_digits` is the N of the pattern's `\p{N}{1,N}`.
     fn new(text: &'a str, max_digits: usize) -> Self {
         Gpt4Split { text, pos: 0, max_digits, table: class_table() }
     }
@@ -95,10 +103,13 @@ impl<'a> Gpt4Split<'a> {
     }
 
     /// End of the match starting at `i` (< len): the alternatives tried in the pattern's order.
+    /// Like the regex engine, this takes the first alternative that matches, not the longest, so
+    /// each `return` is final.
     fn match_end(&self, i: usize) -> usize {
         let (class, c, next) = self.at(i).expect("a match starts before the end");
 
         // 1. '(?i:[sdmt]|ll|ve|re)
+        // On no match, fall through: `'` followed by letters is then alternative 2.
         if c == '\'' {
             if let Some((_, c1, after1)) = self.at(next) {
                 let second = match fold(c1) {
@@ -115,6 +126,8 @@ impl<'a> Gpt4Split<'a> {
             }
         }
         // 2. [^\r\n\p{L}\p{N}]?+\p{L}+
+        // The optional prefix excludes letters, so at a letter it is empty and \p{L}+ takes the
+        // whole run; otherwise the prefix is this character and a letter must follow it.
         if class == LETTER {
             return self.run_end(next, LETTER);
         }
@@ -123,6 +136,8 @@ impl<'a> Gpt4Split<'a> {
             return self.run_end(next, LETTER);
         }
         // 3. \p{N}{1,max_digits}
+        // Long numbers become several chunks ("12345": "12", "34", "5"), and no space joins a
+        // number: " 12" is " " (alternative 7), then "12".
         if class == NUMBER {
             let mut end = next;
             for _ in 1..self.max_digits {
@@ -136,11 +151,13 @@ impl<'a> Gpt4Split<'a> {
         // 4. ` ?[^\s\p{L}\p{N}]++[\r\n]*`   (OTHER is exactly [^\s\p{L}\p{N}])
         let punct_start = match (class, c, self.at(next)) {
             (OTHER, ..) => Some(i),
+            // Only a plain space may lead punctuation: not a tab, not a newline.
             (_, ' ', Some((OTHER, ..))) => Some(next),
             _ => None,
         };
         if let Some(start) = punct_start {
             let end = self.run_end(start, OTHER);
+            // \r and \n are single bytes in UTF-8, so bytes can be scanned here instead of chars.
             let newlines = self.text.as_bytes()[end..].iter().take_while(|b| b"\r\n".contains(b));
             return end + newlines.count();
         }
@@ -157,6 +174,7 @@ impl<'a> Gpt4Split<'a> {
             return e;
         }
         // 6. \s+(?!\S)   (the whole run at the end of the text, else all but its last char)
+        //    That last char is left to lead the next chunk: "a  b" is "a", " ", " b".
         // 7. \s+         (a single whitespace character before a non-space)
         if end == self.text.len() || last == i {
             end
@@ -169,6 +187,9 @@ impl<'a> Gpt4Split<'a> {
 impl<'a> Iterator for Gpt4Split<'a> {
     type Item = &'a str;
 
+    /// Every character starts some alternative (letter, number, punctuation, whitespace each has
+    /// one) and every match is at least one character, so the chunks tile the text: no gaps, no
+    /// empty chunks, and `pos` always advances.
     #[inline]
     fn next(&mut self) -> Option<&'a str> {
         if self.pos >= self.text.len() {
@@ -184,11 +205,16 @@ impl<'a> Iterator for Gpt4Split<'a> {
 /// fancy-regex.
 #[derive(Clone)]
 pub enum Splitter {
+    /// `Gpt4Split`, for `DEFAULT_PATTERN` (2 digits) and `GPT4_PATTERN` (3 digits).
     Gpt4 { max_digits: usize },
+    /// Any other pattern, run by fancy-regex.
     Regex(Regex),
 }
 
 impl Splitter {
+    /// Compile `pattern`. The scanner serves it only when the string is exactly one of the two
+    /// constants: an equivalent pattern spelled differently gets fancy-regex (same chunks, slower).
+    /// Err(message) when fancy-regex rejects the pattern.
     pub fn new(pattern: &str) -> Result<Splitter, String> {
         if pattern == DEFAULT_PATTERN {
             return Ok(Splitter::Gpt4 { max_digits: 2 });
@@ -207,6 +233,7 @@ impl Splitter {
         match self {
             Splitter::Gpt4 { max_digits } => Gpt4Split::new(text, *max_digits).for_each(f),
             Splitter::Regex(re) => {
+                // Text that no match covers is skipped, as Python's regex.findall skips it.
                 for m in re.find_iter(text) {
                     // fancy-regex fails only when its backtrack limit is hit: say so, not panic.
                     let m = m.map_err(|e| format!("split pattern failed on the text: {e}"))?;
@@ -217,6 +244,7 @@ impl Splitter {
         Ok(())
     }
 
+    /// The chunks of `text` in order, collected (for tests and Python's `split_text`).
     pub fn split<'a>(&self, text: &'a str) -> Result<Vec<&'a str>, String> {
         let mut out = Vec::new();
         self.for_each(text, |chunk| out.push(chunk))?;
