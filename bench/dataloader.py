@@ -41,6 +41,8 @@ def main():
     loader = DataLoader(tok, args.B, args.T, **{k: getattr(args, k) for k in names})
     for _ in range(args.warmup):
         next(loader)
+    # counters and clocks read after the warmup: cropping and CPU time cover the timed batches
+    # only. os.times() is this process's user + system CPU, every thread (packing, tokenizer).
     before, start_cpu, t0 = loader.state_dict(), os.times(), time.perf_counter()
     for _ in range(args.batches):
         next(loader)

@@ -113,6 +113,8 @@ def matmuls(x, w, dy):
 
 
 def rel(got, ref):
+    """||got - ref||_F / ||ref||_F in float64: one number per matrix, not a max over elements,
+    which a single near-zero reference element would blow up."""
     return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
@@ -120,6 +122,8 @@ def predicted(a, b, u_a, u_b=2.0**-4):
     """The relative error of a @ b that tests/test_fp8.py's random-rounding model expects: 0.74
     sigma / ||a @ b|| (0.74: the measured sigma fraction on random data; e4m3 u = 2^-4)."""
     a, b = a.double(), b.double()
+    # sum_k ||a[:, k]||² ||b[k, :]||²: with independent roundings of RMS u / sqrt(3) per operand,
+    # (u_a² + u_b²) / 3 times this is the expected ||error||_F² (tests/test_fp8.py's docstring)
     terms = (a.square().sum(0) * b.square().sum(1)).sum()
     return (0.74 * ((u_a**2 + u_b**2) / 3 * terms).sqrt() / (a @ b).norm()).item()
 

@@ -128,6 +128,8 @@ def step_inductor_ab(ctx):
     la, ga = train_steps(ctx.device, "", depth, T, B, vocab)
     lb, gb = train_steps(ctx.device, "torch", depth, T, B, vocab)
     loss_diff = max(abs(a - b) / abs(b) for a, b in zip(la, lb))
+    # relative Frobenius error per parameter, the worst one reported (the clamp keeps an all-zero
+    # gradient from dividing by zero)
     grad_err = max(((ga[n] - gb[n]).norm() / gb[n].norm().clamp(min=1e-30)).item() for n in gb)
     # bf16 on CUDA: two implementations round differently (bf16 eps 2^-8 = 0.4%); fp32 on the CPU.
     loss_tol, grad_tol = (1e-4, 1e-3) if ctx.smoke else (2e-2, 5e-2)
@@ -185,6 +187,7 @@ def step_fp8(ctx):
     peak = None if ctx.smoke else peak_bf16_flops(ctx.name)
     # time_variant raises on a non-finite loss
     tok_s = {v: time_variant(v, args, ctx.device)["tok_per_s"] for v in args.variants}
+    # FLOPs per token x tok/s over the peak, both in FLOP/s here (bench.mfu's table uses TFLOP/s)
     mfu = {v: f" (MFU {100 * flops * t / peak:.1f}%)" if peak else "" for v, t in tok_s.items()}
     cells = ", ".join(f"{v} {t:,.0f} tok/s{mfu[v]}" for v, t in tok_s.items())
     detail = f"depth {args.depth}: {cells}; fp8 / triton {tok_s['fp8'] / tok_s['triton']:.2f}x"

@@ -223,8 +223,10 @@ def build_cases(device, dtype, tiny=False, only=None):
 def make_step(fn, args, pass_):
     """A zero-argument callable running one forward, or one forward+backward (autograd.grad with a
     fixed random output gradient, so nothing accumulates into .grad between repetitions)."""
-    if pass_ == "fwd":
+    if pass_ == "fwd":  # grad mode on: the forward saves what its backward needs, as in training
         return lambda: fn(*args)
+    # A random output gradient, made once here and outside the timed call: out.sum().backward()
+    # would add a reduction kernel to every timing and feed the backward all-ones gradients.
     leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
     grads = [torch.randn_like(o) for o in as_tuple(fn(*args))]
     return lambda: torch.autograd.grad(as_tuple(fn(*args)), leaves, grads)
@@ -235,30 +237,49 @@ def as_tuple(out):
 
 
 def median_ms(step, device):
-    """Median milliseconds: do_bench on CUDA; a few plain wall-clock runs in the CPU smoke mode."""
+    """Median milliseconds: do_bench on CUDA; a few plain wall-clock runs in the CPU smoke mode.
+
+    do_bench times each call between two CUDA events recorded on the stream around it: GPU time,
+    idle gaps included where the host launches (Python, autograd, a wrapper) more slowly than the
+    kernels run. No CUDA graph hides that overhead, as none does in base_train's steps. It
+    zeroes a 256 MB buffer before each call (outside the events) to evict the L2 cache, so inputs
+    come from HBM as they do in training. The median, not the mean, so that a few slow calls (a
+    clock change, another process on the GPU) do not move the result."""
     step()  # compile / autotune first: do_bench sizes its repetitions on its first calls
     if device != "cuda":
         return 1e3 * statistics.median(timeit.repeat(step, number=1, repeat=3))
     from triton.testing import do_bench  # not at the top: --device cpu sets TRITON_INTERPRET first
 
     torch.cuda.synchronize()
+    # warmup and rep are milliseconds, not counts: about 25 ms of untimed calls, then as many
+    # timed calls as fit in about 100 ms (from an estimate made on 5 calls)
     return do_bench(step, warmup=25, rep=100, return_mode="median")
 
 
 def measure_ceilings(device, tiny):
     """This device's bandwidth (GB/s, read + write of a large copy), bf16 matmul rate (TFLOP/s)
-    and, where it has them, FP8 matmul rate (e4m3 _scaled_mm, fast accumulation)."""
+    and, where it has them, FP8 matmul rate (e4m3 _scaled_mm, fast accumulation).
+
+    Measured, not taken from a datasheet: what this card, at its clocks, actually sustains, so
+    "% ceil" says how far a kernel is from the practical limit. A copy is the simplest way to move
+    bytes and a large square matmul is cuBLAS's best case: a kernel near 100% of either has little
+    left to gain."""
     from nanocode.fp8 import E4M3, fp8_supported
 
     n = 2**16 if tiny else 2**29  # bf16 elements: 1 GiB per buffer on the GPU
     src = torch.randn(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
+    # a copy reads n elements and writes n; bytes / ms / 1e6 = GB/s (1 GB = 1e9 bytes). 1 GiB
+    # buffers are ~20x an H100's 50 MB L2, so this is HBM bandwidth, not cache bandwidth.
     gbps = 2 * n * src.element_size() / median_ms(lambda: dst.copy_(src), device) / 1e6
     m = 256 if tiny else 8192
     a, b = (torch.randn(m, m, device=device, dtype=torch.bfloat16) for _ in range(2))
+    # an m x m x m matmul does m³ multiply-adds = 2m³ FLOPs; FLOPs / ms / 1e9 = TFLOP/s
     out = {"GB/s": gbps, "TFLOP/s": 2 * m**3 / median_ms(lambda: a @ b, device) / 1e9}
     if fp8_supported(device)[0]:
+        # _scaled_mm (cuBLAS) wants its second operand column-major: .t() of a row-major matrix
         a8, b8, one = a.to(E4M3), b.to(E4M3).t(), torch.ones((), device=device)
+        # fast accumulation: _scaled_mm's fastest mode, the one nanocode.fp8's forward uses
         kw = dict(scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=True)
         ms = median_ms(lambda: torch._scaled_mm(a8, b8, **kw), device)
         out["FP8 TFLOP/s"] = 2 * m**3 / ms / 1e9
@@ -272,7 +293,10 @@ def run_case(case, device):
     print(f"running {case.name} ({case.shape}) ...", flush=True)
     args, rows = case.make_inputs(), []
     impls = {"ours": case.triton, "liger": case.liger, "eager": case.reference}
-    impls["compile"] = torch.compile(case.reference, dynamic=False)  # static shapes, as in training
+    # static shapes, as in training; the default mode, so no CUDA graphs ("reduce-overhead" would
+    # capture them), like every other impl here. Compilation happens in the first, untimed
+    # calls (make_step's and median_ms's).
+    impls["compile"] = torch.compile(case.reference, dynamic=False)
     impls = {name: fn for name, fn in impls.items() if fn is not None}  # Liger: where it has one
     for pass_ in case.floor:
         for impl, fn in impls.items():
@@ -281,6 +305,9 @@ def run_case(case, device):
             except Exception as e:  # noqa: BLE001 (one failing impl should not hide the others)
                 print(f"  {case.name} {pass_} {impl} failed: {type(e).__name__}: {e}")
                 continue
+            # the same floor (the kernel docstring's minimum work) for every impl, so an impl that
+            # moves more bytes or does more FLOPs than the floor shows up as a lower rate.
+            # bytes / ms / 1e6 = GB/s; FLOPs / ms / 1e9 = TFLOP/s
             rate = case.floor[pass_] / ms / (1e6 if case.unit == "GB/s" else 1e9)
             rows.append(dict(case=case.name, shape=case.shape, pass_=pass_, impl=impl, ms=ms))
             rows[-1].update(rate=rate, unit=case.unit)
@@ -293,7 +320,9 @@ def run_case(case, device):
 
 
 def peak_mib(step):
-    """Peak memory of one call of step above what was allocated before it (MiB)."""
+    """Peak memory of one call of step above what was allocated before it (MiB): the inputs and
+    anything else alive are in `base`, so this is what the impl itself adds (outputs, saved
+    tensors, temporaries, gradients)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -326,7 +355,12 @@ def format_memory_table(rows):
 
 def format_table(rows, ceilings):
     """One line per (case, pass): each impl's ms, our rate and % of the measured ceiling, and our
-    speedup over each other impl ("-" where an impl did not run)."""
+    speedup over each other impl ("-" where an impl did not run).
+
+    Columns: "<impl> ms" is that impl's median time; "ours rate" the kernel docstring's floor over
+    ours' time, in GB/s for memory-bound kernels, TFLOP/s for matmul kernels; "% ceil" that rate
+    over the ceiling of the same unit measured in this run; "vs <impl>" that impl's time over ours
+    (2.00x: ours takes half the time)."""
     head = ["case", "shape", "pass", *(f"{i} ms" for i in IMPLS), "ours rate", "% ceil"]
     groups = {}
     for r in rows:

@@ -10,7 +10,8 @@ at a given depth, timed for these variants in one process:
     python -m bench.mfu --depth 20 --save           # and bench/results/<gpu>/mfu_d20.{json,md}
     python -m bench.mfu --device cpu --depth 2 --seq-len 128 --device-batch-size 2   # smoke test
 
-MFU = FLOPs per token (GPT.estimate_flops: 6 per non-embedding weight + attention) x tokens/s,
+MFU = FLOPs per token (GPT.estimate_flops: 6 per non-embedding weight, i.e. 2 for the forward's
+multiply-add and 4 for the backward's dx and dw, + attention) x tokens/s,
 divided by the GPU's nominal dense bf16 peak, and by the bf16 matmul rate measured in this process
 (bench.kernels.measure_ceilings: an 8192^3 matmul), which is what the hardware actually sustains.
 The fp8 variant is held to the same bf16 peaks (as nanochat reports it), so its MFU over triton's
@@ -18,6 +19,8 @@ is its speedup; an H100's FP8 peak is twice its bf16 one.
 Data are random tokens (the loss value does not matter, the work per step does). On a CPU there is
 no meaningful bf16 peak, so MFU is shown as n/a and the default dispatch runs the references.
 --warmup untimed steps (compilation, autotuning) come before the --steps timed ones.
+Only the model's FLOPs count: the optimizer's (Muon's Newton-Schulz) take time but add nothing to
+the numerator, so the optimizer's share of the step lowers MFU.
 """
 
 import argparse
@@ -35,6 +38,7 @@ from bench.kernels import markdown, measure_ceilings, results_dir
 from nanocode.common import NanocodeError, autocast, nvtx_range, peak_bf16_flops, run_main
 from nanocode.gpt import GPT, GPTConfig, build_model
 
+# name -> (NANOCODE_KERNELS value, under torch.compile)
 VARIANTS = dict(triton=("", True), fp8=("", True), compile=("torch", True), eager=("torch", False))
 
 
@@ -90,6 +94,8 @@ def kernel_choice(impl: str):
 
 
 def sync(device):
+    """Wait for the GPU: CUDA runs asynchronously, so a host clock read means nothing until the
+    queue of launched kernels has drained."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -114,6 +120,8 @@ def build_train_step(depth, seq_len, batch_size, vocab_size, device, use_compile
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     amp = autocast(device)
     g = torch.Generator(device=device).manual_seed(0)
+    # made once, already on the device: no data loading or host-to-device copy in the timed steps
+    # (bench/dataloader.py measures the loader on its own)
     data = torch.randint(0, vocab_size, (4, batch_size, seq_len + 1), device=device, generator=g)
 
     def step(i):
@@ -136,9 +144,10 @@ def build_train_step(depth, seq_len, batch_size, vocab_size, device, use_compile
 def time_variant(name, args, device):
     """A fresh model + optimizers, args.warmup untimed steps, then args.steps timed ones."""
     impl, use_compile = VARIANTS[name]
-    gc.collect()
+    gc.collect()  # the previous variant's tensors freed first, so empty_cache can release them
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        # peak_mem_gib is this variant's alone: weights, gradients, optimizer state, activations
         torch.cuda.reset_peak_memory_stats(device)
     with kernel_choice(impl):
         shape = (args.depth, args.seq_len, args.device_batch_size, args.vocab_size)
@@ -146,8 +155,11 @@ def time_variant(name, args, device):
         t0 = time.perf_counter()
         for i in range(args.warmup):
             step(i)
-        sync(device)
+        sync(device)  # the warmup's queued work must not spill into the timed region
         warmup_s, t0 = time.perf_counter() - t0, time.perf_counter()
+        # Back to back, one sync at the end: throughput as training sees it, the host queueing
+        # step i+1 while the GPU runs step i. A sync per step would drain the queue and add idle
+        # gaps, so there are no per-step times, and ms/step is the mean over the timed steps.
         for i in range(args.steps):
             loss = step(i)
         sync(device)
@@ -173,7 +185,13 @@ def fmt(v, f, missing="n/a"):
 
 
 def format_table(rows, flops_per_token, nominal, measured):
-    """A markdown table of the timed variants, MFU against both peaks (TFLOP/s, None: n/a)."""
+    """A markdown table of the timed variants, MFU against both peaks (TFLOP/s, None: n/a).
+
+    Columns: ms/step and tok/s (B x T tokens per step) of the timed steps; MFU = FLOPs per token x
+    tok/s over the nominal datasheet peak, then over the matmul rate measured in this process;
+    peak memory allocated by the variant; "vs compile": tok/s over the compile variant's. That is
+    the fair baseline for our kernels: the same model under the same compiler, with PyTorch's
+    references instead of the Triton kernels, i.e. the speed without hand-written kernels."""
     peaks = dict(nominal=nominal, measured=measured)
     head = ["variant", "kernels", "compiled", "ms/step", "tok/s"]
     head += [f"MFU ({k} {fmt(v, '{:.0f}')} TF)" for k, v in peaks.items()]
@@ -185,7 +203,7 @@ def format_table(rows, flops_per_token, nominal, measured):
         if "error" in r:
             lines.append([r["variant"], *["-"] * (len(head) - 2), r["error"]])
             continue
-        flops = flops_per_token * r["tok_per_s"] / 1e12
+        flops = flops_per_token * r["tok_per_s"] / 1e12  # achieved TFLOP/s
         cells = [r["variant"], r["kernels"], "yes" if r["compile"] else "no"]
         cells += [f"{r['ms_per_step']:.1f}", f"{r['tok_per_s']:,.0f}"]
         cells += [fmt(peak and 100 * flops / peak, "{:.1f}%") for peak in peaks.values()]
@@ -202,6 +220,7 @@ def main(argv=None):
         torch.set_float32_matmul_precision("high")  # as compute_init does
         device_name = torch.cuda.get_device_name(device)
         measured = measure_ceilings("cuda", tiny=False)["TFLOP/s"]
+        # dense bf16 (no 2:4 sparsity) from nanocode.common's table; an unknown GPU gives None: n/a
         nominal = (peak_bf16_flops(device_name) or 0) / 1e12 or None
     else:
         device_name = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"

@@ -55,13 +55,17 @@ def main(argv=None):
         for i in range(args.steps):
             with record_function(f"train_step_{i}"):
                 step(args.warmup + i)
+            # a sync per step: step i's kernels end before step i+1 launches, so the trace
+            # separates the steps (bench.mfu times them back to back, without this idle gap)
             sync(device)
 
     out = Path(os.path.abspath(args.out)) if args.out else get_base_dir() / "profile"
     out.mkdir(parents=True, exist_ok=True)
     name = f"d{args.depth}_{device.type}"
     prof.export_chrome_trace(str(out / f"trace_{name}.json.gz"))
-    sort_by = f"self_{device.type}_time_total"  # self_cuda_time_total or self_cpu_time_total
+    # self_cuda_time_total or self_cpu_time_total: an op's own time without its children's, so a
+    # matmul is not counted again in the aten::linear that calls it
+    sort_by = f"self_{device.type}_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=args.rows)
     (out / f"ops_{name}.txt").write_text(table + "\n")
     print(table)

@@ -167,6 +167,8 @@ def write(before, runs, args, wall):
     result = json.dumps(dict(setup=info, before=before, runs=runs), indent=1)
     (out / "rl_ab.json").write_text(result)
     b_mean, b_sd = statistics.mean(before), sd(before)
+    # the standard error of the mean over eval seeds: sd / sqrt(n). +- 2 s.e. is roughly a 95%
+    # interval: a change within it cannot be told apart from the eval's sampling noise
     se = b_sd / len(before) ** 0.5
     command = " ".join(a for a in sys.argv[1:] if a != "--collect")
     lines = [
@@ -253,6 +255,8 @@ def main():
         before = [read_eval(log_dir, SFT_TAG, s) for s in args.eval_seeds]
     else:
         setup(log_dir)
+        # the threads only wait on child processes (run limits each to one thread), so the GIL
+        # costs nothing and --jobs runs share the cores
         with ThreadPoolExecutor(args.jobs) as pool:
             before = list(pool.map(lambda s: evaluate("sft", SFT_TAG, s, log_dir), args.eval_seeds))
             jobs = [(n, s) for n in args.rows for s in args.seeds]

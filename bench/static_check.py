@@ -43,6 +43,7 @@ from bench.kernels import build_cases, markdown  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # name, then per SM: register file, shared memory, max blocks, max warps; max shared per block
+# (32-bit registers and bytes, from the CUDA C++ Programming Guide's table per compute capability)
 GPUS = {
     80: ("A100", 65536, 164 << 10, 32, 64, 163 << 10),
     90: ("H100", 65536, 228 << 10, 32, 64, 227 << 10),
@@ -149,6 +150,8 @@ def can_target(arch):
 
 def compile_one(kernel, cfg, call):
     """Compile one variant through its launcher: (seconds, cubin, shared bytes), or an error."""
+    # one config: the autotuner has nothing to choose, so it compiles that one without
+    # benchmarking (which would launch every config on a GPU)
     saved, kernel.configs = kernel.configs, [cfg]
     start = time.perf_counter()
     try:
@@ -176,6 +179,7 @@ def measure(arch, cubin, shared, warps):
     ops = TENSOR_CORE.findall(sass)
     tensor_core = {op: ops.count(op) for op in sorted(set(ops))}
     _, reg_file, smem, max_blocks, max_warps, _ = GPUS[arch]
+    # a warp's registers: regs x 32 threads, rounded up to the 256-register unit; then whole blocks
     by_regs = reg_file // (-(-regs * 32 // 256) * 256) // warps
     blocks = min(max_blocks, max_warps // warps, by_regs, smem // (shared + 1024))
     return dict(regs=regs, stack=stack, stl=stl, ldl=ldl, tensor_core=tensor_core, blocks=blocks)
@@ -184,7 +188,14 @@ def measure(arch, cubin, shared, warps):
 def problems(row, arch, dot):
     """Why one row fails (empty: it passes): its compile error; else more shared memory than a
     block may have on `arch` and, except in fp32 (tests only: may spill), any spill or a dot
-    kernel without tensor-core instructions."""
+    kernel without tensor-core instructions.
+
+    Each rule catches what a test run on one GPU can miss. Too much shared memory: the launch
+    fails on that arch (Triton's OutOfResources), though the same tile runs on a GPU with more.
+    A spill (stack bytes, STL/LDL): registers saved to local memory, which lives in DRAM behind
+    the caches: memory traffic and latency the kernel's tiling exists to avoid. A bf16/fp16/fp8
+    dot with no tensor-core instruction runs on the FMA units at a fraction of the rate; its
+    results are still right, so no test fails, and only speed would show it."""
     if "error" in row:
         return [row["error"]]
     out, half = [], row["dtype"] != "fp32"

@@ -69,6 +69,9 @@ def train(trainer: str, docs: list[str], vocab_size: int, pypi_dir: str) -> list
     if trainer == "hf":
         from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
+        # the same work as the rustbpes: our split pattern, then bytes (ByteLevel maps each byte
+        # to a printable char; use_regex=False so it adds no split of its own), all 256 bytes in
+        # the vocabulary from the start, and no minimum pair count
         tok = Tokenizer(models.BPE(byte_fallback=False))
         split = pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated")
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -99,6 +102,7 @@ def worker(args):
     as one JSON line on stdout for `run` to parse."""
     docs = read_corpus(args.mb)
     rss_loaded = max_rss_mb()
+    # wall and CPU clocks around training alone: reading the corpus stays outside the timing
     t0, cpu0 = time.perf_counter(), time.process_time()
     tokens = train(args.worker, docs, args.vocab_size, args.pypi_dir)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
