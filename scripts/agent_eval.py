@@ -61,10 +61,11 @@ def main():
     args = parser.parse_args()
     if args.batch_size < 1:
         raise NanocodeError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.seed is not None:
+    if args.seed is not None:  # 28 as the shipped suite: the seven kinds in turn, four of each
         tasks = agent_tasks.make_suite(args.seed, args.num_tasks or 28)
     else:
         tasks = agent_tasks.load_suite(args.suite)[: args.num_tasks]
+    # re-verifying transcripts needs no model: the CPU, whatever --device-type says
     _, rank, _, world_size, device = compute_init("cpu" if args.samples else args.device_type)
     source = "samples" if args.samples else args.source + "_constrained" * args.constrained
 
@@ -90,6 +91,7 @@ def main():
         )
         bar.close()
     seconds = time.time() - t0
+    # every rank's records, in suite order: the transcripts file does not depend on the ranks
     records = gather_records(records, world_size, {t["id"]: i for i, t in enumerate(tasks)}, "task")
     if rank == 0:
         stats = agent_tasks.summarize(records)

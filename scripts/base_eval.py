@@ -73,6 +73,9 @@ def token_batches(docs, tokenizer, batch_size: int, seq_len: int, max_tokens: in
     ids, lang_ids, total = [], [], 0
 
     def take(rows, t):
+        # n inputs need n + 1 tokens (targets are shifted by one); token n stays in the stream, the
+        # next row's first input, so no target is skipped or counted twice. A target counts under
+        # the language of its own document.
         n = rows * t
         x, y, lab = ids[:n], ids[1 : n + 1], lang_ids[1 : n + 1]
         del ids[:n], lang_ids[:n]
@@ -88,8 +91,9 @@ def token_batches(docs, tokenizer, batch_size: int, seq_len: int, max_tokens: in
         ids += doc_ids
         lang_ids += [langs.index(lang)] * len(doc_ids)
         total += len(doc_ids)
-        while len(ids) > batch_size * seq_len:
+        while len(ids) > batch_size * seq_len:  # ">": one token more than the rows hold
             yield take(batch_size, seq_len)
+    # the rest of the stream: as many full rows as it fills, then one shorter row
     if len(ids) > seq_len:
         yield take((len(ids) - 1) // seq_len, seq_len)
     if len(ids) > 1:
@@ -110,6 +114,8 @@ def bpb_per_language(model, tokenizer, docs, batch_size, seq_len, max_tokens, de
 
 
 def encode_fim(tokenizer, prefix: str, suffix: str) -> list[int]:
+    """A PSM prompt as training lays out a FIM document (nanocode/fim.py), cut where the middle
+    would start: <|bos|> <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>."""
     sid, encode = tokenizer.special_id, tokenizer.encode
     prefix_ids = [tokenizer.bos_id, sid("<|fim_prefix|>")] + encode(prefix)
     return prefix_ids + [sid("<|fim_suffix|>")] + encode(suffix) + [sid("<|fim_middle|>")]
@@ -128,10 +134,13 @@ def main():
     model, tokenizer, meta = load_model(args.source, device, tag=args.tag, step=args.step)
     seq_len = model.config.sequence_len
 
+    # rank r reads rows r, r + w, ... of the val shard: the ranks' documents are disjoint
     docs = iter_documents("val", name=args.data, rank=rank, world_size=world_size)
     docs = select_docs(docs, args.max_docs)
     langs = sorted({d["lang"] or "unknown" for d in docs})
-    if is_ddp:  # every rank sums into the same languages
+    # every rank sums into the same languages: the all-reduce adds the (languages, 3) sums row by
+    # row, so row i must be the same language on every rank
+    if is_ddp:
         every = [None] * world_size
         dist.all_gather_object(every, langs)
         langs = sorted(set().union(*every))

@@ -61,8 +61,9 @@ def get_args(argv=None):
     p.add_argument("--final-lr-frac", type=float, default=0.05)
     # attention per layer, tiled: S = a quarter of the context, L = full (the last layer always L)
     p.add_argument("--window-pattern", default="SSSL")
-    p.add_argument("--fim-rate", type=float, default=0.5)
+    p.add_argument("--fim-rate", type=float, default=0.5, help="share of documents made FIM")
     p.add_argument("--data-name", default="code")
+    # val tokens per evaluation: ten of depth 12's batches (2**19 tokens each)
     p.add_argument("--eval-tokens", type=int, default=10 * 524288)
     p.add_argument("--sample-every", type=int, default=2000, help="steps (-1: never)")
     p.add_argument("--model-tag", default="", help="checkpoint dir (default d<depth>)")
@@ -101,8 +102,9 @@ def training_plan(scaling_params, ref_params, ratio, total_batch_size=-1, weight
     if total_batch_size > 0:
         return tokens, total_batch_size, 1.0, weight_decay
     ref_tokens = ratio * ref_params
-    batch = 2 ** round(math.log2(B_REF * (tokens / ref_tokens) ** 0.383))
+    batch = 2 ** round(math.log2(B_REF * (tokens / ref_tokens) ** 0.383))  # nearest power of two
     lr_scale = math.sqrt(batch / B_REF)
+    # B / (lr·wd·D) constant: B grows as lr_scale**2 and lr as lr_scale, so wd goes as lr_scale / D
     return tokens, batch, lr_scale, weight_decay * lr_scale * ref_tokens / tokens
 
 
@@ -110,9 +112,11 @@ def lr_multiplier(step, num_iterations, warmup_steps, warmdown_ratio, final_lr_f
     """Linear warmup, constant, then linear warmdown to final_lr_frac."""
     warmdown = round(warmdown_ratio * num_iterations)
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps  # step + 1: never a zero LR
     if step <= num_iterations - warmdown:
         return 1.0
+    # 1 where the warmdown starts, 0 at num_iterations; the last step run is num_iterations - 1,
+    # so it ends one warmdown step above final_lr_frac
     progress = (num_iterations - step) / warmdown
     return progress + (1 - progress) * final_lr_frac
 
@@ -152,6 +156,8 @@ def main(argv=None):
     the report (log_stage, rank 0)."""
     args = get_args(argv)
     _, rank, _, world_size, device = compute_init(args.device_type)
+    # the same seed on every rank: nothing broadcasts the initial weights, so an identical init is
+    # what starts the DDP replicas equal (averaged gradients then keep them so)
     torch.manual_seed(args.seed)
     amp = autocast(device)
     tokenizer = get_tokenizer()
@@ -170,8 +176,8 @@ def main(argv=None):
         except ValueError as e:
             raise NanocodeError(f"--fp8: {e}") from e
     num_params, scaling_params = model.num_params(), model.num_scaling_params()
-    flops_per_token = model.estimate_flops()
-    with torch.device("meta"):
+    flops_per_token = model.estimate_flops()  # 6 x scaling params + attention: for MFU
+    with torch.device("meta"):  # depth 12 counted on the meta device: shapes only, no memory
         ref_params = GPT(GPTConfig.from_depth(12, V, T)).num_scaling_params()
     given = (args.target_param_data_ratio, args.total_batch_size, args.weight_decay)
     plan = training_plan(scaling_params, ref_params, *given)
@@ -183,6 +189,8 @@ def main(argv=None):
             f"batch from the horizon ({batch:,} tokens) is less than one pass of "
             f"--device-batch-size rows on every process: {B} rows per pass instead"
         )
+    # one forward/backward on every rank reads B x T x world_size tokens; a step accumulates
+    # gradients over grad_accum such passes, so batch = B x T x world_size x grad_accum exactly
     tokens_per_pass = B * T * world_size
     if batch % tokens_per_pass:
         raise NanocodeError(
@@ -191,14 +199,16 @@ def main(argv=None):
         )
     grad_accum = batch // tokens_per_pass
     num_steps = args.num_iterations
-    if num_steps < 0:
+    if num_steps < 0:  # the horizon (ratio x scaling params) in whole batches
         num_steps = max(1, round(planned_tokens / batch))
-    train_tokens = num_steps * batch
+    train_tokens = num_steps * batch  # what the run really reads: the horizon rounded to steps
     lrs = [lr * lr_scale for lr in (args.matrix_lr, args.embedding_lr, args.unembedding_lr)]
     optimizers = model.setup_optimizers(
         *lrs, weight_decay, rank=rank, world_size=world_size, scalar_lr=args.scalar_lr * lr_scale
     )
     use_compile = args.compile == 1 or (args.compile == -1 and device.type == "cuda")
+    # only the training forward is compiled (fixed shapes: B x T); evaluation and sampling call the
+    # uncompiled `model`, which shares its parameters, so their other shapes cause no recompiles
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     loader = partial(DataLoader, tokenizer, B, T, device=device, rank=rank, world_size=world_size)
     train_loader = loader(fim_rate=args.fim_rate, seed=args.seed, name=args.data_name)
@@ -242,8 +252,8 @@ def main(argv=None):
         )
 
     # ---- what the loop calls
-    token_bytes = tokenizer.token_bytes.to(device)
-    eval_steps = max(1, args.eval_tokens // tokens_per_pass)
+    token_bytes = tokenizer.token_bytes.to(device)  # UTF-8 bytes per token id: bpb's denominator
+    eval_steps = max(1, args.eval_tokens // tokens_per_pass)  # --eval-tokens over all ranks
     prompts = ["def fibonacci(n):", "import os\n", "class Stack:\n    def"]
 
     def evaluate(step):
@@ -257,7 +267,7 @@ def main(argv=None):
         sample = args.sample_every > 0 and step > 0 and step % args.sample_every == 0
         if rank == 0 and (sample or step == num_steps):
             engine = Engine(model, tokenizer)
-            for prompt in prompts:
+            for prompt in prompts:  # <|bos|> first, as every training document starts
                 ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
                 with amp:
                     out = engine.generate_batch(ids, max_tokens=24, temperature=0.0)[0]
@@ -266,10 +276,12 @@ def main(argv=None):
 
     def loss_fn(xy):
         with amp:
-            loss = train_model(*xy)
+            loss = train_model(*xy)  # targets given: the mean cross-entropy (fused kernel)
         return loss, {"loss": loss.detach(), "tokens": xy[0].numel()}
 
     def schedule(step):
+        """The loop's LR multiplier for `step`; Muon's momentum is set here too (the loop itself
+        sets only the learning rates)."""
         for group in optimizers[1].param_groups:  # Muon's
             group["momentum"] = muon_momentum(step, num_steps, args.warmdown_ratio)
         warmup, warmdown, final = args.warmup_steps, args.warmdown_ratio, args.final_lr_frac
@@ -279,6 +291,8 @@ def main(argv=None):
     meta = dict(total_batch_size=batch, lr_scale=lr_scale, weight_decay=weight_decay)
 
     def batches(step):
+        # the next grad_accum batches: the loader's position, saved in every checkpoint
+        # (`stateful`), is what a resumed run continues from, not `step`
         return [next(train_loader) for _ in range(grad_accum)]
 
     loop = dict(meta=meta, schedule=schedule, stateful={"loader": train_loader})
@@ -288,7 +302,7 @@ def main(argv=None):
 
     # ---- report
     losses, evals = result["curves"].get("loss", []), result["evals"]
-    val_bpb = evals[-1][1]["bpb"]
+    val_bpb = evals[-1][1]["bpb"]  # the loop always evaluates at the last step
     if rank == 0:
         log_stage(
             "base_train",
@@ -303,6 +317,7 @@ def main(argv=None):
             fp8=args.fp8,
             train_time_s=result["train_time_s"],
             final_val_bpb=val_bpb,
+            # smoothed: one step's loss is one batch's, noisy
             final_loss=ema([v for _, v in losses])[-1] if losses else None,
             curves={"loss": losses, "val_bpb": [(s, m["bpb"]) for s, m in evals]},
             device=str(device),

@@ -126,6 +126,7 @@ def main():
     elif not sandbox.isolated(args.sandbox):
         label = f"NO sandbox (unavailable: {sandbox.available()[1]})"
     approve = Approver(args.yes, sys.stdin.isatty(), label)
+    # (rendered at the head of the first user turn: the token table has no system token)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     if args.prompt is None:

@@ -52,6 +52,7 @@ def get_args(argv=None):
     p.add_argument("--train", default="", help="pairs (default $BASE/sft/dpo_train.jsonl)")
     p.add_argument("--val", default="", help="held-out pairs (default .../dpo_val.jsonl)")
     p.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo"])
+    # larger beta keeps the policy nearer the reference (both losses); also the rewards' scale
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--max-seq-len", type=int, default=0, help="tokens per side (default: model's)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step, all ranks")
@@ -69,12 +70,16 @@ def dpo_loss(pc, pr, rc, rr, beta: float, loss_type: str = "sigmoid", nc=None, n
     """Per-pair losses and the two rewards. pc/pr: policy log-probs of chosen/rejected (summed over
     their tokens), rc/rr: the reference's; nc/nr: token counts (needed by ipo)."""
     if loss_type == "sigmoid":
+        # -log P(chosen preferred) under Bradley-Terry, a side's implicit reward being
+        # beta x (log pi - log ref); its push on the margin shrinks as it grows but never stops
         losses = -F.logsigmoid(beta * ((pc - rc) - (pr - rr)))
     elif loss_type == "ipo":
+        # squared distance to a finite margin, 1 / (2 beta): once reached, no more push; on
+        # per-token averages, so the margin is in nats per token whatever the sides' lengths
         losses = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown DPO loss {loss_type!r}: use sigmoid or ipo")
-    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()  # rewards: metrics only
 
 
 def render_side(tokenizer, prompt: dict, message: dict, max_len: int):
@@ -84,8 +89,11 @@ def render_side(tokenizer, prompt: dict, message: dict, max_len: int):
     ids, mask = tokenizer.render_conversation(conv, max_tokens=max_len + 1)
     ids, mask = list(ids)[: max_len + 1], list(mask)[: max_len + 1]
     n = len(prompt_ids)
+    # the mask is zeroed over the first n tokens, which must be the prompt's: a renderer that laid
+    # them out otherwise would shift the mask onto the wrong tokens
     if ids[:n] != prompt_ids[: len(ids)]:
         raise NanocodeError("render_for_completion(prompt) is not a prefix of the rendered pair")
+    # the prompt's own assistant turns are context here, not the side being compared
     return ids, [0] * min(n, len(mask)) + mask[n:]
 
 
@@ -106,13 +114,14 @@ def render_pairs(tokenizer, pairs, max_len: int):
 def side_logps(model, rows, pad_id: int, device, amp):
     """Summed log-prob of each row's masked tokens, and the token counts."""
     x, y = pad_batch(rows, pad_id, device)
-    with amp:
+    with amp:  # per-token NLL, 0 where the target is -1: the row sum is over the side's tokens
         nll = model(x, y, loss_reduction="none").float().view(x.shape)
     return -nll.sum(1), (y != -1).sum(1).float()
 
 
 def pair_logps(model, pairs, pad_id, device, amp):
     """(chosen log-probs, rejected log-probs, chosen token counts, rejected token counts)."""
+    # both sides of every pair in one padded batch: one forward
     logp, n = side_logps(model, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, device, amp)
     k = len(pairs)
     return logp[:k], logp[k:], n[:k], n[k:]
@@ -176,6 +185,7 @@ def self_pairs(model, tokenizer, spec: str, G: int, max_tokens: int, seed: int):
 
     tasks = rl_tasks.load_tasks(spec, "train", seed)
     engine = Engine(model, tokenizer)
+    # temperature 1: a task gives a pair only if its G replies differ, some passing, some failing
     results = rl_tasks.sample(engine, tasks, G, seed, max_tokens, 1.0, top_k=50, timeout=5.0)
     verdicts = rl_tasks.score([t for t in tasks for _ in range(G)], results)
     pairs = []
@@ -235,19 +245,21 @@ def main(argv=None):
     )
 
     def batches(step):
+        # pair indices, not tensors: loss_fn renders the rows and looks up their reference log-probs
         idx = training.epoch_rows(len(train), step, args.batch_size, args.seed)
         return training.split(idx[rank::world_size], args.grad_accum)
 
     # the reference: the SFT model's log-probs, once, before any update, of the train pairs this
     # rank's steps use (a short run visits few of them) and of the held-out pairs
-    model.eval()
+    model.eval()  # (the loop puts it back in training mode)
     t0 = time.time()
+    # batches depend on the step alone, so the pairs every step will use are known now
     used = sorted({i for s in range(num_steps) for mb in batches(s) for i in mb})
 
     def reference(pairs):  # (2, pairs): chosen and rejected log-probs
         return torch.stack(reference_logps(model, pairs, args.batch_size, pad_id, device, amp))
 
-    ref_train = torch.zeros(2, len(train), device=device)
+    ref_train = torch.zeros(2, len(train), device=device)  # unused pairs' zeros: never read
     if used:
         ref_train[:, used] = reference([train[i] for i in used])
     ref_val = reference(val)
@@ -263,7 +275,7 @@ def main(argv=None):
         pc, pr, nc, nr = pair_logps(model, [train[i] for i in idx], pad_id, device, amp)
         rc, rr = ref_train[:, idx]
         losses, c_reward, r_reward = dpo_loss(pc, pr, rc, rr, args.beta, args.loss, nc, nr)
-        nll = (-pc / nc).mean()
+        nll = (-pc / nc).mean()  # per token of each chosen side, then over the pairs
         loss = losses.mean() + args.nll_weight * nll if args.nll_weight else losses.mean()
         return loss, {
             "loss": loss.detach(),
@@ -271,7 +283,7 @@ def main(argv=None):
             "chosen_nll": nll.detach(),
             "reward_acc": (c_reward > r_reward).float().mean(),
             "margin": (c_reward - r_reward).mean(),
-            "tokens": nc.sum() + nr.sum(),
+            "tokens": nc.sum() + nr.sum(),  # the scored tokens of both sides (padding not counted)
         }
 
     def evaluate(step):
@@ -281,13 +293,14 @@ def main(argv=None):
             return None
         m = evaluate_pairs(model, val, val_kinds, *ref_val, args, pad_id, device, amp)
         print0(f"step {step:05d} | held-out {fmt(m)}")
-        if prompts and step in (0, num_steps):
+        if prompts and step in (0, num_steps):  # generation is slow: before and after only
             with amp:
                 m["validity"] = training.tool_call_validity(model, tokenizer, prompts)
             print0(f"step {step:05d} | {training.fmt_validity(m['validity'])}")
         return m
 
     opts, meta = training.setup_optimizers(model, args), {"sft_step": sft_meta.get("step")}
+    # no schedule: the loop's default, linear decay from --init-lr-frac x the pretraining rates
     result = training.train(
         model, opts, args, "dpo", tag, num_steps, batches, loss_fn, evaluate, meta=meta
     )

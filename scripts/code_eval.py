@@ -117,18 +117,23 @@ def generate(engine, problems, task, mode, num_samples, max_tokens, temperature,
     (chat_replies); the code is taken from the reply's write_file/edit_file calls, else its
     ```python block, else its text."""
     tok, agentic, top_k = engine.tokenizer, mode == "agentic", top_k if temperature > 0 else None
-    keep = engine.max_len - min(max_tokens, engine.max_len // 2)  # longest prompt leaving room
+    # the longest prompt: it leaves max_tokens of room, or half the context if max_tokens is more
+    keep = engine.max_len - min(max_tokens, engine.max_len // 2)
     by_task, cropped, sampling = {}, 0, (num_samples, max_tokens, temperature, top_k)
     for idx, p in enumerate(progress(problems, desc="problems", unit="problem")):  # rate, ETA
+        # the problem's samples use seeds s, s + 1, ..., s + n - 1: apart from the next problem's
+        # while n < 10,007
         s = seed + 10_007 * idx
         if mode != "base":
             replies = chat_replies(engine, p, *sampling, s, agentic)
             by_task[p["task_id"]] = [code_tasks.chat_completion(p, parts) for parts in replies]
             continue
         ids = [tok.bos_id] + tok.encode(p["prompt"])
-        if len(ids) > keep:
+        if len(ids) > keep:  # keep <|bos|> and the end, where the function to write starts
             ids, cropped = [ids[0]] + ids[len(ids) - keep + 1 :], cropped + 1
         outs = engine.generate_batch(ids, *sampling, seed=s)
+        # a base model writes on past the function: cut at the first top-level line of a kind the
+        # task lists ("\nclass ", "\nif __name__", "\nprint(", ...)
         stops = code_tasks.stop_sequences(task)
         by_task[p["task_id"]] = [code_tasks.truncate_at_stop(tok.decode(o), stops) for o in outs]
     if cropped:
@@ -143,7 +148,7 @@ def chat_replies(engine, problem, num_samples, max_tokens, temperature, top_k, s
         engine,
         [problem["instruction"]] * num_samples,
         [None] * num_samples,
-        approve=lambda name, arguments: agentic or name != "bash",
+        approve=lambda name, arguments: agentic or name != "bash",  # else "denied by the user"
         max_tokens=max_tokens,
         temperature=temperature,
         top_k=top_k if temperature > 0 else None,
@@ -172,9 +177,11 @@ def summarize(problems: list[dict], records: list[dict], ks: list[int]):
         counts[r["task_id"]][1] += r["passed"]
     rows = []
     for t, (n, c) in counts.items():
+        # pass@k: the chance that at least one of k samples drawn from the n passes,
+        # 1 - C(n-c, k) / C(n, k); unbiased, unlike 1 - (1 - c/n)**k, and defined only for k <= n
         passes = {f"pass@{k}": code_tasks.pass_at_k(n, c, k) for k in ks if k <= n}
         rows.append({"task_id": t, "n": n, "correct": c, **passes})
-    min_n = min(n for n, _ in counts.values())
+    min_n = min(n for n, _ in counts.values())  # a mean over problems needs pass@k of each
     means = {k: sum(r[f"pass@{k}"] for r in rows) / len(rows) if k <= min_n else None for k in ks}
     return rows, means
 
@@ -186,6 +193,7 @@ def main():
         raise NanocodeError(f"-n must be >= 1, got {args.num_samples}")
     if args.max_problems is not None and args.max_problems < 1:
         raise NanocodeError(f"--max-problems must be >= 1, got {args.max_problems}")
+    # scoring a file needs no model: the CPU, whatever --device-type says
     _, rank, _, world_size, device = compute_init("cpu" if args.samples else args.device_type)
     all_problems = code_tasks.load_task(args.task, args.mbpp_file)
     problems = all_problems[: args.max_problems]
@@ -208,12 +216,13 @@ def main():
         sampling = (args.num_samples, args.max_tokens, args.temperature, args.top_k, args.seed)
         by_task = generate(Engine(model, tokenizer), mine, args.task, mode, *sampling)
     t_gen, t0 = time.time() - t0, time.time()
+    # the node's cores shared among the ranks on it, so their sandboxes do not oversubscribe them
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     workers = args.workers or max(1, (os.cpu_count() or 1) // local_world)
     records = score(mine, by_task, workers, args.timeout, not args.no_sandbox)
     t_exec = time.time() - t0
     order = {p["task_id"]: i for i, p in enumerate(problems)}
-    records = gather_records(records, world_size, order, "task_id")
+    records = gather_records(records, world_size, order, "task_id")  # in problem order, any ranks
     if rank == 0:
         rows, means = summarize(problems, records, ks)
         out = Path(args.out or get_base_dir() / "eval" / f"code_eval_{source}_{args.task}")

@@ -65,13 +65,15 @@ def get_args(argv=None):
     p.add_argument("--valid-call-bonus", type=float, default=0.1)
     p.add_argument("--malformed-penalty", type=float, default=0.1)
     p.add_argument("--std-adv", action="store_true")
+    # 1: the plain loss (nanochat's); 0 helped a weak 2M-parameter model (bench/results/cpu/rl.md)
     p.add_argument("--neg-weight", type=float, default=1.0)
     p.add_argument("--kl-coef", type=float, default=0.0)
     p.add_argument("--verify-timeout", type=float, default=5.0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="verifier processes at once")
+    # init-lr-frac 0.05, temperature 1, top-k 50, 256 new tokens: nanochat's chat_rl settings
     training.add_args(p, init_lr_frac=0.05, eval_every=20)
     args = p.parse_args(argv)
-    args.steps = args.steps if args.steps > 0 else 50
+    args.steps = args.steps if args.steps > 0 else 50  # tasks are drawn per step: no epochs here
     for name in ("group_size", "tasks_per_step", "max_new_tokens", "eval_samples"):
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
@@ -84,8 +86,10 @@ def get_args(argv=None):
 def group_advantages(rewards: torch.Tensor, std=False, neg_weight=1.0) -> torch.Tensor:
     """rewards (tasks, G) -> advantages (tasks, G): reward minus its group's mean, optionally /
     group std, negative ones times neg_weight."""
+    # the group's mean is the baseline: a sample is scored against the other tries at the same
+    # task, so no critic is needed, and a task every sample passes (or fails) teaches nothing
     adv = rewards - rewards.mean(dim=1, keepdim=True)
-    if std:
+    if std:  # + 1e-6: a group of equal rewards has std 0 (and advantages 0 already)
         adv = adv / (rewards.std(dim=1, unbiased=False, keepdim=True) + 1e-6)
     return torch.where(adv < 0, adv * neg_weight, adv)
 
@@ -98,11 +102,14 @@ def pg_loss(model, rows, adv, norm: float, pad_id: int, device, amp, ref_model=N
     valid = (y != -1).float()
     with amp:
         nll = model(x, y, loss_reduction="none").float().view(x.shape) * valid
+    # -A * log pi = A * nll: minimizing it raises log pi where A > 0 and lowers it where A < 0
     loss = (nll * torch.as_tensor(adv, dtype=torch.float32, device=x.device)[:, None]).sum() / norm
     if kl_coef:
         with torch.no_grad(), amp:
             ref_nll = ref_model(x, y, loss_reduction="none").float().view(x.shape) * valid
         d = nll - ref_nll  # log ref - log pi
+        # k3 = r - log r - 1 with r = ref / pi: >= 0 on every token, and its mean over tokens pi
+        # sampled is an unbiased estimate of KL(pi || ref)
         loss = loss + kl_coef * ((torch.exp(d) - d - 1) * valid).sum() / norm
     return loss
 
@@ -123,7 +130,7 @@ def sample_and_score(engine, tasks, first_index, args, seed, G):
     rank), their training rows and rewards. Returns (rows, rewards (n, G), stats: sums over the
     samples, and the times)."""
     t0 = time.time()
-    seed += first_index * G
+    seed += first_index * G  # sample j of the task at position p: seed + p * G + j
     temperature, top_k, timeout = args.temperature, args.top_k, args.verify_timeout
     results = rl_tasks.sample(
         engine, tasks, G, seed, args.max_new_tokens, temperature, top_k, timeout, args.sample_tasks
@@ -134,6 +141,7 @@ def sample_and_score(engine, tasks, first_index, args, seed, G):
     stats = dict.fromkeys(["passed", "valid_call", "malformed_call", "cut_off", *STATUSES], 0)
     rewards = []
     for r, (passed, status) in zip(results, verdicts):
+        # at most one bonus and one penalty per reply, however many calls it made
         valid, malformed = (n > 0 for n in rl_tasks.call_counts(r["message"]))
         rewards.append(passed + args.valid_call_bonus * valid - args.malformed_penalty * malformed)
         stats["passed"] += passed
@@ -187,7 +195,7 @@ def main(argv=None):
         val_tasks = []  # e.g. a small synthetic val split without a write-and-run conversation
         print0(f"warning: {e}; held-out pass@1 is not measured (give --val-tasks)")
     k = K // world_size  # this rank's tasks per step
-    ref_model = copy.deepcopy(model).eval() if args.kl_coef else None
+    ref_model = copy.deepcopy(model).eval() if args.kl_coef else None  # frozen before any update
     engine = Engine(model, tokenizer)
     print0(
         f"model: {args.source} {tag}, {model.num_params():,} parameters | {len(train_tasks)} train "
@@ -207,16 +215,19 @@ def main(argv=None):
         picks = rng.sample(range(max(K, len(train_tasks))), K)
         mine = [train_tasks[i % len(train_tasks)] for i in picks][rank * k : (rank + 1) * k]
         model.eval()
+        # the step's K x G samples take seeds seed .. seed + K*G - 1: no two steps share one
         seed = args.seed * 7919 + step * K * G
         rows, rewards, stats = sample_and_score(engine, mine, rank * k, args, seed, G)
         model.train()
         adv = group_advantages(rewards, args.std_adv, args.neg_weight).flatten().tolist()
         last.update(all_reduce_stats(stats, device))
+        # advantage 0: e.g. each sample of an all-equal group, or below its mean at --neg-weight 0
         micro = [(row, a) for row, a in zip(rows, adv) if a != 0 or args.kl_coef]
         micro = training.split(micro, args.grad_accum)
         # The loop backpropagates loss / len(micro) and averages over ranks: dividing each
         # micro-batch's sum by tokens / (len(micro) * world) makes the update
         # sum(-A log pi) / tokens, tokens: every sampled token of the step, all ranks.
+        # the rows left out count too: their terms are 0, so leaving them out changes nothing
         tokens = max(last["sampled_tokens"], 1.0)
         last["norm"] = tokens / (max(len(micro), 1) * world_size)
         return micro
@@ -241,10 +252,12 @@ def main(argv=None):
         """Held-out pass@1, mean reward and valid-call rate: --eval-samples samples per held-out
         task at a seed set by --eval-seed alone, the tasks split into contiguous shares over
         ranks and the counts all-reduced. Returns the metrics on rank 0, None on the others."""
-        per = -(-len(val_tasks) // world_size)
+        per = -(-len(val_tasks) // world_size)  # ceil: every task on some rank
         mine = val_tasks[rank * per : (rank + 1) * per]
         stats = dict.fromkeys(["passed", "reward", "valid_call", "completions"], 0)
         if mine:
+            # by --eval-seed alone (10**9 up: away from the training draws' seeds), so every
+            # evaluation, in this run or another, samples with the same seeds: they differ by model
             seed = 10**9 + args.eval_seed * 7919
             scored = sample_and_score(engine, mine, rank * per, args, seed, args.eval_samples)[2]
             stats = {key: scored[key] for key in stats}
@@ -267,13 +280,14 @@ def main(argv=None):
         return
     opts = training.setup_optimizers(model, args)
     meta = {"source": args.source, "source_step": src_meta.get("step")}
+    # no schedule: the loop's default, linear decay from --init-lr-frac x the pretraining rates
     loop = dict(meta=meta, step_metrics=step_metrics)
     result = training.train(
         model, opts, args, "rl", tag, num_steps, batches, loss_fn, evaluate, **loop
     )
     if rank == 0:
         c, evals = result["curves"], result["evals"]
-        (_, before), (_, after) = evals[0], evals[-1]
+        (_, before), (_, after) = evals[0], evals[-1]  # step 0 (the source model) and the last
         sample_s, verify_s, step_s = (
             sum(v for _, v in c[k]) for k in ("sample_s", "verify_s", "step_s")
         )

@@ -52,7 +52,8 @@ def get_args(argv=None):
     p.add_argument("--num-epochs", type=float, default=1.0)
     p.add_argument("--eval-convs", type=int, default=100)
     p.add_argument("--eval-prompts", type=int, default=64)
-    p.add_argument("--gen-tokens", type=int, default=0)
+    p.add_argument("--gen-tokens", type=int, default=0, help="per validity prompt (0: ref + 32)")
+    # a tenth of the pretraining learning rates: fine-tuning starts from a trained model
     training.add_args(p, init_lr_frac=0.1, eval_every=100)
     return p.parse_args(argv)
 
@@ -80,6 +81,8 @@ def load_data(spec: str, val_path: str, seed: int):
         if name.endswith(".jsonl"):
             check_tool_calls(name)
     train = load_mixture(spec, "train", seed)
+    # the val mixture leaves out .jsonl sources (their held-out rows are --val): with no other
+    # source there is nothing to load
     hub_or_synth = any(not name.endswith(".jsonl") for name, weight in mix if weight > 0)
     val = load_mixture(spec, "val", seed) if hub_or_synth else []
     return train, val + (check_tool_calls(val_path) if val_path else [])
@@ -92,7 +95,7 @@ def render_rows(tokenizer, convs, max_len: int) -> list[tuple[list[int], list[in
     for conv in convs:
         ids, mask = tokenizer.render_conversation(conv, max_tokens=max_len + 1)
         ids, mask = list(ids)[: max_len + 1], list(mask)[: max_len + 1]
-        if sum(mask[1:]) > 0:
+        if sum(mask[1:]) > 0:  # mask[1:]: the targets' mask (token 0 is never a target)
             rows.append((ids, mask))
     return rows
 
@@ -131,7 +134,7 @@ def main(argv=None):
             f"--val, or include synth or a hub source"
         )
     num_steps = training.count_steps(args, len(train_rows))
-    n_tokens = sum(sum(m[1:]) for _, m in train_rows)
+    n_tokens = sum(sum(m[1:]) for _, m in train_rows)  # assistant targets: what the loss sees
     print0(
         f"model: {tag}, depth {config.n_layer}, width {config.n_embd}, {model.num_params():,} "
         f"parameters; rows of {T} tokens"
@@ -143,13 +146,19 @@ def main(argv=None):
     )
 
     def batches(step):
+        # every rank draws the step's same --batch-size rows (seeded by the step) and takes its
+        # strided share, cut into --grad-accum micro-batches: a micro-batch holds about
+        # batch_size / (world_size x grad_accum) conversations
         idx = training.epoch_rows(len(train_rows), step, args.batch_size, args.seed)
         rows = [train_rows[i] for i in idx[rank::world_size]]
         return [pad_batch(mb, pad_id, device) for mb in training.split(rows, args.grad_accum)]
 
     def loss_fn(xy):
+        # the mean over this micro-batch's assistant targets (-1 is ignored); the loop averages
+        # micro-batches alike, whatever their numbers of targets
         with amp:
             loss = model(*xy)
+        # tokens (for tok/s): every position of the padded rows, padding included
         return loss, {"loss": loss.detach(), "tokens": xy[0].numel()}
 
     mine, size = val_rows[rank::world_size], args.batch_size // world_size
@@ -160,8 +169,9 @@ def main(argv=None):
         the metrics on rank 0, None on the others."""
         val = (pad_batch(mine[i : i + size], pad_id, device) for i in range(0, len(mine), size))
         with amp:  # every rank its share of the held-out rows
+            # no token_bytes: each assistant target counts as one "byte", so count = targets
             nats, _, count = loss_sums(model, val, device)[0].tolist()
-        if rank != 0:
+        if rank != 0:  # greedy generation prompt by prompt is not sharded: rank 0 does it all
             return None
         with amp:
             v = training.tool_call_validity(model, tokenizer, prompts, args.gen_tokens)
@@ -170,12 +180,14 @@ def main(argv=None):
 
     opts = training.setup_optimizers(model, args)
     meta = {"base_step": base_meta.get("step"), "mix": mix}
+    # no schedule: the loop's default, 1 - step / num_steps, so the learning rates fall linearly
+    # from --init-lr-frac x the pretraining rates toward 0
     result = training.train(
         model, opts, args, "sft", tag, num_steps, batches, loss_fn, evaluate, meta=meta
     )
     if rank == 0:
         evals = result["evals"]
-        (_, first), (_, last) = evals[0], evals[-1]
+        (_, first), (_, last) = evals[0], evals[-1]  # step 0 (the base model) and the last step
         log_stage(
             "sft",
             headline=[

@@ -142,6 +142,8 @@ def load_engines(args) -> tuple[list, str]:
         devices = [f"cuda:{i}" for i in range(n)]
     loaded = [load_engine(args, device) for device in devices]
     meta = loaded[0][1]
+    # system_fingerprint names the checkpoint served: a client whose same-seed replies differ can
+    # see whether the model changed
     ident = [args.source, args.tag, args.step, meta.get("step"), meta.get("model_config")]
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return [engine for engine, _ in loaded], "fp_fake" if args.fake_script else "fp_" + digest[:12]
@@ -161,6 +163,7 @@ def text_of(content, where: str) -> str:
 def tool_call_part(call, where: str) -> dict:
     """An OpenAI tool_calls entry as our tool_call part."""
     try:
+        # the protocol carries arguments as JSON text; our parts hold the object
         name, arguments = call["function"]["name"], json.loads(call["function"]["arguments"])
         if isinstance(name, str) and isinstance(arguments, dict) and isinstance(call["id"], str):
             return {"type": "tool_call", "name": name, "arguments": arguments}
@@ -191,7 +194,7 @@ def to_conversation(msgs: list) -> list[dict]:
             calls = {}
         if m is None:
             return out
-        if role in ("system", "developer", "user"):
+        if role in ("system", "developer", "user"):  # "developer": OpenAI's newer "system"
             role = "user" if role == "user" else "system"
             out.append({"role": role, "content": text_of(m.get("content"), where)})
             continue
@@ -229,6 +232,7 @@ def parse_tools(req) -> dict | None:
             raise bad(f"tools[{i}]: expected {{type: 'function', function: {{name, ...}}}}")
         if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
             raise bad(f"tools[{i}].function.strict must be true or false")
+        # a function without "parameters" takes none: its call's arguments must be {}
         schemas[fn["name"]] = {"description": "", "parameters": EMPTY_SCHEMA, **fn}
     return schemas
 
@@ -264,6 +268,7 @@ def parse_request(body: bytes, args) -> dict:
     given = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
     fields = ("temperature", "top_k", "top_p", "seed", "max_tokens", "max_completion_tokens", "n")
     given.update({key: req[key] for key in fields if req.get(key) is not None})
+    # the caps: OpenAI's temperature range, a seed that fits int64, and the server's own flags
     limits = dict(temperature=2, seed=2**63 - 1, n=args.max_n, max_tokens=args.max_tokens)
     try:  # each callee's error names the value that is wrong
         grammar = openai_grammar(req, params, OUR_TOOLS if args.allow_tools is not None else {})
@@ -271,11 +276,12 @@ def parse_request(body: bytes, args) -> dict:
         check_sampling(dict(limits, max_completion_tokens=args.max_tokens), **given)
     except (ValueError, NanocodeError) as e:
         raise bad(str(e)) from None
+    # a tool result last means an assistant turn in progress: the model goes on with it
     if messages[-1]["role"] != "user" and not in_progress(messages[-1]):
         raise bad("'messages' must end with a user message or with a tool result")
     stop = [req["stop"]] if isinstance(req.get("stop"), str) else req.get("stop") or []
     strings = isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
-    if not strings or len(stop) > 4:
+    if not strings or len(stop) > 4:  # at most 4, as the OpenAI API allows
         raise bad(f"'stop' must be a string or a list of at most 4 non-empty strings, got {stop!r}")
     kinds = {"stream": bool, "parallel_tool_calls": bool, "conversation_id": str}
     for key, kind in kinds.items():  # parallel_tool_calls: accepted; a reply holds one call
@@ -284,7 +290,9 @@ def parse_request(body: bytes, args) -> dict:
     settings = {key: given.get(key) for key in ("temperature", "top_k", "top_p")}
     # like the OpenAI API: a request without a seed samples afresh
     settings["seed"] = given["seed"] if "seed" in given else secrets.randbelow(2**63)
+    # max_completion_tokens, the protocol's newer name, wins over max_tokens when both are sent
     settings.update(max_tokens=given.get("max_completion_tokens", given["max_tokens"]), stop=stop)
+    # client-side tools: a valid call ends the reply unrun ("tool_calls"); the client runs it
     settings.update(tools=tools, grammar=grammar, stop_at_tool_call=tools is not None)
     answer = dict(n=given.get("n", 1), stream=req.get("stream"), cid=req.get("conversation_id"))
     return dict(answer, conversation={"messages": messages}, settings=settings)
@@ -385,6 +393,7 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         """/v1 needs 'Authorization: Bearer KEY' when the server has a key."""
         got, key = request.headers.get("authorization", ""), (args.api_key or "").encode()
         if key and request.url.path.startswith("/v1"):
+            # compare_digest: no early exit at the first wrong byte, so timing does not leak the key
             if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), key)):
                 return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
         return await call_next(request)
@@ -424,11 +433,11 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
         ours = server_tools if workdir is not None else {}  # in the conversation's directory
         kwargs = dict(req["settings"], max_tool_calls=args.max_tool_calls, **ours)
 
-        def put(item):
+        def put(item):  # asyncio.Queue is not thread-safe: the event loop's thread does the put
             loop.call_soon_threadsafe(out.put_nowait, item)
 
         def on_event(row, event):
-            if cancel.is_set():
+            if cancel.is_set():  # raised inside chat_batch: it unwinds, and the replica is free
                 raise Abandoned
             put((row, event))
 
@@ -436,7 +445,7 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             """The thread's body: waits for a free replica, generates unless the client has
             already gone, and always gives the replica back, forgets the request and ends the
             event stream (None); a generation error becomes an "error" event for the client."""
-            engine = free.get()
+            engine = free.get()  # blocks this thread, not the event loop: the request queue
             try:
                 if not cancel.is_set():
                     kwargs.update(workdirs=[workdir] * n, on_event=on_event)
@@ -473,6 +482,7 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             if event["type"] == "done":
                 parts = event["message"]["content"]
                 calls = [call_of(p) for p in parts if p["type"] == "tool_call" and client_side]
+                # content null beside tool_calls when the reply said nothing, as the protocol has it
                 message = {"role": "assistant", "content": texts[row] or (None if calls else "")}
                 message.update({"parts": parts, "tool_calls": calls} if calls else {"parts": parts})
                 choice = {"index": row, "finish_reason": event["finish_reason"], "logprobs": None}
@@ -490,7 +500,7 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             obj = {**head, "object": "chat.completion.chunk", "choices": [choice], **extra}
             return f"data: {json.dumps(obj)}\n\n"
 
-        for row in range(req["n"]):
+        for row in range(req["n"]):  # each choice's first chunk names the role, as OpenAI's do
             yield chunk(row, {"role": "assistant", "content": ""})
         usage = {}
         async for row, event in events:
@@ -498,6 +508,7 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             if kind == "text":
                 yield chunk(row, {"content": event["text"]})
             elif kind == "tool_call" and req["settings"]["tools"] is not None:
+                # whole, in one chunk; index 0: a reply holds at most one call
                 yield chunk(row, {"tool_calls": [dict(call_of(event), index=0)]})
             elif kind == "done":
                 usage = add_usage(usage, event["usage"])
@@ -565,7 +576,7 @@ def main():
             raise NanocodeError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_queue < 0:
         raise NanocodeError(f"--max-queue must be >= 0, got {args.max_queue}")
-    exposed = args.host not in LOOPBACK and not args.host.startswith("127.")
+    exposed = args.host not in LOOPBACK and not args.host.startswith("127.")  # 127/8: loopback
     if exposed and args.allow_tools is not None and not args.api_key:
         raise NanocodeError(
             f"refusing to serve tools on {args.host} (reachable from other machines) without an "

@@ -67,7 +67,8 @@ def get_args(argv=None):
     return args
 
 
-_CORPUS, _WEIGHTS = None, None  # each worker's, set once by _init
+# each worker's, set once by _init: the corpus is sent to a worker once, not pickled with every job
+_CORPUS, _WEIGHTS = None, None
 
 
 def _init(corpus, weights):
@@ -105,7 +106,7 @@ def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
     out, seen, start = [], set(), 0
     bar = progress(total=n, desc=desc, unit="rec")
     while len(out) < n:
-        todo = max(64, int((n - len(out)) * 1.1))
+        todo = max(64, int((n - len(out)) * 1.1))  # 10% extra: duplicates get skipped
         for r in pool.map(fn, [(i, seed) for i in range(start, start + todo)], chunksize=16):
             key = json.dumps(r["messages"], sort_keys=True)
             if key not in seen and len(out) < n:
@@ -113,7 +114,7 @@ def distinct(pool, fn, n: int, seed: int, desc: str) -> list:
                 out.append(r)
                 bar.update(1)
         start += todo
-        if start > 20 * n + 1000:
+        if start > 20 * n + 1000:  # the generator keeps repeating itself: stop, do not loop forever
             raise NanocodeError(f"{desc}: only {len(out)} distinct records in {start} (asked {n})")
     bar.close()
     return out
@@ -129,10 +130,12 @@ def build(split: str, n: int, n_pairs: int, n_prompts: int, seed: int, args):
     init = (corpus, args.kind_weights or None)
     with ProcessPoolExecutor(args.workers, initializer=_init, initargs=init) as pool:
         records = distinct(pool, _traj, n, seed, f"{split} trajectories")
+        # seed + 7: the prompts' random draws are not those of the split's trajectories
         prompts = distinct(pool, _prompt, n_prompts, seed + 7, "prompts") if n_prompts else []
         n_pairs = min(n_pairs, len(records))
         pairs = pool.map(synth_pairs.pair, range(n_pairs), records, repeat(seed), chunksize=16)
         pairs = [p for p in progress(pairs, total=n_pairs, desc=f"{split} pairs") if p]
+    # checked before anything is written: a generator bug fails here, not in code_sft or code_dpo
     for r in records:
         validate_conversation(r, f"synthetic {split} trajectory ({r['kind']})")
     for p in prompts:
@@ -200,6 +203,8 @@ def main(argv=None):
     args = get_args(argv)
     n_pairs = args.num_train if args.pairs < 0 else args.pairs
     t0 = time.time()
+    # validity prompts from the val split only: held out, as the val trajectories are; the val
+    # split has its own seed, so val trajectory i does not repeat train trajectory i's draws
     train, train_pairs, _ = build("train", args.num_train, n_pairs, 0, args.seed, args)
     val, val_pairs, prompts = build(
         "val", args.num_val, args.num_val, args.num_prompts, args.seed + 1, args

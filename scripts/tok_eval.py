@@ -81,7 +81,7 @@ def main():
         if enc is None:
             print(f"{name}: skipped (tiktoken has no local copy and this script does not download)")
         else:
-            tokenizers[name] = enc.encode_ordinary
+            tokenizers[name] = enc.encode_ordinary  # as ours: special-token text is plain text
 
     results = {}
     names = " ".join(f"{name:>12}" for name in tokenizers)
@@ -92,6 +92,7 @@ def main():
             print(f"{lang:<12} skipped: no files found ({', '.join(patterns)})")
             continue
         nbytes = len(text.encode())
+        # bytes per token: higher is better (the same context and compute cover more text)
         ratios = {name: nbytes / max(len(encode(text)), 1) for name, encode in tokenizers.items()}
         results[lang] = {"bytes": nbytes, **{name: round(r, 3) for name, r in ratios.items()}}
         print(f"{lang:<12} {nbytes:>9} " + " ".join(f"{r:>12.2f}" for r in ratios.values()))

@@ -47,7 +47,7 @@ def main():
         been yielded (the document that crosses the limit is kept), counted into `stats` as the
         trainer reads them; surrogatepass: a lone surrogate in a document counts its bytes
         instead of raising."""
-        for doc in iter_documents("train"):
+        for doc in iter_documents("train"):  # the val shard, bpb's held-out text, stays unseen
             text = doc["text"][: args.doc_cap]
             stats["docs"] += 1
             stats["chars"] += len(text)
@@ -69,6 +69,8 @@ def main():
     print(f"vocab size {tokenizer.vocab_size} (asked for {args.vocab_size}); saved to {out}")
     if tokenizer.vocab_size < args.vocab_size:
         print("note: the corpus ran out of pairs to merge before reaching the vocab size asked for")
+    # code, and a 4-byte UTF-8 character that byte-level BPE may split over several tokens:
+    # decode must still give back exactly the text
     sample = 'def hello(name):\n    return f"Hello, {name}!"  # 👋\n'
     ids = tokenizer.encode(sample)
     assert tokenizer.decode(ids) == sample, "round trip failed"
