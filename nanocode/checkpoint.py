@@ -40,10 +40,11 @@ def _atomic_write(path: Path, write_fn) -> int:
         with open(tmp, "wb") as f:
             write_fn(f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        os.replace(tmp, path)  # atomic within one filesystem: hence the temp file beside `path`
     finally:
         tmp.unlink(missing_ok=True)
+    # the rename changes the directory: until the directory is synced, a power cut may undo it
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -134,6 +135,8 @@ def save_training(ckpt_dir, step, model, optimizers, meta, rank=0, stateful=None
     `stateful` objects (name -> anything with state_dict(), e.g. the data loader)."""
     state = None
     if resumable:
+        # torch's generators only (the CPU's, every GPU's): Python's and numpy's are not saved, so
+        # their draws are seeded from (seed, step) or a document's place instead (scripts, loader)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()

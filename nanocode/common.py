@@ -144,7 +144,8 @@ def autocast(device: torch.device):
 
 
 # Nominal dense bf16 FLOP/s by GPU name, for MFU (bench/mfu.py also reports against the measured
-# peak).
+# peak). H100 and H200: the SXM parts' figure; PCIe and NVL parts match the name too but peak
+# lower (an H100 PCIe at 756e12), so their MFU reads low.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 

@@ -138,7 +138,7 @@ class DataLoader:
         different = {k: (v, mine.get(k)) for k, v in sd["config"].items() if mine.get(k) != v}
         if different:
             raise NanocodeError(f"dataloader state was saved with a different config: {different}")
-        self.close()
+        self.close()  # the batches the thread packed ahead came from the old state
         tokens, bounds = sd["buffer_tokens"].numpy(), np.cumsum([0] + sd["buffer_lengths"].tolist())
         keys = ("epoch", "shard", "row", "tokens_packed", "tokens_cropped")
         self._state = {k: int(sd[k]) for k in keys}
@@ -208,6 +208,7 @@ def _documents(cfg, epoch, shard, row, pool):
                 yield from _tokenize(cfg, epoch, pending, pool)
                 pending = []
         yield from _tokenize(cfg, epoch, pending, pool)
+        # only a pass from the epoch's start proves it: a resumed one may begin past its last row
         if not any_rows and shard == 0 and row == cfg.rank:
             raise NanocodeError(
                 f"rank {cfg.rank} of {cfg.world_size} gets no documents from the {cfg.split} "
@@ -239,7 +240,8 @@ def _tokenize(cfg, epoch, docs, pool):
     for s, r, text in docs:
         chunks = []
         for c, chunk in enumerate(chunk_text(text, cfg.max_doc_chars)):
-            # FIM seeded per chunk: the same cut wherever a run resumes
+            # FIM seeded per chunk: the same cut wherever a run resumes (a str seed goes through
+            # SHA-512, not hash(), so it is the same in every process whatever PYTHONHASHSEED is)
             rng = random.Random(f"{cfg.seed}/{epoch}/{s}/{r}/{c}") if cfg.fim_rate > 0 else None
             chunks.append(apply_fim(chunk, rng, cfg.fim_rate) if rng else [chunk])
         pieces.append(chunks)
@@ -286,6 +288,8 @@ def _pack(cfg, state, pool):
         rows = torch.from_numpy(rows)
         # int64 (what embedding and cross-entropy index with) in pinned memory, so the copy to the
         # GPU in __next__ can be asynchronous; inputs and targets in one tensor: one copy, not two.
+        # A fresh buffer per batch, never refilled: the queue holds several, and a non_blocking
+        # copy may still be reading one after __next__ has returned.
         host = torch.empty((2, B, T), dtype=torch.int64, pin_memory=cfg.pin_memory)
         host[0], host[1] = rows[:, :-1], rows[:, 1:]
         epoch, shard, row = cursor

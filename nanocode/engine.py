@@ -77,7 +77,7 @@ class KVCache:
             self.read = torch.tensor(rows, device=self.device)
         if consecutive and self.first == self.end - T:
             self.write = (self.read, slice(self.first, self.end))
-        else:
+        else:  # rows (B, 1) broadcast against pos (B, T): k[b, t] goes to (rows[b], pos[b, t])
             self.write = (torch.tensor(rows, device=self.device)[:, None], self.pos)
         self.masks = {}
 
@@ -184,6 +184,7 @@ class Engine:
         self.user_start, self.user_end = sid("<|user_start|>"), sid("<|user_end|>")
         self.tool_start, self.tool_end = sid("<|tool_start|>"), sid("<|tool_end|>")
         self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
+        # <|bos|> too: it opens every pretraining document, so a base model ends a document with it
         self.stop_ids = {self.bos, self.assistant_end}
 
     # ---------------------------------------------------------------------------------------------
@@ -246,6 +247,7 @@ class Engine:
             for i in group:
                 rows[i].fed = len(rows[i].ids)
             if group == ready:  # one forward fed them all (a decode step)
+                # memory per row: expanded rows share one, and a constraint masks its row in place
                 return out.contiguous()
             logits.update(zip(group, out))
         return torch.stack([logits[i] for i in ready])
@@ -307,6 +309,8 @@ class Engine:
         notice = [self.user_start] + self.tokenizer.encode(CONTEXT_NOTICE) + [self.user_end]
         if len(notice) > self.max_len // 8:  # a tiny context has no room for words
             notice = []
+        # 3/4, not all of it: each refit feeds the row again from position 0, so leave room for a
+        # quarter of the context of new tokens before the next one
         budget = self.max_len * 3 // 4 - 1 - len(notice)
         for i in range(1, len(ids)):
             if ids[i] == self.user_start and len(ids) - i <= budget:
@@ -529,6 +533,7 @@ class Reply:
         # boundary concatenate), holding back a partial UTF-8 character (a few tokens at most)
         self.held.append(t)
         piece = self.tok.decode(self.held)
+        # a UTF-8 character has at most 4 bytes, a token at least 1: past 4 tokens it is bad bytes
         if piece.endswith("\ufffd") and len(self.held) < 4:
             return []
         text, self.held = self.pending + piece, []

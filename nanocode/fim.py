@@ -32,6 +32,7 @@ def apply_fim(text: str, rng: random.Random, fim_rate: float = 0.5, spm_rate: fl
     ids). With probability 1 - fim_rate the document is left alone: [text]."""
     if rng.random() >= fim_rate:
         return [text]
+    # randint includes both ends, so any of the three pieces may be empty
     i, j = sorted((rng.randint(0, len(text)), rng.randint(0, len(text))))
     prefix, middle, suffix = text[:i], text[i:j], text[j:]
     if rng.random() < spm_rate:

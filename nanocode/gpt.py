@@ -30,7 +30,11 @@ import kernels
 from nanocode.common import nvtx_range
 from nanocode.fp8 import fp8_linear, fp8_relu2_mlp
 
+# Logits live in (-15, 15) however large the head's output grows: tanh softcapping as in Gemma 2
+# and modded-nanogpt, at nanochat's 15.
 SOFTCAP = 15.0
+# One epsilon for every RMSNorm: norm()'s and the rope_qknorm kernel's, which takes it as an
+# argument (F.rms_norm's own default would be fp32's machine epsilon, 1.2e-7).
 NORM_EPS = 1e-6
 VE_GATE_CHANNELS = 32
 ROPE_BASE = 100_000.0
@@ -155,9 +159,9 @@ def attention(q, k, v, window=None):
     """Causal attention of q (B, T, H, D) over k, v (B, T, Hk, D) of the same T positions; with
     `window`, query i sees only keys [i - window, i]."""
     if _flash_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        kw = {} if window is None else {"window_size": (window, 0)}
+        kw = {} if window is None else {"window_size": (window, 0)}  # (keys left, keys right)
         out = _flash_attn(q, k, v, causal=True, **kw)
-        return out[0] if isinstance(out, tuple) else out
+        return out[0] if isinstance(out, tuple) else out  # some FA3 versions add softmax_lse
     T = q.size(1)
     if window is None or T - 1 <= window:  # no key falls out of any query's window
         return sdpa(q, k, v, causal=True)
@@ -210,6 +214,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, hd)
         if ve is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # 1 at init
+            # autocast skips embedding lookups: ve is in the parameters' dtype, v in autocast's
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, hd).to(v.dtype)
         with nvtx_range("rope_qknorm"):
             # The kernel takes one (T', D/2) table for all rows: T' = T, or with a cache B*T (each
@@ -307,8 +312,13 @@ class GPT(nn.Module):
         uniform with std C^-0.5 (the MLP's 0.4x that), output projections zero (each block starts as
         the identity), value embeddings like c_v, their gates zero, lambdas 1 (residual) and 0.1
         (x0)."""
+        # forward RMS-normalizes the lookup, so this std never reaches the blocks: it only sets how
+        # large an Adam step (about lr per entry) is next to a row
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
+        # logits of std ~0.001·sqrt(C) (x has RMS 1): near-uniform first predictions, loss ~ln(V)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        # U(-b, b) has std b/sqrt(3), so this b gives std C^-0.5; uniform rather than normal for
+        # its lack of outliers (nanochat's init)
         bound = math.sqrt(3) * self.config.n_embd**-0.5
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
@@ -372,6 +382,9 @@ class GPT(nn.Module):
         [adamw, muon]."""
         from nanocode.optim import Muon
 
+        # Every block parameter is a 2-D matrix (no biases, parameter-free norms), the value
+        # embeddings' gates included, so Muon takes them all. Embeddings, head and scalars stay on
+        # AdamW: Muon is for hidden layers (Keller Jordan's Muon write-up, found empirically).
         matrix_params = list(self.transformer.h.parameters())
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
@@ -382,6 +395,8 @@ class GPT(nn.Module):
             dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, adam_betas[1])),
         ]
         fused = self.lm_head.weight.is_cuda
+        # eps 1e-10 (nanochat's), not 1e-8: eps must stay far below sqrt(v), or it shrinks the steps
+        # of parameters whose gradients are tiny
         adamw = torch.optim.AdamW(
             adam_groups, betas=adam_betas, eps=1e-10, weight_decay=0.0, fused=fused
         )
@@ -413,8 +428,8 @@ class GPT(nn.Module):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, kv_cache)
         x = norm(x)
-        if targets is None:
-            logits = self.lm_head(x).float()
+        if targets is None:  # (the loss path below never materializes the logits)
+            logits = self.lm_head(x).float()  # fp32 for the softcap and the sampler's softmax
             return SOFTCAP * torch.tanh(logits / SOFTCAP)
         dt = compute_dtype(x)
         with nvtx_range("linear_softcap_ce"):
@@ -423,7 +438,7 @@ class GPT(nn.Module):
                 self.lm_head.weight.to(dt),
                 targets.reshape(B * T),
                 softcap=SOFTCAP,
-                ignore_index=-1,
+                ignore_index=-1,  # targets a stage does not train on (SFT: all but the assistant's)
                 reduction=loss_reduction,
             )
 

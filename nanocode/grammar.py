@@ -289,6 +289,8 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """Set logits (..., V) to -inf, in place, wherever bitmask (..., ceil(V' / 32)) has a 0 bit (and
     past the mask's end, when the model's vocabulary V is larger than the tokenizer's V')."""
     bits = bitmask.to(logits.device, non_blocking=True)
+    # a word with bit 31 set is negative, and >> shifts ones in from the left; & 1 reads bit j
+    # all the same, so (w >> j) & 1 is right for every int32
     allowed = ((bits.unsqueeze(-1) >> _SHIFTS.to(logits.device)) & 1).bool().flatten(-2)
     vocab = logits.size(-1)
     if allowed.size(-1) < vocab:

@@ -26,6 +26,7 @@ def loss_sums(model, batches, device, token_bytes=None, groups: int = 1) -> torc
     for x, y, *group in batches:
         loss = model(x, y, loss_reduction="none").view(-1).double()
         y = y.reshape(-1)
+        # clamp: an ignored target (-1) would index the last token; (y >= 0) then zeroes its bytes
         nbytes = (
             (y >= 0).double() if token_bytes is None else token_bytes[y.clamp(min=0)] * (y >= 0)
         )

@@ -52,10 +52,14 @@ class Muon(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(grads)
             buf = state["momentum_buffer"]
+            # An average (m·buf + (1-m)·g), not SGD's sum (m·buf + g): at a fixed m they differ only
+            # by the factor 1-m, which Newton-Schulz's normalization divides away.
             buf.lerp_(grads, 1 - group["momentum"])
             update = grads.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
             update = self._orthogonalize(update)
             rows, cols = params[0].shape
+            # An orthogonalized (rows, cols) update has entries of RMS ~1/sqrt(max(rows, cols)); the
+            # factor makes that 1/sqrt(cols) for tall matrices too (modded-nanogpt's scaling).
             lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
             wd = group["weight_decay"]
             for p, u in zip(params, update):
@@ -66,6 +70,8 @@ class Muon(torch.optim.Optimizer):
 
     def _orthogonalize(self, update):
         """Newton-Schulz with its default (Polar Express) coefficients, 5 steps."""
+        # bf16 on GPUs, as modded-nanogpt and nanochat run it: the iteration only needs to bring
+        # singular values near 1; fp32 on the CPU, as the model runs there
         ns_dtype = torch.bfloat16 if update.is_cuda else torch.float32
         n, world = update.size(0), self.world_size
         if world == 1:

@@ -188,8 +188,10 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * lrm
                 opt.step()
+            # None, not zeros: the next backward writes fresh gradients instead of adding into
+            # zeroed ones, and the evaluation in between holds no gradient memory
             model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        if device.type == "cuda":  # kernels run asynchronously: time the work, not its launch
             torch.cuda.synchronize()
         dt = time.time() - t0
 
