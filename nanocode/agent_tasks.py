@@ -161,6 +161,7 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
     mod = rng.choice(MODULES)
     src, test, tests = f"{mod}.py", f"test_{mod}.py", _test_src(mod, name, cases)
     solved = _func_src(name, args, doc, good)
+    # budget: (tool calls, tokens) the agent gets for the task
     run_test, verify_files, deny, budget = _call("bash", command=f"python {test}"), {}, [], (6, 768)
     if kind == "fix":
         files = {src: _func_src(name, args, doc, bad), test: tests}
@@ -168,6 +169,7 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
             f"`python {test}` fails. Fix the bug in {src} so that it passes.",
             f"The test {test} is failing; find the bug in {src} and fix it.",
         ]
+        # the test is written back before it runs: weakening or deleting it gains nothing
         verify, verify_files = f"python {test}", {test: tests}
         calls = [_call("edit_file", path=src, old_string=bad, new_string=good), run_test]
         answer = f"Fixed {name} in {src}; {test} passes."
@@ -188,7 +190,8 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
             f"`python {new}`.",
             f"Write {new}, a script of asserts that checks {name} from {src}.",
         ]
-        # the test must pass on the real code and fail on a wrong one
+        # the test must pass on the real code and fail on a wrong one; src is written back first,
+        # so the test is judged on the real code, not on one the agent changed to suit it
         verify_files = {src: files[src], f".verify/{src}": _func_src(name, args, doc, mutant)}
         verify = f"test -f {new} && python {new} && cp .verify/{src} {src} && ! python {new}"
         calls = [
@@ -205,6 +208,8 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
             f"import {mod}\nassert hasattr({mod}, {new_name!r}) and not hasattr({mod}, {name!r})\n"
         )
         verify_files = {".verify/check.py": check}
+        # -w: compute_dedupe is not the old name dedupe ("_" is a word character); the last test
+        # compares what main prints with print's text of the expected value, quoted for the shell
         verify = (
             f"! grep -qw {name} {src} {user} && PYTHONPATH=. python .verify/check.py && "
             f'test "$(python {user})" = {json.dumps(str(eval(want)))}'
@@ -217,6 +222,7 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
         ]
         answer = f"Renamed {name} to {new_name} in both files."
     elif kind == "answer":
+        # the value has 3 digits, the other constants 4: quoting a wrong one never matches
         const, value = rng.choice(CONSTS), rng.randint(101, 989)
         others = [c for c in CONSTS if c != const][:2]
         lines = [f"{o} = {rng.randint(1000, 9999)}" for o in others] + [f"{const} = {value}"]
@@ -251,6 +257,7 @@ def make_task(rng: random.Random, kind: str, idx: int) -> dict:
             f"cmp -s {target} .verify/{target} && "
             "grep -qiE 'denied|not allowed|refused|declined|permission' .verify/answer.txt"
         )
+        # the reference tries the call; the user denies it, and the answer says so
         calls = [_call("bash", command=f"rm {target}")]
         answer, budget = f"The command was denied, so {target} is still there.", (3, 256)
     else:
@@ -315,6 +322,8 @@ def verify(task: dict, workdir: Path, answer: str) -> tuple[bool, str]:
     Runs in nanocode.sandbox (the work dir writable, no network, limits); a verifier that cannot
     even start (bash reports 126/127) is the suite's fault, not the agent's: NanocodeError naming
     the task."""
+    # Written after the agent is done: every file the verifier reads under .verify/ comes from
+    # here, so whatever the agent put there (a fake answer.txt, a copy of check.py) is overwritten.
     write_tree(workdir, {**task.get("verify_files", {}), ".verify/answer.txt": answer})
     result = run_command(task["verify"], workdir, timeout=VERIFY_TIMEOUT)
     if result.returncode in (126, 127):

@@ -28,6 +28,8 @@ TASKS = ("humaneval", "mbpp")
 # A base model has no end-of-answer token: cut the completion where a new top-level statement
 # starts.
 HUMANEVAL_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert "]
+# No "\ndef " for MBPP: its completion is the whole solution, which may define helpers; a new '"""'
+# opens the next problem in the prompt's own format.
 MBPP_STOP = ["\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ", '\n"""']
 
 
@@ -80,6 +82,7 @@ def download_mbpp(split: str = "test") -> Path:
 
     rows = pq.read_table(parquet).to_pylist()
     out.parent.mkdir(parents=True, exist_ok=True)
+    # through a temp file: a crash mid-write never leaves a half file that out.exists() trusts
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(out)
@@ -148,6 +151,8 @@ def code_from_calls(calls: list[dict]) -> str | None:
     """The code an agent wrote with its file tools: the final content of the last file it wrote or
     edited (write_file sets a file, edit_file replaces old_string once in what was written); None if
     the calls wrote nothing."""
+    # Rebuilt from the calls' arguments, not read from a dir: a file the calls did not write first
+    # cannot be edited here (its text is unknown), and a file written by bash is not seen.
     files, last = {}, None
     for c in calls:
         args = c.get("arguments") or {}
@@ -208,6 +213,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     1 - C(n-c, k) / C(n, k), computed as a stable product."""
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
+    if n - c < k:  # fewer failures than k: every draw of k samples holds a pass
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))

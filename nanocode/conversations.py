@@ -146,6 +146,7 @@ def pad_batch(rows, pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tens
     for i, (ids, mask) in enumerate(rows):
         ids, mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
         x[i, : len(ids) - 1] = ids[:-1]
+        # the mask of the token to predict (position t + 1) decides, not that of the input at t
         y[i, : len(ids) - 1] = torch.where(mask[1:], ids[1:], -1)
     return x.to(device), y.to(device)
 
@@ -159,6 +160,7 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
     ("/path/extra.jsonl", 2.0)]."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
+        # split at the last "=": a path may hold one
         name, _, w = item.rpartition("=") if "=" in item else (item, "", "1")
         try:
             weight = float(w)
@@ -238,6 +240,7 @@ def cached_sources() -> list[str]:
 
     out = []
     for name, (repo, filename, _) in instruct.SOURCES.items():
+        # a path (str) when cached; None, or a sentinel object for a file known to be missing
         hit = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir(), repo_type="dataset")
         if (get_base_dir() / "sft" / f"instruct_{name}.jsonl").exists() or isinstance(hit, str):
             out.append(name)
@@ -273,5 +276,6 @@ def load_mixture(spec: str, split: str = "train", seed: int = 0) -> list[dict]:
     ignored) so the held-out numbers do not depend on the training mix."""
     parsed = parse_mix(spec)
     if split == "val":
+        # a .jsonl file has no splits (its val would be its train rows): left out of val
         parsed = [(n, 1.0) for n, w in parsed if w > 0 and not n.endswith(".jsonl")]
     return mixture([(n, load_source(n, split), w) for n, w in parsed], seed)

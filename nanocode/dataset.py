@@ -136,6 +136,7 @@ def iter_rows(split="train", name="code", rank=0, world_size=1, start_shard=0, s
     shards = split_shards(split, name)
     for s in range(start_shard, len(shards)):
         texts, langs = read_shard(shards[s])
+        # a resume cursor's row is this rank's own (rank + k * world_size): the stride stays on it
         first = start_row if (s == start_shard and start_row is not None) else rank
         for r in range(first, len(texts), world_size):
             yield s, r, texts[r], langs[r]
@@ -171,6 +172,7 @@ class ShardWriter:
     def add(self, text: str, lang: str):
         """Buffer one document, in val (by chance, until VAL_CHARS) or train. A full train buffer
         is written out when the next train document arrives, so close() always has one left."""
+        # drawn from the whole stream, not its tail: val has the same mix of sources as train
         if self.rng.random() < self.val_fraction and self.val_chars < self.VAL_CHARS:
             self.val.append((text, lang))
             self.val_chars += len(text)
@@ -215,6 +217,7 @@ def write_corpus(name: str, docs, shard_mb: float, max_mb: float | None = None):
         seen[lang] += 1
         is_code = lang != "english"
         problem = "unreadable or not UTF-8" if text is None else quality_problem(text, is_code)
+        # exact duplicates only (the same file vendored twice); near-duplicates stay
         digest = hashlib.sha256(text.encode()).digest() if problem is None else None
         problem = "duplicate" if digest in hashes else problem
         if problem is not None:
@@ -319,10 +322,13 @@ def plan_downloads(languages: list[str], num_files: int, fineweb_ratio: float = 
         lang = max(languages, key=lambda lang: LANGUAGES[lang][1] / (counts[lang] + 1))
         counts[lang] += 1
     plan = []
+    # Only CODE_FILES_PER_LANGUAGE files exist per language: a count above it is cut, so a large
+    # -n gets fewer code files than asked for, and the weights flatten.
     for lang in languages:
         for i in range(min(counts[lang], CODE_FILES_PER_LANGUAGE)):
             file = CODE_FILE.format(config=LANGUAGES[lang][0], index=i)
             plan.append((CODE_REPO, CODE_REVISION, file, "code", lang))
+    # f FineWeb files beside n code files make a share f / (n + f) = fineweb_ratio of all files
     for i in range(round(num_files * fineweb_ratio / (1 - fineweb_ratio))):
         plan.append((FINEWEB_REPO, None, FINEWEB_FILE.format(index=i), "text", "english"))
     return plan

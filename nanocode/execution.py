@@ -46,6 +46,10 @@ class Result:
 
 # Runs inside the child: set the limits, disable destructive functions, then run the program.
 # argv: scratch_dir cpu_seconds memory_bytes fsize_bytes nproc
+# In it: exit_now is os._exit, kept before the guard sets that to None; it ends the process without
+# the program's atexit handlers or waiting for threads it left running. _inside compares real paths:
+# neither ".." nor a symlink leads out, and the os.sep keeps out a sibling dir whose name starts
+# with the scratch dir's. A None in sys.modules makes `import mod` raise ImportError.
 _CHILD = r"""
 import builtins, io, os, resource, sys
 scratch, cpu, mem, fsize, nproc = sys.argv[1], *map(int, sys.argv[2:6])
@@ -149,8 +153,12 @@ def run_program(
     t0 = time.monotonic()
     limits = [int(timeout) + 1, memory_mb << 20, fsize_mb << 20, nproc]
     flags = [] if guard else ["--no-guard"]
+    # -I: isolated mode: no PYTHON* environment variables, no user site-packages, no cwd on
+    # sys.path: an import finds the install's modules, never a file in the scratch dir
     argv = [sys.executable, "-I", "-c", _CHILD, scratch, *map(str, limits), *flags]
     try:
+        # lone surrogates (a tool call's JSON "\ud800" decodes to one) have no UTF-8 form: they
+        # are written as \udXXX escapes instead of failing the write
         Path(scratch, "program.py").write_text(program, "utf-8", errors="backslashreplace")
         env, mode = sb.sandbox_env(scratch), "workspace-write" if sandbox else "off"
         rc, (out, err), reason, leftover = sb.run(
@@ -169,6 +177,7 @@ def run_program(
             name = signal.Signals(-rc).name
         except ValueError:  # a real-time signal has no name
             name = f"signal {-rc}"
+        # SIGXCPU: the soft RLIMIT_CPU fired: the CPU seconds ran out, which counts as a timeout
         reason = "timed out" if -rc == signal.SIGXCPU else f"failed: killed by {name}"
     if reason is None and rc != 0:
         last = [line.strip() for line in stderr.splitlines() if line.strip()]

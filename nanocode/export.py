@@ -35,6 +35,7 @@ def export_model(model, tokenizer, out_dir, info: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    # beside out_dir (a rename is atomic only within one filesystem), hidden, one per process
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -45,6 +46,8 @@ def export_model(model, tokenizer, out_dir, info: dict | None = None) -> Path:
         config = {"format": "nanocode", "model_config": model.config.to_dict(), **(info or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(tmp)
+        # os.replace cannot replace a non-empty directory: the old export goes first, so for a
+        # moment there is none, but never a half one
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     finally:

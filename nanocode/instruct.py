@@ -148,6 +148,7 @@ def _name_near(lines: list[str], i: int) -> str | None:
     for line in reversed(lines[: i + 1]):
         if m := re.match(r"\s*(?:def|class)\s+(\w+)", line):
             return m.group(1)
+    # 4+ characters: a grep for `i` or `df` would match nearly every line
     words = re.findall(r"[A-Za-z_]\w{3,}", lines[min(i, len(lines) - 1)]) if lines else []
     return words[0] if words else None
 
@@ -168,12 +169,14 @@ def convert_turn(s: Session, request: str, answer: str, stats: Counter, path="so
         s.say(answer.strip())
         stats["text"] += 1
         return True
-    new = max(new_blocks, key=len)
+    new = max(new_blocks, key=len)  # the program; shorter blocks are lost (prose() drops them)
     if new.count("\n") > MAX_CODE_LINES:
         stats["dropped: code too long"] += 1
         return False
     old = max(old_blocks, key=len) if old_blocks else new  # no code in the request: no edit
     is_edit = old != new and difflib.SequenceMatcher(None, old, new).ratio() >= MIN_SIMILARITY
+    # First under execution's Python guard: code that deletes files, forks or hangs is dropped
+    # before the session's bash runs it with only the sandbox around it.
     if not run_program(new, timeout=RUN_TIMEOUT).passed:
         stats["dropped: code does not run"] += 1
         return False
@@ -181,7 +184,7 @@ def convert_turn(s: Session, request: str, answer: str, stats: Counter, path="so
     if is_edit:
         s.call("write_file", path=path, content=old)  # the user's code, as they pasted it
         lines = old.split("\n")
-        first = hunks(old, new)[-1][0]
+        first = hunks(old, new)[-1][0]  # hunks come last first: [-1] is the first change
         if name := _name_near(lines, first):
             s.call("grep", pattern=rf"\b{re.escape(name)}\b", path=path)
         s.call("read_file", path=path, offset=max(1, first - 2), limit=min(len(lines), 12))
@@ -195,6 +198,8 @@ def convert_turn(s: Session, request: str, answer: str, stats: Counter, path="so
             if old_string is None:
                 stats["dropped: edit not unique"] += 1
                 return False
+            # Lines above this hunk still have old's numbers (hunks are applied last first), so
+            # i1 and i2 index into block once shifted by where old_string starts.
             first_line = cur[: cur.index(old_string)].count("\n")
             block = old_string.split("\n")
             new_string = "\n".join(block[: i1 - first_line] + repl + block[i2 - first_line :])
@@ -210,6 +215,7 @@ def convert_turn(s: Session, request: str, answer: str, stats: Counter, path="so
         s.call("write_file", path=path, content=new)
         stats["write_run"] += 1
     out = s.call("bash", command=f"python3 {path}")
+    # tools.bash's notes; a program that prints "timed out" itself is dropped too
     if "[exit code" in out or "timed out" in out:
         stats["dropped: code does not run"] += 1
         stats["edit" if is_edit else "write_run"] -= 1

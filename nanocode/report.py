@@ -32,6 +32,8 @@ def log_stage(stage: str, headline=(), **data):
     if headline:
         current["headline"] = list(dict.fromkeys([*current.get("headline", []), *headline]))
     tmp = path.with_name(path.name + ".tmp")
+    # default=str: a value JSON cannot hold (a Path, a numpy int) is logged as text, not a crash
+    # at the end of a long stage
     tmp.write_text(json.dumps(current, indent=2, default=str))
     os.replace(tmp, path)
     return path
@@ -60,6 +62,7 @@ STAGES = {
     "agent_demo": "Agent demo",
 }
 CURVES = {"base_train": "pretraining", "sft": "SFT", "dpo": "DPO", "rl": "RL"}  # training logs
+# stages a run may skip: absent, they get no "missing" row
 OPTIONAL = {"code_eval_base", "code_eval_sft", *(k for k in STAGES if k.startswith("agent_eval"))}
 
 
@@ -138,6 +141,7 @@ def git_info() -> dict:
 
     try:
         commit = git("rev-parse", "HEAD")
+        # untracked files (outputs, caches) do not make the checkout dirty
         changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
     except (OSError, subprocess.SubprocessError):
         return {"commit": "n/a (git not available)"}
@@ -228,6 +232,7 @@ def series(curves):
                 continue
             x, y = p
             for sub, v in y.items() if isinstance(y, dict) else [(None, y)]:
+                # bool is an int to isinstance: flags are not plotted as 0/1
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     xs, ys = out.setdefault(name if sub is None else f"{name}.{sub}", ([], []))
                     xs.append(x)
@@ -240,6 +245,7 @@ def ema(ys, beta=0.9):
     out, avg = [], 0.0
     for i, y in enumerate(ys):
         avg = beta * avg + (1 - beta) * y
+        # avg starts at 0: dividing by 1 - beta^(i+1) undoes its pull toward 0 on the first points
         out.append(avg / (1 - beta ** (i + 1)))
     return out
 
@@ -292,7 +298,7 @@ def plot_bars(bars, path, ylabel, title):
     if not bars:
         return None
     sources = list(dict.fromkeys(s for v in bars.values() for s in v))
-    groups = sorted(bars, key=lambda g: (g == "overall", g))
+    groups = sorted(bars, key=lambda g: (g == "overall", g))  # "overall" last, the rest by name
     width = 0.8 / len(sources)
     fig, ax = pyplot().subplots(figsize=(max(4.5, 1.8 * len(groups)), 3.2))
     for i, s in enumerate(sources):
@@ -303,6 +309,7 @@ def plot_bars(bars, path, ylabel, title):
             ax.text(x, y, f"{y:.3f}", ha="center", va="bottom", fontsize=7)
     top = max(max(v.values()) for v in bars.values())
     ax.set_xticks(range(len(groups)), groups)
+    # headroom for the value labels above the bars; a floor for all-zero bars
     ax.set(ylabel=ylabel, ylim=(0, max(0.05, top * 1.25)))
     ax.legend(fontsize=8)
     return save(fig, title, path)
@@ -441,9 +448,11 @@ def detail_lines(stages: dict) -> list[str]:
     """Every scalar each stage logged, and the agent demo's transcript."""
     lines = ["## Stage details", ""]
     for stem, d in stages.items():
+        # a "|" would end a markdown table cell, a newline the row
         rows = [(k, str(v).replace("|", "/").replace("\n", " ")) for k, v in scalar_rows(d)]
         lines += [f"### {stem}", ""] + table(["key", "value"], rows)
         if isinstance(d.get("transcript"), str):
+            # a tilde fence: the transcript may hold ``` blocks; a "~~~~" in it would close it early
             lines += ["~~~~", d["transcript"].rstrip().replace("~~~~", "~ ~ ~ ~"), "~~~~", ""]
     return lines
 

@@ -114,6 +114,7 @@ def load_task_file(path) -> list[dict]:
 
 def in_split(text: str, split: str) -> bool:
     """A stable train/val split by content: a quarter of all texts are val."""
+    # crc32, not hash(): str hashes are salted per process, so the split would change every run
     return (zlib.crc32(text.encode()) % 4 == 0) == (split == "val")
 
 
@@ -138,6 +139,8 @@ def program_tasks(
     results = execution.run_many(progs * 2, workers=workers, timeout=5.0)
     tasks = []
     for (request, (_, argv)), r, again in zip(cands.items(), results, results[len(progs) :]):
+        # an output that differs between runs (random, time, a set of str, which hash
+        # randomization reorders) cannot be an exact check
         if r.passed and again.passed and r.stdout.strip() and r.stdout == again.stdout:
             check = {"type": "stdout", "expected": r.stdout, **({"argv": argv} if argv else {})}
             task_id = f"programs/{zlib.crc32(request.encode()):08x}"
@@ -190,6 +193,7 @@ def corpus_tasks(
     tasks = []
     for (f, node), r in zip(found, execution.run_many(progs, workers=workers, timeout=3.0)):
         try:
+            # the last line: the function may print too; dict: one assert per distinct arguments
             pairs = list(dict(json.loads(r.stdout.strip().splitlines()[-1])).items())[:cases]
         except (ValueError, IndexError):
             continue
@@ -197,6 +201,8 @@ def corpus_tasks(
         if not r.passed or len(pairs) < 3 or len({out for _, out in pairs}) < 2:
             continue
         lines, doc = f["src"].splitlines(), ast.get_docstring(node)
+        # the def line(s) only: everything above the body's first statement (the docstring, which
+        # may be that statement, is added back below when short)
         header = "\n".join(lines[: node.body[0].lineno - node.lineno])
         sig = header + (f'\n    """{doc}"""' if doc and len(doc) < 300 else "")
         tests = "\n".join(f"assert {node.name}(*{args}) == {out}" for args, out in pairs)
@@ -301,6 +307,8 @@ def sample(
 def score(tasks, results, workers: int = 2, timeout: float = 5.0) -> list[tuple[bool, str]]:
     """(passed, status) per (task, sampled reply): agent tasks by the verdict sample() left, the
     others by running the code the reply wrote against the task's check (verify_many)."""
+    # The code is taken from the reply's file-tool calls and run afresh in the sandbox: what the
+    # model's own runs printed, or what it says about them, counts for nothing.
     codes = [None if agent_task(t) else written_code(r["message"]) for t, r in zip(tasks, results)]
     verdicts = verify_many(tasks, codes, workers=workers, timeout=timeout)
     return [
@@ -322,6 +330,8 @@ def verify_program(task: dict, code: str) -> str:
     checks its output, decide)."""
     check = task["check"]
     if check["type"] == "tests":
+        # the tests run after the code, in one module: code that exits before them fails (the
+        # child counts SystemExit as a failure, and the guard disables os._exit)
         return code + "\n\n" + check["tests"] + "\n"
     return with_argv(code, check.get("argv", []))
 

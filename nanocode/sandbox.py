@@ -49,7 +49,8 @@ ETC = (
     "ld.so.conf.d localtime mime.types nsswitch.conf passwd profile python3 ssl"
 ).split()
 ETC_NETWORK = ["resolv.conf", "gai.conf", "host.conf"]
-# sh -c _JOIN cgroup argv...: joins the cgroup before argv runs (cheaper than a preexec_fn)
+# sh -c _JOIN cgroup argv...: joins the cgroup before argv runs (cheaper than a preexec_fn). $$ is
+# the shell's pid, which exec keeps: argv itself is in the cgroup, and all it forks inherits it.
 _JOIN = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
 SYSTEM_DIRS = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]
 
@@ -69,9 +70,14 @@ _counter = itertools.count()
 
 def _bwrap_argv(workdir: str, mode: str, network: bool) -> list[str]:
     """The bwrap command line (up to and including "--") for a command run in `workdir`."""
+    # --unshare-all only tries a user namespace; --unshare-user insists on one, which
+    # --disable-userns needs: no nested user namespace (a common route to kernel bugs, and full
+    # capabilities inside it). --die-with-parent: if nanocode dies, the sandbox dies with it.
     argv = "bwrap --unshare-all --unshare-user --disable-userns --die-with-parent".split()
     # --cap-drop ALL: bwrap started by root would otherwise leave the command every capability in
     # its user namespace (where, mapped to root, they reach root-owned files).
+    # --new-session: no controlling terminal, so no TIOCSTI ioctl that types commands into the
+    # caller's shell (CVE-2017-5226). A fixed hostname keeps the host's out of outputs.
     argv += ["--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]
     argv += ["--share-net"] * network
     for d in SYSTEM_DIRS:
@@ -84,18 +90,21 @@ def _bwrap_argv(workdir: str, mode: str, network: bool) -> list[str]:
             argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     # The private /tmp first: the binds below may lie under /tmp (a clone and its venv in /tmp/...)
     # and must be mounted on top of it, not hidden by it.
+    # --proc: a procfs of the new pid namespace (only the sandbox's processes); --dev: a minimal
+    # /dev (null, zero, urandom, tty, ...), no disks or GPUs; --size (bytes) sizes the next --tmpfs.
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMP_MB << 20), "--tmpfs", "/tmp"]
     # The Python we run on (a venv and the install it points to may live anywhere, e.g. ~/.pyenv):
     # its real location, and the venv path as it was spelled (python finds its venv by that path).
     binds = {}
     for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix):
         real = os.path.realpath(p)
-        if not real.startswith("/usr/"):
+        if not real.startswith("/usr/"):  # a system Python: already there with /usr
             binds[real] = binds[os.path.abspath(p)] = real
-    for dest in sorted(binds, key=len):
+    for dest in sorted(binds, key=len):  # parents first: a later bind inside one stays visible
         argv += ["--ro-bind", binds[dest], dest]
     argv += ["--bind" if mode == "workspace-write" else "--ro-bind", workdir, workdir]
-    # a read-only /proc: a command mapped to root could otherwise write the host's sysctls
+    # a read-only /proc: a command mapped to root could otherwise write the host's sysctls. The
+    # root is a tmpfs bwrap made: read-only, nothing can be created beside the binds and /tmp.
     return argv + ["--remount-ro", "/proc", "--remount-ro", "/", "--chdir", workdir, "--"]
 
 
@@ -173,10 +182,12 @@ def _cgroup_base() -> str | None:
     `pids` hierarchy, or v2 with the pids controller delegated to us), or None. Found by trying."""
     candidates = []
     for line in _read("/proc/self/cgroup").splitlines():
+        # "hierarchy-id:controllers:path", e.g. "5:pids:/user.slice" (v1) or "0::/user.slice" (v2)
         hid, controllers, path = line.split(":", 2)
         if "pids" in controllers.split(","):  # cgroup v1
             candidates.append(f"/sys/fs/cgroup/pids{path}")
         elif hid == "0":  # cgroup v2: usable if the pids controller is delegated to us
+            # mounted at /sys/fs/cgroup (v2 only), or at .../unified (the hybrid layout)
             candidates += [f"/sys/fs/cgroup{path}", f"/sys/fs/cgroup/unified{path}"]
     for base in candidates:
         probe = _make_cgroup(64, base, f"nanocode-probe-{os.getpid()}")
@@ -248,6 +259,7 @@ def session_members(sid: int) -> list[int]:
     pids = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         stat = _read(f"/proc/{entry}/stat")  # "pid (comm) state ppid pgrp session ..."
+        # comm is the program's name, free to hold spaces and ")": count fields after the last ")"
         fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":
             pids.append(int(entry))
@@ -287,12 +299,15 @@ def _collect(proc, deadline: float, max_output: int, flood_kills: bool):
             if remaining <= 0:
                 reason = "timed out"
                 break
+            # wake at least every 0.1 s: the deadline and the child's exit are checked between reads
             for key, _ in sel.select(timeout=min(remaining, 0.1)):
                 chunk, buf = os.read(key.fd, 65536), out[key.data]
                 if not chunk:
                     sel.unregister(key.fileobj)
                 elif len(buf) + len(chunk) > max_output and flood_kills:
                     reason = f"failed: output limit exceeded ({max_output} bytes)"
+                # without flood_kills, past the cap the pipe is still read and dropped: a child
+                # blocked on a full pipe would never exit
                 buf += chunk[: max(0, max_output - len(buf))]
             # Has the child exited? Asked without reaping it: until proc.wait(), its pid (= the
             # session id we kill by) cannot be reused by an unrelated process.
@@ -330,11 +345,14 @@ def run(
     workdir = os.path.realpath(workdir)
     cgroup, prefix, sandboxed = None, [], isolated(mode)
     if sandboxed:
-        if workdir == "/":
+        if workdir == "/":  # bound writable, it would bring the whole host back inside
             raise ValueError("the sandbox's work dir cannot be /")
         cgroup = _make_cgroup(nproc)
         prefix = _bwrap_argv(workdir, mode, network)
-        rlimits = dict(rlimits or {}, nproc=nproc)
+        rlimits = dict(rlimits or {}, nproc=nproc)  # the only cap where no pids cgroup is made
+    # The chain, outermost first: sh joins the cgroup, prlimit sets the limits, bwrap builds the
+    # namespaces; each later step inherits the cgroup and limits. Without prlimit (util-linux) on
+    # the PATH the rlimits are skipped, silently.
     if rlimits and shutil.which("prlimit"):
         prefix = ["prlimit", *(f"--{k}={v}" for k, v in rlimits.items()), "--", *prefix]
     if cgroup:
@@ -347,7 +365,7 @@ def run(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=True,  # session id = proc.pid: what kill_session kills by
         )
     except BaseException:
         if cgroup:
@@ -376,6 +394,7 @@ def sandbox_env(home: str = "/tmp") -> dict:
     path = f"{os.path.dirname(os.path.abspath(sys.executable))}:/usr/local/bin:/usr/bin:/bin"
     env = {"PATH": path, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
     threads = dict.fromkeys(["OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"], "1")
+    # TERM=dumb: programs that look at it write no colours or cursor escapes for the model to read
     return env | threads | NO_BYTECODE | {"TERM": "dumb"}
 
 
@@ -396,6 +415,8 @@ def run_command(
     max_output bytes is dropped (the command keeps running). Every process the command started is
     gone when this returns."""
     off = mode == "off"
+    # per process: address space and file size in bytes, CPU in seconds (above the wall clock, so
+    # a one-thread busy loop is stopped by the timeout and reported as one)
     limits = {"as": memory_mb << 20, "fsize": fsize_mb << 20, "core": 0, "cpu": int(timeout) + 1}
     rc, (out,), reason, _ = run(
         ["bash", "-c", command],

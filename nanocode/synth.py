@@ -57,6 +57,7 @@ KINDS, ROUTINES, FOLLOWUPS = _SPEC["kinds"], _SPEC["routines"], _SPEC["followups
 DATA_SCENES = _SPEC["scenes"]  # scenes that are only draws and file templates
 FOLLOWUP_RATE = 0.33  # share of sessions (of the kinds that allow it) that get 1-2 follow-up turns
 TASKS = [k for k, v in KINDS.items() if v["seen"]]  # the kinds training data is drawn from
+# held out of training: the validity prompts of these tell generalization from recall
 UNSEEN = [k for k, v in KINDS.items() if not v["seen"]]
 CALLING = [k for k in TASKS if k != "no_tool"]  # validity prompts ask for a tool call
 
@@ -75,6 +76,7 @@ def show_output(out: str, max_lines: int = 6) -> str:
 
 
 def failed(out: str) -> bool:
+    # tools.bash's note on a nonzero exit, run_tool's error prefix, or a traceback anywhere
     return "[exit code" in out or "Traceback" in out or out.startswith("error:")
 
 
@@ -165,6 +167,7 @@ def move_overview(s, rng, ctx):
     files = ctx["files"]
     pys = sorted(p for p in files if p.endswith(".py"))
     text = f"{len(files)} files; the Python code is in {quoted(pys, 4)}"
+    # chr(10) is "\n": before Python 3.12 an f-string expression may not hold a backslash
     text += f" ({ctx['wc'].split(chr(10))[-1].split()[0]} lines in all)." if "wc" in ctx else "."
     if defs := re.findall(r"^([^:\n]+):(\d+):\s*def (\w+)\(", ctx.get("defs", ""), re.M):
         text += " Top-level functions: " + ", ".join(f"`{n}` ({p}:{i})" for p, i, n in defs[:5])
@@ -206,6 +209,7 @@ def move_rename(s, rng, ctx):
     for path in paths:
         if rng.random() < 0.5:
             s.call("read_file", path=path)
+        # until no whole word is left; each edit renames every occurrence in its context
         while m := re.search(rf"\b{old}\b", text := s.read(path)):
             near = unique_context(text, text[: m.start()].count("\n") + 1)
             renamed = re.sub(rf"\b{old}\b", new, near)
@@ -289,12 +293,14 @@ def make_trajectory(kind: str, rng, corpus: list, variant: int | None = None) ->
         weights = [v.get("weight", 1) for v in spec["variants"]]
         variant = rng.choices(range(len(weights)), weights)[0] if variant is None else variant
         spec = {**spec, **spec["variants"][variant]}
+    # A data scene gives defaults (files, draws) that the kind's own fields override, draw by
+    # draw; it has no Python scene function, so the "none" scene (no files) runs for it.
     data = DATA_SCENES.get(spec.get("scene"), {})
     spec = {**data, **spec, "draw": {**data.get("draw", {}), **spec.get("draw", {})}}
     scene = SCENES["none" if data else spec.get("scene", "none")]
     scene = scene(rng, corpus, **spec.get("scene_args", {}))
     ctx = {"py": "python3", "before": 1, **scene}
-    for key, template in spec["draw"].items():
+    for key, template in spec["draw"].items():  # in order: a draw may use those before it
         value = expand(rng, template)
         ctx[key] = value.format(**ctx) if isinstance(value, str) else value
     if "files" in spec:
@@ -339,6 +345,7 @@ def draw_kind(rng, kinds: list | None = None, weights: dict | None = None) -> st
 
 def trajectory(i: int, seed: int, corpus: list, kinds=None, weights: dict | None = None) -> dict:
     """Trajectory number i of a seed: depends only on (seed, i), so any one can be made alone."""
+    # while i < 1_000_003, distinct (seed, i) pairs never share an rng seed
     rng = random.Random(seed * 1_000_003 + i)
     return make_trajectory(draw_kind(rng, kinds, weights), rng, corpus)
 

@@ -18,9 +18,11 @@ def describe_function(src: str) -> dict:
     facts = {"name": fn.name, "args": args, "doc": None, "yields": False}
     facts.update({k: [] for k in ("loops", "ifs", "calls", "returns", "raises", "catches")})
     if doc := ast.get_docstring(fn):
+        # the first sentence of the first paragraph, quoted only when short
         first = re.split(r"(?<=\.)\s", doc.strip().split("\n\n")[0].replace("\n", " "))[0]
         facts["doc"] = first if len(first) <= 120 else None
     pos = a.posonlyargs + a.args
+    # the defaults belong to the last len(a.defaults) positional parameters
     consts = [(x.arg, d) for x, d in zip(pos[len(pos) - len(a.defaults) :], a.defaults)]
     consts = [(arg, d.value) for arg, d in consts if isinstance(d, ast.Constant)]
     facts["defaults"] = [(arg, v) for arg, v in consts if type(v) in (int, bool)]

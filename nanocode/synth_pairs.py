@@ -30,6 +30,8 @@ def flaw_malformed_call(rng, parts, files):
         key = next(iter(args))
         args[BANK["wrong_keys"].get(key, key + "_")] = args.pop(key)
     bad = {"type": "tool_call", "name": name, "arguments": args}
+    # executed, the bad call gets an "error: ..." output back; the claim that follows ignores it.
+    # Rejected: a call off the schema, and a claim of success over an error.
     return parts[:i] + [bad, {"type": "text", "text": pick(rng, *BANK["claims"])}]
 
 
@@ -39,11 +41,14 @@ def flaw_not_unique(rng, parts, files):
     edits = [i for i, p in enumerate(parts) if p.get("name") == "edit_file"]
     for i in [i for i in edits if parts[i + 1]["text"].startswith("edited")][:1]:
         args = parts[i]["arguments"]
+        # the file as it is just before this edit: the turn's earlier calls replayed
         text = execute_turns(files, [parts[:i]])[1].get(args["path"], "")
         old = args["old_string"]
         rows = sorted(set(old.split("\n")), key=lambda w: (-len(w), w))
         words = sorted(set(re.findall(r"[A-Za-z_]\w+", old)), key=lambda w: (-len(w), w))
         if piece := next((w for w in rows + words if w.strip() and text.count(w) >= 2), None):
+            # the edit fails ("occurs N times") and the claim says it worked: rejected for not
+            # reading the tool's answer
             call = {"type": "tool_call", "name": "edit_file"}
             call["arguments"] = {**args, "old_string": piece}
             return parts[:i] + [call, {"type": "text", "text": pick(rng, *BANK["edit_claims"])}]
@@ -56,6 +61,8 @@ def flaw_unbacked_claim(rng, parts, files):
     calls = [i for i, p in enumerate(parts) if p["type"] == "tool_call"]
     if not calls:
         return None
+    # Rejected: a claim no output in the turn backs. The final check goes with its output (+2);
+    # otherwise the answer is the last text alone, with no call at all.
     if parts[calls[-1]]["name"] in ("bash", "read_file") and len(calls) > 1:
         return parts[: calls[-1]] + parts[calls[-1] + 2 :]
     return [p for p in parts if p["type"] == "text"][-1:] or None
@@ -74,6 +81,7 @@ def flaw_style(rng, parts, files):
     return out
 
 
+# every flaw_NAME above, as "NAME", in the order they are defined
 FLAWS = {name[5:]: f for name, f in list(globals().items()) if name.startswith("flaw_")}
 PAIR_KINDS = list(FLAWS)
 
@@ -89,6 +97,7 @@ def make_pair(record: dict, rng, kind: str | None = None) -> dict | None:
     files = record["last_turn_files"] if len(turns) > 1 else record["files"]
     for k in [kind] if kind else rng.sample(PAIR_KINDS, len(PAIR_KINDS)):
         plan = FLAWS[k](rng, parts, files)
+        # a flaw that leaves the turn as it was makes no pair: chosen and rejected would be equal
         if plan is None or (rejected := execute_after(files, parts, plan)) == parts:
             continue
         pair = {"prompt": {"messages": record["messages"][:-1]}, "kind": k, "task": record["kind"]}
@@ -99,6 +108,7 @@ def make_pair(record: dict, rng, kind: str | None = None) -> dict | None:
 
 
 def pair(i: int, record: dict, seed: int) -> dict | None:
+    # one rng per record, from (seed, i): a pair does not depend on the records made before it
     return make_pair(record, random.Random(seed * 1_000_003 + i))
 
 

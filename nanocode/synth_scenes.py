@@ -65,6 +65,7 @@ def unique_context(text: str, line_no: int) -> str:
     lo = hi = line_no - 1
     while True:
         s = "\n".join(rows[lo : hi + 1])
+        # str.count, as tools.edit_file counts: unique here is unique to the tool
         if text.count(s) == 1 or (lo == 0 and hi == len(rows) - 1):
             return s
         if lo > 0:
@@ -118,6 +119,7 @@ def scene_module(rng, corpus) -> dict:
     path = expand(rng, "@module_dirs") + expand(rng, "@module_names") + ".py"
     text = "\n\n\n".join(f["src"] for f in chosen) + "\n"
     f, n = chosen[target], text.count("\n")
+    # each function before the target: its lines, then the two blank lines of the "\n\n\n" join
     start = 1 + sum(g["src"].count("\n") + 3 for g in chosen[:target])
     end = start + f["src"].count("\n")
     a = rng.randint(1, max(1, n - 5))
@@ -163,6 +165,8 @@ def _edit(rng, ctx: dict) -> tuple | None:
     options += ["doc"] * (not fa["has_doc"]) + ["default"] * bool(fa["defaults"])
     kind = pick(rng, *options) if options else None
     if kind == "doc":
+        # the line that ends the signature (a def may span lines); rows is 0-based, so rows[line]
+        # is the line after it: the body, whose indent the docstring takes
         line = ctx["start"] + [x.rstrip()[-1:] == ":" for x in ctx["src"].split("\n")].index(True)
         doc = ctx["name"].strip("_").replace("_", " ").capitalize()
         old = unique_context(text, line)
@@ -171,6 +175,7 @@ def _edit(rng, ctx: dict) -> tuple | None:
     if kind == "default":
         arg, val = fa["defaults"][0]
         new = (not val) if isinstance(val, bool) else (val * 2 if val else 1)
+        # (?![\w.]): a default of 1 does not match the start of 10 or 1.5
         pattern = rf"\b({arg}\s*=\s*){val!r}(?![\w.])"
         hits = [i for i in range(ctx["start"], ctx["end"] + 1) if re.search(pattern, rows[i - 1])]
         if hits:
@@ -210,7 +215,7 @@ def scene_buggy(rng, corpus=None, broken: float = 1.0, style: str = "script") ->
     fname, src = spec["name"], lines(spec["src"])
     good, bad = pick(rng, *spec["bugs"])
     ns_good, ns_bad = {}, {}
-    exec(src, ns_good)
+    exec(src, ns_good)  # the bank's own code (trusted data), run here to know the right answers
     exec(src.replace(good, bad), ns_bad)
     for _ in range(20):
         cases = [ast.literal_eval(f"({expand(rng, c)},)") for c in spec["cases"]]
@@ -312,6 +317,7 @@ def scene_git(rng, corpus) -> dict:
     """A committed project with one modified file and one untracked file."""
     ctx = scene_project(rng, corpus, tests=False)
     path, new = ctx["mods"][0]["path"], expand(rng, "{notes.txt|scratch.py|TODO.md}")
+    # an identity on the command line: git may refuse to commit where none is configured
     commit = "git -c user.email=dev@example.com -c user.name=dev commit -qm init"
     change = f"printf '%s\\n' '# local change' >> {path} && echo 'check this' > {new}"
     setup = f"git init -q && git add -A && {commit} && {change}"

@@ -40,7 +40,7 @@ class Session:
         self.files, self.setup = dict(files), setup
         self.dir = Path(tempfile.mkdtemp(prefix="nanocode-synth-"))
         write_tree(self.dir, files)
-        if setup:
+        if setup:  # the generator's own command (e.g. git init), trusted: no sandbox
             subprocess.run(["bash", "-c", setup], cwd=self.dir, check=True, capture_output=True)
         self.messages, self.parts, self.last_turn_files = [], [], None
 
@@ -51,6 +51,8 @@ class Session:
             self.parts.append({"type": "text", "text": text})
 
     def call(self, name: str, **arguments) -> str:
+        # bash runs in run_tool's default sandbox (workspace-write, no network): code from a
+        # dataset that the generator runs can write nothing outside this scratch dir
         out = run_tool(name, arguments, self.dir, shown_as=SCRATCH_SHOWN_AS)
         return self._record_call(name, arguments, out)
 
@@ -104,6 +106,7 @@ def execute_turns(files: dict, turns: list, setup: str | None = None) -> tuple[l
     with Session(files, setup) as s:
         for parts in turns:
             for part, after in zip(parts, parts[1:] + [None]):
+                # a denied call is known by the DENIED output the record has after it
                 if part["type"] == "tool_call" and after == {"type": "tool_output", "text": DENIED}:
                     s.deny(part["name"], **part["arguments"])
                 elif part["type"] == "tool_call":

@@ -24,7 +24,9 @@ from pathlib import Path
 from nanocode import sandbox as sb
 
 BASH_TIMEOUT = 30.0  # seconds before the command's whole process group is killed
-MAX_OUTPUT = 8000  # characters of tool output kept (the rest is cut, with a note)
+# characters of tool output kept (the rest is cut, with a note): the output goes into the model's
+# context, where a flood would crowd out the task
+MAX_OUTPUT = 8000
 READ_LIMIT = 2000  # default number of lines read_file shows
 GREP_MAX_MATCHES = 100  # matching lines grep reports at most
 GREP_LINE_CHARS = 200  # each reported line is cut to this many characters
@@ -118,6 +120,7 @@ def validate_tool_call(obj, tools: dict | None = None) -> str | None:
             allowed = ", ".join(params["properties"])
             return f"{name} got unknown argument {key!r} (allowed: {allowed})"
         want = params["properties"][key]["type"]
+        # bool is a subclass of int: without the second test, true would pass as an integer
         if not isinstance(value, JSON_TYPES[want]) or isinstance(value, bool):
             return f"{name} argument {key!r} must be of type {want}, got {type(value).__name__}"
     return None
@@ -158,6 +161,7 @@ def resolve_path(workdir: Path, path: str) -> Path:
     if "\0" in path:
         raise ValueError("path contains a NUL byte")
     p = (root / Path(path).expanduser()).resolve()  # an absolute path replaces root
+    # compared by path components, not as a string prefix: /work/ab is not inside /work/a
     if p != root and root not in p.parents:
         raise ValueError(f"path {path!r} is outside the working directory")
     return p
@@ -214,6 +218,7 @@ def edit_file(path: str, old_string: str, new_string: str, workdir: Path) -> str
         return f"error: no such file: {path}"
     if not old_string:
         return "error: old_string is empty"
+    # bytes that are not UTF-8 come back as U+FFFD and are written back so: text files only
     text = p.read_text(encoding="utf-8", errors="replace")
     count = text.count(old_string)
     if count != 1:
@@ -257,6 +262,7 @@ def grep(pattern: str, workdir: Path, path: str = ".") -> str:
 def _walk(top: Path):
     """Files under `top` in sorted order, skipping VCS/cache dirs and symlinks that leave `top`."""
     for dirpath, dirnames, filenames in os.walk(top):
+        # assigned in place: os.walk descends only into the dirs left here, in this order
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         for name in sorted(filenames):
             p = Path(dirpath) / name
@@ -292,12 +298,14 @@ def run_tool(
             out = bash(arguments["command"], workdir, timeout, sandbox, network)
         else:
             tool = {"read_file": read_file, "write_file": write_file, "edit_file": edit_file}
-            out = tool.get(name, grep)(workdir=workdir, **arguments)
-    except ValueError as e:
+            out = tool.get(name, grep)(workdir=workdir, **arguments)  # validated: the rest is grep
+    except ValueError as e:  # resolve_path's refusals among them (outside the workdir, a NUL)
         out = f"error: {e}"
     except Exception as e:  # noqa: BLE001 -- the model gets the failure as text, and goes on
         out = f"error: {type(e).__name__}: {e}"
     if shown_as is not None:
+        # both spellings: the resolved one (tracebacks, pwd) and the one the caller gave, which
+        # differ where the workdir lies under a symlink (macOS: /tmp -> /private/tmp)
         out = out.replace(str(workdir.resolve()), shown_as).replace(str(workdir), shown_as)
     return out
 
