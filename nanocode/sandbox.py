@@ -64,7 +64,7 @@ class CommandResult:
 
 _lock = threading.Lock()
 _available: tuple[bool, str] | None = None  # (usable, what is used or what is missing), probed once
-_warned = False
+_warned = set()  # the warnings already printed (each is printed once per process)
 _counter = itertools.count()
 
 
@@ -157,20 +157,24 @@ def isolated(mode: str = "workspace-write") -> bool:
     return ok
 
 
-def warn_unavailable(reason: str):
-    """Print the loud no-sandbox warning to stderr; only the first call in a process prints."""
-    global _warned
+def warn_once(name: str, message: str):
+    """Print `message` to stderr between two bars of "!", the first time `name` is warned of."""
     with _lock:
-        if _warned:
+        if name in _warned:
             return
-        _warned = True
+        _warned.add(name)
     bar = "!" * 78
-    message = (
-        f"{bar}\nWARNING: no sandbox: {reason}.\nCommands and evaluated programs run WITHOUT "
-        "isolation (only rlimits and a scratch dir):\nthey can read your files, reach the network "
-        f"and see other processes.\n{bar}"
+    print(f"{bar}\nWARNING: {message}\n{bar}", file=sys.stderr, flush=True)
+
+
+def warn_unavailable(reason: str):
+    """The loud no-sandbox warning, once per process."""
+    warn_once(
+        "sandbox",
+        f"no sandbox: {reason}.\nCommands and evaluated programs run WITHOUT isolation (only "
+        "rlimits and a scratch dir):\nthey can read your files, reach the network and see other "
+        "processes.",
     )
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---- the pids cgroup (a cap on processes that holds for root too) ----
@@ -351,9 +355,11 @@ def run(
         prefix = _bwrap_argv(workdir, mode, network)
         rlimits = dict(rlimits or {}, nproc=nproc)  # the only cap where no pids cgroup is made
     # The chain, outermost first: sh joins the cgroup, prlimit sets the limits, bwrap builds the
-    # namespaces; each later step inherits the cgroup and limits. Without prlimit (util-linux) on
-    # the PATH the rlimits are skipped, silently.
-    if rlimits and shutil.which("prlimit"):
+    # namespaces; each later step inherits the cgroup and limits.
+    if rlimits and not shutil.which("prlimit"):
+        limits = ", ".join(rlimits)
+        warn_once("prlimit", f"prlimit (util-linux) is not on the PATH: no limits ({limits}).")
+    elif rlimits:
         prefix = ["prlimit", *(f"--{k}={v}" for k, v in rlimits.items()), "--", *prefix]
     if cgroup:
         prefix = ["/bin/sh", "-c", _JOIN, cgroup, *prefix]

@@ -225,13 +225,25 @@ def test_fallback_warns_once_naming_what_is_missing(wd, monkeypatch, capsys):
     ok, reason = sb._probe()
     assert not ok and "bubblewrap" in reason
     monkeypatch.setattr(sb, "_available", (False, reason))
-    monkeypatch.setattr(sb, "_warned", False)
+    monkeypatch.setattr(sb, "_warned", set())
     for _ in range(2):
         r = run("echo hello", wd)
         assert r.returncode == 0 and r.output == "hello\n"
     err = capsys.readouterr().err
     assert err.count("WARNING: no sandbox") == 1 and "bubblewrap" in err
     assert run_program("print(1)").passed  # the evaluator runs with its guard alone
+
+
+def test_missing_prlimit_warns_once(wd, monkeypatch, capsys):
+    """Without prlimit the rlimits cannot be applied: said once, loudly, never silently."""
+    which = sb.shutil.which
+    monkeypatch.setattr(sb.shutil, "which", lambda name: None if name == "prlimit" else which(name))
+    monkeypatch.setattr(sb, "_warned", set())
+    for _ in range(2):
+        assert run("echo hi", wd).output == "hi\n"
+    err = capsys.readouterr().err
+    assert err.count("WARNING: prlimit (util-linux) is not on the PATH: no limits (") == 1
+    assert "as, fsize, core, cpu" in err
 
 
 def test_bad_mode_and_root_workdir(wd):
