@@ -470,8 +470,10 @@ def read_transcripts(path, tasks_by_id: dict) -> list[tuple[dict, dict]]:
     line is named."""
     out = []
     for where, rec in read_jsonl(path, "transcripts file"):
-        task = rec.get("task") if isinstance(rec, dict) else rec
-        if task not in tasks_by_id:
+        if not isinstance(rec, dict):
+            raise NanocodeError(f"{where}: a transcript must be a JSON object")
+        task = rec.get("task")
+        if not isinstance(task, str) or task not in tasks_by_id:
             raise NanocodeError(f"{where}: 'task' must name a task of the suite, got {task!r}")
         content = rec["message"].get("content") if isinstance(rec.get("message"), dict) else None
         if isinstance(content, str):

@@ -190,6 +190,10 @@ def test_bad_suite_verifier_and_transcripts_are_clear_errors(suite, tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(NanocodeError, match=r"t.jsonl line 2: not valid JSON"):
         read_transcripts(path, by_id)
+    for rec in ([suite[0]["id"]], suite[0]["id"], {"task": [1]}):  # crashed with a TypeError
+        path.write_text(json.dumps(rec) + "\n")
+        with pytest.raises(NanocodeError, match=r"t.jsonl line 1: (a transcript|'task' must)"):
+            read_transcripts(path, by_id)
     path.write_text(json.dumps({"task": "no-such-task", "message": {"content": []}}) + "\n")
     with pytest.raises(NanocodeError, match=r"t.jsonl line 1: 'task' must name a task"):
         read_transcripts(path, by_id)
