@@ -210,7 +210,8 @@ def scene_edit(rng, corpus) -> dict:
 def scene_buggy(rng, corpus=None, broken: float = 1.0, style: str = "script") -> dict:
     """A module with a function (with a bug, with probability `broken`) and its tests (`style`:
     "script", which also runs under pytest, or "unittest"). The inputs are drawn until the tests
-    catch the bug (checked by running both versions)."""
+    catch the bug (checked by running both versions and comparing with ==, as the tests do); a bug
+    that 20 draws cannot catch is an error in the bank."""
     spec = pick(rng, *BANK["buggy"])
     fname, src = spec["name"], lines(spec["src"])
     good, bad = pick(rng, *spec["bugs"])
@@ -221,10 +222,12 @@ def scene_buggy(rng, corpus=None, broken: float = 1.0, style: str = "script") ->
         cases = [ast.literal_eval(f"({expand(rng, c)},)") for c in spec["cases"]]
         wants = [ns_good[fname](*c) for c in cases]
         try:
-            if [repr(ns_bad[fname](*c)) for c in cases] != [repr(w) for w in wants]:
+            if [ns_bad[fname](*c) for c in cases] != wants:
                 break
         except Exception:  # a crashing bug is caught too
             break
+    else:
+        raise ValueError(f"synth bank: no inputs of {fname} catch the bug {bad.strip()!r}")
     mod, template = expand(rng, "@test_modules"), BANK["test_files"][style]
     calls = [f"{fname}({', '.join(map(repr, c))})" for c in cases]
     ctx = {"mod": mod, "fname": fname, "Fname": fname.title().replace("_", ""), "call": calls[0]}
