@@ -142,8 +142,6 @@ def load_engines(args) -> tuple[list, str]:
         devices = [f"cuda:{i}" for i in range(n)]
     loaded = [load_engine(args, device) for device in devices]
     meta = loaded[0][1]
-    # system_fingerprint names the checkpoint served: a client whose same-seed replies differ can
-    # see whether the model changed
     ident = [args.source, args.tag, args.step, meta.get("step"), meta.get("model_config")]
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return [engine for engine, _ in loaded], "fp_fake" if args.fake_script else "fp_" + digest[:12]
@@ -347,11 +345,9 @@ def call_of(part: dict) -> dict:
 
 
 def create_app(engines, args, fingerprint: str = "fp_unknown"):
-    """The FastAPI app: the API-key and CORS middleware, then the endpoints of the module
-    docstring. `engines` are the replicas, lent through a queue of free ones; each request
-    generates in a thread of its own (start), whose events reach the async handlers through an
-    asyncio.Queue. `admitted` holds the requests waiting for or holding a replica, for the 429
-    limit."""
+    """The FastAPI app: key and CORS middleware, then the endpoints. `engines` are replicas lent
+    through a queue of free ones; each request generates in a thread (start), whose events reach
+    the async handlers through an asyncio.Queue; `admitted` counts requests for the 429 limit."""
     from fastapi import FastAPI, Request
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -442,9 +438,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
             put((row, event))
 
         def work():
-            """The thread's body: waits for a free replica, generates unless the client has
-            already gone, and always gives the replica back, forgets the request and ends the
-            event stream (None); a generation error becomes an "error" event for the client."""
+            """Wait for a free replica, generate unless the client is gone, always give it back
+            and end the stream (None); a generation error is an "error" event for the client."""
             engine = free.get()  # blocks this thread, not the event loop: the request queue
             try:
                 if not cancel.is_set():
@@ -522,9 +517,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        """Parses and admits a request (429 past the replicas plus --max-queue; server-side tools
-        get the conversation's directory), then answers with one chat.completion or an SSE
-        stream. Compiling the grammar and copying a directory run in threads, off the event loop."""
+        """Parse and admit a request (429 past replicas + --max-queue), then answer with one
+        chat.completion or an SSE stream; grammar compiles and dir copies run off the loop."""
         try:
             req = parse_request(await read_body(request), args)
             if (spec := req["settings"]["grammar"]) is not None:
