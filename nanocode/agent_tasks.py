@@ -31,7 +31,7 @@ from pathlib import Path
 from nanocode.common import NanocodeError, read_jsonl, write_tree
 from nanocode.engine import message_text
 from nanocode.sandbox import run_command
-from nanocode.tools import SCRATCH_SHOWN_AS, run_tool
+from nanocode.tools import SCRATCH_SHOWN_AS, run_tool, show_workdir_as
 
 KINDS = ["fix", "implement", "add_test", "rename", "answer", "report", "deny"]
 FIELDS = ("id", "kind", "files", "request", "verify", "budget", "solution")
@@ -331,7 +331,7 @@ def verify(task: dict, workdir: Path, answer: str) -> tuple[bool, str]:
             f"task {task['id']}: the verifier cannot run ({task['verify']!r} exited "
             f"{result.returncode}: {result.output.strip()[-200:]})"
         )
-    output = result.output.replace(str(workdir), SCRATCH_SHOWN_AS)  # records the same every run
+    output = show_workdir_as(result.output, workdir, SCRATCH_SHOWN_AS)  # the same every run
     tail = output[-500:] + ("\n[verifier timed out]" if result.timed_out else "")
     return result.returncode == 0, tail
 

@@ -303,11 +303,15 @@ def run_tool(
         out = f"error: {e}"
     except Exception as e:  # noqa: BLE001 -- the model gets the failure as text, and goes on
         out = f"error: {type(e).__name__}: {e}"
-    if shown_as is not None:
-        # both spellings: the resolved one (tracebacks, pwd) and the one the caller gave, which
-        # differ where the workdir lies under a symlink (macOS: /tmp -> /private/tmp)
-        out = out.replace(str(workdir.resolve()), shown_as).replace(str(workdir), shown_as)
-    return out
+    return out if shown_as is None else show_workdir_as(out, workdir, shown_as)
+
+
+def show_workdir_as(text: str, workdir, shown_as: str) -> str:
+    """`text` with the work dir's path written as `shown_as` (run_tool's outputs; a verifier's)."""
+    workdir = Path(workdir)
+    # both spellings: the resolved one (tracebacks, pwd) and the one the caller gave, which
+    # differ where the workdir lies under a symlink (macOS: /tmp -> /private/tmp)
+    return text.replace(str(workdir.resolve()), shown_as).replace(str(workdir), shown_as)
 
 
 def tools_prompt(schemas=TOOL_SCHEMAS) -> str:
