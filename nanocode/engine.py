@@ -31,7 +31,6 @@ place. Reply is the per-reply token state machine (text deltas, call parsing, me
 
 import itertools
 import math
-import re
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
@@ -157,18 +156,6 @@ def check_sampling(limits=None, **settings):
             kind = "an integer" if whole else "a number"
             span = f"{'(' if name == 'top_p' else '['}{lo}, {hi}]"
             raise ValueError(f"'{name}' must be {kind} in {span}, got {value!r}")
-
-
-def encode_with_specials(tokenizer, text: str) -> list[int]:
-    """Encode text in which special tokens are written out ("<|tool_start|>"): those become their
-    ids. (tokenizer.encode treats special-token text as ordinary text, on purpose.)"""
-    ids = []
-    for piece in re.split(r"(<\|[a-z_]+\|>)", text):
-        if re.fullmatch(r"<\|[a-z_]+\|>", piece):
-            ids.append(tokenizer.special_id(piece))
-        elif piece:
-            ids.extend(tokenizer.encode(piece))
-    return ids
 
 
 class Engine:

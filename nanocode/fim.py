@@ -16,7 +16,7 @@ Middle"): at FIM rates up to 90% the left-to-right loss was unchanged while infi
 so 50% costs ordinary completion nothing; mixing PSM and SPM 50/50 trained better than either alone;
 and cuts at uniformly random characters (not lines or tokens) let the model learn to finish a
 half-written token. SPM puts <|fim_prefix|> first, as the paper's variant does, so that every FIM
-document starts with the same token and `fim_mode` can tell the layouts apart from the second one.
+document starts with the same token and the second one tells the layouts apart.
 
 Randomness comes from the `random.Random` the caller passes in; the dataloader seeds one per
 (seed, epoch, document chunk), so the same document gets the same cut wherever a run resumes.
@@ -38,25 +38,3 @@ def apply_fim(text: str, rng: random.Random, fim_rate: float = 0.5, spm_rate: fl
     if rng.random() < spm_rate:
         return [FIM_PREFIX, FIM_SUFFIX, suffix, FIM_MIDDLE, prefix, middle]
     return [FIM_PREFIX, prefix, FIM_SUFFIX, suffix, FIM_MIDDLE, middle]
-
-
-def fim_mode(pieces) -> str:
-    """'none', 'psm' or 'spm' for a list of pieces (or of token ids) made by apply_fim."""
-    if not pieces or pieces[0] != FIM_PREFIX:
-        return "none"
-    return "spm" if pieces[1] == FIM_SUFFIX else "psm"
-
-
-def undo_fim(ids, decode) -> str:
-    """Give back the original document from the token ids of one (possibly FIM'd) document, without
-    its BOS. `decode` turns ordinary token ids into text. Used by tests and for inspecting data."""
-    ids = list(ids)
-    mode = fim_mode(ids)
-    if mode == "none":
-        return decode(ids)
-    if mode == "psm":  # P prefix S suffix M middle
-        s, m = ids.index(FIM_SUFFIX), ids.index(FIM_MIDDLE)
-        prefix, suffix, middle = decode(ids[1:s]), decode(ids[s + 1 : m]), decode(ids[m + 1 :])
-        return prefix + middle + suffix
-    m = ids.index(FIM_MIDDLE)  # SPM: P S suffix M prefix+middle
-    return decode(ids[m + 1 :]) + decode(ids[2:m])

@@ -350,10 +350,6 @@ def trajectory(i: int, seed: int, corpus: list, kinds=None, weights: dict | None
     return make_trajectory(draw_kind(rng, kinds, weights), rng, corpus)
 
 
-def generate_trajectories(n: int, seed: int, corpus: list, kinds: list | None = None) -> list:
-    return [trajectory(i, seed, corpus, kinds) for i in range(n)]
-
-
 def validity_prompt(i: int, seed: int, corpus: list) -> dict:
     """{"messages": [a user turn], "kind", "seen", "template"}: prompt i of a seed. A third are of
     an unseen kind, a sixth are seen kinds in a phrasing training never uses, the rest as in

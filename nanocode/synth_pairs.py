@@ -110,7 +110,3 @@ def make_pair(record: dict, rng, kind: str | None = None) -> dict | None:
 def pair(i: int, record: dict, seed: int) -> dict | None:
     # one rng per record, from (seed, i): a pair does not depend on the records made before it
     return make_pair(record, random.Random(seed * 1_000_003 + i))
-
-
-def generate_pairs(records: list, seed: int) -> list:
-    return [p for i, r in enumerate(records) if (p := pair(i, r, seed)) is not None]

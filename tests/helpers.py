@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from nanocode import fim
 from nanocode.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -561,3 +562,39 @@ def write_turns(tmp_path, turns, delay=0.0, name="script.json"):
     path = tmp_path / name
     path.write_text(json.dumps({"turns": turns, "delay": delay}))
     return path
+
+
+def trajectories(n: int, seed: int, corpus: list, kinds=None) -> list:
+    """Trajectories 0..n-1 of a seed (scripts/gen_synth.py also drops repeats)."""
+    from nanocode import synth
+
+    return [synth.trajectory(i, seed, corpus, kinds) for i in range(n)]
+
+
+def preference_pairs(records: list, seed: int) -> list:
+    """The DPO pairs of records, as scripts/gen_synth.py makes them (a record may give none)."""
+    from nanocode import synth_pairs
+
+    return [p for i, r in enumerate(records) if (p := synth_pairs.pair(i, r, seed)) is not None]
+
+
+def fim_mode(pieces) -> str:
+    """'none', 'psm' or 'spm' for a list of pieces (or of token ids) made by apply_fim."""
+    if not pieces or pieces[0] != fim.FIM_PREFIX:
+        return "none"
+    return "spm" if pieces[1] == fim.FIM_SUFFIX else "psm"
+
+
+def undo_fim(ids, decode) -> str:
+    """Give back the original document from the token ids of one (possibly FIM'd) document, without
+    its BOS. `decode` turns ordinary token ids into text."""
+    ids = list(ids)
+    mode = fim_mode(ids)
+    if mode == "none":
+        return decode(ids)
+    if mode == "psm":  # P prefix S suffix M middle
+        s, m = ids.index(fim.FIM_SUFFIX), ids.index(fim.FIM_MIDDLE)
+        prefix, suffix, middle = decode(ids[1:s]), decode(ids[s + 1 : m]), decode(ids[m + 1 :])
+        return prefix + middle + suffix
+    m = ids.index(fim.FIM_MIDDLE)  # SPM: P S suffix M prefix+middle
+    return decode(ids[m + 1 :]) + decode(ids[2:m])

@@ -11,12 +11,23 @@ forward, so a test can interrupt a generation half way.
 """
 
 import json
+import re
 import time
 from types import SimpleNamespace
 
 import torch
 
-from nanocode.engine import encode_with_specials
+
+def encode_with_specials(tokenizer, text: str) -> list[int]:
+    """Encode text in which special tokens are written out ("<|tool_start|>"): those become their
+    ids. (tokenizer.encode treats special-token text as ordinary text, on purpose.)"""
+    ids = []
+    for piece in re.split(r"(<\|[a-z_]+\|>)", text):
+        if re.fullmatch(r"<\|[a-z_]+\|>", piece):
+            ids.append(tokenizer.special_id(piece))
+        elif piece:
+            ids.extend(tokenizer.encode(piece))
+    return ids
 
 
 class ScriptedModel(torch.nn.Module):

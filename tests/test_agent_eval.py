@@ -26,10 +26,10 @@ from nanocode.agent_tasks import (
     verify,
 )
 from nanocode.common import NanocodeError
-from nanocode.engine import Engine, encode_with_specials
+from nanocode.engine import Engine
 from nanocode.tools import SCRATCH_SHOWN_AS
 from tests.helpers import ByteTokenizer, tool_calling_checkpoint
-from tests.scripted_model import ScriptedModel
+from tests.scripted_model import ScriptedModel, encode_with_specials
 
 ROOT = Path(__file__).resolve().parent.parent
 

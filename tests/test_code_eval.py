@@ -237,8 +237,8 @@ def test_chat_generation_path(humaneval):
 def test_chat_generation_reads_tool_calls(humaneval):
     """A chat model that writes its answer with write_file (as the SFT data teaches) or fixes it
     with edit_file is scored on the code of those calls, not on the call's JSON."""
-    from nanocode.engine import Engine, encode_with_specials
-    from tests.scripted_model import ScriptedModel
+    from nanocode.engine import Engine
+    from tests.scripted_model import ScriptedModel, encode_with_specials
 
     tok, problems = ByteTokenizer(), humaneval[:2]
 
@@ -277,9 +277,9 @@ def test_chat_generation_reads_tool_calls(humaneval):
 def test_agentic_mode_lets_the_model_run_its_code(humaneval, agentic):
     """By default only the file tools are approved; --agentic lets bash run the written code (in the
     sandbox)."""
-    from nanocode.engine import DENIED, Engine, encode_with_specials
+    from nanocode.engine import DENIED, Engine
     from scripts.code_eval import chat_replies
-    from tests.scripted_model import ScriptedModel
+    from tests.scripted_model import ScriptedModel, encode_with_specials
 
     tok, p = ByteTokenizer(), humaneval[0]
     calls = [

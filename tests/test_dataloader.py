@@ -10,8 +10,8 @@ import torch
 
 from nanocode.common import NanocodeError
 from nanocode.dataloader import DataLoader, chunk_text
-from nanocode.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, undo_fim
-from tests.helpers import make_docs, trained_tokenizer, write_corpus
+from nanocode.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from tests.helpers import make_docs, trained_tokenizer, undo_fim, write_corpus
 
 N_PER_SHARD, N_TRAIN_SHARDS = 40, 3
 

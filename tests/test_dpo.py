@@ -11,7 +11,7 @@ import torch
 from nanocode import synth, synth_pairs
 from nanocode.conversations import write_jsonl
 from scripts.code_dpo import dpo_loss
-from tests.helpers import nudged_model, reference_step
+from tests.helpers import nudged_model, preference_pairs, reference_step, trajectories
 
 NO_NLL = ["--nll-weight", "0"]  # the loop above has no NLL term on the chosen side
 
@@ -51,10 +51,8 @@ def pairs(funcs):
         pytest.MonkeyPatch.context() as mp
     ):  # single-turn records: every pair's prompt fits the 512-token rows
         mp.setattr(synth, "FOLLOWUP_RATE", 0.0)
-        recs = synth.generate_trajectories(
-            8, 0, funcs, ["explain", "write_run", "test_fix", "edit"]
-        )
-    return synth_pairs.generate_pairs(recs, 0)
+        recs = trajectories(8, 0, funcs, ["explain", "write_run", "test_fix", "edit"])
+    return preference_pairs(recs, 0)
 
 
 @pytest.fixture(scope="module")

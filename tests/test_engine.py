@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from nanocode.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from nanocode.engine import DENIED, Engine, encode_with_specials, sample_next
+from nanocode.engine import DENIED, Engine, sample_next
 from nanocode.gpt import GPT, GPTConfig
 from tests.helpers import ByteTokenizer, naive_generate, real_tokenizer, tiny_model
-from tests.scripted_model import ScriptedModel
+from tests.scripted_model import ScriptedModel, encode_with_specials
 
 
 @pytest.fixture(scope="module")

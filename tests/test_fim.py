@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from nanocode.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, apply_fim, fim_mode, undo_fim
-from tests.helpers import make_docs, trained_tokenizer
+from nanocode.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, apply_fim
+from tests.helpers import fim_mode, make_docs, trained_tokenizer, undo_fim
 
 DOCS = make_docs(40, seed=1) + ["", "x", "λ🙂数据\n" * 7]
 

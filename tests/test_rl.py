@@ -322,9 +322,9 @@ def test_agent_tasks_are_disjoint_from_the_suite_and_scored_in_their_repo():
     policy that performs a task's reference solution passes (verified in the task's scratch repo),
     an idle one fails."""
     from nanocode import agent_tasks
-    from nanocode.engine import Engine, encode_with_specials
+    from nanocode.engine import Engine
     from tests.helpers import ByteTokenizer
-    from tests.scripted_model import ScriptedModel
+    from tests.scripted_model import ScriptedModel, encode_with_specials
 
     train, val = rl_tasks.agent_rl_tasks("train", 0, n=28), rl_tasks.agent_rl_tasks("val", 0, n=28)
     suite = {

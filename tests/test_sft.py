@@ -8,7 +8,7 @@ import torch
 
 from nanocode import synth
 from nanocode.conversations import pad_batch, write_jsonl
-from tests.helpers import nudged_model, reference_step
+from tests.helpers import nudged_model, reference_step, trajectories
 
 CONV = {
     "messages": [
@@ -126,11 +126,11 @@ def test_sft_short_run_end_to_end(module_base_dir, tokenizer, funcs):
         mp.setattr(synth, "FOLLOWUP_RATE", 0.0)
         write_jsonl(
             module_base_dir / "sft" / "synth_train.jsonl",
-            synth.generate_trajectories(6, 0, funcs, kinds),
+            trajectories(6, 0, funcs, kinds),
         )
         write_jsonl(
             module_base_dir / "sft" / "synth_val.jsonl",
-            synth.generate_trajectories(3, 1, funcs, kinds),
+            trajectories(3, 1, funcs, kinds),
         )
     code_sft.main(
         [
@@ -222,11 +222,9 @@ def test_sft_losses_equal_the_reference_loop(module_base_dir, tokenizer, funcs):
     kinds = ["explain", "write_run", "test_fix"]
     write_jsonl(
         module_base_dir / "sft" / "synth_train.jsonl",
-        synth.generate_trajectories(5, 3, funcs, kinds),
+        trajectories(5, 3, funcs, kinds),
     )
-    write_jsonl(
-        module_base_dir / "sft" / "synth_val.jsonl", synth.generate_trajectories(2, 4, funcs, kinds)
-    )
+    write_jsonl(module_base_dir / "sft" / "synth_val.jsonl", trajectories(2, 4, funcs, kinds))
     code_sft.main(
         [
             "--model-tag",
@@ -287,9 +285,8 @@ def test_user_jsonl_with_an_unknown_tool_is_an_error_naming_file_and_line(tmp_pa
 def test_validity_counts_no_call_invalid_and_cut_off_apart(tokenizer):
     """Four prompts, a scripted model answering each: a valid call, a malformed one, text and no
     call, and a call too long for a budget of 8 tokens. Seen and unseen kinds are reported apart."""
-    from nanocode.engine import encode_with_specials
     from nanocode.training import tool_call_validity
-    from tests.scripted_model import ScriptedModel
+    from tests.scripted_model import ScriptedModel, encode_with_specials
 
     call = '{"name": "read_file", "arguments": {"path": "main.py"}}'
     turns = [

@@ -12,6 +12,7 @@ from nanocode.common import NanocodeError
 from nanocode.conversations import load_jsonl, validate_conversation, validate_preference
 from nanocode.synth_session import assistant_turns
 from nanocode.tools import TOOLS, validate_tool_call
+from tests.helpers import trajectories
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +157,9 @@ def test_test_fix_ends_green(records):
 
 
 def test_deterministic_for_a_seed(funcs):
-    a = synth.generate_trajectories(6, 3, funcs)
-    b = synth.generate_trajectories(6, 3, funcs)
-    c = synth.generate_trajectories(6, 4, funcs)
+    a = trajectories(6, 3, funcs)
+    b = trajectories(6, 3, funcs)
+    c = trajectories(6, 4, funcs)
     assert a == b
     assert a != c
 
@@ -373,9 +374,7 @@ def test_denial_is_never_run_and_only_the_reaction_is_learned(funcs):
 
 def test_follow_up_turns_replay_in_one_directory(funcs):
     multi = [
-        r
-        for r in synth.generate_trajectories(60, 9, funcs)
-        if sum(m["role"] == "user" for m in r["messages"]) > 1
+        r for r in trajectories(60, 9, funcs) if sum(m["role"] == "user" for m in r["messages"]) > 1
     ]
     assert len(multi) >= 8
     for r in multi[:10]:
