@@ -35,6 +35,10 @@ SKIP_DIRS = {".git", "__pycache__", ".venv", "node_modules", ".mypy_cache", ".py
 # a scratch dir show this fixed name instead (run_tool's shown_as), as if every session ran in it:
 # synthetic data replays to the same text, and an eval's samples do not depend on the dir's name.
 SCRATCH_SHOWN_AS = "/home/user/project"
+# The same for a virtualenv's path, which is wherever the checkout is: Python names it in messages
+# ("<venv>/bin/python3: Error while finding module specification ...") and in tracebacks through
+# site-packages. Shown as this fixed prefix, two checkouts of one commit sample the same text.
+VENV_SHOWN_AS = "/usr/local"
 
 
 def _schema(name: str, description: str, optional=(), **params) -> dict:
@@ -307,8 +311,11 @@ def run_tool(
 
 
 def show_workdir_as(text: str, workdir, shown_as: str) -> str:
-    """`text` with the work dir's path written as `shown_as` (run_tool's outputs; a verifier's)."""
+    """`text` with the work dir's path written as `shown_as`, and our virtualenv's as VENV_SHOWN_AS
+    (run_tool's outputs; a verifier's)."""
     workdir = Path(workdir)
+    if sys.prefix != sys.base_prefix:  # a venv (outside one, the prefix is the machine's Python)
+        text = text.replace(sys.prefix + os.sep, VENV_SHOWN_AS + os.sep)
     # both spellings: the resolved one (tracebacks, pwd) and the one the caller gave, which
     # differ where the workdir lies under a symlink (macOS: /tmp -> /private/tmp)
     return text.replace(str(workdir.resolve()), shown_as).replace(str(workdir), shown_as)

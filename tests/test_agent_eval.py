@@ -27,7 +27,7 @@ from nanocode.agent_tasks import (
 )
 from nanocode.common import NanocodeError
 from nanocode.engine import Engine
-from nanocode.tools import SCRATCH_SHOWN_AS
+from nanocode.tools import SCRATCH_SHOWN_AS, VENV_SHOWN_AS, run_tool
 from tests.helpers import ByteTokenizer, tool_calling_checkpoint
 from tests.scripted_model import ScriptedModel, encode_with_specials
 
@@ -72,7 +72,7 @@ def script_text(task):
     return calls + task["solution"]["answer"]
 
 
-def test_scratch_outputs_name_a_fixed_dir():
+def test_scratch_outputs_name_a_fixed_dir(tmp_path):
     """Tool outputs in a scratch dir name SCRATCH_SHOWN_AS, not the dir's random name (a traceback
     prints absolute paths): the same samples give the same transcript, run after run."""
     tok = ByteTokenizer()
@@ -88,6 +88,12 @@ def test_scratch_outputs_name_a_fixed_dir():
     missing = f"python: can't open file '{SCRATCH_SHOWN_AS}/missing.py'"
     assert first[0]["text"].startswith(f"{SCRATCH_SHOWN_AS}\n{missing}")
     assert first == transcript()
+    # Python names its own path in some errors: a virtualenv's (wherever the checkout is) is shown
+    # as a fixed prefix, so two checkouts of one commit sample the same text
+    out = run_tool("bash", {"command": "python -m nope.py"}, tmp_path, shown_as=SCRATCH_SHOWN_AS)
+    assert "Error while finding module specification" in out
+    if sys.prefix != sys.base_prefix:
+        assert sys.prefix not in out and f"{VENV_SHOWN_AS}/bin/python" in out
     task = {"id": "t", "files": {}, "verify": "pwd; false"}  # verifier output is kept in records
     root = agent_tasks.scratch(task)
     try:
