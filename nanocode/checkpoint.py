@@ -78,13 +78,13 @@ def list_steps(ckpt_dir) -> list[int]:
     return sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"meta_(\d+)\.json", n)))
 
 
-def _load_pt(path: Path, expected_size: int | None, map_location):
+def _load_pt(path: Path, sizes: dict, map_location):
     """torch.load of one checkpoint file, tensors mapped to map_location. NanocodeError when it is
-    missing, its size differs from the metadata's (expected_size; None skips the check) or it
-    does not load."""
+    missing, its size differs from the metadata's (sizes: file name -> bytes; a file not in it
+    skips the check) or it does not load."""
     if not path.exists():
         raise NanocodeError(f"checkpoint file missing: {path}")
-    size = path.stat().st_size
+    size, expected_size = path.stat().st_size, sizes.get(path.name)
     if expected_size is not None and size != expected_size:
         raise NanocodeError(
             f"checkpoint file is truncated or corrupt: {path} ({size} bytes, not {expected_size})"
@@ -121,12 +121,9 @@ def load_checkpoint(ckpt_dir, step=None, device="cpu", rank: int = 0, load_optim
     ckpt_dir = Path(ckpt_dir)
     meta = load_meta(ckpt_dir, step)
     files, step = meta.get("files", {}), meta["step"]
-    name = f"model_{step:06d}.pt"
-    model_state = _load_pt(ckpt_dir / name, files.get(name), device)
-    optim_state = None
-    if load_optim:
-        name = f"optim_{step:06d}_rank{rank}.pt"
-        optim_state = _load_pt(ckpt_dir / name, files.get(name), "cpu")
+    model_state = _load_pt(ckpt_dir / f"model_{step:06d}.pt", files, device)
+    optim_path = ckpt_dir / f"optim_{step:06d}_rank{rank}.pt"
+    optim_state = _load_pt(optim_path, files, "cpu") if load_optim else None
     return model_state, optim_state, meta
 
 

@@ -143,6 +143,12 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def compute_dtype(x):
+    """The dtype the fused kernels run in: autocast's (bf16 on GPUs) when enabled, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 # Nominal dense bf16 FLOP/s by GPU name, for MFU (bench/mfu.py also reports against the measured
 # peak). H100 and H200: the SXM parts' figure; PCIe and NVL parts match the name too but peak
 # lower (an H100 PCIe at 756e12), so their MFU reads low.

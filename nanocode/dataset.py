@@ -253,8 +253,7 @@ def local_roots() -> list[Path]:
         *(paths[k] for k in ("stdlib", "purelib", "platlib", "include")),  # Python, C headers
         *site.getsitepackages(),
         site.getusersitepackages(),
-        "/usr/include",
-        "/usr/local/include",  # C and C++ (libstdc++ under c++/)
+        *("/usr/include", "/usr/local/include"),  # C and C++ (libstdc++ under c++/)
         home / ".cargo/registry/src",  # Rust
         *sorted(home.glob(".rustup/toolchains/*/lib/rustlib/src")),
         *("/usr/lib/node_modules", "/usr/local/lib/node_modules", "/usr/share/nodejs"),  # JS
@@ -411,10 +410,8 @@ def main():
     if args.local or args.num_files <= 0:
         build_local(args.name, languages, args.max_mb, args.shard_mb or 16.0)
     else:
-        shard_mb = args.shard_mb or 64.0
-        build_online(
-            args.name, languages, args.num_files, args.fineweb_ratio, shard_mb, args.workers
-        )
+        ratio, shard_mb = args.fineweb_ratio, args.shard_mb or 64.0
+        build_online(args.name, languages, args.num_files, ratio, shard_mb, args.workers)
 
 
 if __name__ == "__main__":

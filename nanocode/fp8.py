@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import kernels.relu2_mlp  # noqa: F401 (registers the fused kernel's custom ops)
 from kernels.common import use_triton
+from nanocode.common import compute_dtype
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -161,19 +162,13 @@ def _check(fn, x_shape, weight):
         )
 
 
-def _out_dtype(x):
-    """The autocast dtype when autocast is on, else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def fp8_linear(x, weight):
     """F.linear(x, weight) (no bias) with the matmuls in FP8, for x (..., K), weight (N, K),
     N and K multiples of 16. The output is in the autocast dtype when autocast is on, else in
     x's dtype; the weight is read in its own dtype (no bf16 copy first)."""
     _check("fp8_linear", x.shape, weight)
     (N, K) = weight.shape
-    y = FP8Matmul.apply(x.reshape(-1, K), weight, _out_dtype(x))
+    y = FP8Matmul.apply(x.reshape(-1, K), weight, compute_dtype(x))
     return y.view(*x.shape[:-1], N)
 
 
@@ -185,7 +180,7 @@ def fp8_relu2_mlp(x, w_fc, w_proj):
         return fp8_relu2_mlp_unfused(x, w_fc, w_proj)
     _check("fp8_relu2_mlp", x.shape, w_fc)
     _check("fp8_relu2_mlp", w_fc.shape[:1], w_proj)
-    y = FP8Relu2MLP.apply(x.reshape(-1, x.size(-1)), w_fc, w_proj, _out_dtype(x))
+    y = FP8Relu2MLP.apply(x.reshape(-1, x.size(-1)), w_fc, w_proj, compute_dtype(x))
     return y.view(x.shape)
 
 

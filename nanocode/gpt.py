@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from nanocode.common import nvtx_range
+from nanocode.common import compute_dtype, nvtx_range
 from nanocode.fp8 import fp8_linear, fp8_relu2_mlp
 
 # Logits live in (-15, 15) however large the head's output grows: tanh softcapping as in Gemma 2
@@ -122,13 +122,6 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
 
 
-def compute_dtype(x):
-    """The dtype the fused kernels run in: autocast's (bf16 on GPUs) when enabled, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 # SDPA has no sliding-window kernel, so a banded mask costs more, not less. (Shown once: Python's
 # default warning filter shows a warning once per place it is raised from.)
 SLOW_WINDOWS = (
@@ -220,13 +213,8 @@ class CausalSelfAttention(nn.Module):
             # The kernel takes one (T', D/2) table for all rows: T' = T, or with a cache B*T (each
             # query its own position), the rows then seen as one sequence.
             n = cos.size(0)
-            q, k = kernels.rope_qknorm(
-                q.view(-1, n, self.n_head, hd),
-                k.view(-1, n, self.n_kv_head, hd),
-                cos.to(q.dtype),
-                sin.to(q.dtype),
-                NORM_EPS,
-            )
+            q_rows, k_rows = q.view(-1, n, self.n_head, hd), k.view(-1, n, self.n_kv_head, hd)
+            q, k = kernels.rope_qknorm(q_rows, k_rows, cos.to(q.dtype), sin.to(q.dtype), NORM_EPS)
             q, k = q.view(B, T, self.n_head, hd), k.view(B, T, self.n_kv_head, hd)
         with nvtx_range("attention"):
             if kv_cache is None:
@@ -264,8 +252,7 @@ class Block(nn.Module):
 
     def forward(self, x, ve, cos, sin, kv_cache):
         x = x + self.attn(norm(x), ve, cos, sin, kv_cache)
-        x = x + self.mlp(norm(x))
-        return x
+        return x + self.mlp(norm(x))
 
 
 class GPT(nn.Module):
@@ -360,8 +347,8 @@ class GPT(nn.Module):
         layer counts its window)."""
         cfg = self.config
         keys = [
-            cfg.sequence_len if w is None else min(w, cfg.sequence_len) for w in cfg.window_sizes()
-        ]
+            cfg.sequence_len if w is None else w for w in cfg.window_sizes()
+        ]  # windows are T // 4
         return 6 * self.num_scaling_params() + 12 * cfg.n_embd * sum(keys)
 
     def setup_optimizers(

@@ -27,9 +27,8 @@ def loss_sums(model, batches, device, token_bytes=None, groups: int = 1) -> torc
         loss = model(x, y, loss_reduction="none").view(-1).double()
         y = y.reshape(-1)
         # clamp: an ignored target (-1) would index the last token; (y >= 0) then zeroes its bytes
-        nbytes = (
-            (y >= 0).double() if token_bytes is None else token_bytes[y.clamp(min=0)] * (y >= 0)
-        )
+        valid = y >= 0
+        nbytes = valid.double() if token_bytes is None else token_bytes[y.clamp(min=0)] * valid
         counted = nbytes > 0  # a special-token target (0 bytes) adds no nats with no bytes
         rows = torch.stack([loss * counted, nbytes.double(), counted.double()], dim=1)
         sums.index_add_(0, group[0].reshape(-1) if group else torch.zeros_like(y), rows)

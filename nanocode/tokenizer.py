@@ -139,11 +139,9 @@ class Tokenizer:
         """encode for many texts at once, on tiktoken's threads (8). Every item is checked first,
         so a TypeError names the first one that is not a str."""
         texts = list(texts)
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise TypeError(
-                f"encode_batch needs str items, item {bad} is {type(texts[bad]).__name__}"
-            )
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"encode_batch needs str items, item {i} is {type(t).__name__}")
         return self.encoding.encode_ordinary_batch(texts)
 
     def decode(self, ids) -> str:
