@@ -220,13 +220,9 @@ class Tokenizer:
 def in_progress(message) -> bool:
     """Is this an assistant message whose last part is a tool's output (so the turn goes on)?"""
     content = message.get("content")
-    return (
-        message.get("role") == "assistant"
-        and isinstance(content, list)
-        and bool(content)
-        and isinstance(content[-1], dict)
-        and content[-1].get("type") == "tool_output"
-    )
+    if message.get("role") != "assistant" or not isinstance(content, list) or not content:
+        return False
+    return isinstance(content[-1], dict) and content[-1].get("type") == "tool_output"
 
 
 def get_tokenizer() -> Tokenizer:
