@@ -95,7 +95,6 @@ def all_reduce_gradients(model, world_size):
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
-    for w in works:
-        w.wait()
-    for g in grads:
+    for g, work in zip(grads, works):
+        work.wait()
         g.div_(world_size)
