@@ -346,9 +346,8 @@ class GPT(nn.Module):
         forward and backward, counting the full T x T square as nanochat and PaLM do; a windowed
         layer counts its window)."""
         cfg = self.config
-        keys = [
-            cfg.sequence_len if w is None else w for w in cfg.window_sizes()
-        ]  # windows are T // 4
+        # a window (T // 4) is always shorter than the context
+        keys = [cfg.sequence_len if w is None else w for w in cfg.window_sizes()]
         return 6 * self.num_scaling_params() + 12 * cfg.n_embd * sum(keys)
 
     def setup_optimizers(
