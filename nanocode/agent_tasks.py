@@ -290,8 +290,7 @@ def load_suite(path=None) -> list[dict]:
         if not isinstance(task, dict):
             raise NanocodeError(f"{where}: a task must be a JSON object")
         where = f"{where} (task {task.get('id', '?')!r})"
-        missing = [f for f in FIELDS if f not in task]
-        if missing:
+        if missing := [f for f in FIELDS if f not in task]:
             raise NanocodeError(f"{where}: missing field(s) {', '.join(missing)}")
         if task["kind"] not in KINDS:
             raise NanocodeError(
@@ -347,17 +346,12 @@ def chat_in_scratch(engine, prompts, tasks, approve=None, strict=True, tool_time
     approve: one callable for every row, default: each task's user (approver). A row with a task is
     verified in its dir before the dir goes: result["verdict"] = (passed, verifier output). A
     verifier that cannot run raises (strict) or fails the row. kw: chat_batch's sampling options."""
+    convs = [{"messages": [{"role": "user", "content": p}]} for p in prompts]
+    approve = approve or [approver(t) for t in tasks]
+    runner = partial(run_tool, timeout=tool_timeout or TOOL_TIMEOUT, shown_as=SCRATCH_SHOWN_AS)
     dirs = [scratch(t) for t in tasks]
     try:
-        results = engine.chat_batch(
-            [{"messages": [{"role": "user", "content": p}]} for p in prompts],
-            approve=approve or [approver(t) for t in tasks],
-            workdirs=dirs,
-            tool_runner=partial(
-                run_tool, timeout=tool_timeout or TOOL_TIMEOUT, shown_as=SCRATCH_SHOWN_AS
-            ),
-            **kw,
-        )
+        results = engine.chat_batch(convs, approve, dirs, tool_runner=runner, **kw)
         for r, task, d in zip(results, tasks, dirs):
             if task is None:
                 continue
@@ -421,20 +415,14 @@ def run_tasks(
     for i, t in enumerate(tasks):
         budget = (max_tokens or t["budget"]["tokens"], max_tool_calls or t["budget"]["tool_calls"])
         groups.setdefault(budget, []).append(i)
+    sampling = dict(temperature=temperature, top_k=top_k, grammar=grammar)
     for (tokens, calls), idx in groups.items():
+        options = dict(sampling, max_tokens=tokens, max_tool_calls=calls)
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             batch = [tasks[i] for i in chunk]
             results = chat_in_scratch(
-                engine,
-                [t["request"] for t in batch],
-                batch,
-                max_tokens=tokens,
-                max_tool_calls=calls,
-                temperature=temperature,
-                top_k=top_k,
-                seed=seed + 1000 * chunk[0],
-                grammar=grammar,
+                engine, [t["request"] for t in batch], batch, seed=seed + 1000 * chunk[0], **options
             )
             for i, r in zip(chunk, results):
                 records[i] = task_record(tasks[i], r)

@@ -290,16 +290,10 @@ def sample(
     per_call, results = per_call or len(tasks), []
     for c in range(0, len(tasks), per_call):
         rows = [t for t in tasks[c : c + per_call] for _ in range(G)]
+        prompts = [t["prompt"] for t in rows]
+        kw = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed + c * G)
         results += agent_tasks.chat_in_scratch(
-            engine,
-            [t["prompt"] for t in rows],
-            [agent_task(t) for t in rows],
-            strict=False,
-            tool_timeout=timeout,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed + c * G,
+            engine, prompts, [agent_task(t) for t in rows], strict=False, tool_timeout=timeout, **kw
         )
     return results
 
