@@ -180,8 +180,7 @@ def mixture(sources: list[tuple[str, list, float]], seed: int = 0) -> list:
     """Weight w means each example of the source is used floor(w) times plus a random share
     w - floor(w) (so 2.0 = two epochs of it, 0.25 = a quarter of it). Deterministic for a seed,
     then shuffled."""
-    rng = random.Random(seed)
-    out = []
+    rng, out = random.Random(seed), []
     for _, items, weight in sources:
         out += items * int(weight) + rng.sample(items, round((weight - int(weight)) * len(items)))
     rng.shuffle(out)

@@ -216,9 +216,7 @@ class Engine:
         groups = {}
         for i in ready:
             r = rows[i]
-            key = (
-                0 if len(r.ids) - r.fed == 1 else "prompt" if one_prompt and r.fed == 0 else -1 - i
-            )
+            key = 0 if len(r.ids) - r.fed == 1 else "prompt" if one_prompt and not r.fed else -1 - i
             groups.setdefault(key, []).append(i)
         logits = {}
         for key, group in groups.items():

@@ -198,8 +198,7 @@ def _compile(tokenizer, key: str) -> Grammar:
     lark = "start: " + " ".join(start + [answer]) + "\n" + "".join(rules)
     llt = _lltokenizer(tokenizer)
     grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-    error = llguidance.LLMatcher.validate_grammar(grammar, llt)
-    if error:
+    if error := llguidance.LLMatcher.validate_grammar(grammar, llt):
         raise ValueError(f"the grammar could not be compiled: {error}")
     return Grammar(lark, llguidance.LLMatcher(llt, grammar), tokenizer.vocab_size)
 

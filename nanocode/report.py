@@ -226,9 +226,8 @@ def series(curves):
     out = {}
     for name, points in (curves or {}).items():
         for p in points if isinstance(points, list) else []:
-            if not (
-                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (int, float))
-            ):
+            point = isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (int, float))
+            if not point:
                 continue
             x, y = p
             for sub, v in y.items() if isinstance(y, dict) else [(None, y)]:

@@ -49,12 +49,10 @@ def _schema(name: str, description: str, optional=(), **params) -> dict:
         for k, v in params.items()
     }
     required = [k for k in params if k not in optional]
-    parameters = {"type": "object", "properties": props, "required": required}
-    return {
-        "name": name,
-        "description": description,
-        "parameters": parameters | {"additionalProperties": False},
-    }
+    parameters = dict(
+        type="object", properties=props, required=required, additionalProperties=False
+    )
+    return {"name": name, "description": description, "parameters": parameters}
 
 
 PATH_PARAM = ("string", "file path, relative to the working directory")
