@@ -353,10 +353,8 @@ def create_app(engines, args, fingerprint: str = "fp_unknown"):
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    workspaces = None
-    if args.allow_tools is not None:
-        source = Path(args.allow_tools).resolve() if args.allow_tools else None
-        workspaces = Workspaces(source, args.max_conversations)
+    source = Path(args.allow_tools).resolve() if args.allow_tools else None
+    workspaces = None if args.allow_tools is None else Workspaces(source, args.max_conversations)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
