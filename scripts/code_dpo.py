@@ -87,7 +87,6 @@ def render_side(tokenizer, prompt: dict, message: dict, max_len: int):
     prompt_ids = list(tokenizer.render_for_completion(prompt))
     conv = {"messages": prompt["messages"] + [message]}
     ids, mask = tokenizer.render_conversation(conv, max_tokens=max_len + 1)
-    ids, mask = list(ids)[: max_len + 1], list(mask)[: max_len + 1]
     n = len(prompt_ids)
     # the mask is zeroed over the first n tokens, which must be the prompt's: a renderer that laid
     # them out otherwise would shift the mask onto the wrong tokens
@@ -125,15 +124,6 @@ def pair_logps(model, pairs, pad_id, device, amp):
     logp, n = side_logps(model, [c for c, _ in pairs] + [r for _, r in pairs], pad_id, device, amp)
     k = len(pairs)
     return logp[:k], logp[k:], n[:k], n[k:]
-
-
-@torch.no_grad()
-def reference_logps(model, pairs, batch_size, pad_id, device, amp):
-    out = [
-        pair_logps(model, pairs[i : i + batch_size], pad_id, device, amp)[:2]
-        for i in range(0, len(pairs), batch_size)
-    ]
-    return torch.cat([c for c, _ in out]), torch.cat([r for _, r in out])
 
 
 @torch.no_grad()
@@ -256,8 +246,11 @@ def main(argv=None):
     # batches depend on the step alone, so the pairs every step will use are known now
     used = sorted({i for s in range(num_steps) for mb in batches(s) for i in mb})
 
-    def reference(pairs):  # (2, pairs): chosen and rejected log-probs
-        return torch.stack(reference_logps(model, pairs, args.batch_size, pad_id, device, amp))
+    @torch.no_grad()
+    def reference(pairs):  # (2, pairs): chosen and rejected log-probs, --batch-size pairs a pass
+        chunks = [pairs[i : i + args.batch_size] for i in range(0, len(pairs), args.batch_size)]
+        logps = [torch.stack(pair_logps(model, c, pad_id, device, amp)[:2]) for c in chunks]
+        return torch.cat(logps, dim=1)
 
     ref_train = torch.zeros(2, len(train), device=device)  # unused pairs' zeros: never read
     if used:

@@ -91,13 +91,9 @@ def load_data(spec: str, val_path: str, seed: int):
 def render_rows(tokenizer, convs, max_len: int) -> list[tuple[list[int], list[int]]]:
     """(ids, mask) per conversation, cut to max_len + 1 tokens (inputs and targets are shifted by
     one); conversations with no assistant token left after the cut are dropped."""
-    rows = []
-    for conv in convs:
-        ids, mask = tokenizer.render_conversation(conv, max_tokens=max_len + 1)
-        ids, mask = list(ids)[: max_len + 1], list(mask)[: max_len + 1]
-        if sum(mask[1:]) > 0:  # mask[1:]: the targets' mask (token 0 is never a target)
-            rows.append((ids, mask))
-    return rows
+    rows = [tokenizer.render_conversation(conv, max_tokens=max_len + 1) for conv in convs]
+    # mask[1:]: the targets' mask (token 0 is never a target)
+    return [(ids, mask) for ids, mask in rows if sum(mask[1:]) > 0]
 
 
 def main(argv=None):
