@@ -19,6 +19,7 @@ few tokens per row see less context than they would in training. --max-docs docu
 import argparse
 import sys
 from collections import defaultdict
+from itertools import zip_longest
 
 import torch
 import torch.distributed as dist
@@ -59,11 +60,9 @@ def select_docs(docs, max_docs: int) -> list[dict]:
     by_lang = defaultdict(list)
     for d in docs:
         by_lang[d["lang"] or "unknown"].append(d)
-    queues = [list(reversed(v)) for _, v in sorted(by_lang.items())]
-    chosen = []
-    while len(chosen) < max_docs and any(queues):
-        chosen += [q.pop() for q in queues if q][: max_docs - len(chosen)]
-    return chosen
+    # round r holds the r-th document of each language (None where a language has run out)
+    rounds = zip_longest(*(v for _, v in sorted(by_lang.items())))
+    return [d for r in rounds for d in r if d is not None][:max_docs]
 
 
 def token_batches(docs, tokenizer, batch_size: int, seq_len: int, max_tokens: int, langs: list):
