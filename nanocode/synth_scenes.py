@@ -68,8 +68,7 @@ def unique_context(text: str, line_no: int) -> str:
         # str.count, as tools.edit_file counts: unique here is unique to the tool
         if text.count(s) == 1 or (lo == 0 and hi == len(rows) - 1):
             return s
-        if lo > 0:
-            lo -= 1
+        lo = max(0, lo - 1)
         if text.count("\n".join(rows[lo : hi + 1])) != 1 and hi < len(rows) - 1:
             hi += 1
 

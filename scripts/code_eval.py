@@ -101,8 +101,7 @@ def read_samples(path, problems: list[dict], all_ids: set[str]) -> dict[str, lis
         by_task.setdefault(task_id, []).append(
             code_tasks.chat_completion(by_id[task_id], c) if code_tasks.has_tool_calls(c) else c
         )
-    missing = [t for t in by_id if t not in by_task]
-    if missing:
+    if missing := [t for t in by_id if t not in by_task]:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise NanocodeError(
             f"{path} has no samples for {len(missing)} of the {len(problems)} problems "
@@ -246,8 +245,7 @@ def main():
             f"executed in {t_exec:.1f}s ({world_size} ranks x {workers} workers)"
         )
         print(f"wrote {out}_samples.jsonl and {out}_problems.jsonl")
-        for k in reversed(ks):  # pass@1 last
-            v = means[k]
+        for k, v in reversed(means.items()):  # pass@1 last
             print(f"pass@{k}: " + (f"{v:.4f}" if v is not None else f"n/a (needs {k} samples)"))
     compute_cleanup()
 

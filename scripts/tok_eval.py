@@ -77,8 +77,7 @@ def main():
     # published bytes-per-token numbers are usually quoted against; ours has a third of cl100k's
     # vocab.
     for name in ("gpt2", "cl100k_base"):
-        enc = offline_encoding(name)
-        if enc is None:
+        if (enc := offline_encoding(name)) is None:
             print(f"{name}: skipped (tiktoken has no local copy and this script does not download)")
         else:
             tokenizers[name] = enc.encode_ordinary  # as ours: special-token text is plain text
@@ -87,8 +86,7 @@ def main():
     names = " ".join(f"{name:>12}" for name in tokenizers)
     print(f"{'sample':<12} {'bytes':>9} {names}   (bytes per token)")
     for lang, patterns in SOURCES.items():
-        text = sample(patterns, args.kb * 1000)
-        if not text:
+        if not (text := sample(patterns, args.kb * 1000)):
             print(f"{lang:<12} skipped: no files found ({', '.join(patterns)})")
             continue
         nbytes = len(text.encode())
