@@ -216,15 +216,13 @@ impl Splitter {
     /// constants: an equivalent pattern spelled differently gets fancy-regex (same chunks, slower).
     /// Err(message) when fancy-regex rejects the pattern.
     pub fn new(pattern: &str) -> Result<Splitter, String> {
-        if pattern == DEFAULT_PATTERN {
-            return Ok(Splitter::Gpt4 { max_digits: 2 });
+        match pattern {
+            DEFAULT_PATTERN => Ok(Splitter::Gpt4 { max_digits: 2 }),
+            GPT4_PATTERN => Ok(Splitter::Gpt4 { max_digits: 3 }),
+            _ => Regex::new(pattern)
+                .map(Splitter::Regex)
+                .map_err(|e| format!("invalid split pattern {pattern:?}: {e}")),
         }
-        if pattern == GPT4_PATTERN {
-            return Ok(Splitter::Gpt4 { max_digits: 3 });
-        }
-        Regex::new(pattern)
-            .map(Splitter::Regex)
-            .map_err(|e| format!("invalid split pattern {pattern:?}: {e}"))
     }
 
     /// Call `f` on every chunk of `text`, in order.
