@@ -361,7 +361,7 @@ def main(argv=None):
     os.environ.pop("NANOCODE_KERNELS", None)  # default dispatch unless a step says otherwise
     print(f"gpu_check: {header}; log {ctx.log}", flush=True)
 
-    rows, t_all = [], time.time()
+    rows, cells, t_all = [], [], time.time()
     for name in steps:
         print(f"\n=== {name}", flush=True)
         t0 = time.time()
@@ -372,15 +372,13 @@ def main(argv=None):
             with open(ctx.log, "a") as f:
                 traceback.print_exc(file=f)
             ok, detail = False, f"{type(e).__name__}: {str(e)[:300]}".splitlines()[0]
-        seconds = round(time.time() - t0, 1)
+        verdict, seconds = "PASS" if ok else "FAIL", round(time.time() - t0, 1)
         rows.append(dict(step=name, ok=ok, seconds=seconds, detail=detail))
-        print(f"{name}: {'PASS' if ok else 'FAIL'} ({seconds:.0f}s) {detail}", flush=True)
+        cells.append((name, verdict, f"{seconds:.0f}", detail))
+        print(f"{name}: {verdict} ({seconds:.0f}s) {detail}", flush=True)
     total = time.time() - t_all
     shutil.rmtree(ctx.work, ignore_errors=True)  # the resume step: 4 depth-12 checkpoints
 
-    cells = [
-        (r["step"], "PASS" if r["ok"] else "FAIL", f"{r['seconds']:.0f}", r["detail"]) for r in rows
-    ]
     table = markdown(["step", "result", "seconds", "detail"], cells)
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     summary = dict(device=ctx.name, header=header, date=date, total_s=round(total, 1), rows=rows)
@@ -394,8 +392,7 @@ def main(argv=None):
         f"{out}/gpu_check.{{md,json}}, log {ctx.log}",
         flush=True,
     )
-    failed = sum(not r["ok"] for r in rows)
-    if failed:
+    if failed := sum(not r["ok"] for r in rows):
         raise NanocodeError(f"{failed} of {len(rows)} steps failed (see the table and {ctx.log})")
 
 

@@ -133,9 +133,8 @@ def relu2_mlp_fp8_case(device, dtype, M, C):
     import nanocode.fp8 as fp8
 
     fns = dict(triton=fp8.fp8_relu2_mlp, reference=fp8.fp8_relu2_mlp_unfused)
-    return replace(
-        relu2_mlp_case(device, dtype, M, C), name="relu2_mlp_fp8", unit="FP8 TFLOP/s", **fns
-    )
+    case = relu2_mlp_case(device, dtype, M, C)
+    return replace(case, name="relu2_mlp_fp8", unit="FP8 TFLOP/s", **fns)
 
 
 def softcap_ce_case(device, dtype, N, V):

@@ -72,9 +72,8 @@ def get_args(argv=None):
     p.add_argument("--save", action="store_true", help="bench/results/<device>/mfu_d<depth>.*")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    for v in args.variants:
-        if v not in VARIANTS:
-            raise NanocodeError(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
+    if unknown := [v for v in args.variants if v not in VARIANTS]:
+        raise NanocodeError(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
     return check_step_args(args)
 
 

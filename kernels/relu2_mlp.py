@@ -196,13 +196,12 @@ def _launch(a, b, epilogue, h=None, scale=None, dtype=None):
     if M == 0 or N == 0 or K == 0:
         return c.zero_()
     h = c if h is None else h  # unused by the relu² epilogue
-    bucket = triton.next_power_of_2(M)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     kernel = _matmul_kernel if scale is None else _matmul_fp8_kernel
-    args = (M, N, K, bucket, a.stride(), b.stride())
+    args = (M, N, K, triton.next_power_of_2(M), a.stride(), b.stride())
     kernel[grid](a, b, c, h, scale, *args, EPILOGUE=epilogue)
     return c
 
