@@ -200,11 +200,10 @@ impl Tokenizer {
 
         // Merging is single-threaded but long: without the GIL, other Python threads run meanwhile.
         let merges = py.detach(|| {
-            let chunks = counters.into_iter().reduce(|mut all, other| {
-                all.absorb(other);
-                all
-            });
-            let chunks = chunks.unwrap_or_default();
+            // Folded into the first thread's table (no rehash of that one).
+            let mut counters = counters.into_iter();
+            let mut chunks = counters.next().unwrap_or_default();
+            counters.for_each(|other| chunks.absorb(other));
             log(format!("{seen} documents, {} distinct chunks", chunks.len()));
             train_merges(chunks, (vocab_size - 256) as u32)
         });

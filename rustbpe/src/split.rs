@@ -68,10 +68,9 @@ struct Gpt4Split<'a> {
 
 /// Case folding as `(?i:...)` does it for the contraction letters: ASCII, and 'ſ' (U+017F) is 's'.
 fn fold(c: char) -> char {
-    if c == 'ſ' {
-        's'
-    } else {
-        c.to_ascii_lowercase()
+    match c {
+        'ſ' => 's',
+        _ => c.to_ascii_lowercase(),
     }
 }
 
@@ -93,10 +92,7 @@ impl<'a> Gpt4Split<'a> {
     /// End of the run of characters of class `class` starting at byte `i`.
     #[inline(always)]
     fn run_end(&self, mut i: usize, class: u8) -> usize {
-        while let Some((k, _, next)) = self.at(i) {
-            if k != class {
-                break;
-            }
+        while let Some((_, _, next)) = self.at(i).filter(|&(k, ..)| k == class) {
             i = next;
         }
         i
