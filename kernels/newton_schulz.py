@@ -41,6 +41,7 @@ The reference does 1.5x (square) and 1.38x (C x 4C) more FLOPs, plus five elemen
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from kernels.common import autotune_configs, check, check_triton, empty, use_triton
 
@@ -179,9 +180,7 @@ def _launch_sym_matmul(P, out, alpha=1.0, add=None, beta=0.0, diag=0.0):
 
 
 @torch.library.custom_op("nanocode::newton_schulz", mutates_args=())
-def _newton_schulz(
-    G: torch.Tensor, steps: int, dtype: torch.dtype, coeffs: list[float]
-) -> torch.Tensor:
+def _newton_schulz(G: Tensor, steps: int, dtype: torch.dtype, coeffs: list[float]) -> Tensor:
     """coeffs: the per-step (a, b, c), flattened (3 * steps floats)."""
     shape = G.shape
     X = _normalize(G.to(dtype)).reshape(-1, *shape[-2:]).contiguous()  # (batch, rows, cols)

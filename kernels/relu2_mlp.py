@@ -55,6 +55,7 @@ Worked number, depth 12 (M = 65,536 tokens, C = 768, H = 3072): 4MCH = 0.618 TFL
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from kernels.common import autotune_configs, check, check_same, check_triton, empty, use_triton
 
@@ -216,11 +217,8 @@ def _launch(a, b, epilogue, h=None, scale=None, dtype=None):
 # both operands K-major: w_proj should be a view of an (H, C) row-major tensor (as w_fc.T is).
 @torch.library.custom_op("nanocode::matmul_relu2", mutates_args=())
 def _matmul_relu2(
-    x: torch.Tensor,
-    w_fc: torch.Tensor,
-    scale: torch.Tensor | None = None,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    x: Tensor, w_fc: Tensor, scale: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
     """relu(x @ w_fc.T [* scale])²"""
     return _launch(x, w_fc.T, RELU2, scale=scale, dtype=dtype)
 
@@ -232,8 +230,8 @@ def _(x, w_fc, scale=None, dtype=None):
 
 @torch.library.custom_op("nanocode::matmul_relu2_grad", mutates_args=())
 def _matmul_relu2_grad(
-    dy: torch.Tensor, w_proj: torch.Tensor, h: torch.Tensor, scale: torch.Tensor | None = None
-) -> torch.Tensor:
+    dy: Tensor, w_proj: Tensor, h: Tensor, scale: Tensor | None = None
+) -> Tensor:
     """(dy @ w_proj [* scale]) * 2*sqrt(h): the gradient at the pre-activation."""
     return _launch(dy, w_proj, RELU2_GRAD, h, scale, h.dtype)
 
