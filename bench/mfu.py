@@ -37,6 +37,7 @@ import torch
 from bench.kernels import markdown, measure_ceilings, results_dir
 from nanocode.common import NanocodeError, autocast, nvtx_range, peak_bf16_flops, run_main
 from nanocode.gpt import GPT, GPTConfig, build_model
+from nanocode.training import posint
 
 # name -> (NANOCODE_KERNELS value, under torch.compile)
 VARIANTS = dict(triton=("", True), fp8=("", True), compile=("torch", True), eager=("torch", False))
@@ -44,21 +45,17 @@ VARIANTS = dict(triton=("", True), fp8=("", True), compile=("torch", True), eage
 
 def add_step_args(p, warmup, steps):
     """The flags of the timed training step, shared with bench/profile_steps.py."""
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--device-batch-size", type=int, default=32, help="rows per step")
+    p.add_argument("--depth", type=posint, default=12)
+    p.add_argument("--seq-len", type=posint, default=2048)
+    p.add_argument("--device-batch-size", type=posint, default=32, help="rows per step")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--warmup", type=int, default=warmup)
-    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--steps", type=posint, default=steps)
     p.add_argument("--device", default="", help="cuda|cpu (default: cuda when available)")
 
 
 def check_step_args(args):
-    """The size flags must be >= 1; the device defaults to cuda when one is visible."""
-    for name in ("depth", "seq_len", "device_batch_size", "steps"):
-        if getattr(args, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise NanocodeError(f"{flag} must be >= 1, got {getattr(args, name)}")
+    """The device defaults to cuda when one is visible (argparse checks the sizes: posint)."""
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise NanocodeError("--device cuda asked for, but no CUDA GPU is visible")

@@ -24,6 +24,7 @@ whole run. Last in this file, the evaluation SFT and DPO share: tool-call validi
 prompts, always of the unconstrained model.
 """
 
+import argparse
 import json
 import random
 import time
@@ -42,6 +43,15 @@ from nanocode.common import (
     set_nvtx,
 )
 from nanocode.optim import all_reduce_gradients
+
+
+def posint(text: str) -> int:
+    """argparse type of the count and size flags: a bad value is a usage error naming the flag
+    (argparse adds the name), not a ZeroDivisionError from deep inside the run."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def add_loop_args(p, eval_every):
@@ -63,7 +73,7 @@ def add_args(p, init_lr_frac=0.1, eval_every=100):
     p.add_argument("--unembedding-lr", type=float, default=0.004)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="x the rates above")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and rank")
+    p.add_argument("--grad-accum", type=posint, default=1, help="micro-batches per step and rank")
     add_loop_args(p, eval_every)
 
 

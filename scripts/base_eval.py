@@ -28,14 +28,15 @@ from nanocode.checkpoint import PHASES
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.loss_eval import bpb, loss_sums
 from nanocode.report import log_stage
+from nanocode.training import posint
 
 parser = argparse.ArgumentParser(description="bits per byte per language, and samples")
 parser.add_argument("-i", "--source", default="base", choices=PHASES, help="which checkpoint")
 parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-parser.add_argument("--max-docs", type=int, default=1000)
-parser.add_argument("--max-tokens", type=int, default=1_000_000)
-parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+parser.add_argument("--max-docs", type=posint, default=1000)
+parser.add_argument("--max-tokens", type=posint, default=1_000_000)
+parser.add_argument("--batch-size", type=posint, default=8, help="rows per forward pass")
 parser.add_argument("--sample-tokens", type=int, default=64, help="per completion (0: none)")
 parser.add_argument("--data", default="code", help="corpus name under $NANOCODE_BASE_DIR/data")
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
@@ -122,10 +123,6 @@ def encode_fim(tokenizer, prefix: str, suffix: str) -> list[int]:
 
 def main():
     args = parser.parse_args()
-    for name in ("max_docs", "max_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise NanocodeError(f"{flag} must be >= 1, got {getattr(args, name)}")
     from nanocode.checkpoint import load_model
     from nanocode.dataset import iter_documents
 

@@ -40,14 +40,15 @@ from nanocode.gpt import GPT, GPTConfig, build_model, windows_are_slow
 from nanocode.loss_eval import evaluate_bpb
 from nanocode.report import ema, log_stage
 from nanocode.tokenizer import get_tokenizer
+from nanocode.training import posint
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="pretrain the base model")
-    p.add_argument("--depth", type=int, default=12, help="layers; width = 64 * depth")
+    p.add_argument("--depth", type=posint, default=12, help="layers; width = 64 * depth")
     p.add_argument("--n-kv-head", type=int, default=None, help="GQA's key/value heads")
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--device-batch-size", type=int, default=32, help="rows per pass per process")
+    p.add_argument("--max-seq-len", type=posint, default=2048)
+    p.add_argument("--device-batch-size", type=posint, default=32, help="rows per pass per process")
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens/step (-1: horizon)")
     p.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: from the ratio)")
     p.add_argument("--target-param-data-ratio", type=float, default=12.0, help="tokens/param")
@@ -71,10 +72,6 @@ def get_args(argv=None):
     p.add_argument("--fp8", action="store_true", help="the blocks' matmuls in FP8 (training only)")
     training.add_loop_args(p, eval_every=250)
     args = p.parse_args(argv)
-    for name in ("depth", "max_seq_len", "device_batch_size"):
-        if getattr(args, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise NanocodeError(f"{flag} must be >= 1, got {getattr(args, name)}")
     if args.total_batch_size < 1 and args.total_batch_size != -1:
         raise NanocodeError(f"--total-batch-size must be >= 1 or -1, got {args.total_batch_size}")
     if not args.window_pattern or set(args.window_pattern.upper()) - set("SL"):

@@ -43,6 +43,7 @@ from nanocode.checkpoint import load_model
 from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_init, print0, run_main
 from nanocode.conversations import load_jsonl, load_source, pad_batch
 from nanocode.report import log_stage
+from nanocode.training import posint
 
 
 def get_args(argv=None):
@@ -55,7 +56,7 @@ def get_args(argv=None):
     # larger beta keeps the policy nearer the reference (both losses); also the rewards' scale
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--max-seq-len", type=int, default=0, help="tokens per side (default: model's)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per step, all ranks")
+    p.add_argument("--batch-size", type=posint, default=8, help="pairs per step, all ranks")
     p.add_argument("--num-epochs", type=float, default=1.0)
     p.add_argument("--nll-weight", type=float, default=1.0, help="0: plain DPO")
     p.add_argument("--eval-prompts", type=int, default=64)

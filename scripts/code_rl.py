@@ -42,6 +42,7 @@ from nanocode.common import NanocodeError, autocast, compute_cleanup, compute_in
 from nanocode.conversations import pad_batch
 from nanocode.engine import Engine
 from nanocode.report import log_stage
+from nanocode.training import posint
 
 
 def get_args(argv=None):
@@ -53,13 +54,13 @@ def get_args(argv=None):
     p.add_argument("--tasks", default="programs", help="programs,corpus,agent,mbpp,*.jsonl")
     p.add_argument("--val-tasks", default="", help="default: --tasks' val split")
     p.add_argument("--eval-tasks", type=int, default=32)
-    p.add_argument("--eval-samples", type=int, default=4, help="per held-out task")
+    p.add_argument("--eval-samples", type=posint, default=4, help="per held-out task")
     p.add_argument("--eval-seed", type=int, default=1)
     p.add_argument("--eval-only", action="store_true")
-    p.add_argument("--group-size", "-G", type=int, default=8, help="samples per task")
-    p.add_argument("--tasks-per-step", type=int, default=8, help="all ranks")
+    p.add_argument("--group-size", "-G", type=posint, default=8, help="samples per task")
+    p.add_argument("--tasks-per-step", type=posint, default=8, help="all ranks")
     p.add_argument("--sample-tasks", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="sampled tokens per reply")
+    p.add_argument("--max-new-tokens", type=posint, default=256, help="sampled tokens per reply")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--valid-call-bonus", type=float, default=0.1)
@@ -74,10 +75,6 @@ def get_args(argv=None):
     training.add_args(p, init_lr_frac=0.05, eval_every=20)
     args = p.parse_args(argv)
     args.steps = args.steps if args.steps > 0 else 50  # tasks are drawn per step: no epochs here
-    for name in ("group_size", "tasks_per_step", "max_new_tokens", "eval_samples"):
-        if getattr(args, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise NanocodeError(f"{flag} must be >= 1, got {getattr(args, name)}")
     if args.temperature <= 0:
         raise NanocodeError("--temperature must be > 0: the samples of a group must differ")
     return args

@@ -39,6 +39,7 @@ from nanocode.conversations import cached_sources, load_jsonl, load_mixture, pad
 from nanocode.loss_eval import loss_sums
 from nanocode.report import log_stage
 from nanocode.tools import validate_tool_call
+from nanocode.training import posint
 
 
 def get_args(argv=None):
@@ -48,7 +49,7 @@ def get_args(argv=None):
     p.add_argument("--mix", default="", help="sources and weights (see the docstring)")
     p.add_argument("--val", default="", help="held-out JSONL for --mix's .jsonl files")
     p.add_argument("--max-seq-len", type=int, default=0, help="tokens per row (default: model's)")
-    p.add_argument("--batch-size", type=int, default=16, help="conversations per step, all ranks")
+    p.add_argument("--batch-size", type=posint, default=16, help="conversations/step, all ranks")
     p.add_argument("--num-epochs", type=float, default=1.0)
     p.add_argument("--eval-convs", type=int, default=100)
     p.add_argument("--eval-prompts", type=int, default=64)
@@ -63,7 +64,8 @@ def check_tool_calls(path) -> list[dict]:
     unknown tool or arguments that do not fit -> one error naming the file and line (blank lines
     count)."""
     convs = load_jsonl(path)
-    lines = [i for i, line in enumerate(open(path, encoding="utf-8"), 1) if line.strip()]
+    with open(path, encoding="utf-8") as f:
+        lines = [i for i, line in enumerate(f, 1) if line.strip()]
     for conv, lineno in zip(convs, lines):
         for m in conv["messages"]:
             for part in m["content"] if isinstance(m["content"], list) else []:

@@ -1,5 +1,6 @@
 """scripts/base_train.py end to end on a tiny corpus: exact resume, clear errors for bad flags."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -111,7 +112,6 @@ def run(args, base):
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--depth", "0"], "--depth must be >= 1"),
         (["--total-batch-size", "100"], "not divisible"),
         (["--window-pattern", "SXL"], "--window-pattern must be made of S and L"),
         (["--device-type", "tpu"], "unknown device type 'tpu'"),
@@ -123,6 +123,24 @@ def test_bad_flags_give_one_clear_message(base_dir, flags, message):
     r = run(TINY + ["--num-iterations", "1"] + flags, base_dir)
     assert r.returncode == 1
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    "module,flag",
+    [
+        ("scripts.base_train", "--depth"),
+        ("scripts.code_sft", "--batch-size"),
+        ("scripts.code_sft", "--grad-accum"),
+        ("scripts.code_dpo", "--batch-size"),
+        ("scripts.code_rl", "--tasks-per-step"),
+    ],
+)
+def test_count_flags_below_one_are_usage_errors(module, flag, capsys):
+    # before training.posint, a zero --batch-size in SFT or DPO was a ZeroDivisionError traceback
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).get_args([flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_missing_tokenizer_and_data(tmp_path, base_dir):
