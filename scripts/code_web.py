@@ -150,9 +150,10 @@ def load_engines(args) -> tuple[list, str]:
 def text_of(content, where: str) -> str:
     """A system/user/tool message's text: a string, or a list of {"type": "text", "text"} parts."""
     if isinstance(content, list) and all(
-        isinstance(part, dict) and part.get("type") == "text" for part in content
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
     ):
-        content = "".join(str(part.get("text")) for part in content)
+        content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise bad(f"{where}.content must be a string or a list of text parts")
     return content

@@ -102,6 +102,11 @@ def test_tools_off_without_allow_tools_and_bad_requests(tmp_path, workdir):
             (b"{not json", 400, "not valid JSON"),
             (b"[1, 2]", 400, "must be a JSON object"),
             ({"model": "x"}, 400, "'messages' is required"),
+            (
+                {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+                400,
+                "messages[0].content must be a string or a list of text parts",
+            ),
             ({"messages": []}, 400, "'messages' is required"),
             (
                 {"messages": [{"role": "tool", "content": "x"}]},
