@@ -94,9 +94,14 @@ class DataLoader:
         self.config["vocab_size"] = getattr(tokenizer, "vocab_size", None)
         # The packing thread's copy of all it needs (it must hold no reference to the loader, see
         # _start); the rest only decides how fast batches come.
-        speed = dict(buffer_size=buffer_size, tokenizer_threads=tokenizer_threads)
-        speed.update(tokenizer_batch=tokenizer_batch, pin_memory=self.device.type == "cuda")
-        self.settings = SimpleNamespace(**self.config, **speed, tokenizer=tokenizer)
+        self.settings = SimpleNamespace(
+            **self.config,
+            tokenizer=tokenizer,
+            buffer_size=buffer_size,
+            tokenizer_threads=tokenizer_threads,
+            tokenizer_batch=tokenizer_batch,
+            pin_memory=self.device.type == "cuda",
+        )
         self._state = dict(epoch=0, shard=0, row=rank, buffer=(), tokens_packed=0, tokens_cropped=0)
         self._thread = None
 
