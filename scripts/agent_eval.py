@@ -28,7 +28,6 @@ from pathlib import Path
 from nanocode import agent_tasks
 from nanocode.checkpoint import PHASES
 from nanocode.common import (
-    NanocodeError,
     compute_cleanup,
     compute_init,
     gather_records,
@@ -37,6 +36,7 @@ from nanocode.common import (
     run_main,
 )
 from nanocode.report import log_stage
+from nanocode.training import posint
 
 parser = argparse.ArgumentParser(description="agentic coding tasks, verified")
 add = parser.add_argument
@@ -45,7 +45,7 @@ add("--suite", help="JSONL suite file (default: nanocode/data/agent_suite.jsonl)
 add("--seed", type=int, help="generate a suite from this seed instead")
 add("--num-tasks", type=int, help="tasks to generate, or the first N of the suite")
 add("--samples", help="JSONL of {task, message}: re-verify these, load no model")
-add("--batch-size", type=int, default=8, help="tasks decoded together per rank")
+add("--batch-size", type=posint, default=8, help="tasks decoded together per rank")
 add("-t", "--temperature", type=float, default=0.0)
 add("--top-k", type=int, default=50)
 add("--max-tokens", type=int, help="override every task's token budget")
@@ -59,8 +59,6 @@ add("--constrained", action="store_true", help="calls must match our tools' sche
 
 def main():
     args = parser.parse_args()
-    if args.batch_size < 1:
-        raise NanocodeError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed is not None:  # 28 as the shipped suite: the seven kinds in turn, four of each
         tasks = agent_tasks.make_suite(args.seed, args.num_tasks or 28)
     else:

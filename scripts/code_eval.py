@@ -33,15 +33,16 @@ from nanocode.common import (
 )
 from nanocode.execution import run_many
 from nanocode.report import log_stage
+from nanocode.training import posint
 
 parser = argparse.ArgumentParser(description="HumanEval / MBPP pass@k in a sandbox")
 parser.add_argument("-i", "--source", default="base", choices=PHASES, help="checkpoint to sample")
 parser.add_argument("-a", "--task", default="humaneval", choices=code_tasks.TASKS)
-parser.add_argument("-n", "--num-samples", type=int, default=1, help="samples per problem")
+parser.add_argument("-n", "--num-samples", type=posint, default=1, help="samples per problem")
 parser.add_argument("-k", "--ks", default="1,10", help="k for pass@k, comma-separated (k > n: n/a)")
 parser.add_argument("-t", "--temperature", type=float, default=0.0)
 parser.add_argument("--top-k", type=int, default=50)
-parser.add_argument("--max-problems", type=int, default=None, help="only the first N problems")
+parser.add_argument("--max-problems", type=posint, default=None, help="only the first N problems")
 parser.add_argument("--max-tokens", type=int, default=384, help="tokens per sample at most")
 parser.add_argument("--workers", type=int, default=0, help="sandboxed runs at once (0: all cores)")
 parser.add_argument("--timeout", type=float, default=5.0, help="seconds per sample")
@@ -188,10 +189,6 @@ def summarize(problems: list[dict], records: list[dict], ks: list[int]):
 def main():
     args = parser.parse_args()
     ks = parse_ks(args.ks)
-    if args.num_samples < 1:
-        raise NanocodeError(f"-n must be >= 1, got {args.num_samples}")
-    if args.max_problems is not None and args.max_problems < 1:
-        raise NanocodeError(f"--max-problems must be >= 1, got {args.max_problems}")
     # scoring a file needs no model: the CPU, whatever --device-type says
     _, rank, _, world_size, device = compute_init("cpu" if args.samples else args.device_type)
     all_problems = code_tasks.load_task(args.task, args.mbpp_file)

@@ -21,9 +21,10 @@ import tiktoken.load
 from nanocode.common import NanocodeError, run_main
 from nanocode.report import log_stage
 from nanocode.tokenizer import get_tokenizer
+from nanocode.training import posint
 
 parser = argparse.ArgumentParser(description="bytes per token of the trained tokenizer")
-parser.add_argument("--kb", type=int, default=300, help="KB of text per sample")
+parser.add_argument("--kb", type=posint, default=300, help="KB of text per sample")
 
 SITE = sysconfig.get_paths()["purelib"]
 SOURCES = {
@@ -70,8 +71,6 @@ def offline_encoding(name: str):
 
 def main():
     args = parser.parse_args()
-    if args.kb < 1:
-        raise NanocodeError("--kb must be positive")
     tokenizers = {"ours": get_tokenizer().encode}
     # GPT-2's (50k, trained on web text) and GPT-4's cl100k (100k, code-aware): the two that
     # published bytes-per-token numbers are usually quoted against; ours has a third of cl100k's

@@ -19,17 +19,16 @@ from nanocode.common import NanocodeError, get_base_dir, run_main
 from nanocode.dataset import iter_documents, split_shards
 from nanocode.report import log_stage
 from nanocode.tokenizer import Tokenizer
+from nanocode.training import posint
 
 parser = argparse.ArgumentParser(description="train the tokenizer")
-parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop after this many")
-parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept per document")
+parser.add_argument("--max-chars", type=posint, default=2_000_000_000, help="stop after this many")
+parser.add_argument("--doc-cap", type=posint, default=10_000, help="characters kept per document")
 parser.add_argument("--vocab-size", type=int, default=32768, help="the 12 special tokens included")
 
 
 def main():
     args = parser.parse_args()
-    if args.max_chars < 1 or args.doc_cap < 1:
-        raise NanocodeError("--max-chars and --doc-cap must be positive")
     if args.vocab_size < 268:
         raise NanocodeError(
             "--vocab-size must be at least 268 (256 bytes + 12 special tokens), got "
