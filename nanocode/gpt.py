@@ -135,7 +135,7 @@ SLOW_WINDOWS = (
 def windows_are_slow(config, device) -> bool:
     """True when this config has sliding windows that will run on SDPA's banded mask (no
     FlashAttention)."""
-    has_windows = any(w is not None and w < config.sequence_len for w in config.window_sizes())
+    has_windows = any(w is not None for w in config.window_sizes())
     return has_windows and not (_flash_attn is not None and torch.device(device).type == "cuda")
 
 
