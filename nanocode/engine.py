@@ -14,11 +14,12 @@ does not hold yet (its prompt, its last token, or a tool's output) and samples o
 rows with one new token share one batched forward, a longer feed gets a forward of its own, and
 generate's samples feed their one prompt once (its keys and values copied to every row). Tokens are
 drawn in one place, Engine._sample: row i with its own torch.Generator (seed + i), so a batch gives
-what one-by-one runs give; a row's `constraint` masks that row's logits in place right before the
-draw and is told each token drawn. chat's grammar=... (nanocode.grammar) is that constraint: a
-Matcher per row, told the row's tool outputs too (forced tokens are part of the grammar), and a row
-whose grammar is complete ends there. On a GPU the matcher computes the next mask on a thread while
-the model computes the logits it will mask; on a CPU that handoff costs more than it saves.
+what one-by-one runs give; a row's `constraint` gives a bitmask of the tokens it allows right before
+the draw (all rows' masks are applied at once) and is told each token drawn. chat's grammar=...
+(nanocode.grammar) is that constraint: a Matcher per row, told the row's tool outputs too (forced
+tokens are part of the grammar), and a row whose grammar is complete ends there. On a GPU the
+matcher computes the next mask on a thread while the model computes the logits it will mask; on a
+CPU that handoff costs more than it saves.
 
 The tool loop (chat_batch; chat is its batch of one, streamed): when a row's model closes a call
 with <|tool_end|>, the JSON between <|tool_start|> and <|tool_end|> is parsed and validated, the
@@ -37,7 +38,7 @@ from types import SimpleNamespace
 import torch
 
 from nanocode.common import autocast
-from nanocode.grammar import Matcher
+from nanocode.grammar import Matcher, apply_bitmask
 from nanocode.tools import parse_tool_call, run_tool
 
 DENIED = "denied by the user"
@@ -240,10 +241,14 @@ class Engine:
     @staticmethod
     def _sample(logits, rows, temperature, top_k, top_p) -> list[int]:
         """The one place tokens are drawn: one per row, from the row's own generator. A row's
-        constraint masks its logits (in place) right before the draw and is told the token drawn."""
-        for b, row in enumerate(rows):
-            if row.constraint is not None:
-                row.constraint.mask(logits[b])
+        constraint's bitmask masks its logits right before the draw and is told the token drawn."""
+        masked = [b for b, row in enumerate(rows) if row.constraint is not None]
+        if masked:  # one unpack and one masked_fill for all, not a few small ops per row
+            bits = torch.stack([rows[b].constraint.bitmask() for b in masked])
+            if len(masked) == len(rows):  # chat_batch's grammar constrains every row
+                apply_bitmask(logits, bits)
+            else:
+                logits[masked] = apply_bitmask(logits[masked], bits)
         tokens = sample_next(logits, [r.gen for r in rows], temperature, top_k, top_p).tolist()
         for row, t in zip(rows, tokens):
             if row.constraint is not None:

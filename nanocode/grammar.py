@@ -2,10 +2,10 @@
 replies that parse and match a response schema, enforced by a mask on the logits before sampling.
 
     grammar = compile_grammar(tokenizer, {"get_weather": params}, "required")   # cached
-    matcher = Matcher(grammar)            # one per row; its first mask is computed at once
+    matchers = [Matcher(grammar) for _ in rows]   # one per row; first masks computed at once
     ...   # the model computes the next logits meanwhile
-    apply_bitmask(logits[k], matcher.bitmask())   # -inf on every token the grammar forbids
-    matcher.accept(token)                 # every token the row takes, sampled or forced
+    apply_bitmask(logits, torch.stack([m.bitmask() for m in matchers]))  # -inf where forbidden
+    matchers[k].accept(token)             # every token row k takes, sampled or forced
 
 llguidance (github.com/guidance-ai/llguidance) does the work: it compiles a Lark grammar with JSON
 Schemas inside it (`%json {...}`) and, for each next token, computes which tokens of our vocabulary
@@ -253,10 +253,6 @@ class Matcher:
     def bitmask(self) -> torch.Tensor:
         """(ceil(vocab / 32),) int32 on the CPU: bit j of word w allows token 32 * w + j."""
         return self._compute() if self.pending is None else self.pending.result()
-
-    def mask(self, logits: torch.Tensor) -> None:
-        """The engine's constraint hook: the row's logits (V,), forbidden tokens set to -inf."""
-        apply_bitmask(logits, self.bitmask())
 
     def _wait(self) -> None:
         """The mask computation holds the matcher (llguidance raises "Already mutably borrowed" at

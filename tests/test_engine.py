@@ -149,16 +149,18 @@ def test_samples_share_one_prefill(tok, real):
 
 
 def test_a_constraint_masks_its_rows_logits(tok, real):
-    """The hook for constrained decoding: a row's constraint masks that row's logits before each
-    draw and is told every token drawn; the other rows sample freely."""
+    """The hook for constrained decoding: a row's constraint gives the bitmask of the tokens it
+    allows before each draw and is told every token drawn; the other rows sample freely."""
 
     class OnlyDigits:
         def __init__(self):
             self.told = []
 
-        def mask(self, logits):
-            allowed = torch.tensor(tok.encode("0123456789"))
-            logits[~torch.isin(torch.arange(logits.numel()), allowed)] = float("-inf")
+        def bitmask(self):  # bit j of int32 word w allows token 32 * w + j
+            allowed = torch.zeros(-(-tok.vocab_size // 32) * 32, dtype=torch.int64)
+            allowed[tok.encode("0123456789")] = 1
+            words = (allowed.view(-1, 32) << torch.arange(32)).sum(-1)
+            return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
         def accept(self, token):
             self.told.append(token)
