@@ -202,9 +202,13 @@ class CausalSelfAttention(nn.Module):
         the new keys and values go into it and each query sees its row's cached keys."""
         B, T, C = x.shape
         hd = self.head_dim
-        q = self.c_q(x).view(B, T, self.n_head, hd)
-        k = self.c_k(x).view(B, T, self.n_kv_head, hd)
-        v = self.c_v(x).view(B, T, self.n_kv_head, hd)
+        if self.c_q.fp8 and self.training:  # one FP8 matmul: x quantized and saved once, not 3x
+            w = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+            q, k, v = fp8_linear(x, w).split([self.n_head * hd] + [self.n_kv_head * hd] * 2, -1)
+        else:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        q, k = q.view(B, T, self.n_head, hd), k.view(B, T, self.n_kv_head, hd)
+        v = v.view(B, T, self.n_kv_head, hd)
         if ve is not None:
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))  # 1 at init
             # autocast skips embedding lookups: ve is in the parameters' dtype, v in autocast's
