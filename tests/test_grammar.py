@@ -453,3 +453,11 @@ def test_openai_requests_map_to_grammars():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             openai_grammar(request, both, ours)
+
+
+def test_bench_times_masking_row_by_row_and_at_once():
+    """bench/grammar.py's first table, on a vocabulary that is no multiple of 32."""
+    from bench.grammar import apply_times
+
+    times = apply_times(100, 3, "cpu")
+    assert len(times) == 2 and all(t > 0 for t in times)
