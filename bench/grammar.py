@@ -1,6 +1,6 @@
 """What grammar-constrained decoding (nanocode.grammar) costs, measured through the engine: time per
 decode step with and without a grammar, and a compiled grammar's compile time and memory; first,
-what applying the masks to the logits costs, row by row or all rows at once (apply_times).
+what applying the masks to the logits costs, row by row or all rows at once (apply_ms).
 
     python -m bench.grammar                              # vocab 4096 and 32768, a depth-4 model
     python -m bench.grammar --vocab 32768 --depth 20 --device cuda
@@ -27,11 +27,11 @@ import json
 import os
 import statistics
 import time
-import timeit
 from pathlib import Path
 
 import torch
 
+from bench.kernels import median_ms
 from nanocode.engine import Engine
 from nanocode.gpt import GPTConfig, build_model
 from nanocode.grammar import OUR_TOOLS, apply_bitmask, compile_grammar
@@ -118,9 +118,9 @@ def step_time(engine, rows, tokens, grammar, seed) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
-def apply_times(vocab, rows, device) -> list[float]:
-    """Median seconds to mask `rows` rows of logits with their bitmasks (random ones): row by row,
-    as the engine did before a799471, and all rows at once, as Engine._sample does now."""
+def apply_ms(vocab, rows, device) -> list[float]:
+    """Median milliseconds to mask `rows` rows of logits with their bitmasks (random ones): row by
+    row, as the engine did before a799471, and all rows at once, as Engine._sample does now."""
     logits = torch.randn(rows, vocab, device=device)
     masks = list(torch.randint(-(2**31), 2**31 - 1, (rows, (vocab + 31) // 32), dtype=torch.int32))
 
@@ -130,11 +130,9 @@ def apply_times(vocab, rows, device) -> list[float]:
         else:
             for i in range(rows):
                 apply_bitmask(logits[i], masks[i])
-        if logits.is_cuda:
-            torch.cuda.synchronize()
 
     ways = [functools.partial(mask, at_once) for at_once in (False, True)]
-    return [statistics.median(timeit.repeat(way, number=1, repeat=500)) for way in ways]
+    return [median_ms(way, device, cpu_repeat=500) for way in ways]
 
 
 def main():
@@ -142,7 +140,7 @@ def main():
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")
     print("\n| vocab | rows | apply ms: row by row | all rows at once |\n|---|---|---|---|")
     for vocab, rows in itertools.product(args.vocab, args.rows):
-        cells = [f"{1e3 * t:.3f}" for t in apply_times(vocab, rows, args.device)]
+        cells = [f"{ms:.3f}" for ms in apply_ms(vocab, rows, args.device)]
         print(f"| {vocab} | {rows} | {' | '.join(cells)} |", flush=True)
     print("\n| " + " | ".join(HEADER) + " |\n" + "|---" * len(HEADER) + "|")
     for tok in map(tokenizer_for, args.vocab):

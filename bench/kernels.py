@@ -235,8 +235,9 @@ def as_tuple(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def median_ms(step, device):
-    """Median milliseconds: do_bench on CUDA; a few plain wall-clock runs in the CPU smoke mode.
+def median_ms(step, device, cpu_repeat=3):
+    """Median milliseconds: do_bench on CUDA; `cpu_repeat` plain wall-clock runs on a CPU (a few
+    in the kernels' smoke mode, where each run is an interpreted kernel).
 
     do_bench times each call between two CUDA events recorded on the stream around it: GPU time,
     idle gaps included where the host launches (Python, autograd, a wrapper) more slowly than the
@@ -246,7 +247,7 @@ def median_ms(step, device):
     clock change, another process on the GPU) do not move the result."""
     step()  # compile / autotune first: do_bench sizes its repetitions on its first calls
     if device != "cuda":
-        return 1e3 * statistics.median(timeit.repeat(step, number=1, repeat=3))
+        return 1e3 * statistics.median(timeit.repeat(step, number=1, repeat=cpu_repeat))
     from triton.testing import do_bench  # not at the top: --device cpu sets TRITON_INTERPRET first
 
     torch.cuda.synchronize()

@@ -457,7 +457,7 @@ def test_openai_requests_map_to_grammars():
 
 def test_bench_times_masking_row_by_row_and_at_once():
     """bench/grammar.py's first table, on a vocabulary that is no multiple of 32."""
-    from bench.grammar import apply_times
+    from bench.grammar import apply_ms
 
-    times = apply_times(100, 3, "cpu")
+    times = apply_ms(100, 3, "cpu")
     assert len(times) == 2 and all(t > 0 for t in times)
